@@ -1,0 +1,1 @@
+"""A fake Anthropic Messages API on loopback, for tests, benchmarks and manual trials."""

@@ -1,0 +1,1 @@
+"""fanout-mcp's MCP surface: tools, resources, prompts, transports and the CLI."""

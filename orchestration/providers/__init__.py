@@ -1,0 +1,1 @@
+"""Model providers: Anthropic (real API), FunctionModel and ScriptedModel (no key needed)."""

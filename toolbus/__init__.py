@@ -1,0 +1,1 @@
+"""The tool bus: leases, jailed file operations, sandboxed terminals and the audit log."""
