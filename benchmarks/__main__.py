@@ -1,0 +1,57 @@
+"""Run benchmarks by name; the last stdout line is one JSON object with every figure."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+import time
+
+# name -> module under benchmarks/ exposing `run(quick: bool) -> dict[str, float | int]`
+BENCHMARKS: dict[str, str] = {
+    "leases": "benchmarks.leases",
+    "merge": "benchmarks.merge",
+    "fanout": "benchmarks.fanout",
+    "spawn": "benchmarks.spawn",
+    "cache": "benchmarks.cache",
+    "mcp": "benchmarks.mcp",
+    "memory": "benchmarks.memory",
+}
+
+
+def available() -> list[str]:
+    """The benchmarks whose module exists in this checkout."""
+    names: list[str] = []
+    for name, module in BENCHMARKS.items():
+        if importlib.util.find_spec(module) is not None:
+            names.append(name)
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("names", nargs="+", help=f"one or more of {', '.join(BENCHMARKS)}, or all")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (CI)")
+    args = parser.parse_args(argv)
+    names: list[str] = available() if args.names == ["all"] else list(args.names)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(
+            f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}"
+        )
+    figures: dict[str, float | int] = {}
+    for name in names:
+        module = importlib.import_module(BENCHMARKS[name])
+        print(f"\n== {name}{' (quick)' if args.quick else ''}", flush=True)
+        started = time.perf_counter()
+        result: dict[str, float | int] = module.run(quick=args.quick)
+        print(f"({name}: {time.perf_counter() - started:.1f} s)", flush=True)
+        figures.update(result)
+    print(json.dumps(figures, sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
