@@ -1,0 +1,68 @@
+"""Settings: every option has a default; `FANOUT_*` environment variables override them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestration.errors import ConfigError
+
+DEFAULT_MODEL = "claude-sonnet-5-5"
+
+_LIST_FIELDS = frozenset({"env_passthrough", "include"})
+
+SandboxSetting = Literal["auto", "bwrap", "none"]
+
+
+class Settings(BaseModel):
+    """The server's options (see the README's configuration table)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repo: Path | None = Field(default=None, description="FANOUT_REPO: the repository to work on")
+    model: str = Field(default=DEFAULT_MODEL, description="FANOUT_MODEL: default model")
+    max_concurrency: int = Field(default=8, ge=1, le=64, description="FANOUT_MAX_CONCURRENCY")
+    max_turns: int = Field(default=40, ge=1, le=500, description="FANOUT_MAX_TURNS")
+    budget_tokens: int = Field(default=2_000_000, ge=1_000, description="FANOUT_BUDGET_TOKENS")
+    max_output_tokens: int = Field(default=8_192, ge=256, description="FANOUT_MAX_OUTPUT_TOKENS")
+    sandbox: SandboxSetting = Field(default="auto", description="FANOUT_SANDBOX")
+    allow_network: bool = Field(default=False, description="FANOUT_ALLOW_NETWORK")
+    env_passthrough: tuple[str, ...] = Field(default=(), description="FANOUT_ENV_PASSTHROUGH")
+    include: tuple[str, ...] = Field(default=(), description="FANOUT_INCLUDE")
+    command_timeout_s: float = Field(default=120.0, gt=0, description="FANOUT_COMMAND_TIMEOUT_S")
+    lease_ttl_s: float = Field(default=30.0, gt=0, description="FANOUT_LEASE_TTL_S")
+    lease_lock_delay_s: float = Field(default=5.0, ge=0, description="FANOUT_LEASE_LOCK_DELAY_S")
+    model_timeout_s: float = Field(default=600.0, gt=0, description="FANOUT_MODEL_TIMEOUT_S")
+    retry_max_attempts: int = Field(default=6, ge=1, description="FANOUT_RETRY_MAX_ATTEMPTS")
+    retry_after_cap_s: float = Field(default=30.0, ge=0, description="FANOUT_RETRY_AFTER_CAP_S")
+    delete_merged_branches: bool = Field(default=False, description="FANOUT_DELETE_MERGED_BRANCHES")
+    status_wait_cap_s: float = Field(default=60.0, gt=0, description="FANOUT_STATUS_WAIT_CAP_S")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from `FANOUT_*` variables, then explicit overrides (command-line flags)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name, field in cls.model_fields.items():
+            raw = env.get(f"FANOUT_{name.upper()}")
+            if raw is None or raw == "":
+                continue
+            if name in _LIST_FIELDS:
+                values[name] = tuple(p.strip() for p in raw.split(",") if p.strip())
+            elif field.annotation is bool:
+                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"FANOUT_{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ConfigError(f"invalid configuration: {problems}") from None

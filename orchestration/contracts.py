@@ -1,0 +1,376 @@
+"""The public request and result models of the MCP tools (DESIGN.md's contracts).
+
+The MCP layer exposes these as tool inputs and structured outputs; tests outside the project rely
+on their field names.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from toolbus.errors import PathEscape
+from toolbus.resources import normalize_path
+
+MAX_TASKS = 64
+MAX_PROMPT_CHARS = 100_000
+
+AgentName = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[\w .:-]+$"),
+]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+class _Output(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _normalize_scope(paths: list[str] | None) -> list[str] | None:
+    if paths is None:
+        return None
+    out: list[str] = []
+    for raw in paths:
+        try:
+            path = normalize_path(raw)
+        except PathEscape as exc:
+            raise ValueError(f"write_scope entry {raw!r}: {exc}") from None
+        if path not in out:
+            out.append(path)
+    return out
+
+
+class TaskSpec(_Input):
+    """One subagent's task."""
+
+    prompt: str = Field(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description="What this subagent must do; self-contained, it sees only this and the "
+        "shared context.",
+    )
+    name: AgentName | None = Field(
+        default=None, description="A short label (letters, digits, space, . : _ -)."
+    )
+    write_scope: list[str] | None = Field(
+        default=None,
+        max_length=64,
+        description="Repository-relative path prefixes this agent may change. Omitted: the "
+        "whole repository (serializes with every other writer). []: read-only.",
+    )
+    model: str | None = Field(default=None, min_length=1, max_length=128)
+    max_turns: int | None = Field(default=None, ge=1, le=500)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank: say what the subagent should do")
+        if "\x00" in value:
+            raise ValueError("prompt must not contain NUL bytes")
+        return value
+
+    @field_validator("write_scope")
+    @classmethod
+    def _scope(cls, value: list[str] | None) -> list[str] | None:
+        return _normalize_scope(value)
+
+
+class SharedContextSpec(_Input):
+    """Context every agent of a run shares (and reads at cache price)."""
+
+    plan: str | None = Field(default=None, max_length=200_000)
+    conventions: str | None = Field(default=None, max_length=200_000)
+    files: list[str] = Field(
+        default_factory=list[str],
+        max_length=200,
+        description="Repository-relative files whose contents at the base go into every "
+        "agent's context.",
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, value: list[str]) -> list[str]:
+        return _normalize_scope(value) or []
+
+
+class SpawnRequest(_Input):
+    """Input of `spawn_subagents`."""
+
+    tasks: list[TaskSpec] = Field(min_length=1, max_length=MAX_TASKS)
+    shared_context: SharedContextSpec | None = None
+    repo: str | None = Field(default=None, max_length=4096)
+    max_concurrency: int | None = Field(default=None, ge=1, le=64)
+    budget_tokens: int | None = Field(default=None, ge=1_000, le=1_000_000_000)
+
+
+class AgentStatus(StrEnum):
+    """An agent's status (DESIGN.md's vocabulary)."""
+
+    QUEUED = "queued"
+    WAITING = "waiting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    MERGED = "merged"
+    CONFLICTED = "conflicted"
+    DISCARDED = "discarded"
+
+    @property
+    def active(self) -> bool:
+        return self in (AgentStatus.QUEUED, AgentStatus.WAITING, AgentStatus.RUNNING)
+
+
+class StopReason(StrEnum):
+    """Why an agent's loop ended: each a distinct, explained final state."""
+
+    FINISHED = "finished"  # the model called finish
+    FINAL_ANSWER = "final_answer"  # a reply without tool calls
+    MAX_TURNS = "max_turns"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    CANCELLED = "cancelled"
+    MODEL_ERROR = "model_error"
+    REFUSED = "refused"  # the model refused, or its context window was exceeded
+    INTERRUPTED = "interrupted"
+    INTERNAL_ERROR = "internal_error"
+
+
+class TokenUsage(_Output):
+    """Tokens, as the API reports them."""
+
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            input=self.input + other.input,
+            output=self.output + other.output,
+            cache_read=self.cache_read + other.cache_read,
+            cache_write=self.cache_write + other.cache_write,
+        )
+
+    @property
+    def billed_equivalent(self) -> int:
+        """Input-equivalent tokens as the budget counts them (writes ×1.25, reads ×0.1)."""
+        return round(self.input + self.output + 1.25 * self.cache_write + 0.1 * self.cache_read)
+
+
+class AgentBrief(_Output):
+    """An agent as spawn, cancel and rerun report it."""
+
+    agent_id: str
+    name: str
+    status: AgentStatus
+    write_scope: list[str] | None
+    waits_for: list[str] = Field(
+        default_factory=list[str], description="agents whose write leases this one waits for"
+    )
+
+
+class CostEstimate(_Output):
+    """What the run is expected to cost, before it starts."""
+
+    agents: int
+    shared_prefix_tokens: int
+    per_agent_task_tokens: int
+    estimated_turns_per_agent: int
+    estimated_total_tokens: int
+    estimated_uncached_tokens: int
+    budget_tokens: int
+    note: str
+
+
+class SpawnResult(_Output):
+    """Result of `spawn_subagents`."""
+
+    run_id: str
+    repo: str
+    base_commit: str
+    snapshot_of_uncommitted_changes: bool
+    agents: list[AgentBrief]
+    estimate: CostEstimate
+    warnings: list[str] = Field(default_factory=list[str])
+
+
+class FileChange(_Output):
+    """A file an agent changed, from git."""
+
+    path: str
+    status: Literal["added", "modified", "deleted", "renamed"]
+    lines_added: int
+    lines_removed: int
+    blob: str | None
+
+
+class CommandRun(_Output):
+    """A command an agent ran, from the bus's audit log."""
+
+    command: str
+    exit_code: int | None
+    duration_s: float
+    timed_out: bool = False
+    outcome: Literal["ok", "refused", "error"] = "ok"
+
+
+class AgentResult(_Output):
+    """A finished agent's result: facts from the bus and git, plus the model's own summary."""
+
+    status: AgentStatus
+    stop_reason: StopReason
+    summary: str
+    follow_ups: list[str] = Field(default_factory=list[str])
+    changed_files: list[FileChange] = Field(default_factory=list[FileChange])
+    dropped_files: list[str] = Field(
+        default_factory=list[str], description="changed outside the write scope; not committed"
+    )
+    commands: list[CommandRun] = Field(default_factory=list[CommandRun])
+    refused_calls: int = 0
+    tokens: TokenUsage = Field(default_factory=TokenUsage)
+    turns: int = 0
+    duration_s: float = 0.0
+    error: str | None = None
+    commit: str | None = None
+    branch: str | None = None
+
+
+class LeaseView(_Output):
+    """A lease as status shows it."""
+
+    resource: str
+    mode: Literal["read", "write"]
+    token: int
+    expires_in_s: float
+
+
+class AgentView(_Output):
+    """One agent in `get_status`."""
+
+    agent_id: str
+    run_id: str
+    name: str
+    status: AgentStatus
+    status_reason: str | None = None
+    turns: int
+    max_turns: int
+    tokens: TokenUsage
+    write_scope: list[str] | None
+    waits_for: list[str] = Field(default_factory=list[str])
+    leases: list[LeaseView] = Field(default_factory=list[LeaseView])
+    lease_lost: bool = False
+    changed_files: list[str] = Field(default_factory=list[str])
+    model: str
+    base_commit: str
+    branch: str | None = None
+    rerun_of: str | None = None
+    result: AgentResult | None = None
+
+
+class RunTotals(_Output):
+    """A run's totals and its live token meter."""
+
+    agents: int
+    by_status: dict[str, int]
+    tokens: TokenUsage
+    budget_tokens: int
+    budget_used: int
+    budget_remaining: int
+
+
+class RunView(_Output):
+    """One run in `get_status`."""
+
+    run_id: str
+    repo: str
+    created_at: float
+    base_commit: str
+    max_concurrency: int
+    totals: RunTotals
+    agents: list[AgentView]
+
+
+class StatusResult(_Output):
+    """Result of `get_status`."""
+
+    cursor: int = Field(description="pass as `since` to get only what changed after this answer")
+    changed: bool = Field(description="false when a long-poll ended by timeout with no change")
+    runs: list[RunView]
+    workspace_disk_bytes: int
+
+
+class DiffStat(_Output):
+    """Lines changed by a merge."""
+
+    files: int = 0
+    insertions: int = 0
+    deletions: int = 0
+    paths: list[str] = Field(default_factory=list[str])
+
+
+class MergeOutcome(StrEnum):
+    MERGED = "merged"
+    CLEAN = "clean"
+    CONFLICTED = "conflicted"
+    SKIPPED = "skipped"
+    DISCARDED = "discarded"
+
+
+class AgentMergeResult(_Output):
+    """One agent's outcome in `merge_results`."""
+
+    agent_id: str
+    name: str
+    outcome: MergeOutcome
+    commit: str | None = None
+    conflicts: list[str] = Field(default_factory=list[str])
+    reason: str | None = None
+    diffstat: DiffStat = Field(default_factory=DiffStat)
+
+
+class MergeRequest(_Input):
+    """Input of `merge_results`."""
+
+    run_id: str = Field(min_length=1, max_length=64)
+    agent_ids: list[str] | None = Field(default=None, max_length=MAX_TASKS * 4)
+    dry_run: bool = False
+    discard: list[str] = Field(
+        default_factory=list[str],
+        max_length=MAX_TASKS * 4,
+        description="agents whose work to throw away explicitly (workspace removed, branch "
+        "kept unless configured otherwise)",
+    )
+
+
+class MergeResult(_Output):
+    """Result of `merge_results`."""
+
+    run_id: str
+    dry_run: bool
+    agents: list[AgentMergeResult]
+    head: str
+    branch: str | None
+    diffstat: DiffStat
+
+
+class CancelResult(_Output):
+    """Result of `cancel_subagents`."""
+
+    run_id: str
+    agents: list[AgentBrief]
+
+
+class RerunResult(_Output):
+    """Result of `rerun_subagent`."""
+
+    run_id: str
+    replaces: str
+    agent: AgentBrief
+    base_commit: str

@@ -1,0 +1,382 @@
+"""Durable state of runs and agents under `<repo>/.git/fanout/state.db`.
+
+Written as it changes, shared by every server process on the repository (SQLite WAL; each change
+is one short transaction). Each change appends an event whose sequence number is the `get_status`
+cursor. Waiters in this process are woken by an event; waiters for changes made by another process
+notice them by a light poll of the newest sequence number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Generator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestration.contracts import AgentResult, AgentStatus, StopReason, TokenUsage
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, created_at REAL NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, ord INTEGER NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS agents_run ON agents(run_id, ord);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, run_id TEXT, agent_id TEXT,
+    kind TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_run ON events(run_id, seq);
+CREATE TABLE IF NOT EXISTS budgets (
+    run_id TEXT PRIMARY KEY, total INTEGER NOT NULL, used INTEGER NOT NULL DEFAULT 0,
+    reserved INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS servers (
+    server_id TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, started_at REAL NOT NULL,
+    heartbeat REAL NOT NULL);
+"""
+
+# A server whose heartbeat is older than this is taken for dead: its running agents are
+# marked interrupted by the next server that opens the store.
+SERVER_STALE_S = 20.0
+CROSS_PROCESS_POLL_S = 0.25
+
+
+class SharedFile(BaseModel):
+    """A file of the shared context, at the run's base."""
+
+    path: str
+    blob: str | None
+    size: int
+    content: str | None = Field(default=None, description="None when binary, missing or too big")
+    note: str | None = None
+
+
+class SharedSnapshot(BaseModel):
+    """The immutable shared context of a run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    base_commit: str
+    plan: str | None = None
+    conventions: str | None = None
+    files: list[SharedFile] = Field(default_factory=list[SharedFile])
+    file_count: int = 0
+
+
+class RunRecord(BaseModel):
+    """A run as stored."""
+
+    run_id: str
+    repo: str
+    created_at: float
+    base_commit: str
+    head_commit: str | None
+    branch_ref: str | None
+    snapshot_dirty: bool
+    shared: SharedSnapshot
+    max_concurrency: int
+    budget_tokens: int
+    model: str
+    owner: str
+
+
+class AgentRecord(BaseModel):
+    """An agent as stored."""
+
+    agent_id: str
+    run_id: str
+    index: int
+    name: str
+    prompt: str
+    write_scope: list[str] | None
+    model: str
+    max_turns: int
+    status: AgentStatus = AgentStatus.QUEUED
+    status_reason: str | None = None
+    stop_reason: StopReason | None = None
+    turns: int = 0
+    tokens: TokenUsage = Field(default_factory=TokenUsage)
+    base_commit: str
+    branch: str | None = None
+    workspace: str | None = None
+    commit: str | None = None
+    result: AgentResult | None = None
+    created_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    finish_seq: int | None = None
+    owner: str
+    rerun_of: str | None = None
+    rerun_context: str | None = None
+    waits_for: list[str] = Field(default_factory=list[str])
+    lease_holder: str | None = None
+    lease_token: int | None = None
+    changed_files: list[str] = Field(default_factory=list[str])
+
+
+class Event(BaseModel):
+    """One change, as the status cursor counts it."""
+
+    seq: int
+    ts: float
+    run_id: str | None
+    agent_id: str | None
+    kind: str
+    detail: str
+
+
+class StateStore:
+    """The durable store of one repository's runs (one per process and repository)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "state.db"
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        with self._lock:
+            self._db.executescript(SCHEMA)
+        self._changed = anyio.Event()
+        self.server_id = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns():x}"
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Generator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return list(self._db.execute(sql, tuple(args)).fetchall())
+
+    # --- events and the change cursor -------------------------------------------------------
+
+    def _append_event(
+        self,
+        db: sqlite3.Connection,
+        run_id: str | None,
+        agent_id: str | None,
+        kind: str,
+        detail: str,
+    ) -> int:
+        cur = db.execute(
+            "INSERT INTO events (ts, run_id, agent_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), run_id, agent_id, kind, detail),
+        )
+        return int(cur.lastrowid or 0)
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, anyio.Event()
+        event.set()
+
+    def record_event(self, run_id: str | None, agent_id: str | None, kind: str, detail: str) -> int:
+        with self._tx() as db:
+            seq = self._append_event(db, run_id, agent_id, kind, detail)
+        self._notify()
+        return seq
+
+    def cursor(self) -> int:
+        rows = self._query("SELECT COALESCE(MAX(seq), 0) FROM events")
+        return int(str(rows[0][0]))
+
+    def events(
+        self, *, since: int = 0, run_id: str | None = None, limit: int = 1000
+    ) -> list[Event]:
+        sql = "SELECT seq, ts, run_id, agent_id, kind, detail FROM events WHERE seq > ?"
+        args: list[object] = [since]
+        if run_id is not None:
+            sql += " AND run_id = ?"
+            args.append(run_id)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        return [
+            Event(
+                seq=int(str(r[0])),
+                ts=float(str(r[1])),
+                run_id=None if r[2] is None else str(r[2]),
+                agent_id=None if r[3] is None else str(r[3]),
+                kind=str(r[4]),
+                detail=str(r[5]),
+            )
+            for r in self._query(sql, args)
+        ]
+
+    async def wait_for_change(
+        self, since: int, timeout_s: float, run_id: str | None = None
+    ) -> bool:
+        """Wait until an event newer than `since` exists (for `run_id` if given), or time out."""
+        with anyio.move_on_after(timeout_s):
+            while True:
+                if self._has_change(since, run_id):
+                    return True
+                waiter = self._changed
+                with anyio.move_on_after(CROSS_PROCESS_POLL_S):
+                    await waiter.wait()
+        return self._has_change(since, run_id)
+
+    def _has_change(self, since: int, run_id: str | None) -> bool:
+        if run_id is None:
+            return self.cursor() > since
+        rows = self._query(
+            "SELECT 1 FROM events WHERE seq > ? AND run_id = ? LIMIT 1", (since, run_id)
+        )
+        return bool(rows)
+
+    # --- runs -------------------------------------------------------------------------------
+
+    def create_run(self, run: RunRecord, agents: Sequence[AgentRecord]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO runs (run_id, created_at, data) VALUES (?, ?, ?)",
+                (run.run_id, run.created_at, run.model_dump_json()),
+            )
+            db.execute(
+                "INSERT INTO budgets (run_id, total) VALUES (?, ?)", (run.run_id, run.budget_tokens)
+            )
+            for agent in agents:
+                self._insert_agent(db, agent)
+            self._append_event(db, run.run_id, None, "run_created", f"{len(agents)} agents")
+        self._notify()
+
+    def run(self, run_id: str) -> RunRecord | None:
+        rows = self._query("SELECT data FROM runs WHERE run_id = ?", (run_id,))
+        return RunRecord.model_validate_json(str(rows[0][0])) if rows else None
+
+    def runs(self) -> list[RunRecord]:
+        rows = self._query("SELECT data FROM runs ORDER BY created_at")
+        return [RunRecord.model_validate_json(str(r[0])) for r in rows]
+
+    # --- agents -----------------------------------------------------------------------------
+
+    def _insert_agent(self, db: sqlite3.Connection, agent: AgentRecord) -> None:
+        db.execute(
+            "INSERT INTO agents (agent_id, run_id, ord, data) VALUES (?, ?, ?, ?)",
+            (agent.agent_id, agent.run_id, agent.index, agent.model_dump_json()),
+        )
+
+    def add_agent(self, agent: AgentRecord) -> None:
+        with self._tx() as db:
+            self._insert_agent(db, agent)
+            self._append_event(db, agent.run_id, agent.agent_id, "agent_added", agent.name)
+        self._notify()
+
+    def agent(self, agent_id: str) -> AgentRecord | None:
+        rows = self._query("SELECT data FROM agents WHERE agent_id = ?", (agent_id,))
+        return AgentRecord.model_validate_json(str(rows[0][0])) if rows else None
+
+    def agents(self, run_id: str) -> list[AgentRecord]:
+        rows = self._query("SELECT data FROM agents WHERE run_id = ? ORDER BY ord", (run_id,))
+        return [AgentRecord.model_validate_json(str(r[0])) for r in rows]
+
+    def update_agent(
+        self, agent_id: str, kind: str, detail: str = "", **changes: object
+    ) -> AgentRecord:
+        """Apply `changes` to the agent and record an event, in one transaction."""
+        with self._tx() as db:
+            row = db.execute("SELECT data FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+            if row is None:
+                raise KeyError(agent_id)
+            current = AgentRecord.model_validate_json(str(row[0]))
+            updated = current.model_copy(update=changes)
+            if updated.status != current.status and not updated.status.active:
+                seq_row = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()
+                if current.status.active:
+                    updated.finish_seq = int(seq_row[0])
+            updated = AgentRecord.model_validate(updated.model_dump())
+            db.execute(
+                "UPDATE agents SET data = ? WHERE agent_id = ?",
+                (updated.model_dump_json(), agent_id),
+            )
+            self._append_event(db, updated.run_id, agent_id, kind, detail or updated.status.value)
+        self._notify()
+        return updated
+
+    # --- the shared token budget ------------------------------------------------------------
+
+    def budget(self, run_id: str) -> tuple[int, int, int]:
+        """(total, used, reserved) of the run's budget."""
+        rows = self._query("SELECT total, used, reserved FROM budgets WHERE run_id = ?", (run_id,))
+        if not rows:
+            return (0, 0, 0)
+        total, used, reserved = rows[0]
+        return (int(str(total)), int(str(used)), int(str(reserved)))
+
+    def reserve_budget(self, run_id: str, amount: int) -> bool:
+        """Reserve `amount` tokens from the run's pool; False when the pool cannot cover it."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE budgets SET reserved = reserved + ? "
+                "WHERE run_id = ? AND used + reserved + ? <= total",
+                (amount, run_id, amount),
+            )
+            return cur.rowcount == 1
+
+    def settle_budget(self, run_id: str, reserved: int, used: int) -> None:
+        """Turn a reservation into actual use (which may be more or less than reserved)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE budgets SET reserved = MAX(reserved - ?, 0), used = used + ? "
+                "WHERE run_id = ?",
+                (reserved, used, run_id),
+            )
+
+    def reset_reservations(self, run_id: str) -> None:
+        """Drop reservations left by a process that died mid-turn."""
+        with self._tx() as db:
+            db.execute("UPDATE budgets SET reserved = 0 WHERE run_id = ?", (run_id,))
+
+    # --- servers (liveness of the processes owning agents) ------------------------------------
+
+    def register_server(self) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO servers (server_id, pid, host, started_at, heartbeat) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (self.server_id, os.getpid(), socket.gethostname(), now, now),
+            )
+
+    def heartbeat(self) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE servers SET heartbeat = ? WHERE server_id = ?",
+                (time.time(), self.server_id),
+            )
+
+    def unregister_server(self) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM servers WHERE server_id = ?", (self.server_id,))
+
+    def live_servers(self) -> set[str]:
+        cutoff = time.time() - SERVER_STALE_S
+        rows = self._query("SELECT server_id FROM servers WHERE heartbeat >= ?", (cutoff,))
+        return {str(r[0]) for r in rows}
+
+    def all_agents(self) -> list[AgentRecord]:
+        rows = self._query("SELECT data FROM agents ORDER BY run_id, ord")
+        return [AgentRecord.model_validate_json(str(r[0])) for r in rows]
+
+    def dump(self) -> str:
+        """A JSON dump of runs and agents, for debugging and the CLI."""
+        runs = [r.model_dump(mode="json") for r in self.runs()]
+        agents = [a.model_dump(mode="json") for a in self.all_agents()]
+        return json.dumps({"runs": runs, "agents": agents}, indent=1)
