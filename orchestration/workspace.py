@@ -1,0 +1,748 @@
+"""The user's git repository and the agents' workspaces: snapshots, worktrees, work commits.
+
+Everything written here lives under `<git dir>/fanout/` (the state dir) or in refs the user's
+`git status` never shows (`refs/fanout/…`, branches `fanout/<run>/<agent>`). The user's branch,
+index and working tree are only ever read by this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pygit2
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestration.errors import RepositoryError
+from toolbus.errors import PathEscape
+from toolbus.resources import WriteScope, is_within, normalize_path
+
+ZERO_OID = "0" * 40
+FROZEN = ConfigDict(frozen=True)
+STATE_DIR_NAME = "fanout"
+SNAPSHOT_REF_PREFIX = "refs/fanout/snapshots/"
+BRANCH_PREFIX = "fanout/"
+WORKSPACE_META = "fanout-workspace.json"
+
+# Variables a calling git (a hook, an editor launched by git) may leave behind that would
+# redirect our git commands to another repository, index or worktree.
+_GIT_LOCAL_ENV = (
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_INDEX_FILE",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_COMMON_DIR",
+    "GIT_NAMESPACE",
+    "GIT_PREFIX",
+    "GIT_LITERAL_PATHSPECS",
+    "GIT_GLOB_PATHSPECS",
+    "GIT_NOGLOB_PATHSPECS",
+    "GIT_ICASE_PATHSPECS",
+)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A git author or committer."""
+
+    name: str
+    email: str
+
+    def env(self, *, author: bool = True, committer: bool = True) -> dict[str, str]:
+        """The environment variables that make git use this identity."""
+        out: dict[str, str] = {}
+        if author:
+            out |= {"GIT_AUTHOR_NAME": self.name, "GIT_AUTHOR_EMAIL": self.email}
+        if committer:
+            out |= {"GIT_COMMITTER_NAME": self.name, "GIT_COMMITTER_EMAIL": self.email}
+        return out
+
+    def signature(self) -> pygit2.Signature:
+        """This identity as a pygit2 signature stamped now."""
+        return pygit2.Signature(self.name, self.email)
+
+
+FANOUT_IDENTITY = Identity("fanout", "fanout@localhost")
+
+
+def _git_env(extra: Mapping[str, str] | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCAL_ENV}
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env.setdefault("LC_ALL", "C")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_git(
+    cwd: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run one git command in `cwd`; raise `RepositoryError` with git's stderr on failure."""
+    try:
+        proc = subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            env=_git_env(env),
+            input=input,
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="surrogateescape",
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise RepositoryError("git is not installed or not on PATH") from exc
+    if check and proc.returncode != 0:
+        detail = proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}"
+        raise RepositoryError(f"git {' '.join(args[:3])} failed in {cwd}: {detail}")
+    return proc
+
+
+class GitRepo:
+    """The user's repository: its top level, its common git dir and fanout's state dir."""
+
+    def __init__(self, root: Path | str) -> None:
+        self._root = Path(root).resolve()
+        self._git_dir: Path | None = None
+
+    @classmethod
+    def discover(cls, path: Path | str) -> GitRepo:
+        """The repository containing `path`, or `RepositoryError` saying how to make one."""
+        where = Path(path).resolve()
+        if not where.is_dir():
+            raise RepositoryError(f"{where} is not a directory: pass --repo <repository path>")
+        proc = run_git(where, "rev-parse", "--show-toplevel", check=False)
+        top = proc.stdout.strip()
+        if proc.returncode != 0 or not top:
+            raise RepositoryError(
+                f"{where} is not a git repository: run `git init` or pass --repo <repository path>"
+            )
+        return cls(top)
+
+    @property
+    def root(self) -> Path:
+        """The top level of the user's working tree."""
+        return self._root
+
+    @property
+    def git_dir(self) -> Path:
+        """The common git directory (shared by all worktrees), absolute."""
+        if self._git_dir is None:
+            out = self.git("rev-parse", "--path-format=absolute", "--git-common-dir").strip()
+            self._git_dir = Path(out).resolve()
+        return self._git_dir
+
+    @property
+    def state_dir(self) -> Path:
+        """`<git dir>/fanout`, created on demand."""
+        path = self.git_dir / STATE_DIR_NAME
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def worktrees_dir(self) -> Path:
+        """Where the agents' worktrees live."""
+        return self.state_dir / "worktrees"
+
+    def git(
+        self,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
+        cwd: Path | None = None,
+    ) -> str:
+        """Run git in the repository (or `cwd`); its stdout, or `RepositoryError` on failure."""
+        return run_git(cwd or self._root, *args, env=env, input=input).stdout
+
+    def try_git(self, *args: str, env: Mapping[str, str] | None = None) -> str | None:
+        """Run git; its stdout, or None when it exits non-zero."""
+        proc = run_git(self._root, *args, env=env, check=False)
+        return proc.stdout if proc.returncode == 0 else None
+
+    def head_commit(self) -> str:
+        """The commit HEAD points to; `RepositoryError` when the repository has no commit yet."""
+        out = self.try_git("rev-parse", "--verify", "-q", "HEAD^{commit}")
+        if out is None:
+            raise RepositoryError(
+                f"the repository at {self._root} has no commit yet: make a first commit "
+                "(for example `git commit --allow-empty -m init`) so runs have a base"
+            )
+        return out.strip()
+
+    def head_branch(self) -> str | None:
+        """The branch HEAD points to (`refs/heads/<name>`), or None for a detached HEAD."""
+        out = self.try_git("symbolic-ref", "-q", "HEAD")
+        return out.strip() if out else None
+
+    def canonical_ref(self) -> str:
+        """The ref merges land on: HEAD's branch, or `HEAD` itself when detached."""
+        return self.head_branch() or "HEAD"
+
+    def resolve(self, rev: str) -> str:
+        """The full commit id of `rev`, or `RepositoryError`."""
+        out = self.try_git("rev-parse", "--verify", "-q", f"{rev}^{{commit}}")
+        if out is None:
+            raise RepositoryError(f"{rev!r} does not name a commit in {self._root}")
+        return out.strip()
+
+    def identity(self) -> Identity:
+        """The user's configured identity, or fanout's own when none is configured."""
+        try:
+            config = pygit2.Repository(str(self._root)).config
+            name = str(config["user.name"])
+            email = str(config["user.email"])
+        except (KeyError, pygit2.GitError):
+            return FANOUT_IDENTITY
+        return Identity(name, email) if name and email else FANOUT_IDENTITY
+
+    def open(self) -> pygit2.Repository:
+        """A fresh pygit2 handle (pygit2 objects must not be shared across threads)."""
+        return pygit2.Repository(str(self._root))
+
+    def temp_path(self, prefix: str) -> Path:
+        """A fresh, not yet existing file name under `<state dir>/tmp`."""
+        tmp = self.state_dir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=tmp)
+        os.close(fd)
+        os.unlink(name)
+        return Path(name)
+
+
+# --------------------------------------------------------------------------- status
+
+
+@dataclass(frozen=True)
+class StatusEntry:
+    """One line of `git status`: the path and the two-letter code (`??` for untracked)."""
+
+    path: str
+    code: str
+    orig_path: str | None = None
+
+
+def status_entries(
+    cwd: Path, pathspecs: Sequence[str] = (), *, ignored: bool = False, refresh: bool = False
+) -> list[StatusEntry]:
+    """Staged, unstaged and untracked (not ignored, unless asked) changes, one per path.
+
+    `refresh=False` runs without optional locks, so the index is never rewritten under the user.
+    """
+    args = ["status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames"]
+    if ignored:
+        args.append("--ignored=matching")
+    env = None if refresh else {"GIT_OPTIONAL_LOCKS": "0"}
+    if pathspecs:
+        args += ["--", *(f":(top,literal){p}" for p in pathspecs)]
+    out = run_git(cwd, *args, env=env).stdout
+    entries: list[StatusEntry] = []
+    fields = out.split("\0")
+    i = 0
+    while i < len(fields):
+        item = fields[i]
+        i += 1
+        if len(item) < 4:
+            continue
+        code, path = item[:2], item[3:]
+        orig: str | None = None
+        if code[0] in "RC":
+            orig = fields[i]
+            i += 1
+        entries.append(StatusEntry(path, code, orig))
+    return entries
+
+
+# --------------------------------------------------------------------------- snapshot
+
+
+class Snapshot(BaseModel):
+    """The pinned base of a run: the user's HEAD plus, when dirty, their uncommitted work."""
+
+    base_commit: str
+    head_commit: str
+    branch_ref: str | None
+    dirty: bool
+    untracked_included: list[str] = Field(default_factory=list[str])
+
+
+def snapshot(repo: GitRepo, run_id: str) -> Snapshot:
+    """Pin the run's base; uncommitted work goes into a snapshot commit, the user's state untouched.
+
+    The snapshot commit is built with a temporary index under the state dir, so the user's
+    branch, index and working tree are only read. `refs/fanout/snapshots/<run_id>` keeps the
+    base alive through gc.
+    """
+    _check_component(run_id, "run id")
+    head = repo.head_commit()
+    branch = repo.head_branch()
+    entries = status_entries(repo.root)
+    base = head
+    untracked: list[str] = []
+    if entries:
+        untracked = sorted(e.path for e in entries if e.code == "??")
+        index = repo.temp_path("snapshot-index-")
+        try:
+            env = {"GIT_INDEX_FILE": str(index)}
+            _seed_index(repo.root, repo.git_dir / "index", index, "HEAD", env)
+            repo.git("add", "-A", "--", ":/", env=env)
+            tree = repo.git("write-tree", env=env).strip()
+        finally:
+            index.unlink(missing_ok=True)
+        if tree != repo.git("rev-parse", "HEAD^{tree}").strip():
+            base = repo.git(
+                "commit-tree",
+                tree,
+                "-p",
+                head,
+                "-m",
+                f"fanout snapshot for run {run_id}\n\nUncommitted work in {repo.root} "
+                f"on top of {head}.",
+                env=FANOUT_IDENTITY.env(),
+            ).strip()
+    repo.git("update-ref", "-m", f"fanout: snapshot for run {run_id}", _snapshot_ref(run_id), base)
+    return Snapshot(
+        base_commit=base,
+        head_commit=head,
+        branch_ref=branch,
+        dirty=base != head,
+        untracked_included=untracked if base != head else [],
+    )
+
+
+def _snapshot_ref(run_id: str) -> str:
+    return SNAPSHOT_REF_PREFIX + run_id
+
+
+def _seed_index(
+    cwd: Path, source_index: Path, index: Path, treeish: str, env: Mapping[str, str]
+) -> None:
+    """Fill a temporary index with `treeish`, reusing stat data of `source_index` when possible."""
+    try:
+        shutil.copyfile(source_index, index)
+        proc = run_git(cwd, "read-tree", "-m", treeish, env=env, check=False)
+        if proc.returncode == 0:
+            return
+    except OSError:
+        pass
+    index.unlink(missing_ok=True)
+    run_git(cwd, "read-tree", treeish, env=env)
+
+
+# --------------------------------------------------------------------------- workspaces
+
+
+class Workspace(BaseModel):
+    """One agent's scratch checkout: a git worktree on branch `fanout/<run>/<agent>`."""
+
+    path: Path
+    branch: str
+    base_commit: str
+    run_id: str = ""
+    agent_id: str = ""
+    included: list[str] = Field(default_factory=list[str])
+
+    @property
+    def branch_ref(self) -> str:
+        """The full ref name of the workspace's branch."""
+        return f"refs/heads/{self.branch}"
+
+
+def _check_component(value: str, what: str) -> None:
+    if (
+        not value
+        or value in (".", "..")
+        or value.startswith("-")
+        or value.endswith(".lock")
+        or any(c in value for c in "/\\ ~^:?*[\0@{")
+    ):
+        raise RepositoryError(
+            f"{what} {value!r} cannot name a branch or directory; use letters, digits, - _ ."
+        )
+
+
+def create_workspace(
+    repo: GitRepo,
+    *,
+    base_commit: str,
+    run_id: str,
+    agent_id: str,
+    include: Sequence[str] = (),
+) -> Workspace:
+    """Check out `base_commit` in a new worktree for the agent; the user's checkout is untouched.
+
+    `include` names ignored files (glob patterns, relative to the repository) a build needs;
+    they are copied (never linked) from the user's working tree. Calling it again for an
+    existing workspace returns that workspace.
+    """
+    _check_component(run_id, "run id")
+    _check_component(agent_id, "agent id")
+    base = repo.resolve(base_commit)
+    path = repo.worktrees_dir / run_id / agent_id
+    branch = f"{BRANCH_PREFIX}{run_id}/{agent_id}"
+    existing = _read_meta(path)
+    if existing is not None:
+        return existing
+    path.parent.mkdir(parents=True, exist_ok=True)
+    repo.git("worktree", "add", "--quiet", "-b", branch, str(path), base)
+    included = _copy_included(repo.root, path, include)
+    ws = Workspace(
+        path=path,
+        branch=branch,
+        base_commit=base,
+        run_id=run_id,
+        agent_id=agent_id,
+        included=included,
+    )
+    _write_meta(ws)
+    return ws
+
+
+def _worktree_git_dir(path: Path) -> Path | None:
+    proc = run_git(path, "rev-parse", "--absolute-git-dir", check=False) if path.is_dir() else None
+    if proc is None or proc.returncode != 0:
+        return None
+    return Path(proc.stdout.strip())
+
+
+def _write_meta(ws: Workspace) -> None:
+    git_dir = _worktree_git_dir(ws.path)
+    if git_dir is None:
+        raise RepositoryError(f"the new worktree {ws.path} has no git dir")
+    (git_dir / WORKSPACE_META).write_text(ws.model_dump_json(), encoding="utf-8")
+
+
+def _read_meta(path: Path) -> Workspace | None:
+    git_dir = _worktree_git_dir(path)
+    if git_dir is None:
+        return None
+    try:
+        ws = Workspace.model_validate_json((git_dir / WORKSPACE_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return ws.model_copy(update={"path": path})
+
+
+def _iter_matches(root: Path, pattern: str) -> Iterator[Path]:
+    text = pattern.replace("\\", "/").strip()
+    if not text or text.startswith("/") or ".." in text.split("/"):
+        return
+    if not any(c in text for c in "*?["):
+        candidate = root / text
+        if os.path.lexists(candidate):
+            yield candidate
+        return
+    yield from root.glob(text)
+
+
+def _copy_included(root: Path, dest_root: Path, patterns: Sequence[str]) -> list[str]:
+    """Copy files matched by `patterns` that git ignores; return their repository paths."""
+    if not patterns:
+        return []
+    real_root = root.resolve()
+    git_dir = real_root / ".git"
+    files: dict[str, Path] = {}
+    for pattern in patterns:
+        for match in _iter_matches(root, pattern):
+            walk = [match] if not match.is_dir() else sorted(p for p in match.rglob("*"))
+            for item in walk:
+                real = item.resolve()
+                if not real.is_file() or not is_within(str(real), str(real_root)):
+                    continue  # a dangling link or something outside the repository
+                if is_within(str(real), str(git_dir)):
+                    continue
+                try:
+                    rel = normalize_path(item.relative_to(root).as_posix())
+                except (ValueError, PathEscape):
+                    continue
+                if rel and not is_within(rel, ".git"):
+                    files[rel] = real
+    if not files:
+        return []
+    names = sorted(files)
+    proc = run_git(
+        root, "check-ignore", "-z", "--stdin", input="\0".join(names) + "\0", check=False
+    )
+    ignored = {p for p in proc.stdout.split("\0") if p}
+    copied: list[str] = []
+    for rel in names:
+        if rel not in ignored:
+            continue  # tracked or plain untracked: the snapshot carries those
+        target = dest_root / rel
+        if os.path.lexists(target):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(files[rel], target)
+        copied.append(rel)
+    return copied
+
+
+def list_workspaces(repo: GitRepo) -> list[Workspace]:
+    """The agents' worktrees registered in the repository (those fanout created)."""
+    out = repo.git("worktree", "list", "--porcelain", "-z")
+    result: list[Workspace] = []
+    base_dir = repo.worktrees_dir.resolve()
+    for record in out.split("\0\0"):
+        lines = [line for line in record.split("\0") if line]
+        if not lines or not lines[0].startswith("worktree "):
+            continue
+        path = Path(lines[0][len("worktree ") :])
+        if not is_within(str(path.resolve()), str(base_dir)):
+            continue
+        ws = _read_meta(path)
+        if ws is not None:
+            result.append(ws)
+            continue
+        branch = next(
+            (ln[len("branch refs/heads/") :] for ln in lines if ln.startswith("branch ")), ""
+        )
+        result.append(Workspace(path=path, branch=branch, base_commit=""))
+    return sorted(result, key=lambda w: str(w.path))
+
+
+def remove_workspace(repo: GitRepo, ws: Workspace, *, delete_branch: bool) -> None:
+    """Delete the worktree and its unmerged scratch; call it only for merged or discarded agents."""
+    if not is_within(str(ws.path.resolve()), str(repo.worktrees_dir.resolve())):
+        raise RepositoryError(f"{ws.path} is not a fanout workspace; refusing to remove it")
+    if ws.path.exists():
+        proc = run_git(
+            repo.root, "worktree", "remove", "--force", "--force", str(ws.path), check=False
+        )
+        if proc.returncode != 0 and ws.path.exists():
+            shutil.rmtree(ws.path)
+    repo.git("worktree", "prune")
+    if delete_branch and ws.branch:
+        run_git(repo.root, "update-ref", "-d", ws.branch_ref, check=False)
+    with contextlib.suppress(OSError):
+        ws.path.parent.rmdir()  # the run's directory, once its last workspace is gone
+
+
+def workspace_disk_usage(repo: GitRepo) -> int:
+    """Bytes used by the agents' worktrees (files as stored, links not followed)."""
+    total = 0
+    root = repo.worktrees_dir
+    if not root.exists():
+        return 0
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+# --------------------------------------------------------------------------- work commits
+
+
+ChangeStatus = Literal["added", "modified", "deleted", "renamed"]
+
+
+class FileChange(BaseModel):
+    """One file a commit changed, with its line counts and new blob (None when deleted)."""
+
+    path: str
+    status: ChangeStatus
+    lines_added: int
+    lines_removed: int
+    blob: str | None
+    old_path: str | None = None
+
+
+class WorkCommit(BaseModel):
+    """What `commit_workspace` did: the new commit (None if none), its changes, what it dropped."""
+
+    commit: str | None
+    changes: list[FileChange]
+    dropped: list[str]
+
+
+def commit_workspace(
+    ws: Workspace,
+    *,
+    message: str,
+    write_scope: WriteScope,
+    author: Identity = FANOUT_IDENTITY,
+) -> WorkCommit:
+    """Commit the agent's in-scope changes on its branch; out-of-scope ones stay on disk, dropped.
+
+    The commit's tree is the base outside the write scope and the working tree inside it, so
+    nothing out of scope reaches the branch, even if the agent ran git itself. Calling it again
+    commits later edits on top.
+    """
+    cwd = ws.path
+    git_dir = _worktree_git_dir(cwd)
+    if git_dir is None:
+        raise RepositoryError(f"the workspace {cwd} is missing; it was removed or never created")
+    head = run_git(cwd, "rev-parse", "--verify", "HEAD^{commit}").stdout.strip()
+    base = ws.base_commit or head
+    fd, name = tempfile.mkstemp(prefix="fanout-index-", dir=git_dir)
+    os.close(fd)
+    index = Path(name)
+    index.unlink()
+    try:
+        env = {"GIT_INDEX_FILE": str(index)}
+        _seed_index(cwd, git_dir / "index", index, head, env)
+        run_git(cwd, "add", "-A", "--", ":/", env=env)
+        changed = [
+            p
+            for p in run_git(
+                cwd, "diff-index", "--cached", "-z", "--name-only", "--no-renames", base, env=env
+            ).stdout.split("\0")
+            if p
+        ]
+        dropped = sorted(p for p in changed if not write_scope.allows(p))
+        if dropped:
+            _reset_paths(cwd, base, dropped, env)
+        tree = run_git(cwd, "write-tree", env=env).stdout.strip()
+    finally:
+        index.unlink(missing_ok=True)
+    head_tree = run_git(cwd, "rev-parse", "HEAD^{tree}").stdout.strip()
+    if tree == head_tree:
+        return WorkCommit(commit=None, changes=[], dropped=dropped)
+    commit = run_git(
+        cwd,
+        "commit-tree",
+        tree,
+        "-p",
+        head,
+        "-m",
+        message.strip() or "fanout: agent work",
+        env=author.env(author=True, committer=False) | FANOUT_IDENTITY.env(author=False),
+    ).stdout.strip()
+    run_git(cwd, "update-ref", "-m", "fanout: commit agent work", "HEAD", commit, head)
+    # Bring the worktree's own index to the new commit (files on disk are not touched).
+    if run_git(cwd, "read-tree", "-m", "HEAD", check=False).returncode != 0:
+        run_git(cwd, "read-tree", "HEAD")
+    pyrepo = pygit2.Repository(str(cwd))
+    try:
+        changes = file_changes(pyrepo, head, commit)
+    finally:
+        pyrepo.free()
+    return WorkCommit(commit=commit, changes=changes, dropped=dropped)
+
+
+def _reset_paths(cwd: Path, base: str, paths: Sequence[str], env: Mapping[str, str]) -> None:
+    """Set `paths` in the (temporary) index to their content in `base`, removing absent ones."""
+    listed = run_git(
+        cwd, "--literal-pathspecs", "ls-tree", "-r", "-z", "--full-tree", base, "--", *paths
+    ).stdout
+    in_base: dict[str, str] = {}
+    for item in listed.split("\0"):
+        if not item:
+            continue
+        meta, path = item.split("\t", 1)
+        mode, _kind, oid = meta.split(" ")
+        in_base[path] = f"{mode} {oid}"
+    lines = [f"{in_base[p]}\t{p}" if p in in_base else f"0 {ZERO_OID}\t{p}" for p in paths]
+    run_git(cwd, "update-index", "-z", "--index-info", input="\0".join(lines) + "\0", env=env)
+
+
+# --------------------------------------------------------------------------- diffs
+
+
+class FileStat(BaseModel):
+    """Line counts of one changed file."""
+
+    path: str
+    insertions: int
+    deletions: int
+
+
+class DiffStat(BaseModel):
+    """Files, insertions and deletions of a change, with the per-file list."""
+
+    files: int = 0
+    insertions: int = 0
+    deletions: int = 0
+    per_file: list[FileStat] = Field(default_factory=list[FileStat])
+
+    @classmethod
+    def of(cls, changes: Sequence[FileChange]) -> DiffStat:
+        """The diffstat of a list of file changes."""
+        per = [
+            FileStat(path=c.path, insertions=c.lines_added, deletions=c.lines_removed)
+            for c in changes
+        ]
+        return cls(
+            files=len(per),
+            insertions=sum(f.insertions for f in per),
+            deletions=sum(f.deletions for f in per),
+            per_file=per,
+        )
+
+
+_STATUS: dict[str, ChangeStatus] = {
+    "A": "added",
+    "M": "modified",
+    "D": "deleted",
+    "R": "renamed",
+    "T": "modified",
+    "C": "added",
+}
+
+
+def _tree_of(pyrepo: pygit2.Repository, rev: str | pygit2.Oid) -> pygit2.Tree:
+    obj = pyrepo[rev] if isinstance(rev, pygit2.Oid) else pyrepo.revparse_single(rev)
+    return obj.peel(pygit2.Tree)
+
+
+def tree_changes(
+    pyrepo: pygit2.Repository, old: pygit2.Tree, new: pygit2.Tree, *, renames: bool = True
+) -> list[FileChange]:
+    """The file changes from tree `old` to tree `new`."""
+    diff = old.diff_to_tree(new)
+    if renames:
+        diff.find_similar()
+    changes: list[FileChange] = []
+    for patch in diff:
+        if patch is None:
+            continue
+        delta = patch.delta
+        status = _STATUS.get(delta.status_char(), "modified")
+        _context, added, removed = patch.line_stats
+        deleted = status == "deleted"
+        changes.append(
+            FileChange(
+                path=delta.old_file.path if deleted else delta.new_file.path,
+                status=status,
+                lines_added=added,
+                lines_removed=removed,
+                blob=None if deleted else str(delta.new_file.id),
+                old_path=delta.old_file.path if status == "renamed" else None,
+            )
+        )
+    return changes
+
+
+def file_changes(pyrepo: pygit2.Repository, old: str, new: str) -> list[FileChange]:
+    """The file changes between two commits (or any tree-ish revisions)."""
+    return tree_changes(pyrepo, _tree_of(pyrepo, old), _tree_of(pyrepo, new))
+
+
+def diffstat(repo: GitRepo, base: str, commit: str) -> DiffStat:
+    """Files, insertions and deletions from `base` to `commit`."""
+    pyrepo = repo.open()
+    try:
+        return DiffStat.of(file_changes(pyrepo, base, commit))
+    finally:
+        pyrepo.free()
+
+
+def diff(repo: GitRepo, base: str, commit: str, paths: Sequence[str] = ()) -> str:
+    """The unified diff from `base` to `commit` (renames detected, no external diff drivers)."""
+    args = ["diff", "--no-color", "--no-ext-diff", "--no-textconv", "-M", base, commit]
+    if paths:
+        args += ["--", *(f":(top,literal){p}" for p in paths)]
+    return repo.git(*args)
