@@ -103,6 +103,7 @@ class AgentRecord(BaseModel):
     turns: int = 0
     tokens: TokenUsage = Field(default_factory=TokenUsage)
     base_commit: str
+    start_commit: str | None = None
     branch: str | None = None
     workspace: str | None = None
     commit: str | None = None
@@ -117,6 +118,8 @@ class AgentRecord(BaseModel):
     waits_for: list[str] = Field(default_factory=list[str])
     lease_holder: str | None = None
     lease_token: int | None = None
+    lease_lost: bool = False
+    conflicts: list[str] = Field(default_factory=list[str])
     changed_files: list[str] = Field(default_factory=list[str])
 
 

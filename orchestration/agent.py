@@ -1,0 +1,258 @@
+"""The subagent loop: model ⇄ subagent tools ⇄ tool bus, until finish or a bound is hit."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from toolbus.bus import AgentBus
+
+from orchestration.contracts import StopReason, TokenUsage
+from orchestration.errors import ModelError
+from orchestration.model import (
+    Message,
+    Model,
+    ModelRequest,
+    ModelResponse,
+    TextBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    Usage,
+)
+from orchestration.prompts import FINISH_TOOL, FIRST_MESSAGE
+from orchestration.retry import RetryPolicy, call_with_retry
+from toolbus.toolspec import ToolOutcome, ToolSpec
+
+READ_ONLY_TOOLS = frozenset({"read_file", "list_files", "search"})
+CHARS_PER_TOKEN = 4
+
+
+class FinishArgs(BaseModel):
+    """The arguments of the `finish` tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    summary: str = Field(min_length=1, max_length=20_000)
+    follow_ups: list[str] = Field(default_factory=list[str], max_length=50)
+    status: Literal["done", "failed"] = "done"
+
+
+class Budget:
+    """A run's shared token pool as the loop sees it: reserve before a turn, settle after."""
+
+    def __init__(
+        self,
+        reserve: Callable[[int], bool],
+        settle: Callable[[int, int], None],
+        describe: Callable[[], str],
+    ) -> None:
+        self.reserve = reserve
+        self.settle = settle
+        self.describe = describe
+
+
+@dataclass
+class Progress:
+    """What the loop has done so far; readable after a cancellation."""
+
+    turns: int = 0
+    tokens: TokenUsage = field(default_factory=TokenUsage)
+
+
+@dataclass
+class LoopOutcome:
+    """How the loop ended."""
+
+    stop_reason: StopReason
+    summary: str = ""
+    follow_ups: list[str] = field(default_factory=list[str])
+    failed_by_model: bool = False
+    error: str | None = None
+
+
+def usage_to_tokens(usage: Usage) -> TokenUsage:
+    return TokenUsage(
+        input=usage.input_tokens,
+        output=usage.output_tokens,
+        cache_read=usage.cache_read_tokens,
+        cache_write=usage.cache_write_tokens,
+    )
+
+
+class Transcript:
+    """An agent's messages as JSON lines on disk, read on demand, never pushed to the client."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, kind: str, payload: object) -> None:
+        if self.path is None:
+            return
+        line = json.dumps({"ts": time.time(), "kind": kind, "data": payload}, default=str)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+@dataclass
+class AgentLoop:
+    """One agent's conversation with its model, every side effect through its bus."""
+
+    model: Model
+    model_name: str
+    bus: AgentBus
+    budget: Budget
+    retry: RetryPolicy
+    system_prefix: str
+    system_task: str
+    tools: Sequence[ToolSpec]
+    max_turns: int
+    max_output_tokens: int
+    on_turn: Callable[[Progress], None]
+    transcript: Transcript
+    progress: Progress = field(default_factory=Progress)
+    messages: list[Message] = field(default_factory=list[Message])
+
+    def _estimate_reservation(self) -> int:
+        chars = len(self.system_prefix) + len(self.system_task)
+        chars += sum(len(t.description) + len(json.dumps(t.input_schema)) for t in self.tools)
+        chars += sum(len(m.model_dump_json()) for m in self.messages)
+        # Upper bound: every input token billed as a cache write (×1.25), plus the full output.
+        return int(chars / CHARS_PER_TOKEN * 1.25) + self.max_output_tokens
+
+    async def run(self) -> LoopOutcome:
+        """Run until finish, a final answer, or a bound; raises only on cancellation."""
+        if not self.messages:
+            self.messages.append(Message(role="user", content=[TextBlock(text=FIRST_MESSAGE)]))
+            self.transcript.append("system", {"prefix_chars": len(self.system_prefix)})
+            self.transcript.append("task", self.system_task)
+            self.transcript.append("message", self.messages[0].model_dump(mode="json"))
+        while self.progress.turns < self.max_turns:
+            reservation = self._estimate_reservation()
+            if not self.budget.reserve(reservation):
+                return LoopOutcome(
+                    StopReason.BUDGET_EXHAUSTED,
+                    error="the run's token budget cannot cover another turn "
+                    f"({self.budget.describe()})",
+                )
+            try:
+                response = await self._complete()
+            except ModelError as exc:
+                self.budget.settle(reservation, 0)
+                return LoopOutcome(StopReason.MODEL_ERROR, error=str(exc))
+            except BaseException:
+                self.budget.settle(reservation, 0)
+                raise
+            tokens = usage_to_tokens(response.usage)
+            self.budget.settle(reservation, tokens.billed_equivalent)
+            self.progress.turns += 1
+            self.progress.tokens = self.progress.tokens + tokens
+            assistant = Message(role="assistant", content=list(response.content))
+            self.messages.append(assistant)
+            self.transcript.append("message", assistant.model_dump(mode="json"))
+            self.on_turn(self.progress)
+
+            if response.stop_reason in ("refusal", "model_context_window_exceeded"):
+                return LoopOutcome(
+                    StopReason.REFUSED,
+                    error=f"the model stopped with stop_reason={response.stop_reason}",
+                )
+            uses = [b for b in response.content if isinstance(b, ToolUseBlock)]
+            if not uses:
+                if response.stop_reason == "pause_turn":
+                    continue
+                text = "\n".join(b.text for b in response.content if isinstance(b, TextBlock))
+                return LoopOutcome(StopReason.FINAL_ANSWER, summary=text.strip())
+            results, finish = await self._run_tools(uses)
+            if finish is not None:
+                return LoopOutcome(
+                    StopReason.FINISHED,
+                    summary=finish.summary,
+                    follow_ups=finish.follow_ups,
+                    failed_by_model=finish.status == "failed",
+                )
+            reply = Message(role="user", content=list(results))
+            self.messages.append(reply)
+            self.transcript.append("message", reply.model_dump(mode="json"))
+        return LoopOutcome(
+            StopReason.MAX_TURNS,
+            error=f"stopped after max_turns={self.max_turns} without calling finish",
+        )
+
+    async def _complete(self) -> ModelResponse:
+        request = ModelRequest(
+            model=self.model_name,
+            system_prefix=self.system_prefix,
+            system_task=self.system_task,
+            tools=list(self.tools),
+            messages=list(self.messages),
+            max_tokens=self.max_output_tokens,
+        )
+
+        async def attempt() -> ModelResponse:
+            return await self.model.complete(request)
+
+        def note_retry(error: ModelError, delay_s: float) -> None:
+            self.transcript.append("model_retry", {"error": str(error), "delay_s": delay_s})
+
+        return await call_with_retry(attempt, self.retry, on_retry=note_retry)
+
+    async def _run_tools(
+        self, uses: list[ToolUseBlock]
+    ) -> tuple[list[ToolResultBlock], FinishArgs | None]:
+        """Run a turn's tool calls in order; consecutive reads concurrently, the rest one by one."""
+        outcomes: dict[str, ToolOutcome] = {}
+        finish: FinishArgs | None = None
+        batch: list[ToolUseBlock] = []
+
+        async def flush() -> None:
+            if not batch:
+                return
+            async with anyio.create_task_group() as tg:
+                for use in batch:
+                    tg.start_soon(call_one, use)
+            batch.clear()
+
+        async def call_one(use: ToolUseBlock) -> None:
+            outcomes[use.id] = await self.bus.call(use.name, use.input)
+
+        finish_use: ToolUseBlock | None = None
+        for use in uses:
+            if use.name == FINISH_TOOL.name:
+                finish_use = use
+            elif use.name in READ_ONLY_TOOLS:
+                batch.append(use)
+            else:
+                await flush()
+                await call_one(use)
+        await flush()
+        if finish_use is not None:
+            try:
+                finish = FinishArgs.model_validate(finish_use.input)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}"
+                    for e in exc.errors()
+                )
+                outcomes[finish_use.id] = ToolOutcome(
+                    content=f"finish refused: {problems}. Call finish with a non-empty summary.",
+                    is_error=True,
+                )
+        results = [
+            ToolResultBlock(
+                tool_use_id=use.id,
+                content=outcomes[use.id].content if use.id in outcomes else "finished",
+                is_error=outcomes[use.id].is_error if use.id in outcomes else False,
+            )
+            for use in uses
+        ]
+        for r in results:
+            self.transcript.append("tool_result", r.model_dump(mode="json"))
+        return results, finish

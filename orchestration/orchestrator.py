@@ -1,0 +1,1324 @@
+"""The orchestrator: spawns runs of subagents, reports their status, joins and reruns them.
+
+One anyio task group owns every agent; each agent has its own cancel scope. Cancellation we ask
+for becomes a `cancelled` agent; the server stopping under an agent makes it `interrupted`, with
+its work committed on its branch.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import anyio
+import anyio.abc
+from anyio.abc import TaskStatus
+from toolbus.bus import SUBAGENT_TOOL_SPECS, AgentBus
+
+from orchestration import workspace as ws_mod
+from orchestration.agent import AgentLoop, Budget, LoopOutcome, Progress, Transcript
+from orchestration.config import Settings
+from orchestration.contracts import (
+    AgentBrief,
+    AgentMergeResult,
+    AgentResult,
+    AgentStatus,
+    AgentView,
+    CancelResult,
+    CommandRun,
+    CostEstimate,
+    DiffStat,
+    FileChange,
+    LeaseView,
+    MergeOutcome,
+    MergeRequest,
+    MergeResult,
+    RerunResult,
+    RunTotals,
+    RunView,
+    SpawnRequest,
+    SpawnResult,
+    StatusResult,
+    StopReason,
+    TokenUsage,
+)
+from orchestration.errors import (
+    AgentNotFound,
+    ConfigError,
+    InvalidRequest,
+    InvalidState,
+    OrchestrationError,
+    RepositoryError,
+    RunNotFound,
+)
+from orchestration.join import JoinCandidate, Joiner
+from orchestration.model import Model
+from orchestration.prompts import FINISH_TOOL, shared_prefix, task_prompt
+from orchestration.retry import RetryPolicy
+from orchestration.state import (
+    AgentRecord,
+    RunRecord,
+    SharedFile,
+    SharedSnapshot,
+    StateStore,
+)
+from toolbus.audit import AuditLog
+from toolbus.errors import LeaseError, LeaseLost
+from toolbus.leases import (
+    LeaseGrant,
+    LeaseKeeper,
+    LeaseManager,
+    LeaseMode,
+    LeaseRequest,
+    LeaseStore,
+    conflicts,
+)
+from toolbus.resources import WriteScope
+from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
+
+log = logging.getLogger("fanout.orchestrator")
+
+ModelFactory = Callable[[str], Model]
+
+MAX_SHARED_FILE_BYTES = 200_000
+MAX_REJECTED_DIFF_CHARS = 30_000
+SERVER_HEARTBEAT_S = 5.0
+DISK_USAGE_CACHE_S = 10.0
+ESTIMATED_TURNS = 8
+ESTIMATED_GROWTH_PER_TURN = 1_500
+ESTIMATED_OUTPUT_PER_TURN = 600
+
+
+def default_model_factory(settings: Settings) -> ModelFactory:
+    """Models from the Anthropic API (needs ANTHROPIC_API_KEY)."""
+
+    def make(name: str) -> Model:
+        from orchestration.providers.anthropic import AnthropicModel
+
+        return AnthropicModel(model=name, timeout_s=settings.model_timeout_s)
+
+    return make
+
+
+class LeaseFence:
+    """The bus's fence for one agent: its current grant, checked against the lease store."""
+
+    def __init__(self, leases: LeaseManager, holder: str) -> None:
+        self._leases = leases
+        self._holder = holder
+        self.grant: LeaseGrant | None = None
+
+    @property
+    def token(self) -> int | None:
+        return None if self.grant is None else self.grant.token
+
+    def check(self, path: str | None) -> None:
+        if self.grant is None:
+            if path is None:
+                return  # a read-only agent may run commands; their changes are dropped
+            raise LeaseLost(f"no write lease is held for {path!r}")
+        self._leases.check(self._holder, self.grant.token, path, LeaseMode.WRITE)
+
+
+@dataclass
+class AgentRuntime:
+    """What this process knows of an agent it runs, beyond the durable record."""
+
+    agent_id: str
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    cancel_reason: str | None = None
+    released: anyio.Event = field(default_factory=anyio.Event)
+    fence: LeaseFence | None = None
+    loop: AgentLoop | None = None
+    audit: AuditLog | None = None
+    started_at: float = 0.0
+
+
+@dataclass
+class RepoContext:
+    """One repository's state, leases and workspaces as this process uses them."""
+
+    repo: ws_mod.GitRepo
+    store: StateStore
+    leases: LeaseManager
+    keeper: LeaseKeeper
+    limiters: dict[str, anyio.CapacityLimiter] = field(
+        default_factory=dict[str, anyio.CapacityLimiter]
+    )
+    disk_usage: tuple[float, int] = (0.0, 0)
+    prefixes: dict[str, str] = field(default_factory=dict[str, str])
+
+
+class Orchestrator:
+    """Spawn, watch, cancel, merge and rerun subagents; one instance per server process."""
+
+    def __init__(self, settings: Settings, model_factory: ModelFactory | None = None) -> None:
+        self.settings = settings
+        self._model_factory = model_factory or default_model_factory(settings)
+        self._models: dict[str, Model] = {}
+        self._contexts: dict[Path, RepoContext] = {}
+        self._runtimes: dict[str, AgentRuntime] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._context_lock = anyio.Lock()
+        self._closing = False
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Orchestrator:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self._closing = True
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            return await self._tg.__aexit__(exc_type, exc, tb)
+        finally:
+            for ctx in self._contexts.values():
+                try:
+                    ctx.store.unregister_server()
+                finally:
+                    ctx.store.close()
+            for model in self._models.values():
+                close = getattr(model, "aclose", None)
+                if close is not None:
+                    with anyio.CancelScope(shield=True):
+                        await close()
+
+    @property
+    def task_group(self) -> anyio.abc.TaskGroup:
+        if self._tg is None:
+            raise RuntimeError("use the Orchestrator as an async context manager")
+        return self._tg
+
+    async def context(self, repo: Path | str | None) -> RepoContext:
+        """The context of a repository, opened (and recovered) on first use."""
+        path = repo if repo is not None else self.settings.repo
+        if path is None:
+            raise RepositoryError(
+                "no repository given: pass `repo`, start the server with --repo, or set FANOUT_REPO"
+            )
+        git_repo = await anyio.to_thread.run_sync(ws_mod.GitRepo.discover, Path(path))
+        async with self._context_lock:
+            existing = self._contexts.get(git_repo.root)
+            if existing is not None:
+                return existing
+            store = StateStore(git_repo.state_dir)
+            lease_store = LeaseStore(
+                git_repo.state_dir,
+                ttl_s=self.settings.lease_ttl_s,
+                lock_delay_s=self.settings.lease_lock_delay_s,
+            )
+            leases = LeaseManager(lease_store)
+            keeper = LeaseKeeper(leases)
+            ctx = RepoContext(repo=git_repo, store=store, leases=leases, keeper=keeper)
+            store.register_server()
+            await self.task_group.start(keeper.run)
+            self.task_group.start_soon(self._server_heartbeat, ctx)
+            await self._recover(ctx)
+            self._contexts[git_repo.root] = ctx
+            return ctx
+
+    async def _server_heartbeat(self, ctx: RepoContext) -> None:
+        while True:
+            await anyio.sleep(SERVER_HEARTBEAT_S)
+            ctx.store.heartbeat()
+
+    async def _recover(self, ctx: RepoContext) -> None:
+        """Mark agents of dead servers `interrupted`, committing what their worktrees hold."""
+        live = ctx.store.live_servers() | {ctx.store.server_id}
+        touched_runs: set[str] = set()
+        for agent in ctx.store.all_agents():
+            if agent.owner in live:
+                continue
+            if agent.status.active:
+                commit = agent.commit
+                if agent.workspace and Path(agent.workspace).exists():
+                    work = await self._commit_work(ctx, agent, "work left by an interrupted agent")
+                    commit = work.commit or commit
+                ctx.store.update_agent(
+                    agent.agent_id,
+                    "interrupted",
+                    "the server running this agent stopped",
+                    status=AgentStatus.INTERRUPTED,
+                    stop_reason=StopReason.INTERRUPTED,
+                    status_reason="the server running this agent stopped; rerun_subagent resumes "
+                    "it from its committed work",
+                    commit=commit,
+                    owner=ctx.store.server_id,
+                )
+                touched_runs.add(agent.run_id)
+        for run_id in touched_runs:
+            if not any(a.status.active for a in ctx.store.agents(run_id)):
+                ctx.store.reset_reservations(run_id)
+
+    def _model(self, name: str) -> Model:
+        model = self._models.get(name)
+        if model is None:
+            model = self._model_factory(name)
+            self._models[name] = model
+        return model
+
+    # --- spawn ------------------------------------------------------------------------------
+
+    async def spawn(self, request: SpawnRequest, default_repo: Path | None = None) -> SpawnResult:
+        """Validate, pin the snapshot, create the agents and start them; returns at once."""
+        settings = self.settings
+        ctx = await self.context(request.repo or default_repo)
+        for name in {t.model or settings.model for t in request.tasks}:
+            self._model(name)  # a missing API key fails here, before anything is created
+        names = [t.name or f"agent-{i + 1}" for i, t in enumerate(request.tasks)]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("tasks[].name: names must be unique within a run")
+        run_id = f"r{secrets.token_hex(4)}"
+        snap = await anyio.to_thread.run_sync(ws_mod.snapshot, ctx.repo, run_id)
+        shared_spec = request.shared_context
+        shared = await anyio.to_thread.run_sync(
+            self._shared_snapshot,
+            ctx,
+            snap.base_commit,
+            shared_spec.plan if shared_spec else None,
+            shared_spec.conventions if shared_spec else None,
+            shared_spec.files if shared_spec else [],
+        )
+        max_concurrency = request.max_concurrency or settings.max_concurrency
+        budget = request.budget_tokens or settings.budget_tokens
+        run = RunRecord(
+            run_id=run_id,
+            repo=str(ctx.repo.root),
+            created_at=time.time(),
+            base_commit=snap.base_commit,
+            head_commit=snap.head_commit,
+            branch_ref=snap.branch_ref,
+            snapshot_dirty=snap.dirty,
+            shared=shared,
+            max_concurrency=max_concurrency,
+            budget_tokens=budget,
+            model=settings.model,
+            owner=ctx.store.server_id,
+        )
+        agents: list[AgentRecord] = []
+        for i, task in enumerate(request.tasks):
+            agent_id = f"{run_id}-a{i + 1}"
+            agents.append(
+                AgentRecord(
+                    agent_id=agent_id,
+                    run_id=run_id,
+                    index=i + 1,
+                    name=names[i],
+                    prompt=task.prompt,
+                    write_scope=task.write_scope,
+                    model=task.model or settings.model,
+                    max_turns=task.max_turns or settings.max_turns,
+                    base_commit=snap.base_commit,
+                    owner=ctx.store.server_id,
+                    lease_holder=agent_id,
+                )
+            )
+        self._plan_waves(agents)
+        warnings = self._spawn_warnings(ctx, agents)
+        estimate = self._estimate(run, agents)
+        if estimate.estimated_total_tokens > budget:
+            warnings.append(
+                f"the estimate ({estimate.estimated_total_tokens} tokens) exceeds the budget "
+                f"({budget}); agents stop with budget_exhausted when it is spent"
+            )
+        ctx.store.create_run(run, agents)
+        ctx.limiters[run_id] = anyio.CapacityLimiter(max_concurrency)
+        for agent in agents:
+            await self.task_group.start(self._agent_task, ctx, agent.agent_id)
+        briefs = [self._brief(a) for a in agents]
+        return SpawnResult(
+            run_id=run_id,
+            repo=str(ctx.repo.root),
+            base_commit=snap.base_commit,
+            snapshot_of_uncommitted_changes=snap.dirty,
+            agents=briefs,
+            estimate=estimate,
+            warnings=warnings,
+        )
+
+    @staticmethod
+    def _scope_requests(write_scope: list[str] | None) -> list[LeaseRequest]:
+        scope = WriteScope.of(write_scope)
+        return [LeaseRequest.write(p) for p in scope.lease_paths()] if not scope.read_only else []
+
+    def _plan_waves(self, agents: list[AgentRecord]) -> None:
+        """An agent waits for each earlier agent of the run whose write scope overlaps its own."""
+        for i, agent in enumerate(agents):
+            mine = self._scope_requests(agent.write_scope)
+            agent.waits_for = [
+                earlier.agent_id
+                for earlier in agents[:i]
+                if any(
+                    conflicts(a, b) for a in mine for b in self._scope_requests(earlier.write_scope)
+                )
+            ]
+
+    def _spawn_warnings(self, ctx: RepoContext, agents: list[AgentRecord]) -> list[str]:
+        warnings: list[str] = []
+        for agent in agents:
+            if agent.write_scope is None:
+                warnings.append(
+                    f"{agent.name} has no write_scope: it may change the whole repository and "
+                    "so serializes with every other writer; give it path prefixes to run it in "
+                    "parallel"
+                )
+            if agent.waits_for:
+                names = ", ".join(a.name for a in agents if a.agent_id in agent.waits_for)
+                warnings.append(
+                    f"{agent.name} overlaps the write scope of {names}: it waits until they are "
+                    "merged or discarded, then starts from the new head"
+                )
+        blockers = {
+            lease.holder
+            for agent in agents
+            for lease in ctx.leases.blockers(self._scope_requests(agent.write_scope))
+        }
+        if blockers:
+            warnings.append(
+                "agents of earlier runs hold overlapping write leases ("
+                + ", ".join(sorted(blockers))
+                + "): the overlapping agents wait until those are merged or discarded"
+            )
+        return warnings
+
+    def _estimate(self, run: RunRecord, agents: list[AgentRecord]) -> CostEstimate:
+        prefix = shared_prefix(run.shared, [])
+        tool_chars = sum(len(t.description) + 200 for t in [*SUBAGENT_TOOL_SPECS, FINISH_TOOL])
+        prefix_tokens = (len(prefix) + tool_chars) // 4 + run.shared.file_count * 6
+        task_tokens = sum(len(a.prompt) // 4 + 60 for a in agents) // max(len(agents), 1)
+        turns = min(ESTIMATED_TURNS, max(a.max_turns for a in agents))
+        n = len(agents)
+        per_agent_input = turns * (prefix_tokens + task_tokens) + ESTIMATED_GROWTH_PER_TURN * (
+            turns * (turns - 1) // 2
+        )
+        output = ESTIMATED_OUTPUT_PER_TURN * turns
+        uncached = n * (per_agent_input + output)
+        prefix_reads = n * turns * prefix_tokens - prefix_tokens
+        cached = uncached - prefix_reads + round(0.1 * prefix_reads + 0.25 * prefix_tokens)
+        return CostEstimate(
+            agents=n,
+            shared_prefix_tokens=prefix_tokens,
+            per_agent_task_tokens=task_tokens,
+            estimated_turns_per_agent=turns,
+            estimated_total_tokens=cached,
+            estimated_uncached_tokens=uncached,
+            budget_tokens=run.budget_tokens,
+            note=(
+                f"assumes {turns} turns per agent, ~{ESTIMATED_GROWTH_PER_TURN} tokens of "
+                "conversation growth per turn and the shared prefix read from the prompt cache "
+                "after the first agent (counted as the budget counts: cache reads ×0.1, writes "
+                "×1.25); the live meter in get_status is exact"
+            ),
+        )
+
+    def _shared_snapshot(
+        self,
+        ctx: RepoContext,
+        base: str,
+        plan: str | None,
+        conventions: str | None,
+        files: list[str],
+    ) -> SharedSnapshot:
+        paths = self._paths_at(ctx, base)
+        shared_files: list[SharedFile] = []
+        for path in files:
+            blob = ctx.repo.try_git("rev-parse", "--verify", "--quiet", f"{base}:{path}")
+            if blob is None:
+                raise InvalidRequest(
+                    f"shared_context.files: {path!r} does not exist at the base commit "
+                    f"{base[:12]}; list files that are in the repository"
+                )
+            blob = blob.strip()
+            size = int(ctx.repo.git("cat-file", "-s", blob).strip())
+            content: str | None = None
+            note: str | None = None
+            if size > MAX_SHARED_FILE_BYTES:
+                note = f"{size} bytes, over the {MAX_SHARED_FILE_BYTES}-byte limit: read it"
+            else:
+                raw = ctx.repo.git("cat-file", "blob", blob)
+                if "\x00" in raw:
+                    note = "binary file"
+                else:
+                    content = raw
+            shared_files.append(
+                SharedFile(path=path, blob=blob, size=size, content=content, note=note)
+            )
+        return SharedSnapshot(
+            base_commit=base,
+            plan=plan,
+            conventions=conventions,
+            files=shared_files,
+            file_count=len(paths),
+        )
+
+    async def _prefix(self, ctx: RepoContext, run: RunRecord) -> str:
+        prefix = ctx.prefixes.get(run.run_id)
+        if prefix is None:
+            paths = await anyio.to_thread.run_sync(self._paths_at, ctx, run.base_commit)
+            prefix = ctx.prefixes[run.run_id] = shared_prefix(run.shared, paths)
+        return prefix
+
+    @staticmethod
+    def _paths_at(ctx: RepoContext, commit: str) -> list[str]:
+        out = ctx.repo.git("ls-tree", "-r", "--name-only", "-z", commit)
+        return [p for p in out.split("\x00") if p]
+
+    def _brief(self, agent: AgentRecord) -> AgentBrief:
+        return AgentBrief(
+            agent_id=agent.agent_id,
+            name=agent.name,
+            status=agent.status,
+            write_scope=agent.write_scope,
+            waits_for=agent.waits_for,
+        )
+
+    # --- running an agent -------------------------------------------------------------------
+
+    async def _agent_task(
+        self,
+        ctx: RepoContext,
+        agent_id: str,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        runtime = AgentRuntime(agent_id=agent_id)
+        self._runtimes[agent_id] = runtime
+        task_status.started()
+        store = ctx.store
+        try:
+            with runtime.scope:
+                await self._run_agent(ctx, runtime)
+            if runtime.scope.cancelled_caught:
+                await self._finish_cancelled(ctx, runtime)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._finish_interrupted(ctx, runtime)
+            raise
+        finally:
+            record = store.agent(agent_id)
+            if record is not None and record.status.active:
+                with anyio.CancelScope(shield=True):
+                    await self._finish_interrupted(ctx, runtime)
+
+    async def _run_agent(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        store = ctx.store
+        agent = self._agent(ctx, runtime.agent_id)
+        # 1. Wait for earlier agents of the run whose write scope overlaps (waves).
+        for other_id in agent.waits_for:
+            other = self._runtimes.get(other_id)
+            other_record = store.agent(other_id)
+            if other_record is None or other_record.status in (
+                AgentStatus.MERGED,
+                AgentStatus.DISCARDED,
+            ):
+                continue
+            store.update_agent(
+                agent.agent_id,
+                "waiting",
+                f"waits for {other_id}",
+                status=AgentStatus.WAITING,
+                status_reason=f"waits for {other_record.name} ({other_id}) to be merged or "
+                "discarded: their write scopes overlap",
+            )
+            while True:
+                if other is not None:
+                    with anyio.move_on_after(1.0):
+                        await other.released.wait()
+                else:
+                    await anyio.sleep(1.0)
+                other_record = store.agent(other_id)
+                if other_record is None or other_record.status in (
+                    AgentStatus.MERGED,
+                    AgentStatus.DISCARDED,
+                ):
+                    break
+        # 2. Take the write leases of the scope, all at once.
+        requests = self._scope_requests(agent.write_scope)
+        fence = LeaseFence(ctx.leases, agent.lease_holder or agent.agent_id)
+        runtime.fence = fence
+        if requests:
+            blockers = ctx.leases.blockers(requests)
+            if blockers:
+                holders = sorted({b.holder for b in blockers})
+                store.update_agent(
+                    agent.agent_id,
+                    "waiting",
+                    "waits for leases",
+                    status=AgentStatus.WAITING,
+                    status_reason="waits for write leases held by " + ", ".join(holders),
+                    waits_for=sorted(set(agent.waits_for) | set(holders)),
+                )
+            grant = await ctx.leases.acquire(agent.lease_holder or agent.agent_id, requests)
+            fence.grant = grant
+            ctx.keeper.track(grant, lambda lost: self._on_lease_lost(ctx, runtime, lost))
+            store.update_agent(
+                agent.agent_id,
+                "leased",
+                f"token {grant.token}",
+                lease_token=grant.token,
+                status=AgentStatus.QUEUED,
+                status_reason=None,
+            )
+        # 3. A concurrency slot.
+        limiter = ctx.limiters.get(agent.run_id)
+        if limiter is None:
+            run = self._run(ctx, agent.run_id)
+            limiter = ctx.limiters[agent.run_id] = anyio.CapacityLimiter(run.max_concurrency)
+        async with limiter:
+            await self._run_loop(ctx, runtime)
+
+    async def _run_loop(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        store = ctx.store
+        agent = self._agent(ctx, runtime.agent_id)
+        run = self._run(ctx, agent.run_id)
+        start = agent.base_commit
+        if agent.waits_for and not agent.rerun_of:
+            start = await anyio.to_thread.run_sync(ctx.repo.head_commit)
+        if agent.rerun_of is not None and agent.start_commit is not None:
+            start = agent.start_commit
+        workspace = await anyio.to_thread.run_sync(
+            lambda: ws_mod.create_workspace(
+                ctx.repo,
+                base_commit=start,
+                run_id=agent.run_id,
+                agent_id=agent.agent_id,
+                include=self.settings.include,
+            )
+        )
+        base = agent.base_commit if agent.start_commit else start
+        agent = store.update_agent(
+            agent.agent_id,
+            "running",
+            "",
+            status=AgentStatus.RUNNING,
+            status_reason=None,
+            started_at=time.time(),
+            workspace=str(workspace.path),
+            branch=workspace.branch,
+            base_commit=base,
+            start_commit=start,
+        )
+        audit = AuditLog(ctx.repo.state_dir / "audit" / f"{agent.agent_id}.jsonl")
+        terminal = Terminal(
+            workspace.path,
+            TerminalConfig(
+                sandbox=SandboxMode(self.settings.sandbox),
+                allow_network=self.settings.allow_network,
+                env_passthrough=list(self.settings.env_passthrough),
+                default_timeout_s=self.settings.command_timeout_s,
+            ),
+            hidden_paths=[ctx.repo.state_dir],
+        )
+        assert runtime.fence is not None
+        bus = AgentBus(
+            agent_id=agent.agent_id,
+            workspace=workspace.path,
+            write_scope=WriteScope.of(agent.write_scope),
+            fence=runtime.fence,
+            audit=audit,
+            terminal=terminal,
+        )
+        # The prefix describes the run's base for every agent, so it is byte-identical.
+        prefix = await self._prefix(ctx, run)
+        loop = AgentLoop(
+            model=self._model(agent.model),
+            model_name=agent.model,
+            bus=bus,
+            budget=self._budget(ctx, agent.run_id),
+            retry=RetryPolicy(
+                max_attempts=self.settings.retry_max_attempts,
+                retry_after_cap_s=self.settings.retry_after_cap_s,
+            ),
+            system_prefix=prefix,
+            system_task=task_prompt(
+                name=agent.name,
+                prompt=agent.prompt,
+                scope=WriteScope.of(agent.write_scope),
+                max_turns=agent.max_turns,
+                rerun_context=agent.rerun_context,
+            ),
+            tools=[*SUBAGENT_TOOL_SPECS, FINISH_TOOL],
+            max_turns=agent.max_turns,
+            max_output_tokens=self.settings.max_output_tokens,
+            on_turn=lambda p: self._on_turn(ctx, runtime.agent_id, p),
+            transcript=Transcript(ctx.repo.state_dir / "transcripts" / f"{agent.agent_id}.jsonl"),
+        )
+        runtime.loop = loop
+        runtime.audit = audit
+        runtime.started_at = time.monotonic()
+        try:
+            outcome = await loop.run()
+        except Exception as exc:  # a defect of ours: contained to this agent
+            log.exception("agent %s crashed", agent.agent_id)
+            outcome = LoopOutcome(StopReason.INTERNAL_ERROR, error=f"{type(exc).__name__}: {exc}")
+        with anyio.CancelScope(shield=True):
+            await self._finish(ctx, runtime, outcome)
+
+    def _budget(self, ctx: RepoContext, run_id: str) -> Budget:
+        store = ctx.store
+
+        def describe() -> str:
+            total, used, reserved = store.budget(run_id)
+            return f"{used} of {total} tokens used, {reserved} reserved by running turns"
+
+        return Budget(
+            reserve=lambda n: store.reserve_budget(run_id, n),
+            settle=lambda reserved, used: store.settle_budget(run_id, reserved, used),
+            describe=describe,
+        )
+
+    def _on_turn(self, ctx: RepoContext, agent_id: str, progress: Progress) -> None:
+        ctx.store.update_agent(
+            agent_id, "turn", f"turn {progress.turns}", turns=progress.turns, tokens=progress.tokens
+        )
+
+    def _on_lease_lost(self, ctx: RepoContext, runtime: AgentRuntime, lost: LeaseLost) -> None:
+        record = ctx.store.update_agent(runtime.agent_id, "lease_lost", str(lost), lease_lost=True)
+        if record.status.active:
+            runtime.cancel_reason = f"its write lease was lost ({lost}); it cannot land"
+            runtime.scope.cancel()
+
+    async def _commit_work(
+        self, ctx: RepoContext, agent: AgentRecord, message: str
+    ) -> ws_mod.WorkCommit:
+        workspace = ws_mod.Workspace(
+            path=Path(agent.workspace or ""),
+            branch=agent.branch or "",
+            base_commit=agent.base_commit,
+            run_id=agent.run_id,
+            agent_id=agent.agent_id,
+        )
+        scope = WriteScope.of(agent.write_scope)
+        return await anyio.to_thread.run_sync(
+            lambda: ws_mod.commit_workspace(
+                workspace, message=f"fanout: {agent.name}: {message}", write_scope=scope
+            )
+        )
+
+    async def _finish_cancelled(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        reason = runtime.cancel_reason or "cancelled by cancel_subagents"
+        lease_lost = runtime.cancel_reason is not None and "lease" in runtime.cancel_reason
+        outcome = LoopOutcome(
+            StopReason.INTERNAL_ERROR if lease_lost else StopReason.CANCELLED, error=reason
+        )
+        with anyio.CancelScope(shield=True):
+            await self._finish(
+                ctx,
+                runtime,
+                outcome,
+                status=AgentStatus.FAILED if lease_lost else AgentStatus.CANCELLED,
+            )
+
+    async def _finish_interrupted(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        outcome = LoopOutcome(
+            StopReason.INTERRUPTED,
+            error="the server stopped while this agent ran; rerun_subagent resumes it from its "
+            "committed work",
+        )
+        await self._finish(ctx, runtime, outcome, status=AgentStatus.INTERRUPTED)
+
+    async def _finish(
+        self,
+        ctx: RepoContext,
+        runtime: AgentRuntime,
+        outcome: LoopOutcome,
+        status: AgentStatus | None = None,
+    ) -> None:
+        """Commit the agent's work on its branch and record its result, built from facts."""
+        agent = self._agent(ctx, runtime.agent_id)
+        if not agent.status.active:
+            return
+        if status is None:
+            finished = outcome.stop_reason in (StopReason.FINISHED, StopReason.FINAL_ANSWER)
+            ok = finished and not outcome.failed_by_model
+            status = AgentStatus.SUCCEEDED if ok else AgentStatus.FAILED
+        reason = outcome.error
+        if outcome.failed_by_model:
+            reason = "the agent reported that it could not complete its task"
+        commit = agent.commit
+        changes: list[FileChange] = []
+        dropped: list[str] = []
+        if agent.workspace is not None and Path(agent.workspace).exists():
+            work = await self._commit_work(ctx, agent, _first_line(outcome.summary or agent.prompt))
+            commit = work.commit or commit
+            changes = [FileChange.model_validate(c.model_dump()) for c in work.changes]
+            dropped = list(work.dropped)
+        records = runtime.audit.records() if runtime.audit is not None else []
+        commands = [
+            CommandRun(
+                command=r.args_brief,
+                exit_code=r.exit_code,
+                duration_s=round(r.duration_ms / 1000, 3),
+                timed_out=bool(r.timed_out),
+                outcome=r.outcome,
+            )
+            for r in records
+            if r.op == "run_command"
+        ]
+        progress = runtime.loop.progress if runtime.loop is not None else Progress()
+        duration = time.monotonic() - runtime.started_at if runtime.started_at else 0.0
+        result = AgentResult(
+            status=status,
+            stop_reason=outcome.stop_reason,
+            summary=outcome.summary,
+            follow_ups=outcome.follow_ups,
+            changed_files=changes,
+            dropped_files=dropped,
+            commands=commands,
+            refused_calls=sum(1 for r in records if r.outcome != "ok"),
+            tokens=progress.tokens,
+            turns=progress.turns,
+            duration_s=round(duration, 3),
+            error=reason,
+            commit=commit,
+            branch=agent.branch,
+        )
+        ctx.store.update_agent(
+            agent.agent_id,
+            status.value,
+            reason or outcome.stop_reason.value,
+            status=status,
+            stop_reason=outcome.stop_reason,
+            status_reason=reason,
+            result=result,
+            commit=commit,
+            finished_at=time.time(),
+            turns=progress.turns,
+            tokens=progress.tokens,
+            changed_files=[c.path for c in changes],
+        )
+
+    # --- lookups ----------------------------------------------------------------------------
+
+    def _run(self, ctx: RepoContext, run_id: str) -> RunRecord:
+        run = ctx.store.run(run_id)
+        if run is None:
+            raise RunNotFound(f"no run {run_id!r} in {ctx.repo.root}; get_status lists the runs")
+        return run
+
+    def _agent(self, ctx: RepoContext, agent_id: str) -> AgentRecord:
+        agent = ctx.store.agent(agent_id)
+        if agent is None:
+            raise AgentNotFound(
+                f"no agent {agent_id!r} in {ctx.repo.root}; get_status lists the agents"
+            )
+        return agent
+
+    async def _context_of_run(self, run_id: str, repo: Path | None) -> RepoContext:
+        for ctx in self._contexts.values():
+            if ctx.store.run(run_id) is not None:
+                return ctx
+        ctx = await self.context(repo)
+        self._run(ctx, run_id)
+        return ctx
+
+    async def _context_of_agent(self, agent_id: str, repo: Path | None) -> RepoContext:
+        for ctx in self._contexts.values():
+            if ctx.store.agent(agent_id) is not None:
+                return ctx
+        ctx = await self.context(repo)
+        self._agent(ctx, agent_id)
+        return ctx
+
+    # --- status -----------------------------------------------------------------------------
+
+    async def status(
+        self,
+        *,
+        run_id: str | None = None,
+        agent_ids: Sequence[str] | None = None,
+        since: int | None = None,
+        wait_s: float | None = None,
+        repo: Path | None = None,
+    ) -> StatusResult:
+        """Runs and agents; with `since` and `wait_s`, waits until something changes."""
+        ctx = await (self._context_of_run(run_id, repo) if run_id else self.context(repo))
+        changed = True
+        if since is not None and wait_s:
+            timeout = min(max(wait_s, 0.0), self.settings.status_wait_cap_s)
+            changed = await ctx.store.wait_for_change(since, timeout, run_id)
+        elif since is not None:
+            changed = ctx.store.cursor() > since
+        cursor = ctx.store.cursor()
+        runs = [self._run(ctx, run_id)] if run_id else ctx.store.runs()
+        wanted = set(agent_ids) if agent_ids else None
+        if wanted:
+            known = {a.agent_id for r in runs for a in ctx.store.agents(r.run_id)}
+            missing = sorted(wanted - known)
+            if missing:
+                raise AgentNotFound(f"agent_ids: no such agent(s) {', '.join(missing)}")
+        leases = ctx.leases.table()
+        now = time.time()
+        views: list[RunView] = []
+        for run in runs:
+            agents = ctx.store.agents(run.run_id)
+            total, used, reserved = ctx.store.budget(run.run_id)
+            by_status: dict[str, int] = {}
+            tokens = TokenUsage()
+            for a in agents:
+                by_status[a.status.value] = by_status.get(a.status.value, 0) + 1
+                tokens = tokens + a.tokens
+            shown = [a for a in agents if wanted is None or a.agent_id in wanted]
+            views.append(
+                RunView(
+                    run_id=run.run_id,
+                    repo=run.repo,
+                    created_at=run.created_at,
+                    base_commit=run.base_commit,
+                    max_concurrency=run.max_concurrency,
+                    totals=RunTotals(
+                        agents=len(agents),
+                        by_status=by_status,
+                        tokens=tokens,
+                        budget_tokens=total,
+                        budget_used=used,
+                        budget_remaining=max(total - used - reserved, 0),
+                    ),
+                    agents=[
+                        AgentView(
+                            agent_id=a.agent_id,
+                            run_id=a.run_id,
+                            name=a.name,
+                            status=a.status,
+                            status_reason=a.status_reason,
+                            turns=a.turns,
+                            max_turns=a.max_turns,
+                            tokens=a.tokens,
+                            write_scope=a.write_scope,
+                            waits_for=a.waits_for if a.status.active else [],
+                            leases=[
+                                LeaseView(
+                                    resource=lease.resource,
+                                    mode="write" if lease.mode == LeaseMode.WRITE else "read",
+                                    token=lease.token,
+                                    expires_in_s=round(lease.expires_at - now, 1),
+                                )
+                                for lease in leases
+                                if lease.holder == (a.lease_holder or a.agent_id)
+                            ],
+                            lease_lost=a.lease_lost,
+                            changed_files=a.changed_files,
+                            model=a.model,
+                            base_commit=a.base_commit,
+                            branch=a.branch,
+                            rerun_of=a.rerun_of,
+                            result=a.result,
+                        )
+                        for a in shown
+                    ],
+                )
+            )
+        return StatusResult(
+            cursor=cursor,
+            changed=changed,
+            runs=views,
+            workspace_disk_bytes=await self._disk_usage(ctx),
+        )
+
+    async def _disk_usage(self, ctx: RepoContext) -> int:
+        at, value = ctx.disk_usage
+        if time.monotonic() - at > DISK_USAGE_CACHE_S:
+            value = await anyio.to_thread.run_sync(ws_mod.workspace_disk_usage, ctx.repo)
+            ctx.disk_usage = (time.monotonic(), value)
+        return value
+
+    # --- cancel -----------------------------------------------------------------------------
+
+    async def cancel(
+        self, run_id: str, agent_ids: Sequence[str] | None = None, repo: Path | None = None
+    ) -> CancelResult:
+        """Cancel some or all of a run's active agents; their work so far is committed."""
+        ctx = await self._context_of_run(run_id, repo)
+        agents = ctx.store.agents(run_id)
+        if agent_ids:
+            by_id = {a.agent_id: a for a in agents}
+            missing = [i for i in agent_ids if i not in by_id]
+            if missing:
+                raise AgentNotFound(f"agent_ids: {', '.join(missing)} not in run {run_id}")
+            agents = [by_id[i] for i in agent_ids]
+        waiting: list[anyio.Event] = []
+        for agent in agents:
+            runtime = self._runtimes.get(agent.agent_id)
+            if agent.status.active and runtime is not None:
+                runtime.scope.cancel()
+                done = anyio.Event()
+                waiting.append(done)
+                self.task_group.start_soon(self._await_final, ctx, agent.agent_id, done)
+            elif agent.status.active:
+                raise InvalidState(
+                    f"{agent.agent_id} is run by another server process ({agent.owner}); cancel "
+                    "it there"
+                )
+        with anyio.fail_after(30):
+            for done in waiting:
+                await done.wait()
+        refreshed = [self._agent(ctx, a.agent_id) for a in agents]
+        return CancelResult(run_id=run_id, agents=[self._brief(a) for a in refreshed])
+
+    async def _await_final(self, ctx: RepoContext, agent_id: str, done: anyio.Event) -> None:
+        while self._agent(ctx, agent_id).status.active:
+            await ctx.store.wait_for_change(ctx.store.cursor(), 0.5)
+        done.set()
+
+    # --- merge ------------------------------------------------------------------------------
+
+    async def merge(
+        self,
+        request: MergeRequest,
+        *,
+        repo: Path | None = None,
+        on_progress: Callable[[int, int, str], None] | None = None,
+    ) -> MergeResult:
+        """Join agents' work into the canonical branch, one fenced writer at a time."""
+        ctx = await self._context_of_run(request.run_id, repo)
+        agents = ctx.store.agents(request.run_id)
+        by_id = {a.agent_id: a for a in agents}
+        unknown = [i for i in [*(request.agent_ids or []), *request.discard] if i not in by_id]
+        if unknown:
+            raise AgentNotFound(
+                f"agent_ids/discard: {', '.join(unknown)} not in run {request.run_id}"
+            )
+        results: list[AgentMergeResult] = []
+        for agent_id in request.discard:
+            results.append(await self._discard(ctx, by_id[agent_id], dry_run=request.dry_run))
+        discarded = set(request.discard)
+        if request.agent_ids is not None:
+            chosen = [by_id[i] for i in request.agent_ids if i not in discarded]
+        else:
+            chosen = sorted(
+                (
+                    a
+                    for a in agents
+                    if a.status == AgentStatus.SUCCEEDED and a.agent_id not in discarded
+                ),
+                key=lambda a: (a.finish_seq or 0, a.index),
+            )
+        candidates: list[JoinCandidate] = []
+        for agent in chosen:
+            skip = self._merge_precheck(agent)
+            if skip is not None:
+                results.append(
+                    AgentMergeResult(
+                        agent_id=agent.agent_id,
+                        name=agent.name,
+                        outcome=MergeOutcome.SKIPPED,
+                        reason=skip,
+                    )
+                )
+                continue
+            if agent.commit is None or agent.commit == (agent.start_commit or agent.base_commit):
+                results.append(await self._merge_empty(ctx, agent, dry_run=request.dry_run))
+                continue
+            candidates.append(
+                JoinCandidate(
+                    agent_id=agent.agent_id,
+                    name=agent.name,
+                    task_summary=_first_line(agent.prompt),
+                    model_summary=agent.result.summary if agent.result else "",
+                    base_commit=agent.base_commit,
+                    branch=agent.branch or "",
+                    commit=agent.commit,
+                )
+            )
+
+        def can_land(agent_id: str) -> str | None:
+            agent = by_id[agent_id]
+            if agent.lease_token is None:
+                return None
+            try:
+                ctx.leases.check(agent.lease_holder or agent_id, agent.lease_token, None)
+            except LeaseError as exc:
+                return (
+                    f"its write lease was lost ({exc}); another agent may have written the same "
+                    "paths since: rerun_subagent it on the new head"
+                )
+            return None
+
+        total = len(candidates)
+
+        def progress(done: int, message: str) -> None:
+            if on_progress is not None:
+                anyio.from_thread.run_sync(on_progress, done, total, message)
+
+        joiner = Joiner(ctx.repo)
+        outcomes = await anyio.to_thread.run_sync(
+            lambda: joiner.merge(
+                candidates,
+                dry_run=request.dry_run,
+                can_land=can_land,
+                on_progress=progress,
+            )
+        )
+        for candidate, outcome in zip(candidates, outcomes, strict=True):
+            agent = by_id[candidate.agent_id]
+            result = AgentMergeResult(
+                agent_id=agent.agent_id,
+                name=agent.name,
+                outcome=MergeOutcome(outcome.outcome),
+                commit=outcome.commit,
+                conflicts=list(outcome.conflicts),
+                reason=outcome.reason,
+                diffstat=DiffStat(
+                    files=outcome.diffstat.files,
+                    insertions=outcome.diffstat.insertions,
+                    deletions=outcome.diffstat.deletions,
+                    paths=list(outcome.diffstat.paths),
+                ),
+            )
+            results.append(result)
+            if request.dry_run:
+                continue
+            if result.outcome == MergeOutcome.MERGED:
+                await self._after_merge(ctx, agent, result.commit)
+            elif result.outcome == MergeOutcome.CONFLICTED:
+                ctx.store.update_agent(
+                    agent.agent_id,
+                    "conflicted",
+                    ", ".join(result.conflicts),
+                    status=AgentStatus.CONFLICTED,
+                    status_reason="conflicts with the canonical head in "
+                    + ", ".join(result.conflicts)
+                    + ": rerun_subagent re-runs it on the new head",
+                    conflicts=result.conflicts,
+                )
+        head = await anyio.to_thread.run_sync(ctx.repo.head_commit)
+        total_stat = DiffStat()
+        for r in results:
+            if r.outcome in (MergeOutcome.MERGED, MergeOutcome.CLEAN):
+                total_stat = DiffStat(
+                    files=total_stat.files + r.diffstat.files,
+                    insertions=total_stat.insertions + r.diffstat.insertions,
+                    deletions=total_stat.deletions + r.diffstat.deletions,
+                    paths=[*total_stat.paths, *r.diffstat.paths],
+                )
+        return MergeResult(
+            run_id=request.run_id,
+            dry_run=request.dry_run,
+            agents=results,
+            head=head,
+            branch=ctx.repo.head_branch(),
+            diffstat=total_stat,
+        )
+
+    @staticmethod
+    def _merge_precheck(agent: AgentRecord) -> str | None:
+        if agent.status.active:
+            return f"it is still {agent.status.value}; wait for it (get_status wait_s) or cancel it"
+        if agent.status == AgentStatus.MERGED:
+            return "already merged"
+        if agent.status == AgentStatus.DISCARDED:
+            return "discarded"
+        if agent.lease_lost:
+            return (
+                "its write lease was lost while it ran, so its writes are not fenced: "
+                "rerun_subagent it"
+            )
+        return None
+
+    async def _merge_empty(
+        self, ctx: RepoContext, agent: AgentRecord, *, dry_run: bool
+    ) -> AgentMergeResult:
+        if not dry_run:
+            await self._after_merge(ctx, agent, None)
+        return AgentMergeResult(
+            agent_id=agent.agent_id,
+            name=agent.name,
+            outcome=MergeOutcome.CLEAN if dry_run else MergeOutcome.MERGED,
+            reason="no changes to merge",
+        )
+
+    async def _after_merge(self, ctx: RepoContext, agent: AgentRecord, commit: str | None) -> None:
+        """Landed: release the agent's leases, then remove its workspace (retention)."""
+        await self._release_leases(ctx, agent)
+        await self._remove_workspace(ctx, agent)
+        ctx.store.update_agent(
+            agent.agent_id,
+            "merged",
+            commit or "no changes",
+            status=AgentStatus.MERGED,
+            status_reason=f"merged as {commit[:12]}" if commit else "nothing to merge",
+            workspace=None,
+        )
+        self._signal_released(agent.agent_id)
+
+    def _signal_released(self, agent_id: str) -> None:
+        runtime = self._runtimes.get(agent_id)
+        if runtime is not None:
+            runtime.released.set()
+
+    async def _release_leases(self, ctx: RepoContext, agent: AgentRecord) -> None:
+        runtime = self._runtimes.get(agent.agent_id)
+        holder = agent.lease_holder or agent.agent_id
+        if runtime is not None and runtime.fence is not None and runtime.fence.grant is not None:
+            grant = runtime.fence.grant
+            ctx.keeper.untrack(grant)
+            runtime.fence.grant = None
+            try:
+                await ctx.leases.release(grant)
+            except LeaseError as exc:
+                log.info("release of %s's leases: %s", agent.agent_id, exc)
+            return
+        held = [lease for lease in ctx.leases.table() if lease.holder == holder]
+        if held:
+            ctx.leases.break_holder(holder)
+
+    async def _remove_workspace(self, ctx: RepoContext, agent: AgentRecord) -> None:
+        if agent.workspace is None or not Path(agent.workspace).exists():
+            return
+        workspace = ws_mod.Workspace(
+            path=Path(agent.workspace),
+            branch=agent.branch or "",
+            base_commit=agent.base_commit,
+            run_id=agent.run_id,
+            agent_id=agent.agent_id,
+        )
+        await anyio.to_thread.run_sync(
+            lambda: ws_mod.remove_workspace(
+                ctx.repo, workspace, delete_branch=self.settings.delete_merged_branches
+            )
+        )
+
+    async def _discard(
+        self, ctx: RepoContext, agent: AgentRecord, *, dry_run: bool
+    ) -> AgentMergeResult:
+        if agent.status.active:
+            raise InvalidState(
+                f"discard: {agent.agent_id} is still {agent.status.value}; cancel it first"
+            )
+        if agent.status == AgentStatus.MERGED:
+            raise InvalidState(f"discard: {agent.agent_id} is already merged")
+        if not dry_run and agent.status != AgentStatus.DISCARDED:
+            await self._release_leases(ctx, agent)
+            await self._remove_workspace(ctx, agent)
+            ctx.store.update_agent(
+                agent.agent_id,
+                "discarded",
+                "explicit discard",
+                status=AgentStatus.DISCARDED,
+                status_reason="discarded by merge_results(discard=...); its branch "
+                + (agent.branch or "")
+                + " is kept",
+                workspace=None,
+            )
+            self._signal_released(agent.agent_id)
+        return AgentMergeResult(
+            agent_id=agent.agent_id,
+            name=agent.name,
+            outcome=MergeOutcome.DISCARDED,
+            reason="explicitly discarded",
+        )
+
+    # --- rerun ------------------------------------------------------------------------------
+
+    async def rerun(
+        self, agent_id: str, instructions: str | None = None, repo: Path | None = None
+    ) -> RerunResult:
+        """A new agent for the same task on the current head, told what was rejected and why."""
+        ctx = await self._context_of_agent(agent_id, repo)
+        old = self._agent(ctx, agent_id)
+        if old.status.active:
+            raise InvalidState(
+                f"{agent_id} is still {old.status.value}; cancel it first or wait for it"
+            )
+        if old.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+            raise InvalidState(f"{agent_id} is {old.status.value}; nothing to rerun")
+        run = self._run(ctx, old.run_id)
+        resume = old.status in (AgentStatus.INTERRUPTED, AgentStatus.CANCELLED)
+        head = await anyio.to_thread.run_sync(ctx.repo.head_commit)
+        context = await anyio.to_thread.run_sync(
+            self._rerun_context, ctx, old, instructions, resume
+        )
+        index = len(ctx.store.agents(run.run_id)) + 1
+        new_id = f"{run.run_id}-a{index}"
+        new = AgentRecord(
+            agent_id=new_id,
+            run_id=run.run_id,
+            index=index,
+            name=f"{old.name}-r{index}",
+            prompt=old.prompt,
+            write_scope=old.write_scope,
+            model=old.model,
+            max_turns=old.max_turns,
+            base_commit=old.base_commit if resume and old.commit else head,
+            start_commit=(old.commit or old.base_commit) if resume else head,
+            owner=ctx.store.server_id,
+            rerun_of=old.agent_id,
+            rerun_context=context,
+            lease_holder=new_id,
+        )
+        await self._release_leases(ctx, old)
+        ctx.store.add_agent(new)
+        await self.task_group.start(self._agent_task, ctx, new_id)
+        self.task_group.start_soon(self._discard_when_running, ctx, old.agent_id, new_id)
+        return RerunResult(
+            run_id=run.run_id,
+            replaces=old.agent_id,
+            agent=self._brief(self._agent(ctx, new_id)),
+            base_commit=new.start_commit or head,
+        )
+
+    async def _discard_when_running(self, ctx: RepoContext, old_id: str, new_id: str) -> None:
+        while self._agent(ctx, new_id).status in (AgentStatus.QUEUED, AgentStatus.WAITING):
+            await ctx.store.wait_for_change(ctx.store.cursor(), 1.0)
+        old = self._agent(ctx, old_id)
+        if old.status not in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+            await self._remove_workspace(ctx, old)
+            ctx.store.update_agent(
+                old_id,
+                "discarded",
+                f"replaced by {new_id}",
+                status=AgentStatus.DISCARDED,
+                status_reason=f"replaced by {new_id} (rerun_subagent); its branch is kept",
+                workspace=None,
+            )
+            self._signal_released(old_id)
+
+    def _rerun_context(
+        self, ctx: RepoContext, old: AgentRecord, instructions: str | None, resume: bool
+    ) -> str:
+        parts: list[str] = []
+        if resume:
+            parts.append(
+                f"An earlier attempt ({old.agent_id}) was {old.status.value} before it finished. "
+                "Its work so far is already in your copy of the repository: check what is done "
+                "and complete the task."
+            )
+        else:
+            parts.append(
+                f"An earlier attempt at this task ({old.agent_id}) was rejected: "
+                + (old.status_reason or old.status.value)
+                + ". You start from the current head of the branch, which may include other "
+                "agents' merged work. Redo the task so that it fits the current code."
+            )
+            if old.commit and old.commit != old.base_commit:
+                diff = ctx.repo.git("diff", old.base_commit, old.commit)
+                if len(diff) > MAX_REJECTED_DIFF_CHARS:
+                    diff = diff[:MAX_REJECTED_DIFF_CHARS] + "\n… (diff truncated)"
+                parts.append(f"The rejected diff:\n```diff\n{diff}\n```")
+            if old.conflicts:
+                parts.append("It conflicted in: " + ", ".join(old.conflicts))
+        if instructions:
+            parts.append(f"Extra instructions from the coordinator:\n{instructions.strip()}")
+        return "\n\n".join(parts)
+
+
+def _first_line(text: str, limit: int = 72) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+__all__ = ["ConfigError", "OrchestrationError", "Orchestrator"]
