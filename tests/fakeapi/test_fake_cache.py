@@ -1,0 +1,171 @@
+"""Prompt-cache accounting: unit rules, and the usage the real client reads back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import anyio
+import pytest
+from anthropic.types import MessageParam, TextBlockParam, ToolParam
+
+from fakeapi import FakeAnthropic, PromptCache, count_input_tokens, estimate_tokens
+
+MODEL = "claude-test"
+EPHEMERAL: dict[str, str] = {"type": "ephemeral"}
+
+
+def body(
+    *, marks: tuple[str, ...] = ("system",), turns: int = 1, model: str = MODEL
+) -> dict[str, Any]:
+    """A request with a long system prefix, `turns` user/assistant exchanges, marked as asked."""
+    system: list[dict[str, Any]] = [
+        {"type": "text", "text": "shared prefix " * 100},
+        {"type": "text", "text": "task text"},
+    ]
+    if "system" in marks:
+        system[0]["cache_control"] = EPHEMERAL
+    messages: list[dict[str, Any]] = []
+    for i in range(turns):
+        messages.append(
+            {"role": "user", "content": [{"type": "text", "text": f"question {i} " * 40}]}
+        )
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": f"answer {i}"}]})
+    messages.append({"role": "user", "content": [{"type": "text", "text": "last " * 30}]})
+    if "last" in marks:
+        messages[-1]["content"][-1]["cache_control"] = EPHEMERAL
+    result: dict[str, Any] = {"model": model, "system": system, "messages": messages}
+    if "top" in marks:
+        result["cache_control"] = EPHEMERAL
+    return result
+
+
+def test_estimate_tokens_is_a_quarter_of_the_characters_rounded_up() -> None:
+    assert [estimate_tokens("x" * n) for n in (0, 1, 4, 5, 400)] == [0, 1, 1, 2, 100]
+
+
+def test_no_marks_no_caching() -> None:
+    cache = PromptCache()
+    charge = cache.charge(body(marks=()))
+    assert charge.cache_creation_input_tokens == charge.cache_read_input_tokens == 0
+    assert charge.input_tokens == count_input_tokens(body(marks=()))
+    assert len(cache) == 0
+
+
+def test_first_request_writes_the_prefix_the_second_reads_it() -> None:
+    cache = PromptCache()
+    first = cache.charge(body())
+    second = cache.charge(body())
+    assert first.cache_creation_input_tokens > 0 and first.cache_read_input_tokens == 0
+    assert second.cache_read_input_tokens == first.cache_creation_input_tokens
+    assert second.cache_creation_input_tokens == 0
+    assert first.total_input == second.total_input == count_input_tokens(body())
+
+
+def test_the_prefix_is_per_model() -> None:
+    cache = PromptCache()
+    cache.charge(body())
+    assert cache.charge(body(model="other-model")).cache_read_input_tokens == 0
+
+
+def test_incremental_conversation_caching_reads_the_earlier_turn() -> None:
+    """Turn 2 marks a later block; the prefix marked in turn 1 is found by the lookback."""
+    cache = PromptCache()
+    turn1 = cache.charge(body(marks=("system", "last"), turns=1))
+    grown = body(marks=("system", "last"), turns=1)
+    grown["messages"] += [
+        {"role": "assistant", "content": [{"type": "text", "text": "more"}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "again", "cache_control": EPHEMERAL}],
+        },
+    ]
+    del grown["messages"][2]["content"][-1]["cache_control"]  # the old mark moved to the end
+    turn2 = cache.charge(grown)
+    assert (
+        turn2.cache_read_input_tokens
+        == turn1.cache_read_input_tokens + turn1.cache_creation_input_tokens
+    )
+    assert turn2.cache_creation_input_tokens > 0
+    assert turn2.input_tokens == 0
+
+
+def test_top_level_cache_control_marks_the_last_block() -> None:
+    cache = PromptCache()
+    first = cache.charge(body(marks=("top",)))
+    assert first.input_tokens == 0 and first.cache_creation_input_tokens == first.total_input
+    assert cache.charge(body(marks=("top",))).cache_read_input_tokens == first.total_input
+
+
+def test_entries_expire_after_the_ttl() -> None:
+    now = [0.0]
+    cache = PromptCache(ttl_s=300, clock=lambda: now[0])
+    cache.charge(body())
+    now[0] = 299.0
+    assert cache.charge(body()).cache_read_input_tokens > 0  # a read refreshes the entry
+    now[0] = 598.0
+    assert cache.charge(body()).cache_read_input_tokens > 0
+    now[0] = 899.0
+    assert cache.charge(body()).cache_read_input_tokens == 0
+
+
+@pytest.mark.anyio
+async def test_the_client_sees_cache_creation_then_cache_reads() -> None:
+    system: list[TextBlockParam] = [
+        {
+            "type": "text",
+            "text": "You are a careful engineer. " * 60,
+            "cache_control": {"type": "ephemeral"},
+        },
+        {"type": "text", "text": "Your task: alpha."},
+    ]
+    tools: list[ToolParam] = [
+        {
+            "name": "finish",
+            "description": "Finish.",
+            "input_schema": {"type": "object", "properties": {"summary": {"type": "string"}}},
+            "cache_control": {"type": "ephemeral"},
+        }
+    ]
+    messages: list[MessageParam] = [{"role": "user", "content": "go"}]
+    with anyio.fail_after(15):
+        async with (
+            FakeAnthropic().serve() as fake,
+            anthropic.AsyncAnthropic(base_url=fake.base_url, api_key="t", max_retries=0) as client,
+        ):
+            first = await client.messages.create(
+                model=MODEL, max_tokens=32, system=system, tools=tools, messages=messages
+            )
+            second = await client.messages.create(
+                model=MODEL, max_tokens=32, system=system, tools=tools, messages=messages
+            )
+    assert first.usage.cache_creation_input_tokens and first.usage.cache_creation_input_tokens > 0
+    assert first.usage.cache_read_input_tokens == 0
+    assert second.usage.cache_read_input_tokens == first.usage.cache_creation_input_tokens
+    assert second.usage.cache_creation_input_tokens == 0
+    assert second.usage.input_tokens == first.usage.input_tokens > 0
+    logged = fake.requests[1].usage
+    assert (
+        logged is not None
+        and logged.cache_read_input_tokens == second.usage.cache_read_input_tokens
+    )
+
+
+@pytest.mark.anyio
+async def test_more_than_four_breakpoints_is_a_bad_request() -> None:
+    marked: list[TextBlockParam] = [
+        {"type": "text", "text": f"part {i}", "cache_control": {"type": "ephemeral"}}
+        for i in range(5)
+    ]
+    with anyio.fail_after(15):
+        async with (
+            FakeAnthropic().serve() as fake,
+            anthropic.AsyncAnthropic(base_url=fake.base_url, api_key="t", max_retries=0) as client,
+        ):
+            with pytest.raises(anthropic.BadRequestError, match="maximum of 4 blocks"):
+                await client.messages.create(
+                    model=MODEL,
+                    max_tokens=32,
+                    system=marked,
+                    messages=[{"role": "user", "content": "x"}],
+                )
