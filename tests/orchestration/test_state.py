@@ -1,0 +1,133 @@
+"""The durable state store: runs, agents, events, the shared budget, across processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from orchestration.contracts import AgentStatus
+from orchestration.state import AgentRecord, RunRecord, SharedSnapshot, StateStore
+
+
+def _run(run_id: str = "r1", budget: int = 10_000) -> RunRecord:
+    return RunRecord(
+        run_id=run_id,
+        repo="/repo",
+        created_at=1.0,
+        base_commit="abc",
+        head_commit="abc",
+        branch_ref="refs/heads/main",
+        snapshot_dirty=False,
+        shared=SharedSnapshot(base_commit="abc"),
+        max_concurrency=2,
+        budget_tokens=budget,
+        model="m",
+        owner="me",
+    )
+
+
+def _agent(agent_id: str, run_id: str = "r1", index: int = 1) -> AgentRecord:
+    return AgentRecord(
+        agent_id=agent_id,
+        run_id=run_id,
+        index=index,
+        name=agent_id,
+        prompt="p",
+        write_scope=None,
+        model="m",
+        max_turns=3,
+        base_commit="abc",
+        owner="me",
+    )
+
+
+def test_run_and_agents_round_trip_and_survive_reopen(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.create_run(_run(), [_agent("a1"), _agent("a2", index=2)])
+    store.update_agent("a1", "running", status=AgentStatus.RUNNING, turns=2)
+    store.close()
+    again = StateStore(tmp_path)
+    assert [r.run_id for r in again.runs()] == ["r1"]
+    agents = again.agents("r1")
+    assert [(a.agent_id, a.status, a.turns) for a in agents] == [
+        ("a1", AgentStatus.RUNNING, 2),
+        ("a2", AgentStatus.QUEUED, 0),
+    ]
+    again.close()
+
+
+def test_finish_order_is_recorded_once(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.create_run(_run(), [_agent("a1"), _agent("a2", index=2)])
+    store.update_agent("a2", "running", status=AgentStatus.RUNNING)
+    store.update_agent("a1", "running", status=AgentStatus.RUNNING)
+    second = store.update_agent("a2", "done", status=AgentStatus.SUCCEEDED)
+    first = store.update_agent("a1", "done", status=AgentStatus.SUCCEEDED)
+    assert second.finish_seq is not None and first.finish_seq is not None
+    assert second.finish_seq < first.finish_seq
+    merged = store.update_agent("a2", "merged", status=AgentStatus.MERGED)
+    assert merged.finish_seq == second.finish_seq
+    store.close()
+
+
+def test_budget_reservations_never_exceed_the_pool(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.create_run(_run(budget=1_000), [])
+    assert store.reserve_budget("r1", 600)
+    assert not store.reserve_budget("r1", 500)
+    store.settle_budget("r1", 600, 300)
+    assert store.budget("r1") == (1_000, 300, 0)
+    assert store.reserve_budget("r1", 700)
+    assert not store.reserve_budget("r1", 1)
+    store.close()
+
+
+@pytest.mark.anyio
+async def test_long_poll_wakes_on_a_change_and_times_out_without_one(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.create_run(_run(), [_agent("a1")])
+    cursor = store.cursor()
+    assert not await store.wait_for_change(cursor, 0.05)
+
+    async def change() -> None:
+        await anyio.lowlevel.checkpoint()
+        store.update_agent("a1", "running", status=AgentStatus.RUNNING)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(change)
+            assert await store.wait_for_change(cursor, 30)
+    assert store.cursor() > cursor
+    store.close()
+
+
+SCRIPT = """
+import sys
+from orchestration.state import StateStore
+store = StateStore(__import__("pathlib").Path(sys.argv[1]))
+ok = sum(store.reserve_budget("r1", 10) for _ in range(200))
+print(ok)
+"""
+
+
+def test_budget_is_shared_across_processes(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.create_run(_run(budget=3_000), [])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SCRIPT, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        for _ in range(3)
+    ]
+    granted = sum(int((p.communicate(timeout=60)[0] or "0").strip()) for p in procs)
+    assert granted == 300  # 3,000 tokens in reservations of 10, never more
+    assert store.budget("r1") == (3_000, 0, 3_000)
+    store.close()
