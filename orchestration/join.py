@@ -1,0 +1,520 @@
+"""The join step: merge agents' branches into the canonical branch, one writer, never losing work.
+
+Each candidate is merged in memory (libgit2 `merge_trees` against the agent's explicit base,
+which may be a snapshot commit that is no ancestor of the canonical head), committed on top of
+the canonical head, and landed by a compare-and-swap of the branch ref. The user's index and
+working tree are then brought forward for exactly the paths the merge changed; when the user's
+uncommitted changes touch one of those paths the agent is skipped and nothing moves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import filelock
+import pygit2
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestration.errors import MergeError, RepositoryError
+from orchestration.workspace import (
+    DiffStat,
+    GitRepo,
+    Identity,
+    run_git,
+    status_entries,
+    tree_changes,
+)
+from toolbus.resources import overlaps
+
+JoinKind = Literal["merged", "clean", "conflicted", "skipped"]
+CanLand = Callable[[str], str | None]
+"""Asked right before an agent lands: a reason to skip it (e.g. its lease was lost), or None."""
+OnProgress = Callable[["JoinOutcome"], None]
+"""Told each outcome as soon as it is known."""
+
+MAX_PATHSPECS = 500
+SUBJECT_LIMIT = 72
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+class JoinCandidate(BaseModel):
+    """An agent's finished work, offered to the join step."""
+
+    model_config = ConfigDict(frozen=True)
+
+    agent_id: str
+    name: str
+    task_summary: str
+    model_summary: str = ""
+    base_commit: str
+    branch: str
+    commit: str
+
+
+class JoinOutcome(BaseModel):
+    """What the join did with one candidate (`clean` is a dry run's `merged`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    agent_id: str
+    outcome: JoinKind
+    commit: str | None = None
+    conflicts: list[str] = Field(default_factory=list[str])
+    reason: str | None = None
+    diffstat: DiffStat = Field(default_factory=DiffStat)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where merges land: the ref to compare-and-swap and the commit it points to."""
+
+    ref: str
+    head: pygit2.Oid
+
+
+@dataclass(frozen=True)
+class _Merge:
+    """One candidate merged in memory onto a head tree."""
+
+    tree: pygit2.Oid | None
+    conflicts: list[str]
+    changed: list[str]
+    diffstat: DiffStat
+
+
+def merge_message(candidate: JoinCandidate) -> str:
+    """The commit message of an agent's merge: subject, the model's summary, trailers."""
+    task = " ".join(_CONTROL.sub(" ", candidate.task_summary).split())
+    name = " ".join(_CONTROL.sub(" ", candidate.name).split()) or candidate.agent_id
+    subject = f"fanout: {name}: {task}" if task else f"fanout: {name}"
+    if len(subject) > SUBJECT_LIMIT:
+        subject = subject[: SUBJECT_LIMIT - 1].rstrip() + "…"
+    summary = _CONTROL.sub("", candidate.model_summary.replace("\r\n", "\n")).strip()
+    trailers = (
+        f"Fanout-Agent: {candidate.agent_id}\n"
+        f"Fanout-Base: {candidate.base_commit}\n"
+        f"Fanout-Agent-Commit: {candidate.commit}\n"
+    )
+    return f"{subject}\n\n{summary}\n\n{trailers}" if summary else f"{subject}\n\n{trailers}"
+
+
+def _tree(pyrepo: pygit2.Repository, rev: str | pygit2.Oid) -> pygit2.Tree | None:
+    try:
+        obj = pyrepo[rev] if isinstance(rev, pygit2.Oid) else pyrepo.revparse_single(rev)
+        return obj.peel(pygit2.Tree)
+    except (KeyError, ValueError, pygit2.GitError):
+        return None
+
+
+def _merge_in_memory(
+    pyrepo: pygit2.Repository, base: pygit2.Tree, ours: pygit2.Tree, theirs: pygit2.Tree
+) -> _Merge:
+    index = pyrepo.merge_trees(base, ours, theirs)
+    conflicts = index.conflicts
+    if conflicts is not None:
+        paths: set[str] = set()
+        for entries in conflicts:  # pyright: ignore[reportUnknownVariableType]
+            for entry in entries:  # pyright: ignore[reportUnknownVariableType]
+                if entry is not None:
+                    paths.add(str(entry.path))  # pyright: ignore[reportUnknownArgumentType, reportUnknownMemberType]
+        agent = tree_changes(pyrepo, base, theirs)
+        return _Merge(None, sorted(paths), [], DiffStat.of(agent))
+    tree_id = index.write_tree(pyrepo)
+    merged = pyrepo[tree_id].peel(pygit2.Tree)
+    changes = tree_changes(pyrepo, ours, merged, renames=False)
+    changed = sorted({c.path for c in changes})
+    stat = DiffStat.of(tree_changes(pyrepo, ours, merged)) if changes else DiffStat()
+    return _Merge(tree_id, [], changed, stat)
+
+
+def _dirty_overlap(root: Path, changed: Sequence[str], *, refresh: bool) -> list[str]:
+    """The user's uncommitted (or untracked, or ignored) paths that the merge would touch."""
+    if not changed:
+        return []
+    specs = list(changed) if len(changed) <= MAX_PATHSPECS else []
+    entries = status_entries(root, specs, ignored=True, refresh=refresh)
+    hits = {e.path for e in entries if any(overlaps(e.path, c) for c in changed)}
+    changed_set = set(changed)
+    for path in changed:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            ancestor = "/".join(parts[:depth])
+            if ancestor in changed_set:
+                continue
+            full = root / ancestor
+            if full.is_symlink() or (full.exists() and not full.is_dir()):
+                hits.add(ancestor)  # a file of the user's where the merge needs a directory
+    return sorted(hits)
+
+
+def _overlap_reason(paths: Sequence[str]) -> str:
+    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    return (
+        f"your uncommitted changes to {shown} overlap this agent's changes; "
+        "commit or stash them, then merge again"
+    )
+
+
+class Joiner:
+    """Merges candidates into the canonical branch of one repository, one writer at a time."""
+
+    def __init__(
+        self,
+        repo: GitRepo,
+        *,
+        lock_timeout_s: float = 60.0,
+        identity: Identity | None = None,
+        branch_ref: str | None = None,
+        max_attempts: int = 5,
+    ) -> None:
+        self._repo = repo
+        self._lock_timeout_s = lock_timeout_s
+        self._identity = identity
+        self._pinned_ref = branch_ref
+        self._max_attempts = max(1, max_attempts)
+        self._final_head: str | None = None
+
+    @property
+    def final_head(self) -> str | None:
+        """The canonical head after the last `merge` call (unchanged by a dry run)."""
+        return self._final_head
+
+    @property
+    def lock_path(self) -> Path:
+        """The one-writer lock file of this repository's join step."""
+        return self._repo.state_dir / "merge.lock"
+
+    def merge(
+        self,
+        candidates: Sequence[JoinCandidate],
+        *,
+        dry_run: bool,
+        can_land: CanLand | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> list[JoinOutcome]:
+        """Join the candidates in order; a dry run reports what would happen and changes nothing."""
+        self._repo.head_commit()  # a clear error for a repository without commits
+        if dry_run:
+            return self._run(candidates, dry_run=True, can_land=can_land, on_progress=on_progress)
+        lock = filelock.FileLock(str(self.lock_path), timeout=self._lock_timeout_s)
+        try:
+            lock.acquire()
+        except filelock.Timeout as exc:
+            raise MergeError(
+                f"another merge into {self._repo.root} has held {self.lock_path} for over "
+                f"{self._lock_timeout_s:g} s; wait for it to finish, then merge again"
+            ) from exc
+        try:
+            return self._run(candidates, dry_run=False, can_land=can_land, on_progress=on_progress)
+        finally:
+            lock.release()
+
+    def conflict_diff(self, candidate: JoinCandidate, *, head: str | None = None) -> str:
+        """The conflicting files of `candidate` merged onto `head` (default: canonical head)."""
+        return conflict_diff(self._repo, candidate, head=head)
+
+    # ------------------------------------------------------------------ internals
+
+    def _target(self, pyrepo: pygit2.Repository, expected_ref: str | None) -> _Target:
+        head_ref = pyrepo.lookup_reference("HEAD")
+        target = head_ref.target
+        ref = target if isinstance(target, str) else "HEAD"
+        if expected_ref is not None and ref != expected_ref:
+            where = "a detached HEAD" if ref == "HEAD" else ref
+            raise MergeError(
+                f"the checkout of {self._repo.root} is on {where}, not {expected_ref}: "
+                f"check out {expected_ref.removeprefix('refs/heads/')} and merge again"
+            )
+        try:
+            head = pyrepo.lookup_reference(ref).resolve().target if ref != "HEAD" else target
+        except (KeyError, pygit2.GitError) as exc:
+            raise RepositoryError(f"{ref} has no commit yet; make a first commit") from exc
+        if not isinstance(head, pygit2.Oid):
+            raise MergeError(f"{ref} does not point to a commit")
+        return _Target(ref, head)
+
+    def _run(
+        self,
+        candidates: Sequence[JoinCandidate],
+        *,
+        dry_run: bool,
+        can_land: CanLand | None,
+        on_progress: OnProgress | None,
+    ) -> list[JoinOutcome]:
+        pyrepo = self._repo.open()
+        try:
+            start = self._target(pyrepo, self._pinned_ref)
+            expected_ref = start.ref
+            virtual_head: pygit2.Tree | None = None
+            outcomes: list[JoinOutcome] = []
+            for cand in candidates:
+                if dry_run:
+                    if virtual_head is None:
+                        virtual_head = pyrepo[start.head].peel(pygit2.Tree)
+                    outcome, virtual_head = self._evaluate(pyrepo, cand, virtual_head, can_land)
+                else:
+                    outcome = self._land(pyrepo, cand, expected_ref, can_land)
+                outcomes.append(outcome)
+                if on_progress is not None:
+                    on_progress(outcome)
+            self._final_head = str(self._target(pyrepo, None).head)
+            return outcomes
+        finally:
+            pyrepo.free()
+
+    def _inputs(
+        self, pyrepo: pygit2.Repository, cand: JoinCandidate
+    ) -> tuple[pygit2.Tree, pygit2.Tree] | JoinOutcome:
+        base = _tree(pyrepo, cand.base_commit)
+        theirs = _tree(pyrepo, cand.commit)
+        if base is None or theirs is None:
+            missing = cand.base_commit if base is None else cand.commit
+            return JoinOutcome(
+                agent_id=cand.agent_id,
+                outcome="skipped",
+                reason=f"commit {missing} of this agent is not in the repository; "
+                f"its branch {cand.branch} may have been deleted",
+            )
+        if base.id == theirs.id:
+            return JoinOutcome(
+                agent_id=cand.agent_id, outcome="skipped", reason="the agent changed nothing"
+            )
+        return base, theirs
+
+    def _evaluate(
+        self,
+        pyrepo: pygit2.Repository,
+        cand: JoinCandidate,
+        head_tree: pygit2.Tree,
+        can_land: CanLand | None,
+    ) -> tuple[JoinOutcome, pygit2.Tree]:
+        """A dry run of one candidate on a (possibly virtual) head tree; the next head tree."""
+        inputs = self._inputs(pyrepo, cand)
+        if isinstance(inputs, JoinOutcome):
+            return inputs, head_tree
+        base, theirs = inputs
+        m = _merge_in_memory(pyrepo, base, head_tree, theirs)
+        if m.tree is None:
+            return self._conflicted(cand, m), head_tree
+        reason = can_land(cand.agent_id) if can_land is not None else None
+        if reason is None:
+            dirty = _dirty_overlap(self._repo.root, m.changed, refresh=False)
+            reason = _overlap_reason(dirty) if dirty else None
+        if reason is not None:
+            return self._skipped(cand, m, reason), head_tree
+        note = None if m.changed else "already in the canonical branch: nothing to apply"
+        outcome = JoinOutcome(
+            agent_id=cand.agent_id, outcome="clean", reason=note, diffstat=m.diffstat
+        )
+        return outcome, pyrepo[m.tree].peel(pygit2.Tree)
+
+    def _conflicted(self, cand: JoinCandidate, m: _Merge) -> JoinOutcome:
+        return JoinOutcome(
+            agent_id=cand.agent_id,
+            outcome="conflicted",
+            conflicts=m.conflicts,
+            reason=f"{len(m.conflicts)} file(s) conflict with the canonical branch; "
+            "the agent's branch is kept: rerun it on the new base or resolve by hand",
+            diffstat=m.diffstat,
+        )
+
+    def _skipped(self, cand: JoinCandidate, m: _Merge | None, reason: str) -> JoinOutcome:
+        return JoinOutcome(
+            agent_id=cand.agent_id,
+            outcome="skipped",
+            reason=reason,
+            diffstat=m.diffstat if m is not None else DiffStat(),
+        )
+
+    def _land(
+        self,
+        pyrepo: pygit2.Repository,
+        cand: JoinCandidate,
+        expected_ref: str,
+        can_land: CanLand | None,
+    ) -> JoinOutcome:
+        inputs = self._inputs(pyrepo, cand)
+        if isinstance(inputs, JoinOutcome):
+            return inputs
+        base, theirs = inputs
+        m: _Merge | None = None
+        for _attempt in range(self._max_attempts):
+            try:
+                target = self._target(pyrepo, expected_ref)
+            except MergeError as exc:
+                return self._skipped(cand, m, str(exc))
+            head_tree = pyrepo[target.head].peel(pygit2.Tree)
+            m = _merge_in_memory(pyrepo, base, head_tree, theirs)
+            if m.tree is None:
+                return self._conflicted(cand, m)
+            if not m.changed:
+                return JoinOutcome(
+                    agent_id=cand.agent_id,
+                    outcome="merged",
+                    reason="already in the canonical branch: nothing to apply",
+                )
+            reason = can_land(cand.agent_id) if can_land is not None else None
+            if reason is not None:
+                return self._skipped(cand, m, reason)
+            dirty = _dirty_overlap(self._repo.root, m.changed, refresh=True)
+            if dirty:
+                return self._skipped(cand, m, _overlap_reason(dirty))
+            identity = self._identity or self._repo.identity()
+            signature = identity.signature()
+            new = pyrepo.create_commit(
+                None, signature, signature, merge_message(cand), m.tree, [target.head]
+            )
+            if not self._compare_and_swap(target.ref, new, target.head, cand):
+                continue  # the branch moved since we read it: merge again on the new head
+            problem = self._bring_forward(target.head, new)
+            if problem is None:
+                return JoinOutcome(
+                    agent_id=cand.agent_id, outcome="merged", commit=str(new), diffstat=m.diffstat
+                )
+            if self._compare_and_swap(target.ref, target.head, new, cand, undo=True):
+                return self._skipped(
+                    cand,
+                    m,
+                    "your checkout could not be brought forward, so the merge was undone "
+                    f"(nothing changed): {problem}",
+                )
+            return JoinOutcome(
+                agent_id=cand.agent_id,
+                outcome="merged",
+                commit=str(new),
+                reason="merged, but your checkout could not be brought forward and the branch "
+                f"moved again since: {problem}; run `git status` and check your working tree",
+                diffstat=m.diffstat,
+            )
+        return self._skipped(
+            cand,
+            m,
+            f"the canonical branch kept moving during {self._max_attempts} attempts; "
+            "merge again when it is quiet",
+        )
+
+    def _compare_and_swap(
+        self,
+        ref: str,
+        new: pygit2.Oid,
+        old: pygit2.Oid,
+        cand: JoinCandidate,
+        *,
+        undo: bool = False,
+    ) -> bool:
+        action = "undo merge of" if undo else "merge"
+        args = ["update-ref", "-m", f"fanout: {action} agent {cand.agent_id}"]
+        if ref == "HEAD":
+            args.append("--no-deref")
+        proc = run_git(self._repo.root, *args, ref, str(new), str(old), check=False)
+        return proc.returncode == 0
+
+    def _bring_forward(self, old: pygit2.Oid, new: pygit2.Oid) -> str | None:
+        """Move the user's index and working tree from `old` to `new`; None, or git's complaint.
+
+        `read-tree -m -u` (two-tree form) only touches paths that differ between the trees and
+        refuses to overwrite local changes or untracked files.
+        """
+        root = self._repo.root
+        proc = run_git(root, "read-tree", "-m", "-u", str(old), str(new), check=False)
+        if proc.returncode == 0:
+            return None
+        run_git(root, "update-index", "-q", "--refresh", check=False)
+        proc = run_git(root, "read-tree", "-m", "-u", str(old), str(new), check=False)
+        if proc.returncode == 0:
+            return None
+        return proc.stderr.strip() or f"git read-tree exited with {proc.returncode}"
+
+
+# ---------------------------------------------------------------------- conflict text
+
+
+def conflict_diff(repo: GitRepo, candidate: JoinCandidate, *, head: str | None = None) -> str:
+    """The conflicting files of merging `candidate` onto `head`, with diff3 conflict markers."""
+    pyrepo = repo.open()
+    try:
+        head_rev = head or repo.canonical_ref()
+        ours = _tree(pyrepo, head_rev)
+        base = _tree(pyrepo, candidate.base_commit)
+        theirs = _tree(pyrepo, candidate.commit)
+        if ours is None or base is None or theirs is None:
+            raise MergeError(f"a commit of agent {candidate.agent_id} or {head_rev} is missing")
+        index = pyrepo.merge_trees(base, ours, theirs)
+        conflicts = index.conflicts
+        if conflicts is None:
+            return ""
+        ours_label = f"canonical {str(pyrepo.revparse_single(head_rev).id)[:12]}"
+        labels = (ours_label, f"base {candidate.base_commit[:12]}", f"agent {candidate.name}")
+        parts: list[str] = []
+        for entries in conflicts:  # pyright: ignore[reportUnknownVariableType]
+            ancestor, our, their = entries  # pyright: ignore[reportUnknownVariableType]
+            blobs = [
+                _blob(pyrepo, e)  # pyright: ignore[reportUnknownArgumentType]
+                for e in (our, ancestor, their)  # pyright: ignore[reportUnknownVariableType]
+            ]
+            path = next(str(e.path) for e in (our, their, ancestor) if e is not None)  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType, reportUnknownVariableType]
+            parts.append(_conflict_text(repo, path, blobs, labels))
+        return "".join(parts)
+    finally:
+        pyrepo.free()
+
+
+def _blob(pyrepo: pygit2.Repository, entry: pygit2.IndexEntry | None) -> bytes | None:
+    if entry is None:
+        return None
+    return pyrepo[entry.id].peel(pygit2.Blob).data
+
+
+def _conflict_text(
+    repo: GitRepo, path: str, blobs: Sequence[bytes | None], labels: tuple[str, str, str]
+) -> str:
+    ours, base, theirs = blobs
+    state = (
+        "deleted on the canonical branch, changed by the agent"
+        if ours is None
+        else "deleted by the agent, changed on the canonical branch"
+        if theirs is None
+        else "added on both sides"
+        if base is None
+        else "changed on both sides"
+    )
+    header = f"=== conflict in {path}: {state}\n"
+    if any(b is not None and b"\0" in b[:8000] for b in blobs):
+        return header + "(binary file: no conflict markers)\n\n"
+    tmp = Path(tempfile.mkdtemp(prefix="conflict-", dir=repo.state_dir))
+    try:
+        files: list[str] = []
+        for name, data in zip(("ours", "base", "theirs"), blobs, strict=True):
+            f = tmp / name
+            f.write_bytes(data or b"")
+            files.append(str(f))
+        proc = subprocess.run(
+            [
+                "git",
+                "merge-file",
+                "-p",
+                "--diff3",
+                "-L",
+                labels[0] + ("" if ours is not None else " (deleted)"),
+                "-L",
+                labels[1],
+                "-L",
+                labels[2] + ("" if theirs is not None else " (deleted)"),
+                *files,
+            ],
+            capture_output=True,
+            check=False,
+        )
+        body = proc.stdout.decode("utf-8", errors="replace")
+    finally:
+        for f in tmp.iterdir():
+            f.unlink()
+        os.rmdir(tmp)
+    return header + body + ("" if body.endswith("\n") else "\n") + "\n"
