@@ -303,21 +303,43 @@ def _lease(row: Any) -> Lease:
 
 
 def _overlap_clauses(request: LeaseRequest, column: str) -> list[tuple[str, list[Any]]]:
-    """SQL terms selecting rows whose resource may conflict with `request`, each one index search.
+    """SQL terms selecting the rows that may conflict with `request`, each one index search.
 
-    Ancestors (and the path itself) by exact match, descendants by the range
-    `[path + '/', path + '0')` ('0' follows '/'), everything below the root by `> ''`. The
-    caller joins the terms with UNION ALL: SQLite would not use the index for an OR of them.
+    The rule decides; these terms only narrow the rows it sees without a table scan (and without
+    reading compatible readers): writes on the path or above it (exact matches of its ancestors),
+    and for a write request anything on the path and below it (the range
+    `[path + '/', path + '0')`, '0' following '/'; `> ''` below the root). The caller joins the
+    terms with UNION ALL: SQLite would not use the index for an OR of them.
     """
+    kind, resource = f"{column}.kind", f"{column}.resource"
+    writes = f"{column}.mode = 'write'"
     if request.kind == "named":
-        return [(f"{column}.kind = 'named' AND {column}.resource = ?", [request.resource])]
-    above = ancestors(request.resource)
-    marks = ", ".join("?" * len(above))
-    exact = (f"{column}.kind = 'path' AND {column}.resource IN ({marks})", list[Any](above))
+        clause = f"{kind} = 'named' AND {resource} = ?"
+        if request.mode == LeaseMode.READ:
+            clause += f" AND {writes}"
+        return [(clause, [request.resource])]
+    if request.mode == LeaseMode.READ:
+        above = ancestors(request.resource)
+        marks = ", ".join("?" * len(above))
+        return [(f"{kind} = 'path' AND {resource} IN ({marks}) AND {writes}", list[Any](above))]
+    terms: list[tuple[str, list[Any]]] = []
+    above = ancestors(request.resource)[:-1]
+    if above:
+        marks = ", ".join("?" * len(above))
+        terms.append(
+            (f"{kind} = 'path' AND {resource} IN ({marks}) AND {writes}", list[Any](above))
+        )
+    terms.append((f"{kind} = 'path' AND {resource} = ?", [request.resource]))
     if request.resource == "":
-        return [exact, (f"{column}.kind = 'path' AND {column}.resource > ''", [])]
-    below = f"{column}.kind = 'path' AND {column}.resource >= ? AND {column}.resource < ?"
-    return [exact, (below, [request.resource + "/", request.resource + "0"])]
+        terms.append((f"{kind} = 'path' AND {resource} > ''", []))
+    else:
+        terms.append(
+            (
+                f"{kind} = 'path' AND {resource} >= ? AND {resource} < ?",
+                [request.resource + "/", request.resource + "0"],
+            )
+        )
+    return terms
 
 
 def _union(
