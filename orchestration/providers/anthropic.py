@@ -1,0 +1,270 @@
+"""`AnthropicModel`: the `Model` over the Anthropic Messages API — the only module that imports
+`anthropic`, and the one place SDK errors are translated into `orchestration.errors`.
+
+The SDK's retries are off (`max_retries=0`): `orchestration.retry` retries, with a cap on
+retry-after. Prompt caching: the last tool, the shared system prefix and the last block of the
+last user message carry `cache_control` breakpoints (three of the API's four)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import anthropic
+import httpx2
+from anthropic.types import (
+    CacheControlEphemeralParam,
+    MessageParam,
+    TextBlockParam,
+    ToolParam,
+)
+from anthropic.types import (
+    Message as ApiMessage,
+)
+from pydantic import JsonValue, SecretStr, TypeAdapter, ValidationError
+
+from orchestration.errors import (
+    ConfigError,
+    ModelConnectionError,
+    ModelError,
+    ModelFatalError,
+    ModelOverloaded,
+    ModelRateLimited,
+    ModelResponseError,
+    ModelTimeout,
+)
+from orchestration.model import (
+    Message,
+    ModelRequest,
+    ModelResponse,
+    TextBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    Usage,
+)
+
+DEFAULT_MODEL = "claude-sonnet-5-5"
+# The SDK refuses a non-streaming call whose max_tokens could take more than ten minutes.
+STREAMING_REQUIRED_MAX_TOKENS = 21_334
+EPHEMERAL: CacheControlEphemeralParam = {"type": "ephemeral"}
+_TOOL_INPUT = TypeAdapter(dict[str, JsonValue])
+
+
+class AnthropicModel:
+    """A `Model` calling the Messages API; streams when `max_tokens >= stream_threshold`."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout_s: float = 600.0,
+        stream_threshold: int = STREAMING_REQUIRED_MAX_TOKENS,
+    ) -> None:
+        key = api_key or os.environ.get("ANTHROPIC_API_KEY")
+        if not key:
+            raise ConfigError(
+                "no Anthropic API key: set ANTHROPIC_API_KEY (or pass api_key). To dry-run "
+                "without a key, use the scripted model "
+                "(orchestration.providers.scripted.ScriptedModel) instead of AnthropicModel."
+            )
+        self.model = model
+        self.base_url = base_url or os.environ.get("ANTHROPIC_BASE_URL") or None
+        self.timeout_s = timeout_s
+        self.stream_threshold = stream_threshold
+        self._key = SecretStr(key)
+        self._client = anthropic.AsyncAnthropic(
+            api_key=key, base_url=self.base_url, timeout=timeout_s, max_retries=0
+        )
+
+    @property
+    def name(self) -> str:
+        return self.model
+
+    def __repr__(self) -> str:
+        return f"AnthropicModel(model={self.model!r}, base_url={self.base_url!r})"
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> AnthropicModel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        model = request.model or self.model
+        system, tools, messages = to_api_request(request)
+        try:
+            if request.max_tokens >= self.stream_threshold:
+                async with self._client.messages.stream(
+                    model=model,
+                    max_tokens=request.max_tokens,
+                    system=system,
+                    tools=tools if tools else anthropic.omit,
+                    messages=messages,
+                ) as stream:
+                    answer = await stream.get_final_message()
+            else:
+                answer = await self._client.messages.create(
+                    model=model,
+                    max_tokens=request.max_tokens,
+                    system=system,
+                    tools=tools if tools else anthropic.omit,
+                    messages=messages,
+                )
+            return from_api_message(answer)
+        except (anthropic.AnthropicError, httpx2.TransportError, json.JSONDecodeError) as exc:
+            raise self._scrubbed(translate_error(exc)) from exc
+
+    def _scrubbed(self, error: ModelError) -> ModelError:
+        """The same error with the API key masked, should any message ever echo it."""
+        key = self._key.get_secret_value()
+        text = str(error)
+        if key in text:
+            return type(error)(text.replace(key, "***"), retry_after_s=error.retry_after_s)
+        return error
+
+
+def to_api_request(
+    request: ModelRequest,
+) -> tuple[list[TextBlockParam], list[ToolParam], list[MessageParam]]:
+    """System blocks, tools and messages in the API's shape, with the cache breakpoints."""
+    system: list[TextBlockParam] = []
+    if request.system_prefix:
+        system.append({"type": "text", "text": request.system_prefix, "cache_control": EPHEMERAL})
+    if request.system_task:
+        system.append({"type": "text", "text": request.system_task})
+    tools: list[ToolParam] = [
+        {
+            "name": spec.name,
+            "description": spec.description,
+            "input_schema": dict[str, Any](spec.input_schema),
+        }
+        for spec in request.tools
+    ]
+    if tools:
+        tools[-1]["cache_control"] = EPHEMERAL
+    messages = [_message_param(m) for m in request.messages]
+    for param in reversed(messages):
+        if param["role"] == "user":
+            content = param["content"]
+            if isinstance(content, list) and content:
+                last: Any = content[-1]
+                last["cache_control"] = EPHEMERAL
+            break
+    return system, tools, messages
+
+
+def _message_param(message: Message) -> MessageParam:
+    content: list[Any] = []
+    for block in message.content:
+        if isinstance(block, TextBlock):
+            if block.text:  # the API refuses empty text blocks
+                content.append({"type": "text", "text": block.text})
+        elif isinstance(block, ToolUseBlock):
+            content.append(
+                {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
+            )
+        else:
+            content.append(_tool_result_param(block))
+    if not content:
+        content.append({"type": "text", "text": "(empty)"})
+    if message.role == "user":
+        return {"role": "user", "content": content}
+    return {"role": "assistant", "content": content}
+
+
+def _tool_result_param(block: ToolResultBlock) -> dict[str, Any]:
+    return {
+        "type": "tool_result",
+        "tool_use_id": block.tool_use_id,
+        "content": block.content,
+        "is_error": block.is_error,
+    }
+
+
+def from_api_message(message: ApiMessage) -> ModelResponse:
+    """Our response from the SDK's; blocks other than text and tool_use are dropped."""
+    content: list[TextBlock | ToolUseBlock] = []
+    for block in message.content:
+        if block.type == "text":
+            content.append(TextBlock(text=block.text))
+        elif block.type == "tool_use":
+            try:
+                tool_input = _TOOL_INPUT.validate_python(block.input)
+            except ValidationError as exc:
+                raise ModelResponseError(
+                    f"tool_use {block.name!r} has an input that is not a JSON object: {exc}"
+                ) from exc
+            content.append(ToolUseBlock(id=block.id, name=block.name, input=tool_input))
+    usage = message.usage
+    return ModelResponse(
+        content=content,
+        stop_reason=message.stop_reason or "end_turn",
+        usage=Usage(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_read_tokens=usage.cache_read_input_tokens or 0,
+            cache_write_tokens=usage.cache_creation_input_tokens or 0,
+        ),
+        model=message.model,
+    )
+
+
+def retry_after_s(headers: httpx2.Headers) -> float | None:
+    """The server's retry-after in seconds: `retry-after-ms` first, then `retry-after`."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / scale
+        except ValueError:
+            continue
+        if seconds >= 0:
+            return seconds
+    return None
+
+
+def translate_error(exc: BaseException) -> ModelError:
+    """The one translation of SDK and transport errors into the orchestration error tree."""
+    if isinstance(exc, anthropic.APIStatusError):
+        return _status_error(exc)
+    if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
+        return ModelTimeout(f"the model API did not answer in time: {exc}")
+    if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
+        return ModelConnectionError(f"could not reach the model API: {exc}")
+    if isinstance(exc, anthropic.APIResponseValidationError | json.JSONDecodeError):
+        return ModelResponseError(f"the model API sent a malformed answer: {exc}")
+    return ModelResponseError(f"the model call failed: {type(exc).__name__}: {exc}")
+
+
+def _status_error(exc: anthropic.APIStatusError) -> ModelError:
+    status = exc.status_code
+    after = retry_after_s(exc.response.headers)
+    what = f"the model API answered {status} ({exc.type or 'error'}): {exc.api_message or exc}"
+    if status == 200:  # an `event: error` inside a stream: only the body says what it was
+        return _stream_error(exc, after)
+    if status == 429:
+        return ModelRateLimited(what, retry_after_s=after)
+    if status == 408:
+        return ModelTimeout(what, retry_after_s=after)
+    if status == 409 or status >= 500:
+        return ModelOverloaded(what, retry_after_s=after)
+    return ModelFatalError(what)
+
+
+def _stream_error(exc: anthropic.APIStatusError, after: float | None) -> ModelError:
+    kind = exc.type or "error"
+    what = f"the model API sent an error mid-stream ({kind}): {exc.api_message or exc}"
+    if kind == "rate_limit_error":
+        return ModelRateLimited(what, retry_after_s=after)
+    if kind in ("overloaded_error", "api_error"):
+        return ModelOverloaded(what, retry_after_s=after)
+    if kind in ("invalid_request_error", "authentication_error", "permission_error"):
+        return ModelFatalError(what)
+    return ModelResponseError(what)
