@@ -1,0 +1,154 @@
+"""The audit log: one record per bus call, in order, as JSON lines and in memory.
+
+An agent's result (changed files, commands and exit codes) is built from these records, so every
+call is recorded, refusals included. Arguments are kept only as a short brief, never whole file
+contents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+logger = logging.getLogger(__name__)
+
+Outcome = Literal["ok", "refused", "error"]
+MAX_BRIEF_CHARS = 300
+MAX_DETAIL_CHARS = 2000
+
+
+class AuditRecord(BaseModel):
+    """One bus call: what was asked, what came of it, under which fencing token."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seq: int
+    ts: float
+    """Unix time at the start of the call."""
+    agent_id: str
+    op: str
+    args_brief: str
+    outcome: Outcome
+    detail: str | None = None
+    error_type: str | None = None
+    duration_ms: float
+    token: int | None = None
+    path: str | None = None
+    exit_code: int | None = None
+    timed_out: bool | None = None
+    bytes_written: int | None = None
+    replacements: int | None = None
+
+
+def brief(text: str, limit: int = MAX_BRIEF_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"…[+{len(text) - limit} chars]"
+
+
+class AuditLog:
+    """Append-only record of an agent's bus calls; `path=None` keeps them in memory only."""
+
+    def __init__(self, path: Path | None, *, fsync: bool = False) -> None:
+        self.path = path
+        self._fsync = fsync
+        self._records: list[AuditRecord] = []
+        self._lock = threading.Lock()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def load(cls, path: Path, *, fsync: bool = False) -> AuditLog:
+        """Reopen a log after a restart: records read back, a torn last line cut off."""
+        log = cls(path, fsync=fsync)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return log
+        good_end = 0
+        position = 0
+        for line in raw.splitlines(keepends=True):
+            position += len(line)
+            if not line.endswith(b"\n"):
+                logger.warning("audit log %s: dropping a torn last line", path)
+                break
+            try:
+                record = AuditRecord.model_validate(json.loads(line))
+            except (ValueError, ValidationError):
+                logger.warning("audit log %s: skipping an unreadable line", path)
+                good_end = position
+                continue
+            log._records.append(record)
+            good_end = position
+        if good_end < len(raw):
+            with path.open("r+b") as f:
+                f.truncate(good_end)
+        return log
+
+    def append(
+        self,
+        *,
+        agent_id: str,
+        op: str,
+        args_brief: str,
+        outcome: Outcome,
+        started: float,
+        duration_ms: float,
+        detail: str | None = None,
+        error_type: str | None = None,
+        token: int | None = None,
+        path: str | None = None,
+        exit_code: int | None = None,
+        timed_out: bool | None = None,
+        bytes_written: int | None = None,
+        replacements: int | None = None,
+    ) -> AuditRecord:
+        """Record one call (the sequence number is assigned here) and persist it."""
+        with self._lock:
+            record = AuditRecord(
+                seq=(self._records[-1].seq + 1) if self._records else 1,
+                ts=started,
+                agent_id=agent_id,
+                op=op,
+                args_brief=brief(args_brief),
+                outcome=outcome,
+                detail=None if detail is None else brief(detail, MAX_DETAIL_CHARS),
+                error_type=error_type,
+                duration_ms=round(duration_ms, 3),
+                token=token,
+                path=path,
+                exit_code=exit_code,
+                timed_out=timed_out,
+                bytes_written=bytes_written,
+                replacements=replacements,
+            )
+            if self.path is not None:
+                line = record.model_dump_json(exclude_none=True) + "\n"
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write(line)
+                    f.flush()
+                    if self._fsync:
+                        os.fsync(f.fileno())
+            self._records.append(record)
+            return record
+
+    def records(self) -> list[AuditRecord]:
+        """Every record so far, in order."""
+        with self._lock:
+            return list(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
+def now() -> float:
+    """Wall-clock time for `AuditRecord.ts`."""
+    return time.time()

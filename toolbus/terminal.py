@@ -1,0 +1,312 @@
+"""Per-agent terminals: one `bash -c` at a time in the workspace, sandboxed, scrubbed, bounded.
+
+A command runs in its own process group (its own session). When it times out the group gets
+SIGTERM, then SIGKILL after a grace period; when it ends, whatever it left running in the group is
+killed too (background processes do not outlive their command). Under bubblewrap the command also
+has its own PID namespace, so nothing escapes by changing session. Output (stdout and stderr
+interleaved) is read concurrently and capped: head and tail kept, total size reported.
+
+The environment starts from a small allowlist plus configured names; names that look like secrets
+(`*KEY*`, `*TOKEN*`, `*SECRET*`, `*PASSWORD*`, ...) pass only when configured by exact name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import anyio
+from anyio.abc import ByteReceiveStream
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from toolbus.errors import CommandDenied, SandboxUnavailable
+from toolbus.sandbox import SandboxMode, SandboxPlan, bwrap_prefix, probe_bwrap, warn_once
+
+__all__ = [
+    "CommandPolicy",
+    "CommandResult",
+    "SandboxMode",
+    "Terminal",
+    "TerminalConfig",
+    "scrubbed_env",
+]
+
+BASE_ENV_NAMES = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ", "USER")
+FIXED_ENV = {
+    "TERM": "dumb",
+    "PAGER": "cat",
+    "GIT_PAGER": "cat",
+    "GIT_TERMINAL_PROMPT": "0",
+}
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+class CommandPolicy(BaseModel):
+    """Regex patterns (searched anywhere in the command): deny wins; a non-empty allow list
+    admits only commands matching one of its patterns."""
+
+    model_config = ConfigDict(frozen=True)
+
+    deny: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()
+
+    @field_validator("deny", "allow")
+    @classmethod
+    def _compiles(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for p in patterns:
+            re.compile(p)
+        return patterns
+
+    def check(self, command: str) -> None:
+        """Raise `CommandDenied` naming the pattern that refuses `command`."""
+        for pattern in self.deny:
+            if re.search(pattern, command):
+                raise CommandDenied(
+                    f"command refused by the policy: it matches the deny pattern {pattern!r}; "
+                    "do the task another way or report it in your summary"
+                )
+        if self.allow and not any(re.search(p, command) for p in self.allow):
+            raise CommandDenied(
+                "command refused by the policy: it matches none of the allowed patterns "
+                f"({', '.join(repr(p) for p in self.allow)})"
+            )
+
+
+class TerminalConfig(BaseModel):
+    """How an agent's commands run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sandbox: SandboxMode = SandboxMode.AUTO
+    allow_network: bool = False
+    hidden_paths: tuple[Path, ...] = ()
+    """Hidden (an empty tmpfs) inside the sandbox, e.g. the state dir of other agents."""
+    home: Path | None = None
+    """The private HOME; `None`: a temporary one, removed by `Terminal.close`."""
+    env_passthrough: tuple[str, ...] = ()
+    """Names (or fnmatch patterns) copied from the server's environment."""
+    env_set: Mapping[str, str] = Field(default_factory=dict[str, str])
+    policy: CommandPolicy = CommandPolicy()
+    default_timeout_s: float = 120.0
+    max_timeout_s: float = 900.0
+    kill_grace_s: float = 2.0
+    drain_s: float = 2.0
+    """After the command ends, how long to wait for output still in the pipe."""
+    max_output_bytes: int = 30_000
+    bwrap_path: str | None = None
+
+
+class CommandResult(BaseModel):
+    """What one command did."""
+
+    model_config = ConfigDict(frozen=True)
+
+    command: str
+    exit_code: int | None
+    """The shell's convention: 128+N when killed by signal N."""
+    output: str
+    output_bytes: int
+    """Total bytes the command printed (the output shown may be cut)."""
+    truncated: bool
+    timed_out: bool
+    duration_ms: float
+    sandboxed: bool
+    warning: str | None = None
+
+
+def scrubbed_env(config: TerminalConfig, home: Path, source: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a command: allowlist, fixed values, configured names."""
+    env = {name: source[name] for name in BASE_ENV_NAMES if name in source}
+    env.setdefault("PATH", os.defpath)
+    env.update(FIXED_ENV)
+    env["HOME"] = str(home)
+    for entry in config.env_passthrough:
+        if any(c in entry for c in "*?["):
+            for name, value in source.items():
+                if fnmatch.fnmatchcase(name, entry) and not SECRET_NAME.search(name):
+                    env[name] = value
+        elif entry in source:
+            env[entry] = source[entry]
+    env.update(config.env_set)
+    return env
+
+
+class _CappedBuffer:
+    """Keeps the first and last `cap // 2` bytes of a stream and counts the rest."""
+
+    def __init__(self, cap: int) -> None:
+        self.head_cap = cap // 2
+        self.tail_cap = cap - self.head_cap
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.head_cap - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        if chunk:
+            self.tail += chunk
+            if len(self.tail) > self.tail_cap:
+                del self.tail[: len(self.tail) - self.tail_cap]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.head) + len(self.tail)
+
+    def text(self) -> str:
+        head = self.head.decode("utf-8", "replace")
+        tail = self.tail.decode("utf-8", "replace")
+        if not self.truncated:
+            return head + tail
+        omitted = self.total - len(self.head) - len(self.tail)
+        return f"{head}\n[... {omitted} bytes of output omitted ...]\n{tail}"
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> bool:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+class Terminal:
+    """The terminal of one agent: commands run one at a time in `workspace`."""
+
+    def __init__(self, workspace: Path, config: TerminalConfig | None = None) -> None:
+        self.workspace = Path(os.path.realpath(workspace))
+        self.config = config or TerminalConfig()
+        self._lock = anyio.Lock()
+        self._own_home = self.config.home is None
+        self.home = (
+            Path(tempfile.mkdtemp(prefix="fanout-home-"))
+            if self.config.home is None
+            else self.config.home
+        )
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._plan: SandboxPlan | None = None
+
+    def close(self) -> None:
+        """Remove the temporary HOME this terminal made (if any)."""
+        if self._own_home:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+    async def sandbox_plan(self) -> SandboxPlan:
+        """Decide (once) how commands run; raises `SandboxUnavailable` in `bwrap` mode."""
+        if self._plan is not None:
+            return self._plan
+        mode = self.config.sandbox
+        if mode is SandboxMode.NONE:
+            self._plan = SandboxPlan((), sandboxed=False, warning=None)
+            return self._plan
+        exe = self.config.bwrap_path or shutil.which("bwrap")
+        reason = await probe_bwrap(exe, network=self.config.allow_network)
+        if reason is not None or exe is None:
+            reason = reason or "bubblewrap (bwrap) is not installed"
+            if mode is SandboxMode.BWRAP:
+                raise SandboxUnavailable(
+                    f"the sandbox is required (FANOUT_SANDBOX=bwrap) but cannot run: {reason}"
+                )
+            warning = f"commands run WITHOUT a sandbox: {reason}"
+            warn_once(warning)
+            self._plan = SandboxPlan((), sandboxed=False, warning=warning)
+            return self._plan
+        prefix = bwrap_prefix(
+            exe,
+            workspace=self.workspace,
+            home=self.home,
+            hidden=self.config.hidden_paths,
+            allow_network=self.config.allow_network,
+        )
+        self._plan = SandboxPlan(prefix, sandboxed=True, warning=None)
+        return self._plan
+
+    def env(self) -> dict[str, str]:
+        """The scrubbed environment commands get."""
+        return scrubbed_env(self.config, self.home, os.environ)
+
+    async def run(self, command: str, timeout_s: float | None = None) -> CommandResult:
+        """Run `command` with `bash -c`; raises `CommandDenied`, `SandboxUnavailable`."""
+        self.config.policy.check(command)
+        timeout = min(timeout_s or self.config.default_timeout_s, self.config.max_timeout_s)
+        async with self._lock:
+            plan = await self.sandbox_plan()
+            return await self._run(plan, command, limit_s=timeout)
+
+    async def _run(self, plan: SandboxPlan, command: str, *, limit_s: float) -> CommandResult:
+        buffer = _CappedBuffer(self.config.max_output_bytes)
+        drained = anyio.Event()
+        started = time.monotonic()
+        timed_out = False
+        process = await anyio.open_process(
+            [*plan.prefix, "bash", "-c", command],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=self.workspace,
+            env=self.env(),
+            start_new_session=True,
+        )
+        pgid = process.pid
+
+        async def pump(stream: ByteReceiveStream) -> None:
+            try:
+                async for chunk in stream:
+                    buffer.feed(chunk)
+            except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass
+            finally:
+                drained.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                assert process.stdout is not None
+                tg.start_soon(pump, process.stdout)
+                with anyio.move_on_after(limit_s) as scope:
+                    await process.wait()
+                if scope.cancelled_caught:
+                    timed_out = True
+                    await self._stop_group(process, pgid)
+                _killpg(pgid, signal.SIGKILL)  # leftovers of a finished command
+                with anyio.move_on_after(self.config.drain_s):
+                    await drained.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                if process.returncode is None:
+                    _killpg(pgid, signal.SIGKILL)
+                    await process.wait()
+                _killpg(pgid, signal.SIGKILL)
+                await process.aclose()
+        code = process.returncode
+        exit_code = None if code is None else (128 - code if code < 0 else code)
+        return CommandResult(
+            command=command,
+            exit_code=exit_code,
+            output=buffer.text(),
+            output_bytes=buffer.total,
+            truncated=buffer.truncated,
+            timed_out=timed_out,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            sandboxed=plan.sandboxed,
+            warning=plan.warning,
+        )
+
+    async def _stop_group(self, process: anyio.abc.Process, pgid: int) -> None:
+        """SIGTERM the group, then SIGKILL it after the grace period."""
+        _killpg(pgid, signal.SIGTERM)
+        with anyio.move_on_after(self.config.kill_grace_s):
+            await process.wait()
+        _killpg(pgid, signal.SIGKILL)
+        await process.wait()
