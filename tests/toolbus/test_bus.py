@@ -1,0 +1,245 @@
+"""The agent bus: validation, dispatch, refusals as outcomes, complete audit, the write lock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from toolbus.audit import AuditLog
+from toolbus.bus import SUBAGENT_TOOL_SPECS, AgentBus, FileLimits
+from toolbus.errors import LeaseLost
+from toolbus.resources import WriteScope
+from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
+
+pytestmark = pytest.mark.anyio
+
+
+class RevocableFence:
+    """A real fence: passes until revoked; can signal when a check happens."""
+
+    def __init__(self, token: int | None = 11) -> None:
+        self._token = token
+        self.revoked = False
+        self.checked: list[str | None] = []
+        self.command_checked = anyio.Event()
+        self.broken = False
+
+    @property
+    def token(self) -> int | None:
+        return self._token
+
+    def check(self, path: str | None) -> None:
+        self.checked.append(path)
+        if self.broken:
+            raise RuntimeError("fence store unreachable")
+        if path is None:
+            self.command_checked.set()
+        if self.revoked:
+            raise LeaseLost(f"lease with token {self._token} was lost; finish without writing")
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    root = tmp_path / "ws"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "a.py").write_text("def alpha():\n    return 1\n")
+    (root / "docs").mkdir()
+    (root / "docs" / "x.md").write_text("doc\n")
+    return root
+
+
+def make_bus(
+    ws: Path, fence: RevocableFence | None = None, scope: tuple[str, ...] | None = ("src",)
+) -> AgentBus:
+    return AgentBus(
+        agent_id="agent-1",
+        workspace=ws,
+        write_scope=WriteScope.of(scope),
+        fence=fence or RevocableFence(),
+        audit=AuditLog(ws.parent / "audit" / "agent-1.jsonl"),
+        terminal=Terminal(ws, TerminalConfig(sandbox=SandboxMode.NONE)),
+        limits=FileLimits(),
+    )
+
+
+def test_tool_specs() -> None:
+    names = [s.name for s in SUBAGENT_TOOL_SPECS]
+    assert names == ["read_file", "write_file", "edit_file", "list_files", "search", "run_command"]
+    for spec in SUBAGENT_TOOL_SPECS:
+        assert spec.input_schema["additionalProperties"] is False
+        assert "relative to the repository root" in spec.description or spec.name == "run_command"
+    write = next(s for s in SUBAGENT_TOOL_SPECS if s.name == "write_file")
+    assert write.input_schema["required"] == ["path", "content"]
+    assert "OutOfScope" in write.description
+    command = next(s for s in SUBAGENT_TOOL_SPECS if s.name == "run_command")
+    assert "outside your write scope will not be kept" in command.description
+
+
+async def test_round_trip_and_rendering(ws: Path) -> None:
+    bus = make_bus(ws)
+    wrote = await bus.call("write_file", {"path": "src/b.py", "content": "alpha = 2\n"})
+    assert not wrote.is_error and wrote.content == "Wrote 10 bytes to src/b.py (new file)."
+    edited = await bus.call("edit_file", {"path": "src/b.py", "old": "2", "new": "3"})
+    assert "1 replacement;" in edited.content
+    read = await bus.call("read_file", {"path": "src/b.py"})
+    assert read.content == "src/b.py — lines 1-1 of 1\n     1\talpha = 3"
+    listed = await bus.call("list_files", {"path": "src"})
+    assert listed.content.splitlines() == ["src/a.py", "src/b.py"]
+    found = await bus.call("search", {"pattern": "alpha", "glob": "*.py"})
+    assert found.content.splitlines()[:2] == ["src/a.py:1: def alpha():", "src/b.py:1: alpha = 3"]
+    assert "2 matching lines in 2 files" in found.content
+    ran = await bus.call("run_command", {"command": "cat src/b.py; exit 4"})
+    assert not ran.is_error and ran.content.startswith("exit code 4") and "alpha = 3" in ran.content
+    assert bus.written_paths() == ["src/b.py"]
+
+
+INVALID: list[tuple[str, dict[str, object], str]] = [
+    ("read_file", {}, "missing required argument 'path'"),
+    ("read_file", {"path": "a", "offset": 0}, "argument 'offset': Input should be greater"),
+    ("read_file", {"path": "a", "offset": "x"}, "argument 'offset'"),
+    ("write_file", {"path": "a", "content": "x", "mode": 7}, "unknown argument 'mode'"),
+    ("edit_file", {"path": "a", "old": "x"}, "missing required argument 'new'"),
+    ("search", {"pattern": ""}, "argument 'pattern'"),
+    ("run_command", {"command": "ls", "timeout_s": -1}, "argument 'timeout_s'"),
+    ("delete_file", {"path": "a"}, "unknown tool 'delete_file'"),
+]
+
+
+@pytest.mark.parametrize(("name", "arguments", "message"), INVALID)
+async def test_bad_arguments_become_error_outcomes(
+    ws: Path, name: str, arguments: dict[str, object], message: str
+) -> None:
+    bus = make_bus(ws)
+    outcome = await bus.call(name, arguments)
+    assert outcome.is_error and message in outcome.content
+    if name != "delete_file":
+        assert f"Expected {name}(" in outcome.content
+    (record,) = bus.audit.records()
+    assert (record.op, record.outcome, record.error_type) == (name, "refused", "InvalidArguments")
+
+
+REFUSALS: list[tuple[str, dict[str, object], str, str]] = [
+    ("write_file", {"path": "docs/x.md", "content": "x"}, "OutOfScope", "write scope (src/)"),
+    ("write_file", {"path": "../out.txt", "content": "x"}, "PathEscape", "climbs out"),
+    ("write_file", {"path": "/etc/passwd", "content": "x"}, "PathEscape", "absolute path"),
+    ("read_file", {"path": ".git/config"}, "PathEscape", "inside .git"),
+    ("read_file", {"path": "src/none.py"}, "FileNotFound", "does not exist"),
+    ("read_file", {"path": "src"}, "NotAFile", "is a directory"),
+    ("edit_file", {"path": "src/a.py", "old": "zzz", "new": "y"}, "NoMatch", "does not occur"),
+    ("search", {"pattern": "("}, "InvalidArguments", "invalid regular expression"),
+]
+
+
+@pytest.mark.parametrize(("name", "arguments", "error", "message"), REFUSALS)
+async def test_refusals_are_outcomes_and_audited(
+    ws: Path, name: str, arguments: dict[str, object], error: str, message: str
+) -> None:
+    bus = make_bus(ws)
+    outcome = await bus.call(name, arguments)
+    assert outcome.is_error
+    assert outcome.content.startswith(f"{error}: ") and message in outcome.content
+    (record,) = bus.audit.records()
+    assert (record.outcome, record.error_type, record.token) == ("refused", error, 11)
+    assert record.detail is not None and message in record.detail
+
+
+async def test_lease_lost_refuses_writes_and_commands(ws: Path) -> None:
+    fence = RevocableFence()
+    fence.revoked = True
+    bus = make_bus(ws, fence)
+    wrote = await bus.call("write_file", {"path": "src/a.py", "content": "stale"})
+    ran = await bus.call("run_command", {"command": "touch ran.txt"})
+    assert wrote.is_error and wrote.content.startswith("LeaseLost: ")
+    assert ran.is_error and ran.content.startswith("LeaseLost: ")
+    assert (ws / "src/a.py").read_text().startswith("def alpha")
+    assert not (ws / "ran.txt").exists()
+    assert fence.checked == ["src/a.py", None]
+    assert [r.outcome for r in bus.audit.records()] == ["refused", "refused"]
+    assert bus.written_paths() == []
+
+
+async def test_unexpected_exceptions_become_error_outcomes(ws: Path) -> None:
+    fence = RevocableFence()
+    fence.broken = True
+    bus = make_bus(ws, fence)
+    outcome = await bus.call("write_file", {"path": "src/a.py", "content": "x"})
+    assert outcome.is_error
+    assert outcome.content.startswith("internal error (RuntimeError): fence store unreachable")
+    assert "Traceback" not in outcome.content
+    (record,) = bus.audit.records()
+    assert (record.outcome, record.error_type) == ("error", "RuntimeError")
+
+
+async def test_audit_is_complete_ordered_and_brief(ws: Path) -> None:
+    bus = make_bus(ws)
+    big = "x" * 10_000
+    calls: list[tuple[str, dict[str, object]]] = [
+        ("read_file", {"path": "src/a.py"}),
+        ("write_file", {"path": "src/big.py", "content": big}),
+        ("write_file", {"path": "docs/no.md", "content": "x"}),
+        ("nonsense", {}),
+        ("edit_file", {"path": "src/big.py", "old": "x", "new": "y", "replace_all": True}),
+        ("run_command", {"command": "exit 2"}),
+        ("list_files", {}),
+        ("search", {"pattern": "alpha"}),
+    ]
+    for name, arguments in calls:
+        await bus.call(name, arguments)
+    records = bus.audit.records()
+    assert [r.op for r in records] == [name for name, _ in calls]
+    assert [r.seq for r in records] == list(range(1, len(calls) + 1))
+    assert [r.outcome for r in records] == [
+        "ok",
+        "ok",
+        "refused",
+        "refused",
+        "ok",
+        "ok",
+        "ok",
+        "ok",
+    ]
+    write, edit, command = records[1], records[4], records[5]
+    assert (write.path, write.bytes_written) == ("src/big.py", 10_000)
+    assert "content=<10000 chars>" in write.args_brief and big not in write.args_brief
+    assert (edit.replacements, edit.bytes_written) == (10_000, 10_000)
+    assert command.exit_code == 2 and command.timed_out is False
+    reloaded = AuditLog.load(ws.parent / "audit" / "agent-1.jsonl")
+    assert reloaded.records() == records
+    assert bus.written_paths() == ["src/big.py"]
+
+
+async def test_timeout_is_an_error_outcome(ws: Path) -> None:
+    bus = make_bus(ws)
+    with anyio.fail_after(20):
+        outcome = await bus.call("run_command", {"command": "sleep 1000", "timeout_s": 0.3})
+    assert outcome.is_error and outcome.content.startswith("TIMED OUT")
+    assert bus.audit.records()[0].timed_out is True
+
+
+async def test_reads_do_not_wait_for_a_running_command_but_writes_do(ws: Path) -> None:
+    fence = RevocableFence()
+    bus = make_bus(ws, fence, scope=None)
+    order: list[str] = []
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+
+            async def command() -> None:
+                await bus.call("run_command", {"command": "until [ -e go ]; do sleep 0.02; done"})
+                order.append("command done")
+
+            async def write() -> None:
+                await bus.call("write_file", {"path": "w.txt", "content": "w"})
+                order.append("write done")
+
+            tg.start_soon(command)
+            await fence.command_checked.wait()  # the command holds the mutation lock now
+            tg.start_soon(write)
+            read = await bus.call("read_file", {"path": "src/a.py"})
+            listed = await bus.call("list_files", {})
+            assert not read.is_error and not listed.is_error
+            order.append("reads done")
+            assert not (ws / "w.txt").exists()
+            (ws / "go").write_text("")
+    assert order == ["reads done", "command done", "write done"]

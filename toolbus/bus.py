@@ -1,0 +1,472 @@
+"""The agent bus: the subagent tools dispatched by name, each call checked, audited and rendered.
+
+`AgentBus.call` never raises for a refusal or bad arguments: a `ToolbusError` becomes an error
+outcome whose text says what to do; any other exception becomes an error outcome naming its type
+(no traceback). Every call, refusals included, leaves one `AuditRecord`. Mutating calls (writes,
+edits, commands) are serialized by a lock of the bus; reads run concurrently in worker threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from toolbus.audit import AuditLog, Outcome
+from toolbus.errors import InvalidArguments, ToolbusError
+from toolbus.fileops import (
+    EditResult,
+    Fence,
+    FileLimits,
+    FileOps,
+    ListResult,
+    ReadResult,
+    SearchResult,
+    WriteResult,
+)
+from toolbus.jail import Jail
+from toolbus.resources import WriteScope
+from toolbus.terminal import CommandResult, Terminal
+from toolbus.toolspec import ToolOutcome, ToolSpec
+
+__all__ = [
+    "MUTATING_TOOLS",
+    "SUBAGENT_TOOL_SPECS",
+    "AgentBus",
+    "EditFileArgs",
+    "Fence",
+    "FileLimits",
+    "ListFilesArgs",
+    "ReadFileArgs",
+    "RunCommandArgs",
+    "SearchArgs",
+    "WriteFileArgs",
+]
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReadFileArgs(_Args):
+    path: str = Field(description="File path relative to the repository root.")
+    offset: int | None = Field(
+        default=None, ge=1, description="1-based line to start at (default 1)."
+    )
+    limit: int | None = Field(
+        default=None, ge=1, le=100_000, description="Number of lines to return (default 2000)."
+    )
+
+
+class WriteFileArgs(_Args):
+    path: str = Field(description="File path relative to the repository root.")
+    content: str = Field(description="The complete new content of the file.")
+
+
+class EditFileArgs(_Args):
+    path: str = Field(description="File path relative to the repository root.")
+    old: str = Field(description="The exact text to replace (whitespace and indentation count).")
+    new: str = Field(description="The replacement text.")
+    replace_all: bool = Field(
+        default=False, description="Replace every occurrence instead of exactly one."
+    )
+
+
+class ListFilesArgs(_Args):
+    path: str = Field(default="", description="Directory relative to the repository root.")
+    pattern: str | None = Field(
+        default=None,
+        description="Glob such as '*.py' or 'src/**/test_*.py'; lists matching files recursively.",
+    )
+
+
+class SearchArgs(_Args):
+    pattern: str = Field(min_length=1, description="Python regular expression, matched per line.")
+    path: str = Field(default="", description="Directory or file to search (default: all).")
+    glob: str | None = Field(default=None, description="Only files matching this glob ('*.py').")
+
+
+class RunCommandArgs(_Args):
+    command: str = Field(min_length=1, description="A bash command line.")
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="Timeout in seconds (default 120, capped at 900)."
+    )
+
+
+_PATHS = (
+    "Paths are relative to the repository root (your workspace); absolute paths, '..' out of "
+    "the workspace, symlinks leading outside it and anything inside .git are refused."
+)
+
+_DESCRIPTIONS: dict[str, str] = {
+    "read_file": (
+        "Read a UTF-8 text file. Returns numbered lines ('<line>\\t<text>'), 2000 lines per page "
+        "by default; when the page is cut the result says which offset to pass to read the next "
+        "page. Files over 2 MiB and binary files are refused (use search, or run_command with "
+        "head/sed). " + _PATHS
+    ),
+    "write_file": (
+        "Create or overwrite a text file with the given content (atomically; parent directories "
+        "are created; an existing file keeps its mode). Up to 5 MiB. Writes are allowed only "
+        "inside your write scope: a path outside it is refused with an OutOfScope error naming "
+        "the scope (write only there, or report the needed change in your summary). Prefer "
+        "edit_file for changes to an existing file. " + _PATHS
+    ),
+    "edit_file": (
+        "Replace an exact piece of text in a file. 'old' must occur exactly once (copy it from "
+        "read_file output without the line numbers, with its whitespace); if it occurs several "
+        "times include more context or set replace_all. Returns the number of replacements. "
+        "Only inside your write scope (else OutOfScope). " + _PATHS
+    ),
+    "list_files": (
+        "List the repository. Without a pattern: the direct entries of 'path' (directories end "
+        "with '/'). With a glob pattern: the matching files below 'path', recursively ('*.py' "
+        "matches file names; patterns with '/' match paths, '**' crosses directories). "
+        "Git-ignored files and .git are not shown; at most 1000 entries. " + _PATHS
+    ),
+    "search": (
+        "Search text files for a regular expression (Python syntax, matched line by line), "
+        "optionally below 'path' and only in files matching 'glob'. Returns 'path:line: text' "
+        "for up to 200 matching lines and how many lines matched in all. Binary and "
+        "git-ignored files are skipped. " + _PATHS
+    ),
+    "run_command": (
+        "Run a bash command in the repository root (your workspace) and return its exit code "
+        "and output (stdout and stderr together; long output keeps its beginning and end). "
+        "Commands run one at a time, without a terminal or input, with a timeout (default "
+        "120 s) after which the command and everything it started is killed; background "
+        "processes do not outlive the command. The network may be unavailable and files "
+        "outside the workspace read-only. The command may change any file of the workspace, "
+        "but changes outside your write scope will not be kept."
+    ),
+}
+
+_MODELS: dict[str, type[_Args]] = {
+    "read_file": ReadFileArgs,
+    "write_file": WriteFileArgs,
+    "edit_file": EditFileArgs,
+    "list_files": ListFilesArgs,
+    "search": SearchArgs,
+    "run_command": RunCommandArgs,
+}
+
+MUTATING_TOOLS = frozenset({"write_file", "edit_file", "run_command"})
+_CONTENT_FIELDS = frozenset({"content", "old", "new"})
+
+
+def _schema(model: type[_Args]) -> dict[str, JsonValue]:
+    return cast(dict[str, JsonValue], model.model_json_schema())
+
+
+SUBAGENT_TOOL_SPECS: list[ToolSpec] = [
+    ToolSpec(name=name, description=_DESCRIPTIONS[name], input_schema=_schema(model))
+    for name, model in _MODELS.items()
+]
+
+
+def _signature(name: str, model: type[_Args]) -> str:
+    parts: list[str] = []
+    for field_name, info in model.model_fields.items():
+        annotation = info.annotation
+        kind = getattr(annotation, "__name__", str(annotation)).replace("NoneType", "null")
+        parts.append(f"{field_name}{'' if info.is_required() else '?'}: {kind}")
+    return f"{name}({', '.join(parts)})"
+
+
+def _validation_message(name: str, model: type[_Args], exc: ValidationError) -> str:
+    problems: list[str] = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(arguments)"
+        if err["type"] == "missing":
+            problems.append(f"missing required argument {loc!r}")
+        elif err["type"] == "extra_forbidden":
+            problems.append(f"unknown argument {loc!r}")
+        else:
+            problems.append(f"argument {loc!r}: {err['msg']}")
+    return (
+        f"invalid arguments for {name}: {'; '.join(problems)}. Expected {_signature(name, model)}"
+    )
+
+
+def _args_brief(arguments: object) -> str:
+    if not isinstance(arguments, Mapping):
+        return f"<{type(arguments).__name__}>"
+    items: list[str] = []
+    for key, value in cast(Mapping[object, object], arguments).items():
+        if key in _CONTENT_FIELDS and isinstance(value, str):
+            items.append(f"{key}=<{len(value)} chars>")
+        else:
+            text = repr(value)
+            items.append(f"{key}={text[:120]}{'…' if len(text) > 120 else ''}")
+    return " ".join(items)
+
+
+class _LoopFence:
+    """Runs the caller's fence in the event loop thread when called from a worker thread."""
+
+    def __init__(self, fence: Fence) -> None:
+        self._fence = fence
+        self.loop_thread: int | None = None
+
+    @property
+    def token(self) -> int | None:
+        return self._fence.token
+
+    def check(self, path: str | None) -> None:
+        if self.loop_thread is None or threading.get_ident() == self.loop_thread:
+            self._fence.check(path)
+        else:
+            anyio.from_thread.run_sync(self._fence.check, path)
+
+
+@dataclass
+class _Facts:
+    """What a call did, for its audit record."""
+
+    path: str | None = None
+    exit_code: int | None = None
+    timed_out: bool | None = None
+    bytes_written: int | None = None
+    replacements: int | None = None
+    is_error: bool = False
+
+
+class AgentBus:
+    """The one way a subagent touches its workspace: file tools and its terminal."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        workspace: Path,
+        write_scope: WriteScope,
+        fence: Fence,
+        audit: AuditLog,
+        terminal: Terminal,
+        limits: FileLimits | None = None,
+    ) -> None:
+        self.agent_id = agent_id
+        self.jail = Jail(workspace)
+        self.write_scope = write_scope
+        self.fence = fence
+        self.audit = audit
+        self.terminal = terminal
+        self.limits = limits or FileLimits()
+        self._loop_fence = _LoopFence(fence)
+        self.files = FileOps(self.jail, write_scope, self._loop_fence, self.limits)
+        self._mutation_lock = anyio.Lock()
+        self._handlers: dict[str, Callable[[Any], Awaitable[tuple[str, _Facts]]]] = {
+            "read_file": self._read_file,
+            "write_file": self._write_file,
+            "edit_file": self._edit_file,
+            "list_files": self._list_files,
+            "search": self._search,
+            "run_command": self._run_command,
+        }
+
+    def written_paths(self) -> list[str]:
+        """Paths written or edited through the bus (real relative paths, sorted, unique)."""
+        return sorted(
+            {
+                r.path
+                for r in self.audit.records()
+                if r.op in ("write_file", "edit_file") and r.outcome == "ok" and r.path
+            }
+        )
+
+    async def call(self, name: str, arguments: Mapping[str, object]) -> ToolOutcome:
+        """Run one tool call; refusals and failures come back as error outcomes."""
+        started = time.time()
+        t0 = time.monotonic()
+        self._loop_fence.loop_thread = threading.get_ident()
+        token = self._token()
+        facts = _Facts(path=self._path_hint(arguments))
+        outcome: Outcome = "ok"
+        detail: str | None = None
+        error_type: str | None = None
+        try:
+            model = _MODELS.get(name)
+            if model is None:
+                raise InvalidArguments(
+                    f"unknown tool {name!r}; the tools are: {', '.join(_MODELS)}"
+                )
+            if not isinstance(arguments, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
+                raise InvalidArguments(f"arguments of {name} must be a JSON object")
+            try:
+                args = model.model_validate(dict(arguments))
+            except ValidationError as exc:
+                raise InvalidArguments(_validation_message(name, model, exc)) from None
+            handler = self._handlers[name]
+            if name in MUTATING_TOOLS:
+                async with self._mutation_lock:
+                    text, done = await handler(args)
+            else:
+                text, done = await handler(args)
+            if done.path is None:
+                done.path = facts.path
+            facts = done
+            return ToolOutcome(content=text, is_error=facts.is_error)
+        except ToolbusError as exc:
+            outcome, error_type, detail = "refused", type(exc).__name__, str(exc)
+            return ToolOutcome(content=f"{error_type}: {exc}", is_error=True)
+        except anyio.get_cancelled_exc_class():
+            outcome, error_type, detail = "error", "Cancelled", "the call was cancelled"
+            raise
+        except Exception as exc:
+            outcome, error_type, detail = "error", type(exc).__name__, str(exc)
+            return ToolOutcome(
+                content=f"internal error ({error_type}): {exc}; the call did not complete",
+                is_error=True,
+            )
+        finally:
+            self.audit.append(
+                agent_id=self.agent_id,
+                op=name,
+                args_brief=_args_brief(arguments),
+                outcome=outcome,
+                started=started,
+                duration_ms=(time.monotonic() - t0) * 1000,
+                detail=detail,
+                error_type=error_type,
+                token=token,
+                path=facts.path,
+                exit_code=facts.exit_code,
+                timed_out=facts.timed_out,
+                bytes_written=facts.bytes_written,
+                replacements=facts.replacements,
+            )
+
+    def _token(self) -> int | None:
+        try:
+            return self.fence.token
+        except Exception:
+            return None
+
+    @staticmethod
+    def _path_hint(arguments: object) -> str | None:
+        if isinstance(arguments, Mapping):
+            value = cast(Mapping[str, object], arguments).get("path")
+            if isinstance(value, str):
+                return value[:300]
+        return None
+
+    # ---- handlers ----------------------------------------------------------------------------
+
+    async def _read_file(self, args: ReadFileArgs) -> tuple[str, _Facts]:
+        result = await anyio.to_thread.run_sync(self.files.read, args.path, args.offset, args.limit)
+        return render_read(result), _Facts(path=result.path)
+
+    async def _write_file(self, args: WriteFileArgs) -> tuple[str, _Facts]:
+        result = await anyio.to_thread.run_sync(self.files.write, args.path, args.content)
+        return render_write(result), _Facts(path=result.path, bytes_written=result.bytes_written)
+
+    async def _edit_file(self, args: EditFileArgs) -> tuple[str, _Facts]:
+        result = await anyio.to_thread.run_sync(
+            self.files.edit, args.path, args.old, args.new, args.replace_all
+        )
+        facts = _Facts(
+            path=result.path, bytes_written=result.bytes_written, replacements=result.replacements
+        )
+        return render_edit(result), facts
+
+    async def _list_files(self, args: ListFilesArgs) -> tuple[str, _Facts]:
+        result = await anyio.to_thread.run_sync(self.files.list, args.path, args.pattern)
+        return render_list(result), _Facts(path=result.path)
+
+    async def _search(self, args: SearchArgs) -> tuple[str, _Facts]:
+        result = await anyio.to_thread.run_sync(
+            self.files.search, args.pattern, args.path, args.glob
+        )
+        return render_search(result), _Facts(path=args.path or None)
+
+    async def _run_command(self, args: RunCommandArgs) -> tuple[str, _Facts]:
+        self.fence.check(None)
+        result = await self.terminal.run(args.command, args.timeout_s)
+        facts = _Facts(exit_code=result.exit_code, timed_out=result.timed_out)
+        facts.is_error = result.timed_out
+        return render_command(result), facts
+
+
+# ---- rendering for the model -------------------------------------------------------------------
+
+
+def render_read(r: ReadResult) -> str:
+    if r.total_lines == 0:
+        return f"{r.path} is empty (0 lines)."
+    if r.start_line > r.total_lines:
+        return (
+            f"{r.path} has {r.total_lines} lines; offset {r.start_line} is past the end "
+            "(use a smaller offset)."
+        )
+    head = f"{r.path} — lines {r.start_line}-{r.end_line} of {r.total_lines}"
+    out = f"{head}\n{r.text}"
+    if r.truncated:
+        out += (
+            f"\n[truncated: lines {r.end_line + 1}-{r.total_lines} not shown; call read_file "
+            f"with offset={r.next_offset} to read the next page]"
+        )
+    return out
+
+
+def render_write(r: WriteResult) -> str:
+    how = "new file" if r.created else f"replaced {r.previous_bytes} bytes"
+    return f"Wrote {r.bytes_written} bytes to {r.path} ({how})."
+
+
+def render_edit(r: EditResult) -> str:
+    plural = "" if r.replacements == 1 else "s"
+    return (
+        f"Edited {r.path}: {r.replacements} replacement{plural}; "
+        f"the file is now {r.bytes_written} bytes (was {r.previous_bytes})."
+    )
+
+
+def render_list(r: ListResult) -> str:
+    where = r.path or "the repository root"
+    what = f" matching {r.pattern!r}" if r.pattern else ""
+    if not r.entries:
+        return f"No files under {where}{what}."
+    out = "\n".join(r.entries)
+    if r.truncated:
+        out += f"\n[showing {len(r.entries)} of {r.total} entries; narrow with path or pattern]"
+    return out
+
+
+def render_search(r: SearchResult) -> str:
+    if not r.matches:
+        note = " (stopped early: time budget)" if r.stopped_early else ""
+        return f"No matches for /{r.pattern}/ in {r.files_searched} files searched{note}."
+    lines = [f"{m.path}:{m.line}: {m.text}" for m in r.matches]
+    summary = (
+        f"[{r.total_matches} matching lines in {r.files_with_matches} files "
+        f"({r.files_searched} files searched)"
+    )
+    if r.truncated:
+        summary += f"; showing the first {len(r.matches)} — narrow with path, glob or pattern"
+    if r.stopped_early:
+        summary += "; stopped early (time budget), some files were not searched"
+    return "\n".join([*lines, summary + "]"])
+
+
+def render_command(r: CommandResult) -> str:
+    head = f"exit code {r.exit_code} after {r.duration_ms / 1000:.1f} s"
+    if r.timed_out:
+        head = (
+            f"TIMED OUT after {r.duration_ms / 1000:.1f} s: the command and its processes were "
+            "killed (pass a larger timeout_s, or run less at once)"
+        )
+    parts = [head]
+    if r.warning:
+        parts.append(f"[warning: {r.warning}]")
+    parts.append(r.output if r.output else "(no output)")
+    if r.truncated:
+        parts.append(f"[output was {r.output_bytes} bytes; the middle was cut]")
+    return "\n".join(parts)
