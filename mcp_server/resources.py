@@ -1,0 +1,201 @@
+"""Resources: runs, a run's shared-context snapshot and its files at the base, each agent's
+result, diff and transcript (read on demand, never pushed), and the lease table."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+
+from orchestration.errors import AgentNotFound, RunNotFound
+from orchestration.orchestrator import RepoContext
+from orchestration.state import AgentRecord, RunRecord
+
+if TYPE_CHECKING:
+    from mcp_server.server import App, FanoutServer
+
+MAX_TRANSCRIPT_BYTES = 2_000_000
+MAX_FILE_BYTES = 1_000_000
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=1, sort_keys=False, default=str)
+
+
+def _run(ctx: RepoContext, run_id: str) -> RunRecord:
+    run = ctx.store.run(run_id)
+    if run is None:
+        raise RunNotFound(f"no run {run_id!r}; read fanout://runs for the list")
+    return run
+
+
+def _agent(ctx: RepoContext, agent_id: str) -> AgentRecord:
+    agent = ctx.store.agent(agent_id)
+    if agent is None:
+        raise AgentNotFound(f"no agent {agent_id!r}; get_status lists the agents")
+    return agent
+
+
+def _ls_tree(ctx: RepoContext, commit: str) -> list[dict[str, str]]:
+    out = ctx.repo.git("ls-tree", "-r", "-z", commit)
+    files: list[dict[str, str]] = []
+    for entry in out.split("\x00"):
+        if not entry:
+            continue
+        meta, path = entry.split("\t", 1)
+        _mode, _kind, blob = meta.split(" ")
+        files.append({"path": path, "blob": blob})
+    return files
+
+
+async def leases_json(ctx: RepoContext) -> str:
+    leases = await ctx.leases.table()
+    now = time.time()
+    return _json(
+        [
+            {
+                "holder": lease.holder,
+                "resource": lease.resource,
+                "kind": lease.kind,
+                "mode": lease.mode.value,
+                "token": lease.token,
+                "expires_in_s": round(lease.expires_at - now, 1),
+            }
+            for lease in leases
+        ]
+    )
+
+
+def register_resources(server: FanoutServer, app: App) -> None:
+    @server.resource(
+        "fanout://runs",
+        name="runs",
+        description="Every run of the repository with its agents' statuses.",
+        mime_type="application/json",
+    )
+    async def runs() -> str:
+        ctx = await app.context()
+        out: list[dict[str, Any]] = []
+        for run in ctx.store.runs():
+            agents = ctx.store.agents(run.run_id)
+            out.append(
+                {
+                    "run_id": run.run_id,
+                    "created_at": run.created_at,
+                    "base_commit": run.base_commit,
+                    "agents": {a.agent_id: a.status.value for a in agents},
+                    "uri": f"fanout://runs/{run.run_id}",
+                }
+            )
+        return _json(out)
+
+    @server.resource(
+        "fanout://leases",
+        name="leases",
+        description="The live lease table: holder, path, mode, fencing token, expiry.",
+        mime_type="application/json",
+    )
+    async def leases() -> str:
+        return await leases_json(await app.context())
+
+    @server.resource(
+        "fanout://runs/{run_id}",
+        name="run",
+        description="A run's shared-context snapshot: plan, conventions, shared files, the base "
+        "commit and every file at the base with its blob hash.",
+        mime_type="application/json",
+    )
+    async def run(run_id: str) -> str:
+        ctx = await app.context()
+        record = _run(ctx, run_id)
+        files = await anyio.to_thread.run_sync(_ls_tree, ctx, record.base_commit)
+        shared = record.shared
+        return _json(
+            {
+                "run_id": record.run_id,
+                "repo": record.repo,
+                "base_commit": record.base_commit,
+                "snapshot_of_uncommitted_changes": record.snapshot_dirty,
+                "plan": shared.plan,
+                "conventions": shared.conventions,
+                "shared_files": [
+                    {"path": f.path, "blob": f.blob, "size": f.size, "note": f.note}
+                    for f in shared.files
+                ],
+                "files": files,
+                "file_uri_template": f"fanout://runs/{run_id}/files/{{+path}}",
+            }
+        )
+
+    @server.resource(
+        "fanout://runs/{run_id}/files/{+path}",
+        name="run-file",
+        description="A file's content at the run's base commit.",
+    )
+    async def run_file(run_id: str, path: str) -> str | bytes:
+        ctx = await app.context()
+        record = _run(ctx, run_id)
+        blob = ctx.repo.try_git("rev-parse", "--verify", "--quiet", f"{record.base_commit}:{path}")
+        if blob is None:
+            raise ResourceNotFoundError(f"{path!r} does not exist at {record.base_commit[:12]}")
+        size = int(ctx.repo.git("cat-file", "-s", blob.strip()).strip())
+        if size > MAX_FILE_BYTES:
+            return f"({size} bytes: too big to serve; read it from git: {blob.strip()})"
+        return ctx.repo.git("cat-file", "blob", blob.strip())
+
+    @server.resource(
+        "fanout://agents/{agent_id}/result",
+        name="agent-result",
+        description="An agent's record and, once finished, its result (facts from the tool bus "
+        "and git plus its summary).",
+        mime_type="application/json",
+    )
+    async def agent_result(agent_id: str) -> str:
+        ctx = await app.context()
+        agent = _agent(ctx, agent_id)
+        data = agent.model_dump(mode="json", exclude={"rerun_context", "prompt"})
+        data["prompt"] = agent.prompt
+        return _json(data)
+
+    @server.resource(
+        "fanout://agents/{agent_id}/diff",
+        name="agent-diff",
+        description="An agent's diff against its base (git diff base..commit); for a conflicted "
+        "agent, the conflicting paths come first.",
+        mime_type="text/x-diff",
+    )
+    async def agent_diff(agent_id: str) -> str:
+        ctx = await app.context()
+        agent = _agent(ctx, agent_id)
+        if agent.commit is None:
+            return f"# {agent_id} has no commit yet (status {agent.status.value})\n"
+        base = agent.start_commit or agent.base_commit
+        diff = await anyio.to_thread.run_sync(
+            lambda: ctx.repo.git("diff", f"{base}..{agent.commit}")
+        )
+        header = f"# {agent_id}: git diff {base[:12]}..{agent.commit[:12]}\n"
+        if agent.conflicts:
+            header += "# conflicts with the canonical head in: " + ", ".join(agent.conflicts) + "\n"
+        return header + diff
+
+    @server.resource(
+        "fanout://agents/{agent_id}/transcript",
+        name="agent-transcript",
+        description="An agent's full conversation with its model as JSON lines (large; read only "
+        "when a result needs explaining).",
+        mime_type="application/jsonl",
+    )
+    async def agent_transcript(agent_id: str) -> str:
+        ctx = await app.context()
+        _agent(ctx, agent_id)
+        path = ctx.repo.state_dir / "transcripts" / f"{agent_id}.jsonl"
+        if not path.exists():
+            return ""
+        data = path.read_bytes()
+        if len(data) > MAX_TRANSCRIPT_BYTES:
+            data = data[-MAX_TRANSCRIPT_BYTES:]
+            data = data[data.find(b"\n") + 1 :]
+        return data.decode("utf-8", errors="replace")

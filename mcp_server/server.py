@@ -1,0 +1,487 @@
+"""The MCP server: five orchestration tools, a health check, resources and a prompt.
+
+One `Orchestrator` per server process, opened in the lifespan; on shutdown its running agents
+become `interrupted`. Tool inputs and outputs are the contracts models: each tool publishes an
+`outputSchema`, answers `structuredContent` plus a short text table, and refuses unknown fields.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import anyio
+from mcp.server.mcpserver import Context, ListRoots, MCPServer, Resolve
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+from mcp.server.mcpserver.tools import Tool
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
+from mcp.server.subscriptions import InMemorySubscriptionBus
+from mcp.shared.exceptions import MCPError
+from mcp_types import (
+    CallToolResult,
+    InputRequiredResult,
+    ListRootsResult,
+    TextContent,
+    ToolAnnotations,
+)
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.networks import AnyUrl
+
+from mcp_server import status_table
+from mcp_server.errors import resource_error, tool_error
+from mcp_server.notify import ResourceNotifier
+from mcp_server.repository import RepoResolver
+from orchestration.config import Settings
+from orchestration.contracts import (
+    MAX_TASKS,
+    CancelResult,
+    MergeRequest,
+    MergeResult,
+    RerunResult,
+    SpawnRequest,
+    SpawnResult,
+    StatusResult,
+)
+from orchestration.orchestrator import ModelFactory, Orchestrator, RepoContext
+
+log = logging.getLogger("fanout.mcp")
+
+SERVER_NAME = "fanout"
+VERSION = "0.1.0"
+
+INSTRUCTIONS = """\
+fanout runs a team of parallel subagents on this git repository. Each subagent works in its own
+isolated copy, from one pinned base commit, and may only write inside its write_scope. Fan out
+when a goal splits into large, independent chunks (e.g. one module each); for a small change do
+it yourself. Flow: spawn_subagents (returns at once) -> get_status(since=cursor, wait_s=30) until
+no agent is active -> merge_results (dry_run first if unsure) -> rerun_subagent any conflicted
+agent, then merge again. Never merge an agent's work by hand."""
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StatusRequest(_Input):
+    """Input of `get_status`."""
+
+    run_id: str | None = Field(default=None, min_length=1, max_length=64)
+    agent_ids: list[str] | None = Field(default=None, max_length=MAX_TASKS * 4)
+    since: int | None = Field(
+        default=None, ge=0, description="the `cursor` of an earlier answer: report changes after it"
+    )
+    wait_s: float | None = Field(
+        default=None,
+        ge=0,
+        le=600,
+        description="long-poll: with `since`, wait up to this many seconds (capped by the "
+        "server) for a change before answering",
+    )
+
+
+class CancelRequest(_Input):
+    """Input of `cancel_subagents`."""
+
+    run_id: str = Field(min_length=1, max_length=64)
+    agent_ids: list[str] | None = Field(default=None, max_length=MAX_TASKS * 4)
+
+
+class RerunRequest(_Input):
+    """Input of `rerun_subagent`."""
+
+    agent_id: str = Field(min_length=1, max_length=80)
+    instructions: str | None = Field(
+        default=None,
+        max_length=100_000,
+        description="extra guidance for the new attempt (what to do differently)",
+    )
+
+
+class PingRequest(_Input):
+    """Input of `ping` (none)."""
+
+
+class PingResult(BaseModel):
+    """Result of `ping`."""
+
+    ok: bool
+    server: str
+    version: str
+
+
+class App:
+    """What the tools, resources and lifespan share: one orchestrator, one repo resolver."""
+
+    def __init__(self, settings: Settings, model_factory: ModelFactory | None = None) -> None:
+        self.settings = settings
+        self.model_factory = model_factory
+        self.repos = RepoResolver(settings.repo)
+        self._orchestrator: Orchestrator | None = None
+        self.notifier = ResourceNotifier()
+        self.on_repo: Callable[[RepoContext], None] | None = None
+        self._seen: set[Path] = set()
+
+    @property
+    def orchestrator(self) -> Orchestrator:
+        if self._orchestrator is None:
+            raise RuntimeError("the server's lifespan has not started")
+        return self._orchestrator
+
+    @asynccontextmanager
+    async def running(self) -> AsyncGenerator[App]:
+        async with Orchestrator(self.settings, self.model_factory) as orch:
+            self._orchestrator = orch
+            try:
+                async with anyio.create_task_group() as tg:
+                    self.notifier.start(tg)
+                    try:
+                        yield self
+                    finally:
+                        tg.cancel_scope.cancel()
+            finally:
+                self._orchestrator = None
+                self._seen.clear()
+
+    async def context(self, explicit: str | None = None) -> RepoContext:
+        """The repository context (opened, recovered and watched on first use)."""
+        path = self.repos.resolve(explicit)
+        ctx = await self.orchestrator.context(path)
+        if ctx.repo.root not in self._seen:
+            self._seen.add(ctx.repo.root)
+            if self.on_repo is not None:
+                self.on_repo(ctx)
+            self.notifier.watch(ctx)
+        return ctx
+
+
+ToolCtx = Context[App, Any]
+M = TypeVar("M", bound=BaseModel)
+
+
+def _strict_args(request_model: type[M], tool_name: str) -> type[ArgModelBase]:
+    """An argument model with the request model's fields that refuses unknown fields, and hands
+    the tool function the validated request as `request`."""
+
+    class Args(request_model, ArgModelBase):  # type: ignore[misc, valid-type]
+        model_config = ConfigDict(
+            extra="forbid", arbitrary_types_allowed=True, title=f"{tool_name}Arguments"
+        )
+
+        def model_dump_one_level(self) -> dict[str, Any]:
+            return {"request": self}
+
+    Args.__name__ = f"{tool_name}Arguments"
+    return Args  # pyright: ignore[reportUnknownVariableType]
+
+
+def _tool(
+    fn: Callable[..., Awaitable[Any]],
+    *,
+    name: str,
+    request_model: type[BaseModel],
+    title: str,
+    description: str,
+    annotations: ToolAnnotations,
+) -> Tool:
+    tool = Tool.from_function(
+        fn, name=name, title=title, description=description, annotations=annotations
+    )
+    args = _strict_args(request_model, name)
+    tool.fn_metadata.arg_model = args
+    tool.parameters = args.model_json_schema(by_alias=True)
+    return tool
+
+
+def _result(model: BaseModel, text: str) -> CallToolResult:
+    return CallToolResult(
+        content=[TextContent(type="text", text=text)],
+        structured_content=model.model_dump(mode="json"),
+    )
+
+
+async def _ask_roots(ctx: ToolCtx) -> ListRoots | None:
+    """Ask the client for its roots once, when no repository is configured."""
+    app = ctx.request_context.lifespan_context
+    caps = ctx.client_capabilities
+    if not app.repos.needs_roots or caps is None or caps.roots is None:
+        return None
+    return ListRoots()
+
+
+Roots = Annotated[ListRootsResult | None, Resolve(_ask_roots)]
+
+
+# --- tool descriptions (what the orchestrating model reads first) ------------------------------
+
+SPAWN_DESCRIPTION = """\
+Start a team of parallel subagents on this git repository; returns at once with a run_id while \
+they work in the background.
+
+Fan out when the goal splits into large, independent chunks (a module, a package, a test suite \
+each) that take many steps; a small or tightly coupled change is cheaper done directly. Each task \
+must be self-contained: its prompt is all the subagent knows besides shared_context (plan, \
+conventions, files every agent reads at cache price). Give each task a write_scope of path \
+prefixes that do not overlap the others' (e.g. ["src/auth/"], ["tests/auth/"]): agents with \
+overlapping scopes run one after another, and a task without write_scope serializes with every \
+writer. write_scope [] means read-only. Every agent starts from the same pinned commit, in its own \
+isolated copy; nothing touches the user's checkout until merge_results.
+
+Cost: all agents of a run draw on one shared token budget (budget_tokens); the answer includes \
+an estimate and warnings. After spawning, poll get_status(run_id, since=cursor, wait_s=30) — do \
+not spin — then call merge_results."""
+
+STATUS_DESCRIPTION = """\
+Report runs and their agents: status (queued, waiting, running, succeeded, failed, cancelled, \
+interrupted, merged, conflicted, discarded), turns, tokens, leases, changed files and, once \
+finished, each agent's result (summary, changed files, commands and exit codes).
+
+Long-poll instead of spinning: pass since=<cursor from the previous answer> and wait_s=30; the \
+call returns as soon as anything changed, or after wait_s with changed=false. Without run_id it \
+lists every run of the repository. State is durable: it survives reconnects and server restarts."""
+
+MERGE_DESCRIPTION = """\
+Fold finished agents' work into the repository's current branch, one agent at a time (3-way \
+merge against the current head; the user's uncommitted changes are never overwritten).
+
+Per agent: merged (or clean in a dry run), conflicted (with the paths; its branch and work are \
+kept) or skipped (with the reason, e.g. still running). Use dry_run=true first if unsure: it \
+changes nothing. For a conflicted agent call rerun_subagent — never merge by hand. discard=[ids] \
+throws an agent's work away explicitly. Without agent_ids every succeeded agent is merged, in the \
+order they finished."""
+
+CANCEL_DESCRIPTION = """\
+Cancel a run's active agents (all, or agent_ids). Their work so far is committed on their branch \
+and can be resumed with rerun_subagent; nothing is merged."""
+
+RERUN_DESCRIPTION = """\
+Run an agent's task again as a new agent of the same run, starting from the current head of the \
+branch (which includes what was merged since), told what was rejected and why (the conflicting \
+diff) plus your instructions. Use it for a conflicted, failed, cancelled or interrupted agent; \
+then poll get_status and merge_results again."""
+
+PING_DESCRIPTION = "Health check: answers at once with the server's name and version; no effect."
+
+
+def build_server(settings: Settings, model_factory: ModelFactory | None = None) -> FanoutServer:
+    """The MCP server for these settings (the model factory defaults to the Anthropic API)."""
+    app = App(settings, model_factory)
+    return FanoutServer(app)
+
+
+class FanoutServer(MCPServer[App]):
+    """MCPServer with fanout's tools, resources and prompt, and the one error translation."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        bus = InMemorySubscriptionBus()
+        app.notifier.bus = bus
+
+        @asynccontextmanager
+        async def lifespan(_: MCPServer[App]) -> AsyncGenerator[App]:
+            async with app.running():
+                yield app
+
+        super().__init__(
+            SERVER_NAME,
+            title="fanout: parallel subagents",
+            version=VERSION,
+            instructions=INSTRUCTIONS,
+            lifespan=lifespan,
+            subscriptions=bus,
+            tools=self._tools(),
+            log_level="WARNING",
+        )
+        from mcp_server.prompts import register_prompts
+        from mcp_server.resources import register_resources
+
+        register_resources(self, app)
+        register_prompts(self)
+        app.notifier.install_legacy_subscribe(self._lowlevel_server)
+
+    # --- the one translation of errors ------------------------------------------------------
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[App, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except MCPError:
+            raise
+        except Exception as exc:
+            raise tool_error(exc, name) from None
+
+    async def read_resource(
+        self, uri: AnyUrl | str, context: Context[App, Any] | None = None
+    ) -> Iterable[Any] | InputRequiredResult:
+        try:
+            return await super().read_resource(uri, context)
+        except MCPError:
+            raise
+        except ResourceError as exc:
+            if exc.__cause__ is None:
+                raise
+            raise resource_error(exc, str(uri)) from None
+
+    # --- tools ------------------------------------------------------------------------------
+
+    def _tools(self) -> list[Tool]:
+        app = self.app
+
+        async def spawn_subagents(
+            request: SpawnRequest, ctx: ToolCtx, roots: Roots = None
+        ) -> Annotated[CallToolResult, SpawnResult]:
+            app.repos.offer_roots(roots)
+            repo = await app.context(request.repo)
+            result = await app.orchestrator.spawn(request, default_repo=repo.repo.root)
+            return _result(result, status_table.spawn_text(result))
+
+        async def get_status(
+            request: StatusRequest, ctx: ToolCtx, roots: Roots = None
+        ) -> Annotated[CallToolResult, StatusResult]:
+            app.repos.offer_roots(roots)
+            repo = await app.context()
+            result = await app.orchestrator.status(
+                run_id=request.run_id,
+                agent_ids=request.agent_ids,
+                since=request.since,
+                wait_s=request.wait_s,
+                repo=repo.repo.root,
+            )
+            return _result(result, status_table.status_text(result))
+
+        async def merge_results(
+            request: MergeRequest, ctx: ToolCtx, roots: Roots = None
+        ) -> Annotated[CallToolResult, MergeResult]:
+            app.repos.offer_roots(roots)
+            repo = await app.context()
+            send, receive = anyio.create_memory_object_stream[tuple[int, int, str]](64)
+
+            def on_progress(done: int, total: int, message: str) -> None:
+                # No progress once the work is done: a notification racing the result confuses
+                # some clients (Claude Code drops the connection).
+                if done < total:
+                    with suppress(anyio.WouldBlock):
+                        send.send_nowait((done, total, message))
+
+            async def forward() -> None:
+                async with receive:
+                    async for done, total, message in receive:
+                        with anyio.move_on_after(5):
+                            await ctx.report_progress(done, total, message)
+
+            result: MergeResult | None = None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(forward)
+                try:
+                    result = await app.orchestrator.merge(
+                        request, repo=repo.repo.root, on_progress=on_progress
+                    )
+                finally:
+                    send.close()
+                    tg.cancel_scope.cancel()
+            assert result is not None
+            return _result(result, status_table.merge_text(result))
+
+        async def cancel_subagents(
+            request: CancelRequest, ctx: ToolCtx, roots: Roots = None
+        ) -> Annotated[CallToolResult, CancelResult]:
+            app.repos.offer_roots(roots)
+            repo = await app.context()
+            result = await app.orchestrator.cancel(
+                request.run_id, request.agent_ids, repo=repo.repo.root
+            )
+            return _result(result, status_table.cancel_text(result))
+
+        async def rerun_subagent(
+            request: RerunRequest, ctx: ToolCtx, roots: Roots = None
+        ) -> Annotated[CallToolResult, RerunResult]:
+            app.repos.offer_roots(roots)
+            repo = await app.context()
+            result = await app.orchestrator.rerun(
+                request.agent_id, request.instructions, repo=repo.repo.root
+            )
+            return _result(result, status_table.rerun_text(result))
+
+        async def ping(request: PingRequest, ctx: ToolCtx) -> PingResult:
+            return PingResult(ok=True, server=SERVER_NAME, version=VERSION)
+
+        return [
+            _tool(
+                spawn_subagents,
+                name="spawn_subagents",
+                request_model=SpawnRequest,
+                title="Spawn parallel subagents",
+                description=SPAWN_DESCRIPTION,
+                annotations=ToolAnnotations(
+                    read_only_hint=False,
+                    destructive_hint=False,
+                    idempotent_hint=False,
+                    open_world_hint=False,
+                ),
+            ),
+            _tool(
+                get_status,
+                name="get_status",
+                request_model=StatusRequest,
+                title="Status of runs and agents (long-poll)",
+                description=STATUS_DESCRIPTION,
+                annotations=ToolAnnotations(
+                    read_only_hint=True, idempotent_hint=True, open_world_hint=False
+                ),
+            ),
+            _tool(
+                merge_results,
+                name="merge_results",
+                request_model=MergeRequest,
+                title="Merge finished agents' work",
+                description=MERGE_DESCRIPTION,
+                annotations=ToolAnnotations(
+                    read_only_hint=False,
+                    destructive_hint=True,
+                    idempotent_hint=False,
+                    open_world_hint=False,
+                ),
+            ),
+            _tool(
+                cancel_subagents,
+                name="cancel_subagents",
+                request_model=CancelRequest,
+                title="Cancel agents",
+                description=CANCEL_DESCRIPTION,
+                annotations=ToolAnnotations(
+                    read_only_hint=False,
+                    destructive_hint=True,
+                    idempotent_hint=True,
+                    open_world_hint=False,
+                ),
+            ),
+            _tool(
+                rerun_subagent,
+                name="rerun_subagent",
+                request_model=RerunRequest,
+                title="Rerun an agent on the current head",
+                description=RERUN_DESCRIPTION,
+                annotations=ToolAnnotations(
+                    read_only_hint=False,
+                    destructive_hint=False,
+                    idempotent_hint=False,
+                    open_world_hint=False,
+                ),
+            ),
+            _tool(
+                ping,
+                name="ping",
+                request_model=PingRequest,
+                title="Health check",
+                description=PING_DESCRIPTION,
+                annotations=ToolAnnotations(
+                    read_only_hint=True, idempotent_hint=True, open_world_hint=False
+                ),
+            ),
+        ]
+
+
+__all__ = ["App", "FanoutServer", "ToolError", "build_server"]
