@@ -113,6 +113,79 @@ def _tree(pyrepo: pygit2.Repository, rev: str | pygit2.Oid) -> pygit2.Tree | Non
         return None
 
 
+_Edit = tuple[pygit2.Oid, int] | None
+"""A path's new blob and file mode, or None to delete it."""
+
+
+def _edit_tree(
+    pyrepo: pygit2.Repository, tree: pygit2.Tree | None, edits: dict[str, _Edit]
+) -> pygit2.Oid | None:
+    """`tree` with `edits` applied, rewriting only the subtrees they touch; None when empty."""
+    builder = pyrepo.TreeBuilder(tree) if tree is not None else pyrepo.TreeBuilder()
+    here: dict[str, _Edit] = {}
+    below: dict[str, dict[str, _Edit]] = {}
+    for path, edit in edits.items():
+        name, sep, rest = path.partition("/")
+        if sep:
+            below.setdefault(name, {})[rest] = edit
+        else:
+            here[name] = edit
+    for name, edit in here.items():
+        if edit is None and _entry(builder, name) is not None:
+            builder.remove(name)
+    for name, sub in below.items():
+        current = _entry(builder, name)
+        subtree = current.peel(pygit2.Tree) if current is not None and _is_tree(current) else None
+        new_id = _edit_tree(pyrepo, subtree, sub)
+        if new_id is not None:
+            builder.insert(name, new_id, pygit2.enums.FileMode.TREE)
+        elif subtree is not None:
+            builder.remove(name)
+    for name, edit in here.items():
+        if edit is not None:
+            builder.insert(name, edit[0], edit[1])
+    return builder.write() if len(builder) else None
+
+
+def _entry(builder: pygit2.TreeBuilder, name: str) -> pygit2.Object | None:
+    found: pygit2.Object | None = builder.get(name)  # None when absent (the stub omits it)
+    return found
+
+
+def _is_tree(obj: pygit2.Object) -> bool:
+    return obj.type == pygit2.enums.ObjectType.TREE
+
+
+def _write_merged_tree(
+    pyrepo: pygit2.Repository, index: pygit2.Index, ours: pygit2.Tree
+) -> tuple[pygit2.Oid, list[str]]:
+    """The merge result as a tree built on `ours`, and the paths where it differs from `ours`.
+
+    Equivalent to `index.write_tree()`, but only the directories the merge touched are
+    rewritten, which matters in repositories of many thousand files.
+    """
+    deletes: dict[str, _Edit] = {}
+    writes: dict[str, _Edit] = {}
+    for delta in index.diff_to_tree(ours).deltas:
+        if delta.status_char() == "D":
+            deletes[delta.old_file.path] = None
+        else:
+            writes[delta.new_file.path] = (delta.new_file.id, int(delta.new_file.mode))
+    changed = sorted(set(deletes) | set(writes))
+    if not changed:
+        return ours.id, []
+    # deletions first, so a file may replace a directory (or the other way) in one pass
+    tree_id = _edit_tree(pyrepo, ours, deletes) if deletes else ours.id
+    if writes:
+        base = pyrepo[tree_id].peel(pygit2.Tree) if tree_id is not None else None
+        tree_id = _edit_tree(pyrepo, base, writes)
+    return (tree_id if tree_id is not None else _empty_tree(pyrepo)), changed
+
+
+def _empty_tree(pyrepo: pygit2.Repository) -> pygit2.Oid:
+    return pyrepo.TreeBuilder().write()
+
+
 def _merge_in_memory(
     pyrepo: pygit2.Repository, base: pygit2.Tree, ours: pygit2.Tree, theirs: pygit2.Tree
 ) -> _Merge:
@@ -126,20 +199,19 @@ def _merge_in_memory(
                     paths.add(str(entry.path))  # pyright: ignore[reportUnknownArgumentType, reportUnknownMemberType]
         agent = tree_changes(pyrepo, base, theirs)
         return _Merge(None, sorted(paths), [], DiffStat.of(agent))
-    tree_id = index.write_tree(pyrepo)
+    tree_id, changed = _write_merged_tree(pyrepo, index, ours)
+    if not changed:
+        return _Merge(tree_id, [], [], DiffStat())
     merged = pyrepo[tree_id].peel(pygit2.Tree)
-    changes = tree_changes(pyrepo, ours, merged, renames=False)
-    changed = sorted({c.path for c in changes})
-    stat = DiffStat.of(tree_changes(pyrepo, ours, merged)) if changes else DiffStat()
-    return _Merge(tree_id, [], changed, stat)
+    return _Merge(tree_id, [], changed, DiffStat.of(tree_changes(pyrepo, ours, merged)))
 
 
-def _dirty_overlap(root: Path, changed: Sequence[str], *, refresh: bool) -> list[str]:
+def _dirty_overlap(root: Path, changed: Sequence[str]) -> list[str]:
     """The user's uncommitted (or untracked, or ignored) paths that the merge would touch."""
     if not changed:
         return []
     specs = list(changed) if len(changed) <= MAX_PATHSPECS else []
-    entries = status_entries(root, specs, ignored=True, refresh=refresh)
+    entries = status_entries(root, specs, ignored=True)
     hits = {e.path for e in entries if any(overlaps(e.path, c) for c in changed)}
     changed_set = set(changed)
     for path in changed:
@@ -305,7 +377,7 @@ class Joiner:
             return self._conflicted(cand, m), head_tree
         reason = can_land(cand.agent_id) if can_land is not None else None
         if reason is None:
-            dirty = _dirty_overlap(self._repo.root, m.changed, refresh=False)
+            dirty = _dirty_overlap(self._repo.root, m.changed)
             reason = _overlap_reason(dirty) if dirty else None
         if reason is not None:
             return self._skipped(cand, m, reason), head_tree
@@ -363,11 +435,14 @@ class Joiner:
             reason = can_land(cand.agent_id) if can_land is not None else None
             if reason is not None:
                 return self._skipped(cand, m, reason)
-            dirty = _dirty_overlap(self._repo.root, m.changed, refresh=True)
+            # read-only status (no index refresh): a merely stat-dirty path, which status
+            # reports clean, is refreshed by _bring_forward if read-tree trips over it
+            dirty = _dirty_overlap(self._repo.root, m.changed)
             if dirty:
                 return self._skipped(cand, m, _overlap_reason(dirty))
-            identity = self._identity or self._repo.identity()
-            signature = identity.signature()
+            if self._identity is None:
+                self._identity = self._repo.identity()
+            signature = self._identity.signature()
             new = pyrepo.create_commit(
                 None, signature, signature, merge_message(cand), m.tree, [target.head]
             )

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 
 import filelock
+import pygit2
 import pytest
 
 from orchestration.errors import MergeError
-from orchestration.join import JoinCandidate, Joiner, JoinOutcome, conflict_diff
+from orchestration.join import (
+    JoinCandidate,
+    Joiner,
+    JoinOutcome,
+    _write_merged_tree,  # pyright: ignore[reportPrivateUsage]
+    conflict_diff,
+)
 from orchestration.workspace import (
     GitRepo,
     commit_workspace,
@@ -394,3 +402,65 @@ def test_pinned_branch_that_is_not_checked_out_is_refused(repo: GitRepo) -> None
     with pytest.raises(MergeError, match="check out other"):
         Joiner(repo, branch_ref="refs/heads/other").merge([cand], dry_run=False)
     assert head(root) == base and not (root / "x.txt").exists()
+
+
+def test_incremental_merged_tree_equals_a_full_index_write(repo: GitRepo) -> None:
+    """The merged tree is built by editing the head's tree; it must equal libgit2's full write."""
+    root = repo.root
+    base = commit_files(
+        root,
+        {"dir/a.txt": "a\n", "dir/sub/b.txt": "b\n", "flip": "file\n", "gone/x.txt": "x\n"},
+        "more structure",
+    )
+    ours = commit_files(root, {"README.md": "ours\n", "dir/sub/c.txt": "c\n"}, "ours")
+    agent(
+        repo,
+        base,
+        "a1",
+        {
+            "flip": None,
+            "flip/inside.txt": "now a directory\n",  # file -> directory
+            "gone/x.txt": None,  # the whole directory goes
+            "dir/sub/b.txt": "b changed\n",
+            "deep/new/tree/n.txt": "n\n",
+            "tool.sh": "#!/bin/sh\n",
+        },
+    )
+    ws_path = repo.worktrees_dir / "run1" / "a1"
+    os.chmod(ws_path / "tool.sh", 0o755)
+    os.symlink("dir/a.txt", ws_path / "link")
+    work = commit_workspace(
+        create_workspace(repo, base_commit=base, run_id="run1", agent_id="a1"),
+        message="exec bit and link",
+        write_scope=WriteScope.of(None),
+    )
+    assert work.commit is not None
+    pyrepo = pygit2.Repository(str(root))
+    try:
+        trees = [pyrepo.revparse_single(c).peel(pygit2.Tree) for c in (base, ours, work.commit)]
+        index = pyrepo.merge_trees(trees[0], trees[1], trees[2])
+        assert index.conflicts is None
+        tree_id, changed = _write_merged_tree(pyrepo, index, trees[1])
+        assert tree_id == index.write_tree(pyrepo)
+        assert "flip" in changed and "flip/inside.txt" in changed and "link" in changed
+        # and the reverse direction: directory -> file, and a merge that empties nothing
+        back = pyrepo.merge_trees(trees[2], trees[2], trees[0])
+        assert _write_merged_tree(pyrepo, back, trees[2])[0] == back.write_tree(pyrepo)
+        same = pyrepo.merge_trees(trees[0], trees[1], trees[0])
+        assert _write_merged_tree(pyrepo, same, trees[1]) == (trees[1].id, [])
+    finally:
+        pyrepo.free()
+
+
+def test_consecutive_agents_editing_one_file_in_the_same_second(repo: GitRepo) -> None:
+    """The second merge finds the file just written by the first (racily clean in the index)."""
+    root = repo.root
+    base = head(root)
+    lines = BASE_FILES["shared.txt"].splitlines(keepends=True)
+    top = agent(repo, base, "a1", {"shared.txt": "".join(["TOP\n", *lines[1:]])})
+    bottom = agent(repo, base, "a2", {"shared.txt": "".join([*lines[:-1], "BOTTOM\n"])})
+    outcomes = Joiner(repo).merge([top, bottom], dry_run=False)
+    assert [o.outcome for o in outcomes] == ["merged", "merged"], outcomes
+    assert (root / "shared.txt").read_text() == "".join(["TOP\n", *lines[1:-1], "BOTTOM\n"])
+    assert git(root, "status", "--porcelain", "-uall") == ""
+    assert_fsck(root)

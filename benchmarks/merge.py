@@ -1,0 +1,122 @@
+"""Join-step throughput: merge many agents' branches into a large repository's checkout."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import pygit2
+
+from orchestration.join import JoinCandidate, Joiner
+from orchestration.workspace import GitRepo, Identity, run_git
+
+IDENTITY = Identity("fanout bench", "bench@localhost")
+FILES_PER_DIR = 100
+FILES_PER_AGENT = 3
+
+
+def _build_repository(root: Path, files: int) -> str:
+    """A repository of `files` small files in directories of 100, checked out on main."""
+    run_git(root, "init", "-q", "-b", "main")
+    stream: list[str] = [
+        "commit refs/heads/main",
+        f"committer {IDENTITY.name} <{IDENTITY.email}> 1700000000 +0000",
+        "data 8",
+        "initial",
+    ]
+    for n in range(files):
+        body = f"file {n}\n" + "".join(f"line {k} of file {n}\n" for k in range(20))
+        data = body.encode()
+        stream += [f"M 100644 inline d{n // FILES_PER_DIR:03d}/f{n:05d}.txt", f"data {len(data)}"]
+        stream.append(body.rstrip("\n"))
+    run_git(root, "fast-import", "--quiet", input="\n".join(stream) + "\n")
+    run_git(root, "reset", "-q", "--hard", "main")
+    return run_git(root, "rev-parse", "HEAD").stdout.strip()
+
+
+def _agent_commits(root: Path, base: str, agents: int) -> list[JoinCandidate]:
+    """One branch per agent, each changing 3 files of its own directory (plumbing, in memory)."""
+    pyrepo = pygit2.Repository(str(root))
+    try:
+        base_commit = pyrepo[base].peel(pygit2.Commit)
+        signature = IDENTITY.signature()
+        candidates: list[JoinCandidate] = []
+        for a in range(agents):
+            index = pygit2.Index()
+            index.read_tree(base_commit.tree)
+            for k in range(FILES_PER_AGENT):
+                n = a * FILES_PER_DIR + k
+                path = f"d{a:03d}/f{n:05d}.txt"
+                old = pyrepo[index[path].id].peel(pygit2.Blob).data.decode()
+                blob = pyrepo.create_blob(old.replace("line 3 ", f"line 3 (agent {a}) ", 1))
+                index.add(pygit2.IndexEntry(path, blob, pygit2.enums.FileMode.BLOB))
+            tree = index.write_tree(pyrepo)
+            branch = f"fanout/bench/agent{a:02d}"
+            commit = pyrepo.create_commit(
+                f"refs/heads/{branch}", signature, signature, "agent work", tree, [base_commit.id]
+            )
+            candidates.append(
+                JoinCandidate(
+                    agent_id=f"agent{a:02d}",
+                    name=f"agent {a}",
+                    task_summary=f"edit directory d{a:03d}",
+                    model_summary="changed three files",
+                    base_commit=base,
+                    branch=branch,
+                    commit=str(commit),
+                )
+            )
+        return candidates
+    finally:
+        pyrepo.free()
+
+
+def run(quick: bool) -> dict[str, float | int]:
+    """Time `Joiner.merge` (dry and real) of many disjoint agents; figures per agent."""
+    files = 1_000 if quick else 10_000
+    agents = 8 if quick else 32
+    with tempfile.TemporaryDirectory(prefix="fanout-bench-merge-") as tmp:
+        root = Path(tmp) / "repo"
+        root.mkdir()
+        t0 = time.perf_counter()
+        base = _build_repository(root, files)
+        candidates = _agent_commits(root, base, agents)
+        setup_s = time.perf_counter() - t0
+
+        repo = GitRepo(root)
+        joiner = Joiner(repo, identity=IDENTITY)
+        t1 = time.perf_counter()
+        dry = joiner.merge(candidates, dry_run=True)
+        dry_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        outcomes = joiner.merge(candidates, dry_run=False)
+        merge_s = time.perf_counter() - t2
+
+        merged = sum(o.outcome == "merged" for o in outcomes)
+        if merged != agents or any(o.outcome != "clean" for o in dry):
+            raise RuntimeError(f"benchmark merge failed: {[o.outcome for o in outcomes]}")
+        status = run_git(root, "status", "--porcelain").stdout
+        if status:
+            raise RuntimeError(f"the checkout is not clean after the merge:\n{status}")
+
+    per_agent_ms = merge_s * 1000 / agents
+    dry_per_agent_ms = dry_s * 1000 / agents
+    rows = [
+        ("files in repository", f"{files}"),
+        ("agents (3 files each)", f"{agents}"),
+        ("setup", f"{setup_s:.2f} s"),
+        ("dry run total", f"{dry_s * 1000:.0f} ms"),
+        ("dry run per agent", f"{dry_per_agent_ms:.1f} ms"),
+        ("merge total", f"{merge_s * 1000:.0f} ms"),
+        ("merge per agent", f"{per_agent_ms:.1f} ms  (target <= 100 ms)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    return {
+        "merge_ms_per_agent": round(per_agent_ms, 2),
+        "merge_dry_run_ms_per_agent": round(dry_per_agent_ms, 2),
+        "merge_agents": agents,
+        "merge_repo_files": files,
+    }
