@@ -11,6 +11,7 @@ wrong and what to do; a resource failure as a JSON-RPC error. No stack trace cro
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 from mcp.server.mcpserver.exceptions import (
     ResourceError,
@@ -82,12 +83,24 @@ def domain_message(exc: OrchestrationError) -> str:
     return str(exc)
 
 
+def _unwrap(exc: BaseException, wrapper: type[Exception]) -> BaseException:
+    """Look through the SDK's wrappers and single-exception task-group groups for ours."""
+    cause: BaseException = exc
+    while True:
+        if isinstance(cause, wrapper) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        elif isinstance(cause, BaseExceptionGroup):
+            group = cast("BaseExceptionGroup[BaseException]", cause)
+            if len(group.exceptions) != 1:
+                return group
+            cause = group.exceptions[0]
+        else:
+            return cause
+
+
 def tool_error(exc: BaseException, tool: str) -> ToolError:
     """The ToolError the client sees for an exception raised by (or around) a tool."""
-    cause = exc
-    # The SDK wraps what a tool raises; look through its wrappers for ours.
-    while isinstance(cause, ToolError) and cause.__cause__ is not None:
-        cause = cause.__cause__
+    cause = _unwrap(exc, ToolError)
     if isinstance(cause, ValidationError):
         return ToolError(f"{tool}: {validation_message(cause)}")
     if isinstance(cause, OrchestrationError):
@@ -102,9 +115,7 @@ def tool_error(exc: BaseException, tool: str) -> ToolError:
 
 def resource_error(exc: BaseException, uri: str) -> ResourceError:
     """The ResourceError the client sees for a failed read."""
-    cause = exc
-    while isinstance(cause, ResourceError) and cause.__cause__ is not None:
-        cause = cause.__cause__
+    cause = _unwrap(exc, ResourceError)
     if isinstance(cause, NotFound):
         return ResourceNotFoundError(f"{uri}: {domain_message(cause)}")
     if isinstance(cause, OrchestrationError):
