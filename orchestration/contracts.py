@@ -206,6 +206,7 @@ class FileChange(_Output):
 
     path: str
     status: Literal["added", "modified", "deleted", "renamed"]
+    old_path: str | None = None
     lines_added: int
     lines_removed: int
     blob: str | None

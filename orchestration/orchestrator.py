@@ -18,7 +18,6 @@ from types import TracebackType
 import anyio
 import anyio.abc
 from anyio.abc import TaskStatus
-from toolbus.bus import SUBAGENT_TOOL_SPECS, AgentBus
 
 from orchestration import workspace as ws_mod
 from orchestration.agent import AgentLoop, Budget, LoopOutcome, Progress, Transcript
@@ -56,7 +55,7 @@ from orchestration.errors import (
     RepositoryError,
     RunNotFound,
 )
-from orchestration.join import JoinCandidate, Joiner
+from orchestration.join import JoinCandidate, Joiner, JoinOutcome
 from orchestration.model import Model
 from orchestration.prompts import FINISH_TOOL, shared_prefix, task_prompt
 from orchestration.retry import RetryPolicy
@@ -68,6 +67,7 @@ from orchestration.state import (
     StateStore,
 )
 from toolbus.audit import AuditLog
+from toolbus.bus import SUBAGENT_TOOL_SPECS, AgentBus
 from toolbus.errors import LeaseError, LeaseLost
 from toolbus.leases import (
     LeaseGrant,
@@ -328,7 +328,7 @@ class Orchestrator:
                 )
             )
         self._plan_waves(agents)
-        warnings = self._spawn_warnings(ctx, agents)
+        warnings = await self._spawn_warnings(ctx, agents)
         estimate = self._estimate(run, agents)
         if estimate.estimated_total_tokens > budget:
             warnings.append(
@@ -367,7 +367,7 @@ class Orchestrator:
                 )
             ]
 
-    def _spawn_warnings(self, ctx: RepoContext, agents: list[AgentRecord]) -> list[str]:
+    async def _spawn_warnings(self, ctx: RepoContext, agents: list[AgentRecord]) -> list[str]:
         warnings: list[str] = []
         for agent in agents:
             if agent.write_scope is None:
@@ -382,11 +382,10 @@ class Orchestrator:
                     f"{agent.name} overlaps the write scope of {names}: it waits until they are "
                     "merged or discarded, then starts from the new head"
                 )
-        blockers = {
-            lease.holder
-            for agent in agents
-            for lease in ctx.leases.blockers(self._scope_requests(agent.write_scope))
-        }
+        blockers: set[str] = set()
+        for agent in agents:
+            for lease in await ctx.leases.blockers(self._scope_requests(agent.write_scope)):
+                blockers.add(lease.holder)
         if blockers:
             warnings.append(
                 "agents of earlier runs hold overlapping write leases ("
@@ -504,6 +503,10 @@ class Orchestrator:
                 await self._run_agent(ctx, runtime)
             if runtime.scope.cancelled_caught:
                 await self._finish_cancelled(ctx, runtime)
+        except Exception as exc:  # a defect of ours: contained to this agent
+            log.exception("agent %s failed inside the orchestrator", agent_id)
+            with anyio.CancelScope(shield=True):
+                await self._fail_internal(ctx, runtime, exc)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._finish_interrupted(ctx, runtime)
@@ -513,6 +516,26 @@ class Orchestrator:
             if record is not None and record.status.active:
                 with anyio.CancelScope(shield=True):
                     await self._finish_interrupted(ctx, runtime)
+
+    async def _fail_internal(self, ctx: RepoContext, runtime: AgentRuntime, exc: Exception) -> None:
+        error = f"internal error: {type(exc).__name__}: {exc}"
+        try:
+            await self._finish(
+                ctx,
+                runtime,
+                LoopOutcome(StopReason.INTERNAL_ERROR, error=error),
+                status=AgentStatus.FAILED,
+            )
+        except Exception:
+            log.exception("recording the failure of %s failed", runtime.agent_id)
+            ctx.store.update_agent(
+                runtime.agent_id,
+                "failed",
+                error,
+                status=AgentStatus.FAILED,
+                stop_reason=StopReason.INTERNAL_ERROR,
+                status_reason=error,
+            )
 
     async def _run_agent(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
         store = ctx.store
@@ -551,18 +574,19 @@ class Orchestrator:
         fence = LeaseFence(ctx.leases, agent.lease_holder or agent.agent_id)
         runtime.fence = fence
         if requests:
-            blockers = ctx.leases.blockers(requests)
-            if blockers:
-                holders = sorted({b.holder for b in blockers})
+            holder = agent.lease_holder or agent.agent_id
+
+            def on_wait() -> None:
                 store.update_agent(
                     agent.agent_id,
                     "waiting",
                     "waits for leases",
                     status=AgentStatus.WAITING,
-                    status_reason="waits for write leases held by " + ", ".join(holders),
-                    waits_for=sorted(set(agent.waits_for) | set(holders)),
+                    status_reason="waits for overlapping write leases held by other agents "
+                    "(see get_status leases); it starts once they are merged or discarded",
                 )
-            grant = await ctx.leases.acquire(agent.lease_holder or agent.agent_id, requests)
+
+            grant = await ctx.leases.acquire(holder, requests, on_wait=on_wait)
             fence.grant = grant
             ctx.keeper.track(grant, lambda lost: self._on_lease_lost(ctx, runtime, lost))
             store.update_agent(
@@ -611,6 +635,7 @@ class Orchestrator:
             branch=workspace.branch,
             base_commit=base,
             start_commit=start,
+            commit=start if start != base else None,
         )
         audit = AuditLog(ctx.repo.state_dir / "audit" / f"{agent.agent_id}.jsonl")
         terminal = Terminal(
@@ -618,10 +643,11 @@ class Orchestrator:
             TerminalConfig(
                 sandbox=SandboxMode(self.settings.sandbox),
                 allow_network=self.settings.allow_network,
-                env_passthrough=list(self.settings.env_passthrough),
+                env_passthrough=tuple(self.settings.env_passthrough),
                 default_timeout_s=self.settings.command_timeout_s,
+                hidden_paths=(ctx.repo.state_dir,),
+                home=ctx.repo.state_dir / "homes" / agent.agent_id,
             ),
-            hidden_paths=[ctx.repo.state_dir],
         )
         assert runtime.fence is not None
         bus = AgentBus(
@@ -709,6 +735,15 @@ class Orchestrator:
             )
         )
 
+    @staticmethod
+    def _changes(ctx: RepoContext, base: str, commit: str) -> list[FileChange]:
+        pyrepo = ctx.repo.open()
+        try:
+            found = ws_mod.file_changes(pyrepo, base, commit)
+        finally:
+            pyrepo.free()
+        return [FileChange.model_validate(c.model_dump()) for c in found]
+
     async def _finish_cancelled(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
         reason = runtime.cancel_reason or "cancelled by cancel_subagents"
         lease_lost = runtime.cancel_reason is not None and "lease" in runtime.cancel_reason
@@ -755,12 +790,13 @@ class Orchestrator:
         if agent.workspace is not None and Path(agent.workspace).exists():
             work = await self._commit_work(ctx, agent, _first_line(outcome.summary or agent.prompt))
             commit = work.commit or commit
-            changes = [FileChange.model_validate(c.model_dump()) for c in work.changes]
             dropped = list(work.dropped)
+        if commit is not None:
+            changes = await anyio.to_thread.run_sync(self._changes, ctx, agent.base_commit, commit)
         records = runtime.audit.records() if runtime.audit is not None else []
         commands = [
             CommandRun(
-                command=r.args_brief,
+                command=r.command or r.args_brief,
                 exit_code=r.exit_code,
                 duration_s=round(r.duration_ms / 1000, 3),
                 timed_out=bool(r.timed_out),
@@ -861,7 +897,7 @@ class Orchestrator:
             missing = sorted(wanted - known)
             if missing:
                 raise AgentNotFound(f"agent_ids: no such agent(s) {', '.join(missing)}")
-        leases = ctx.leases.table()
+        leases = await ctx.leases.table()
         now = time.time()
         views: list[RunView] = []
         for run in runs:
@@ -1020,7 +1056,7 @@ class Orchestrator:
                     )
                 )
                 continue
-            if agent.commit is None or agent.commit == (agent.start_commit or agent.base_commit):
+            if agent.commit is None or agent.commit == agent.base_commit:
                 results.append(await self._merge_empty(ctx, agent, dry_run=request.dry_run))
                 continue
             candidates.append(
@@ -1049,10 +1085,14 @@ class Orchestrator:
             return None
 
         total = len(candidates)
+        done_count = 0
 
-        def progress(done: int, message: str) -> None:
+        def progress(outcome: JoinOutcome) -> None:
+            nonlocal done_count
+            done_count += 1
             if on_progress is not None:
-                anyio.from_thread.run_sync(on_progress, done, total, message)
+                message = f"{outcome.agent_id}: {outcome.outcome}"
+                anyio.from_thread.run_sync(on_progress, done_count, total, message)
 
         joiner = Joiner(ctx.repo)
         outcomes = await anyio.to_thread.run_sync(
@@ -1076,7 +1116,7 @@ class Orchestrator:
                     files=outcome.diffstat.files,
                     insertions=outcome.diffstat.insertions,
                     deletions=outcome.diffstat.deletions,
-                    paths=list(outcome.diffstat.paths),
+                    paths=[f.path for f in outcome.diffstat.per_file],
                 ),
             )
             results.append(result)
@@ -1172,9 +1212,9 @@ class Orchestrator:
             except LeaseError as exc:
                 log.info("release of %s's leases: %s", agent.agent_id, exc)
             return
-        held = [lease for lease in ctx.leases.table() if lease.holder == holder]
+        held = [lease for lease in await ctx.leases.table() if lease.holder == holder]
         if held:
-            ctx.leases.break_holder(holder)
+            await ctx.leases.break_holder(holder, immediate=True)
 
     async def _remove_workspace(self, ctx: RepoContext, agent: AgentRecord) -> None:
         if agent.workspace is None or not Path(agent.workspace).exists():

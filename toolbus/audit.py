@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 Outcome = Literal["ok", "refused", "error"]
 MAX_BRIEF_CHARS = 300
+MAX_COMMAND_CHARS = 2_000
 MAX_DETAIL_CHARS = 2000
 
 
@@ -41,6 +42,7 @@ class AuditRecord(BaseModel):
     duration_ms: float
     token: int | None = None
     path: str | None = None
+    command: str | None = None
     exit_code: int | None = None
     timed_out: bool | None = None
     bytes_written: int | None = None
@@ -106,6 +108,7 @@ class AuditLog:
         error_type: str | None = None,
         token: int | None = None,
         path: str | None = None,
+        command: str | None = None,
         exit_code: int | None = None,
         timed_out: bool | None = None,
         bytes_written: int | None = None,
@@ -125,6 +128,7 @@ class AuditLog:
                 duration_ms=round(duration_ms, 3),
                 token=token,
                 path=path,
+                command=None if command is None else brief(command, MAX_COMMAND_CHARS),
                 exit_code=exit_code,
                 timed_out=timed_out,
                 bytes_written=bytes_written,

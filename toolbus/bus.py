@@ -209,6 +209,13 @@ def _args_brief(arguments: object) -> str:
     return " ".join(items)
 
 
+def _command_of(name: str, arguments: object) -> str | None:
+    if name != "run_command" or not isinstance(arguments, Mapping):
+        return None
+    command = cast(Mapping[object, object], arguments).get("command")
+    return command if isinstance(command, str) else None
+
+
 class _LoopFence:
     """Runs the caller's fence in the event loop thread when called from a worker thread."""
 
@@ -338,6 +345,7 @@ class AgentBus:
                 error_type=error_type,
                 token=token,
                 path=facts.path,
+                command=_command_of(name, arguments),
                 exit_code=facts.exit_code,
                 timed_out=facts.timed_out,
                 bytes_written=facts.bytes_written,

@@ -1,0 +1,383 @@
+"""Full runs of the orchestrator on real git repositories, with scripted models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from orchestration.config import Settings
+from orchestration.contracts import (
+    AgentStatus,
+    MergeOutcome,
+    MergeRequest,
+    SharedContextSpec,
+    SpawnRequest,
+    StatusResult,
+    StopReason,
+    TaskSpec,
+)
+from orchestration.errors import AgentNotFound, ConfigError, InvalidState, ModelFatalError
+from orchestration.model import Model, ModelRequest, ModelResponse
+from orchestration.orchestrator import Orchestrator
+from tests.orchestration.scripts import Gate, by_task, git, make_repo
+
+pytestmark = pytest.mark.anyio
+
+TIMEOUT = 30
+
+
+def settings(repo: Path, **overrides: object) -> Settings:
+    base: dict[str, object] = {"repo": repo, "sandbox": "none", "lease_ttl_s": 30.0}
+    base.update(overrides)
+    return Settings.model_validate(base)
+
+
+async def wait_until_final(
+    orch: Orchestrator, run_id: str, *, statuses: set[AgentStatus] | None = None
+) -> StatusResult:
+    """Long-poll get_status until every agent of the run is no longer active."""
+    done = statuses
+    cursor: int | None = None
+    with anyio.fail_after(TIMEOUT):
+        while True:
+            status = await orch.status(run_id=run_id, since=cursor, wait_s=5)
+            cursor = status.cursor
+            agents = status.runs[0].agents
+            if done is not None:
+                if all(a.status in done for a in agents):
+                    return status
+            elif not any(a.status.active for a in agents):
+                return status
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return make_repo(tmp_path / "repo")
+
+
+async def test_two_agents_write_finish_and_merge(repo: Path) -> None:
+    model = by_task(
+        {
+            "TASK-A": [("write_file", {"path": "src/app/a.py", "content": "A = 1\n"})],
+            "TASK-B": [
+                ("write_file", {"path": "src/lib/b.py", "content": "B = 2\n"}),
+                ("run_command", {"command": "ls src/lib"}),
+            ],
+        }
+    )
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(
+                tasks=[
+                    TaskSpec(prompt="TASK-A add a.py", name="a", write_scope=["src/app"]),
+                    TaskSpec(prompt="TASK-B add b.py", name="b", write_scope=["src/lib/"]),
+                ]
+            )
+        )
+        assert [a.name for a in spawned.agents] == ["a", "b"]
+        assert all(not a.waits_for for a in spawned.agents)
+        status = await wait_until_final(orch, spawned.run_id)
+        agents = {a.name: a for a in status.runs[0].agents}
+        assert {a.status for a in agents.values()} == {AgentStatus.SUCCEEDED}
+        result_a = agents["a"].result
+        assert result_a is not None
+        assert result_a.stop_reason == StopReason.FINISHED
+        assert [(c.path, c.status, c.lines_added) for c in result_a.changed_files] == [
+            ("src/app/a.py", "added", 1)
+        ]
+        result_b = agents["b"].result
+        assert result_b is not None
+        assert [(c.command, c.exit_code) for c in result_b.commands] == [("ls src/lib", 0)]
+        assert status.runs[0].totals.tokens.input > 0
+        # nothing visible in the user's checkout before the merge
+        assert not (repo / "src/app/a.py").exists()
+        assert git(repo, "status", "--porcelain") == ""
+
+        merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
+        assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED] * 2
+        assert (repo / "src/app/a.py").read_text() == "A = 1\n"
+        assert (repo / "src/lib/b.py").read_text() == "B = 2\n"
+        assert git(repo, "status", "--porcelain") == ""
+        after = await orch.status(run_id=spawned.run_id)
+        assert {a.status for a in after.runs[0].agents} == {AgentStatus.MERGED}
+        assert all(not a.leases for a in after.runs[0].agents)
+    git(repo, "fsck", "--no-progress")
+
+
+async def test_shared_prefix_is_byte_identical_across_agents(repo: Path) -> None:
+    seen: list[ModelRequest] = []
+    model = by_task({"ONE": [], "TWO": [], "THREE": []}, seen=seen)
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(
+                tasks=[
+                    TaskSpec(prompt="ONE", write_scope=["docs"]),
+                    TaskSpec(prompt="TWO", write_scope=["src/app"]),
+                    TaskSpec(prompt="THREE", write_scope=[]),
+                ],
+                shared_context=SharedContextSpec(
+                    plan="the plan", conventions="be brief", files=["README.md"]
+                ),
+            )
+        )
+        await wait_until_final(orch, spawned.run_id)
+    prefixes = {r.system_prefix for r in seen}
+    tools = {tuple(t.model_dump_json() for t in r.tools) for r in seen}
+    assert len(seen) == 3
+    assert len(prefixes) == 1 and len(tools) == 1
+    prefix = prefixes.pop()
+    assert "the plan" in prefix and "be brief" in prefix and "# sample" in prefix
+    assert len({r.system_task for r in seen}) == 3
+
+
+async def test_overlapping_scopes_run_in_waves(repo: Path) -> None:
+    model = by_task(
+        {
+            "FIRST": [("write_file", {"path": "src/app/core.py", "content": "X = 1\n"})],
+            "SECOND": [("edit_file", {"path": "src/app/core.py", "old": "X = 1", "new": "X = 2"})],
+        }
+    )
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(
+                tasks=[
+                    TaskSpec(prompt="FIRST", name="first", write_scope=["src"]),
+                    TaskSpec(prompt="SECOND", name="second", write_scope=["src/app"]),
+                ]
+            )
+        )
+        first, second = spawned.agents
+        assert second.waits_for == [first.agent_id]
+        assert any("second overlaps" in w for w in spawned.warnings)
+        status = await wait_until_final(
+            orch,
+            spawned.run_id,
+            statuses={AgentStatus.SUCCEEDED, AgentStatus.WAITING},
+        )
+        views = {a.name: a for a in status.runs[0].agents}
+        assert views["first"].status == AgentStatus.SUCCEEDED
+        assert views["second"].status == AgentStatus.WAITING
+        await orch.merge(MergeRequest(run_id=spawned.run_id))
+        # the second wave starts from the new head and sees the first agent's work
+        status = await wait_until_final(orch, spawned.run_id)
+        views = {a.name: a for a in status.runs[0].agents}
+        assert views["second"].status == AgentStatus.SUCCEEDED, views["second"].status_reason
+        merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
+        assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]
+    assert (repo / "src/app/core.py").read_text() == "X = 2\n"
+
+
+async def test_write_outside_scope_is_refused_back_to_the_model(repo: Path) -> None:
+    seen: list[ModelRequest] = []
+    model = by_task({"SCOPED": [("write_file", {"path": "docs/x.md", "content": "no"})]}, seen=seen)
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="SCOPED", write_scope=["src/app"])])
+        )
+        status = await wait_until_final(orch, spawned.run_id)
+    agent = status.runs[0].agents[0]
+    assert agent.status == AgentStatus.SUCCEEDED
+    assert agent.result is not None and agent.result.changed_files == []
+    assert agent.result.refused_calls == 1
+    tool_results = [
+        block
+        for message in seen[-1].messages
+        for block in message.content
+        if block.type == "tool_result"
+    ]
+    assert tool_results and tool_results[0].is_error
+    assert "scope" in tool_results[0].content
+
+
+async def test_cancel_stops_the_agent_and_keeps_its_work(repo: Path) -> None:
+    gate = Gate({"SLOW": 1})
+    model = by_task(
+        {"SLOW": [("write_file", {"path": "src/app/s.py", "content": "S = 1\n"}), ("x", {})]},
+        gate=gate,
+    )
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="SLOW", write_scope=["src/app"])])
+        )
+        with anyio.fail_after(TIMEOUT):
+            await gate.reached["SLOW"].wait()
+        with pytest.raises(InvalidState, match="still running"):
+            await orch.rerun(spawned.agents[0].agent_id)
+        cancelled = await orch.cancel(spawned.run_id)
+        assert [a.status for a in cancelled.agents] == [AgentStatus.CANCELLED]
+        status = await orch.status(run_id=spawned.run_id)
+    agent = status.runs[0].agents[0]
+    assert agent.result is not None and agent.result.stop_reason == StopReason.CANCELLED
+    # the partial work is committed on the agent's branch: nothing is lost
+    assert agent.result.commit is not None
+    assert git(repo, "show", f"{agent.result.commit}:src/app/s.py") == "S = 1\n"
+
+
+async def test_budget_exhaustion_stops_agents_with_a_reason(repo: Path) -> None:
+    model = by_task({"LOOP": [("list_files", {})] * 50})
+    async with Orchestrator(settings(repo, max_output_tokens=256), lambda _n: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="LOOP", write_scope=[])] * 1, budget_tokens=6_000)
+        )
+        status = await wait_until_final(orch, spawned.run_id)
+    agent = status.runs[0].agents[0]
+    assert agent.status == AgentStatus.FAILED
+    assert agent.result is not None
+    assert agent.result.stop_reason == StopReason.BUDGET_EXHAUSTED
+    totals = status.runs[0].totals
+    assert totals.budget_used <= totals.budget_tokens
+
+
+class FailingModel:
+    """A model whose every call fails with an error no retry can fix."""
+
+    name = "failing"
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        raise ModelFatalError("authentication failed (test)")
+
+
+async def test_model_fault_is_contained_to_its_agent(repo: Path) -> None:
+    good = by_task({"GOOD": [("write_file", {"path": "docs/g.md", "content": "g\n"})]})
+    bad = FailingModel()
+
+    def factory(name: str) -> Model:
+        return bad if name == "bad-model" else good
+
+    async with Orchestrator(settings(repo), factory) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(
+                tasks=[
+                    TaskSpec(prompt="GOOD", name="good", write_scope=["docs"]),
+                    TaskSpec(prompt="BAD", name="bad", write_scope=["src"], model="bad-model"),
+                ]
+            )
+        )
+        status = await wait_until_final(orch, spawned.run_id)
+    views = {a.name: a for a in status.runs[0].agents}
+    assert views["good"].status == AgentStatus.SUCCEEDED
+    assert views["bad"].status == AgentStatus.FAILED
+    assert views["bad"].result is not None
+    assert views["bad"].result.stop_reason == StopReason.MODEL_ERROR
+    assert "authentication failed" in (views["bad"].result.error or "")
+
+
+async def test_missing_key_is_a_clear_error_at_spawn(repo: Path) -> None:
+    def factory(name: str) -> Model:
+        raise ConfigError("ANTHROPIC_API_KEY is not set")
+
+    async with Orchestrator(settings(repo), factory) as orch:
+        with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY"):
+            await orch.spawn(SpawnRequest(tasks=[TaskSpec(prompt="x")]))
+        status = await orch.status()
+    assert status.runs == []
+
+
+async def test_user_uncommitted_changes_are_seen_and_left_untouched(repo: Path) -> None:
+    (repo / "README.md").write_text("# sample\nlocal edit\n")
+    (repo / "notes.txt").write_text("untracked\n")
+    git(repo, "add", "notes.txt")
+    before = (git(repo, "status", "--porcelain"), git(repo, "diff"), git(repo, "diff", "--cached"))
+    seen: list[ModelRequest] = []
+    model = by_task({"LOOK": [("read_file", {"path": "README.md"})]}, seen=seen)
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(SpawnRequest(tasks=[TaskSpec(prompt="LOOK", write_scope=[])]))
+        assert spawned.snapshot_of_uncommitted_changes
+        await wait_until_final(orch, spawned.run_id)
+    read_results = [
+        block.content
+        for message in seen[-1].messages
+        for block in message.content
+        if block.type == "tool_result"
+    ]
+    assert any("local edit" in text for text in read_results)
+    after = (git(repo, "status", "--porcelain"), git(repo, "diff"), git(repo, "diff", "--cached"))
+    assert after == before
+
+
+async def test_restart_marks_running_agents_interrupted_and_rerun_resumes(repo: Path) -> None:
+    gate = Gate({"LONG": 1})
+    model = by_task(
+        {"LONG": [("write_file", {"path": "src/app/l.py", "content": "L = 1\n"}), ("x", {})]},
+        gate=gate,
+    )
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="LONG", name="long", write_scope=["src/app"])])
+        )
+        with anyio.fail_after(TIMEOUT):
+            await gate.reached["LONG"].wait()
+    # the server stopped under the agent
+    resumed_model = by_task({"LONG": [("read_file", {"path": "src/app/l.py"})]})
+    async with Orchestrator(settings(repo), lambda _name: resumed_model) as orch:
+        status = await orch.status(run_id=spawned.run_id)
+        agent = status.runs[0].agents[0]
+        assert agent.status == AgentStatus.INTERRUPTED
+        assert agent.result is not None and agent.result.commit is not None
+        with pytest.raises(AgentNotFound):
+            await orch.merge(MergeRequest(run_id=spawned.run_id, discard=["nope"]))
+        rerun = await orch.rerun(agent.agent_id)
+        assert rerun.replaces == agent.agent_id
+        status = await wait_until_final(
+            orch,
+            spawned.run_id,
+            statuses={AgentStatus.SUCCEEDED, AgentStatus.DISCARDED},
+        )
+        views = {a.agent_id: a for a in status.runs[0].agents}
+        assert views[agent.agent_id].status == AgentStatus.DISCARDED
+        new = views[rerun.agent.agent_id]
+        assert new.status == AgentStatus.SUCCEEDED
+        merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
+        assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]
+    # the resumed agent carried the interrupted agent's work
+    assert (repo / "src/app/l.py").read_text() == "L = 1\n"
+
+
+async def test_conflict_then_rerun_on_the_new_head(repo: Path) -> None:
+    model = by_task(
+        {
+            "EDIT": [
+                ("edit_file", {"path": "src/app/core.py", "old": "return 1", "new": "return 10"})
+            ],
+        }
+    )
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="EDIT", name="edit", write_scope=["src/app"])])
+        )
+        status = await wait_until_final(orch, spawned.run_id)
+        agent_id = status.runs[0].agents[0].agent_id
+        # meanwhile the user changes the same line and commits
+        (repo / "src/app/core.py").write_text("def core():\n    return 99\n")
+        git(repo, "commit", "-qam", "user change")
+        head = git(repo, "rev-parse", "HEAD").strip()
+        dry = await orch.merge(MergeRequest(run_id=spawned.run_id, dry_run=True))
+        assert [r.outcome for r in dry.agents] == [MergeOutcome.CONFLICTED]
+        merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
+        assert [r.outcome for r in merged.agents] == [MergeOutcome.CONFLICTED]
+        assert merged.agents[0].conflicts == ["src/app/core.py"]
+        assert merged.head == head
+        assert (repo / "src/app/core.py").read_text() == "def core():\n    return 99\n"
+        rerun = await orch.rerun(agent_id, instructions="keep the user's value 99 and add 1")
+        assert rerun.base_commit == head
+        status = await wait_until_final(
+            orch, spawned.run_id, statuses={AgentStatus.SUCCEEDED, AgentStatus.DISCARDED}
+        )
+    views = {a.agent_id: a for a in status.runs[0].agents}
+    assert views[agent_id].status == AgentStatus.DISCARDED
+    git(repo, "fsck", "--no-progress")
+
+
+async def test_agent_task_is_isolated_from_the_user_checkout(repo: Path, tmp_path: Path) -> None:
+    model = by_task({"ISO": [("write_file", {"path": "docs/new.md", "content": "n\n"})]})
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(SpawnRequest(tasks=[TaskSpec(prompt="ISO")]))
+        assert any("no write_scope" in w for w in spawned.warnings)
+        status = await wait_until_final(orch, spawned.run_id)
+    agent = status.runs[0].agents[0]
+    assert agent.branch == f"fanout/{spawned.run_id}/{agent.agent_id}"
+    assert git(repo, "rev-parse", "--abbrev-ref", "HEAD").strip() == "main"
+    assert not (repo / "docs/new.md").exists()
+    assert git(repo, "status", "--porcelain") == ""
