@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -72,6 +74,13 @@ def _agent_commits(root: Path, base: str, agents: int) -> list[JoinCandidate]:
         pyrepo.free()
 
 
+def _cpu_s() -> float:
+    """CPU seconds used so far by this process and its waited-for children (the git commands)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run(quick: bool) -> dict[str, float | int]:
     """Time `Joiner.merge` (dry and real) of many disjoint agents; figures per agent."""
     files = 1_000 if quick else 10_000
@@ -89,9 +98,11 @@ def run(quick: bool) -> dict[str, float | int]:
         t1 = time.perf_counter()
         dry = joiner.merge(candidates, dry_run=True)
         dry_s = time.perf_counter() - t1
+        cpu0 = _cpu_s()
         t2 = time.perf_counter()
         outcomes = joiner.merge(candidates, dry_run=False)
         merge_s = time.perf_counter() - t2
+        merge_cpu_s = _cpu_s() - cpu0
 
         merged = sum(o.outcome == "merged" for o in outcomes)
         if merged != agents or any(o.outcome != "clean" for o in dry):
@@ -101,6 +112,7 @@ def run(quick: bool) -> dict[str, float | int]:
             raise RuntimeError(f"the checkout is not clean after the merge:\n{status}")
 
     per_agent_ms = merge_s * 1000 / agents
+    cpu_per_agent_ms = merge_cpu_s * 1000 / agents
     dry_per_agent_ms = dry_s * 1000 / agents
     rows = [
         ("files in repository", f"{files}"),
@@ -110,6 +122,8 @@ def run(quick: bool) -> dict[str, float | int]:
         ("dry run per agent", f"{dry_per_agent_ms:.1f} ms"),
         ("merge total", f"{merge_s * 1000:.0f} ms"),
         ("merge per agent", f"{per_agent_ms:.1f} ms  (target <= 100 ms)"),
+        ("merge CPU per agent", f"{cpu_per_agent_ms:.1f} ms  (this process + git children)"),
+        ("load average (1 min)", f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -117,6 +131,7 @@ def run(quick: bool) -> dict[str, float | int]:
     return {
         "merge_ms_per_agent": round(per_agent_ms, 2),
         "merge_dry_run_ms_per_agent": round(dry_per_agent_ms, 2),
+        "merge_cpu_ms_per_agent": round(cpu_per_agent_ms, 2),
         "merge_agents": agents,
         "merge_repo_files": files,
     }

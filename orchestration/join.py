@@ -22,7 +22,7 @@ import filelock
 import pygit2
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestration.errors import MergeError, RepositoryError
+from orchestration.errors import MergeError, OrchestrationError, RepositoryError
 from orchestration.workspace import (
     DiffStat,
     GitRepo,
@@ -31,7 +31,7 @@ from orchestration.workspace import (
     status_entries,
     tree_changes,
 )
-from toolbus.resources import overlaps
+from toolbus.resources import is_within, overlaps
 
 JoinKind = Literal["merged", "clean", "conflicted", "skipped"]
 CanLand = Callable[[str], str | None]
@@ -210,7 +210,11 @@ def _dirty_overlap(root: Path, changed: Sequence[str]) -> list[str]:
     """The user's uncommitted (or untracked, or ignored) paths that the merge would touch."""
     if not changed:
         return []
-    specs = list(changed) if len(changed) <= MAX_PATHSPECS else []
+    specs = list(changed)
+    if len(specs) > MAX_PATHSPECS:  # too many to name: ask about their directories instead
+        specs = _covering_dirs(changed)
+        if len(specs) > MAX_PATHSPECS or "" in specs:
+            specs = []
     entries = status_entries(root, specs, ignored=True)
     hits = {e.path for e in entries if any(overlaps(e.path, c) for c in changed)}
     changed_set = set(changed)
@@ -224,6 +228,16 @@ def _dirty_overlap(root: Path, changed: Sequence[str]) -> list[str]:
             if full.is_symlink() or (full.exists() and not full.is_dir()):
                 hits.add(ancestor)  # a file of the user's where the merge needs a directory
     return sorted(hits)
+
+
+def _covering_dirs(paths: Sequence[str]) -> list[str]:
+    """The fewest parent directories covering `paths` (`""` when one sits at the top)."""
+    dirs = sorted({p.rpartition("/")[0] for p in paths})
+    kept: list[str] = []
+    for d in dirs:
+        if not kept or not is_within(d, kept[-1]):
+            kept.append(d)
+    return kept
 
 
 def _overlap_reason(paths: Sequence[str]) -> str:
@@ -327,12 +341,16 @@ class Joiner:
             virtual_head: pygit2.Tree | None = None
             outcomes: list[JoinOutcome] = []
             for cand in candidates:
-                if dry_run:
-                    if virtual_head is None:
-                        virtual_head = pyrepo[start.head].peel(pygit2.Tree)
-                    outcome, virtual_head = self._evaluate(pyrepo, cand, virtual_head, can_land)
-                else:
-                    outcome = self._land(pyrepo, cand, expected_ref, can_land)
+                try:
+                    if dry_run:
+                        if virtual_head is None:
+                            virtual_head = pyrepo[start.head].peel(pygit2.Tree)
+                        outcome, virtual_head = self._evaluate(pyrepo, cand, virtual_head, can_land)
+                    else:
+                        outcome = self._land(pyrepo, cand, expected_ref, can_land)
+                except (OrchestrationError, pygit2.GitError, OSError) as exc:
+                    # raised before anything landed for this candidate: report it, go on
+                    outcome = self._skipped(cand, None, f"the merge step failed: {exc}")
                 outcomes.append(outcome)
                 if on_progress is not None:
                     on_progress(outcome)

@@ -395,7 +395,10 @@ def create_workspace(
     if existing is not None:
         return existing
     path.parent.mkdir(parents=True, exist_ok=True)
-    repo.git("worktree", "add", "--quiet", "-b", branch, str(path), base)
+    add = ("worktree", "add", "--quiet", "-b", branch, str(path), base)
+    if run_git(repo.root, *add, check=False).returncode != 0:
+        repo.git("worktree", "prune")  # a stale registration of a deleted directory
+        repo.git(*add)
     included = _copy_included(repo.root, path, include)
     ws = Workspace(
         path=path,

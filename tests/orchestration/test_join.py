@@ -12,6 +12,7 @@ import filelock
 import pygit2
 import pytest
 
+from orchestration import join as join_module
 from orchestration.errors import MergeError
 from orchestration.join import (
     JoinCandidate,
@@ -463,4 +464,40 @@ def test_consecutive_agents_editing_one_file_in_the_same_second(repo: GitRepo) -
     assert [o.outcome for o in outcomes] == ["merged", "merged"], outcomes
     assert (root / "shared.txt").read_text() == "".join(["TOP\n", *lines[1:-1], "BOTTOM\n"])
     assert git(root, "status", "--porcelain", "-uall") == ""
+    assert_fsck(root)
+
+
+def test_large_merges_check_dirty_work_by_directory(
+    repo: GitRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(join_module, "MAX_PATHSPECS", 1)
+    root = repo.root
+    base = head(root)
+    cand = agent(repo, base, "a1", {"src/app.py": "agent\n", "src/extra.py": "e\n"})
+    write(root, "src/app.py", "mine\n")
+    [out] = Joiner(repo).merge([cand], dry_run=False)
+    assert out.outcome == "skipped" and out.reason is not None and "src/app.py" in out.reason
+    (root / "src" / "app.py").write_text(BASE_FILES["src/app.py"])
+    [out] = Joiner(repo).merge([cand], dry_run=False)
+    assert out.outcome == "merged"
+    assert git(root, "status", "--porcelain", "-uall") == ""
+    assert_fsck(root)
+
+
+def test_checkout_that_cannot_move_forward_undoes_the_landing(repo: GitRepo) -> None:
+    """A change status cannot see (assume-unchanged) makes read-tree refuse: the CAS is undone."""
+    root = repo.root
+    base = head(root)
+    cand = agent(repo, base, "a1", {"src/app.py": "print('agent')\n"})
+    git(root, "update-index", "--assume-unchanged", "src/app.py")
+    write(root, "src/app.py", "hidden local edit\n")
+    assert git(root, "status", "--porcelain", "-uall") == ""
+
+    [out] = Joiner(repo).merge([cand], dry_run=False)
+
+    assert out.outcome == "skipped", out
+    assert out.reason is not None and "merge was undone" in out.reason
+    assert head(root) == base
+    assert (root / "src" / "app.py").read_text() == "hidden local edit\n"
+    assert head(root, "refs/heads/fanout/run1/a1") == cand.commit
     assert_fsck(root)
