@@ -1,0 +1,103 @@
+"""End to end over stdio: the server as a subprocess, its real `anthropic` client pointed at the
+fake Messages API served from this test process: spawn -> status -> merge -> conflict -> rerun ->
+merge."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client, StdioServerParameters
+
+from fakeapi import FakeAnthropic, FakeRequest, Reply, by_key, finish, text, tool_use
+from mcp_server.demo import (
+    GREET_AGENT,
+    GREET_RERUN,
+    GREET_USER,
+    make_sample_repo,
+    structured,
+    text_of,
+    wait_idle,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _params(repo: Path, base_url: str) -> StdioServerParameters:
+    env = {
+        **os.environ,
+        "ANTHROPIC_BASE_URL": base_url,
+        "ANTHROPIC_API_KEY": "sk-test-dummy",
+        "FANOUT_SANDBOX": "none",
+        "FANOUT_MODEL_PROVIDER": "anthropic",
+        "PYTHONPATH": str(ROOT),
+    }
+    return StdioServerParameters(
+        command=sys.executable, args=["-m", "mcp_server.cli", "--repo", str(repo)], env=env
+    )
+
+
+def _greeting_script(request: FakeRequest) -> Reply:
+    rerun = "# This is a re-run" in request.system_text
+    turn = request.assistant_turns
+    content = GREET_RERUN if rerun else GREET_AGENT
+    steps = [tool_use("write_file", path="src/greet.py", content=content), finish("greeted")]
+    return steps[turn] if turn < len(steps) else text("done")
+
+
+def _mathx_script(request: FakeRequest) -> Reply:
+    steps = [
+        tool_use("write_file", path="src/mathx.py", content="def mul(a, b):\n    return a * b\n"),
+        finish("mul"),
+    ]
+    turn = request.assistant_turns
+    return steps[turn] if turn < len(steps) else text("done")
+
+
+async def test_spawn_status_merge_conflict_rerun_merge_over_stdio(tmp_path: Path) -> None:
+    repo = make_sample_repo(tmp_path)
+    fake = FakeAnthropic(by_key({"[greeting]": _greeting_script, "[mathx]": _mathx_script}))
+    async with fake.serve(), Client(_params(repo, fake.base_url), mode="legacy") as client:
+        spawn = structured(
+            await client.call_tool(
+                "spawn_subagents",
+                {
+                    "tasks": [
+                        {
+                            "name": "greeting",
+                            "prompt": "[greeting] capitalise",
+                            "write_scope": ["src/greet.py"],
+                        },
+                        {
+                            "name": "mathx",
+                            "prompt": "[mathx] add mul",
+                            "write_scope": ["src/mathx.py"],
+                        },
+                    ]
+                },
+            )
+        )
+        run_id = spawn["run_id"]
+        greeting = spawn["agents"][0]["agent_id"]
+        (repo / "src/greet.py").write_text(GREET_USER)
+        await anyio.run_process(["git", "commit", "-qam", "user edit"], cwd=repo)
+        await wait_idle(client, run_id, 0, lambda _: None)
+        merged = structured(await client.call_tool("merge_results", {"run_id": run_id}))
+        outcomes = {a["name"]: a["outcome"] for a in merged["agents"]}
+        assert outcomes == {"greeting": "conflicted", "mathx": "merged"}, text_of(
+            await client.call_tool("get_status", {"run_id": run_id})
+        )
+        rerun = structured(await client.call_tool("rerun_subagent", {"agent_id": greeting}))
+        new_id = rerun["agent"]["agent_id"]
+        await wait_idle(client, run_id, 0, lambda _: None)
+        final = structured(
+            await client.call_tool("merge_results", {"run_id": run_id, "agent_ids": [new_id]})
+        )
+        assert final["agents"][0]["outcome"] == "merged"
+    assert (repo / "src/greet.py").read_text() == GREET_RERUN
+    assert fake.requests, "the server's anthropic client reached the fake API"
