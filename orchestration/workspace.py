@@ -588,7 +588,8 @@ def commit_workspace(
     git_dir = _worktree_git_dir(cwd)
     if git_dir is None:
         raise RepositoryError(f"the workspace {cwd} is missing; it was removed or never created")
-    head = run_git(cwd, "rev-parse", "--verify", "HEAD^{commit}").stdout.strip()
+    ref = ws.branch_ref if ws.branch else "HEAD"  # the agent's branch, even if it moved HEAD
+    head = run_git(cwd, "rev-parse", "--verify", f"{ref}^{{commit}}").stdout.strip()
     base = ws.base_commit or head
     fd, name = tempfile.mkstemp(prefix="fanout-index-", dir=git_dir)
     os.close(fd)
@@ -611,7 +612,7 @@ def commit_workspace(
         tree = run_git(cwd, "write-tree", env=env).stdout.strip()
     finally:
         index.unlink(missing_ok=True)
-    head_tree = run_git(cwd, "rev-parse", "HEAD^{tree}").stdout.strip()
+    head_tree = run_git(cwd, "rev-parse", f"{head}^{{tree}}").stdout.strip()
     if tree == head_tree:
         return WorkCommit(commit=None, changes=[], dropped=dropped)
     commit = run_git(
@@ -624,10 +625,12 @@ def commit_workspace(
         message.strip() or "fanout: agent work",
         env=author.env(author=True, committer=False) | FANOUT_IDENTITY.env(author=False),
     ).stdout.strip()
-    run_git(cwd, "update-ref", "-m", "fanout: commit agent work", "HEAD", commit, head)
-    # Bring the worktree's own index to the new commit (files on disk are not touched).
-    if run_git(cwd, "read-tree", "-m", "HEAD", check=False).returncode != 0:
-        run_git(cwd, "read-tree", "HEAD")
+    run_git(cwd, "update-ref", "-m", "fanout: commit agent work", ref, commit, head)
+    on_branch = run_git(cwd, "symbolic-ref", "-q", "HEAD", check=False).stdout.strip()
+    # bring the worktree's own index to the new commit (files on disk are not touched)
+    checked_out = ref == "HEAD" or on_branch == ref
+    if checked_out and run_git(cwd, "read-tree", "-m", commit, check=False).returncode != 0:
+        run_git(cwd, "read-tree", commit)
     pyrepo = pygit2.Repository(str(cwd))
     try:
         changes = file_changes(pyrepo, head, commit)

@@ -268,3 +268,17 @@ def test_remove_workspace_only_on_request_and_prunes(tmp_path: Path) -> None:
     with pytest.raises(RepositoryError, match="refusing"):
         remove_workspace(repo, outside, delete_branch=False)
     assert_fsck(root)
+
+
+def test_commit_lands_on_the_agent_branch_even_if_the_agent_detached_head(tmp_path: Path) -> None:
+    root = make_repo(tmp_path / "r", {"src/a.py": "a\n"})
+    repo = GitRepo(root)
+    ws = create_workspace(repo, base_commit=head(root), run_id="run1", agent_id="ag1")
+    git(ws.path, "checkout", "-q", "--detach")
+    write(ws.path, "src/a.py", "b\n")
+    result = commit_workspace(ws, message="work", write_scope=WriteScope.of(["src"]))
+    assert result.commit is not None
+    assert head(root, "refs/heads/fanout/run1/ag1") == result.commit
+    assert head(root, f"{result.commit}^") == ws.base_commit
+    assert (ws.path / "src" / "a.py").read_text() == "b\n"
+    assert_fsck(root)
