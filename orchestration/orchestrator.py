@@ -263,6 +263,60 @@ class Orchestrator:
         for run_id in touched_runs:
             if not any(a.status.active for a in ctx.store.agents(run_id)):
                 ctx.store.reset_reservations(run_id)
+        await self._adopt_leases(ctx, live)
+
+    async def _adopt_leases(self, ctx: RepoContext, live: set[str]) -> None:
+        """Keep the leases of finished, unmerged agents of dead servers alive from here.
+
+        A grant still live is renewed by this process's keeper from now on; one that lapsed is
+        taken again (a new token) if nobody else holds its paths, else the agent is marked as
+        having lost it, and merge_results skips it with the reason.
+        """
+        table = await ctx.leases.table()
+        keep = (
+            AgentStatus.SUCCEEDED,
+            AgentStatus.FAILED,
+            AgentStatus.CANCELLED,
+            AgentStatus.INTERRUPTED,
+            AgentStatus.CONFLICTED,
+        )
+        for agent in ctx.store.all_agents():
+            if agent.status not in keep or agent.lease_token is None or agent.lease_lost:
+                continue
+            if agent.agent_id in self._runtimes:
+                continue  # run by this process
+            holder = agent.lease_holder or agent.agent_id
+            rows = [r for r in table if r.holder == holder and r.token == agent.lease_token]
+            grant: LeaseGrant | None = None
+            if rows:
+                grant = LeaseGrant(
+                    holder=holder,
+                    token=agent.lease_token,
+                    leases=tuple(r.request for r in rows),
+                    expires_at=min(r.expires_at for r in rows),
+                )
+            else:
+                requests = self._scope_requests(agent.write_scope)
+                try:
+                    grant = ctx.leases.store.try_acquire(holder, requests)
+                except LeaseError:
+                    grant = None
+                if grant is None:
+                    ctx.store.update_agent(
+                        agent.agent_id,
+                        "lease_lost",
+                        "lapsed while no server kept it",
+                        lease_lost=True,
+                    )
+                    continue
+                ctx.store.update_agent(
+                    agent.agent_id, "leased", f"token {grant.token}", lease_token=grant.token
+                )
+            runtime = AgentRuntime(agent_id=agent.agent_id)
+            runtime.fence = LeaseFence(ctx.leases, holder)
+            runtime.fence.grant = grant
+            self._runtimes[agent.agent_id] = runtime
+            ctx.keeper.track(grant, lambda lost, r=runtime: self._on_lease_lost(ctx, r, lost))
 
     def _model(self, name: str) -> Model:
         model = self._models.get(name)
