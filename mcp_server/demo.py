@@ -32,16 +32,14 @@ from orchestration.orchestrator import ModelFactory
 from orchestration.providers.function import FunctionModel
 from orchestration.providers.scripted import reply_finish, reply_text, reply_tool
 
-GREET_BASE = (
-    'GREETING = "hello"\n\n\ndef greet(name: str) -> str:\n    return f"{GREETING}, {name}"\n'
+_GREET = (
+    'GREETING = "{word}"\n\n\ndef greet(name: str) -> str:\n'
+    '    return f"{{GREETING}}, {{name}}{end}"\n'
 )
-GREET_AGENT = (
-    'GREETING = "Hello"\n\n\ndef greet(name: str) -> str:\n    return f"{GREETING}, {name}!"\n'
-)
-GREET_USER = 'GREETING = "hi"\n\n\ndef greet(name: str) -> str:\n    return f"{GREETING}, {name}"\n'
-GREET_RERUN = (
-    'GREETING = "Hi"\n\n\ndef greet(name: str) -> str:\n    return f"{GREETING}, {name}!"\n'
-)
+GREET_BASE = _GREET.format(word="hello", end="")
+GREET_AGENT = _GREET.format(word="Hello", end="!")
+GREET_USER = _GREET.format(word="hi", end="")
+GREET_RERUN = _GREET.format(word="hi", end="!")
 
 SAMPLE_FILES: dict[str, str] = {
     "README.md": "# sample\n\nA tiny project for the fanout demo.\n",
