@@ -27,7 +27,7 @@ import anyio
 from anyio.abc import ByteReceiveStream
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from toolbus.errors import CommandDenied, SandboxUnavailable
+from toolbus.errors import CommandDenied, InvalidArguments, SandboxUnavailable
 from toolbus.sandbox import SandboxMode, SandboxPlan, bwrap_prefix, probe_bwrap, warn_once
 
 __all__ = [
@@ -237,7 +237,10 @@ class Terminal:
         return scrubbed_env(self.config, self.home, os.environ)
 
     async def run(self, command: str, timeout_s: float | None = None) -> CommandResult:
-        """Run `command` with `bash -c`; raises `CommandDenied`, `SandboxUnavailable`."""
+        """Run `command` with `bash -c`; raises `CommandDenied`, `SandboxUnavailable`,
+        `InvalidArguments` (a NUL byte, which no argv can carry)."""
+        if "\x00" in command:
+            raise InvalidArguments("the command contains a NUL byte; remove it")
         self.config.policy.check(command)
         timeout = min(timeout_s or self.config.default_timeout_s, self.config.max_timeout_s)
         async with self._lock:
