@@ -1,0 +1,286 @@
+"""Shared helpers of the run benchmarks: a temporary git repository, the fake Messages API (in a
+thread or in a child process), driving an `Orchestrator` until its agents are final, percentiles.
+
+The agents of these benchmarks are told `BENCH-AGENT-<n>` in their task; `three_turns` (the fake's
+handler) answers, by the number of assistant turns in the request: `write_file work/a<n>/out.txt`,
+then `read_file` of it, then `finish` — three requests per agent.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import AsyncGenerator, Generator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+
+from fakeapi import FakeAnthropic, FakeRequest, Handler, Reply, finish, text, tool_use
+from orchestration.config import Settings
+from orchestration.contracts import (
+    AgentStatus,
+    AgentView,
+    SpawnRequest,
+    SpawnResult,
+    TaskSpec,
+)
+from orchestration.model import Model
+from orchestration.orchestrator import ModelFactory, Orchestrator
+from orchestration.providers.anthropic import AnthropicModel
+from orchestration.workspace import Identity, run_git
+
+IDENTITY = Identity("fanout bench", "bench@localhost")
+FILES_PER_DIR = 100
+AGENT_TAG = re.compile(r"BENCH-AGENT-(\d+)")
+STARTED = frozenset({AgentStatus.QUEUED, AgentStatus.WAITING})  # not yet running
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) by the nearest-rank method; 0.0 for no samples."""
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --------------------------------------------------------------------------- repositories
+
+
+def build_repo(root: Path, files: int, *, extra: dict[str, str] | None = None) -> str:
+    """A repository at `root` of `files` small files (directories of 100) plus `extra`, checked
+    out on main with one commit (fast-import, then a checkout); returns the commit id."""
+    root.mkdir(parents=True, exist_ok=True)
+    run_git(root, "init", "-q", "-b", "main")
+    stream: list[str] = [
+        "commit refs/heads/main",
+        f"committer {IDENTITY.name} <{IDENTITY.email}> 1700000000 +0000",
+        "data 8",
+        "initial",
+    ]
+    contents: dict[str, str] = {"README.md": "# bench repository\n", **(extra or {})}
+    for n in range(files):
+        contents[f"src/d{n // FILES_PER_DIR:03d}/m{n:05d}.py"] = (
+            f'"""module {n}"""\n\n\ndef f{n}() -> int:\n    return {n}\n'
+        )
+    for path, body in contents.items():
+        data = body.encode()
+        stream += [f"M 100644 inline {path}", f"data {len(data)}", body]
+    run_git(root, "fast-import", "--quiet", input="\n".join(stream) + "\n")
+    run_git(root, "reset", "-q", "--hard", "main")
+    return run_git(root, "rev-parse", "HEAD").stdout.strip()
+
+
+# --------------------------------------------------------------------------- the fake API
+
+
+def agent_number(request: FakeRequest) -> str:
+    found = AGENT_TAG.search(request.system_text)
+    return found.group(1) if found else "0"
+
+
+def three_turns(request: FakeRequest) -> Reply:
+    """write_file (in the agent's own scope) → read_file → finish."""
+    n = agent_number(request)
+    turn = request.assistant_turns
+    if turn == 0:
+        return tool_use("write_file", path=f"work/a{n}/out.txt", content=f"agent {n}\n")
+    if turn == 1:
+        return tool_use("read_file", path=f"work/a{n}/out.txt")
+    if turn == 2:
+        return finish(f"agent {n}: wrote and read work/a{n}/out.txt")
+    return text("done")
+
+
+@dataclass
+class FakeStats:
+    """What the fake saw: requests and the input side of their usage, summed."""
+
+    requests: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
+
+
+def _stats(fake: FakeAnthropic) -> FakeStats:
+    stats = FakeStats()
+    for entry in fake.requests:
+        stats.requests += 1
+        if entry.status != 200:
+            stats.errors += 1
+        if entry.usage is not None:
+            stats.input_tokens += entry.usage.input_tokens
+            stats.cache_write_tokens += entry.usage.cache_creation_input_tokens
+            stats.cache_read_tokens += entry.usage.cache_read_input_tokens
+    return stats
+
+
+@dataclass
+class FakeHandle:
+    """A running fake: its base URL and, once it has stopped, what it saw."""
+
+    base_url: str
+    stats: FakeStats = field(default_factory=FakeStats)
+
+
+@contextmanager
+def fake_in_thread(handler: Handler = three_turns, latency_s: float = 0.0) -> Generator[FakeHandle]:
+    """The fake served from an event loop of its own in a thread of this process."""
+    fake = FakeAnthropic(handler, latency_s=latency_s)
+    with fake.running():
+        handle = FakeHandle(fake.base_url)
+        try:
+            yield handle
+        finally:
+            handle.stats = _stats(fake)
+
+
+def _serve_child(conn: Connection, handler: Handler, latency_s: float) -> None:
+    """The child process: serve until the parent says stop, then send back the stats."""
+    fake = FakeAnthropic(handler, latency_s=latency_s)
+
+    async def serve() -> None:
+        async with fake.serve():
+            conn.send(fake.base_url)
+            await anyio.to_thread.run_sync(conn.recv)
+        conn.send(_stats(fake))
+
+    anyio.run(serve)
+
+
+@contextmanager
+def fake_in_process(
+    handler: Handler = three_turns, latency_s: float = 0.0
+) -> Generator[FakeHandle]:
+    """The fake in a child process (its CPU and memory kept apart from the orchestrator's);
+    `handler` must be picklable (a module-level function)."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_serve_child, args=(child, handler, latency_s), daemon=True)
+    process.start()
+    try:
+        if not parent.poll(60):
+            raise RuntimeError("the fake API process did not start within 60 s")
+        handle = FakeHandle(str(parent.recv()))
+        yield handle
+        parent.send("stop")
+        if parent.poll(30):
+            handle.stats = cast(FakeStats, parent.recv())
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def anthropic_factory(base_url: str) -> ModelFactory:
+    """Real `AnthropicModel`s (the `anthropic` SDK) pointed at the fake."""
+
+    def make(name: str) -> Model:
+        return AnthropicModel(model=name, api_key="bench", base_url=base_url)
+
+    return make
+
+
+# --------------------------------------------------------------------------- driving runs
+
+
+def bench_settings(repo: Path, concurrency: int, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "repo": repo,
+        "sandbox": "none",
+        "max_concurrency": concurrency,
+        "budget_tokens": 1_000_000_000,
+    }
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+def tasks(count: int, start: int = 1) -> list[TaskSpec]:
+    """`count` agents, each with its own write scope `work/a<n>`."""
+    return [
+        TaskSpec(
+            prompt=f"BENCH-AGENT-{n}: write work/a{n}/out.txt, read it back, then finish.",
+            name=f"a{n}",
+            write_scope=[f"work/a{n}"],
+        )
+        for n in range(start, start + count)
+    ]
+
+
+@dataclass
+class RunTiming:
+    """One driven run (or several spawned together): times from just before the first spawn."""
+
+    spawned: list[SpawnResult]
+    spawn_s: float = 0.0  # until the last spawn() returned
+    all_running_s: float = 0.0  # until every agent was seen running (or past it)
+    makespan_s: float = 0.0  # until every agent was final
+    agents: list[AgentView] = field(default_factory=list[AgentView])
+    status_calls: int = 0
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for a in self.agents if a.status != AgentStatus.SUCCEEDED)
+
+
+async def drive(
+    orch: Orchestrator,
+    requests: Sequence[SpawnRequest],
+    *,
+    timeout_s: float = 300.0,
+    wait_s: float = 10.0,
+    until_running: bool = False,
+) -> RunTiming:
+    """Spawn every request, then long-poll `status(since=cursor, wait_s=…)` until every agent is
+    final (or, with `until_running`, until every agent has been seen past queued/waiting)."""
+    started = time.perf_counter()
+    spawned = [await orch.spawn(r) for r in requests]
+    timing = RunTiming(spawned=spawned, spawn_s=time.perf_counter() - started)
+    run_ids = {s.run_id for s in spawned}
+    expected = sum(len(s.agents) for s in spawned)
+    cursor: int | None = None
+    with anyio.fail_after(timeout_s):
+        while True:
+            status = await orch.status(since=cursor, wait_s=wait_s)
+            timing.status_calls += 1
+            now = time.perf_counter() - started
+            cursor = status.cursor
+            agents = [a for r in status.runs if r.run_id in run_ids for a in r.agents]
+            if len(agents) < expected:
+                continue
+            if not timing.all_running_s and all(a.status not in STARTED for a in agents):
+                timing.all_running_s = now
+                if until_running:
+                    timing.agents = agents
+                    return timing
+            if not any(a.status.active for a in agents):
+                timing.makespan_s = now
+                timing.agents = agents
+                return timing
+
+
+@asynccontextmanager
+async def orchestrator(settings: Settings, factory: ModelFactory) -> AsyncGenerator[Orchestrator]:
+    async with Orchestrator(settings, factory) as orch:
+        yield orch
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux /proc)."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def table(rows: Sequence[tuple[str, Any, str]]) -> None:
+    """Print (figure, value, note) rows."""
+    print(f"{'figure':<34}{'value':>12}  note")
+    for name, value, note in rows:
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        print(f"{name:<34}{shown:>12}  {note}")

@@ -1,0 +1,26 @@
+"""Smoke test of the run benchmarks: each `run(quick=True)` finishes and returns its figures."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+
+EXPECTED: dict[str, tuple[str, ...]] = {
+    "benchmarks.fanout": ("makespan_over_ideal_16", "makespan_over_ideal_64"),
+    "benchmarks.spawn": ("spawn_s_16", "spawn_over_git_16"),
+    "benchmarks.cache": ("cache_read_share", "input_cost_over_uncached"),
+    "benchmarks.memory": ("rss_mb_per_running_agent", "agents_failed"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", sorted(EXPECTED))
+def test_quick_run_returns_its_figures(module: str) -> None:
+    figures = importlib.import_module(module).run(quick=True)
+    for key in EXPECTED[module]:
+        assert key in figures, f"{module} lacks {key}"
+    for key, value in figures.items():
+        assert isinstance(value, int | float) and not isinstance(value, bool), key
+        assert math.isfinite(value) and value >= 0, (key, value)
