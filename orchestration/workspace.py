@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import filelock
 import pygit2
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -395,10 +396,21 @@ def create_workspace(
     if existing is not None:
         return existing
     path.parent.mkdir(parents=True, exist_ok=True)
-    add = ("worktree", "add", "--quiet", "-b", branch, str(path), base)
-    if run_git(repo.root, *add, check=False).returncode != 0:
-        repo.git("worktree", "prune")  # a stale registration of a deleted directory
-        repo.git(*add)
+    # git's worktree registration is not safe against concurrent `worktree add` in one
+    # repository (seen: "failed to read .git/worktrees/<id>/commondir"): one at a time, also
+    # across server processes.
+    with filelock.FileLock(str(repo.state_dir / "worktree.lock"), timeout=120):
+        add = ("worktree", "add", "--quiet", "-b", branch, str(path), base)
+        if run_git(repo.root, *add, check=False).returncode != 0:
+            repo.git("worktree", "prune")  # a stale registration of a deleted directory
+            existing_branch = repo.try_git(
+                "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"
+            )
+            if existing_branch is not None and existing_branch.strip() == base:
+                # a failed first attempt already created the branch at the base
+                repo.git("worktree", "add", "--quiet", str(path), branch)
+            else:
+                repo.git(*add)
     included = _copy_included(repo.root, path, include)
     ws = Workspace(
         path=path,

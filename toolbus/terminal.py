@@ -181,6 +181,32 @@ def _killpg(pgid: int, sig: signal.Signals) -> bool:
     return True
 
 
+def _group_alive(pgid: int) -> bool:
+    """True while a process of the group other than a zombie exists (read from /proc)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return False
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
+async def _reap_wait(pgid: int, limit_s: float = 5.0) -> None:
+    """Wait (bounded) until SIGKILLed members of the group are gone, so none outlives the call."""
+    with anyio.move_on_after(limit_s):
+        while _group_alive(pgid):
+            _killpg(pgid, signal.SIGKILL)
+            await anyio.sleep(0.01)
+
+
 class Terminal:
     """The terminal of one agent: commands run one at a time in `workspace`."""
 
@@ -292,6 +318,7 @@ class Terminal:
                     await process.wait()
                 _killpg(pgid, signal.SIGKILL)
                 await process.aclose()
+                await _reap_wait(pgid)
         code = process.returncode
         exit_code = None if code is None else (128 - code if code < 0 else code)
         return CommandResult(
