@@ -11,6 +11,7 @@ import anyio
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
 from orchestration.errors import AgentNotFound, RunNotFound
+from orchestration.join import JoinCandidate, conflict_diff
 from orchestration.orchestrator import RepoContext
 from orchestration.state import AgentRecord, RunRecord
 
@@ -172,13 +173,23 @@ def register_resources(server: FanoutServer, app: App) -> None:
         agent = _agent(ctx, agent_id)
         if agent.commit is None:
             return f"# {agent_id} has no commit yet (status {agent.status.value})\n"
-        base = agent.start_commit or agent.base_commit
-        diff = await anyio.to_thread.run_sync(
-            lambda: ctx.repo.git("diff", f"{base}..{agent.commit}")
-        )
-        header = f"# {agent_id}: git diff {base[:12]}..{agent.commit[:12]}\n"
+        base = agent.base_commit
+        commit = agent.commit
+        diff = await anyio.to_thread.run_sync(lambda: ctx.repo.git("diff", f"{base}..{commit}"))
+        header = f"# {agent_id}: git diff {base[:12]}..{commit[:12]}\n"
         if agent.conflicts:
             header += "# conflicts with the canonical head in: " + ", ".join(agent.conflicts) + "\n"
+            candidate = JoinCandidate(
+                agent_id=agent.agent_id,
+                name=agent.name,
+                task_summary=agent.prompt[:72],
+                base_commit=base,
+                branch=agent.branch or "",
+                commit=commit,
+            )
+            hunks = await anyio.to_thread.run_sync(lambda: conflict_diff(ctx.repo, candidate))
+            header += "# the conflicting files merged onto the current head, with markers:\n"
+            header += hunks + "\n# the agent's own diff:\n"
         return header + diff
 
     @server.resource(

@@ -92,6 +92,9 @@ async def test_spawn_status_merge_conflict_rerun_merge_over_stdio(tmp_path: Path
         assert outcomes == {"greeting": "conflicted", "mathx": "merged"}, text_of(
             await client.call_tool("get_status", {"run_id": run_id})
         )
+        diff = await client.read_resource(f"fanout://agents/{greeting}/diff")
+        diff_text = "".join(getattr(c, "text", "") for c in diff.contents)
+        assert "src/greet.py" in diff_text and "<<<<<<<" in diff_text, diff_text
         rerun = structured(await client.call_tool("rerun_subagent", {"agent_id": greeting}))
         new_id = rerun["agent"]["agent_id"]
         await wait_idle(client, run_id, 0, lambda _: None)
