@@ -12,6 +12,7 @@ from typing import Any, Self, cast
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import uvicorn
 from pydantic import JsonValue
 from starlette.applications import Starlette
@@ -38,7 +39,7 @@ JSON_CHUNKS = 3
 
 class _Server(uvicorn.Server):
     """uvicorn, embedded: signals a ready event, leaves signal handlers alone, and stops as soon
-    as asked instead of at its next 0.1 s tick."""
+    as asked instead of at its next 0.1 s tick (lifespan is off, so there is none to end)."""
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
@@ -59,6 +60,26 @@ class _Server(uvicorn.Server):
             counter = (counter + 1) % 864000
             with anyio.move_on_after(0.1):
                 await self.exit_requested.wait()
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        """uvicorn's shutdown without its fixed 0.1 s sleeps: close, drain, then cancel."""
+        for server in self.servers:
+            server.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        with anyio.move_on_after(self.config.timeout_graceful_shutdown or 5.0):
+            # uvicorn offers no event for "the last connection closed": poll, briefly
+            while self.server_state.connections or self.server_state.tasks:  # noqa: ASYNC110
+                await anyio.sleep(0.005)
+        for task in self.server_state.tasks:
+            task.cancel()
+        for connection in list(self.server_state.connections):  # past the grace period
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.close()
+        await anyio.lowlevel.checkpoint()  # let the transports' connection_lost callbacks run
+        for server in self.servers:
+            await server.wait_closed()
 
     def request_exit(self) -> None:
         self.should_exit = True
