@@ -49,8 +49,18 @@ class AuditRecord(BaseModel):
     replacements: int | None = None
 
 
+def printable(text: str) -> str:
+    """`text` with lone surrogates escaped, so it always encodes as UTF-8 (JSON, the log file)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def brief(text: str, limit: int = MAX_BRIEF_CHARS) -> str:
     """`text` cut to `limit` characters, saying how much was cut."""
+    text = printable(text)
     if len(text) <= limit:
         return text
     return text[:limit] + f"…[+{len(text) - limit} chars]"
@@ -127,7 +137,7 @@ class AuditLog:
                 error_type=error_type,
                 duration_ms=round(duration_ms, 3),
                 token=token,
-                path=path,
+                path=None if path is None else printable(path),
                 command=None if command is None else brief(command, MAX_COMMAND_CHARS),
                 exit_code=exit_code,
                 timed_out=timed_out,

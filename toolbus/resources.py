@@ -18,6 +18,12 @@ def normalize_path(path: str) -> str:
     """
     if "\x00" in path:
         raise PathEscape("path contains a NUL byte; give a plain repository-relative path")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PathEscape(
+            "path is not valid Unicode text (a lone surrogate); give a plain UTF-8 path"
+        ) from None
     if len(path) > MAX_PATH_LENGTH:
         raise PathEscape(f"path is longer than {MAX_PATH_LENGTH} characters")
     text = path.replace("\\", "/").strip()

@@ -384,12 +384,6 @@ async def test_escape_corpus(world: World, ledger: Ledger) -> None:
 SURROGATES = "G1b lone surrogates (valid JSON escapes) refused, not raised"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect reported: AuditLog.append serialises the raw path/command with "
-    "model_dump_json, which raises on a lone surrogate; AgentBus.call then raises "
-    "(docs/guarantees.md, G1b)",
-)
 async def test_lone_surrogates_are_refused_not_raised(world: World, ledger: Ledger) -> None:
     """`json.loads('"\\ud800"')` is a lone surrogate: a model's tool input can carry one."""
     cases: list[tuple[str, str, dict[str, JsonValue], Check]] = [
