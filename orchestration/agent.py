@@ -11,7 +11,6 @@ from typing import Literal
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from toolbus.bus import AgentBus
 
 from orchestration.contracts import StopReason, TokenUsage
 from orchestration.errors import ModelError
@@ -27,6 +26,7 @@ from orchestration.model import (
 )
 from orchestration.prompts import FINISH_TOOL, FIRST_MESSAGE
 from orchestration.retry import RetryPolicy, call_with_retry
+from toolbus.bus import AgentBus
 from toolbus.toolspec import ToolOutcome, ToolSpec
 
 READ_ONLY_TOOLS = frozenset({"read_file", "list_files", "search"})
