@@ -775,13 +775,7 @@ class Orchestrator:
     async def _commit_work(
         self, ctx: RepoContext, agent: AgentRecord, message: str
     ) -> ws_mod.WorkCommit:
-        workspace = ws_mod.Workspace(
-            path=Path(agent.workspace or ""),
-            branch=agent.branch or "",
-            base_commit=agent.base_commit,
-            run_id=agent.run_id,
-            agent_id=agent.agent_id,
-        )
+        workspace = _workspace_of(agent)
         scope = WriteScope.of(agent.write_scope)
         return await anyio.to_thread.run_sync(
             lambda: ws_mod.commit_workspace(
@@ -1273,13 +1267,7 @@ class Orchestrator:
     async def _remove_workspace(self, ctx: RepoContext, agent: AgentRecord) -> None:
         if agent.workspace is None or not Path(agent.workspace).exists():
             return
-        workspace = ws_mod.Workspace(
-            path=Path(agent.workspace),
-            branch=agent.branch or "",
-            base_commit=agent.base_commit,
-            run_id=agent.run_id,
-            agent_id=agent.agent_id,
-        )
+        workspace = _workspace_of(agent)
         await anyio.to_thread.run_sync(
             lambda: ws_mod.remove_workspace(
                 ctx.repo, workspace, delete_branch=self.settings.delete_merged_branches
@@ -1408,6 +1396,17 @@ class Orchestrator:
         if instructions:
             parts.append(f"Extra instructions from the coordinator:\n{instructions.strip()}")
         return "\n\n".join(parts)
+
+
+def _workspace_of(agent: AgentRecord) -> ws_mod.Workspace:
+    """The agent's worktree as the workspace module describes it, from the durable record."""
+    return ws_mod.Workspace(
+        path=Path(agent.workspace or ""),
+        branch=agent.branch or "",
+        base_commit=agent.base_commit,
+        run_id=agent.run_id,
+        agent_id=agent.agent_id,
+    )
 
 
 def _first_line(text: str, limit: int = 72) -> str:
