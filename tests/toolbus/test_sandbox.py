@@ -71,7 +71,8 @@ async def test_network_is_unreachable_unless_allowed(
         f"import socket; socket.create_connection(('127.0.0.1', {listener}), timeout=5); "
         "print('connected')"
     )
-    connect = f'{sys.executable} -c "{code}"'
+    # the real interpreter: a virtualenv under /tmp is hidden by the sandbox's private /tmp
+    connect = f'{os.path.realpath(sys.executable)} -c "{code}"'
     with anyio.fail_after(30):
         denied = await sandboxed(tmp_path).run(connect)
         allowed = await sandboxed(tmp_path, allow_network=True).run(connect)
