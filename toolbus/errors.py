@@ -6,6 +6,7 @@ Every refusal a subagent can meet is a typed error whose message says what to do
     ├── LeaseError
     │   ├── LeaseTimeout        a wait for a lease set ran out (names the blocking holders)
     │   ├── LeaseLost           the holder no longer holds a covering lease (expired, broken)
+    │   ├── LeaseSelfConflict   a request conflicts with the requester's own live lease
     │   └── LeaseNotHeld        release/renew of a lease the caller does not hold
     ├── AccessDenied
     │   ├── PathEscape          the path leaves the jail (.., absolute, symlink, .git, NUL)
@@ -39,6 +40,10 @@ class LeaseTimeout(LeaseError):
 
 class LeaseLost(LeaseError):
     """The holder no longer holds a live lease covering the operation (expired or broken)."""
+
+
+class LeaseSelfConflict(LeaseError):
+    """A request conflicts with a live lease of the same holder (no in-place upgrade)."""
 
 
 class LeaseNotHeld(LeaseError):

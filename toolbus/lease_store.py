@@ -29,7 +29,7 @@ from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from toolbus.errors import LeaseError, LeaseLost, LeaseNotHeld
+from toolbus.errors import LeaseLost, LeaseNotHeld, LeaseSelfConflict
 from toolbus.resources import is_within, normalize_path
 
 DEFAULT_TTL_S = 30.0
@@ -499,11 +499,37 @@ class LeaseStore:
             for row in rows:
                 if _conflicts(wanted, (row[3], row[4], row[5])):
                     waiters[row[0]] = Waiter(id=row[0], holder=row[1], expires_at=row[2])
+        if waiters and holder is not None:
+            self._drop_waiters_blocked_by(conn, waiters, holder, now)
         return Blockers(
             leases=tuple(leases[k] for k in sorted(leases)),
             waiters=tuple(waiters[k] for k in sorted(waiters)),
             own=tuple(own[k] for k in sorted(own)),
         )
+
+    @staticmethod
+    def _drop_waiters_blocked_by(
+        conn: sqlite3.Connection, waiters: dict[int, Waiter], holder: str, now: float
+    ) -> None:
+        """Forget queued waiters that wait for `holder`'s own live leases.
+
+        A holder that asks for more while holding a grant must not queue behind a waiter that is
+        itself waiting for that grant: each would wait for the other until a timeout. Such a
+        holder goes ahead of those waiters (they were blocked by it anyway).
+        """
+        held = conn.execute(
+            "SELECT kind, resource, mode FROM leases WHERE holder = ? AND expires_at > ?",
+            (holder, now),
+        ).fetchall()
+        if not held:
+            return
+        for waiter_id in list(waiters):
+            wanted = conn.execute(
+                "SELECT kind, resource, mode FROM waiter_requests WHERE waiter_id = ?",
+                (waiter_id,),
+            ).fetchall()
+            if any(_conflicts(tuple(w), tuple(h)) for w in wanted for h in held):
+                del waiters[waiter_id]
 
     def blockers(
         self,
@@ -530,14 +556,14 @@ class LeaseStore:
 
         Blocked means: a conflicting lease that is live or in lock-delay, or a conflicting earlier
         live waiter (all waiters for a newcomer; those before `waiter_id` for a queued waiter).
-        Raises `LeaseError` at once when a conflicting lease is the holder's own live lease:
+        Raises `LeaseSelfConflict` at once when a conflicting lease is the holder's own live lease:
         there is no in-place upgrade, and waiting for oneself would never end.
         """
         normal = normalise_requests(requests)
         with self._transaction() as (conn, now):
             blockers = self._blockers(conn, normal, now, holder, waiter_id)
             if blockers.own:
-                raise LeaseError(_self_conflict_message(holder, normal, blockers.own))
+                raise LeaseSelfConflict(_self_conflict_message(holder, normal, blockers.own))
             if not blockers.empty:
                 if waiter_id is not None:
                     self._refresh_waiter(conn, now, waiter_id, holder, normal)

@@ -91,8 +91,8 @@ class LeaseManager:
     ) -> LeaseGrant:
         """Take the whole set under one new fencing token, waiting in the FIFO queue if blocked.
 
-        Raises `LeaseTimeout` (naming the blockers) after `timeout_s`, `LeaseError` at once when
-        the set conflicts with the holder's own live lease. Cancellation leaves the queue.
+        Raises `LeaseTimeout` (naming the blockers) after `timeout_s`, `LeaseSelfConflict` at
+        once when the set conflicts with the holder's own live lease. Cancellation leaves the queue.
         `on_wait` is called once if the request has to queue (status can say "waiting").
         """
         normal = normalise_requests(requests)

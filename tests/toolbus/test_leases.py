@@ -9,7 +9,13 @@ import anyio
 import pytest
 from pydantic import ValidationError
 
-from toolbus.errors import LeaseError, LeaseLost, LeaseNotHeld, LeaseTimeout, PathEscape
+from toolbus.errors import (
+    LeaseLost,
+    LeaseNotHeld,
+    LeaseSelfConflict,
+    LeaseTimeout,
+    PathEscape,
+)
 from toolbus.leases import (
     LeaseGrant,
     LeaseKeeper,
@@ -189,7 +195,7 @@ def test_check_covers_paths_by_prefix_and_mode(store: LeaseStore) -> None:
 
 def test_a_request_conflicting_with_its_own_lease_fails_fast(store: LeaseStore) -> None:
     take(store, "a", R("src"))
-    with pytest.raises(LeaseError, match="not upgraded in place") as info:
+    with pytest.raises(LeaseSelfConflict, match="not upgraded in place") as info:
         store.try_acquire("a", [W("src")])
     assert not isinstance(info.value, LeaseTimeout)
     take(store, "a", R("src/x"))  # a non-conflicting second grant is fine
@@ -197,7 +203,7 @@ def test_a_request_conflicting_with_its_own_lease_fails_fast(store: LeaseStore) 
 
 async def test_manager_self_conflict_does_not_wait(manager: LeaseManager) -> None:
     await manager.acquire("a", [W("src")])
-    with anyio.fail_after(5), pytest.raises(LeaseError, match="already holds"):
+    with anyio.fail_after(5), pytest.raises(LeaseSelfConflict, match="already holds"):
         await manager.acquire("a", [R("src/a")])
     assert await manager.waiters() == []
 
@@ -425,3 +431,16 @@ async def test_keeper_reports_an_expired_grant(manager: LeaseManager, clock: Fak
     assert "expired" in str(lost[0])
     keeper.untrack(grant)
     assert keeper.current(grant) is None
+
+
+def test_a_holder_asking_for_more_is_not_queued_behind_its_own_waiter(store: LeaseStore) -> None:
+    """Hold read `src`, a writer queues for `src`, then ask for read `src/x`: no deadlock."""
+    held = take(store, "a", R("src"))
+    writer = store.enqueue("b", [W("src")])
+    more = store.try_acquire("a", [R("src/x")])
+    assert more is not None  # the queued writer waits for `a` anyway
+    # a newcomer without leases still queues fairly behind the writer
+    assert store.try_acquire("c", [R("src/y")]) is None
+    store.release(more)
+    store.release(held)
+    assert store.try_acquire("b", [W("src")], waiter_id=writer) is not None
