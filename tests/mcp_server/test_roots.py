@@ -1,0 +1,95 @@
+"""Which repository the server works on: `--repo`, then `FANOUT_REPO`, then the client's MCP roots,
+then the working directory; roots are asked in both protocol eras."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+from mcp import Client
+from mcp.client.context import ClientRequestContext
+from mcp.client.session import ListRootsFnT
+from mcp_types import ListRootsResult, Root
+
+from mcp_server.demo import demo_model_factory, make_sample_repo, structured
+from mcp_server.server import build_server
+from orchestration.config import Settings
+
+pytestmark = pytest.mark.anyio
+
+ERAS = ["legacy", "auto"]
+
+
+@pytest.fixture
+def repos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Four repositories: flag, env, roots, and the server's working directory."""
+    out: dict[str, Path] = {}
+    for name in ("flag", "env", "roots", "cwd"):
+        (tmp_path / name).mkdir()
+        out[name] = make_sample_repo(tmp_path / name)
+    monkeypatch.chdir(out["cwd"])
+    return out
+
+
+def _roots_of(path: Path) -> ListRootsFnT:
+    async def list_roots(context: ClientRequestContext) -> ListRootsResult:
+        return ListRootsResult(roots=[Root(uri=path.as_uri(), name="workspace")])  # pyright: ignore[reportArgumentType]
+
+    return list_roots
+
+
+def _used(repos: Mapping[str, Path]) -> list[str]:
+    """The repositories whose state directory the server created."""
+    return [name for name, repo in repos.items() if (repo / ".git/fanout/state.db").exists()]
+
+
+async def _first_call(client: Client) -> None:
+    status = structured(await client.call_tool("get_status", {}))
+    assert status["runs"] == []
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_roots_are_used_when_nothing_is_configured(repos: dict[str, Path], mode: str) -> None:
+    server = build_server(Settings.from_env({}, sandbox="none"), demo_model_factory())
+    async with Client(server, mode=mode, list_roots_callback=_roots_of(repos["roots"])) as client:
+        await _first_call(client)
+        await _first_call(client)
+    assert _used(repos) == ["roots"]
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_repo_flag_wins_over_env_and_roots(repos: dict[str, Path], mode: str) -> None:
+    settings = Settings.from_env({"FANOUT_REPO": str(repos["env"])}, repo=repos["flag"])
+    server = build_server(settings, demo_model_factory())
+    async with Client(server, mode=mode, list_roots_callback=_roots_of(repos["roots"])) as client:
+        await _first_call(client)
+    assert _used(repos) == ["flag"]
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_env_wins_over_roots(repos: dict[str, Path], mode: str) -> None:
+    settings = Settings.from_env({"FANOUT_REPO": str(repos["env"])}, sandbox="none")
+    server = build_server(settings, demo_model_factory())
+    async with Client(server, mode=mode, list_roots_callback=_roots_of(repos["roots"])) as client:
+        await _first_call(client)
+    assert _used(repos) == ["env"]
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_cwd_without_roots(repos: dict[str, Path], mode: str) -> None:
+    server = build_server(Settings.from_env({}, sandbox="none"), demo_model_factory())
+    async with Client(server, mode=mode) as client:
+        await _first_call(client)
+    assert _used(repos) == ["cwd"]
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_roots_that_are_not_directories_fall_back_to_cwd(
+    repos: dict[str, Path], mode: str, tmp_path: Path
+) -> None:
+    server = build_server(Settings.from_env({}, sandbox="none"), demo_model_factory())
+    missing = _roots_of(tmp_path / "gone")
+    async with Client(server, mode=mode, list_roots_callback=missing) as client:
+        await _first_call(client)
+    assert _used(repos) == ["cwd"]

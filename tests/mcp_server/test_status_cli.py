@@ -1,0 +1,112 @@
+"""`fanout-mcp status` prints runs, agents (status, turns, tokens, changed files) and leases from
+the durable state: while a server runs an agent, and after the server stopped."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client
+
+from mcp_server.demo import make_sample_repo, structured, wait_idle
+from mcp_server.server import build_server
+from orchestration.config import Settings
+from orchestration.model import Model, ModelRequest, ModelResponse
+from orchestration.providers.function import FunctionModel
+from orchestration.providers.scripted import reply_finish, reply_text, reply_tool
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+MUL = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n"
+TOKENS = re.compile(r"\b\d+/\d+/\d+/\d+\b")
+
+
+async def _status_cli(repo: Path) -> str:
+    """`fanout-mcp status --repo <repo>` in a separate process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with anyio.fail_after(60):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "mcp_server.cli", "status", "--repo", str(repo)],
+            env=env,
+            check=False,
+        )
+    out, err = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, err
+    return out
+
+
+def _row(out: str, agent_id: str) -> str:
+    rows = [line for line in out.splitlines() if line.startswith(f"{agent_id}  mathx ")]
+    assert len(rows) == 1, out
+    return rows[0]
+
+
+async def test_status_while_running_and_after_the_server_stopped(tmp_path: Path) -> None:
+    repo = make_sample_repo(tmp_path)
+    release = anyio.Event()
+
+    async def reply(request: ModelRequest) -> ModelResponse:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        if turn == 0:
+            return reply_tool("write_file", path="src/mathx.py", content=MUL)
+        if turn == 1:
+            await release.wait()  # hold the agent running until the CLI has looked
+            return reply_finish("added mul")
+        return reply_text("done")
+
+    def factory(name: str) -> Model:
+        return FunctionModel(reply, name="held")
+
+    server = build_server(Settings.from_env({}, repo=repo, sandbox="none"), factory)
+    async with Client(server, mode="legacy") as client:
+        spawn = structured(
+            await client.call_tool(
+                "spawn_subagents",
+                {"tasks": [{"name": "mathx", "prompt": "add mul", "write_scope": ["src/"]}]},
+            )
+        )
+        run_id = str(spawn["run_id"])
+        agent_id = str(spawn["agents"][0]["agent_id"])
+        cursor = 0
+        with anyio.fail_after(60):
+            while True:  # until the agent has had its first turn and waits in its second
+                status = structured(
+                    await client.call_tool(
+                        "get_status", {"run_id": run_id, "since": cursor, "wait_s": 5}
+                    )
+                )
+                cursor = int(status["cursor"])
+                agent = status["runs"][0]["agents"][0]
+                if agent["status"] == "running" and agent["turns"] >= 1:
+                    break
+
+        live = await _status_cli(repo)
+        assert f"repository {repo.resolve()}" in live
+        assert f"run {run_id}" in live
+        row = _row(live, agent_id)
+        assert " mathx " in row and " running " in row, row
+        assert TOKENS.search(row), row
+        assert "\nleases\n" in live, live
+        lease = re.compile(rf"^{agent_id}\s+src/?\s+write\s+\d+\s+\d+s$", re.MULTILINE)
+        assert lease.search(live), live
+
+        release.set()
+        await wait_idle(client, run_id, cursor, lambda _: None)
+
+    after = await _status_cli(repo)
+    row = _row(after, agent_id)
+    assert " succeeded " in row, after
+    assert re.search(r"\b2/\d+\b", row), row  # turns: 2 of max
+    assert TOKENS.search(row) and "src/mathx.py" in row
+    # Leases of the finished, unmerged agent stay until merged (or they expire, server gone).
+    assert "\nleases\n" in after or "no leases held" in after
+
+
+async def test_status_without_state(tmp_path: Path) -> None:
+    repo = make_sample_repo(tmp_path)
+    assert "no fanout state in" in await _status_cli(repo)
