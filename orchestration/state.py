@@ -8,6 +8,7 @@ notice them by a light poll of the newest sequence number.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -383,3 +384,30 @@ class StateStore:
         runs = [r.model_dump(mode="json") for r in self.runs()]
         agents = [a.model_dump(mode="json") for a in self.all_agents()]
         return json.dumps({"runs": runs, "agents": agents}, indent=1)
+
+    # --- read-only snapshots for status polls -----------------------------------------------
+
+    @functools.cached_property
+    def _parsed_agents(self) -> dict[str, dict[str, tuple[str, AgentRecord]]]:
+        """run_id -> agent_id -> (stored JSON, the record parsed from it)."""
+        return {}
+
+    def agents_snapshot(self, run_id: str) -> list[AgentRecord]:
+        """The run's agents, as `agents` returns them, but re-parsing only the rows whose stored
+        JSON changed since the previous call for this run: a status poll of a large run mostly
+        finds nothing changed. The records are shared between calls: read them, never mutate
+        them (changes go through `update_agent`)."""
+        rows = self._query(
+            "SELECT agent_id, data FROM agents WHERE run_id = ? ORDER BY ord", (run_id,)
+        )
+        before = self._parsed_agents.get(run_id, {})
+        now: dict[str, tuple[str, AgentRecord]] = {}
+        for agent_id, data in rows:
+            key, text = str(agent_id), str(data)
+            cached = before.get(key)
+            if cached is not None and cached[0] == text:
+                now[key] = cached
+            else:
+                now[key] = (text, AgentRecord.model_validate_json(text))
+        self._parsed_agents[run_id] = now
+        return [record for _, record in now.values()]

@@ -1,0 +1,67 @@
+"""`StateStore.agents_snapshot`, the read-only query a status poll can use: the same records as
+`agents`, re-parsing only rows that changed (and written by another store too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestration.contracts import AgentStatus
+from orchestration.state import AgentRecord, RunRecord, SharedSnapshot, StateStore
+
+
+def _run(run_id: str) -> RunRecord:
+    return RunRecord(
+        run_id=run_id,
+        repo="/repo",
+        created_at=1.0,
+        base_commit="abc",
+        head_commit="abc",
+        branch_ref="refs/heads/main",
+        snapshot_dirty=False,
+        shared=SharedSnapshot(base_commit="abc"),
+        max_concurrency=2,
+        budget_tokens=1000,
+        model="m",
+        owner="me",
+    )
+
+
+def _agent(agent_id: str, run_id: str, index: int) -> AgentRecord:
+    return AgentRecord(
+        agent_id=agent_id,
+        run_id=run_id,
+        index=index,
+        name=agent_id,
+        prompt="p",
+        write_scope=None,
+        model="m",
+        max_turns=3,
+        base_commit="abc",
+        owner="me",
+    )
+
+
+def test_snapshot_matches_agents_and_reparses_only_changes(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    other = StateStore(tmp_path)  # another server process on the same repository
+    try:
+        store.create_run(_run("r1"), [_agent(f"a{i}", "r1", i) for i in range(1, 4)])
+        store.create_run(_run("r2"), [_agent("b1", "r2", 1)])
+        first = store.agents_snapshot("r1")
+        assert first == store.agents("r1")
+        assert [a.agent_id for a in first] == ["a1", "a2", "a3"]
+
+        other.update_agent("a2", "running", status=AgentStatus.RUNNING, turns=1)
+        second = store.agents_snapshot("r1")
+        assert second == store.agents("r1")
+        assert second[1].status is AgentStatus.RUNNING and second[1].turns == 1
+        assert second[0] is first[0] and second[2] is first[2]  # unchanged rows: not re-parsed
+        assert second[1] is not first[1]
+
+        other.add_agent(_agent("a4", "r1", 4))
+        assert [a.agent_id for a in store.agents_snapshot("r1")] == ["a1", "a2", "a3", "a4"]
+        assert [a.agent_id for a in store.agents_snapshot("r2")] == ["b1"]
+        assert store.agents_snapshot("r-none") == []
+    finally:
+        store.close()
+        other.close()
