@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +40,28 @@ CanLand = Callable[[str], str | None]
 OnProgress = Callable[["JoinOutcome"], None]
 """Told each outcome as soon as it is known."""
 
+JOURNAL_NAME = "merge-journal.json"
+# A git lock file is taken for stale (left by a process killed inside a ref update) only when it
+# appeared during the journaled compare-and-swap, give or take this many seconds.
+STALE_LOCK_WINDOW_S = 120.0
+
 MAX_PATHSPECS = 500
 SUBJECT_LIMIT = 72
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+class MergeJournal(BaseModel):
+    """Written before the branch ref moves, removed once the user's checkout has followed it.
+
+    Found at the start of a later merge (under the one-writer lock, so its writer is gone), it
+    says a merge was cut short between the compare-and-swap and bringing the checkout forward.
+    """
+
+    ref: str
+    old: str
+    new: str
+    started_at: float
+    pid: int
 
 
 class JoinCandidate(BaseModel):
@@ -266,6 +286,7 @@ class Joiner:
         self._pinned_ref = branch_ref
         self._max_attempts = max(1, max_attempts)
         self._final_head: str | None = None
+        self.recovered: str | None = None
 
     @property
     def final_head(self) -> str | None:
@@ -298,9 +319,86 @@ class Joiner:
                 f"{self._lock_timeout_s:g} s; wait for it to finish, then merge again"
             ) from exc
         try:
+            self.recovered = self._recover_locked()
             return self._run(candidates, dry_run=False, can_land=can_land, on_progress=on_progress)
         finally:
             lock.release()
+
+    def recover(self) -> str | None:
+        """Finish or undo what a merge cut short (killed) left behind; say what was done."""
+        lock = filelock.FileLock(str(self.lock_path), timeout=self._lock_timeout_s)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            return None  # a merge is running; it recovers first
+        try:
+            return self._recover_locked()
+        finally:
+            lock.release()
+
+    @property
+    def journal_path(self) -> Path:
+        return self._repo.state_dir / JOURNAL_NAME
+
+    def _write_journal(self, journal: MergeJournal) -> None:
+        path = self.journal_path
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(journal.model_dump_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _clear_journal(self) -> None:
+        self.journal_path.unlink(missing_ok=True)
+
+    def _recover_locked(self) -> str | None:
+        """Under the one-writer lock: a journal left here belongs to a merge that was killed."""
+        path = self.journal_path
+        if not path.exists():
+            return None
+        try:
+            journal = MergeJournal.model_validate_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self._clear_journal()
+            return "dropped an unreadable merge journal"
+        notes = self._clear_stale_ref_locks(journal)
+        current = self._repo.try_git("rev-parse", "--verify", "--quiet", journal.ref)
+        current = current.strip() if current else None
+        if current == journal.new:
+            problem = self._bring_forward(pygit2.Oid(hex=journal.old), pygit2.Oid(hex=journal.new))
+            if problem is None:
+                notes.append(
+                    f"brought your checkout forward to {journal.new[:12]}, which an interrupted "
+                    "merge had landed"
+                )
+            else:
+                notes.append(
+                    f"an interrupted merge landed {journal.new[:12]} but your checkout could not "
+                    f"be brought forward ({problem}); run `git status` and "
+                    f"`git read-tree -m -u {journal.old[:12]} {journal.new[:12]}`"
+                )
+        elif current == journal.old:
+            notes.append("an interrupted merge had not landed; nothing changed")
+        self._clear_journal()
+        return "; ".join(notes) or None
+
+    def _clear_stale_ref_locks(self, journal: MergeJournal) -> list[str]:
+        """Remove the git lock files a killed `update-ref` of the journaled merge left behind."""
+        git_dir = self._repo.git_dir
+        candidates = [git_dir / f"{journal.ref}.lock"]
+        if journal.ref != "HEAD":
+            candidates.append(git_dir / "HEAD.lock")
+        removed: list[str] = []
+        for lock in candidates:
+            try:
+                mtime = lock.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if journal.started_at - 5 <= mtime <= journal.started_at + STALE_LOCK_WINDOW_S:
+                lock.unlink(missing_ok=True)
+                removed.append(lock.name)
+        return [f"removed stale git lock(s) {', '.join(removed)}"] if removed else []
 
     def conflict_diff(self, candidate: JoinCandidate, *, head: str | None = None) -> str:
         """The conflicting files of `candidate` merged onto `head` (default: canonical head)."""
@@ -464,14 +562,30 @@ class Joiner:
             new = pyrepo.create_commit(
                 None, signature, signature, merge_message(cand), m.tree, [target.head]
             )
-            if not self._compare_and_swap(target.ref, new, target.head, cand):
+            self._write_journal(
+                MergeJournal(
+                    ref=target.ref,
+                    old=str(target.head),
+                    new=str(new),
+                    started_at=time.time(),
+                    pid=os.getpid(),
+                )
+            )
+            swapped = self._compare_and_swap(target.ref, new, target.head, cand)
+            if swapped is not True:
+                self._clear_journal()
+                if swapped is not False:
+                    return self._skipped(cand, m, swapped)
                 continue  # the branch moved since we read it: merge again on the new head
             problem = self._bring_forward(target.head, new)
             if problem is None:
+                self._clear_journal()
                 return JoinOutcome(
                     agent_id=cand.agent_id, outcome="merged", commit=str(new), diffstat=m.diffstat
                 )
-            if self._compare_and_swap(target.ref, target.head, new, cand, undo=True):
+            undone = self._compare_and_swap(target.ref, target.head, new, cand, undo=True)
+            self._clear_journal()
+            if undone is True:
                 return self._skipped(
                     cand,
                     m,
@@ -501,13 +615,24 @@ class Joiner:
         cand: JoinCandidate,
         *,
         undo: bool = False,
-    ) -> bool:
+    ) -> bool | str:
+        """True when the ref moved from `old` to `new`; False when it had moved elsewhere; else
+        why git refused (a lock file held by another git command)."""
         action = "undo merge of" if undo else "merge"
         args = ["update-ref", "-m", f"fanout: {action} agent {cand.agent_id}"]
         if ref == "HEAD":
             args.append("--no-deref")
         proc = run_git(self._repo.root, *args, ref, str(new), str(old), check=False)
-        return proc.returncode == 0
+        if proc.returncode == 0:
+            return True
+        if ".lock" in proc.stderr and "exists" in proc.stderr:
+            lock = re.search(r"'([^']+\.lock)'", proc.stderr)
+            named = lock.group(1) if lock else "a .lock file under .git"
+            return (
+                f"git could not lock {ref}: {named} exists. Another git command is running, or "
+                "one was killed; if none is running, delete that file and merge again"
+            )
+        return False
 
     def _bring_forward(self, old: pygit2.Oid, new: pygit2.Oid) -> str | None:
         """Move the user's index and working tree from `old` to `new`; None, or git's complaint.

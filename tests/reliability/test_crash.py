@@ -415,16 +415,7 @@ GIT_KILLS = [
 @pytest.mark.parametrize(
     "kill",
     [
-        pytest.param(
-            GIT_KILLS[0],
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="defect: the SIGKILLed `git update-ref` leaves .git/HEAD.lock (and "
-                "refs/heads/main.lock); Joiner._compare_and_swap reads any update-ref failure as "
-                "'the branch moved', retries 5 times and skips every later merge with 'the "
-                "canonical branch kept moving during 5 attempts', never naming the stale lock",
-            ),
-        ),
+        pytest.param(GIT_KILLS[0]),
         pytest.param(
             GIT_KILLS[1],
             marks=pytest.mark.xfail(
@@ -436,17 +427,7 @@ GIT_KILLS = [
                 "prune` skips locked entries",
             ),
         ),
-        pytest.param(
-            GIT_KILLS[2],
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="defect: killed between the compare-and-swap of the branch and "
-                "Joiner._bring_forward, the user's index and working tree stay at the old head "
-                "while the branch moved: `git status` shows the merged files as staged deletions "
-                "(a commit by the user would revert the merge); recovery does not bring the "
-                "checkout forward and later merges only move their own paths",
-            ),
-        ),
+        pytest.param(GIT_KILLS[2]),
     ],
     ids=["update-ref", "worktree-add", "before-bring-forward"],
 )
