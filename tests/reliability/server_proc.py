@@ -503,7 +503,7 @@ def lease_load(config: LeaseLoadConfig) -> LeaseLoadReport:
         now = time.monotonic()
         if now < next_at:
             time.sleep(next_at - now)
-        next_at += interval * 4  # one cycle is four operations
+        next_at += interval * 4  # a granted cycle is four operations, a refused one is one
         picked = sorted(set(rng.sample(names, rng.randint(1, 3))))
         if rng.random() < 0.1:
             picked = [f"d{rng.randint(0, 3)}"]  # an ancestor: conflicts with its whole directory
@@ -512,6 +512,7 @@ def lease_load(config: LeaseLoadConfig) -> LeaseLoadReport:
             ops += 1
             if grant is None:
                 blocked += 1
+                next_at -= interval * 3
                 continue
             grants += 1
             created: list[Path] = []
