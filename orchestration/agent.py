@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -107,7 +107,7 @@ class AgentLoop:
 
     model: Model
     model_name: str
-    bus: AgentBus
+    bus: AgentBus | None
     budget: Budget
     retry: RetryPolicy
     system_prefix: str
@@ -119,6 +119,9 @@ class AgentLoop:
     transcript: Transcript
     progress: Progress = field(default_factory=Progress)
     messages: list[Message] = field(default_factory=list[Message])
+    # When the loop starts before its workspace exists (`bus=None`): awaited once the first
+    # answer is in, before anything is recorded of it or any tool runs; gives the bus.
+    workspace_ready: Callable[[], Awaitable[AgentBus]] | None = None
 
     def _estimate_reservation(self) -> int:
         chars = len(self.system_prefix) + len(self.system_task)
@@ -152,6 +155,7 @@ class AgentLoop:
                 raise
             tokens = usage_to_tokens(response.usage)
             self.budget.settle(reservation, tokens.billed_equivalent)
+            bus = await self._bus()
             self.progress.turns += 1
             self.progress.tokens = self.progress.tokens + tokens
             assistant = Message(role="assistant", content=list(response.content))
@@ -170,7 +174,7 @@ class AgentLoop:
                     continue
                 text = "\n".join(b.text for b in response.content if isinstance(b, TextBlock))
                 return LoopOutcome(StopReason.FINAL_ANSWER, summary=text.strip())
-            results, finish = await self._run_tools(uses)
+            results, finish = await self._run_tools(bus, uses)
             if finish is not None:
                 return LoopOutcome(
                     StopReason.FINISHED,
@@ -185,6 +189,13 @@ class AgentLoop:
             StopReason.MAX_TURNS,
             error=f"stopped after max_turns={self.max_turns} without calling finish",
         )
+
+    async def _bus(self) -> AgentBus:
+        if self.bus is None:
+            if self.workspace_ready is None:
+                raise RuntimeError("an AgentLoop needs a bus or a workspace_ready callback")
+            self.bus = await self.workspace_ready()
+        return self.bus
 
     async def _complete(self) -> ModelResponse:
         request = ModelRequest(
@@ -205,7 +216,7 @@ class AgentLoop:
         return await call_with_retry(attempt, self.retry, on_retry=note_retry)
 
     async def _run_tools(
-        self, uses: list[ToolUseBlock]
+        self, bus: AgentBus, uses: list[ToolUseBlock]
     ) -> tuple[list[ToolResultBlock], FinishArgs | None]:
         """Run a turn's tool calls in order; consecutive reads concurrently, the rest one by one."""
         outcomes: dict[str, ToolOutcome] = {}
@@ -221,7 +232,7 @@ class AgentLoop:
             batch.clear()
 
         async def call_one(use: ToolUseBlock) -> None:
-            outcomes[use.id] = await self.bus.call(use.name, use.input)
+            outcomes[use.id] = await bus.call(use.name, use.input)
 
         finish_use: ToolUseBlock | None = None
         for use in uses:

@@ -17,7 +17,6 @@ from types import TracebackType
 
 import anyio
 import anyio.abc
-from anyio.abc import TaskStatus
 
 from orchestration import workspace as ws_mod
 from orchestration.agent import AgentLoop, Budget, LoopOutcome, Progress, Transcript
@@ -83,6 +82,7 @@ from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
 
 log = logging.getLogger("fanout.orchestrator")
 
+# Called once per model name and group of agents (see `Orchestrator._model`), not once per name.
 ModelFactory = Callable[[str], Model]
 
 MAX_SHARED_FILE_BYTES = 200_000
@@ -92,6 +92,7 @@ DISK_USAGE_CACHE_S = 10.0
 ESTIMATED_TURNS = 8
 ESTIMATED_GROWTH_PER_TURN = 1_500
 ESTIMATED_OUTPUT_PER_TURN = 600
+AGENTS_PER_MODEL = 8
 
 
 def default_model_factory(settings: Settings) -> ModelFactory:
@@ -152,6 +153,7 @@ class RepoContext:
     )
     disk_usage: tuple[float, int] = (0.0, 0)
     prefixes: dict[str, str] = field(default_factory=dict[str, str])
+    prefix_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
 
 class Orchestrator:
@@ -318,11 +320,18 @@ class Orchestrator:
             self._runtimes[agent.agent_id] = runtime
             ctx.keeper.track(grant, lambda lost, r=runtime: self._on_lease_lost(ctx, r, lost))
 
-    def _model(self, name: str) -> Model:
-        model = self._models.get(name)
+    def _model(self, name: str, agent_index: int = 1) -> Model:
+        """The model `name` for the agent of this index: one instance per name and group of
+        `AGENTS_PER_MODEL` agents, so that no HTTP connection pool serves more than that many.
+
+        (An httpx connection pool scans every connection it holds on each request and response,
+        so one pool for 64 agents costs more CPU than the requests themselves.)
+        """
+        key = f"{name}\0{(max(agent_index, 1) - 1) // AGENTS_PER_MODEL}"
+        model = self._models.get(key)
         if model is None:
             model = self._model_factory(name)
-            self._models[name] = model
+            self._models[key] = model
         return model
 
     # --- spawn ------------------------------------------------------------------------------
@@ -339,7 +348,7 @@ class Orchestrator:
         run_id = f"r{secrets.token_hex(4)}"
         snap = await anyio.to_thread.run_sync(ws_mod.snapshot, ctx.repo, run_id)
         shared_spec = request.shared_context
-        shared = await anyio.to_thread.run_sync(
+        shared, paths = await anyio.to_thread.run_sync(
             self._shared_snapshot,
             ctx,
             snap.base_commit,
@@ -391,8 +400,12 @@ class Orchestrator:
             )
         ctx.store.create_run(run, agents)
         ctx.limiters[run_id] = anyio.CapacityLimiter(max_concurrency)
-        for agent in agents:
-            await self.task_group.start(self._agent_task, ctx, agent.agent_id)
+        ctx.prefixes[run_id] = shared_prefix(shared, paths)
+        # Runtimes are registered before any task starts (cancel sees them at once); the tasks
+        # start in spawn order, and no agent's turn runs before spawn returns.
+        runtimes = [self._register_runtime(agent.agent_id) for agent in agents]
+        for runtime in runtimes:
+            self.task_group.start_soon(self._agent_task, ctx, runtime)
         briefs = [self._brief(a) for a in agents]
         return SpawnResult(
             run_id=run_id,
@@ -485,7 +498,8 @@ class Orchestrator:
         plan: str | None,
         conventions: str | None,
         files: list[str],
-    ) -> SharedSnapshot:
+    ) -> tuple[SharedSnapshot, list[str]]:
+        """The run's shared context, and the paths at the base (for the shared prefix)."""
         paths = self._paths_at(ctx, base)
         shared_files: list[SharedFile] = []
         for path in files:
@@ -510,19 +524,23 @@ class Orchestrator:
             shared_files.append(
                 SharedFile(path=path, blob=blob, size=size, content=content, note=note)
             )
-        return SharedSnapshot(
+        shared = SharedSnapshot(
             base_commit=base,
             plan=plan,
             conventions=conventions,
             files=shared_files,
             file_count=len(paths),
         )
+        return shared, paths
 
     async def _prefix(self, ctx: RepoContext, run: RunRecord) -> str:
         prefix = ctx.prefixes.get(run.run_id)
         if prefix is None:
-            paths = await anyio.to_thread.run_sync(self._paths_at, ctx, run.base_commit)
-            prefix = ctx.prefixes[run.run_id] = shared_prefix(run.shared, paths)
+            async with ctx.prefix_lock:  # agents of a run (rerun, restart) list the base once
+                prefix = ctx.prefixes.get(run.run_id)
+                if prefix is None:
+                    paths = await anyio.to_thread.run_sync(self._paths_at, ctx, run.base_commit)
+                    prefix = ctx.prefixes[run.run_id] = shared_prefix(run.shared, paths)
         return prefix
 
     @staticmethod
@@ -541,16 +559,13 @@ class Orchestrator:
 
     # --- running an agent -------------------------------------------------------------------
 
-    async def _agent_task(
-        self,
-        ctx: RepoContext,
-        agent_id: str,
-        *,
-        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
+    def _register_runtime(self, agent_id: str) -> AgentRuntime:
         runtime = AgentRuntime(agent_id=agent_id)
         self._runtimes[agent_id] = runtime
-        task_status.started()
+        return runtime
+
+    async def _agent_task(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        agent_id = runtime.agent_id
         store = ctx.store
         try:
             with runtime.scope:
@@ -660,9 +675,76 @@ class Orchestrator:
             await self._run_loop(ctx, runtime)
 
     async def _run_loop(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
-        store = ctx.store
+        """Create the workspace while the first model turn is in flight, then run the loop.
+
+        The first request needs only the prompts; the loop waits for the workspace before it
+        records that turn or runs a tool, and the agent shows `running` once the workspace exists.
+        """
         agent = self._agent(ctx, runtime.agent_id)
         run = self._run(ctx, agent.run_id)
+        ready = anyio.Event()
+        made: list[AgentBus] = []
+        failed: list[BaseException] = []
+
+        async def prepare() -> None:
+            try:
+                made.append(await self._prepare_workspace(ctx, runtime, agent))
+            except Exception as exc:  # surfaces in the loop as an internal error
+                failed.append(exc)
+            finally:
+                ready.set()
+
+        async def workspace_ready() -> AgentBus:
+            await ready.wait()
+            if failed:
+                raise failed[0]
+            return made[0]
+
+        # The prefix describes the run's base for every agent, so it is byte-identical.
+        prefix = await self._prefix(ctx, run)
+        loop = AgentLoop(
+            model=self._model(agent.model, agent.index),
+            model_name=agent.model,
+            bus=None,
+            workspace_ready=workspace_ready,
+            budget=self._budget(ctx, agent.run_id),
+            retry=RetryPolicy(
+                max_attempts=self.settings.retry_max_attempts,
+                retry_after_cap_s=self.settings.retry_after_cap_s,
+            ),
+            system_prefix=prefix,
+            system_task=task_prompt(
+                name=agent.name,
+                prompt=agent.prompt,
+                scope=WriteScope.of(agent.write_scope),
+                max_turns=agent.max_turns,
+                rerun_context=agent.rerun_context,
+            ),
+            tools=[*SUBAGENT_TOOL_SPECS, FINISH_TOOL],
+            max_turns=agent.max_turns,
+            max_output_tokens=self.settings.max_output_tokens,
+            on_turn=lambda p: self._on_turn(ctx, runtime.agent_id, p),
+            transcript=Transcript(ctx.repo.state_dir / "transcripts" / f"{agent.agent_id}.jsonl"),
+        )
+        runtime.loop = loop
+        runtime.started_at = time.monotonic()
+        outcome = LoopOutcome(StopReason.INTERNAL_ERROR, error="the loop did not run")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(prepare)
+            try:
+                outcome = await loop.run()
+            except Exception as exc:  # a defect of ours: contained to this agent
+                log.exception("agent %s crashed", agent.agent_id)
+                outcome = LoopOutcome(
+                    StopReason.INTERNAL_ERROR, error=f"{type(exc).__name__}: {exc}"
+                )
+        with anyio.CancelScope(shield=True):
+            await self._finish(ctx, runtime, outcome)
+
+    async def _prepare_workspace(
+        self, ctx: RepoContext, runtime: AgentRuntime, agent: AgentRecord
+    ) -> AgentBus:
+        """The agent's worktree and bus; the agent is `running` from here."""
         start = agent.base_commit
         if agent.waits_for and not agent.rerun_of:
             start = await anyio.to_thread.run_sync(ctx.repo.head_commit)
@@ -678,7 +760,7 @@ class Orchestrator:
             )
         )
         base = agent.base_commit if agent.start_commit else start
-        agent = store.update_agent(
+        agent = ctx.store.update_agent(
             agent.agent_id,
             "running",
             "",
@@ -704,7 +786,8 @@ class Orchestrator:
             ),
         )
         assert runtime.fence is not None
-        bus = AgentBus(
+        runtime.audit = audit
+        return AgentBus(
             agent_id=agent.agent_id,
             workspace=workspace.path,
             write_scope=WriteScope.of(agent.write_scope),
@@ -712,41 +795,6 @@ class Orchestrator:
             audit=audit,
             terminal=terminal,
         )
-        # The prefix describes the run's base for every agent, so it is byte-identical.
-        prefix = await self._prefix(ctx, run)
-        loop = AgentLoop(
-            model=self._model(agent.model),
-            model_name=agent.model,
-            bus=bus,
-            budget=self._budget(ctx, agent.run_id),
-            retry=RetryPolicy(
-                max_attempts=self.settings.retry_max_attempts,
-                retry_after_cap_s=self.settings.retry_after_cap_s,
-            ),
-            system_prefix=prefix,
-            system_task=task_prompt(
-                name=agent.name,
-                prompt=agent.prompt,
-                scope=WriteScope.of(agent.write_scope),
-                max_turns=agent.max_turns,
-                rerun_context=agent.rerun_context,
-            ),
-            tools=[*SUBAGENT_TOOL_SPECS, FINISH_TOOL],
-            max_turns=agent.max_turns,
-            max_output_tokens=self.settings.max_output_tokens,
-            on_turn=lambda p: self._on_turn(ctx, runtime.agent_id, p),
-            transcript=Transcript(ctx.repo.state_dir / "transcripts" / f"{agent.agent_id}.jsonl"),
-        )
-        runtime.loop = loop
-        runtime.audit = audit
-        runtime.started_at = time.monotonic()
-        try:
-            outcome = await loop.run()
-        except Exception as exc:  # a defect of ours: contained to this agent
-            log.exception("agent %s crashed", agent.agent_id)
-            outcome = LoopOutcome(StopReason.INTERNAL_ERROR, error=f"{type(exc).__name__}: {exc}")
-        with anyio.CancelScope(shield=True):
-            await self._finish(ctx, runtime, outcome)
 
     def _budget(self, ctx: RepoContext, run_id: str) -> Budget:
         store = ctx.store
@@ -1344,7 +1392,7 @@ class Orchestrator:
         )
         await self._release_leases(ctx, old)
         ctx.store.add_agent(new)
-        await self.task_group.start(self._agent_task, ctx, new_id)
+        self.task_group.start_soon(self._agent_task, ctx, self._register_runtime(new_id))
         self.task_group.start_soon(self._discard_when_running, ctx, old.agent_id, new_id)
         return RerunResult(
             run_id=run.run_id,

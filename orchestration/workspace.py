@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from toolbus.errors import PathEscape
 from toolbus.resources import WriteScope, is_within, normalize_path
 
 ZERO_OID = "0" * 40
+_FULL_OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 FROZEN = ConfigDict(frozen=True)
 STATE_DIR_NAME = "fanout"
 SNAPSHOT_REF_PREFIX = "refs/fanout/snapshots/"
@@ -389,28 +392,42 @@ def create_workspace(
     """
     _check_component(run_id, "run id")
     _check_component(agent_id, "agent id")
-    base = repo.resolve(base_commit)
+    # A full commit id (what runs record) needs no lookup: `worktree add` refuses a missing one.
+    base = base_commit if _FULL_OID.fullmatch(base_commit) else repo.resolve(base_commit)
     path = repo.worktrees_dir / run_id / agent_id
     branch = f"{BRANCH_PREFIX}{run_id}/{agent_id}"
     existing = _read_meta(path)
     if existing is not None:
         return existing
     path.parent.mkdir(parents=True, exist_ok=True)
+    # With a post-checkout hook, `worktree add` checks out itself so that the hook runs as git
+    # runs it; otherwise the worktree is registered without a checkout and populated after.
+    plain = _plain_worktrees(repo)
+    deferred = plain or not _has_post_checkout_hook(repo)
+    checkout = ("--no-checkout",) if deferred else ()
     # git's worktree registration is not safe against concurrent `worktree add` in one
     # repository (seen: "failed to read .git/worktrees/<id>/commondir"): one at a time, also
-    # across server processes.
-    with filelock.FileLock(str(repo.state_dir / "worktree.lock"), timeout=120):
-        add = ("worktree", "add", "--quiet", "-b", branch, str(path), base)
-        if run_git(repo.root, *add, check=False).returncode != 0:
-            repo.git("worktree", "prune")  # a stale registration of a deleted directory
-            existing_branch = repo.try_git(
-                "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"
-            )
-            if existing_branch is not None and existing_branch.strip() == base:
-                # a failed first attempt already created the branch at the base
-                repo.git("worktree", "add", "--quiet", str(path), branch)
-            else:
-                repo.git(*add)
+    # across server processes. Only the registration is serialized; the checkout is not.
+    # The thread lock first: waiters of this process queue on it and are handed over at once,
+    # instead of each polling the file lock (which leaves it idle between holders).
+    with _REGISTRATION, filelock.FileLock(str(repo.state_dir / "worktree.lock"), timeout=120):
+        if not (plain and _register_worktree(repo, path, branch, base)):
+            add = ("worktree", "add", "--quiet", *checkout, "-b", branch, str(path), base)
+            if run_git(repo.root, *add, check=False).returncode != 0:
+                repo.git("worktree", "prune")  # a stale registration of a deleted directory
+                existing_branch = repo.try_git(
+                    "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"
+                )
+                if existing_branch is not None and existing_branch.strip() == base:
+                    # a failed first attempt already created the branch at the base
+                    repo.git("worktree", "add", "--quiet", *checkout, str(path), branch)
+                else:
+                    repo.git(*add)
+    if deferred:
+        # What `worktree add` runs to check out; simultaneous checkouts of a large tree are
+        # slower than one after the other on few cores, so at most one per core at a time.
+        with _CHECKOUT_SLOTS:
+            run_git(path, "reset", "--hard", "--no-recurse-submodules", "--quiet")
     included = _copy_included(repo.root, path, include)
     ws = Workspace(
         path=path,
@@ -424,9 +441,86 @@ def create_workspace(
     return ws
 
 
+_CHECKOUT_SLOTS = threading.BoundedSemaphore(max(os.cpu_count() or 1, 1))
+_REGISTRATION = threading.Lock()
+
+
+def _plain_worktrees(repo: GitRepo) -> bool:
+    """Whether a new worktree is only its registration files (`_register_worktree` can add it):
+    no post-checkout hook, no per-worktree config, no sparse checkout to copy."""
+    try:
+        config = pygit2.Repository(str(repo.root)).config
+        for key in ("extensions.worktreeConfig", "core.sparseCheckout"):
+            with contextlib.suppress(KeyError):
+                if config.get_bool(key):
+                    return False
+    except pygit2.GitError:
+        return False
+    if (repo.git_dir / "info" / "sparse-checkout").exists():
+        return False
+    return not _has_post_checkout_hook(repo)
+
+
+def _register_worktree(repo: GitRepo, path: Path, branch: str, base: str) -> bool:
+    """What `git worktree add --no-checkout -b <branch> <path> <base>` writes, without git's
+    three processes (it runs `git branch` and `git symbolic-ref` as children); the layout of
+    gitrepository-layout(5). False, with nothing written, when git must do it itself (the
+    names are taken: a retry after a failure). Call it under the registration lock."""
+    admin = repo.git_dir / "worktrees" / path.name
+    if admin.exists() or os.path.lexists(path):
+        return False
+    pyrepo = pygit2.Repository(str(repo.root))
+    try:
+        try:
+            pyrepo.create_branch(branch, pyrepo[pygit2.Oid(hex=base)].peel(pygit2.Commit))
+        except (pygit2.AlreadyExistsError, pygit2.GitError, KeyError, ValueError):
+            return False
+    finally:
+        pyrepo.free()
+    admin.mkdir(parents=True)
+    locked = admin / "locked"  # as git does: prune leaves a half-made registration alone
+    locked.write_text("initializing\n", encoding="utf-8")
+    path.mkdir(parents=True)
+    (path / ".git").write_text(f"gitdir: {admin.resolve()}\n", encoding="utf-8")
+    (admin / "commondir").write_text("../..\n", encoding="utf-8")
+    (admin / "gitdir").write_text(f"{path.resolve()}/.git\n", encoding="utf-8")
+    (admin / "HEAD").write_text(f"ref: refs/heads/{branch}\n", encoding="utf-8")
+    locked.unlink()
+    return True
+
+
+def _has_post_checkout_hook(repo: GitRepo) -> bool:
+    """Whether git would run a post-checkout hook in this repository (conservative)."""
+    hooks_path: str | None = None
+    with contextlib.suppress(KeyError, pygit2.GitError):
+        hooks_path = str(pygit2.Repository(str(repo.root)).config["core.hooksPath"])
+    if hooks_path:
+        hooks = Path(os.path.expanduser(hooks_path))
+        if not hooks.is_absolute():
+            hooks = repo.root / hooks
+    else:
+        hooks = repo.git_dir / "hooks"
+    return (hooks / "post-checkout").exists()
+
+
 def _worktree_git_dir(path: Path) -> Path | None:
-    proc = run_git(path, "rev-parse", "--absolute-git-dir", check=False) if path.is_dir() else None
-    if proc is None or proc.returncode != 0:
+    """The git dir of the worktree at `path`, or None when `path` is not one.
+
+    A linked worktree's `.git` is a file naming its git dir, read here without running git.
+    """
+    if not path.is_dir():
+        return None
+    try:
+        text = (path / ".git").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if text.startswith("gitdir: "):
+        git_dir = Path(text[len("gitdir: ") :].strip())
+        git_dir = git_dir if git_dir.is_absolute() else path / git_dir
+        if (git_dir / "HEAD").is_file():
+            return git_dir.resolve()
+    proc = run_git(path, "rev-parse", "--absolute-git-dir", check=False)
+    if proc.returncode != 0:
         return None
     return Path(proc.stdout.strip())
 
@@ -594,76 +688,123 @@ def commit_workspace(
 
     The commit's tree is the base outside the write scope and the working tree inside it, so
     nothing out of scope reaches the branch, even if the agent ran git itself. Calling it again
-    commits later edits on top.
+    commits later edits on top. Reads run in-process (pygit2); git runs only to stage the
+    working tree, write the tree and commit, and to move the branch (compare-and-swap).
     """
     cwd = ws.path
     git_dir = _worktree_git_dir(cwd)
     if git_dir is None:
         raise RepositoryError(f"the workspace {cwd} is missing; it was removed or never created")
     ref = ws.branch_ref if ws.branch else "HEAD"  # the agent's branch, even if it moved HEAD
-    head = run_git(cwd, "rev-parse", "--verify", f"{ref}^{{commit}}").stdout.strip()
-    base = ws.base_commit or head
-    fd, name = tempfile.mkstemp(prefix="fanout-index-", dir=git_dir)
-    os.close(fd)
-    index = Path(name)
-    index.unlink()
-    try:
-        env = {"GIT_INDEX_FILE": str(index)}
-        _seed_index(cwd, git_dir / "index", index, head, env)
-        run_git(cwd, "add", "-A", "--", ":/", env=env)
-        changed = [
-            p
-            for p in run_git(
-                cwd, "diff-index", "--cached", "-z", "--name-only", "--no-renames", base, env=env
-            ).stdout.split("\0")
-            if p
-        ]
-        dropped = sorted(p for p in changed if not write_scope.allows(p))
-        if dropped:
-            _reset_paths(cwd, base, dropped, env)
-        tree = run_git(cwd, "write-tree", env=env).stdout.strip()
-    finally:
-        index.unlink(missing_ok=True)
-    head_tree = run_git(cwd, "rev-parse", f"{head}^{{tree}}").stdout.strip()
-    if tree == head_tree:
-        return WorkCommit(commit=None, changes=[], dropped=dropped)
-    commit = run_git(
-        cwd,
-        "commit-tree",
-        tree,
-        "-p",
-        head,
-        "-m",
-        message.strip() or "fanout: agent work",
-        env=author.env(author=True, committer=False) | FANOUT_IDENTITY.env(author=False),
-    ).stdout.strip()
-    run_git(cwd, "update-ref", "-m", "fanout: commit agent work", ref, commit, head)
-    on_branch = run_git(cwd, "symbolic-ref", "-q", "HEAD", check=False).stdout.strip()
-    # bring the worktree's own index to the new commit (files on disk are not touched)
-    checked_out = ref == "HEAD" or on_branch == ref
-    if checked_out and run_git(cwd, "read-tree", "-m", commit, check=False).returncode != 0:
-        run_git(cwd, "read-tree", commit)
     pyrepo = pygit2.Repository(str(cwd))
     try:
+        try:
+            head_commit = pyrepo.revparse_single(ref).peel(pygit2.Commit)
+        except (KeyError, ValueError, pygit2.GitError) as exc:
+            raise RepositoryError(f"{ref} of the workspace {cwd} names no commit: {exc}") from exc
+        head = str(head_commit.id)
+        head_tree = str(head_commit.tree_id)
+        base = ws.base_commit or head
+        fd, name = tempfile.mkstemp(prefix="fanout-index-", dir=git_dir)
+        os.close(fd)
+        index = Path(name)
+        index.unlink()
+        try:
+            env = {"GIT_INDEX_FILE": str(index)}
+            if not _index_is_at(pyrepo, git_dir / "index", head_tree, index):
+                _seed_index(cwd, git_dir / "index", index, head, env)
+            run_git(cwd, "add", "-A", "--", ":/", env=env)
+            tree = run_git(cwd, "write-tree", env=env).stdout.strip()
+            dropped: list[str] = []
+            if tree != str(_tree_of(pyrepo, base).id):
+                changed = _changed_paths(pyrepo, base, tree)
+                dropped = sorted(p for p in changed if not write_scope.allows(p))
+                if dropped:
+                    _reset_paths(pyrepo, cwd, base, dropped, env)
+                    tree = run_git(cwd, "write-tree", env=env).stdout.strip()
+            if tree == head_tree:
+                return WorkCommit(commit=None, changes=[], dropped=dropped)
+            commit = run_git(
+                cwd,
+                "commit-tree",
+                tree,
+                "-p",
+                head,
+                "-m",
+                message.strip() or "fanout: agent work",
+                env=author.env(author=True, committer=False) | FANOUT_IDENTITY.env(author=False),
+            ).stdout.strip()
+            run_git(cwd, "update-ref", "-m", "fanout: commit agent work", ref, commit, head)
+            on_branch = None if pyrepo.head_is_detached else pyrepo.references["HEAD"].target
+            # bring the worktree's own index to the new commit (files on disk are not touched)
+            if ref == "HEAD" or on_branch == ref:
+                _install_index(cwd, git_dir, index, commit)
+        finally:
+            index.unlink(missing_ok=True)
         changes = file_changes(pyrepo, head, commit)
     finally:
         pyrepo.free()
     return WorkCommit(commit=commit, changes=changes, dropped=dropped)
 
 
-def _reset_paths(cwd: Path, base: str, paths: Sequence[str], env: Mapping[str, str]) -> None:
+def _index_is_at(pyrepo: pygit2.Repository, source: Path, tree: str, index: Path) -> bool:
+    """Copy the worktree's index to `index` if it holds exactly `tree` (its stat data kept)."""
+    try:
+        if str(pygit2.Index(str(source)).write_tree(pyrepo)) != tree:
+            return False
+        shutil.copyfile(source, index)
+    except (OSError, pygit2.GitError, ValueError):
+        index.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _changed_paths(pyrepo: pygit2.Repository, base: str, tree: str) -> list[str]:
+    """The paths whose entry differs between `base`'s tree and `tree` (no rename detection)."""
+    old = _tree_of(pyrepo, base)
+    new = pyrepo[pygit2.Oid(hex=tree)].peel(pygit2.Tree)
+    paths: set[str] = set()
+    for delta in old.diff_to_tree(new).deltas:
+        paths.add(delta.old_file.path)
+        paths.add(delta.new_file.path)
+    return sorted(paths)
+
+
+def _install_index(cwd: Path, git_dir: Path, index: Path, commit: str) -> None:
+    """Make `index` (which holds `commit`'s tree) the worktree's index, under git's index lock."""
+    lock = git_dir / "index.lock"
+    try:
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError:
+        fd = None
+    if fd is not None:
+        os.close(fd)
+        try:
+            os.replace(index, git_dir / "index")
+            return
+        except OSError:
+            pass
+        finally:
+            lock.unlink(missing_ok=True)
+    if run_git(cwd, "read-tree", "-m", commit, check=False).returncode != 0:
+        run_git(cwd, "read-tree", commit)
+
+
+def _reset_paths(
+    pyrepo: pygit2.Repository, cwd: Path, base: str, paths: Sequence[str], env: Mapping[str, str]
+) -> None:
     """Set `paths` in the (temporary) index to their content in `base`, removing absent ones."""
-    listed = run_git(
-        cwd, "--literal-pathspecs", "ls-tree", "-r", "-z", "--full-tree", base, "--", *paths
-    ).stdout
-    in_base: dict[str, str] = {}
-    for item in listed.split("\0"):
-        if not item:
-            continue
-        meta, path = item.split("\t", 1)
-        mode, _kind, oid = meta.split(" ")
-        in_base[path] = f"{mode} {oid}"
-    lines = [f"{in_base[p]}\t{p}" if p in in_base else f"0 {ZERO_OID}\t{p}" for p in paths]
+    base_tree = _tree_of(pyrepo, base)
+    lines: list[str] = []
+    for p in paths:
+        try:
+            entry = base_tree[p]
+        except KeyError:
+            entry = None
+        if entry is None or entry.filemode == pygit2.enums.FileMode.TREE:
+            lines.append(f"0 {ZERO_OID}\t{p}")  # absent in the base (or a directory there)
+        else:
+            lines.append(f"{int(entry.filemode):06o} {entry.id}\t{p}")
     run_git(cwd, "update-index", "-z", "--index-info", input="\0".join(lines) + "\0", env=env)
 
 
