@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import anyio
 from mcp.server.mcpserver import Context, ListRoots, MCPServer, Resolve
@@ -195,6 +195,7 @@ def _tool(
     meta.arg_model = args
     tool.parameters = args.model_json_schema(by_alias=True)
     assert meta.output_schema is not None, f"{name} must declare its structured output"
+    meta.output_schema = simple_output_schema(meta.output_schema)
     if prebuilt_output:
         # The tool returns a `CallToolResult` whose structured content is the dump of its typed
         # result model (`_result`): it matches the published `outputSchema` by construction. With
@@ -202,6 +203,55 @@ def _tool(
         # for a 64-agent status); without one it publishes the schema and passes it through.
         meta.output_model = None
     return tool
+
+
+class _Recursive(Exception):
+    """A schema definition refers to itself: it cannot be inlined."""
+
+
+def _inline(node: Any, defs: dict[str, Any], active: tuple[str, ...]) -> Any:
+    if isinstance(node, list):
+        return [_inline(item, defs, active) for item in cast("list[Any]", node)]
+    if not isinstance(node, dict):
+        return node
+    mapping = cast("dict[str, Any]", node)
+    ref = mapping.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/") and len(mapping) == 1:
+        name = ref.removeprefix("#/$defs/")
+        if name in active:
+            raise _Recursive(name)
+        return _inline(defs[name], defs, (*active, name))
+    out = {k: _inline(v, defs, active) for k, v in mapping.items() if k != "$defs"}
+    variants = out.get("anyOf")
+    if isinstance(variants, list) and len(cast("list[Any]", variants)) == 2:
+        kinds = [_lone_type(v) for v in cast("list[Any]", variants)]
+        if "null" in kinds and None not in kinds:
+            del out["anyOf"]
+            out["type"] = [k for k in kinds if k != "null"] + ["null"]
+    return out
+
+
+def _lone_type(variant: Any) -> str | None:
+    """`T` of a `{"type": T}` schema with nothing else (a simple type), else None."""
+    if isinstance(variant, dict):
+        mapping = cast("dict[str, Any]", variant)
+        kind = mapping.get("type")
+        if len(mapping) == 1 and isinstance(kind, str):
+            return kind
+    return None
+
+
+def simple_output_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The same JSON schema with its `$defs` inlined and `T | None` written `type: [T, "null"]`.
+
+    Clients validate every structured result against it (the Python SDK with `jsonschema`, whose
+    `$ref` resolution and `anyOf` branches dominate that cost: ~40% less for a 64-agent status).
+    A recursive schema is returned unchanged."""
+    defs = cast("dict[str, Any]", schema.get("$defs") or {})
+    try:
+        return cast("dict[str, Any]", _inline(schema, defs, ()))
+    except _Recursive:
+        return schema
 
 
 def _result(model: BaseModel, text: str) -> CallToolResult:
