@@ -115,7 +115,9 @@ class AgentLoop:
     tools: Sequence[ToolSpec]
     max_turns: int
     max_output_tokens: int
-    on_turn: Callable[[Progress], None]
+    # After each turn: (progress, tokens reserved for the turn, tokens it used); it settles the
+    # turn's budget reservation.
+    on_turn: Callable[[Progress, int, int], None]
     transcript: Transcript
     progress: Progress = field(default_factory=Progress)
     messages: list[Message] = field(default_factory=list[Message])
@@ -154,14 +156,18 @@ class AgentLoop:
                 self.budget.settle(reservation, 0)
                 raise
             tokens = usage_to_tokens(response.usage)
-            self.budget.settle(reservation, tokens.billed_equivalent)
-            bus = await self._bus()
+            try:
+                bus = await self._bus()
+            except BaseException:
+                self.budget.settle(reservation, tokens.billed_equivalent)
+                raise
             self.progress.turns += 1
             self.progress.tokens = self.progress.tokens + tokens
             assistant = Message(role="assistant", content=list(response.content))
             self.messages.append(assistant)
             self.transcript.append("message", assistant.model_dump(mode="json"))
-            self.on_turn(self.progress)
+            # records the turn and settles its reservation, in one step
+            self.on_turn(self.progress, reservation, tokens.billed_equivalent)
 
             if response.stop_reason in ("refusal", "model_context_window_exceeded"):
                 return LoopOutcome(

@@ -92,7 +92,7 @@ DISK_USAGE_CACHE_S = 10.0
 ESTIMATED_TURNS = 8
 ESTIMATED_GROWTH_PER_TURN = 1_500
 ESTIMATED_OUTPUT_PER_TURN = 600
-AGENTS_PER_MODEL = 8
+AGENTS_PER_MODEL = 16
 
 
 def default_model_factory(settings: Settings) -> ModelFactory:
@@ -162,7 +162,8 @@ class Orchestrator:
     def __init__(self, settings: Settings, model_factory: ModelFactory | None = None) -> None:
         self.settings = settings
         self._model_factory = model_factory or default_model_factory(settings)
-        self._models: dict[str, Model] = {}
+        self._models: dict[tuple[str, int], Model] = {}
+        self._model_locks: dict[tuple[str, int], anyio.Lock] = {}
         self._contexts: dict[Path, RepoContext] = {}
         self._runtimes: dict[str, AgentRuntime] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -320,19 +321,35 @@ class Orchestrator:
             self._runtimes[agent.agent_id] = runtime
             ctx.keeper.track(grant, lambda lost, r=runtime: self._on_lease_lost(ctx, r, lost))
 
-    def _model(self, name: str, agent_index: int = 1) -> Model:
+    def _model(self, name: str) -> Model:
+        """The model `name` of the first group of agents (made on first use)."""
+        key = self._model_key(name, 1)
+        model = self._models.get(key)
+        if model is None:
+            model = self._models[key] = self._model_factory(name)
+        return model
+
+    async def _agent_model(self, name: str, agent_index: int) -> Model:
         """The model `name` for the agent of this index: one instance per name and group of
         `AGENTS_PER_MODEL` agents, so that no HTTP connection pool serves more than that many.
 
         (An httpx connection pool scans every connection it holds on each request and response,
-        so one pool for 64 agents costs more CPU than the requests themselves.)
+        so one pool for 64 agents costs more CPU than the requests themselves.) The instances
+        after the first are made in a worker thread: an SDK client takes ~0.1 s to build.
         """
-        key = f"{name}\0{(max(agent_index, 1) - 1) // AGENTS_PER_MODEL}"
+        key = self._model_key(name, agent_index)
         model = self._models.get(key)
         if model is None:
-            model = self._model_factory(name)
-            self._models[key] = model
+            async with self._model_locks.setdefault(key, anyio.Lock()):
+                model = self._models.get(key)
+                if model is None:
+                    model = await anyio.to_thread.run_sync(self._model_factory, name)
+                    self._models[key] = model
         return model
+
+    @staticmethod
+    def _model_key(name: str, agent_index: int) -> tuple[str, int]:
+        return (name, (max(agent_index, 1) - 1) // AGENTS_PER_MODEL)
 
     # --- spawn ------------------------------------------------------------------------------
 
@@ -424,14 +441,13 @@ class Orchestrator:
 
     def _plan_waves(self, agents: list[AgentRecord]) -> None:
         """An agent waits for each earlier agent of the run whose write scope overlaps its own."""
+        requests = [self._scope_requests(agent.write_scope) for agent in agents]
         for i, agent in enumerate(agents):
-            mine = self._scope_requests(agent.write_scope)
+            mine = requests[i]
             agent.waits_for = [
                 earlier.agent_id
-                for earlier in agents[:i]
-                if any(
-                    conflicts(a, b) for a in mine for b in self._scope_requests(earlier.write_scope)
-                )
+                for j, earlier in enumerate(agents[:i])
+                if any(conflicts(a, b) for a in mine for b in requests[j])
             ]
 
     async def _spawn_warnings(self, ctx: RepoContext, agents: list[AgentRecord]) -> list[str]:
@@ -703,7 +719,7 @@ class Orchestrator:
         # The prefix describes the run's base for every agent, so it is byte-identical.
         prefix = await self._prefix(ctx, run)
         loop = AgentLoop(
-            model=self._model(agent.model, agent.index),
+            model=await self._agent_model(agent.model, agent.index),
             model_name=agent.model,
             bus=None,
             workspace_ready=workspace_ready,
@@ -723,7 +739,9 @@ class Orchestrator:
             tools=[*SUBAGENT_TOOL_SPECS, FINISH_TOOL],
             max_turns=agent.max_turns,
             max_output_tokens=self.settings.max_output_tokens,
-            on_turn=lambda p: self._on_turn(ctx, runtime.agent_id, p),
+            on_turn=lambda p, reserved, used: self._on_turn(
+                ctx, runtime.agent_id, p, reserved, used
+            ),
             transcript=Transcript(ctx.repo.state_dir / "transcripts" / f"{agent.agent_id}.jsonl"),
         )
         runtime.loop = loop
@@ -809,9 +827,16 @@ class Orchestrator:
             describe=describe,
         )
 
-    def _on_turn(self, ctx: RepoContext, agent_id: str, progress: Progress) -> None:
+    def _on_turn(
+        self, ctx: RepoContext, agent_id: str, progress: Progress, reserved: int, used: int
+    ) -> None:
         ctx.store.update_agent(
-            agent_id, "turn", f"turn {progress.turns}", turns=progress.turns, tokens=progress.tokens
+            agent_id,
+            "turn",
+            f"turn {progress.turns}",
+            settle=(reserved, used),
+            turns=progress.turns,
+            tokens=progress.tokens,
         )
 
     def _on_lease_lost(self, ctx: RepoContext, runtime: AgentRuntime, lost: LeaseLost) -> None:

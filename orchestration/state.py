@@ -292,9 +292,16 @@ class StateStore:
         return [AgentRecord.model_validate_json(str(r[0])) for r in rows]
 
     def update_agent(
-        self, agent_id: str, kind: str, detail: str = "", **changes: object
+        self,
+        agent_id: str,
+        kind: str,
+        detail: str = "",
+        *,
+        settle: tuple[int, int] | None = None,
+        **changes: object,
     ) -> AgentRecord:
-        """Apply `changes` to the agent and record an event, in one transaction."""
+        """Apply `changes` to the agent and record an event, in one transaction; with `settle`
+        (reserved, used), settle a reservation of the agent's run in it too (one per turn)."""
         with self._tx() as db:
             row = db.execute("SELECT data FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
             if row is None:
@@ -311,6 +318,8 @@ class StateStore:
                 (updated.model_dump_json(), agent_id),
             )
             self._append_event(db, updated.run_id, agent_id, kind, detail or updated.status.value)
+            if settle is not None:
+                self._settle(db, updated.run_id, *settle)
         self._notify()
         return updated
 
@@ -337,11 +346,14 @@ class StateStore:
     def settle_budget(self, run_id: str, reserved: int, used: int) -> None:
         """Turn a reservation into actual use (which may be more or less than reserved)."""
         with self._tx() as db:
-            db.execute(
-                "UPDATE budgets SET reserved = MAX(reserved - ?, 0), used = used + ? "
-                "WHERE run_id = ?",
-                (reserved, used, run_id),
-            )
+            self._settle(db, run_id, reserved, used)
+
+    @staticmethod
+    def _settle(db: sqlite3.Connection, run_id: str, reserved: int, used: int) -> None:
+        db.execute(
+            "UPDATE budgets SET reserved = MAX(reserved - ?, 0), used = used + ? WHERE run_id = ?",
+            (reserved, used, run_id),
+        )
 
     def reset_reservations(self, run_id: str) -> None:
         """Drop reservations left by a process that died mid-turn."""

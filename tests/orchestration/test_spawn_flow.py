@@ -1,0 +1,94 @@
+"""How spawn starts agents: at once, in order, the workspace made while the first turn is out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from orchestration.config import Settings
+from orchestration.contracts import AgentStatus, SpawnRequest, StatusResult, TaskSpec
+from orchestration.model import Model
+from orchestration.orchestrator import AGENTS_PER_MODEL, Orchestrator
+from orchestration.workspace import GitRepo
+from tests.orchestration.scripts import Gate, by_task, make_repo
+
+pytestmark = pytest.mark.anyio
+
+TIMEOUT = 30
+
+
+def settings(repo: Path) -> Settings:
+    return Settings.model_validate({"repo": repo, "sandbox": "none", "lease_ttl_s": 30.0})
+
+
+async def wait_for(orch: Orchestrator, run_id: str, done: set[AgentStatus]) -> StatusResult:
+    cursor: int | None = None
+    with anyio.fail_after(TIMEOUT):
+        while True:
+            status = await orch.status(run_id=run_id, since=cursor, wait_s=5)
+            cursor = status.cursor
+            if all(a.status in done for a in status.runs[0].agents):
+                return status
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return make_repo(tmp_path / "repo")
+
+
+async def test_running_means_the_workspace_exists_even_while_the_first_turn_is_out(
+    repo: Path,
+) -> None:
+    gate = Gate({"HELD": 0})
+    model = by_task(
+        {"HELD": [("write_file", {"path": "src/app/h.py", "content": "H\n"})]}, gate=gate
+    )
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="HELD", name="held", write_scope=["src/app"])])
+        )
+        assert [a.status for a in spawned.agents] == [AgentStatus.QUEUED]
+        with anyio.fail_after(TIMEOUT):
+            await gate.reached["HELD"].wait()  # the first request is out
+        status = await wait_for(orch, spawned.run_id, {AgentStatus.RUNNING})
+        agent = status.runs[0].agents[0]
+        assert agent.turns == 0  # still in its first turn, yet its workspace is ready
+        workspace = GitRepo(repo).worktrees_dir / spawned.run_id / agent.agent_id
+        assert (workspace / "src/app/core.py").exists()
+        gate.release["HELD"].set()
+        status = await wait_for(orch, spawned.run_id, {AgentStatus.SUCCEEDED})
+    result = status.runs[0].agents[0].result
+    assert result is not None and [c.path for c in result.changed_files] == ["src/app/h.py"]
+
+
+async def test_cancel_right_after_spawn_cancels_agents_not_yet_started(repo: Path) -> None:
+    model = by_task({})
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt=f"T{i}", write_scope=[f"w{i}"]) for i in range(3)])
+        )
+        cancelled = await orch.cancel(spawned.run_id)
+    assert [a.status for a in cancelled.agents] == [AgentStatus.CANCELLED] * 3
+
+
+async def test_agents_beyond_one_model_group_share_a_second_instance(repo: Path) -> None:
+    made: list[str] = []
+    model = by_task({})
+
+    def factory(name: str) -> Model:
+        made.append(name)
+        return model
+
+    count = AGENTS_PER_MODEL + 2
+    async with Orchestrator(settings(repo), factory) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(
+                tasks=[TaskSpec(prompt=f"T{i}", write_scope=[f"w{i}"]) for i in range(count)],
+                max_concurrency=count,
+            )
+        )
+        status = await wait_for(orch, spawned.run_id, {AgentStatus.SUCCEEDED})
+    assert len(status.runs[0].agents) == count
+    assert len(made) == 2  # one per group of AGENTS_PER_MODEL agents, not one per agent
