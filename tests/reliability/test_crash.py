@@ -330,6 +330,15 @@ def _known_defects(repo: Path, head0: str, head: str) -> list[KnownDefect]:
     ):
         name = "half-made worktree after a kill inside git worktree add"
         found.append(KnownDefect(name, G_STORE, "worktrees/"))
+    # a rerun of an interrupted agent that had committed nothing: pinned by
+    # test_rerun_of_an_interrupted_agent_without_work_merges
+    found.append(
+        KnownDefect(
+            "rerun of an interrupted agent without work skipped as 'changed nothing'",
+            G_AFTER,
+            "the agent changed nothing",
+        )
+    )
     # the checkout sits exactly at an earlier canonical head (index and files), the branch moved
     clean_files = subprocess.run(["git", "diff", "--quiet"], cwd=repo, check=False).returncode == 0
     earlier = [head0, *git(repo, "rev-list", f"{head0}..{head}").split()[1:]]
@@ -480,3 +489,79 @@ def test_kill_inside_a_git_command(kill: GitKill, tmp_path: Path, ledger: Ledger
         problems.append(f"checkout differs from the canonical head: {status[:300]}")
     ledger.record(G_GIT, label, not problems, "; ".join(problems))
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.anyio
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: rerun_subagent of an interrupted agent that had committed nothing bases the "
+    "new agent on the current head but starts its workspace at the run's old base; when it "
+    "changes nothing, merge_results skips it ('the agent changed nothing') instead of merging "
+    "it as empty, so it stays `succeeded` for ever and keeps its write lease",
+)
+async def test_rerun_of_an_interrupted_agent_without_work_merges(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """Found by the full-profile kill runs (mid_write, a quick agent killed before its write):
+    an interrupted agent with no work, another agent merged, then a rerun that changes nothing."""
+    import anyio
+
+    from orchestration.config import Settings
+    from orchestration.contracts import MergeRequest, SpawnRequest, TaskSpec
+    from orchestration.orchestrator import Orchestrator
+    from tests.orchestration.scripts import Gate, by_task
+
+    repo = make_repo(tmp_path / "repo")
+    settings = Settings.model_validate({"repo": repo, "sandbox": "none"})
+    gate = Gate({"IDLE": 0})
+    first = by_task(
+        {
+            "IDLE": [("write_file", {"path": "docs/i.md", "content": "i\n"})],
+            "DONE": [("write_file", {"path": "src/app/d.py", "content": "D = 1\n"})],
+        },
+        gate=gate,
+    )
+    async with Orchestrator(settings, lambda _name: first) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(
+                tasks=[
+                    TaskSpec(prompt="IDLE", write_scope=["docs"]),
+                    TaskSpec(prompt="DONE", write_scope=["src/app"]),
+                ]
+            )
+        )
+        with anyio.fail_after(30):
+            await gate.reached["IDLE"].wait()
+            cursor: int | None = None
+            while True:
+                status = await orch.status(run_id=spawned.run_id, since=cursor, wait_s=1)
+                cursor = status.cursor
+                if status.runs[0].agents[1].status.value == "succeeded":
+                    break
+    # the server stopped under IDLE before it wrote anything
+    second = by_task({"IDLE": [("list_files", {})]})
+    async with Orchestrator(settings, lambda _name: second) as orch:
+        await orch.merge(MergeRequest(run_id=spawned.run_id))
+        rerun = await orch.rerun(spawned.agents[0].agent_id)
+        with anyio.fail_after(30):
+            cursor = None
+            while True:
+                status = await orch.status(run_id=spawned.run_id, since=cursor, wait_s=1)
+                cursor = status.cursor
+                view = next(a for a in status.runs[0].agents if a.agent_id == rerun.agent.agent_id)
+                if not view.status.active:
+                    break
+        merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
+        after = await orch.status(run_id=spawned.run_id)
+    result = merged.agents[0]
+    view = next(a for a in after.runs[0].agents if a.agent_id == rerun.agent.agent_id)
+    ok = result.outcome.value == "merged" and view.status.value == "merged" and not view.leases
+    ledger.record(
+        G_AFTER,
+        "rerun of an interrupted agent without work",
+        ok,
+        f"{result.outcome.value}: {result.reason}; status {view.status.value}, "
+        f"leases {[lease.resource for lease in view.leases]}",
+    )
+    assert (repo / "src/app/d.py").exists()  # never a revert of the other agent's merge
+    assert ok, f"{result}; {view.status}; {view.leases}"
