@@ -2,17 +2,21 @@
 same server in the same run: the MCP surface's own overhead. Target: ratio <= 2.
 
 The primary figures come from a raw JSON-RPC driver on the server's stdin/stdout (server and
-transport only). The SDK `Client` figures are reported too: that client re-validates every
-structured result against the tool's output schema with `jsonschema`, which for a large status
-costs more than the server does."""
+transport only). The server's own CPU time per call (from /proc, Linux) is reported alongside:
+on a loaded machine the wall-clock times mostly measure waiting for a core, the CPU times do not.
+The SDK `Client` figures are reported too: that client re-validates every structured result
+against the tool's output schema with `jsonschema`, which for a large status costs more than the
+server does."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,21 +60,47 @@ async def _measure(agents: int, calls: int) -> dict[str, float | int]:
                 t0 = time.perf_counter()
                 await client.call_tool("ping", {})
                 ping_s.append(time.perf_counter() - t0)
-        raw_status, raw_ping = _raw(params.command, params.args, run_id, calls)
-    status_p50, ping_p50 = _p50_ms(raw_status), _p50_ms(raw_ping)
+        raw = _raw(params.command, params.args, run_id, calls)
+    status_p50, ping_p50 = _p50_ms(raw.status_s), _p50_ms(raw.ping_s)
     client_status, client_ping = _p50_ms(status_s), _p50_ms(ping_s)
     return {
         "mcp_agents": agents,
         "get_status_p50_ms": status_p50,
         "noop_p50_ms": ping_p50,
         "ratio": round(status_p50 / ping_p50, 2) if ping_p50 else 0.0,
+        "get_status_server_cpu_ms": round(raw.status_cpu_s * 1000, 3),
+        "noop_server_cpu_ms": round(raw.ping_cpu_s * 1000, 3),
+        "cpu_ratio": round(raw.status_cpu_s / raw.ping_cpu_s, 2) if raw.ping_cpu_s else 0.0,
+        "get_status_bytes": raw.status_bytes,
         "get_status_sdk_client_p50_ms": client_status,
         "noop_sdk_client_p50_ms": client_ping,
     }
 
 
-def _raw(command: str, args: list[str], run_id: str, calls: int) -> tuple[list[float], list[float]]:
-    """get_status and ping timed over the server's stdio with bare JSON-RPC lines."""
+@dataclass
+class RawTimes:
+    """What the raw driver measured: per-call wall times, and the server's CPU time per call."""
+
+    status_s: list[float]
+    ping_s: list[float]
+    status_cpu_s: float
+    ping_cpu_s: float
+    status_bytes: int
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 where /proc is not available)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based, man proc).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _raw(command: str, args: list[str], run_id: str, calls: int) -> RawTimes:
+    """get_status and ping timed over the server's stdio with bare JSON-RPC lines: interleaved
+    for the wall-clock times, then in two blocks for the server's CPU time per call."""
     proc = subprocess.Popen(
         [command, *args],
         stdin=subprocess.PIPE,
@@ -83,7 +113,10 @@ def _raw(command: str, args: list[str], run_id: str, calls: int) -> tuple[list[f
     stdin, stdout = proc.stdin, proc.stdout
     ids = iter(range(1, 1_000_000))
 
+    last_size = 0
+
     def request(method: str, params: dict[str, Any]) -> dict[str, Any]:
+        nonlocal last_size
         msg_id = next(ids)
         stdin.write(
             json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
@@ -91,8 +124,10 @@ def _raw(command: str, args: list[str], run_id: str, calls: int) -> tuple[list[f
         stdin.write("\n")
         stdin.flush()
         while True:
-            answer: dict[str, Any] = json.loads(stdout.readline())
+            line = stdout.readline()
+            answer: dict[str, Any] = json.loads(line)
             if answer.get("id") == msg_id:
+                last_size = len(line.encode())
                 return answer
 
     try:
@@ -121,7 +156,15 @@ def _raw(command: str, args: list[str], run_id: str, calls: int) -> tuple[list[f
             t0 = time.perf_counter()
             request("tools/call", ping_call)
             ping_s.append(time.perf_counter() - t0)
-        return status_s, ping_s
+        request("tools/call", status_call)
+        status_bytes = last_size
+        cpu: list[float] = []
+        for call in (status_call, ping_call):
+            before = _cpu_s(proc.pid)
+            for _ in range(calls):
+                request("tools/call", call)
+            cpu.append((_cpu_s(proc.pid) - before) / calls)
+        return RawTimes(status_s, ping_s, cpu[0], cpu[1], status_bytes)
     finally:
         stdin.close()
         try:
@@ -134,7 +177,7 @@ def _raw(command: str, args: list[str], run_id: str, calls: int) -> tuple[list[f
 def run(quick: bool) -> dict[str, float | int]:
     agents, calls = (16, 30) if quick else (64, 200)
     figures = anyio.run(_measure, agents, calls)
-    print(f"{'figure':<30}{'value':>12}")
+    print(f"{'figure':<32}{'value':>12}")
     for key, value in figures.items():
-        print(f"{key:<30}{value:>12}")
+        print(f"{key:<32}{value:>12}")
     return figures

@@ -36,20 +36,20 @@ INIT = {
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
-def _free_port() -> int:
+def _free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def _command(repo: Path, port: int, *extra: str) -> list[str]:
+def _command(repo: Path, port: int, *extra: str, host: str = HOST) -> list[str]:
     return [
         sys.executable,
         "-m",
         "mcp_server.cli",
         "--http",
         "--host",
-        HOST,
+        host,
         "--port",
         str(port),
         "--repo",
@@ -67,19 +67,21 @@ def _env() -> dict[str, str]:
 
 
 @contextmanager
-def _serving(repo: Path, *extra: str, env: dict[str, str] | None = None) -> Generator[str]:
+def _serving(
+    repo: Path, *extra: str, env: dict[str, str] | None = None, host: str = HOST
+) -> Generator[str]:
     """The server on a free loopback port, until the block ends; yields its MCP endpoint URL."""
-    port = _free_port()
+    port = _free_port(host)
     proc = subprocess.Popen(
-        _command(repo, port, *extra),
+        _command(repo, port, *extra, host=host),
         env={**_env(), **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        _wait_listening(proc, port)
-        yield f"http://{HOST}:{port}/mcp"
+        _wait_listening(proc, host, port)
+        yield f"http://{host}:{port}/mcp"
     finally:
         proc.terminate()
         try:
@@ -91,7 +93,7 @@ def _serving(repo: Path, *extra: str, env: dict[str, str] | None = None) -> Gene
             proc.stderr.close()
 
 
-def _wait_listening(proc: subprocess.Popen[str], port: int) -> None:
+def _wait_listening(proc: subprocess.Popen[str], host: str, port: int) -> None:
     """Until the port accepts connections (the server is up), or the server exits."""
     deadline = 60.0
     waited = 0.0
@@ -100,7 +102,7 @@ def _wait_listening(proc: subprocess.Popen[str], port: int) -> None:
             err = proc.stderr.read() if proc.stderr is not None else ""
             raise AssertionError(f"the server exited with {proc.returncode}: {err}")
         try:
-            with socket.create_connection((HOST, port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return
         except OSError:
             if waited > deadline:
@@ -154,8 +156,7 @@ async def test_tools_over_http_in_both_eras(repo: Path, mode: str) -> None:
 
 def test_refuses_a_non_loopback_address_without_a_token(repo: Path) -> None:
     # 192.0.2.1 (TEST-NET-1) is never bound: the server must refuse before it tries.
-    command = _command(repo, 8765)
-    command[command.index(HOST)] = "192.0.2.1"
+    command = _command(repo, 8765, host="192.0.2.1")
     proc = subprocess.run(
         command, env=_env(), capture_output=True, text=True, timeout=60, check=False
     )
@@ -179,6 +180,18 @@ async def test_bearer_token_is_enforced_when_given(repo: Path) -> None:
                 assert structured(await client.call_tool("ping", {}))["ok"] is True
                 status = structured(await client.call_tool("get_status", {}))
                 assert status["runs"] == []
+
+
+async def test_other_address_with_a_token_is_served_and_guarded(repo: Path) -> None:
+    # 127.0.0.2 is loopback to the kernel but not one of the CLI's loopback names: it takes the
+    # path of any other address (token required, the address added to the allowed hosts).
+    with _serving(repo, "--token", TOKEN, host="127.0.0.2") as url:
+        assert url.startswith("http://127.0.0.2:")
+        async with httpx2.AsyncClient(timeout=30) as http:
+            answer = await http.post(url, json=INIT, headers=MCP_HEADERS)
+            assert answer.status_code == 401
+        async with _client(url, "auto", TOKEN) as client:
+            assert structured(await client.call_tool("ping", {}))["ok"] is True
 
 
 async def test_token_from_the_environment(repo: Path) -> None:
