@@ -8,6 +8,7 @@ its work committed on its branch.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -154,6 +155,11 @@ class RepoContext:
     disk_usage: tuple[float, int] = (0.0, 0)
     prefixes: dict[str, str] = field(default_factory=dict[str, str])
     prefix_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # Worker threads making worktrees (mostly waiting for the registration lock or a checkout
+    # slot) get their own pool, so that they never hold up other work sent to threads.
+    workspace_threads: anyio.CapacityLimiter = field(
+        default_factory=lambda: anyio.CapacityLimiter((os.cpu_count() or 1) + 2)
+    )
 
 
 class Orchestrator:
@@ -775,7 +781,8 @@ class Orchestrator:
                 run_id=agent.run_id,
                 agent_id=agent.agent_id,
                 include=self.settings.include,
-            )
+            ),
+            limiter=ctx.workspace_threads,
         )
         base = agent.base_commit if agent.start_commit else start
         agent = ctx.store.update_agent(
@@ -1022,7 +1029,7 @@ class Orchestrator:
         now = time.time()
         views: list[RunView] = []
         for run in runs:
-            agents = ctx.store.agents(run.run_id)
+            agents = ctx.store.agents_snapshot(run.run_id)  # read-only, reparsed on change
             total, used, reserved = ctx.store.budget(run.run_id)
             by_status: dict[str, int] = {}
             tokens = TokenUsage()

@@ -289,13 +289,10 @@ def snapshot(repo: GitRepo, run_id: str) -> Snapshot:
     base alive through gc.
     """
     _check_component(run_id, "run id")
-    head = repo.head_commit()
-    branch = repo.head_branch()
-    entries = status_entries(repo.root)
+    head, branch, dirty, untracked = _head_and_status(repo)
     base = head
-    untracked: list[str] = []
-    if entries:
-        untracked = sorted(e.path for e in entries if e.code == "??")
+    if dirty:
+        untracked = sorted(untracked)
         index = repo.temp_path("snapshot-index-")
         try:
             env = {"GIT_INDEX_FILE": str(index)}
@@ -323,6 +320,39 @@ def snapshot(repo: GitRepo, run_id: str) -> Snapshot:
         dirty=base != head,
         untracked_included=untracked if base != head else [],
     )
+
+
+def _head_and_status(repo: GitRepo) -> tuple[str, str | None, bool, list[str]]:
+    """(HEAD's commit, its branch ref or None, whether anything is uncommitted, the untracked
+    paths) from one `git status` (what `head_commit`, `head_branch` and `status_entries` say)."""
+    args = ("status", "--porcelain=v2", "-z", "--branch", "--untracked-files=all", "--no-renames")
+    out = run_git(repo.root, *args, env={"GIT_OPTIONAL_LOCKS": "0"}).stdout
+    head: str | None = None
+    branch: str | None = None
+    dirty = False
+    untracked: list[str] = []
+    fields = out.split("\0")
+    i = 0
+    while i < len(fields):
+        item = fields[i]
+        i += 1
+        if item.startswith("# branch.oid "):
+            oid = item[len("# branch.oid ") :]
+            head = oid if _FULL_OID.fullmatch(oid) else None
+        elif item.startswith("# branch.head "):
+            name = item[len("# branch.head ") :]
+            branch = None if name == "(detached)" else f"refs/heads/{name}"
+        elif item.startswith("? "):
+            dirty = True
+            untracked.append(item[2:])
+        elif item.startswith(("1 ", "u ")):
+            dirty = True
+        elif item.startswith("2 "):
+            dirty = True
+            i += 1  # a rename's original path follows
+    if head is None:
+        return repo.head_commit(), repo.head_branch(), dirty, untracked  # says what is wrong
+    return head, branch, dirty, untracked
 
 
 def _snapshot_ref(run_id: str) -> str:

@@ -11,6 +11,7 @@ from orchestration.workspace import (
     create_workspace,
     list_workspaces,
     remove_workspace,
+    snapshot,
 )
 from tests.orchestration.gitutil import (
     assert_fsck,
@@ -97,3 +98,16 @@ def test_an_out_of_scope_file_replacing_a_directory_is_dropped(tmp_path: Path) -
     assert git(root, "show", f"{result.commit}:lib/x/y.py") == "y\n"
     assert git(root, "show", f"{result.commit}:src/a.py") == "mine\n"
     assert_fsck(root)
+
+
+def test_snapshot_reads_head_branch_and_dirt_from_one_status(tmp_path: Path) -> None:
+    root = make_repo(tmp_path / "r", {"src/a.py": "a\n"})
+    base = head(root)
+    clean = snapshot(GitRepo(root), "run1")
+    assert (clean.base_commit, clean.branch_ref, clean.dirty) == (base, "refs/heads/main", False)
+    git(root, "checkout", "-q", "--detach")
+    write(root, "new dir/n.txt", "untracked\n")
+    dirty = snapshot(GitRepo(root), "run2")
+    assert dirty.head_commit == base and dirty.branch_ref is None and dirty.dirty
+    assert dirty.untracked_included == ["new dir/n.txt"]
+    assert git(root, "show", f"{dirty.base_commit}:new dir/n.txt") == "untracked\n"
