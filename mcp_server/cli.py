@@ -24,6 +24,7 @@ from orchestration.orchestrator import ModelFactory, RepoContext
 log = logging.getLogger("fanout.mcp")
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+WILDCARD = frozenset({"0.0.0.0", "::", ""})
 MODEL_PROVIDERS = ("anthropic", "demo")
 
 
@@ -50,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
         "--token",
         default=os.environ.get("FANOUT_HTTP_TOKEN"),
         help="bearer token HTTP clients must send (FANOUT_HTTP_TOKEN); required off loopback",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[
+            h.strip()
+            for h in os.environ.get("FANOUT_HTTP_ALLOWED_HOSTS", "").split(",")
+            if h.strip()
+        ],
+        metavar="HOST",
+        help="a name or address clients reach the HTTP server by, for the Host/Origin checks "
+        "(repeatable; FANOUT_HTTP_ALLOWED_HOSTS, comma-separated); needed when binding 0.0.0.0",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging to stderr")
     sub = parser.add_subparsers(dest="command")
@@ -126,15 +139,20 @@ def _bearer_app(app: Any, token: str) -> Any:
     return guarded
 
 
-async def _serve_http(server: Any, host: str, port: int, token: str | None) -> None:
+async def _serve_http(
+    server: Any, host: str, port: int, token: str | None, allowed: Sequence[str] = ()
+) -> None:
     import uvicorn
     from mcp.server.transport_security import TransportSecuritySettings
 
     hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
     origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
-    if host not in LOOPBACK:
-        hosts.append(f"{host}:*")
-        origins.append(f"http://{host}:*")
+    extra = [*allowed] if host in WILDCARD else [host, *allowed]
+    for name in extra:
+        if name in LOOPBACK or name in WILDCARD:
+            continue
+        hosts.append(f"{name}:*")
+        origins.extend((f"http://{name}:*", f"https://{name}:*"))
     security = TransportSecuritySettings(
         enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
     )
@@ -156,11 +174,19 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.http and args.host in WILDCARD and not args.allowed_host:
+        print(
+            f"fanout-mcp: binding {args.host} accepts connections on every address, but the "
+            "Host/Origin checks only admit names you list: pass --allowed-host <name or "
+            "address clients use> (repeatable) or set FANOUT_HTTP_ALLOWED_HOSTS",
+            file=sys.stderr,
+        )
+        return 2
     settings = _settings(args)
     server = build_server(settings, _model_factory(args.model_provider))
     server.app.on_repo = log_to_state_dir
     if args.http:
-        anyio.run(_serve_http, server, args.host, args.port, args.token)
+        anyio.run(_serve_http, server, args.host, args.port, args.token, args.allowed_host)
     else:
         anyio.run(server.run_stdio_async)
     return 0

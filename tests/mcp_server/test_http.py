@@ -72,6 +72,8 @@ def _serving(
 ) -> Generator[str]:
     """The server on a free loopback port, until the block ends; yields its MCP endpoint URL."""
     port = _free_port(host)
+    # a wildcard bind answers on loopback too; tests only ever connect to loopback
+    reach = HOST if host == "0.0.0.0" else host
     proc = subprocess.Popen(
         _command(repo, port, *extra, host=host),
         env={**_env(), **(env or {})},
@@ -80,8 +82,8 @@ def _serving(
         text=True,
     )
     try:
-        _wait_listening(proc, host, port)
-        yield f"http://{host}:{port}/mcp"
+        _wait_listening(proc, reach, port)
+        yield f"http://{reach}:{port}/mcp"
     finally:
         proc.terminate()
         try:
@@ -219,3 +221,25 @@ async def test_foreign_origin_or_host_is_refused(repo: Path) -> None:
             for header, value in [("Origin", f"http://{here}"), ("Host", here)]:
                 accepted = await http.post(url, json=INIT, headers={**auth, header: value})
                 assert accepted.status_code == 200, (header, value, accepted.text)
+
+
+def test_a_wildcard_bind_needs_the_names_clients_use(repo: Path) -> None:
+    command = _command(repo, 8765, "--token", TOKEN, host="0.0.0.0")
+    proc = subprocess.run(
+        command, env=_env(), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 2
+    assert "--allowed-host" in proc.stderr
+
+
+async def test_a_wildcard_bind_admits_the_allowed_host_names(repo: Path) -> None:
+    with _serving(repo, "--token", TOKEN, "--allowed-host", "fanout.test", host="0.0.0.0") as url:
+        port = url.split(":")[2].split("/")[0]
+        auth = {**MCP_HEADERS, "Authorization": f"Bearer {TOKEN}"}
+        async with httpx2.AsyncClient(timeout=30) as http:
+            named = await http.post(url, json=INIT, headers={**auth, "Host": f"fanout.test:{port}"})
+            assert named.status_code == 200, named.text
+            other = await http.post(url, json=INIT, headers={**auth, "Host": f"other.test:{port}"})
+            assert other.status_code == 421
+            origin = {**auth, "Origin": f"https://fanout.test:{port}"}
+            assert (await http.post(url, json=INIT, headers=origin)).status_code == 200
