@@ -706,13 +706,16 @@ class Orchestrator:
         run = self._run(ctx, agent.run_id)
         ready = anyio.Event()
         made: list[AgentBus] = []
-        failed: list[BaseException] = []
+        failed: list[Exception] = []
+        loop_scope = anyio.CancelScope()
 
         async def prepare() -> None:
             try:
                 made.append(await self._prepare_workspace(ctx, runtime, agent))
-            except Exception as exc:  # surfaces in the loop as an internal error
+            except Exception as exc:  # the agent fails at once, its first turn abandoned
+                log.exception("agent %s: its workspace could not be made", agent.agent_id)
                 failed.append(exc)
+                loop_scope.cancel()
             finally:
                 ready.set()
 
@@ -755,13 +758,20 @@ class Orchestrator:
         outcome = LoopOutcome(StopReason.INTERNAL_ERROR, error="the loop did not run")
         async with anyio.create_task_group() as tg:
             tg.start_soon(prepare)
-            try:
-                outcome = await loop.run()
-            except Exception as exc:  # a defect of ours: contained to this agent
-                log.exception("agent %s crashed", agent.agent_id)
-                outcome = LoopOutcome(
-                    StopReason.INTERNAL_ERROR, error=f"{type(exc).__name__}: {exc}"
-                )
+            with loop_scope:
+                try:
+                    outcome = await loop.run()
+                except Exception as exc:  # a defect of ours: contained to this agent
+                    log.exception("agent %s crashed", agent.agent_id)
+                    outcome = LoopOutcome(
+                        StopReason.INTERNAL_ERROR, error=f"{type(exc).__name__}: {exc}"
+                    )
+        if failed and loop_scope.cancelled_caught:
+            error = failed[0]
+            outcome = LoopOutcome(
+                StopReason.INTERNAL_ERROR,
+                error=f"its workspace could not be made: {type(error).__name__}: {error}",
+            )
         with anyio.CancelScope(shield=True):
             await self._finish(ctx, runtime, outcome)
 

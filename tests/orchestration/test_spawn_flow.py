@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from orchestration.config import Settings
-from orchestration.contracts import AgentStatus, SpawnRequest, StatusResult, TaskSpec
+from orchestration.contracts import AgentStatus, SpawnRequest, StatusResult, StopReason, TaskSpec
 from orchestration.model import Model
 from orchestration.orchestrator import AGENTS_PER_MODEL, Orchestrator
 from orchestration.workspace import GitRepo
@@ -92,3 +92,20 @@ async def test_agents_beyond_one_model_group_share_a_second_instance(repo: Path)
         status = await wait_for(orch, spawned.run_id, {AgentStatus.SUCCEEDED})
     assert len(status.runs[0].agents) == count
     assert len(made) == 2  # one per group of AGENTS_PER_MODEL agents, not one per agent
+
+
+async def test_a_workspace_failure_fails_the_agent_without_waiting_for_its_first_turn(
+    repo: Path,
+) -> None:
+    never = anyio.Event()
+    gate = Gate({"STUCK": 0})
+    gate.release["STUCK"] = never  # the first model turn never returns
+    model = by_task({"STUCK": []}, gate=gate)
+    state_dir = GitRepo(repo).state_dir
+    (state_dir / "worktrees").write_text("not a directory\n")  # no worktree can be made
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(SpawnRequest(tasks=[TaskSpec(prompt="STUCK", write_scope=[])]))
+        status = await wait_for(orch, spawned.run_id, {AgentStatus.FAILED})
+    result = status.runs[0].agents[0].result
+    assert result is not None and result.stop_reason == StopReason.INTERNAL_ERROR
+    assert "workspace could not be made" in (result.error or "")
