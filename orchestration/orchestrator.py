@@ -171,6 +171,7 @@ class Orchestrator:
         self._models: dict[tuple[str, int], Model] = {}
         self._model_locks: dict[tuple[str, int], anyio.Lock] = {}
         self._contexts: dict[Path, RepoContext] = {}
+        self._discovered: dict[Path, ws_mod.GitRepo] = {}
         self._runtimes: dict[str, AgentRuntime] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._context_lock = anyio.Lock()
@@ -219,7 +220,12 @@ class Orchestrator:
             raise RepositoryError(
                 "no repository given: pass `repo`, start the server with --repo, or set FANOUT_REPO"
             )
-        git_repo = await anyio.to_thread.run_sync(ws_mod.GitRepo.discover, Path(path))
+        where = Path(path)
+        git_repo = self._discovered.get(where)
+        if git_repo is None or not git_repo.root.is_dir():
+            # (a status poll names the repository each time: one git process per poll otherwise)
+            git_repo = await anyio.to_thread.run_sync(ws_mod.GitRepo.discover, where)
+            self._discovered[where] = git_repo
         async with self._context_lock:
             existing = self._contexts.get(git_repo.root)
             if existing is not None:
