@@ -201,6 +201,7 @@ class Orchestrator:
                     ctx.store.unregister_server()
                 finally:
                     ctx.store.close()
+                    ctx.leases.store.close()
             for model in self._models.values():
                 close = getattr(model, "aclose", None)
                 if close is not None:
@@ -263,21 +264,50 @@ class Orchestrator:
                 if agent.workspace and Path(agent.workspace).exists():
                     work = await self._commit_work(ctx, agent, "work left by an interrupted agent")
                     commit = work.commit or commit
+                elif agent.workspace is None:
+                    # killed while its worktree was being made: nothing of it ran
+                    await anyio.to_thread.run_sync(
+                        ws_mod.discard_unstarted_workspace, ctx.repo, agent.run_id, agent.agent_id
+                    )
+                changes: list[FileChange] = []
+                if commit is not None and commit != agent.base_commit:
+                    changes = await anyio.to_thread.run_sync(
+                        self._changes, ctx, agent.base_commit, commit
+                    )
+                reason = (
+                    "the server running this agent stopped; rerun_subagent resumes it from its "
+                    "committed work"
+                )
                 ctx.store.update_agent(
                     agent.agent_id,
                     "interrupted",
                     "the server running this agent stopped",
                     status=AgentStatus.INTERRUPTED,
                     stop_reason=StopReason.INTERRUPTED,
-                    status_reason="the server running this agent stopped; rerun_subagent resumes "
-                    "it from its committed work",
+                    status_reason=reason,
                     commit=commit,
                     owner=ctx.store.server_id,
+                    changed_files=[c.path for c in changes],
+                    result=AgentResult(
+                        status=AgentStatus.INTERRUPTED,
+                        stop_reason=StopReason.INTERRUPTED,
+                        summary="",
+                        changed_files=changes,
+                        tokens=agent.tokens,
+                        turns=agent.turns,
+                        error=reason,
+                        commit=commit,
+                        branch=agent.branch,
+                    ),
                 )
                 touched_runs.add(agent.run_id)
         for run_id in touched_runs:
             if not any(a.status.active for a in ctx.store.agents(run_id)):
                 ctx.store.reset_reservations(run_id)
+        # a merge cut short by a crash: finish bringing the checkout forward, clear git locks
+        note = await anyio.to_thread.run_sync(Joiner(ctx.repo).recover)
+        if note:
+            log.warning("recovery of %s: %s", ctx.repo.root, note)
         await self._adopt_leases(ctx, live)
 
     async def _adopt_leases(self, ctx: RepoContext, live: set[str]) -> None:
@@ -1415,7 +1445,13 @@ class Orchestrator:
         if old.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
             raise InvalidState(f"{agent_id} is {old.status.value}; nothing to rerun")
         run = self._run(ctx, old.run_id)
-        resume = old.status in (AgentStatus.INTERRUPTED, AgentStatus.CANCELLED)
+        # an interrupted or cancelled agent that committed work is resumed from it; one
+        # without work simply starts over on the current head
+        resume = (
+            old.status in (AgentStatus.INTERRUPTED, AgentStatus.CANCELLED)
+            and old.commit is not None
+            and old.commit != old.base_commit
+        )
         head = await anyio.to_thread.run_sync(ctx.repo.head_commit)
         context = await anyio.to_thread.run_sync(
             self._rerun_context, ctx, old, instructions, resume

@@ -667,6 +667,38 @@ def remove_workspace(repo: GitRepo, ws: Workspace, *, delete_branch: bool) -> No
         ws.path.parent.rmdir()  # the run's directory, once its last workspace is gone
 
 
+def discard_unstarted_workspace(repo: GitRepo, run_id: str, agent_id: str) -> list[str]:
+    """Remove what a worktree creation cut short (a killed process) left for an agent that never
+    started: its registration under .git/worktrees (even a locked, half-written one), its
+    directory, and a stale lock on its branch ref. The branch itself is kept. Such an agent has
+    run no tool yet, so nothing of its work can be in them. Returns what was removed."""
+    _check_component(run_id, "run id")
+    _check_component(agent_id, "agent id")
+    path = repo.worktrees_dir / run_id / agent_id
+    removed: list[str] = []
+    admin_root = repo.git_dir / "worktrees"
+    if admin_root.is_dir():
+        for admin in admin_root.iterdir():
+            try:
+                target = (admin / "gitdir").read_text(encoding="utf-8").strip()
+            except OSError:
+                target = ""
+            points_here = bool(target) and Path(target).parent == path.resolve()
+            if points_here or (not target and admin.name == agent_id):
+                shutil.rmtree(admin, ignore_errors=True)
+                removed.append(f".git/worktrees/{admin.name}")
+    if os.path.lexists(path):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(str(path.relative_to(repo.git_dir)))
+    ref_lock = repo.git_dir / "refs" / "heads" / f"{BRANCH_PREFIX}{run_id}" / f"{agent_id}.lock"
+    if ref_lock.exists():
+        ref_lock.unlink(missing_ok=True)
+        removed.append(str(ref_lock.relative_to(repo.git_dir)))
+    if removed:
+        run_git(repo.root, "worktree", "prune", check=False)
+    return removed
+
+
 def workspace_disk_usage(repo: GitRepo) -> int:
     """Bytes used by the agents' worktrees (files as stored, links not followed)."""
     total = 0

@@ -157,12 +157,6 @@ async def test_many_agents_leave_nothing_behind(tmp_path: Path, ledger: Ledger) 
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: Orchestrator.__aexit__ closes each repository's StateStore but never its "
-    "LeaseStore (ctx.leases.store): leases.db, leases.db-wal and leases.lock stay open, four "
-    "descriptors per Orchestrator and repository",
-)
 async def test_orchestrator_closes_its_lease_store(tmp_path: Path, ledger: Ledger) -> None:
     repo = make_repo(tmp_path / "repo")
     settings = Settings.model_validate({"repo": repo, "sandbox": "none"})
