@@ -883,6 +883,11 @@ class Orchestrator:
     def _on_turn(
         self, ctx: RepoContext, agent_id: str, progress: Progress, reserved: int, used: int
     ) -> None:
+        runtime = self._runtimes.get(agent_id)
+        loop = runtime.loop if runtime is not None else None
+        # files written through the bus so far (final, git-based facts replace them at the end)
+        bus = loop.bus if loop is not None else None
+        written = bus.written_paths() if bus is not None else []
         ctx.store.update_agent(
             agent_id,
             "turn",
@@ -890,6 +895,7 @@ class Orchestrator:
             settle=(reserved, used),
             turns=progress.turns,
             tokens=progress.tokens,
+            changed_files=sorted(set(written)),
         )
 
     def _on_lease_lost(self, ctx: RepoContext, runtime: AgentRuntime, lost: LeaseLost) -> None:
@@ -1066,31 +1072,47 @@ class Orchestrator:
         cursor = ctx.store.cursor()
         runs = [self._run(ctx, run_id)] if run_id else ctx.store.runs()
         wanted = set(agent_ids) if agent_ids else None
+        snapshots = {r.run_id: ctx.store.agents_snapshot(r.run_id) for r in runs}
         if wanted:
-            known = {a.agent_id for r in runs for a in ctx.store.agents(r.run_id)}
+            known = {a.agent_id for agents in snapshots.values() for a in agents}
             missing = sorted(wanted - known)
             if missing:
                 raise AgentNotFound(f"agent_ids: no such agent(s) {', '.join(missing)}")
-        leases = await ctx.leases.table()
         now = time.time()
+        # Views are built with model_construct: every value comes from an already validated
+        # record or lease, so validating ~64 nested views again per poll would be wasted work.
+        leases_by_holder: dict[str, list[LeaseView]] = {}
+        for lease in await ctx.leases.table():
+            leases_by_holder.setdefault(lease.holder, []).append(
+                LeaseView.model_construct(
+                    resource=lease.resource,
+                    mode="write" if lease.mode == LeaseMode.WRITE else "read",
+                    token=lease.token,
+                    expires_in_s=round(lease.expires_at - now, 1),
+                )
+            )
         views: list[RunView] = []
         for run in runs:
-            agents = ctx.store.agents_snapshot(run.run_id)  # read-only, reparsed on change
+            agents = snapshots[run.run_id]
             total, used, reserved = ctx.store.budget(run.run_id)
             by_status: dict[str, int] = {}
-            tokens = TokenUsage()
             for a in agents:
                 by_status[a.status.value] = by_status.get(a.status.value, 0) + 1
-                tokens = tokens + a.tokens
+            tokens = TokenUsage.model_construct(
+                input=sum(a.tokens.input for a in agents),
+                output=sum(a.tokens.output for a in agents),
+                cache_read=sum(a.tokens.cache_read for a in agents),
+                cache_write=sum(a.tokens.cache_write for a in agents),
+            )
             shown = [a for a in agents if wanted is None or a.agent_id in wanted]
             views.append(
-                RunView(
+                RunView.model_construct(
                     run_id=run.run_id,
                     repo=run.repo,
                     created_at=run.created_at,
                     base_commit=run.base_commit,
                     max_concurrency=run.max_concurrency,
-                    totals=RunTotals(
+                    totals=RunTotals.model_construct(
                         agents=len(agents),
                         by_status=by_status,
                         tokens=tokens,
@@ -1099,7 +1121,7 @@ class Orchestrator:
                         budget_remaining=max(total - used - reserved, 0),
                     ),
                     agents=[
-                        AgentView(
+                        AgentView.model_construct(
                             agent_id=a.agent_id,
                             run_id=a.run_id,
                             name=a.name,
@@ -1110,16 +1132,7 @@ class Orchestrator:
                             tokens=a.tokens,
                             write_scope=a.write_scope,
                             waits_for=a.waits_for if a.status.active else [],
-                            leases=[
-                                LeaseView(
-                                    resource=lease.resource,
-                                    mode="write" if lease.mode == LeaseMode.WRITE else "read",
-                                    token=lease.token,
-                                    expires_in_s=round(lease.expires_at - now, 1),
-                                )
-                                for lease in leases
-                                if lease.holder == (a.lease_holder or a.agent_id)
-                            ],
+                            leases=leases_by_holder.get(a.lease_holder or a.agent_id, []),
                             lease_lost=a.lease_lost,
                             changed_files=a.changed_files,
                             model=a.model,
