@@ -79,6 +79,7 @@ from toolbus.leases import (
     conflicts,
 )
 from toolbus.resources import WriteScope
+from toolbus.sandbox import probe_bwrap
 from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
 
 log = logging.getLogger("fanout.orchestrator")
@@ -494,6 +495,14 @@ class Orchestrator:
 
     async def _spawn_warnings(self, ctx: RepoContext, agents: list[AgentRecord]) -> list[str]:
         warnings: list[str] = []
+        if self.settings.sandbox == "auto":
+            problem = await probe_bwrap()
+            if problem is not None:
+                warnings.append(
+                    f"commands run WITHOUT a sandbox ({problem}): they can write outside their "
+                    "worktree, reach the network and read the server's environment; install "
+                    "bubblewrap, or set FANOUT_SANDBOX=none to accept this"
+                )
         for agent in agents:
             if agent.write_scope is None:
                 warnings.append(
