@@ -6,39 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestration.contracts import AgentStatus
-from orchestration.state import AgentRecord, RunRecord, SharedSnapshot, StateStore
-
-
-def _run(run_id: str) -> RunRecord:
-    return RunRecord(
-        run_id=run_id,
-        repo="/repo",
-        created_at=1.0,
-        base_commit="abc",
-        head_commit="abc",
-        branch_ref="refs/heads/main",
-        snapshot_dirty=False,
-        shared=SharedSnapshot(base_commit="abc"),
-        max_concurrency=2,
-        budget_tokens=1000,
-        model="m",
-        owner="me",
-    )
-
-
-def _agent(agent_id: str, run_id: str, index: int) -> AgentRecord:
-    return AgentRecord(
-        agent_id=agent_id,
-        run_id=run_id,
-        index=index,
-        name=agent_id,
-        prompt="p",
-        write_scope=None,
-        model="m",
-        max_turns=3,
-        base_commit="abc",
-        owner="me",
-    )
+from orchestration.state import StateStore
+from tests.orchestration.test_state import _agent, _run  # pyright: ignore[reportPrivateUsage]
 
 
 def test_snapshot_matches_agents_and_reparses_only_changes(tmp_path: Path) -> None:
