@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,6 +359,10 @@ def test_helper_sees_its_own_processes() -> None:
     """Control for `_alive_with`: a process started here is found, then gone once killed."""
     proc = subprocess.Popen(["sleep", "6543.21"])
     try:
+        # the child shows its new command line only once it has exec'd `sleep`
+        deadline = time.monotonic() + 10
+        while _alive_with("6543.21") != [proc.pid] and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert _alive_with("6543.21") == [proc.pid]
     finally:
         proc.kill()
