@@ -680,10 +680,7 @@ class Orchestrator:
         for other_id in agent.waits_for:
             other = self._runtimes.get(other_id)
             other_record = store.agent(other_id)
-            if other_record is None or other_record.status in (
-                AgentStatus.MERGED,
-                AgentStatus.DISCARDED,
-            ):
+            if other_record is None or _scope_freed(other_record):
                 continue
             store.update_agent(
                 agent.agent_id,
@@ -700,10 +697,7 @@ class Orchestrator:
                 else:
                     await anyio.sleep(1.0)
                 other_record = store.agent(other_id)
-                if other_record is None or other_record.status in (
-                    AgentStatus.MERGED,
-                    AgentStatus.DISCARDED,
-                ):
+                if other_record is None or _scope_freed(other_record):
                     break
         # 2. Take the write leases of the scope, all at once.
         requests = self._scope_requests(agent.write_scope)
@@ -1026,6 +1020,10 @@ class Orchestrator:
             tokens=progress.tokens,
             changed_files=[c.path for c in changes],
         )
+        if status != AgentStatus.SUCCEEDED and (commit is None or commit == agent.base_commit):
+            # nothing to merge or keep: its scope goes to whoever waits for it
+            await self._release_leases(ctx, agent)
+            self._signal_released(agent.agent_id)
 
     # --- lookups ----------------------------------------------------------------------------
 
@@ -1550,6 +1548,19 @@ class Orchestrator:
         if instructions:
             parts.append(f"Extra instructions from the coordinator:\n{instructions.strip()}")
         return "\n\n".join(parts)
+
+
+def _scope_freed(agent: AgentRecord) -> bool:
+    """Whether a later wave may start: the agent was merged or discarded, or it ended without
+    any work to merge (its leases are then released at once)."""
+    if agent.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+        return True
+    ended_empty = agent.status in (
+        AgentStatus.FAILED,
+        AgentStatus.CANCELLED,
+        AgentStatus.INTERRUPTED,
+    ) and (agent.commit is None or agent.commit == agent.base_commit)
+    return ended_empty
 
 
 def _workspace_of(agent: AgentRecord) -> ws_mod.Workspace:

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -440,7 +440,7 @@ def create_workspace(
     # across server processes. Only the registration is serialized; the checkout is not.
     # The thread lock first: waiters of this process queue on it and are handed over at once,
     # instead of each polling the file lock (which leaves it idle between holders).
-    with _REGISTRATION, filelock.FileLock(str(repo.state_dir / "worktree.lock"), timeout=120):
+    with _worktree_admin(repo):
         if not (plain and _register_worktree(repo, path, branch, base)):
             add = ("worktree", "add", "--quiet", *checkout, "-b", branch, str(path), base)
             if run_git(repo.root, *add, check=False).returncode != 0:
@@ -473,6 +473,15 @@ def create_workspace(
 
 _CHECKOUT_SLOTS = threading.BoundedSemaphore(max(os.cpu_count() or 1, 1))
 _REGISTRATION = threading.Lock()
+
+
+@contextlib.contextmanager
+def _worktree_admin(repo: GitRepo) -> Generator[None]:
+    """Exclusive use of .git/worktrees (this process's threads, then other processes): every
+    registration, removal and prune runs under it, so a prune never sees, and deletes, another
+    process's half-written registration."""
+    with _REGISTRATION, filelock.FileLock(str(repo.state_dir / "worktree.lock"), timeout=120):
+        yield
 
 
 def _plain_worktrees(repo: GitRepo) -> bool:
@@ -654,13 +663,14 @@ def remove_workspace(repo: GitRepo, ws: Workspace, *, delete_branch: bool) -> No
     """Delete the worktree and its unmerged scratch; call it only for merged or discarded agents."""
     if not is_within(str(ws.path.resolve()), str(repo.worktrees_dir.resolve())):
         raise RepositoryError(f"{ws.path} is not a fanout workspace; refusing to remove it")
-    if ws.path.exists():
-        proc = run_git(
-            repo.root, "worktree", "remove", "--force", "--force", str(ws.path), check=False
-        )
-        if proc.returncode != 0 and ws.path.exists():
-            shutil.rmtree(ws.path)
-    repo.git("worktree", "prune")
+    with _worktree_admin(repo):
+        if ws.path.exists():
+            proc = run_git(
+                repo.root, "worktree", "remove", "--force", "--force", str(ws.path), check=False
+            )
+            if proc.returncode != 0 and ws.path.exists():
+                shutil.rmtree(ws.path)
+        repo.git("worktree", "prune")
     if delete_branch and ws.branch:
         run_git(repo.root, "update-ref", "-d", ws.branch_ref, check=False)
     with contextlib.suppress(OSError):
@@ -674,6 +684,11 @@ def discard_unstarted_workspace(repo: GitRepo, run_id: str, agent_id: str) -> li
     run no tool yet, so nothing of its work can be in them. Returns what was removed."""
     _check_component(run_id, "run id")
     _check_component(agent_id, "agent id")
+    with _worktree_admin(repo):
+        return _discard_unstarted(repo, run_id, agent_id)
+
+
+def _discard_unstarted(repo: GitRepo, run_id: str, agent_id: str) -> list[str]:
     path = repo.worktrees_dir / run_id / agent_id
     removed: list[str] = []
     admin_root = repo.git_dir / "worktrees"
