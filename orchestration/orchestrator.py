@@ -69,6 +69,7 @@ from orchestration.state import (
 from toolbus.audit import AuditLog
 from toolbus.bus import SUBAGENT_TOOL_SPECS, AgentBus
 from toolbus.errors import LeaseError, LeaseLost
+from toolbus.fileops import remove_partial_writes
 from toolbus.leases import (
     LeaseGrant,
     LeaseKeeper,
@@ -263,6 +264,8 @@ class Orchestrator:
             if agent.status.active:
                 commit = agent.commit
                 if agent.workspace and Path(agent.workspace).exists():
+                    # a write cut short leaves its temporary file; the file it replaced is intact
+                    await anyio.to_thread.run_sync(remove_partial_writes, Path(agent.workspace))
                     work = await self._commit_work(ctx, agent, "work left by an interrupted agent")
                     commit = work.commit or commit
                 elif agent.workspace is None:

@@ -607,3 +607,20 @@ def _walk_files(root: Path, base: str) -> list[str]:
         for f in filenames:
             found.append(f if rel_dir == "." else f"{rel_dir}/{f}")
     return sorted(found)
+
+
+_PARTIAL_WRITE = re.compile(r"^\..+\.fanout-\d+-\d+\.tmp$")
+
+
+def remove_partial_writes(root: Path) -> list[str]:
+    """Delete the temporary files of atomic writes that a killed process never renamed into
+    place (the file they were replacing is intact), so they are never committed as work."""
+    removed: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        for name in filenames:
+            if _PARTIAL_WRITE.match(name):
+                path = Path(dirpath, name)
+                path.unlink(missing_ok=True)
+                removed.append(path.relative_to(root).as_posix())
+    return sorted(removed)

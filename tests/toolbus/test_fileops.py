@@ -383,3 +383,22 @@ def test_search_10k_file_tree(tmp_path: Path) -> None:
     assert result.files_searched == 10_001  # + .gitignore
     assert [(m.path, m.line) for m in result.matches] == [("pkg042/m007.py", 42)]
     assert elapsed < 10
+
+
+def test_remove_partial_writes_deletes_only_unrenamed_temp_files(tmp_path: Path) -> None:
+    from toolbus.fileops import remove_partial_writes
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "big.txt").write_text("whole\n")
+    (tmp_path / "w" / ".big.txt.fanout-27299-8917574610311.tmp").write_text("torn")
+    (tmp_path / ".a.txt.fanout-1-2.tmp").write_text("torn")
+    (tmp_path / "keep.fanout-1-2.tmp").write_text("a user's file, not ours")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / ".x.fanout-1-2.tmp").write_text("git internals are not touched")
+    assert remove_partial_writes(tmp_path) == [
+        ".a.txt.fanout-1-2.tmp",
+        "w/.big.txt.fanout-27299-8917574610311.tmp",
+    ]
+    assert (tmp_path / "w" / "big.txt").read_text() == "whole\n"
+    assert (tmp_path / "keep.fanout-1-2.tmp").exists()
+    assert (tmp_path / ".git" / ".x.fanout-1-2.tmp").exists()
