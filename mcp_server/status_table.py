@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from orchestration.contracts import (
     AgentBrief,
+    AgentView,
     CancelResult,
     MergeResult,
     RerunResult,
@@ -19,6 +20,24 @@ from orchestration.contracts import (
 )
 from orchestration.state import AgentRecord, RunRecord
 from toolbus.lease_store import Lease
+
+
+def _agent_table(agents: Sequence[AgentView] | Sequence[AgentRecord]) -> str:
+    """One row per agent: the same columns for a live status and for the durable state."""
+    return table(
+        ["agent", "name", "status", "turns", "tokens in/out/cr/cw", "changed"],
+        [
+            [
+                a.agent_id,
+                a.name,
+                a.status.value,
+                f"{a.turns}/{a.max_turns}",
+                _tokens(a.tokens),
+                _files(a.changed_files),
+            ]
+            for a in agents
+        ],
+    )
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -84,22 +103,7 @@ def status_text(result: StatusResult) -> str:
             f"run {run.run_id} (base {run.base_commit[:12]}): {counts}; budget "
             f"{run.totals.budget_used}/{run.totals.budget_tokens} tokens used"
         )
-        parts.append(
-            table(
-                ["agent", "name", "status", "turns", "tokens in/out/cr/cw", "changed"],
-                [
-                    [
-                        a.agent_id,
-                        a.name,
-                        a.status.value,
-                        f"{a.turns}/{a.max_turns}",
-                        _tokens(a.tokens),
-                        _files(a.changed_files),
-                    ]
-                    for a in run.agents
-                ],
-            )
-        )
+        parts.append(_agent_table(run.agents))
     changed = "" if result.changed else " (nothing changed)"
     parts.append(f"cursor {result.cursor}{changed}")
     return "\n".join(parts)
@@ -156,22 +160,7 @@ def store_text(
         mine = [a for a in agents if a.run_id == run.run_id]
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created_at))
         parts.append(f"run {run.run_id}  created {when}  base {run.base_commit[:12]}")
-        parts.append(
-            table(
-                ["agent", "name", "status", "turns", "tokens in/out/cr/cw", "changed"],
-                [
-                    [
-                        a.agent_id,
-                        a.name,
-                        a.status.value,
-                        f"{a.turns}/{a.max_turns}",
-                        _tokens(a.tokens),
-                        _files(a.changed_files),
-                    ]
-                    for a in mine
-                ],
-            )
-        )
+        parts.append(_agent_table(mine))
         parts.append("")
     if leases:
         parts.append("leases")
