@@ -8,6 +8,7 @@ index and working tree are only ever read by this module.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestration.errors import RepositoryError
 from toolbus.errors import PathEscape
 from toolbus.resources import WriteScope, is_within, normalize_path
+
+log = logging.getLogger(__name__)
 
 ZERO_OID = "0" * 40
 _FULL_OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
@@ -457,7 +460,8 @@ def create_workspace(
         # What `worktree add` runs to check out; simultaneous checkouts of a large tree are
         # slower than one after the other on few cores, so at most one per core at a time.
         with _CHECKOUT_SLOTS:
-            run_git(path, "reset", "--hard", "--no-recurse-submodules", "--quiet")
+            if not _checkout_in_process(repo, path, base):
+                run_git(path, "reset", "--hard", "--no-recurse-submodules", "--quiet")
     included = _copy_included(repo.root, path, include)
     ws = Workspace(
         path=path,
@@ -530,16 +534,112 @@ def _register_worktree(repo: GitRepo, path: Path, branch: str, base: str) -> boo
 
 def _has_post_checkout_hook(repo: GitRepo) -> bool:
     """Whether git would run a post-checkout hook in this repository (conservative)."""
+    return _has_hook(repo.root, repo.git_dir, "post-checkout")
+
+
+def _has_hook(root: Path, common_dir: Path, name: str) -> bool:
+    """Whether git would run hook `name` in the repository at `root` (conservative)."""
     hooks_path: str | None = None
     with contextlib.suppress(KeyError, pygit2.GitError):
-        hooks_path = str(pygit2.Repository(str(repo.root)).config["core.hooksPath"])
+        hooks_path = str(pygit2.Repository(str(root)).config["core.hooksPath"])
     if hooks_path:
         hooks = Path(os.path.expanduser(hooks_path))
         if not hooks.is_absolute():
-            hooks = repo.root / hooks
+            hooks = root / hooks
     else:
-        hooks = repo.git_dir / "hooks"
-    return (hooks / "post-checkout").exists()
+        hooks = common_dir / "hooks"
+    return (hooks / name).exists()
+
+
+# --------------------------------------------------------------------------- in-process git
+#
+# Checking out a workspace and committing an agent's work are done in-process with libgit2
+# (pygit2) when it does what git would: no filter driver is configured (libgit2 cannot run
+# `clean`/`smudge`/`process` programs, such as git-lfs), no `working-tree-encoding` attribute
+# (libgit2 does not re-encode) and no `reference-transaction` hook (git runs it, libgit2 does
+# not). Otherwise, and on any libgit2 error, git itself runs, as before. This saves five git
+# processes per agent, which on a few cores are most of an agent's fixed cost.
+
+_FILTER_DRIVER = re.compile(r"filter\..+\.(clean|smudge|process)", re.IGNORECASE)
+_NOT_IN_PROCESS_ATTRIBUTE = "working-tree-encoding"
+_tree_verdicts: dict[tuple[str, str], bool] = {}  # (git dir, tree id): attributes ok
+_in_process_lock = threading.Lock()
+
+
+def _attribute_files_ok(pyrepo: pygit2.Repository, tree: pygit2.Tree) -> bool:
+    """No `.gitattributes` in `tree` (nor info/attributes) names an attribute libgit2 lacks."""
+    stack = [tree]
+    while stack:
+        for entry in stack.pop():
+            if entry.type_str == "tree":
+                stack.append(pyrepo[entry.id].peel(pygit2.Tree))
+            elif entry.name == ".gitattributes" and entry.type_str == "blob":
+                data = pyrepo[entry.id].peel(pygit2.Blob).data
+                if _NOT_IN_PROCESS_ATTRIBUTE.encode() in data:
+                    return False
+    info = Path(pyrepo.path) / "info" / "attributes"
+    with contextlib.suppress(OSError):
+        if _NOT_IN_PROCESS_ATTRIBUTE.encode() in info.read_bytes():
+            return False
+    return True
+
+
+def in_process_git_ok(pyrepo: pygit2.Repository, tree: pygit2.Tree) -> bool:
+    """Whether libgit2 checks out and stages `tree`'s files exactly as git would (see above).
+    The configuration and hooks are read every time; the tree's attributes once per tree."""
+    try:
+        config = pyrepo.config
+        if any(_FILTER_DRIVER.fullmatch(entry.name) for entry in config):
+            return False
+        attributes_file = None
+        with contextlib.suppress(KeyError):
+            attributes_file = str(config["core.attributesFile"])
+        if attributes_file:
+            with contextlib.suppress(OSError):
+                text = Path(os.path.expanduser(attributes_file)).read_bytes()
+                if _NOT_IN_PROCESS_ATTRIBUTE.encode() in text:
+                    return False
+        if pyrepo.workdir:
+            common = Path(pyrepo.path)
+            with contextlib.suppress(OSError):
+                common_text = (common / "commondir").read_text(encoding="utf-8").strip()
+                common = (common / common_text).resolve()
+            if _has_hook(Path(pyrepo.workdir), common, "reference-transaction"):
+                return False
+        key = (str(Path(pyrepo.path).resolve()), str(tree.id))
+        with _in_process_lock:
+            known = _tree_verdicts.get(key)
+        if known is None:
+            known = _attribute_files_ok(pyrepo, tree)
+            with _in_process_lock:
+                _tree_verdicts[key] = known
+        return known
+    except (pygit2.GitError, KeyError, ValueError, OSError):
+        return False
+
+
+def _checkout_in_process(repo: GitRepo, path: Path, base: str) -> bool:
+    """Populate the new worktree at `path` (files and index) with `base`'s tree, in-process;
+    False, with git left to do it, when libgit2 would not do what git does."""
+    try:
+        wt = pygit2.Repository(str(path))
+    except pygit2.GitError:
+        return False
+    try:
+        tree = wt[pygit2.Oid(hex=base)].peel(pygit2.Tree)
+        if not in_process_git_ok(wt, tree):
+            return False
+        # FORCE: write every file of the tree (the directory is empty, as after --no-checkout);
+        # the index is written with the files' stat data, so `git status` needs no re-hash.
+        wt.checkout_tree(  # pyright: ignore[reportUnknownMemberType]
+            tree, strategy=pygit2.enums.CheckoutStrategy.FORCE
+        )
+        return True
+    except (pygit2.GitError, KeyError, ValueError, OSError) as exc:
+        log.info("in-process checkout of %s failed (%s); git checks it out", path, exc)
+        return False
+    finally:
+        wt.free()
 
 
 def _worktree_git_dir(path: Path) -> Path | None:
@@ -782,6 +882,17 @@ def commit_workspace(
         head = str(head_commit.id)
         head_tree = str(head_commit.tree_id)
         base = ws.base_commit or head
+        done = _commit_in_process(
+            pyrepo,
+            ref,
+            head_commit,
+            base=base,
+            write_scope=write_scope,
+            message=message,
+            author=author,
+        )
+        if done is not None:
+            return done
         fd, name = tempfile.mkstemp(prefix="fanout-index-", dir=git_dir)
         os.close(fd)
         index = Path(name)
@@ -822,6 +933,96 @@ def commit_workspace(
     finally:
         pyrepo.free()
     return WorkCommit(commit=commit, changes=changes, dropped=dropped)
+
+
+def _commit_in_process(
+    pyrepo: pygit2.Repository,
+    ref: str,
+    head_commit: pygit2.Commit,
+    *,
+    base: str,
+    write_scope: WriteScope,
+    message: str,
+    author: Identity,
+) -> WorkCommit | None:
+    """`commit_workspace` with libgit2 when the worktree's HEAD is on `ref` and libgit2 stages
+    files as git would: the worktree's index becomes the working tree (`git add -A`), out-of-scope
+    paths are set back to the base, and the branch moves by compare-and-swap under its ref lock.
+    None, with nothing changed, when git must do it."""
+    if pyrepo.head_is_detached:
+        return None
+    try:
+        if pyrepo.references["HEAD"].target != ref:
+            return None  # the agent switched branches itself: the git path handles it
+        if not in_process_git_ok(pyrepo, head_commit.tree):
+            return None
+        index = pyrepo.index
+        index.read(force=True)
+        if index.conflicts is not None:
+            return None
+        index.add_all()
+        tree = str(index.write_tree())
+        dropped: list[str] = []
+        if tree != str(_tree_of(pyrepo, base).id):
+            changed = _changed_paths(pyrepo, base, tree)
+            if any(p == ".gitattributes" or p.endswith("/.gitattributes") for p in changed):
+                return None  # new attributes: let git apply them as it does
+            dropped = sorted(p for p in changed if not write_scope.allows(p))
+            if dropped:
+                _reset_index_paths(pyrepo, index, base, dropped)
+                tree = str(index.write_tree())
+    except (pygit2.GitError, KeyError, ValueError, OSError) as exc:
+        log.info("in-process staging in %s failed (%s); git stages it", pyrepo.workdir, exc)
+        return None
+    if tree == str(head_commit.tree_id):
+        return WorkCommit(commit=None, changes=[], dropped=dropped)
+    head = head_commit.id
+    commit = pyrepo.create_commit(
+        None,
+        author.signature(),
+        FANOUT_IDENTITY.signature(),
+        (message.strip() or "fanout: agent work") + "\n",
+        pygit2.Oid(hex=tree),
+        [head],
+    )
+    try:
+        with pyrepo.transaction() as txn:
+            txn.lock_ref(ref)
+            current = pyrepo.references[ref].target
+            if current != head:
+                raise RepositoryError(
+                    f"the branch {ref} of the workspace {pyrepo.workdir} moved from {head} to "
+                    f"{current} while its work was committed; commit again"
+                )
+            # (the reflog signature is the repository's identity: pygit2 1.21 cannot pass one)
+            txn.set_target(ref, commit, message="fanout: commit agent work")
+    except pygit2.GitError as exc:
+        raise RepositoryError(f"could not move {ref} to the agent's work: {exc}") from exc
+    try:
+        index.write()  # the worktree's index now holds the new commit's tree
+    except (pygit2.GitError, OSError):
+        cwd = Path(pyrepo.workdir)
+        if run_git(cwd, "read-tree", "-m", str(commit), check=False).returncode != 0:
+            run_git(cwd, "read-tree", str(commit))
+    changes = file_changes(pyrepo, str(head), str(commit))
+    return WorkCommit(commit=str(commit), changes=changes, dropped=dropped)
+
+
+def _reset_index_paths(
+    pyrepo: pygit2.Repository, index: pygit2.Index, base: str, paths: Sequence[str]
+) -> None:
+    """Set `paths` in `index` to their content in `base`, removing absent ones."""
+    base_tree = _tree_of(pyrepo, base)
+    for p in paths:
+        try:
+            entry = base_tree[p]
+        except KeyError:
+            entry = None
+        if entry is None or entry.filemode == pygit2.enums.FileMode.TREE:
+            if p in index:
+                index.remove(p)
+        else:
+            index.add(pygit2.IndexEntry(p, entry.id, entry.filemode))
 
 
 def _index_is_at(pyrepo: pygit2.Repository, source: Path, tree: str, index: Path) -> bool:
