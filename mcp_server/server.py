@@ -34,6 +34,7 @@ from mcp_server import status_table
 from mcp_server.errors import resource_error, tool_error
 from mcp_server.notify import ResourceNotifier
 from mcp_server.repository import RepoResolver
+from mcp_server.status_answer import StatusAnswers
 from orchestration.config import Settings
 from orchestration.contracts import (
     MAX_TASKS,
@@ -121,6 +122,7 @@ class App:
         self.repos = RepoResolver(settings.repo)
         self._orchestrator: Orchestrator | None = None
         self.notifier = ResourceNotifier()
+        self.status_answers = StatusAnswers()
         self.on_repo: Callable[[RepoContext], None] | None = None
         self._seen: set[Path] = set()
 
@@ -254,10 +256,14 @@ def simple_output_schema(schema: dict[str, Any]) -> dict[str, Any]:
         return schema
 
 
-def _result(model: BaseModel, text: str) -> CallToolResult:
+def _result(
+    model: BaseModel, text: str, structured: dict[str, Any] | None = None
+) -> CallToolResult:
+    """The tool's answer: `text`, and the model's JSON dump (or `structured`, the same dump
+    built otherwise) as structured content."""
     return CallToolResult(
         content=[TextContent(type="text", text=text)],
-        structured_content=model.model_dump(mode="json"),
+        structured_content=model.model_dump(mode="json") if structured is None else structured,
     )
 
 
@@ -414,7 +420,8 @@ class FanoutServer(MCPServer[App]):
                 wait_s=request.wait_s,
                 repo=repo.repo.root,
             )
-            return _result(result, status_table.status_text(result))
+            answers = app.status_answers
+            return _result(result, answers.text(result), answers.structured(result))
 
         async def merge_results(
             request: MergeRequest, ctx: ToolCtx, roots: Roots = None

@@ -6,7 +6,7 @@ Clients that show text show these; the structured content carries every field.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from orchestration.contracts import (
     AgentBrief,
@@ -21,23 +21,20 @@ from orchestration.contracts import (
 from orchestration.state import AgentRecord, RunRecord
 from toolbus.lease_store import Lease
 
+AGENT_COLUMNS = ("agent", "name", "status", "turns", "tokens in/out/cr/cw", "changed")
 
-def _agent_table(agents: Sequence[AgentView] | Sequence[AgentRecord]) -> str:
-    """One row per agent: the same columns for a live status and for the durable state."""
-    return table(
-        ["agent", "name", "status", "turns", "tokens in/out/cr/cw", "changed"],
-        [
-            [
-                a.agent_id,
-                a.name,
-                a.status.value,
-                f"{a.turns}/{a.max_turns}",
-                _tokens(a.tokens),
-                _files(a.changed_files),
-            ]
-            for a in agents
-        ],
-    )
+
+def agent_row(a: AgentView | AgentRecord) -> list[str]:
+    """An agent's row of the agent table: the same columns for a live status and for the
+    durable state."""
+    return [
+        a.agent_id,
+        a.name,
+        a.status.value,
+        f"{a.turns}/{a.max_turns}",
+        _tokens(a.tokens),
+        _files(a.changed_files),
+    ]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -93,7 +90,9 @@ def spawn_text(result: SpawnResult) -> str:
     return "\n".join(lines)
 
 
-def status_text(result: StatusResult) -> str:
+def status_text(result: StatusResult, row: Callable[[AgentView], Sequence[str]] = agent_row) -> str:
+    """Per run a line of totals and the agent table; `row` renders an agent's row (the server
+    passes one that keeps the rows of unchanged agents)."""
     if not result.runs:
         return f"no runs yet (cursor {result.cursor})"
     parts: list[str] = []
@@ -103,7 +102,7 @@ def status_text(result: StatusResult) -> str:
             f"run {run.run_id} (base {run.base_commit[:12]}): {counts}; budget "
             f"{run.totals.budget_used}/{run.totals.budget_tokens} tokens used"
         )
-        parts.append(_agent_table(run.agents))
+        parts.append(table(AGENT_COLUMNS, [row(a) for a in run.agents]))
     changed = "" if result.changed else " (nothing changed)"
     parts.append(f"cursor {result.cursor}{changed}")
     return "\n".join(parts)
@@ -160,7 +159,7 @@ def store_text(
         mine = [a for a in agents if a.run_id == run.run_id]
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created_at))
         parts.append(f"run {run.run_id}  created {when}  base {run.base_commit[:12]}")
-        parts.append(_agent_table(mine))
+        parts.append(table(AGENT_COLUMNS, [agent_row(a) for a in mine]))
         parts.append("")
     if leases:
         parts.append("leases")

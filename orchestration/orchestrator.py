@@ -7,10 +7,12 @@ its work committed on its branch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1091,6 +1093,7 @@ class Orchestrator:
         now = time.time()
         # Views are built with model_construct: every value comes from an already validated
         # record or lease, so validating ~64 nested views again per poll would be wasted work.
+        built = self._status_views.setdefault(ctx.store, {})
         leases_by_holder: dict[str, list[LeaseView]] = {}
         for lease in await ctx.leases.table():
             leases_by_holder.setdefault(lease.holder, []).append(
@@ -1131,25 +1134,8 @@ class Orchestrator:
                         budget_remaining=max(total - used - reserved, 0),
                     ),
                     agents=[
-                        AgentView.model_construct(
-                            agent_id=a.agent_id,
-                            run_id=a.run_id,
-                            name=a.name,
-                            status=a.status,
-                            status_reason=a.status_reason,
-                            turns=a.turns,
-                            max_turns=a.max_turns,
-                            tokens=a.tokens,
-                            write_scope=a.write_scope,
-                            waits_for=a.waits_for if a.status.active else [],
-                            leases=leases_by_holder.get(a.lease_holder or a.agent_id, []),
-                            lease_lost=a.lease_lost,
-                            changed_files=a.changed_files,
-                            model=a.model,
-                            base_commit=a.base_commit,
-                            branch=a.branch,
-                            rerun_of=a.rerun_of,
-                            result=a.result,
+                        _agent_view(
+                            built, a, leases_by_holder.get(a.lease_holder or a.agent_id, [])
                         )
                         for a in shown
                     ],
@@ -1161,6 +1147,11 @@ class Orchestrator:
             runs=views,
             workspace_disk_bytes=await self._disk_usage(ctx),
         )
+
+    @functools.cached_property
+    def _status_views(self) -> weakref.WeakKeyDictionary[StateStore, dict[str, _BuiltView]]:
+        """Per state store, agent_id -> the status view built last for that agent."""
+        return weakref.WeakKeyDictionary()
 
     async def _disk_usage(self, ctx: RepoContext) -> int:
         at, value = ctx.disk_usage
@@ -1551,6 +1542,51 @@ class Orchestrator:
         if instructions:
             parts.append(f"Extra instructions from the coordinator:\n{instructions.strip()}")
         return "\n\n".join(parts)
+
+
+@dataclass(frozen=True)
+class _BuiltView:
+    """An agent's status view and what it was built from."""
+
+    record: AgentRecord
+    leases: list[LeaseView]
+    view: AgentView
+
+
+def _agent_view(
+    built: dict[str, _BuiltView], agent: AgentRecord, leases: list[LeaseView]
+) -> AgentView:
+    """The agent's status view: the one built last time while its record and leases are the same.
+
+    The record is compared by identity: the store's snapshot hands out the same record object
+    until the agent's stored row changes, and a changed row is parsed into a new object. Leases
+    come from the lease table on each call and are compared by value (a held lease's expiry
+    moves, so its holder's view is rebuilt)."""
+    last = built.get(agent.agent_id)
+    if last is not None and last.record is agent and last.leases == leases:
+        return last.view
+    view = AgentView.model_construct(
+        agent_id=agent.agent_id,
+        run_id=agent.run_id,
+        name=agent.name,
+        status=agent.status,
+        status_reason=agent.status_reason,
+        turns=agent.turns,
+        max_turns=agent.max_turns,
+        tokens=agent.tokens,
+        write_scope=agent.write_scope,
+        waits_for=agent.waits_for if agent.status.active else [],
+        leases=leases,
+        lease_lost=agent.lease_lost,
+        changed_files=agent.changed_files,
+        model=agent.model,
+        base_commit=agent.base_commit,
+        branch=agent.branch,
+        rerun_of=agent.rerun_of,
+        result=agent.result,
+    )
+    built[agent.agent_id] = _BuiltView(agent, leases, view)
+    return view
 
 
 def _scope_freed(agent: AgentRecord) -> bool:

@@ -1,0 +1,144 @@
+"""The get_status answer: each agent's part is built once while its view is unchanged, and the
+answer is exactly the dump of the status (structured content) and its table (text)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+from mcp_types import CallToolResult, TextContent
+
+from mcp_server import status_table
+from mcp_server.demo import DEMO_TASKS, demo_model_factory, make_sample_repo
+from mcp_server.server import build_server
+from mcp_server.status_answer import StatusAnswers
+from orchestration.config import Settings
+from orchestration.contracts import (
+    AgentStatus,
+    AgentView,
+    LeaseView,
+    RunTotals,
+    RunView,
+    StatusResult,
+    TokenUsage,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def _view(agent_id: str, status: AgentStatus, leases: list[LeaseView] | None = None) -> AgentView:
+    return AgentView(
+        agent_id=agent_id,
+        run_id="r1",
+        name=agent_id,
+        status=status,
+        turns=1,
+        max_turns=40,
+        tokens=TokenUsage(input=10, output=2),
+        write_scope=["src"],
+        leases=leases or [],
+        changed_files=["src/a.py"],
+        model="m",
+        base_commit="b" * 40,
+    )
+
+
+def _status(*views: AgentView, cursor: int = 1) -> StatusResult:
+    totals = RunTotals(
+        agents=len(views),
+        by_status={"running": len(views)},
+        tokens=TokenUsage(),
+        budget_tokens=100,
+        budget_used=1,
+        budget_remaining=99,
+    )
+    run = RunView(
+        run_id="r1",
+        repo="/repo",
+        created_at=1.0,
+        base_commit="b" * 40,
+        max_concurrency=4,
+        totals=totals,
+        agents=list(views),
+    )
+    return StatusResult(cursor=cursor, changed=True, runs=[run], workspace_disk_bytes=0)
+
+
+def test_the_answer_is_the_status_dump_and_table_and_reuses_unchanged_agents() -> None:
+    answers = StatusAnswers()
+    a, b = _view("r1-a1", AgentStatus.RUNNING), _view("r1-a2", AgentStatus.RUNNING)
+    first = _status(a, b)
+    structured = answers.structured(first)
+    # the same JSON, key order included
+    assert json.dumps(structured) == json.dumps(first.model_dump(mode="json"))
+    assert answers.text(first) == status_table.status_text(first)
+
+    lease = LeaseView(resource="src", mode="write", token=7, expires_in_s=29.5)
+    b2 = _view("r1-a2", AgentStatus.SUCCEEDED, [lease])  # a new view: the agent changed
+    second = _status(a, b2, cursor=2)
+    again = answers.structured(second)
+    assert json.dumps(again) == json.dumps(second.model_dump(mode="json"))
+    assert answers.text(second) == status_table.status_text(second)
+    assert again["runs"][0]["agents"][0] is structured["runs"][0]["agents"][0]
+    assert again["runs"][0]["agents"][1]["status"] == "succeeded"
+    assert again["runs"][0]["agents"][1]["leases"][0]["token"] == 7
+    assert "succeeded" in answers.text(second)
+
+
+def _structured(result: CallToolResult) -> dict[str, Any]:
+    assert not result.is_error, result
+    assert result.structured_content is not None
+    return dict(result.structured_content)
+
+
+def _text(result: CallToolResult) -> str:
+    return "\n".join(c.text for c in result.content if isinstance(c, TextContent))
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_status_over_the_client_follows_changes_and_is_not_shared(
+    tmp_path: Path, mode: str
+) -> None:
+    repo = make_sample_repo(tmp_path)
+    settings = Settings.from_env({}, repo=repo, sandbox="none")
+    async with Client(build_server(settings, demo_model_factory()), mode=mode) as client:
+        tasks = [
+            {"name": key, "prompt": t.prompt, "write_scope": t.write_scope}
+            for key, t in DEMO_TASKS.items()
+            if key != "greeting"
+        ]
+        spawned = _structured(await client.call_tool("spawn_subagents", {"tasks": tasks}))
+        run_id = spawned["run_id"]
+        cursor = 0
+        with anyio.fail_after(30):
+            while True:
+                status = _structured(
+                    await client.call_tool(
+                        "get_status", {"run_id": run_id, "since": cursor, "wait_s": 5}
+                    )
+                )
+                cursor = status["cursor"]
+                agents = status["runs"][0]["agents"]
+                if not any(a["status"] in ("queued", "waiting", "running") for a in agents):
+                    break
+        first = await client.call_tool("get_status", {"run_id": run_id})
+        body = _structured(first)
+        assert body["runs"][0]["agents"] == agents
+        assert StatusResult.model_validate(body).model_dump(mode="json") == body
+        assert _text(first) == status_table.status_text(StatusResult.model_validate(body))
+        # what a client does with its answer does not reach the next answer
+        body["runs"][0]["agents"][0]["status"] = "tampered"
+        assert first.structured_content is not None
+        first.structured_content["runs"][0]["agents"][0]["name"] = "tampered"
+        again = _structured(await client.call_tool("get_status", {"run_id": run_id}))
+        assert {a["status"] for a in again["runs"][0]["agents"]} == {"succeeded"}
+        assert "tampered" not in json.dumps(again)
+
+        await client.call_tool("merge_results", {"run_id": run_id})
+        merged = _structured(await client.call_tool("get_status", {"run_id": run_id}))
+        assert {a["status"] for a in merged["runs"][0]["agents"]} == {"merged"}
+        assert merged["cursor"] > again["cursor"]

@@ -1,0 +1,77 @@
+"""Status polls reuse the views of unchanged agents, and never show a stale one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestration.config import Settings
+from orchestration.contracts import SpawnRequest, TaskSpec
+from orchestration.orchestrator import Orchestrator
+from orchestration.state import StateStore
+from tests.orchestration.scripts import by_task, make_repo
+from tests.orchestration.test_orchestrator import wait_until_final
+from toolbus.leases import LeaseMode, LeaseRequest
+
+pytestmark = pytest.mark.anyio
+
+
+async def _two_finished_agents(orch: Orchestrator) -> str:
+    spawned = await orch.spawn(
+        SpawnRequest(
+            tasks=[TaskSpec(prompt="A", write_scope=[]), TaskSpec(prompt="B", write_scope=[])]
+        )
+    )
+    await wait_until_final(orch, spawned.run_id)
+    return spawned.run_id
+
+
+async def test_unchanged_agents_keep_their_view_and_a_change_shows_at_once(
+    tmp_path: Path,
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    model = by_task({"A": [], "B": []})
+    async with Orchestrator(Settings(repo=repo, sandbox="none"), lambda _n: model) as orch:
+        run_id = await _two_finished_agents(orch)
+        ctx = await orch.context(repo)
+        first = (await orch.status(run_id=run_id)).runs[0].agents
+        again = (await orch.status(run_id=run_id)).runs[0].agents
+        assert again[0] is first[0] and again[1] is first[1]
+
+        # a change by this process
+        ctx.store.update_agent(first[1].agent_id, "note", status_reason="changed here")
+        after = (await orch.status(run_id=run_id)).runs[0].agents
+        assert after[0] is first[0]
+        assert after[1] is not first[1] and after[1].status_reason == "changed here"
+
+        # a change by another server process on the same repository
+        other = StateStore(ctx.store.path.parent)
+        try:
+            other.update_agent(first[0].agent_id, "note", status_reason="changed there")
+        finally:
+            other.close()
+        later = (await orch.status(run_id=run_id)).runs[0].agents
+        assert later[0] is not first[0] and later[0].status_reason == "changed there"
+        assert later[1] is after[1]
+
+
+async def test_a_lease_taken_or_released_shows_in_the_next_status(tmp_path: Path) -> None:
+    # The agent's record does not change: only the lease table does.
+    repo = make_repo(tmp_path / "repo")
+    model = by_task({"A": [], "B": []})
+    async with Orchestrator(Settings(repo=repo, sandbox="none"), lambda _n: model) as orch:
+        run_id = await _two_finished_agents(orch)
+        ctx = await orch.context(repo)
+        first = (await orch.status(run_id=run_id)).runs[0].agents
+        assert first[0].leases == []
+        holder = first[0].agent_id
+        grant = await ctx.leases.acquire(
+            holder, [LeaseRequest(resource="docs", mode=LeaseMode.WRITE)]
+        )
+        held = (await orch.status(run_id=run_id)).runs[0].agents
+        assert [(lease.resource, lease.mode) for lease in held[0].leases] == [("docs", "write")]
+        assert held[1] is first[1]
+        await ctx.leases.release(grant)
+        freed = (await orch.status(run_id=run_id)).runs[0].agents
+        assert freed[0].leases == []
