@@ -16,6 +16,10 @@ DEFAULT_MODEL = "claude-sonnet-5-5"
 _LIST_FIELDS = frozenset({"env_passthrough", "include"})
 
 SandboxSetting = Literal["auto", "bwrap", "none"]
+# The Anthropic SDK's HTTP transport: aiohttp (the SDK's `aiohttp` extra; its C parser costs a
+# request less CPU, which counts with many agents on one event loop) or httpx (the SDK's own).
+HttpClientSetting = Literal["aiohttp", "httpx"]
+DEFAULT_HTTP_CLIENT: HttpClientSetting = "aiohttp"
 
 
 class Settings(BaseModel):
@@ -37,6 +41,9 @@ class Settings(BaseModel):
     lease_ttl_s: float = Field(default=30.0, gt=0, description="FANOUT_LEASE_TTL_S")
     lease_lock_delay_s: float = Field(default=5.0, ge=0, description="FANOUT_LEASE_LOCK_DELAY_S")
     model_timeout_s: float = Field(default=600.0, gt=0, description="FANOUT_MODEL_TIMEOUT_S")
+    http_client: HttpClientSetting = Field(
+        default=DEFAULT_HTTP_CLIENT, description="FANOUT_HTTP_CLIENT"
+    )
     retry_max_attempts: int = Field(default=6, ge=1, description="FANOUT_RETRY_MAX_ATTEMPTS")
     retry_after_cap_s: float = Field(default=30.0, ge=0, description="FANOUT_RETRY_AFTER_CAP_S")
     delete_merged_branches: bool = Field(default=False, description="FANOUT_DELETE_MERGED_BRANCHES")

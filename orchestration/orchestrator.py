@@ -106,7 +106,9 @@ def default_model_factory(settings: Settings) -> ModelFactory:
     def make(name: str) -> Model:
         from orchestration.providers.anthropic import AnthropicModel
 
-        return AnthropicModel(model=name, timeout_s=settings.model_timeout_s)
+        return AnthropicModel(
+            model=name, timeout_s=settings.model_timeout_s, http_client=settings.http_client
+        )
 
     return make
 

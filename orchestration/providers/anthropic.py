@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
+import threading
 from typing import Any
 
 import anthropic
@@ -24,6 +26,7 @@ from anthropic.types import (
 )
 from pydantic import JsonValue, SecretStr, TypeAdapter, ValidationError
 
+from orchestration.config import DEFAULT_HTTP_CLIENT, HttpClientSetting
 from orchestration.errors import (
     ConfigError,
     ModelConnectionError,
@@ -51,8 +54,33 @@ EPHEMERAL: CacheControlEphemeralParam = {"type": "ephemeral"}
 _TOOL_INPUT = TypeAdapter(dict[str, JsonValue])
 
 
+HttpClientKind = HttpClientSetting
+_ssl_lock = threading.Lock()
+_ssl_contexts: list[ssl.SSLContext] = []
+
+
+def shared_ssl_context() -> ssl.SSLContext:
+    """One TLS context (the SDK's default: certifi's roots, or SSL_CERT_FILE / SSL_CERT_DIR)
+    for every client of this process. Building one loads the whole CA bundle, ~45 ms of CPU
+    that each new SDK client would otherwise spend, holding up the event loop."""
+    with _ssl_lock:
+        if not _ssl_contexts:
+            _ssl_contexts.append(httpx2.create_ssl_context(trust_env=True))
+        return _ssl_contexts[0]
+
+
+def _http_client(kind: HttpClientKind) -> httpx2.AsyncClient:
+    """The SDK's own HTTP client (its defaults: limits, redirects, proxies from the environment)
+    over httpx or, with `aiohttp`, over aiohttp's transport (the `anthropic[aiohttp]` extra),
+    whose C parser costs a request less CPU."""
+    if kind == "aiohttp":
+        return anthropic.DefaultAioHttpClient(verify=shared_ssl_context())
+    return anthropic.DefaultAsyncHttpxClient(verify=shared_ssl_context())
+
+
 class AnthropicModel:
-    """A `Model` calling the Messages API; streams when `max_tokens >= stream_threshold`."""
+    """A `Model` calling the Messages API; streams when `max_tokens >= stream_threshold`.
+    `http_client` chooses the SDK's HTTP transport: `aiohttp` (the default) or `httpx`."""
 
     def __init__(
         self,
@@ -62,6 +90,7 @@ class AnthropicModel:
         base_url: str | None = None,
         timeout_s: float = 600.0,
         stream_threshold: int = STREAMING_REQUIRED_MAX_TOKENS,
+        http_client: HttpClientKind | None = None,
     ) -> None:
         key = api_key or os.environ.get("ANTHROPIC_API_KEY")
         if not key:
@@ -75,8 +104,13 @@ class AnthropicModel:
         self.timeout_s = timeout_s
         self.stream_threshold = stream_threshold
         self._key = SecretStr(key)
+        self.http_client: HttpClientKind = http_client or DEFAULT_HTTP_CLIENT
         self._client = anthropic.AsyncAnthropic(
-            api_key=key, base_url=self.base_url, timeout=timeout_s, max_retries=0
+            api_key=key,
+            base_url=self.base_url,
+            timeout=timeout_s,
+            max_retries=0,
+            http_client=_http_client(self.http_client),
         )
 
     @property

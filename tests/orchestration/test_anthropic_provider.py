@@ -27,6 +27,7 @@ from fakeapi import (
     text,
     tool_use,
 )
+from orchestration.config import Settings
 from orchestration.errors import (
     ConfigError,
     ModelConnectionError,
@@ -44,6 +45,7 @@ from orchestration.model import (
     ToolResultBlock,
     ToolUseBlock,
 )
+from orchestration.providers import anthropic as anthropic_provider
 from orchestration.providers.anthropic import AnthropicModel
 from orchestration.retry import RetryPolicy, call_with_retry
 from toolbus.toolspec import ToolSpec
@@ -80,6 +82,14 @@ def request(
         messages=messages or [Message(role="user", content=[TextBlock(text="begin")])],
         max_tokens=max_tokens,
     )
+
+
+@pytest.fixture(autouse=True, params=["aiohttp", "httpx"])
+def http_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs over both of the SDK's HTTP transports (the default is switched)."""
+    kind = cast(str, request.param)
+    monkeypatch.setattr(anthropic_provider, "DEFAULT_HTTP_CLIENT", kind)
+    return kind
 
 
 @asynccontextmanager
@@ -339,3 +349,18 @@ async def test_environment_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
             async with AnthropicModel("claude-test") as model:
                 assert model.base_url == fake.base_url
                 assert (await model.complete(request())).text == "echo: begin"
+
+
+async def test_the_chosen_transport_is_the_one_used(http_client: str) -> None:
+    async with served() as (fake, model):
+        assert model.http_client == http_client
+        transport = model._client._client._transport  # pyright: ignore[reportPrivateUsage]
+        expected = "AiohttpTransport" if http_client == "aiohttp" else "AsyncHTTPTransport"
+        assert type(transport).__name__ == expected
+        assert (await model.complete(request())).text == "echo: begin"
+        assert len(fake.requests) == 1
+
+
+def test_an_unknown_transport_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="FANOUT_HTTP_CLIENT"):
+        Settings.from_env({"FANOUT_HTTP_CLIENT": "curl"})

@@ -35,7 +35,7 @@ from orchestration.config import Settings
 from orchestration.contracts import MergeRequest, SpawnRequest, StatusResult, TaskSpec
 from orchestration.model import Model
 from orchestration.orchestrator import Orchestrator
-from orchestration.providers.anthropic import AnthropicModel
+from orchestration.providers.anthropic import AnthropicModel, HttpClientKind
 from orchestration.retry import RetryPolicy
 from tests.orchestration.scripts import make_repo
 from tests.reliability.conftest import FULL, Ledger
@@ -74,10 +74,11 @@ async def _settle(orch: Orchestrator, run_id: str) -> StatusResult:
                 return status
 
 
+@pytest.mark.parametrize("http_client", ["httpx", "aiohttp"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("seed", [7, 8, 9] if FULL else [7])
 async def test_model_faults_at_20_percent(
-    stream: bool, seed: int, tmp_path: Path, ledger: Ledger
+    stream: bool, seed: int, http_client: HttpClientKind, tmp_path: Path, ledger: Ledger
 ) -> None:
     repo = make_repo(tmp_path / "repo")
     keys = [f"k{i:02d}" for i in range(1, AGENTS + 1)]
@@ -85,7 +86,7 @@ async def test_model_faults_at_20_percent(
     plan = FaultPlan(rate=0.2, seed=seed, faults=FAULTS)
     for fault in FAULTS:
         plan.queue(fault)
-    label = f"{'stream' if stream else 'plain'} seed {seed}"
+    label = f"{'stream' if stream else 'plain'} seed {seed} over {http_client}"
     settings = Settings.model_validate(
         {
             "repo": repo,
@@ -103,7 +104,11 @@ async def test_model_faults_at_20_percent(
 
         def factory(name: str) -> Model:
             return AnthropicModel(
-                model=name, base_url=fake.base_url, api_key="sk-fake", timeout_s=TIMEOUT_S
+                model=name,
+                base_url=fake.base_url,
+                api_key="sk-fake",
+                timeout_s=TIMEOUT_S,
+                http_client=http_client,
             )
 
         async with Orchestrator(settings, factory) as orch:
