@@ -7,7 +7,11 @@ import importlib
 import importlib.util
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+from benchmarks.common import SCRATCH_ENV, file_create_ms, scratch_root
 
 # name -> module under benchmarks/ exposing `run(quick: bool) -> dict[str, float | int]`
 BENCHMARKS: dict[str, str] = {
@@ -30,6 +34,18 @@ def available() -> list[str]:
     return names
 
 
+def _disk(scratch: Path, system_tmp: Path) -> dict[str, float | int]:
+    """How long creating a file takes where the benchmarks work, and in the system temporary
+    directory: worktrees are files, so this floor explains part of every figure."""
+    here, there = file_create_ms(scratch), file_create_ms(system_tmp)
+    print(
+        f"scratch directory: {scratch.name}/ ({SCRATCH_ENV} to move it); creating a file there "
+        f"takes {here:.3f} ms, in the system temporary directory {there:.3f} ms",
+        flush=True,
+    )
+    return {"scratch_file_create_ms": round(here, 4), "tmp_file_create_ms": round(there, 4)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("names", nargs="+", help=f"one or more of {', '.join(BENCHMARKS)}, or all")
@@ -41,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}"
         )
-    figures: dict[str, float | int] = {}
+    figures: dict[str, float | int] = _disk(scratch_root(), Path(tempfile.gettempdir()))
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         print(f"\n== {name}{' (quick)' if args.quick else ''}", flush=True)

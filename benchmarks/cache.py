@@ -10,7 +10,6 @@ agree. `--quick`: 2 agents.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import anyio
@@ -22,6 +21,7 @@ from benchmarks.common import (
     drive,
     fake_in_process,
     orchestrator,
+    scratch,
     table,
     tasks,
 )
@@ -76,7 +76,7 @@ async def _measure(base_url: str, root: Path, agents: int) -> tuple[TokenUsage, 
 def run(quick: bool) -> dict[str, float | int]:
     agents = 2 if quick else 8
     with (
-        tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp,
+        scratch("bench-cache-") as tmp,
         fake_in_process(latency_s=LATENCY_S) as fake,
     ):
         tokens, failed, prefix_tokens = anyio.run(_measure, fake.base_url, Path(tmp), agents)

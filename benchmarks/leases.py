@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import sqlite3
 import statistics
-import tempfile
 import time
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import anyio
 
+from benchmarks.common import scratch
 from toolbus.leases import LeaseManager, LeaseRequest, LeaseStore
 
 
@@ -137,7 +137,7 @@ def _throughput(state_dir: Path, processes: int, seconds: float) -> float:
 def run(quick: bool) -> dict[str, float | int]:
     n = 500 if quick else 10_000
     seconds = 0.5 if quick else 3.0
-    with tempfile.TemporaryDirectory(prefix="bench-leases-") as tmp:
+    with scratch("bench-leases-") as tmp:
         directory = Path(tmp)
         commit = _sqlite_commit_floor(directory, n)
         flock = _flock_floor(directory, n)

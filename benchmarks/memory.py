@@ -11,7 +11,6 @@ run), `agents_failed` (target 0). `--quick`: 16 agents at concurrency 8 (one run
 from __future__ import annotations
 
 import gc
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from benchmarks.common import (
     fake_in_process,
     orchestrator,
     rss_bytes,
+    scratch,
     table,
     tasks,
 )
@@ -87,7 +87,7 @@ def run(quick: bool) -> dict[str, float | int]:
     running = runs * concurrency
     started = time.perf_counter()
     with (
-        tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp,
+        scratch("bench-memory-") as tmp,
         fake_in_process(latency_s=LATENCY_S) as fake,
     ):
         before, peak, after, failed, makespan, samples = anyio.run(

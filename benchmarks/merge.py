@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import resource
-import tempfile
 import time
 from pathlib import Path
 
 import pygit2
 
+from benchmarks.common import scratch
 from orchestration.join import JoinCandidate, Joiner
 from orchestration.workspace import GitRepo, Identity, run_git
 
@@ -85,7 +85,7 @@ def run(quick: bool) -> dict[str, float | int]:
     """Time `Joiner.merge` (dry and real) of many disjoint agents; figures per agent."""
     files = 1_000 if quick else 10_000
     agents = 8 if quick else 32
-    with tempfile.TemporaryDirectory(prefix="fanout-bench-merge-") as tmp:
+    with scratch("fanout-bench-merge-") as tmp:
         root = Path(tmp) / "repo"
         root.mkdir()
         t0 = time.perf_counter()

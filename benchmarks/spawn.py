@@ -11,13 +11,12 @@ measurement is over (`FunctionModel`), so no turn competes with the worktrees be
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import anyio
 
-from benchmarks.common import bench_settings, build_repo, drive, table, tasks
+from benchmarks.common import bench_settings, build_repo, drive, scratch, table, tasks
 from orchestration.contracts import SpawnRequest
 from orchestration.model import ModelRequest, ModelResponse, ToolUseBlock, Usage
 from orchestration.orchestrator import Orchestrator
@@ -95,7 +94,7 @@ def run(quick: bool) -> dict[str, float | int]:
     orch: list[float] = []
     spawn_only: list[float] = []
     failed = 0
-    with tempfile.TemporaryDirectory(prefix="bench-spawn-") as tmp:
+    with scratch("bench-spawn-") as tmp:
         repo = Path(tmp) / "repo"
         base = build_repo(repo, files)
         run_git(repo, "status", "--porcelain")  # warm the index and the page cache
