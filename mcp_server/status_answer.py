@@ -7,6 +7,7 @@ so a poll of a large, mostly settled run serializes only what changed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ class StatusAnswers:
 
     def __init__(self) -> None:
         self._parts: dict[str, _AgentPart] = {}
+        self._tables: dict[str, tuple[list[_AgentPart], str]] = {}
 
     def _part(self, view: AgentView) -> _AgentPart:
         part = self._parts.get(view.agent_id)
@@ -46,4 +48,20 @@ class StatusAnswers:
         return dumped
 
     def text(self, status: StatusResult) -> str:
-        return status_table.status_text(status, row=lambda view: self._part(view).row)
+        """`status_table.status_text(status)`, with each run's agent table kept while its
+        agents' parts are the same."""
+        return status_table.status_text(status, agents_table=self._table)
+
+    def _table(self, views: Sequence[AgentView]) -> str:
+        parts = [self._part(view) for view in views]
+        run_id = views[0].run_id if views else ""
+        last = self._tables.get(run_id)
+        if (
+            last is not None
+            and len(last[0]) == len(parts)
+            and all(a is b for a, b in zip(last[0], parts, strict=True))
+        ):
+            return last[1]
+        text = status_table.table(status_table.AGENT_COLUMNS, [part.row for part in parts])
+        self._tables[run_id] = (parts, text)
+        return text

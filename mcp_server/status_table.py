@@ -90,9 +90,15 @@ def spawn_text(result: SpawnResult) -> str:
     return "\n".join(lines)
 
 
-def status_text(result: StatusResult, row: Callable[[AgentView], Sequence[str]] = agent_row) -> str:
-    """Per run a line of totals and the agent table; `row` renders an agent's row (the server
-    passes one that keeps the rows of unchanged agents)."""
+def agent_table(agents: Sequence[AgentView] | Sequence[AgentRecord]) -> str:
+    return table(AGENT_COLUMNS, [agent_row(a) for a in agents])
+
+
+def status_text(
+    result: StatusResult, agents_table: Callable[[Sequence[AgentView]], str] = agent_table
+) -> str:
+    """Per run a line of totals and its agent table (the server passes an `agents_table` that
+    keeps the tables and rows of unchanged agents)."""
     if not result.runs:
         return f"no runs yet (cursor {result.cursor})"
     parts: list[str] = []
@@ -102,7 +108,7 @@ def status_text(result: StatusResult, row: Callable[[AgentView], Sequence[str]] 
             f"run {run.run_id} (base {run.base_commit[:12]}): {counts}; budget "
             f"{run.totals.budget_used}/{run.totals.budget_tokens} tokens used"
         )
-        parts.append(table(AGENT_COLUMNS, [row(a) for a in run.agents]))
+        parts.append(agents_table(run.agents))
     changed = "" if result.changed else " (nothing changed)"
     parts.append(f"cursor {result.cursor}{changed}")
     return "\n".join(parts)
@@ -159,7 +165,7 @@ def store_text(
         mine = [a for a in agents if a.run_id == run.run_id]
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created_at))
         parts.append(f"run {run.run_id}  created {when}  base {run.base_commit[:12]}")
-        parts.append(table(AGENT_COLUMNS, [agent_row(a) for a in mine]))
+        parts.append(agent_table(mine))
         parts.append("")
     if leases:
         parts.append("leases")

@@ -13,6 +13,7 @@ import os
 import secrets
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1110,14 +1111,13 @@ class Orchestrator:
         for run in runs:
             agents = snapshots[run.run_id]
             total, used, reserved = ctx.store.budget(run.run_id)
-            by_status: dict[str, int] = {}
-            for a in agents:
-                by_status[a.status.value] = by_status.get(a.status.value, 0) + 1
+            by_status = {s.value: n for s, n in Counter(a.status for a in agents).items()}
+            spent = [a.tokens for a in agents]
             tokens = TokenUsage.model_construct(
-                input=sum(a.tokens.input for a in agents),
-                output=sum(a.tokens.output for a in agents),
-                cache_read=sum(a.tokens.cache_read for a in agents),
-                cache_write=sum(a.tokens.cache_write for a in agents),
+                input=sum(t.input for t in spent),
+                output=sum(t.output for t in spent),
+                cache_read=sum(t.cache_read for t in spent),
+                cache_write=sum(t.cache_write for t in spent),
             )
             shown = [a for a in agents if wanted is None or a.agent_id in wanted]
             views.append(

@@ -404,11 +404,22 @@ class StateStore:
         """run_id -> agent_id -> (stored JSON, the record parsed from it)."""
         return {}
 
+    @functools.cached_property
+    def _snapshots(self) -> dict[str, tuple[int, list[AgentRecord]]]:
+        """run_id -> (the cursor read before its rows, the snapshot of them)."""
+        return {}
+
     def agents_snapshot(self, run_id: str) -> list[AgentRecord]:
         """The run's agents, as `agents` returns them, but re-parsing only the rows whose stored
         JSON changed since the previous call for this run: a status poll of a large run mostly
-        finds nothing changed. The records are shared between calls: read them, never mutate
-        them (changes go through `update_agent`)."""
+        finds nothing changed; when no event at all was recorded since (every change of an agent
+        appends one, in the same transaction), not even the rows are read. The records are
+        shared between calls: read them, never mutate them (changes go through
+        `update_agent`)."""
+        cursor = self.cursor()  # before the rows: a change committed after it moves it
+        last = self._snapshots.get(run_id)
+        if last is not None and last[0] == cursor:
+            return list(last[1])
         rows = self._query(
             "SELECT agent_id, data FROM agents WHERE run_id = ? ORDER BY ord", (run_id,)
         )
@@ -422,4 +433,6 @@ class StateStore:
             else:
                 now[key] = (text, AgentRecord.model_validate_json(text))
         self._parsed_agents[run_id] = now
-        return [record for _, record in now.values()]
+        records = [record for _, record in now.values()]
+        self._snapshots[run_id] = (cursor, records)
+        return list(records)

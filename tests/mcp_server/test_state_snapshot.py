@@ -34,3 +34,28 @@ def test_snapshot_matches_agents_and_reparses_only_changes(tmp_path: Path) -> No
     finally:
         store.close()
         other.close()
+
+
+def test_snapshot_reads_no_rows_while_no_event_was_recorded(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    other = StateStore(tmp_path)
+    statements: list[str] = []
+    try:
+        store.create_run(_run("r1"), [_agent(f"a{i}", "r1", i) for i in range(1, 3)])
+        first = store.agents_snapshot("r1")
+        store._db.set_trace_callback(statements.append)  # pyright: ignore[reportPrivateUsage]
+        again = store.agents_snapshot("r1")
+        assert again == first and again[0] is first[0]
+        assert not [s for s in statements if "FROM agents" in s]
+
+        # any change of an agent records an event in the same transaction: rows are read again
+        other.update_agent("a1", "running", status=AgentStatus.RUNNING, turns=2)
+        changed = store.agents_snapshot("r1")
+        assert [s for s in statements if "FROM agents" in s]
+        assert changed[0].status is AgentStatus.RUNNING and changed[0].turns == 2
+        assert changed[1] is first[1]
+        changed.clear()  # a caller's list is its own
+        assert len(store.agents_snapshot("r1")) == 2
+    finally:
+        store.close()
+        other.close()

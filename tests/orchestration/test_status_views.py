@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.config import Settings
-from orchestration.contracts import SpawnRequest, TaskSpec
+from orchestration.contracts import AgentStatus, SpawnRequest, TaskSpec, TokenUsage
 from orchestration.orchestrator import Orchestrator
 from orchestration.state import StateStore
 from tests.orchestration.scripts import by_task, make_repo
@@ -75,3 +75,26 @@ async def test_a_lease_taken_or_released_shows_in_the_next_status(tmp_path: Path
         await ctx.leases.release(grant)
         freed = (await orch.status(run_id=run_id)).runs[0].agents
         assert freed[0].leases == []
+
+
+async def test_run_totals_follow_the_agents(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    model = by_task({"A": [], "B": []})
+    async with Orchestrator(Settings(repo=repo, sandbox="none"), lambda _n: model) as orch:
+        run_id = await _two_finished_agents(orch)
+        ctx = await orch.context(repo)
+        run = (await orch.status(run_id=run_id)).runs[0]
+        assert run.totals.by_status == {"succeeded": 2}
+        a, b = run.agents
+        assert run.totals.tokens == a.tokens + b.tokens and run.totals.tokens.input > 0
+        ctx.store.update_agent(
+            b.agent_id,
+            "note",
+            status=AgentStatus.FAILED,
+            tokens=TokenUsage(input=1, output=2, cache_read=3, cache_write=4),
+        )
+        run = (await orch.status(run_id=run_id)).runs[0]
+        assert run.totals.by_status == {"succeeded": 1, "failed": 1}
+        assert run.totals.tokens == a.tokens + TokenUsage(
+            input=1, output=2, cache_read=3, cache_write=4
+        )
