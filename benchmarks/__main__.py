@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import SCRATCH_ENV, file_create_ms, scratch_root
+from benchmarks.common import SCRATCH_ENV, file_create_ms, remove_scratch, scratch_root
 
 # name -> module under benchmarks/ exposing `run(quick: bool) -> dict[str, float | int]`
 BENCHMARKS: dict[str, str] = {
@@ -58,13 +58,16 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}"
         )
     figures: dict[str, float | int] = _disk(scratch_root(), Path(tempfile.gettempdir()))
-    for name in names:
-        module = importlib.import_module(BENCHMARKS[name])
-        print(f"\n== {name}{' (quick)' if args.quick else ''}", flush=True)
-        started = time.perf_counter()
-        result: dict[str, float | int] = module.run(quick=args.quick)
-        print(f"({name}: {time.perf_counter() - started:.1f} s)", flush=True)
-        figures.update(result)
+    try:
+        for name in names:
+            module = importlib.import_module(BENCHMARKS[name])
+            print(f"\n== {name}{' (quick)' if args.quick else ''}", flush=True)
+            started = time.perf_counter()
+            result: dict[str, float | int] = module.run(quick=args.quick)
+            print(f"({name}: {time.perf_counter() - started:.1f} s)", flush=True)
+            figures.update(result)
+    finally:
+        remove_scratch()
     print(json.dumps(figures, sort_keys=True), flush=True)
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncGenerator, Generator, Sequence
@@ -67,9 +68,24 @@ def scratch_root() -> Path:
     return root
 
 
-def scratch(prefix: str) -> tempfile.TemporaryDirectory[str]:
-    """A temporary directory under `scratch_root()`, removed afterwards."""
-    return tempfile.TemporaryDirectory(prefix=prefix, dir=scratch_root())
+_LEFT_FOR_LATER: list[Path] = []
+
+
+@contextmanager
+def scratch(prefix: str) -> Generator[str]:
+    """A new directory under `scratch_root()`. It is deleted by `remove_scratch()` (which
+    `python -m benchmarks` calls after the last benchmark), not on leaving the block: ext4
+    skips recently freed inodes when it allocates new ones, so deleting a benchmark's hundreds
+    of thousands of files would slow down the file creation of the next one for minutes."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_root()))
+    _LEFT_FOR_LATER.append(path)
+    yield str(path)
+
+
+def remove_scratch() -> None:
+    """Delete the directories `scratch()` made in this process."""
+    while _LEFT_FOR_LATER:
+        shutil.rmtree(_LEFT_FOR_LATER.pop(), ignore_errors=True)
 
 
 def file_create_ms(where: Path, files: int = 200) -> float:
