@@ -93,6 +93,12 @@ class Transcript:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
+    def touch(self) -> None:
+        """Create the file (blocking: call it from a worker thread, so that allocating it on a
+        slow disk does not hold up the event loop); appends then only open it."""
+        if self.path is not None:
+            self.path.open("a", encoding="utf-8").close()
+
     def append(self, kind: str, payload: object) -> None:
         if self.path is None:
             return

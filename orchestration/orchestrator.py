@@ -800,6 +800,7 @@ class Orchestrator:
             ),
             transcript=Transcript(ctx.repo.state_dir / "transcripts" / f"{agent.agent_id}.jsonl"),
         )
+        await anyio.to_thread.run_sync(loop.transcript.touch)  # its file: off the event loop
         runtime.loop = loop
         runtime.started_at = time.monotonic()
         outcome = LoopOutcome(StopReason.INTERNAL_ERROR, error="the loop did not run")
@@ -831,16 +832,34 @@ class Orchestrator:
             start = await anyio.to_thread.run_sync(ctx.repo.head_commit)
         if agent.rerun_of is not None and agent.start_commit is not None:
             start = agent.start_commit
-        workspace = await anyio.to_thread.run_sync(
-            lambda: ws_mod.create_workspace(
+        audit = AuditLog(ctx.repo.state_dir / "audit" / f"{agent.agent_id}.jsonl")
+        home = ctx.repo.state_dir / "homes" / agent.agent_id
+
+        def make() -> tuple[ws_mod.Workspace, Terminal]:
+            # everything that creates files, off the event loop (a file can take a millisecond
+            # to allocate on a busy disk, and 64 agents start at once)
+            workspace = ws_mod.create_workspace(
                 ctx.repo,
                 base_commit=start,
                 run_id=agent.run_id,
                 agent_id=agent.agent_id,
                 include=self.settings.include,
-            ),
-            limiter=ctx.workspace_threads,
-        )
+            )
+            audit.touch()
+            terminal = Terminal(
+                workspace.path,
+                TerminalConfig(
+                    sandbox=SandboxMode(self.settings.sandbox),
+                    allow_network=self.settings.allow_network,
+                    env_passthrough=tuple(self.settings.env_passthrough),
+                    default_timeout_s=self.settings.command_timeout_s,
+                    hidden_paths=(ctx.repo.state_dir,),
+                    home=home,
+                ),
+            )
+            return workspace, terminal
+
+        workspace, terminal = await anyio.to_thread.run_sync(make, limiter=ctx.workspace_threads)
         base = agent.base_commit if agent.start_commit else start
         agent = ctx.store.update_agent(
             agent.agent_id,
@@ -854,18 +873,6 @@ class Orchestrator:
             base_commit=base,
             start_commit=start,
             commit=start if start != base else None,
-        )
-        audit = AuditLog(ctx.repo.state_dir / "audit" / f"{agent.agent_id}.jsonl")
-        terminal = Terminal(
-            workspace.path,
-            TerminalConfig(
-                sandbox=SandboxMode(self.settings.sandbox),
-                allow_network=self.settings.allow_network,
-                env_passthrough=tuple(self.settings.env_passthrough),
-                default_timeout_s=self.settings.command_timeout_s,
-                hidden_paths=(ctx.repo.state_dir,),
-                home=ctx.repo.state_dir / "homes" / agent.agent_id,
-            ),
         )
         assert runtime.fence is not None
         runtime.audit = audit

@@ -77,6 +77,12 @@ class AuditLog:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
+    def touch(self) -> None:
+        """Create the log file now (blocking; from a worker thread), so that the first record
+        does not allocate it on the caller's thread."""
+        if self.path is not None:
+            self.path.open("a", encoding="utf-8").close()
+
     @classmethod
     def load(cls, path: Path, *, fsync: bool = False) -> AuditLog:
         """Reopen a log after a restart: records read back, a torn last line cut off."""
