@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
 
 import anyio
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel import Server as LowLevelServer
 from mcp.server.mcpserver import AcceptedElicitation, Context, ListRoots, MCPServer, Resolve
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.server.mcpserver.tools import Tool
@@ -256,6 +258,34 @@ def simple_output_schema(schema: dict[str, Any]) -> dict[str, Any]:
         return schema
 
 
+def wire_result(result: CallToolResult) -> dict[str, Any]:
+    """The result's wire form, its structured content passed on as it is (already JSON data)."""
+    wire = result.model_dump(
+        by_alias=True, mode="json", exclude_none=True, exclude={"structured_content"}
+    )
+    if result.structured_content is not None:
+        wire["structuredContent"] = result.structured_content
+    return wire
+
+
+def _answer_tool_calls_on_the_wire(lowlevel: LowLevelServer[Any]) -> None:
+    """Hand the SDK each tool call's result in its wire form.
+
+    The SDK dumps a returned `CallToolResult` whole, then validates and dumps that dump again for
+    the protocol version: for a large status, the first pass over the structured content (about
+    0.6 ms for 64 agents) produced nothing the second does not. A result handed over as a
+    mapping is only copied before the second pass, which still shapes the answer."""
+    entry = lowlevel.get_request_handler("tools/call")
+    assert entry is not None, "the SDK registers tools/call"
+    handler = entry.handler
+
+    async def call_tool(ctx: ServerRequestContext[Any, Any], params: Any) -> Any:
+        result = await handler(ctx, params)
+        return wire_result(result) if isinstance(result, CallToolResult) else result
+
+    lowlevel.add_request_handler("tools/call", entry.params_type, call_tool)
+
+
 def _result(
     model: BaseModel, text: str, structured: dict[str, Any] | None = None
 ) -> CallToolResult:
@@ -370,6 +400,7 @@ class FanoutServer(MCPServer[App]):
         register_resources(self, app)
         register_prompts(self)
         app.notifier.install_legacy_subscribe(self._lowlevel_server)
+        _answer_tool_calls_on_the_wire(self._lowlevel_server)
 
     # --- the one translation of errors ------------------------------------------------------
 
