@@ -1083,8 +1083,11 @@ class Orchestrator:
         wait_s: float | None = None,
         repo: Path | None = None,
     ) -> StatusResult:
-        """Runs and agents; with `since` and `wait_s`, waits until something changes."""
-        ctx = await (self._context_of_run(run_id, repo) if run_id else self.context(repo))
+        """Runs and agents; with `since` and `wait_s`, waits until something changes.
+
+        Polls are cheap when little changed: runs, agents and each agent's view are built again
+        only when they changed, so answers share them: read them, never mutate them."""
+        ctx = await (self._status_context(run_id, repo) if run_id else self.context(repo))
         changed = True
         if since is not None and wait_s:
             timeout = min(max(wait_s, 0.0), self.settings.status_wait_cap_s)
@@ -1092,7 +1095,9 @@ class Orchestrator:
         elif since is not None:
             changed = ctx.store.cursor() > since
         cursor = ctx.store.cursor()
-        runs = [self._run(ctx, run_id)] if run_id else ctx.store.runs()
+        runs = ctx.store.runs_snapshot(run_id)
+        if run_id and not runs:
+            self._run(ctx, run_id)  # raises RunNotFound
         wanted = set(agent_ids) if agent_ids else None
         snapshots = {r.run_id: ctx.store.agents_snapshot(r.run_id) for r in runs}
         if wanted:
@@ -1156,6 +1161,16 @@ class Orchestrator:
             runs=views,
             workspace_disk_bytes=await self._disk_usage(ctx),
         )
+
+    async def _status_context(self, run_id: str, repo: Path | None) -> RepoContext:
+        """`_context_of_run` for a status poll: finds the run in the stores' snapshots."""
+        for ctx in self._contexts.values():
+            if ctx.store.runs_snapshot(run_id):
+                return ctx
+        ctx = await self.context(repo)
+        if not ctx.store.runs_snapshot(run_id):
+            self._run(ctx, run_id)  # raises RunNotFound
+        return ctx
 
     @functools.cached_property
     def _status_views(self) -> weakref.WeakKeyDictionary[StateStore, dict[str, _BuiltView]]:

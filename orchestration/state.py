@@ -409,6 +409,41 @@ class StateStore:
         """run_id -> (the cursor read before its rows, the snapshot of them)."""
         return {}
 
+    @functools.cached_property
+    def _parsed_runs(self) -> dict[str, tuple[str, RunRecord]]:
+        """run_id -> (stored JSON, the record parsed from it)."""
+        return {}
+
+    @functools.cached_property
+    def _run_snapshots(self) -> dict[str | None, tuple[int, list[RunRecord]]]:
+        """run_id (None: every run) -> (the cursor read before the rows, the snapshot)."""
+        return {}
+
+    def runs_snapshot(self, run_id: str | None = None) -> list[RunRecord]:
+        """The run (`[]` if there is none), or every run, as `runs` returns them, but parsed
+        again only when its stored JSON changed (a run carries its shared context, the files'
+        contents included), and not even read while no event was recorded since (creating a run
+        appends one in the same transaction). The records are shared between calls: read them,
+        never mutate them."""
+        cursor = self.cursor()  # before the rows: a change committed after it moves it
+        last = self._run_snapshots.get(run_id)
+        if last is not None and last[0] == cursor:
+            return list(last[1])
+        if run_id is None:
+            rows = self._query("SELECT run_id, data FROM runs ORDER BY created_at")
+        else:
+            rows = self._query("SELECT run_id, data FROM runs WHERE run_id = ?", (run_id,))
+        records: list[RunRecord] = []
+        for key, data in rows:
+            found, text = str(key), str(data)
+            cached = self._parsed_runs.get(found)
+            if cached is None or cached[0] != text:
+                cached = (text, RunRecord.model_validate_json(text))
+                self._parsed_runs[found] = cached
+            records.append(cached[1])
+        self._run_snapshots[run_id] = (cursor, records)
+        return list(records)
+
     def agents_snapshot(self, run_id: str) -> list[AgentRecord]:
         """The run's agents, as `agents` returns them, but re-parsing only the rows whose stored
         JSON changed since the previous call for this run: a status poll of a large run mostly

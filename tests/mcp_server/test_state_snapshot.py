@@ -59,3 +59,34 @@ def test_snapshot_reads_no_rows_while_no_event_was_recorded(tmp_path: Path) -> N
     finally:
         store.close()
         other.close()
+
+
+def test_runs_snapshot_matches_runs_and_reads_rows_only_after_an_event(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    other = StateStore(tmp_path)
+    statements: list[str] = []
+    try:
+        assert store.runs_snapshot() == [] and store.runs_snapshot("r1") == []
+        store.create_run(_run("r1"), [_agent("a1", "r1", 1)])
+        first = store.runs_snapshot()
+        assert first == store.runs() and store.runs_snapshot("r1") == first
+        assert store.runs_snapshot("r-none") == []
+        store._db.set_trace_callback(statements.append)  # pyright: ignore[reportPrivateUsage]
+        again = store.runs_snapshot()
+        assert again == first and again[0] is first[0]
+        assert store.runs_snapshot("r1")[0] is first[0]
+        assert not [s for s in statements if "FROM runs" in s]
+
+        # a run created by another process records an event: rows are read, old ones not
+        # parsed again
+        other.create_run(_run("r2").model_copy(update={"created_at": 2.0}), [_agent("b1", "r2")])
+        both = store.runs_snapshot()
+        assert [s for s in statements if "FROM runs" in s]
+        assert both == store.runs() and [r.run_id for r in both] == ["r1", "r2"]
+        assert both[0] is first[0]
+        assert store.runs_snapshot("r2")[0] is both[1]
+        both.clear()  # a caller's list is its own
+        assert len(store.runs_snapshot()) == 2
+    finally:
+        store.close()
+        other.close()

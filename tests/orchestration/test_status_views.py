@@ -8,6 +8,7 @@ import pytest
 
 from orchestration.config import Settings
 from orchestration.contracts import AgentStatus, SpawnRequest, TaskSpec, TokenUsage
+from orchestration.errors import RunNotFound
 from orchestration.orchestrator import Orchestrator
 from orchestration.state import StateStore
 from tests.orchestration.scripts import by_task, make_repo
@@ -98,3 +99,23 @@ async def test_run_totals_follow_the_agents(tmp_path: Path) -> None:
         assert run.totals.tokens == a.tokens + TokenUsage(
             input=1, output=2, cache_read=3, cache_write=4
         )
+
+
+async def test_a_run_made_by_another_server_shows_and_an_unknown_run_is_refused(
+    tmp_path: Path,
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    model = by_task({"A": [], "B": []})
+    settings = Settings(repo=repo, sandbox="none")
+    async with Orchestrator(settings, lambda _n: model) as orch:
+        assert (await orch.status()).runs == []
+        with pytest.raises(RunNotFound):
+            await orch.status(run_id="r-nope")
+        async with Orchestrator(settings, lambda _n: model) as other:
+            run_id = await _two_finished_agents(other)
+        status = await orch.status(run_id=run_id)
+        assert [r.run_id for r in status.runs] == [run_id]
+        assert [a.status for a in status.runs[0].agents] == [AgentStatus.SUCCEEDED] * 2
+        assert [r.run_id for r in (await orch.status()).runs] == [run_id]
+        with pytest.raises(RunNotFound):
+            await orch.status(run_id="r-nope")
