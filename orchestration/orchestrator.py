@@ -271,6 +271,10 @@ class Orchestrator:
                 if agent.workspace and Path(agent.workspace).exists():
                     # a write cut short leaves its temporary file; the file it replaced is intact
                     await anyio.to_thread.run_sync(remove_partial_writes, Path(agent.workspace))
+                    # a commit cut short leaves git's lock files on the branch and worktree
+                    await anyio.to_thread.run_sync(
+                        ws_mod.clear_dead_locks, ctx.repo, Path(agent.workspace), agent.branch
+                    )
                     work = await self._commit_work(ctx, agent, "work left by an interrupted agent")
                     commit = work.commit or commit
                 elif agent.workspace is None:

@@ -814,6 +814,26 @@ def _discard_unstarted(repo: GitRepo, run_id: str, agent_id: str) -> list[str]:
     return removed
 
 
+def clear_dead_locks(repo: GitRepo, path: Path, branch: str | None) -> list[str]:
+    """Remove the lock files a killed process left on an agent's branch and worktree (the
+    branch's `<ref>.lock`, the worktree's `index.lock` and `HEAD.lock`), which would refuse
+    every later commit of its work. Only for an agent whose server is dead: nothing else
+    writes its branch or its worktree's git files. Returns what was removed."""
+    candidates: list[Path] = []
+    if branch:
+        candidates.append(repo.git_dir / f"refs/heads/{branch}.lock")
+    admin = _worktree_git_dir(path)
+    if admin is not None:
+        candidates += [admin / "index.lock", admin / "HEAD.lock"]
+    removed: list[str] = []
+    for lock in candidates:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+            removed.append(lock.name)
+            log.warning("removed %s, left by a killed process", lock)
+    return removed
+
+
 def workspace_disk_usage(repo: GitRepo) -> int:
     """Bytes used by the agents' worktrees (files as stored, links not followed)."""
     total = 0
@@ -1000,10 +1020,10 @@ def _commit_in_process(
         raise RepositoryError(f"could not move {ref} to the agent's work: {exc}") from exc
     try:
         index.write()  # the worktree's index now holds the new commit's tree
-    except (pygit2.GitError, OSError):
-        cwd = Path(pyrepo.workdir)
-        if run_git(cwd, "read-tree", "-m", str(commit), check=False).returncode != 0:
-            run_git(cwd, "read-tree", str(commit))
+    except (pygit2.GitError, OSError) as exc:
+        # The work is committed and the branch moved; only `git status` inside the workspace
+        # would show it staged (the next commit re-stages the working tree anyway).
+        log.warning("the index of %s was not updated after its commit: %s", pyrepo.workdir, exc)
     changes = file_changes(pyrepo, str(head), str(commit))
     return WorkCommit(commit=str(commit), changes=changes, dropped=dropped)
 

@@ -296,3 +296,25 @@ def test_a_moved_branch_is_refused_not_overwritten(
     # the other writer's commit is kept; our work is still on disk, to be committed again
     assert git(root, "log", "-1", "--format=%s", ref).strip() == "other"
     assert (fast.path / "src/a.py").read_text() == "mine\n"
+
+
+def test_locks_left_by_a_killed_commit_are_cleared_for_recovery(tmp_path: Path) -> None:
+    """A server killed inside a commit leaves the branch's ref lock and the worktree's index
+    lock; they refuse the next commit until recovery clears them."""
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    fast, _ = _pair(root, "killed")
+    write(fast.path, "src/a.py", "work of a killed server\n")
+    ref_lock = root / ".git" / "refs" / "heads" / f"{fast.branch}.lock"
+    ref_lock.write_text("", encoding="utf-8")
+    admin = Path(git(fast.path, "rev-parse", "--absolute-git-dir").strip())
+    (admin / "index.lock").write_text("", encoding="utf-8")
+    with pytest.raises(ws_mod.RepositoryError, match="lock"):
+        commit_workspace(fast, message="blocked", write_scope=SCOPE)
+    removed = ws_mod.clear_dead_locks(repo, fast.path, fast.branch)
+    assert sorted(removed) == sorted([ref_lock.name, "index.lock"])
+    done = commit_workspace(fast, message="recovered", write_scope=SCOPE)
+    assert done.commit is not None
+    assert git(fast.path, "show", f"{done.commit}:src/a.py") == "work of a killed server\n"
+    assert ws_mod.clear_dead_locks(repo, fast.path, fast.branch) == []
+    assert_fsck(root)
