@@ -1,8 +1,10 @@
 """`get_status` over stdio on a run of 64 agents (quick: 16) against the no-op `ping` tool of the
 same server in the same run: the MCP surface's own overhead. Target: ratio <= 2.
 
-The primary figures come from a raw JSON-RPC driver on the server's stdin/stdout (server and
-transport only). The server's own CPU time per call (from /proc, Linux) is reported alongside:
+The primary figures come from a raw JSON-RPC driver on the server's stdin/stdout: the server, the
+transport, and the driver reading each answer line and parsing it (`json.loads`; for a 64-agent
+status that parse alone is reported as `get_status_driver_parse_ms`, the median of timing it again
+on the last answer). The server's own CPU time per call (from /proc, Linux) is reported alongside:
 on a loaded machine the wall-clock times mostly measure waiting for a core, the CPU times do not.
 The SDK `Client` figures are reported too: that client re-validates every structured result
 against the tool's output schema with `jsonschema`, which for a large status costs more than the
@@ -72,6 +74,7 @@ async def _measure(agents: int, calls: int) -> dict[str, float | int]:
         "noop_server_cpu_ms": round(raw.ping_cpu_s * 1000, 3),
         "cpu_ratio": round(raw.status_cpu_s / raw.ping_cpu_s, 2) if raw.ping_cpu_s else 0.0,
         "get_status_bytes": raw.status_bytes,
+        "get_status_driver_parse_ms": _p50_ms(raw.status_parse_s),
         "get_status_sdk_client_p50_ms": client_status,
         "noop_sdk_client_p50_ms": client_ping,
     }
@@ -86,6 +89,7 @@ class RawTimes:
     status_cpu_s: float
     ping_cpu_s: float
     status_bytes: int
+    status_parse_s: list[float]
 
 
 def _cpu_s(pid: int) -> float:
@@ -113,10 +117,10 @@ def _raw(command: str, args: list[str], run_id: str, calls: int) -> RawTimes:
     stdin, stdout = proc.stdin, proc.stdout
     ids = iter(range(1, 1_000_000))
 
-    last_size = 0
+    last_line = ""
 
     def request(method: str, params: dict[str, Any]) -> dict[str, Any]:
-        nonlocal last_size
+        nonlocal last_line
         msg_id = next(ids)
         stdin.write(
             json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
@@ -127,7 +131,7 @@ def _raw(command: str, args: list[str], run_id: str, calls: int) -> RawTimes:
             line = stdout.readline()
             answer: dict[str, Any] = json.loads(line)
             if answer.get("id") == msg_id:
-                last_size = len(line.encode())
+                last_line = line
                 return answer
 
     try:
@@ -157,14 +161,19 @@ def _raw(command: str, args: list[str], run_id: str, calls: int) -> RawTimes:
             request("tools/call", ping_call)
             ping_s.append(time.perf_counter() - t0)
         request("tools/call", status_call)
-        status_bytes = last_size
+        status_line = last_line
+        status_parse_s: list[float] = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            json.loads(status_line)
+            status_parse_s.append(time.perf_counter() - t0)
         cpu: list[float] = []
         for call in (status_call, ping_call):
             before = _cpu_s(proc.pid)
             for _ in range(calls):
                 request("tools/call", call)
             cpu.append((_cpu_s(proc.pid) - before) / calls)
-        return RawTimes(status_s, ping_s, cpu[0], cpu[1], status_bytes)
+        return RawTimes(status_s, ping_s, cpu[0], cpu[1], len(status_line.encode()), status_parse_s)
     finally:
         stdin.close()
         try:
@@ -172,6 +181,7 @@ def _raw(command: str, args: list[str], run_id: str, calls: int) -> RawTimes:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        stdout.close()
 
 
 def run(quick: bool) -> dict[str, float | int]:

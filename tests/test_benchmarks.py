@@ -12,6 +12,7 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "benchmarks.spawn": ("spawn_s_16", "spawn_over_git_16"),
     "benchmarks.cache": ("cache_read_share", "input_cost_over_uncached"),
     "benchmarks.memory": ("rss_mb_per_running_agent", "agents_failed"),
+    "benchmarks.mcp": ("ratio", "get_status_server_cpu_ms", "get_status_driver_parse_ms"),
 }
 
 
