@@ -38,6 +38,7 @@ class RepoResolver:
         self.configured = configured
         self.cwd = cwd or Path(os.getcwd())
         self.from_roots: Path | None = None
+        self._resolved: dict[Path, Path] = {}
 
     @property
     def needs_roots(self) -> bool:
@@ -65,4 +66,9 @@ class RepoResolver:
             raise RepositoryError(
                 f"{path} is not a directory: pass --repo <repository path> or set FANOUT_REPO"
             )
-        return path.resolve()
+        # resolved once per path (several system calls; every tool call asks), as the
+        # orchestrator remembers which repository a path names
+        resolved = self._resolved.get(path)
+        if resolved is None:
+            resolved = self._resolved[path] = path.resolve()
+        return resolved
