@@ -1032,17 +1032,29 @@ def _reset_index_paths(
     pyrepo: pygit2.Repository, index: pygit2.Index, base: str, paths: Sequence[str]
 ) -> None:
     """Set `paths` in `index` to their content in `base`, removing absent ones."""
-    base_tree = _tree_of(pyrepo, base)
-    for p in paths:
-        try:
-            entry = base_tree[p]
-        except KeyError:
-            entry = None
-        if entry is None or entry.filemode == pygit2.enums.FileMode.TREE:
+    for p, entry in _base_entries(pyrepo, base, paths):
+        if entry is None:
             if p in index:
                 index.remove(p)
         else:
             index.add(pygit2.IndexEntry(p, entry.id, entry.filemode))
+
+
+def _base_entries(
+    pyrepo: pygit2.Repository, base: str, paths: Sequence[str]
+) -> list[tuple[str, pygit2.Object | None]]:
+    """Each path with its file entry in `base`'s tree, None where it is absent (or a directory)."""
+    base_tree = _tree_of(pyrepo, base)
+    found: list[tuple[str, pygit2.Object | None]] = []
+    for p in paths:
+        try:
+            entry: pygit2.Object | None = base_tree[p]
+        except KeyError:
+            entry = None
+        if entry is not None and entry.filemode == pygit2.enums.FileMode.TREE:
+            entry = None
+        found.append((p, entry))
+    return found
 
 
 def _index_is_at(pyrepo: pygit2.Repository, source: Path, tree: str, index: Path) -> bool:
@@ -1092,14 +1104,9 @@ def _reset_paths(
     pyrepo: pygit2.Repository, cwd: Path, base: str, paths: Sequence[str], env: Mapping[str, str]
 ) -> None:
     """Set `paths` in the (temporary) index to their content in `base`, removing absent ones."""
-    base_tree = _tree_of(pyrepo, base)
     lines: list[str] = []
-    for p in paths:
-        try:
-            entry = base_tree[p]
-        except KeyError:
-            entry = None
-        if entry is None or entry.filemode == pygit2.enums.FileMode.TREE:
+    for p, entry in _base_entries(pyrepo, base, paths):
+        if entry is None:
             lines.append(f"0 {ZERO_OID}\t{p}")  # absent in the base (or a directory there)
         else:
             lines.append(f"{int(entry.filemode):06o} {entry.id}\t{p}")
