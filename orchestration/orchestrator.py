@@ -234,6 +234,9 @@ class Orchestrator:
             # (a status poll names the repository each time: one git process per poll otherwise)
             git_repo = await anyio.to_thread.run_sync(ws_mod.GitRepo.discover, where)
             self._discovered[where] = git_repo
+        existing = self._contexts.get(git_repo.root)
+        if existing is not None:  # the common case (every poll): no lock to take
+            return existing
         async with self._context_lock:
             existing = self._contexts.get(git_repo.root)
             if existing is not None:
