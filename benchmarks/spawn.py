@@ -69,15 +69,17 @@ def _gated_model(gate: anyio.Event) -> FunctionModel:
     return FunctionModel(reply)
 
 
-async def _orchestrated(repo: Path) -> tuple[float, float, int]:
-    """(until all running, spawn() alone, failed agents) for one run of 16."""
+async def _orchestrated(repo: Path, round_no: int) -> tuple[float, float, int]:
+    """(until all running, spawn() alone, failed agents) for one run of 16. Each round's agents
+    write scopes of their own: the previous round's agents are not merged, so they still hold
+    their scopes, and agents on the same scopes would wait for them (as designed)."""
     gate = anyio.Event()
     model = _gated_model(gate)
     async with Orchestrator(bench_settings(repo, AGENTS), lambda _name: model) as orch:
         await orch.status()  # the repository is open, as in a running server
         timing = await drive(
             orch,
-            [SpawnRequest(tasks=tasks(AGENTS), max_concurrency=AGENTS)],
+            [SpawnRequest(tasks=tasks(AGENTS, start=100 * round_no), max_concurrency=AGENTS)],
             until_running=True,
             timeout_s=PHASE_TIMEOUT_S,
         )
@@ -114,7 +116,7 @@ def run(quick: bool) -> dict[str, float | int]:
             # the two alternate which goes first, so neither always meets a fuller disk
             if round_no % 2:
                 hand.append(_by_hand(repo, base, round_no))
-            all_running, spawn_s, bad = anyio.run(_orchestrated, repo)
+            all_running, spawn_s, bad = anyio.run(_orchestrated, repo, round_no)
             if not round_no % 2:
                 hand.append(_by_hand(repo, base, round_no))
             orch.append(all_running)
