@@ -318,3 +318,24 @@ def test_locks_left_by_a_killed_commit_are_cleared_for_recovery(tmp_path: Path) 
     assert git(fast.path, "show", f"{done.commit}:src/a.py") == "work of a killed server\n"
     assert ws_mod.clear_dead_locks(repo, fast.path, fast.branch) == []
     assert_fsck(root)
+
+
+def test_a_large_tree_is_checked_out_by_git(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    real = ws_mod._checkout_in_process  # pyright: ignore[reportPrivateUsage]
+    done: list[bool] = []
+
+    def spy(repo: GitRepo, path: Path, base: str) -> bool:
+        done.append(real(repo, path, base))
+        return done[-1]
+
+    monkeypatch.setattr(ws_mod, "_checkout_in_process", spy)
+    create_workspace(repo, base_commit=head(root), run_id="small", agent_id="a")
+    monkeypatch.setattr(ws_mod, "IN_PROCESS_CHECKOUT_MAX_FILES", len(BASE_FILES) - 1)
+    large = create_workspace(repo, base_commit=head(root), run_id="large", agent_id="a")
+    assert done == [True, False]  # libgit2 for the small tree, git for the "large" one
+    assert git(large.path, "status", "--porcelain") == ""
+    assert sorted(_files(large.path)) == sorted(BASE_FILES)
