@@ -391,9 +391,10 @@ class Orchestrator:
         """The model `name` for the agent of this index: one instance per name and group of
         `AGENTS_PER_MODEL` agents, so that no HTTP connection pool serves more than that many.
 
-        (An httpx connection pool scans every connection it holds on each request and response,
-        so one pool for 64 agents costs more CPU than the requests themselves.) The instances
-        after the first are made in a worker thread: an SDK client takes ~0.1 s to build.
+        (An httpx connection pool, `FANOUT_HTTP_CLIENT=httpx`, scans every connection it holds
+        on each request and response, so one pool for 64 agents costs more CPU than the requests
+        themselves.) The instances after the first are made in a worker thread, off the event
+        loop: a factory may be slow (the process's first SDK client loads the CA bundle).
         """
         key = self._model_key(name, agent_index)
         model = self._models.get(key)

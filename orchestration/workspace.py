@@ -460,7 +460,7 @@ def create_workspace(
         # What `worktree add` runs to check out; simultaneous checkouts of a large tree are
         # slower than one after the other on few cores, so at most one per core at a time.
         with _CHECKOUT_SLOTS:
-            if not _checkout_in_process(repo, path, base):
+            if not _checkout_in_process(path, base):
                 run_git(path, "reset", "--hard", "--no-recurse-submodules", "--quiet")
     included = _copy_included(repo.root, path, include)
     ws = Workspace(
@@ -501,7 +501,7 @@ def _plain_worktrees(repo: GitRepo) -> bool:
         return False
     if (repo.git_dir / "info" / "sparse-checkout").exists():
         return False
-    return not _has_post_checkout_hook(repo)
+    return not _has_post_checkout_hook(repo, config)
 
 
 def _register_worktree(repo: GitRepo, path: Path, branch: str, base: str) -> bool:
@@ -532,16 +532,22 @@ def _register_worktree(repo: GitRepo, path: Path, branch: str, base: str) -> boo
     return True
 
 
-def _has_post_checkout_hook(repo: GitRepo) -> bool:
-    """Whether git would run a post-checkout hook in this repository (conservative)."""
-    return _has_hook(repo.root, repo.git_dir, "post-checkout")
+def _has_post_checkout_hook(repo: GitRepo, config: pygit2.Config | None = None) -> bool:
+    """Whether git would run a post-checkout hook in this repository (conservative);
+    `config` is the repository's, when the caller has it open already."""
+    if config is None:
+        with contextlib.suppress(pygit2.GitError):
+            config = pygit2.Repository(str(repo.root)).config
+    return _has_hook(config, repo.root, repo.git_dir, "post-checkout")
 
 
-def _has_hook(root: Path, common_dir: Path, name: str) -> bool:
-    """Whether git would run hook `name` in the repository at `root` (conservative)."""
+def _has_hook(config: pygit2.Config | None, root: Path, common_dir: Path, name: str) -> bool:
+    """Whether git would run hook `name` in the repository at `root`, whose configuration is
+    `config` (conservative)."""
     hooks_path: str | None = None
     with contextlib.suppress(KeyError, pygit2.GitError):
-        hooks_path = str(pygit2.Repository(str(root)).config["core.hooksPath"])
+        if config is not None:
+            hooks_path = str(config["core.hooksPath"])
     if hooks_path:
         hooks = Path(os.path.expanduser(hooks_path))
         if not hooks.is_absolute():
@@ -620,14 +626,14 @@ def in_process_git_ok(pyrepo: pygit2.Repository, tree: pygit2.Tree) -> bool:
             with contextlib.suppress(OSError):
                 common_text = (common / "commondir").read_text(encoding="utf-8").strip()
                 common = (common / common_text).resolve()
-            if _has_hook(Path(pyrepo.workdir), common, "reference-transaction"):
+            if _has_hook(config, Path(pyrepo.workdir), common, "reference-transaction"):
                 return False
         return _tree_facts_of(pyrepo, tree)[0]
     except (pygit2.GitError, KeyError, ValueError, OSError):
         return False
 
 
-def _checkout_in_process(repo: GitRepo, path: Path, base: str) -> bool:
+def _checkout_in_process(path: Path, base: str) -> bool:
     """Populate the new worktree at `path` (files and index) with `base`'s tree, in-process;
     False, with git left to do it, when libgit2 would not do what git does."""
     try:

@@ -258,8 +258,8 @@ def test_with_a_filter_driver_the_work_is_committed_by_git(
     called: list[bool] = []
     real = ws_mod._checkout_in_process  # pyright: ignore[reportPrivateUsage]
 
-    def spy(repo: GitRepo, path: Path, base: str) -> bool:
-        done = real(repo, path, base)
+    def spy(path: Path, base: str) -> bool:
+        done = real(path, base)
         called.append(done)
         return done
 
@@ -328,8 +328,8 @@ def test_a_large_tree_is_checked_out_by_git(
     real = ws_mod._checkout_in_process  # pyright: ignore[reportPrivateUsage]
     done: list[bool] = []
 
-    def spy(repo: GitRepo, path: Path, base: str) -> bool:
-        done.append(real(repo, path, base))
+    def spy(path: Path, base: str) -> bool:
+        done.append(real(path, base))
         return done[-1]
 
     monkeypatch.setattr(ws_mod, "_checkout_in_process", spy)
