@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TypeGuard
 
 import anyio
 import anyio.abc
@@ -286,7 +287,7 @@ class Orchestrator:
                         ws_mod.discard_unstarted_workspace, ctx.repo, agent.run_id, agent.agent_id
                     )
                 changes: list[FileChange] = []
-                if commit is not None and commit != agent.base_commit:
+                if _has_work(commit, agent.base_commit):
                     changes = await anyio.to_thread.run_sync(
                         self._changes, ctx, agent.base_commit, commit
                     )
@@ -1043,7 +1044,7 @@ class Orchestrator:
             tokens=progress.tokens,
             changed_files=[c.path for c in changes],
         )
-        if status != AgentStatus.SUCCEEDED and (commit is None or commit == agent.base_commit):
+        if status != AgentStatus.SUCCEEDED and not _has_work(commit, agent.base_commit):
             # nothing to merge or keep: its scope goes to whoever waits for it
             await self._release_leases(ctx, agent)
             self._signal_released(agent.agent_id)
@@ -1276,7 +1277,7 @@ class Orchestrator:
                     )
                 )
                 continue
-            if agent.commit is None or agent.commit == agent.base_commit:
+            if agent.commit is None or agent.commit == agent.base_commit:  # (narrows the type)
                 results.append(await self._merge_empty(ctx, agent, dry_run=request.dry_run))
                 continue
             candidates.append(
@@ -1493,11 +1494,10 @@ class Orchestrator:
         run = self._run(ctx, old.run_id)
         # an interrupted or cancelled agent that committed work is resumed from it; one
         # without work simply starts over on the current head
-        resume = (
-            old.status in (AgentStatus.INTERRUPTED, AgentStatus.CANCELLED)
-            and old.commit is not None
-            and old.commit != old.base_commit
-        )
+        resume = old.status in (
+            AgentStatus.INTERRUPTED,
+            AgentStatus.CANCELLED,
+        ) and _has_work(old.commit, old.base_commit)
         head = await anyio.to_thread.run_sync(ctx.repo.head_commit)
         context = await anyio.to_thread.run_sync(
             self._rerun_context, ctx, old, instructions, resume
@@ -1564,7 +1564,7 @@ class Orchestrator:
                 + ". You start from the current head of the branch, which may include other "
                 "agents' merged work. Redo the task so that it fits the current code."
             )
-            if old.commit and old.commit != old.base_commit:
+            if _has_work(old.commit, old.base_commit):
                 diff = ctx.repo.git("diff", old.base_commit, old.commit)
                 if len(diff) > MAX_REJECTED_DIFF_CHARS:
                     diff = diff[:MAX_REJECTED_DIFF_CHARS] + "\n… (diff truncated)"
@@ -1621,6 +1621,11 @@ def _agent_view(
     return view
 
 
+def _has_work(commit: str | None, base_commit: str) -> TypeGuard[str]:
+    """Whether an agent's branch holds committed work: a commit other than its base."""
+    return bool(commit) and commit != base_commit
+
+
 def _scope_freed(agent: AgentRecord) -> bool:
     """Whether a later wave may start: the agent was merged or discarded, or it ended without
     any work to merge (its leases are then released at once)."""
@@ -1630,7 +1635,7 @@ def _scope_freed(agent: AgentRecord) -> bool:
         AgentStatus.FAILED,
         AgentStatus.CANCELLED,
         AgentStatus.INTERRUPTED,
-    ) and (agent.commit is None or agent.commit == agent.base_commit)
+    ) and not _has_work(agent.commit, agent.base_commit)
     return ended_empty
 
 
