@@ -36,6 +36,7 @@ from benchmarks.common import (
     tasks,
 )
 from orchestration.contracts import SpawnRequest
+from orchestration.heap import freeze_heap
 from orchestration.model import Model, ModelRequest, ModelResponse
 from orchestration.orchestrator import ModelFactory
 from orchestration.providers.anthropic import AnthropicModel
@@ -122,6 +123,7 @@ async def _measure(
 ) -> list[tuple[float, float, int, float]]:
     """Per size: (best product makespan, best floor, failed agents, spawn_s of the best run)."""
     await _product(base_url, 2, root / "warm-up")  # imports, SDK client, pydantic schemas: once
+    freeze_heap()  # as `fanout-mcp` does once it has started (orchestration.heap)
     out: list[tuple[float, float, int, float]] = []
     for n in sizes:
         recorded: list[ModelRequest] = []

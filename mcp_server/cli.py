@@ -19,6 +19,7 @@ import anyio
 
 from orchestration.config import Settings
 from orchestration.errors import ConfigError, OrchestrationError
+from orchestration.heap import warm_up_in_background
 from orchestration.orchestrator import ModelFactory, RepoContext
 
 log = logging.getLogger("fanout.mcp")
@@ -26,6 +27,10 @@ log = logging.getLogger("fanout.mcp")
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 WILDCARD = frozenset({"0.0.0.0", "::", ""})
 MODEL_PROVIDERS = ("anthropic", "demo")
+# what each provider's first model imports
+PROVIDER_MODULES: dict[str, tuple[str, ...]] = {
+    "anthropic": ("orchestration.providers.anthropic", "aiohttp"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -185,6 +190,9 @@ def serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     server = build_server(settings, _model_factory(args.model_provider))
     server.app.on_repo = log_to_state_dir
+    # The provider's SDK is imported now rather than by the first spawn, then the heap of a
+    # started server is frozen (see orchestration.heap); both off the main thread.
+    warm_up_in_background(PROVIDER_MODULES.get(args.model_provider, ()))
     if args.http:
         anyio.run(_serve_http, server, args.host, args.port, args.token, args.allowed_host)
     else:

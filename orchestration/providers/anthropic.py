@@ -69,6 +69,12 @@ def shared_ssl_context() -> ssl.SSLContext:
         return _ssl_contexts[0]
 
 
+def warm_up() -> None:
+    """What a server's start-up does ahead of the first spawn (see `orchestration.heap`): the
+    shared TLS context, so that the first SDK client is not the one to load the CA bundle."""
+    shared_ssl_context()
+
+
 def _http_client(kind: HttpClientKind) -> httpx2.AsyncClient:
     """The SDK's own HTTP client (its defaults: limits, redirects, proxies from the environment)
     over httpx or, with `aiohttp`, over aiohttp's transport (the `anthropic[aiohttp]` extra),

@@ -1,0 +1,51 @@
+"""Keep Python's cycle collector off the process's long-lived objects.
+
+A server process holds some 200,000 objects that live as long as it does: modules, classes, the
+pydantic schemas of the MCP SDK and of the `anthropic` SDK. A full (generation 2) collection
+walks all of them; with the whole heap it took about 150 ms on the development machine, and it
+runs on whichever thread allocates at that moment, usually the event loop, so every running
+agent and every client waited. `gc.freeze()` moves every object alive at that moment out of the
+collector's sight, after which a full collection walks only what the server has made since (about
+20 ms in the same fan-out of 64 agents).
+
+Frozen objects are still freed by reference counting; only cyclic garbage among them would stay,
+which is why the heap is frozen once, after start-up, with its garbage collected first.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import threading
+from collections.abc import Sequence
+
+log = logging.getLogger("fanout.heap")
+
+
+def freeze_heap() -> None:
+    """Collect the garbage there is now, then freeze every object still alive."""
+    gc.collect()
+    gc.freeze()
+
+
+def warm_up(modules: Sequence[str] = ()) -> None:
+    """Import `modules` (a provider's SDK, which a first spawn would otherwise import on the
+    event loop: about 2 s for `anthropic`) and run each one's own `warm_up()` if it has one, then
+    `freeze_heap`. A failure is logged and left for the first real use to report."""
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+            hook = getattr(module, "warm_up", None)
+            if callable(hook):
+                hook()
+        except Exception:  # the first use reports it to the client, with the cause
+            log.warning("warm-up: %s failed", name, exc_info=True)
+    freeze_heap()
+
+
+def warm_up_in_background(modules: Sequence[str] = ()) -> threading.Thread:
+    """`warm_up` in a daemon thread, so that a server answers its client meanwhile."""
+    thread = threading.Thread(target=warm_up, args=(modules,), name="fanout-warm-up", daemon=True)
+    thread.start()
+    return thread
