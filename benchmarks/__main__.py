@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "cache": "benchmarks.cache",
     "mcp": "benchmarks.mcp",
     "memory": "benchmarks.memory",
+    "startup": "benchmarks.startup",
 }
 
 

@@ -13,6 +13,7 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "benchmarks.cache": ("cache_read_share", "input_cost_over_uncached"),
     "benchmarks.memory": ("rss_mb_per_running_agent", "agents_failed"),
     "benchmarks.mcp": ("ratio", "get_status_server_cpu_ms", "get_status_driver_parse_ms"),
+    "benchmarks.startup": ("startup_initialize_s", "first_spawn_s", "first_run_s"),
 }
 
 
