@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TextIO
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -86,25 +86,47 @@ def usage_to_tokens(usage: Usage) -> TokenUsage:
 
 
 class Transcript:
-    """An agent's messages as JSON lines on disk, read on demand, never pushed to the client."""
+    """An agent's messages as JSON lines on disk, read on demand, never pushed to the client.
+
+    `touch` opens the file once (creating it) and the appends write to it, a line at a time and
+    flushed, until `close`; appends before `touch` or after `close` open the file for that line.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self._file: TextIO | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def touch(self) -> None:
-        """Create the file (blocking: call it from a worker thread, so that allocating it on a
-        slow disk does not hold up the event loop); appends then only open it."""
-        if self.path is not None:
-            self.path.open("a", encoding="utf-8").close()
+        """Create and open the file (blocking: call it from a worker thread, so that allocating
+        it on a slow disk does not hold up the event loop)."""
+        if self.path is not None and self._file is None:
+            self._file = self.path.open("a", encoding="utf-8")
+
+    def close(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
 
     def append(self, kind: str, payload: object) -> None:
-        if self.path is None:
+        if self.path is not None:
+            self._write(json.dumps({"ts": time.time(), "kind": kind, "data": payload}, default=str))
+
+    def append_json(self, kind: str, data: str) -> None:
+        """`append` of a payload already serialized to JSON (`data`)."""
+        if self.path is not None:
+            self._write(f'{{"ts": {time.time()!r}, "kind": {json.dumps(kind)}, "data": {data}}}')
+
+    def _write(self, line: str) -> None:
+        file = self._file
+        if file is None:
+            assert self.path is not None
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line + "\n")
             return
-        line = json.dumps({"ts": time.time(), "kind": kind, "data": payload}, default=str)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        file.write(line + "\n")
+        file.flush()
 
 
 @dataclass
@@ -130,21 +152,24 @@ class AgentLoop:
     # When the loop starts before its workspace exists (`bus=None`): awaited once the first
     # answer is in, before anything is recorded of it or any tool runs; gives the bus.
     workspace_ready: Callable[[], Awaitable[AgentBus]] | None = None
+    # the size of `messages` serialized, and how many of them it counts
+    _message_chars: int = field(default=0, init=False, repr=False)
+    _counted: int = field(default=0, init=False, repr=False)
 
     def _estimate_reservation(self) -> int:
+        self._count_messages()
         chars = len(self.system_prefix) + len(self.system_task)
         chars += sum(len(t.description) + len(json.dumps(t.input_schema)) for t in self.tools)
-        chars += sum(len(m.model_dump_json()) for m in self.messages)
+        chars += self._message_chars
         # Upper bound: every input token billed as a cache write (×1.25), plus the full output.
         return int(chars / CHARS_PER_TOKEN * 1.25) + self.max_output_tokens
 
     async def run(self) -> LoopOutcome:
         """Run until finish, a final answer, or a bound; raises only on cancellation."""
         if not self.messages:
-            self.messages.append(Message(role="user", content=[TextBlock(text=FIRST_MESSAGE)]))
             self.transcript.append("system", {"prefix_chars": len(self.system_prefix)})
             self.transcript.append("task", self.system_task)
-            self.transcript.append("message", self.messages[0].model_dump(mode="json"))
+            self._add(Message(role="user", content=[TextBlock(text=FIRST_MESSAGE)]))
         while self.progress.turns < self.max_turns:
             reservation = self._estimate_reservation()
             if not self.budget.reserve(reservation):
@@ -169,9 +194,7 @@ class AgentLoop:
                 raise
             self.progress.turns += 1
             self.progress.tokens = self.progress.tokens + tokens
-            assistant = Message(role="assistant", content=list(response.content))
-            self.messages.append(assistant)
-            self.transcript.append("message", assistant.model_dump(mode="json"))
+            self._add(Message(role="assistant", content=list(response.content)))
             # records the turn and settles its reservation, in one step
             self.on_turn(self.progress, reservation, tokens.billed_equivalent)
 
@@ -194,13 +217,26 @@ class AgentLoop:
                     follow_ups=finish.follow_ups,
                     failed_by_model=finish.status == "failed",
                 )
-            reply = Message(role="user", content=list(results))
-            self.messages.append(reply)
-            self.transcript.append("message", reply.model_dump(mode="json"))
+            self._add(Message(role="user", content=list(results)))
         return LoopOutcome(
             StopReason.MAX_TURNS,
             error=f"stopped after max_turns={self.max_turns} without calling finish",
         )
+
+    def _add(self, message: Message) -> None:
+        """Append `message` to the history and the transcript, serialized once for both."""
+        self._count_messages()
+        dumped = message.model_dump_json()
+        self.messages.append(message)
+        self._message_chars += len(dumped)
+        self._counted += 1
+        self.transcript.append_json("message", dumped)
+
+    def _count_messages(self) -> None:
+        """Size the messages the loop was given (a resumed history) that are not counted yet."""
+        if self._counted != len(self.messages):
+            self._message_chars = sum(len(m.model_dump_json()) for m in self.messages)
+            self._counted = len(self.messages)
 
     async def _bus(self) -> AgentBus:
         if self.bus is None:

@@ -1,0 +1,127 @@
+"""The transcript file kept open by a running loop, and the loop's history size kept as it grows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+
+from orchestration.agent import AgentLoop, Budget, Transcript
+from orchestration.model import (
+    Message,
+    ModelRequest,
+    ModelResponse,
+    TextBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    Usage,
+)
+from orchestration.retry import RetryPolicy
+from toolbus.bus import AgentBus
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_lines_before_touch_while_open_and_after_close_all_land_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "transcripts" / "a1.jsonl"
+    transcript = Transcript(path)
+    transcript.append("early", {"n": 1})  # not opened yet: opened for this line
+    transcript.touch()
+    transcript.append("open", ["x", 2])
+    transcript.append_json("message", '{"role":"user","content":[]}')
+    # flushed line by line: a reader sees every line while the file is open
+    assert [r["kind"] for r in _lines(path)] == ["early", "open", "message"]
+    transcript.close()
+    transcript.close()  # twice is harmless
+    transcript.append("late", "after close")
+    records = _lines(path)
+    assert [r["kind"] for r in records] == ["early", "open", "message", "late"]
+    assert records[2]["data"] == {"role": "user", "content": []}
+    assert all(isinstance(r["ts"], float) for r in records)
+
+
+def test_a_transcript_without_a_path_writes_nothing(tmp_path: Path) -> None:
+    transcript = Transcript(None)
+    transcript.touch()
+    transcript.append("kind", {"a": 1})
+    transcript.append_json("message", "{}")
+    transcript.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Answers:
+    """A model that answers with text, so that the loop ends after one turn."""
+
+    name = "test-model"
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        return ModelResponse(
+            content=[TextBlock(text="done, nothing to change")],
+            stop_reason="end_turn",
+            usage=Usage(input_tokens=10, output_tokens=5),
+        )
+
+
+def _loop(path: Path, messages: list[Message], reserved: list[int]) -> AgentLoop:
+    def reserve(amount: int) -> bool:
+        reserved.append(amount)
+        return True
+
+    async def no_workspace() -> AgentBus:
+        return cast(AgentBus, object())  # a final answer runs no tool
+
+    return AgentLoop(
+        model=_Answers(),
+        model_name="test-model",
+        bus=None,
+        workspace_ready=no_workspace,
+        budget=Budget(reserve, lambda reserved, used: None, lambda: "unlimited"),
+        retry=RetryPolicy(max_attempts=1),
+        system_prefix="prefix " * 50,
+        system_task="task",
+        tools=[],
+        max_turns=3,
+        max_output_tokens=1000,
+        on_turn=lambda progress, reserved, used: None,
+        transcript=Transcript(path),
+        messages=messages,
+    )
+
+
+def test_a_resumed_history_is_sized_and_the_transcript_holds_each_new_message(
+    tmp_path: Path,
+) -> None:
+    resumed = [
+        Message(role="user", content=[TextBlock(text="start")]),
+        Message(
+            role="assistant",
+            content=[ToolUseBlock(id="t1", name="read_file", input={"path": "README.md"})],
+        ),
+        Message(
+            role="user", content=[ToolResultBlock(tool_use_id="t1", content="# readme\n" * 40)]
+        ),
+    ]
+    path = tmp_path / "a1.jsonl"
+    reserved: list[int] = []
+    loop = _loop(path, list(resumed), reserved)
+    loop.transcript.touch()
+    outcome = anyio.run(loop.run)
+    loop.transcript.close()
+    assert outcome.summary == "done, nothing to change"
+    assert len(loop.messages) == 4
+
+    # The first reservation sized the whole resumed history; the one after the turn sizes it
+    # with the answer added, as a loop built afresh on the same history does.
+    fresh: list[int] = []
+    assert reserved[0] == _loop(tmp_path / "x.jsonl", list(resumed), fresh)._estimate_reservation()  # pyright: ignore[reportPrivateUsage]
+    again = _loop(tmp_path / "y.jsonl", list(loop.messages), fresh)
+    assert loop._estimate_reservation() == again._estimate_reservation()  # pyright: ignore[reportPrivateUsage]
+    assert loop._estimate_reservation() > reserved[0]  # pyright: ignore[reportPrivateUsage]
+
+    # Only the message this loop added is in its transcript, exactly as the model sent it.
+    messages = [r["data"] for r in _lines(path) if r["kind"] == "message"]
+    assert messages == [loop.messages[-1].model_dump(mode="json")]
