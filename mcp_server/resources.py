@@ -12,7 +12,7 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
 from orchestration.errors import AgentNotFound, RunNotFound
 from orchestration.join import JoinCandidate, conflict_diff
-from orchestration.orchestrator import RepoContext
+from orchestration.orchestrator import RepoContext, lease_expires_in
 from orchestration.state import AgentRecord, RunRecord
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ async def leases_json(ctx: RepoContext) -> str:
                 "kind": lease.kind,
                 "mode": lease.mode.value,
                 "token": lease.token,
-                "expires_in_s": round(lease.expires_at - now, 1),
+                "expires_in_s": lease_expires_in(lease, now),
             }
             for lease in leases
         ]

@@ -75,6 +75,7 @@ from toolbus.bus import SUBAGENT_TOOL_SPECS, AgentBus
 from toolbus.errors import LeaseError, LeaseLost
 from toolbus.fileops import remove_partial_writes
 from toolbus.leases import (
+    Lease,
     LeaseGrant,
     LeaseKeeper,
     LeaseManager,
@@ -1122,16 +1123,23 @@ class Orchestrator:
         # Views are built with model_construct: every value comes from an already validated
         # record or lease, so validating ~64 nested views again per poll would be wasted work.
         built = self._status_views.setdefault(ctx.store, {})
+        # A lease's view is the one of the previous poll while it shows the same: its expiry is
+        # shown in whole seconds, so the holder's view, and its dump in the MCP answer, are
+        # reused between polls within a second (renewals move it every ttl/3).
+        last_leases = self._status_leases.get(ctx.store, {})
+        lease_views: dict[tuple[str, int, str, str, float], LeaseView] = {}
         leases_by_holder: dict[str, list[LeaseView]] = {}
         for lease in await ctx.leases.table():
-            leases_by_holder.setdefault(lease.holder, []).append(
-                LeaseView.model_construct(
-                    resource=lease.resource,
-                    mode="write" if lease.mode == LeaseMode.WRITE else "read",
-                    token=lease.token,
-                    expires_in_s=round(lease.expires_at - now, 1),
+            mode = "write" if lease.mode == LeaseMode.WRITE else "read"
+            key = (lease.holder, lease.token, lease.resource, mode, lease_expires_in(lease, now))
+            view = last_leases.get(key)
+            if view is None:
+                view = LeaseView.model_construct(
+                    resource=lease.resource, mode=mode, token=lease.token, expires_in_s=key[4]
                 )
-            )
+            lease_views[key] = view
+            leases_by_holder.setdefault(lease.holder, []).append(view)
+        self._status_leases[ctx.store] = lease_views
         views: list[RunView] = []
         for run in runs:
             agents = snapshots[run.run_id]
@@ -1188,6 +1196,13 @@ class Orchestrator:
     @functools.cached_property
     def _status_views(self) -> weakref.WeakKeyDictionary[StateStore, dict[str, _BuiltView]]:
         """Per state store, agent_id -> the status view built last for that agent."""
+        return weakref.WeakKeyDictionary()
+
+    @functools.cached_property
+    def _status_leases(
+        self,
+    ) -> weakref.WeakKeyDictionary[StateStore, dict[tuple[str, int, str, str, float], LeaseView]]:
+        """Per state store, the lease views of the last poll, by what they show."""
         return weakref.WeakKeyDictionary()
 
     async def _disk_usage(self, ctx: RepoContext) -> int:
@@ -1623,6 +1638,12 @@ def _agent_view(
     )
     built[agent.agent_id] = _BuiltView(agent, leases, view)
     return view
+
+
+def lease_expires_in(lease: Lease, now: float) -> float:
+    """How long until `lease` expires, as status shows it: whole seconds (the TTL is tens of
+    seconds, renewed every third of it)."""
+    return float(round(lease.expires_at - now))
 
 
 def _has_work(commit: str | None, base_commit: str) -> TypeGuard[str]:

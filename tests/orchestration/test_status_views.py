@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from orchestration import orchestrator as orchestrator_module
 from orchestration.config import Settings
 from orchestration.contracts import AgentStatus, SpawnRequest, TaskSpec, TokenUsage
 from orchestration.errors import RunNotFound
@@ -119,3 +122,35 @@ async def test_a_run_made_by_another_server_shows_and_an_unknown_run_is_refused(
         assert [r.run_id for r in (await orch.status()).runs] == [run_id]
         with pytest.raises(RunNotFound):
             await orch.status(run_id="r-nope")
+
+
+async def test_a_held_lease_keeps_its_holders_view_until_its_expiry_shows_another_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    model = by_task({"A": [], "B": []})
+    async with Orchestrator(Settings(repo=repo, sandbox="none"), lambda _n: model) as orch:
+        run_id = await _two_finished_agents(orch)
+        ctx = await orch.context(repo)
+        holder = (await orch.status(run_id=run_id)).runs[0].agents[0].agent_id
+        await ctx.leases.acquire(holder, [LeaseRequest(resource="docs", mode=LeaseMode.WRITE)])
+        expires_at = (await ctx.leases.table())[0].expires_at
+
+        # the clock status reads, set by the test
+        now = [expires_at - 12.2]
+        fake_time = SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic)
+        monkeypatch.setattr(orchestrator_module, "time", fake_time)
+
+        first = (await orch.status(run_id=run_id)).runs[0].agents
+        assert [lease.expires_in_s for lease in first[0].leases] == [12.0]
+        now[0] += 0.2  # 12.0 s still
+        again = (await orch.status(run_id=run_id)).runs[0].agents
+        assert again[0] is first[0] and again[0].leases[0] is first[0].leases[0]
+        now[0] += 0.5  # 11.5 s to go: rounded as Python rounds
+        later = (await orch.status(run_id=run_id)).runs[0].agents
+        assert later[0].leases[0].expires_in_s == float(round(expires_at - now[0]))
+        now[0] += 1.0
+        moved = (await orch.status(run_id=run_id)).runs[0].agents
+        assert moved[0] is not first[0]
+        assert moved[0].leases[0].expires_in_s == float(round(expires_at - now[0])) < 12.0
+        assert moved[1] is first[1]  # the agent without a lease keeps its view
