@@ -11,6 +11,11 @@ three calls each, against the same fake — the model calls alone, without tools
 commits or state. `overhead_over_floor_N` is the product's makespan over that floor. Floor and
 product alternate, twice each, and the best of each is reported.
 
+`cpu_ms_per_agent_N` is the CPU time the product spent per agent (this process's threads and its
+git children), beside `sdk_floor_cpu_ms_per_agent_N` for the SDK alone: on a machine of two
+cores, where the fake API takes its share too, the makespan of 64 agents is bound by CPU, and
+CPU time does not depend on how long a task waited for a core.
+
 The fake runs in a child process so that its event loop does not share this process's GIL with
 the orchestrator (on a 2-core machine it still shares the cores). `--quick`: 4 and 8 agents,
 one round, reported under the same keys (noted as quick in the table).
@@ -18,8 +23,10 @@ one round, reported under the same keys (noted as quick in the table).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -77,20 +84,32 @@ def _recording(base_url: str, into: list[ModelRequest]) -> ModelFactory:
     return make
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process (every thread, user and system) and of its finished
+    children (git) so far."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 async def _product(
     base_url: str, agents: int, repo: Path, factory: ModelFactory | None = None
-) -> tuple[float, int, float]:
-    """(makespan_s, failed agents, spawn_s) of one run of `agents` in a fresh repository."""
+) -> tuple[float, int, float, float]:
+    """(makespan_s, failed agents, spawn_s, cpu_s) of one run of `agents` in a fresh
+    repository; cpu_s is the CPU time this process spent from spawn until the run was seen
+    final and closed."""
     build_repo(repo, SMALL_REPO_FILES)
     made = factory or anthropic_factory(base_url)
     async with orchestrator(bench_settings(repo, agents), made) as orch:
         await orch.status()  # the repository is open (state, leases) as in a running server
+        cpu = _cpu_s()
         timing = await drive(orch, [SpawnRequest(tasks=tasks(agents), max_concurrency=agents)])
-    return timing.makespan_s, timing.failed, timing.spawn_s
+        cpu = _cpu_s() - cpu
+    return timing.makespan_s, timing.failed, timing.spawn_s, cpu
 
 
-async def _floor(base_url: str, recorded: list[ModelRequest], agents: int) -> float:
-    """The recorded requests replayed: one task per agent, its calls in order, all at once."""
+async def _floor(base_url: str, recorded: list[ModelRequest], agents: int) -> tuple[float, float]:
+    """The recorded requests replayed: one task per agent, its calls in order, all at once;
+    (elapsed_s, cpu_s)."""
     by_agent: dict[str, list[ModelRequest]] = {}
     for request in recorded:
         by_agent.setdefault(request.system_task, []).append(request)
@@ -108,33 +127,53 @@ async def _floor(base_url: str, recorded: list[ModelRequest], agents: int) -> fl
         for request in requests:
             await model.complete(request)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _cpu_s()
     async with anyio.create_task_group() as tg:
         for model, requests in zip(models, by_agent.values(), strict=True):
             tg.start_soon(one, model, requests)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, _cpu_s() - cpu
     for model in models:
         await model.aclose()
-    return elapsed
+    return elapsed, cpu
 
 
-async def _measure(
-    sizes: tuple[int, int], base_url: str, root: Path, rounds: int
-) -> list[tuple[float, float, int, float]]:
-    """Per size: (best product makespan, best floor, failed agents, spawn_s of the best run)."""
+@dataclass
+class _Size:
+    """One size's best figures over the rounds."""
+
+    makespan_s: float
+    floor_s: float
+    failed: int
+    spawn_s: float
+    cpu_s: float
+    floor_cpu_s: float
+
+
+async def _measure(sizes: tuple[int, int], base_url: str, root: Path, rounds: int) -> list[_Size]:
+    """Per size: the best product makespan (and its spawn_s), the best floor, the failed agents
+    of all rounds, and the least CPU time of the product and of the floor."""
     await _product(base_url, 2, root / "warm-up")  # imports, SDK client, pydantic schemas: once
     freeze_heap()  # as `fanout-mcp` does once it has started (orchestration.heap)
-    out: list[tuple[float, float, int, float]] = []
+    out: list[_Size] = []
     for n in sizes:
         recorded: list[ModelRequest] = []
         await _product(base_url, n, root / f"record-{n}", _recording(base_url, recorded))
-        products: list[tuple[float, int, float]] = []
-        floors: list[float] = []
+        products: list[tuple[float, int, float, float]] = []
+        floors: list[tuple[float, float]] = []
         for r in range(rounds):
             floors.append(await _floor(base_url, recorded, n))
             products.append(await _product(base_url, n, root / f"repo-{n}-{r}"))
         best = min(products)
-        out.append((best[0], min(floors), sum(p[1] for p in products), best[2]))
+        out.append(
+            _Size(
+                makespan_s=best[0],
+                floor_s=min(f[0] for f in floors),
+                failed=sum(p[1] for p in products),
+                spawn_s=best[2],
+                cpu_s=min(p[3] for p in products),
+                floor_cpu_s=min(f[1] for f in floors),
+            )
+        )
     return out
 
 
@@ -147,21 +186,22 @@ def run(quick: bool) -> dict[str, float | int]:
     figures: dict[str, float | int] = {}
     rows: list[tuple[str, float | int, str]] = []
     note = " (quick)" if quick else ""
-    for key, n, (makespan, floor, failed, spawn_s) in zip(
-        ("16", "64"), sizes, results, strict=True
-    ):
+    for key, n, size in zip(("16", "64"), sizes, results, strict=True):
+        makespan, floor = size.makespan_s, size.floor_s
         ratio = round(makespan / IDEAL_S, 3)
         figures[f"makespan_over_ideal_{key}"] = ratio
         figures[f"sdk_floor_over_ideal_{key}"] = round(floor / IDEAL_S, 3)
         figures[f"overhead_over_floor_{key}"] = round(makespan / floor, 3)
-        figures[f"fanout_failed_{key}"] = failed
+        figures[f"fanout_failed_{key}"] = size.failed
+        figures[f"cpu_ms_per_agent_{key}"] = round(size.cpu_s / n * 1000, 2)
+        figures[f"sdk_floor_cpu_ms_per_agent_{key}"] = round(size.floor_cpu_s / n * 1000, 2)
         target = "1.2" if key == "16" else "1.5"
         rows += [
             (
                 f"makespan_over_ideal_{key}",
                 ratio,
                 f"{n} agents{note}: makespan {makespan:.3f} s / ideal {IDEAL_S:.1f} s "
-                f"(spawn() returned after {spawn_s:.3f} s); target <= {target}",
+                f"(spawn() returned after {size.spawn_s:.3f} s); target <= {target}",
             ),
             (
                 f"sdk_floor_over_ideal_{key}",
@@ -173,7 +213,18 @@ def run(quick: bool) -> dict[str, float | int]:
                 figures[f"overhead_over_floor_{key}"],
                 "product makespan / SDK floor (tools, worktrees, commits, state)",
             ),
-            (f"fanout_failed_{key}", failed, f"{n} agents{note}: not succeeded, all rounds"),
+            (
+                f"cpu_ms_per_agent_{key}",
+                figures[f"cpu_ms_per_agent_{key}"],
+                "CPU time of the product per agent (this process, all threads, and git), least "
+                "of the rounds",
+            ),
+            (
+                f"sdk_floor_cpu_ms_per_agent_{key}",
+                figures[f"sdk_floor_cpu_ms_per_agent_{key}"],
+                f"the same for the SDK alone ({TURNS} requests per agent)",
+            ),
+            (f"fanout_failed_{key}", size.failed, f"{n} agents{note}: not succeeded, all rounds"),
         ]
     table(rows)
     print(
