@@ -117,7 +117,12 @@ def default_model_factory(settings: Settings) -> ModelFactory:
 
 
 class LeaseFence:
-    """The bus's fence for one agent: its current grant, checked against the lease store."""
+    """The bus's fence for one agent: its current grant, checked against the lease store.
+
+    Thread-safe: the store's check is one SELECT under its own lock, and the grant is read once
+    per check; so a file write checks it from its worker thread."""
+
+    thread_safe = True
 
     def __init__(self, leases: LeaseManager, holder: str) -> None:
         self._leases = leases
@@ -129,11 +134,12 @@ class LeaseFence:
         return None if self.grant is None else self.grant.token
 
     def check(self, path: str | None) -> None:
-        if self.grant is None:
+        grant = self.grant
+        if grant is None:
             if path is None:
                 return  # a read-only agent may run commands; their changes are dropped
             raise LeaseLost(f"no write lease is held for {path!r}")
-        self._leases.check(self._holder, self.grant.token, path, LeaseMode.WRITE)
+        self._leases.check(self._holder, grant.token, path, LeaseMode.WRITE)
 
 
 @dataclass

@@ -217,7 +217,9 @@ def _command_of(name: str, arguments: object) -> str | None:
 
 
 class _LoopFence:
-    """Runs the caller's fence in the event loop thread when called from a worker thread."""
+    """Runs the caller's fence in the event loop thread when called from a worker thread, unless
+    the fence says it is thread-safe (a true `thread_safe` attribute): a write then checks it in
+    its own worker thread, right before writing, without two hops through a busy event loop."""
 
     def __init__(self, fence: Fence) -> None:
         self._fence = fence
@@ -228,7 +230,11 @@ class _LoopFence:
         return self._fence.token
 
     def check(self, path: str | None) -> None:
-        if self.loop_thread is None or threading.get_ident() == self.loop_thread:
+        if (
+            self.loop_thread is None
+            or threading.get_ident() == self.loop_thread
+            or getattr(self._fence, "thread_safe", False) is True
+        ):
             self._fence.check(path)
         else:
             anyio.from_thread.run_sync(self._fence.check, path)

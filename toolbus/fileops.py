@@ -46,7 +46,8 @@ class Fence(Protocol):
     """The write guard of a lease holder (re-exported by `toolbus.bus`).
 
     `check(path)` raises `LeaseLost` unless the holder still holds a live lease covering `path`
-    (`None` for a command, which may write anywhere in the workspace).
+    (`None` for a command, which may write anywhere in the workspace). The bus calls it in the
+    event loop's thread, unless the fence has a `thread_safe` attribute that is `True`.
     """
 
     @property

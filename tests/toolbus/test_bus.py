@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import anyio
@@ -243,3 +244,37 @@ async def test_reads_do_not_wait_for_a_running_command_but_writes_do(ws: Path) -
             assert not (ws / "w.txt").exists()
             (ws / "go").write_text("")
     assert order == ["reads done", "command done", "write done"]
+
+
+class ThreadSafeFence(RevocableFence):
+    """A fence that may be checked from any thread."""
+
+    thread_safe = True
+
+
+@pytest.mark.parametrize("thread_safe", [False, True])
+async def test_a_write_checks_its_fence_in_the_loop_thread_unless_it_is_thread_safe(
+    ws: Path, thread_safe: bool
+) -> None:
+    threads: list[int] = []
+    fence = ThreadSafeFence() if thread_safe else RevocableFence()
+    plain_check = fence.check
+
+    def check(path: str | None) -> None:
+        threads.append(threading.get_ident())
+        plain_check(path)
+
+    fence.check = check  # type: ignore[method-assign]
+    bus = make_bus(ws, fence)
+    loop_thread = threading.get_ident()
+    out = await bus.call("write_file", {"path": "src/new.py", "content": "x = 1\n"})
+    assert not out.is_error, out.content
+    assert (ws / "src" / "new.py").read_text() == "x = 1\n"
+    assert len(threads) == 1
+    assert (threads[0] == loop_thread) is not thread_safe
+
+    # revoked: refused either way, and nothing is written
+    fence.revoked = True
+    refused = await bus.call("write_file", {"path": "src/other.py", "content": "y = 2\n"})
+    assert refused.is_error and "LeaseLost" in refused.content
+    assert not (ws / "src" / "other.py").exists()
