@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+from benchmarks.common import remove_scratch
+
 EXPECTED: dict[str, tuple[str, ...]] = {
     "benchmarks.fanout": ("makespan_over_ideal_16", "makespan_over_ideal_64"),
     "benchmarks.spawn": ("spawn_s_16", "spawn_over_git_16"),
@@ -20,7 +22,10 @@ EXPECTED: dict[str, tuple[str, ...]] = {
 @pytest.mark.slow
 @pytest.mark.parametrize("module", sorted(EXPECTED))
 def test_quick_run_returns_its_figures(module: str) -> None:
-    figures = importlib.import_module(module).run(quick=True)
+    try:
+        figures = importlib.import_module(module).run(quick=True)
+    finally:
+        remove_scratch()  # what `python -m benchmarks` does after its last benchmark
     for key in EXPECTED[module]:
         assert key in figures, f"{module} lacks {key}"
     for key, value in figures.items():
