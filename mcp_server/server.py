@@ -451,8 +451,8 @@ class FanoutServer(MCPServer[App]):
                 wait_s=request.wait_s,
                 repo=repo.repo.root,
             )
-            answers = app.status_answers
-            return _result(result, answers.text(result), answers.structured(result))
+            structured, text = app.status_answers.answer(result)
+            return _result(result, text, structured)
 
         async def merge_results(
             request: MergeRequest, ctx: ToolCtx, roots: Roots = None

@@ -31,6 +31,19 @@ class StatusAnswers:
     def __init__(self) -> None:
         self._parts: dict[str, _AgentPart] = {}
         self._tables: dict[str, tuple[list[_AgentPart], str]] = {}
+        # the last answer built, and its structured content and text (the orchestrator hands
+        # out the same StatusResult while nothing it shows changed)
+        self._last: tuple[StatusResult, dict[str, Any], str] | None = None
+
+    def answer(self, status: StatusResult) -> tuple[dict[str, Any], str]:
+        """(`structured(status)`, `text(status)`), both kept for the next poll of the same
+        answer."""
+        last = self._last
+        if last is not None and last[0] is status:
+            return last[1], last[2]
+        structured, text = self.structured(status), self.text(status)
+        self._last = (status, structured, text)
+        return structured, text
 
     def _part(self, view: AgentView) -> _AgentPart:
         part = self._parts.get(view.agent_id)

@@ -101,6 +101,8 @@ ESTIMATED_TURNS = 8
 ESTIMATED_GROWTH_PER_TURN = 1_500
 ESTIMATED_OUTPUT_PER_TURN = 600
 AGENTS_PER_MODEL = 16
+# status answers kept per repository, one per question (run_id, agent_ids) asked
+STATUS_ANSWERS_KEPT = 64
 
 
 def default_model_factory(settings: Settings) -> ModelFactory:
@@ -1146,10 +1148,20 @@ class Orchestrator:
             lease_views[key] = view
             leases_by_holder.setdefault(lease.holder, []).append(view)
         self._status_leases[ctx.store] = lease_views
+        budgets = tuple(ctx.store.budget(run.run_id) for run in runs)
+        disk = await self._disk_usage(ctx)
+        # The same question, asked again while everything it shows is the same, gets the same
+        # answer object: runs and agents change only with an event (the cursor), the budget's
+        # reservations and the leases without one.
+        asked = (run_id, tuple(sorted(wanted)) if wanted else None)
+        shows = (cursor, changed, tuple(lease_views), budgets, disk)
+        answers = self._status_answers.setdefault(ctx.store, {})
+        last = answers.get(asked)
+        if last is not None and last[0] == shows:
+            return last[1]
         views: list[RunView] = []
-        for run in runs:
+        for run, (total, used, reserved) in zip(runs, budgets, strict=True):
             agents = snapshots[run.run_id]
-            total, used, reserved = ctx.store.budget(run.run_id)
             by_status = {s.value: n for s, n in Counter(a.status for a in agents).items()}
             spent = [a.tokens for a in agents]
             tokens = TokenUsage.model_construct(
@@ -1182,12 +1194,11 @@ class Orchestrator:
                     ],
                 )
             )
-        return StatusResult(
-            cursor=cursor,
-            changed=changed,
-            runs=views,
-            workspace_disk_bytes=await self._disk_usage(ctx),
-        )
+        result = StatusResult(cursor=cursor, changed=changed, runs=views, workspace_disk_bytes=disk)
+        if len(answers) >= STATUS_ANSWERS_KEPT:
+            answers.clear()
+        answers[asked] = (shows, result)
+        return result
 
     async def _status_context(self, run_id: str, repo: Path | None) -> RepoContext:
         """`_context_of_run` for a status poll: finds the run in the stores' snapshots."""
@@ -1202,6 +1213,13 @@ class Orchestrator:
     @functools.cached_property
     def _status_views(self) -> weakref.WeakKeyDictionary[StateStore, dict[str, _BuiltView]]:
         """Per state store, agent_id -> the status view built last for that agent."""
+        return weakref.WeakKeyDictionary()
+
+    @functools.cached_property
+    def _status_answers(
+        self,
+    ) -> weakref.WeakKeyDictionary[StateStore, dict[_StatusAsked, tuple[object, StatusResult]]]:
+        """Per state store and question (run_id, agent_ids), the last answer and what it showed."""
         return weakref.WeakKeyDictionary()
 
     @functools.cached_property
@@ -1599,6 +1617,10 @@ class Orchestrator:
         if instructions:
             parts.append(f"Extra instructions from the coordinator:\n{instructions.strip()}")
         return "\n\n".join(parts)
+
+
+# a status question: (run_id, the sorted agent_ids or None)
+_StatusAsked = tuple[str | None, tuple[str, ...] | None]
 
 
 @dataclass(frozen=True)

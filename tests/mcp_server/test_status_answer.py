@@ -204,3 +204,22 @@ async def test_the_sdk_does_not_dump_a_structured_result_whole(
         ping = await client.call_tool("ping", {})
     assert _structured(status)["runs"] == [] and _structured(ping)["ok"] is True
     assert whole == []
+
+
+def test_the_same_status_object_gets_the_same_answer_a_new_one_is_built_again() -> None:
+    answers = StatusAnswers()
+    a = _view("r1-a1", AgentStatus.RUNNING)
+    first = _status(a)
+    structured, text = answers.answer(first)
+    assert json.dumps(structured) == json.dumps(first.model_dump(mode="json"))
+    assert text == status_table.status_text(first)
+    again = answers.answer(first)
+    assert again[0] is structured and again[1] is text
+
+    # an equal but new status (the orchestrator made it because something changed) is built
+    # again; the unchanged agent's part is still shared
+    second = _status(a, cursor=2)
+    structured2, text2 = answers.answer(second)
+    assert structured2 is not structured and structured2["cursor"] == 2
+    assert structured2["runs"][0]["agents"][0] is structured["runs"][0]["agents"][0]
+    assert text2 == status_table.status_text(second)

@@ -154,3 +154,40 @@ async def test_a_held_lease_keeps_its_holders_view_until_its_expiry_shows_anothe
         assert moved[0] is not first[0]
         assert moved[0].leases[0].expires_in_s == float(round(expires_at - now[0])) < 12.0
         assert moved[1] is first[1]  # the agent without a lease keeps its view
+
+
+async def test_the_same_question_gets_the_same_answer_until_anything_it_shows_changes(
+    tmp_path: Path,
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    model = by_task({"A": [], "B": []})
+    async with Orchestrator(Settings(repo=repo, sandbox="none"), lambda _n: model) as orch:
+        run_id = await _two_finished_agents(orch)
+        ctx = await orch.context(repo)
+        first = await orch.status(run_id=run_id)
+        assert await orch.status(run_id=run_id) is first
+        one = first.runs[0].agents[0].agent_id
+        only_one = await orch.status(run_id=run_id, agent_ids=[one])
+        assert [a.agent_id for a in only_one.runs[0].agents] == [one]
+        assert await orch.status(run_id=run_id) is first  # another question kept its answer
+        assert await orch.status(run_id=run_id, agent_ids=[one]) is only_one
+
+        # a reservation of the budget records no event, and still shows
+        assert ctx.store.reserve_budget(run_id, 1000)
+        reserved = await orch.status(run_id=run_id)
+        assert reserved is not first
+        remaining = first.runs[0].totals.budget_remaining
+        assert reserved.runs[0].totals.budget_remaining == remaining - 1000
+        assert reserved.runs[0].agents[0] is first.runs[0].agents[0]  # the views are kept
+
+        # a lease, then a change of an agent
+        grant = await ctx.leases.acquire(one, [LeaseRequest(resource="docs", mode=LeaseMode.WRITE)])
+        leased = await orch.status(run_id=run_id)
+        assert leased is not reserved and leased.runs[0].agents[0].leases
+        await ctx.leases.release(grant)
+        ctx.store.update_agent(one, "note", status_reason="changed")
+        updated = await orch.status(run_id=run_id)
+        assert updated.cursor > leased.cursor
+        assert updated.runs[0].agents[0].status_reason == "changed"
+        assert updated.runs[0].agents[0].leases == []
+        assert await orch.status(run_id=run_id) is updated
