@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import Literal
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -88,26 +88,19 @@ def usage_to_tokens(usage: Usage) -> TokenUsage:
 class Transcript:
     """An agent's messages as JSON lines on disk, read on demand, never pushed to the client.
 
-    `touch` opens the file once (creating it) and the appends write to it, a line at a time and
-    flushed, until `close`; appends before `touch` or after `close` open the file for that line.
-    """
+    Each line opens the file, appends and closes it: a running agent holds no file descriptor
+    for it (a server may run hundreds of agents, and some systems allow a process 256)."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._file: TextIO | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def touch(self) -> None:
-        """Create and open the file (blocking: call it from a worker thread, so that allocating
-        it on a slow disk does not hold up the event loop)."""
-        if self.path is not None and self._file is None:
-            self._file = self.path.open("a", encoding="utf-8")
-
-    def close(self) -> None:
-        file, self._file = self._file, None
-        if file is not None:
-            file.close()
+        """Create the file (blocking: call it from a worker thread, so that allocating it on a
+        slow disk does not hold up the event loop); appends then only open it."""
+        if self.path is not None:
+            self.path.open("a", encoding="utf-8").close()
 
     def append(self, kind: str, payload: object) -> None:
         if self.path is not None:
@@ -119,14 +112,9 @@ class Transcript:
             self._write(f'{{"ts": {time.time()!r}, "kind": {json.dumps(kind)}, "data": {data}}}')
 
     def _write(self, line: str) -> None:
-        file = self._file
-        if file is None:
-            assert self.path is not None
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(line + "\n")
-            return
-        file.write(line + "\n")
-        file.flush()
+        assert self.path is not None
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
 
 
 @dataclass

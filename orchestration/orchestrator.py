@@ -818,24 +818,20 @@ class Orchestrator:
             ),
             transcript=Transcript(ctx.repo.state_dir / "transcripts" / f"{agent.agent_id}.jsonl"),
         )
-        # its file, created and opened for the loop's appends off the event loop
-        await anyio.to_thread.run_sync(loop.transcript.touch)
+        await anyio.to_thread.run_sync(loop.transcript.touch)  # its file: off the event loop
         runtime.loop = loop
         runtime.started_at = time.monotonic()
         outcome = LoopOutcome(StopReason.INTERNAL_ERROR, error="the loop did not run")
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(prepare)
-                with loop_scope:
-                    try:
-                        outcome = await loop.run()
-                    except Exception as exc:  # a defect of ours: contained to this agent
-                        log.exception("agent %s crashed", agent.agent_id)
-                        outcome = LoopOutcome(
-                            StopReason.INTERNAL_ERROR, error=f"{type(exc).__name__}: {exc}"
-                        )
-        finally:
-            loop.transcript.close()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(prepare)
+            with loop_scope:
+                try:
+                    outcome = await loop.run()
+                except Exception as exc:  # a defect of ours: contained to this agent
+                    log.exception("agent %s crashed", agent.agent_id)
+                    outcome = LoopOutcome(
+                        StopReason.INTERNAL_ERROR, error=f"{type(exc).__name__}: {exc}"
+                    )
         if failed and loop_scope.cancelled_caught:
             error = failed[0]
             outcome = LoopOutcome(

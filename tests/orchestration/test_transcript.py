@@ -1,8 +1,9 @@
-"""The transcript file kept open by a running loop, and the loop's history size kept as it grows."""
+"""The transcript's lines, and the loop's history size kept as it grows."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,22 +27,23 @@ def _lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_lines_before_touch_while_open_and_after_close_all_land_in_order(tmp_path: Path) -> None:
+def test_lines_land_in_order_and_no_descriptor_stays_open(tmp_path: Path) -> None:
     path = tmp_path / "transcripts" / "a1.jsonl"
     transcript = Transcript(path)
-    transcript.append("early", {"n": 1})  # not opened yet: opened for this line
+    transcript.append("early", {"n": 1})  # before touch: the file is made by the append
     transcript.touch()
+    before = _open_descriptors()
     transcript.append("open", ["x", 2])
     transcript.append_json("message", '{"role":"user","content":[]}')
-    # flushed line by line: a reader sees every line while the file is open
-    assert [r["kind"] for r in _lines(path)] == ["early", "open", "message"]
-    transcript.close()
-    transcript.close()  # twice is harmless
-    transcript.append("late", "after close")
+    assert _open_descriptors() == before
     records = _lines(path)
-    assert [r["kind"] for r in records] == ["early", "open", "message", "late"]
+    assert [r["kind"] for r in records] == ["early", "open", "message"]
     assert records[2]["data"] == {"role": "user", "content": []}
     assert all(isinstance(r["ts"], float) for r in records)
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def test_a_transcript_without_a_path_writes_nothing(tmp_path: Path) -> None:
@@ -49,7 +51,6 @@ def test_a_transcript_without_a_path_writes_nothing(tmp_path: Path) -> None:
     transcript.touch()
     transcript.append("kind", {"a": 1})
     transcript.append_json("message", "{}")
-    transcript.close()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -110,7 +111,6 @@ def test_a_resumed_history_is_sized_and_the_transcript_holds_each_new_message(
     loop = _loop(path, list(resumed), reserved)
     loop.transcript.touch()
     outcome = anyio.run(loop.run)
-    loop.transcript.close()
     assert outcome.summary == "done, nothing to change"
     assert len(loop.messages) == 4
 
