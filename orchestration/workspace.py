@@ -523,13 +523,25 @@ def _register_worktree(repo: GitRepo, path: Path, branch: str, base: str) -> boo
     admin.mkdir(parents=True)
     locked = admin / "locked"  # as git does: prune leaves a half-made registration alone
     locked.write_text("initializing\n", encoding="utf-8")
+    # In an order that a kill at any point leaves git consistent: git lists a registration
+    # only once its `gitdir` file is there, and a listed one without HEAD fails `git fsck`
+    # ("detached HEAD points at nothing"); so HEAD comes first and `gitdir` last, each file
+    # written whole (a temporary file renamed over it).
+    _write_whole(admin / "HEAD", f"ref: refs/heads/{branch}\n")
+    _write_whole(admin / "commondir", "../..\n")
     path.mkdir(parents=True)
-    (path / ".git").write_text(f"gitdir: {admin.resolve()}\n", encoding="utf-8")
-    (admin / "commondir").write_text("../..\n", encoding="utf-8")
-    (admin / "gitdir").write_text(f"{path.resolve()}/.git\n", encoding="utf-8")
-    (admin / "HEAD").write_text(f"ref: refs/heads/{branch}\n", encoding="utf-8")
+    _write_whole(path / ".git", f"gitdir: {admin.resolve()}\n")
+    _write_whole(admin / "gitdir", f"{path.resolve()}/.git\n")
     locked.unlink()
     return True
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write `path` so that it never exists with part of `text`: a temporary file beside it,
+    renamed over it."""
+    part = path.with_name(f".{path.name}.fanout-{os.getpid()}.tmp")
+    part.write_text(text, encoding="utf-8")
+    os.replace(part, path)
 
 
 def _has_post_checkout_hook(repo: GitRepo, config: pygit2.Config | None = None) -> bool:

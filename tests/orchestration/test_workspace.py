@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestration import workspace as ws_mod
 from orchestration.errors import RepositoryError
 from orchestration.workspace import (
     GitRepo,
@@ -282,3 +283,43 @@ def test_commit_lands_on_the_agent_branch_even_if_the_agent_detached_head(tmp_pa
     assert head(root, f"{result.commit}^") == ws.base_commit
     assert (ws.path / "src" / "a.py").read_text() == "b\n"
     assert_fsck(root)
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no cleanup."""
+
+
+@pytest.mark.parametrize("written", [0, 1, 2, 3, 4])
+def test_a_registration_cut_short_at_any_point_leaves_git_consistent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: int
+) -> None:
+    """A server killed while registering a worktree: `git fsck --strict` and `git worktree
+    list` are still clean, whatever the registration had written (`written` of its four
+    files; 4: all of them, killed before it removed its `locked` marker)."""
+    root = make_repo(tmp_path / "repo")
+    repo = GitRepo.discover(root)
+    done: list[Path] = []
+    whole = ws_mod._write_whole  # pyright: ignore[reportPrivateUsage]
+
+    def cut(path: Path, text: str) -> None:
+        if len(done) == written:
+            raise _Killed
+        whole(path, text)
+        done.append(path)
+
+    monkeypatch.setattr(ws_mod, "_write_whole", cut)
+    path = repo.git_dir / "fanout" / "worktrees" / "r1" / "r1-a1"
+    admin = repo.git_dir / "worktrees" / path.name
+    try:
+        register = ws_mod._register_worktree  # pyright: ignore[reportPrivateUsage]
+        register(repo, path, "fanout/r1/r1-a1", head(root))
+    except _Killed:
+        pass
+    else:
+        assert written == 4
+        (admin / "locked").write_text("initializing\n", encoding="utf-8")
+    assert len(done) == written
+    assert (admin / "locked").is_file()
+    assert_fsck(root)
+    listed = git(root, "worktree", "list", "--porcelain")
+    assert (f"worktree {path.resolve()}" in listed) is (written == 4)
