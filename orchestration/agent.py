@@ -104,17 +104,16 @@ class Transcript:
 
     def append(self, kind: str, payload: object) -> None:
         if self.path is not None:
-            self._write(json.dumps({"ts": time.time(), "kind": kind, "data": payload}, default=str))
+            self.append_json(kind, json.dumps(payload, default=str))
 
     def append_json(self, kind: str, data: str) -> None:
-        """`append` of a payload already serialized to JSON (`data`)."""
-        if self.path is not None:
-            self._write(f'{{"ts": {time.time()!r}, "kind": {json.dumps(kind)}, "data": {data}}}')
-
-    def _write(self, line: str) -> None:
-        assert self.path is not None
+        """`append` of a payload already serialized to JSON (`data`): the line is what
+        `json.dumps({"ts": …, "kind": kind, "data": payload})` gives."""
+        if self.path is None:
+            return
+        line = f'{{"ts": {time.time()!r}, "kind": {json.dumps(kind)}, "data": {data}}}\n'
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
+            f.write(line)
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +14,7 @@ from orchestration import orchestrator as orchestrator_module
 from orchestration.config import Settings
 from orchestration.contracts import AgentStatus, SpawnRequest, TaskSpec, TokenUsage
 from orchestration.errors import RunNotFound
-from orchestration.orchestrator import Orchestrator
+from orchestration.orchestrator import Orchestrator, RepoContext
 from orchestration.state import StateStore
 from tests.orchestration.scripts import by_task, make_repo
 from tests.orchestration.test_orchestrator import wait_until_final
@@ -31,14 +33,20 @@ async def _two_finished_agents(orch: Orchestrator) -> str:
     return spawned.run_id
 
 
-async def test_unchanged_agents_keep_their_view_and_a_change_shows_at_once(
-    tmp_path: Path,
-) -> None:
+@asynccontextmanager
+async def _finished_run(tmp_path: Path) -> AsyncGenerator[tuple[Orchestrator, RepoContext, str]]:
+    """An orchestrator on a new repository, its context, and a run of two finished agents."""
     repo = make_repo(tmp_path / "repo")
     model = by_task({"A": [], "B": []})
     async with Orchestrator(Settings(repo=repo, sandbox="none"), lambda _n: model) as orch:
         run_id = await _two_finished_agents(orch)
-        ctx = await orch.context(repo)
+        yield orch, await orch.context(repo), run_id
+
+
+async def test_unchanged_agents_keep_their_view_and_a_change_shows_at_once(
+    tmp_path: Path,
+) -> None:
+    async with _finished_run(tmp_path) as (orch, ctx, run_id):
         first = (await orch.status(run_id=run_id)).runs[0].agents
         again = (await orch.status(run_id=run_id)).runs[0].agents
         assert again[0] is first[0] and again[1] is first[1]
@@ -62,11 +70,7 @@ async def test_unchanged_agents_keep_their_view_and_a_change_shows_at_once(
 
 async def test_a_lease_taken_or_released_shows_in_the_next_status(tmp_path: Path) -> None:
     # The agent's record does not change: only the lease table does.
-    repo = make_repo(tmp_path / "repo")
-    model = by_task({"A": [], "B": []})
-    async with Orchestrator(Settings(repo=repo, sandbox="none"), lambda _n: model) as orch:
-        run_id = await _two_finished_agents(orch)
-        ctx = await orch.context(repo)
+    async with _finished_run(tmp_path) as (orch, ctx, run_id):
         first = (await orch.status(run_id=run_id)).runs[0].agents
         assert first[0].leases == []
         holder = first[0].agent_id
@@ -82,11 +86,7 @@ async def test_a_lease_taken_or_released_shows_in_the_next_status(tmp_path: Path
 
 
 async def test_run_totals_follow_the_agents(tmp_path: Path) -> None:
-    repo = make_repo(tmp_path / "repo")
-    model = by_task({"A": [], "B": []})
-    async with Orchestrator(Settings(repo=repo, sandbox="none"), lambda _n: model) as orch:
-        run_id = await _two_finished_agents(orch)
-        ctx = await orch.context(repo)
+    async with _finished_run(tmp_path) as (orch, ctx, run_id):
         run = (await orch.status(run_id=run_id)).runs[0]
         assert run.totals.by_status == {"succeeded": 2}
         a, b = run.agents
@@ -127,11 +127,7 @@ async def test_a_run_made_by_another_server_shows_and_an_unknown_run_is_refused(
 async def test_a_held_lease_keeps_its_holders_view_until_its_expiry_shows_another_second(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    repo = make_repo(tmp_path / "repo")
-    model = by_task({"A": [], "B": []})
-    async with Orchestrator(Settings(repo=repo, sandbox="none"), lambda _n: model) as orch:
-        run_id = await _two_finished_agents(orch)
-        ctx = await orch.context(repo)
+    async with _finished_run(tmp_path) as (orch, ctx, run_id):
         holder = (await orch.status(run_id=run_id)).runs[0].agents[0].agent_id
         await ctx.leases.acquire(holder, [LeaseRequest(resource="docs", mode=LeaseMode.WRITE)])
         expires_at = (await ctx.leases.table())[0].expires_at
@@ -159,11 +155,7 @@ async def test_a_held_lease_keeps_its_holders_view_until_its_expiry_shows_anothe
 async def test_the_same_question_gets_the_same_answer_until_anything_it_shows_changes(
     tmp_path: Path,
 ) -> None:
-    repo = make_repo(tmp_path / "repo")
-    model = by_task({"A": [], "B": []})
-    async with Orchestrator(Settings(repo=repo, sandbox="none"), lambda _n: model) as orch:
-        run_id = await _two_finished_agents(orch)
-        ctx = await orch.context(repo)
+    async with _finished_run(tmp_path) as (orch, ctx, run_id):
         first = await orch.status(run_id=run_id)
         assert await orch.status(run_id=run_id) is first
         one = first.runs[0].agents[0].agent_id
