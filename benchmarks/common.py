@@ -8,10 +8,12 @@ then `read_file` of it, then `finish` — three requests per agent.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncGenerator, Generator, Sequence
@@ -125,6 +127,73 @@ def build_repo(root: Path, files: int, *, extra: dict[str, str] | None = None) -
     run_git(root, "fast-import", "--quiet", input="\n".join(stream) + "\n")
     run_git(root, "reset", "-q", "--hard", "main")
     return run_git(root, "rev-parse", "HEAD").stdout.strip()
+
+
+# --------------------------------------------------------------------------- a stdio server
+
+# the `initialize` parameters of the bare JSON-RPC drivers
+INITIALIZE: dict[str, Any] = {
+    "protocolVersion": "2025-11-25",
+    "capabilities": {},
+    "clientInfo": {"name": "bench", "version": "0"},
+}
+
+
+class StdioRpc:
+    """A server process spoken to over its stdin/stdout with bare JSON-RPC lines, one request
+    at a time (what a benchmark times is then the server, the pipe and this reading)."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
+        self._ids = iter(range(1, 1_000_000))
+        self.last_line = ""  # the answer line of the last request, as it came
+
+    def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer (`result` or `error`) to one request; notifications are skipped."""
+        stdin, stdout = self.proc.stdin, self.proc.stdout
+        assert stdin is not None and stdout is not None
+        msg_id = next(self._ids)
+        message = {"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params}
+        stdin.write(json.dumps(message) + "\n")
+        stdin.flush()
+        while True:
+            line = stdout.readline()
+            if not line:
+                raise RuntimeError(f"the server exited (code {self.proc.poll()}) during {method}")
+            answer: dict[str, Any] = json.loads(line)
+            if answer.get("id") == msg_id:
+                self.last_line = line
+                return answer
+
+    def initialize(self) -> None:
+        """The handshake: `initialize`, then `notifications/initialized`."""
+        answer = self.request("initialize", INITIALIZE)
+        if "error" in answer:
+            raise RuntimeError(f"initialize failed: {answer['error']}")
+        assert self.proc.stdin is not None
+        initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        self.proc.stdin.write(json.dumps(initialized) + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        """Close stdin (the server's cue to exit) and wait for it, killing it after 30 s."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 # --------------------------------------------------------------------------- the fake API

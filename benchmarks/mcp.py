@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 import anyio
 from mcp import Client
 
+from benchmarks.common import StdioRpc
 from mcp_server.demo import make_sample_repo, server_params, structured, wait_idle
 
 
@@ -105,46 +105,10 @@ def _cpu_s(pid: int) -> float:
 def _raw(command: str, args: list[str], run_id: str, calls: int) -> RawTimes:
     """get_status and ping timed over the server's stdio with bare JSON-RPC lines: interleaved
     for the wall-clock times, then in two blocks for the server's CPU time per call."""
-    proc = subprocess.Popen(
-        [command, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        bufsize=1,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    stdin, stdout = proc.stdin, proc.stdout
-    ids = iter(range(1, 1_000_000))
-
-    last_line = ""
-
-    def request(method: str, params: dict[str, Any]) -> dict[str, Any]:
-        nonlocal last_line
-        msg_id = next(ids)
-        stdin.write(
-            json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
-        )
-        stdin.write("\n")
-        stdin.flush()
-        while True:
-            line = stdout.readline()
-            answer: dict[str, Any] = json.loads(line)
-            if answer.get("id") == msg_id:
-                last_line = line
-                return answer
-
+    rpc = StdioRpc([command, *args])
+    request = rpc.request
     try:
-        request(
-            "initialize",
-            {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "bench", "version": "0"},
-            },
-        )
-        stdin.write(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}) + "\n")
-        stdin.flush()
+        rpc.initialize()
         status_call = {"name": "get_status", "arguments": {"run_id": run_id}}
         ping_call: dict[str, Any] = {"name": "ping", "arguments": {}}
         for _ in range(3):
@@ -161,7 +125,7 @@ def _raw(command: str, args: list[str], run_id: str, calls: int) -> RawTimes:
             request("tools/call", ping_call)
             ping_s.append(time.perf_counter() - t0)
         request("tools/call", status_call)
-        status_line = last_line
+        status_line = rpc.last_line
         status_parse_s: list[float] = []
         for _ in range(calls):
             t0 = time.perf_counter()
@@ -169,19 +133,13 @@ def _raw(command: str, args: list[str], run_id: str, calls: int) -> RawTimes:
             status_parse_s.append(time.perf_counter() - t0)
         cpu: list[float] = []
         for call in (status_call, ping_call):
-            before = _cpu_s(proc.pid)
+            before = _cpu_s(rpc.proc.pid)
             for _ in range(calls):
                 request("tools/call", call)
-            cpu.append((_cpu_s(proc.pid) - before) / calls)
+            cpu.append((_cpu_s(rpc.proc.pid) - before) / calls)
         return RawTimes(status_s, ping_s, cpu[0], cpu[1], len(status_line.encode()), status_parse_s)
     finally:
-        stdin.close()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        stdout.close()
+        rpc.close()
 
 
 def run(quick: bool) -> dict[str, float | int]:

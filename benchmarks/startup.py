@@ -15,15 +15,13 @@ The first spawn is where a server used to import the `anthropic` SDK, on its eve
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import build_repo, fake_in_process, scratch, table
+from benchmarks.common import StdioRpc, build_repo, fake_in_process, scratch, table
 
 AGENTS = 4
 LATENCY_S = 0.2
@@ -31,84 +29,32 @@ PAUSE_S = 2.0
 ROUNDS = 3
 
 
-class _Server:
-    """`fanout-mcp` over stdio, spoken to with one JSON-RPC request at a time."""
-
-    def __init__(self, repo: Path, base_url: str) -> None:
-        env = {
-            **os.environ,
-            "FANOUT_SANDBOX": "none",
-            "ANTHROPIC_API_KEY": "bench",
-            "ANTHROPIC_BASE_URL": base_url,
-        }
-        env.pop("FANOUT_MODEL_PROVIDER", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mcp_server.cli", "--repo", str(repo)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            bufsize=1,
-            env=env,
-        )
-        self._ids = iter(range(1, 1_000_000))
-
-    def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        stdin, stdout = self.proc.stdin, self.proc.stdout
-        assert stdin is not None and stdout is not None
-        msg_id = next(self._ids)
-        message = {"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params}
-        stdin.write(json.dumps(message) + "\n")
-        stdin.flush()
-        while True:
-            line = stdout.readline()
-            if not line:
-                raise RuntimeError(f"the server exited (code {self.proc.poll()}) during {method}")
-            answer: dict[str, Any] = json.loads(line)
-            if answer.get("id") == msg_id:
-                if "error" in answer:
-                    raise RuntimeError(f"{method} failed: {answer['error']}")
-                return answer["result"]
-
-    def notify(self, method: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"jsonrpc": "2.0", "method": method}) + "\n")
-        self.proc.stdin.flush()
-
-    def tool(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-        result = self.request("tools/call", {"name": name, "arguments": arguments})
-        if result.get("isError"):
-            raise RuntimeError(f"{name} failed: {result['content']}")
-        return result["structuredContent"]
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+def _tool(rpc: StdioRpc, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """A tool's structured content; a JSON-RPC or tool error raises."""
+    answer = rpc.request("tools/call", {"name": name, "arguments": arguments})
+    if "error" in answer:
+        raise RuntimeError(f"{name} failed: {answer['error']}")
+    result: dict[str, Any] = answer["result"]
+    if result.get("isError"):
+        raise RuntimeError(f"{name} failed: {result['content']}")
+    return result["structuredContent"]
 
 
 def _one(repo: Path, base_url: str) -> tuple[float, float, float, int]:
     """(initialize_s, first_spawn_s, first_run_s, agents not succeeded) of one fresh server."""
     build_repo(repo, 50)
+    env = {
+        **os.environ,
+        "FANOUT_SANDBOX": "none",
+        "ANTHROPIC_API_KEY": "bench",
+        "ANTHROPIC_BASE_URL": base_url,
+    }
+    env.pop("FANOUT_MODEL_PROVIDER", None)
     started = time.perf_counter()
-    server = _Server(repo, base_url)
+    rpc = StdioRpc([sys.executable, "-m", "mcp_server.cli", "--repo", str(repo)], env)
     try:
-        server.request(
-            "initialize",
-            {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "bench", "version": "0"},
-            },
-        )
+        rpc.initialize()
         initialize_s = time.perf_counter() - started
-        server.notify("notifications/initialized")
         time.sleep(PAUSE_S)
         tasks = [
             {
@@ -119,7 +65,7 @@ def _one(repo: Path, base_url: str) -> tuple[float, float, float, int]:
             for n in range(1, AGENTS + 1)
         ]
         t0 = time.perf_counter()
-        spawned = server.tool("spawn_subagents", {"tasks": tasks})
+        spawned = _tool(rpc, "spawn_subagents", {"tasks": tasks})
         spawn_s = time.perf_counter() - t0
         run_id = str(spawned["run_id"])
         cursor: int | None = None
@@ -127,7 +73,7 @@ def _one(repo: Path, base_url: str) -> tuple[float, float, float, int]:
             args: dict[str, Any] = {"run_id": run_id, "wait_s": 10}
             if cursor is not None:
                 args["since"] = cursor
-            status = server.tool("get_status", args)
+            status = _tool(rpc, "get_status", args)
             cursor = int(status["cursor"])
             agents = status["runs"][0]["agents"]
             if not any(a["status"] in ("queued", "waiting", "running") for a in agents):
@@ -138,7 +84,7 @@ def _one(repo: Path, base_url: str) -> tuple[float, float, float, int]:
         failed = sum(1 for a in agents if a["status"] != "succeeded")
         return initialize_s, spawn_s, run_s, failed
     finally:
-        server.close()
+        rpc.close()
 
 
 def run(quick: bool) -> dict[str, float | int]:
