@@ -7,6 +7,7 @@ its work committed on its branch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -339,11 +340,14 @@ class Orchestrator:
     async def _adopt_leases(self, ctx: RepoContext, live: set[str]) -> None:
         """Keep the leases of finished, unmerged agents of dead servers alive from here.
 
-        A grant still live is renewed by this process's keeper from now on; one that lapsed is
-        taken again (a new token) if nobody else holds its paths, else the agent is marked as
+        Only a dead server's agents are taken over: a live server keeps its own agents' leases
+        (its keeper renews them and its merges release them), and a grant renewed from two
+        processes would outlive the merge that gives it back. The agent is claimed first (this
+        server becomes its owner, atomically), so two servers starting at once cannot both take
+        it. A grant still live is renewed by this process's keeper from now on; one that lapsed
+        is taken again (a new token) if nobody else holds its paths, else the agent is marked as
         having lost it, and merge_results skips it with the reason.
         """
-        table = await ctx.leases.table()
         keep = (
             AgentStatus.SUCCEEDED,
             AgentStatus.FAILED,
@@ -351,13 +355,23 @@ class Orchestrator:
             AgentStatus.INTERRUPTED,
             AgentStatus.CONFLICTED,
         )
-        for agent in ctx.store.all_agents():
-            if agent.status not in keep or agent.lease_token is None or agent.lease_lost:
+        for found in ctx.store.all_agents():
+            if found.status not in keep or found.lease_token is None or found.lease_lost:
                 continue
-            if agent.agent_id in self._runtimes:
-                continue  # run by this process
+            if found.agent_id in self._runtimes or found.owner in live:
+                continue  # run by this process, or kept by the live server that ran it
+            agent = ctx.store.claim_agent(found.agent_id, found.owner, keep)
+            if agent is None or agent.lease_token is None:
+                continue  # claimed by another server, or merged or discarded meanwhile
+            if _scope_freed(agent):
+                await self._release_leases(ctx, agent)  # no work to keep: free its paths
+                continue
             holder = agent.lease_holder or agent.agent_id
-            rows = [r for r in table if r.holder == holder and r.token == agent.lease_token]
+            rows = [
+                r
+                for r in await ctx.leases.table()
+                if r.holder == holder and r.token == agent.lease_token
+            ]
             grant: LeaseGrant | None = None
             if rows:
                 grant = LeaseGrant(
@@ -383,6 +397,12 @@ class Orchestrator:
                 ctx.store.update_agent(
                     agent.agent_id, "leased", f"token {grant.token}", lease_token=grant.token
                 )
+                if _scope_freed(self._agent(ctx, agent.agent_id)):
+                    # merged or discarded by another server while the grant was taken: that
+                    # server's sweep may have run before the grant existed, so give it back here
+                    with contextlib.suppress(LeaseError):
+                        await ctx.leases.release(grant)
+                    continue
             runtime = AgentRuntime(agent_id=agent.agent_id)
             runtime.fence = LeaseFence(ctx.leases, holder)
             runtime.fence.grant = grant
@@ -935,6 +955,9 @@ class Orchestrator:
         )
 
     def _on_lease_lost(self, ctx: RepoContext, runtime: AgentRuntime, lost: LeaseLost) -> None:
+        current = ctx.store.agent(runtime.agent_id)
+        if current is None or current.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+            return  # given back on purpose (by the server that merged or discarded it)
         record = ctx.store.update_agent(runtime.agent_id, "lease_lost", str(lost), lease_lost=True)
         if record.status.active:
             runtime.cancel_reason = f"its write lease was lost ({lost}); it cannot land"
@@ -1442,8 +1465,10 @@ class Orchestrator:
         )
 
     async def _after_merge(self, ctx: RepoContext, agent: AgentRecord, commit: str | None) -> None:
-        """Landed: release the agent's leases, then remove its workspace (retention)."""
-        await self._release_leases(ctx, agent)
+        """Landed: remove its workspace (retention), record it merged, then release its leases.
+
+        Recorded before the leases go, so that no server can take them over for it in between
+        (a server adopting a dead server's leases checks the status after taking them)."""
         await self._remove_workspace(ctx, agent)
         ctx.store.update_agent(
             agent.agent_id,
@@ -1453,6 +1478,7 @@ class Orchestrator:
             status_reason=f"merged as {commit[:12]}" if commit else "nothing to merge",
             workspace=None,
         )
+        await self._release_leases(ctx, agent)
         self._signal_released(agent.agent_id)
 
     def _signal_released(self, agent_id: str) -> None:
@@ -1471,7 +1497,8 @@ class Orchestrator:
                 await ctx.leases.release(grant)
             except LeaseError as exc:
                 log.info("release of %s's leases: %s", agent.agent_id, exc)
-            return
+        # whatever else the holder still holds goes too: a grant another server took for it
+        # (the sweep that makes a merge or discard leave no lease behind, whoever kept it)
         held = [lease for lease in await ctx.leases.table() if lease.holder == holder]
         if held:
             await ctx.leases.break_holder(holder, immediate=True)
@@ -1496,7 +1523,6 @@ class Orchestrator:
         if agent.status == AgentStatus.MERGED:
             raise InvalidState(f"discard: {agent.agent_id} is already merged")
         if not dry_run and agent.status != AgentStatus.DISCARDED:
-            await self._release_leases(ctx, agent)
             await self._remove_workspace(ctx, agent)
             ctx.store.update_agent(
                 agent.agent_id,
@@ -1508,6 +1534,7 @@ class Orchestrator:
                 + " is kept",
                 workspace=None,
             )
+            await self._release_leases(ctx, agent)  # after the record, as for a merge
             self._signal_released(agent.agent_id)
         return AgentMergeResult(
             agent_id=agent.agent_id,

@@ -15,7 +15,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Collection, Generator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -320,6 +320,29 @@ class StateStore:
             self._append_event(db, updated.run_id, agent_id, kind, detail or updated.status.value)
             if settle is not None:
                 self._settle(db, updated.run_id, *settle)
+        self._notify()
+        return updated
+
+    def claim_agent(
+        self, agent_id: str, from_owner: str, statuses: Collection[AgentStatus]
+    ) -> AgentRecord | None:
+        """Make this server the agent's owner if it still belongs to `from_owner` and has one of
+        `statuses`, in one transaction; `None` if it does not (another server claimed it first,
+        or it moved on, e.g. was merged). Two servers that find the same dead server's agent
+        cannot both take it."""
+        with self._tx() as db:
+            row = db.execute("SELECT data FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+            if row is None:
+                return None
+            current = AgentRecord.model_validate_json(str(row[0]))
+            if current.owner != from_owner or current.status not in statuses:
+                return None
+            updated = current.model_copy(update={"owner": self.server_id})
+            db.execute(
+                "UPDATE agents SET data = ? WHERE agent_id = ?",
+                (updated.model_dump_json(), agent_id),
+            )
+            self._append_event(db, updated.run_id, agent_id, "claimed", self.server_id)
         self._notify()
         return updated
 

@@ -131,3 +131,24 @@ def test_budget_is_shared_across_processes(tmp_path: Path) -> None:
     assert granted == 300  # 3,000 tokens in reservations of 10, never more
     assert store.budget("r1") == (3_000, 0, 3_000)
     store.close()
+
+
+def test_claim_agent_takes_it_once_and_only_in_the_statuses_asked(tmp_path: Path) -> None:
+    first, second = StateStore(tmp_path), StateStore(tmp_path)
+    first.create_run(_run(), [_agent("a1"), _agent("a2", index=2)])
+    first.update_agent("a1", "succeeded", status=AgentStatus.SUCCEEDED)
+    first.update_agent("a2", "merged", status=AgentStatus.MERGED)
+    cursor = first.cursor()
+    finished = (AgentStatus.SUCCEEDED,)
+
+    claimed = second.claim_agent("a1", "me", finished)
+    assert claimed is not None and claimed.owner == second.server_id
+    # the other store, still reading "me" as the owner, cannot take it as well
+    assert first.claim_agent("a1", "me", finished) is None
+    assert first.agent("a1") == claimed
+    # a merged agent, an unknown one: nothing to claim, nothing written
+    assert second.claim_agent("a2", "me", finished) is None
+    assert second.claim_agent("nope", "me", finished) is None
+    assert [e.kind for e in first.events(since=cursor)] == ["claimed"]
+    first.close()
+    second.close()

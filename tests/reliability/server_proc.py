@@ -453,15 +453,20 @@ async def worker(config: WorkerConfig) -> WorkerReport:
             spawned = await orch.spawn(SpawnRequest(tasks=tasks))
 
             cursor: int | None = None
-            with anyio.fail_after(240):
-                while True:
-                    status = await orch.status(run_id=spawned.run_id, since=cursor, wait_s=1.0)
-                    cursor = status.cursor
-                    agents = status.runs[0].agents
-                    if any(a.status == AgentStatus.SUCCEEDED for a in agents):
-                        merges += await merge_all(orch, spawned.run_id)
-                    elif not any(a.status.active for a in agents):
-                        break
+            try:
+                with anyio.fail_after(240):
+                    while True:
+                        status = await orch.status(run_id=spawned.run_id, since=cursor, wait_s=1.0)
+                        cursor = status.cursor
+                        agents = status.runs[0].agents
+                        if any(a.status == AgentStatus.SUCCEEDED for a in agents):
+                            merges += await merge_all(orch, spawned.run_id)
+                        elif not any(a.status.active for a in agents):
+                            break
+            except TimeoutError:
+                raise RuntimeError(
+                    f"{name}: round {r} did not settle in 240 s\n" + await stuck_report(orch)
+                ) from None
             facts += all_facts(await orch.status(run_id=spawned.run_id))
     return WorkerReport(
         name=name,
@@ -469,6 +474,23 @@ async def worker(config: WorkerConfig) -> WorkerReport:
         merges=merges,
         seconds=round(time.monotonic() - started, 3),
     )
+
+
+async def stuck_report(orch: Orchestrator) -> str:
+    """Every agent of the repository's store (status, owner, lease token, reason) and the lease
+    table: what a round that never settled was waiting for."""
+    ctx = await orch.context(None)
+    lines = [
+        f"agent {a.agent_id} {a.status.value} owner={a.owner} token={a.lease_token} "
+        f"lost={a.lease_lost} reason={a.status_reason}"
+        for a in ctx.store.all_agents()
+    ]
+    lines += [
+        f"lease {lease.resource} {lease.mode} holder={lease.holder} token={lease.token}"
+        for lease in await ctx.leases.table()
+    ]
+    lines += [f"waiter {w}" for w in await ctx.leases.waiters()]
+    return "\n".join(lines)
 
 
 # --- lease load ------------------------------------------------------------------------------

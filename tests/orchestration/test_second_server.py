@@ -1,0 +1,105 @@
+"""A second server on the same repository: it takes over the leases of a dead server's finished
+agents, never those of a live server, and a merge leaves no lease behind whoever kept it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from orchestration.config import Settings
+from orchestration.contracts import AgentStatus, MergeOutcome, MergeRequest, SpawnRequest, TaskSpec
+from orchestration.orchestrator import Orchestrator, RepoContext
+from orchestration.state import AgentRecord
+from tests.orchestration.scripts import Step, by_task, make_repo
+from tests.orchestration.test_orchestrator import wait_until_final
+
+pytestmark = pytest.mark.anyio
+
+WRITE: list[Step] = [("write_file", {"path": "src/app/w.py", "content": "W = 1\n"})]
+
+
+def settings(repo: Path) -> Settings:
+    return Settings(repo=repo, sandbox="none", lease_ttl_s=30.0, lease_lock_delay_s=0.0)
+
+
+async def holders(ctx: RepoContext) -> set[str]:
+    return {lease.holder for lease in await ctx.leases.table()}
+
+
+async def test_a_server_opened_during_a_merge_leaves_the_live_servers_lease_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the two-server reliability test hit: a server that opened the repository while
+    another one merged took the merging agent's scope for it and renewed it for ever, so every
+    later agent on that scope waited for ever."""
+    repo = make_repo(tmp_path / "repo")
+    model = by_task({"FIRST": WRITE, "SECOND": WRITE})
+    async with (
+        Orchestrator(settings(repo), lambda _name: model) as a,
+        Orchestrator(settings(repo), lambda _name: model) as b,
+    ):
+        spawned = await a.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="FIRST", write_scope=["src/app"])])
+        )
+        first = (await wait_until_final(a, spawned.run_id)).runs[0].agents[0]
+        assert first.status == AgentStatus.SUCCEEDED
+
+        # the second server opens the repository in the middle of the merge (while the merged
+        # agent's workspace is being removed)
+        opened: list[RepoContext] = []
+        remove_workspace = a._remove_workspace  # pyright: ignore[reportPrivateUsage]
+
+        async def remove_then_open(ctx: RepoContext, agent: AgentRecord) -> None:
+            await remove_workspace(ctx, agent)
+            if not opened:
+                opened.append(await b.context(repo))
+
+        monkeypatch.setattr(a, "_remove_workspace", remove_then_open)
+        merged = await a.merge(MergeRequest(run_id=spawned.run_id))
+        assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]
+        assert opened
+        # nobody holds the merged agent's scope, now or after the second server's heartbeat
+        ctx_a = await a.context(repo)
+        assert first.agent_id not in await holders(ctx_a)
+        with anyio.fail_after(10):
+            await opened[0].keeper.renew_all()
+        assert first.agent_id not in await holders(ctx_a)
+
+        # so a later agent on the same scope runs at once instead of waiting for ever
+        again = await a.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="SECOND", write_scope=["src/app"])])
+        )
+        with anyio.fail_after(30):
+            second = (await wait_until_final(a, again.run_id)).runs[0].agents[0]
+        assert second.status == AgentStatus.SUCCEEDED
+        record = (await a.status(run_id=spawned.run_id)).runs[0].agents[0]
+        assert record.status == AgentStatus.MERGED and not record.lease_lost
+
+
+async def test_a_stopped_servers_finished_agent_is_taken_over_merged_and_leaves_no_lease(
+    tmp_path: Path,
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    model = by_task({"FIRST": WRITE})
+    async with Orchestrator(settings(repo), lambda _name: model) as a:
+        spawned = await a.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="FIRST", write_scope=["src/app"])])
+        )
+        first = (await wait_until_final(a, spawned.run_id)).runs[0].agents[0]
+        assert first.status == AgentStatus.SUCCEEDED
+    # the first server stopped; its finished agent's scope is still held, and the next server
+    # on the repository keeps it (and becomes the agent's owner)
+    async with Orchestrator(settings(repo), lambda _name: model) as b:
+        ctx = await b.context(repo)
+        assert first.agent_id in await holders(ctx)
+        owner = ctx.store.agent(first.agent_id)
+        assert owner is not None and owner.owner == ctx.store.server_id
+        with anyio.fail_after(10):
+            await ctx.keeper.renew_all()
+        assert first.agent_id in await holders(ctx)
+        merged = await b.merge(MergeRequest(run_id=spawned.run_id))
+        assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]
+        assert first.agent_id not in await holders(ctx)
+    assert (repo / "src/app/w.py").read_text() == "W = 1\n"
