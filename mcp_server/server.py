@@ -74,7 +74,11 @@ class StatusRequest(_Input):
     run_id: str | None = Field(default=None, min_length=1, max_length=64)
     agent_ids: list[str] | None = Field(default=None, max_length=MAX_TASKS * 4)
     since: int | None = Field(
-        default=None, ge=0, description="the `cursor` of an earlier answer: report changes after it"
+        default=None,
+        ge=0,
+        description="the `cursor` of an earlier answer: with `wait_s`, answer once something "
+        "changed after it (`changed` says whether anything did); the answer lists every agent "
+        "asked for, not only those that changed",
     )
     wait_s: float | None = Field(
         default=None,

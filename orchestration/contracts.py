@@ -301,7 +301,10 @@ class RunView(_Output):
 class StatusResult(_Output):
     """Result of `get_status`."""
 
-    cursor: int = Field(description="pass as `since` to get only what changed after this answer")
+    cursor: int = Field(
+        description="pass as `since` (with `wait_s`) to wait for the next change after this "
+        "answer; every agent asked for is listed either way"
+    )
     changed: bool = Field(description="false when a long-poll ended by timeout with no change")
     runs: list[RunView]
     workspace_disk_bytes: int
