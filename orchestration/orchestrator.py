@@ -340,7 +340,8 @@ class Orchestrator:
     async def _adopt_leases(self, ctx: RepoContext, live: set[str]) -> None:
         """Keep the leases of finished, unmerged agents of dead servers alive from here.
 
-        Only a dead server's agents are taken over: a live server keeps its own agents' leases
+        Only a dead server's agents are taken over (including those `_recover` has just marked
+        interrupted and made this server's): a live server keeps its own agents' leases
         (its keeper renews them and its merges release them), and a grant renewed from two
         processes would outlive the merge that gives it back. The agent is claimed first (this
         server becomes its owner, atomically), so two servers starting at once cannot both take
@@ -358,8 +359,10 @@ class Orchestrator:
         for found in ctx.store.all_agents():
             if found.status not in keep or found.lease_token is None or found.lease_lost:
                 continue
-            if found.agent_id in self._runtimes or found.owner in live:
-                continue  # run by this process, or kept by the live server that ran it
+            if found.agent_id in self._runtimes:
+                continue  # run by this process
+            if found.owner in live and found.owner != ctx.store.server_id:
+                continue  # kept by the live server that ran it
             agent = ctx.store.claim_agent(found.agent_id, found.owner, keep)
             if agent is None or agent.lease_token is None:
                 continue  # claimed by another server, or merged or discarded meanwhile

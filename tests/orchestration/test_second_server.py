@@ -11,8 +11,8 @@ import pytest
 from orchestration.config import Settings
 from orchestration.contracts import AgentStatus, MergeOutcome, MergeRequest, SpawnRequest, TaskSpec
 from orchestration.orchestrator import Orchestrator, RepoContext
-from orchestration.state import AgentRecord
-from tests.orchestration.scripts import Step, by_task, make_repo
+from orchestration.state import AgentRecord, StateStore
+from tests.orchestration.scripts import Gate, Step, by_task, make_repo
 from tests.orchestration.test_orchestrator import wait_until_final
 
 pytestmark = pytest.mark.anyio
@@ -102,4 +102,48 @@ async def test_a_stopped_servers_finished_agent_is_taken_over_merged_and_leaves_
         merged = await b.merge(MergeRequest(run_id=spawned.run_id))
         assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]
         assert first.agent_id not in await holders(ctx)
+    assert (repo / "src/app/w.py").read_text() == "W = 1\n"
+
+
+async def test_an_agent_a_killed_server_left_running_keeps_its_scope_until_rerun(
+    tmp_path: Path,
+) -> None:
+    """Recovery makes the interrupted agent this server's own; its lease must still be kept
+    (renewed here) so that no other agent takes the scope before the rerun."""
+    repo = make_repo(tmp_path / "repo")
+    gate = Gate({"LONG": 1})
+    model = by_task({"LONG": [*WRITE, ("x", {})]}, gate=gate)
+    quick = Settings(repo=repo, sandbox="none", lease_ttl_s=1.0, lease_lock_delay_s=0.0)
+    async with Orchestrator(quick, lambda _name: model) as a:
+        spawned = await a.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="LONG", write_scope=["src/app"])])
+        )
+        with anyio.fail_after(30):
+            await gate.reached["LONG"].wait()
+        agent_id = spawned.agents[0].agent_id
+        dead = (await a.context(repo)).store.server_id
+    # as a killed server leaves it: the agent still `running`, owned by a server that is gone
+    store = StateStore(repo / ".git" / "fanout")
+    store.update_agent(agent_id, "test", status=AgentStatus.RUNNING, owner=dead)
+    store.close()
+
+    rerun_model = by_task({"LONG": [("read_file", {"path": "src/app/w.py"})]})
+    async with Orchestrator(quick, lambda _name: rerun_model) as b:
+        ctx = await b.context(repo)
+        record = ctx.store.agent(agent_id)
+        assert record is not None and record.status == AgentStatus.INTERRUPTED
+        assert record.owner == ctx.store.server_id
+        with anyio.fail_after(10):
+            for _ in range(6):  # a round every ttl/3: two TTLs
+                await ctx.keeper.next_round()
+        assert agent_id in await holders(ctx)  # renewed here, not lapsed
+        rerun = await b.rerun(agent_id)
+        status = await wait_until_final(
+            b, spawned.run_id, statuses={AgentStatus.SUCCEEDED, AgentStatus.DISCARDED}
+        )
+        views = {v.agent_id: v for v in status.runs[0].agents}
+        assert views[rerun.agent.agent_id].status == AgentStatus.SUCCEEDED
+        merged = await b.merge(MergeRequest(run_id=spawned.run_id))
+        assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]
+        assert not await holders(ctx) & {agent_id, rerun.agent.agent_id}
     assert (repo / "src/app/w.py").read_text() == "W = 1\n"
