@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
+import filelock
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestration.contracts import AgentResult, AgentStatus, StopReason, TokenUsage
@@ -145,11 +146,15 @@ class StateStore:
         self._db = sqlite3.connect(
             self.path, timeout=30.0, isolation_level=None, check_same_thread=False
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        with self._lock:
-            self._db.executescript(SCHEMA)
+        # Set up by one process at a time: two processes opening a new store at once could both
+        # read it and then both want to write (WAL mode, schema); SQLite then refuses one at once
+        # ("database is locked") instead of letting it wait, to avoid a deadlock.
+        with filelock.FileLock(str(state_dir / "state.lock"), timeout=120):
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            with self._lock:
+                self._db.executescript(SCHEMA)
         self._changed = anyio.Event()
         self.server_id = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns():x}"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -108,6 +109,7 @@ async def test_long_poll_wakes_on_a_change_and_times_out_without_one(tmp_path: P
 
 SCRIPT = """
 import sys
+import time
 from orchestration.state import StateStore
 store = StateStore(__import__("pathlib").Path(sys.argv[1]))
 ok = sum(store.reserve_budget("r1", 10) for _ in range(200))
@@ -152,3 +154,46 @@ def test_claim_agent_takes_it_once_and_only_in_the_statuses_asked(tmp_path: Path
     assert [e.kind for e in first.events(since=cursor)] == ["claimed"]
     first.close()
     second.close()
+
+
+OPEN_SCRIPT = """
+import sys, time
+from pathlib import Path
+from orchestration.state import StateStore
+start, dirs = float(sys.argv[1]), sys.argv[2:]
+failed = 0
+for i, d in enumerate(dirs):
+    at = start + 0.05 * i
+    while time.time() < at:
+        pass
+    try:
+        StateStore(Path(d)).close()
+    except Exception as exc:
+        failed += 1
+        print(d, repr(exc), file=sys.stderr)
+print(failed)
+"""
+
+
+def test_processes_opening_a_new_store_at_the_same_moment_all_succeed(tmp_path: Path) -> None:
+    """Two servers started together on one repository both create the store: SQLite refused one
+    of them at once ("database is locked"; about 1 round in 12 with four processes)."""
+    dirs = [str(tmp_path / f"s{i}") for i in range(30)]
+    start = time.time() + 2.0  # after the interpreters have started
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_SCRIPT, str(start), *dirs],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert [int(out.strip()) for out, _ in outputs] == [0, 0, 0, 0], outputs
+    for d in dirs:
+        store = StateStore(Path(d))
+        assert store.runs() == []
+        store.close()
