@@ -40,9 +40,11 @@ def test_two_servers_on_one_repository(tmp_path: Path, ledger: Ledger) -> None:
     state_dir = repo / ".git" / "fanout"
     markers = tmp_path / "markers"
     critical = tmp_path / "critical.log"
-    # a TTL well above a heartbeat's worst delay on a loaded 2-core machine: expiry is not
-    # what this test is about (test_crash covers it)
-    timing = Timing(lease_ttl_s=10.0, lease_lock_delay_s=0.3)
+    # a TTL well above a heartbeat's worst delay on a loaded 2-core machine, and a staleness
+    # well above a server heartbeat's: neither expiry nor the death of a server is what this
+    # test is about (test_crash covers both); a server that opened the repository while the
+    # other's heartbeat was late would recover that live server's agents as a dead one's
+    timing = Timing(lease_ttl_s=10.0, lease_lock_delay_s=0.3, heartbeat_s=1.0, stale_s=10.0)
     children = [
         Child(
             "worker",
