@@ -104,6 +104,7 @@ ESTIMATED_OUTPUT_PER_TURN = 600
 AGENTS_PER_MODEL = 16
 # status answers kept per repository, one per question (run_id, agent_ids) asked
 STATUS_ANSWERS_KEPT = 64
+ACTIVE_STATUSES = tuple(s for s in AgentStatus if s.active)
 
 
 def default_model_factory(settings: Settings) -> ModelFactory:
@@ -178,6 +179,8 @@ class RepoContext:
     workspace_threads: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter((os.cpu_count() or 1) + 2)
     )
+    # held while the agents of dead servers are taken over (on opening, and by the heartbeat)
+    recovering: anyio.Lock = field(default_factory=anyio.Lock)
 
 
 class Orchestrator:
@@ -269,41 +272,53 @@ class Orchestrator:
             return ctx
 
     async def _server_heartbeat(self, ctx: RepoContext) -> None:
+        """Beat, and take over what a server that died since left: its agents would otherwise
+        show `running` until another server opened the repository."""
         while True:
             await anyio.sleep(SERVER_HEARTBEAT_S)
             ctx.store.heartbeat()
+            try:
+                if ctx.store.orphaned(ctx.store.live_servers()):
+                    await self._recover_agents(ctx)
+            except Exception:  # the next beat tries again; the heartbeat itself must go on
+                log.exception("recovery of the agents of a dead server failed")
 
     async def _recover(self, ctx: RepoContext) -> None:
-        """Mark agents of dead servers `interrupted`, committing what their worktrees hold."""
-        live = ctx.store.live_servers() | {ctx.store.server_id}
+        """On opening a repository: a dead server's agents, then a merge it left cut short."""
+        await self._recover_agents(ctx)
+        # a merge cut short by a crash: finish bringing the checkout forward, clear git locks
+        note = await anyio.to_thread.run_sync(Joiner(ctx.repo).recover)
+        if note:
+            log.warning("recovery of %s: %s", ctx.repo.root, note)
+
+    async def _recover_agents(self, ctx: RepoContext) -> None:
+        """Mark the active agents of dead servers `interrupted`, committing what their worktrees
+        hold, and keep the leases of their finished ones. Each agent is claimed first (this
+        server becomes its owner), so two servers never recover the same agent."""
+        async with ctx.recovering:
+            await self._recover_agents_locked(ctx)
+
+    async def _recover_agents_locked(self, ctx: RepoContext) -> None:
+        me = ctx.store.server_id
+        live = ctx.store.live_servers() | {me}
         touched_runs: set[str] = set()
-        for agent in ctx.store.all_agents():
-            if agent.owner in live:
-                continue
-            if agent.status.active:
-                commit = agent.commit
-                if agent.workspace and Path(agent.workspace).exists():
-                    # a write cut short leaves its temporary file; the file it replaced is intact
-                    await anyio.to_thread.run_sync(remove_partial_writes, Path(agent.workspace))
-                    # a commit cut short leaves git's lock files on the branch and worktree
-                    await anyio.to_thread.run_sync(
-                        ws_mod.clear_dead_locks, ctx.repo, Path(agent.workspace), agent.branch
-                    )
-                    work = await self._commit_work(ctx, agent, "work left by an interrupted agent")
-                    commit = work.commit or commit
-                elif agent.workspace is None:
-                    # killed while its worktree was being made: nothing of it ran
-                    await anyio.to_thread.run_sync(
-                        ws_mod.discard_unstarted_workspace, ctx.repo, agent.run_id, agent.agent_id
-                    )
-                changes: list[FileChange] = []
-                if _has_work(commit, agent.base_commit):
-                    changes = await anyio.to_thread.run_sync(
-                        self._changes, ctx, agent.base_commit, commit
-                    )
+        for found in ctx.store.all_agents():
+            if not found.status.active or found.agent_id in self._runtimes:
+                continue  # finished, or running in this process
+            if found.owner in live and found.owner != me:
+                continue  # running in another live server
+            # (owned by this server but not running here: claimed by a recovery that failed)
+            agent = ctx.store.claim_agent(found.agent_id, found.owner, ACTIVE_STATUSES)
+            if agent is None:
+                continue  # another server recovered it first
+            touched_runs.add(agent.run_id)
+            try:
+                await self._recover_one(ctx, agent)
+            except Exception as exc:
+                log.exception("agent %s: recovery failed", agent.agent_id)
                 reason = (
-                    "the server running this agent stopped; rerun_subagent resumes it from its "
-                    "committed work"
+                    f"the server running this agent stopped, and its work could not be "
+                    f"committed ({exc}); its workspace is kept: rerun_subagent starts it again"
                 )
                 ctx.store.update_agent(
                     agent.agent_id,
@@ -312,30 +327,58 @@ class Orchestrator:
                     status=AgentStatus.INTERRUPTED,
                     stop_reason=StopReason.INTERRUPTED,
                     status_reason=reason,
-                    commit=commit,
-                    owner=ctx.store.server_id,
-                    changed_files=[c.path for c in changes],
-                    result=AgentResult(
-                        status=AgentStatus.INTERRUPTED,
-                        stop_reason=StopReason.INTERRUPTED,
-                        summary="",
-                        changed_files=changes,
-                        tokens=agent.tokens,
-                        turns=agent.turns,
-                        error=reason,
-                        commit=commit,
-                        branch=agent.branch,
-                    ),
                 )
-                touched_runs.add(agent.run_id)
         for run_id in touched_runs:
             if not any(a.status.active for a in ctx.store.agents(run_id)):
                 ctx.store.reset_reservations(run_id)
-        # a merge cut short by a crash: finish bringing the checkout forward, clear git locks
-        note = await anyio.to_thread.run_sync(Joiner(ctx.repo).recover)
-        if note:
-            log.warning("recovery of %s: %s", ctx.repo.root, note)
         await self._adopt_leases(ctx, live)
+
+    async def _recover_one(self, ctx: RepoContext, agent: AgentRecord) -> None:
+        """An agent of a dead server, claimed: commit what its worktree holds, mark it
+        `interrupted` with its result."""
+        commit = agent.commit
+        if agent.workspace and Path(agent.workspace).exists():
+            # a write cut short leaves its temporary file; the file it replaced is intact
+            await anyio.to_thread.run_sync(remove_partial_writes, Path(agent.workspace))
+            # a commit cut short leaves git's lock files on the branch and worktree
+            await anyio.to_thread.run_sync(
+                ws_mod.clear_dead_locks, ctx.repo, Path(agent.workspace), agent.branch
+            )
+            work = await self._commit_work(ctx, agent, "work left by an interrupted agent")
+            commit = work.commit or commit
+        elif agent.workspace is None:
+            # killed while its worktree was being made: nothing of it ran
+            await anyio.to_thread.run_sync(
+                ws_mod.discard_unstarted_workspace, ctx.repo, agent.run_id, agent.agent_id
+            )
+        changes: list[FileChange] = []
+        if _has_work(commit, agent.base_commit):
+            changes = await anyio.to_thread.run_sync(self._changes, ctx, agent.base_commit, commit)
+        reason = (
+            "the server running this agent stopped; rerun_subagent resumes it from its "
+            "committed work"
+        )
+        ctx.store.update_agent(
+            agent.agent_id,
+            "interrupted",
+            "the server running this agent stopped",
+            status=AgentStatus.INTERRUPTED,
+            stop_reason=StopReason.INTERRUPTED,
+            status_reason=reason,
+            commit=commit,
+            changed_files=[c.path for c in changes],
+            result=AgentResult(
+                status=AgentStatus.INTERRUPTED,
+                stop_reason=StopReason.INTERRUPTED,
+                summary="",
+                changed_files=changes,
+                tokens=agent.tokens,
+                turns=agent.turns,
+                error=reason,
+                commit=commit,
+                branch=agent.branch,
+            ),
+        )
 
     async def _adopt_leases(self, ctx: RepoContext, live: set[str]) -> None:
         """Keep the leases of finished, unmerged agents of dead servers alive from here.

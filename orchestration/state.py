@@ -8,6 +8,7 @@ notice them by a light poll of the newest sequence number.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -44,7 +45,8 @@ CREATE TABLE IF NOT EXISTS servers (
 """
 
 # A server whose heartbeat is older than this is taken for dead: its running agents are
-# marked interrupted by the next server that opens the store.
+# marked interrupted by another server of the store. A server on this machine (same host, boot
+# and PID namespace) whose process is gone is taken for dead at once.
 SERVER_STALE_S = 20.0
 CROSS_PROCESS_POLL_S = 0.25
 
@@ -134,6 +136,35 @@ class Event(BaseModel):
     agent_id: str | None
     kind: str
     detail: str
+
+
+@functools.cache
+def host_identity() -> str:
+    """This machine and PID namespace (host name, boot id and PID namespace where the system
+    tells them): servers registered under the same identity can be checked by process id."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip())
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return ":".join(parts)
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process of this id exists and has not exited (a zombie has)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, as another user's
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return True  # no /proc (macOS): it exists
+    fields = stat.rsplit(")", 1)[-1].split()
+    return not fields or fields[0] != "Z"
 
 
 class StateStore:
@@ -396,7 +427,7 @@ class StateStore:
             db.execute(
                 "INSERT OR REPLACE INTO servers (server_id, pid, host, started_at, heartbeat) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (self.server_id, os.getpid(), socket.gethostname(), now, now),
+                (self.server_id, os.getpid(), host_identity(), now, now),
             )
 
     def heartbeat(self) -> None:
@@ -411,9 +442,35 @@ class StateStore:
             db.execute("DELETE FROM servers WHERE server_id = ?", (self.server_id,))
 
     def live_servers(self) -> set[str]:
+        """The servers whose heartbeat is recent, except those of this machine whose process has
+        exited (a server restarted at once after a crash need not wait for the heartbeat of the
+        killed one to go stale)."""
         cutoff = time.time() - SERVER_STALE_S
-        rows = self._query("SELECT server_id FROM servers WHERE heartbeat >= ?", (cutoff,))
-        return {str(r[0]) for r in rows}
+        rows = self._query(
+            "SELECT server_id, pid, host FROM servers WHERE heartbeat >= ?", (cutoff,)
+        )
+        here = host_identity()
+        return {
+            str(server_id)
+            for server_id, pid, host in rows
+            if server_id == self.server_id or host != here or pid_running(int(str(pid)))
+        }
+
+    def orphaned(self, live: Collection[str]) -> bool:
+        """Whether an agent of a server not in `live` needs a live one: it is still active, or it
+        finished unmerged holding a write lease that nobody renews now."""
+        rows = self._query(
+            "SELECT json_extract(data, '$.owner'), json_extract(data, '$.status'), "
+            "json_extract(data, '$.lease_token'), json_extract(data, '$.lease_lost') "
+            "FROM agents WHERE json_extract(data, '$.status') NOT IN (?, ?)",
+            (AgentStatus.MERGED.value, AgentStatus.DISCARDED.value),
+        )
+        for owner, status, token, lost in rows:
+            if owner in live:
+                continue
+            if AgentStatus(str(status)).active or (token is not None and not lost):
+                return True
+        return False
 
     def all_agents(self) -> list[AgentRecord]:
         rows = self._query("SELECT data FROM agents ORDER BY run_id, ord")

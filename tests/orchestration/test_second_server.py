@@ -3,15 +3,18 @@ agents, never those of a live server, and a merge leaves no lease behind whoever
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import anyio
 import pytest
 
+import orchestration.orchestrator as orchestrator_mod
 from orchestration.config import Settings
 from orchestration.contracts import AgentStatus, MergeOutcome, MergeRequest, SpawnRequest, TaskSpec
 from orchestration.orchestrator import Orchestrator, RepoContext
-from orchestration.state import AgentRecord, StateStore
+from orchestration.state import AgentRecord, StateStore, host_identity
 from tests.orchestration.scripts import Gate, Step, by_task, make_repo
 from tests.orchestration.test_orchestrator import wait_until_final
 
@@ -147,3 +150,44 @@ async def test_an_agent_a_killed_server_left_running_keeps_its_scope_until_rerun
         assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]
         assert not await holders(ctx) & {agent_id, rerun.agent.agent_id}
     assert (repo / "src/app/w.py").read_text() == "W = 1\n"
+
+
+async def test_a_running_server_takes_over_the_agents_of_one_that_died_since(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server killed while another one is already open: the open one notices at its next
+    heartbeat (the dead server's process is gone from this machine) and marks the agent
+    interrupted, with its work committed, instead of showing it `running` for ever."""
+    monkeypatch.setattr(orchestrator_mod, "SERVER_HEARTBEAT_S", 0.1)
+    repo = make_repo(tmp_path / "repo")
+    gate = Gate({"LONG": 1})
+    model = by_task({"LONG": [*WRITE, ("x", {})]}, gate=gate)
+    async with Orchestrator(settings(repo), lambda _name: model) as b:
+        ctx = await b.context(repo)
+        async with Orchestrator(settings(repo), lambda _name: model) as a:
+            spawned = await a.spawn(
+                SpawnRequest(tasks=[TaskSpec(prompt="LONG", write_scope=["src/app"])])
+            )
+            with anyio.fail_after(30):
+                await gate.reached["LONG"].wait()
+        agent_id = spawned.agents[0].agent_id
+        # as a server killed at that point leaves it: the agent `running`, its owner registered
+        # with a fresh heartbeat, but its process gone
+        exited = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
+        ghost = "ghost-server"
+        with ctx.store._tx() as db:  # pyright: ignore[reportPrivateUsage]
+            db.execute(
+                "INSERT INTO servers (server_id, pid, host, started_at, heartbeat) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (ghost, int(exited.stdout), host_identity(), time.time(), time.time()),
+            )
+        ctx.store.update_agent(agent_id, "test", status=AgentStatus.RUNNING, owner=ghost)
+
+        with anyio.fail_after(20):
+            while (record := ctx.store.agent(agent_id)) is None or record.status.active:
+                await ctx.store.wait_for_change(ctx.store.cursor(), 1.0)
+        assert record.status == AgentStatus.INTERRUPTED
+        assert record.owner == ctx.store.server_id
+        assert record.result is not None and record.commit is not None
+        assert [c.path for c in record.result.changed_files] == ["src/app/w.py"]
+        assert agent_id in await holders(ctx)  # its scope stays reserved for the rerun

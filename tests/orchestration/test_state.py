@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -12,7 +13,14 @@ import anyio.lowlevel
 import pytest
 
 from orchestration.contracts import AgentStatus
-from orchestration.state import AgentRecord, RunRecord, SharedSnapshot, StateStore
+from orchestration.state import (
+    AgentRecord,
+    RunRecord,
+    SharedSnapshot,
+    StateStore,
+    host_identity,
+    pid_running,
+)
 
 
 def _run(run_id: str = "r1", budget: int = 10_000) -> RunRecord:
@@ -197,3 +205,32 @@ def test_processes_opening_a_new_store_at_the_same_moment_all_succeed(tmp_path: 
         store = StateStore(Path(d))
         assert store.runs() == []
         store.close()
+
+
+def test_a_server_of_this_machine_whose_process_exited_is_dead_at_once(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.register_server()
+    exited = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    gone = int(exited.stdout)
+    now = time.time()
+    with store._tx() as db:  # pyright: ignore[reportPrivateUsage]
+        rows = [
+            ("here-gone", gone, host_identity()),  # this machine, process exited: dead
+            ("here-alive", os.getppid(), host_identity()),  # this machine, process runs: live
+            ("elsewhere", gone, "another-host"),  # another machine: its heartbeat decides
+        ]
+        for server_id, pid, host in rows:
+            db.execute(
+                "INSERT INTO servers (server_id, pid, host, started_at, heartbeat) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (server_id, pid, host, now, now),
+            )
+    assert store.live_servers() == {store.server_id, "here-alive", "elsewhere"}
+    assert not pid_running(gone)
+    assert pid_running(os.getpid())
+    store.close()
