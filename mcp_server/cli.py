@@ -217,11 +217,12 @@ def status(repo_arg: str | None) -> int:
     try:
         runs = store.runs()
         agents = store.all_agents()
+        live = store.live_servers()
     finally:
         store.close()
     leases = LeaseStore(state_dir).table() if (state_dir / "leases.db").exists() else []
     print(f"repository {repo.root}\n")
-    print(store_text(runs, agents, leases))
+    print(store_text(runs, agents, leases, live))
     return 0
 
 

@@ -6,7 +6,7 @@ Clients that show text show these; the structured content carries every field.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from orchestration.contracts import (
     AgentBrief,
@@ -154,9 +154,13 @@ def rerun_text(result: RerunResult) -> str:
 
 
 def store_text(
-    runs: Sequence[RunRecord], agents: Sequence[AgentRecord], leases: Sequence[Lease]
+    runs: Sequence[RunRecord],
+    agents: Sequence[AgentRecord],
+    leases: Sequence[Lease],
+    live_servers: Collection[str] | None = None,
 ) -> str:
-    """The `fanout-mcp status` report, from the durable state."""
+    """The `fanout-mcp status` report, from the durable state; with `live_servers`, it says
+    which agents shown active belong to a server that is gone."""
     if not runs:
         return "no runs in this repository"
     parts: list[str] = []
@@ -186,4 +190,15 @@ def store_text(
         )
     else:
         parts.append("no leases held")
+    if live_servers is not None:
+        orphans = [a.agent_id for a in agents if a.status.active and a.owner not in live_servers]
+        if orphans:
+            parts.append("")
+            one = len(orphans) == 1
+            them, their = ("it", "its") if one else ("them", "their")
+            parts.append(
+                f"{', '.join(orphans)}: shown active, but {their} server is gone; the next "
+                f"fanout-mcp server on this repository marks {them} interrupted "
+                f"(rerun_subagent resumes {them})"
+            )
     return "\n".join(parts)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -15,9 +16,11 @@ from mcp import Client
 from mcp_server.demo import make_sample_repo, structured, wait_idle
 from mcp_server.server import build_server
 from orchestration.config import Settings
+from orchestration.contracts import AgentStatus
 from orchestration.model import Model, ModelRequest, ModelResponse
 from orchestration.providers.function import FunctionModel
 from orchestration.providers.scripted import reply_finish, reply_text, reply_tool
+from orchestration.state import AgentRecord, RunRecord, SharedSnapshot, StateStore, host_identity
 
 pytestmark = pytest.mark.anyio
 
@@ -110,3 +113,57 @@ async def test_status_while_running_and_after_the_server_stopped(tmp_path: Path)
 async def test_status_without_state(tmp_path: Path) -> None:
     repo = make_sample_repo(tmp_path)
     assert "no fanout state in" in await _status_cli(repo)
+
+
+async def test_status_says_which_active_agents_lost_their_server(tmp_path: Path) -> None:
+    """After a crash and before any server reopened the repository, the durable state still says
+    `running`: the report says that agent's server is gone and what happens next."""
+    repo = make_sample_repo(tmp_path)
+    store = StateStore(repo / ".git" / "fanout")
+    ghost, alive = "ghost-server", "live-server"
+    run = RunRecord(
+        run_id="r1",
+        repo=str(repo),
+        created_at=time.time(),
+        base_commit="0" * 40,
+        head_commit="0" * 40,
+        branch_ref="refs/heads/main",
+        snapshot_dirty=False,
+        shared=SharedSnapshot(base_commit="0" * 40),
+        max_concurrency=2,
+        budget_tokens=1000,
+        model="m",
+        owner=ghost,
+    )
+    agents = [
+        AgentRecord(
+            agent_id=f"r1-a{i}",
+            run_id="r1",
+            index=i,
+            name=f"t{i}",
+            prompt="p",
+            write_scope=None,
+            model="m",
+            max_turns=3,
+            base_commit="0" * 40,
+            owner=owner,
+            status=AgentStatus.RUNNING,
+        )
+        for i, owner in ((1, ghost), (2, alive))
+    ]
+    store.create_run(run, agents)
+    exited = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
+    with store._tx() as db:  # pyright: ignore[reportPrivateUsage]
+        for server_id, pid in ((ghost, int(exited.stdout)), (alive, os.getpid())):
+            db.execute(
+                "INSERT INTO servers (server_id, pid, host, started_at, heartbeat) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (server_id, pid, host_identity(), time.time(), time.time()),
+            )
+    store.close()
+    out = await _status_cli(repo)
+    notes = [line for line in out.splitlines() if "server is gone" in line]
+    assert notes == [
+        "r1-a1: shown active, but its server is gone; the next fanout-mcp server on this "
+        "repository marks it interrupted (rerun_subagent resumes it)"
+    ], out
