@@ -148,9 +148,11 @@ class LeaseFence:
 
 @dataclass
 class AgentRuntime:
-    """What this process knows of an agent it runs, beyond the durable record."""
+    """What this process knows of an agent it runs, or whose leases it keeps (a dead server's
+    finished agent), beyond the durable record."""
 
     agent_id: str
+    runs_here: bool = False  # a task of this process runs the agent (not only keeps its leases)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     cancel_reason: str | None = None
     released: anyio.Event = field(default_factory=anyio.Event)
@@ -303,7 +305,8 @@ class Orchestrator:
         live = ctx.store.live_servers() | {me}
         touched_runs: set[str] = set()
         for found in ctx.store.all_agents():
-            if not found.status.active or found.agent_id in self._runtimes:
+            runtime = self._runtimes.get(found.agent_id)
+            if not found.status.active or (runtime is not None and runtime.runs_here):
                 continue  # finished, or running in this process
             if found.owner in live and found.owner != me:
                 continue  # running in another live server
@@ -719,7 +722,7 @@ class Orchestrator:
     # --- running an agent -------------------------------------------------------------------
 
     def _register_runtime(self, agent_id: str) -> AgentRuntime:
-        runtime = AgentRuntime(agent_id=agent_id)
+        runtime = AgentRuntime(agent_id=agent_id, runs_here=True)
         self._runtimes[agent_id] = runtime
         return runtime
 

@@ -162,6 +162,8 @@ async def test_a_running_server_takes_over_the_agents_of_one_that_died_since(
     repo = make_repo(tmp_path / "repo")
     gate = Gate({"LONG": 1})
     model = by_task({"LONG": [*WRITE, ("x", {})]}, gate=gate)
+    # a process that has exited: the killed server's, as far as its id goes
+    exited = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
     async with Orchestrator(settings(repo), lambda _name: model) as b:
         ctx = await b.context(repo)
         async with Orchestrator(settings(repo), lambda _name: model) as a:
@@ -171,9 +173,13 @@ async def test_a_running_server_takes_over_the_agents_of_one_that_died_since(
             with anyio.fail_after(30):
                 await gate.reached["LONG"].wait()
         agent_id = spawned.agents[0].agent_id
-        # as a server killed at that point leaves it: the agent `running`, its owner registered
-        # with a fresh heartbeat, but its process gone
-        exited = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
+        me = ctx.store.server_id
+        # a stopped cleanly: b takes over the interrupted agent's lease at its next heartbeat
+        with anyio.fail_after(20):
+            while (taken := ctx.store.agent(agent_id)) is None or taken.owner != me:
+                await ctx.store.wait_for_change(ctx.store.cursor(), 1.0)
+        # now as a server killed at that point would leave it: the agent `running`, its owner
+        # registered with a fresh heartbeat, but its process gone
         ghost = "ghost-server"
         with ctx.store._tx() as db:  # pyright: ignore[reportPrivateUsage]
             db.execute(
@@ -187,7 +193,7 @@ async def test_a_running_server_takes_over_the_agents_of_one_that_died_since(
             while (record := ctx.store.agent(agent_id)) is None or record.status.active:
                 await ctx.store.wait_for_change(ctx.store.cursor(), 1.0)
         assert record.status == AgentStatus.INTERRUPTED
-        assert record.owner == ctx.store.server_id
+        assert record.owner == me
         assert record.result is not None and record.commit is not None
         assert [c.path for c in record.result.changed_files] == ["src/app/w.py"]
         assert agent_id in await holders(ctx)  # its scope stays reserved for the rerun
