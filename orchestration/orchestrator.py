@@ -386,8 +386,8 @@ class Orchestrator:
     async def _adopt_leases(self, ctx: RepoContext, live: set[str]) -> None:
         """Keep the leases of finished, unmerged agents of dead servers alive from here.
 
-        Only a dead server's agents are taken over (including those `_recover` has just marked
-        interrupted and made this server's): a live server keeps its own agents' leases
+        Only a dead server's agents are taken over (including those just marked interrupted
+        here, which are this server's now): a live server keeps its own agents' leases
         (its keeper renews them and its merges release them), and a grant renewed from two
         processes would outlive the merge that gives it back. The agent is claimed first (this
         server becomes its owner, atomically), so two servers starting at once cannot both take
