@@ -358,7 +358,9 @@ order they finished."""
 
 CANCEL_DESCRIPTION = """\
 Cancel a run's active agents (all, or agent_ids). Their work so far is committed on their branch \
-and can be resumed with rerun_subagent; nothing is merged."""
+and can be resumed with rerun_subagent; nothing is merged. Agents run by another fanout-mcp server \
+on the same repository are cancelled too (that server stops them); the answer comes once they \
+stopped, or after 30 s with where they are."""
 
 RERUN_DESCRIPTION = """\
 Run an agent's task again as a new agent of the same run, starting from the current head of the \

@@ -105,6 +105,11 @@ AGENTS_PER_MODEL = 16
 # status answers kept per repository, one per question (run_id, agent_ids) asked
 STATUS_ANSWERS_KEPT = 64
 ACTIVE_STATUSES = tuple(s for s in AgentStatus if s.active)
+# cancel_subagents waits this long for the agents to stop, then answers with where they are
+CANCEL_WAIT_S = 30.0
+# how often a server looks for cancel requests made from other servers (an indexed query)
+CANCEL_POLL_S = 0.5
+CANCEL_REQUESTED = "cancel_requested"  # the event of such a request
 
 
 def default_model_factory(settings: Settings) -> ModelFactory:
@@ -155,6 +160,7 @@ class AgentRuntime:
     runs_here: bool = False  # a task of this process runs the agent (not only keeps its leases)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     cancel_reason: str | None = None
+    lost_lease: bool = False  # cancelled because its write lease was lost (it then fails)
     released: anyio.Event = field(default_factory=anyio.Event)
     fence: LeaseFence | None = None
     loop: AgentLoop | None = None
@@ -269,6 +275,7 @@ class Orchestrator:
             store.register_server()
             await self.task_group.start(keeper.run)
             self.task_group.start_soon(self._server_heartbeat, ctx)
+            self.task_group.start_soon(self._watch_cancel_requests, ctx)
             await self._recover(ctx)
             self._contexts[git_repo.root] = ctx
             return ctx
@@ -1010,6 +1017,7 @@ class Orchestrator:
         record = ctx.store.update_agent(runtime.agent_id, "lease_lost", str(lost), lease_lost=True)
         if record.status.active:
             runtime.cancel_reason = f"its write lease was lost ({lost}); it cannot land"
+            runtime.lost_lease = True
             runtime.scope.cancel()
 
     async def _commit_work(
@@ -1034,7 +1042,7 @@ class Orchestrator:
 
     async def _finish_cancelled(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
         reason = runtime.cancel_reason or "cancelled by cancel_subagents"
-        lease_lost = runtime.cancel_reason is not None and "lease" in runtime.cancel_reason
+        lease_lost = runtime.lost_lease
         outcome = LoopOutcome(
             StopReason.INTERNAL_ERROR if lease_lost else StopReason.CANCELLED, error=reason
         )
@@ -1320,22 +1328,45 @@ class Orchestrator:
             agents = [by_id[i] for i in agent_ids]
         waiting: list[anyio.Event] = []
         for agent in agents:
+            if not agent.status.active:
+                continue
             runtime = self._runtimes.get(agent.agent_id)
-            if agent.status.active and runtime is not None:
+            if runtime is not None and runtime.runs_here:
                 runtime.scope.cancel()
-                done = anyio.Event()
-                waiting.append(done)
-                self.task_group.start_soon(self._await_final, ctx, agent.agent_id, done)
-            elif agent.status.active:
-                raise InvalidState(
-                    f"{agent.agent_id} is run by another server process ({agent.owner}); cancel "
-                    "it there"
+            elif agent.owner in ctx.store.live_servers():
+                # run by another live server: it cancels the agent when it sees the request
+                ctx.store.update_agent(
+                    agent.agent_id,
+                    CANCEL_REQUESTED,
+                    ctx.store.server_id,
+                    status_reason="cancel requested from another server; the server running it "
+                    "stops it",
                 )
-        with anyio.fail_after(30):
+            else:
+                await self._recover_agents(ctx)  # its server is gone: it becomes interrupted
+            done = anyio.Event()
+            waiting.append(done)
+            self.task_group.start_soon(self._await_final, ctx, agent.agent_id, done)
+        with anyio.move_on_after(CANCEL_WAIT_S):  # then the answer shows where they are
             for done in waiting:
                 await done.wait()
         refreshed = [self._agent(ctx, a.agent_id) for a in agents]
         return CancelResult(run_id=run_id, agents=[self._brief(a) for a in refreshed])
+
+    async def _watch_cancel_requests(self, ctx: RepoContext) -> None:
+        """Cancel the agents this process runs for which another server recorded a request."""
+        seen = ctx.store.cursor()
+        while True:
+            await anyio.sleep(CANCEL_POLL_S)
+            for seq, agent_id, detail in ctx.store.events_of_kind(CANCEL_REQUESTED, since=seen):
+                seen = max(seen, seq)
+                runtime = self._runtimes.get(agent_id)
+                if runtime is None or not runtime.runs_here:
+                    continue
+                runtime.cancel_reason = (
+                    f"cancelled by cancel_subagents from another server ({detail})"
+                )
+                runtime.scope.cancel()
 
     async def _await_final(self, ctx: RepoContext, agent_id: str, done: anyio.Event) -> None:
         while self._agent(ctx, agent_id).status.active:

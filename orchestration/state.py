@@ -263,6 +263,14 @@ class StateStore:
             for r in self._query(sql, args)
         ]
 
+    def events_of_kind(self, kind: str, *, since: int) -> list[tuple[int, str, str]]:
+        """(seq, agent_id, detail) of the events of `kind` after `since`, in order."""
+        rows = self._query(
+            "SELECT seq, agent_id, detail FROM events WHERE seq > ? AND kind = ? ORDER BY seq",
+            (since, kind),
+        )
+        return [(int(str(r[0])), str(r[1]), str(r[2])) for r in rows]
+
     async def wait_for_change(
         self, since: int, timeout_s: float, run_id: str | None = None
     ) -> bool:

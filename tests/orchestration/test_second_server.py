@@ -197,3 +197,62 @@ async def test_a_running_server_takes_over_the_agents_of_one_that_died_since(
         assert record.result is not None and record.commit is not None
         assert [c.path for c in record.result.changed_files] == ["src/app/w.py"]
         assert agent_id in await holders(ctx)  # its scope stays reserved for the rerun
+
+
+async def test_an_agent_run_by_another_live_server_is_cancelled_from_this_one(
+    tmp_path: Path,
+) -> None:
+    """Two sessions on one repository: the user cancels from the session that did not start the
+    run. The request is recorded; the server running the agent stops it, its work committed."""
+    repo = make_repo(tmp_path / "repo")
+    gate = Gate({"LONG": 1})
+    model = by_task({"LONG": [*WRITE, ("x", {})]}, gate=gate)
+    async with (
+        Orchestrator(settings(repo), lambda _name: model) as a,
+        Orchestrator(settings(repo), lambda _name: model) as b,
+    ):
+        spawned = await a.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="LONG", write_scope=["src/app"])])
+        )
+        with anyio.fail_after(30):
+            await gate.reached["LONG"].wait()
+        agent_id = spawned.agents[0].agent_id
+        with anyio.fail_after(40):
+            cancelled = await b.cancel(spawned.run_id)
+        assert [x.status for x in cancelled.agents] == [AgentStatus.CANCELLED]
+        record = (await a.status(run_id=spawned.run_id)).runs[0].agents[0]
+        assert record.agent_id == agent_id and record.status == AgentStatus.CANCELLED
+        assert record.result is not None and record.result.commit is not None
+        assert "another server" in (record.result.error or "")
+        assert [c.path for c in record.result.changed_files] == ["src/app/w.py"]
+        assert not record.lease_lost
+
+
+async def test_cancelling_an_agent_whose_server_is_gone_recovers_it_at_once(
+    tmp_path: Path,
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    gate = Gate({"LONG": 1})
+    model = by_task({"LONG": [*WRITE, ("x", {})]}, gate=gate)
+    exited = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
+    async with Orchestrator(settings(repo), lambda _name: model) as a:
+        spawned = await a.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="LONG", write_scope=["src/app"])])
+        )
+        with anyio.fail_after(30):
+            await gate.reached["LONG"].wait()
+    agent_id = spawned.agents[0].agent_id
+    async with Orchestrator(settings(repo), lambda _name: model) as b:
+        ctx = await b.context(repo)
+        # as a server killed after b started leaves it (b's heartbeat comes only every 5 s):
+        # `running`, owned by a server whose process is gone
+        with ctx.store._tx() as db:  # pyright: ignore[reportPrivateUsage]
+            db.execute(
+                "INSERT INTO servers (server_id, pid, host, started_at, heartbeat) "
+                "VALUES (?, ?, ?, ?, ?)",
+                ("ghost", int(exited.stdout), host_identity(), time.time(), time.time()),
+            )
+        ctx.store.update_agent(agent_id, "test", status=AgentStatus.RUNNING, owner="ghost")
+        with anyio.fail_after(10):
+            cancelled = await b.cancel(spawned.run_id)
+        assert [x.status for x in cancelled.agents] == [AgentStatus.INTERRUPTED]
