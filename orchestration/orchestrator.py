@@ -322,30 +322,58 @@ class Orchestrator:
             if agent is None:
                 continue  # another server recovered it first
             touched_runs.add(agent.run_id)
-            try:
-                await self._recover_one(ctx, agent)
-            except Exception as exc:
-                log.exception("agent %s: recovery failed", agent.agent_id)
-                reason = (
-                    f"the server running this agent stopped, and its work could not be "
-                    f"committed ({exc}); its workspace is kept: rerun_subagent starts it again"
-                )
-                ctx.store.update_agent(
-                    agent.agent_id,
-                    "interrupted",
-                    "the server running this agent stopped",
-                    status=AgentStatus.INTERRUPTED,
-                    stop_reason=StopReason.INTERRUPTED,
-                    status_reason=reason,
-                )
+            await self._recover_one(ctx, agent)
         for run_id in touched_runs:
             if not any(a.status.active for a in ctx.store.agents(run_id)):
                 ctx.store.reset_reservations(run_id)
         await self._adopt_leases(ctx, live)
 
     async def _recover_one(self, ctx: RepoContext, agent: AgentRecord) -> None:
-        """An agent of a dead server, claimed: commit what its worktree holds, mark it
-        `interrupted` with its result."""
+        """An agent of a dead server, claimed: commit what its worktree holds and mark it
+        `interrupted` with its result; if that work cannot be committed, mark it `interrupted`
+        all the same, with the reason, rather than leave it `running`."""
+        commit, changed_files, result = agent.commit, agent.changed_files, agent.result
+        try:
+            commit, changes = await self._commit_left_work(ctx, agent)
+        except Exception as exc:
+            log.exception("agent %s: recovery failed", agent.agent_id)
+            reason = (
+                f"the server running this agent stopped, and its work could not be committed "
+                f"({exc}); its workspace is kept: rerun_subagent starts it again"
+            )
+        else:
+            reason = (
+                "the server running this agent stopped; rerun_subagent resumes it from its "
+                "committed work"
+            )
+            changed_files = [c.path for c in changes]
+            result = AgentResult(
+                status=AgentStatus.INTERRUPTED,
+                stop_reason=StopReason.INTERRUPTED,
+                summary="",
+                changed_files=changes,
+                tokens=agent.tokens,
+                turns=agent.turns,
+                error=reason,
+                commit=commit,
+                branch=agent.branch,
+            )
+        ctx.store.update_agent(
+            agent.agent_id,
+            "interrupted",
+            "the server running this agent stopped",
+            status=AgentStatus.INTERRUPTED,
+            stop_reason=StopReason.INTERRUPTED,
+            status_reason=reason,
+            commit=commit,
+            changed_files=changed_files,
+            result=result,
+        )
+
+    async def _commit_left_work(
+        self, ctx: RepoContext, agent: AgentRecord
+    ) -> tuple[str | None, list[FileChange]]:
+        """Commit what a dead server's agent left in its worktree: (its commit, its changes)."""
         commit = agent.commit
         if agent.workspace and Path(agent.workspace).exists():
             # a write cut short leaves its temporary file; the file it replaced is intact
@@ -364,31 +392,7 @@ class Orchestrator:
         changes: list[FileChange] = []
         if _has_work(commit, agent.base_commit):
             changes = await anyio.to_thread.run_sync(self._changes, ctx, agent.base_commit, commit)
-        reason = (
-            "the server running this agent stopped; rerun_subagent resumes it from its "
-            "committed work"
-        )
-        ctx.store.update_agent(
-            agent.agent_id,
-            "interrupted",
-            "the server running this agent stopped",
-            status=AgentStatus.INTERRUPTED,
-            stop_reason=StopReason.INTERRUPTED,
-            status_reason=reason,
-            commit=commit,
-            changed_files=[c.path for c in changes],
-            result=AgentResult(
-                status=AgentStatus.INTERRUPTED,
-                stop_reason=StopReason.INTERRUPTED,
-                summary="",
-                changed_files=changes,
-                tokens=agent.tokens,
-                turns=agent.turns,
-                error=reason,
-                commit=commit,
-                branch=agent.branch,
-            ),
-        )
+        return commit, changes
 
     async def _adopt_leases(self, ctx: RepoContext, live: set[str]) -> None:
         """Keep the leases of finished, unmerged agents of dead servers alive from here.
