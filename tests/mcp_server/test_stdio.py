@@ -4,13 +4,11 @@ merge."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import anyio
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client
 
 from fakeapi import FakeAnthropic, FakeRequest, Reply, by_key, finish, text, tool_use
 from mcp_server.demo import (
@@ -22,24 +20,9 @@ from mcp_server.demo import (
     text_of,
     wait_idle,
 )
+from tests.mcp_server.servers import stdio_params
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _params(repo: Path, base_url: str) -> StdioServerParameters:
-    env = {
-        **os.environ,
-        "ANTHROPIC_BASE_URL": base_url,
-        "ANTHROPIC_API_KEY": "sk-test-dummy",
-        "FANOUT_SANDBOX": "none",
-        "FANOUT_MODEL_PROVIDER": "anthropic",
-        "PYTHONPATH": str(ROOT),
-    }
-    return StdioServerParameters(
-        command=sys.executable, args=["-m", "mcp_server.cli", "--repo", str(repo)], env=env
-    )
 
 
 def _greeting_script(request: FakeRequest) -> Reply:
@@ -62,7 +45,7 @@ def _mathx_script(request: FakeRequest) -> Reply:
 async def test_spawn_status_merge_conflict_rerun_merge_over_stdio(tmp_path: Path) -> None:
     repo = make_sample_repo(tmp_path)
     fake = FakeAnthropic(by_key({"[greeting]": _greeting_script, "[mathx]": _mathx_script}))
-    async with fake.serve(), Client(_params(repo, fake.base_url), mode="legacy") as client:
+    async with fake.serve(), Client(stdio_params(repo, fake.base_url), mode="legacy") as client:
         spawn = structured(
             await client.call_tool(
                 "spawn_subagents",

@@ -10,36 +10,21 @@ import contextlib
 import os
 import signal
 import sqlite3
-import sys
 from pathlib import Path
 
 import anyio
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client
 
 from fakeapi import FakeAnthropic, FakeRequest, Reply, by_key, finish, tool_use
 from mcp_server.demo import make_sample_repo, structured, text_of, wait_idle
+from tests.mcp_server.servers import stdio_params
 from tests.reliability.conftest import Ledger
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 G_STDIO = "G5i crash of the stdio server: the next one shows its agent interrupted at once"
 SLOW = "def slow() -> int:\n    return 1\n"
-
-
-def _params(repo: Path, base_url: str) -> StdioServerParameters:
-    env = {
-        **os.environ,
-        "ANTHROPIC_BASE_URL": base_url,
-        "ANTHROPIC_API_KEY": "sk-test-dummy",
-        "FANOUT_SANDBOX": "none",
-        "FANOUT_MODEL_PROVIDER": "anthropic",
-        "PYTHONPATH": str(ROOT),
-    }
-    return StdioServerParameters(
-        command=sys.executable, args=["-m", "mcp_server.cli", "--repo", str(repo)], env=env
-    )
 
 
 def _slow_script(request: FakeRequest) -> Reply:
@@ -64,7 +49,7 @@ async def test_a_killed_stdio_server_restarted_at_once(tmp_path: Path, ledger: L
     repo = make_sample_repo(tmp_path)
     fake = FakeAnthropic(by_key({"[slow]": _slow_script}))
     async with fake.serve():
-        params = _params(repo, fake.base_url)
+        params = stdio_params(repo, fake.base_url)
         client = Client(params, mode="legacy")
         await client.__aenter__()
         try:
