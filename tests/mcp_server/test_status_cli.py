@@ -20,7 +20,8 @@ from orchestration.contracts import AgentStatus
 from orchestration.model import Model, ModelRequest, ModelResponse
 from orchestration.providers.function import FunctionModel
 from orchestration.providers.scripted import reply_finish, reply_text, reply_tool
-from orchestration.state import AgentRecord, RunRecord, SharedSnapshot, StateStore, host_identity
+from orchestration.state import AgentRecord, RunRecord, SharedSnapshot, StateStore
+from tests.orchestration.scripts import add_server, exited_pid
 
 pytestmark = pytest.mark.anyio
 
@@ -152,14 +153,8 @@ async def test_status_says_which_active_agents_lost_their_server(tmp_path: Path)
         for i, owner in ((1, ghost), (2, alive))
     ]
     store.create_run(run, agents)
-    exited = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
-    with store._tx() as db:  # pyright: ignore[reportPrivateUsage]
-        for server_id, pid in ((ghost, int(exited.stdout)), (alive, os.getpid())):
-            db.execute(
-                "INSERT INTO servers (server_id, pid, host, started_at, heartbeat) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (server_id, pid, host_identity(), time.time(), time.time()),
-            )
+    add_server(store, ghost, await exited_pid())
+    add_server(store, alive, os.getpid())
     store.close()
     out = await _status_cli(repo)
     notes = [line for line in out.splitlines() if "server is gone" in line]

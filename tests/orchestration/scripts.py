@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from orchestration.model import (
     Usage,
 )
 from orchestration.providers.function import FunctionModel
+from orchestration.state import StateStore, host_identity
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "Test User",
@@ -124,3 +127,22 @@ class Gate:
         if self.hold.get(key) == turn:
             self.reached[key].set()
             await self.release[key].wait()
+
+
+def add_server(store: StateStore, server_id: str, pid: int, host: str | None = None) -> None:
+    """Register another server in `store` with a fresh heartbeat, as that server's process
+    would: on this machine unless `host` names another. With the pid of a process that has
+    exited, it is a server killed a moment ago."""
+    now = time.time()
+    with store._tx() as db:  # pyright: ignore[reportPrivateUsage]
+        db.execute(
+            "INSERT INTO servers (server_id, pid, host, started_at, heartbeat) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (server_id, pid, host or host_identity(), now, now),
+        )
+
+
+async def exited_pid() -> int:
+    """The pid of a process that has run and exited."""
+    done = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
+    return int(done.stdout)

@@ -3,8 +3,6 @@ agents, never those of a live server, and a merge leaves no lease behind whoever
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 import anyio
@@ -14,8 +12,8 @@ import orchestration.orchestrator as orchestrator_mod
 from orchestration.config import Settings
 from orchestration.contracts import AgentStatus, MergeOutcome, MergeRequest, SpawnRequest, TaskSpec
 from orchestration.orchestrator import Orchestrator, RepoContext
-from orchestration.state import AgentRecord, StateStore, host_identity
-from tests.orchestration.scripts import Gate, Step, by_task, make_repo
+from orchestration.state import AgentRecord, StateStore
+from tests.orchestration.scripts import Gate, Step, add_server, by_task, exited_pid, make_repo
 from tests.orchestration.test_orchestrator import wait_until_final
 
 pytestmark = pytest.mark.anyio
@@ -162,8 +160,7 @@ async def test_a_running_server_takes_over_the_agents_of_one_that_died_since(
     repo = make_repo(tmp_path / "repo")
     gate = Gate({"LONG": 1})
     model = by_task({"LONG": [*WRITE, ("x", {})]}, gate=gate)
-    # a process that has exited: the killed server's, as far as its id goes
-    exited = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
+    gone = await exited_pid()  # the killed server's process, as far as its id goes
     async with Orchestrator(settings(repo), lambda _name: model) as b:
         ctx = await b.context(repo)
         async with Orchestrator(settings(repo), lambda _name: model) as a:
@@ -181,12 +178,7 @@ async def test_a_running_server_takes_over_the_agents_of_one_that_died_since(
         # now as a server killed at that point would leave it: the agent `running`, its owner
         # registered with a fresh heartbeat, but its process gone
         ghost = "ghost-server"
-        with ctx.store._tx() as db:  # pyright: ignore[reportPrivateUsage]
-            db.execute(
-                "INSERT INTO servers (server_id, pid, host, started_at, heartbeat) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (ghost, int(exited.stdout), host_identity(), time.time(), time.time()),
-            )
+        add_server(ctx.store, ghost, gone)
         ctx.store.update_agent(agent_id, "test", status=AgentStatus.RUNNING, owner=ghost)
 
         with anyio.fail_after(20):
@@ -234,7 +226,7 @@ async def test_cancelling_an_agent_whose_server_is_gone_recovers_it_at_once(
     repo = make_repo(tmp_path / "repo")
     gate = Gate({"LONG": 1})
     model = by_task({"LONG": [*WRITE, ("x", {})]}, gate=gate)
-    exited = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
+    gone = await exited_pid()
     async with Orchestrator(settings(repo), lambda _name: model) as a:
         spawned = await a.spawn(
             SpawnRequest(tasks=[TaskSpec(prompt="LONG", write_scope=["src/app"])])
@@ -246,12 +238,7 @@ async def test_cancelling_an_agent_whose_server_is_gone_recovers_it_at_once(
         ctx = await b.context(repo)
         # as a server killed after b started leaves it (b's heartbeat comes only every 5 s):
         # `running`, owned by a server whose process is gone
-        with ctx.store._tx() as db:  # pyright: ignore[reportPrivateUsage]
-            db.execute(
-                "INSERT INTO servers (server_id, pid, host, started_at, heartbeat) "
-                "VALUES (?, ?, ?, ?, ?)",
-                ("ghost", int(exited.stdout), host_identity(), time.time(), time.time()),
-            )
+        add_server(ctx.store, "ghost", gone)
         ctx.store.update_agent(agent_id, "test", status=AgentStatus.RUNNING, owner="ghost")
         with anyio.fail_after(10):
             cancelled = await b.cancel(spawned.run_id)

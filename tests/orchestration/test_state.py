@@ -18,9 +18,9 @@ from orchestration.state import (
     RunRecord,
     SharedSnapshot,
     StateStore,
-    host_identity,
     pid_running,
 )
+from tests.orchestration.scripts import add_server
 
 
 def _run(run_id: str = "r1", budget: int = 10_000) -> RunRecord:
@@ -217,19 +217,9 @@ def test_a_server_of_this_machine_whose_process_exited_is_dead_at_once(tmp_path:
         check=True,
     )
     gone = int(exited.stdout)
-    now = time.time()
-    with store._tx() as db:  # pyright: ignore[reportPrivateUsage]
-        rows = [
-            ("here-gone", gone, host_identity()),  # this machine, process exited: dead
-            ("here-alive", os.getppid(), host_identity()),  # this machine, process runs: live
-            ("elsewhere", gone, "another-host"),  # another machine: its heartbeat decides
-        ]
-        for server_id, pid, host in rows:
-            db.execute(
-                "INSERT INTO servers (server_id, pid, host, started_at, heartbeat) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (server_id, pid, host, now, now),
-            )
+    add_server(store, "here-gone", gone)  # this machine, process exited: dead
+    add_server(store, "here-alive", os.getppid())  # this machine, process runs: live
+    add_server(store, "elsewhere", gone, "another-host")  # another machine: its heartbeat decides
     assert store.live_servers() == {store.server_id, "here-alive", "elsewhere"}
     assert not pid_running(gone)
     assert pid_running(os.getpid())
