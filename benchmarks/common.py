@@ -243,10 +243,22 @@ def _stats(fake: FakeAnthropic) -> FakeStats:
 
 @dataclass
 class FakeHandle:
-    """A running fake: its base URL and, once it has stopped, what it saw."""
+    """A running fake: its base URL, its process when it runs in a child (None in a thread) and,
+    once it has stopped, what it saw."""
 
     base_url: str
     stats: FakeStats = field(default_factory=FakeStats)
+    pid: int | None = None
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 where /proc is not available)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based, man proc).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -287,7 +299,7 @@ def fake_in_process(
     try:
         if not parent.poll(60):
             raise RuntimeError("the fake API process did not start within 60 s")
-        handle = FakeHandle(str(parent.recv()))
+        handle = FakeHandle(str(parent.recv()), pid=process.pid)
         yield handle
         parent.send("stop")
         if parent.poll(30):

@@ -8,8 +8,12 @@ sees every agent final) over the ideal 3 x 200 ms. Targets: <= 1.2 and <= 1.5.
 Beside them, the floor of this machine: `sdk_floor_over_ideal_N` replays the very requests the
 agents sent (recorded in an untimed run) through the same SDK client and transport, N tasks of
 three calls each, against the same fake — the model calls alone, without tools, worktrees,
-commits or state. `overhead_over_floor_N` is the product's makespan over that floor. Floor and
-product alternate, twice each, and the best of each is reported.
+commits or state. `overhead_over_floor_N` is the product's makespan over that floor. Below it,
+`transport_floor_over_ideal_N` sends the same request bodies through a bare aiohttp session per
+agent (no SDK): what the fake API and the loopback transport cost on their own, which no client
+can beat on this machine; `fake_cpu_ms_per_request_N` is the fake's own CPU time per request
+during the product's rounds (Linux), spent on the same cores as the product. Floors and product
+alternate, twice each, and the best of each is reported.
 
 `cpu_ms_per_agent_N` is the CPU time the product spent per agent (this process's threads and its
 git children), beside `sdk_floor_cpu_ms_per_agent_N` for the SDK alone: on a machine of two
@@ -23,12 +27,14 @@ one round, reported under the same keys (noted as quick in the table).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import anyio
 
 from benchmarks.common import (
@@ -38,6 +44,7 @@ from benchmarks.common import (
     drive,
     fake_in_process,
     orchestrator,
+    process_cpu_s,
     scratch,
     table,
     tasks,
@@ -46,7 +53,7 @@ from orchestration.contracts import SpawnRequest
 from orchestration.heap import freeze_heap
 from orchestration.model import Model, ModelRequest, ModelResponse
 from orchestration.orchestrator import ModelFactory
-from orchestration.providers.anthropic import AnthropicModel
+from orchestration.providers.anthropic import AnthropicModel, to_api_request
 
 LATENCY_S = 0.2
 TURNS = 3
@@ -107,9 +114,8 @@ async def _product(
     return timing.makespan_s, timing.failed, timing.spawn_s, cpu
 
 
-async def _floor(base_url: str, recorded: list[ModelRequest], agents: int) -> tuple[float, float]:
-    """The recorded requests replayed: one task per agent, its calls in order, all at once;
-    (elapsed_s, cpu_s)."""
+def _by_agent(recorded: list[ModelRequest], agents: int) -> list[list[ModelRequest]]:
+    """The recorded requests, per agent, in the order each agent sent them."""
     by_agent: dict[str, list[ModelRequest]] = {}
     for request in recorded:
         by_agent.setdefault(request.system_task, []).append(request)
@@ -118,9 +124,15 @@ async def _floor(base_url: str, recorded: list[ModelRequest], agents: int) -> tu
             f"the recorded run sent {len(recorded)} requests for {len(by_agent)} agents; "
             f"expected {TURNS} for each of {agents}"
         )
+    return list(by_agent.values())
+
+
+async def _floor(base_url: str, recorded: list[ModelRequest], agents: int) -> tuple[float, float]:
+    """The recorded requests replayed through the SDK: one task per agent, its calls in order,
+    all at once; (elapsed_s, cpu_s)."""
+    by_agent = _by_agent(recorded, agents)
     models = [
-        AnthropicModel(model=r[0].model, api_key="bench", base_url=base_url)
-        for r in by_agent.values()
+        AnthropicModel(model=r[0].model, api_key="bench", base_url=base_url) for r in by_agent
     ]
 
     async def one(model: AnthropicModel, requests: list[ModelRequest]) -> None:
@@ -129,12 +141,50 @@ async def _floor(base_url: str, recorded: list[ModelRequest], agents: int) -> tu
 
     started, cpu = time.perf_counter(), _cpu_s()
     async with anyio.create_task_group() as tg:
-        for model, requests in zip(models, by_agent.values(), strict=True):
+        for model, requests in zip(models, by_agent, strict=True):
             tg.start_soon(one, model, requests)
     elapsed, cpu = time.perf_counter() - started, _cpu_s() - cpu
     for model in models:
         await model.aclose()
     return elapsed, cpu
+
+
+async def _transport_floor(base_url: str, recorded: list[ModelRequest], agents: int) -> float:
+    """The recorded requests' bodies POSTed by a bare aiohttp session per agent (no SDK: no
+    request building, validation or response models), each answer read and parsed; elapsed_s."""
+    by_agent = _by_agent(recorded, agents)
+    headers = {
+        "x-api-key": "bench",
+        "anthropic-version": "2023-06-01",
+        "content-type": "application/json",
+    }
+    sessions = [aiohttp.ClientSession() for _ in by_agent]
+
+    async def one(session: aiohttp.ClientSession, requests: list[ModelRequest]) -> None:
+        for request in requests:
+            system, tools, messages = to_api_request(request)
+            body = {
+                "model": request.model,
+                "max_tokens": request.max_tokens,
+                "system": system,
+                "tools": tools,
+                "messages": messages,
+            }
+            url = f"{base_url}/v1/messages"
+            async with session.post(url, data=json.dumps(body), headers=headers) as answer:
+                if answer.status != 200:
+                    raise RuntimeError(f"the fake answered {answer.status}: {await answer.text()}")
+                json.loads(await answer.read())
+
+    started = time.perf_counter()
+    try:
+        async with anyio.create_task_group() as tg:
+            for session, requests in zip(sessions, by_agent, strict=True):
+                tg.start_soon(one, session, requests)
+        return time.perf_counter() - started
+    finally:
+        for session in sessions:
+            await session.close()
 
 
 @dataclass
@@ -147,11 +197,16 @@ class _Size:
     spawn_s: float
     cpu_s: float
     floor_cpu_s: float
+    transport_s: float
+    fake_cpu_s_per_request: float
 
 
-async def _measure(sizes: tuple[int, int], base_url: str, root: Path, rounds: int) -> list[_Size]:
-    """Per size: the best product makespan (and its spawn_s), the best floor, the failed agents
-    of all rounds, and the least CPU time of the product and of the floor."""
+async def _measure(
+    sizes: tuple[int, int], base_url: str, root: Path, rounds: int, fake_pid: int | None
+) -> list[_Size]:
+    """Per size: the best product makespan (and its spawn_s), the best of each floor, the failed
+    agents of all rounds, the least CPU time of the product and of the SDK floor, and the fake's
+    CPU time per request over the product's rounds."""
     await _product(base_url, 2, root / "warm-up")  # imports, SDK client, pydantic schemas: once
     freeze_heap()  # as `fanout-mcp` does once it has started (orchestration.heap)
     out: list[_Size] = []
@@ -160,9 +215,14 @@ async def _measure(sizes: tuple[int, int], base_url: str, root: Path, rounds: in
         await _product(base_url, n, root / f"record-{n}", _recording(base_url, recorded))
         products: list[tuple[float, int, float, float]] = []
         floors: list[tuple[float, float]] = []
+        transports: list[float] = []
+        fake_cpu = 0.0
         for r in range(rounds):
             floors.append(await _floor(base_url, recorded, n))
+            transports.append(await _transport_floor(base_url, recorded, n))
+            before = process_cpu_s(fake_pid) if fake_pid else 0.0
             products.append(await _product(base_url, n, root / f"repo-{n}-{r}"))
+            fake_cpu += (process_cpu_s(fake_pid) - before) if fake_pid else 0.0
         best = min(products)
         out.append(
             _Size(
@@ -172,6 +232,8 @@ async def _measure(sizes: tuple[int, int], base_url: str, root: Path, rounds: in
                 spawn_s=best[2],
                 cpu_s=min(p[3] for p in products),
                 floor_cpu_s=min(f[1] for f in floors),
+                transport_s=min(transports),
+                fake_cpu_s_per_request=fake_cpu / (rounds * n * TURNS),
             )
         )
     return out
@@ -182,7 +244,7 @@ def run(quick: bool) -> dict[str, float | int]:
     rounds = 1 if quick else 2
     started = time.perf_counter()
     with scratch("bench-fanout-") as tmp, fake_in_process(latency_s=LATENCY_S) as fake:
-        results = anyio.run(_measure, sizes, fake.base_url, Path(tmp), rounds)
+        results = anyio.run(_measure, sizes, fake.base_url, Path(tmp), rounds, fake.pid)
     figures: dict[str, float | int] = {}
     rows: list[tuple[str, float | int, str]] = []
     note = " (quick)" if quick else ""
@@ -195,6 +257,8 @@ def run(quick: bool) -> dict[str, float | int]:
         figures[f"fanout_failed_{key}"] = size.failed
         figures[f"cpu_ms_per_agent_{key}"] = round(size.cpu_s / n * 1000, 2)
         figures[f"sdk_floor_cpu_ms_per_agent_{key}"] = round(size.floor_cpu_s / n * 1000, 2)
+        figures[f"transport_floor_over_ideal_{key}"] = round(size.transport_s / IDEAL_S, 3)
+        figures[f"fake_cpu_ms_per_request_{key}"] = round(size.fake_cpu_s_per_request * 1000, 2)
         target = "1.2" if key == "16" else "1.5"
         rows += [
             (
@@ -207,6 +271,17 @@ def run(quick: bool) -> dict[str, float | int]:
                 f"sdk_floor_over_ideal_{key}",
                 figures[f"sdk_floor_over_ideal_{key}"],
                 f"the same {n * TURNS} requests through the SDK alone: {floor:.3f} s",
+            ),
+            (
+                f"transport_floor_over_ideal_{key}",
+                figures[f"transport_floor_over_ideal_{key}"],
+                f"the same {n * TURNS} request bodies, bare aiohttp, no SDK: "
+                f"{size.transport_s:.3f} s",
+            ),
+            (
+                f"fake_cpu_ms_per_request_{key}",
+                figures[f"fake_cpu_ms_per_request_{key}"],
+                "the fake API's own CPU per request (its process, same cores), product rounds",
             ),
             (
                 f"overhead_over_floor_{key}",

@@ -13,7 +13,6 @@ server does."""
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -24,7 +23,7 @@ from typing import Any
 import anyio
 from mcp import Client
 
-from benchmarks.common import StdioRpc
+from benchmarks.common import StdioRpc, process_cpu_s
 from mcp_server.demo import make_sample_repo, server_params, structured, wait_idle
 
 
@@ -92,16 +91,6 @@ class RawTimes:
     status_parse_s: list[float]
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (0 where /proc is not available)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # After the command name: state is field 3, utime 14 and stime 15 (1-based, man proc).
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _raw(command: str, args: list[str], run_id: str, calls: int) -> RawTimes:
     """get_status and ping timed over the server's stdio with bare JSON-RPC lines: interleaved
     for the wall-clock times, then in two blocks for the server's CPU time per call."""
@@ -133,10 +122,10 @@ def _raw(command: str, args: list[str], run_id: str, calls: int) -> RawTimes:
             status_parse_s.append(time.perf_counter() - t0)
         cpu: list[float] = []
         for call in (status_call, ping_call):
-            before = _cpu_s(rpc.proc.pid)
+            before = process_cpu_s(rpc.proc.pid)
             for _ in range(calls):
                 request("tools/call", call)
-            cpu.append((_cpu_s(rpc.proc.pid) - before) / calls)
+            cpu.append((process_cpu_s(rpc.proc.pid) - before) / calls)
         return RawTimes(status_s, ping_s, cpu[0], cpu[1], len(status_line.encode()), status_parse_s)
     finally:
         rpc.close()
