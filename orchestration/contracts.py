@@ -222,10 +222,11 @@ class CommandRun(_Output):
     outcome: Literal["ok", "refused", "error"] = "ok"
 
 
-class AgentResult(_Output):
-    """A finished agent's result: facts from the bus and git, plus the model's own summary."""
+class AgentResultView(_Output):
+    """A finished agent's result as `get_status` shows it: the result's own facts, without what
+    the agent's entry beside it already says (its status, tokens, turns and branch). The whole
+    result is `AgentResult` (the agent's result resource)."""
 
-    status: AgentStatus
     stop_reason: StopReason
     summary: str
     follow_ups: list[str] = Field(default_factory=list[str])
@@ -235,12 +236,24 @@ class AgentResult(_Output):
     )
     commands: list[CommandRun] = Field(default_factory=list[CommandRun])
     refused_calls: int = 0
-    tokens: TokenUsage = Field(default_factory=TokenUsage)
-    turns: int = 0
     duration_s: float = 0.0
     error: str | None = None
     commit: str | None = None
+
+
+class AgentResult(AgentResultView):
+    """A finished agent's result: facts from the bus and git, plus the model's own summary."""
+
+    status: AgentStatus
+    tokens: TokenUsage = Field(default_factory=TokenUsage)
+    turns: int = 0
     branch: str | None = None
+
+    def view(self) -> AgentResultView:
+        """The result as `get_status` shows it (no validation: these values already passed)."""
+        return AgentResultView.model_construct(
+            **{name: getattr(self, name) for name in AgentResultView.model_fields}
+        )
 
 
 class LeaseView(_Output):
@@ -272,7 +285,12 @@ class AgentView(_Output):
     base_commit: str
     branch: str | None = None
     rerun_of: str | None = None
-    result: AgentResult | None = None
+    result: AgentResultView | None = Field(
+        default=None,
+        description="once finished: summary, follow-ups, changed files with line counts, "
+        "commands with exit codes, error, commit (its status, tokens, turns and branch are the "
+        "agent's own, above)",
+    )
 
 
 class RunTotals(_Output):

@@ -1769,7 +1769,7 @@ def _agent_view(
         base_commit=agent.base_commit,
         branch=agent.branch,
         rerun_of=agent.rerun_of,
-        result=agent.result,
+        result=agent.result.view() if agent.result is not None else None,
     )
     built[agent.agent_id] = _BuiltView(agent, leases, view)
     return view

@@ -231,7 +231,29 @@ async def test_spawn_status_merge_and_resources(repo: Path, mode: str) -> None:
         result = await client.read_resource(f"fanout://agents/{agent_id}/result")
         first = result.contents[0]
         assert isinstance(first, TextResourceContents)
-        assert json.loads(first.text)["status"] == "succeeded"
+        record = json.loads(first.text)
+        assert record["status"] == "succeeded"
+        # get_status shows the result without what the agent's entry already says; the
+        # resource has the whole result
+        shown = run["agents"][0]
+        assert set(shown["result"]) == {
+            "stop_reason",
+            "summary",
+            "follow_ups",
+            "changed_files",
+            "dropped_files",
+            "commands",
+            "refused_calls",
+            "duration_s",
+            "error",
+            "commit",
+        }
+        assert [c["path"] for c in shown["result"]["changed_files"]] == shown["changed_files"]
+        assert record["result"]["status"] == shown["status"] == "succeeded"
+        assert record["result"]["tokens"] == shown["tokens"]
+        assert record["result"]["turns"] == shown["turns"] > 0
+        assert record["result"]["branch"] == shown["branch"]
+        assert record["result"]["summary"] == shown["result"]["summary"]
         transcript = await client.read_resource(f"fanout://agents/{agent_id}/transcript")
         first = transcript.contents[0]
         assert isinstance(first, TextResourceContents) and "write_file" in first.text
