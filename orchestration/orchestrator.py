@@ -1196,12 +1196,12 @@ class Orchestrator:
             changed = await ctx.store.wait_for_change(since, timeout, run_id)
         elif since is not None:
             changed = ctx.store.cursor() > since
-        cursor = ctx.store.cursor()
-        runs = ctx.store.runs_snapshot(run_id)
+        cursor = ctx.store.cursor()  # read once, before the rows (see runs_snapshot)
+        runs = ctx.store.runs_snapshot(run_id, cursor)
         if run_id and not runs:
             self._run(ctx, run_id)  # raises RunNotFound
         wanted = set(agent_ids) if agent_ids else None
-        snapshots = {r.run_id: ctx.store.agents_snapshot(r.run_id) for r in runs}
+        snapshots = {r.run_id: ctx.store.agents_snapshot(r.run_id, cursor) for r in runs}
         if wanted:
             known = {a.agent_id for agents in snapshots.values() for a in agents}
             missing = sorted(wanted - known)

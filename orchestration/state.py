@@ -515,13 +515,17 @@ class StateStore:
         """run_id (None: every run) -> (the cursor read before the rows, the snapshot)."""
         return {}
 
-    def runs_snapshot(self, run_id: str | None = None) -> list[RunRecord]:
+    def runs_snapshot(
+        self, run_id: str | None = None, cursor: int | None = None
+    ) -> list[RunRecord]:
         """The run (`[]` if there is none), or every run, as `runs` returns them, but parsed
         again only when its stored JSON changed (a run carries its shared context, the files'
         contents included), and not even read while no event was recorded since (creating a run
-        appends one in the same transaction). The records are shared between calls: read them,
+        appends one in the same transaction). `cursor`: the caller's `cursor()`, read just
+        before (saves reading it again). The records are shared between calls: read them,
         never mutate them."""
-        cursor = self.cursor()  # before the rows: a change committed after it moves it
+        if cursor is None:
+            cursor = self.cursor()  # before the rows: a change committed after it moves it
         last = self._run_snapshots.get(run_id)
         if last is not None and last[0] == cursor:
             return list(last[1])
@@ -540,14 +544,15 @@ class StateStore:
         self._run_snapshots[run_id] = (cursor, records)
         return list(records)
 
-    def agents_snapshot(self, run_id: str) -> list[AgentRecord]:
+    def agents_snapshot(self, run_id: str, cursor: int | None = None) -> list[AgentRecord]:
         """The run's agents, as `agents` returns them, but re-parsing only the rows whose stored
         JSON changed since the previous call for this run: a status poll of a large run mostly
         finds nothing changed; when no event at all was recorded since (every change of an agent
-        appends one, in the same transaction), not even the rows are read. The records are
-        shared between calls: read them, never mutate them (changes go through
-        `update_agent`)."""
-        cursor = self.cursor()  # before the rows: a change committed after it moves it
+        appends one, in the same transaction), not even the rows are read. `cursor` as for
+        `runs_snapshot`. The records are shared between calls: read them, never mutate them
+        (changes go through `update_agent`)."""
+        if cursor is None:
+            cursor = self.cursor()  # before the rows: a change committed after it moves it
         last = self._snapshots.get(run_id)
         if last is not None and last[0] == cursor:
             return list(last[1])
