@@ -10,7 +10,15 @@ import pytest
 
 import orchestration.orchestrator as orchestrator_mod
 from orchestration.config import Settings
-from orchestration.contracts import AgentStatus, MergeOutcome, MergeRequest, SpawnRequest, TaskSpec
+from orchestration.contracts import (
+    AgentStatus,
+    MergeOutcome,
+    MergeRequest,
+    SpawnRequest,
+    SpawnResult,
+    TaskSpec,
+)
+from orchestration.model import Model
 from orchestration.orchestrator import Orchestrator, RepoContext
 from orchestration.state import AgentRecord, StateStore
 from tests.orchestration.scripts import Gate, Step, add_server, by_task, exited_pid, make_repo
@@ -27,6 +35,24 @@ def settings(repo: Path) -> Settings:
 
 async def holders(ctx: RepoContext) -> set[str]:
     return {lease.holder for lease in await ctx.leases.table()}
+
+
+def long_task() -> tuple[Gate, Model]:
+    """A model whose `LONG` agent writes src/app/w.py, then stays in its next model call until
+    the gate is released."""
+    gate = Gate({"LONG": 1})
+    return gate, by_task({"LONG": [*WRITE, ("x", {})]}, gate=gate)
+
+
+async def spawn_long(orch: Orchestrator, gate: Gate) -> SpawnResult:
+    """Spawn the `LONG` agent (write scope src/app); return once it has written its file and
+    waits for the model."""
+    spawned = await orch.spawn(
+        SpawnRequest(tasks=[TaskSpec(prompt="LONG", write_scope=["src/app"])])
+    )
+    with anyio.fail_after(30):
+        await gate.reached["LONG"].wait()
+    return spawned
 
 
 async def test_a_server_opened_during_a_merge_leaves_the_live_servers_lease_alone(
@@ -112,15 +138,10 @@ async def test_an_agent_a_killed_server_left_running_keeps_its_scope_until_rerun
     """Recovery makes the interrupted agent this server's own; its lease must still be kept
     (renewed here) so that no other agent takes the scope before the rerun."""
     repo = make_repo(tmp_path / "repo")
-    gate = Gate({"LONG": 1})
-    model = by_task({"LONG": [*WRITE, ("x", {})]}, gate=gate)
+    gate, model = long_task()
     quick = Settings(repo=repo, sandbox="none", lease_ttl_s=1.0, lease_lock_delay_s=0.0)
     async with Orchestrator(quick, lambda _name: model) as a:
-        spawned = await a.spawn(
-            SpawnRequest(tasks=[TaskSpec(prompt="LONG", write_scope=["src/app"])])
-        )
-        with anyio.fail_after(30):
-            await gate.reached["LONG"].wait()
+        spawned = await spawn_long(a, gate)
         agent_id = spawned.agents[0].agent_id
         dead = (await a.context(repo)).store.server_id
     # as a killed server leaves it: the agent still `running`, owned by a server that is gone
@@ -158,17 +179,12 @@ async def test_a_running_server_takes_over_the_agents_of_one_that_died_since(
     interrupted, with its work committed, instead of showing it `running` for ever."""
     monkeypatch.setattr(orchestrator_mod, "SERVER_HEARTBEAT_S", 0.1)
     repo = make_repo(tmp_path / "repo")
-    gate = Gate({"LONG": 1})
-    model = by_task({"LONG": [*WRITE, ("x", {})]}, gate=gate)
+    gate, model = long_task()
     gone = await exited_pid()  # the killed server's process, as far as its id goes
     async with Orchestrator(settings(repo), lambda _name: model) as b:
         ctx = await b.context(repo)
         async with Orchestrator(settings(repo), lambda _name: model) as a:
-            spawned = await a.spawn(
-                SpawnRequest(tasks=[TaskSpec(prompt="LONG", write_scope=["src/app"])])
-            )
-            with anyio.fail_after(30):
-                await gate.reached["LONG"].wait()
+            spawned = await spawn_long(a, gate)
         agent_id = spawned.agents[0].agent_id
         me = ctx.store.server_id
         # a stopped cleanly: b takes over the interrupted agent's lease at its next heartbeat
@@ -197,17 +213,12 @@ async def test_an_agent_run_by_another_live_server_is_cancelled_from_this_one(
     """Two sessions on one repository: the user cancels from the session that did not start the
     run. The request is recorded; the server running the agent stops it, its work committed."""
     repo = make_repo(tmp_path / "repo")
-    gate = Gate({"LONG": 1})
-    model = by_task({"LONG": [*WRITE, ("x", {})]}, gate=gate)
+    gate, model = long_task()
     async with (
         Orchestrator(settings(repo), lambda _name: model) as a,
         Orchestrator(settings(repo), lambda _name: model) as b,
     ):
-        spawned = await a.spawn(
-            SpawnRequest(tasks=[TaskSpec(prompt="LONG", write_scope=["src/app"])])
-        )
-        with anyio.fail_after(30):
-            await gate.reached["LONG"].wait()
+        spawned = await spawn_long(a, gate)
         agent_id = spawned.agents[0].agent_id
         with anyio.fail_after(40):
             cancelled = await b.cancel(spawned.run_id)
@@ -224,15 +235,10 @@ async def test_cancelling_an_agent_whose_server_is_gone_recovers_it_at_once(
     tmp_path: Path,
 ) -> None:
     repo = make_repo(tmp_path / "repo")
-    gate = Gate({"LONG": 1})
-    model = by_task({"LONG": [*WRITE, ("x", {})]}, gate=gate)
+    gate, model = long_task()
     gone = await exited_pid()
     async with Orchestrator(settings(repo), lambda _name: model) as a:
-        spawned = await a.spawn(
-            SpawnRequest(tasks=[TaskSpec(prompt="LONG", write_scope=["src/app"])])
-        )
-        with anyio.fail_after(30):
-            await gate.reached["LONG"].wait()
+        spawned = await spawn_long(a, gate)
     agent_id = spawned.agents[0].agent_id
     async with Orchestrator(settings(repo), lambda _name: model) as b:
         ctx = await b.context(repo)
