@@ -1331,26 +1331,33 @@ class Orchestrator:
                 raise AgentNotFound(f"agent_ids: {', '.join(missing)} not in run {run_id}")
             agents = [by_id[i] for i in agent_ids]
         waiting: list[anyio.Event] = []
+        live: set[str] | None = None  # the live servers, read once, when first needed
+        orphans = False
         for agent in agents:
             if not agent.status.active:
                 continue
             runtime = self._runtimes.get(agent.agent_id)
             if runtime is not None and runtime.runs_here:
                 runtime.scope.cancel()
-            elif agent.owner in ctx.store.live_servers():
-                # run by another live server: it cancels the agent when it sees the request
-                ctx.store.update_agent(
-                    agent.agent_id,
-                    CANCEL_REQUESTED,
-                    ctx.store.server_id,
-                    status_reason="cancel requested from another server; the server running it "
-                    "stops it",
-                )
             else:
-                await self._recover_agents(ctx)  # its server is gone: it becomes interrupted
+                if live is None:
+                    live = ctx.store.live_servers()
+                if agent.owner in live:
+                    # run by another live server: it cancels the agent when it sees the request
+                    ctx.store.update_agent(
+                        agent.agent_id,
+                        CANCEL_REQUESTED,
+                        ctx.store.server_id,
+                        status_reason="cancel requested from another server; the server running "
+                        "it stops it",
+                    )
+                else:
+                    orphans = True
             done = anyio.Event()
             waiting.append(done)
             self.task_group.start_soon(self._await_final, ctx, agent.agent_id, done)
+        if orphans:
+            await self._recover_agents(ctx)  # their server is gone: they become interrupted
         with anyio.move_on_after(CANCEL_WAIT_S):  # then the answer shows where they are
             for done in waiting:
                 await done.wait()
