@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from orchestration.model import Model, ModelRequest, ModelResponse
 from orchestration.orchestrator import ModelFactory
 from orchestration.providers.function import FunctionModel
 from orchestration.providers.scripted import reply_finish, reply_text, reply_tool
+from orchestration.workspace import run_git
 
 _GREET = (
     'GREETING = "{word}"\n\n\ndef greet(name: str) -> str:\n'
@@ -143,16 +143,13 @@ def demo_model_factory() -> ModelFactory:
 
 
 def _git(repo: Path, *args: str) -> str:
-    env = {
-        **os.environ,
+    identity = {
         "GIT_AUTHOR_NAME": "fanout demo",
         "GIT_AUTHOR_EMAIL": "demo@fanout.invalid",
         "GIT_COMMITTER_NAME": "fanout demo",
         "GIT_COMMITTER_EMAIL": "demo@fanout.invalid",
     }
-    return subprocess.run(
-        ["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True
-    ).stdout
+    return run_git(repo, *args, env=identity).stdout
 
 
 def make_sample_repo(root: Path) -> Path:

@@ -175,7 +175,9 @@ def register_resources(server: FanoutServer, app: App) -> None:
             return f"# {agent_id} has no commit yet (status {agent.status.value})\n"
         base = agent.base_commit
         commit = agent.commit
-        diff = await anyio.to_thread.run_sync(lambda: ctx.repo.git("diff", f"{base}..{commit}"))
+        diff = await anyio.to_thread.run_sync(
+            lambda: ctx.repo.git("diff", "--no-ext-diff", "--no-textconv", f"{base}..{commit}")
+        )
         header = f"# {agent_id}: git diff {base[:12]}..{commit[:12]}\n"
         if agent.conflicts:
             header += "# conflicts with the canonical head in: " + ", ".join(agent.conflicts) + "\n"

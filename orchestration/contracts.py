@@ -232,7 +232,8 @@ class AgentResultView(_Output):
     follow_ups: list[str] = Field(default_factory=list[str])
     changed_files: list[FileChange] = Field(default_factory=list[FileChange])
     dropped_files: list[str] = Field(
-        default_factory=list[str], description="changed outside the write scope; not committed"
+        default_factory=list[str],
+        description="changed outside the write scope, or a .git the agent made; not committed",
     )
     commands: list[CommandRun] = Field(default_factory=list[CommandRun])
     refused_calls: int = 0

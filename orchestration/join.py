@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from orchestration.workspace import (
     status_entries,
     tree_changes,
 )
+from toolbus import gitcmd
 from toolbus.resources import is_within, overlaps
 
 JoinKind = Literal["merged", "clean", "conflicted", "skipped"]
@@ -713,9 +713,9 @@ def _conflict_text(
             f = tmp / name
             f.write_bytes(data or b"")
             files.append(str(f))
-        proc = subprocess.run(
+        proc = gitcmd.run_bytes(
+            tmp,
             [
-                "git",
                 "merge-file",
                 "-p",
                 "--diff3",
@@ -727,8 +727,6 @@ def _conflict_text(
                 labels[2] + ("" if theirs is not None else " (deleted)"),
                 *files,
             ],
-            capture_output=True,
-            check=False,
         )
         body = proc.stdout.decode("utf-8", errors="replace")
     finally:

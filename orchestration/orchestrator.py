@@ -981,6 +981,7 @@ class Orchestrator:
             fence=runtime.fence,
             audit=audit,
             terminal=terminal,
+            git_dir=workspace.admin_dir,
         )
 
     def _budget(self, ctx: RepoContext, run_id: str) -> Budget:
@@ -1090,7 +1091,7 @@ class Orchestrator:
         if agent.workspace is not None and Path(agent.workspace).exists():
             work = await self._commit_work(ctx, agent, _first_line(outcome.summary or agent.prompt))
             commit = work.commit or commit
-            dropped = list(work.dropped)
+            dropped = [*work.dropped, *work.planted]
         if commit is not None:
             changes = await anyio.to_thread.run_sync(self._changes, ctx, agent.base_commit, commit)
         records = runtime.audit.records() if runtime.audit is not None else []
@@ -1722,7 +1723,9 @@ class Orchestrator:
                 "agents' merged work. Redo the task so that it fits the current code."
             )
             if _has_work(old.commit, old.base_commit):
-                diff = ctx.repo.git("diff", old.base_commit, old.commit)
+                diff = ctx.repo.git(
+                    "diff", "--no-ext-diff", "--no-textconv", old.base_commit, old.commit
+                )
                 if len(diff) > MAX_REJECTED_DIFF_CHARS:
                     diff = diff[:MAX_REJECTED_DIFF_CHARS] + "\n… (diff truncated)"
                 parts.append(f"The rejected diff:\n```diff\n{diff}\n```")

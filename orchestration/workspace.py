@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -25,7 +26,9 @@ import pygit2
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestration.errors import RepositoryError
+from toolbus import gitcmd
 from toolbus.errors import PathEscape
+from toolbus.gitcmd import Pinned
 from toolbus.resources import WriteScope, is_within, normalize_path
 
 log = logging.getLogger(__name__)
@@ -37,23 +40,6 @@ STATE_DIR_NAME = "fanout"
 SNAPSHOT_REF_PREFIX = "refs/fanout/snapshots/"
 BRANCH_PREFIX = "fanout/"
 WORKSPACE_META = "fanout-workspace.json"
-
-# Variables a calling git (a hook, an editor launched by git) may leave behind that would
-# redirect our git commands to another repository, index or worktree.
-_GIT_LOCAL_ENV = (
-    "GIT_DIR",
-    "GIT_WORK_TREE",
-    "GIT_INDEX_FILE",
-    "GIT_OBJECT_DIRECTORY",
-    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
-    "GIT_COMMON_DIR",
-    "GIT_NAMESPACE",
-    "GIT_PREFIX",
-    "GIT_LITERAL_PATHSPECS",
-    "GIT_GLOB_PATHSPECS",
-    "GIT_NOGLOB_PATHSPECS",
-    "GIT_ICASE_PATHSPECS",
-)
 
 
 @dataclass(frozen=True)
@@ -80,37 +66,22 @@ class Identity:
 FANOUT_IDENTITY = Identity("fanout", "fanout@localhost")
 
 
-def _git_env(extra: Mapping[str, str] | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCAL_ENV}
-    env["GIT_TERMINAL_PROMPT"] = "0"
-    env.setdefault("LC_ALL", "C")
-    if extra:
-        env.update(extra)
-    return env
-
-
 def run_git(
     cwd: Path,
     *args: str,
     env: Mapping[str, str] | None = None,
     input: str | None = None,
     check: bool = True,
+    pinned: Pinned | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run one git command in `cwd`; raise `RepositoryError` with git's stderr on failure."""
+    """Run one git command in `cwd` (pinned to a workspace's recorded git dir when `pinned`);
+    raise `RepositoryError` with git's stderr on failure."""
     try:
-        proc = subprocess.run(
-            ["git", *args],
-            cwd=cwd,
-            env=_git_env(env),
-            input=input,
-            capture_output=True,
-            text=True,
-            encoding="utf-8",
-            errors="surrogateescape",
-            check=False,
-        )
-    except FileNotFoundError as exc:
-        raise RepositoryError("git is not installed or not on PATH") from exc
+        proc = gitcmd.run(cwd, args, pinned=pinned, env=env, input=input)
+    except gitcmd.GitNotFound as exc:
+        raise RepositoryError(str(exc)) from exc
+    except gitcmd.UnpinnedWorkspaceGit as exc:
+        raise RepositoryError(str(exc)) from exc
     if check and proc.returncode != 0:
         detail = proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}"
         raise RepositoryError(f"git {' '.join(args[:3])} failed in {cwd}: {detail}")
@@ -130,6 +101,11 @@ class GitRepo:
         where = Path(path).resolve()
         if not where.is_dir():
             raise RepositoryError(f"{where} is not a directory: pass --repo <repository path>")
+        if gitcmd.in_workspace_area(where):
+            raise RepositoryError(
+                f"{where} is inside an agent's workspace, not a repository of yours: pass the "
+                "repository the agents work on"
+            )
         proc = run_git(where, "rev-parse", "--show-toplevel", check=False)
         top = proc.stdout.strip()
         if proc.returncode != 0 or not top:
@@ -363,18 +339,24 @@ def _snapshot_ref(run_id: str) -> str:
 
 
 def _seed_index(
-    cwd: Path, source_index: Path, index: Path, treeish: str, env: Mapping[str, str]
+    cwd: Path,
+    source_index: Path,
+    index: Path,
+    treeish: str,
+    env: Mapping[str, str],
+    *,
+    pinned: Pinned | None = None,
 ) -> None:
     """Fill a temporary index with `treeish`, reusing stat data of `source_index` when possible."""
     try:
         shutil.copyfile(source_index, index)
-        proc = run_git(cwd, "read-tree", "-m", treeish, env=env, check=False)
+        proc = run_git(cwd, "read-tree", "-m", treeish, env=env, check=False, pinned=pinned)
         if proc.returncode == 0:
             return
     except OSError:
         pass
     index.unlink(missing_ok=True)
-    run_git(cwd, "read-tree", treeish, env=env)
+    run_git(cwd, "read-tree", treeish, env=env, pinned=pinned)
 
 
 # --------------------------------------------------------------------------- workspaces
@@ -394,6 +376,114 @@ class Workspace(BaseModel):
     def branch_ref(self) -> str:
         """The full ref name of the workspace's branch."""
         return f"refs/heads/{self.branch}"
+
+    @property
+    def admin_dir(self) -> Path | None:
+        """The worktree's admin git dir (`<git dir>/worktrees/<name>`) from the server's records,
+        None when the workspace is not registered."""
+        return admin_dir_of(self.path)
+
+
+def admin_dir_of(path: Path) -> Path | None:
+    """The admin git dir of the agent workspace at `path`, found from the files in the common
+    git dir (`worktrees/<name>/gitdir` names the workspace), which commands cannot write; never
+    from the workspace's own `.git`, which the agent can replace. None when there is none."""
+    real = Path(os.path.realpath(path))
+    if len(real.parents) < 4 or not real.is_dir():
+        return None
+    if real.parents[1].name != "worktrees" or real.parents[2].name != STATE_DIR_NAME:
+        return None
+    admin_root = real.parents[3] / "worktrees"
+    want = os.path.join(real, ".git")
+    first = admin_root / real.name
+    try:
+        others = sorted(p for p in admin_root.iterdir() if p != first)
+    except OSError:
+        return None
+    for admin in (first, *others):
+        try:
+            target = (admin / "gitdir").read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if os.path.normpath(target) == want and (admin / "HEAD").is_file():
+            return admin
+    return None
+
+
+def pin(path: Path, *, filters: bool = False) -> Pinned:
+    """How the server's git runs on the workspace at `path`: its recorded git dir and work tree,
+    with the repository's filter drivers off (see `toolbus.gitcmd`) unless `filters`, which only
+    the first checkout of the base asks for (the user's files, before any agent ran)."""
+    admin = admin_dir_of(path)
+    if admin is None:
+        raise RepositoryError(
+            f"the workspace {path} is missing or not registered in the repository; it was "
+            "removed or never created"
+        )
+    overrides = () if filters else gitcmd.filter_overrides(_config_names(admin))
+    return Pinned(admin, Path(os.path.realpath(path)), overrides)
+
+
+def open_workspace_repo(pinned: Pinned) -> pygit2.Repository:
+    """A libgit2 handle on a workspace, opened at its recorded git dir (no discovery)."""
+    return pygit2.Repository(str(pinned.git_dir), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
+
+
+def _config_names(admin: Path) -> list[str]:
+    try:
+        pyrepo = pygit2.Repository(str(admin), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
+    except pygit2.GitError:
+        return []
+    try:
+        return [entry.name for entry in pyrepo.config]
+    except pygit2.GitError:
+        return []
+    finally:
+        pyrepo.free()
+
+
+def secure_workspace_git(pinned: Pinned) -> list[str]:
+    """Make the workspace's git what the server created before the server's git reads it: a
+    root `.git` that is not the server's gitfile, and any `.git` below the root (a planted
+    repository, which git would commit as an embedded repository), are the agent's content:
+    each is moved out of the workspace, under `<state dir>/quarantine/<workspace>/`, and the
+    server's gitfile is put back. Returns what was moved or restored, for the agent's result."""
+    root = pinned.work_tree
+    found: list[str] = []
+    expected = f"gitdir: {pinned.git_dir}"
+    dot_git = root / ".git"
+    ours = False
+    try:
+        st = dot_git.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_size < 4096:
+            ours = dot_git.read_text(encoding="utf-8").strip() == expected
+    except (OSError, UnicodeDecodeError):
+        st = None
+    planted: list[str] = []
+    if st is not None and not ours:
+        planted.append(".git")
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in (*dirnames, *filenames):
+            if name.casefold() == ".git" and rel_dir != ".":
+                planted.append(os.path.join(rel_dir, name).replace(os.sep, "/"))
+        dirnames[:] = [d for d in dirnames if d.casefold() != ".git"]
+    if planted:
+        quarantine = pinned.git_dir.parent.parent / STATE_DIR_NAME / "quarantine" / root.name
+        quarantine.mkdir(parents=True, exist_ok=True)
+        batch = Path(tempfile.mkdtemp(prefix="planted-", dir=quarantine))
+        for rel in planted:
+            target = batch / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(root / rel), str(target))
+            found.append(f"{rel} (a .git the agent made; moved out of the workspace)")
+    if not ours:
+        if st is None:
+            found.append(".git (removed by the agent; the server's was put back)")
+        _write_whole(dot_git, expected + "\n")
+    if found:
+        log.warning("workspace %s: %s", root, "; ".join(found))
+    return found
 
 
 def _check_component(value: str, what: str) -> None:
@@ -460,8 +550,11 @@ def create_workspace(
         # What `worktree add` runs to check out; simultaneous checkouts of a large tree are
         # slower than one after the other on few cores, so at most one per core at a time.
         with _CHECKOUT_SLOTS:
-            if not _checkout_in_process(path, base):
-                run_git(path, "reset", "--hard", "--no-recurse-submodules", "--quiet")
+            pinned = pin(path, filters=True)
+            if not _checkout_in_process(pinned, base):
+                run_git(
+                    path, "reset", "--hard", "--no-recurse-submodules", "--quiet", pinned=pinned
+                )
     included = _copy_included(repo.root, path, include)
     ws = Workspace(
         path=path,
@@ -645,11 +738,12 @@ def in_process_git_ok(pyrepo: pygit2.Repository, tree: pygit2.Tree) -> bool:
         return False
 
 
-def _checkout_in_process(path: Path, base: str) -> bool:
-    """Populate the new worktree at `path` (files and index) with `base`'s tree, in-process;
-    False, with git left to do it, when libgit2 would not do what git does."""
+def _checkout_in_process(pinned: Pinned, base: str) -> bool:
+    """Populate the new worktree (files and index) with `base`'s tree, in-process; False, with
+    git left to do it, when libgit2 would not do what git does."""
+    path = pinned.work_tree
     try:
-        wt = pygit2.Repository(str(path))
+        wt = open_workspace_repo(pinned)
     except pygit2.GitError:
         return False
     try:
@@ -671,37 +765,15 @@ def _checkout_in_process(path: Path, base: str) -> bool:
         wt.free()
 
 
-def _worktree_git_dir(path: Path) -> Path | None:
-    """The git dir of the worktree at `path`, or None when `path` is not one.
-
-    A linked worktree's `.git` is a file naming its git dir, read here without running git.
-    """
-    if not path.is_dir():
-        return None
-    try:
-        text = (path / ".git").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        text = ""
-    if text.startswith("gitdir: "):
-        git_dir = Path(text[len("gitdir: ") :].strip())
-        git_dir = git_dir if git_dir.is_absolute() else path / git_dir
-        if (git_dir / "HEAD").is_file():
-            return git_dir.resolve()
-    proc = run_git(path, "rev-parse", "--absolute-git-dir", check=False)
-    if proc.returncode != 0:
-        return None
-    return Path(proc.stdout.strip())
-
-
 def _write_meta(ws: Workspace) -> None:
-    git_dir = _worktree_git_dir(ws.path)
+    git_dir = admin_dir_of(ws.path)
     if git_dir is None:
         raise RepositoryError(f"the new worktree {ws.path} has no git dir")
     (git_dir / WORKSPACE_META).write_text(ws.model_dump_json(), encoding="utf-8")
 
 
 def _read_meta(path: Path) -> Workspace | None:
-    git_dir = _worktree_git_dir(path)
+    git_dir = admin_dir_of(path)
     if git_dir is None:
         return None
     try:
@@ -851,7 +923,7 @@ def clear_dead_locks(repo: GitRepo, path: Path, branch: str | None) -> list[str]
     candidates: list[Path] = []
     if branch:
         candidates.append(repo.git_dir / f"refs/heads/{branch}.lock")
-    admin = _worktree_git_dir(path)
+    admin = admin_dir_of(path)
     if admin is not None:
         candidates += [admin / "index.lock", admin / "HEAD.lock"]
     removed: list[str] = []
@@ -901,6 +973,8 @@ class WorkCommit(BaseModel):
     commit: str | None
     changes: list[FileChange]
     dropped: list[str]
+    planted: list[str] = Field(default_factory=list[str])
+    """`.git` entries the agent made, moved out of the workspace and not committed."""
 
 
 def commit_workspace(
@@ -916,13 +990,27 @@ def commit_workspace(
     nothing out of scope reaches the branch, even if the agent ran git itself. Calling it again
     commits later edits on top. Reads run in-process (pygit2); git runs only to stage the
     working tree, write the tree and commit, and to move the branch (compare-and-swap).
+    Git works on the workspace only pinned to its recorded git dir, after any `.git` the agent
+    planted is moved out (`secure_workspace_git`).
     """
-    cwd = ws.path
-    git_dir = _worktree_git_dir(cwd)
-    if git_dir is None:
-        raise RepositoryError(f"the workspace {cwd} is missing; it was removed or never created")
+    pinned = pin(ws.path)
+    planted = secure_workspace_git(pinned)
+    done = _commit_pinned(ws, pinned, message=message, write_scope=write_scope, author=author)
+    return done.model_copy(update={"planted": planted}) if planted else done
+
+
+def _commit_pinned(
+    ws: Workspace,
+    pinned: Pinned,
+    *,
+    message: str,
+    write_scope: WriteScope,
+    author: Identity,
+) -> WorkCommit:
+    cwd = pinned.work_tree
+    git_dir = pinned.git_dir
     ref = ws.branch_ref if ws.branch else "HEAD"  # the agent's branch, even if it moved HEAD
-    pyrepo = pygit2.Repository(str(cwd))
+    pyrepo = open_workspace_repo(pinned)
     try:
         try:
             head_commit = pyrepo.revparse_single(ref).peel(pygit2.Commit)
@@ -949,16 +1037,16 @@ def commit_workspace(
         try:
             env = {"GIT_INDEX_FILE": str(index)}
             if not _index_is_at(pyrepo, git_dir / "index", head_tree, index):
-                _seed_index(cwd, git_dir / "index", index, head, env)
-            run_git(cwd, "add", "-A", "--", ":/", env=env)
-            tree = run_git(cwd, "write-tree", env=env).stdout.strip()
+                _seed_index(cwd, git_dir / "index", index, head, env, pinned=pinned)
+            run_git(cwd, "add", "-A", "--", ":/", env=env, pinned=pinned)
+            tree = run_git(cwd, "write-tree", env=env, pinned=pinned).stdout.strip()
             dropped: list[str] = []
             if tree != str(_tree_of(pyrepo, base).id):
                 changed = _changed_paths(pyrepo, base, tree)
                 dropped = sorted(p for p in changed if not write_scope.allows(p))
                 if dropped:
-                    _reset_paths(pyrepo, cwd, base, dropped, env)
-                    tree = run_git(cwd, "write-tree", env=env).stdout.strip()
+                    _reset_paths(pyrepo, pinned, base, dropped, env)
+                    tree = run_git(cwd, "write-tree", env=env, pinned=pinned).stdout.strip()
             if tree == head_tree:
                 return WorkCommit(commit=None, changes=[], dropped=dropped)
             commit = run_git(
@@ -970,12 +1058,22 @@ def commit_workspace(
                 "-m",
                 message.strip() or "fanout: agent work",
                 env=author.env(author=True, committer=False) | FANOUT_IDENTITY.env(author=False),
+                pinned=pinned,
             ).stdout.strip()
-            run_git(cwd, "update-ref", "-m", "fanout: commit agent work", ref, commit, head)
+            run_git(
+                cwd,
+                "update-ref",
+                "-m",
+                "fanout: commit agent work",
+                ref,
+                commit,
+                head,
+                pinned=pinned,
+            )
             on_branch = None if pyrepo.head_is_detached else pyrepo.references["HEAD"].target
             # bring the worktree's own index to the new commit (files on disk are not touched)
             if ref == "HEAD" or on_branch == ref:
-                _install_index(cwd, git_dir, index, commit)
+                _install_index(pinned, index, commit)
         finally:
             index.unlink(missing_ok=True)
         changes = file_changes(pyrepo, head, commit)
@@ -1109,8 +1207,9 @@ def _changed_paths(pyrepo: pygit2.Repository, base: str, tree: str) -> list[str]
     return sorted(paths)
 
 
-def _install_index(cwd: Path, git_dir: Path, index: Path, commit: str) -> None:
+def _install_index(pinned: Pinned, index: Path, commit: str) -> None:
     """Make `index` (which holds `commit`'s tree) the worktree's index, under git's index lock."""
+    cwd, git_dir = pinned.work_tree, pinned.git_dir
     lock = git_dir / "index.lock"
     try:
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -1125,12 +1224,16 @@ def _install_index(cwd: Path, git_dir: Path, index: Path, commit: str) -> None:
             pass
         finally:
             lock.unlink(missing_ok=True)
-    if run_git(cwd, "read-tree", "-m", commit, check=False).returncode != 0:
-        run_git(cwd, "read-tree", commit)
+    if run_git(cwd, "read-tree", "-m", commit, check=False, pinned=pinned).returncode != 0:
+        run_git(cwd, "read-tree", commit, pinned=pinned)
 
 
 def _reset_paths(
-    pyrepo: pygit2.Repository, cwd: Path, base: str, paths: Sequence[str], env: Mapping[str, str]
+    pyrepo: pygit2.Repository,
+    pinned: Pinned,
+    base: str,
+    paths: Sequence[str],
+    env: Mapping[str, str],
 ) -> None:
     """Set `paths` in the (temporary) index to their content in `base`, removing absent ones."""
     lines: list[str] = []
@@ -1139,7 +1242,15 @@ def _reset_paths(
             lines.append(f"0 {ZERO_OID}\t{p}")  # absent in the base (or a directory there)
         else:
             lines.append(f"{int(entry.filemode):06o} {entry.id}\t{p}")
-    run_git(cwd, "update-index", "-z", "--index-info", input="\0".join(lines) + "\0", env=env)
+    run_git(
+        pinned.work_tree,
+        "update-index",
+        "-z",
+        "--index-info",
+        input="\0".join(lines) + "\0",
+        env=env,
+        pinned=pinned,
+    )
 
 
 # --------------------------------------------------------------------------- diffs

@@ -265,6 +265,7 @@ class AgentBus:
         audit: AuditLog,
         terminal: Terminal,
         limits: FileLimits | None = None,
+        git_dir: Path | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.jail = Jail(workspace)
@@ -274,7 +275,7 @@ class AgentBus:
         self.terminal = terminal
         self.limits = limits or FileLimits()
         self._loop_fence = _LoopFence(fence)
-        self.files = FileOps(self.jail, write_scope, self._loop_fence, self.limits)
+        self.files = FileOps(self.jail, write_scope, self._loop_fence, self.limits, git_dir=git_dir)
         self._mutation_lock = anyio.Lock()
         self._handlers: dict[str, Callable[[Any], Awaitable[tuple[str, _Facts]]]] = {
             "read_file": self._read_file,

@@ -6,8 +6,8 @@ atomic (temp file in the same directory, fsync, `os.replace`).
 
 Ignored files: `list_files` and `search` see what `git ls-files --cached --others
 --exclude-standard` reports in the worktree (git's own `.gitignore` semantics, including nested
-ignore files and `info/exclude`); outside a git work tree they fall back to a walk that skips
-only `.git`. Symlinked files are listed but not searched.
+ignore files and `info/exclude`), git pinned to the git dir the server gives; without one they
+fall back to a walk that skips only `.git`. Symlinked files are listed but not searched.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from toolbus import gitcmd
 from toolbus.errors import (
     BinaryFile,
     FileNotFound,
@@ -197,11 +198,14 @@ class FileOps:
         scope: WriteScope,
         fence: Fence,
         limits: FileLimits | None = None,
+        git_dir: Path | None = None,
     ) -> None:
         self.jail = jail
         self.scope = scope
         self.fence = fence
         self.limits = limits or FileLimits()
+        self.git_dir = git_dir
+        """The workspace's git dir as the server recorded it; `None`: not a git work tree."""
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -408,7 +412,7 @@ class FileOps:
 
     def _tree(self, base: str) -> list[str]:
         """Non-ignored files (real relative paths, sorted) at or under `base`."""
-        files = _git_files(self.jail.root, base)
+        files = _git_files(self.jail.root, self.git_dir, base)
         if files is None:
             files = _walk_files(self.jail.root, base)
         root = str(self.jail.root)
@@ -573,23 +577,18 @@ def _matching_lines(regex: re.Pattern[str], text: str) -> list[tuple[int, str]]:
     return hits
 
 
-_GIT_ENV_DROP = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR", "GIT_PREFIX")
-
-
-def _git_files(root: Path, base: str) -> list[str] | None:
-    """Non-ignored files from git, or `None` when `root` is not a git work tree."""
-    if not (root / ".git").exists():
+def _git_files(root: Path, git_dir: Path | None, base: str) -> list[str] | None:
+    """Non-ignored files from git, or `None` when `root` is not a git work tree. Git runs pinned
+    to the git dir the server recorded: the workspace's own `.git` is the agent's to write."""
+    if git_dir is None or not git_dir.is_dir():
         return None
-    env = {k: v for k, v in os.environ.items() if k not in _GIT_ENV_DROP}
-    command = ["git", "--literal-pathspecs", "-c", "core.quotepath=off", "ls-files", "-z"]
+    command = ["--literal-pathspecs", "-c", "core.quotepath=off", "ls-files", "-z"]
     command += ["--cached", "--others", "--exclude-standard"]
     if base:
         command += ["--", base]
     try:
-        done = subprocess.run(
-            command, cwd=root, env=env, capture_output=True, check=False, timeout=60
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        done = gitcmd.run_bytes(root, command, pinned=gitcmd.Pinned(git_dir, root), timeout=60)
+    except (OSError, subprocess.TimeoutExpired, gitcmd.GitNotFound):
         return None
     if done.returncode != 0:
         return None

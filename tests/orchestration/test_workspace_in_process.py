@@ -25,6 +25,7 @@ from tests.orchestration.gitutil import (
     make_repo,
     write,
 )
+from toolbus.gitcmd import Pinned
 from toolbus.resources import WriteScope
 
 BASE_FILES = {
@@ -163,11 +164,13 @@ def test_in_process_commit_equals_git(
     with monkeypatch.context() as m:
         m.setattr(ws_mod, "_commit_in_process", spy)
         got = commit_workspace(fast, message="work", write_scope=SCOPE)
-    # libgit2 did it, except for a nested repository, which it refuses: git does that one
-    assert ran and (ran[0] is None) == (case == "nested_repository")
+    # libgit2 did it (a nested repository's .git is moved out of the workspace first)
+    assert ran and ran[0] is not None
     with monkeypatch.context() as m:
         _git_only(m)
         want = commit_workspace(slow, message="work", write_scope=SCOPE)
+    assert [p.split(" ")[0] for p in got.planted] == [p.split(" ")[0] for p in want.planted]
+    assert bool(got.planted) == (case == "nested_repository")
     assert (got.commit is None) == (want.commit is None)
     assert got.dropped == want.dropped
     assert [c.model_dump() for c in got.changes] == [c.model_dump() for c in want.changes]
@@ -249,7 +252,7 @@ def test_a_reference_transaction_hook_sends_the_work_to_git(tmp_path: Path) -> N
     assert not _verdict(root)
 
 
-def test_with_a_filter_driver_the_work_is_committed_by_git(
+def test_a_filter_driver_smudges_the_base_but_never_cleans_the_agents_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = make_repo(tmp_path / "r", {**BASE_FILES, ".gitattributes": "*.up filter=upper\n"})
@@ -258,19 +261,20 @@ def test_with_a_filter_driver_the_work_is_committed_by_git(
     called: list[bool] = []
     real = ws_mod._checkout_in_process  # pyright: ignore[reportPrivateUsage]
 
-    def spy(path: Path, base: str) -> bool:
-        done = real(path, base)
+    def spy(pinned: Pinned, base: str) -> bool:
+        done = real(pinned, base)
         called.append(done)
         return done
 
     monkeypatch.setattr(ws_mod, "_checkout_in_process", spy)
     w = create_workspace(GitRepo(root), base_commit=head(root), run_id="f", agent_id="a")
-    assert called == [False]
+    assert called == [False]  # git checked the base out, with the user's smudge filter
     write(w.path, "src/shout.up", "quiet words\n")
     done = commit_workspace(w, message="filtered", write_scope=SCOPE)
     assert done.commit is not None
-    # git ran the clean filter, which libgit2 could not have done
-    assert git(w.path, "show", f"{done.commit}:src/shout.up") == "QUIET WORDS\n"
+    # a filter program would run on content the agent wrote, picked by attributes the agent
+    # may write: it never runs on the agent's work, which is committed as written
+    assert git(w.path, "show", f"{done.commit}:src/shout.up") == "quiet words\n"
 
 
 def test_a_moved_branch_is_refused_not_overwritten(
@@ -328,8 +332,8 @@ def test_a_large_tree_is_checked_out_by_git(
     real = ws_mod._checkout_in_process  # pyright: ignore[reportPrivateUsage]
     done: list[bool] = []
 
-    def spy(path: Path, base: str) -> bool:
-        done.append(real(path, base))
+    def spy(pinned: Pinned, base: str) -> bool:
+        done.append(real(pinned, base))
         return done[-1]
 
     monkeypatch.setattr(ws_mod, "_checkout_in_process", spy)

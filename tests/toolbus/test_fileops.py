@@ -75,7 +75,16 @@ def ops(
     fence: RevocableFence | None = None,
     limits: FileLimits | None = None,
 ) -> FileOps:
-    return FileOps(Jail(root), WriteScope.of(scope), fence or RevocableFence(), limits)
+    return FileOps(
+        Jail(root), WriteScope.of(scope), fence or RevocableFence(), limits, git_dir=git_dir(root)
+    )
+
+
+def git_dir(root: Path) -> Path | None:
+    """The git dir of a work tree the test set up (what the server records), or None."""
+    argv = ["git", "rev-parse", "--absolute-git-dir"]
+    done = subprocess.run(argv, cwd=root, capture_output=True, text=True, check=False)
+    return Path(done.stdout.strip()) if done.returncode == 0 else None
 
 
 # ---- read ------------------------------------------------------------------------------------

@@ -1,0 +1,197 @@
+"""A subagent's files never choose what the server's own git runs.
+
+Each case is what a prompt-injected agent does through its tools: a command (sandboxed when
+bubblewrap runs here) plants a `.git` or changes one, then the agent lists, searches or just
+finishes, and the server runs git on its workspace (`git ls-files` for the listing, staging for
+the commit). The planted configuration names a program that writes a marker outside the
+workspace with the server's API key; the marker must never appear. The agent's real work is
+still committed and merged, and the planted `.git` is reported in its result, not committed.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import anyio
+import pytest
+from pydantic import JsonValue
+
+from orchestration.config import Settings
+from orchestration.contracts import (
+    AgentStatus,
+    MergeOutcome,
+    MergeRequest,
+    SpawnRequest,
+    StatusResult,
+    TaskSpec,
+)
+from orchestration.orchestrator import Orchestrator
+from tests.orchestration.scripts import by_task, git, make_repo
+from tests.reliability.conftest import Ledger
+
+pytestmark = pytest.mark.anyio
+
+GUARANTEE = "G1c an agent's files never choose what the server's git runs"
+Step = tuple[str, dict[str, JsonValue]]
+
+
+def _hook(marker: Path) -> str:
+    """Shell that writes an executable `hook.sh` which records that it ran, and the key."""
+    body = f'#!/bin/sh\necho "ran $ANTHROPIC_API_KEY" >> {shlex.quote(str(marker))}\nexit 1\n'
+    return f"printf %s {shlex.quote(body)} > hook.sh && chmod +x hook.sh"
+
+
+def _plant_repository(marker: Path) -> str:
+    """The reported attack: the gitfile swapped for a fresh repository with an fsmonitor hook."""
+    return (
+        f"{_hook(marker)} && mv .git .git.real && git init -q . && "
+        'git config core.fsmonitor "$PWD/hook.sh" && '
+        'git config core.hooksPath "$PWD" && cp hook.sh post-index-change && '
+        'git config diff.external "$PWD/hook.sh" && git config core.pager "$PWD/hook.sh" && '
+        "printf '* filter=evil\\n' > .gitattributes && "
+        'git config filter.evil.clean "$PWD/hook.sh" && git config filter.evil.required true'
+    )
+
+
+def _redirect_gitfile(evil: Path) -> str:
+    """The gitfile pointed at a repository elsewhere, prepared with a hook."""
+    return f"printf 'gitdir: %s\\n' {shlex.quote(str(evil))} > .git"
+
+
+def _nested_repository(marker: Path) -> str:
+    """A repository planted below the root, which git would commit as an embedded one."""
+    return (
+        f"{_hook(marker)} && mkdir -p src/app/vendored && cd src/app/vendored && "
+        "echo lib > lib.py && git init -q . && git add lib.py && "
+        "git -c user.name=a -c user.email=a@a commit -qm inner && "
+        'git config core.fsmonitor "$PWD/../../../hook.sh"'
+    )
+
+
+def _evil_repo(tmp_path: Path, marker: Path) -> Path:
+    evil = tmp_path / "evil"
+    git(tmp_path, "init", "-q", str(evil))
+    hook = evil / "hook.sh"
+    hook.write_text(f'#!/bin/sh\necho "ran $ANTHROPIC_API_KEY" >> {shlex.quote(str(marker))}\n')
+    hook.chmod(0o755)
+    git(evil, "config", "core.fsmonitor", str(hook))
+    git(evil, "config", "core.hooksPath", str(evil))
+    return evil / ".git"
+
+
+async def _attack(repo: Path, steps: list[Step]) -> tuple[StatusResult, list[MergeOutcome]]:
+    """Run one agent through `steps` (then it finishes), wait for it, and merge it."""
+    model = by_task({"ATTACK": steps})
+    settings = Settings.model_validate({"repo": repo, "sandbox": "auto", "lease_ttl_s": 30.0})
+    async with Orchestrator(settings, lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="ATTACK", name="a", write_scope=["src/app"])])
+        )
+        cursor: int | None = None
+        with anyio.fail_after(60):
+            while True:
+                status = await orch.status(run_id=spawned.run_id, since=cursor, wait_s=5)
+                cursor = status.cursor
+                if not any(a.status.active for a in status.runs[0].agents):
+                    break
+        merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
+        return status, [r.outcome for r in merged.agents]
+
+
+def _cases(tmp_path: Path, marker: Path) -> dict[str, list[Step]]:
+    write: Step = ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"})
+    plant: Step = ("run_command", {"command": _plant_repository(marker)})
+    return {
+        "fsmonitor_through_list_files": [plant, ("list_files", {}), write],
+        "fsmonitor_through_search": [plant, ("search", {"pattern": "core"}), write],
+        "through_finishing_alone": [write, plant],
+        "redirected_gitfile": [
+            write,
+            ("run_command", {"command": _redirect_gitfile(_evil_repo(tmp_path, marker))}),
+            ("list_files", {}),
+            ("search", {"pattern": "core"}),
+        ],
+        "nested_repository": [
+            write,
+            ("run_command", {"command": _nested_repository(marker)}),
+            ("list_files", {"path": "src/app"}),
+            ("search", {"pattern": "lib"}),
+        ],
+    }
+
+
+CASE_NAMES = [
+    "fsmonitor_through_list_files",
+    "fsmonitor_through_search",
+    "through_finishing_alone",
+    "redirected_gitfile",
+    "nested_repository",
+]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+async def test_planted_git_runs_nothing(tmp_path: Path, ledger: Ledger, case: str) -> None:
+    repo = make_repo(tmp_path / "repo")
+    marker = tmp_path / "escaped.txt"
+    steps = _cases(tmp_path, marker)[case]
+    status, outcomes = await _attack(repo, steps)
+    ran = marker.read_text() if marker.exists() else ""
+    ledger.record(GUARANTEE, case, ran == "", ran.strip()[:80])
+    assert ran == "", f"a program named by the agent's git configuration ran: {ran!r}"
+    agent = status.runs[0].agents[0]
+    assert agent.status is AgentStatus.SUCCEEDED, agent
+    assert agent.result is not None
+    planted = [d for d in agent.result.dropped_files if ".git" in d]
+    assert planted, agent.result.dropped_files
+    assert outcomes == [MergeOutcome.MERGED]
+    assert (repo / "src/app/work.py").read_text() == "WORK = 1\n"
+    tree = git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()
+    assert not any(p.endswith(".git") or "/.git/" in p for p in tree)
+    modes = git(repo, "ls-tree", "-r", "HEAD").split("\n")
+    assert not any(line.startswith("160000") for line in modes)  # no embedded repository
+    git(repo, "fsck", "--no-progress")
+
+
+async def test_the_users_own_command_running_config_stays_off_in_workspaces(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """The user's fsmonitor, hooks and filters run on their own checkout, never on an agent's
+    workspace, where the agent's files (attributes included) would pick what they run on."""
+    repo = make_repo(tmp_path / "repo")
+    marker = tmp_path / "escaped.txt"
+    hook = tmp_path / "user-hook.sh"
+    hook.write_text(f'#!/bin/sh\necho "ran $0" >> {shlex.quote(str(marker))}\nexit 0\n')
+    hook.chmod(0o755)
+    for name in ("post-index-change", "reference-transaction"):
+        (repo / ".git" / "hooks" / name).symlink_to(hook)
+    git(repo, "config", "core.fsmonitor", str(hook))
+    git(repo, "config", "filter.user.clean", str(hook))
+    steps: list[Step] = [
+        ("write_file", {"path": "src/app/.gitattributes", "content": "* filter=user\n"}),
+        ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
+        ("list_files", {}),
+        ("search", {"pattern": "WORK"}),
+    ]
+    marker.unlink(missing_ok=True)
+    model = by_task({"ATTACK": steps})
+    settings = Settings.model_validate({"repo": repo, "sandbox": "auto", "lease_ttl_s": 30.0})
+    async with Orchestrator(settings, lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="ATTACK", name="a", write_scope=["src/app"])])
+        )
+        marker.unlink(missing_ok=True)  # the user's hooks may run on the user's own checkout
+        cursor: int | None = None
+        with anyio.fail_after(60):
+            while True:
+                status = await orch.status(run_id=spawned.run_id, since=cursor, wait_s=5)
+                cursor = status.cursor
+                if not any(a.status.active for a in status.runs[0].agents):
+                    break
+        ran = marker.read_text() if marker.exists() else ""
+        ledger.record(GUARANTEE, "the user's own configuration", ran == "", ran.strip()[:80])
+        assert ran == ""
+        agent = status.runs[0].agents[0]
+        assert agent.status is AgentStatus.SUCCEEDED
+        assert agent.result is not None and agent.result.commit is not None
+        assert git(repo, "show", f"{agent.result.commit}:src/app/work.py") == "WORK = 1\n"

@@ -1,0 +1,113 @@
+"""Every git the server runs goes through the pinned path (`toolbus.gitcmd`).
+
+An agent can plant a `.git` in its workspace; git or libgit2 discovering it would run what its
+config names, outside the sandbox. So no product module starts a git process itself, and every
+libgit2 repository is opened either at the user's repository root or at a recorded git dir with
+discovery off (`NO_SEARCH`). A new call that does neither fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from toolbus import gitcmd
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("toolbus", "orchestration", "mcp_server", "fakeapi")
+GIT_HOME = "toolbus/gitcmd.py"
+PROCESS_CALLS = {
+    "run",
+    "Popen",
+    "call",
+    "check_call",
+    "check_output",
+    "run_process",
+    "open_process",
+    "create_subprocess_exec",
+    "create_subprocess_shell",
+    "system",
+    "popen",
+    "execv",
+    "execvp",
+    "spawnv",
+}
+
+
+def _mentions_git(node: ast.AST) -> bool:
+    """Whether an argv expression starts with, or a command string begins with, `git`."""
+    if isinstance(node, ast.List | ast.Tuple) and node.elts:
+        first = node.elts[0]
+        return isinstance(first, ast.Constant) and first.value == "git"
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value == "git" or node.value.startswith("git ")
+    return False
+
+
+def _violations(source: str, rel: str) -> list[str]:
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.List | ast.Tuple) and rel != GIT_HOME and _mentions_git(node):
+            found.append(f"{rel}:{node.lineno} builds a git command line: use toolbus.gitcmd")
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if name in PROCESS_CALLS and rel != GIT_HOME and node.args and _mentions_git(node.args[0]):
+            found.append(f"{rel}:{node.lineno} starts git itself: use toolbus.gitcmd")
+        if name == "Repository" and isinstance(func, ast.Attribute):
+            text = ast.unparse(node)
+            if "NO_SEARCH" not in text and "root" not in text:
+                found.append(
+                    f"{rel}:{node.lineno} opens a libgit2 repository by discovery: open the "
+                    "user's repository root, or a recorded git dir with NO_SEARCH"
+                )
+    return found
+
+
+def test_no_git_call_outside_the_pinned_path() -> None:
+    found: list[str] = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            found += _violations(path.read_text(encoding="utf-8"), rel)
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        'import subprocess\nsubprocess.run(["git", "status"], cwd=ws)\n',
+        'import anyio\nawait anyio.run_process(("git", "ls-files"))\n',
+        'import os\nos.system("git add -A")\n',
+        "import pygit2\npygit2.Repository(str(ws.path))\n",
+        'import subprocess\ncommand = ["git", "ls-files"]\nsubprocess.run(command, cwd=ws)\n',
+    ],
+)
+def test_the_check_catches_a_direct_call(source: str) -> None:
+    assert _violations(source, "orchestration/new.py") != []
+
+
+def test_git_refuses_an_unpinned_command_in_a_workspace(tmp_path: Path) -> None:
+    ws = tmp_path / "repo" / ".git" / "fanout" / "worktrees" / "r1" / "a1"
+    ws.mkdir(parents=True)
+    with pytest.raises(gitcmd.UnpinnedWorkspaceGit):
+        gitcmd.run(ws, ["status"])
+    with pytest.raises(ValueError, match="GIT_DIR"):
+        gitcmd.git_env({"GIT_DIR": "/elsewhere"}, pinned=True)
+
+
+def test_pinned_argv_turns_off_command_running_configuration(tmp_path: Path) -> None:
+    argv = gitcmd.git_argv(["add", "-A"], gitcmd.Pinned(tmp_path / "admin", tmp_path / "ws"))
+    assert argv[:3] == ["git", f"--git-dir={tmp_path / 'admin'}", f"--work-tree={tmp_path / 'ws'}"]
+    pairs = {argv[i + 1] for i, a in enumerate(argv) if a == "-c"}
+    for key in ("core.fsmonitor=false", "core.hooksPath=/dev/null", "diff.external="):
+        assert key in pairs
+    assert gitcmd.filter_overrides(["filter.lfs.clean", "filter.lfs.smudge", "core.bare"]) == (
+        "filter.lfs.clean=",
+        "filter.lfs.smudge=",
+        "filter.lfs.process=",
+        "filter.lfs.required=false",
+    )

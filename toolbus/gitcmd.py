@@ -1,0 +1,209 @@
+"""The one way the server runs git: an explicit repository, no command-running configuration.
+
+An agent can write anything in its workspace, including a `.git` that names another repository
+(a file `gitdir: …` or a whole planted repository with its own config). Git run inside the
+workspace would discover that repository and run whatever its config names (`core.fsmonitor`,
+hooks, `core.sshCommand`, `diff.external`, a pager, filter drivers), outside the sandbox and with
+the server's environment. So git on a workspace always gets its git dir and work tree from the
+server's records (`Pinned`), never from discovery, and every configuration key that runs a
+program is overridden on the command line, where nothing the agent writes can override it back.
+
+Git run on the user's own repository (`pinned=None`) is the user's git: their hooks and
+configuration apply, as when they run git themselves; it refuses to run with a working
+directory inside the agents' workspaces, where only pinned git may run.
+
+This module is the only one that starts git processes (`tests/test_git_calls.py` checks it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "SAFE_CONFIG",
+    "GitNotFound",
+    "Pinned",
+    "UnpinnedWorkspaceGit",
+    "filter_overrides",
+    "git_argv",
+    "git_env",
+    "in_workspace_area",
+    "run",
+    "run_bytes",
+]
+
+# `-c` pairs that switch off every configuration key that makes git run a program, or reach
+# out of the machine, for the commands the server runs on workspaces. `core.hooksPath` at a
+# directory that cannot hold hooks disables every hook.
+SAFE_CONFIG: tuple[str, ...] = (
+    "core.hooksPath=/dev/null",
+    "core.fsmonitor=false",
+    "core.sshCommand=false",
+    "core.gitProxy=",
+    "core.askPass=",
+    "core.pager=cat",
+    "core.editor=true",
+    "sequence.editor=true",
+    "core.alternateRefsCommand=",
+    "credential.helper=",
+    "diff.external=",
+    "commit.gpgSign=false",
+    "tag.gpgSign=false",
+    "gpg.program=false",
+    "protocol.allow=never",
+    "submodule.recurse=false",
+    "fetch.recurseSubmodules=false",
+    "core.untrackedCache=false",
+)
+
+# Environment variables of the server kept for git; every other `GIT_*` variable is dropped, as
+# it may redirect git to another repository, index or object store, or name a program to run.
+_KEEP_GIT_ENV = frozenset(
+    {
+        "GIT_CONFIG_GLOBAL",
+        "GIT_CONFIG_SYSTEM",
+        "GIT_CONFIG_NOSYSTEM",
+        "GIT_AUTHOR_NAME",
+        "GIT_AUTHOR_EMAIL",
+        "GIT_AUTHOR_DATE",
+        "GIT_COMMITTER_NAME",
+        "GIT_COMMITTER_EMAIL",
+        "GIT_COMMITTER_DATE",
+    }
+)
+# What a workspace git command may set itself through `env=`.
+_ALLOWED_EXTRA = frozenset({"GIT_INDEX_FILE", "GIT_OPTIONAL_LOCKS", "LC_ALL"}) | _KEEP_GIT_ENV
+
+
+class GitNotFound(RuntimeError):
+    """git is not installed or not on PATH."""
+
+
+class UnpinnedWorkspaceGit(RuntimeError):
+    """Git was asked to run inside an agent's workspace without a pinned git dir."""
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """A workspace as the server recorded it: its admin git dir and its work tree."""
+
+    git_dir: Path
+    work_tree: Path
+    config: tuple[str, ...] = ()
+    """Further `-c key=value` pairs (the filter overrides of the repository's drivers)."""
+
+
+def filter_overrides(config_names: Iterable[str]) -> tuple[str, ...]:
+    """`-c` pairs that disable every filter driver named in `config_names` (the keys of the
+    repository's configuration): a driver's `clean`, `smudge` and `process` programs would run
+    on content the agent wrote, picked by attributes the agent wrote."""
+    drivers: set[str] = set()
+    for name in config_names:
+        lower = name.lower()
+        if lower.startswith("filter.") and lower.rsplit(".", 1)[-1] in (
+            "clean",
+            "smudge",
+            "process",
+            "required",
+        ):
+            drivers.add(name[len("filter.") : name.rfind(".")])
+    pairs: list[str] = []
+    for driver in sorted(drivers):
+        for key in ("clean", "smudge", "process"):
+            pairs.append(f"filter.{driver}.{key}=")
+        pairs.append(f"filter.{driver}.required=false")
+    return tuple(pairs)
+
+
+def git_env(extra: Mapping[str, str] | None = None, *, pinned: bool = False) -> dict[str, str]:
+    """The environment git runs with: the server's, less the `GIT_*` variables outside a short
+    list, never asking on a terminal. A pinned command accepts only a few variables in `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_") or k in _KEEP_GIT_ENV}
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env.setdefault("LC_ALL", "C")
+    if extra:
+        if pinned:
+            bad = sorted(k for k in extra if k not in _ALLOWED_EXTRA)
+            if bad:
+                raise ValueError(f"a pinned git command may not set {', '.join(bad)}")
+        env.update(extra)
+    return env
+
+
+def git_argv(args: Sequence[str], pinned: Pinned | None = None) -> list[str]:
+    """The argv of one git command: pinned to a workspace's git dir and work tree, with every
+    command-running configuration off, or plain for the user's repository."""
+    if pinned is None:
+        return ["git", *args]
+    argv = ["git", f"--git-dir={pinned.git_dir}", f"--work-tree={pinned.work_tree}"]
+    for pair in (*SAFE_CONFIG, *pinned.config):
+        argv += ["-c", pair]
+    return [*argv, *args]
+
+
+def in_workspace_area(path: Path) -> bool:
+    """Whether `path` is inside the agents' workspaces (`<git dir>/fanout/worktrees/…`)."""
+    parts = Path(os.path.abspath(path)).parts
+    return any(parts[i] == "fanout" and parts[i + 1] == "worktrees" for i in range(len(parts) - 1))
+
+
+def _check_cwd(cwd: Path, pinned: Pinned | None) -> None:
+    if pinned is None and in_workspace_area(cwd):
+        raise UnpinnedWorkspaceGit(
+            f"git may run in the workspace {cwd} only pinned to the git dir the server recorded"
+        )
+
+
+def run(
+    cwd: Path,
+    args: Sequence[str],
+    *,
+    pinned: Pinned | None = None,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run one git command, its output as text; raises `GitNotFound`, `UnpinnedWorkspaceGit`,
+    and `subprocess.TimeoutExpired` past `timeout`."""
+    _check_cwd(cwd, pinned)
+    try:
+        return subprocess.run(
+            git_argv(args, pinned),
+            cwd=cwd,
+            env=git_env(env, pinned=pinned is not None),
+            input=input,
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="surrogateescape",
+            check=False,
+            timeout=timeout,
+        )
+    except FileNotFoundError as exc:
+        raise GitNotFound("git is not installed or not on PATH") from exc
+
+
+def run_bytes(
+    cwd: Path,
+    args: Sequence[str],
+    *,
+    pinned: Pinned | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """`run` with the output as bytes."""
+    _check_cwd(cwd, pinned)
+    try:
+        return subprocess.run(
+            git_argv(args, pinned),
+            cwd=cwd,
+            env=git_env(pinned=pinned is not None),
+            capture_output=True,
+            check=False,
+            timeout=timeout,
+        )
+    except FileNotFoundError as exc:
+        raise GitNotFound("git is not installed or not on PATH") from exc
