@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,14 +33,33 @@ READ_ONLY_TOOLS = frozenset({"read_file", "list_files", "search"})
 CHARS_PER_TOKEN = 4
 
 
+MAX_RESULT_SUMMARY_CHARS = 20_000
+"""The most of a summary (or of a final text without `finish`) an agent's result keeps."""
+MAX_FOLLOW_UPS = 20
+MAX_FOLLOW_UP_CHARS = 2_000
+
+
 class FinishArgs(BaseModel):
-    """The arguments of the `finish` tool."""
+    """The arguments of the `finish` tool. The result keeps the summary whole; answers show at
+    most `SUMMARY_ANSWER_CHARS` of it (the finish tool's schema tells the model so)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    summary: str = Field(min_length=1, max_length=20_000)
-    follow_ups: list[str] = Field(default_factory=list[str], max_length=50)
+    summary: str = Field(min_length=1, max_length=MAX_RESULT_SUMMARY_CHARS)
+    follow_ups: list[Annotated[str, Field(max_length=MAX_FOLLOW_UP_CHARS)]] = Field(
+        default_factory=list[str], max_length=MAX_FOLLOW_UPS
+    )
     status: Literal["done", "failed"] = "done"
+
+
+def bounded_final_text(text: str) -> str:
+    """A final reply without `finish`, as the result keeps it: at most
+    `MAX_RESULT_SUMMARY_CHARS`, cut with a note saying how much was left out."""
+    text = text.strip()
+    if len(text) <= MAX_RESULT_SUMMARY_CHARS:
+        return text
+    cut = MAX_RESULT_SUMMARY_CHARS - 80
+    return f"{text[:cut]}\n[... {len(text) - cut} more characters of the final reply not kept]"
 
 
 class Budget:
@@ -195,7 +214,7 @@ class AgentLoop:
                 if response.stop_reason == "pause_turn":
                     continue
                 text = "\n".join(b.text for b in response.content if isinstance(b, TextBlock))
-                return LoopOutcome(StopReason.FINAL_ANSWER, summary=text.strip())
+                return LoopOutcome(StopReason.FINAL_ANSWER, summary=bounded_final_text(text))
             results, finish = await self._run_tools(bus, uses)
             if finish is not None:
                 return LoopOutcome(

@@ -12,22 +12,31 @@ from toolbus.toolspec import ToolSpec
 
 MAX_LISTED_PATHS = 2_000
 
+SUMMARY_ANSWER_CHARS = 1_500
+"""The most of an agent's summary that the coordinator's answers show."""
+
 FINISH_TOOL = ToolSpec(
     name="finish",
     description=(
         "Call this once, when your task is done (or cannot be done). Your file changes are "
         "committed for review automatically; do not commit yourself. `summary`: what you changed "
-        "and why, in a few sentences, for the reviewer. `follow_ups`: work you noticed but left "
-        "alone. `status`: 'done' if the task is complete, 'failed' if you could not do it (say "
-        "why in the summary)."
+        "and why, for the reviewer, in at most 1,500 characters, the first line a headline "
+        "(the reviewer sees only the first line until they ask for more). `follow_ups`: work you "
+        "noticed but left alone, at most 20 short items. `status`: 'done' if the task is "
+        "complete, 'failed' if you could not do it (say why in the summary)."
     ),
     input_schema={
         "type": "object",
         "properties": {
-            "summary": {"type": "string", "description": "what you did, for the reviewer"},
+            "summary": {
+                "type": "string",
+                "maxLength": SUMMARY_ANSWER_CHARS,
+                "description": "what you did, for the reviewer; first line a headline",
+            },
             "follow_ups": {
                 "type": "array",
-                "items": {"type": "string"},
+                "maxItems": 20,
+                "items": {"type": "string", "maxLength": 300},
                 "description": "work left for later",
             },
             "status": {"type": "string", "enum": ["done", "failed"]},
