@@ -1,0 +1,199 @@
+"""When the orchestrator must act: a run is settled, and what to call next.
+
+A run is settled when nothing in it moves without the orchestrator: no agent runs or is about to
+start, and every waiting agent waits on an agent that has finished but still holds its scope
+(unmerged, or failed, cancelled or interrupted with work on its branch), in this run or another.
+The documented loop (long-poll until settled, then do `next`) then always ends: waves of
+overlapping scopes start once the orchestrator merges the wave before them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from orchestration.contracts import AgentStatus, StopReason
+from orchestration.state import AgentRecord
+from toolbus.lease_store import Lease, LeaseRequest, conflicts
+
+__all__ = [
+    "ATTENTION_KINDS",
+    "FINAL_KINDS",
+    "RunAttention",
+    "WakeOn",
+    "run_attention",
+    "scope_freed",
+]
+
+
+class WakeOn(StrEnum):
+    """What ends a long-poll of `get_status` early (besides its `wait_s`)."""
+
+    SETTLED = "settled"
+    """The run needs the orchestrator (see the module docstring), or something needs attention."""
+    FINISHED = "finished"
+    """Any agent reached a final status (for an orchestrator that merges as results arrive)."""
+
+
+# The event kinds of an agent reaching a final status (see `Orchestrator._finish`).
+FINAL_KINDS = frozenset(
+    {
+        AgentStatus.SUCCEEDED.value,
+        AgentStatus.FAILED.value,
+        AgentStatus.CANCELLED.value,
+        AgentStatus.INTERRUPTED.value,
+    }
+)
+# Event kinds that always wake a long-poll: something went wrong that the orchestrator should see.
+ATTENTION_KINDS = frozenset({"lease_lost"})
+_HOLDS_SCOPE = (
+    AgentStatus.SUCCEEDED,
+    AgentStatus.FAILED,
+    AgentStatus.CANCELLED,
+    AgentStatus.INTERRUPTED,
+    AgentStatus.CONFLICTED,
+)
+
+
+@dataclass(frozen=True)
+class RunAttention:
+    """Whether a run is settled, the call to make next, and who waits on whom."""
+
+    settled: bool
+    next: str
+    mergeable: tuple[str, ...]
+    """Agents `merge_results` would merge now (succeeded, not yet merged)."""
+    blocked_by: Mapping[str, tuple[str, ...]]
+    """Waiting agent -> the agents (or other holders) whose scope it waits for."""
+    attention: tuple[str, ...] = ()
+    """Agents whose state needs a look: lease lost, out of budget, failed."""
+
+
+def scope_freed(agent: AgentRecord) -> bool:
+    """Whether a later wave may start: the agent was merged or discarded, or it ended without
+    any work to merge (its leases are then released at once)."""
+    if agent.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+        return True
+    ended = agent.status in (AgentStatus.FAILED, AgentStatus.CANCELLED, AgentStatus.INTERRUPTED)
+    return ended and not (agent.commit and agent.commit != agent.base_commit)
+
+
+def _names(ids: Sequence[str], by_id: Mapping[str, AgentRecord], limit: int = 8) -> str:
+    shown = [by_id[i].name if i in by_id else i for i in ids[:limit]]
+    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+    return ", ".join(shown) + more
+
+
+def run_attention(
+    run_id: str,
+    agents: Sequence[AgentRecord],
+    every_agent: Mapping[str, AgentRecord],
+    leases: Sequence[Lease],
+    scope_requests: Callable[[list[str] | None], list[LeaseRequest]],
+) -> RunAttention:
+    """The run's attention state from its agents, every agent of the repository (by id: a
+    scope may be held by another run's agent) and the live lease table."""
+    holders: dict[str, AgentRecord] = {}
+    for record in every_agent.values():
+        holders[record.lease_holder or record.agent_id] = record
+    blocked: dict[str, tuple[str, ...]] = {}
+    moving = False
+    for agent in agents:
+        if agent.status in (AgentStatus.RUNNING, AgentStatus.QUEUED):
+            moving = True
+        if agent.status is not AgentStatus.WAITING:
+            continue
+        mine = agent.lease_holder or agent.agent_id
+        blockers: list[str] = []
+        for other_id in agent.waits_for:
+            other = every_agent.get(other_id)
+            if other is not None and not scope_freed(other):
+                blockers.append(other_id)
+        requests = scope_requests(agent.write_scope)
+        for lease in leases:
+            if lease.holder == mine:
+                continue
+            if any(conflicts(request, lease.request) for request in requests):
+                holder = holders.get(lease.holder)
+                blockers.append(holder.agent_id if holder is not None else lease.holder)
+        unique = tuple(dict.fromkeys(blockers))
+        blocked[agent.agent_id] = unique
+        if not unique:
+            moving = True  # nothing holds it back: it starts by itself
+        for blocker in unique:
+            record = every_agent.get(blocker)
+            if record is None or record.status.active:
+                moving = True  # an agent that will finish by itself, or an unknown holder
+    mergeable = tuple(a.agent_id for a in agents if a.status is AgentStatus.SUCCEEDED)
+    attention = tuple(
+        a.agent_id
+        for a in agents
+        if a.lease_lost
+        or a.stop_reason is StopReason.BUDGET_EXHAUSTED
+        or a.status in (AgentStatus.FAILED, AgentStatus.CONFLICTED)
+    )
+    by_id = dict(every_agent)
+    if moving:
+        running = sum(1 for a in agents if a.status.active)
+        step = (
+            f'get_status(run_id="{run_id}", since=<cursor>, wait_s=600): {running} agent(s) '
+            "still queued, waiting or running; it answers once the run needs you"
+        )
+        return RunAttention(False, step, mergeable, blocked, attention)
+    return RunAttention(
+        True, _next_step(run_id, agents, by_id, blocked, mergeable), mergeable, blocked, attention
+    )
+
+
+def _next_step(
+    run_id: str,
+    agents: Sequence[AgentRecord],
+    by_id: Mapping[str, AgentRecord],
+    blocked: Mapping[str, tuple[str, ...]],
+    mergeable: tuple[str, ...],
+) -> str:
+    """What a settled run needs, naming the agents."""
+    parts: list[str] = []
+    waiting = [a.agent_id for a in agents if a.status is AgentStatus.WAITING]
+    if mergeable:
+        then = f"; then {_names(waiting, by_id)} start(s)" if waiting else ""
+        parts.append(
+            f'merge_results(run_id="{run_id}") merges {_names(list(mergeable), by_id)}{then}'
+        )
+    elsewhere: dict[str, list[str]] = {}
+    stuck: list[str] = []
+    for blockers in blocked.values():
+        for blocker in blockers:
+            record = by_id.get(blocker)
+            if record is None or blocker in mergeable:
+                continue
+            if record.run_id != run_id and record.status is AgentStatus.SUCCEEDED:
+                elsewhere.setdefault(record.run_id, []).append(blocker)
+            elif record.status in _HOLDS_SCOPE and blocker not in stuck:
+                stuck.append(blocker)
+    for other_run, ids in elsewhere.items():
+        parts.append(
+            f'merge_results(run_id="{other_run}") merges {_names(ids, by_id)} of an earlier run, '
+            "whose scope agents of this run wait for"
+        )
+    if stuck:
+        ids = ", ".join(f'"{i}"' for i in stuck)
+        parts.append(
+            f"{_names(stuck, by_id)} ended without being merged and hold(s) a scope others wait "
+            f"for: rerun_subagent(agent_id=…) to redo, or merge_results(run_id=…, discard=[{ids}])"
+        )
+    failed = [
+        a.agent_id
+        for a in agents
+        if a.status in (AgentStatus.FAILED, AgentStatus.CONFLICTED, AgentStatus.INTERRUPTED)
+        and a.agent_id not in stuck
+    ]
+    if failed:
+        parts.append(
+            f"{_names(failed, by_id)} did not succeed: read the agent's result, then "
+            "rerun_subagent or discard"
+        )
+    if not parts:
+        return "nothing to do: every agent of the run is merged, discarded or cancelled"
+    return "; ".join(parts)

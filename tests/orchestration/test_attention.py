@@ -1,0 +1,112 @@
+"""When a run is settled and what to call next, from agents and leases alone."""
+
+from __future__ import annotations
+
+from orchestration.attention import RunAttention, run_attention
+from orchestration.contracts import AgentStatus
+from orchestration.orchestrator import Orchestrator
+from orchestration.state import AgentRecord
+from toolbus.lease_store import Lease, LeaseMode
+
+BASE = "0" * 40
+
+
+def _agent(
+    agent_id: str,
+    status: AgentStatus,
+    scope: list[str] | None,
+    *,
+    run_id: str = "r1",
+    waits_for: list[str] | None = None,
+    commit: str | None = None,
+) -> AgentRecord:
+    return AgentRecord(
+        agent_id=agent_id,
+        run_id=run_id,
+        name=agent_id.rsplit("-", maxsplit=1)[-1],
+        index=0,
+        prompt="p",
+        write_scope=scope,
+        model="m",
+        max_turns=10,
+        status=status,
+        base_commit=BASE,
+        owner="s",
+        waits_for=waits_for or [],
+        commit=commit,
+    )
+
+
+def _lease(holder: str, path: str) -> Lease:
+    return Lease(holder=holder, token=1, resource=path, mode=LeaseMode.WRITE, expires_at=1e12)
+
+
+def _attention(agents: list[AgentRecord], leases: list[Lease], run_id: str = "r1") -> RunAttention:
+    every = {a.agent_id: a for a in agents}
+    mine = [a for a in agents if a.run_id == run_id]
+    return run_attention(run_id, mine, every, leases, Orchestrator._scope_requests)  # pyright: ignore[reportPrivateUsage]
+
+
+def test_running_agents_are_not_settled() -> None:
+    agents = [
+        _agent("r1-a", AgentStatus.SUCCEEDED, ["a"]),
+        _agent("r1-b", AgentStatus.RUNNING, ["b"]),
+    ]
+    att = _attention(agents, [_lease("r1-a", "a"), _lease("r1-b", "b")])
+    assert not att.settled
+    assert att.next.startswith('get_status(run_id="r1"')
+
+
+def test_a_wave_waiting_on_a_finished_agent_is_settled_and_next_merges_it() -> None:
+    agents = [
+        _agent("r1-a", AgentStatus.SUCCEEDED, ["src"], commit="1" * 40),
+        _agent("r1-b", AgentStatus.WAITING, ["src/x"], waits_for=["r1-a"]),
+    ]
+    att = _attention(agents, [_lease("r1-a", "src")])
+    assert att.settled
+    assert att.mergeable == ("r1-a",)
+    assert att.blocked_by == {"r1-b": ("r1-a",)}
+    assert att.next.startswith('merge_results(run_id="r1") merges a; then b start')
+
+
+def test_a_wave_waiting_on_a_running_agent_is_not_settled() -> None:
+    agents = [
+        _agent("r1-a", AgentStatus.RUNNING, ["src"]),
+        _agent("r1-b", AgentStatus.WAITING, ["src/x"], waits_for=["r1-a"]),
+    ]
+    assert not _attention(agents, [_lease("r1-a", "src")]).settled
+
+
+def test_a_scope_held_by_an_earlier_runs_finished_agent_names_that_run() -> None:
+    agents = [
+        _agent("r0-a", AgentStatus.SUCCEEDED, ["src"], run_id="r0", commit="1" * 40),
+        _agent("r1-b", AgentStatus.WAITING, ["src/x"]),
+    ]
+    att = _attention(agents, [_lease("r0-a", "src")])
+    assert att.settled
+    assert att.blocked_by == {"r1-b": ("r0-a",)}
+    assert 'merge_results(run_id="r0")' in att.next
+
+
+def test_a_scope_held_by_an_interrupted_agent_says_rerun_or_discard() -> None:
+    agents = [
+        _agent("r1-a", AgentStatus.INTERRUPTED, ["src"], commit="1" * 40),
+        _agent("r1-b", AgentStatus.WAITING, ["src/x"], waits_for=["r1-a"]),
+    ]
+    att = _attention(agents, [_lease("r1-a", "src")])
+    assert att.settled
+    assert "rerun_subagent" in att.next and 'discard=["r1-a"]' in att.next
+
+
+def test_a_waiting_agent_with_nothing_in_its_way_is_about_to_move() -> None:
+    agents = [
+        _agent("r1-a", AgentStatus.MERGED, ["src"]),
+        _agent("r1-b", AgentStatus.WAITING, ["src/x"], waits_for=["r1-a"]),
+    ]
+    assert not _attention(agents, []).settled
+
+
+def test_everything_merged_says_nothing_to_do() -> None:
+    agents = [_agent("r1-a", AgentStatus.MERGED, ["a"]), _agent("r1-b", AgentStatus.MERGED, ["b"])]
+    att = _attention(agents, [])
+    assert att.settled and att.next.startswith("nothing to do")
