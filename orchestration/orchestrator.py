@@ -179,7 +179,12 @@ class RepoContext:
     limiters: dict[str, anyio.CapacityLimiter] = field(
         default_factory=dict[str, anyio.CapacityLimiter]
     )
-    disk_usage: tuple[float, int] = (0.0, 0)
+    # the agents' workspaces on disk, as status shows it: (when measured, bytes), None until
+    # measured; the measurement under way, if any (one at a time serves every poll); and a
+    # thread of their own, so that it never waits behind the agents' git work
+    disk_usage: tuple[float, int] | None = None
+    disk_measuring: anyio.Event | None = None
+    disk_thread: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
     prefixes: dict[str, str] = field(default_factory=dict[str, str])
     prefix_lock: anyio.Lock = field(default_factory=anyio.Lock)
     # Worker threads making worktrees (mostly waiting for the registration lock or a checkout
@@ -1189,15 +1194,32 @@ class Orchestrator:
         """Runs and agents; with `since` and `wait_s`, waits until something changes.
 
         Polls are cheap when little changed: runs, agents and each agent's view are built again
-        only when they changed, so answers share them: read them, never mutate them."""
-        ctx = await (self._status_context(run_id, repo) if run_id else self.context(repo))
-        changed = True
+        only when they changed, so answers share them: read them, never mutate them.
+
+        A long-poll answers by its deadline, whatever else waits for the event loop's attention
+        or the worker threads. An answer shows the state as of the moment its poll was due
+        (called, woken by a change, or timed out) or later, so the polls due by the time the
+        state was last read (those one change woke, say) share that read (`_StatusRead`)."""
+        due = called = time.monotonic()
+        timeout = 0.0
+        deadline: float | None = None  # on anyio's clock
         if since is not None and wait_s:
             timeout = min(max(wait_s, 0.0), self.settings.status_wait_cap_s)
-            changed = await ctx.store.wait_for_change(since, timeout, run_id)
+            deadline = anyio.current_time() + timeout
+        ctx = await (self._status_context(run_id, repo) if run_id else self.context(repo))
+        self._measure_disk_usage_if_old(ctx)  # while the poll waits
+        changed = True
+        if since is not None and deadline is not None:
+            change = await ctx.store.change_after(since, deadline - anyio.current_time(), run_id)
+            changed = change is not None
+            due = called + timeout if change is None else max(called, change)
         elif since is not None:
             changed = ctx.store.cursor() > since
-        cursor = ctx.store.cursor()  # read once, before the rows (see runs_snapshot)
+        disk = await self._disk_usage(ctx, deadline)
+        read = self._status_reads.get(ctx.store)
+        if read is None or read.at < due:
+            read = await self._read_status(ctx, read)
+        cursor = read.cursor
         runs = ctx.store.runs_snapshot(run_id, cursor)
         if run_id and not runs:
             self._run(ctx, run_id)  # raises RunNotFound
@@ -1208,34 +1230,15 @@ class Orchestrator:
             missing = sorted(wanted - known)
             if missing:
                 raise AgentNotFound(f"agent_ids: no such agent(s) {', '.join(missing)}")
-        now = time.time()
         # Views are built with model_construct: every value comes from an already validated
         # record or lease, so validating ~64 nested views again per poll would be wasted work.
         built = self._status_views.setdefault(ctx.store, {})
-        # A lease's view is the one of the previous poll while it shows the same: its expiry is
-        # shown in whole seconds, so the holder's view, and its dump in the MCP answer, are
-        # reused between polls within a second (renewals move it every ttl/3).
-        last_leases = self._status_leases.get(ctx.store, {})
-        lease_views: dict[tuple[str, int, str, str, float], LeaseView] = {}
-        leases_by_holder: dict[str, list[LeaseView]] = {}
-        for lease in await ctx.leases.table():
-            mode = "write" if lease.mode == LeaseMode.WRITE else "read"
-            key = (lease.holder, lease.token, lease.resource, mode, lease_expires_in(lease, now))
-            view = last_leases.get(key)
-            if view is None:
-                view = LeaseView.model_construct(
-                    resource=lease.resource, mode=mode, token=lease.token, expires_in_s=key[4]
-                )
-            lease_views[key] = view
-            leases_by_holder.setdefault(lease.holder, []).append(view)
-        self._status_leases[ctx.store] = lease_views
-        budgets = tuple(ctx.store.budget(run.run_id) for run in runs)
-        disk = await self._disk_usage(ctx)
+        budgets = tuple(read.budgets.get(run.run_id, (0, 0, 0)) for run in runs)
         # The same question, asked again while everything it shows is the same, gets the same
         # answer object: runs and agents change only with an event (the cursor), the budget's
         # reservations and the leases without one.
         asked = (run_id, tuple(sorted(wanted)) if wanted else None)
-        shows = (cursor, changed, tuple(lease_views), budgets, disk)
+        shows = (cursor, changed, read.lease_keys, budgets, disk)
         answers = self._status_answers.setdefault(ctx.store, {})
         last = answers.get(asked)
         if last is not None and last[0] == shows:
@@ -1269,7 +1272,7 @@ class Orchestrator:
                     ),
                     agents=[
                         _agent_view(
-                            built, a, leases_by_holder.get(a.lease_holder or a.agent_id, [])
+                            built, a, read.leases_by_holder.get(a.lease_holder or a.agent_id, [])
                         )
                         for a in shown
                     ],
@@ -1280,6 +1283,38 @@ class Orchestrator:
             answers.clear()
         answers[asked] = (shows, result)
         return result
+
+    async def _read_status(self, ctx: RepoContext, last: _StatusRead | None) -> _StatusRead:
+        """Read what status answers are built from: the change cursor, the leases, the budgets."""
+        at = time.monotonic()
+        cursor = ctx.store.cursor()  # read once, before the rows (see runs_snapshot)
+        now = time.time()
+        # A lease's view is the one of the previous read while it shows the same: its expiry is
+        # shown in whole seconds, so the holder's view, and its dump in the MCP answer, are
+        # reused between polls within a second (renewals move it every ttl/3).
+        last_views = {} if last is None else last.lease_views
+        lease_views: dict[_LeaseShown, LeaseView] = {}
+        leases_by_holder: dict[str, list[LeaseView]] = {}
+        for lease in await ctx.leases.table():
+            mode = "write" if lease.mode == LeaseMode.WRITE else "read"
+            key = (lease.holder, lease.token, lease.resource, mode, lease_expires_in(lease, now))
+            view = last_views.get(key)
+            if view is None:
+                view = LeaseView.model_construct(
+                    resource=lease.resource, mode=mode, token=lease.token, expires_in_s=key[4]
+                )
+            lease_views[key] = view
+            leases_by_holder.setdefault(lease.holder, []).append(view)
+        read = _StatusRead(
+            at=at,
+            cursor=cursor,
+            lease_views=lease_views,
+            lease_keys=tuple(lease_views),
+            leases_by_holder=leases_by_holder,
+            budgets=ctx.store.budgets(),
+        )
+        self._status_reads[ctx.store] = read
+        return read
 
     async def _status_context(self, run_id: str, repo: Path | None) -> RepoContext:
         """`_context_of_run` for a status poll: finds the run in the stores' snapshots."""
@@ -1304,18 +1339,45 @@ class Orchestrator:
         return weakref.WeakKeyDictionary()
 
     @functools.cached_property
-    def _status_leases(
-        self,
-    ) -> weakref.WeakKeyDictionary[StateStore, dict[tuple[str, int, str, str, float], LeaseView]]:
-        """Per state store, the lease views of the last poll, by what they show."""
+    def _status_reads(self) -> weakref.WeakKeyDictionary[StateStore, _StatusRead]:
+        """Per state store, the last read of what status answers show."""
         return weakref.WeakKeyDictionary()
 
-    async def _disk_usage(self, ctx: RepoContext) -> int:
-        at, value = ctx.disk_usage
-        if time.monotonic() - at > DISK_USAGE_CACHE_S:
-            value = await anyio.to_thread.run_sync(ws_mod.workspace_disk_usage, ctx.repo)
+    async def _disk_usage(self, ctx: RepoContext, deadline: float | None) -> int:
+        """The workspaces' disk usage, measured again once older than DISK_USAGE_CACHE_S.
+
+        The walk of every worktree runs in the background, one at a time for all polls; a poll
+        answers with the last figure meanwhile, and waits only for the first one, until its
+        deadline at most."""
+        measuring = self._measure_disk_usage_if_old(ctx)
+        if measuring is not None and ctx.disk_usage is None:
+            with anyio.move_on_after(None if deadline is None else deadline - anyio.current_time()):
+                await measuring.wait()
+        known = ctx.disk_usage
+        return 0 if known is None else known[1]
+
+    def _measure_disk_usage_if_old(self, ctx: RepoContext) -> anyio.Event | None:
+        """Start measuring the disk usage unless its figure is recent or a measurement is under
+        way; the event of the measurement under way, if any."""
+        known = ctx.disk_usage
+        if known is not None and time.monotonic() - known[0] <= DISK_USAGE_CACHE_S:
+            return None
+        if ctx.disk_measuring is None:
+            ctx.disk_measuring = anyio.Event()
+            self.task_group.start_soon(self._measure_disk_usage, ctx, ctx.disk_measuring)
+        return ctx.disk_measuring
+
+    async def _measure_disk_usage(self, ctx: RepoContext, done: anyio.Event) -> None:
+        try:
+            value = await anyio.to_thread.run_sync(
+                ws_mod.workspace_disk_usage, ctx.repo, limiter=ctx.disk_thread
+            )
             ctx.disk_usage = (time.monotonic(), value)
-        return value
+        except Exception:  # the last figure stays; the next poll measures again
+            log.exception("measuring the workspaces' disk usage failed")
+        finally:
+            ctx.disk_measuring = None
+            done.set()
 
     # --- cancel -----------------------------------------------------------------------------
 
@@ -1331,7 +1393,7 @@ class Orchestrator:
             if missing:
                 raise AgentNotFound(f"agent_ids: {', '.join(missing)} not in run {run_id}")
             agents = [by_id[i] for i in agent_ids]
-        waiting: list[anyio.Event] = []
+        stopping: set[str] = set()
         live: set[str] | None = None  # the live servers, read once, when first needed
         orphans = False
         for agent in agents:
@@ -1354,14 +1416,11 @@ class Orchestrator:
                     )
                 else:
                     orphans = True
-            done = anyio.Event()
-            waiting.append(done)
-            self.task_group.start_soon(self._await_final, ctx, agent.agent_id, done)
+            stopping.add(agent.agent_id)
         if orphans:
             await self._recover_agents(ctx)  # their server is gone: they become interrupted
         with anyio.move_on_after(CANCEL_WAIT_S):  # then the answer shows where they are
-            for done in waiting:
-                await done.wait()
+            await self._await_final(ctx, run_id, stopping)
         refreshed = [self._agent(ctx, a.agent_id) for a in agents]
         return CancelResult(run_id=run_id, agents=[self._brief(a) for a in refreshed])
 
@@ -1380,10 +1439,15 @@ class Orchestrator:
                 )
                 runtime.scope.cancel()
 
-    async def _await_final(self, ctx: RepoContext, agent_id: str, done: anyio.Event) -> None:
-        while self._agent(ctx, agent_id).status.active:
-            await ctx.store.wait_for_change(ctx.store.cursor(), 0.5)
-        done.set()
+    async def _await_final(self, ctx: RepoContext, run_id: str, agent_ids: set[str]) -> None:
+        """Return once none of these agents of the run is active: one watcher for them all,
+        looking at the run's snapshot (its changed rows parsed once) after each of its changes."""
+        while agent_ids:
+            cursor = ctx.store.cursor()
+            agents = ctx.store.agents_snapshot(run_id, cursor)
+            if not any(a.status.active for a in agents if a.agent_id in agent_ids):
+                return
+            await ctx.store.wait_for_change(cursor, 1.0, run_id)
 
     # --- merge ------------------------------------------------------------------------------
 
@@ -1738,6 +1802,20 @@ class Orchestrator:
 
 # a status question: (run_id, the sorted agent_ids or None)
 _StatusAsked = tuple[str | None, tuple[str, ...] | None]
+# what a lease's view shows: (holder, token, resource, mode, expires in whole seconds)
+_LeaseShown = tuple[str, int, str, str, float]
+
+
+@dataclass(frozen=True)
+class _StatusRead:
+    """What status answers are built from, read at `at` (time.monotonic()), all at once."""
+
+    at: float
+    cursor: int
+    lease_views: dict[_LeaseShown, LeaseView]
+    lease_keys: tuple[_LeaseShown, ...]
+    leases_by_holder: dict[str, list[LeaseView]]
+    budgets: dict[str, tuple[int, int, int]]  # run_id -> (total, used, reserved)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS servers (
 # and PID namespace) whose process is gone is taken for dead at once.
 SERVER_STALE_S = 20.0
 CROSS_PROCESS_POLL_S = 0.25
+UNCHANGED_KEPT = 1024  # answers of that query kept (distinct cursors and runs waited on)
 
 
 class SharedFile(BaseModel):
@@ -190,6 +191,14 @@ class StateStore:
             with self._lock:
                 self._db.executescript(SCHEMA)
         self._changed = anyio.Event()
+        # The newest event this store recorded, per run and of any run (key None), with when it
+        # was committed (time.monotonic()): a waiter woken by this process's own change finds it
+        # here without a query. `_recording`: the events of the open transaction.
+        self._recorded: dict[str | None, tuple[int, float]] = {}
+        self._recording: list[tuple[str | None, int]] = []
+        # (since, run_id) -> when the database last showed no change after `since` for `run_id`:
+        # waiters asking the same share that query for CROSS_PROCESS_POLL_S
+        self._unchanged: dict[tuple[int, str | None], float] = {}
         self.server_id = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns():x}"
 
     def close(self) -> None:
@@ -200,12 +209,20 @@ class StateStore:
     def _tx(self) -> Generator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
+            self._recording.clear()
             try:
                 yield self._db
             except BaseException:
+                self._recording.clear()
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            if self._recording:
+                now = time.monotonic()
+                for run_id, seq in self._recording:
+                    self._recorded[run_id] = (seq, now)
+                self._recorded[None] = (max(seq for _, seq in self._recording), now)
+                self._recording.clear()
 
     def _query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
         with self._lock:
@@ -225,7 +242,9 @@ class StateStore:
             "INSERT INTO events (ts, run_id, agent_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
             (time.time(), run_id, agent_id, kind, detail),
         )
-        return int(cur.lastrowid or 0)
+        seq = int(cur.lastrowid or 0)
+        self._recording.append((run_id, seq))
+        return seq
 
     def _notify(self) -> None:
         event, self._changed = self._changed, anyio.Event()
@@ -275,22 +294,55 @@ class StateStore:
         self, since: int, timeout_s: float, run_id: str | None = None
     ) -> bool:
         """Wait until an event newer than `since` exists (for `run_id` if given), or time out."""
+        return await self.change_after(since, timeout_s, run_id) is not None
+
+    async def change_after(
+        self, since: int, timeout_s: float, run_id: str | None = None
+    ) -> float | None:
+        """`wait_for_change`, telling when the change became known (`time.monotonic()`): state
+        read at or after that moment shows it. None if there was none within `timeout_s`."""
         with anyio.move_on_after(timeout_s):
             while True:
-                if self._has_change(since, run_id):
-                    return True
+                known = self._change_known_at(since, run_id)
+                if known is not None:
+                    return known
                 waiter = self._changed
                 with anyio.move_on_after(CROSS_PROCESS_POLL_S):
                     await waiter.wait()
-        return self._has_change(since, run_id)
+        return self._change_known_at(since, run_id)
 
-    def _has_change(self, since: int, run_id: str | None) -> bool:
+    def _change_known_at(self, since: int, run_id: str | None) -> float | None:
+        """When an event after `since` (of `run_id`, or of any run) became known: when this
+        store committed its newest such event, or now if the database shows one; None if none.
+
+        Many waiters wake at each change: those of other runs find nothing here and skip the
+        query while another waiter of the same question ran it less than CROSS_PROCESS_POLL_S
+        ago (the delay after which a change made by another process is seen anyway)."""
+        recorded = self._recorded.get(run_id)
+        if recorded is not None and recorded[0] > since:
+            return recorded[1]
+        now = time.monotonic()
+        question = (since, run_id)
+        checked = self._unchanged.get(question)
+        if checked is not None and now - checked < CROSS_PROCESS_POLL_S:
+            return None
         if run_id is None:
-            return self.cursor() > since
-        rows = self._query(
-            "SELECT 1 FROM events WHERE seq > ? AND run_id = ? LIMIT 1", (since, run_id)
-        )
-        return bool(rows)
+            found = self.cursor() > since
+        else:
+            found = bool(
+                self._query(
+                    "SELECT 1 FROM events WHERE seq > ? AND run_id = ? LIMIT 1", (since, run_id)
+                )
+            )
+        if found:
+            self._unchanged.pop(question, None)
+            return time.monotonic()  # (after the query: state read from now on shows it)
+        if len(self._unchanged) >= UNCHANGED_KEPT:
+            self._unchanged = {
+                q: at for q, at in self._unchanged.items() if now - at < CROSS_PROCESS_POLL_S
+            }
+        self._unchanged[question] = now
+        return None
 
     # --- runs -------------------------------------------------------------------------------
 
@@ -402,6 +454,11 @@ class StateStore:
             return (0, 0, 0)
         total, used, reserved = rows[0]
         return (int(str(total)), int(str(used)), int(str(reserved)))
+
+    def budgets(self) -> dict[str, tuple[int, int, int]]:
+        """run_id -> (total, used, reserved) of every run's budget."""
+        rows = self._query("SELECT run_id, total, used, reserved FROM budgets")
+        return {str(r[0]): (int(str(r[1])), int(str(r[2])), int(str(r[3]))) for r in rows}
 
     def reserve_budget(self, run_id: str, amount: int) -> bool:
         """Reserve `amount` tokens from the run's pool; False when the pool cannot cover it."""
