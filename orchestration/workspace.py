@@ -410,18 +410,22 @@ def admin_dir_of(path: Path) -> Path | None:
     return None
 
 
-def pin(path: Path, *, filters: bool = False) -> Pinned:
+def pin(path: Path, *, first_checkout: bool = False) -> Pinned:
     """How the server's git runs on the workspace at `path`: its recorded git dir and work tree,
-    with the repository's filter drivers off (see `toolbus.gitcmd`) unless `filters`, which only
-    the first checkout of the base asks for (the user's files, before any agent ran)."""
+    with every command-running configuration and the repository's filter drivers off (see
+    `toolbus.gitcmd`), except for the first checkout of the base into a new workspace: the
+    user's files, before any agent ran there, get the user's hooks and filters as `git worktree
+    add` would run them."""
     admin = admin_dir_of(path)
     if admin is None:
         raise RepositoryError(
             f"the workspace {path} is missing or not registered in the repository; it was "
             "removed or never created"
         )
-    overrides = () if filters else gitcmd.filter_overrides(_config_names(admin))
-    return Pinned(admin, Path(os.path.realpath(path)), overrides)
+    work_tree = Path(os.path.realpath(path))
+    if first_checkout:
+        return Pinned(admin, work_tree, safe=False)
+    return Pinned(admin, work_tree, gitcmd.filter_overrides(_config_names(admin)))
 
 
 def open_workspace_repo(pinned: Pinned) -> pygit2.Repository:
@@ -550,7 +554,7 @@ def create_workspace(
         # What `worktree add` runs to check out; simultaneous checkouts of a large tree are
         # slower than one after the other on few cores, so at most one per core at a time.
         with _CHECKOUT_SLOTS:
-            pinned = pin(path, filters=True)
+            pinned = pin(path, first_checkout=True)
             if not _checkout_in_process(pinned, base):
                 run_git(
                     path, "reset", "--hard", "--no-recurse-submodules", "--quiet", pinned=pinned

@@ -95,6 +95,9 @@ class Pinned:
     work_tree: Path
     config: tuple[str, ...] = ()
     """Further `-c key=value` pairs (the filter overrides of the repository's drivers)."""
+    safe: bool = True
+    """Every command-running key off (`SAFE_CONFIG`). Only the first checkout of a new
+    workspace, before any agent ran in it, runs with the user's own hooks and filters."""
 
 
 def filter_overrides(config_names: Iterable[str]) -> tuple[str, ...]:
@@ -140,7 +143,7 @@ def git_argv(args: Sequence[str], pinned: Pinned | None = None) -> list[str]:
     if pinned is None:
         return ["git", *args]
     argv = ["git", f"--git-dir={pinned.git_dir}", f"--work-tree={pinned.work_tree}"]
-    for pair in (*SAFE_CONFIG, *pinned.config):
+    for pair in (*(SAFE_CONFIG if pinned.safe else ()), *pinned.config):
         argv += ["-c", pair]
     return [*argv, *args]
 

@@ -27,7 +27,7 @@ from orchestration.contracts import (
     TaskSpec,
 )
 from orchestration.orchestrator import Orchestrator
-from tests.orchestration.scripts import by_task, git, make_repo
+from tests.orchestration.scripts import Gate, by_task, git, make_repo
 from tests.reliability.conftest import Ledger
 
 pytestmark = pytest.mark.anyio
@@ -156,31 +156,34 @@ async def test_planted_git_runs_nothing(tmp_path: Path, ledger: Ledger, case: st
 async def test_the_users_own_command_running_config_stays_off_in_workspaces(
     tmp_path: Path, ledger: Ledger
 ) -> None:
-    """The user's fsmonitor, hooks and filters run on their own checkout, never on an agent's
-    workspace, where the agent's files (attributes included) would pick what they run on."""
+    """The user's fsmonitor, hooks and filters run on their own checkout (and on the first
+    checkout of a new workspace, before any agent ran there), never on an agent's work, where the
+    agent's files (attributes included) would pick what they run on."""
     repo = make_repo(tmp_path / "repo")
     marker = tmp_path / "escaped.txt"
     hook = tmp_path / "user-hook.sh"
-    hook.write_text(f'#!/bin/sh\necho "ran $0" >> {shlex.quote(str(marker))}\nexit 0\n')
+    hook.write_text(f'#!/bin/sh\necho "ran $0 in $PWD" >> {shlex.quote(str(marker))}\nexit 0\n')
     hook.chmod(0o755)
-    for name in ("post-index-change", "reference-transaction"):
-        (repo / ".git" / "hooks" / name).symlink_to(hook)
-    git(repo, "config", "core.fsmonitor", str(hook))
-    git(repo, "config", "filter.user.clean", str(hook))
     steps: list[Step] = [
         ("write_file", {"path": "src/app/.gitattributes", "content": "* filter=user\n"}),
         ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
         ("list_files", {}),
         ("search", {"pattern": "WORK"}),
     ]
-    marker.unlink(missing_ok=True)
-    model = by_task({"ATTACK": steps})
+    gate = Gate({"ATTACK": 1})
+    model = by_task({"ATTACK": steps}, gate=gate)
     settings = Settings.model_validate({"repo": repo, "sandbox": "auto", "lease_ttl_s": 30.0})
     async with Orchestrator(settings, lambda _name: model) as orch:
         spawned = await orch.spawn(
             SpawnRequest(tasks=[TaskSpec(prompt="ATTACK", name="a", write_scope=["src/app"])])
         )
-        marker.unlink(missing_ok=True)  # the user's hooks may run on the user's own checkout
+        with anyio.fail_after(60):
+            await gate.reached["ATTACK"].wait()  # its first tool ran: the workspace exists
+        for name in ("post-index-change", "reference-transaction"):
+            (repo / ".git" / "hooks" / name).symlink_to(hook)
+        git(repo, "config", "core.fsmonitor", str(hook))
+        git(repo, "config", "filter.user.clean", str(hook))
+        gate.release["ATTACK"].set()
         cursor: int | None = None
         with anyio.fail_after(60):
             while True:
