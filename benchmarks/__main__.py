@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "mcp": "benchmarks.mcp",
     "memory": "benchmarks.memory",
     "startup": "benchmarks.startup",
+    "orchestrator": "benchmarks.orchestrator",
 }
 
 

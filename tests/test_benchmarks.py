@@ -16,6 +16,12 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "benchmarks.memory": ("rss_mb_per_running_agent", "agents_failed"),
     "benchmarks.mcp": ("ratio", "get_status_server_cpu_ms", "get_status_driver_parse_ms"),
     "benchmarks.startup": ("startup_initialize_s", "first_spawn_s", "first_run_s"),
+    "benchmarks.orchestrator": (
+        "orchestrator_json_bytes_per_agent_16",
+        "orchestrator_text_bytes_per_agent_16",
+        "status_calls_16",
+        "waves_loop_ended",
+    ),
 }
 
 
