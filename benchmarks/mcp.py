@@ -24,7 +24,7 @@ import anyio
 from mcp import Client
 
 from benchmarks.common import StdioRpc, process_cpu_s
-from mcp_server.demo import make_sample_repo, server_params, structured, wait_idle
+from mcp_server.demo import make_sample_repo, server_params, structured, wait_settled
 
 
 def _p50_ms(samples: list[float]) -> float:
@@ -46,7 +46,7 @@ async def _measure(agents: int, calls: int) -> dict[str, float | int]:
                 )
             )
             run_id = str(spawn["run_id"])
-            await wait_idle(client, run_id, 0, lambda _: None, timeout_s=300)
+            await wait_settled(client, run_id, 0, lambda _: None, timeout_s=300)
             status_args = {"run_id": run_id}
             for _ in range(3):  # warm up both paths
                 await client.call_tool("get_status", status_args)

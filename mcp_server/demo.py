@@ -188,22 +188,23 @@ def text_of(result: CallToolResult) -> str:
     return "\n".join(c.text for c in result.content if isinstance(c, TextContent))
 
 
-async def wait_idle(
+async def wait_settled(
     client: Client, run_id: str, cursor: int, say: Callable[[str], None], timeout_s: float = 60
 ) -> int:
-    """Long-poll get_status until no agent of the run is active; returns the last cursor."""
-    active = {"queued", "waiting", "running"}
+    """Long-poll get_status until the run needs the orchestrator (settled); returns the last
+    cursor. Each answer lists only the agents that changed since the cursor passed."""
     with anyio.fail_after(timeout_s):
         while True:
             result = await client.call_tool(
-                "get_status", {"run_id": run_id, "since": cursor, "wait_s": 10}
+                "get_status", {"run_id": run_id, "since": cursor, "wait_s": 30}
             )
             status = structured(result)
             cursor = int(status["cursor"])
             run = status["runs"][0]
             line = ", ".join(f"{a['name']}={a['status']}" for a in run["agents"])
-            say(f"  get_status (cursor {cursor}): {line}")
-            if not any(a["status"] in active for a in run["agents"]):
+            say(f"  get_status (cursor {cursor}): {line or 'no change'}")
+            if run["settled"]:
+                say(f"  next: {run['next']}")
                 return cursor
 
 
@@ -242,8 +243,8 @@ async def run_demo(say: Callable[[str], None] = print) -> int:
             )
             (repo / "src/greet.py").write_text(GREET_USER)
             _git(repo, "commit", "-q", "-am", "user: greet with hi")
-            say("5. get_status long-polls (since=cursor, wait_s) until every agent finished")
-            await wait_idle(client, run_id, 0, say)
+            say("5. get_status long-polls (since=cursor, wait_s) until the run needs you")
+            cursor = await wait_settled(client, run_id, 0, say)
             say("6. merge_results(dry_run=true): what would happen")
             dry = await client.call_tool("merge_results", {"run_id": run_id, "dry_run": True})
             say(_indent(text_of(dry)))
@@ -262,7 +263,7 @@ async def run_demo(say: Callable[[str], None] = print) -> int:
             )
             say(_indent(text_of(rerun)))
             new_id = str(structured(rerun)["agent"]["agent_id"])
-            await wait_idle(client, run_id, 0, say)
+            await wait_settled(client, run_id, cursor, say)
             say("9. merge_results again")
             final = await client.call_tool(
                 "merge_results", {"run_id": run_id, "agent_ids": [new_id]}

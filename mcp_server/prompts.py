@@ -25,9 +25,15 @@ You can run a team of parallel subagents on this repository with the fanout tool
    conventions (style, test commands), and the few files every agent must read.
 4. Call spawn_subagents with the tasks and shared_context. It returns at once with a run_id and a
    cost estimate against the shared token budget; read its warnings.
-5. Poll get_status(run_id, since=<cursor>, wait_s=30) until no agent is queued, waiting or running.
-   Do not spin: each call waits for a change. Read each result's summary and changed files.
-6. Call merge_results(run_id, dry_run=true) if unsure, then merge_results(run_id).
+5. Call get_status(run_id, since=0, wait_s=600) once: it waits, without costing you turns,
+   until the run needs you (it is `settled`: every agent finished, or the rest wait on work only
+   you can merge), then answers with one line per agent (status, a one-line summary, files and
+   lines changed, tokens, flags) and `next`, the call to make. If it comes back unsettled
+   (wait_s ran out), call it again with since=<cursor>. Do not read diffs or ask for
+   detail=[agent_id] unless a summary or a flag gives you a reason.
+6. Do what `next` says: usually merge_results(run_id) (dry_run=true first if unsure). Agents that
+   waited for an overlapping scope start after that merge: poll and merge again until `next` says
+   nothing is left.
 7. For each conflicted or failed agent call rerun_subagent(agent_id, instructions) - never merge by
    hand - then poll and merge again. Finish with a short report of what landed.
 """

@@ -32,20 +32,24 @@ from mcp_types import (
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.networks import AnyUrl
 
-from mcp_server import status_table
+from mcp_server import answers
+from mcp_server.answers import (
+    CancelAnswer,
+    MergeAnswer,
+    RerunAnswer,
+    SpawnAnswer,
+    StatusAnswer,
+)
 from mcp_server.errors import resource_error, tool_error
 from mcp_server.notify import ResourceNotifier
 from mcp_server.repository import RepoResolver
-from mcp_server.status_answer import StatusAnswers
+from orchestration.attention import WakeOn
 from orchestration.config import Settings
 from orchestration.contracts import (
     MAX_TASKS,
-    CancelResult,
     MergeRequest,
     MergeResult,
-    RerunResult,
     SpawnRequest,
-    SpawnResult,
     StatusResult,
 )
 from orchestration.orchestrator import ModelFactory, Orchestrator, RepoContext
@@ -59,9 +63,11 @@ INSTRUCTIONS = """\
 fanout runs a team of parallel subagents on this git repository. Each subagent works in its own
 isolated copy, from one pinned base commit, and may only write inside its write_scope. Fan out
 when a goal splits into large, independent chunks (e.g. one module each); for a small change do
-it yourself. Flow: spawn_subagents (returns at once) -> get_status(since=cursor, wait_s=30) until
-no agent is active -> merge_results (dry_run first if unsure) -> rerun_subagent any conflicted
-agent, then merge again. Never merge an agent's work by hand."""
+it yourself. Flow: spawn_subagents (returns at once) -> get_status(run_id, since=cursor,
+wait_s=600), which answers once the run needs you (`settled`) with one line per agent and `next`
+-> do `next` (usually merge_results; waiting agents start after it) -> poll again until `next`
+says nothing is left. Read an agent's diff or detail only when its line gives a reason. Never
+merge an agent's work by hand."""
 
 
 class _Input(BaseModel):
@@ -76,16 +82,27 @@ class StatusRequest(_Input):
     since: int | None = Field(
         default=None,
         ge=0,
-        description="the `cursor` of an earlier answer: with `wait_s`, answer once something "
-        "changed after it (`changed` says whether anything did); the answer lists every agent "
-        "asked for, not only those that changed",
+        description="the `cursor` of an earlier answer (0 right after spawning): lists only "
+        "the agents that changed after it; with `wait_s`, waits until the run needs you",
     )
     wait_s: float | None = Field(
         default=None,
         ge=0,
-        le=600,
+        le=3600,
         description="long-poll: with `since`, wait up to this many seconds (capped by the "
-        "server) for a change before answering",
+        "server) for what `wake_on` names; an agent's turn never wakes it",
+    )
+    wake_on: WakeOn = Field(
+        default=WakeOn.SETTLED,
+        description="what ends the wait early: 'settled' (the run needs you: everything "
+        "finished, or the rest waits on a merge) or 'finished' (any agent finished, to merge as "
+        "results arrive); a lost lease or an exhausted budget always does",
+    )
+    detail: list[str] | None = Field(
+        default=None,
+        max_length=16,
+        description="agent ids whose full record to include (result with commands, leases, "
+        "follow-ups); ask only when an agent's line gives a reason",
     )
 
 
@@ -128,7 +145,8 @@ class App:
         self.repos = RepoResolver(settings.repo)
         self._orchestrator: Orchestrator | None = None
         self.notifier = ResourceNotifier()
-        self.status_answers = StatusAnswers()
+        # the last compact get_status answer built, for the question it answered
+        self.last_status: tuple[StatusResult, tuple[str, ...], dict[str, Any], str] | None = None
         self.on_repo: Callable[[RepoContext], None] | None = None
         self._seen: set[Path] = set()
 
@@ -341,17 +359,22 @@ writer. write_scope [] means read-only. Every agent starts from the same pinned 
 isolated copy; nothing touches the user's checkout until merge_results.
 
 Cost: all agents of a run draw on one shared token budget (budget_tokens); the answer includes \
-an estimate and warnings. After spawning, poll get_status(run_id, since=cursor, wait_s=30) — do \
-not spin — then call merge_results."""
+an estimate and warnings. Then call get_status(run_id, since=0, wait_s=600) once: it waits \
+until the run needs you and says what to call next."""
 
 STATUS_DESCRIPTION = """\
-Report runs and their agents: status (queued, waiting, running, succeeded, failed, cancelled, \
-interrupted, merged, conflicted, discarded), turns, tokens, leases, changed files and, once \
-finished, each agent's result (summary, changed files, commands and exit codes).
+Wait for a run to need you, then say what to do. With since=<cursor> (0 after spawning) and \
+wait_s=600 it answers once the run is settled: every agent finished, or the rest wait on a scope \
+that only a merge frees. An agent's turn never wakes it; wake_on='finished' wakes on each \
+completion instead, for merging as results arrive. Each answer has `settled`, `next` (the call \
+to make, naming agents) and one line per agent that changed after `since`: status, a one-line \
+summary, files and lines changed, total tokens, flags (lease_lost, conflict, error, dropped).
 
-Long-poll instead of spinning: pass since=<cursor from the previous answer> and wait_s=30; the \
-call returns as soon as anything changed, or after wait_s with changed=false. Without run_id it \
-lists every run of the repository. State is durable: it survives reconnects and server restarts."""
+Cheap loop: get_status -> do `next` (usually merge_results) -> get_status again, until `next` \
+says nothing is left. Do not spin; do not re-read agents you have seen. Ask detail=[agent_id] \
+or read fanout://agents/{id}/diff only when a line gives a reason (a flag, a failure, an \
+unexpected file count). Statuses: queued, waiting, running, succeeded, failed, cancelled, \
+interrupted, merged, conflicted, discarded. State is durable across reconnects and restarts."""
 
 MERGE_DESCRIPTION = """\
 Fold finished agents' work into the repository's current branch, one agent at a time (3-way \
@@ -361,7 +384,8 @@ Per agent: merged (or clean in a dry run), conflicted (with the paths; its branc
 kept) or skipped (with the reason, e.g. still running). Use dry_run=true first if unsure: it \
 changes nothing. For a conflicted agent call rerun_subagent — never merge by hand. discard=[ids] \
 throws an agent's work away explicitly. Without agent_ids every succeeded agent is merged, in the \
-order they finished."""
+order they finished. Agents whose scope waited on a merged one start after it: then call \
+get_status again."""
 
 CANCEL_DESCRIPTION = """\
 Cancel a run's active agents (all, or agent_ids). Their work so far is committed on their branch \
@@ -376,6 +400,22 @@ diff) plus your instructions. Use it for a conflicted, failed, cancelled or inte
 then poll get_status and merge_results again."""
 
 PING_DESCRIPTION = "Health check: answers at once with the server's name and version; no effect."
+
+
+KEEP_ALIVE_S = 10.0
+"""How often a waiting long-poll sends a progress notification (when the client gave a
+`progressToken`): clients reset their idle timeout on each one."""
+
+
+async def _keep_alive(ctx: ToolCtx, run_id: str | None) -> None:
+    """Progress notifications while a long-poll waits: the seconds waited so far."""
+    started = anyio.current_time()
+    what = f"waiting for run {run_id} to need you" if run_id else "waiting for the runs"
+    while True:
+        await anyio.sleep(KEEP_ALIVE_S)
+        waited = round(anyio.current_time() - started)
+        with anyio.move_on_after(5):
+            await ctx.report_progress(waited, None, f"{what} ({waited} s)")
 
 
 def build_server(settings: Settings, model_factory: ModelFactory | None = None) -> FanoutServer:
@@ -447,30 +487,48 @@ class FanoutServer(MCPServer[App]):
 
         async def spawn_subagents(
             request: SpawnRequest, ctx: ToolCtx, roots: Roots = None
-        ) -> Annotated[CallToolResult, SpawnResult]:
+        ) -> Annotated[CallToolResult, SpawnAnswer]:
             app.repos.offer_roots(roots)
             repo = await app.context(request.repo)
             result = await app.orchestrator.spawn(request, default_repo=repo.repo.root)
-            return _result(result, status_table.spawn_text(result))
+            answer = answers.spawn_answer(result)
+            return _result(answer, answers.spawn_text(answer), answers.dump(answer))
 
         async def get_status(
             request: StatusRequest, ctx: ToolCtx, roots: Roots = None
-        ) -> Annotated[CallToolResult, StatusResult]:
+        ) -> Annotated[CallToolResult, StatusAnswer]:
             app.repos.offer_roots(roots)
             repo = await app.context()
-            result = await app.orchestrator.status(
-                run_id=request.run_id,
-                agent_ids=request.agent_ids,
-                since=request.since,
-                wait_s=request.wait_s,
-                repo=repo.repo.root,
+            waiting = request.since is not None and bool(request.wait_s)
+            result: StatusResult | None = None
+            async with anyio.create_task_group() as tg:
+                if waiting:
+                    tg.start_soon(_keep_alive, ctx, request.run_id)
+                result = await app.orchestrator.status(
+                    run_id=request.run_id,
+                    agent_ids=request.agent_ids,
+                    since=request.since,
+                    wait_s=request.wait_s,
+                    repo=repo.repo.root,
+                    wake_on=request.wake_on,
+                )
+                tg.cancel_scope.cancel()
+            assert result is not None
+            detail = tuple(request.detail or ())
+            last = app.last_status
+            if last is not None and last[0] is result and last[1] == detail:
+                structured, text = last[2], last[3]
+            else:
+                answer = answers.status_answer(result, detail)
+                structured, text = answers.dump(answer), answers.status_text(answer)
+                app.last_status = (result, detail, structured, text)
+            return CallToolResult(
+                content=[TextContent(type="text", text=text)], structured_content=structured
             )
-            structured, text = app.status_answers.answer(result)
-            return _result(result, text, structured)
 
         async def merge_results(
             request: MergeRequest, ctx: ToolCtx, roots: Roots = None
-        ) -> Annotated[CallToolResult, MergeResult]:
+        ) -> Annotated[CallToolResult, MergeAnswer]:
             app.repos.offer_roots(roots)
             repo = await app.context()
             send, receive = anyio.create_memory_object_stream[tuple[int, int, str]](64)
@@ -499,27 +557,30 @@ class FanoutServer(MCPServer[App]):
                     send.close()
                     tg.cancel_scope.cancel()
             assert result is not None
-            return _result(result, status_table.merge_text(result))
+            answer = answers.merge_answer(result)
+            return _result(answer, answers.merge_text(answer), answers.dump(answer))
 
         async def cancel_subagents(
             request: CancelRequest, ctx: ToolCtx, roots: Roots = None
-        ) -> Annotated[CallToolResult, CancelResult]:
+        ) -> Annotated[CallToolResult, CancelAnswer]:
             app.repos.offer_roots(roots)
             repo = await app.context()
             result = await app.orchestrator.cancel(
                 request.run_id, request.agent_ids, repo=repo.repo.root
             )
-            return _result(result, status_table.cancel_text(result))
+            answer = answers.cancel_answer(result)
+            return _result(answer, answers.cancel_text(answer), answers.dump(answer))
 
         async def rerun_subagent(
             request: RerunRequest, ctx: ToolCtx, roots: Roots = None
-        ) -> Annotated[CallToolResult, RerunResult]:
+        ) -> Annotated[CallToolResult, RerunAnswer]:
             app.repos.offer_roots(roots)
             repo = await app.context()
             result = await app.orchestrator.rerun(
                 request.agent_id, request.instructions, repo=repo.repo.root
             )
-            return _result(result, status_table.rerun_text(result))
+            answer = answers.rerun_answer(result)
+            return _result(answer, answers.rerun_text(answer), answers.dump(answer))
 
         async def ping(request: PingRequest, ctx: ToolCtx) -> PingResult:
             return PingResult(ok=True, server=SERVER_NAME, version=VERSION)

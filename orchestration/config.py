@@ -47,7 +47,7 @@ class Settings(BaseModel):
     retry_max_attempts: int = Field(default=6, ge=1, description="FANOUT_RETRY_MAX_ATTEMPTS")
     retry_after_cap_s: float = Field(default=30.0, ge=0, description="FANOUT_RETRY_AFTER_CAP_S")
     delete_merged_branches: bool = Field(default=False, description="FANOUT_DELETE_MERGED_BRANCHES")
-    status_wait_cap_s: float = Field(default=60.0, gt=0, description="FANOUT_STATUS_WAIT_CAP_S")
+    status_wait_cap_s: float = Field(default=600.0, gt=0, description="FANOUT_STATUS_WAIT_CAP_S")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

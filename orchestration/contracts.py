@@ -315,6 +315,13 @@ class RunView(_Output):
     max_concurrency: int
     totals: RunTotals
     agents: list[AgentView]
+    settled: bool = Field(
+        default=False, description="nothing in the run moves without the orchestrator"
+    )
+    next: str = Field(default="", description="the call to make next, naming the agents")
+    changed_agents: list[str] | None = Field(
+        default=None, description="agents with a change after `since`; None: asked without it"
+    )
 
 
 class StatusResult(_Output):

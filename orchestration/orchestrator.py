@@ -26,6 +26,7 @@ import anyio.abc
 
 from orchestration import workspace as ws_mod
 from orchestration.agent import AgentLoop, Budget, LoopOutcome, Progress, Transcript
+from orchestration.attention import WakeOn
 from orchestration.config import Settings
 from orchestration.contracts import (
     AgentBrief,
@@ -71,6 +72,7 @@ from orchestration.state import (
     SharedSnapshot,
     StateStore,
 )
+from orchestration.wakeup import COALESCE_MAX_S, COALESCE_S, Wakeups
 from toolbus.audit import AuditLog
 from toolbus.bus import SUBAGENT_TOOL_SPECS, AgentBus
 from toolbus.errors import LeaseError, LeaseLost
@@ -1190,8 +1192,11 @@ class Orchestrator:
         since: int | None = None,
         wait_s: float | None = None,
         repo: Path | None = None,
+        wake_on: WakeOn = WakeOn.SETTLED,
     ) -> StatusResult:
-        """Runs and agents; with `since` and `wait_s`, waits until something changes.
+        """Runs and agents; with `since` and `wait_s`, waits until the orchestrator has something
+        to do after `since` (`wake_on`, see `orchestration.wakeup`), at most `wait_s`. Each run
+        says whether it is settled and what to call next, and which agents changed after `since`.
 
         Polls are cheap when little changed: runs, agents and each agent's view are built again
         only when they changed, so answers share them: read them, never mutate them.
@@ -1210,9 +1215,9 @@ class Orchestrator:
         self._measure_disk_usage_if_old(ctx)  # while the poll waits
         changed = True
         if since is not None and deadline is not None:
-            change = await ctx.store.change_after(since, deadline - anyio.current_time(), run_id)
-            changed = change is not None
-            due = called + timeout if change is None else max(called, change)
+            changed, due = await self._wait_for_attention(
+                ctx, run_id, since, wake_on=wake_on, deadline=deadline, called=called, wait=timeout
+            )
         elif since is not None:
             changed = ctx.store.cursor() > since
         disk = await self._disk_usage(ctx, deadline)
@@ -1237,15 +1242,20 @@ class Orchestrator:
         # The same question, asked again while everything it shows is the same, gets the same
         # answer object: runs and agents change only with an event (the cursor), the budget's
         # reservations and the leases without one.
-        asked = (run_id, tuple(sorted(wanted)) if wanted else None)
+        asked = (run_id, tuple(sorted(wanted)) if wanted else None, since)
         shows = (cursor, changed, read.lease_keys, budgets, disk)
         answers = self._status_answers.setdefault(ctx.store, {})
         last = answers.get(asked)
         if last is not None and last[0] == shows:
             return last[1]
         views: list[RunView] = []
+        wakeups = self._wakeups_of(ctx)
         for run, (total, used, reserved) in zip(runs, budgets, strict=True):
             agents = snapshots[run.run_id]
+            attention = await wakeups.attention(run.run_id, cursor)
+            changed_agents = (
+                None if since is None else sorted(wakeups.changes(since, run.run_id, cursor).agents)
+            )
             by_status = {s.value: n for s, n in Counter(a.status for a in agents).items()}
             spent = [a.tokens for a in agents]
             tokens = TokenUsage.model_construct(
@@ -1276,6 +1286,9 @@ class Orchestrator:
                         )
                         for a in shown
                     ],
+                    settled=attention.settled,
+                    next=attention.next,
+                    changed_agents=changed_agents,
                 )
             )
         result = StatusResult(cursor=cursor, changed=changed, runs=views, workspace_disk_bytes=disk)
@@ -1283,6 +1296,79 @@ class Orchestrator:
             answers.clear()
         answers[asked] = (shows, result)
         return result
+
+    async def _wait_for_attention(
+        self,
+        ctx: RepoContext,
+        run_id: str | None,
+        since: int,
+        *,
+        wake_on: WakeOn,
+        deadline: float,
+        called: float,
+        wait: float,
+    ) -> tuple[bool, float]:
+        """Wait until the orchestrator has something to do after `since`, or the deadline:
+        (whether it has, when the poll came due). A run settled since `since` answers at once
+        (one settled and unchanged since waits: the last answer said what to do); an agent's
+        turn never wakes the poll; completions close together wake it once."""
+        wakeups = self._wakeups_of(ctx)
+        await anyio.lowlevel.checkpoint()
+        cursor = ctx.store.cursor()
+        if cursor > since and await wakeups.settled(run_id, cursor):
+            return True, called
+        seen = since
+        while True:
+            remaining = deadline - anyio.current_time()
+            change = (
+                await ctx.store.change_after(seen, remaining, run_id) if remaining > 0 else None
+            )
+            if change is None:
+                return False, called + wait
+            cursor = ctx.store.cursor()
+            if await wakeups.wakes(since, run_id, wake_on, cursor):
+                if wake_on is WakeOn.FINISHED:
+                    await self._coalesce(
+                        ctx, wakeups, run_id, since=since, cursor=cursor, deadline=deadline
+                    )
+                return True, max(called, change)
+            seen = cursor
+
+    async def _coalesce(
+        self,
+        ctx: RepoContext,
+        wakeups: Wakeups,
+        run_id: str | None,
+        *,
+        since: int,
+        cursor: int,
+        deadline: float,
+    ) -> None:
+        """After a completion, wait while more arrive within COALESCE_S of each other (at most
+        COALESCE_MAX_S, never past the deadline), so that they wake the poll once."""
+        finals = wakeups.finals(since, run_id, cursor)
+        until = min(deadline, anyio.current_time() + COALESCE_MAX_S)
+        seen = cursor
+        while not await wakeups.settled(run_id, seen):
+            window = min(COALESCE_S, until - anyio.current_time())
+            if window <= 0:
+                return
+            if await ctx.store.change_after(seen, window, run_id) is None:
+                return  # a whole window without a change
+            seen = ctx.store.cursor()
+            finals = max(finals, wakeups.finals(since, run_id, seen))
+
+    def _wakeups_of(self, ctx: RepoContext) -> Wakeups:
+        known = self._wakeups.get(ctx.store)
+        if known is None:
+            known = Wakeups(ctx.store, ctx.leases.table, self._scope_requests)
+            self._wakeups[ctx.store] = known
+        return known
+
+    @functools.cached_property
+    def _wakeups(self) -> weakref.WeakKeyDictionary[StateStore, Wakeups]:
+        """Per state store, the wake-up questions of its long-polls (shared answers)."""
+        return weakref.WeakKeyDictionary()
 
     async def _read_status(self, ctx: RepoContext, last: _StatusRead | None) -> _StatusRead:
         """Read what status answers are built from: the change cursor, the leases, the budgets."""
@@ -1801,7 +1887,7 @@ class Orchestrator:
 
 
 # a status question: (run_id, the sorted agent_ids or None)
-_StatusAsked = tuple[str | None, tuple[str, ...] | None]
+_StatusAsked = tuple[str | None, tuple[str, ...] | None, int | None]
 # what a lease's view shows: (holder, token, resource, mode, expires in whole seconds)
 _LeaseShown = tuple[str, int, str, str, float]
 

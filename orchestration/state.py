@@ -290,6 +290,19 @@ class StateStore:
         )
         return [(int(str(r[0])), str(r[1]), str(r[2])) for r in rows]
 
+    def changes_after(
+        self, since: int, upto: int, run_id: str | None = None
+    ) -> list[tuple[str | None, str]]:
+        """The distinct (agent_id, kind) of the events after `since` up to `upto` (of `run_id`,
+        or of every run)."""
+        sql = "SELECT DISTINCT agent_id, kind FROM events WHERE seq > ? AND seq <= ?"
+        args: list[object] = [since, upto]
+        if run_id is not None:
+            sql += " AND run_id = ?"
+            args.append(run_id)
+        rows = self._query(sql, args)
+        return [(None if r[0] is None else str(r[0]), str(r[1])) for r in rows]
+
     async def wait_for_change(
         self, since: int, timeout_s: float, run_id: str | None = None
     ) -> bool:

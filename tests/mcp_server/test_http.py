@@ -16,7 +16,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from mcp_server.demo import DEMO_TASKS, make_sample_repo, structured, text_of, wait_idle
+from mcp_server.demo import DEMO_TASKS, make_sample_repo, structured, text_of, wait_settled
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -146,11 +146,11 @@ async def test_tools_over_http_in_both_eras(repo: Path, mode: str) -> None:
                 )
             )
             run_id = str(spawn["run_id"])
-            await wait_idle(client, run_id, 0, lambda _: None)
+            await wait_settled(client, run_id, 0, lambda _: None)
             status = structured(await client.call_tool("get_status", {"run_id": run_id}))
             agent = status["runs"][0]["agents"][0]
             assert agent["status"] == "succeeded"
-            assert agent["changed_files"] == ["src/mathx.py"]
+            assert agent["files"] == 1 and agent["added"] > 0
             merged = await client.call_tool("merge_results", {"run_id": run_id})
             assert structured(merged)["agents"][0]["outcome"] == "merged", text_of(merged)
     assert "def mul" in (repo / "src/mathx.py").read_text()

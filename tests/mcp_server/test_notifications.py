@@ -13,7 +13,13 @@ from mcp.client.session import IncomingMessage
 from mcp.shared.subscriptions import ResourceUpdated
 from mcp_types import ResourceUpdatedNotification
 
-from mcp_server.demo import DEMO_TASKS, demo_model_factory, make_sample_repo, structured, wait_idle
+from mcp_server.demo import (
+    DEMO_TASKS,
+    demo_model_factory,
+    make_sample_repo,
+    structured,
+    wait_settled,
+)
 from mcp_server.server import FanoutServer, build_server
 from orchestration.config import Settings
 
@@ -34,7 +40,7 @@ async def _finished_agent(client: Client) -> tuple[str, str]:
         )
     )
     run_id = str(spawn["run_id"])
-    await wait_idle(client, run_id, 0, lambda _: None)
+    await wait_settled(client, run_id, 0, lambda _: None)
     return run_id, str(spawn["agents"][0]["agent_id"])
 
 

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 from mcp import Client
 
-from mcp_server.demo import DEMO_TASKS, demo_model_factory, make_sample_repo, structured, wait_idle
+from mcp_server.demo import (
+    DEMO_TASKS,
+    demo_model_factory,
+    make_sample_repo,
+    structured,
+    wait_settled,
+)
 from mcp_server.server import build_server
 from orchestration.config import Settings
 
@@ -35,7 +41,7 @@ async def test_merge_reports_progress_and_none_after_the_result(tmp_path: Path, 
         ]
         spawn = structured(await client.call_tool("spawn_subagents", {"tasks": tasks}))
         run_id = str(spawn["run_id"])
-        await wait_idle(client, run_id, 0, lambda _: None)
+        await wait_settled(client, run_id, 0, lambda _: None)
         result = await client.call_tool(
             "merge_results", {"run_id": run_id}, progress_callback=on_progress
         )

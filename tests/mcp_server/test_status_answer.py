@@ -1,10 +1,9 @@
-"""The get_status answer: each agent's part is built once while its view is unchanged, and the
-answer is exactly the dump of the status (structured content) and its table (text)."""
+"""The get_status answer: compact (one line per agent that changed after the cursor), the same
+facts in its structured content and its text, bounded, and the full record only on request."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +12,19 @@ import pytest
 from mcp import Client
 from mcp_types import CallToolResult, TextContent
 
-from mcp_server import status_table
+from mcp_server import answers
 from mcp_server.demo import DEMO_TASKS, demo_model_factory, make_sample_repo
 from mcp_server.server import build_server, wire_result
-from mcp_server.status_answer import StatusAnswers
 from orchestration.config import Settings
 from orchestration.contracts import (
+    AgentResultView,
     AgentStatus,
     AgentView,
     LeaseView,
     RunTotals,
     RunView,
     StatusResult,
+    StopReason,
     TokenUsage,
 )
 
@@ -69,25 +69,46 @@ def _status(*views: AgentView, cursor: int = 1) -> StatusResult:
     return StatusResult(cursor=cursor, changed=True, runs=[run], workspace_disk_bytes=0)
 
 
-def test_the_answer_is_the_status_dump_and_table_and_reuses_unchanged_agents() -> None:
-    answers = StatusAnswers()
-    a, b = _view("r1-a1", AgentStatus.RUNNING), _view("r1-a2", AgentStatus.RUNNING)
-    first = _status(a, b)
-    structured = answers.structured(first)
-    # the same JSON, key order included
-    assert json.dumps(structured) == json.dumps(first.model_dump(mode="json"))
-    assert answers.text(first) == status_table.status_text(first)
+def test_the_answer_is_one_line_per_changed_agent_in_json_and_text() -> None:
+    a, b = _view("r1-a1", AgentStatus.RUNNING), _view("r1-a2", AgentStatus.FAILED)
+    status = _status(a, b)
+    answer = answers.status_answer(status)
+    body = answers.dump(answer)
+    assert answers.StatusAnswer.model_validate(body) == answer
+    line = body["runs"][0]["agents"][0]
+    assert line == {
+        "agent_id": "r1-a1",
+        "name": "r1-a1",
+        "status": "running",
+        "files": 1,
+        "tokens": 12,
+    }
+    text = answers.status_text(answer)
+    assert "r1-a1 · r1-a1 · running · 1 files +0 -0 · 12 tok" in text
+    assert "r1-a2 · r1-a2 · failed" in text
+    # agents that did not change after the cursor are not repeated
+    run = status.runs[0].model_copy(update={"changed_agents": ["r1-a2"]})
+    only_b = status.model_copy(update={"runs": [run]})
+    shown = answers.status_answer(only_b).runs[0].agents
+    assert [x.agent_id for x in shown] == ["r1-a2"]
 
-    lease = LeaseView(resource="src", mode="write", token=7, expires_in_s=29.5)
-    b2 = _view("r1-a2", AgentStatus.SUCCEEDED, [lease])  # a new view: the agent changed
-    second = _status(a, b2, cursor=2)
-    again = answers.structured(second)
-    assert json.dumps(again) == json.dumps(second.model_dump(mode="json"))
-    assert answers.text(second) == status_table.status_text(second)
-    assert again["runs"][0]["agents"][0] is structured["runs"][0]["agents"][0]
-    assert again["runs"][0]["agents"][1]["status"] == "succeeded"
-    assert again["runs"][0]["agents"][1]["leases"][0]["token"] == 7
-    assert "succeeded" in answers.text(second)
+
+def test_a_long_summary_is_one_line_in_answers_and_bounded_in_detail() -> None:
+    long = "Headline of the work\n" + "body " * 2_000
+    result = AgentResultView(
+        stop_reason=StopReason.FINISHED,
+        summary=long,
+        follow_ups=[f"follow {i} " + "x" * 500 for i in range(15)],
+    )
+    view = _view("r1-a1", AgentStatus.SUCCEEDED).model_copy(update={"result": result})
+    answer = answers.status_answer(_status(view), detail=["r1-a1"])
+    assert answer.runs[0].agents[0].summary == "Headline of the work"
+    shown = answer.detail[0].agent.result
+    assert shown is not None
+    assert len(shown.summary) <= 1_500 and "fanout://agents/r1-a1/result" in shown.summary
+    assert len(shown.follow_ups) == answers.FOLLOW_UPS_SHOWN + 1
+    assert all(len(f) <= answers.FOLLOW_UP_CHARS for f in shown.follow_ups)
+    assert len(json.dumps(answers.dump(answer))) < 8_000
 
 
 def _structured(result: CallToolResult) -> dict[str, Any]:
@@ -114,28 +135,22 @@ async def test_status_over_the_client_follows_changes_and_is_not_shared(
         ]
         spawned = _structured(await client.call_tool("spawn_subagents", {"tasks": tasks}))
         run_id = spawned["run_id"]
-        cursor = 0
         with anyio.fail_after(30):
-            while True:
-                status = _structured(
-                    await client.call_tool(
-                        "get_status", {"run_id": run_id, "since": cursor, "wait_s": 5}
-                    )
-                )
-                cursor = status["cursor"]
-                agents = status["runs"][0]["agents"]
-                if not any(a["status"] in ("queued", "waiting", "running") for a in agents):
-                    break
-        first = await client.call_tool("get_status", {"run_id": run_id})
-        body = _structured(first)
-        # (held leases' expiry moves between two answers)
-        assert [(a["agent_id"], a["status"]) for a in body["runs"][0]["agents"]] == [
-            (a["agent_id"], a["status"]) for a in agents
-        ]
-        assert StatusResult.model_validate(body).model_dump(mode="json") == body
-        assert _text(first) == status_table.status_text(StatusResult.model_validate(body))
+            settled = await client.call_tool(
+                "get_status", {"run_id": run_id, "since": 0, "wait_s": 30}
+            )
+        body = _structured(settled)
+        run = body["runs"][0]
+        assert run["settled"] and {a["status"] for a in run["agents"]} == {"succeeded"}
+        assert run["next"].startswith(f'merge_results(run_id="{run_id}") merges')
+        assert _text(settled) == answers.status_text(answers.StatusAnswer.model_validate(body))
+        # nothing changed since that cursor: a poll without waiting lists no agent
+        quiet = _structured(
+            await client.call_tool("get_status", {"run_id": run_id, "since": body["cursor"]})
+        )
+        assert quiet["runs"][0]["agents"] == [] and quiet["runs"][0]["settled"]
         # what a client does with its answer does not reach the next answer
-        body["runs"][0]["agents"][0]["status"] = "tampered"
+        first = await client.call_tool("get_status", {"run_id": run_id})
         assert first.structured_content is not None
         first.structured_content["runs"][0]["agents"][0]["name"] = "tampered"
         again = _structured(await client.call_tool("get_status", {"run_id": run_id}))
@@ -146,28 +161,7 @@ async def test_status_over_the_client_follows_changes_and_is_not_shared(
         merged = _structured(await client.call_tool("get_status", {"run_id": run_id}))
         assert {a["status"] for a in merged["runs"][0]["agents"]} == {"merged"}
         assert merged["cursor"] > again["cursor"]
-
-
-def test_an_unchanged_run_table_is_not_rendered_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    rendered: list[int] = []
-    real_table = status_table.table
-
-    def counting_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-        rendered.append(len(rows))
-        return real_table(headers, rows)
-
-    monkeypatch.setattr(status_table, "table", counting_table)
-    answers = StatusAnswers()
-    a, b = _view("r1-a1", AgentStatus.RUNNING), _view("r1-a2", AgentStatus.RUNNING)
-    assert answers.text(_status(a, b)) == status_table.status_text(_status(a, b))
-    rendered.clear()
-    assert "cursor 2" in answers.text(_status(a, b, cursor=2))
-    assert rendered == []
-    b2 = _view("r1-a2", AgentStatus.FAILED)
-    text = answers.text(_status(a, b2, cursor=3))
-    assert rendered == [2]
-    assert text == status_table.status_text(_status(a, b2, cursor=3)) and "failed" in text
-    assert answers.text(_status(a, cursor=4)) == status_table.status_text(_status(a, cursor=4))
+        assert merged["runs"][0]["next"].startswith("nothing to do")
 
 
 def test_a_tool_result_reaches_the_sdk_in_its_wire_form() -> None:
@@ -204,22 +198,3 @@ async def test_the_sdk_does_not_dump_a_structured_result_whole(
         ping = await client.call_tool("ping", {})
     assert _structured(status)["runs"] == [] and _structured(ping)["ok"] is True
     assert whole == []
-
-
-def test_the_same_status_object_gets_the_same_answer_a_new_one_is_built_again() -> None:
-    answers = StatusAnswers()
-    a = _view("r1-a1", AgentStatus.RUNNING)
-    first = _status(a)
-    structured, text = answers.answer(first)
-    assert json.dumps(structured) == json.dumps(first.model_dump(mode="json"))
-    assert text == status_table.status_text(first)
-    again = answers.answer(first)
-    assert again[0] is structured and again[1] is text
-
-    # an equal but new status (the orchestrator made it because something changed) is built
-    # again; the unchanged agent's part is still shared
-    second = _status(a, cursor=2)
-    structured2, text2 = answers.answer(second)
-    assert structured2 is not structured and structured2["cursor"] == 2
-    assert structured2["runs"][0]["agents"][0] is structured["runs"][0]["agents"][0]
-    assert text2 == status_table.status_text(second)

@@ -13,7 +13,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from mcp_server.demo import make_sample_repo, structured, wait_idle
+from mcp_server.demo import make_sample_repo, structured, wait_settled
 from mcp_server.server import build_server
 from orchestration.config import Settings
 from orchestration.contracts import AgentStatus
@@ -53,12 +53,14 @@ def _row(out: str, agent_id: str) -> str:
 async def test_status_while_running_and_after_the_server_stopped(tmp_path: Path) -> None:
     repo = make_sample_repo(tmp_path)
     release = anyio.Event()
+    second = anyio.Event()  # its first turn is recorded and its second waits
 
     async def reply(request: ModelRequest) -> ModelResponse:
         turn = sum(1 for m in request.messages if m.role == "assistant")
         if turn == 0:
             return reply_tool("write_file", path="src/mathx.py", content=MUL)
         if turn == 1:
+            second.set()
             await release.wait()  # hold the agent running until the CLI has looked
             return reply_finish("added mul")
         return reply_text("done")
@@ -76,18 +78,8 @@ async def test_status_while_running_and_after_the_server_stopped(tmp_path: Path)
         )
         run_id = str(spawn["run_id"])
         agent_id = str(spawn["agents"][0]["agent_id"])
-        cursor = 0
         with anyio.fail_after(60):
-            while True:  # until the agent has had its first turn and waits in its second
-                status = structured(
-                    await client.call_tool(
-                        "get_status", {"run_id": run_id, "since": cursor, "wait_s": 5}
-                    )
-                )
-                cursor = int(status["cursor"])
-                agent = status["runs"][0]["agents"][0]
-                if agent["status"] == "running" and agent["turns"] >= 1:
-                    break
+            await second.wait()
 
         live = await _status_cli(repo)
         assert f"repository {repo.resolve()}" in live
@@ -100,7 +92,7 @@ async def test_status_while_running_and_after_the_server_stopped(tmp_path: Path)
         assert lease.search(live), live
 
         release.set()
-        await wait_idle(client, run_id, cursor, lambda _: None)
+        await wait_settled(client, run_id, 0, lambda _: None)
 
     after = await _status_cli(repo)
     row = _row(after, agent_id)

@@ -18,7 +18,7 @@ from mcp_server.demo import (
     make_sample_repo,
     structured,
     text_of,
-    wait_idle,
+    wait_settled,
 )
 from tests.mcp_server.servers import stdio_params
 
@@ -69,7 +69,7 @@ async def test_spawn_status_merge_conflict_rerun_merge_over_stdio(tmp_path: Path
         greeting = spawn["agents"][0]["agent_id"]
         (repo / "src/greet.py").write_text(GREET_USER)
         await anyio.run_process(["git", "commit", "-qam", "user edit"], cwd=repo)
-        await wait_idle(client, run_id, 0, lambda _: None)
+        await wait_settled(client, run_id, 0, lambda _: None)
         merged = structured(await client.call_tool("merge_results", {"run_id": run_id}))
         outcomes = {a["name"]: a["outcome"] for a in merged["agents"]}
         assert outcomes == {"greeting": "conflicted", "mathx": "merged"}, text_of(
@@ -80,7 +80,7 @@ async def test_spawn_status_merge_conflict_rerun_merge_over_stdio(tmp_path: Path
         assert "src/greet.py" in diff_text and "<<<<<<<" in diff_text, diff_text
         rerun = structured(await client.call_tool("rerun_subagent", {"agent_id": greeting}))
         new_id = rerun["agent"]["agent_id"]
-        await wait_idle(client, run_id, 0, lambda _: None)
+        await wait_settled(client, run_id, 0, lambda _: None)
         final = structured(
             await client.call_tool("merge_results", {"run_id": run_id, "agent_ids": [new_id]})
         )

@@ -192,7 +192,7 @@ async def _wait_idle(client: Client, run_id: str) -> dict[str, Any]:
             )
             cursor = status["cursor"]
             run = status["runs"][0]
-            if not any(a["status"] in ("queued", "waiting", "running") for a in run["agents"]):
+            if run["settled"]:
                 return run
 
 
@@ -233,27 +233,33 @@ async def test_spawn_status_merge_and_resources(repo: Path, mode: str) -> None:
         assert isinstance(first, TextResourceContents)
         record = json.loads(first.text)
         assert record["status"] == "succeeded"
-        # get_status shows the result without what the agent's entry already says; the
-        # resource has the whole result
+        # get_status shows one compact line per agent, which agrees with the whole result in
+        # the resource; detail=[id] adds the full record
         shown = run["agents"][0]
-        assert set(shown["result"]) == {
-            "stop_reason",
+        assert set(shown) <= {
+            "agent_id",
+            "name",
+            "status",
             "summary",
-            "follow_ups",
-            "changed_files",
-            "dropped_files",
-            "commands",
-            "refused_calls",
-            "duration_s",
-            "error",
-            "commit",
+            "files",
+            "added",
+            "removed",
+            "tokens",
+            "flags",
         }
-        assert [c["path"] for c in shown["result"]["changed_files"]] == shown["changed_files"]
-        assert record["result"]["status"] == shown["status"] == "succeeded"
-        assert record["result"]["tokens"] == shown["tokens"]
-        assert record["result"]["turns"] == shown["turns"] > 0
-        assert record["result"]["branch"] == shown["branch"]
-        assert record["result"]["summary"] == shown["result"]["summary"]
+        whole = record["result"]
+        assert whole["status"] == shown["status"] == "succeeded"
+        assert shown["files"] == len(whole["changed_files"])
+        assert shown["added"] == sum(c["lines_added"] for c in whole["changed_files"])
+        assert shown["tokens"] == sum(whole["tokens"].values())
+        assert shown["summary"] == whole["summary"].strip().splitlines()[0][:120]
+        detailed = _structured(
+            await client.call_tool("get_status", {"run_id": run_id, "detail": [agent_id]})
+        )
+        item = detailed["detail"][0]
+        assert item["result_resource"] == f"fanout://agents/{agent_id}/result"
+        assert item["agent"]["result"]["summary"] == whole["summary"]
+        assert item["agent"]["turns"] == whole["turns"] > 0
         transcript = await client.read_resource(f"fanout://agents/{agent_id}/transcript")
         first = transcript.contents[0]
         assert isinstance(first, TextResourceContents) and "write_file" in first.text

@@ -17,7 +17,7 @@ import pytest
 from mcp import Client
 
 from fakeapi import FakeAnthropic, FakeRequest, Reply, by_key, finish, tool_use
-from mcp_server.demo import make_sample_repo, structured, text_of, wait_idle
+from mcp_server.demo import make_sample_repo, structured, text_of, wait_settled
 from tests.mcp_server.servers import stdio_params
 from tests.reliability.conftest import Ledger
 
@@ -84,9 +84,13 @@ async def test_a_killed_stdio_server_restarted_at_once(tmp_path: Path, ledger: L
             assert shown == "interrupted", text_of(
                 await client.call_tool("get_status", {"run_id": run_id})
             )
-            assert [c["path"] for c in agent["result"]["changed_files"]] == ["src/slow.py"]
+            assert agent["files"] == 1  # its written work, committed on its branch
+            detail = structured(
+                await client.call_tool("get_status", {"run_id": run_id, "detail": [agent_id]})
+            )["detail"][0]["agent"]
+            assert [c["path"] for c in detail["result"]["changed_files"]] == ["src/slow.py"]
             rerun = structured(await client.call_tool("rerun_subagent", {"agent_id": agent_id}))
-            await wait_idle(client, run_id, 0, lambda _: None)
+            await wait_settled(client, run_id, 0, lambda _: None)
             merged = structured(await client.call_tool("merge_results", {"run_id": run_id}))
             outcomes = {a["agent_id"]: a["outcome"] for a in merged["agents"]}
             ok = outcomes == {rerun["agent"]["agent_id"]: "merged"}

@@ -1,0 +1,460 @@
+"""The tools' answers as the orchestrating model reads them: compact, bounded, the same facts in
+the structured content and in the text (a client shows one or the other).
+
+Per agent an answer holds what the orchestrator decides with: id, name, status, a one-line
+summary, changed files with lines added and removed as counts, total tokens, and flags that need
+attention. Everything else is one request away: `get_status(detail=[ids])`, and the agent's
+result, diff and transcript resources. Fields at their default are left out of the JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestration.contracts import (
+    AgentBrief,
+    AgentResultView,
+    AgentStatus,
+    AgentView,
+    CancelResult,
+    MergeOutcome,
+    MergeResult,
+    RerunResult,
+    RunView,
+    SpawnResult,
+    StatusResult,
+    TokenUsage,
+)
+from orchestration.prompts import SUMMARY_ANSWER_CHARS
+
+LINE_CHARS = 120
+"""The most of an agent's summary an agent's line shows (its first line)."""
+FOLLOW_UPS_SHOWN = 10
+FOLLOW_UP_CHARS = 300
+COMMANDS_SHOWN = 10
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """The structured content: JSON, fields at their default left out."""
+    return model.model_dump(mode="json", exclude_defaults=True)
+
+
+def one_line(text: str | None, limit: int = LINE_CHARS) -> str:
+    """The first non-empty line of `text`, at most `limit` characters."""
+    for raw in (text or "").splitlines():
+        line = raw.strip()
+        if line:
+            return line if len(line) <= limit else line[: limit - 1] + "…"
+    return ""
+
+
+def _total(tokens: TokenUsage) -> int:
+    return tokens.input + tokens.output + tokens.cache_read + tokens.cache_write
+
+
+# --- get_status --------------------------------------------------------------------------------
+
+
+class AgentLine(_Answer):
+    """One agent in a compact answer."""
+
+    agent_id: str
+    name: str
+    status: AgentStatus
+    summary: str = Field(
+        default="", description="one line: the result's first line, the error, or what it waits for"
+    )
+    files: int = Field(default=0, description="files changed")
+    added: int = Field(default=0, description="lines added")
+    removed: int = Field(default=0, description="lines removed")
+    tokens: int = Field(default=0, description="total tokens (input, output, cache)")
+    flags: list[str] = Field(
+        default_factory=list[str],
+        description="what needs attention: lease_lost, conflict, error, dropped files, waits",
+    )
+
+
+class RunTotalsLine(_Answer):
+    """A run's totals in a compact answer."""
+
+    agents: int
+    by_status: dict[str, int]
+    tokens: int
+    budget_remaining: int
+
+
+class RunLine(_Answer):
+    """One run in a compact `get_status` answer."""
+
+    run_id: str
+    settled: bool = Field(description="true when nothing in the run moves without you: do `next`")
+    next: str = Field(description="the call to make next, naming the agents")
+    totals: RunTotalsLine
+    agents: list[AgentLine] = Field(
+        description="the agents that changed since `since` (all of them without it)"
+    )
+
+
+class AgentDetail(_Answer):
+    """The full record of one agent, asked for with `detail`; its summary and follow-ups are
+    bounded here (the whole result is the agent's result resource)."""
+
+    agent: AgentView
+    result_resource: str
+
+
+class StatusAnswer(_Answer):
+    """Result of `get_status`."""
+
+    cursor: int = Field(
+        description="pass as `since` (with `wait_s`) to wait until the run needs you after this "
+        "answer; agents that did not change since are not repeated"
+    )
+    changed: bool = Field(
+        default=True, description="false when a long-poll ended at wait_s with nothing to do"
+    )
+    runs: list[RunLine]
+    detail: list[AgentDetail] = Field(default_factory=list[AgentDetail])
+
+
+def agent_line(view: AgentView) -> AgentLine:
+    """An agent's compact line from its full view."""
+    result = view.result
+    flags: list[str] = []
+    summary = ""
+    files = added = removed = 0
+    if result is not None:
+        summary = one_line(result.summary) or one_line(result.error)
+        files = len(result.changed_files)
+        added = sum(c.lines_added for c in result.changed_files)
+        removed = sum(c.lines_removed for c in result.changed_files)
+        if result.error and view.status is not AgentStatus.SUCCEEDED:
+            flags.append("error: " + one_line(result.error, 80))
+        if result.dropped_files:
+            flags.append(f"dropped {len(result.dropped_files)} (see detail)")
+        if result.stop_reason.value not in ("finished",):
+            flags.append(f"stop: {result.stop_reason.value}")
+    else:
+        files = len(view.changed_files)
+        if view.status is AgentStatus.WAITING or view.status_reason:
+            summary = one_line(view.status_reason)
+    if view.lease_lost:
+        flags.append("lease_lost")
+    if view.status is AgentStatus.CONFLICTED:
+        flags.append("conflict")
+    return AgentLine(
+        agent_id=view.agent_id,
+        name=view.name,
+        status=view.status,
+        summary=summary,
+        files=files,
+        added=added,
+        removed=removed,
+        tokens=_total(view.tokens),
+        flags=flags,
+    )
+
+
+def bounded_result(result: AgentResultView, agent_id: str) -> AgentResultView:
+    """A result as `detail` shows it: the summary at most `SUMMARY_ANSWER_CHARS`, at most
+    `FOLLOW_UPS_SHOWN` follow-ups of `FOLLOW_UP_CHARS`, the last `COMMANDS_SHOWN` commands."""
+    summary = result.summary
+    if len(summary) > SUMMARY_ANSWER_CHARS:
+        rest = len(summary) - (SUMMARY_ANSWER_CHARS - 100)
+        summary = (
+            summary[: SUMMARY_ANSWER_CHARS - 100]
+            + f"… ({rest} more characters in fanout://agents/{agent_id}/result)"
+        )
+    follow_ups = [one_line(f, FOLLOW_UP_CHARS) for f in result.follow_ups[:FOLLOW_UPS_SHOWN]]
+    if len(result.follow_ups) > FOLLOW_UPS_SHOWN:
+        follow_ups.append(f"… {len(result.follow_ups) - FOLLOW_UPS_SHOWN} more in the result")
+    return result.model_copy(
+        update={
+            "summary": summary,
+            "follow_ups": follow_ups,
+            "commands": result.commands[-COMMANDS_SHOWN:],
+            "error": None if result.error is None else result.error[:SUMMARY_ANSWER_CHARS],
+        }
+    )
+
+
+def _run_line(run: RunView, changed: set[str] | None) -> RunLine:
+    totals = run.totals
+    return RunLine(
+        run_id=run.run_id,
+        settled=run.settled,
+        next=run.next,
+        totals=RunTotalsLine(
+            agents=totals.agents,
+            by_status=totals.by_status,
+            tokens=_total(totals.tokens),
+            budget_remaining=totals.budget_remaining,
+        ),
+        agents=[
+            agent_line(view) for view in run.agents if changed is None or view.agent_id in changed
+        ],
+    )
+
+
+def status_answer(result: StatusResult, detail: Sequence[str] = ()) -> StatusAnswer:
+    """The compact answer of `get_status` from the orchestrator's full status."""
+    wanted = set(detail)
+    details: list[AgentDetail] = []
+    runs: list[RunLine] = []
+    for run in result.runs:
+        changed = None if run.changed_agents is None else set(run.changed_agents)
+        runs.append(_run_line(run, changed))
+        for view in run.agents:
+            if view.agent_id in wanted:
+                shown = view
+                if view.result is not None:
+                    shown = view.model_copy(
+                        update={"result": bounded_result(view.result, view.agent_id)}
+                    )
+                details.append(
+                    AgentDetail(
+                        agent=shown, result_resource=f"fanout://agents/{view.agent_id}/result"
+                    )
+                )
+    return StatusAnswer(cursor=result.cursor, changed=result.changed, runs=runs, detail=details)
+
+
+def _line_text(a: AgentLine) -> str:
+    parts = [a.agent_id, a.name, a.status.value]
+    if a.files:
+        parts.append(f"{a.files} files +{a.added} -{a.removed}")
+    if a.tokens:
+        parts.append(f"{a.tokens} tok")
+    text = " · ".join(parts)
+    if a.summary:
+        text += f": {a.summary}"
+    if a.flags:
+        text += f" [{'; '.join(a.flags)}]"
+    return text
+
+
+def status_text(answer: StatusAnswer) -> str:
+    """The same answer as text."""
+    if not answer.runs:
+        return f"no runs yet (cursor {answer.cursor})"
+    lines: list[str] = []
+    for run in answer.runs:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(run.totals.by_status.items()))
+        state = "settled" if run.settled else "moving"
+        lines.append(
+            f"run {run.run_id} {state}: {counts}; {run.totals.tokens} tokens, "
+            f"{run.totals.budget_remaining} left in the budget"
+        )
+        lines.extend(_line_text(a) for a in run.agents)
+        lines.append(f"next: {run.next}")
+    for item in answer.detail:
+        lines.append(f"detail of {item.agent.agent_id}: {item.agent.model_dump_json()}")
+    lines.append(f"cursor {answer.cursor}" + ("" if answer.changed else " (nothing to do yet)"))
+    return "\n".join(lines)
+
+
+# --- spawn, cancel, rerun ----------------------------------------------------------------------
+
+
+class AgentBriefLine(_Answer):
+    """An agent as spawn, cancel and rerun report it."""
+
+    agent_id: str
+    name: str
+    status: AgentStatus
+    waits_for: list[str] = Field(
+        default_factory=list[str], description="agents whose scope this one waits for"
+    )
+
+
+def _brief(a: AgentBrief) -> AgentBriefLine:
+    return AgentBriefLine(
+        agent_id=a.agent_id, name=a.name, status=a.status, waits_for=list(a.waits_for)
+    )
+
+
+class EstimateLine(_Answer):
+    """The cost estimate of a run, before it starts."""
+
+    total_tokens: int
+    uncached_tokens: int
+    budget_tokens: int
+    note: str = ""
+
+
+class SpawnAnswer(_Answer):
+    """Result of `spawn_subagents`."""
+
+    run_id: str
+    base_commit: str
+    snapshot_of_uncommitted_changes: bool = False
+    agents: list[AgentBriefLine]
+    estimate: EstimateLine
+    warnings: list[str] = Field(default_factory=list[str])
+    next: str
+
+
+def spawn_answer(result: SpawnResult) -> SpawnAnswer:
+    est = result.estimate
+    return SpawnAnswer(
+        run_id=result.run_id,
+        base_commit=result.base_commit,
+        snapshot_of_uncommitted_changes=result.snapshot_of_uncommitted_changes,
+        agents=[_brief(a) for a in result.agents],
+        estimate=EstimateLine(
+            total_tokens=est.estimated_total_tokens,
+            uncached_tokens=est.estimated_uncached_tokens,
+            budget_tokens=est.budget_tokens,
+            note=est.note,
+        ),
+        warnings=result.warnings,
+        next=(
+            f'get_status(run_id="{result.run_id}", since=0, wait_s=600): it answers once the '
+            "run needs you (settled), then do its `next`"
+        ),
+    )
+
+
+def spawn_text(answer: SpawnAnswer) -> str:
+    est = answer.estimate
+    lines = [
+        f"run {answer.run_id} started on {answer.base_commit[:12]} with {len(answer.agents)} "
+        f"agents (running in the background); estimate ~{est.total_tokens} tokens of a "
+        f"{est.budget_tokens}-token budget"
+    ]
+    for a in answer.agents:
+        waits = f" (waits for {', '.join(a.waits_for)})" if a.waits_for else ""
+        lines.append(f"{a.agent_id} {a.name} {a.status.value}{waits}")
+    lines.extend(f"warning: {w}" for w in answer.warnings)
+    lines.append(f"next: {answer.next}")
+    return "\n".join(lines)
+
+
+class CancelAnswer(_Answer):
+    """Result of `cancel_subagents`."""
+
+    run_id: str
+    agents: list[AgentBriefLine]
+
+
+def cancel_answer(result: CancelResult) -> CancelAnswer:
+    return CancelAnswer(run_id=result.run_id, agents=[_brief(a) for a in result.agents])
+
+
+def cancel_text(answer: CancelAnswer) -> str:
+    lines = [f"run {answer.run_id}:"]
+    lines.extend(f"{a.agent_id} {a.name} {a.status.value}" for a in answer.agents)
+    return "\n".join(lines)
+
+
+class RerunAnswer(_Answer):
+    """Result of `rerun_subagent`."""
+
+    run_id: str
+    replaces: str
+    agent: AgentBriefLine
+    base_commit: str
+
+
+def rerun_answer(result: RerunResult) -> RerunAnswer:
+    return RerunAnswer(
+        run_id=result.run_id,
+        replaces=result.replaces,
+        agent=_brief(result.agent),
+        base_commit=result.base_commit,
+    )
+
+
+def rerun_text(answer: RerunAnswer) -> str:
+    a = answer.agent
+    return (
+        f"{a.agent_id} ({a.name}) replaces {answer.replaces} in run {answer.run_id}, based on "
+        f"{answer.base_commit[:12]}; status {a.status.value}; next: get_status(run_id="
+        f'"{answer.run_id}", since=<cursor>, wait_s=600)'
+    )
+
+
+# --- merge_results -----------------------------------------------------------------------------
+
+
+class MergeLine(_Answer):
+    """One agent's outcome in `merge_results`."""
+
+    agent_id: str
+    name: str
+    outcome: MergeOutcome
+    files: int = 0
+    added: int = 0
+    removed: int = 0
+    conflicts: list[str] = Field(default_factory=list[str])
+    reason: str = ""
+
+
+class MergeAnswer(_Answer):
+    """Result of `merge_results`."""
+
+    run_id: str
+    dry_run: bool = False
+    head: str
+    branch: str | None = None
+    agents: list[MergeLine]
+    files: int = 0
+    added: int = 0
+    removed: int = 0
+
+
+def merge_answer(result: MergeResult) -> MergeAnswer:
+    return MergeAnswer(
+        run_id=result.run_id,
+        dry_run=result.dry_run,
+        head=result.head,
+        branch=result.branch,
+        agents=[
+            MergeLine(
+                agent_id=a.agent_id,
+                name=a.name,
+                outcome=a.outcome,
+                files=a.diffstat.files,
+                added=a.diffstat.insertions,
+                removed=a.diffstat.deletions,
+                conflicts=a.conflicts[:20],
+                reason=one_line(a.reason, 200),
+            )
+            for a in result.agents
+        ],
+        files=result.diffstat.files,
+        added=result.diffstat.insertions,
+        removed=result.diffstat.deletions,
+    )
+
+
+def merge_text(answer: MergeAnswer) -> str:
+    verb = "dry run" if answer.dry_run else "merge"
+    lines = [
+        f"{verb} of run {answer.run_id}: head {answer.head[:12]}"
+        + (f" on {answer.branch}" if answer.branch else "")
+        + f"; {answer.files} files +{answer.added} -{answer.removed}"
+    ]
+    for a in answer.agents:
+        text = f"{a.agent_id} {a.name} {a.outcome.value}"
+        if a.files:
+            text += f" {a.files} files +{a.added} -{a.removed}"
+        if a.conflicts:
+            text += f": conflicts in {', '.join(a.conflicts)}"
+        elif a.reason:
+            text += f": {a.reason}"
+        lines.append(text)
+    conflicted = [a.agent_id for a in answer.agents if a.outcome is MergeOutcome.CONFLICTED]
+    if conflicted:
+        lines.append(
+            "conflicted agents keep their branch: rerun_subagent(agent_id) each on the new head "
+            "(do not merge by hand): " + ", ".join(conflicted)
+        )
+    return "\n".join(lines)

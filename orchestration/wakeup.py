@@ -1,0 +1,128 @@
+"""Whether a long-poll of `get_status` has something to answer, and what changed since its cursor.
+
+A long-poll answers when the orchestrator has something to do (see `attention`): by default when
+the run is settled; with `WakeOn.FINISHED` when any agent reached a final status; always when a
+lease was lost or the budget ran out. An agent's turn never wakes it. Completions that arrive
+close together wake once: after a final status, a `FINISHED` poll waits until no other arrived
+for `COALESCE_S` (at most `COALESCE_MAX_S`).
+
+The facts are computed once per state cursor and shared by every waiter asking the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from orchestration.attention import (
+    ATTENTION_KINDS,
+    FINAL_KINDS,
+    RunAttention,
+    WakeOn,
+    run_attention,
+)
+from orchestration.contracts import StopReason
+from orchestration.state import AgentRecord, StateStore
+from toolbus.lease_store import Lease, LeaseRequest
+
+__all__ = ["COALESCE_MAX_S", "COALESCE_S", "Wakeups"]
+
+COALESCE_S = 0.3
+COALESCE_MAX_S = 2.0
+_KEPT = 256
+
+
+@dataclass(frozen=True)
+class _Changes:
+    """What happened after a cursor: the agents that changed and the kinds of their events."""
+
+    agents: frozenset[str]
+    kinds: frozenset[str]
+
+
+class Wakeups:
+    """The wake-up questions of one state store, answered once per cursor."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        leases: Callable[[], Awaitable[list[Lease]]],
+        scope_requests: Callable[[list[str] | None], list[LeaseRequest]],
+    ) -> None:
+        self._store = store
+        self._leases = leases
+        self._scope_requests = scope_requests
+        self._attention: dict[tuple[str, int], RunAttention] = {}
+        self._changes: dict[tuple[int, str | None, int], _Changes] = {}
+
+    def changes(self, since: int, run_id: str | None, cursor: int) -> _Changes:
+        """The agents with an event after `since` (up to `cursor`), and the events' kinds."""
+        key = (since, run_id, cursor)
+        known = self._changes.get(key)
+        if known is None:
+            pairs = self._store.changes_after(since, cursor, run_id)
+            known = _Changes(
+                frozenset(a for a, _ in pairs if a is not None), frozenset(k for _, k in pairs)
+            )
+            if len(self._changes) >= _KEPT:
+                self._changes.clear()
+            self._changes[key] = known
+        return known
+
+    async def attention(self, run_id: str, cursor: int) -> RunAttention:
+        """The run's attention state as of `cursor`."""
+        key = (run_id, cursor)
+        known = self._attention.get(key)
+        if known is None:
+            every: dict[str, AgentRecord] = {}
+            for run in self._store.runs_snapshot(None, cursor):
+                for agent in self._store.agents_snapshot(run.run_id, cursor):
+                    every[agent.agent_id] = agent
+            mine = self._store.agents_snapshot(run_id, cursor)
+            known = run_attention(run_id, mine, every, await self._leases(), self._scope_requests)
+            if len(self._attention) >= _KEPT:
+                self._attention.clear()
+            self._attention[key] = known
+        return known
+
+    async def settled(self, run_id: str | None, cursor: int) -> bool:
+        """Whether the run (every run with agents, without `run_id`) is settled."""
+        if run_id is not None:
+            return (await self.attention(run_id, cursor)).settled
+        for run in self._store.runs_snapshot(None, cursor):
+            agents = self._store.agents_snapshot(run.run_id, cursor)
+            active = any(a.status.active for a in agents)
+            if active and not (await self.attention(run.run_id, cursor)).settled:
+                return False
+        return True
+
+    async def wakes(self, since: int, run_id: str | None, wake_on: WakeOn, cursor: int) -> bool:
+        """Whether a long-poll waiting after `since` has something to answer at `cursor`."""
+        if cursor <= since:
+            return False
+        kinds = self.changes(since, run_id, cursor).kinds
+        if kinds & ATTENTION_KINDS:
+            return True
+        if kinds & FINAL_KINDS and self._budget_ran_out(since, run_id, cursor):
+            return True
+        if wake_on is WakeOn.FINISHED and kinds & FINAL_KINDS:
+            return True
+        return await self.settled(run_id, cursor)
+
+    def finals(self, since: int, run_id: str | None, cursor: int) -> int:
+        """How many agents reached a final status after `since` (for coalescing)."""
+        return len(
+            [
+                a
+                for a in self.changes(since, run_id, cursor).agents
+                if (record := self._store.agent(a)) is not None
+                and record.status.value in FINAL_KINDS
+            ]
+        )
+
+    def _budget_ran_out(self, since: int, run_id: str | None, cursor: int) -> bool:
+        for agent_id in self.changes(since, run_id, cursor).agents:
+            record = self._store.agent(agent_id)
+            if record is not None and record.stop_reason is StopReason.BUDGET_EXHAUSTED:
+                return True
+        return False
