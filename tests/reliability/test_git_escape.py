@@ -28,6 +28,7 @@ from orchestration.contracts import (
 )
 from orchestration.orchestrator import Orchestrator
 from tests.orchestration.scripts import Gate, by_task, git, make_repo
+from tests.orchestration.test_orchestrator import wait_until_final
 from tests.reliability.conftest import Ledger
 
 pytestmark = pytest.mark.anyio
@@ -88,13 +89,7 @@ async def _attack(repo: Path, steps: list[Step]) -> tuple[StatusResult, list[Mer
         spawned = await orch.spawn(
             SpawnRequest(tasks=[TaskSpec(prompt="ATTACK", name="a", write_scope=["src/app"])])
         )
-        cursor: int | None = None
-        with anyio.fail_after(60):
-            while True:
-                status = await orch.status(run_id=spawned.run_id, since=cursor, wait_s=5)
-                cursor = status.cursor
-                if not any(a.status.active for a in status.runs[0].agents):
-                    break
+        status = await wait_until_final(orch, spawned.run_id)
         merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
         return status, [r.outcome for r in merged.agents]
 
@@ -184,13 +179,7 @@ async def test_the_users_own_command_running_config_stays_off_in_workspaces(
         git(repo, "config", "core.fsmonitor", str(hook))
         git(repo, "config", "filter.user.clean", str(hook))
         gate.release["ATTACK"].set()
-        cursor: int | None = None
-        with anyio.fail_after(60):
-            while True:
-                status = await orch.status(run_id=spawned.run_id, since=cursor, wait_s=5)
-                cursor = status.cursor
-                if not any(a.status.active for a in status.runs[0].agents):
-                    break
+        status = await wait_until_final(orch, spawned.run_id)
         ran = marker.read_text() if marker.exists() else ""
         ledger.record(GUARANTEE, "the user's own configuration", ran == "", ran.strip()[:80])
         assert ran == ""
