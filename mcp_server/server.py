@@ -11,15 +11,12 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, cast
+from typing import Annotated, Any
 
 import anyio
-from mcp.server.context import ServerRequestContext
-from mcp.server.lowlevel import Server as LowLevelServer
-from mcp.server.mcpserver import AcceptedElicitation, Context, ListRoots, MCPServer, Resolve
+from mcp.server.mcpserver import Context, ListRoots, MCPServer, Resolve
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.server.mcpserver.tools import Tool
-from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.shared.exceptions import MCPError
 from mcp_types import (
@@ -32,7 +29,7 @@ from mcp_types import (
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.networks import AnyUrl
 
-from mcp_server import answers
+from mcp_server import answers, sdk_patches
 from mcp_server.answers import (
     CancelAnswer,
     MergeAnswer,
@@ -184,23 +181,6 @@ class App:
 
 
 ToolCtx = Context[App, Any]
-M = TypeVar("M", bound=BaseModel)
-
-
-def _strict_args(request_model: type[M], tool_name: str) -> type[ArgModelBase]:
-    """An argument model with the request model's fields that refuses unknown fields, and hands
-    the tool function the validated request as `request`."""
-
-    class Args(request_model, ArgModelBase):  # type: ignore[misc, valid-type]
-        model_config = ConfigDict(
-            extra="forbid", arbitrary_types_allowed=True, title=f"{tool_name}Arguments"
-        )
-
-        def model_dump_one_level(self) -> dict[str, Any]:
-            return {"request": self}
-
-    Args.__name__ = f"{tool_name}Arguments"
-    return Args  # pyright: ignore[reportUnknownVariableType]
 
 
 def _tool(
@@ -220,99 +200,15 @@ def _tool(
     if not ask_roots:
         # The repository is configured (--repo, FANOUT_REPO), so the client's roots could never
         # change which one a call works on: the tool takes `roots` as None instead of having
-        # the SDK run its resolver on every call (about 0.15 ms, a tenth of a 64-agent status).
-        tool.resolved_params = {}
-        tool.resolver_plans = {}
-    args = _strict_args(request_model, name)
-    meta = tool.fn_metadata
-    meta.arg_model = args
-    tool.parameters = args.model_json_schema(by_alias=True)
-    assert meta.output_schema is not None, f"{name} must declare its structured output"
-    meta.output_schema = simple_output_schema(meta.output_schema)
+        # the SDK run its resolver on every call.
+        sdk_patches.skip_resolvers(tool)
+    sdk_patches.take_request_model(tool, request_model)
+    sdk_patches.simplify_output_schema(tool)
     if prebuilt_output:
         # The tool returns a `CallToolResult` whose structured content is the dump of its typed
-        # result model (`_result`): it matches the published `outputSchema` by construction. With
-        # an output model set, the SDK would validate that dump again on every call (about 1 ms
-        # for a 64-agent status); without one it publishes the schema and passes it through.
-        meta.output_model = None
+        # result model (`_result`): it matches the published `outputSchema` by construction.
+        sdk_patches.pass_structured_output(tool)
     return tool
-
-
-class _Recursive(Exception):
-    """A schema definition refers to itself: it cannot be inlined."""
-
-
-def _inline(node: Any, defs: dict[str, Any], active: tuple[str, ...]) -> Any:
-    if isinstance(node, list):
-        return [_inline(item, defs, active) for item in cast("list[Any]", node)]
-    if not isinstance(node, dict):
-        return node
-    mapping = cast("dict[str, Any]", node)
-    ref = mapping.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/$defs/") and len(mapping) == 1:
-        name = ref.removeprefix("#/$defs/")
-        if name in active:
-            raise _Recursive(name)
-        return _inline(defs[name], defs, (*active, name))
-    out = {k: _inline(v, defs, active) for k, v in mapping.items() if k != "$defs"}
-    variants = out.get("anyOf")
-    if isinstance(variants, list) and len(cast("list[Any]", variants)) == 2:
-        kinds = [_lone_type(v) for v in cast("list[Any]", variants)]
-        if "null" in kinds and None not in kinds:
-            del out["anyOf"]
-            out["type"] = [k for k in kinds if k != "null"] + ["null"]
-    return out
-
-
-def _lone_type(variant: Any) -> str | None:
-    """`T` of a `{"type": T}` schema with nothing else (a simple type), else None."""
-    if isinstance(variant, dict):
-        mapping = cast("dict[str, Any]", variant)
-        kind = mapping.get("type")
-        if len(mapping) == 1 and isinstance(kind, str):
-            return kind
-    return None
-
-
-def simple_output_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """The same JSON schema with its `$defs` inlined and `T | None` written `type: [T, "null"]`.
-
-    Clients validate every structured result against it (the Python SDK with `jsonschema`, whose
-    `$ref` resolution and `anyOf` branches dominate that cost: ~40% less for a 64-agent status).
-    A recursive schema is returned unchanged."""
-    defs = cast("dict[str, Any]", schema.get("$defs") or {})
-    try:
-        return cast("dict[str, Any]", _inline(schema, defs, ()))
-    except _Recursive:
-        return schema
-
-
-def wire_result(result: CallToolResult) -> dict[str, Any]:
-    """The result's wire form, its structured content passed on as it is (already JSON data)."""
-    wire = result.model_dump(
-        by_alias=True, mode="json", exclude_none=True, exclude={"structured_content"}
-    )
-    if result.structured_content is not None:
-        wire["structuredContent"] = result.structured_content
-    return wire
-
-
-def _answer_tool_calls_on_the_wire(lowlevel: LowLevelServer[Any]) -> None:
-    """Hand the SDK each tool call's result in its wire form.
-
-    The SDK dumps a returned `CallToolResult` whole, then validates and dumps that dump again for
-    the protocol version: for a large status, the first pass over the structured content (about
-    0.6 ms for 64 agents) produced nothing the second does not. A result handed over as a
-    mapping is only copied before the second pass, which still shapes the answer."""
-    entry = lowlevel.get_request_handler("tools/call")
-    assert entry is not None, "the SDK registers tools/call"
-    handler = entry.handler
-
-    async def call_tool(ctx: ServerRequestContext[Any, Any], params: Any) -> Any:
-        result = await handler(ctx, params)
-        return wire_result(result) if isinstance(result, CallToolResult) else result
-
-    lowlevel.add_request_handler("tools/call", entry.params_type, call_tool)
 
 
 def _result(
@@ -336,12 +232,6 @@ async def _ask_roots(ctx: ToolCtx) -> ListRoots | None:
 
 
 Roots = Annotated[ListRootsResult | None, Resolve(_ask_roots)]
-
-# The SDK wraps every resolver's value in `AcceptedElicitation[Any]`. Pydantic keeps parametrized
-# generic classes only weakly, so between two calls that class was collected and rebuilt: about
-# 0.5 ms and a burst of garbage on every call of a tool taking `roots`. Holding it keeps it cached.
-ACCEPTED_ANY = AcceptedElicitation[Any]
-
 
 # --- tool descriptions (what the orchestrating model reads first) ------------------------------
 
@@ -452,8 +342,8 @@ class FanoutServer(MCPServer[App]):
 
         register_resources(self, app)
         register_prompts(self)
-        app.notifier.install_legacy_subscribe(self._lowlevel_server)
-        _answer_tool_calls_on_the_wire(self._lowlevel_server)
+        app.notifier.install_legacy_subscribe(sdk_patches.lowlevel_server(self))
+        sdk_patches.answer_tool_calls_on_the_wire(self)
 
     # --- the one translation of errors ------------------------------------------------------
 

@@ -14,7 +14,7 @@ from mcp_types import CallToolResult, TextContent
 
 from mcp_server import answers
 from mcp_server.demo import DEMO_TASKS, demo_model_factory, make_sample_repo
-from mcp_server.server import build_server, wire_result
+from mcp_server.server import build_server
 from orchestration.config import Settings
 from orchestration.contracts import (
     AgentResultView,
@@ -162,39 +162,3 @@ async def test_status_over_the_client_follows_changes_and_is_not_shared(
         assert {a["status"] for a in merged["runs"][0]["agents"]} == {"merged"}
         assert merged["cursor"] > again["cursor"]
         assert merged["runs"][0]["next"].startswith("nothing to do")
-
-
-def test_a_tool_result_reaches_the_sdk_in_its_wire_form() -> None:
-    structured: dict[str, Any] = {"runs": [{"a": None, "b": [1, {"c": "d"}]}], "cursor": 3}
-    result = CallToolResult(
-        content=[TextContent(type="text", text="t")], structured_content=structured
-    )
-    wire = wire_result(result)
-    assert wire == result.model_dump(by_alias=True, mode="json", exclude_none=True)
-    assert wire["structuredContent"] is structured
-    bare = CallToolResult(content=[TextContent(type="text", text="t")], is_error=True)
-    assert wire_result(bare) == bare.model_dump(by_alias=True, mode="json", exclude_none=True)
-
-
-@pytest.mark.parametrize("mode", ["legacy", "auto"])
-async def test_the_sdk_does_not_dump_a_structured_result_whole(
-    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # the SDK's own pass (the protocol version's validation and dump) is the only one over the
-    # structured content
-    whole: list[str] = []
-    real_dump = CallToolResult.model_dump
-
-    def recording_dump(self: CallToolResult, **kwargs: Any) -> dict[str, Any]:
-        if self.structured_content is not None and not kwargs.get("exclude"):
-            whole.append(repr(kwargs))
-        return real_dump(self, **kwargs)
-
-    monkeypatch.setattr(CallToolResult, "model_dump", recording_dump)
-    repo = make_sample_repo(tmp_path)
-    settings = Settings.from_env({}, repo=repo, sandbox="none")
-    async with Client(build_server(settings, demo_model_factory()), mode=mode) as client:
-        status = await client.call_tool("get_status", {})
-        ping = await client.call_tool("ping", {})
-    assert _structured(status)["runs"] == [] and _structured(ping)["ok"] is True
-    assert whole == []
