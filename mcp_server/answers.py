@@ -117,9 +117,7 @@ class StatusAnswer(_Answer):
         description="pass as `since` (with `wait_s`) to wait until the run needs you after this "
         "answer; agents that did not change since are not repeated"
     )
-    changed: bool = Field(
-        default=True, description="false when a long-poll ended at wait_s with nothing to do"
-    )
+    changed: bool = Field(description="false when a long-poll ended at wait_s with nothing to do")
     runs: list[RunLine]
     detail: list[AgentDetail] = Field(default_factory=list[AgentDetail])
 

@@ -20,9 +20,10 @@ import pytest
 from mcp import Client
 from mcp_types import CallToolRequest, CallToolRequestParams, CallToolResult
 
+from mcp_server.answers import StatusAnswer
 from mcp_server.server import build_server
 from orchestration.config import Settings
-from orchestration.contracts import AgentStatus, StatusResult
+from orchestration.contracts import AgentStatus
 from orchestration.model import Model, ModelRequest, ModelResponse
 from orchestration.providers.function import FunctionModel
 from tests.orchestration.scripts import make_repo, tool_reply, turn_index
@@ -119,7 +120,7 @@ async def test_long_polls_answer_within_wait_s_during_a_mass_cancel(
                 tg.start_soon(poll, i)
             for run_id in run_ids:
                 tg.start_soon(_call, client, "cancel_subagents", {"run_id": run_id})
-        final = StatusResult.model_validate(await _call(client, "get_status", {}))
+        final = StatusAnswer.model_validate(await _call(client, "get_status", {}))
     ledger.record(
         G_LONGPOLL,
         f"{POLLS} polls (wait_s={WAIT_S:g}) while {RUNS * PER_RUN} agents are cancelled",
@@ -134,4 +135,4 @@ async def test_long_polls_answer_within_wait_s_during_a_mass_cancel(
         if run.run_id != quiet:
             for agent in run.agents:
                 assert agent.status == AgentStatus.CANCELLED, agent
-                assert agent.changed_files, agent
+                assert agent.files, agent
