@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
+from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-
-if TYPE_CHECKING:
-    from mcp_server.server import FanoutServer
 
 PLAN_FANOUT = """\
 Goal: {goal}
@@ -39,7 +37,7 @@ You can run a team of parallel subagents on this repository with the fanout tool
 """
 
 
-def register_prompts(server: FanoutServer) -> None:
+def register_prompts(server: MCPServer[Any]) -> None:
     @server.prompt(
         name="plan_fanout",
         title="Plan a fan-out",

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
+from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
+from mcp_server.app import App
 from orchestration.errors import AgentNotFound, RunNotFound
 from orchestration.join import JoinCandidate, conflict_diff
 from orchestration.orchestrator import RepoContext, lease_expires_in
 from orchestration.state import AgentRecord, RunRecord
-
-if TYPE_CHECKING:
-    from mcp_server.server import App, FanoutServer
 
 MAX_TRANSCRIPT_BYTES = 2_000_000
 MAX_FILE_BYTES = 1_000_000
@@ -70,7 +69,7 @@ async def leases_json(ctx: RepoContext) -> str:
     )
 
 
-def register_resources(server: FanoutServer, app: App) -> None:
+def register_resources(server: MCPServer[App], app: App) -> None:
     @server.resource(
         "fanout://runs",
         name="runs",

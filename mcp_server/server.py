@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
-from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -37,9 +36,10 @@ from mcp_server.answers import (
     SpawnAnswer,
     StatusAnswer,
 )
+from mcp_server.app import App
 from mcp_server.errors import resource_error, tool_error
-from mcp_server.notify import ResourceNotifier
-from mcp_server.repository import RepoResolver
+from mcp_server.prompts import register_prompts
+from mcp_server.resources import register_resources
 from orchestration.attention import WakeOn
 from orchestration.config import Settings
 from orchestration.contracts import (
@@ -49,7 +49,7 @@ from orchestration.contracts import (
     SpawnRequest,
     StatusResult,
 )
-from orchestration.orchestrator import ModelFactory, Orchestrator, RepoContext
+from orchestration.orchestrator import ModelFactory
 
 log = logging.getLogger("fanout.mcp")
 
@@ -131,53 +131,6 @@ class PingResult(BaseModel):
     ok: bool
     server: str
     version: str
-
-
-class App:
-    """What the tools, resources and lifespan share: one orchestrator, one repo resolver."""
-
-    def __init__(self, settings: Settings, model_factory: ModelFactory | None = None) -> None:
-        self.settings = settings
-        self.model_factory = model_factory
-        self.repos = RepoResolver(settings.repo)
-        self._orchestrator: Orchestrator | None = None
-        self.notifier = ResourceNotifier()
-        # the last compact get_status answer built, for the question it answered
-        self.last_status: tuple[StatusResult, tuple[str, ...], dict[str, Any], str] | None = None
-        self.on_repo: Callable[[RepoContext], None] | None = None
-        self._seen: set[Path] = set()
-
-    @property
-    def orchestrator(self) -> Orchestrator:
-        if self._orchestrator is None:
-            raise RuntimeError("the server's lifespan has not started")
-        return self._orchestrator
-
-    @asynccontextmanager
-    async def running(self) -> AsyncGenerator[App]:
-        async with Orchestrator(self.settings, self.model_factory) as orch:
-            self._orchestrator = orch
-            try:
-                async with anyio.create_task_group() as tg:
-                    self.notifier.start(tg)
-                    try:
-                        yield self
-                    finally:
-                        tg.cancel_scope.cancel()
-            finally:
-                self._orchestrator = None
-                self._seen.clear()
-
-    async def context(self, explicit: str | None = None) -> RepoContext:
-        """The repository context (opened, recovered and watched on first use)."""
-        path = self.repos.resolve(explicit)
-        ctx = await self.orchestrator.context(path)
-        if ctx.repo.root not in self._seen:
-            self._seen.add(ctx.repo.root)
-            if self.on_repo is not None:
-                self.on_repo(ctx)
-            self.notifier.watch(ctx)
-        return ctx
 
 
 ToolCtx = Context[App, Any]
@@ -337,9 +290,6 @@ class FanoutServer(MCPServer[App]):
             tools=self._tools(),
             log_level="WARNING",
         )
-        from mcp_server.prompts import register_prompts
-        from mcp_server.resources import register_resources
-
         register_resources(self, app)
         register_prompts(self)
         app.notifier.install_legacy_subscribe(sdk_patches.lowlevel_server(self))

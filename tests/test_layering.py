@@ -1,16 +1,21 @@
-"""The project's own tree obeys the layering, and the checker catches a violation."""
+"""The project's own tree obeys the layering and has no import cycle inside a package, and the
+checkers catch a violation."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tests.layering import check_tree
+from tests.layering import check_cycles, check_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_project_tree_has_no_layering_violation() -> None:
     assert check_tree(ROOT) == []
+
+
+def test_project_tree_has_no_import_cycle_inside_a_package() -> None:
+    assert [str(c) for c in check_cycles(ROOT)] == []
 
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -58,3 +63,74 @@ def test_checker_allows_downward_imports(tmp_path: Path) -> None:
         },
     )
     assert check_tree(root) == []
+
+
+def test_cycle_checker_flags_a_function_local_import_back(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "mcp_server/server.py": "def build():\n    from mcp_server.prompts import p\n",
+            "mcp_server/prompts.py": "from mcp_server.server import build\n",
+        },
+    )
+    assert [str(c) for c in check_cycles(root)] == [
+        "mcp_server/prompts.py:1 imports mcp_server.server, which imports it back: "
+        "mcp_server.server -> mcp_server.prompts",
+        "mcp_server/server.py:2 imports mcp_server.prompts, which imports it back: "
+        "mcp_server.prompts -> mcp_server.server",
+    ]
+
+
+def test_cycle_checker_flags_a_transitive_cycle_through_type_checking(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "orchestration/a.py": "from orchestration import b\n",
+            "orchestration/b.py": "from . import c\n",
+            "orchestration/c.py": (
+                "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import orchestration.a\n"
+            ),
+        },
+    )
+    assert [str(c) for c in check_cycles(root)] == [
+        "orchestration/a.py:1 imports orchestration.b, which imports it back: "
+        "orchestration.b -> orchestration.c -> orchestration.a",
+        "orchestration/b.py:1 imports orchestration.c, which imports it back: "
+        "orchestration.c -> orchestration.a -> orchestration.b",
+        "orchestration/c.py:3 imports orchestration.a, which imports it back: "
+        "orchestration.a -> orchestration.b -> orchestration.c",
+    ]
+
+
+def test_cycle_checker_resolves_relative_imports_in_subpackages(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "orchestration/providers/__init__.py": "from .fake import Fake\n",
+            "orchestration/providers/fake.py": "from ..model import Model\n",
+            "orchestration/model.py": "from orchestration.providers import Fake\n",
+        },
+    )
+    assert [str(c) for c in check_cycles(root)] == [
+        "orchestration/model.py:1 imports orchestration.providers, which imports it back: "
+        "orchestration.providers -> orchestration.providers.fake -> orchestration.model",
+        "orchestration/providers/__init__.py:1 imports orchestration.providers.fake, which "
+        "imports it back: orchestration.providers.fake -> orchestration.model -> "
+        "orchestration.providers",
+        "orchestration/providers/fake.py:1 imports orchestration.model, which imports it back: "
+        "orchestration.model -> orchestration.providers -> orchestration.providers.fake",
+    ]
+
+
+def test_cycle_checker_allows_imports_without_a_way_back(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "mcp_server/server.py": "from mcp_server.app import App\nimport mcp_server.tools\n",
+            "mcp_server/tools.py": "def f():\n    from mcp_server.app import App\n",
+            "mcp_server/app.py": "import orchestration.run\nfrom toolbus import leases\n",
+            "orchestration/run.py": "import toolbus.leases\n",
+            "toolbus/leases.py": "import anyio\n",
+        },
+    )
+    assert check_cycles(root) == []
