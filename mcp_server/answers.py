@@ -456,3 +456,11 @@ def merge_text(answer: MergeAnswer) -> str:
             "(do not merge by hand): " + ", ".join(conflicted)
         )
     return "\n".join(lines)
+
+
+class PingResult(BaseModel):
+    """Result of `ping`."""
+
+    ok: bool
+    server: str
+    version: str

@@ -10,7 +10,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from mcp_server import server as server_module
+from mcp_server import tools as tools_module
 from mcp_server.demo import (
     DEMO_TASKS,
     demo_model_factory,
@@ -73,7 +73,7 @@ async def test_a_waiting_long_poll_keeps_the_client_alive_with_progress(
 ) -> None:
     """Claude Code resets its idle timeout on each progress notification: a long-poll that waits
     for a run sends them while it waits, and answers once the run needs the orchestrator."""
-    monkeypatch.setattr(server_module, "KEEP_ALIVE_S", 0.1)
+    monkeypatch.setattr(tools_module, "KEEP_ALIVE_S", 0.1)
     repo = make_sample_repo(tmp_path)
     release = anyio.Event()
     held = anyio.Event()
