@@ -43,6 +43,31 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrency", type=int, help="agents at once per run")
     parser.add_argument("--sandbox", choices=["auto", "bwrap", "none"], help="command sandbox")
     parser.add_argument(
+        "--sandbox-ro-path",
+        action="append",
+        metavar="PATH",
+        help="a path commands see read-only besides the system directories, e.g. a toolchain "
+        "(repeatable; FANOUT_SANDBOX_RO_PATHS, comma-separated)",
+    )
+    parser.add_argument(
+        "--command-max-processes",
+        type=int,
+        metavar="N",
+        help="processes (threads count) per command, 0 for no limit (FANOUT_COMMAND_MAX_PROCESSES)",
+    )
+    parser.add_argument(
+        "--command-max-memory-mb",
+        type=int,
+        metavar="MB",
+        help="memory per command, 0 for no limit (FANOUT_COMMAND_MAX_MEMORY_MB)",
+    )
+    parser.add_argument(
+        "--command-tmp-mb",
+        type=int,
+        metavar="MB",
+        help="size of a command's private /tmp, 0 for no limit (FANOUT_COMMAND_TMP_MB)",
+    )
+    parser.add_argument(
         "--model-provider",
         choices=MODEL_PROVIDERS,
         default=os.environ.get("FANOUT_MODEL_PROVIDER") or "anthropic",
@@ -83,6 +108,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         model=args.model,
         max_concurrency=args.max_concurrency,
         sandbox=args.sandbox,
+        sandbox_ro_paths=tuple(args.sandbox_ro_path) if args.sandbox_ro_path else None,
+        command_max_processes=args.command_max_processes,
+        command_max_memory_mb=args.command_max_memory_mb,
+        command_tmp_mb=args.command_tmp_mb,
     )
 
 

@@ -7,13 +7,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestration.errors import ConfigError
+from toolbus.limits import CommandLimits
 
 DEFAULT_MODEL = "claude-sonnet-5-5"
 
-_LIST_FIELDS = frozenset({"env_passthrough", "include"})
+_LIST_FIELDS = frozenset({"env_passthrough", "include", "sandbox_ro_paths"})
+_LIMITS = CommandLimits()
 
 SandboxSetting = Literal["auto", "bwrap", "none"]
 # The Anthropic SDK's HTTP transport: aiohttp (the SDK's `aiohttp` extra; its C parser costs a
@@ -38,6 +40,17 @@ class Settings(BaseModel):
     env_passthrough: tuple[str, ...] = Field(default=(), description="FANOUT_ENV_PASSTHROUGH")
     include: tuple[str, ...] = Field(default=(), description="FANOUT_INCLUDE")
     command_timeout_s: float = Field(default=120.0, gt=0, description="FANOUT_COMMAND_TIMEOUT_S")
+    # per command, 0 for no limit (see toolbus.limits for the defaults' reasons)
+    command_max_processes: int = Field(
+        default=_LIMITS.max_processes, ge=0, description="FANOUT_COMMAND_MAX_PROCESSES"
+    )
+    command_max_memory_mb: int = Field(
+        default=_LIMITS.max_memory_mb, ge=0, description="FANOUT_COMMAND_MAX_MEMORY_MB"
+    )
+    command_tmp_mb: int = Field(default=_LIMITS.tmp_mb, ge=0, description="FANOUT_COMMAND_TMP_MB")
+    sandbox_ro_paths: tuple[Path, ...] = Field(
+        default=(), description="FANOUT_SANDBOX_RO_PATHS: more read-only paths commands see"
+    )
     lease_ttl_s: float = Field(default=30.0, gt=0, description="FANOUT_LEASE_TTL_S")
     lease_lock_delay_s: float = Field(default=5.0, ge=0, description="FANOUT_LEASE_LOCK_DELAY_S")
     model_timeout_s: float = Field(default=600.0, gt=0, description="FANOUT_MODEL_TIMEOUT_S")
@@ -48,6 +61,24 @@ class Settings(BaseModel):
     retry_after_cap_s: float = Field(default=30.0, ge=0, description="FANOUT_RETRY_AFTER_CAP_S")
     delete_merged_branches: bool = Field(default=False, description="FANOUT_DELETE_MERGED_BRANCHES")
     status_wait_cap_s: float = Field(default=600.0, gt=0, description="FANOUT_STATUS_WAIT_CAP_S")
+
+    @field_validator("sandbox_ro_paths")
+    @classmethod
+    def _absolute(cls, paths: tuple[Path, ...]) -> tuple[Path, ...]:
+        expanded = tuple(p.expanduser() for p in paths)
+        relative = [str(p) for p in expanded if not p.is_absolute()]
+        if relative:
+            raise ValueError(f"paths must be absolute: {', '.join(relative)}")
+        return expanded
+
+    @property
+    def command_limits(self) -> CommandLimits:
+        """The limits of each command of a subagent."""
+        return CommandLimits(
+            max_processes=self.command_max_processes,
+            max_memory_mb=self.command_max_memory_mb,
+            tmp_mb=self.command_tmp_mb,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

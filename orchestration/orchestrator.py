@@ -89,7 +89,7 @@ from toolbus.leases import (
 )
 from toolbus.resources import WriteScope
 from toolbus.sandbox import probe_bwrap
-from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
+from toolbus.terminal import SandboxMode, Terminal, TerminalConfig, describe_commands
 
 log = logging.getLogger("fanout.orchestrator")
 
@@ -608,14 +608,27 @@ class Orchestrator:
 
     async def _spawn_warnings(self, ctx: RepoContext, agents: list[AgentRecord]) -> list[str]:
         warnings: list[str] = []
+        sandboxed = self.settings.sandbox == "bwrap"
         if self.settings.sandbox == "auto":
             problem = await probe_bwrap()
+            sandboxed = problem is None
             if problem is not None:
                 warnings.append(
                     f"commands run WITHOUT a sandbox ({problem}): they can write outside their "
                     "worktree, reach the network and read the server's environment; install "
                     "bubblewrap, or set FANOUT_SANDBOX=none to accept this"
                 )
+        warnings.append(
+            await anyio.to_thread.run_sync(
+                functools.partial(
+                    describe_commands,
+                    sandboxed=sandboxed,
+                    extra_ro_paths=self.settings.sandbox_ro_paths,
+                    limits=self.settings.command_limits,
+                    path=os.environ.get("PATH", ""),
+                )
+            )
+        )
         for agent in agents:
             if agent.write_scope is None:
                 warnings.append(
@@ -959,7 +972,12 @@ class Orchestrator:
                     env_passthrough=tuple(self.settings.env_passthrough),
                     default_timeout_s=self.settings.command_timeout_s,
                     hidden_paths=(ctx.repo.state_dir,),
+                    extra_ro_paths=self.settings.sandbox_ro_paths,
+                    # git's dirs from the server's records, never from the workspace's `.git`
+                    git_admin_dir=workspace.admin_dir,
+                    git_common_dir=ctx.repo.git_dir,
                     home=home,
+                    limits=self.settings.command_limits,
                 ),
             )
             return workspace, terminal

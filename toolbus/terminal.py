@@ -1,5 +1,10 @@
 """Per-agent terminals: one `bash -c` at a time in the workspace, sandboxed, scrubbed, bounded.
 
+Each command runs under the limits of `toolbus.limits` (processes, memory; its cgroup, when the
+system has one the server may write, is removed after it) and, under bubblewrap, sees only what
+`toolbus.sandbox` shows it, with a size-limited private `/tmp`. When it reaches a limit, its
+result's warning says which.
+
 A command runs in its own process group (its own session). When it times out the group gets
 SIGTERM, then SIGKILL after a grace period; when it ends, whatever it left running in the group is
 killed too (background processes do not outlive their command). Under bubblewrap the command also
@@ -21,6 +26,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -28,14 +34,28 @@ from anyio.abc import ByteReceiveStream
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from toolbus.errors import CommandDenied, InvalidArguments, SandboxUnavailable
-from toolbus.sandbox import SandboxMode, SandboxPlan, bwrap_prefix, probe_bwrap, warn_once
+from toolbus.limits import CommandLimits, LimitMechanism, apply_limits, probe_limits
+from toolbus.sandbox import (
+    GitView,
+    GitViewCache,
+    SandboxMode,
+    SandboxPlan,
+    bwrap_prefix,
+    bwrap_supports_size,
+    hidden_path_entries,
+    prepare_git_view,
+    probe_bwrap,
+    warn_once,
+)
 
 __all__ = [
+    "CommandLimits",
     "CommandPolicy",
     "CommandResult",
     "SandboxMode",
     "Terminal",
     "TerminalConfig",
+    "describe_commands",
     "scrubbed_env",
 ]
 
@@ -89,8 +109,16 @@ class TerminalConfig(BaseModel):
     allow_network: bool = False
     hidden_paths: tuple[Path, ...] = ()
     """Hidden (an empty tmpfs) inside the sandbox, e.g. the state dir of other agents."""
+    extra_ro_paths: tuple[Path, ...] = ()
+    """Shown read-only inside the sandbox besides the system directories (a toolchain, a cache)."""
+    git_admin_dir: Path | None = None
+    """The workspace's worktree admin dir, from the server's records (never from its `.git`)."""
+    git_common_dir: Path | None = None
+    """The repository's common git dir; with `git_admin_dir`, git works read-only inside."""
     home: Path | None = None
-    """The private HOME; `None`: a temporary one, removed by `Terminal.close`."""
+    """The private HOME; `None`: a temporary one, removed by `Terminal.close`. The sandbox's
+    filtered git files go in a sibling directory `<home>.sandbox`, also removed by `close`."""
+    limits: CommandLimits = CommandLimits()
     env_passthrough: tuple[str, ...] = ()
     """Names (or fnmatch patterns) copied from the server's environment."""
     env_set: Mapping[str, str] = Field(default_factory=dict[str, str])
@@ -122,6 +150,15 @@ class CommandResult(BaseModel):
     warning: str | None = None
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    exit_code: int | None
+    output: str
+    output_bytes: int
+    truncated: bool
+    timed_out: bool
+
+
 def scrubbed_env(config: TerminalConfig, home: Path, source: Mapping[str, str]) -> dict[str, str]:
     """The environment of a command: allowlist, fixed values, configured names."""
     env = {name: source[name] for name in BASE_ENV_NAMES if name in source}
@@ -137,6 +174,33 @@ def scrubbed_env(config: TerminalConfig, home: Path, source: Mapping[str, str]) 
             env[entry] = source[entry]
     env.update(config.env_set)
     return env
+
+
+def describe_commands(
+    *, sandboxed: bool, extra_ro_paths: tuple[Path, ...], limits: CommandLimits, path: str
+) -> str:
+    """One line for spawn's answer: what commands see and which mechanism limits them (probes
+    the limits once per process: blocking file work)."""
+    if sandboxed:
+        shown = ", ".join(str(p) for p in extra_ro_paths) or "none"
+        line = (
+            "commands see the system directories, their worktree, a private HOME and /tmp; "
+            f"extra read-only paths (FANOUT_SANDBOX_RO_PATHS): {shown}"
+        )
+        missing = hidden_path_entries(path, extra_ro_paths)
+        if missing:
+            line += f"; PATH entries they do not see: {', '.join(missing[:4])}"
+    else:
+        line = "commands are not sandboxed"
+    mechanism = limits.mechanism or probe_limits().mechanism
+    how = {
+        LimitMechanism.CGROUP_V2: "by a cgroup v2 per command",
+        LimitMechanism.CGROUP_V1: "by a cgroup v1 per command",
+        LimitMechanism.RLIMITS: "by per-process rlimits only (no writable cgroup here"
+        + ("; processes unlimited for root)" if os.getuid() == 0 else ")"),
+        LimitMechanism.NONE: "not enforced",
+    }[mechanism]
+    return f"{line}; limits: {limits.describe()}, {how}"
 
 
 class _CappedBuffer:
@@ -221,10 +285,13 @@ class Terminal:
             else self.config.home
         )
         self.home.mkdir(parents=True, exist_ok=True)
+        self.view_dir = self.home.parent / f"{self.home.name}.sandbox"
+        self._git_cache = GitViewCache()
         self._plan: SandboxPlan | None = None
 
     def close(self) -> None:
-        """Remove the temporary HOME this terminal made (if any)."""
+        """Remove the temporary HOME this terminal made (if any) and the sandbox's files."""
+        shutil.rmtree(self.view_dir, ignore_errors=True)
         if self._own_home:
             shutil.rmtree(self.home, ignore_errors=True)
 
@@ -234,7 +301,7 @@ class Terminal:
             return self._plan
         mode = self.config.sandbox
         if mode is SandboxMode.NONE:
-            self._plan = SandboxPlan((), sandboxed=False, warning=None)
+            self._plan = SandboxPlan(None, warning=None)
             return self._plan
         exe = self.config.bwrap_path or shutil.which("bwrap")
         reason = await probe_bwrap(exe, network=self.config.allow_network)
@@ -246,17 +313,31 @@ class Terminal:
                 )
             warning = f"commands run WITHOUT a sandbox: {reason}"
             warn_once(warning)
-            self._plan = SandboxPlan((), sandboxed=False, warning=warning)
+            self._plan = SandboxPlan(None, warning=warning)
             return self._plan
-        prefix = bwrap_prefix(
-            exe,
+        self._plan = SandboxPlan(exe, warning=None)
+        return self._plan
+
+    def _sandbox_prefix(self, bwrap: str) -> tuple[str, ...]:
+        """The `bwrap` argv of the next command, built afresh (refs and the git files it
+        filters change between commands); blocking file work, run off the event loop."""
+        config = self.config
+        git: GitView | None = None
+        if config.git_admin_dir is not None and config.git_common_dir is not None:
+            git = prepare_git_view(
+                config.git_admin_dir, config.git_common_dir, self.view_dir, self._git_cache
+            )
+        tmp_mb = config.limits.tmp_mb
+        return bwrap_prefix(
+            bwrap,
             workspace=self.workspace,
             home=self.home,
-            hidden=self.config.hidden_paths,
-            allow_network=self.config.allow_network,
+            hidden=config.hidden_paths,
+            allow_network=config.allow_network,
+            git=git,
+            extra_ro=config.extra_ro_paths,
+            tmp_bytes=tmp_mb * 1024 * 1024 if tmp_mb and bwrap_supports_size(bwrap) else None,
         )
-        self._plan = SandboxPlan(prefix, sandboxed=True, warning=None)
-        return self._plan
 
     def env(self) -> dict[str, str]:
         """The scrubbed environment commands get."""
@@ -274,12 +355,40 @@ class Terminal:
             return await self._run(plan, command, limit_s=timeout)
 
     async def _run(self, plan: SandboxPlan, command: str, *, limit_s: float) -> CommandResult:
+        started = time.monotonic()
+        prefix: tuple[str, ...] = ()
+        if plan.bwrap is not None:
+            prefix = await anyio.to_thread.run_sync(self._sandbox_prefix, plan.bwrap)
+        probe = await anyio.to_thread.run_sync(probe_limits)
+        limits = apply_limits(self.config.limits, probe)
+        verdict: str | None = None
+        try:
+            result = await self._run_process(
+                [*limits.prefix, *prefix, "bash", "-c", command], limit_s=limit_s
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                verdict = limits.verdict()
+                await limits.release()
+        warnings = [w for w in (plan.warning, limits.warning, verdict) if w]
+        return CommandResult(
+            command=command,
+            exit_code=result.exit_code,
+            output=result.output,
+            output_bytes=result.output_bytes,
+            truncated=result.truncated,
+            timed_out=result.timed_out,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            sandboxed=plan.sandboxed,
+            warning="; ".join(warnings) or None,
+        )
+
+    async def _run_process(self, argv: list[str], *, limit_s: float) -> _Outcome:
         buffer = _CappedBuffer(self.config.max_output_bytes)
         drained = anyio.Event()
-        started = time.monotonic()
         timed_out = False
         process = await anyio.open_process(
-            [*plan.prefix, "bash", "-c", command],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -320,17 +429,12 @@ class Terminal:
                 await process.aclose()
                 await _reap_wait(pgid)
         code = process.returncode
-        exit_code = None if code is None else (128 - code if code < 0 else code)
-        return CommandResult(
-            command=command,
-            exit_code=exit_code,
+        return _Outcome(
+            exit_code=None if code is None else (128 - code if code < 0 else code),
             output=buffer.text(),
             output_bytes=buffer.total,
             truncated=buffer.truncated,
             timed_out=timed_out,
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
-            sandboxed=plan.sandboxed,
-            warning=plan.warning,
         )
 
     async def _stop_group(self, process: anyio.abc.Process, pgid: int) -> None:

@@ -1,10 +1,11 @@
 """The sandbox holds against a corpus of hostile commands (skipped when bubblewrap cannot run).
 
 The terminal is configured as the orchestrator configures it: the agent's worktree under
-`<repo>/.git/fanout/worktrees/`, the whole state dir hidden, a private HOME inside it. Each case
-tries to write outside the workspace, reach a loopback listener the test opened, read the sibling
-agent's workspace or the server's state, or leave a process behind; the test then checks the
-world from outside the sandbox, not the command's own report.
+`<repo>/.git/fanout/worktrees/`, its git dirs from the server's records, the whole state dir
+hidden, a private HOME inside it. Each case tries to write outside the workspace, reach a
+loopback listener the test opened, read the sibling agent's workspace or the server's state, or
+leave a process behind; the test then checks the world from outside the sandbox, not the
+command's own report.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def terminal(world: World, mode: SandboxMode, **extra: object) -> Terminal:
             "sandbox": mode,
             "hidden_paths": (world.state,),
             "home": world.state / "homes" / "r1-a1",
+            "git_admin_dir": world.repo / ".git" / "worktrees" / "a1",
+            "git_common_dir": world.repo / ".git",
             "kill_grace_s": 0.5,
             "drain_s": 0.5,
             **extra,
@@ -114,6 +117,7 @@ async def test_no_write_outside_the_workspace(bwrap: str, world: World, ledger: 
     main_head = git(r, "rev-parse", "main").strip()
     assert git(world.ws, "rev-parse", "HEAD").strip() != main_head
     host_tmp_marker = f"/tmp/fanout-reliability-escape-{os.getpid()}"
+    host_var_marker = f"/var/tmp/fanout-reliability-escape-{os.getpid()}"  # outside /tmp
     cases = {
         "new file outside": f"echo pwn > {o}/new.txt",
         "append outside": f"echo pwn >> {o}/keep.txt",
@@ -137,6 +141,7 @@ async def test_no_write_outside_the_workspace(bwrap: str, world: World, ledger: 
         "/etc": "echo pwn >> /etc/hosts",
         "dev": "echo pwn > /dev/sda 2>/dev/null; mknod dev_null c 1 3",
         "remount": "mount -o remount,rw / 2>&1",
+        "remount, then write outside": f"mount -o remount,rw / 2>&1; echo pwn > {host_var_marker}",
         "unshare back": "unshare -r sh -c 'echo pwn > /etc/pwn' 2>&1",
     }
     watched = [world.outside, world.sibling, world.repo / ".git" / "hooks"]
@@ -160,8 +165,12 @@ async def test_no_write_outside_the_workspace(bwrap: str, world: World, ledger: 
                 problems.append("state.db changed")
             if git(world.repo, "rev-parse", "main").strip() != main_head:
                 problems.append("canonical branch moved")
-            if os.path.lexists(host_tmp_marker) or os.path.lexists("/root/.fanout-pwn"):
-                problems.append("file landed on the host")
+            markers = (host_tmp_marker, host_var_marker, "/root/.fanout-pwn")
+            landed = [p for p in markers if os.path.lexists(p)]
+            for path in landed:
+                os.unlink(path)
+            if landed:
+                problems.append(f"file landed on the host: {landed}")
             ledger.record(WRITES, case, not problems, f"{problems}: {result.output[:200]}")
     term.close()
     assert (world.ws / "sl").is_symlink()  # the attempts ran inside the workspace

@@ -1,5 +1,6 @@
 """Terminals without the sandbox: exit codes, capped output, timeouts that kill the group,
-a scrubbed environment, the command policy, one command at a time."""
+a scrubbed environment, the command policy, one command at a time, and the limits of a command
+(processes, memory) with what it is told when it reaches one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import anyio
 import pytest
 
 from toolbus.errors import CommandDenied
+from toolbus.limits import CGROUP_PREFIX, LimitMechanism, LimitsProbe, probe_limits
 from toolbus.terminal import (
+    CommandLimits,
     CommandPolicy,
     SandboxMode,
     Terminal,
@@ -143,3 +146,101 @@ async def test_cancellation_kills_the_command(tmp_path: Path) -> None:
         await term.run("echo $$ > shell.pid; sleep 1000")
     pgid = int((tmp_path / "shell.pid").read_text())
     assert [p for p in group_members(pgid) if p[1] != "Z"] == []
+
+
+# --------------------------------------------------------------------------- limits
+
+FORK_LOOP = (
+    'python3 -c "import os, time\n'
+    "n = 0\n"
+    "try:\n"
+    "    while n < 300:\n"
+    "        if os.fork() == 0:\n"
+    "            time.sleep(60)\n"
+    "            os._exit(0)\n"
+    "        n += 1\n"
+    "except OSError as exc:\n"
+    "    print('fork failed', exc.errno, 'after', n)\""
+)
+
+
+def cgroup_probe() -> LimitsProbe:
+    probe = probe_limits()
+    if probe.mechanism not in (LimitMechanism.CGROUP_V1, LimitMechanism.CGROUP_V2):
+        pytest.skip(f"no writable cgroup here: {probe.note}")
+    return probe
+
+
+def command_cgroups(probe: LimitsProbe) -> list[str]:
+    """The cgroups this process made for commands and has not removed."""
+    mine = f"{CGROUP_PREFIX}{os.getpid()}-"
+    return [e.name for parent in probe.parents for e in parent.iterdir() if e.name.startswith(mine)]
+
+
+def test_the_probe_picks_a_mechanism_and_says_why() -> None:
+    probe = probe_limits()
+    assert probe.mechanism is not LimitMechanism.NONE and probe.note
+    assert probe_limits() is probe  # once per process
+    if probe.mechanism is LimitMechanism.CGROUP_V1:
+        assert len(probe.parents) == 2 and all(p.is_dir() for p in probe.parents)
+
+
+async def test_a_fork_loop_stops_at_the_process_limit_and_is_told(tmp_path: Path) -> None:
+    probe = cgroup_probe()
+    term = terminal(tmp_path, limits=CommandLimits(max_processes=40), drain_s=0.5)
+    with anyio.fail_after(60):
+        result = await term.run(FORK_LOOP)
+    assert "fork failed 11" in result.output, result.output  # EAGAIN
+    assert result.warning is not None and "limit of 40 processes" in result.warning
+    assert command_cgroups(probe) == []
+
+
+async def test_memory_over_the_limit_is_killed_and_told(tmp_path: Path) -> None:
+    probe = cgroup_probe()
+    term = terminal(tmp_path, limits=CommandLimits(max_memory_mb=64))
+    with anyio.fail_after(60):
+        python = await term.run("python3 -c 'x = bytearray(512 * 1024 * 1024); print(\"kept\")'")
+        shell = await term.run("x=$(head -c 400000000 /dev/zero | tr '\\0' a); echo ${#x}")
+        small = await term.run("python3 -c 'x = bytearray(16 * 1024 * 1024); print(\"kept\")'")
+    for result in (python, shell):
+        assert "kept" not in result.output and "400000000" not in result.output
+        assert result.exit_code != 0
+        assert result.warning is not None and "memory limit of 64 MiB" in result.warning
+    assert small.exit_code == 0 and small.output == "kept\n" and small.warning is None
+    assert command_cgroups(probe) == []
+
+
+async def test_rlimits_bound_the_memory_of_each_process(tmp_path: Path) -> None:
+    """The fallback where no cgroup is writable: the allocation fails inside the command."""
+    limits = CommandLimits(max_memory_mb=64, mechanism=LimitMechanism.RLIMITS)
+    term = terminal(tmp_path, limits=limits)
+    with anyio.fail_after(60):
+        result = await term.run("python3 -c 'x = bytearray(512 * 1024 * 1024); print(\"kept\")'")
+        small = await term.run("python3 -c 'x = bytearray(16 * 1024 * 1024); print(\"kept\")'")
+    assert "MemoryError" in result.output and "kept" not in result.output
+    assert small.exit_code == 0 and small.output == "kept\n"
+
+
+async def test_the_cgroup_catches_what_left_the_process_group(tmp_path: Path) -> None:
+    """Without a sandbox, `setsid` takes a process out of the command's group; its cgroup still
+    holds it, and it is killed when the command ends."""
+    probe = cgroup_probe()
+    marker = f"{5000 + os.getpid() % 1000}.{id(tmp_path) % 10_000}"
+    term = terminal(tmp_path, drain_s=0.2)
+    with anyio.fail_after(30):
+        result = await term.run(f"setsid sleep {marker} > /dev/null 2>&1 < /dev/null & echo ok")
+    assert result.exit_code == 0
+    survivors = [
+        entry for entry in os.listdir("/proc") if entry.isdigit() and _cmdline_has(entry, marker)
+    ]
+    for pid in survivors:  # never leave them to other tests
+        os.kill(int(pid), 9)
+    assert survivors == []
+    assert command_cgroups(probe) == []
+
+
+def _cmdline_has(pid: str, marker: str) -> bool:
+    try:
+        return marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
