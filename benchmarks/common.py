@@ -371,7 +371,8 @@ async def drive(
     until_running: bool = False,
 ) -> RunTiming:
     """Spawn every request, then long-poll `status(since=cursor, wait_s=…)` until every agent is
-    final (or, with `until_running`, until every agent has been seen past queued/waiting)."""
+    final (or, with `until_running`, poll every 5 ms until every agent has been seen past
+    queued/waiting: a long-poll answers when the run needs the orchestrator, not on a start)."""
     started = time.perf_counter()
     spawned = [await orch.spawn(r) for r in requests]
     timing = RunTiming(spawned=spawned, spawn_s=time.perf_counter() - started)
@@ -380,7 +381,12 @@ async def drive(
     cursor: int | None = None
     with anyio.fail_after(timeout_s):
         while True:
-            status = await orch.status(since=cursor, wait_s=wait_s)
+            if until_running:
+                if timing.status_calls:
+                    await anyio.sleep(0.005)
+                status = await orch.status()
+            else:
+                status = await orch.status(since=cursor, wait_s=wait_s)
             timing.status_calls += 1
             now = time.perf_counter() - started
             cursor = status.cursor
