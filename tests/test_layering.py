@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.layering import check_cycles, check_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,25 +67,20 @@ def test_checker_allows_downward_imports(tmp_path: Path) -> None:
     assert check_tree(root) == []
 
 
-def test_cycle_checker_flags_a_function_local_import_back(tmp_path: Path) -> None:
-    root = _tree(
-        tmp_path,
+CYCLE_CASES: dict[str, tuple[dict[str, str], list[str]]] = {
+    "a function-local import back": (
         {
             "mcp_server/server.py": "def build():\n    from mcp_server.prompts import p\n",
             "mcp_server/prompts.py": "from mcp_server.server import build\n",
         },
-    )
-    assert [str(c) for c in check_cycles(root)] == [
-        "mcp_server/prompts.py:1 imports mcp_server.server, which imports it back: "
-        "mcp_server.server -> mcp_server.prompts",
-        "mcp_server/server.py:2 imports mcp_server.prompts, which imports it back: "
-        "mcp_server.prompts -> mcp_server.server",
-    ]
-
-
-def test_cycle_checker_flags_a_transitive_cycle_through_type_checking(tmp_path: Path) -> None:
-    root = _tree(
-        tmp_path,
+        [
+            "mcp_server/prompts.py:1 imports mcp_server.server, which imports it back: "
+            "mcp_server.server -> mcp_server.prompts",
+            "mcp_server/server.py:2 imports mcp_server.prompts, which imports it back: "
+            "mcp_server.prompts -> mcp_server.server",
+        ],
+    ),
+    "a transitive cycle through TYPE_CHECKING": (
         {
             "orchestration/a.py": "from orchestration import b\n",
             "orchestration/b.py": "from . import c\n",
@@ -91,40 +88,32 @@ def test_cycle_checker_flags_a_transitive_cycle_through_type_checking(tmp_path: 
                 "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import orchestration.a\n"
             ),
         },
-    )
-    assert [str(c) for c in check_cycles(root)] == [
-        "orchestration/a.py:1 imports orchestration.b, which imports it back: "
-        "orchestration.b -> orchestration.c -> orchestration.a",
-        "orchestration/b.py:1 imports orchestration.c, which imports it back: "
-        "orchestration.c -> orchestration.a -> orchestration.b",
-        "orchestration/c.py:3 imports orchestration.a, which imports it back: "
-        "orchestration.a -> orchestration.b -> orchestration.c",
-    ]
-
-
-def test_cycle_checker_resolves_relative_imports_in_subpackages(tmp_path: Path) -> None:
-    root = _tree(
-        tmp_path,
+        [
+            "orchestration/a.py:1 imports orchestration.b, which imports it back: "
+            "orchestration.b -> orchestration.c -> orchestration.a",
+            "orchestration/b.py:1 imports orchestration.c, which imports it back: "
+            "orchestration.c -> orchestration.a -> orchestration.b",
+            "orchestration/c.py:3 imports orchestration.a, which imports it back: "
+            "orchestration.a -> orchestration.b -> orchestration.c",
+        ],
+    ),
+    "relative imports in a subpackage": (
         {
             "orchestration/providers/__init__.py": "from .fake import Fake\n",
             "orchestration/providers/fake.py": "from ..model import Model\n",
             "orchestration/model.py": "from orchestration.providers import Fake\n",
         },
-    )
-    assert [str(c) for c in check_cycles(root)] == [
-        "orchestration/model.py:1 imports orchestration.providers, which imports it back: "
-        "orchestration.providers -> orchestration.providers.fake -> orchestration.model",
-        "orchestration/providers/__init__.py:1 imports orchestration.providers.fake, which "
-        "imports it back: orchestration.providers.fake -> orchestration.model -> "
-        "orchestration.providers",
-        "orchestration/providers/fake.py:1 imports orchestration.model, which imports it back: "
-        "orchestration.model -> orchestration.providers -> orchestration.providers.fake",
-    ]
-
-
-def test_cycle_checker_allows_imports_without_a_way_back(tmp_path: Path) -> None:
-    root = _tree(
-        tmp_path,
+        [
+            "orchestration/model.py:1 imports orchestration.providers, which imports it back: "
+            "orchestration.providers -> orchestration.providers.fake -> orchestration.model",
+            "orchestration/providers/__init__.py:1 imports orchestration.providers.fake, which "
+            "imports it back: orchestration.providers.fake -> orchestration.model -> "
+            "orchestration.providers",
+            "orchestration/providers/fake.py:1 imports orchestration.model, which imports it "
+            "back: orchestration.model -> orchestration.providers -> orchestration.providers.fake",
+        ],
+    ),
+    "imports without a way back": (
         {
             "mcp_server/server.py": "from mcp_server.app import App\nimport mcp_server.tools\n",
             "mcp_server/tools.py": "def f():\n    from mcp_server.app import App\n",
@@ -132,5 +121,12 @@ def test_cycle_checker_allows_imports_without_a_way_back(tmp_path: Path) -> None
             "orchestration/run.py": "import toolbus.leases\n",
             "toolbus/leases.py": "import anyio\n",
         },
-    )
-    assert check_cycles(root) == []
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CYCLE_CASES))
+def test_cycle_checker(tmp_path: Path, case: str) -> None:
+    files, expected = CYCLE_CASES[case]
+    assert [str(c) for c in check_cycles(_tree(tmp_path, files))] == expected
