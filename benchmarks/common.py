@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncGenerator, Generator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -105,9 +105,22 @@ def file_create_ms(where: Path, files: int = 200) -> float:
 # --------------------------------------------------------------------------- repositories
 
 
-def build_repo(root: Path, files: int, *, extra: dict[str, str] | None = None) -> str:
-    """A repository at `root` of `files` small files (directories of 100) plus `extra`, checked
-    out on main with one commit (fast-import, then a checkout); returns the commit id."""
+def module_file(n: int) -> tuple[str, str]:
+    """The `n`th file of a benchmark repository: a small Python module, 100 to a directory."""
+    body = f'"""module {n}"""\n\n\ndef f{n}() -> int:\n    return {n}\n'
+    return f"src/d{n // FILES_PER_DIR:03d}/m{n:05d}.py", body
+
+
+def build_repo(
+    root: Path,
+    files: int,
+    *,
+    extra: dict[str, str] | None = None,
+    file: Callable[[int], tuple[str, str]] = module_file,
+) -> str:
+    """A repository at `root` of `files` small files (`file(n)` gives each path and text) plus
+    `extra`, checked out on main with one commit (fast-import, then a checkout); returns the
+    commit id."""
     root.mkdir(parents=True, exist_ok=True)
     run_git(root, "init", "-q", "-b", "main")
     stream: list[str] = [
@@ -117,10 +130,7 @@ def build_repo(root: Path, files: int, *, extra: dict[str, str] | None = None) -
         "initial",
     ]
     contents: dict[str, str] = {"README.md": "# bench repository\n", **(extra or {})}
-    for n in range(files):
-        contents[f"src/d{n // FILES_PER_DIR:03d}/m{n:05d}.py"] = (
-            f'"""module {n}"""\n\n\ndef f{n}() -> int:\n    return {n}\n'
-        )
+    contents.update(file(n) for n in range(files))
     for path, body in contents.items():
         data = body.encode()
         stream += [f"M 100644 inline {path}", f"data {len(data)}", body]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pygit2
 
-from benchmarks.common import scratch
+from benchmarks.common import build_repo, scratch
 from orchestration.join import JoinCandidate, Joiner
 from orchestration.workspace import GitRepo, Identity, run_git
 
@@ -18,23 +18,10 @@ FILES_PER_DIR = 100
 FILES_PER_AGENT = 3
 
 
-def _build_repository(root: Path, files: int) -> str:
-    """A repository of `files` small files in directories of 100, checked out on main."""
-    run_git(root, "init", "-q", "-b", "main")
-    stream: list[str] = [
-        "commit refs/heads/main",
-        f"committer {IDENTITY.name} <{IDENTITY.email}> 1700000000 +0000",
-        "data 8",
-        "initial",
-    ]
-    for n in range(files):
-        body = f"file {n}\n" + "".join(f"line {k} of file {n}\n" for k in range(20))
-        data = body.encode()
-        stream += [f"M 100644 inline d{n // FILES_PER_DIR:03d}/f{n:05d}.txt", f"data {len(data)}"]
-        stream.append(body.rstrip("\n"))
-    run_git(root, "fast-import", "--quiet", input="\n".join(stream) + "\n")
-    run_git(root, "reset", "-q", "--hard", "main")
-    return run_git(root, "rev-parse", "HEAD").stdout.strip()
+def _text_file(n: int) -> tuple[str, str]:
+    """The `n`th file of the merge repository: 21 lines of text, 100 to a directory."""
+    body = f"file {n}\n" + "".join(f"line {k} of file {n}\n" for k in range(20))
+    return f"d{n // FILES_PER_DIR:03d}/f{n:05d}.txt", body
 
 
 def _agent_commits(root: Path, base: str, agents: int) -> list[JoinCandidate]:
@@ -89,7 +76,7 @@ def run(quick: bool) -> dict[str, float | int]:
         root = Path(tmp) / "repo"
         root.mkdir()
         t0 = time.perf_counter()
-        base = _build_repository(root, files)
+        base = build_repo(root, files, file=_text_file)
         candidates = _agent_commits(root, base, agents)
         setup_s = time.perf_counter() - t0
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from toolbus.sandbox import probe_bwrap
 
 # Any client built without an explicit base URL points at a closed loopback port, and the key is a
 # dummy: an accidental real call fails at once, in this process and in every subprocess.
@@ -63,3 +66,15 @@ def _block_real_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:  # p
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+async def bwrap() -> str:
+    """The bubblewrap executable, once the probe finds it usable; skips the test otherwise."""
+    exe = shutil.which("bwrap")
+    if exe is None:
+        pytest.skip("bubblewrap not installed: apt-get install -y bubblewrap")
+    reason = await probe_bwrap(exe)
+    if reason is not None:
+        pytest.skip(f"bubblewrap cannot run here: {reason}")
+    return exe

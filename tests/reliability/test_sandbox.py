@@ -11,7 +11,6 @@ command's own report.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,7 +25,6 @@ import pytest
 
 from tests.orchestration.scripts import git, make_repo
 from tests.reliability.conftest import Ledger
-from toolbus.sandbox import probe_bwrap
 from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
 
 pytestmark = pytest.mark.anyio
@@ -38,17 +36,6 @@ PROCS = "G3d sandbox: no process outlives its command"
 GROUP = "G3e no sandbox: background processes of the group are killed"
 SIBLING_MARK = "SIBLING-PRIVATE-MARK-5be0"
 SERVER_SECRET = "sk-ant-SECRET-server-environ-9f9f"
-
-
-@pytest.fixture
-async def bwrap() -> str:
-    exe = shutil.which("bwrap")
-    if exe is None:
-        pytest.skip("bubblewrap not installed (apt-get install bubblewrap)")
-    reason = await probe_bwrap(exe)
-    if reason is not None:
-        pytest.skip(f"bubblewrap cannot run here: {reason}")
-    return exe
 
 
 @dataclass

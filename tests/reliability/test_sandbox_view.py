@@ -35,7 +35,6 @@ from orchestration.orchestrator import Orchestrator
 from tests.orchestration.scripts import Step, by_task, git, make_repo
 from tests.reliability.conftest import Ledger
 from toolbus.limits import CGROUP_PREFIX, LimitMechanism, probe_limits
-from toolbus.sandbox import probe_bwrap
 from toolbus.terminal import CommandLimits, SandboxMode, Terminal, TerminalConfig
 
 pytestmark = pytest.mark.anyio
@@ -50,17 +49,6 @@ HOME_MARK = "CLIENT-CONFIG-KEY-MARK-33d0"
 STASH_MARK = "USER-STASH-MARK-c81e"
 TOKEN_MARK = "GIT-CONFIG-TOKEN-MARK-6b52"
 EXTRA_MARK = "EXTRA-RO-PATH-MARK-d90c"
-
-
-@pytest.fixture
-async def bwrap() -> str:
-    exe = shutil.which("bwrap")
-    if exe is None:
-        pytest.skip("bubblewrap not installed (apt-get install bubblewrap)")
-    reason = await probe_bwrap(exe)
-    if reason is not None:
-        pytest.skip(f"bubblewrap cannot run here: {reason}")
-    return exe
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,17 +25,6 @@ from toolbus.sandbox import (
 from toolbus.terminal import CommandLimits, SandboxMode, Terminal, TerminalConfig
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def bwrap() -> str:
-    exe = shutil.which("bwrap")
-    if exe is None:
-        pytest.skip("bubblewrap not installed: apt-get install -y bubblewrap")
-    reason = await probe_bwrap(exe)
-    if reason is not None:
-        pytest.skip(f"bubblewrap cannot run here: {reason}")
-    return exe
 
 
 @pytest.fixture
