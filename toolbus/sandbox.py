@@ -364,7 +364,7 @@ def private_etc_entries() -> list[tuple[Path, bool]]:
     if _private_etc is None:
         found: list[tuple[Path, bool]] = []
         for dirpath, dirnames, filenames in os.walk("/etc"):
-            for name in list(dirnames):
+            for name in [*dirnames, *filenames]:
                 path = Path(dirpath, name)
                 try:
                     st = path.lstat()
@@ -372,14 +372,8 @@ def private_etc_entries() -> list[tuple[Path, bool]]:
                     continue
                 if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH:
                     found.append((path, True))
-                    dirnames.remove(name)
-            for name in filenames:
-                path = Path(dirpath, name)
-                try:
-                    st = path.lstat()
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode) and not st.st_mode & stat.S_IROTH:
+                    dirnames.remove(name)  # hidden whole: nothing inside is walked
+                elif stat.S_ISREG(st.st_mode) and not st.st_mode & stat.S_IROTH:
                     found.append((path, False))
         _private_etc = found
     return _private_etc

@@ -16,7 +16,8 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from mcp_server.demo import DEMO_TASKS, make_sample_repo, structured, text_of, wait_settled
+from mcp_server.demo import make_sample_repo, structured, text_of
+from tests.mcp_server.servers import spawn_demo_settled
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -138,15 +139,7 @@ async def test_tools_over_http_in_both_eras(repo: Path, mode: str) -> None:
             assert {"spawn_subagents", "get_status", "merge_results", "ping"} <= names
             ping = structured(await client.call_tool("ping", {}))
             assert ping == {"ok": True, "server": "fanout", "version": "0.1.0"}
-            task = DEMO_TASKS["mathx"]
-            spawn = structured(
-                await client.call_tool(
-                    "spawn_subagents",
-                    {"tasks": [{"prompt": task.prompt, "write_scope": task.write_scope}]},
-                )
-            )
-            run_id = str(spawn["run_id"])
-            await wait_settled(client, run_id, 0, lambda _: None)
+            run_id = str((await spawn_demo_settled(client, "mathx"))["run_id"])
             status = structured(await client.call_tool("get_status", {"run_id": run_id}))
             agent = status["runs"][0]["agents"][0]
             assert agent["status"] == "succeeded"

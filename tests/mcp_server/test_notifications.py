@@ -14,14 +14,13 @@ from mcp.shared.subscriptions import ResourceUpdated
 from mcp_types import ResourceUpdatedNotification
 
 from mcp_server.demo import (
-    DEMO_TASKS,
     demo_model_factory,
     make_sample_repo,
     structured,
-    wait_settled,
 )
 from mcp_server.server import FanoutServer, build_server
 from orchestration.config import Settings
+from tests.mcp_server.servers import spawn_demo_settled
 
 pytestmark = pytest.mark.anyio
 
@@ -32,16 +31,8 @@ def _server(repo: Path) -> FanoutServer:
 
 async def _finished_agent(client: Client) -> tuple[str, str]:
     """A run of one finished (succeeded, unmerged) agent: (run_id, agent_id)."""
-    task = DEMO_TASKS["mathx"]
-    spawn = structured(
-        await client.call_tool(
-            "spawn_subagents",
-            {"tasks": [{"prompt": task.prompt, "write_scope": task.write_scope}]},
-        )
-    )
-    run_id = str(spawn["run_id"])
-    await wait_settled(client, run_id, 0, lambda _: None)
-    return run_id, str(spawn["agents"][0]["agent_id"])
+    spawn = await spawn_demo_settled(client, "mathx")
+    return str(spawn["run_id"]), str(spawn["agents"][0]["agent_id"])
 
 
 async def test_listen_gets_resource_updates_2026(tmp_path: Path) -> None:

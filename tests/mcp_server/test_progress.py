@@ -12,17 +12,16 @@ from mcp import Client
 
 from mcp_server import tools as tools_module
 from mcp_server.demo import (
-    DEMO_TASKS,
     demo_model_factory,
     make_sample_repo,
     structured,
-    wait_settled,
 )
 from mcp_server.server import build_server
 from orchestration.config import Settings
 from orchestration.model import ModelRequest, ModelResponse
 from orchestration.providers.function import FunctionModel
 from orchestration.providers.scripted import reply_finish
+from tests.mcp_server.servers import spawn_demo_settled
 
 pytestmark = pytest.mark.anyio
 
@@ -41,13 +40,7 @@ async def test_merge_reports_progress_and_none_after_the_result(tmp_path: Path, 
         seen.append((progress, total, message))
 
     async with Client(server, mode=mode) as client:
-        tasks = [
-            {"name": key, "prompt": t.prompt, "write_scope": t.write_scope}
-            for key, t in DEMO_TASKS.items()
-        ]
-        spawn = structured(await client.call_tool("spawn_subagents", {"tasks": tasks}))
-        run_id = str(spawn["run_id"])
-        await wait_settled(client, run_id, 0, lambda _: None)
+        run_id = str((await spawn_demo_settled(client))["run_id"])
         result = await client.call_tool(
             "merge_results", {"run_id": run_id}, progress_callback=on_progress
         )

@@ -61,21 +61,16 @@ async def test_roots_are_used_when_nothing_is_configured(repos: dict[str, Path],
 
 
 @pytest.mark.parametrize("mode", ERAS)
-async def test_repo_flag_wins_over_env_and_roots(repos: dict[str, Path], mode: str) -> None:
-    settings = Settings.from_env({"FANOUT_REPO": str(repos["env"])}, repo=repos["flag"])
+@pytest.mark.parametrize("winner", ["flag", "env"])
+async def test_repo_flag_then_env_win_over_roots(
+    repos: dict[str, Path], mode: str, winner: str
+) -> None:
+    flag = repos["flag"] if winner == "flag" else None
+    settings = Settings.from_env({"FANOUT_REPO": str(repos["env"])}, repo=flag, sandbox="none")
     server = build_server(settings, demo_model_factory())
     async with Client(server, mode=mode, list_roots_callback=_roots_of(repos["roots"])) as client:
         await _first_call(client)
-    assert _used(repos) == ["flag"]
-
-
-@pytest.mark.parametrize("mode", ERAS)
-async def test_env_wins_over_roots(repos: dict[str, Path], mode: str) -> None:
-    settings = Settings.from_env({"FANOUT_REPO": str(repos["env"])}, sandbox="none")
-    server = build_server(settings, demo_model_factory())
-    async with Client(server, mode=mode, list_roots_callback=_roots_of(repos["roots"])) as client:
-        await _first_call(client)
-    assert _used(repos) == ["env"]
+    assert _used(repos) == [winner]
 
 
 @pytest.mark.parametrize("mode", ERAS)

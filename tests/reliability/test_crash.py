@@ -149,14 +149,7 @@ def test_sigkill_then_a_fresh_process_recovers(
     label = f"{case.id} ({point})"
 
     # --- from outside, right after the kill -------------------------------------------------
-    fsck_ok, fsck_text = fsck(repo)
-    ledger.record(G_STORE, f"{label}: fsck after kill", fsck_ok, fsck_text)
-    for db in ("state.db", "leases.db"):
-        verdict = integrity(state_dir / db)
-        ledger.record(G_STORE, f"{label}: {db} after kill", verdict == "ok", verdict)
-    head_killed = git(repo, "rev-parse", "HEAD").strip()
-    problems, _ = merge_chain_problems(repo, head0, head_killed)
-    ledger.record(G_HEAD, f"{label}: head after kill", not problems, "; ".join(problems))
+    head_killed = _check_store_and_history(ledger, label, "after kill", repo, head0)
     # right after the kill the checkout may sit at the previous canonical head (a merge cut
     # between its ref update and the checkout update; the next merge brings it forward, checked
     # after recovery below); anything else is a failure
@@ -279,14 +272,7 @@ def test_sigkill_then_a_fresh_process_recovers(
     )
 
     # --- from outside, after recovery ------------------------------------------------------
-    fsck_ok, fsck_text = fsck(repo)
-    ledger.record(G_STORE, f"{label}: fsck after recovery", fsck_ok, fsck_text)
-    for db in ("state.db", "leases.db"):
-        verdict = integrity(state_dir / db)
-        ledger.record(G_STORE, f"{label}: {db} after recovery", verdict == "ok", verdict)
-    head = git(repo, "rev-parse", "HEAD").strip()
-    problems, _ = merge_chain_problems(repo, head0, head)
-    ledger.record(G_HEAD, f"{label}: history after recovery", not problems, "; ".join(problems))
+    _check_store_and_history(ledger, label, "after recovery", repo, head0)
     status_now = git(repo, "status", "--porcelain", "--untracked-files=all")
     ledger.record(
         G_CHECKOUT, f"{label}: git status after recovery", status_now == "", status_now[:300]
@@ -318,6 +304,20 @@ class KnownDefect:
 
     def covers(self, guarantee: str, failure: str) -> bool:
         return guarantee == self.guarantee and self.needle in failure
+
+
+def _check_store_and_history(ledger: Ledger, label: str, when: str, repo: Path, head0: str) -> str:
+    """Record that git's objects and both databases are whole and that the canonical history
+    is a chain of merges on `head0`; returns the head."""
+    fsck_ok, fsck_text = fsck(repo)
+    ledger.record(G_STORE, f"{label}: fsck {when}", fsck_ok, fsck_text)
+    for db in ("state.db", "leases.db"):
+        verdict = integrity(repo / ".git" / "fanout" / db)
+        ledger.record(G_STORE, f"{label}: {db} {when}", verdict == "ok", verdict)
+    head = git(repo, "rev-parse", "HEAD").strip()
+    problems, _ = merge_chain_problems(repo, head0, head)
+    ledger.record(G_HEAD, f"{label}: history {when}", not problems, "; ".join(problems))
+    return head
 
 
 def _at_earlier_head(repo: Path, head0: str, head: str) -> bool:
