@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -378,40 +380,47 @@ async def test_a_dead_processes_waiter_row_stops_blocking(
 # -- the keeper ----------------------------------------------------------------------------------
 
 
+@asynccontextmanager
+async def keeping(manager: LeaseManager, grant: LeaseGrant) -> AsyncGenerator[KeptGrant]:
+    """A running keeper that tracks `grant`, and the losses it reports (stopped on exit)."""
+    kept = KeptGrant(LeaseKeeper(manager, interval_s=0.001))
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(kept.keeper.run)
+            kept.keeper.track(grant, kept.lost.append)
+            yield kept
+            tg.cancel_scope.cancel()
+
+
+@dataclass
+class KeptGrant:
+    keeper: LeaseKeeper
+    lost: list[LeaseLost] = field(default_factory=list[LeaseLost])
+
+
 async def test_keeper_keeps_a_lease_alive_past_its_ttl(
     manager: LeaseManager, clock: FakeClock
 ) -> None:
     grant = await manager.acquire("a", [W("src")])
-    keeper = LeaseKeeper(manager, interval_s=0.001)
-    lost: list[LeaseLost] = []
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            await tg.start(keeper.run)
-            keeper.track(grant, lost.append)
-            for _ in range(4):
-                clock.advance(20)  # 80 s in all: well past the 30 s TTL
-                await keeper.next_round()
-                manager.check("a", grant.token, "src/x")
-            current = keeper.current(grant)
-            assert current is not None
-            assert current.token == grant.token
-            assert current.expires_at == clock.now + 30
-            tg.cancel_scope.cancel()
-    assert lost == []
+    async with keeping(manager, grant) as kept:
+        for _ in range(4):
+            clock.advance(20)  # 80 s in all: well past the 30 s TTL
+            await kept.keeper.next_round()
+            manager.check("a", grant.token, "src/x")
+        current = kept.keeper.current(grant)
+        assert current is not None
+        assert current.token == grant.token
+        assert current.expires_at == clock.now + 30
+    assert kept.lost == []
 
 
 async def test_keeper_reports_a_broken_grant_once(manager: LeaseManager) -> None:
     grant = await manager.acquire("a", [W("src")])
-    keeper = LeaseKeeper(manager, interval_s=0.001)
-    lost: list[LeaseLost] = []
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            await tg.start(keeper.run)
-            keeper.track(grant, lost.append)
-            await manager.break_holder("a")
-            await keeper.next_round()
-            await keeper.next_round()
-            tg.cancel_scope.cancel()
+    async with keeping(manager, grant) as kept:
+        await manager.break_holder("a")
+        await kept.keeper.next_round()
+        await kept.keeper.next_round()
+    keeper, lost = kept.keeper, kept.lost
     assert len(lost) == 1
     assert "broken" in str(lost[0])
     assert keeper.current(grant) is None
