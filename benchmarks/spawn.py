@@ -32,8 +32,8 @@ from orchestration.providers.function import FunctionModel
 from orchestration.workspace import run_git
 
 AGENTS = 16
-# 160,000 files per phase: on a disk that takes ~0.3 ms to create a file (measured here after
-# heavy churn) a phase takes about a minute, by hand as by the product; allow far more
+# 160,000 files per phase: on a slow disk (a heavily churned one) a phase can take minutes, by
+# hand as by the product; allow far more
 PHASE_TIMEOUT_S = 1800.0
 
 

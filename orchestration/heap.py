@@ -1,12 +1,11 @@
 """Keep Python's cycle collector off the process's long-lived objects.
 
-A server process holds some 200,000 objects that live as long as it does: modules, classes, the
+A server process holds a great many objects that live as long as it does: modules, classes, the
 pydantic schemas of the MCP SDK and of the `anthropic` SDK. A full (generation 2) collection
-walks all of them; with the whole heap it took about 150 ms on the development machine, and it
-runs on whichever thread allocates at that moment, usually the event loop, so every running
-agent and every client waited. `gc.freeze()` moves every object alive at that moment out of the
-collector's sight, after which a full collection walks only what the server has made since (about
-20 ms in the same fan-out of 64 agents).
+walks all of them, on whichever thread allocates at that moment, usually the event loop, so every
+running agent and every client waits. `gc.freeze()` moves every object alive at that moment out
+of the collector's sight, after which a full collection walks only what the server has made
+since.
 
 Frozen objects are still freed by reference counting; only cyclic garbage among them would stay,
 which is why the heap is frozen once, after start-up, with its garbage collected first.
@@ -31,8 +30,8 @@ def freeze_heap() -> None:
 
 def warm_up(modules: Sequence[str] = ()) -> None:
     """Import `modules` (a provider's SDK, which a first spawn would otherwise import on the
-    event loop: about 2 s for `anthropic`) and run each one's own `warm_up()` if it has one, then
-    `freeze_heap`. A failure is logged and left for the first real use to report."""
+    event loop, a pause of seconds for `anthropic`) and run each one's own `warm_up()` if it has
+    one, then `freeze_heap`. A failure is logged and left for the first real use to report."""
     for name in modules:
         try:
             module = importlib.import_module(name)

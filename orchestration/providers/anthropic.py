@@ -61,8 +61,8 @@ _ssl_contexts: list[ssl.SSLContext] = []
 
 def shared_ssl_context() -> ssl.SSLContext:
     """One TLS context (the SDK's default: certifi's roots, or SSL_CERT_FILE / SSL_CERT_DIR)
-    for every client of this process. Building one loads the whole CA bundle, ~45 ms of CPU
-    that each new SDK client would otherwise spend, holding up the event loop."""
+    for every client of this process. Building one loads the whole CA bundle, CPU that each new
+    SDK client would otherwise spend, holding up the event loop."""
     with _ssl_lock:
         if not _ssl_contexts:
             _ssl_contexts.append(httpx2.create_ssl_context(trust_env=True))
