@@ -67,6 +67,7 @@ from orchestration.prompts import FINISH_TOOL, shared_prefix, task_prompt
 from orchestration.retry import RetryPolicy
 from orchestration.state import (
     AgentRecord,
+    EventKind,
     RunRecord,
     SharedFile,
     SharedSnapshot,
@@ -111,7 +112,6 @@ ACTIVE_STATUSES = tuple(s for s in AgentStatus if s.active)
 CANCEL_WAIT_S = 30.0
 # how often a server looks for cancel requests made from other servers (an indexed query)
 CANCEL_POLL_S = 0.5
-CANCEL_REQUESTED = "cancel_requested"  # the event of such a request
 
 
 def default_model_factory(settings: Settings) -> ModelFactory:
@@ -365,13 +365,12 @@ class Orchestrator:
                 commit=commit,
                 branch=agent.branch,
             )
-        ctx.store.update_agent(
+        ctx.store.mark_final(
             agent.agent_id,
-            "interrupted",
+            AgentStatus.INTERRUPTED,
             "the server running this agent stopped",
-            status=AgentStatus.INTERRUPTED,
             stop_reason=StopReason.INTERRUPTED,
-            status_reason=reason,
+            reason=reason,
             commit=commit,
             changed_files=changed_files,
             result=result,
@@ -454,16 +453,9 @@ class Orchestrator:
                 except LeaseError:
                     grant = None
                 if grant is None:
-                    ctx.store.update_agent(
-                        agent.agent_id,
-                        "lease_lost",
-                        "lapsed while no server kept it",
-                        lease_lost=True,
-                    )
+                    ctx.store.mark_lease_lost(agent.agent_id, "lapsed while no server kept it")
                     continue
-                ctx.store.update_agent(
-                    agent.agent_id, "leased", f"token {grant.token}", lease_token=grant.token
-                )
+                ctx.store.record_lease(agent.agent_id, grant.token)
                 if _scope_freed(self._agent(ctx, agent.agent_id)):
                     # merged or discarded by another server while the grant was taken: that
                     # server's sweep may have run before the grant existed, so give it back here
@@ -790,13 +782,12 @@ class Orchestrator:
             )
         except Exception:
             log.exception("recording the failure of %s failed", runtime.agent_id)
-            ctx.store.update_agent(
+            ctx.store.mark_final(
                 runtime.agent_id,
-                "failed",
+                AgentStatus.FAILED,
                 error,
-                status=AgentStatus.FAILED,
                 stop_reason=StopReason.INTERNAL_ERROR,
-                status_reason=error,
+                reason=error,
             )
 
     async def _run_agent(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
@@ -808,12 +799,10 @@ class Orchestrator:
             other_record = store.agent(other_id)
             if other_record is None or _scope_freed(other_record):
                 continue
-            store.update_agent(
+            store.mark_waiting(
                 agent.agent_id,
-                "waiting",
                 f"waits for {other_id}",
-                status=AgentStatus.WAITING,
-                status_reason=f"waits for {other_record.name} ({other_id}) to be merged or "
+                f"waits for {other_record.name} ({other_id}) to be merged or "
                 "discarded: their write scopes overlap",
             )
             while True:
@@ -833,26 +822,17 @@ class Orchestrator:
             holder = agent.lease_holder or agent.agent_id
 
             def on_wait() -> None:
-                store.update_agent(
+                store.mark_waiting(
                     agent.agent_id,
-                    "waiting",
                     "waits for leases",
-                    status=AgentStatus.WAITING,
-                    status_reason="waits for overlapping write leases held by other agents "
+                    "waits for overlapping write leases held by other agents "
                     "(see get_status leases); it starts once they are merged or discarded",
                 )
 
             grant = await ctx.leases.acquire(holder, requests, on_wait=on_wait)
             fence.grant = grant
             ctx.keeper.track(grant, lambda lost: self._on_lease_lost(ctx, runtime, lost))
-            store.update_agent(
-                agent.agent_id,
-                "leased",
-                f"token {grant.token}",
-                lease_token=grant.token,
-                status=AgentStatus.QUEUED,
-                status_reason=None,
-            )
+            store.record_lease(agent.agent_id, grant.token, queued=True)
         # 3. A concurrency slot.
         limiter = ctx.limiters.get(agent.run_id)
         if limiter is None:
@@ -984,12 +964,8 @@ class Orchestrator:
 
         workspace, terminal = await anyio.to_thread.run_sync(make, limiter=ctx.workspace_threads)
         base = agent.base_commit if agent.start_commit else start
-        agent = ctx.store.update_agent(
+        agent = ctx.store.mark_running(
             agent.agent_id,
-            "running",
-            "",
-            status=AgentStatus.RUNNING,
-            status_reason=None,
             started_at=time.time(),
             workspace=str(workspace.path),
             branch=workspace.branch,
@@ -1030,10 +1006,8 @@ class Orchestrator:
         # files written through the bus so far (final, git-based facts replace them at the end)
         bus = loop.bus if loop is not None else None
         written = bus.written_paths() if bus is not None else []
-        ctx.store.update_agent(
+        ctx.store.record_turn(
             agent_id,
-            "turn",
-            f"turn {progress.turns}",
             settle=(reserved, used),
             turns=progress.turns,
             tokens=progress.tokens,
@@ -1044,7 +1018,7 @@ class Orchestrator:
         current = ctx.store.agent(runtime.agent_id)
         if current is None or current.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
             return  # given back on purpose (by the server that merged or discarded it)
-        record = ctx.store.update_agent(runtime.agent_id, "lease_lost", str(lost), lease_lost=True)
+        record = ctx.store.mark_lease_lost(runtime.agent_id, str(lost))
         if record.status.active:
             runtime.cancel_reason = f"its write lease was lost ({lost}); it cannot land"
             runtime.lost_lease = True
@@ -1149,13 +1123,12 @@ class Orchestrator:
             commit=commit,
             branch=agent.branch,
         )
-        ctx.store.update_agent(
+        ctx.store.mark_final(
             agent.agent_id,
-            status.value,
+            status,
             reason or outcome.stop_reason.value,
-            status=status,
             stop_reason=outcome.stop_reason,
-            status_reason=reason,
+            reason=reason,
             result=result,
             commit=commit,
             finished_at=time.time(),
@@ -1511,12 +1484,10 @@ class Orchestrator:
                     live = ctx.store.live_servers()
                 if agent.owner in live:
                     # run by another live server: it cancels the agent when it sees the request
-                    ctx.store.update_agent(
+                    ctx.store.request_cancel(
                         agent.agent_id,
-                        CANCEL_REQUESTED,
                         ctx.store.server_id,
-                        status_reason="cancel requested from another server; the server running "
-                        "it stops it",
+                        "cancel requested from another server; the server running it stops it",
                     )
                 else:
                     orphans = True
@@ -1533,7 +1504,9 @@ class Orchestrator:
         seen = ctx.store.cursor()
         while True:
             await anyio.sleep(CANCEL_POLL_S)
-            for seq, agent_id, detail in ctx.store.events_of_kind(CANCEL_REQUESTED, since=seen):
+            for seq, agent_id, detail in ctx.store.events_of_kind(
+                EventKind.CANCEL_REQUESTED, since=seen
+            ):
                 seen = max(seen, seq)
                 runtime = self._runtimes.get(agent_id)
                 if runtime is None or not runtime.runs_here:
@@ -1668,15 +1641,12 @@ class Orchestrator:
             if result.outcome == MergeOutcome.MERGED:
                 await self._after_merge(ctx, agent, result.commit)
             elif result.outcome == MergeOutcome.CONFLICTED:
-                ctx.store.update_agent(
+                ctx.store.mark_conflicted(
                     agent.agent_id,
-                    "conflicted",
-                    ", ".join(result.conflicts),
-                    status=AgentStatus.CONFLICTED,
-                    status_reason="conflicts with the canonical head in "
+                    result.conflicts,
+                    "conflicts with the canonical head in "
                     + ", ".join(result.conflicts)
                     + ": rerun_subagent re-runs it on the new head",
-                    conflicts=result.conflicts,
                 )
         head = await anyio.to_thread.run_sync(ctx.repo.head_commit)
         total_stat = DiffStat()
@@ -1730,13 +1700,10 @@ class Orchestrator:
         Recorded before the leases go, so that no server can take them over for it in between
         (a server adopting a dead server's leases checks the status after taking them)."""
         await self._remove_workspace(ctx, agent)
-        ctx.store.update_agent(
+        ctx.store.mark_merged(
             agent.agent_id,
-            "merged",
-            commit or "no changes",
-            status=AgentStatus.MERGED,
-            status_reason=f"merged as {commit[:12]}" if commit else "nothing to merge",
-            workspace=None,
+            commit,
+            f"merged as {commit[:12]}" if commit else "nothing to merge",
         )
         await self._release_leases(ctx, agent)
         self._signal_released(agent.agent_id)
@@ -1784,15 +1751,12 @@ class Orchestrator:
             raise InvalidState(f"discard: {agent.agent_id} is already merged")
         if not dry_run and agent.status != AgentStatus.DISCARDED:
             await self._remove_workspace(ctx, agent)
-            ctx.store.update_agent(
+            ctx.store.mark_discarded(
                 agent.agent_id,
-                "discarded",
                 "explicit discard",
-                status=AgentStatus.DISCARDED,
-                status_reason="discarded by merge_results(discard=...); its branch "
+                "discarded by merge_results(discard=...); its branch "
                 + (agent.branch or "")
                 + " is kept",
-                workspace=None,
             )
             await self._release_leases(ctx, agent)  # after the record, as for a merge
             self._signal_released(agent.agent_id)
@@ -1863,13 +1827,10 @@ class Orchestrator:
         old = self._agent(ctx, old_id)
         if old.status not in (AgentStatus.MERGED, AgentStatus.DISCARDED):
             await self._remove_workspace(ctx, old)
-            ctx.store.update_agent(
+            ctx.store.mark_discarded(
                 old_id,
-                "discarded",
                 f"replaced by {new_id}",
-                status=AgentStatus.DISCARDED,
-                status_reason=f"replaced by {new_id} (rerun_subagent); its branch is kept",
-                workspace=None,
+                f"replaced by {new_id} (rerun_subagent); its branch is kept",
             )
             self._signal_released(old_id)
 

@@ -19,7 +19,9 @@ import threading
 import time
 from collections.abc import Collection, Generator, Sequence
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import anyio
 import filelock
@@ -51,6 +53,33 @@ CREATE TABLE IF NOT EXISTS servers (
 SERVER_STALE_S = 20.0
 CROSS_PROCESS_POLL_S = 0.25
 UNCHANGED_KEPT = 1024  # answers of that query kept (distinct cursors and runs waited on)
+
+
+class EventKind(StrEnum):
+    """What an event of the store records; its value is the stored `kind`."""
+
+    RUN_CREATED = "run_created"
+    AGENT_ADDED = "agent_added"
+    CLAIMED = "claimed"
+    LEASED = "leased"
+    WAITING = "waiting"
+    RUNNING = "running"
+    TURN = "turn"
+    LEASE_LOST = "lease_lost"
+    CANCEL_REQUESTED = "cancel_requested"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    CONFLICTED = "conflicted"
+    MERGED = "merged"
+    DISCARDED = "discarded"
+    NOTE = "note"
+
+    @classmethod
+    def finished_as(cls, status: AgentStatus) -> EventKind:
+        """The event of an agent's loop ending in `status` (a final status)."""
+        return cls(status.value)
 
 
 class SharedFile(BaseModel):
@@ -138,6 +167,34 @@ class Event(BaseModel):
     agent_id: str | None
     kind: str
     detail: str
+
+
+class FinalChanges(TypedDict, total=False):
+    """What an agent's final record may carry besides its status and reasons."""
+
+    result: AgentResult | None
+    commit: str | None
+    finished_at: float | None
+    turns: int
+    tokens: TokenUsage
+    changed_files: list[str]
+
+
+class AgentChanges(FinalChanges, total=False):
+    """The fields of an agent record that change after it is created."""
+
+    status: AgentStatus
+    status_reason: str | None
+    stop_reason: StopReason | None
+    base_commit: str
+    start_commit: str | None
+    branch: str | None
+    workspace: str | None
+    started_at: float | None
+    owner: str
+    lease_token: int | None
+    lease_lost: bool
+    conflicts: list[str]
 
 
 @functools.cache
@@ -235,12 +292,12 @@ class StateStore:
         db: sqlite3.Connection,
         run_id: str | None,
         agent_id: str | None,
-        kind: str,
+        kind: EventKind,
         detail: str,
     ) -> int:
         cur = db.execute(
             "INSERT INTO events (ts, run_id, agent_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
-            (time.time(), run_id, agent_id, kind, detail),
+            (time.time(), run_id, agent_id, kind.value, detail),
         )
         seq = int(cur.lastrowid or 0)
         self._recording.append((run_id, seq))
@@ -250,7 +307,9 @@ class StateStore:
         event, self._changed = self._changed, anyio.Event()
         event.set()
 
-    def record_event(self, run_id: str | None, agent_id: str | None, kind: str, detail: str) -> int:
+    def record_event(
+        self, run_id: str | None, agent_id: str | None, kind: EventKind, detail: str
+    ) -> int:
         with self._tx() as db:
             seq = self._append_event(db, run_id, agent_id, kind, detail)
         self._notify()
@@ -282,7 +341,7 @@ class StateStore:
             for r in self._query(sql, args)
         ]
 
-    def events_of_kind(self, kind: str, *, since: int) -> list[tuple[int, str, str]]:
+    def events_of_kind(self, kind: EventKind, *, since: int) -> list[tuple[int, str, str]]:
         """(seq, agent_id, detail) of the events of `kind` after `since`, in order."""
         rows = self._query(
             "SELECT seq, agent_id, detail FROM events WHERE seq > ? AND kind = ? ORDER BY seq",
@@ -370,7 +429,7 @@ class StateStore:
             )
             for agent in agents:
                 self._insert_agent(db, agent)
-            self._append_event(db, run.run_id, None, "run_created", f"{len(agents)} agents")
+            self._append_event(db, run.run_id, None, EventKind.RUN_CREATED, f"{len(agents)} agents")
         self._notify()
 
     def run(self, run_id: str) -> RunRecord | None:
@@ -392,7 +451,7 @@ class StateStore:
     def add_agent(self, agent: AgentRecord) -> None:
         with self._tx() as db:
             self._insert_agent(db, agent)
-            self._append_event(db, agent.run_id, agent.agent_id, "agent_added", agent.name)
+            self._append_event(db, agent.run_id, agent.agent_id, EventKind.AGENT_ADDED, agent.name)
         self._notify()
 
     def agent(self, agent_id: str) -> AgentRecord | None:
@@ -403,28 +462,30 @@ class StateStore:
         rows = self._query("SELECT data FROM agents WHERE run_id = ? ORDER BY ord", (run_id,))
         return [AgentRecord.model_validate_json(str(r[0])) for r in rows]
 
-    def update_agent(
+    def apply(
         self,
         agent_id: str,
-        kind: str,
+        kind: EventKind,
         detail: str = "",
         *,
         settle: tuple[int, int] | None = None,
-        **changes: object,
+        **changes: Unpack[AgentChanges],
     ) -> AgentRecord:
-        """Apply `changes` to the agent and record an event, in one transaction; with `settle`
-        (reserved, used), settle a reservation of the agent's run in it too (one per turn)."""
+        """Apply `changes` to the agent and record an event of `kind`, in one transaction; with
+        `settle` (reserved, used), settle a reservation of the agent's run in it too (one per
+        turn). The named transitions below are the ones the engine makes; this is their one
+        write path (and the way tests set up a state)."""
         with self._tx() as db:
             row = db.execute("SELECT data FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
             if row is None:
                 raise KeyError(agent_id)
             current = AgentRecord.model_validate_json(str(row[0]))
-            updated = current.model_copy(update=changes)
-            if updated.status != current.status and not updated.status.active:
+            update: dict[str, object] = dict(changes)
+            new_status = changes.get("status", current.status)
+            if new_status != current.status and not new_status.active and current.status.active:
                 seq_row = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()
-                if current.status.active:
-                    updated.finish_seq = int(seq_row[0])
-            updated = AgentRecord.model_validate(updated.model_dump())
+                update["finish_seq"] = int(seq_row[0])
+            updated = AgentRecord.model_validate(current.model_copy(update=update).model_dump())
             db.execute(
                 "UPDATE agents SET data = ? WHERE agent_id = ?",
                 (updated.model_dump_json(), agent_id),
@@ -434,6 +495,138 @@ class StateStore:
                 self._settle(db, updated.run_id, *settle)
         self._notify()
         return updated
+
+    # --- the transitions the engine makes -----------------------------------------------------
+
+    def record_lease(self, agent_id: str, token: int, *, queued: bool = False) -> AgentRecord:
+        """The agent holds its write leases under `token`; `queued`: it waited for them and
+        is queued to start now."""
+        if queued:
+            return self.apply(
+                agent_id,
+                EventKind.LEASED,
+                f"token {token}",
+                lease_token=token,
+                status=AgentStatus.QUEUED,
+                status_reason=None,
+            )
+        return self.apply(agent_id, EventKind.LEASED, f"token {token}", lease_token=token)
+
+    def mark_waiting(self, agent_id: str, detail: str, reason: str) -> AgentRecord:
+        """The agent waits (for leases, or for an overlapping agent to be merged)."""
+        return self.apply(
+            agent_id, EventKind.WAITING, detail, status=AgentStatus.WAITING, status_reason=reason
+        )
+
+    def mark_running(
+        self,
+        agent_id: str,
+        *,
+        workspace: str,
+        branch: str | None,
+        base_commit: str,
+        start_commit: str,
+        commit: str | None,
+        started_at: float,
+    ) -> AgentRecord:
+        """The agent's workspace is ready and its loop starts."""
+        return self.apply(
+            agent_id,
+            EventKind.RUNNING,
+            status=AgentStatus.RUNNING,
+            status_reason=None,
+            started_at=started_at,
+            workspace=workspace,
+            branch=branch,
+            base_commit=base_commit,
+            start_commit=start_commit,
+            commit=commit,
+        )
+
+    def record_turn(
+        self,
+        agent_id: str,
+        *,
+        turns: int,
+        tokens: TokenUsage,
+        changed_files: list[str],
+        settle: tuple[int, int],
+    ) -> AgentRecord:
+        """One model turn of the agent ended; its reservation of the budget is settled."""
+        return self.apply(
+            agent_id,
+            EventKind.TURN,
+            f"turn {turns}",
+            settle=settle,
+            turns=turns,
+            tokens=tokens,
+            changed_files=changed_files,
+        )
+
+    def mark_lease_lost(self, agent_id: str, detail: str) -> AgentRecord:
+        """The agent's write lease was lost: what it writes can no longer land."""
+        return self.apply(agent_id, EventKind.LEASE_LOST, detail, lease_lost=True)
+
+    def request_cancel(self, agent_id: str, requested_by: str, reason: str) -> AgentRecord:
+        """Ask the server running the agent to cancel it (it looks for these events)."""
+        return self.apply(agent_id, EventKind.CANCEL_REQUESTED, requested_by, status_reason=reason)
+
+    def mark_final(
+        self,
+        agent_id: str,
+        status: AgentStatus,
+        detail: str,
+        *,
+        stop_reason: StopReason,
+        reason: str | None,
+        **changes: Unpack[FinalChanges],
+    ) -> AgentRecord:
+        """The agent's loop ended in `status` (a final status), for `stop_reason`."""
+        if status.active:
+            raise ValueError(f"mark_final: {status.value} is not a final status")
+        return self.apply(
+            agent_id,
+            EventKind.finished_as(status),
+            detail,
+            status=status,
+            stop_reason=stop_reason,
+            status_reason=reason,
+            **changes,
+        )
+
+    def mark_conflicted(self, agent_id: str, conflicts: list[str], reason: str) -> AgentRecord:
+        """The join found the agent's change conflicting with the canonical head."""
+        return self.apply(
+            agent_id,
+            EventKind.CONFLICTED,
+            ", ".join(conflicts),
+            status=AgentStatus.CONFLICTED,
+            status_reason=reason,
+            conflicts=conflicts,
+        )
+
+    def mark_merged(self, agent_id: str, commit: str | None, reason: str) -> AgentRecord:
+        """The agent's change is on the canonical branch (or it had none); its workspace is
+        gone."""
+        return self.apply(
+            agent_id,
+            EventKind.MERGED,
+            commit or "no changes",
+            status=AgentStatus.MERGED,
+            status_reason=reason,
+            workspace=None,
+        )
+
+    def mark_discarded(self, agent_id: str, detail: str, reason: str) -> AgentRecord:
+        """The agent's change will not be merged; its workspace is gone, its branch kept."""
+        return self.apply(
+            agent_id,
+            EventKind.DISCARDED,
+            detail,
+            status=AgentStatus.DISCARDED,
+            status_reason=reason,
+            workspace=None,
+        )
 
     def claim_agent(
         self, agent_id: str, from_owner: str, statuses: Collection[AgentStatus]
@@ -454,7 +647,7 @@ class StateStore:
                 "UPDATE agents SET data = ? WHERE agent_id = ?",
                 (updated.model_dump_json(), agent_id),
             )
-            self._append_event(db, updated.run_id, agent_id, "claimed", self.server_id)
+            self._append_event(db, updated.run_id, agent_id, EventKind.CLAIMED, self.server_id)
         self._notify()
         return updated
 
@@ -620,7 +813,7 @@ class StateStore:
         finds nothing changed; when no event at all was recorded since (every change of an agent
         appends one, in the same transaction), not even the rows are read. `cursor` as for
         `runs_snapshot`. The records are shared between calls: read them, never mutate them
-        (changes go through `update_agent`)."""
+        (changes go through `apply`)."""
         if cursor is None:
             cursor = self.cursor()  # before the rows: a change committed after it moves it
         last = self._snapshots.get(run_id)

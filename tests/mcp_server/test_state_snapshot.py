@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestration.contracts import AgentStatus
-from orchestration.state import StateStore
+from orchestration.state import EventKind, StateStore
 from tests.orchestration.test_state import _agent, _run  # pyright: ignore[reportPrivateUsage]
 
 
@@ -20,7 +20,7 @@ def test_snapshot_matches_agents_and_reparses_only_changes(tmp_path: Path) -> No
         assert first == store.agents("r1")
         assert [a.agent_id for a in first] == ["a1", "a2", "a3"]
 
-        other.update_agent("a2", "running", status=AgentStatus.RUNNING, turns=1)
+        other.apply("a2", EventKind.RUNNING, status=AgentStatus.RUNNING, turns=1)
         second = store.agents_snapshot("r1")
         assert second == store.agents("r1")
         assert second[1].status is AgentStatus.RUNNING and second[1].turns == 1
@@ -49,7 +49,7 @@ def test_snapshot_reads_no_rows_while_no_event_was_recorded(tmp_path: Path) -> N
         assert not [s for s in statements if "FROM agents" in s]
 
         # any change of an agent records an event in the same transaction: rows are read again
-        other.update_agent("a1", "running", status=AgentStatus.RUNNING, turns=2)
+        other.apply("a1", EventKind.RUNNING, status=AgentStatus.RUNNING, turns=2)
         changed = store.agents_snapshot("r1")
         assert [s for s in statements if "FROM agents" in s]
         assert changed[0].status is AgentStatus.RUNNING and changed[0].turns == 2

@@ -20,7 +20,7 @@ from orchestration.contracts import (
 )
 from orchestration.model import Model
 from orchestration.orchestrator import Orchestrator, RepoContext
-from orchestration.state import AgentRecord, StateStore
+from orchestration.state import AgentRecord, EventKind, StateStore
 from tests.orchestration.scripts import Gate, Step, add_server, by_task, exited_pid, make_repo
 from tests.orchestration.test_orchestrator import wait_until_final
 
@@ -146,7 +146,7 @@ async def test_an_agent_a_killed_server_left_running_keeps_its_scope_until_rerun
         dead = (await a.context(repo)).store.server_id
     # as a killed server leaves it: the agent still `running`, owned by a server that is gone
     store = StateStore(repo / ".git" / "fanout")
-    store.update_agent(agent_id, "test", status=AgentStatus.RUNNING, owner=dead)
+    store.apply(agent_id, EventKind.NOTE, status=AgentStatus.RUNNING, owner=dead)
     store.close()
 
     rerun_model = by_task({"LONG": [("read_file", {"path": "src/app/w.py"})]})
@@ -195,7 +195,7 @@ async def test_a_running_server_takes_over_the_agents_of_one_that_died_since(
         # registered with a fresh heartbeat, but its process gone
         ghost = "ghost-server"
         add_server(ctx.store, ghost, gone)
-        ctx.store.update_agent(agent_id, "test", status=AgentStatus.RUNNING, owner=ghost)
+        ctx.store.apply(agent_id, EventKind.NOTE, status=AgentStatus.RUNNING, owner=ghost)
 
         with anyio.fail_after(20):
             while (record := ctx.store.agent(agent_id)) is None or record.status.active:
@@ -245,7 +245,7 @@ async def test_cancelling_an_agent_whose_server_is_gone_recovers_it_at_once(
         # as a server killed after b started leaves it (b's heartbeat comes only every 5 s):
         # `running`, owned by a server whose process is gone
         add_server(ctx.store, "ghost", gone)
-        ctx.store.update_agent(agent_id, "test", status=AgentStatus.RUNNING, owner="ghost")
+        ctx.store.apply(agent_id, EventKind.NOTE, status=AgentStatus.RUNNING, owner="ghost")
         with anyio.fail_after(10):
             cancelled = await b.cancel(spawned.run_id)
         assert [x.status for x in cancelled.agents] == [AgentStatus.INTERRUPTED]

@@ -15,6 +15,7 @@ import pytest
 from orchestration.contracts import AgentStatus
 from orchestration.state import (
     AgentRecord,
+    EventKind,
     RunRecord,
     SharedSnapshot,
     StateStore,
@@ -58,7 +59,7 @@ def _agent(agent_id: str, run_id: str = "r1", index: int = 1) -> AgentRecord:
 def test_run_and_agents_round_trip_and_survive_reopen(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     store.create_run(_run(), [_agent("a1"), _agent("a2", index=2)])
-    store.update_agent("a1", "running", status=AgentStatus.RUNNING, turns=2)
+    store.apply("a1", EventKind.RUNNING, status=AgentStatus.RUNNING, turns=2)
     store.close()
     again = StateStore(tmp_path)
     assert [r.run_id for r in again.runs()] == ["r1"]
@@ -73,13 +74,13 @@ def test_run_and_agents_round_trip_and_survive_reopen(tmp_path: Path) -> None:
 def test_finish_order_is_recorded_once(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     store.create_run(_run(), [_agent("a1"), _agent("a2", index=2)])
-    store.update_agent("a2", "running", status=AgentStatus.RUNNING)
-    store.update_agent("a1", "running", status=AgentStatus.RUNNING)
-    second = store.update_agent("a2", "done", status=AgentStatus.SUCCEEDED)
-    first = store.update_agent("a1", "done", status=AgentStatus.SUCCEEDED)
+    store.apply("a2", EventKind.RUNNING, status=AgentStatus.RUNNING)
+    store.apply("a1", EventKind.RUNNING, status=AgentStatus.RUNNING)
+    second = store.apply("a2", EventKind.SUCCEEDED, status=AgentStatus.SUCCEEDED)
+    first = store.apply("a1", EventKind.SUCCEEDED, status=AgentStatus.SUCCEEDED)
     assert second.finish_seq is not None and first.finish_seq is not None
     assert second.finish_seq < first.finish_seq
-    merged = store.update_agent("a2", "merged", status=AgentStatus.MERGED)
+    merged = store.apply("a2", EventKind.MERGED, status=AgentStatus.MERGED)
     assert merged.finish_seq == second.finish_seq
     store.close()
 
@@ -105,7 +106,7 @@ async def test_long_poll_wakes_on_a_change_and_times_out_without_one(tmp_path: P
 
     async def change() -> None:
         await anyio.lowlevel.checkpoint()
-        store.update_agent("a1", "running", status=AgentStatus.RUNNING)
+        store.apply("a1", EventKind.RUNNING, status=AgentStatus.RUNNING)
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -146,8 +147,8 @@ def test_budget_is_shared_across_processes(tmp_path: Path) -> None:
 def test_claim_agent_takes_it_once_and_only_in_the_statuses_asked(tmp_path: Path) -> None:
     first, second = StateStore(tmp_path), StateStore(tmp_path)
     first.create_run(_run(), [_agent("a1"), _agent("a2", index=2)])
-    first.update_agent("a1", "succeeded", status=AgentStatus.SUCCEEDED)
-    first.update_agent("a2", "merged", status=AgentStatus.MERGED)
+    first.apply("a1", EventKind.SUCCEEDED, status=AgentStatus.SUCCEEDED)
+    first.apply("a2", EventKind.MERGED, status=AgentStatus.MERGED)
     cursor = first.cursor()
     finished = (AgentStatus.SUCCEEDED,)
 

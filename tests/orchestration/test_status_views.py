@@ -15,7 +15,7 @@ from orchestration.config import Settings
 from orchestration.contracts import AgentStatus, SpawnRequest, TaskSpec, TokenUsage
 from orchestration.errors import RunNotFound
 from orchestration.orchestrator import Orchestrator, RepoContext
-from orchestration.state import StateStore
+from orchestration.state import EventKind, StateStore
 from tests.orchestration.scripts import by_task, make_repo
 from tests.orchestration.test_orchestrator import wait_until_final
 from toolbus.leases import LeaseMode, LeaseRequest
@@ -52,7 +52,7 @@ async def test_unchanged_agents_keep_their_view_and_a_change_shows_at_once(
         assert again[0] is first[0] and again[1] is first[1]
 
         # a change by this process
-        ctx.store.update_agent(first[1].agent_id, "note", status_reason="changed here")
+        ctx.store.apply(first[1].agent_id, EventKind.NOTE, status_reason="changed here")
         after = (await orch.status(run_id=run_id)).runs[0].agents
         assert after[0] is first[0]
         assert after[1] is not first[1] and after[1].status_reason == "changed here"
@@ -60,7 +60,7 @@ async def test_unchanged_agents_keep_their_view_and_a_change_shows_at_once(
         # a change by another server process on the same repository
         other = StateStore(ctx.store.path.parent)
         try:
-            other.update_agent(first[0].agent_id, "note", status_reason="changed there")
+            other.apply(first[0].agent_id, EventKind.NOTE, status_reason="changed there")
         finally:
             other.close()
         later = (await orch.status(run_id=run_id)).runs[0].agents
@@ -91,9 +91,9 @@ async def test_run_totals_follow_the_agents(tmp_path: Path) -> None:
         assert run.totals.by_status == {"succeeded": 2}
         a, b = run.agents
         assert run.totals.tokens == a.tokens + b.tokens and run.totals.tokens.input > 0
-        ctx.store.update_agent(
+        ctx.store.apply(
             b.agent_id,
-            "note",
+            EventKind.NOTE,
             status=AgentStatus.FAILED,
             tokens=TokenUsage(input=1, output=2, cache_read=3, cache_write=4),
         )
@@ -177,7 +177,7 @@ async def test_the_same_question_gets_the_same_answer_until_anything_it_shows_ch
         leased = await orch.status(run_id=run_id)
         assert leased is not reserved and leased.runs[0].agents[0].leases
         await ctx.leases.release(grant)
-        ctx.store.update_agent(one, "note", status_reason="changed")
+        ctx.store.apply(one, EventKind.NOTE, status_reason="changed")
         updated = await orch.status(run_id=run_id)
         assert updated.cursor > leased.cursor
         assert updated.runs[0].agents[0].status_reason == "changed"

@@ -12,6 +12,7 @@ import pytest
 from orchestration.config import Settings
 from orchestration.contracts import StatusResult
 from orchestration.orchestrator import Orchestrator
+from orchestration.state import EventKind
 from tests.orchestration.scripts import make_repo
 from toolbus.leases import Lease
 
@@ -72,7 +73,7 @@ async def test_long_polls_woken_by_one_change_share_one_answer(
                 for _ in range(50):
                     tg.start_soon(poll)
                 await anyio.wait_all_tasks_blocked()
-                ctx.store.record_event(None, None, "test", "one change")
+                ctx.store.record_event(None, None, EventKind.NOTE, "one change")
         assert len(answers) == 50
         assert all(answer is answers[0] for answer in answers)
         assert answers[0].changed and answers[0].cursor > cursor
