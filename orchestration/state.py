@@ -231,8 +231,9 @@ def pid_running(pid: int) -> bool:
 class StateStore:
     """The durable store of one repository's runs (one per process and repository)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, stale_s: float = SERVER_STALE_S) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
+        self.stale_s = stale_s
         self.path = state_dir / "state.db"
         self._lock = threading.Lock()
         self._db = sqlite3.connect(
@@ -719,7 +720,7 @@ class StateStore:
         """The servers whose heartbeat is recent, except those of this machine whose process has
         exited (a server restarted at once after a crash need not wait for the heartbeat of the
         killed one to go stale)."""
-        cutoff = time.time() - SERVER_STALE_S
+        cutoff = time.time() - self.stale_s
         rows = self._query(
             "SELECT server_id, pid, host FROM servers WHERE heartbeat >= ?", (cutoff,)
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from orchestration.attention import RunAttention, run_attention
 from orchestration.contracts import AgentStatus
-from orchestration.orchestrator import Orchestrator
+from orchestration.records import scope_requests
 from orchestration.state import AgentRecord
 from toolbus.lease_store import Lease, LeaseMode
 
@@ -44,7 +44,7 @@ def _lease(holder: str, path: str) -> Lease:
 def _attention(agents: list[AgentRecord], leases: list[Lease], run_id: str = "r1") -> RunAttention:
     every = {a.agent_id: a for a in agents}
     mine = [a for a in agents if a.run_id == run_id]
-    return run_attention(run_id, mine, every, leases, Orchestrator._scope_requests)  # pyright: ignore[reportPrivateUsage]
+    return run_attention(run_id, mine, every, leases, scope_requests)
 
 
 def test_running_agents_are_not_settled() -> None:

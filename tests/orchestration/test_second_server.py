@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-import orchestration.orchestrator as orchestrator_mod
+from orchestration.clock import Timing
 from orchestration.config import Settings
 from orchestration.contracts import (
     AgentStatus,
@@ -76,14 +76,15 @@ async def test_a_server_opened_during_a_merge_leaves_the_live_servers_lease_alon
         # the second server opens the repository in the middle of the merge (while the merged
         # agent's workspace is being removed)
         opened: list[RepoContext] = []
-        remove_workspace = a._remove_workspace  # pyright: ignore[reportPrivateUsage]
+        merger = a._merger  # pyright: ignore[reportPrivateUsage]
+        remove_workspace = merger.remove_workspace
 
         async def remove_then_open(ctx: RepoContext, agent: AgentRecord) -> None:
             await remove_workspace(ctx, agent)
             if not opened:
                 opened.append(await b.context(repo))
 
-        monkeypatch.setattr(a, "_remove_workspace", remove_then_open)
+        monkeypatch.setattr(merger, "remove_workspace", remove_then_open)
         merged = await a.merge(MergeRequest(run_id=spawned.run_id))
         assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]
         assert opened
@@ -177,13 +178,13 @@ async def test_a_running_server_takes_over_the_agents_of_one_that_died_since(
     """A server killed while another one is already open: the open one notices at its next
     heartbeat (the dead server's process is gone from this machine) and marks the agent
     interrupted, with its work committed, instead of showing it `running` for ever."""
-    monkeypatch.setattr(orchestrator_mod, "SERVER_HEARTBEAT_S", 0.1)
+    fast = Timing(server_heartbeat_s=0.1)
     repo = make_repo(tmp_path / "repo")
     gate, model = long_task()
     gone = await exited_pid()  # the killed server's process, as far as its id goes
-    async with Orchestrator(settings(repo), lambda _name: model) as b:
+    async with Orchestrator(settings(repo), lambda _name: model, timing=fast) as b:
         ctx = await b.context(repo)
-        async with Orchestrator(settings(repo), lambda _name: model) as a:
+        async with Orchestrator(settings(repo), lambda _name: model, timing=fast) as a:
             spawned = await spawn_long(a, gate)
         agent_id = spawned.agents[0].agent_id
         me = ctx.store.server_id

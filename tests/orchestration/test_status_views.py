@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from orchestration import orchestrator as orchestrator_module
+from orchestration.clock import SYSTEM_CLOCK, Clock, SystemClock
 from orchestration.config import Settings
 from orchestration.contracts import AgentStatus, SpawnRequest, TaskSpec, TokenUsage
 from orchestration.errors import RunNotFound
@@ -34,11 +32,14 @@ async def _two_finished_agents(orch: Orchestrator) -> str:
 
 
 @asynccontextmanager
-async def _finished_run(tmp_path: Path) -> AsyncGenerator[tuple[Orchestrator, RepoContext, str]]:
+async def _finished_run(
+    tmp_path: Path, clock: Clock = SYSTEM_CLOCK
+) -> AsyncGenerator[tuple[Orchestrator, RepoContext, str]]:
     """An orchestrator on a new repository, its context, and a run of two finished agents."""
     repo = make_repo(tmp_path / "repo")
     model = by_task({"A": [], "B": []})
-    async with Orchestrator(Settings(repo=repo, sandbox="none"), lambda _n: model) as orch:
+    settings = Settings(repo=repo, sandbox="none")
+    async with Orchestrator(settings, lambda _n: model, clock=clock) as orch:
         run_id = await _two_finished_agents(orch)
         yield orch, await orch.context(repo), run_id
 
@@ -124,18 +125,26 @@ async def test_a_run_made_by_another_server_shows_and_an_unknown_run_is_refused(
             await orch.status(run_id="r-nope")
 
 
+class SetClock(SystemClock):
+    """The system's clocks, except the wall clock once the test sets `now`."""
+
+    now: list[float] | None = None
+
+    def time(self) -> float:
+        return super().time() if self.now is None else self.now[0]
+
+
 async def test_a_held_lease_keeps_its_holders_view_until_its_expiry_shows_another_second(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    async with _finished_run(tmp_path) as (orch, ctx, run_id):
+    clock = SetClock()
+    async with _finished_run(tmp_path, clock) as (orch, ctx, run_id):
         holder = (await orch.status(run_id=run_id)).runs[0].agents[0].agent_id
         await ctx.leases.acquire(holder, [LeaseRequest(resource="docs", mode=LeaseMode.WRITE)])
         expires_at = (await ctx.leases.table())[0].expires_at
 
         # the clock status reads, set by the test
-        now = [expires_at - 12.2]
-        fake_time = SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic)
-        monkeypatch.setattr(orchestrator_module, "time", fake_time)
+        now = clock.now = [expires_at - 12.2]
 
         first = (await orch.status(run_id=run_id)).runs[0].agents
         assert [lease.expires_in_s for lease in first[0].leases] == [12.0]

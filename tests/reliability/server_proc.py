@@ -30,8 +30,7 @@ from typing import Literal
 import anyio
 from pydantic import BaseModel, Field, JsonValue
 
-import orchestration.orchestrator as orchestrator_mod
-import orchestration.state as state_mod
+from orchestration.clock import Timing as EngineTiming
 from orchestration.config import Settings
 from orchestration.contracts import (
     AgentStatus,
@@ -154,10 +153,9 @@ def mark(markers: str | Path, name: str, data: str = "") -> None:
     tmp.rename(directory / name)
 
 
-def patch_timing(timing: Timing) -> None:
-    """Test-only: a fast server heartbeat and staleness (see the module docstring)."""
-    orchestrator_mod.SERVER_HEARTBEAT_S = timing.heartbeat_s
-    state_mod.SERVER_STALE_S = timing.stale_s
+def engine_timing(timing: Timing) -> EngineTiming:
+    """A fast server heartbeat and staleness for a test server (see the module docstring)."""
+    return EngineTiming(server_heartbeat_s=timing.heartbeat_s, server_stale_s=timing.stale_s)
 
 
 def settings_for(repo: str, timing: Timing, **extra: object) -> Settings:
@@ -266,7 +264,6 @@ async def merge_all(orch: Orchestrator, run_id: str) -> list[MergeFact]:
 
 async def crash(config: CrashConfig) -> None:
     """Run agents to the scenario's point, mark it, and wait to be killed."""
-    patch_timing(config.timing)
     markers = config.markers
     quick = config.quick_agents
     big = "x" * (config.write_bytes - 1) + "\n"
@@ -295,7 +292,9 @@ async def crash(config: CrashConfig) -> None:
 
     model = FunctionModel(reply)
     settings = settings_for(config.repo, config.timing)
-    async with Orchestrator(settings, lambda _name: model) as orch:
+    async with Orchestrator(
+        settings, lambda _name: model, timing=engine_timing(config.timing)
+    ) as orch:
         tasks = [
             TaskSpec(
                 prompt=f"<<w{i:02d}>> write a file", name=f"w{i:02d}", write_scope=[f"w{i:02d}"]
@@ -338,7 +337,6 @@ async def crash(config: CrashConfig) -> None:
 
 async def recover(config: RecoverConfig) -> RecoverReport:
     """Reopen the repository after a crash: recover, merge, rerun, and run something new."""
-    patch_timing(config.timing)
     started = time.monotonic()
 
     async def reply(request: ModelRequest) -> ModelResponse:
@@ -353,7 +351,9 @@ async def recover(config: RecoverConfig) -> RecoverReport:
 
     model = FunctionModel(reply)
     settings = settings_for(config.repo, config.timing)
-    async with Orchestrator(settings, lambda _name: model) as orch:
+    async with Orchestrator(
+        settings, lambda _name: model, timing=engine_timing(config.timing)
+    ) as orch:
         status = await orch.status()
         recovered = all_facts(status)
         merges: list[MergeFact] = []
@@ -415,7 +415,6 @@ async def worker(config: WorkerConfig) -> WorkerReport:
     """Rounds of runs with overlapping (`shared`, `shared/sub`) and disjoint scopes; merge as
     agents finish. Each agent logs when its critical section (holding its write lease) starts
     and ends, with the system-wide monotonic clock."""
-    patch_timing(config.timing)
     started = time.monotonic()
     name = config.name
     rng = random.Random(name)
@@ -438,7 +437,9 @@ async def worker(config: WorkerConfig) -> WorkerReport:
     settings = settings_for(config.repo, config.timing)
     facts: list[AgentFact] = []
     merges: list[MergeFact] = []
-    async with Orchestrator(settings, lambda _name: model) as orch:
+    async with Orchestrator(
+        settings, lambda _name: model, timing=engine_timing(config.timing)
+    ) as orch:
         mark(config.markers, f"ready-{name}")
         for r in range(config.rounds):
             scopes = ["shared", "shared/sub", f"own-{name}", f"own-{name}/r{r}", "common/x"]

@@ -1,0 +1,54 @@
+"""One repository as this process uses it (its state, leases and workspaces), and the look-ups
+of its runs and agents that every part of the engine shares."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import anyio
+
+from orchestration import workspace as ws_mod
+from orchestration.errors import AgentNotFound, RunNotFound
+from orchestration.state import AgentRecord, RunRecord, StateStore
+from toolbus.leases import LeaseKeeper, LeaseManager
+
+
+@dataclass
+class RepoContext:
+    """One repository's state, leases and workspaces as this process uses them."""
+
+    repo: ws_mod.GitRepo
+    store: StateStore
+    leases: LeaseManager
+    keeper: LeaseKeeper
+    limiters: dict[str, anyio.CapacityLimiter] = field(
+        default_factory=dict[str, anyio.CapacityLimiter]
+    )
+    prefixes: dict[str, str] = field(default_factory=dict[str, str])
+    prefix_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # Worker threads making worktrees (mostly waiting for the registration lock or a checkout
+    # slot) get their own pool, so that they never hold up other work sent to threads.
+    workspace_threads: anyio.CapacityLimiter = field(
+        default_factory=lambda: anyio.CapacityLimiter((os.cpu_count() or 1) + 2)
+    )
+    # held while the agents of dead servers are taken over (on opening, and by the heartbeat)
+    recovering: anyio.Lock = field(default_factory=anyio.Lock)
+
+
+def find_run(ctx: RepoContext, run_id: str) -> RunRecord:
+    """The run, or `RunNotFound` saying where to find the runs."""
+    run = ctx.store.run(run_id)
+    if run is None:
+        raise RunNotFound(f"no run {run_id!r} in {ctx.repo.root}; get_status lists the runs")
+    return run
+
+
+def find_agent(ctx: RepoContext, agent_id: str) -> AgentRecord:
+    """The agent, or `AgentNotFound` saying where to find the agents."""
+    agent = ctx.store.agent(agent_id)
+    if agent is None:
+        raise AgentNotFound(
+            f"no agent {agent_id!r} in {ctx.repo.root}; get_status lists the agents"
+        )
+    return agent

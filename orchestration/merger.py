@@ -1,0 +1,285 @@
+"""The join of a run's agents into the canonical branch, and the discards: what merge_results
+does once the agents are chosen, and what a merge or discard leaves behind (nothing held)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+
+from orchestration import workspace as ws_mod
+from orchestration.config import Settings
+from orchestration.context import RepoContext, find_agent
+from orchestration.contracts import (
+    AgentMergeResult,
+    AgentStatus,
+    DiffStat,
+    MergeOutcome,
+    MergeRequest,
+    MergeResult,
+)
+from orchestration.errors import AgentNotFound, InvalidState
+from orchestration.join import JoinCandidate, Joiner, JoinOutcome
+from orchestration.records import first_line, workspace_of
+from orchestration.registry import AgentRegistry
+from orchestration.state import AgentRecord
+from toolbus.errors import LeaseError
+
+OnProgress = Callable[[int, int, str], None]
+
+
+class Merger:
+    """Merges, discards and replaces agents' work; releases what they hold once they land."""
+
+    def __init__(self, settings: Settings, registry: AgentRegistry) -> None:
+        self.settings = settings
+        self._registry = registry
+
+    async def merge(
+        self, ctx: RepoContext, request: MergeRequest, on_progress: OnProgress | None = None
+    ) -> MergeResult:
+        """Join the chosen agents' work into the canonical branch, one fenced writer at a time:
+        discards first, then each agent in the order it finished."""
+        agents = ctx.store.agents(request.run_id)
+        by_id = {a.agent_id: a for a in agents}
+        unknown = [i for i in [*(request.agent_ids or []), *request.discard] if i not in by_id]
+        if unknown:
+            raise AgentNotFound(
+                f"agent_ids/discard: {', '.join(unknown)} not in run {request.run_id}"
+            )
+        results = [
+            await self.discard(ctx, by_id[agent_id], dry_run=request.dry_run)
+            for agent_id in request.discard
+        ]
+        candidates: list[JoinCandidate] = []
+        for agent in _chosen(request, agents):
+            skip = _precheck(agent)
+            if skip is not None:
+                results.append(
+                    AgentMergeResult(
+                        agent_id=agent.agent_id,
+                        name=agent.name,
+                        outcome=MergeOutcome.SKIPPED,
+                        reason=skip,
+                    )
+                )
+            elif agent.commit is None or agent.commit == agent.base_commit:
+                results.append(await self._merge_empty(ctx, agent, dry_run=request.dry_run))
+            else:
+                candidates.append(_candidate(agent, agent.commit))
+        outcomes = await self._join(ctx, by_id, candidates, request.dry_run, on_progress)
+        for outcome in outcomes:
+            result = _result_of(by_id[outcome.agent_id], outcome)
+            results.append(result)
+            if not request.dry_run:
+                await self._record(ctx, by_id[outcome.agent_id], result)
+        head = await anyio.to_thread.run_sync(ctx.repo.head_commit)
+        return MergeResult(
+            run_id=request.run_id,
+            dry_run=request.dry_run,
+            agents=results,
+            head=head,
+            branch=ctx.repo.head_branch(),
+            diffstat=_total(results),
+        )
+
+    async def _join(
+        self,
+        ctx: RepoContext,
+        by_id: dict[str, AgentRecord],
+        candidates: list[JoinCandidate],
+        dry_run: bool,
+        on_progress: OnProgress | None,
+    ) -> list[JoinOutcome]:
+        """The joiner's outcomes for the candidates, in their order; an agent whose write lease
+        was lost does not land (another agent may have written its paths since)."""
+
+        def can_land(agent_id: str) -> str | None:
+            agent = by_id[agent_id]
+            if agent.lease_token is None:
+                return None
+            try:
+                ctx.leases.check(agent.lease_holder or agent_id, agent.lease_token, None)
+            except LeaseError as exc:
+                return (
+                    f"its write lease was lost ({exc}); another agent may have written the same "
+                    "paths since: rerun_subagent it on the new head"
+                )
+            return None
+
+        total = len(candidates)
+        done_count = 0
+
+        def progress(outcome: JoinOutcome) -> None:
+            nonlocal done_count
+            done_count += 1
+            if on_progress is not None:
+                message = f"{outcome.agent_id}: {outcome.outcome}"
+                anyio.from_thread.run_sync(on_progress, done_count, total, message)
+
+        joiner = Joiner(ctx.repo)
+        return await anyio.to_thread.run_sync(
+            lambda: joiner.merge(
+                candidates, dry_run=dry_run, can_land=can_land, on_progress=progress
+            )
+        )
+
+    async def _record(self, ctx: RepoContext, agent: AgentRecord, result: AgentMergeResult) -> None:
+        """Record what the join did to the agent (merged or conflicted)."""
+        if result.outcome == MergeOutcome.MERGED:
+            await self._after_merge(ctx, agent, result.commit)
+        elif result.outcome == MergeOutcome.CONFLICTED:
+            ctx.store.mark_conflicted(
+                agent.agent_id,
+                result.conflicts,
+                "conflicts with the canonical head in "
+                + ", ".join(result.conflicts)
+                + ": rerun_subagent re-runs it on the new head",
+            )
+
+    async def _merge_empty(
+        self, ctx: RepoContext, agent: AgentRecord, *, dry_run: bool
+    ) -> AgentMergeResult:
+        if not dry_run:
+            await self._after_merge(ctx, agent, None)
+        return AgentMergeResult(
+            agent_id=agent.agent_id,
+            name=agent.name,
+            outcome=MergeOutcome.CLEAN if dry_run else MergeOutcome.MERGED,
+            reason="no changes to merge",
+        )
+
+    async def _after_merge(self, ctx: RepoContext, agent: AgentRecord, commit: str | None) -> None:
+        """Landed: remove its workspace (retention), record it merged, then release its leases.
+
+        Recorded before the leases go, so that no server can take them over for it in between
+        (a server adopting a dead server's leases checks the status after taking them)."""
+        await self.remove_workspace(ctx, agent)
+        ctx.store.mark_merged(
+            agent.agent_id,
+            commit,
+            f"merged as {commit[:12]}" if commit else "nothing to merge",
+        )
+        await self._registry.release_leases(ctx, agent)
+        self._registry.signal_released(agent.agent_id)
+
+    async def remove_workspace(self, ctx: RepoContext, agent: AgentRecord) -> None:
+        """Remove the agent's worktree (its branch stays unless settings say otherwise)."""
+        if agent.workspace is None or not Path(agent.workspace).exists():
+            return
+        workspace = workspace_of(agent)
+        await anyio.to_thread.run_sync(
+            lambda: ws_mod.remove_workspace(
+                ctx.repo, workspace, delete_branch=self.settings.delete_merged_branches
+            )
+        )
+
+    async def discard(
+        self, ctx: RepoContext, agent: AgentRecord, *, dry_run: bool
+    ) -> AgentMergeResult:
+        """Give up the agent's work: its worktree and leases go, its branch is kept."""
+        if agent.status.active:
+            raise InvalidState(
+                f"discard: {agent.agent_id} is still {agent.status.value}; cancel it first"
+            )
+        if agent.status == AgentStatus.MERGED:
+            raise InvalidState(f"discard: {agent.agent_id} is already merged")
+        if not dry_run and agent.status != AgentStatus.DISCARDED:
+            await self.remove_workspace(ctx, agent)
+            ctx.store.mark_discarded(
+                agent.agent_id,
+                "explicit discard",
+                "discarded by merge_results(discard=...); its branch "
+                + (agent.branch or "")
+                + " is kept",
+            )
+            await self._registry.release_leases(ctx, agent)  # after the record, as for a merge
+            self._registry.signal_released(agent.agent_id)
+        return AgentMergeResult(
+            agent_id=agent.agent_id,
+            name=agent.name,
+            outcome=MergeOutcome.DISCARDED,
+            reason="explicitly discarded",
+        )
+
+    async def replace_when_running(self, ctx: RepoContext, old_id: str, new_id: str) -> None:
+        """Discard the agent a rerun replaces, once the rerun has started."""
+        while find_agent(ctx, new_id).status in (AgentStatus.QUEUED, AgentStatus.WAITING):
+            await ctx.store.wait_for_change(ctx.store.cursor(), 1.0)
+        old = find_agent(ctx, old_id)
+        if old.status not in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+            await self.remove_workspace(ctx, old)
+            ctx.store.mark_discarded(
+                old_id,
+                f"replaced by {new_id}",
+                f"replaced by {new_id} (rerun_subagent); its branch is kept",
+            )
+            self._registry.signal_released(old_id)
+
+
+def _chosen(request: MergeRequest, agents: list[AgentRecord]) -> list[AgentRecord]:
+    """The agents to merge: those named, or every succeeded one in the order they finished."""
+    discarded = set(request.discard)
+    if request.agent_ids is not None:
+        by_id = {a.agent_id: a for a in agents}
+        return [by_id[i] for i in request.agent_ids if i not in discarded]
+    return sorted(
+        (a for a in agents if a.status == AgentStatus.SUCCEEDED and a.agent_id not in discarded),
+        key=lambda a: (a.finish_seq or 0, a.index),
+    )
+
+
+def _precheck(agent: AgentRecord) -> str | None:
+    """Why the agent is skipped, if it is."""
+    if agent.status.active:
+        return f"it is still {agent.status.value}; wait for it (get_status wait_s) or cancel it"
+    if agent.status == AgentStatus.MERGED:
+        return "already merged"
+    if agent.status == AgentStatus.DISCARDED:
+        return "discarded"
+    if agent.lease_lost:
+        return (
+            "its write lease was lost while it ran, so its writes are not fenced: rerun_subagent it"
+        )
+    return None
+
+
+def _candidate(agent: AgentRecord, commit: str) -> JoinCandidate:
+    return JoinCandidate(
+        agent_id=agent.agent_id,
+        name=agent.name,
+        task_summary=first_line(agent.prompt),
+        model_summary=agent.result.summary if agent.result else "",
+        base_commit=agent.base_commit,
+        branch=agent.branch or "",
+        commit=commit,
+    )
+
+
+def _result_of(agent: AgentRecord, outcome: JoinOutcome) -> AgentMergeResult:
+    return AgentMergeResult(
+        agent_id=agent.agent_id,
+        name=agent.name,
+        outcome=MergeOutcome(outcome.outcome),
+        commit=outcome.commit,
+        conflicts=list(outcome.conflicts),
+        reason=outcome.reason,
+        diffstat=DiffStat(
+            files=outcome.diffstat.files,
+            insertions=outcome.diffstat.insertions,
+            deletions=outcome.diffstat.deletions,
+            paths=[f.path for f in outcome.diffstat.per_file],
+        ),
+    )
+
+
+def _total(results: list[AgentMergeResult]) -> DiffStat:
+    """The diffstat of everything that landed (or would land, in a dry run)."""
+    landed = [r.diffstat for r in results if r.outcome in (MergeOutcome.MERGED, MergeOutcome.CLEAN)]
+    return DiffStat(
+        files=sum(d.files for d in landed),
+        insertions=sum(d.insertions for d in landed),
+        deletions=sum(d.deletions for d in landed),
+        paths=[p for d in landed for p in d.paths],
+    )

@@ -1,0 +1,180 @@
+"""Planning a run before it starts: its shared context, its waves, its cost, its warnings."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import anyio
+
+from orchestration import workspace as ws_mod
+from orchestration.config import Settings
+from orchestration.context import RepoContext
+from orchestration.contracts import CostEstimate
+from orchestration.errors import InvalidRequest
+from orchestration.prompts import FINISH_TOOL, shared_prefix
+from orchestration.records import scope_requests
+from orchestration.state import AgentRecord, RunRecord, SharedFile, SharedSnapshot
+from toolbus.bus import SUBAGENT_TOOL_SPECS
+from toolbus.leases import LeaseManager, conflicts
+from toolbus.sandbox import probe_bwrap
+from toolbus.terminal import describe_commands
+
+MAX_SHARED_FILE_BYTES = 200_000
+ESTIMATED_TURNS = 8
+ESTIMATED_GROWTH_PER_TURN = 1_500
+ESTIMATED_OUTPUT_PER_TURN = 600
+
+
+def plan_waves(agents: list[AgentRecord]) -> None:
+    """An agent waits for each earlier agent of the run whose write scope overlaps its own."""
+    requests = [scope_requests(agent.write_scope) for agent in agents]
+    for i, agent in enumerate(agents):
+        mine = requests[i]
+        agent.waits_for = [
+            earlier.agent_id
+            for j, earlier in enumerate(agents[:i])
+            if any(conflicts(a, b) for a in mine for b in requests[j])
+        ]
+
+
+def estimate(run: RunRecord, agents: list[AgentRecord]) -> CostEstimate:
+    """The run's cost in tokens, before it starts, as the budget counts them."""
+    prefix = shared_prefix(run.shared, [])
+    tool_chars = sum(len(t.description) + 200 for t in [*SUBAGENT_TOOL_SPECS, FINISH_TOOL])
+    prefix_tokens = (len(prefix) + tool_chars) // 4 + run.shared.file_count * 6
+    task_tokens = sum(len(a.prompt) // 4 + 60 for a in agents) // max(len(agents), 1)
+    turns = min(ESTIMATED_TURNS, max(a.max_turns for a in agents))
+    n = len(agents)
+    per_agent_input = turns * (prefix_tokens + task_tokens) + ESTIMATED_GROWTH_PER_TURN * (
+        turns * (turns - 1) // 2
+    )
+    output = ESTIMATED_OUTPUT_PER_TURN * turns
+    uncached = n * (per_agent_input + output)
+    prefix_reads = n * turns * prefix_tokens - prefix_tokens
+    cached = uncached - prefix_reads + round(0.1 * prefix_reads + 0.25 * prefix_tokens)
+    return CostEstimate(
+        agents=n,
+        shared_prefix_tokens=prefix_tokens,
+        per_agent_task_tokens=task_tokens,
+        estimated_turns_per_agent=turns,
+        estimated_total_tokens=cached,
+        estimated_uncached_tokens=uncached,
+        budget_tokens=run.budget_tokens,
+        note=(
+            f"assumes {turns} turns per agent, ~{ESTIMATED_GROWTH_PER_TURN} tokens of "
+            "conversation growth per turn and the shared prefix read from the prompt cache "
+            "after the first agent (counted as the budget counts: cache reads ×0.1, writes "
+            "×1.25); the live meter in get_status is exact"
+        ),
+    )
+
+
+def paths_at(repo: ws_mod.GitRepo, commit: str) -> list[str]:
+    """Every path of the tree at `commit`."""
+    out = repo.git("ls-tree", "-r", "--name-only", "-z", commit)
+    return [p for p in out.split("\x00") if p]
+
+
+def shared_snapshot(
+    repo: ws_mod.GitRepo,
+    base: str,
+    plan: str | None,
+    conventions: str | None,
+    files: list[str],
+) -> tuple[SharedSnapshot, list[str]]:
+    """The run's shared context, and the paths at the base (for the shared prefix)."""
+    paths = paths_at(repo, base)
+    shared_files: list[SharedFile] = []
+    for path in files:
+        blob = repo.try_git("rev-parse", "--verify", "--quiet", f"{base}:{path}")
+        if blob is None:
+            raise InvalidRequest(
+                f"shared_context.files: {path!r} does not exist at the base commit "
+                f"{base[:12]}; list files that are in the repository"
+            )
+        blob = blob.strip()
+        size = int(repo.git("cat-file", "-s", blob).strip())
+        content: str | None = None
+        note: str | None = None
+        if size > MAX_SHARED_FILE_BYTES:
+            note = f"{size} bytes, over the {MAX_SHARED_FILE_BYTES}-byte limit: read it"
+        else:
+            raw = repo.git("cat-file", "blob", blob)
+            if "\x00" in raw:
+                note = "binary file"
+            else:
+                content = raw
+        shared_files.append(SharedFile(path=path, blob=blob, size=size, content=content, note=note))
+    shared = SharedSnapshot(
+        base_commit=base,
+        plan=plan,
+        conventions=conventions,
+        files=shared_files,
+        file_count=len(paths),
+    )
+    return shared, paths
+
+
+async def run_prefix(ctx: RepoContext, run: RunRecord) -> str:
+    """The run's shared prefix (byte-identical for its agents), made once per process."""
+    prefix = ctx.prefixes.get(run.run_id)
+    if prefix is None:
+        async with ctx.prefix_lock:  # agents of a run (rerun, restart) list the base once
+            prefix = ctx.prefixes.get(run.run_id)
+            if prefix is None:
+                paths = await anyio.to_thread.run_sync(paths_at, ctx.repo, run.base_commit)
+                prefix = ctx.prefixes[run.run_id] = shared_prefix(run.shared, paths)
+    return prefix
+
+
+async def spawn_warnings(
+    settings: Settings, leases: LeaseManager, agents: list[AgentRecord]
+) -> list[str]:
+    """What spawn's answer warns of: the sandbox, scopes that serialize, leases held."""
+    warnings: list[str] = []
+    sandboxed = settings.sandbox == "bwrap"
+    if settings.sandbox == "auto":
+        problem = await probe_bwrap()
+        sandboxed = problem is None
+        if problem is not None:
+            warnings.append(
+                f"commands run WITHOUT a sandbox ({problem}): they can write outside their "
+                "worktree, reach the network and read the server's environment; install "
+                "bubblewrap, or set FANOUT_SANDBOX=none to accept this"
+            )
+    warnings.append(
+        await anyio.to_thread.run_sync(
+            functools.partial(
+                describe_commands,
+                sandboxed=sandboxed,
+                extra_ro_paths=settings.sandbox_ro_paths,
+                limits=settings.command_limits,
+                path=os.environ.get("PATH", ""),
+            )
+        )
+    )
+    for agent in agents:
+        if agent.write_scope is None:
+            warnings.append(
+                f"{agent.name} has no write_scope: it may change the whole repository and "
+                "so serializes with every other writer; give it path prefixes to run it in "
+                "parallel"
+            )
+        if agent.waits_for:
+            names = ", ".join(a.name for a in agents if a.agent_id in agent.waits_for)
+            warnings.append(
+                f"{agent.name} overlaps the write scope of {names}: it waits until they are "
+                "merged or discarded, then starts from the new head"
+            )
+    blockers: set[str] = set()
+    for agent in agents:
+        for lease in await leases.blockers(scope_requests(agent.write_scope)):
+            blockers.add(lease.holder)
+    if blockers:
+        warnings.append(
+            "agents of earlier runs hold overlapping write leases ("
+            + ", ".join(sorted(blockers))
+            + "): the overlapping agents wait until those are merged or discarded"
+        )
+    return warnings

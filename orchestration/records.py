@@ -1,0 +1,64 @@
+"""Facts read off an agent's durable record: its leases, its work, its workspace, its brief."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeGuard
+
+from orchestration import workspace as ws_mod
+from orchestration.contracts import AgentBrief, AgentStatus
+from orchestration.state import AgentRecord
+from toolbus.leases import LeaseRequest
+from toolbus.resources import WriteScope
+
+
+def scope_requests(write_scope: list[str] | None) -> list[LeaseRequest]:
+    """The write leases that a write scope takes (none for a read-only agent)."""
+    scope = WriteScope.of(write_scope)
+    return [LeaseRequest.write(p) for p in scope.lease_paths()] if not scope.read_only else []
+
+
+def has_work(commit: str | None, base_commit: str) -> TypeGuard[str]:
+    """Whether an agent's branch holds committed work: a commit other than its base."""
+    return bool(commit) and commit != base_commit
+
+
+def scope_freed(agent: AgentRecord) -> bool:
+    """Whether a later wave may start: the agent was merged or discarded, or it ended without
+    any work to merge (its leases are then released at once)."""
+    if agent.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+        return True
+    ended_empty = agent.status in (
+        AgentStatus.FAILED,
+        AgentStatus.CANCELLED,
+        AgentStatus.INTERRUPTED,
+    ) and not has_work(agent.commit, agent.base_commit)
+    return ended_empty
+
+
+def workspace_of(agent: AgentRecord) -> ws_mod.Workspace:
+    """The agent's worktree as the workspace module describes it, from the durable record."""
+    return ws_mod.Workspace(
+        path=Path(agent.workspace or ""),
+        branch=agent.branch or "",
+        base_commit=agent.base_commit,
+        run_id=agent.run_id,
+        agent_id=agent.agent_id,
+    )
+
+
+def brief(agent: AgentRecord) -> AgentBrief:
+    """The agent as spawn, cancel and rerun answer it."""
+    return AgentBrief(
+        agent_id=agent.agent_id,
+        name=agent.name,
+        status=agent.status,
+        write_scope=agent.write_scope,
+        waits_for=agent.waits_for,
+    )
+
+
+def first_line(text: str, limit: int = 72) -> str:
+    """The first line of `text`, cut to `limit` characters (commit subjects, task summaries)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"

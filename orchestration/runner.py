@@ -1,0 +1,448 @@
+"""Running one agent: wait for its wave and leases, make its workspace, run its loop, and
+record its result from facts (its commit, the bus's audit) when it ends, however it ends."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+
+from orchestration import workspace as ws_mod
+from orchestration.agent import AgentLoop, Budget, LoopOutcome, Progress, Transcript
+from orchestration.clock import Clock
+from orchestration.config import Settings
+from orchestration.context import RepoContext, find_agent, find_run
+from orchestration.contracts import AgentResult, AgentStatus, CommandRun, FileChange, StopReason
+from orchestration.models import ModelPool
+from orchestration.planner import run_prefix
+from orchestration.prompts import FINISH_TOOL, task_prompt
+from orchestration.records import first_line, has_work, scope_freed, scope_requests, workspace_of
+from orchestration.registry import AgentRegistry, AgentRuntime, LeaseFence
+from orchestration.retry import RetryPolicy
+from orchestration.state import AgentRecord
+from toolbus.audit import AuditLog
+from toolbus.bus import SUBAGENT_TOOL_SPECS, AgentBus
+from toolbus.errors import LeaseLost
+from toolbus.resources import WriteScope
+from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
+
+log = logging.getLogger("fanout.orchestrator")
+
+StartSoon = Callable[..., None]
+
+
+def file_changes(ctx: RepoContext, base: str, commit: str) -> list[FileChange]:
+    """The files `commit` changes against `base`, with line counts."""
+    pyrepo = ctx.repo.open()
+    try:
+        found = ws_mod.file_changes(pyrepo, base, commit)
+    finally:
+        pyrepo.free()
+    return [FileChange.model_validate(c.model_dump()) for c in found]
+
+
+async def commit_work(agent: AgentRecord, message: str) -> ws_mod.WorkCommit:
+    """Commit what the agent's worktree holds within its write scope, on its branch."""
+    workspace = workspace_of(agent)
+    scope = WriteScope.of(agent.write_scope)
+    return await anyio.to_thread.run_sync(
+        lambda: ws_mod.commit_workspace(
+            workspace, message=f"fanout: {agent.name}: {message}", write_scope=scope
+        )
+    )
+
+
+class AgentRunner:
+    """Runs agents as tasks of the engine's task group, one cancel scope each."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: AgentRegistry,
+        models: ModelPool,
+        clock: Clock,
+        start_soon: Callable[..., None],
+    ) -> None:
+        self.settings = settings
+        self._registry = registry
+        self._models = models
+        self._clock = clock
+        self._start_soon = start_soon
+
+    def start(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        """Start the agent's task (it waits for its wave, leases and a slot first)."""
+        self._start_soon(self._agent_task, ctx, runtime)
+
+    async def _agent_task(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        agent_id = runtime.agent_id
+        store = ctx.store
+        try:
+            with runtime.scope:
+                await self._run_agent(ctx, runtime)
+            if runtime.scope.cancelled_caught:
+                await self._finish_cancelled(ctx, runtime)
+        except Exception as exc:  # a defect of ours: contained to this agent
+            log.exception("agent %s failed inside the orchestrator", agent_id)
+            with anyio.CancelScope(shield=True):
+                await self._fail_internal(ctx, runtime, exc)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._finish_interrupted(ctx, runtime)
+            raise
+        finally:
+            record = store.agent(agent_id)
+            if record is not None and record.status.active:
+                with anyio.CancelScope(shield=True):
+                    await self._finish_interrupted(ctx, runtime)
+
+    async def _fail_internal(self, ctx: RepoContext, runtime: AgentRuntime, exc: Exception) -> None:
+        error = f"internal error: {type(exc).__name__}: {exc}"
+        try:
+            await self._finish(
+                ctx,
+                runtime,
+                LoopOutcome(StopReason.INTERNAL_ERROR, error=error),
+                status=AgentStatus.FAILED,
+            )
+        except Exception:
+            log.exception("recording the failure of %s failed", runtime.agent_id)
+            ctx.store.mark_final(
+                runtime.agent_id,
+                AgentStatus.FAILED,
+                error,
+                stop_reason=StopReason.INTERNAL_ERROR,
+                reason=error,
+            )
+
+    async def _run_agent(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        store = ctx.store
+        agent = find_agent(ctx, runtime.agent_id)
+        # 1. Wait for earlier agents of the run whose write scope overlaps (waves).
+        for other_id in agent.waits_for:
+            other = self._registry.get(other_id)
+            other_record = store.agent(other_id)
+            if other_record is None or scope_freed(other_record):
+                continue
+            store.mark_waiting(
+                agent.agent_id,
+                f"waits for {other_id}",
+                f"waits for {other_record.name} ({other_id}) to be merged or "
+                "discarded: their write scopes overlap",
+            )
+            while True:
+                if other is not None:
+                    with anyio.move_on_after(1.0):
+                        await other.released.wait()
+                else:
+                    await anyio.sleep(1.0)
+                other_record = store.agent(other_id)
+                if other_record is None or scope_freed(other_record):
+                    break
+        # 2. Take the write leases of the scope, all at once.
+        requests = scope_requests(agent.write_scope)
+        fence = LeaseFence(ctx.leases, agent.lease_holder or agent.agent_id)
+        runtime.fence = fence
+        if requests:
+            holder = agent.lease_holder or agent.agent_id
+
+            def on_wait() -> None:
+                store.mark_waiting(
+                    agent.agent_id,
+                    "waits for leases",
+                    "waits for overlapping write leases held by other agents "
+                    "(see get_status leases); it starts once they are merged or discarded",
+                )
+
+            grant = await ctx.leases.acquire(holder, requests, on_wait=on_wait)
+            fence.grant = grant
+            ctx.keeper.track(grant, lambda lost: self.on_lease_lost(ctx, runtime, lost))
+            store.record_lease(agent.agent_id, grant.token, queued=True)
+        # 3. A concurrency slot.
+        limiter = ctx.limiters.get(agent.run_id)
+        if limiter is None:
+            run = find_run(ctx, agent.run_id)
+            limiter = ctx.limiters[agent.run_id] = anyio.CapacityLimiter(run.max_concurrency)
+        async with limiter:
+            await self._run_loop(ctx, runtime)
+
+    async def _run_loop(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        """Create the workspace while the first model turn is in flight, then run the loop.
+
+        The first request needs only the prompts; the loop waits for the workspace before it
+        records that turn or runs a tool, and the agent shows `running` once the workspace exists.
+        """
+        agent = find_agent(ctx, runtime.agent_id)
+        run = find_run(ctx, agent.run_id)
+        ready = anyio.Event()
+        made: list[AgentBus] = []
+        failed: list[Exception] = []
+        loop_scope = anyio.CancelScope()
+
+        async def prepare() -> None:
+            try:
+                made.append(await self._prepare_workspace(ctx, runtime, agent))
+            except Exception as exc:  # the agent fails at once, its first turn abandoned
+                log.exception("agent %s: its workspace could not be made", agent.agent_id)
+                failed.append(exc)
+                loop_scope.cancel()
+            finally:
+                ready.set()
+
+        async def workspace_ready() -> AgentBus:
+            await ready.wait()
+            if failed:
+                raise failed[0]
+            return made[0]
+
+        # The prefix describes the run's base for every agent, so it is byte-identical.
+        prefix = await run_prefix(ctx, run)
+        loop = AgentLoop(
+            model=await self._models.for_agent(agent.model, agent.index),
+            model_name=agent.model,
+            bus=None,
+            workspace_ready=workspace_ready,
+            budget=self._budget(ctx, agent.run_id),
+            retry=RetryPolicy(
+                max_attempts=self.settings.retry_max_attempts,
+                retry_after_cap_s=self.settings.retry_after_cap_s,
+            ),
+            system_prefix=prefix,
+            system_task=task_prompt(
+                name=agent.name,
+                prompt=agent.prompt,
+                scope=WriteScope.of(agent.write_scope),
+                max_turns=agent.max_turns,
+                rerun_context=agent.rerun_context,
+            ),
+            tools=[*SUBAGENT_TOOL_SPECS, FINISH_TOOL],
+            max_turns=agent.max_turns,
+            max_output_tokens=self.settings.max_output_tokens,
+            on_turn=lambda p, reserved, used: self._on_turn(
+                ctx, runtime.agent_id, p, reserved, used
+            ),
+            transcript=Transcript(ctx.repo.state_dir / "transcripts" / f"{agent.agent_id}.jsonl"),
+        )
+        await anyio.to_thread.run_sync(loop.transcript.touch)  # its file: off the event loop
+        runtime.loop = loop
+        runtime.started_at = self._clock.monotonic()
+        outcome = LoopOutcome(StopReason.INTERNAL_ERROR, error="the loop did not run")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(prepare)
+            with loop_scope:
+                try:
+                    outcome = await loop.run()
+                except Exception as exc:  # a defect of ours: contained to this agent
+                    log.exception("agent %s crashed", agent.agent_id)
+                    outcome = LoopOutcome(
+                        StopReason.INTERNAL_ERROR, error=f"{type(exc).__name__}: {exc}"
+                    )
+        if failed and loop_scope.cancelled_caught:
+            error = failed[0]
+            outcome = LoopOutcome(
+                StopReason.INTERNAL_ERROR,
+                error=f"its workspace could not be made: {type(error).__name__}: {error}",
+            )
+        with anyio.CancelScope(shield=True):
+            await self._finish(ctx, runtime, outcome)
+
+    async def _prepare_workspace(
+        self, ctx: RepoContext, runtime: AgentRuntime, agent: AgentRecord
+    ) -> AgentBus:
+        """The agent's worktree and bus; the agent is `running` from here."""
+        start = agent.base_commit
+        if agent.waits_for and not agent.rerun_of:
+            start = await anyio.to_thread.run_sync(ctx.repo.head_commit)
+        if agent.rerun_of is not None and agent.start_commit is not None:
+            start = agent.start_commit
+        audit = AuditLog(ctx.repo.state_dir / "audit" / f"{agent.agent_id}.jsonl")
+        home = ctx.repo.state_dir / "homes" / agent.agent_id
+
+        def make() -> tuple[ws_mod.Workspace, Terminal]:
+            # everything that creates files, off the event loop (a file can take a millisecond
+            # to allocate on a busy disk, and 64 agents start at once)
+            workspace = ws_mod.create_workspace(
+                ctx.repo,
+                base_commit=start,
+                run_id=agent.run_id,
+                agent_id=agent.agent_id,
+                include=self.settings.include,
+            )
+            audit.touch()
+            terminal = Terminal(
+                workspace.path,
+                TerminalConfig(
+                    sandbox=SandboxMode(self.settings.sandbox),
+                    allow_network=self.settings.allow_network,
+                    env_passthrough=tuple(self.settings.env_passthrough),
+                    default_timeout_s=self.settings.command_timeout_s,
+                    hidden_paths=(ctx.repo.state_dir,),
+                    extra_ro_paths=self.settings.sandbox_ro_paths,
+                    # git's dirs from the server's records, never from the workspace's `.git`
+                    git_admin_dir=workspace.admin_dir,
+                    git_common_dir=ctx.repo.git_dir,
+                    home=home,
+                    limits=self.settings.command_limits,
+                ),
+            )
+            return workspace, terminal
+
+        workspace, terminal = await anyio.to_thread.run_sync(make, limiter=ctx.workspace_threads)
+        base = agent.base_commit if agent.start_commit else start
+        agent = ctx.store.mark_running(
+            agent.agent_id,
+            started_at=self._clock.time(),
+            workspace=str(workspace.path),
+            branch=workspace.branch,
+            base_commit=base,
+            start_commit=start,
+            commit=start if start != base else None,
+        )
+        assert runtime.fence is not None
+        runtime.audit = audit
+        return AgentBus(
+            agent_id=agent.agent_id,
+            workspace=workspace.path,
+            write_scope=WriteScope.of(agent.write_scope),
+            fence=runtime.fence,
+            audit=audit,
+            terminal=terminal,
+            git_dir=workspace.admin_dir,
+        )
+
+    def _budget(self, ctx: RepoContext, run_id: str) -> Budget:
+        store = ctx.store
+
+        def describe() -> str:
+            total, used, reserved = store.budget(run_id)
+            return f"{used} of {total} tokens used, {reserved} reserved by running turns"
+
+        return Budget(
+            reserve=lambda n: store.reserve_budget(run_id, n),
+            settle=lambda reserved, used: store.settle_budget(run_id, reserved, used),
+            describe=describe,
+        )
+
+    def _on_turn(
+        self, ctx: RepoContext, agent_id: str, progress: Progress, reserved: int, used: int
+    ) -> None:
+        runtime = self._registry.get(agent_id)
+        loop = runtime.loop if runtime is not None else None
+        # files written through the bus so far (final, git-based facts replace them at the end)
+        bus = loop.bus if loop is not None else None
+        written = bus.written_paths() if bus is not None else []
+        ctx.store.record_turn(
+            agent_id,
+            settle=(reserved, used),
+            turns=progress.turns,
+            tokens=progress.tokens,
+            changed_files=sorted(set(written)),
+        )
+
+    def on_lease_lost(self, ctx: RepoContext, runtime: AgentRuntime, lost: LeaseLost) -> None:
+        current = ctx.store.agent(runtime.agent_id)
+        if current is None or current.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+            return  # given back on purpose (by the server that merged or discarded it)
+        record = ctx.store.mark_lease_lost(runtime.agent_id, str(lost))
+        if record.status.active:
+            runtime.cancel_reason = f"its write lease was lost ({lost}); it cannot land"
+            runtime.lost_lease = True
+            runtime.scope.cancel()
+
+    async def _finish_cancelled(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        reason = runtime.cancel_reason or "cancelled by cancel_subagents"
+        lease_lost = runtime.lost_lease
+        outcome = LoopOutcome(
+            StopReason.INTERNAL_ERROR if lease_lost else StopReason.CANCELLED, error=reason
+        )
+        with anyio.CancelScope(shield=True):
+            await self._finish(
+                ctx,
+                runtime,
+                outcome,
+                status=AgentStatus.FAILED if lease_lost else AgentStatus.CANCELLED,
+            )
+
+    async def _finish_interrupted(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        outcome = LoopOutcome(
+            StopReason.INTERRUPTED,
+            error="the server stopped while this agent ran; rerun_subagent resumes it from its "
+            "committed work",
+        )
+        await self._finish(ctx, runtime, outcome, status=AgentStatus.INTERRUPTED)
+
+    async def _finish(
+        self,
+        ctx: RepoContext,
+        runtime: AgentRuntime,
+        outcome: LoopOutcome,
+        status: AgentStatus | None = None,
+    ) -> None:
+        """Commit the agent's work on its branch and record its result, built from facts."""
+        agent = find_agent(ctx, runtime.agent_id)
+        if not agent.status.active:
+            return
+        if status is None:
+            finished = outcome.stop_reason in (StopReason.FINISHED, StopReason.FINAL_ANSWER)
+            ok = finished and not outcome.failed_by_model
+            status = AgentStatus.SUCCEEDED if ok else AgentStatus.FAILED
+        reason = outcome.error
+        if outcome.failed_by_model:
+            reason = "the agent reported that it could not complete its task"
+        commit = agent.commit
+        changes: list[FileChange] = []
+        dropped: list[str] = []
+        if agent.workspace is not None and Path(agent.workspace).exists():
+            work = await commit_work(agent, first_line(outcome.summary or agent.prompt))
+            commit = work.commit or commit
+            dropped = [*work.dropped, *work.planted]
+        if commit is not None:
+            changes = await anyio.to_thread.run_sync(file_changes, ctx, agent.base_commit, commit)
+        records = runtime.audit.records() if runtime.audit is not None else []
+        commands = [
+            CommandRun(
+                command=r.command or r.args_brief,
+                exit_code=r.exit_code,
+                duration_s=round(r.duration_ms / 1000, 3),
+                timed_out=bool(r.timed_out),
+                outcome=r.outcome,
+            )
+            for r in records
+            if r.op == "run_command"
+        ]
+        progress = runtime.loop.progress if runtime.loop is not None else Progress()
+        duration = self._clock.monotonic() - runtime.started_at if runtime.started_at else 0.0
+        result = AgentResult(
+            status=status,
+            stop_reason=outcome.stop_reason,
+            summary=outcome.summary,
+            follow_ups=outcome.follow_ups,
+            changed_files=changes,
+            dropped_files=dropped,
+            commands=commands,
+            refused_calls=sum(1 for r in records if r.outcome != "ok"),
+            tokens=progress.tokens,
+            turns=progress.turns,
+            duration_s=round(duration, 3),
+            error=reason,
+            commit=commit,
+            branch=agent.branch,
+        )
+        ctx.store.mark_final(
+            agent.agent_id,
+            status,
+            reason or outcome.stop_reason.value,
+            stop_reason=outcome.stop_reason,
+            reason=reason,
+            result=result,
+            commit=commit,
+            finished_at=self._clock.time(),
+            turns=progress.turns,
+            tokens=progress.tokens,
+            changed_files=[c.path for c in changes],
+        )
+        if status != AgentStatus.SUCCEEDED and not has_work(commit, agent.base_commit):
+            # nothing to merge or keep: its scope goes to whoever waits for it
+            await self._registry.release_leases(ctx, agent)
+            self._registry.signal_released(agent.agent_id)

@@ -1,0 +1,372 @@
+"""The status view of one repository: runs and agents as `get_status` shows them, the waiting
+of long-polls, and the one cache of what answers are built from (so that a poll in which little
+changed rebuilds little)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+
+from orchestration import workspace as ws_mod
+from orchestration.attention import WakeOn
+from orchestration.clock import Clock, Timing
+from orchestration.config import Settings
+from orchestration.context import RepoContext, find_run
+from orchestration.contracts import (
+    AgentView,
+    LeaseView,
+    RunTotals,
+    RunView,
+    StatusResult,
+    TokenUsage,
+)
+from orchestration.errors import AgentNotFound
+from orchestration.records import scope_requests
+from orchestration.state import AgentRecord
+from orchestration.wakeup import COALESCE_MAX_S, COALESCE_S, Wakeups
+from toolbus.leases import Lease, LeaseMode
+
+log = logging.getLogger("fanout.orchestrator")
+
+# status answers kept, one per question (run_id, agent_ids, since) asked
+STATUS_ANSWERS_KEPT = 64
+
+
+class StatusView:
+    """Status answers for one repository, and everything cached to build them: the last read
+    of leases and budgets, each agent's view, the last answer per question, the wake-up
+    questions of long-polls, the workspaces' disk usage. Records, views and answers are built
+    once and shared between answers: read them, never mutate them."""
+
+    def __init__(
+        self,
+        ctx: RepoContext,
+        settings: Settings,
+        clock: Clock,
+        timing: Timing,
+        start_soon: Callable[..., None],
+    ) -> None:
+        self._ctx = ctx
+        self.settings = settings
+        self._clock = clock
+        self._timing = timing
+        self._start_soon = start_soon
+        self._wakeups = Wakeups(ctx.store, ctx.leases.table, scope_requests)
+        self._views: dict[str, _BuiltView] = {}
+        self._answers: dict[_StatusAsked, tuple[object, StatusResult]] = {}
+        self._read: _StatusRead | None = None
+        # the agents' workspaces on disk: (when measured, bytes), None until measured; the
+        # measurement under way, if any (one at a time serves every poll); and a thread of
+        # their own, so that it never waits behind the agents' git work
+        self._disk_figure: tuple[float, int] | None = None
+        self._disk_measuring: anyio.Event | None = None
+        self._disk_thread = anyio.CapacityLimiter(1)
+
+    async def answer(
+        self,
+        *,
+        run_id: str | None,
+        agent_ids: Sequence[str] | None,
+        since: int | None,
+        wake_on: WakeOn,
+        called: float,
+        deadline: float | None,
+        wait: float,
+    ) -> StatusResult:
+        """Runs and agents; with `since` and `wait_s`, waits until the orchestrator has something
+        to do after `since` (`wake_on`, see `orchestration.wakeup`), at most `wait_s`. Each run
+        says whether it is settled and what to call next, and which agents changed after `since`.
+
+        Polls are cheap when little changed: runs, agents and each agent's view are built again
+        only when they changed, so answers share them: read them, never mutate them.
+
+        A long-poll answers by its deadline, whatever else waits for the event loop's attention
+        or the worker threads. An answer shows the state as of the moment its poll was due
+        (called, woken by a change, or timed out) or later, so the polls due by the time the
+        state was last read (those one change woke, say) share that read (`_StatusRead`)."""
+        ctx = self._ctx
+        due = called
+        self._measure_disk_usage_if_old()  # while the poll waits
+        changed = True
+        if since is not None and deadline is not None:
+            changed, due = await self._wait_for_attention(
+                run_id, since, wake_on=wake_on, deadline=deadline, called=called, wait=wait
+            )
+        elif since is not None:
+            changed = ctx.store.cursor() > since
+        disk = await self._disk_usage(deadline)
+        read = self._read
+        if read is None or read.at < due:
+            read = await self._read_status(read)
+        cursor = read.cursor
+        runs = ctx.store.runs_snapshot(run_id, cursor)
+        if run_id and not runs:
+            find_run(ctx, run_id)  # raises RunNotFound
+        wanted = set(agent_ids) if agent_ids else None
+        snapshots = {r.run_id: ctx.store.agents_snapshot(r.run_id, cursor) for r in runs}
+        if wanted:
+            known = {a.agent_id for agents in snapshots.values() for a in agents}
+            missing = sorted(wanted - known)
+            if missing:
+                raise AgentNotFound(f"agent_ids: no such agent(s) {', '.join(missing)}")
+        # Views are built with model_construct: every value comes from an already validated
+        # record or lease, so validating ~64 nested views again per poll would be wasted work.
+        built = self._views
+        budgets = tuple(read.budgets.get(run.run_id, (0, 0, 0)) for run in runs)
+        # The same question, asked again while everything it shows is the same, gets the same
+        # answer object: runs and agents change only with an event (the cursor), the budget's
+        # reservations and the leases without one.
+        asked = (run_id, tuple(sorted(wanted)) if wanted else None, since)
+        shows = (cursor, changed, read.lease_keys, budgets, disk)
+        answers = self._answers
+        last = answers.get(asked)
+        if last is not None and last[0] == shows:
+            return last[1]
+        views: list[RunView] = []
+        wakeups = self._wakeups
+        for run, (total, used, reserved) in zip(runs, budgets, strict=True):
+            agents = snapshots[run.run_id]
+            attention = await wakeups.attention(run.run_id, cursor)
+            changed_agents = (
+                None if since is None else sorted(wakeups.changes(since, run.run_id, cursor).agents)
+            )
+            by_status = {s.value: n for s, n in Counter(a.status for a in agents).items()}
+            spent = [a.tokens for a in agents]
+            tokens = TokenUsage.model_construct(
+                input=sum(t.input for t in spent),
+                output=sum(t.output for t in spent),
+                cache_read=sum(t.cache_read for t in spent),
+                cache_write=sum(t.cache_write for t in spent),
+            )
+            shown = [a for a in agents if wanted is None or a.agent_id in wanted]
+            views.append(
+                RunView.model_construct(
+                    run_id=run.run_id,
+                    repo=run.repo,
+                    created_at=run.created_at,
+                    base_commit=run.base_commit,
+                    max_concurrency=run.max_concurrency,
+                    totals=RunTotals.model_construct(
+                        agents=len(agents),
+                        by_status=by_status,
+                        tokens=tokens,
+                        budget_tokens=total,
+                        budget_used=used,
+                        budget_remaining=max(total - used - reserved, 0),
+                    ),
+                    agents=[
+                        _agent_view(
+                            built, a, read.leases_by_holder.get(a.lease_holder or a.agent_id, [])
+                        )
+                        for a in shown
+                    ],
+                    settled=attention.settled,
+                    next=attention.next,
+                    changed_agents=changed_agents,
+                )
+            )
+        result = StatusResult(cursor=cursor, changed=changed, runs=views, workspace_disk_bytes=disk)
+        if len(answers) >= STATUS_ANSWERS_KEPT:
+            answers.clear()
+        answers[asked] = (shows, result)
+        return result
+
+    async def _wait_for_attention(
+        self,
+        run_id: str | None,
+        since: int,
+        *,
+        wake_on: WakeOn,
+        deadline: float,
+        called: float,
+        wait: float,
+    ) -> tuple[bool, float]:
+        """Wait until the orchestrator has something to do after `since`, or the deadline:
+        (whether it has, when the poll came due). A run settled since `since` answers at once
+        (one settled and unchanged since waits: the last answer said what to do); an agent's
+        turn never wakes the poll; completions close together wake it once."""
+        ctx, wakeups = self._ctx, self._wakeups
+        await anyio.lowlevel.checkpoint()
+        cursor = ctx.store.cursor()
+        if cursor > since and await wakeups.settled(run_id, cursor):
+            return True, called
+        seen = since
+        while True:
+            remaining = deadline - anyio.current_time()
+            change = (
+                await ctx.store.change_after(seen, remaining, run_id) if remaining > 0 else None
+            )
+            if change is None:
+                return False, called + wait
+            cursor = ctx.store.cursor()
+            if await wakeups.wakes(since, run_id, wake_on, cursor):
+                if wake_on is WakeOn.FINISHED:
+                    await self._coalesce(run_id, since=since, cursor=cursor, deadline=deadline)
+                return True, max(called, change)
+            seen = cursor
+
+    async def _coalesce(
+        self,
+        run_id: str | None,
+        *,
+        since: int,
+        cursor: int,
+        deadline: float,
+    ) -> None:
+        """After a completion, wait while more arrive within COALESCE_S of each other (at most
+        COALESCE_MAX_S, never past the deadline), so that they wake the poll once."""
+        ctx, wakeups = self._ctx, self._wakeups
+        finals = wakeups.finals(since, run_id, cursor)
+        until = min(deadline, anyio.current_time() + COALESCE_MAX_S)
+        seen = cursor
+        while not await wakeups.settled(run_id, seen):
+            window = min(COALESCE_S, until - anyio.current_time())
+            if window <= 0:
+                return
+            if await ctx.store.change_after(seen, window, run_id) is None:
+                return  # a whole window without a change
+            seen = ctx.store.cursor()
+            finals = max(finals, wakeups.finals(since, run_id, seen))
+
+    async def _read_status(self, last: _StatusRead | None) -> _StatusRead:
+        """Read what status answers are built from: the change cursor, the leases, the budgets."""
+        ctx = self._ctx
+        at = self._clock.monotonic()
+        cursor = ctx.store.cursor()  # read once, before the rows (see runs_snapshot)
+        now = self._clock.time()
+        # A lease's view is the one of the previous read while it shows the same: its expiry is
+        # shown in whole seconds, so the holder's view, and its dump in the MCP answer, are
+        # reused between polls within a second (renewals move it every ttl/3).
+        last_views = {} if last is None else last.lease_views
+        lease_views: dict[_LeaseShown, LeaseView] = {}
+        leases_by_holder: dict[str, list[LeaseView]] = {}
+        for lease in await ctx.leases.table():
+            mode = "write" if lease.mode == LeaseMode.WRITE else "read"
+            key = (lease.holder, lease.token, lease.resource, mode, lease_expires_in(lease, now))
+            view = last_views.get(key)
+            if view is None:
+                view = LeaseView.model_construct(
+                    resource=lease.resource, mode=mode, token=lease.token, expires_in_s=key[4]
+                )
+            lease_views[key] = view
+            leases_by_holder.setdefault(lease.holder, []).append(view)
+        read = _StatusRead(
+            at=at,
+            cursor=cursor,
+            lease_views=lease_views,
+            lease_keys=tuple(lease_views),
+            leases_by_holder=leases_by_holder,
+            budgets=ctx.store.budgets(),
+        )
+        self._read = read
+        return read
+
+    async def _disk_usage(self, deadline: float | None) -> int:
+        """The workspaces' disk usage, measured again once older than the timing says.
+
+        The walk of every worktree runs in the background, one at a time for all polls; a poll
+        answers with the last figure meanwhile, and waits only for the first one, until its
+        deadline at most."""
+        measuring = self._measure_disk_usage_if_old()
+        if measuring is not None and self._disk_figure is None:
+            with anyio.move_on_after(None if deadline is None else deadline - anyio.current_time()):
+                await measuring.wait()
+        known = self._disk_figure
+        return 0 if known is None else known[1]
+
+    def _measure_disk_usage_if_old(self) -> anyio.Event | None:
+        """Start measuring the disk usage unless its figure is recent or a measurement is under
+        way; the event of the measurement under way, if any."""
+        known = self._disk_figure
+        max_age = self._timing.disk_usage_cache_s
+        if known is not None and self._clock.monotonic() - known[0] <= max_age:
+            return None
+        if self._disk_measuring is None:
+            self._disk_measuring = anyio.Event()
+            self._start_soon(self._measure_disk_usage, self._disk_measuring)
+        return self._disk_measuring
+
+    async def _measure_disk_usage(self, done: anyio.Event) -> None:
+        try:
+            value = await anyio.to_thread.run_sync(
+                ws_mod.workspace_disk_usage, self._ctx.repo, limiter=self._disk_thread
+            )
+            self._disk_figure = (self._clock.monotonic(), value)
+        except Exception:  # the last figure stays; the next poll measures again
+            log.exception("measuring the workspaces' disk usage failed")
+        finally:
+            self._disk_measuring = None
+            done.set()
+
+
+# a status question: (run_id, the sorted agent_ids or None, since)
+_StatusAsked = tuple[str | None, tuple[str, ...] | None, int | None]
+# what a lease's view shows: (holder, token, resource, mode, expires in whole seconds)
+_LeaseShown = tuple[str, int, str, str, float]
+
+
+@dataclass(frozen=True)
+class _StatusRead:
+    """What status answers are built from, read at `at` (the monotonic clock), all at once."""
+
+    at: float
+    cursor: int
+    lease_views: dict[_LeaseShown, LeaseView]
+    lease_keys: tuple[_LeaseShown, ...]
+    leases_by_holder: dict[str, list[LeaseView]]
+    budgets: dict[str, tuple[int, int, int]]  # run_id -> (total, used, reserved)
+
+
+@dataclass(frozen=True)
+class _BuiltView:
+    """An agent's status view and what it was built from."""
+
+    record: AgentRecord
+    leases: list[LeaseView]
+    view: AgentView
+
+
+def _agent_view(
+    built: dict[str, _BuiltView], agent: AgentRecord, leases: list[LeaseView]
+) -> AgentView:
+    """The agent's status view: the one built last time while its record and leases are the same.
+
+    The record is compared by identity: the store's snapshot hands out the same record object
+    until the agent's stored row changes, and a changed row is parsed into a new object. Leases
+    come from the lease table on each call and are compared by value (a held lease's expiry
+    moves, so its holder's view is rebuilt)."""
+    last = built.get(agent.agent_id)
+    if last is not None and last.record is agent and last.leases == leases:
+        return last.view
+    view = AgentView.model_construct(
+        agent_id=agent.agent_id,
+        run_id=agent.run_id,
+        name=agent.name,
+        status=agent.status,
+        status_reason=agent.status_reason,
+        turns=agent.turns,
+        max_turns=agent.max_turns,
+        tokens=agent.tokens,
+        write_scope=agent.write_scope,
+        waits_for=agent.waits_for if agent.status.active else [],
+        leases=leases,
+        lease_lost=agent.lease_lost,
+        changed_files=agent.changed_files,
+        model=agent.model,
+        base_commit=agent.base_commit,
+        branch=agent.branch,
+        rerun_of=agent.rerun_of,
+        result=agent.result.view() if agent.result is not None else None,
+    )
+    built[agent.agent_id] = _BuiltView(agent, leases, view)
+    return view
+
+
+def lease_expires_in(lease: Lease, now: float) -> float:
+    """How long until `lease` expires, as status shows it: whole seconds (the TTL is tens of
+    seconds, renewed every third of it)."""
+    return float(round(lease.expires_at - now))
