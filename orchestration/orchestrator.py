@@ -1068,7 +1068,7 @@ class Orchestrator:
             found = ws_mod.file_changes(pyrepo, base, commit)
         finally:
             pyrepo.free()
-        return [FileChange.model_validate(c.model_dump()) for c in found]
+        return found
 
     async def _finish_cancelled(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
         reason = runtime.cancel_reason or "cancelled by cancel_subagents"
@@ -1651,16 +1651,11 @@ class Orchestrator:
             result = AgentMergeResult(
                 agent_id=agent.agent_id,
                 name=agent.name,
-                outcome=MergeOutcome(outcome.outcome),
+                outcome=outcome.outcome,
                 commit=outcome.commit,
                 conflicts=list(outcome.conflicts),
                 reason=outcome.reason,
-                diffstat=DiffStat(
-                    files=outcome.diffstat.files,
-                    insertions=outcome.diffstat.insertions,
-                    deletions=outcome.diffstat.deletions,
-                    paths=[f.path for f in outcome.diffstat.per_file],
-                ),
+                diffstat=outcome.diffstat,
             )
             results.append(result)
             if request.dry_run:

@@ -19,12 +19,12 @@ import threading
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import filelock
 import pygit2
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestration.contracts import ChangeStatus, DiffStat, FileChange
 from orchestration.errors import RepositoryError
 from toolbus import gitcmd
 from toolbus.errors import PathEscape
@@ -957,20 +957,6 @@ def workspace_disk_usage(repo: GitRepo) -> int:
 # --------------------------------------------------------------------------- work commits
 
 
-ChangeStatus = Literal["added", "modified", "deleted", "renamed"]
-
-
-class FileChange(BaseModel):
-    """One file a commit changed, with its line counts and new blob (None when deleted)."""
-
-    path: str
-    status: ChangeStatus
-    lines_added: int
-    lines_removed: int
-    blob: str | None
-    old_path: str | None = None
-
-
 class WorkCommit(BaseModel):
     """What `commit_workspace` did: the new commit (None if none), its changes, what it dropped."""
 
@@ -1258,37 +1244,6 @@ def _reset_paths(
 
 
 # --------------------------------------------------------------------------- diffs
-
-
-class FileStat(BaseModel):
-    """Line counts of one changed file."""
-
-    path: str
-    insertions: int
-    deletions: int
-
-
-class DiffStat(BaseModel):
-    """Files, insertions and deletions of a change, with the per-file list."""
-
-    files: int = 0
-    insertions: int = 0
-    deletions: int = 0
-    per_file: list[FileStat] = Field(default_factory=list[FileStat])
-
-    @classmethod
-    def of(cls, changes: Sequence[FileChange]) -> DiffStat:
-        """The diffstat of a list of file changes."""
-        per = [
-            FileStat(path=c.path, insertions=c.lines_added, deletions=c.lines_removed)
-            for c in changes
-        ]
-        return cls(
-            files=len(per),
-            insertions=sum(f.insertions for f in per),
-            deletions=sum(f.deletions for f in per),
-            per_file=per,
-        )
 
 
 _STATUS: dict[str, ChangeStatus] = {
