@@ -6,6 +6,7 @@ on their field names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -29,6 +30,12 @@ class _Input(BaseModel):
 
 class _Output(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Record(BaseModel):
+    """A record shared by workspaces, the join and the MCP answers (one definition): frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _normalize_scope(paths: list[str] | None) -> list[str] | None:
@@ -201,11 +208,14 @@ class SpawnResult(_Output):
     warnings: list[str] = Field(default_factory=list[str])
 
 
-class FileChange(_Output):
+ChangeStatus = Literal["added", "modified", "deleted", "renamed"]
+
+
+class FileChange(_Record):
     """A file an agent changed, from git."""
 
     path: str
-    status: Literal["added", "modified", "deleted", "renamed"]
+    status: ChangeStatus
     old_path: str | None = None
     lines_added: int
     lines_removed: int
@@ -336,7 +346,7 @@ class StatusResult(_Output):
     workspace_disk_bytes: int
 
 
-class DiffStat(_Output):
+class DiffStat(_Record):
     """Lines changed by a merge."""
 
     files: int = 0
@@ -344,7 +354,19 @@ class DiffStat(_Output):
     deletions: int = 0
     paths: list[str] = Field(default_factory=list[str])
 
+    @classmethod
+    def of(cls, changes: Sequence[FileChange]) -> DiffStat:
+        """The diffstat of a list of file changes, paths in their order."""
+        return cls(
+            files=len(changes),
+            insertions=sum(c.lines_added for c in changes),
+            deletions=sum(c.lines_removed for c in changes),
+            paths=[c.path for c in changes],
+        )
 
+
+# What the join step did with one agent (`clean` is a dry run's `merged`). No docstring: it
+# would become a description in the tools' output schemas.
 class MergeOutcome(StrEnum):
     MERGED = "merged"
     CLEAN = "clean"

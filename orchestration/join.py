@@ -16,15 +16,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import filelock
 import pygit2
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestration.contracts import DiffStat, MergeOutcome
 from orchestration.errors import MergeError, OrchestrationError, RepositoryError
 from orchestration.workspace import (
-    DiffStat,
     GitRepo,
     Identity,
     run_git,
@@ -34,7 +33,6 @@ from orchestration.workspace import (
 from toolbus import gitcmd
 from toolbus.resources import is_within, overlaps
 
-JoinKind = Literal["merged", "clean", "conflicted", "skipped"]
 CanLand = Callable[[str], str | None]
 """Asked right before an agent lands: a reason to skip it (e.g. its lease was lost), or None."""
 OnProgress = Callable[["JoinOutcome"], None]
@@ -84,7 +82,7 @@ class JoinOutcome(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     agent_id: str
-    outcome: JoinKind
+    outcome: MergeOutcome
     commit: str | None = None
     conflicts: list[str] = Field(default_factory=list[str])
     reason: str | None = None
@@ -466,13 +464,15 @@ class Joiner:
             missing = cand.base_commit if base is None else cand.commit
             return JoinOutcome(
                 agent_id=cand.agent_id,
-                outcome="skipped",
+                outcome=MergeOutcome.SKIPPED,
                 reason=f"commit {missing} of this agent is not in the repository; "
                 f"its branch {cand.branch} may have been deleted",
             )
         if base.id == theirs.id:
             return JoinOutcome(
-                agent_id=cand.agent_id, outcome="skipped", reason="the agent changed nothing"
+                agent_id=cand.agent_id,
+                outcome=MergeOutcome.SKIPPED,
+                reason="the agent changed nothing",
             )
         return base, theirs
 
@@ -499,14 +499,14 @@ class Joiner:
             return self._skipped(cand, m, reason), head_tree
         note = None if m.changed else "already in the canonical branch: nothing to apply"
         outcome = JoinOutcome(
-            agent_id=cand.agent_id, outcome="clean", reason=note, diffstat=m.diffstat
+            agent_id=cand.agent_id, outcome=MergeOutcome.CLEAN, reason=note, diffstat=m.diffstat
         )
         return outcome, pyrepo[m.tree].peel(pygit2.Tree)
 
     def _conflicted(self, cand: JoinCandidate, m: _Merge) -> JoinOutcome:
         return JoinOutcome(
             agent_id=cand.agent_id,
-            outcome="conflicted",
+            outcome=MergeOutcome.CONFLICTED,
             conflicts=m.conflicts,
             reason=f"{len(m.conflicts)} file(s) conflict with the canonical branch; "
             "the agent's branch is kept: rerun it on the new base or resolve by hand",
@@ -516,7 +516,7 @@ class Joiner:
     def _skipped(self, cand: JoinCandidate, m: _Merge | None, reason: str) -> JoinOutcome:
         return JoinOutcome(
             agent_id=cand.agent_id,
-            outcome="skipped",
+            outcome=MergeOutcome.SKIPPED,
             reason=reason,
             diffstat=m.diffstat if m is not None else DiffStat(),
         )
@@ -545,7 +545,7 @@ class Joiner:
             if not m.changed:
                 return JoinOutcome(
                     agent_id=cand.agent_id,
-                    outcome="merged",
+                    outcome=MergeOutcome.MERGED,
                     reason="already in the canonical branch: nothing to apply",
                 )
             reason = can_land(cand.agent_id) if can_land is not None else None
@@ -581,7 +581,10 @@ class Joiner:
             if problem is None:
                 self._clear_journal()
                 return JoinOutcome(
-                    agent_id=cand.agent_id, outcome="merged", commit=str(new), diffstat=m.diffstat
+                    agent_id=cand.agent_id,
+                    outcome=MergeOutcome.MERGED,
+                    commit=str(new),
+                    diffstat=m.diffstat,
                 )
             undone = self._compare_and_swap(target.ref, target.head, new, cand, undo=True)
             self._clear_journal()
@@ -594,7 +597,7 @@ class Joiner:
                 )
             return JoinOutcome(
                 agent_id=cand.agent_id,
-                outcome="merged",
+                outcome=MergeOutcome.MERGED,
                 commit=str(new),
                 reason="merged, but your checkout could not be brought forward and the branch "
                 f"moved again since: {problem}; run `git status` and check your working tree",

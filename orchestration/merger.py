@@ -261,16 +261,11 @@ def _result_of(agent: AgentRecord, outcome: JoinOutcome) -> AgentMergeResult:
     return AgentMergeResult(
         agent_id=agent.agent_id,
         name=agent.name,
-        outcome=MergeOutcome(outcome.outcome),
+        outcome=outcome.outcome,
         commit=outcome.commit,
         conflicts=list(outcome.conflicts),
         reason=outcome.reason,
-        diffstat=DiffStat(
-            files=outcome.diffstat.files,
-            insertions=outcome.diffstat.insertions,
-            deletions=outcome.diffstat.deletions,
-            paths=[f.path for f in outcome.diffstat.per_file],
-        ),
+        diffstat=outcome.diffstat,
     )
 
 

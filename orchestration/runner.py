@@ -40,7 +40,7 @@ def file_changes(ctx: RepoContext, base: str, commit: str) -> list[FileChange]:
         found = ws_mod.file_changes(pyrepo, base, commit)
     finally:
         pyrepo.free()
-    return [FileChange.model_validate(c.model_dump()) for c in found]
+    return found
 
 
 async def commit_work(agent: AgentRecord, message: str) -> ws_mod.WorkCommit:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestration import workspace as ws_mod
 from orchestration.errors import RepositoryError
 from orchestration.workspace import (
+    GIT,
+    LIBGIT2,
+    GitEngine,
     GitRepo,
     commit_workspace,
     create_workspace,
@@ -20,6 +22,8 @@ from orchestration.workspace import (
     snapshot,
     workspace_disk_usage,
 )
+from orchestration.workspace.git import write_whole
+from orchestration.workspace.worktrees import register_worktree
 from tests.orchestration.gitutil import (
     assert_fsck,
     commit_files,
@@ -31,6 +35,8 @@ from tests.orchestration.gitutil import (
     write,
 )
 from toolbus.resources import WriteScope
+
+ENGINES = pytest.mark.parametrize("engine", [GIT, LIBGIT2], ids=["git", "libgit2"])
 
 
 def test_discover_finds_the_top_level_from_a_subdirectory(tmp_path: Path) -> None:
@@ -159,13 +165,18 @@ def test_bad_ids_are_refused(tmp_path: Path) -> None:
         create_workspace(repo, base_commit="HEAD", run_id="../x", agent_id="a")
 
 
-def test_commit_workspace_commits_in_scope_and_drops_the_rest(tmp_path: Path) -> None:
+@ENGINES
+def test_commit_workspace_commits_in_scope_and_drops_the_rest(
+    tmp_path: Path, engine: GitEngine
+) -> None:
     root = make_repo(
         tmp_path / "r",
         {"src/a.py": "a\n", "src/old.py": "o\n", "docs/d.md": "d\n", ".gitignore": "*.pyc\n"},
     )
     repo = GitRepo(root)
-    ws = create_workspace(repo, base_commit=head(root), run_id="run1", agent_id="ag1")
+    ws = create_workspace(
+        repo, base_commit=head(root), run_id="run1", agent_id="ag1", engine=engine
+    )
     write(ws.path, "src/a.py", "a\nb\n")
     write(ws.path, "src/new.py", "n1\nn2\n")
     (ws.path / "src" / "old.py").unlink()
@@ -173,7 +184,9 @@ def test_commit_workspace_commits_in_scope_and_drops_the_rest(tmp_path: Path) ->
     write(ws.path, "docs/d.md", "changed out of scope\n")
     write(ws.path, "stray.txt", "out of scope\n")
 
-    result = commit_workspace(ws, message="agent work", write_scope=WriteScope.of(["src"]))
+    result = commit_workspace(
+        ws, message="agent work", write_scope=WriteScope.of(["src"]), engine=engine
+    )
 
     assert result.commit is not None
     assert head(root, "refs/heads/fanout/run1/ag1") == result.commit
@@ -197,10 +210,15 @@ def test_commit_workspace_commits_in_scope_and_drops_the_rest(tmp_path: Path) ->
     assert sorted(s[3:] for s in status) == ["docs/d.md", "stray.txt"]
 
     # nothing new: no commit
-    assert commit_workspace(ws, message="again", write_scope=WriteScope.of(["src"])).commit is None
+    assert (
+        commit_workspace(
+            ws, message="again", write_scope=WriteScope.of(["src"]), engine=engine
+        ).commit
+        is None
+    )
     # later edits go on top
     write(ws.path, "src/a.py", "a\nb\nc\n")
-    second = commit_workspace(ws, message="more", write_scope=WriteScope.of(["src"]))
+    second = commit_workspace(ws, message="more", write_scope=WriteScope.of(["src"]), engine=engine)
     assert second.commit is not None
     assert head(root, f"{second.commit}^") == result.commit
     assert [c.path for c in second.changes] == ["src/a.py"]
@@ -212,14 +230,19 @@ def test_commit_workspace_commits_in_scope_and_drops_the_rest(tmp_path: Path) ->
     assert_fsck(root)
 
 
+@ENGINES
 def test_commit_workspace_undoes_out_of_scope_commits_the_agent_made_itself(
-    tmp_path: Path,
+    tmp_path: Path, engine: GitEngine
 ) -> None:
     root = make_repo(tmp_path / "r", {"src/a.py": "a\n", "docs/d.md": "d\n"})
     repo = GitRepo(root)
-    ws = create_workspace(repo, base_commit=head(root), run_id="run1", agent_id="ag1")
+    ws = create_workspace(
+        repo, base_commit=head(root), run_id="run1", agent_id="ag1", engine=engine
+    )
     commit_files(ws.path, {"docs/d.md": "sneaky\n", "src/a.py": "mine\n"}, "agent ran git")
-    result = commit_workspace(ws, message="agent work", write_scope=WriteScope.of(["src"]))
+    result = commit_workspace(
+        ws, message="agent work", write_scope=WriteScope.of(["src"]), engine=engine
+    )
     assert result.commit is not None
     assert result.dropped == ["docs/d.md"]
     assert git(root, "diff", "--name-only", ws.base_commit, result.commit).split() == ["src/a.py"]
@@ -227,24 +250,30 @@ def test_commit_workspace_undoes_out_of_scope_commits_the_agent_made_itself(
     assert_fsck(root)
 
 
-def test_read_only_scope_commits_nothing(tmp_path: Path) -> None:
+@ENGINES
+def test_read_only_scope_commits_nothing(tmp_path: Path, engine: GitEngine) -> None:
     root = make_repo(tmp_path / "r", {"a.txt": "a\n"})
     repo = GitRepo(root)
-    ws = create_workspace(repo, base_commit=head(root), run_id="run1", agent_id="ag1")
+    ws = create_workspace(
+        repo, base_commit=head(root), run_id="run1", agent_id="ag1", engine=engine
+    )
     write(ws.path, "a.txt", "b\n")
-    result = commit_workspace(ws, message="x", write_scope=WriteScope.of([]))
+    result = commit_workspace(ws, message="x", write_scope=WriteScope.of([]), engine=engine)
     assert result.commit is None
     assert result.dropped == ["a.txt"]
     assert (ws.path / "a.txt").read_text() == "b\n"
 
 
-def test_renames_are_reported(tmp_path: Path) -> None:
+@ENGINES
+def test_renames_are_reported(tmp_path: Path, engine: GitEngine) -> None:
     body = "".join(f"line {i}\n" for i in range(40))
     root = make_repo(tmp_path / "r", {"src/old_name.py": body})
     repo = GitRepo(root)
-    ws = create_workspace(repo, base_commit=head(root), run_id="run1", agent_id="ag1")
+    ws = create_workspace(
+        repo, base_commit=head(root), run_id="run1", agent_id="ag1", engine=engine
+    )
     (ws.path / "src" / "old_name.py").rename(ws.path / "src" / "new_name.py")
-    result = commit_workspace(ws, message="rename", write_scope=WriteScope.of(None))
+    result = commit_workspace(ws, message="rename", write_scope=WriteScope.of(None), engine=engine)
     assert [(c.path, c.status, c.old_path) for c in result.changes] == [
         ("src/new_name.py", "renamed", "src/old_name.py")
     ]
@@ -271,13 +300,18 @@ def test_remove_workspace_only_on_request_and_prunes(tmp_path: Path) -> None:
     assert_fsck(root)
 
 
-def test_commit_lands_on_the_agent_branch_even_if_the_agent_detached_head(tmp_path: Path) -> None:
+@ENGINES
+def test_commit_lands_on_the_agent_branch_even_if_the_agent_detached_head(
+    tmp_path: Path, engine: GitEngine
+) -> None:
     root = make_repo(tmp_path / "r", {"src/a.py": "a\n"})
     repo = GitRepo(root)
-    ws = create_workspace(repo, base_commit=head(root), run_id="run1", agent_id="ag1")
+    ws = create_workspace(
+        repo, base_commit=head(root), run_id="run1", agent_id="ag1", engine=engine
+    )
     git(ws.path, "checkout", "-q", "--detach")
     write(ws.path, "src/a.py", "b\n")
-    result = commit_workspace(ws, message="work", write_scope=WriteScope.of(["src"]))
+    result = commit_workspace(ws, message="work", write_scope=WriteScope.of(["src"]), engine=engine)
     assert result.commit is not None
     assert head(root, "refs/heads/fanout/run1/ag1") == result.commit
     assert head(root, f"{result.commit}^") == ws.base_commit
@@ -291,7 +325,7 @@ class _Killed(BaseException):
 
 @pytest.mark.parametrize("written", [0, 1, 2, 3, 4])
 def test_a_registration_cut_short_at_any_point_leaves_git_consistent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: int
+    tmp_path: Path, written: int
 ) -> None:
     """A server killed while registering a worktree: `git fsck --strict` and `git worktree
     list` are still clean, whatever the registration had written (`written` of its four
@@ -299,20 +333,17 @@ def test_a_registration_cut_short_at_any_point_leaves_git_consistent(
     root = make_repo(tmp_path / "repo")
     repo = GitRepo.discover(root)
     done: list[Path] = []
-    whole = ws_mod._write_whole  # pyright: ignore[reportPrivateUsage]
 
     def cut(path: Path, text: str) -> None:
         if len(done) == written:
             raise _Killed
-        whole(path, text)
+        write_whole(path, text)
         done.append(path)
 
-    monkeypatch.setattr(ws_mod, "_write_whole", cut)
     path = repo.git_dir / "fanout" / "worktrees" / "r1" / "r1-a1"
     admin = repo.git_dir / "worktrees" / path.name
     try:
-        register = ws_mod._register_worktree  # pyright: ignore[reportPrivateUsage]
-        register(repo, path, "fanout/r1/r1-a1", head(root))
+        register_worktree(repo, path, "fanout/r1/r1-a1", head(root), write=cut)
     except _Killed:
         pass
     else:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from orchestration.workspace import (
+    GIT,
+    LIBGIT2,
+    GitEngine,
     GitRepo,
     commit_workspace,
     create_workspace,
@@ -23,12 +28,17 @@ from tests.orchestration.gitutil import (
 )
 from toolbus.resources import WriteScope
 
+ENGINES = pytest.mark.parametrize("engine", [GIT, LIBGIT2], ids=["git", "libgit2"])
 
-def test_registered_worktree_is_a_git_worktree_on_its_branch(tmp_path: Path) -> None:
+
+@ENGINES
+def test_registered_worktree_is_a_git_worktree_on_its_branch(
+    tmp_path: Path, engine: GitEngine
+) -> None:
     root = make_repo(tmp_path / "r", {"src/a.py": "a\n", "docs/d.md": "d\n"})
     repo = GitRepo(root)
     base = head(root)
-    ws = create_workspace(repo, base_commit=base, run_id="run1", agent_id="ag1")
+    ws = create_workspace(repo, base_commit=base, run_id="run1", agent_id="ag1", engine=engine)
     assert git(ws.path, "rev-parse", "--abbrev-ref", "HEAD").strip() == "fanout/run1/ag1"
     assert git(ws.path, "rev-parse", "HEAD").strip() == base
     assert git(ws.path, "status", "--porcelain") == ""
@@ -38,19 +48,24 @@ def test_registered_worktree_is_a_git_worktree_on_its_branch(tmp_path: Path) -> 
     assert not (root / ".git" / "worktrees" / "ag1" / "locked").exists()
     assert [w.path for w in list_workspaces(repo)] == [ws.path]
     # idempotent; and removal through git works on it
-    assert create_workspace(repo, base_commit=base, run_id="run1", agent_id="ag1") == ws
+    assert (
+        create_workspace(repo, base_commit=base, run_id="run1", agent_id="ag1", engine=engine) == ws
+    )
     remove_workspace(repo, ws, delete_branch=True)
     assert "ag1" not in git(root, "worktree", "list")
     assert_fsck(root)
 
 
-def test_a_retry_after_a_lost_directory_reuses_the_branch(tmp_path: Path) -> None:
+@ENGINES
+def test_a_retry_after_a_lost_directory_reuses_the_branch(
+    tmp_path: Path, engine: GitEngine
+) -> None:
     root = make_repo(tmp_path / "r", {"src/a.py": "a\n"})
     repo = GitRepo(root)
     base = head(root)
-    ws = create_workspace(repo, base_commit=base, run_id="run1", agent_id="ag1")
+    ws = create_workspace(repo, base_commit=base, run_id="run1", agent_id="ag1", engine=engine)
     shutil.rmtree(ws.path)  # the directory vanished; registration and branch remain
-    again = create_workspace(repo, base_commit=base, run_id="run1", agent_id="ag1")
+    again = create_workspace(repo, base_commit=base, run_id="run1", agent_id="ag1", engine=engine)
     assert (again.path / "src/a.py").read_text() == "a\n"
     assert git(again.path, "rev-parse", "--abbrev-ref", "HEAD").strip() == "fanout/run1/ag1"
 
@@ -65,34 +80,44 @@ def test_a_post_checkout_hook_still_runs(tmp_path: Path) -> None:
     assert (ws.path / "hook-ran.txt").read_text() == "ran\n"
 
 
-def test_commit_leaves_the_worktree_index_at_the_commit(tmp_path: Path) -> None:
+@ENGINES
+def test_commit_leaves_the_worktree_index_at_the_commit(tmp_path: Path, engine: GitEngine) -> None:
     root = make_repo(tmp_path / "r", {"src/a.py": "a\n", "docs/d.md": "d\n"})
-    ws = create_workspace(GitRepo(root), base_commit=head(root), run_id="run1", agent_id="ag1")
+    ws = create_workspace(
+        GitRepo(root), base_commit=head(root), run_id="run1", agent_id="ag1", engine=engine
+    )
     write(ws.path, "src/a.py", "changed\n")
     write(ws.path, "src/new.py", "new\n")
     write(ws.path, "docs/d.md", "out of scope\n")
-    first = commit_workspace(ws, message="one", write_scope=WriteScope.of(["src"]))
+    first = commit_workspace(ws, message="one", write_scope=WriteScope.of(["src"]), engine=engine)
     assert first.commit is not None and first.dropped == ["docs/d.md"]
     # only the dropped change shows: the index holds the commit
     assert git(ws.path, "status", "--porcelain") == " M docs/d.md\n"
     write(ws.path, "src/new.py", "newer\n")
-    second = commit_workspace(ws, message="two", write_scope=WriteScope.of(["src"]))
+    second = commit_workspace(ws, message="two", write_scope=WriteScope.of(["src"]), engine=engine)
     assert second.commit is not None
     assert git(root, "rev-parse", f"{second.commit}^").strip() == first.commit
     assert [c.path for c in second.changes] == ["src/new.py"]
     assert git(root, "show", f"{second.commit}:docs/d.md") == "d\n"
-    nothing = commit_workspace(ws, message="three", write_scope=WriteScope.of(["src"]))
+    nothing = commit_workspace(
+        ws, message="three", write_scope=WriteScope.of(["src"]), engine=engine
+    )
     assert nothing.commit is None and nothing.dropped == ["docs/d.md"]
     assert_fsck(root)
 
 
-def test_an_out_of_scope_file_replacing_a_directory_is_dropped(tmp_path: Path) -> None:
+@ENGINES
+def test_an_out_of_scope_file_replacing_a_directory_is_dropped(
+    tmp_path: Path, engine: GitEngine
+) -> None:
     root = make_repo(tmp_path / "r", {"src/a.py": "a\n", "lib/x/y.py": "y\n"})
-    ws = create_workspace(GitRepo(root), base_commit=head(root), run_id="run1", agent_id="ag1")
+    ws = create_workspace(
+        GitRepo(root), base_commit=head(root), run_id="run1", agent_id="ag1", engine=engine
+    )
     shutil.rmtree(ws.path / "lib" / "x")
     write(ws.path, "lib/x", "now a file\n")
     write(ws.path, "src/a.py", "mine\n")
-    result = commit_workspace(ws, message="work", write_scope=WriteScope.of(["src"]))
+    result = commit_workspace(ws, message="work", write_scope=WriteScope.of(["src"]), engine=engine)
     assert result.commit is not None
     assert sorted(result.dropped) == ["lib/x", "lib/x/y.py"]
     assert git(root, "show", f"{result.commit}:lib/x/y.py") == "y\n"

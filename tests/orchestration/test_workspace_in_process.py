@@ -1,22 +1,33 @@
 """Checkout and work commits in-process (libgit2) give exactly what git's own commands give.
 
 Each case makes two workspaces of one base, applies the same edits to both, and commits one
-in-process and the other with git (the in-process path switched off): the commits' trees, what
-was dropped, the changes and the worktrees' `git status` must be the same. Repositories whose
+with the libgit2 engine and the other with the git engine: the commits' trees, what was
+dropped, the changes and the worktrees' `git status` must be the same. Repositories whose
 files git would filter or re-encode, or whose refs have a transaction hook, go to git."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
 
 import pygit2
 import pytest
 
 from orchestration import workspace as ws_mod
-from orchestration.workspace import GitRepo, Workspace, commit_workspace, create_workspace
+from orchestration.workspace import (
+    GIT,
+    CommitJob,
+    GitEngine,
+    GitRepo,
+    InProcessFirst,
+    Libgit2Git,
+    WorkCommit,
+    Workspace,
+    commit_workspace,
+    create_workspace,
+)
 from tests.orchestration.gitutil import (
     assert_fsck,
     git,
@@ -105,17 +116,27 @@ CASES: dict[str, Edit] = {
 }
 
 
-def _never(*args: object, **kwargs: object) -> None:
-    del args, kwargs
+@dataclass
+class Recording:
+    """An engine that records what the engine it wraps answered (True/None: declined)."""
+
+    engine: GitEngine
+    checkouts: list[bool] = field(default_factory=list[bool])
+    commits: list[WorkCommit | None] = field(default_factory=list[WorkCommit | None])
+
+    def checkout(self, pinned: Pinned, base: str) -> bool:
+        self.checkouts.append(self.engine.checkout(pinned, base))
+        return self.checkouts[-1]
+
+    def commit(self, job: CommitJob) -> WorkCommit | None:
+        self.commits.append(self.engine.commit(job))
+        return self.commits[-1]
 
 
-def _refuse(*args: object, **kwargs: object) -> bool:
-    del args, kwargs
-    return False
-
-
-def _git_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ws_mod, "_commit_in_process", _never)
+def _libgit2(**options: int) -> tuple[GitEngine, Recording]:
+    """The server's engine (libgit2, git where it declines), with a record of libgit2's part."""
+    recording = Recording(Libgit2Git(**options))
+    return InProcessFirst(recording, GIT), recording
 
 
 def _pair(root: Path, name: str) -> tuple[Workspace, Workspace]:
@@ -147,28 +168,16 @@ def _files(root: Path) -> dict[str, tuple[int, str]]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_in_process_commit_equals_git(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
-) -> None:
+def test_in_process_commit_equals_git(tmp_path: Path, case: str) -> None:
     root = make_repo(tmp_path / "r", BASE_FILES)
     fast, slow = _pair(root, case)
     for w in (fast, slow):
         CASES[case](w.path)
-    real = ws_mod._commit_in_process  # pyright: ignore[reportPrivateUsage]
-    ran: list[object] = []
-
-    def spy(*args: Any, **kwargs: Any) -> ws_mod.WorkCommit | None:
-        ran.append(real(*args, **kwargs))
-        return cast(ws_mod.WorkCommit | None, ran[-1])
-
-    with monkeypatch.context() as m:
-        m.setattr(ws_mod, "_commit_in_process", spy)
-        got = commit_workspace(fast, message="work", write_scope=SCOPE)
+    engine, ran = _libgit2()
+    got = commit_workspace(fast, message="work", write_scope=SCOPE, engine=engine)
     # libgit2 did it (a nested repository's .git is moved out of the workspace first)
-    assert ran and ran[0] is not None
-    with monkeypatch.context() as m:
-        _git_only(m)
-        want = commit_workspace(slow, message="work", write_scope=SCOPE)
+    assert ran.commits and ran.commits[0] is not None
+    want = commit_workspace(slow, message="work", write_scope=SCOPE, engine=GIT)
     assert [p.split(" ")[0] for p in got.planted] == [p.split(" ")[0] for p in want.planted]
     assert bool(got.planted) == (case == "nested_repository")
     assert (got.commit is None) == (want.commit is None)
@@ -200,17 +209,17 @@ def test_a_second_commit_goes_on_top(tmp_path: Path) -> None:
     assert git(root, "rev-parse", f"refs/heads/{fast.branch}").strip() == second
 
 
-def test_in_process_checkout_equals_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_in_process_checkout_equals_git(tmp_path: Path) -> None:
     root = make_repo(tmp_path / "r", BASE_FILES)
     git(root, "update-index", "--chmod=+x", "src/tool.sh")
     os.symlink("src/a.py", root / "alias.py")
     git(root, "add", "alias.py")
     git(root, "commit", "-q", "-m", "mode and link")
     repo = GitRepo(root)
-    fast = create_workspace(repo, base_commit=head(root), run_id="in", agent_id="a")
-    with monkeypatch.context() as m:
-        m.setattr(ws_mod, "_checkout_in_process", _refuse)
-        slow = create_workspace(repo, base_commit=head(root), run_id="git", agent_id="a")
+    engine, ran = _libgit2()
+    fast = create_workspace(repo, base_commit=head(root), run_id="in", agent_id="a", engine=engine)
+    assert ran.checkouts == [True]
+    slow = create_workspace(repo, base_commit=head(root), run_id="git", agent_id="a", engine=GIT)
     assert _files(fast.path) == _files(slow.path)
     assert _files(fast.path)["src/tool.sh"][0] & 0o111
     assert git(fast.path, "status", "--porcelain") == ""
@@ -223,7 +232,7 @@ def test_in_process_checkout_equals_git(tmp_path: Path, monkeypatch: pytest.Monk
 def _verdict(root: Path) -> bool:
     pyrepo = pygit2.Repository(str(root))
     try:
-        return ws_mod.in_process_git_ok(pyrepo, pyrepo.head.peel(pygit2.Tree))
+        return Libgit2Git().accepts(pyrepo, pyrepo.head.peel(pygit2.Tree))
     finally:
         pyrepo.free()
 
@@ -253,24 +262,17 @@ def test_a_reference_transaction_hook_sends_the_work_to_git(tmp_path: Path) -> N
 
 
 def test_a_filter_driver_smudges_the_base_but_never_cleans_the_agents_work(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     root = make_repo(tmp_path / "r", {**BASE_FILES, ".gitattributes": "*.up filter=upper\n"})
     git(root, "config", "filter.upper.clean", "tr a-z A-Z")
     git(root, "config", "filter.upper.smudge", "cat")
-    called: list[bool] = []
-    real = ws_mod._checkout_in_process  # pyright: ignore[reportPrivateUsage]
-
-    def spy(pinned: Pinned, base: str) -> bool:
-        done = real(pinned, base)
-        called.append(done)
-        return done
-
-    monkeypatch.setattr(ws_mod, "_checkout_in_process", spy)
-    w = create_workspace(GitRepo(root), base_commit=head(root), run_id="f", agent_id="a")
-    assert called == [False]  # git checked the base out, with the user's smudge filter
+    engine, ran = _libgit2()
+    repo = GitRepo(root)
+    w = create_workspace(repo, base_commit=head(root), run_id="f", agent_id="a", engine=engine)
+    assert ran.checkouts == [False]  # git checked the base out, with the user's smudge filter
     write(w.path, "src/shout.up", "quiet words\n")
-    done = commit_workspace(w, message="filtered", write_scope=SCOPE)
+    done = commit_workspace(w, message="filtered", write_scope=SCOPE, engine=engine)
     assert done.commit is not None
     # a filter program would run on content the agent wrote, picked by attributes the agent
     # may write: it never runs on the agent's work, which is committed as written
@@ -324,22 +326,16 @@ def test_locks_left_by_a_killed_commit_are_cleared_for_recovery(tmp_path: Path) 
     assert_fsck(root)
 
 
-def test_a_large_tree_is_checked_out_by_git(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_large_tree_is_checked_out_by_git(tmp_path: Path) -> None:
     root = make_repo(tmp_path / "r", BASE_FILES)
     repo = GitRepo(root)
-    real = ws_mod._checkout_in_process  # pyright: ignore[reportPrivateUsage]
-    done: list[bool] = []
-
-    def spy(pinned: Pinned, base: str) -> bool:
-        done.append(real(pinned, base))
-        return done[-1]
-
-    monkeypatch.setattr(ws_mod, "_checkout_in_process", spy)
-    create_workspace(repo, base_commit=head(root), run_id="small", agent_id="a")
-    monkeypatch.setattr(ws_mod, "IN_PROCESS_CHECKOUT_MAX_FILES", len(BASE_FILES) - 1)
-    large = create_workspace(repo, base_commit=head(root), run_id="large", agent_id="a")
+    engine, ran = _libgit2()
+    create_workspace(repo, base_commit=head(root), run_id="small", agent_id="a", engine=engine)
+    smaller, ran_smaller = _libgit2(checkout_max_files=len(BASE_FILES) - 1)
+    large = create_workspace(
+        repo, base_commit=head(root), run_id="large", agent_id="a", engine=smaller
+    )
+    done = ran.checkouts + ran_smaller.checkouts
     assert done == [True, False]  # libgit2 for the small tree, git for the "large" one
     assert git(large.path, "status", "--porcelain") == ""
     assert sorted(_files(large.path)) == sorted(BASE_FILES)

@@ -1,0 +1,106 @@
+"""The user's git repository and the agents' workspaces: snapshots, worktrees, work commits.
+
+Everything written here lives under `<git dir>/fanout/` (the state dir) or in refs the user's
+`git status` never shows (`refs/fanout/…`, branches `fanout/<run>/<agent>`). The user's branch,
+index and working tree are only ever read by this package.
+
+| module | job |
+|---|---|
+| `git` | the git wrapper (`run_git`), the user's repository (`GitRepo`), identities |
+| `porcelain` | `git status` parsed |
+| `snapshots` | a run's pinned base (`snapshot`) |
+| `pinning` | the `Workspace` record; the server's git pinned to it; planted `.git` quarantined |
+| `worktrees` | `Workspaces` (the seam for other kinds of workspace) and `GitWorktrees` |
+| `included` | ignored files a build needs, copied into a new workspace |
+| `engine` | `GitEngine`: checkout and commit, by git (`cli_git`) or libgit2 (`libgit2_git`) |
+| `engines` | the engine the server uses, chosen once |
+| `commits` | `commit_workspace`: an agent's in-scope work on its branch |
+| `diffs` | file changes, diffstats and diffs of commits |
+"""
+
+from orchestration.contracts import DiffStat, FileChange
+from orchestration.errors import RepositoryError
+from orchestration.workspace.cli_git import CliGit
+from orchestration.workspace.commits import commit_workspace
+from orchestration.workspace.diffs import diff, diffstat, file_changes, tree_changes
+from orchestration.workspace.engine import CommitJob, GitEngine, InProcessFirst, WorkCommit
+from orchestration.workspace.engines import DEFAULT_ENGINE, GIT, LIBGIT2
+from orchestration.workspace.git import (
+    BRANCH_PREFIX,
+    FANOUT_IDENTITY,
+    SNAPSHOT_REF_PREFIX,
+    STATE_DIR_NAME,
+    WORKSPACE_META,
+    ZERO_OID,
+    GitRepo,
+    Identity,
+    run_git,
+)
+from orchestration.workspace.libgit2_git import Libgit2Git
+from orchestration.workspace.pinning import (
+    Workspace,
+    admin_dir_of,
+    open_workspace_repo,
+    pin,
+    secure_workspace_git,
+)
+from orchestration.workspace.porcelain import StatusEntry, status_entries
+from orchestration.workspace.snapshots import Snapshot, snapshot
+from orchestration.workspace.worktrees import (
+    WORKSPACES,
+    GitWorktrees,
+    Workspaces,
+    clear_dead_locks,
+    create_workspace,
+    discard_unstarted_workspace,
+    list_workspaces,
+    remove_workspace,
+    workspace_disk_usage,
+)
+
+__all__ = [
+    "BRANCH_PREFIX",
+    "DEFAULT_ENGINE",
+    "FANOUT_IDENTITY",
+    "GIT",
+    "LIBGIT2",
+    "SNAPSHOT_REF_PREFIX",
+    "STATE_DIR_NAME",
+    "WORKSPACES",
+    "WORKSPACE_META",
+    "ZERO_OID",
+    "CliGit",
+    "CommitJob",
+    "DiffStat",
+    "FileChange",
+    "GitEngine",
+    "GitRepo",
+    "GitWorktrees",
+    "Identity",
+    "InProcessFirst",
+    "Libgit2Git",
+    "RepositoryError",
+    "Snapshot",
+    "StatusEntry",
+    "WorkCommit",
+    "Workspace",
+    "Workspaces",
+    "admin_dir_of",
+    "clear_dead_locks",
+    "commit_workspace",
+    "create_workspace",
+    "diff",
+    "diffstat",
+    "discard_unstarted_workspace",
+    "file_changes",
+    "list_workspaces",
+    "open_workspace_repo",
+    "pin",
+    "remove_workspace",
+    "run_git",
+    "secure_workspace_git",
+    "snapshot",
+    "status_entries",
+    "tree_changes",
+    "workspace_disk_usage",
+]

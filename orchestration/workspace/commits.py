@@ -1,0 +1,60 @@
+"""Committing an agent's work on its branch: in-scope changes committed, the rest dropped."""
+
+from __future__ import annotations
+
+import pygit2
+
+from orchestration.errors import RepositoryError
+from orchestration.workspace.engine import CommitJob, GitEngine, WorkCommit
+from orchestration.workspace.engines import DEFAULT_ENGINE
+from orchestration.workspace.git import FANOUT_IDENTITY, Identity
+from orchestration.workspace.pinning import (
+    Workspace,
+    open_workspace_repo,
+    pin,
+    secure_workspace_git,
+)
+from toolbus.resources import WriteScope
+
+
+def commit_workspace(
+    ws: Workspace,
+    *,
+    message: str,
+    write_scope: WriteScope,
+    author: Identity = FANOUT_IDENTITY,
+    engine: GitEngine = DEFAULT_ENGINE,
+) -> WorkCommit:
+    """Commit the agent's in-scope changes on its branch; out-of-scope ones stay on disk, dropped.
+
+    The commit's tree is the base outside the write scope and the working tree inside it, so
+    nothing out of scope reaches the branch, even if the agent ran git itself. Calling it again
+    commits later edits on top. Git works on the workspace only pinned to its recorded git dir,
+    after any `.git` the agent planted is moved out (`secure_workspace_git`).
+    """
+    pinned = pin(ws.path)
+    planted = secure_workspace_git(pinned)
+    ref = ws.branch_ref if ws.branch else "HEAD"  # the agent's branch, even if it moved HEAD
+    pyrepo = open_workspace_repo(pinned)
+    try:
+        try:
+            head = pyrepo.revparse_single(ref).peel(pygit2.Commit)
+        except (KeyError, ValueError, pygit2.GitError) as exc:
+            where = pinned.work_tree
+            raise RepositoryError(f"{ref} of the workspace {where} names no commit: {exc}") from exc
+        job = CommitJob(
+            pyrepo=pyrepo,
+            pinned=pinned,
+            ref=ref,
+            head=head,
+            base=ws.base_commit or str(head.id),
+            write_scope=write_scope,
+            message=message,
+            author=author,
+        )
+        done = engine.commit(job)
+    finally:
+        pyrepo.free()
+    if done is None:
+        raise RepositoryError(f"no git engine committed the work of the workspace {ws.path}")
+    return done.model_copy(update={"planted": planted}) if planted else done

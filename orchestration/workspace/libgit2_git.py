@@ -1,0 +1,209 @@
+"""`GitEngine` in-process with libgit2 (pygit2), saving the git processes of a checkout and a
+commit. It declines, having changed nothing, whatever libgit2 would not do as git does: a
+configured filter driver (libgit2 cannot run `clean`/`smudge`/`process` programs such as
+git-lfs), a `working-tree-encoding` attribute (libgit2 does not re-encode), a
+`reference-transaction` hook (git runs it, libgit2 does not), and a checkout of a large tree,
+which git writes faster."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pygit2
+
+from orchestration.errors import RepositoryError
+from orchestration.workspace.diffs import file_changes
+from orchestration.workspace.engine import (
+    CommitJob,
+    WorkCommit,
+    base_entries,
+    changed_paths,
+    commit_message,
+)
+from orchestration.workspace.git import FANOUT_IDENTITY, has_hook, tree_of
+from orchestration.workspace.pinning import open_workspace_repo
+from toolbus.gitcmd import Pinned
+
+log = logging.getLogger(__name__)
+
+_FILTER_DRIVER = re.compile(r"filter\..+\.(clean|smudge|process)", re.IGNORECASE)
+_NOT_IN_PROCESS_ATTRIBUTE = "working-tree-encoding"
+# Above this many files git's own checkout is the faster one; below it, the git process that
+# libgit2 saves is worth more than git's faster writing of files.
+CHECKOUT_MAX_FILES = 256
+
+
+class _TreeFacts:
+    """Per (git dir, tree): whether its attributes suit libgit2 and how many files it holds;
+    computed once per tree, shared by the threads of this process."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str], tuple[bool, int]] = {}
+        self._lock = threading.Lock()
+
+    def of(self, pyrepo: pygit2.Repository, tree: pygit2.Tree) -> tuple[bool, int]:
+        """Whether no `.gitattributes` in `tree` (nor info/attributes) names an attribute
+        libgit2 lacks, and how many files the tree holds."""
+        key = (str(Path(pyrepo.path).resolve()), str(tree.id))
+        with self._lock:
+            known = self._known.get(key)
+        if known is not None:
+            return known
+        ok, files = True, 0
+        stack = [tree]
+        while stack:
+            for entry in stack.pop():
+                if entry.type_str == "tree":
+                    stack.append(pyrepo[entry.id].peel(pygit2.Tree))
+                    continue
+                files += 1
+                if ok and entry.name == ".gitattributes" and entry.type_str == "blob":
+                    data = pyrepo[entry.id].peel(pygit2.Blob).data
+                    ok = _NOT_IN_PROCESS_ATTRIBUTE.encode() not in data
+        info = Path(pyrepo.path) / "info" / "attributes"
+        with contextlib.suppress(OSError):
+            if _NOT_IN_PROCESS_ATTRIBUTE.encode() in info.read_bytes():
+                ok = False
+        with self._lock:
+            self._known[key] = (ok, files)
+        return ok, files
+
+
+class Libgit2Git:
+    """Checkout and commit in-process; declines what libgit2 would do differently from git."""
+
+    def __init__(self, *, checkout_max_files: int = CHECKOUT_MAX_FILES) -> None:
+        self._checkout_max_files = checkout_max_files
+        self._facts = _TreeFacts()
+
+    def accepts(self, pyrepo: pygit2.Repository, tree: pygit2.Tree) -> bool:
+        """Whether libgit2 checks out and stages `tree`'s files exactly as git would. The
+        configuration and hooks are read every time; the tree's attributes once per tree."""
+        try:
+            config = pyrepo.config
+            if any(_FILTER_DRIVER.fullmatch(entry.name) for entry in config):
+                return False
+            attributes_file = None
+            with contextlib.suppress(KeyError):
+                attributes_file = str(config["core.attributesFile"])
+            if attributes_file:
+                with contextlib.suppress(OSError):
+                    text = Path(os.path.expanduser(attributes_file)).read_bytes()
+                    if _NOT_IN_PROCESS_ATTRIBUTE.encode() in text:
+                        return False
+            if pyrepo.workdir:
+                common = Path(pyrepo.path)
+                with contextlib.suppress(OSError):
+                    common_text = (common / "commondir").read_text(encoding="utf-8").strip()
+                    common = (common / common_text).resolve()
+                if has_hook(config, Path(pyrepo.workdir), common, "reference-transaction"):
+                    return False
+            return self._facts.of(pyrepo, tree)[0]
+        except (pygit2.GitError, KeyError, ValueError, OSError):
+            return False
+
+    def checkout(self, pinned: Pinned, base: str) -> bool:
+        path = pinned.work_tree
+        try:
+            wt = open_workspace_repo(pinned)
+        except pygit2.GitError:
+            return False
+        try:
+            tree = wt[pygit2.Oid(hex=base)].peel(pygit2.Tree)
+            if not self.accepts(wt, tree):
+                return False
+            if self._facts.of(wt, tree)[1] > self._checkout_max_files:
+                return False  # a large tree: git writes it faster
+            # FORCE: write every file of the tree (the directory is empty, as after
+            # --no-checkout); the index gets the files' stat data, so `git status` re-hashes
+            # nothing.
+            wt.checkout_tree(  # pyright: ignore[reportUnknownMemberType]
+                tree, strategy=pygit2.enums.CheckoutStrategy.FORCE
+            )
+            return True
+        except (pygit2.GitError, KeyError, ValueError, OSError) as exc:
+            log.info("in-process checkout of %s failed (%s); git checks it out", path, exc)
+            return False
+        finally:
+            wt.free()
+
+    def commit(self, job: CommitJob) -> WorkCommit | None:
+        """The worktree's index becomes the working tree (`git add -A`), out-of-scope paths are
+        set back to the base, and the branch moves by compare-and-swap under its ref lock;
+        declined unless the worktree's HEAD is on the job's ref."""
+        pyrepo, ref, base = job.pyrepo, job.ref, job.base
+        if pyrepo.head_is_detached:
+            return None
+        try:
+            if pyrepo.references["HEAD"].target != ref:
+                return None  # the agent switched branches itself: git handles it
+            if not self.accepts(pyrepo, job.head.tree):
+                return None
+            index = pyrepo.index
+            index.read(force=True)
+            if index.conflicts is not None:
+                return None
+            index.add_all()
+            tree = str(index.write_tree())
+            dropped: list[str] = []
+            if tree != str(tree_of(pyrepo, base).id):
+                changed = changed_paths(pyrepo, base, tree)
+                if any(p == ".gitattributes" or p.endswith("/.gitattributes") for p in changed):
+                    return None  # new attributes: let git apply them as it does
+                dropped = sorted(p for p in changed if not job.write_scope.allows(p))
+                if dropped:
+                    _reset_index_paths(pyrepo, index, base, dropped)
+                    tree = str(index.write_tree())
+        except (pygit2.GitError, KeyError, ValueError, OSError) as exc:
+            log.info("in-process staging in %s failed (%s); git stages it", pyrepo.workdir, exc)
+            return None
+        if tree == str(job.head.tree_id):
+            return WorkCommit(commit=None, changes=[], dropped=dropped)
+        head = job.head.id
+        commit = pyrepo.create_commit(
+            None,
+            job.author.signature(),
+            FANOUT_IDENTITY.signature(),
+            commit_message(job.message) + "\n",
+            pygit2.Oid(hex=tree),
+            [head],
+        )
+        try:
+            with pyrepo.transaction() as txn:
+                txn.lock_ref(ref)
+                current = pyrepo.references[ref].target
+                if current != head:
+                    raise RepositoryError(
+                        f"the branch {ref} of the workspace {pyrepo.workdir} moved from {head} "
+                        f"to {current} while its work was committed; commit again"
+                    )
+                # (the reflog signature is the repository's identity: pygit2 cannot pass one)
+                txn.set_target(ref, commit, message="fanout: commit agent work")
+        except pygit2.GitError as exc:
+            raise RepositoryError(f"could not move {ref} to the agent's work: {exc}") from exc
+        try:
+            index.write()  # the worktree's index now holds the new commit's tree
+        except (pygit2.GitError, OSError) as exc:
+            # The work is committed and the branch moved; only `git status` inside the
+            # workspace would show it staged (the next commit re-stages the working tree).
+            log.warning("the index of %s was not updated after its commit: %s", pyrepo.workdir, exc)
+        changes = file_changes(pyrepo, str(head), str(commit))
+        return WorkCommit(commit=str(commit), changes=changes, dropped=dropped)
+
+
+def _reset_index_paths(
+    pyrepo: pygit2.Repository, index: pygit2.Index, base: str, paths: Sequence[str]
+) -> None:
+    """Set `paths` in `index` to their content in `base`, removing absent ones."""
+    for p, entry in base_entries(pyrepo, base, paths):
+        if entry is None:
+            if p in index:
+                index.remove(p)
+        else:
+            index.add(pygit2.IndexEntry(p, entry.id, entry.filemode))

@@ -1,0 +1,85 @@
+"""The pinned base of a run: the user's HEAD, plus a snapshot commit of their uncommitted work."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestration.workspace.git import (
+    FANOUT_IDENTITY,
+    FULL_OID,
+    SNAPSHOT_REF_PREFIX,
+    GitRepo,
+    check_component,
+    run_git,
+    seed_index,
+)
+from orchestration.workspace.porcelain import parse
+
+
+class Snapshot(BaseModel):
+    """The pinned base of a run: the user's HEAD plus, when dirty, their uncommitted work."""
+
+    model_config = ConfigDict(frozen=True)
+
+    base_commit: str
+    head_commit: str
+    branch_ref: str | None
+    dirty: bool
+    untracked_included: list[str] = Field(default_factory=list[str])
+
+
+def snapshot(repo: GitRepo, run_id: str) -> Snapshot:
+    """Pin the run's base; uncommitted work goes into a snapshot commit, the user's state untouched.
+
+    The snapshot commit is built with a temporary index under the state dir, so the user's
+    branch, index and working tree are only read. `refs/fanout/snapshots/<run_id>` keeps the
+    base alive through gc.
+    """
+    check_component(run_id, "run id")
+    head, branch, dirty, untracked = _head_and_status(repo)
+    base = head
+    if dirty:
+        untracked = sorted(untracked)
+        index = repo.temp_path("snapshot-index-")
+        try:
+            env = {"GIT_INDEX_FILE": str(index)}
+            seed_index(repo.root, repo.git_dir / "index", index, "HEAD", env)
+            repo.git("add", "-A", "--", ":/", env=env)
+            tree = repo.git("write-tree", env=env).strip()
+        finally:
+            index.unlink(missing_ok=True)
+        if tree != repo.git("rev-parse", "HEAD^{tree}").strip():
+            base = repo.git(
+                "commit-tree",
+                tree,
+                "-p",
+                head,
+                "-m",
+                f"fanout snapshot for run {run_id}\n\nUncommitted work in {repo.root} "
+                f"on top of {head}.",
+                env=FANOUT_IDENTITY.env(),
+            ).strip()
+    ref = SNAPSHOT_REF_PREFIX + run_id
+    repo.git("update-ref", "-m", f"fanout: snapshot for run {run_id}", ref, base)
+    return Snapshot(
+        base_commit=base,
+        head_commit=head,
+        branch_ref=branch,
+        dirty=base != head,
+        untracked_included=untracked if base != head else [],
+    )
+
+
+def _head_and_status(repo: GitRepo) -> tuple[str, str | None, bool, list[str]]:
+    """(HEAD's commit, its branch ref or None, whether anything is uncommitted, the untracked
+    paths) from one `git status` (what `head_commit`, `head_branch` and `status_entries` say)."""
+    args = ("status", "--porcelain=v2", "-z", "--branch", "--untracked-files=all", "--no-renames")
+    status = parse(run_git(repo.root, *args, env={"GIT_OPTIONAL_LOCKS": "0"}).stdout, v2=True)
+    oid = status.headers.get("branch.oid", "")
+    name = status.headers.get("branch.head")
+    untracked = [e.path for e in status.entries if e.code == "??"]
+    dirty = bool(status.entries)
+    if not FULL_OID.fullmatch(oid):
+        return repo.head_commit(), repo.head_branch(), dirty, untracked  # says what is wrong
+    branch = None if name in (None, "(detached)") else f"refs/heads/{name}"
+    return oid, branch, dirty, untracked
