@@ -6,6 +6,7 @@ A plain reader per resource over the app state, and `RESOURCES`, the table that 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -13,15 +14,11 @@ from dataclasses import dataclass
 from types import MethodType
 from typing import Any
 
-import anyio
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
 from mcp_server.app import App
-from orchestration.errors import AgentNotFound, RunNotFound
-from orchestration.join import JoinCandidate, conflict_diff
-from orchestration.orchestrator import RepoContext, lease_expires_in
-from orchestration.state import AgentRecord, RunRecord
+from orchestration.context import RepoContext
+from orchestration.queries import RepoQueries
 
 MAX_TRANSCRIPT_BYTES = 2_000_000
 MAX_FILE_BYTES = 1_000_000
@@ -31,65 +28,28 @@ def _json(value: Any) -> str:
     return json.dumps(value, indent=1, sort_keys=False, default=str)
 
 
-def _run(ctx: RepoContext, run_id: str) -> RunRecord:
-    run = ctx.store.run(run_id)
-    if run is None:
-        raise RunNotFound(f"no run {run_id!r}; read fanout://runs for the list")
-    return run
-
-
-def _agent(ctx: RepoContext, agent_id: str) -> AgentRecord:
-    agent = ctx.store.agent(agent_id)
-    if agent is None:
-        raise AgentNotFound(f"no agent {agent_id!r}; get_status lists the agents")
-    return agent
-
-
-def _ls_tree(ctx: RepoContext, commit: str) -> list[dict[str, str]]:
-    out = ctx.repo.git("ls-tree", "-r", "-z", commit)
-    files: list[dict[str, str]] = []
-    for entry in out.split("\x00"):
-        if not entry:
-            continue
-        meta, path = entry.split("\t", 1)
-        _mode, _kind, blob = meta.split(" ")
-        files.append({"path": path, "blob": blob})
-    return files
+async def _queries(app: App) -> RepoQueries:
+    return RepoQueries(await app.context())
 
 
 async def leases_json(ctx: RepoContext) -> str:
-    leases = await ctx.leases.table()
-    now = time.time()
-    return _json(
-        [
-            {
-                "holder": lease.holder,
-                "resource": lease.resource,
-                "kind": lease.kind,
-                "mode": lease.mode.value,
-                "token": lease.token,
-                "expires_in_s": lease_expires_in(lease, now),
-            }
-            for lease in leases
-        ]
-    )
+    rows = await RepoQueries(ctx).leases(time.time())
+    return _json([dataclasses.asdict(row) for row in rows])
 
 
 async def runs(app: App) -> str:
-    ctx = await app.context()
-    out: list[dict[str, Any]] = []
-    for run in ctx.store.runs():
-        agents = ctx.store.agents(run.run_id)
-        out.append(
+    return _json(
+        [
             {
-                "run_id": run.run_id,
-                "created_at": run.created_at,
-                "base_commit": run.base_commit,
-                "agents": {a.agent_id: a.status.value for a in agents},
-                "uri": f"fanout://runs/{run.run_id}",
+                "run_id": listing.run.run_id,
+                "created_at": listing.run.created_at,
+                "base_commit": listing.run.base_commit,
+                "agents": {agent_id: s.value for agent_id, s in listing.statuses.items()},
+                "uri": f"fanout://runs/{listing.run.run_id}",
             }
-        )
-    return _json(out)
+            for listing in (await _queries(app)).runs()
+        ]
+    )
 
 
 async def leases(app: App) -> str:
@@ -97,9 +57,9 @@ async def leases(app: App) -> str:
 
 
 async def run(app: App, run_id: str) -> str:
-    ctx = await app.context()
-    record = _run(ctx, run_id)
-    files = await anyio.to_thread.run_sync(_ls_tree, ctx, record.base_commit)
+    queries = await _queries(app)
+    record = queries.run(run_id)
+    files = await queries.base_files(record)
     shared = record.shared
     return _json(
         {
@@ -113,70 +73,43 @@ async def run(app: App, run_id: str) -> str:
                 {"path": f.path, "blob": f.blob, "size": f.size, "note": f.note}
                 for f in shared.files
             ],
-            "files": files,
+            "files": [{"path": f.path, "blob": f.blob} for f in files],
             "file_uri_template": f"fanout://runs/{run_id}/files/{{+path}}",
         }
     )
 
 
 async def run_file(app: App, run_id: str, path: str) -> str | bytes:
-    ctx = await app.context()
-    record = _run(ctx, run_id)
-    blob = ctx.repo.try_git("rev-parse", "--verify", "--quiet", f"{record.base_commit}:{path}")
-    if blob is None:
-        raise ResourceNotFoundError(f"{path!r} does not exist at {record.base_commit[:12]}")
-    size = int(ctx.repo.git("cat-file", "-s", blob.strip()).strip())
-    if size > MAX_FILE_BYTES:
-        return f"({size} bytes: too big to serve; read it from git: {blob.strip()})"
-    return ctx.repo.git("cat-file", "blob", blob.strip())
+    found = await (await _queries(app)).file_at_base(run_id, path, MAX_FILE_BYTES)
+    if found.text is None:
+        return f"({found.size} bytes: too big to serve; read it from git: {found.blob})"
+    return found.text
 
 
 async def agent_result(app: App, agent_id: str) -> str:
-    ctx = await app.context()
-    agent = _agent(ctx, agent_id)
+    agent = (await _queries(app)).agent(agent_id)
     data = agent.model_dump(mode="json", exclude={"rerun_context", "prompt"})
     data["prompt"] = agent.prompt
     return _json(data)
 
 
 async def agent_diff(app: App, agent_id: str) -> str:
-    ctx = await app.context()
-    agent = _agent(ctx, agent_id)
+    queries = await _queries(app)
+    agent = queries.agent(agent_id)
     if agent.commit is None:
         return f"# {agent_id} has no commit yet (status {agent.status.value})\n"
-    base = agent.base_commit
-    commit = agent.commit
-    diff = await anyio.to_thread.run_sync(
-        lambda: ctx.repo.git("diff", "--no-ext-diff", "--no-textconv", f"{base}..{commit}")
-    )
-    header = f"# {agent_id}: git diff {base[:12]}..{commit[:12]}\n"
+    diff = await queries.diff(agent, agent.commit)
+    header = f"# {agent_id}: git diff {agent.base_commit[:12]}..{agent.commit[:12]}\n"
     if agent.conflicts:
         header += "# conflicts with the canonical head in: " + ", ".join(agent.conflicts) + "\n"
-        candidate = JoinCandidate(
-            agent_id=agent.agent_id,
-            name=agent.name,
-            task_summary=agent.prompt[:72],
-            base_commit=base,
-            branch=agent.branch or "",
-            commit=commit,
-        )
-        hunks = await anyio.to_thread.run_sync(lambda: conflict_diff(ctx.repo, candidate))
+        hunks = await queries.conflict_hunks(agent, agent.commit)
         header += "# the conflicting files merged onto the current head, with markers:\n"
         header += hunks + "\n# the agent's own diff:\n"
     return header + diff
 
 
 async def agent_transcript(app: App, agent_id: str) -> str:
-    ctx = await app.context()
-    _agent(ctx, agent_id)
-    path = ctx.repo.state_dir / "transcripts" / f"{agent_id}.jsonl"
-    if not path.exists():
-        return ""
-    data = path.read_bytes()
-    if len(data) > MAX_TRANSCRIPT_BYTES:
-        data = data[-MAX_TRANSCRIPT_BYTES:]
-        data = data[data.find(b"\n") + 1 :]
-    return data.decode("utf-8", errors="replace")
+    return await (await _queries(app)).transcript(agent_id, MAX_TRANSCRIPT_BYTES)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ The MCP layer translates these, in one place, into tool errors::
     ├── InvalidRequest          a spawn/merge/rerun request that does not validate (names the field)
     ├── NotFound
     │   ├── RunNotFound
-    │   └── AgentNotFound
+    │   ├── AgentNotFound
+    │   └── PathNotFound        no such file at a run's base
     ├── InvalidState            the operation does not fit the agent's or run's status
     ├── BudgetExhausted         the run's shared token budget is spent
     ├── MergeError              the join step could not proceed (lock, git failure)
@@ -50,6 +51,10 @@ class RunNotFound(NotFound):
 
 class AgentNotFound(NotFound):
     """No agent with this id."""
+
+
+class PathNotFound(NotFound):
+    """No file at this path in the commit asked about."""
 
 
 class InvalidState(OrchestrationError):
