@@ -32,6 +32,12 @@ class _Output(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _View(BaseModel):
+    """A status view: built once per change and shared between answers, so never mutated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class _Record(BaseModel):
     """A record shared by workspaces, the join and the MCP answers (one definition): frozen."""
 
@@ -267,7 +273,7 @@ class AgentResult(AgentResultView):
         )
 
 
-class LeaseView(_Output):
+class LeaseView(_View):
     """A lease as status shows it."""
 
     resource: str
@@ -276,7 +282,7 @@ class LeaseView(_Output):
     expires_in_s: float
 
 
-class AgentView(_Output):
+class AgentView(_View):
     """One agent in `get_status`."""
 
     agent_id: str
@@ -304,7 +310,7 @@ class AgentView(_Output):
     )
 
 
-class RunTotals(_Output):
+class RunTotals(_View):
     """A run's totals and its live token meter."""
 
     agents: int
@@ -315,7 +321,7 @@ class RunTotals(_Output):
     budget_remaining: int
 
 
-class RunView(_Output):
+class RunView(_View):
     """One run in `get_status`."""
 
     run_id: str
@@ -334,7 +340,7 @@ class RunView(_Output):
     )
 
 
-class StatusResult(_Output):
+class StatusResult(_View):
     """Result of `get_status`."""
 
     cursor: int = Field(

@@ -217,7 +217,7 @@ class Orchestrator:
                     lease_holder=agent_id,
                 )
             )
-        planner.plan_waves(agents)
+        agents = planner.plan_waves(agents)
         warnings = await planner.spawn_warnings(self.settings, ctx.leases, agents)
         estimate = planner.estimate(run, agents)
         if estimate.estimated_total_tokens > budget:

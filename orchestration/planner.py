@@ -26,16 +26,22 @@ ESTIMATED_GROWTH_PER_TURN = 1_500
 ESTIMATED_OUTPUT_PER_TURN = 600
 
 
-def plan_waves(agents: list[AgentRecord]) -> None:
-    """An agent waits for each earlier agent of the run whose write scope overlaps its own."""
+def plan_waves(agents: list[AgentRecord]) -> list[AgentRecord]:
+    """The agents, each waiting for every earlier agent of the run whose write scope overlaps
+    its own."""
     requests = [scope_requests(agent.write_scope) for agent in agents]
-    for i, agent in enumerate(agents):
-        mine = requests[i]
-        agent.waits_for = [
-            earlier.agent_id
-            for j, earlier in enumerate(agents[:i])
-            if any(conflicts(a, b) for a in mine for b in requests[j])
-        ]
+    return [
+        agent.model_copy(
+            update={
+                "waits_for": [
+                    earlier.agent_id
+                    for j, earlier in enumerate(agents[:i])
+                    if any(conflicts(a, b) for a in requests[i] for b in requests[j])
+                ]
+            }
+        )
+        for i, agent in enumerate(agents)
+    ]
 
 
 def estimate(run: RunRecord, agents: list[AgentRecord]) -> CostEstimate:

@@ -104,7 +104,7 @@ class SharedSnapshot(BaseModel):
     file_count: int = 0
 
 
-class RunRecord(BaseModel):
+class RunRecord(BaseModel, frozen=True):
     """A run as stored."""
 
     run_id: str
@@ -121,8 +121,8 @@ class RunRecord(BaseModel):
     owner: str
 
 
-class AgentRecord(BaseModel):
-    """An agent as stored."""
+class AgentRecord(BaseModel, frozen=True):
+    """An agent as stored (frozen: a change is a new record, made by `StateStore.apply`)."""
 
     agent_id: str
     run_id: str
