@@ -10,6 +10,7 @@ makes it `interrupted`, with its work committed on its branch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Sequence
@@ -40,6 +41,7 @@ from orchestration.errors import (
     ConfigError,
     InvalidRequest,
     InvalidState,
+    NotFound,
     OrchestrationError,
     RepositoryError,
 )
@@ -422,19 +424,22 @@ class Orchestrator:
     # --- look-ups ---------------------------------------------------------------------------
 
     async def _context_of_run(self, run_id: str, repo: Path | None) -> RepoContext:
-        for ctx in self._contexts.values():
-            if ctx.store.run(run_id) is not None:
-                return ctx
-        ctx = await self.context(repo)
-        find_run(ctx, run_id)
-        return ctx
+        """The context of the repository that has the run (RunNotFound if none has it)."""
+        return await self._context_holding(run_id, repo, find_run)
 
     async def _context_of_agent(self, agent_id: str, repo: Path | None) -> RepoContext:
+        """The context of the repository that has the agent (AgentNotFound if none has it)."""
+        return await self._context_holding(agent_id, repo, find_agent)
+
+    async def _context_holding(
+        self, key: str, repo: Path | None, find: Callable[[RepoContext, str], object]
+    ) -> RepoContext:
         for ctx in self._contexts.values():
-            if ctx.store.agent(agent_id) is not None:
+            with contextlib.suppress(NotFound):
+                find(ctx, key)
                 return ctx
         ctx = await self.context(repo)
-        find_agent(ctx, agent_id)
+        find(ctx, key)  # raises NotFound, naming what is missing
         return ctx
 
 
