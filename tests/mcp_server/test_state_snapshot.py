@@ -3,90 +3,97 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from orchestration.contracts import AgentStatus
 from orchestration.state import EventKind, StateStore
 from tests.orchestration.test_state import _agent, _run  # pyright: ignore[reportPrivateUsage]
 
+Stores = tuple[StateStore, StateStore]
 
-def test_snapshot_matches_agents_and_reparses_only_changes(tmp_path: Path) -> None:
-    store = StateStore(tmp_path)
-    other = StateStore(tmp_path)  # another server process on the same repository
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[Stores]:
+    """Two stores on one state dir, as two server processes have them."""
+    store, other = StateStore(tmp_path), StateStore(tmp_path)
     try:
-        store.create_run(_run("r1"), [_agent(f"a{i}", "r1", i) for i in range(1, 4)])
-        store.create_run(_run("r2"), [_agent("b1", "r2", 1)])
-        first = store.agents_snapshot("r1")
-        assert first == store.agents("r1")
-        assert [a.agent_id for a in first] == ["a1", "a2", "a3"]
-
-        other.apply("a2", EventKind.RUNNING, status=AgentStatus.RUNNING, turns=1)
-        second = store.agents_snapshot("r1")
-        assert second == store.agents("r1")
-        assert second[1].status is AgentStatus.RUNNING and second[1].turns == 1
-        assert second[0] is first[0] and second[2] is first[2]  # unchanged rows: not re-parsed
-        assert second[1] is not first[1]
-
-        other.add_agent(_agent("a4", "r1", 4))
-        assert [a.agent_id for a in store.agents_snapshot("r1")] == ["a1", "a2", "a3", "a4"]
-        assert [a.agent_id for a in store.agents_snapshot("r2")] == ["b1"]
-        assert store.agents_snapshot("r-none") == []
+        yield store, other
     finally:
         store.close()
         other.close()
 
 
-def test_snapshot_reads_no_rows_while_no_event_was_recorded(tmp_path: Path) -> None:
-    store = StateStore(tmp_path)
-    other = StateStore(tmp_path)
+def test_snapshot_matches_agents_and_reparses_only_changes(
+    stores: Stores,
+) -> None:
+    store, other = stores  # the other: another server process on the same repository
+    store.create_run(_run("r1"), [_agent(f"a{i}", "r1", i) for i in range(1, 4)])
+    store.create_run(_run("r2"), [_agent("b1", "r2", 1)])
+    first = store.agents_snapshot("r1")
+    assert first == store.agents("r1")
+    assert [a.agent_id for a in first] == ["a1", "a2", "a3"]
+
+    other.apply("a2", EventKind.RUNNING, status=AgentStatus.RUNNING, turns=1)
+    second = store.agents_snapshot("r1")
+    assert second == store.agents("r1")
+    assert second[1].status is AgentStatus.RUNNING and second[1].turns == 1
+    assert second[0] is first[0] and second[2] is first[2]  # unchanged rows: not re-parsed
+    assert second[1] is not first[1]
+
+    other.add_agent(_agent("a4", "r1", 4))
+    assert [a.agent_id for a in store.agents_snapshot("r1")] == ["a1", "a2", "a3", "a4"]
+    assert [a.agent_id for a in store.agents_snapshot("r2")] == ["b1"]
+    assert store.agents_snapshot("r-none") == []
+
+
+def test_snapshot_reads_no_rows_while_no_event_was_recorded(
+    stores: Stores,
+) -> None:
+    store, other = stores
     statements: list[str] = []
-    try:
-        store.create_run(_run("r1"), [_agent(f"a{i}", "r1", i) for i in range(1, 3)])
-        first = store.agents_snapshot("r1")
-        store._db.set_trace_callback(statements.append)  # pyright: ignore[reportPrivateUsage]
-        again = store.agents_snapshot("r1")
-        assert again == first and again[0] is first[0]
-        assert not [s for s in statements if "FROM agents" in s]
+    store.create_run(_run("r1"), [_agent(f"a{i}", "r1", i) for i in range(1, 3)])
+    first = store.agents_snapshot("r1")
+    store._db.set_trace_callback(statements.append)  # pyright: ignore[reportPrivateUsage]
+    again = store.agents_snapshot("r1")
+    assert again == first and again[0] is first[0]
+    assert not [s for s in statements if "FROM agents" in s]
 
-        # any change of an agent records an event in the same transaction: rows are read again
-        other.apply("a1", EventKind.RUNNING, status=AgentStatus.RUNNING, turns=2)
-        changed = store.agents_snapshot("r1")
-        assert [s for s in statements if "FROM agents" in s]
-        assert changed[0].status is AgentStatus.RUNNING and changed[0].turns == 2
-        assert changed[1] is first[1]
-        changed.clear()  # a caller's list is its own
-        assert len(store.agents_snapshot("r1")) == 2
-    finally:
-        store.close()
-        other.close()
+    # any change of an agent records an event in the same transaction: rows are read again
+    other.apply("a1", EventKind.RUNNING, status=AgentStatus.RUNNING, turns=2)
+    changed = store.agents_snapshot("r1")
+    assert [s for s in statements if "FROM agents" in s]
+    assert changed[0].status is AgentStatus.RUNNING and changed[0].turns == 2
+    assert changed[1] is first[1]
+    changed.clear()  # a caller's list is its own
+    assert len(store.agents_snapshot("r1")) == 2
 
 
-def test_runs_snapshot_matches_runs_and_reads_rows_only_after_an_event(tmp_path: Path) -> None:
-    store = StateStore(tmp_path)
-    other = StateStore(tmp_path)
+def test_runs_snapshot_matches_runs_and_reads_rows_only_after_an_event(
+    stores: Stores,
+) -> None:
+    store, other = stores
     statements: list[str] = []
-    try:
-        assert store.runs_snapshot() == [] and store.runs_snapshot("r1") == []
-        store.create_run(_run("r1"), [_agent("a1", "r1", 1)])
-        first = store.runs_snapshot()
-        assert first == store.runs() and store.runs_snapshot("r1") == first
-        assert store.runs_snapshot("r-none") == []
-        store._db.set_trace_callback(statements.append)  # pyright: ignore[reportPrivateUsage]
-        again = store.runs_snapshot()
-        assert again == first and again[0] is first[0]
-        assert store.runs_snapshot("r1")[0] is first[0]
-        assert not [s for s in statements if "FROM runs" in s]
+    assert store.runs_snapshot() == [] and store.runs_snapshot("r1") == []
+    store.create_run(_run("r1"), [_agent("a1", "r1", 1)])
+    first = store.runs_snapshot()
+    assert first == store.runs() and store.runs_snapshot("r1") == first
+    assert store.runs_snapshot("r-none") == []
+    store._db.set_trace_callback(statements.append)  # pyright: ignore[reportPrivateUsage]
+    again = store.runs_snapshot()
+    assert again == first and again[0] is first[0]
+    assert store.runs_snapshot("r1")[0] is first[0]
+    assert not [s for s in statements if "FROM runs" in s]
 
-        # a run created by another process records an event: rows are read, old ones not
-        # parsed again
-        other.create_run(_run("r2").model_copy(update={"created_at": 2.0}), [_agent("b1", "r2")])
-        both = store.runs_snapshot()
-        assert [s for s in statements if "FROM runs" in s]
-        assert both == store.runs() and [r.run_id for r in both] == ["r1", "r2"]
-        assert both[0] is first[0]
-        assert store.runs_snapshot("r2")[0] is both[1]
-        both.clear()  # a caller's list is its own
-        assert len(store.runs_snapshot()) == 2
-    finally:
-        store.close()
-        other.close()
+    # a run created by another process records an event: rows are read, old ones not
+    # parsed again
+    other.create_run(_run("r2").model_copy(update={"created_at": 2.0}), [_agent("b1", "r2")])
+    both = store.runs_snapshot()
+    assert [s for s in statements if "FROM runs" in s]
+    assert both == store.runs() and [r.run_id for r in both] == ["r1", "r2"]
+    assert both[0] is first[0]
+    assert store.runs_snapshot("r2")[0] is both[1]
+    both.clear()  # a caller's list is its own
+    assert len(store.runs_snapshot()) == 2
