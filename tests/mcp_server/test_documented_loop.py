@@ -89,33 +89,27 @@ async def test_waves_of_overlapping_scopes_end_by_themselves(tmp_path: Path) -> 
         assert (repo / rel).read_text() == body
 
 
+async def _spawn_one(client: Client, name: str, scope: list[str]) -> dict[str, Any]:
+    """Spawn a run of one task named `name`, whose prompt is its script's key."""
+    task = {"name": name, "prompt": f"[{name}]", "write_scope": scope}
+    return structured(await client.call_tool("spawn_subagents", {"tasks": [task]}))
+
+
+async def _wait(client: Client, run_id: str) -> dict[str, Any]:
+    """The run, once a long-poll from the start answers (the run needs the orchestrator)."""
+    answer = await client.call_tool("get_status", {"run_id": run_id, "since": 0, "wait_s": 60})
+    return structured(answer)["runs"][0]
+
+
 async def test_a_scope_held_by_an_earlier_run_is_named_and_the_loop_ends(tmp_path: Path) -> None:
     repo = make_sample_repo(tmp_path)
     fake = FakeAnthropic(by_key(SCRIPTS))
     async with fake.serve(), Client(stdio_params(repo, fake.base_url), mode="legacy") as client:
-        first = structured(
-            await client.call_tool(
-                "spawn_subagents",
-                {"tasks": [{"name": "one", "prompt": "[one]", "write_scope": ["docs/"]}]},
-            )
-        )
-        status = structured(
-            await client.call_tool(
-                "get_status", {"run_id": first["run_id"], "since": 0, "wait_s": 60}
-            )
-        )
-        assert status["runs"][0]["settled"]  # finished, not merged: it keeps docs/
-        second = structured(
-            await client.call_tool(
-                "spawn_subagents",
-                {"tasks": [{"name": "two", "prompt": "[two]", "write_scope": ["docs/"]}]},
-            )
-        )
-        waiting = structured(
-            await client.call_tool(
-                "get_status", {"run_id": second["run_id"], "since": 0, "wait_s": 60}
-            )
-        )["runs"][0]
+        first = await _spawn_one(client, "one", ["docs/"])
+        status = await _wait(client, first["run_id"])
+        assert status["settled"]  # finished, not merged: it keeps docs/
+        second = await _spawn_one(client, "two", ["docs/"])
+        waiting = await _wait(client, second["run_id"])
         assert waiting["settled"]
         assert waiting["agents"][0]["status"] == "waiting"
         assert f'merge_results(run_id="{first["run_id"]}")' in waiting["next"]
