@@ -186,7 +186,7 @@ print(failed)
 
 def test_processes_opening_a_new_store_at_the_same_moment_all_succeed(tmp_path: Path) -> None:
     """Two servers started together on one repository both create the store: SQLite refused one
-    of them at once ("database is locked"; about 1 round in 12 with four processes)."""
+    of them at once ("database is locked") before the store's creation was serialized."""
     dirs = [str(tmp_path / f"s{i}") for i in range(30)]
     start = time.time() + 2.0  # after the interpreters have started
     procs = [
