@@ -52,7 +52,7 @@ from orchestration.records import brief, has_work
 from orchestration.recovery import Recovery
 from orchestration.registry import AgentRegistry, LeaseFence
 from orchestration.runner import AgentRunner
-from orchestration.state import AgentRecord, EventKind, RunRecord, StateStore
+from orchestration.state import AgentRecord, EventKind, StateStore
 from orchestration.status_view import StatusView, lease_expires_in
 from toolbus.leases import LeaseKeeper, LeaseManager, LeaseStore
 
@@ -185,50 +185,26 @@ class Orchestrator:
             shared_spec.conventions if shared_spec else None,
             shared_spec.files if shared_spec else [],
         )
-        max_concurrency = request.max_concurrency or settings.max_concurrency
-        budget = request.budget_tokens or settings.budget_tokens
-        run = RunRecord(
-            run_id=run_id,
+        run = planner.new_run(
+            settings,
+            request,
+            run_id,
+            snap,
+            shared,
             repo=str(ctx.repo.root),
-            created_at=self.clock.time(),
-            base_commit=snap.base_commit,
-            head_commit=snap.head_commit,
-            branch_ref=snap.branch_ref,
-            snapshot_dirty=snap.dirty,
-            shared=shared,
-            max_concurrency=max_concurrency,
-            budget_tokens=budget,
-            model=settings.model,
             owner=ctx.store.server_id,
+            now=self.clock.time(),
         )
-        agents: list[AgentRecord] = []
-        for i, task in enumerate(request.tasks):
-            agent_id = f"{run_id}-a{i + 1}"
-            agents.append(
-                AgentRecord(
-                    agent_id=agent_id,
-                    run_id=run_id,
-                    index=i + 1,
-                    name=names[i],
-                    prompt=task.prompt,
-                    write_scope=task.write_scope,
-                    model=task.model or settings.model,
-                    max_turns=task.max_turns or settings.max_turns,
-                    base_commit=snap.base_commit,
-                    owner=ctx.store.server_id,
-                    lease_holder=agent_id,
-                )
-            )
-        agents = planner.plan_waves(agents)
+        agents = planner.new_agents(settings, request, run, names)
         warnings = await planner.spawn_warnings(self.settings, ctx.leases, agents)
         estimate = planner.estimate(run, agents)
-        if estimate.estimated_total_tokens > budget:
+        if estimate.estimated_total_tokens > run.budget_tokens:
             warnings.append(
                 f"the estimate ({estimate.estimated_total_tokens} tokens) exceeds the budget "
-                f"({budget}); agents stop with budget_exhausted when it is spent"
+                f"({run.budget_tokens}); agents stop with budget_exhausted when it is spent"
             )
         ctx.store.create_run(run, agents)
-        ctx.limiters[run_id] = anyio.CapacityLimiter(max_concurrency)
+        ctx.limiters[run_id] = anyio.CapacityLimiter(run.max_concurrency)
         ctx.prefixes[run_id] = shared_prefix(shared, paths)
         # Runtimes are registered before any task starts (cancel sees them at once); the tasks
         # start in spawn order, and no agent's turn runs before spawn returns.

@@ -10,7 +10,7 @@ import anyio
 from orchestration import workspace as ws_mod
 from orchestration.config import Settings
 from orchestration.context import RepoContext
-from orchestration.contracts import CostEstimate
+from orchestration.contracts import CostEstimate, SpawnRequest
 from orchestration.errors import InvalidRequest
 from orchestration.prompts import FINISH_TOOL, shared_prefix
 from orchestration.records import scope_requests
@@ -24,6 +24,59 @@ MAX_SHARED_FILE_BYTES = 200_000
 ESTIMATED_TURNS = 8
 ESTIMATED_GROWTH_PER_TURN = 1_500
 ESTIMATED_OUTPUT_PER_TURN = 600
+
+
+def new_run(
+    settings: Settings,
+    request: SpawnRequest,
+    run_id: str,
+    snap: ws_mod.Snapshot,
+    shared: SharedSnapshot,
+    *,
+    repo: str,
+    owner: str,
+    now: float,
+) -> RunRecord:
+    """The record of a run about to be created, its options from the request or the settings."""
+    return RunRecord(
+        run_id=run_id,
+        repo=repo,
+        created_at=now,
+        base_commit=snap.base_commit,
+        head_commit=snap.head_commit,
+        branch_ref=snap.branch_ref,
+        snapshot_dirty=snap.dirty,
+        shared=shared,
+        max_concurrency=request.max_concurrency or settings.max_concurrency,
+        budget_tokens=request.budget_tokens or settings.budget_tokens,
+        model=settings.model,
+        owner=owner,
+    )
+
+
+def new_agents(
+    settings: Settings, request: SpawnRequest, run: RunRecord, names: list[str]
+) -> list[AgentRecord]:
+    """The records of the run's agents, one per task, in waves (see `plan_waves`)."""
+    agents: list[AgentRecord] = []
+    for i, task in enumerate(request.tasks):
+        agent_id = f"{run.run_id}-a{i + 1}"
+        agents.append(
+            AgentRecord(
+                agent_id=agent_id,
+                run_id=run.run_id,
+                index=i + 1,
+                name=names[i],
+                prompt=task.prompt,
+                write_scope=task.write_scope,
+                model=task.model or settings.model,
+                max_turns=task.max_turns or settings.max_turns,
+                base_commit=run.base_commit,
+                owner=run.owner,
+                lease_holder=agent_id,
+            )
+        )
+    return plan_waves(agents)
 
 
 def plan_waves(agents: list[AgentRecord]) -> list[AgentRecord]:

@@ -26,7 +26,7 @@ from orchestration.contracts import (
 )
 from orchestration.errors import AgentNotFound
 from orchestration.records import scope_requests
-from orchestration.state import AgentRecord
+from orchestration.state import AgentRecord, RunRecord
 from orchestration.wakeup import COALESCE_MAX_S, COALESCE_S, Wakeups
 from toolbus.leases import Lease, LeaseMode
 
@@ -113,9 +113,6 @@ class StatusView:
             missing = sorted(wanted - known)
             if missing:
                 raise AgentNotFound(f"agent_ids: no such agent(s) {', '.join(missing)}")
-        # Views are built with model_construct: every value comes from an already validated
-        # record or lease, so validating ~64 nested views again per poll would be wasted work.
-        built = self._views
         budgets = tuple(read.budgets.get(run.run_id, (0, 0, 0)) for run in runs)
         # The same question, asked again while everything it shows is the same, gets the same
         # answer object: runs and agents change only with an event (the cursor), the budget's
@@ -126,54 +123,70 @@ class StatusView:
         last = answers.get(asked)
         if last is not None and last[0] == shows:
             return last[1]
-        views: list[RunView] = []
-        wakeups = self._wakeups
-        for run, (total, used, reserved) in zip(runs, budgets, strict=True):
-            agents = snapshots[run.run_id]
-            attention = await wakeups.attention(run.run_id, cursor)
-            changed_agents = (
-                None if since is None else sorted(wakeups.changes(since, run.run_id, cursor).agents)
+        views = [
+            await self._run_view(
+                run, snapshots[run.run_id], budget, read, wanted=wanted, since=since
             )
-            by_status = {s.value: n for s, n in Counter(a.status for a in agents).items()}
-            spent = [a.tokens for a in agents]
-            tokens = TokenUsage.model_construct(
-                input=sum(t.input for t in spent),
-                output=sum(t.output for t in spent),
-                cache_read=sum(t.cache_read for t in spent),
-                cache_write=sum(t.cache_write for t in spent),
-            )
-            shown = [a for a in agents if wanted is None or a.agent_id in wanted]
-            views.append(
-                RunView.model_construct(
-                    run_id=run.run_id,
-                    repo=run.repo,
-                    created_at=run.created_at,
-                    base_commit=run.base_commit,
-                    max_concurrency=run.max_concurrency,
-                    totals=RunTotals.model_construct(
-                        agents=len(agents),
-                        by_status=by_status,
-                        tokens=tokens,
-                        budget_tokens=total,
-                        budget_used=used,
-                        budget_remaining=max(total - used - reserved, 0),
-                    ),
-                    agents=[
-                        _agent_view(
-                            built, a, read.leases_by_holder.get(a.lease_holder or a.agent_id, [])
-                        )
-                        for a in shown
-                    ],
-                    settled=attention.settled,
-                    next=attention.next,
-                    changed_agents=changed_agents,
-                )
-            )
+            for run, budget in zip(runs, budgets, strict=True)
+        ]
         result = StatusResult(cursor=cursor, changed=changed, runs=views, workspace_disk_bytes=disk)
         if len(answers) >= STATUS_ANSWERS_KEPT:
             answers.clear()
         answers[asked] = (shows, result)
         return result
+
+    async def _run_view(
+        self,
+        run: RunRecord,
+        agents: list[AgentRecord],
+        budget: tuple[int, int, int],
+        read: _StatusRead,
+        *,
+        wanted: set[str] | None,
+        since: int | None,
+    ) -> RunView:
+        """The run as status shows it. Views are built with model_construct: every value comes
+        from an already validated record or lease, so validating them again per poll would be
+        wasted work."""
+        total, used, reserved = budget
+        attention = await self._wakeups.attention(run.run_id, read.cursor)
+        changed_agents = (
+            None
+            if since is None
+            else sorted(self._wakeups.changes(since, run.run_id, read.cursor).agents)
+        )
+        spent = [a.tokens for a in agents]
+        tokens = TokenUsage.model_construct(
+            input=sum(t.input for t in spent),
+            output=sum(t.output for t in spent),
+            cache_read=sum(t.cache_read for t in spent),
+            cache_write=sum(t.cache_write for t in spent),
+        )
+        return RunView.model_construct(
+            run_id=run.run_id,
+            repo=run.repo,
+            created_at=run.created_at,
+            base_commit=run.base_commit,
+            max_concurrency=run.max_concurrency,
+            totals=RunTotals.model_construct(
+                agents=len(agents),
+                by_status={s.value: n for s, n in Counter(a.status for a in agents).items()},
+                tokens=tokens,
+                budget_tokens=total,
+                budget_used=used,
+                budget_remaining=max(total - used - reserved, 0),
+            ),
+            agents=[
+                _agent_view(
+                    self._views, a, read.leases_by_holder.get(a.lease_holder or a.agent_id, [])
+                )
+                for a in agents
+                if wanted is None or a.agent_id in wanted
+            ],
+            settled=attention.settled,
+            next=attention.next,
+            changed_agents=changed_agents,
+        )
 
     async def _wait_for_attention(
         self,
