@@ -24,6 +24,7 @@ from orchestration.contracts import (
     MergeResult,
     RerunResult,
     RunView,
+    ServerLoad,
     SpawnResult,
     StatusResult,
     TokenUsage,
@@ -110,6 +111,15 @@ class AgentDetail(_Answer):
     result_resource: str
 
 
+class ServerLine(_Answer):
+    """The server's limits across runs."""
+
+    running: int
+    max_running: int
+    tokens: int = Field(description="tokens all runs of this server used")
+    budget_remaining: int | None = None
+
+
 class StatusAnswer(_Answer):
     """Result of `get_status`."""
 
@@ -120,6 +130,23 @@ class StatusAnswer(_Answer):
     changed: bool = Field(description="false when a long-poll ended at wait_s with nothing to do")
     runs: list[RunLine]
     detail: list[AgentDetail] = Field(default_factory=list[AgentDetail])
+    server: ServerLine | None = Field(
+        default=None,
+        description="the limits across every run of this server, shown when one binds: all "
+        "its agent slots taken (more wait, queued) or a server-wide token budget set",
+    )
+
+
+def server_line(load: ServerLoad) -> ServerLine | None:
+    """The server's line, when a limit across runs binds or is set."""
+    if load.budget_tokens is None and load.running < load.max_running:
+        return None
+    return ServerLine(
+        running=load.running,
+        max_running=load.max_running,
+        tokens=load.tokens_used,
+        budget_remaining=load.budget_remaining,
+    )
 
 
 def agent_line(view: AgentView) -> AgentLine:
@@ -221,7 +248,13 @@ def status_answer(result: StatusResult, detail: Sequence[str] = ()) -> StatusAns
                         agent=shown, result_resource=f"fanout://agents/{view.agent_id}/result"
                     )
                 )
-    return StatusAnswer(cursor=result.cursor, changed=result.changed, runs=runs, detail=details)
+    return StatusAnswer(
+        cursor=result.cursor,
+        changed=result.changed,
+        runs=runs,
+        detail=details,
+        server=server_line(result.server),
+    )
 
 
 def _line_text(a: AgentLine) -> str:
@@ -254,6 +287,17 @@ def status_text(answer: StatusAnswer) -> str:
         lines.append(f"next: {run.next}")
     for item in answer.detail:
         lines.append(f"detail of {item.agent.agent_id}: {item.agent.model_dump_json()}")
+    if answer.server is not None:
+        server = answer.server
+        budget = (
+            ""
+            if server.budget_remaining is None
+            else f", {server.budget_remaining} left in the server's budget"
+        )
+        lines.append(
+            f"server: {server.running} of {server.max_running} agent slots taken "
+            f"(FANOUT_MAX_RUNNING); {server.tokens} tokens used by all runs{budget}"
+        )
     lines.append(f"cursor {answer.cursor}" + ("" if answer.changed else " (nothing to do yet)"))
     return "\n".join(lines)
 

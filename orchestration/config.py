@@ -34,6 +34,15 @@ class Settings(BaseModel):
     max_concurrency: int = Field(default=8, ge=1, le=64, description="FANOUT_MAX_CONCURRENCY")
     max_turns: int = Field(default=40, ge=1, le=500, description="FANOUT_MAX_TURNS")
     budget_tokens: int = Field(default=2_000_000, ge=1_000, description="FANOUT_BUDGET_TOKENS")
+    max_running: int = Field(
+        default=64,
+        ge=1,
+        le=1_024,
+        description="FANOUT_MAX_RUNNING: agents running at once, all runs",
+    )
+    server_budget_tokens: int | None = Field(
+        default=None, ge=1_000, description="FANOUT_SERVER_BUDGET_TOKENS: tokens across all runs"
+    )
     max_output_tokens: int = Field(default=8_192, ge=256, description="FANOUT_MAX_OUTPUT_TOKENS")
     sandbox: SandboxSetting = Field(default="auto", description="FANOUT_SANDBOX")
     allow_network: bool = Field(default=False, description="FANOUT_ALLOW_NETWORK")

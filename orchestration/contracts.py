@@ -340,6 +340,18 @@ class RunView(_View):
     )
 
 
+class ServerLoad(_View):
+    """Limits across every run of this server: agents running at once, tokens."""
+
+    running: int = Field(description="agents of this server in a model loop now")
+    max_running: int = Field(description="FANOUT_MAX_RUNNING: more wait, queued")
+    tokens_used: int = Field(description="tokens all runs of this server used (budget units)")
+    budget_tokens: int | None = Field(
+        default=None, description="FANOUT_SERVER_BUDGET_TOKENS, if set: a budget across runs"
+    )
+    budget_remaining: int | None = None
+
+
 class StatusResult(_View):
     """Result of `get_status`."""
 
@@ -350,6 +362,7 @@ class StatusResult(_View):
     changed: bool = Field(description="false when a long-poll ended by timeout with no change")
     runs: list[RunView]
     workspace_disk_bytes: int
+    server: ServerLoad
 
 
 class DiffStat(_Record):

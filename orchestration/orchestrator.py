@@ -23,6 +23,7 @@ import anyio.abc
 from orchestration import planner
 from orchestration import workspace as ws_mod
 from orchestration.attention import WakeOn
+from orchestration.caps import ServerCaps
 from orchestration.clock import SYSTEM_CLOCK, Clock, Timing
 from orchestration.config import Settings
 from orchestration.context import RepoContext, find_agent, find_run
@@ -77,7 +78,15 @@ class Orchestrator:
         self.timing = timing or Timing()
         self._models = ModelPool(model_factory or default_model_factory(settings))
         self._registry = AgentRegistry()
-        self._runner = AgentRunner(settings, self._registry, self._models, clock, self._start_soon)
+        self._caps = ServerCaps(settings.max_running, settings.server_budget_tokens)
+        self._runner = AgentRunner(
+            settings,
+            self._registry,
+            self._models,
+            caps=self._caps,
+            clock=clock,
+            start_soon=self._start_soon,
+        )
         self._recovery = Recovery(self._registry, self._runner, self.timing)
         self._merger = Merger(settings, self._registry)
         self._contexts: dict[Path, RepoContext] = {}
@@ -158,7 +167,12 @@ class Orchestrator:
             self.task_group.start_soon(self._watch_cancel_requests, ctx)
             await self._recovery.on_open(ctx)
             self._views[git_repo.root] = StatusView(
-                ctx, self.settings, self.clock, self.timing, self._start_soon
+                ctx,
+                self.settings,
+                caps=self._caps,
+                clock=self.clock,
+                timing=self.timing,
+                start_soon=self._start_soon,
             )
             self._contexts[git_repo.root] = ctx
             return ctx

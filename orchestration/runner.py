@@ -11,6 +11,7 @@ import anyio
 
 from orchestration import workspace as ws_mod
 from orchestration.agent import AgentLoop, Budget, LoopOutcome, Progress, Transcript
+from orchestration.caps import ServerCaps
 from orchestration.clock import Clock
 from orchestration.config import Settings
 from orchestration.context import RepoContext, find_agent, find_run
@@ -62,12 +63,15 @@ class AgentRunner:
         settings: Settings,
         registry: AgentRegistry,
         models: ModelPool,
+        *,
+        caps: ServerCaps,
         clock: Clock,
         start_soon: Callable[..., None],
     ) -> None:
         self.settings = settings
         self._registry = registry
         self._models = models
+        self._caps = caps
         self._clock = clock
         self._start_soon = start_soon
 
@@ -164,7 +168,7 @@ class AgentRunner:
         if limiter is None:
             run = find_run(ctx, agent.run_id)
             limiter = ctx.limiters[agent.run_id] = anyio.CapacityLimiter(run.max_concurrency)
-        async with limiter:
+        async with limiter, self._caps.slots:  # the run's slot, then one of the server's
             await self._run_loop(ctx, runtime)
 
     async def _run_loop(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
@@ -314,15 +318,26 @@ class AgentRunner:
     def _budget(self, ctx: RepoContext, run_id: str) -> Budget:
         store = ctx.store
 
+        caps = self._caps
+
         def describe() -> str:
             total, used, reserved = store.budget(run_id)
-            return f"{used} of {total} tokens used, {reserved} reserved by running turns"
+            run = f"{used} of {total} tokens used, {reserved} reserved by running turns"
+            return run + caps.describe()
 
-        return Budget(
-            reserve=lambda n: store.reserve_budget(run_id, n),
-            settle=lambda reserved, used: store.settle_budget(run_id, reserved, used),
-            describe=describe,
-        )
+        def reserve(tokens: int) -> bool:
+            if not store.reserve_budget(run_id, tokens):
+                return False
+            if not caps.reserve(tokens):
+                store.settle_budget(run_id, tokens, 0)
+                return False
+            return True
+
+        def settle(reserved: int, used: int) -> None:
+            store.settle_budget(run_id, reserved, used)
+            caps.settle(reserved, used)
+
+        return Budget(reserve=reserve, settle=settle, describe=describe)
 
     def _on_turn(
         self, ctx: RepoContext, agent_id: str, progress: Progress, reserved: int, used: int
@@ -332,6 +347,7 @@ class AgentRunner:
         # files written through the bus so far (final, git-based facts replace them at the end)
         bus = loop.bus if loop is not None else None
         written = bus.written_paths() if bus is not None else []
+        self._caps.settle(reserved, used)  # the store settles the run's share with the turn
         ctx.store.record_turn(
             agent_id,
             settle=(reserved, used),

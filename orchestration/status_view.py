@@ -13,6 +13,7 @@ import anyio
 
 from orchestration import workspace as ws_mod
 from orchestration.attention import WakeOn
+from orchestration.caps import ServerCaps
 from orchestration.clock import Clock, Timing
 from orchestration.config import Settings
 from orchestration.context import RepoContext, find_run
@@ -46,12 +47,15 @@ class StatusView:
         self,
         ctx: RepoContext,
         settings: Settings,
+        *,
+        caps: ServerCaps,
         clock: Clock,
         timing: Timing,
         start_soon: Callable[..., None],
     ) -> None:
         self._ctx = ctx
         self.settings = settings
+        self._caps = caps
         self._clock = clock
         self._timing = timing
         self._start_soon = start_soon
@@ -118,7 +122,8 @@ class StatusView:
         # answer object: runs and agents change only with an event (the cursor), the budget's
         # reservations and the leases without one.
         asked = (run_id, tuple(sorted(wanted)) if wanted else None, since)
-        shows = (cursor, changed, read.lease_keys, budgets, disk)
+        server = self._caps.load()
+        shows = (cursor, changed, read.lease_keys, budgets, disk, server)
         answers = self._answers
         last = answers.get(asked)
         if last is not None and last[0] == shows:
@@ -129,7 +134,9 @@ class StatusView:
             )
             for run, budget in zip(runs, budgets, strict=True)
         ]
-        result = StatusResult(cursor=cursor, changed=changed, runs=views, workspace_disk_bytes=disk)
+        result = StatusResult(
+            cursor=cursor, changed=changed, runs=views, workspace_disk_bytes=disk, server=server
+        )
         if len(answers) >= STATUS_ANSWERS_KEPT:
             answers.clear()
         answers[asked] = (shows, result)

@@ -23,6 +23,7 @@ from orchestration.contracts import (
     LeaseView,
     RunTotals,
     RunView,
+    ServerLoad,
     StatusResult,
     StopReason,
     TokenUsage,
@@ -66,7 +67,10 @@ def _status(*views: AgentView, cursor: int = 1) -> StatusResult:
         totals=totals,
         agents=list(views),
     )
-    return StatusResult(cursor=cursor, changed=True, runs=[run], workspace_disk_bytes=0)
+    server = ServerLoad(running=1, max_running=64, tokens_used=0)
+    return StatusResult(
+        cursor=cursor, changed=True, runs=[run], workspace_disk_bytes=0, server=server
+    )
 
 
 def test_the_answer_is_one_line_per_changed_agent_in_json_and_text() -> None:
