@@ -350,6 +350,26 @@ class _BuiltView:
     view: AgentView
 
 
+# the fields of an agent's status view that show its record as stored
+_SHOWN_AS_STORED = (
+    "agent_id",
+    "run_id",
+    "name",
+    "status",
+    "status_reason",
+    "turns",
+    "max_turns",
+    "tokens",
+    "write_scope",
+    "lease_lost",
+    "changed_files",
+    "model",
+    "base_commit",
+    "branch",
+    "rerun_of",
+)
+
+
 def _agent_view(
     built: dict[str, _BuiltView], agent: AgentRecord, leases: list[LeaseView]
 ) -> AgentView:
@@ -363,23 +383,9 @@ def _agent_view(
     if last is not None and last.record is agent and last.leases == leases:
         return last.view
     view = AgentView.model_construct(
-        agent_id=agent.agent_id,
-        run_id=agent.run_id,
-        name=agent.name,
-        status=agent.status,
-        status_reason=agent.status_reason,
-        turns=agent.turns,
-        max_turns=agent.max_turns,
-        tokens=agent.tokens,
-        write_scope=agent.write_scope,
+        **{name: getattr(agent, name) for name in _SHOWN_AS_STORED},
         waits_for=agent.waits_for if agent.status.active else [],
         leases=leases,
-        lease_lost=agent.lease_lost,
-        changed_files=agent.changed_files,
-        model=agent.model,
-        base_commit=agent.base_commit,
-        branch=agent.branch,
-        rerun_of=agent.rerun_of,
         result=agent.result.view() if agent.result is not None else None,
     )
     built[agent.agent_id] = _BuiltView(agent, leases, view)
