@@ -13,7 +13,6 @@ from orchestration.state import AgentRecord
 from toolbus.audit import AuditLog
 from toolbus.errors import LeaseError, LeaseLost
 from toolbus.leases import LeaseGrant, LeaseManager, LeaseMode
-from toolbus.terminal import Terminal
 
 log = logging.getLogger("fanout.orchestrator")
 
@@ -58,7 +57,6 @@ class AgentRuntime:
     fence: LeaseFence | None = None
     loop: AgentLoop | None = None
     audit: AuditLog | None = None
-    terminal: Terminal | None = None
     started_at: float = 0.0
 
     def cancel(self, reason: str | None = None) -> None:

@@ -96,19 +96,10 @@ class AgentRunner:
                 await self._finish_interrupted(ctx, runtime)
             raise
         finally:
-            with anyio.CancelScope(shield=True):
-                record = store.agent(agent_id)
-                if record is not None and record.status.active:
+            record = store.agent(agent_id)
+            if record is not None and record.status.active:
+                with anyio.CancelScope(shield=True):
                     await self._finish_interrupted(ctx, runtime)
-                await self._close_terminal(runtime)
-
-    @staticmethod
-    async def _close_terminal(runtime: AgentRuntime) -> None:
-        """Remove the agent's sandbox files (the filtered git view its commands bind); its home
-        stays. Once: the terminal is dropped from the runtime."""
-        terminal, runtime.terminal = runtime.terminal, None
-        if terminal is not None:
-            await anyio.to_thread.run_sync(terminal.close)
 
     async def _fail_internal(self, ctx: RepoContext, runtime: AgentRuntime, exc: Exception) -> None:
         error = f"internal error: {type(exc).__name__}: {exc}"
@@ -314,7 +305,6 @@ class AgentRunner:
         )
         assert runtime.fence is not None
         runtime.audit = audit
-        runtime.terminal = terminal
         return AgentBus(
             agent_id=agent.agent_id,
             workspace=workspace.path,
@@ -425,7 +415,6 @@ class AgentRunner:
             dropped = [*work.dropped, *work.planted]
         if commit is not None:
             changes = await anyio.to_thread.run_sync(file_changes, ctx, agent.base_commit, commit)
-        await self._close_terminal(runtime)  # before the final status: no command runs on
         records = runtime.audit.records() if runtime.audit is not None else []
         commands = [
             CommandRun(
