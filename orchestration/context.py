@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 
@@ -34,6 +35,11 @@ class RepoContext:
     )
     # held while the agents of dead servers are taken over (on opening, and by the heartbeat)
     recovering: anyio.Lock = field(default_factory=anyio.Lock)
+
+
+def transcript_path(ctx: RepoContext, agent_id: str) -> Path:
+    """Where the agent's transcript (its conversation, JSON lines) is kept."""
+    return ctx.repo.state_dir / "transcripts" / f"{agent_id}.jsonl"
 
 
 def find_run(ctx: RepoContext, run_id: str) -> RunRecord:

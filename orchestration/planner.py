@@ -146,14 +146,13 @@ def shared_snapshot(
     paths = paths_at(repo, base)
     shared_files: list[SharedFile] = []
     for path in files:
-        blob = repo.try_git("rev-parse", "--verify", "--quiet", f"{base}:{path}")
-        if blob is None:
+        found = repo.blob_at(base, path)
+        if found is None:
             raise InvalidRequest(
                 f"shared_context.files: {path!r} does not exist at the base commit "
                 f"{base[:12]}; list files that are in the repository"
             )
-        blob = blob.strip()
-        size = int(repo.git("cat-file", "-s", blob).strip())
+        blob, size = found
         content: str | None = None
         note: str | None = None
         if size > MAX_SHARED_FILE_BYTES:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from orchestration.context import RepoContext, find_agent, find_run
+from orchestration.context import RepoContext, find_agent, find_run, transcript_path
 from orchestration.contracts import AgentStatus
 from orchestration.errors import PathNotFound
 from orchestration.join import JoinCandidate, conflict_diff
@@ -107,11 +107,10 @@ class RepoQueries:
 
         def read() -> BaseFileContent:
             repo = self._ctx.repo
-            found = repo.try_git("rev-parse", "--verify", "--quiet", f"{run.base_commit}:{path}")
+            found = repo.blob_at(run.base_commit, path)
             if found is None:
                 raise PathNotFound(f"{path!r} does not exist at {run.base_commit[:12]}")
-            blob = found.strip()
-            size = int(repo.git("cat-file", "-s", blob).strip())
+            blob, size = found
             text = repo.git("cat-file", "blob", blob) if size <= max_bytes else None
             return BaseFileContent(blob, size, text)
 
@@ -141,7 +140,7 @@ class RepoQueries:
     async def transcript(self, agent_id: str, max_bytes: int) -> str:
         """The agent's transcript (JSON lines), its last `max_bytes` at most, whole lines."""
         self.agent(agent_id)
-        path = self._ctx.repo.state_dir / "transcripts" / f"{agent_id}.jsonl"
+        path = transcript_path(self._ctx, agent_id)
 
         def read() -> bytes:
             if not path.exists():

@@ -14,7 +14,7 @@ from orchestration.agent import AgentLoop, Budget, LoopOutcome, Progress, Transc
 from orchestration.caps import ServerCaps
 from orchestration.clock import Clock
 from orchestration.config import Settings
-from orchestration.context import RepoContext, find_agent, find_run
+from orchestration.context import RepoContext, find_agent, find_run, transcript_path
 from orchestration.contracts import AgentResult, AgentStatus, CommandRun, FileChange, StopReason
 from orchestration.models import ModelPool
 from orchestration.planner import run_prefix
@@ -226,7 +226,7 @@ class AgentRunner:
             on_turn=lambda p, reserved, used: self._on_turn(
                 ctx, runtime.agent_id, p, reserved, used
             ),
-            transcript=Transcript(ctx.repo.state_dir / "transcripts" / f"{agent.agent_id}.jsonl"),
+            transcript=Transcript(transcript_path(ctx, agent.agent_id)),
         )
         await anyio.to_thread.run_sync(loop.transcript.touch)  # its file: off the event loop
         runtime.loop = loop

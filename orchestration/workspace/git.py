@@ -138,6 +138,14 @@ class GitRepo:
         proc = run_git(self._root, *args, env=env, check=False)
         return proc.stdout if proc.returncode == 0 else None
 
+    def blob_at(self, commit: str, path: str) -> tuple[str, int] | None:
+        """The blob id and size of the file at `path` in `commit`; None when there is none."""
+        found = self.try_git("rev-parse", "--verify", "--quiet", f"{commit}:{path}")
+        if found is None:
+            return None
+        blob = found.strip()
+        return blob, int(self.git("cat-file", "-s", blob).strip())
+
     def head_commit(self) -> str:
         """The commit HEAD points to; `RepositoryError` when the repository has no commit yet."""
         out = self.try_git("rev-parse", "--verify", "-q", "HEAD^{commit}")
