@@ -48,7 +48,8 @@ class ServerCaps:
             if self.budget_tokens is None
             else max(self.budget_tokens - self._used - self._reserved, 0)
         )
-        return ServerLoad(
+        # built on every status poll from plain ints: no validation needed
+        return ServerLoad.model_construct(
             running=int(self.slots.borrowed_tokens),
             max_running=int(self.slots.total_tokens),
             tokens_used=self._used,

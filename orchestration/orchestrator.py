@@ -168,7 +168,6 @@ class Orchestrator:
             await self._recovery.on_open(ctx)
             self._views[git_repo.root] = StatusView(
                 ctx,
-                self.settings,
                 caps=self._caps,
                 clock=self.clock,
                 timing=self.timing,

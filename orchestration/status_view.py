@@ -15,7 +15,6 @@ from orchestration import workspace as ws_mod
 from orchestration.attention import WakeOn
 from orchestration.caps import ServerCaps
 from orchestration.clock import Clock, Timing
-from orchestration.config import Settings
 from orchestration.context import RepoContext, find_run
 from orchestration.contracts import (
     AgentView,
@@ -46,7 +45,6 @@ class StatusView:
     def __init__(
         self,
         ctx: RepoContext,
-        settings: Settings,
         *,
         caps: ServerCaps,
         clock: Clock,
@@ -54,7 +52,6 @@ class StatusView:
         start_soon: Callable[..., None],
     ) -> None:
         self._ctx = ctx
-        self.settings = settings
         self._caps = caps
         self._clock = clock
         self._timing = timing
