@@ -5,7 +5,14 @@ async with FakeAnthropic(by_turn(tool_use("write_file", path="a", content="x"),
     client = anthropic.AsyncAnthropic(base_url=fake.base_url, api_key="test")
 """
 
-from fakeapi.cache import Charge, PromptCache, count_input_tokens, estimate_tokens
+from fakeapi.cache import (
+    CacheRequestError,
+    Charge,
+    PromptCache,
+    count_input_tokens,
+    estimate_tokens,
+    min_cacheable_tokens,
+)
 from fakeapi.faults import (
     ErrorReply,
     Fault,
@@ -37,6 +44,7 @@ from fakeapi.server import FakeAnthropic
 __all__ = [
     "Answer",
     "Block",
+    "CacheRequestError",
     "Charge",
     "ErrorReply",
     "FakeAnthropic",
@@ -64,6 +72,7 @@ __all__ = [
     "echo",
     "estimate_tokens",
     "finish",
+    "min_cacheable_tokens",
     "overloaded",
     "rate_limited",
     "reply",

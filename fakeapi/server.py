@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Mapping
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from types import TracebackType
 from typing import Any, Self, cast
@@ -21,9 +21,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from fakeapi.cache import (
+    CacheRequestError,
     Charge,
     PromptCache,
-    TooManyBreakpoints,
     count_input_tokens,
     estimate_tokens,
 )
@@ -100,7 +100,9 @@ def _chunks(text: str, size: int) -> list[str]:
 
 class FakeAnthropic:
     """A fake Messages API. `handler` answers each request (default: echo); `latency_s` delays
-    every request; `faults` injects faults before the handler is asked.
+    every request; `faults` injects faults before the handler is asked. Its prompt cache
+    (`fakeapi.cache`) keeps the API's rules; `cache_ttl_s` replaces the 5-minute lifetime and
+    `cache_min_tokens` the minimum cacheable length of model families.
 
         async with FakeAnthropic(by_turn(...), latency_s=0.05).serve() as fake:
             client = AsyncAnthropic(base_url=fake.base_url, api_key="test")
@@ -117,13 +119,14 @@ class FakeAnthropic:
         host: str = "127.0.0.1",
         port: int = 0,
         cache_ttl_s: float | None = 300.0,
+        cache_min_tokens: Mapping[str, int] | None = None,
     ) -> None:
         self.handler = handler
         self.latency_s = latency_s
         self.faults = faults if faults is not None else FaultPlan()
         self.host = host
         self.port = port
-        self.cache = PromptCache(ttl_s=cache_ttl_s)
+        self.cache = PromptCache(ttl_s=cache_ttl_s, min_tokens=cache_min_tokens)
         self.log = RequestLog()
         self.app = Starlette(
             routes=[
@@ -258,6 +261,12 @@ class FakeAnthropic:
         problem = _validate(body)
         if problem is not None:
             return self._answer_error(entry, api_error(400, "invalid_request_error", problem))
+        try:
+            # the prompt is looked up in the cache as the request arrives; what it writes is
+            # readable once its response begins (see `_answer_reply`)
+            charge = self.cache.charge(cast(dict[str, Any], body))
+        except CacheRequestError as exc:
+            return self._answer_error(entry, api_error(400, "invalid_request_error", str(exc)))
         if not await self._pause(request, self.latency_s):
             return self._gone(entry)
         fake_request = FakeRequest(body=body, headers=entry.headers, index=entry.index)
@@ -271,7 +280,7 @@ class FakeAnthropic:
                     entry, api_error(500, "api_error", f"fake handler raised {entry.error}")
                 )
         if isinstance(answer, Reply):
-            return await self._answer_reply(request, entry, fake_request, answer)
+            return await self._answer_reply(request, entry, fake_request, answer, charge)
         return await self._answer_fault(request, entry, fake_request, answer)
 
     # -- answers -------------------------------------------------------------------------------
@@ -309,12 +318,13 @@ class FakeAnthropic:
         )
 
     async def _answer_reply(
-        self, request: Request, entry: LoggedRequest, fake_request: FakeRequest, reply: Reply
+        self,
+        request: Request,
+        entry: LoggedRequest,
+        fake_request: FakeRequest,
+        reply: Reply,
+        charge: Charge,
     ) -> Response:
-        try:
-            charge = self.cache.charge(cast(dict[str, Any], fake_request.body))
-        except TooManyBreakpoints as exc:
-            return self._answer_error(entry, api_error(400, "invalid_request_error", str(exc)))
         if not await self._pause(request, reply.latency_s):
             return self._gone(entry)
         content = [_block_json(b) for b in reply.content]
@@ -337,6 +347,7 @@ class FakeAnthropic:
             "stop_sequence": None,
             "usage": _usage_json(charge, output_tokens),
         }
+        self.cache.publish(charge)  # the response begins now
         if fake_request.stream:
             return StreamingResponse(_reply_stream(message), media_type="text/event-stream")
         return JSONResponse(message)
@@ -440,6 +451,10 @@ def _usage_json(charge: Charge, output_tokens: int) -> dict[str, Any]:
         "input_tokens": charge.input_tokens,
         "cache_creation_input_tokens": charge.cache_creation_input_tokens,
         "cache_read_input_tokens": charge.cache_read_input_tokens,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": charge.cache_creation_5m_input_tokens,
+            "ephemeral_1h_input_tokens": charge.cache_creation_1h_input_tokens,
+        },
         "output_tokens": output_tokens,
     }
 

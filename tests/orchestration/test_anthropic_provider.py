@@ -53,7 +53,8 @@ from toolbus.toolspec import ToolSpec
 pytestmark = pytest.mark.anyio
 
 KEY = "sk-test-provider-key-0123456789"
-PREFIX = "You are one of a team of engineers. Shared conventions follow. " * 20
+# above the API's minimum cacheable length
+PREFIX = "You are one of a team of engineers. Shared conventions follow. " * 80
 TOOLS = [
     ToolSpec(
         name="write_file",
