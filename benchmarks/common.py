@@ -8,6 +8,7 @@ then `read_file` of it, then `finish` — three requests per agent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -25,7 +26,16 @@ from typing import Any, cast
 
 import anyio
 
-from fakeapi import FakeAnthropic, FakeRequest, Handler, Reply, finish, text, tool_use
+from fakeapi import (
+    FakeAnthropic,
+    FakeRequest,
+    Handler,
+    Reply,
+    count_input_tokens,
+    finish,
+    text,
+    tool_use,
+)
 from orchestration.config import Settings
 from orchestration.contracts import (
     AgentStatus,
@@ -236,6 +246,30 @@ class FakeStats:
     input_tokens: int = 0
     cache_write_tokens: int = 0
     cache_read_tokens: int = 0
+    # per answered request, in arrival order: (a hash of its shared system prefix, the agent's
+    # bench number, the tokens of its tools and shared prefix, how many of them were read from
+    # the cache)
+    prefix_reads: list[tuple[str, str, int, int]] = field(
+        default_factory=list[tuple[str, str, int, int]]
+    )
+
+
+def _prefix_read(body: dict[str, Any], read: int) -> tuple[str, int, int] | None:
+    system = body.get("system")
+    if not isinstance(system, list) or not system:
+        return None
+    first: Any = cast(list[Any], system)[0]
+    if not isinstance(first, dict):
+        return None
+    block = cast(dict[str, Any], first)
+    shared: dict[str, Any] = {
+        "model": body.get("model"),
+        "tools": body.get("tools"),
+        "system": [block],
+    }
+    tokens = count_input_tokens(shared)
+    key = hashlib.sha256(str(block.get("text")).encode()).hexdigest()
+    return key[:16], tokens, min(read, tokens)
 
 
 def _stats(fake: FakeAnthropic) -> FakeStats:
@@ -248,6 +282,13 @@ def _stats(fake: FakeAnthropic) -> FakeStats:
             stats.input_tokens += entry.usage.input_tokens
             stats.cache_write_tokens += entry.usage.cache_creation_input_tokens
             stats.cache_read_tokens += entry.usage.cache_read_input_tokens
+            shared = _prefix_read(
+                cast(dict[str, Any], entry.body), entry.usage.cache_read_input_tokens
+            )
+            if shared is not None:
+                key, tokens, read = shared
+                agent = agent_number(FakeRequest(body=entry.body, headers={}, index=entry.index))
+                stats.prefix_reads.append((key, agent, tokens, read))
     return stats
 
 

@@ -23,6 +23,7 @@ from orchestration.contracts import (
     MergeOutcome,
     MergeResult,
     RerunResult,
+    RunTotals,
     RunView,
     ServerLoad,
     SpawnResult,
@@ -89,6 +90,9 @@ class RunTotalsLine(_Answer):
     by_status: dict[str, int]
     tokens: int
     budget_remaining: int
+    spent: str | None = Field(
+        default=None, description="once settled: what the run spent against spawn's estimate"
+    )
 
 
 class RunLine(_Answer):
@@ -210,6 +214,17 @@ def bounded_result(result: AgentResultView, agent_id: str) -> AgentResultView:
     )
 
 
+def _spent(totals: RunTotals) -> str | None:
+    estimate = totals.estimate_tokens
+    if not estimate:
+        return None
+    off = (totals.budget_used - estimate) / estimate
+    return (
+        f"{totals.budget_used} budget units spent against spawn's estimate of {estimate} "
+        f"({off:+.0%})"
+    )
+
+
 def _run_line(run: RunView, changed: set[str] | None) -> RunLine:
     totals = run.totals
     return RunLine(
@@ -221,6 +236,7 @@ def _run_line(run: RunView, changed: set[str] | None) -> RunLine:
             by_status=totals.by_status,
             tokens=_total(totals.tokens),
             budget_remaining=totals.budget_remaining,
+            spent=_spent(totals) if run.settled else None,
         ),
         agents=[
             agent_line(view) for view in run.agents if changed is None or view.agent_id in changed
@@ -279,9 +295,10 @@ def status_text(answer: StatusAnswer) -> str:
     for run in answer.runs:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(run.totals.by_status.items()))
         state = "settled" if run.settled else "moving"
+        spent = f"; {run.totals.spent}" if run.totals.spent else ""
         lines.append(
             f"run {run.run_id} {state}: {counts}; {run.totals.tokens} tokens, "
-            f"{run.totals.budget_remaining} left in the budget"
+            f"{run.totals.budget_remaining} left in the budget{spent}"
         )
         lines.extend(_line_text(a) for a in run.agents)
         lines.append(f"next: {run.next}")
@@ -328,6 +345,7 @@ class EstimateLine(_Answer):
     total_tokens: int
     uncached_tokens: int
     budget_tokens: int
+    prompt_cache: str = Field(default="", description="how the shared prefix is cached, or not")
     note: str = ""
 
 
@@ -354,6 +372,7 @@ def spawn_answer(result: SpawnResult) -> SpawnAnswer:
             total_tokens=est.estimated_total_tokens,
             uncached_tokens=est.estimated_uncached_tokens,
             budget_tokens=est.budget_tokens,
+            prompt_cache=est.prompt_cache,
             note=est.note,
         ),
         warnings=result.warnings,
@@ -371,6 +390,8 @@ def spawn_text(answer: SpawnAnswer) -> str:
         f"agents (running in the background); estimate ~{est.total_tokens} tokens of a "
         f"{est.budget_tokens}-token budget"
     ]
+    if est.prompt_cache:
+        lines.append(f"prompt cache: {est.prompt_cache}")
     for a in answer.agents:
         waits = f" (waits for {', '.join(a.waits_for)})" if a.waits_for else ""
         lines.append(f"{a.agent_id} {a.name} {a.status.value}{waits}")

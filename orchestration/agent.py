@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from orchestration.caching import CacheTtl, PrefixWarmup
 from orchestration.contracts import StopReason, TokenUsage
 from orchestration.errors import ModelError
 from orchestration.model import (
@@ -19,6 +20,7 @@ from orchestration.model import (
     Model,
     ModelRequest,
     ModelResponse,
+    StartSignallingModel,
     TextBlock,
     ToolResultBlock,
     ToolUseBlock,
@@ -101,6 +103,7 @@ def usage_to_tokens(usage: Usage) -> TokenUsage:
         output=usage.output_tokens,
         cache_read=usage.cache_read_tokens,
         cache_write=usage.cache_write_tokens,
+        cache_write_1h=usage.cache_write_1h_tokens,
     )
 
 
@@ -158,6 +161,9 @@ class AgentLoop:
     # When the loop starts before its workspace exists (`bus=None`): awaited once the first
     # answer is in, before anything is recorded of it or any tool runs; gives the bus.
     workspace_ready: Callable[[], Awaitable[AgentBus]] | None = None
+    # The run's prompt-cache warm-up (its first request goes alone) and its prefix's lifetime.
+    warmup: PrefixWarmup | None = None
+    cache_ttl: CacheTtl = "5m"
     # the size of `messages` serialized, and how many of them it counts
     _message_chars: int = field(default=0, init=False, repr=False)
     _counted: int = field(default=0, init=False, repr=False)
@@ -259,10 +265,24 @@ class AgentLoop:
             tools=list(self.tools),
             messages=list(self.messages),
             max_tokens=self.max_output_tokens,
+            cache_ttl=self.cache_ttl,
         )
+        # Only the loop's first call takes part in the run's warm-up, and only with a model
+        # that tells when its response begins (the API's prompt cache is behind no other).
+        warmup, self.warmup = self.warmup, None
+        model = self.model
+        release = None
+        if warmup is not None and isinstance(model, StartSignallingModel):
+            release = await warmup.before_first_call()
 
         async def attempt() -> ModelResponse:
-            return await self.model.complete(request)
+            if release is None or not isinstance(model, StartSignallingModel):
+                return await model.complete(request)
+            writer = release
+            try:
+                return await model.complete_signalled(request, lambda: writer(True))
+            finally:
+                writer(False)  # failed or cancelled: the others go on (no-op once begun)
 
         def note_retry(error: ModelError, delay_s: float) -> None:
             self.transcript.append("model_retry", {"error": str(error), "delay_s": delay_s})

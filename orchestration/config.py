@@ -22,6 +22,8 @@ SandboxSetting = Literal["auto", "bwrap", "none"]
 # request less CPU, which counts with many agents on one event loop) or httpx (the SDK's own).
 HttpClientSetting = Literal["aiohttp", "httpx"]
 DEFAULT_HTTP_CLIENT: HttpClientSetting = "aiohttp"
+# The prompt-cache lifetime of a run's shared prefix: chosen per run, or always one of the API's.
+CacheTtlSetting = Literal["auto", "5m", "1h"]
 
 
 class Settings(BaseModel):
@@ -70,6 +72,15 @@ class Settings(BaseModel):
     retry_after_cap_s: float = Field(default=30.0, ge=0, description="FANOUT_RETRY_AFTER_CAP_S")
     delete_merged_branches: bool = Field(default=False, description="FANOUT_DELETE_MERGED_BRANCHES")
     status_wait_cap_s: float = Field(default=600.0, gt=0, description="FANOUT_STATUS_WAIT_CAP_S")
+    cache_ttl: CacheTtlSetting = Field(
+        default="auto", description="FANOUT_CACHE_TTL: the shared prefix's cache lifetime"
+    )
+    cache_min_tokens: int | None = Field(
+        default=None, ge=0, description="FANOUT_CACHE_MIN_TOKENS: the model's minimum cacheable"
+    )
+    cache_warmup_max_s: float = Field(
+        default=30.0, ge=0, description="FANOUT_CACHE_WARMUP_MAX_S: 0 starts agents together"
+    )
 
     @field_validator("sandbox_ro_paths")
     @classmethod

@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 
 from orchestration import workspace as ws_mod
+from orchestration.caching import PrefixWarmup
 from orchestration.errors import AgentNotFound, RunNotFound
 from orchestration.state import AgentRecord, RunRecord, StateStore
 from toolbus.leases import LeaseKeeper, LeaseManager
@@ -27,6 +28,8 @@ class RepoContext:
         default_factory=dict[str, anyio.CapacityLimiter]
     )
     prefixes: dict[str, str] = field(default_factory=dict[str, str])
+    # runs of this process whose first request writes the shared prefix alone
+    warmups: dict[str, PrefixWarmup] = field(default_factory=dict[str, PrefixWarmup])
     prefix_lock: anyio.Lock = field(default_factory=anyio.Lock)
     # Worker threads making worktrees (mostly waiting for the registration lock or a checkout
     # slot) get their own pool, so that they never hold up other work sent to threads.

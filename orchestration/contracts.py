@@ -156,12 +156,14 @@ class StopReason(StrEnum):
 
 
 class TokenUsage(_Output):
-    """Tokens, as the API reports them."""
+    """Tokens, as the API reports them; `cache_write_1h` is the part of `cache_write` written
+    with the one-hour lifetime."""
 
     input: int = 0
     output: int = 0
     cache_read: int = 0
     cache_write: int = 0
+    cache_write_1h: int = 0
 
     def __add__(self, other: TokenUsage) -> TokenUsage:
         return TokenUsage(
@@ -169,12 +171,20 @@ class TokenUsage(_Output):
             output=self.output + other.output,
             cache_read=self.cache_read + other.cache_read,
             cache_write=self.cache_write + other.cache_write,
+            cache_write_1h=self.cache_write_1h + other.cache_write_1h,
         )
 
     @property
     def billed_equivalent(self) -> int:
-        """Input-equivalent tokens as the budget counts them (writes ×1.25, reads ×0.1)."""
-        return round(self.input + self.output + 1.25 * self.cache_write + 0.1 * self.cache_read)
+        """Input-equivalent tokens as the budget counts them, at the API's prices: cache writes
+        x1.25 (x2 for the one-hour lifetime), cache reads x0.1."""
+        return round(
+            self.input
+            + self.output
+            + 1.25 * (self.cache_write - self.cache_write_1h)
+            + 2.0 * self.cache_write_1h
+            + 0.1 * self.cache_read
+        )
 
 
 class AgentBrief(_Output):
@@ -199,6 +209,10 @@ class CostEstimate(_Output):
     estimated_total_tokens: int
     estimated_uncached_tokens: int
     budget_tokens: int
+    prompt_cache: str = Field(default="", description="how the shared prefix is cached, or not")
+    cache_ttl: Literal["5m", "1h"] | None = Field(
+        default=None, description="the shared prefix's cache lifetime; None: not cached"
+    )
     note: str
 
 
@@ -319,6 +333,21 @@ class RunTotals(_View):
     budget_tokens: int
     budget_used: int
     budget_remaining: int
+    estimate_tokens: int | None = Field(
+        default=None, description="spawn's estimate, in the budget's units (compare budget_used)"
+    )
+
+
+class PromptCacheView(_View):
+    """How the run's shared prefix is cached: its lifetime, and the warm-up that had it written
+    once (the run's first request went alone; the others waited for its response to begin)."""
+
+    ttl: Literal["5m", "1h"] | None = Field(description="None: caching does not apply")
+    first_byte_s: float | None = Field(
+        default=None, description="the first request's time until its response began"
+    )
+    held_s: float = Field(default=0.0, description="the longest another agent waited for it")
+    note: str = ""
 
 
 class RunView(_View):
@@ -331,6 +360,7 @@ class RunView(_View):
     max_concurrency: int
     totals: RunTotals
     agents: list[AgentView]
+    prompt_cache: PromptCacheView | None = None
     settled: bool = Field(
         default=False, description="nothing in the run moves without the orchestrator"
     )

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Literal, Protocol
+from collections.abc import Callable
+from typing import Annotated, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
@@ -56,7 +57,8 @@ class Message(BaseModel):
 
 
 class Usage(BaseModel):
-    """Tokens of one or more model calls; `cache_write_tokens` are cache creation tokens."""
+    """Tokens of one or more model calls; `cache_write_tokens` are cache creation tokens, of
+    which `cache_write_1h_tokens` were written with the one-hour lifetime."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -64,6 +66,7 @@ class Usage(BaseModel):
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -71,6 +74,7 @@ class Usage(BaseModel):
             output_tokens=self.output_tokens + other.output_tokens,
             cache_read_tokens=self.cache_read_tokens + other.cache_read_tokens,
             cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
+            cache_write_1h_tokens=self.cache_write_1h_tokens + other.cache_write_1h_tokens,
         )
 
     @property
@@ -84,8 +88,8 @@ class Usage(BaseModel):
 
 
 class ModelRequest(BaseModel):
-    """One call: `system_prefix` and `tools` are shared across a run (cached); `system_task` is
-    the agent's own instructions."""
+    """One call: `system_prefix` and `tools` are shared across a run (cached, for `cache_ttl`);
+    `system_task` is the agent's own instructions."""
 
     model: str
     system_prefix: str
@@ -93,6 +97,7 @@ class ModelRequest(BaseModel):
     tools: list[ToolSpec] = Field(default_factory=list[ToolSpec])
     messages: list[Message]
     max_tokens: int = Field(gt=0)
+    cache_ttl: Literal["5m", "1h"] = "5m"
 
 
 class ModelResponse(BaseModel):
@@ -127,6 +132,16 @@ class Model(Protocol):
     def name(self) -> str: ...
 
     async def complete(self, request: ModelRequest) -> ModelResponse: ...
+
+
+@runtime_checkable
+class StartSignallingModel(Model, Protocol):
+    """A model that can tell when its response begins (the API streams it), which is when what
+    the request wrote to the prompt cache becomes readable for other requests."""
+
+    async def complete_signalled(
+        self, request: ModelRequest, on_start: Callable[[], None]
+    ) -> ModelResponse: ...
 
 
 def _dump(value: BaseModel | list[BaseModel]) -> str:

@@ -20,9 +20,10 @@ from types import TracebackType
 import anyio
 import anyio.abc
 
-from orchestration import planner
+from orchestration import estimates, planner
 from orchestration import workspace as ws_mod
 from orchestration.attention import WakeOn
+from orchestration.caching import PrefixWarmup
 from orchestration.caps import ServerCaps
 from orchestration.clock import SYSTEM_CLOCK, Clock, Timing
 from orchestration.config import Settings
@@ -210,7 +211,25 @@ class Orchestrator:
         )
         agents = planner.new_agents(settings, request, run, names)
         warnings = await planner.spawn_warnings(self.settings, ctx.leases, agents)
-        estimate = planner.estimate(run, agents)
+        prefix = shared_prefix(shared, paths)
+        history = await anyio.to_thread.run_sync(estimates.history, ctx.store)
+        estimate, first_request = estimates.estimate(
+            run,
+            agents,
+            prefix=prefix,
+            cal=estimates.calibrate(history),
+            ttl_setting=settings.cache_ttl,
+            min_tokens_override=settings.cache_min_tokens,
+            warmup=settings.cache_warmup_max_s > 0,
+        )
+        run = run.model_copy(
+            update={
+                "estimate_tokens": estimate.estimated_total_tokens,
+                "cache_ttl": estimate.cache_ttl,
+                "cache_note": estimate.prompt_cache,
+                "first_request_tokens": first_request,
+            }
+        )
         if estimate.estimated_total_tokens > run.budget_tokens:
             warnings.append(
                 f"the estimate ({estimate.estimated_total_tokens} tokens) exceeds the budget "
@@ -218,7 +237,9 @@ class Orchestrator:
             )
         ctx.store.create_run(run, agents)
         ctx.limiters[run_id] = anyio.CapacityLimiter(run.max_concurrency)
-        ctx.prefixes[run_id] = shared_prefix(shared, paths)
+        ctx.prefixes[run_id] = prefix
+        if estimate.cache_ttl is not None and settings.cache_warmup_max_s > 0:
+            ctx.warmups[run_id] = PrefixWarmup(settings.cache_warmup_max_s, self.clock.monotonic)
         # Runtimes are registered before any task starts (cancel sees them at once); the tasks
         # start in spawn order, and no agent's turn runs before spawn returns.
         runtimes = [self._registry.run_here(agent.agent_id) for agent in agents]

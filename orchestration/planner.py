@@ -10,20 +10,16 @@ import anyio
 from orchestration import workspace as ws_mod
 from orchestration.config import Settings
 from orchestration.context import RepoContext
-from orchestration.contracts import CostEstimate, SpawnRequest
+from orchestration.contracts import SpawnRequest
 from orchestration.errors import InvalidRequest
-from orchestration.prompts import FINISH_TOOL, shared_prefix
+from orchestration.prompts import shared_prefix
 from orchestration.records import scope_requests
 from orchestration.state import AgentRecord, RunRecord, SharedFile, SharedSnapshot
-from toolbus.bus import SUBAGENT_TOOL_SPECS
 from toolbus.leases import LeaseManager, conflicts
 from toolbus.sandbox import probe_bwrap
 from toolbus.terminal import describe_commands
 
 MAX_SHARED_FILE_BYTES = 200_000
-ESTIMATED_TURNS = 8
-ESTIMATED_GROWTH_PER_TURN = 1_500
-ESTIMATED_OUTPUT_PER_TURN = 600
 
 
 def new_run(
@@ -95,38 +91,6 @@ def plan_waves(agents: list[AgentRecord]) -> list[AgentRecord]:
         )
         for i, agent in enumerate(agents)
     ]
-
-
-def estimate(run: RunRecord, agents: list[AgentRecord]) -> CostEstimate:
-    """The run's cost in tokens, before it starts, as the budget counts them."""
-    prefix = shared_prefix(run.shared, [])
-    tool_chars = sum(len(t.description) + 200 for t in [*SUBAGENT_TOOL_SPECS, FINISH_TOOL])
-    prefix_tokens = (len(prefix) + tool_chars) // 4 + run.shared.file_count * 6
-    task_tokens = sum(len(a.prompt) // 4 + 60 for a in agents) // max(len(agents), 1)
-    turns = min(ESTIMATED_TURNS, max(a.max_turns for a in agents))
-    n = len(agents)
-    per_agent_input = turns * (prefix_tokens + task_tokens) + ESTIMATED_GROWTH_PER_TURN * (
-        turns * (turns - 1) // 2
-    )
-    output = ESTIMATED_OUTPUT_PER_TURN * turns
-    uncached = n * (per_agent_input + output)
-    prefix_reads = n * turns * prefix_tokens - prefix_tokens
-    cached = uncached - prefix_reads + round(0.1 * prefix_reads + 0.25 * prefix_tokens)
-    return CostEstimate(
-        agents=n,
-        shared_prefix_tokens=prefix_tokens,
-        per_agent_task_tokens=task_tokens,
-        estimated_turns_per_agent=turns,
-        estimated_total_tokens=cached,
-        estimated_uncached_tokens=uncached,
-        budget_tokens=run.budget_tokens,
-        note=(
-            f"assumes {turns} turns per agent, ~{ESTIMATED_GROWTH_PER_TURN} tokens of "
-            "conversation growth per turn and the shared prefix read from the prompt cache "
-            "after the first agent (counted as the budget counts: cache reads ×0.1, writes "
-            "×1.25); the live meter in get_status is exact"
-        ),
-    )
 
 
 def paths_at(repo: ws_mod.GitRepo, commit: str) -> list[str]:

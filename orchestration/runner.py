@@ -227,6 +227,8 @@ class AgentRunner:
                 ctx, runtime.agent_id, p, reserved, used
             ),
             transcript=Transcript(transcript_path(ctx, agent.agent_id)),
+            warmup=ctx.warmups.get(agent.run_id),
+            cache_ttl=run.cache_ttl or "5m",
         )
         await anyio.to_thread.run_sync(loop.transcript.touch)  # its file: off the event loop
         runtime.loop = loop

@@ -21,7 +21,7 @@ from collections.abc import Collection, Generator, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import TypedDict, Unpack
+from typing import Literal, TypedDict, Unpack
 
 import anyio
 import filelock
@@ -119,6 +119,13 @@ class RunRecord(BaseModel, frozen=True):
     budget_tokens: int
     model: str
     owner: str
+    # the estimate at spawn (billed-equivalent tokens); the shared prefix's cache lifetime (None:
+    # too short to be cached) and how it is cached; the estimated size of a first request
+    # (which calibrates later estimates)
+    estimate_tokens: int | None = None
+    cache_ttl: Literal["5m", "1h"] | None = "5m"
+    cache_note: str = ""
+    first_request_tokens: int | None = None
 
 
 class AgentRecord(BaseModel, frozen=True):
@@ -137,6 +144,8 @@ class AgentRecord(BaseModel, frozen=True):
     stop_reason: StopReason | None = None
     turns: int = 0
     tokens: TokenUsage = Field(default_factory=TokenUsage)
+    # the input side (plain, cache reads and writes) of its first turn, as the API counted it
+    first_input_tokens: int | None = None
     base_commit: str
     start_commit: str | None = None
     branch: str | None = None
@@ -195,6 +204,7 @@ class AgentChanges(FinalChanges, total=False):
     lease_token: int | None
     lease_lost: bool
     conflicts: list[str]
+    first_input_tokens: int | None
 
 
 @functools.cache
@@ -554,6 +564,18 @@ class StateStore:
         settle: tuple[int, int],
     ) -> AgentRecord:
         """One model turn of the agent ended; its reservation of the budget is settled."""
+        if turns == 1:
+            first = tokens.input + tokens.cache_read + tokens.cache_write
+            return self.apply(
+                agent_id,
+                EventKind.TURN,
+                f"turn {turns}",
+                settle=settle,
+                turns=turns,
+                tokens=tokens,
+                changed_files=changed_files,
+                first_input_tokens=first,
+            )
         return self.apply(
             agent_id,
             EventKind.TURN,

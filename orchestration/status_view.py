@@ -19,6 +19,7 @@ from orchestration.context import RepoContext, find_run
 from orchestration.contracts import (
     AgentView,
     LeaseView,
+    PromptCacheView,
     RunTotals,
     RunView,
     StatusResult,
@@ -165,6 +166,7 @@ class StatusView:
             output=sum(t.output for t in spent),
             cache_read=sum(t.cache_read for t in spent),
             cache_write=sum(t.cache_write for t in spent),
+            cache_write_1h=sum(t.cache_write_1h for t in spent),
         )
         return RunView.model_construct(
             run_id=run.run_id,
@@ -179,7 +181,9 @@ class StatusView:
                 budget_tokens=total,
                 budget_used=used,
                 budget_remaining=max(total - used - reserved, 0),
+                estimate_tokens=run.estimate_tokens,
             ),
+            prompt_cache=self._prompt_cache(run),
             agents=[
                 _agent_view(
                     self._views, a, read.leases_by_holder.get(a.lease_holder or a.agent_id, [])
@@ -190,6 +194,22 @@ class StatusView:
             settled=attention.settled,
             next=attention.next,
             changed_agents=changed_agents,
+        )
+
+    def _prompt_cache(self, run: RunRecord) -> PromptCacheView | None:
+        """The run's prompt caching, as far as this process knows it."""
+        if run.estimate_tokens is None:
+            return None  # a run of an earlier version, estimated otherwise
+        warmup = self._ctx.warmups.get(run.run_id)
+        if warmup is None or not warmup.done:
+            return PromptCacheView.model_construct(
+                ttl=run.cache_ttl, first_byte_s=None, held_s=0.0, note=run.cache_note
+            )
+        return PromptCacheView.model_construct(
+            ttl=run.cache_ttl,
+            first_byte_s=warmup.first_byte_s,
+            held_s=round(warmup.held_s, 3),
+            note=warmup.describe() or run.cache_note,
         )
 
     async def _wait_for_attention(

@@ -3,7 +3,9 @@
 
 The SDK's retries are off (`max_retries=0`): `orchestration.retry` retries, with a cap on
 retry-after. Prompt caching: the last tool, the shared system prefix and the last block of the
-last user message carry `cache_control` breakpoints (three of the API's four)."""
+last user message carry `cache_control` breakpoints (three of the API's four); the first two with
+the run's lifetime for its shared prefix (`ModelRequest.cache_ttl`), the last with 5 minutes (a
+longer lifetime may not follow a shorter one)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import os
 import ssl
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
@@ -135,6 +138,29 @@ class AnthropicModel:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    async def complete_signalled(
+        self, request: ModelRequest, on_start: Callable[[], None]
+    ) -> ModelResponse:
+        """`complete`, streamed, calling `on_start` at the stream's first event: the response
+        has begun, and with it what the request wrote to the prompt cache is readable."""
+        model = request.model or self.model
+        system, tools, messages = to_api_request(request)
+        try:
+            async with self._client.messages.stream(
+                model=model,
+                max_tokens=request.max_tokens,
+                system=system,
+                tools=tools if tools else anthropic.omit,
+                messages=messages,
+            ) as stream:
+                async for _event in stream:
+                    on_start()
+                    break
+                answer = await stream.get_final_message()
+            return from_api_message(answer)
+        except (anthropic.AnthropicError, httpx2.TransportError, json.JSONDecodeError) as exc:
+            raise self._scrubbed(translate_error(exc)) from exc
+
     async def complete(self, request: ModelRequest) -> ModelResponse:
         model = request.model or self.model
         system, tools, messages = to_api_request(request)
@@ -173,9 +199,12 @@ def to_api_request(
     request: ModelRequest,
 ) -> tuple[list[TextBlockParam], list[ToolParam], list[MessageParam]]:
     """System blocks, tools and messages in the API's shape, with the cache breakpoints."""
+    shared: CacheControlEphemeralParam = (
+        EPHEMERAL if request.cache_ttl == "5m" else {"type": "ephemeral", "ttl": request.cache_ttl}
+    )
     system: list[TextBlockParam] = []
     if request.system_prefix:
-        system.append({"type": "text", "text": request.system_prefix, "cache_control": EPHEMERAL})
+        system.append({"type": "text", "text": request.system_prefix, "cache_control": shared})
     if request.system_task:
         system.append({"type": "text", "text": request.system_task})
     tools: list[ToolParam] = [
@@ -187,7 +216,7 @@ def to_api_request(
         for spec in request.tools
     ]
     if tools:
-        tools[-1]["cache_control"] = EPHEMERAL
+        tools[-1]["cache_control"] = shared
     messages = [_message_param(m) for m in request.messages]
     for param in reversed(messages):
         if param["role"] == "user":
@@ -250,6 +279,9 @@ def from_api_message(message: ApiMessage) -> ModelResponse:
             output_tokens=usage.output_tokens,
             cache_read_tokens=usage.cache_read_input_tokens or 0,
             cache_write_tokens=usage.cache_creation_input_tokens or 0,
+            cache_write_1h_tokens=(
+                usage.cache_creation.ephemeral_1h_input_tokens if usage.cache_creation else 0
+            ),
         ),
         model=message.model,
     )

@@ -1,0 +1,139 @@
+"""The run writes its shared prefix to the prompt cache once, against the fake Messages API
+(whose cache makes an entry readable only once its writer's response has begun), and says how
+its prefix is cached, or that caching does not apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from fakeapi import FakeAnthropic, LoggedRequest, by_turn, finish, overloaded, tool_use
+from orchestration.caching import choose_ttl, min_cacheable_tokens
+from orchestration.config import Settings
+from orchestration.contracts import SharedContextSpec, SpawnRequest, TaskSpec, TokenUsage
+from orchestration.model import Model
+from orchestration.orchestrator import Orchestrator
+from orchestration.providers.anthropic import AnthropicModel
+from tests.orchestration.scripts import make_repo
+from tests.orchestration.test_orchestrator import wait_until_final
+
+pytestmark = pytest.mark.anyio
+
+AGENTS = 4
+LATENCY_S = 0.3
+
+
+def _handler() -> Any:
+    return by_turn(tool_use("list_files", path="."), finish("looked around"))
+
+
+def _first_requests(fake: FakeAnthropic) -> list[LoggedRequest]:
+    """Each agent's first request (one user message), in arrival order."""
+    return [
+        r
+        for r in fake.requests
+        if r.status == 200 and len(r.body["messages"]) == 1  # type: ignore[arg-type]
+    ]
+
+
+async def _spawn_and_wait(
+    tmp_path: Path, fake: FakeAnthropic, **overrides: object
+) -> tuple[Any, Any]:
+    repo = make_repo(tmp_path / "repo")
+
+    def factory(name: str) -> Model:
+        return AnthropicModel(model=name, api_key="sk-test", base_url=fake.base_url)
+
+    settings = Settings.model_validate(
+        {"repo": repo, "sandbox": "none", "model": "claude-sonnet-5-5", **overrides}
+    )
+    async with Orchestrator(settings, factory) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(
+                tasks=[
+                    TaskSpec(prompt=f"TASK-{i}", name=f"t{i}", write_scope=[f"src/t{i}"])
+                    for i in range(AGENTS)
+                ],
+                shared_context=SharedContextSpec(plan="Plan step. " * 800),
+                max_concurrency=AGENTS,
+            )
+        )
+        with anyio.fail_after(60):
+            await wait_until_final(orch, spawned.run_id)
+        status = await orch.status(run_id=spawned.run_id)
+    return spawned, status.runs[0]
+
+
+async def test_the_shared_prefix_is_written_once_and_read_by_the_others(tmp_path: Path) -> None:
+    async with FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake:
+        spawned, run = await _spawn_and_wait(tmp_path, fake)
+    assert spawned.estimate.cache_ttl == "5m"
+    assert "cached for 5m, written once" in spawned.estimate.prompt_cache
+    firsts = _first_requests(fake)
+    assert len(firsts) == AGENTS
+    writes = [r.usage.cache_creation_input_tokens for r in firsts if r.usage]
+    reads = [r.usage.cache_read_input_tokens for r in firsts if r.usage]
+    # the first wrote the tools and the shared prefix; the others read them and wrote only
+    # their own task and message
+    assert reads[0] == 0 and all(r > 0 for r in reads[1:])
+    assert all(w < writes[0] / 10 for w in writes[1:])
+    # they left only once the first response began
+    assert all(r.at - firsts[0].at >= LATENCY_S * 0.9 for r in firsts[1:])
+    cache = run.prompt_cache
+    assert cache is not None and cache.ttl == "5m"
+    assert cache.first_byte_s is not None and cache.first_byte_s >= LATENCY_S * 0.9
+    assert cache.held_s > 0 and "written once" in cache.note
+
+
+async def test_without_the_warm_up_every_first_request_pays_the_write(tmp_path: Path) -> None:
+    async with FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake:
+        await _spawn_and_wait(tmp_path, fake, cache_warmup_max_s=0)
+    firsts = _first_requests(fake)
+    assert [r.usage.cache_read_input_tokens for r in firsts if r.usage] == [0] * AGENTS
+
+
+async def test_a_failed_first_request_lets_the_others_go(tmp_path: Path) -> None:
+    fake = FakeAnthropic(_handler(), latency_s=0.05)
+    fake.inject(overloaded(), times=1)  # the first request of the run fails, then is retried
+    async with fake.serve():
+        _spawned, run = await _spawn_and_wait(tmp_path, fake, cache_warmup_max_s=20)
+    assert run.totals.by_status == {"succeeded": AGENTS}
+    assert run.prompt_cache is not None and run.prompt_cache.held_s < 10
+
+
+async def test_a_prefix_below_the_minimum_is_said_not_to_be_cached(tmp_path: Path) -> None:
+    async with FakeAnthropic(_handler(), latency_s=0.05).serve() as fake:
+        spawned, run = await _spawn_and_wait(tmp_path, fake, cache_min_tokens=1_000_000)
+    assert spawned.estimate.cache_ttl is None
+    assert "does not apply" in spawned.estimate.prompt_cache
+    assert run.prompt_cache is not None and run.prompt_cache.ttl is None
+    assert "does not apply" in run.prompt_cache.note
+    assert run.prompt_cache.first_byte_s is None  # no warm-up: nothing to write once
+
+
+async def test_a_one_hour_prefix_is_asked_for_and_billed_at_its_price(tmp_path: Path) -> None:
+    async with FakeAnthropic(_handler(), latency_s=0.05).serve() as fake:
+        spawned, run = await _spawn_and_wait(tmp_path, fake, cache_ttl="1h")
+    assert spawned.estimate.cache_ttl == "1h"
+    body = fake.requests[0].body
+    assert body["system"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}  # type: ignore[index,call-overload]
+    tokens: TokenUsage = run.totals.tokens
+    assert 0 < tokens.cache_write_1h < tokens.cache_write
+    assert run.totals.budget_used == sum(a.tokens.billed_equivalent for a in run.agents)
+    # an hour's write costs 2x, five minutes' 1.25x
+    assert TokenUsage(cache_write=10, cache_write_1h=10).billed_equivalent == 20
+    assert TokenUsage(cache_write=100).billed_equivalent == 125
+
+
+def test_the_lifetime_follows_what_the_run_is_expected_to_take() -> None:
+    assert choose_ttl("auto", expected_s=60, has_waits=True) == "5m"
+    assert choose_ttl("auto", expected_s=3_600, has_waits=False) == "5m"
+    assert choose_ttl("auto", expected_s=900, has_waits=True) == "1h"
+    assert choose_ttl("5m", expected_s=900, has_waits=True) == "5m"
+    assert choose_ttl("1h", expected_s=1, has_waits=False) == "1h"
+    assert min_cacheable_tokens("claude-haiku-4-5") == 4096
+    assert min_cacheable_tokens("claude-sonnet-5-5") == 1024
+    assert min_cacheable_tokens("claude-haiku-4-5", override=10) == 10
