@@ -178,6 +178,8 @@ def agent_line(view: AgentView) -> AgentLine:
         flags.append("lease_lost")
     if view.status is AgentStatus.CONFLICTED:
         flags.append("conflict")
+    if view.status is AgentStatus.STALE:
+        flags.append("stale")
     return AgentLine(
         agent_id=view.agent_id,
         name=view.name,
@@ -457,6 +459,9 @@ class MergeLine(_Answer):
     added: int = 0
     removed: int = 0
     conflicts: list[str] = Field(default_factory=list[str])
+    stale_reads: list[str] = Field(
+        default_factory=list[str], description="stale: files it read that changed since its base"
+    )
     reason: str = ""
 
 
@@ -488,7 +493,8 @@ def merge_answer(result: MergeResult) -> MergeAnswer:
                 added=a.diffstat.insertions,
                 removed=a.diffstat.deletions,
                 conflicts=a.conflicts[:20],
-                reason=one_line(a.reason, 200),
+                stale_reads=a.stale_reads[:20],
+                reason=one_line(a.reason, 500 if a.stale_reads else 200),
             )
             for a in result.agents
         ],
@@ -511,14 +517,17 @@ def merge_text(answer: MergeAnswer) -> str:
             text += f" {a.files} files +{a.added} -{a.removed}"
         if a.conflicts:
             text += f": conflicts in {', '.join(a.conflicts)}"
+        elif a.reason and a.outcome is MergeOutcome.STALE:
+            text += f": {a.reason}"
         elif a.reason:
             text += f": {a.reason}"
         lines.append(text)
-    conflicted = [a.agent_id for a in answer.agents if a.outcome is MergeOutcome.CONFLICTED]
+    redo = (MergeOutcome.CONFLICTED, MergeOutcome.STALE)
+    conflicted = [a.agent_id for a in answer.agents if a.outcome in redo]
     if conflicted:
         lines.append(
-            "conflicted agents keep their branch: rerun_subagent(agent_id) each on the new head "
-            "(do not merge by hand): " + ", ".join(conflicted)
+            "conflicted and stale agents keep their branch: rerun_subagent(agent_id) each on the "
+            "new head (do not merge by hand): " + ", ".join(conflicted)
         )
     return "\n".join(lines)
 

@@ -53,6 +53,7 @@ _HOLDS_SCOPE = (
     AgentStatus.CANCELLED,
     AgentStatus.INTERRUPTED,
     AgentStatus.CONFLICTED,
+    AgentStatus.STALE,
 )
 
 
@@ -131,7 +132,7 @@ def run_attention(
         for a in agents
         if a.lease_lost
         or a.stop_reason is StopReason.BUDGET_EXHAUSTED
-        or a.status in (AgentStatus.FAILED, AgentStatus.CONFLICTED)
+        or a.status in (AgentStatus.FAILED, AgentStatus.CONFLICTED, AgentStatus.STALE)
     )
     by_id = dict(every_agent)
     if moving:
@@ -186,7 +187,8 @@ def _next_step(
     failed = [
         a.agent_id
         for a in agents
-        if a.status in (AgentStatus.FAILED, AgentStatus.CONFLICTED, AgentStatus.INTERRUPTED)
+        if a.status
+        in (AgentStatus.FAILED, AgentStatus.CONFLICTED, AgentStatus.STALE, AgentStatus.INTERRUPTED)
         and a.agent_id not in stuck
     ]
     if failed:

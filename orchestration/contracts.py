@@ -134,6 +134,7 @@ class AgentStatus(StrEnum):
     INTERRUPTED = "interrupted"
     MERGED = "merged"
     CONFLICTED = "conflicted"
+    STALE = "stale"  # it read files that changed on the canonical branch since: not merged
     DISCARDED = "discarded"
 
     @property
@@ -420,6 +421,7 @@ class MergeOutcome(StrEnum):
     MERGED = "merged"
     CLEAN = "clean"
     CONFLICTED = "conflicted"
+    STALE = "stale"
     SKIPPED = "skipped"
     DISCARDED = "discarded"
 
@@ -432,6 +434,10 @@ class AgentMergeResult(_Output):
     outcome: MergeOutcome
     commit: str | None = None
     conflicts: list[str] = Field(default_factory=list[str])
+    stale_reads: list[str] = Field(
+        default_factory=list[str],
+        description="files it read that changed on the canonical branch since (outcome stale)",
+    )
     reason: str | None = None
     diffstat: DiffStat = Field(default_factory=DiffStat)
 
@@ -447,6 +453,11 @@ class MergeRequest(_Input):
         max_length=MAX_TASKS * 4,
         description="agents whose work to throw away explicitly (workspace removed, branch "
         "kept unless configured otherwise)",
+    )
+    accept_stale: bool = Field(
+        default=False,
+        description="merge agents that read files changed since their base (outcome stale "
+        "otherwise: rerun_subagent shows them the new versions)",
     )
 
 

@@ -30,7 +30,13 @@ DEFAULT_GROWTH_PER_TURN = 1_500
 DEFAULT_OUTPUT_PER_TURN = 600
 DEFAULT_SECONDS_PER_TURN = 20.0
 CALIBRATION_RUNS = 5  # the latest settled runs of the repository that calibrate an estimate
-FINAL = (AgentStatus.SUCCEEDED, AgentStatus.FAILED, AgentStatus.MERGED, AgentStatus.CONFLICTED)
+FINAL = (
+    AgentStatus.SUCCEEDED,
+    AgentStatus.FAILED,
+    AgentStatus.MERGED,
+    AgentStatus.CONFLICTED,
+    AgentStatus.STALE,
+)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import filelock
@@ -74,6 +74,30 @@ class JoinCandidate(BaseModel):
     base_commit: str
     branch: str
     commit: str
+    # the files it changes, and those whose contents the bus showed it (read_file, search hits)
+    changed: tuple[str, ...] = ()
+    reads: frozenset[str] = frozenset()
+    ran_commands: bool = False
+
+
+@dataclass(frozen=True)
+class MergedReader:
+    """An agent merged before this join (of the same run): what it read, and its merge."""
+
+    agent_id: str
+    name: str
+    commit: str | None  # its merge commit on the canonical branch
+    reads: frozenset[str]
+    changed: frozenset[str]
+
+
+@dataclass
+class _Readers:
+    """Who read and who changed what, for the stale check of one `merge` call."""
+
+    earlier: Sequence[MergedReader]
+    landed: list[MergedReader] = field(default_factory=list[MergedReader])
+    accept_stale: bool = False
 
 
 class JoinOutcome(BaseModel):
@@ -85,6 +109,7 @@ class JoinOutcome(BaseModel):
     outcome: MergeOutcome
     commit: str | None = None
     conflicts: list[str] = Field(default_factory=list[str])
+    stale_reads: list[str] = Field(default_factory=list[str])
     reason: str | None = None
     diffstat: DiffStat = Field(default_factory=DiffStat)
 
@@ -303,11 +328,24 @@ class Joiner:
         dry_run: bool,
         can_land: CanLand | None = None,
         on_progress: OnProgress | None = None,
+        merged_readers: Sequence[MergedReader] = (),
+        accept_stale: bool = False,
     ) -> list[JoinOutcome]:
-        """Join the candidates in order; a dry run reports what would happen and changes nothing."""
+        """Join the candidates in order; a dry run reports what would happen and changes nothing.
+
+        A candidate that read a file changed on the canonical branch since its base, or that
+        changes a file read by an agent merged after its base (`merged_readers`, and the
+        candidates landed before it), is `stale` and not merged, unless `accept_stale`."""
         self._repo.head_commit()  # a clear error for a repository without commits
+        readers = _Readers(earlier=merged_readers, accept_stale=accept_stale)
         if dry_run:
-            return self._run(candidates, dry_run=True, can_land=can_land, on_progress=on_progress)
+            return self._run(
+                candidates,
+                dry_run=True,
+                can_land=can_land,
+                on_progress=on_progress,
+                readers=readers,
+            )
         lock = filelock.FileLock(str(self.lock_path), timeout=self._lock_timeout_s)
         try:
             lock.acquire()
@@ -318,7 +356,13 @@ class Joiner:
             ) from exc
         try:
             self.recovered = self._recover_locked()
-            return self._run(candidates, dry_run=False, can_land=can_land, on_progress=on_progress)
+            return self._run(
+                candidates,
+                dry_run=False,
+                can_land=can_land,
+                on_progress=on_progress,
+                readers=readers,
+            )
         finally:
             lock.release()
 
@@ -429,6 +473,7 @@ class Joiner:
         dry_run: bool,
         can_land: CanLand | None,
         on_progress: OnProgress | None,
+        readers: _Readers,
     ) -> list[JoinOutcome]:
         pyrepo = self._repo.open()
         try:
@@ -441,13 +486,25 @@ class Joiner:
                     if dry_run:
                         if virtual_head is None:
                             virtual_head = pyrepo[start.head].peel(pygit2.Tree)
-                        outcome, virtual_head = self._evaluate(pyrepo, cand, virtual_head, can_land)
+                        outcome, virtual_head = self._evaluate(
+                            pyrepo, cand, virtual_head, can_land, readers
+                        )
                     else:
-                        outcome = self._land(pyrepo, cand, expected_ref, can_land)
+                        outcome = self._land(pyrepo, cand, expected_ref, can_land, readers)
                 except (OrchestrationError, pygit2.GitError, OSError) as exc:
                     # raised before anything landed for this candidate: report it, go on
                     outcome = self._skipped(cand, None, f"the merge step failed: {exc}")
                 outcomes.append(outcome)
+                if outcome.outcome in (MergeOutcome.MERGED, MergeOutcome.CLEAN):
+                    readers.landed.append(
+                        MergedReader(
+                            agent_id=cand.agent_id,
+                            name=cand.name,
+                            commit=outcome.commit,
+                            reads=cand.reads,
+                            changed=frozenset(outcome.diffstat.paths),
+                        )
+                    )
                 if on_progress is not None:
                     on_progress(outcome)
             self._final_head = str(self._target(pyrepo, None).head)
@@ -482,6 +539,7 @@ class Joiner:
         cand: JoinCandidate,
         head_tree: pygit2.Tree,
         can_land: CanLand | None,
+        readers: _Readers,
     ) -> tuple[JoinOutcome, pygit2.Tree]:
         """A dry run of one candidate on a (possibly virtual) head tree; the next head tree."""
         inputs = self._inputs(pyrepo, cand)
@@ -491,6 +549,9 @@ class Joiner:
         m = _merge_in_memory(pyrepo, base, head_tree, theirs)
         if m.tree is None:
             return self._conflicted(cand, m), head_tree
+        stale = _stale(pyrepo, cand, base, head_tree, m=m, readers=readers)
+        if stale is not None and not readers.accept_stale:
+            return stale, head_tree
         reason = can_land(cand.agent_id) if can_land is not None else None
         if reason is None:
             dirty = _dirty_overlap(self._repo.root, m.changed)
@@ -498,8 +559,14 @@ class Joiner:
         if reason is not None:
             return self._skipped(cand, m, reason), head_tree
         note = None if m.changed else "already in the canonical branch: nothing to apply"
+        if stale is not None:
+            note = f"merged although stale (accept_stale): {stale.reason}"
         outcome = JoinOutcome(
-            agent_id=cand.agent_id, outcome=MergeOutcome.CLEAN, reason=note, diffstat=m.diffstat
+            agent_id=cand.agent_id,
+            outcome=MergeOutcome.CLEAN,
+            reason=note,
+            diffstat=m.diffstat,
+            stale_reads=stale.stale_reads if stale is not None else [],
         )
         return outcome, pyrepo[m.tree].peel(pygit2.Tree)
 
@@ -527,6 +594,7 @@ class Joiner:
         cand: JoinCandidate,
         expected_ref: str,
         can_land: CanLand | None,
+        readers: _Readers,
     ) -> JoinOutcome:
         inputs = self._inputs(pyrepo, cand)
         if isinstance(inputs, JoinOutcome):
@@ -548,6 +616,9 @@ class Joiner:
                     outcome=MergeOutcome.MERGED,
                     reason="already in the canonical branch: nothing to apply",
                 )
+            stale = _stale(pyrepo, cand, base, head_tree, m=m, readers=readers)
+            if stale is not None and not readers.accept_stale:
+                return stale
             reason = can_land(cand.agent_id) if can_land is not None else None
             if reason is not None:
                 return self._skipped(cand, m, reason)
@@ -585,6 +656,10 @@ class Joiner:
                     outcome=MergeOutcome.MERGED,
                     commit=str(new),
                     diffstat=m.diffstat,
+                    stale_reads=stale.stale_reads if stale is not None else [],
+                    reason=None
+                    if stale is None
+                    else f"merged although stale (accept_stale): {stale.reason}",
                 )
             undone = self._compare_and_swap(target.ref, target.head, new, cand, undo=True)
             self._clear_journal()
@@ -655,6 +730,67 @@ class Joiner:
 
 
 # ---------------------------------------------------------------------- conflict text
+
+
+def _entry_id(tree: pygit2.Tree, path: str) -> pygit2.Oid | None:
+    try:
+        return tree[path].id
+    except (KeyError, ValueError):
+        return None
+
+
+def _stale(
+    pyrepo: pygit2.Repository,
+    cand: JoinCandidate,
+    base: pygit2.Tree,
+    head: pygit2.Tree,
+    *,
+    m: _Merge,
+    readers: _Readers,
+) -> JoinOutcome | None:
+    """Why the candidate would make a head that line merges cannot vouch for, if it would:
+    it read files that changed on the branch since its base, or it changes files that an agent
+    merged after its base read (that agent built on the old version)."""
+    outdated = sorted(p for p in cand.reads if _entry_id(base, p) != _entry_id(head, p))
+    reasons: list[str] = []
+    if outdated:
+        merged = [*readers.earlier, *readers.landed]
+        by: list[str] = []
+        for path in outdated:
+            names = [r.name for r in merged if path in r.changed]
+            by.append(f"{path} (by {', '.join(names)})" if names else path)
+        reasons.append("it read files changed on the branch since its base: " + "; ".join(by))
+    pulled: list[str] = []
+    changes = set(m.changed)
+    for reader in [*readers.earlier, *readers.landed]:
+        if reader.agent_id == cand.agent_id or not reader.reads & changes:
+            continue
+        if reader.commit is not None and reader in readers.earlier:
+            try:
+                if pyrepo.descendant_of(cand.base_commit, reader.commit):
+                    continue  # merged before this agent started: it built on that work
+            except (KeyError, ValueError, pygit2.GitError):
+                pass
+        paths = sorted(reader.reads & changes)
+        pulled.extend(paths)
+        reasons.append(f"it changes {', '.join(paths)}, which {reader.name} read and was merged")
+    if not reasons:
+        return None
+    commands = (
+        " It also ran commands, which read files the bus does not see: a verification command "
+        "covers those."
+        if cand.ran_commands
+        else ""
+    )
+    return JoinOutcome(
+        agent_id=cand.agent_id,
+        outcome=MergeOutcome.STALE,
+        stale_reads=sorted(set(outdated) | set(pulled)),
+        reason="; ".join(reasons)
+        + ". Its branch is kept: rerun_subagent shows it the new versions (or merge with "
+        "accept_stale)." + commands,
+        diffstat=m.diffstat,
+    )
 
 
 def conflict_diff(repo: GitRepo, candidate: JoinCandidate, *, head: str | None = None) -> str:

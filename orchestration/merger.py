@@ -20,10 +20,11 @@ from orchestration.contracts import (
     MergeResult,
 )
 from orchestration.errors import AgentNotFound, InvalidState
-from orchestration.join import JoinCandidate, Joiner, JoinOutcome
+from orchestration.join import JoinCandidate, Joiner, JoinOutcome, MergedReader
 from orchestration.records import first_line, workspace_of
 from orchestration.registry import AgentRegistry
 from orchestration.state import AgentRecord
+from toolbus.audit import reads_of
 from toolbus.errors import LeaseError
 
 OnProgress = Callable[[int, int, str], None]
@@ -68,7 +69,17 @@ class Merger:
                 results.append(await self._merge_empty(ctx, agent, dry_run=request.dry_run))
             else:
                 candidates.append(_candidate(agent, agent.commit))
-        outcomes = await self._join(ctx, by_id, candidates, request.dry_run, on_progress)
+        candidates, readers = await anyio.to_thread.run_sync(
+            _with_reads, ctx, candidates, [a for a in agents if a.status == AgentStatus.MERGED]
+        )
+        outcomes = await self._join(
+            ctx,
+            by_id,
+            writers_first(candidates),
+            request,
+            readers=readers,
+            on_progress=on_progress,
+        )
         for outcome in outcomes:
             result = _result_of(by_id[outcome.agent_id], outcome)
             results.append(result)
@@ -89,7 +100,9 @@ class Merger:
         ctx: RepoContext,
         by_id: dict[str, AgentRecord],
         candidates: list[JoinCandidate],
-        dry_run: bool,
+        request: MergeRequest,
+        *,
+        readers: list[MergedReader],
         on_progress: OnProgress | None,
     ) -> list[JoinOutcome]:
         """The joiner's outcomes for the candidates, in their order; an agent whose write lease
@@ -121,7 +134,12 @@ class Merger:
         joiner = Joiner(ctx.repo)
         return await anyio.to_thread.run_sync(
             lambda: joiner.merge(
-                candidates, dry_run=dry_run, can_land=can_land, on_progress=progress
+                candidates,
+                dry_run=request.dry_run,
+                can_land=can_land,
+                on_progress=progress,
+                merged_readers=readers,
+                accept_stale=request.accept_stale,
             )
         )
 
@@ -129,6 +147,8 @@ class Merger:
         """Record what the join did to the agent (merged or conflicted)."""
         if result.outcome == MergeOutcome.MERGED:
             await self._after_merge(ctx, agent, result.commit)
+        elif result.outcome == MergeOutcome.STALE:
+            ctx.store.mark_stale(agent.agent_id, result.stale_reads, result.reason or "stale")
         elif result.outcome == MergeOutcome.CONFLICTED:
             ctx.store.mark_conflicted(
                 agent.agent_id,
@@ -218,6 +238,49 @@ class Merger:
             self._registry.signal_released(old_id)
 
 
+def _with_reads(
+    ctx: RepoContext, candidates: list[JoinCandidate], merged: list[AgentRecord]
+) -> tuple[list[JoinCandidate], list[MergedReader]]:
+    """The candidates with what they read, and the run's merged agents as readers."""
+    audit = ctx.repo.state_dir / "audit"
+    with_reads: list[JoinCandidate] = []
+    for cand in candidates:
+        reads, ran = reads_of(audit / f"{cand.agent_id}.jsonl")
+        with_reads.append(cand.model_copy(update={"reads": reads, "ran_commands": ran}))
+    readers = [
+        MergedReader(
+            agent_id=agent.agent_id,
+            name=agent.name,
+            commit=agent.merged_commit,
+            reads=reads_of(audit / f"{agent.agent_id}.jsonl")[0],
+            changed=frozenset(agent.changed_files),
+        )
+        for agent in merged
+    ]
+    return with_reads, readers
+
+
+def writers_first(candidates: list[JoinCandidate]) -> list[JoinCandidate]:
+    """The candidates in their order, except that an agent whose changes another read lands
+    before that reader (a reader landing first would not look stale, and its work would rest on
+    the old version). In a cycle (each read what the other changes), the earlier goes first and
+    the other is found stale."""
+    changes = {c.agent_id: set(c.changed) for c in candidates}
+    placed: list[JoinCandidate] = []
+    waiting = list(candidates)
+    while waiting:
+        for i, cand in enumerate(waiting):
+            blocked = any(
+                other is not cand and cand.reads & changes[other.agent_id] for other in waiting
+            )
+            if not blocked:
+                placed.append(waiting.pop(i))
+                break
+        else:
+            placed.append(waiting.pop(0))  # a cycle: keep the given order
+    return placed
+
+
 def _chosen(request: MergeRequest, agents: list[AgentRecord]) -> list[AgentRecord]:
     """The agents to merge: those named, or every succeeded one in the order they finished."""
     discarded = set(request.discard)
@@ -254,6 +317,7 @@ def _candidate(agent: AgentRecord, commit: str) -> JoinCandidate:
         base_commit=agent.base_commit,
         branch=agent.branch or "",
         commit=commit,
+        changed=tuple(agent.changed_files),
     )
 
 
@@ -264,6 +328,7 @@ def _result_of(agent: AgentRecord, outcome: JoinOutcome) -> AgentMergeResult:
         outcome=outcome.outcome,
         commit=outcome.commit,
         conflicts=list(outcome.conflicts),
+        stale_reads=list(outcome.stale_reads),
         reason=outcome.reason,
         diffstat=outcome.diffstat,
     )

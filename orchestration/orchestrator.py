@@ -453,6 +453,31 @@ class Orchestrator:
         return ctx
 
 
+def _current_versions(ctx: RepoContext, paths: list[str]) -> str:
+    """The files a stale attempt read, as they are now on the canonical branch (bounded)."""
+    head = ctx.repo.head_commit()
+    shown: list[str] = [
+        "It read files that changed after it started; this is how they are now (re-read them "
+        "before relying on them):"
+    ]
+    room = MAX_REJECTED_DIFF_CHARS
+    for path in paths:
+        found = ctx.repo.blob_at(head, path)
+        if found is None:
+            shown.append(f"- {path}: deleted since")
+            continue
+        text = ctx.repo.git("cat-file", "blob", found[0])
+        if "\x00" in text:
+            shown.append(f"- {path}: a binary file")
+            continue
+        if len(text) > room:
+            shown.append(f"- {path}: {found[1]} bytes, not shown here (read it)")
+            continue
+        room -= len(text)
+        shown.append(f"- {path}:\n```\n{text}\n```")
+    return "\n".join(shown)
+
+
 def rerun_context(
     ctx: RepoContext, old: AgentRecord, instructions: str | None, resume: bool
 ) -> str:
@@ -480,6 +505,8 @@ def rerun_context(
             parts.append(f"The rejected diff:\n```diff\n{diff}\n```")
         if old.conflicts:
             parts.append("It conflicted in: " + ", ".join(old.conflicts))
+        if old.stale_reads:
+            parts.append(_current_versions(ctx, old.stale_reads))
     if instructions:
         parts.append(f"Extra instructions from the coordinator:\n{instructions.strip()}")
     return "\n\n".join(parts)

@@ -166,6 +166,7 @@ class Recovery:
             AgentStatus.CANCELLED,
             AgentStatus.INTERRUPTED,
             AgentStatus.CONFLICTED,
+            AgentStatus.STALE,
         )
         for found in ctx.store.all_agents():
             if found.status not in keep or found.lease_token is None or found.lease_lost:

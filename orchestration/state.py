@@ -72,6 +72,7 @@ class EventKind(StrEnum):
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
     CONFLICTED = "conflicted"
+    STALE = "stale"
     MERGED = "merged"
     DISCARDED = "discarded"
     NOTE = "note"
@@ -164,6 +165,9 @@ class AgentRecord(BaseModel, frozen=True):
     lease_token: int | None = None
     lease_lost: bool = False
     conflicts: list[str] = Field(default_factory=list[str])
+    # files it read that changed on the canonical branch since (the join found it stale)
+    stale_reads: list[str] = Field(default_factory=list[str])
+    merged_commit: str | None = None  # its merge commit on the canonical branch
     changed_files: list[str] = Field(default_factory=list[str])
 
 
@@ -204,6 +208,8 @@ class AgentChanges(FinalChanges, total=False):
     lease_token: int | None
     lease_lost: bool
     conflicts: list[str]
+    stale_reads: list[str]
+    merged_commit: str | None
     first_input_tokens: int | None
 
 
@@ -628,6 +634,17 @@ class StateStore:
             conflicts=conflicts,
         )
 
+    def mark_stale(self, agent_id: str, paths: list[str], reason: str) -> AgentRecord:
+        """The join found that the agent read files changed on the canonical branch since."""
+        return self.apply(
+            agent_id,
+            EventKind.STALE,
+            ", ".join(paths),
+            status=AgentStatus.STALE,
+            status_reason=reason,
+            stale_reads=paths,
+        )
+
     def mark_merged(self, agent_id: str, commit: str | None, reason: str) -> AgentRecord:
         """The agent's change is on the canonical branch (or it had none); its workspace is
         gone."""
@@ -638,6 +655,7 @@ class StateStore:
             status=AgentStatus.MERGED,
             status_reason=reason,
             workspace=None,
+            merged_commit=commit,
         )
 
     def mark_discarded(self, agent_id: str, detail: str, reason: str) -> AgentRecord:

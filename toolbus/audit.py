@@ -47,6 +47,16 @@ class AuditRecord(BaseModel):
     timed_out: bool | None = None
     bytes_written: int | None = None
     replacements: int | None = None
+    reads: list[str] | None = None
+    """Files whose contents the call showed besides `path` (a search's files with matches)."""
+
+    def paths_read(self) -> list[str]:
+        """The files whose contents this call showed the agent."""
+        if self.outcome != "ok":
+            return []
+        if self.op == "read_file":
+            return [self.path] if self.path else []
+        return list(self.reads or [])
 
 
 def printable(text: str) -> str:
@@ -129,6 +139,7 @@ class AuditLog:
         timed_out: bool | None = None,
         bytes_written: int | None = None,
         replacements: int | None = None,
+        reads: list[str] | None = None,
     ) -> AuditRecord:
         """Record one call (the sequence number is assigned here) and persist it."""
         with self._lock:
@@ -149,6 +160,7 @@ class AuditLog:
                 timed_out=timed_out,
                 bytes_written=bytes_written,
                 replacements=replacements,
+                reads=None if reads is None else [printable(p) for p in reads],
             )
             if self.path is not None:
                 line = record.model_dump_json(exclude_none=True) + "\n"
@@ -167,6 +179,25 @@ class AuditLog:
 
     def __len__(self) -> int:
         return len(self._records)
+
+
+def reads_of(path: Path) -> tuple[frozenset[str], bool]:
+    """From an agent's audit log on disk, without changing it: the files whose contents the bus
+    showed it, and whether it ran commands (which read what the bus does not see)."""
+    reads: set[str] = set()
+    ran = False
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return frozenset(), False
+    for line in raw.splitlines():
+        try:
+            record = AuditRecord.model_validate(json.loads(line))
+        except (ValueError, ValidationError):
+            continue  # a torn or unreadable line: what it would say is not known
+        reads.update(record.paths_read())
+        ran = ran or record.op == "run_command"
+    return frozenset(reads), ran
 
 
 def now() -> float:

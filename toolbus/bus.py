@@ -249,6 +249,7 @@ class _Facts:
     timed_out: bool | None = None
     bytes_written: int | None = None
     replacements: int | None = None
+    reads: list[str] | None = None
     is_error: bool = False
 
 
@@ -357,6 +358,7 @@ class AgentBus:
                 timed_out=facts.timed_out,
                 bytes_written=facts.bytes_written,
                 replacements=facts.replacements,
+                reads=facts.reads,
             )
 
     def _token(self) -> int | None:
@@ -400,7 +402,8 @@ class AgentBus:
         result = await anyio.to_thread.run_sync(
             self.files.search, args.pattern, args.path, args.glob
         )
-        return render_search(result), _Facts(path=args.path or None)
+        shown = sorted({m.path for m in result.matches})
+        return render_search(result), _Facts(path=args.path or None, reads=shown or None)
 
     async def _run_command(self, args: RunCommandArgs) -> tuple[str, _Facts]:
         self.fence.check(None)
