@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import time
 from pathlib import Path
 
+import anyio
 import pygit2
 
 from benchmarks.common import build_repo, scratch
+from orchestration.config import Settings
 from orchestration.join import JoinCandidate, Joiner
+from orchestration.verify import Verifier
 from orchestration.workspace import GitRepo, Identity, run_git
 
 IDENTITY = Identity("fanout bench", "bench@localhost")
@@ -61,6 +65,21 @@ def _agent_commits(root: Path, base: str, agents: int) -> list[JoinCandidate]:
         pyrepo.free()
 
 
+def _checkout_and_remove(root: Path, tree_id: str, dest: Path) -> None:
+    pyrepo = pygit2.Repository(str(root))
+    try:
+        dest.mkdir()
+        pyrepo.checkout_tree(  # pyright: ignore[reportUnknownMemberType]
+            pyrepo[pygit2.Oid(hex=tree_id)].peel(pygit2.Tree),
+            strategy=pygit2.enums.CheckoutStrategy.FORCE
+            | pygit2.enums.CheckoutStrategy.DONT_UPDATE_INDEX,
+            directory=str(dest),
+        )
+    finally:
+        pyrepo.free()
+    shutil.rmtree(dest)
+
+
 def _cpu_s() -> float:
     """CPU seconds used so far by this process and its waited-for children (the git commands)."""
     me = resource.getrusage(resource.RUSAGE_SELF)
@@ -85,6 +104,27 @@ def run(quick: bool) -> dict[str, float | int]:
         t1 = time.perf_counter()
         dry = joiner.merge(candidates, dry_run=True)
         dry_s = time.perf_counter() - t1
+        # what `merge_results` with a verification command adds: that dry run (the batch's
+        # tree) and one run of the command on the server's scratch checkout, moved there from
+        # the tree it held (the head, as an earlier merge left it); the first verification of a
+        # server checks out the whole tree (`verify_first`)
+        verifier = Verifier(repo, Settings(repo=root), "true", 60.0, owner="bench")
+        final_tree = joiner.preview_trees[-1]
+        head_tree = joiner.preview_head_tree
+        if final_tree is None or head_tree is None:
+            raise RuntimeError("the dry run left no tree to verify")
+        t_first = time.perf_counter()
+        first = anyio.run(verifier.verify, head_tree)
+        first_s = time.perf_counter() - t_first
+        t_verify = time.perf_counter()
+        verdict = anyio.run(verifier.verify, final_tree)
+        verify_s = time.perf_counter() - t_verify
+        if not (verdict.passed and first.passed):
+            raise RuntimeError(f"verification with `true` failed: {verdict.describe()}")
+        # the floor: writing the same tree's files and removing them, nothing else
+        t_floor = time.perf_counter()
+        _checkout_and_remove(root, final_tree, Path(tmp) / "floor")
+        floor_s = time.perf_counter() - t_floor
         cpu0 = _cpu_s()
         t2 = time.perf_counter()
         outcomes = joiner.merge(candidates, dry_run=False)
@@ -101,6 +141,7 @@ def run(quick: bool) -> dict[str, float | int]:
     per_agent_ms = merge_s * 1000 / agents
     cpu_per_agent_ms = merge_cpu_s * 1000 / agents
     dry_per_agent_ms = dry_s * 1000 / agents
+    verify_per_agent_ms = (dry_s + verify_s) * 1000 / agents
     rows = [
         ("files in repository", f"{files}"),
         ("agents (3 files each)", f"{agents}"),
@@ -110,6 +151,20 @@ def run(quick: bool) -> dict[str, float | int]:
         ("merge total", f"{merge_s * 1000:.0f} ms"),
         ("merge per agent", f"{per_agent_ms:.1f} ms  (target <= 100 ms)"),
         ("merge CPU per agent", f"{cpu_per_agent_ms:.1f} ms  (this process + git children)"),
+        (
+            "verification (`true`)",
+            f"{verify_s * 1000:.0f} ms  (scratch checkout moved to the merged tree, sandbox, run)",
+        ),
+        (
+            "  a server's first",
+            f"{first_s * 1000:.0f} ms  (the whole tree checked out; floor: writing and "
+            f"removing the same files {floor_s * 1000:.0f} ms)",
+        ),
+        (
+            "verify per agent",
+            f"{verify_per_agent_ms:.1f} ms  (dry run + verification, beyond the merge; "
+            "target <= 60 ms)",
+        ),
         ("load average (1 min)", f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -118,6 +173,8 @@ def run(quick: bool) -> dict[str, float | int]:
     return {
         "merge_ms_per_agent": round(per_agent_ms, 2),
         "merge_dry_run_ms_per_agent": round(dry_per_agent_ms, 2),
+        "verify_ms_per_agent": round(verify_per_agent_ms, 2),
+        "verify_first_ms": round(first_s * 1000, 1),
         "merge_cpu_ms_per_agent": round(cpu_per_agent_ms, 2),
         "merge_agents": agents,
         "merge_repo_files": files,

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestration.contracts import (
     AgentBrief,
+    AgentMergeResult,
     AgentResultView,
     AgentStatus,
     AgentView,
@@ -180,6 +181,8 @@ def agent_line(view: AgentView) -> AgentLine:
         flags.append("conflict")
     if view.status is AgentStatus.STALE:
         flags.append("stale")
+    if view.status is AgentStatus.VERIFY_FAILED:
+        flags.append("verify_failed")
     return AgentLine(
         agent_id=view.agent_id,
         name=view.name,
@@ -476,12 +479,14 @@ class MergeAnswer(_Answer):
     files: int = 0
     added: int = 0
     removed: int = 0
+    verification: str | None = None
 
 
 def merge_answer(result: MergeResult) -> MergeAnswer:
     return MergeAnswer(
         run_id=result.run_id,
         dry_run=result.dry_run,
+        verification=result.verification,
         head=result.head,
         branch=result.branch,
         agents=[
@@ -494,7 +499,7 @@ def merge_answer(result: MergeResult) -> MergeAnswer:
                 removed=a.diffstat.deletions,
                 conflicts=a.conflicts[:20],
                 stale_reads=a.stale_reads[:20],
-                reason=one_line(a.reason, 500 if a.stale_reads else 200),
+                reason=_merge_reason(a),
             )
             for a in result.agents
         ],
@@ -502,6 +507,14 @@ def merge_answer(result: MergeResult) -> MergeAnswer:
         added=result.diffstat.insertions,
         removed=result.diffstat.deletions,
     )
+
+
+def _merge_reason(a: AgentMergeResult) -> str:
+    """An outcome's reason as the answer shows it: the output's tail of a failed verification
+    (its last lines), else one line."""
+    if a.outcome is MergeOutcome.VERIFY_FAILED and a.reason:
+        return a.reason[-1_200:]
+    return one_line(a.reason, 500 if a.stale_reads else 200)
 
 
 def merge_text(answer: MergeAnswer) -> str:
@@ -517,17 +530,20 @@ def merge_text(answer: MergeAnswer) -> str:
             text += f" {a.files} files +{a.added} -{a.removed}"
         if a.conflicts:
             text += f": conflicts in {', '.join(a.conflicts)}"
-        elif a.reason and a.outcome is MergeOutcome.STALE:
+        elif a.reason and a.outcome in (MergeOutcome.STALE, MergeOutcome.VERIFY_FAILED):
             text += f": {a.reason}"
         elif a.reason:
             text += f": {a.reason}"
         lines.append(text)
-    redo = (MergeOutcome.CONFLICTED, MergeOutcome.STALE)
+    if answer.verification:
+        lines.append(f"verification: {answer.verification}")
+    redo = (MergeOutcome.CONFLICTED, MergeOutcome.STALE, MergeOutcome.VERIFY_FAILED)
     conflicted = [a.agent_id for a in answer.agents if a.outcome in redo]
     if conflicted:
         lines.append(
-            "conflicted and stale agents keep their branch: rerun_subagent(agent_id) each on the "
-            "new head (do not merge by hand): " + ", ".join(conflicted)
+            "conflicted, stale and verify_failed agents keep their branch: "
+            "rerun_subagent(agent_id) each on the new head (do not merge by hand): "
+            + ", ".join(conflicted)
         )
     return "\n".join(lines)
 

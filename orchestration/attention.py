@@ -45,6 +45,13 @@ FINAL_KINDS = frozenset(
         AgentStatus.INTERRUPTED.value,
     }
 )
+# Agents that ended and need the orchestrator: redo (rerun_subagent) or discard.
+REDO = (
+    AgentStatus.FAILED,
+    AgentStatus.CONFLICTED,
+    AgentStatus.STALE,
+    AgentStatus.VERIFY_FAILED,
+)
 # Event kinds that always wake a long-poll: something went wrong that the orchestrator should see.
 ATTENTION_KINDS = frozenset({"lease_lost"})
 _HOLDS_SCOPE = (
@@ -54,6 +61,7 @@ _HOLDS_SCOPE = (
     AgentStatus.INTERRUPTED,
     AgentStatus.CONFLICTED,
     AgentStatus.STALE,
+    AgentStatus.VERIFY_FAILED,
 )
 
 
@@ -130,9 +138,7 @@ def run_attention(
     attention = tuple(
         a.agent_id
         for a in agents
-        if a.lease_lost
-        or a.stop_reason is StopReason.BUDGET_EXHAUSTED
-        or a.status in (AgentStatus.FAILED, AgentStatus.CONFLICTED, AgentStatus.STALE)
+        if a.lease_lost or a.stop_reason is StopReason.BUDGET_EXHAUSTED or a.status in REDO
     )
     by_id = dict(every_agent)
     if moving:
@@ -187,9 +193,7 @@ def _next_step(
     failed = [
         a.agent_id
         for a in agents
-        if a.status
-        in (AgentStatus.FAILED, AgentStatus.CONFLICTED, AgentStatus.STALE, AgentStatus.INTERRUPTED)
-        and a.agent_id not in stuck
+        if (a.status in REDO or a.status is AgentStatus.INTERRUPTED) and a.agent_id not in stuck
     ]
     if failed:
         parts.append(

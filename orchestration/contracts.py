@@ -120,6 +120,13 @@ class SpawnRequest(_Input):
     repo: str | None = Field(default=None, max_length=4096)
     max_concurrency: int | None = Field(default=None, ge=1, le=64)
     budget_tokens: int | None = Field(default=None, ge=1_000, le=1_000_000_000)
+    verify_command: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4_000,
+        description="the run's verification command: merge_results runs it on the would-be "
+        "merged tree before the branch moves (a merge may name its own)",
+    )
 
 
 class AgentStatus(StrEnum):
@@ -135,6 +142,7 @@ class AgentStatus(StrEnum):
     MERGED = "merged"
     CONFLICTED = "conflicted"
     STALE = "stale"  # it read files that changed on the canonical branch since: not merged
+    VERIFY_FAILED = "verify_failed"  # the verification command failed with its change merged
     DISCARDED = "discarded"
 
     @property
@@ -422,6 +430,7 @@ class MergeOutcome(StrEnum):
     CLEAN = "clean"
     CONFLICTED = "conflicted"
     STALE = "stale"
+    VERIFY_FAILED = "verify_failed"
     SKIPPED = "skipped"
     DISCARDED = "discarded"
 
@@ -454,6 +463,17 @@ class MergeRequest(_Input):
         description="agents whose work to throw away explicitly (workspace removed, branch "
         "kept unless configured otherwise)",
     )
+    verify_command: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4_000,
+        description="run on the would-be merged tree (in the sandbox) before the branch moves; "
+        "an agent whose change makes it fail is verify_failed and not merged (default: the "
+        "run's, from spawn)",
+    )
+    verify_timeout_s: float | None = Field(
+        default=None, gt=0, le=3_600, description="its timeout (default FANOUT_COMMAND_TIMEOUT_S)"
+    )
     accept_stale: bool = Field(
         default=False,
         description="merge agents that read files changed since their base (outcome stale "
@@ -470,6 +490,9 @@ class MergeResult(_Output):
     head: str
     branch: str | None
     diffstat: DiffStat
+    verification: str | None = Field(
+        default=None, description="what the verification command did, when one ran"
+    )
 
 
 class CancelResult(_Output):

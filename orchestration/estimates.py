@@ -36,6 +36,7 @@ FINAL = (
     AgentStatus.MERGED,
     AgentStatus.CONFLICTED,
     AgentStatus.STALE,
+    AgentStatus.VERIFY_FAILED,
 )
 
 

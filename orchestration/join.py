@@ -310,6 +310,10 @@ class Joiner:
         self._max_attempts = max(1, max_attempts)
         self._final_head: str | None = None
         self.recovered: str | None = None
+        # after a dry run: the head's tree, and per candidate the tree after it (None: it
+        # would not land)
+        self.preview_head_tree: str | None = None
+        self.preview_trees: list[str | None] = []
 
     @property
     def final_head(self) -> str | None:
@@ -481,6 +485,9 @@ class Joiner:
             expected_ref = start.ref
             virtual_head: pygit2.Tree | None = None
             outcomes: list[JoinOutcome] = []
+            if dry_run:
+                self.preview_head_tree = str(pyrepo[start.head].peel(pygit2.Tree).id)
+                self.preview_trees = []
             for cand in candidates:
                 try:
                     if dry_run:
@@ -495,6 +502,10 @@ class Joiner:
                     # raised before anything landed for this candidate: report it, go on
                     outcome = self._skipped(cand, None, f"the merge step failed: {exc}")
                 outcomes.append(outcome)
+                if dry_run:
+                    lands = outcome.outcome is MergeOutcome.CLEAN and virtual_head is not None
+                    tree = str(virtual_head.id) if lands and virtual_head is not None else None
+                    self.preview_trees.append(tree)
                 if outcome.outcome in (MergeOutcome.MERGED, MergeOutcome.CLEAN):
                     readers.landed.append(
                         MergedReader(

@@ -3,6 +3,7 @@ does once the agents are chosen, and what a merge or discard leaves behind (noth
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import anyio
 
 from orchestration import workspace as ws_mod
 from orchestration.config import Settings
-from orchestration.context import RepoContext, find_agent
+from orchestration.context import RepoContext, find_agent, find_run
 from orchestration.contracts import (
     AgentMergeResult,
     AgentStatus,
@@ -24,6 +25,7 @@ from orchestration.join import JoinCandidate, Joiner, JoinOutcome, MergedReader
 from orchestration.records import first_line, workspace_of
 from orchestration.registry import AgentRegistry
 from orchestration.state import AgentRecord
+from orchestration.verify import Verifier, first_failing
 from toolbus.audit import reads_of
 from toolbus.errors import LeaseError
 
@@ -72,14 +74,18 @@ class Merger:
         candidates, readers = await anyio.to_thread.run_sync(
             _with_reads, ctx, candidates, [a for a in agents if a.status == AgentStatus.MERGED]
         )
+        ordered = writers_first(candidates)
+        command = request.verify_command or find_run(ctx, request.run_id).verify_command
+        rejected: list[JoinOutcome] = []
+        verification: str | None = None
+        if command and ordered:
+            ordered, rejected, verification = await self._verify(
+                ctx, ordered, request, readers=readers, command=command
+            )
         outcomes = await self._join(
-            ctx,
-            by_id,
-            writers_first(candidates),
-            request,
-            readers=readers,
-            on_progress=on_progress,
+            ctx, by_id, ordered, request, readers=readers, on_progress=on_progress
         )
+        outcomes.extend(rejected)
         for outcome in outcomes:
             result = _result_of(by_id[outcome.agent_id], outcome)
             results.append(result)
@@ -93,6 +99,7 @@ class Merger:
             head=head,
             branch=ctx.repo.head_branch(),
             diffstat=_total(results),
+            verification=verification,
         )
 
     async def _join(
@@ -143,10 +150,83 @@ class Merger:
             )
         )
 
+    async def _verify(
+        self,
+        ctx: RepoContext,
+        candidates: list[JoinCandidate],
+        request: MergeRequest,
+        *,
+        readers: list[MergedReader],
+        command: str,
+    ) -> tuple[list[JoinCandidate], list[JoinOutcome], str]:
+        """The candidates that pass verification together, the outcomes of those that do not,
+        and what the verification did. The batch that would land is verified once; on a
+        failure, halving finds the agent whose change makes it fail, and the rest is verified
+        again without it."""
+        timeout = request.verify_timeout_s or self.settings.command_timeout_s
+        verifier = Verifier(ctx.repo, self.settings, command, timeout, owner=ctx.store.server_id)
+        remaining = list(candidates)
+        rejected: list[JoinOutcome] = []
+        for _ in range(len(candidates)):
+            joiner = Joiner(ctx.repo)
+            batch = list(remaining)
+            await anyio.to_thread.run_sync(
+                functools.partial(
+                    joiner.merge,
+                    batch,
+                    dry_run=True,
+                    merged_readers=readers,
+                    accept_stale=request.accept_stale,
+                )
+            )
+            landing = [
+                (cand, tree)
+                for cand, tree in zip(batch, joiner.preview_trees, strict=True)
+                if tree is not None
+            ]
+            if not landing or joiner.preview_head_tree is None:
+                break
+            found = await first_failing(
+                verifier, [tree for _, tree in landing], joiner.preview_head_tree
+            )
+            if found is None:
+                break
+            at, verdict = found
+            if at == 0:
+                reason = (
+                    "the verification command fails on the branch's head itself, before any "
+                    f"agent's change: {verdict.describe()}\nFix the branch, or merge without "
+                    "verify_command"
+                )
+                held = {cand.agent_id for cand, _ in landing}
+                rejected.extend(
+                    JoinOutcome(agent_id=i, outcome=MergeOutcome.SKIPPED, reason=reason)
+                    for i in sorted(held)
+                )
+                remaining = [c for c in remaining if c.agent_id not in held]
+                break
+            culprit = landing[at - 1][0]
+            rejected.append(
+                JoinOutcome(
+                    agent_id=culprit.agent_id,
+                    outcome=MergeOutcome.VERIFY_FAILED,
+                    reason=f"with its change merged, {verdict.describe()}\nNothing of it was "
+                    "applied; its branch is kept: rerun_subagent gives it this output",
+                )
+            )
+            remaining = [c for c in remaining if c.agent_id != culprit.agent_id]
+        failed = sum(1 for r in rejected if r.outcome is MergeOutcome.VERIFY_FAILED)
+        summary = f"`{command[:200]}` ran {verifier.runs} time(s) on would-be merged trees; " + (
+            f"{failed} agent(s) made it fail" if failed else "it passed"
+        )
+        return remaining, rejected, summary
+
     async def _record(self, ctx: RepoContext, agent: AgentRecord, result: AgentMergeResult) -> None:
         """Record what the join did to the agent (merged or conflicted)."""
         if result.outcome == MergeOutcome.MERGED:
             await self._after_merge(ctx, agent, result.commit)
+        elif result.outcome == MergeOutcome.VERIFY_FAILED:
+            ctx.store.mark_verify_failed(agent.agent_id, result.reason or "verification failed")
         elif result.outcome == MergeOutcome.STALE:
             ctx.store.mark_stale(agent.agent_id, result.stale_reads, result.reason or "stale")
         elif result.outcome == MergeOutcome.CONFLICTED:

@@ -47,6 +47,7 @@ def new_run(
         budget_tokens=request.budget_tokens or settings.budget_tokens,
         model=settings.model,
         owner=owner,
+        verify_command=request.verify_command,
     )
 
 

@@ -18,6 +18,7 @@ from orchestration.records import has_work, scope_freed, scope_requests
 from orchestration.registry import AgentRegistry, LeaseFence
 from orchestration.runner import AgentRunner, commit_work, file_changes
 from orchestration.state import AgentRecord
+from orchestration.verify import remove_leftovers
 from toolbus.errors import LeaseError
 from toolbus.fileops import remove_partial_writes
 from toolbus.leases import LeaseGrant
@@ -42,6 +43,9 @@ class Recovery:
         note = await anyio.to_thread.run_sync(Joiner(ctx.repo).recover)
         if note:
             log.warning("recovery of %s: %s", ctx.repo.root, note)
+        # scratch checkouts of verifications cut short (nothing of them was applied)
+        live = ctx.store.live_servers() | {ctx.store.server_id}
+        await anyio.to_thread.run_sync(remove_leftovers, ctx.repo, live)
 
     async def heartbeat(self, ctx: RepoContext) -> None:
         """Beat, and take over what a server that died since left: its agents would otherwise
@@ -167,6 +171,7 @@ class Recovery:
             AgentStatus.INTERRUPTED,
             AgentStatus.CONFLICTED,
             AgentStatus.STALE,
+            AgentStatus.VERIFY_FAILED,
         )
         for found in ctx.store.all_agents():
             if found.status not in keep or found.lease_token is None or found.lease_lost:

@@ -73,6 +73,7 @@ class EventKind(StrEnum):
     INTERRUPTED = "interrupted"
     CONFLICTED = "conflicted"
     STALE = "stale"
+    VERIFY_FAILED = "verify_failed"
     MERGED = "merged"
     DISCARDED = "discarded"
     NOTE = "note"
@@ -124,6 +125,7 @@ class RunRecord(BaseModel, frozen=True):
     # too short to be cached) and how it is cached; the estimated size of a first request
     # (which calibrates later estimates)
     estimate_tokens: int | None = None
+    verify_command: str | None = None
     cache_ttl: Literal["5m", "1h"] | None = "5m"
     cache_note: str = ""
     first_request_tokens: int | None = None
@@ -643,6 +645,16 @@ class StateStore:
             status=AgentStatus.STALE,
             status_reason=reason,
             stale_reads=paths,
+        )
+
+    def mark_verify_failed(self, agent_id: str, reason: str) -> AgentRecord:
+        """The verification command failed on the canonical head with the agent's change."""
+        return self.apply(
+            agent_id,
+            EventKind.VERIFY_FAILED,
+            "verification failed",
+            status=AgentStatus.VERIFY_FAILED,
+            status_reason=reason,
         )
 
     def mark_merged(self, agent_id: str, commit: str | None, reason: str) -> AgentRecord:

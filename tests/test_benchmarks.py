@@ -12,7 +12,12 @@ from benchmarks.common import remove_scratch
 EXPECTED: dict[str, tuple[str, ...]] = {
     "benchmarks.fanout": ("makespan_over_ideal_16", "makespan_over_ideal_64"),
     "benchmarks.spawn": ("spawn_s_16", "spawn_over_git_16"),
-    "benchmarks.cache": ("cache_read_share", "input_cost_over_uncached"),
+    "benchmarks.cache": (
+        "cache_read_share",
+        "input_cost_over_uncached",
+        "warmup_delay_over_first_byte",
+        "estimate_error",
+    ),
     "benchmarks.memory": ("rss_mb_per_running_agent", "agents_failed"),
     "benchmarks.mcp": ("ratio", "get_status_server_cpu_ms", "get_status_driver_parse_ms"),
     "benchmarks.startup": ("startup_initialize_s", "first_spawn_s", "first_run_s"),

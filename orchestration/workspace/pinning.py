@@ -96,6 +96,12 @@ def open_workspace_repo(pinned: Pinned) -> pygit2.Repository:
     return pygit2.Repository(str(pinned.git_dir), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
 
 
+def pin_scratch(git_dir: Path, work_tree: Path) -> Pinned:
+    """Pinned git for a scratch checkout of the server's own (a verification's): the
+    repository's git dir, that work tree, every command-running key and filter driver off."""
+    return Pinned(git_dir, work_tree, gitcmd.filter_overrides(_config_names(git_dir)))
+
+
 def _config_names(admin: Path) -> list[str]:
     try:
         pyrepo = pygit2.Repository(str(admin), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)

@@ -1,0 +1,174 @@
+"""A verified head: merge_results runs a verification command on the would-be merged tree
+before the branch moves; an agent whose change makes it fail is `verify_failed`, the others
+land, and the common case costs one run of the command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestration.contracts import AgentStatus, MergeOutcome, MergeRequest, SpawnRequest, TaskSpec
+from orchestration.orchestrator import Orchestrator
+from orchestration.state import StateStore
+from orchestration.verify import Verifier
+from orchestration.workspace import GitRepo
+from tests.orchestration.scripts import Step, by_task, git, make_repo
+from tests.orchestration.test_orchestrator import settings, wait_until_final
+
+pytestmark = pytest.mark.anyio
+
+IMPORTS_THE_APP = "python3 -c 'import src.app.core as c; c.core()'"
+
+RENAME: list[Step] = [
+    ("write_file", {"path": "src/lib/util.py", "content": "def helper():\n    return 2\n"}),
+]
+# B learns of util() through a command: the bus does not see what commands read
+USE_BY_COMMAND: list[Step] = [
+    ("run_command", {"command": "cat src/lib/util.py"}),
+    (
+        "write_file",
+        {
+            "path": "src/app/core.py",
+            "content": "from src.lib.util import util\n\n\ndef core():\n    return util()\n",
+        },
+    ),
+]
+
+
+def _repo(tmp_path: Path) -> Path:
+    repo = make_repo(tmp_path / "repo")
+    (repo / "src/__init__.py").write_text("")
+    (repo / "src/lib/__init__.py").write_text("")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "packages")
+    return repo
+
+
+async def test_the_rename_breaks_the_import_and_only_the_user_of_util_is_held(
+    tmp_path: Path,
+) -> None:
+    repo = _repo(tmp_path)
+    model = by_task({"A-RENAME": RENAME, "B-USE": USE_BY_COMMAND})
+    tasks = [
+        TaskSpec(prompt="A-RENAME", name="a", write_scope=["src/lib"]),
+        TaskSpec(prompt="B-USE", name="b", write_scope=["src/app"]),
+    ]
+    async with Orchestrator(settings(repo), lambda _n: model) as orch:
+        spawned = await orch.spawn(SpawnRequest(tasks=tasks, verify_command=IMPORTS_THE_APP))
+        await wait_until_final(orch, spawned.run_id)
+        plain = await orch.merge(MergeRequest(run_id=spawned.run_id, dry_run=True))
+        merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
+        status = await orch.status(run_id=spawned.run_id)
+    # the bus did not see B's read (not stale); a dry run verifies too and changes nothing
+    assert [a.outcome for a in plain.agents] == [MergeOutcome.CLEAN, MergeOutcome.VERIFY_FAILED]
+    by_name = {a.name: a for a in merged.agents}
+    assert by_name["a"].outcome is MergeOutcome.MERGED
+    b = by_name["b"]
+    assert b.outcome is MergeOutcome.VERIFY_FAILED
+    assert b.reason is not None and "ImportError" in b.reason and "rerun_subagent" in b.reason
+    assert "def helper" in (repo / "src/lib/util.py").read_text()
+    assert "util()" not in (repo / "src/app/core.py").read_text()  # nothing of B applied
+    states = {a.name: a.status for a in status.runs[0].agents}
+    assert states == {"a": AgentStatus.MERGED, "b": AgentStatus.VERIFY_FAILED}
+    assert merged.verification is not None and "1 agent(s) made it fail" in merged.verification
+    # one scratch checkout per server, kept at the last tree verified for the next merge
+    kept = list((repo / ".git/fanout/verify").glob("*/tree"))
+    assert len(kept) == 1 and (kept[0] / "src/lib/util.py").is_file()
+
+
+def _writers(count: int, broken: int) -> tuple[list[TaskSpec], dict[str, list[Step]]]:
+    tasks: list[TaskSpec] = []
+    scripts: dict[str, list[Step]] = {}
+    for i in range(1, count + 1):
+        key = f"WRITER-{i}-"
+        text = "BROKEN\n" if i == broken else f"fine {i}\n"
+        scripts[key] = [("write_file", {"path": f"out/w{i}.txt", "content": text})]
+        tasks.append(TaskSpec(prompt=key, name=f"w{i}", write_scope=[f"out/w{i}.txt"]))
+    return tasks, scripts
+
+
+async def test_one_failing_agent_of_a_batch_is_held_and_the_others_land(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    tasks, scripts = _writers(4, broken=3)
+    async with Orchestrator(settings(repo), lambda _n: by_task(scripts)) as orch:
+        spawned = await orch.spawn(SpawnRequest(tasks=tasks))
+        await wait_until_final(orch, spawned.run_id)
+        merged = await orch.merge(
+            MergeRequest(run_id=spawned.run_id, verify_command="! grep -rq BROKEN out")
+        )
+    outcomes = {a.name: a.outcome for a in merged.agents}
+    assert outcomes == {
+        "w1": MergeOutcome.MERGED,
+        "w2": MergeOutcome.MERGED,
+        "w3": MergeOutcome.VERIFY_FAILED,
+        "w4": MergeOutcome.MERGED,
+    }
+    assert not (repo / "out/w3.txt").exists()
+    # the batch, the head, two halvings, then the batch without w3
+    assert merged.verification is not None and "ran 5 time(s)" in merged.verification
+
+
+async def test_a_passing_batch_costs_one_run(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    tasks, scripts = _writers(4, broken=0)
+    async with Orchestrator(settings(repo), lambda _n: by_task(scripts)) as orch:
+        spawned = await orch.spawn(SpawnRequest(tasks=tasks, verify_command="true"))
+        await wait_until_final(orch, spawned.run_id)
+        merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
+    assert {a.outcome for a in merged.agents} == {MergeOutcome.MERGED}
+    assert merged.verification is not None and "ran 1 time(s)" in merged.verification
+
+
+async def test_a_head_that_fails_by_itself_lands_nothing(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    head = git(repo, "rev-parse", "HEAD").strip()
+    tasks, scripts = _writers(2, broken=0)
+    async with Orchestrator(settings(repo), lambda _n: by_task(scripts)) as orch:
+        spawned = await orch.spawn(SpawnRequest(tasks=tasks))
+        await wait_until_final(orch, spawned.run_id)
+        merged = await orch.merge(MergeRequest(run_id=spawned.run_id, verify_command="false"))
+    assert {a.outcome for a in merged.agents} == {MergeOutcome.SKIPPED}
+    assert all("head itself" in (a.reason or "") for a in merged.agents)
+    assert git(repo, "rev-parse", "HEAD").strip() == head
+
+
+async def test_a_dead_servers_verification_scratch_is_removed_on_opening(
+    tmp_path: Path,
+) -> None:
+    repo = _repo(tmp_path)
+    left = repo / ".git/fanout/verify/dead-server/abc/tree"
+    left.mkdir(parents=True)
+    (left / "half-checked-out.py").write_text("x = 1\n")
+    StateStore(repo / ".git/fanout").close()
+    async with Orchestrator(settings(repo), lambda _n: by_task({})) as orch:
+        await orch.status()
+    assert not (repo / ".git/fanout/verify/dead-server").exists()
+
+
+async def test_what_a_command_leaves_is_gone_before_the_next_verification(
+    tmp_path: Path,
+) -> None:
+    repo = _repo(tmp_path)
+    git_repo = GitRepo(repo)
+    tree = git(repo, "rev-parse", "HEAD^{tree}").strip()
+    config = settings(repo)
+    messy = Verifier(
+        git_repo,
+        config,
+        "echo junk > junk.txt; echo changed >> README.md; rm docs/guide.md; "
+        "mkdir -p sub/.git && echo '[core]' > sub/.git/config; mkdir -p .cache; touch .cache/x",
+        30,
+        owner="me",
+    )
+    assert (await messy.verify(tree)).passed
+    check = Verifier(
+        git_repo,
+        config,
+        "test ! -e junk.txt && ! grep -q changed README.md && test -f docs/guide.md "
+        "&& test ! -e sub && test ! -e .cache",
+        30,
+        owner="me",
+    )
+    verdict = await check.verify(tree)
+    assert verdict.passed, verdict.describe()
