@@ -181,6 +181,8 @@ def agent_line(view: AgentView) -> AgentLine:
         flags.append("conflict")
     if view.status is AgentStatus.STALE:
         flags.append("stale")
+    elif view.reads_changing:
+        flags.append("read what another changes: " + "; ".join(view.reads_changing[:3]))
     if view.status is AgentStatus.VERIFY_FAILED:
         flags.append("verify_failed")
     return AgentLine(
@@ -336,11 +338,18 @@ class AgentBriefLine(_Answer):
     waits_for: list[str] = Field(
         default_factory=list[str], description="agents whose scope this one waits for"
     )
+    depends_on: list[str] = Field(
+        default_factory=list[str], description="agents merged before it starts"
+    )
 
 
 def _brief(a: AgentBrief) -> AgentBriefLine:
     return AgentBriefLine(
-        agent_id=a.agent_id, name=a.name, status=a.status, waits_for=list(a.waits_for)
+        agent_id=a.agent_id,
+        name=a.name,
+        status=a.status,
+        waits_for=list(a.waits_for),
+        depends_on=list(a.depends_on),
     )
 
 
@@ -399,6 +408,8 @@ def spawn_text(answer: SpawnAnswer) -> str:
         lines.append(f"prompt cache: {est.prompt_cache}")
     for a in answer.agents:
         waits = f" (waits for {', '.join(a.waits_for)})" if a.waits_for else ""
+        if a.depends_on:
+            waits += f" (depends on {', '.join(a.depends_on)})"
         lines.append(f"{a.agent_id} {a.name} {a.status.value}{waits}")
     lines.extend(f"warning: {w}" for w in answer.warnings)
     lines.append(f"next: {answer.next}")

@@ -32,8 +32,9 @@ You can run a team of parallel subagents on this repository with the fanout tool
 6. Do what `next` says: usually merge_results(run_id) (dry_run=true first if unsure). Agents that
    waited for an overlapping scope start after that merge: poll and merge again until `next` says
    nothing is left.
-7. For each conflicted or failed agent call rerun_subagent(agent_id, instructions) - never merge by
-   hand - then poll and merge again. Finish with a short report of what landed.
+7. For each conflicted, stale, verify_failed or failed agent call rerun_subagent(agent_id,
+   instructions) - never merge by hand - then poll and merge again. Finish with a short report of
+   what landed.
 """
 
 

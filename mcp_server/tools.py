@@ -180,7 +180,10 @@ conventions, files every agent reads at cache price). Give each task a write_sco
 prefixes that do not overlap the others' (e.g. ["src/auth/"], ["tests/auth/"]): agents with \
 overlapping scopes run one after another, and a task without write_scope serializes with every \
 writer. write_scope [] means read-only. Every agent starts from the same pinned commit, in its own \
-isolated copy; nothing touches the user's checkout until merge_results.
+isolated copy; nothing touches the user's checkout until merge_results. A task that needs \
+another's result names it in depends_on: it waits until that one is merged, then starts from the \
+head that contains it. verify_command (e.g. the test command) is run on the merged head before \
+merge_results moves the branch.
 
 Cost: all agents of a run draw on one shared token budget (budget_tokens); the answer includes \
 an estimate and warnings. Then call get_status(run_id, since=0, wait_s=600) once: it waits \
@@ -192,24 +195,29 @@ wait_s=600 it answers once the run is settled: every agent finished, or the rest
 that only a merge frees. An agent's turn never wakes it; wake_on='finished' wakes on each \
 completion instead, for merging as results arrive. Each answer has `settled`, `next` (the call \
 to make, naming agents) and one line per agent that changed after `since`: status, a one-line \
-summary, files and lines changed, total tokens, flags (lease_lost, conflict, error, dropped).
+summary, files and lines changed, total tokens, flags (lease_lost, conflict, stale, error, \
+dropped, and "read what another changes": it may come back stale).
 
 Cheap loop: get_status -> do `next` (usually merge_results) -> get_status again, until `next` \
 says nothing is left. Do not spin; do not re-read agents you have seen. Ask detail=[agent_id] \
 or read fanout://agents/{id}/diff only when a line gives a reason (a flag, a failure, an \
 unexpected file count). Statuses: queued, waiting, running, succeeded, failed, cancelled, \
-interrupted, merged, conflicted, discarded. State is durable across reconnects and restarts."""
+interrupted, merged, conflicted, stale (read files changed since it started), verify_failed, \
+discarded. State is durable across reconnects and restarts."""
 
 MERGE_DESCRIPTION = """\
 Fold finished agents' work into the repository's current branch, one agent at a time (3-way \
 merge against the current head; the user's uncommitted changes are never overwritten).
 
 Per agent: merged (or clean in a dry run), conflicted (with the paths; its branch and work are \
-kept) or skipped (with the reason, e.g. still running). Use dry_run=true first if unsure: it \
-changes nothing. For a conflicted agent call rerun_subagent — never merge by hand. discard=[ids] \
-throws an agent's work away explicitly. Without agent_ids every succeeded agent is merged, in the \
-order they finished. Agents whose scope waited on a merged one start after it: then call \
-get_status again."""
+kept), stale (it read files another agent or the user changed since it started: a line merge \
+would land work built on the old version), verify_failed (with its change, verify_command fails \
+on the merged head: the output's tail; the others still land) or skipped (with the reason, e.g. \
+still running). Use dry_run=true first if unsure: it changes nothing. For a conflicted, stale or \
+verify_failed agent call rerun_subagent — never merge by hand (accept_stale=true merges stale \
+agents anyway). discard=[ids] throws an agent's work away explicitly. Without agent_ids every \
+succeeded agent is merged, writers before the agents that read their files. Agents whose scope \
+or dependency waited on a merged one start after it: then call get_status again."""
 
 CANCEL_DESCRIPTION = """\
 Cancel a run's active agents (all, or agent_ids). Their work so far is committed on their branch \
@@ -220,8 +228,9 @@ stopped, or after 30 s with where they are."""
 RERUN_DESCRIPTION = """\
 Run an agent's task again as a new agent of the same run, starting from the current head of the \
 branch (which includes what was merged since), told what was rejected and why (the conflicting \
-diff) plus your instructions. Use it for a conflicted, failed, cancelled or interrupted agent; \
-then poll get_status and merge_results again."""
+diff, the current versions of files it read stale, the failed verification's output) plus your \
+instructions. Use it for a conflicted, stale, verify_failed, failed, cancelled or interrupted \
+agent; then poll get_status and merge_results again."""
 
 PING_DESCRIPTION = "Health check: answers at once with the server's name and version; no effect."
 

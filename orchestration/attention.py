@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from orchestration.contracts import AgentStatus, StopReason
+from orchestration.records import current_agent, reruns_of
 from orchestration.state import AgentRecord
 from toolbus.lease_store import Lease, LeaseRequest, conflicts
 
@@ -108,6 +109,7 @@ def run_attention(
         holders[record.lease_holder or record.agent_id] = record
     blocked: dict[str, tuple[str, ...]] = {}
     moving = False
+    reruns = reruns_of(every_agent.values()) if any(a.depends_on for a in agents) else {}
     for agent in agents:
         if agent.status in (AgentStatus.RUNNING, AgentStatus.QUEUED):
             moving = True
@@ -115,6 +117,10 @@ def run_attention(
             continue
         mine = agent.lease_holder or agent.agent_id
         blockers: list[str] = []
+        for dep in agent.depends_on:  # an unmerged dependency: merged by the orchestrator
+            record = current_agent(dep, every_agent, reruns)
+            if record is not None and record.status is not AgentStatus.MERGED:
+                blockers.append(record.agent_id)
         for other_id in agent.waits_for:
             other = every_agent.get(other_id)
             if other is not None and not scope_freed(other):

@@ -78,6 +78,12 @@ class TaskSpec(_Input):
     )
     model: str | None = Field(default=None, min_length=1, max_length=128)
     max_turns: int | None = Field(default=None, ge=1, le=500)
+    depends_on: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
+        default_factory=list[str],
+        max_length=64,
+        description="Tasks (names in this spawn, or agent ids of earlier runs) that must be "
+        "merged first: this one waits, then starts from the head that contains them.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -206,6 +212,9 @@ class AgentBrief(_Output):
     waits_for: list[str] = Field(
         default_factory=list[str], description="agents whose write leases this one waits for"
     )
+    depends_on: list[str] = Field(
+        default_factory=list[str], description="agents that must be merged before it starts"
+    )
 
 
 class CostEstimate(_Output):
@@ -321,6 +330,11 @@ class AgentView(_View):
     leases: list[LeaseView] = Field(default_factory=list[LeaseView])
     lease_lost: bool = False
     changed_files: list[str] = Field(default_factory=list[str])
+    reads_changing: list[str] = Field(
+        default_factory=list[str],
+        description="files it read that another agent of the run changes (`path (by name)`): "
+        "it may come back stale at merge",
+    )
     model: str
     base_commit: str
     branch: str | None = None

@@ -209,7 +209,10 @@ class Orchestrator:
             owner=ctx.store.server_id,
             now=self.clock.time(),
         )
-        agents = planner.new_agents(settings, request, run, names)
+        known = await anyio.to_thread.run_sync(ctx.store.all_agents)
+        agents = planner.new_agents(
+            settings, request, run, names, known={a.agent_id for a in known}
+        )
         warnings = await planner.spawn_warnings(self.settings, ctx.leases, agents)
         prefix = shared_prefix(shared, paths)
         history = await anyio.to_thread.run_sync(estimates.history, ctx.store)
@@ -419,6 +422,7 @@ class Orchestrator:
             rerun_of=old.agent_id,
             rerun_context=context,
             lease_holder=new_id,
+            depends_on=old.depends_on,
         )
         await self._registry.release_leases(ctx, old)
         ctx.store.add_agent(new)

@@ -51,10 +51,80 @@ def new_run(
     )
 
 
+def resolve_dependencies(
+    request: SpawnRequest, run_id: str, names: list[str], known: set[str]
+) -> list[list[str]]:
+    """Each task's `depends_on` as agent ids: names of this spawn's tasks, or ids of agents
+    already in the repository. Unknown names and cycles are refused, naming them."""
+    ids = {name: f"{run_id}-a{i + 1}" for i, name in enumerate(names)}
+    resolved: list[list[str]] = []
+    unknown: list[str] = []
+    for i, task in enumerate(request.tasks):
+        deps: list[str] = []
+        for ref in task.depends_on:
+            target = ids.get(ref) or (ref if ref in known else None)
+            if target is None:
+                unknown.append(f"{names[i]} -> {ref!r}")
+            elif target == ids[names[i]]:
+                unknown.append(f"{names[i]} -> itself")
+            elif target not in deps:
+                deps.append(target)
+        resolved.append(deps)
+    if unknown:
+        raise InvalidRequest(
+            "tasks[].depends_on: no such task or agent: "
+            + ", ".join(unknown)
+            + "; name a task of this spawn (its name) or an agent id that get_status lists"
+        )
+    cycle = _cycle({ids[n]: d for n, d in zip(names, resolved, strict=True)})
+    if cycle:
+        by_id = {v: k for k, v in ids.items()}
+        raise InvalidRequest(
+            "tasks[].depends_on: a cycle, which would wait for ever: "
+            + " -> ".join(by_id[a] for a in cycle)
+            + "; remove one of these dependencies"
+        )
+    return resolved
+
+
+def _cycle(graph: dict[str, list[str]]) -> list[str]:
+    """A cycle of `graph` (first node repeated at the end), or []."""
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt in graph and state.get(nxt) is None:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in graph:
+        if state.get(node) is None:
+            found = visit(node)
+            if found:
+                return found
+    return []
+
+
 def new_agents(
-    settings: Settings, request: SpawnRequest, run: RunRecord, names: list[str]
+    settings: Settings,
+    request: SpawnRequest,
+    run: RunRecord,
+    names: list[str],
+    *,
+    known: set[str] | None = None,
 ) -> list[AgentRecord]:
-    """The records of the run's agents, one per task, in waves (see `plan_waves`)."""
+    """The records of the run's agents, one per task, in waves (see `plan_waves`), with their
+    dependencies resolved (see `resolve_dependencies`)."""
+    dependencies = resolve_dependencies(request, run.run_id, names, known or set())
     agents: list[AgentRecord] = []
     for i, task in enumerate(request.tasks):
         agent_id = f"{run.run_id}-a{i + 1}"
@@ -71,6 +141,7 @@ def new_agents(
                 base_commit=run.base_commit,
                 owner=run.owner,
                 lease_holder=agent_id,
+                depends_on=dependencies[i],
             )
         )
     return plan_waves(agents)
@@ -183,6 +254,13 @@ async def spawn_warnings(
                 f"{agent.name} has no write_scope: it may change the whole repository and "
                 "so serializes with every other writer; give it path prefixes to run it in "
                 "parallel"
+            )
+        if agent.depends_on:
+            named = {a.agent_id: a.name for a in agents}
+            deps = ", ".join(named.get(d, d) for d in agent.depends_on)
+            warnings.append(
+                f"{agent.name} depends on {deps}: it waits until they are merged "
+                "(merge_results), then starts from the head that contains them"
             )
         if agent.waits_for:
             names = ", ".join(a.name for a in agents if a.agent_id in agent.waits_for)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TypeGuard
 
@@ -55,6 +56,7 @@ def brief(agent: AgentRecord) -> AgentBrief:
         status=agent.status,
         write_scope=agent.write_scope,
         waits_for=agent.waits_for,
+        depends_on=agent.depends_on,
     )
 
 
@@ -62,3 +64,27 @@ def first_line(text: str, limit: int = 72) -> str:
     """The first line of `text`, cut to `limit` characters (commit subjects, task summaries)."""
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def current_agent(
+    agent_id: str, agents: Mapping[str, AgentRecord], reruns: Mapping[str, str]
+) -> AgentRecord | None:
+    """The agent that now stands for `agent_id`: itself, or the rerun that replaced it (and so
+    on, for a rerun that was rerun). `reruns` maps an agent id to its rerun's."""
+    record = agents.get(agent_id)
+    seen: set[str] = set()
+    while record is not None and record.agent_id in reruns and record.agent_id not in seen:
+        if record.status is not AgentStatus.DISCARDED:
+            break
+        seen.add(record.agent_id)
+        record = agents.get(reruns[record.agent_id], record)
+    return record
+
+
+def reruns_of(agents: Iterable[AgentRecord]) -> dict[str, str]:
+    """agent id -> the id of its latest rerun."""
+    found: dict[str, str] = {}
+    for agent in sorted(agents, key=lambda a: a.index):
+        if agent.rerun_of is not None:
+            found[agent.rerun_of] = agent.agent_id
+    return found

@@ -19,7 +19,15 @@ from orchestration.contracts import AgentResult, AgentStatus, CommandRun, FileCh
 from orchestration.models import ModelPool
 from orchestration.planner import run_prefix
 from orchestration.prompts import FINISH_TOOL, task_prompt
-from orchestration.records import first_line, has_work, scope_freed, scope_requests, workspace_of
+from orchestration.records import (
+    current_agent,
+    first_line,
+    has_work,
+    reruns_of,
+    scope_freed,
+    scope_requests,
+    workspace_of,
+)
 from orchestration.registry import AgentRegistry, AgentRuntime, LeaseFence
 from orchestration.retry import RetryPolicy
 from orchestration.state import AgentRecord
@@ -123,6 +131,13 @@ class AgentRunner:
     async def _run_agent(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
         store = ctx.store
         agent = find_agent(ctx, runtime.agent_id)
+        # 0. Wait for the agents it depends on to be merged.
+        if agent.depends_on:
+            stopped = await self._wait_for_dependencies(ctx, agent)
+            if stopped is not None:
+                outcome = LoopOutcome(StopReason.CANCELLED, error=stopped)
+                await self._finish(ctx, runtime, outcome, status=AgentStatus.CANCELLED)
+                return
         # 1. Wait for earlier agents of the run whose write scope overlaps (waves).
         for other_id in agent.waits_for:
             other = self._registry.get(other_id)
@@ -170,6 +185,48 @@ class AgentRunner:
             limiter = ctx.limiters[agent.run_id] = anyio.CapacityLimiter(run.max_concurrency)
         async with limiter, self._caps.slots:  # the run's slot, then one of the server's
             await self._run_loop(ctx, runtime)
+
+    async def _wait_for_dependencies(self, ctx: RepoContext, agent: AgentRecord) -> str | None:
+        """Wait until every agent it depends on (or the rerun that replaced it) is merged; the
+        reason it must stop instead when one failed, was cancelled or was discarded."""
+        store = ctx.store
+        shown: str | None = None
+        while True:
+            cursor = store.cursor()
+            every = {a.agent_id: a for a in store.all_agents()}
+            reruns = reruns_of(every.values())
+            pending: list[AgentRecord] = []
+            for dep in agent.depends_on:
+                record = current_agent(dep, every, reruns)
+                if record is None:
+                    return f"its dependency {dep} is gone from the repository's state"
+                if record.status is AgentStatus.MERGED:
+                    continue
+                if record.status in (
+                    AgentStatus.FAILED,
+                    AgentStatus.CANCELLED,
+                    AgentStatus.DISCARDED,
+                ):
+                    why = f": {record.status_reason}" if record.status_reason else ""
+                    return (
+                        f"its dependency {record.name} ({record.agent_id}) "
+                        f"{record.status.value}{why}. Once the dependency is redone and merged, "
+                        "rerun_subagent this agent"
+                    )
+                pending.append(record)
+            if not pending:
+                return None
+            detail = "waits until merged: " + ", ".join(
+                f"{r.name} ({r.agent_id}, {r.status.value})" for r in pending
+            )
+            if detail != shown:
+                store.mark_waiting(
+                    agent.agent_id,
+                    "depends on " + ", ".join(r.agent_id for r in pending),
+                    f"{detail} (depends_on); it then starts from the head that contains them",
+                )
+                shown = detail
+            await store.wait_for_change(cursor, 1.0)
 
     async def _run_loop(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
         """Create the workspace while the first model turn is in flight, then run the loop.
@@ -258,7 +315,7 @@ class AgentRunner:
     ) -> AgentBus:
         """The agent's worktree and bus; the agent is `running` from here."""
         start = agent.base_commit
-        if agent.waits_for and not agent.rerun_of:
+        if (agent.waits_for or agent.depends_on) and not agent.rerun_of:
             start = await anyio.to_thread.run_sync(ctx.repo.head_commit)
         if agent.rerun_of is not None and agent.start_commit is not None:
             start = agent.start_commit
@@ -349,6 +406,7 @@ class AgentRunner:
         # files written through the bus so far (final, git-based facts replace them at the end)
         bus = loop.bus if loop is not None else None
         written = bus.written_paths() if bus is not None else []
+        read = bus.read_paths() if bus is not None else []
         self._caps.settle(reserved, used)  # the store settles the run's share with the turn
         ctx.store.record_turn(
             agent_id,
@@ -356,6 +414,7 @@ class AgentRunner:
             turns=progress.turns,
             tokens=progress.tokens,
             changed_files=sorted(set(written)),
+            read_files=read,
         )
 
     def on_lease_lost(self, ctx: RepoContext, runtime: AgentRuntime, lost: LeaseLost) -> None:

@@ -147,6 +147,8 @@ class AgentRecord(BaseModel, frozen=True):
     stop_reason: StopReason | None = None
     turns: int = 0
     tokens: TokenUsage = Field(default_factory=TokenUsage)
+    # files whose contents the bus showed it while it ran (read_file, search hits)
+    read_files: list[str] = Field(default_factory=list[str])
     # the input side (plain, cache reads and writes) of its first turn, as the API counted it
     first_input_tokens: int | None = None
     base_commit: str
@@ -163,6 +165,7 @@ class AgentRecord(BaseModel, frozen=True):
     rerun_of: str | None = None
     rerun_context: str | None = None
     waits_for: list[str] = Field(default_factory=list[str])
+    depends_on: list[str] = Field(default_factory=list[str])  # agent ids, merged before it runs
     lease_holder: str | None = None
     lease_token: int | None = None
     lease_lost: bool = False
@@ -211,6 +214,7 @@ class AgentChanges(FinalChanges, total=False):
     lease_lost: bool
     conflicts: list[str]
     stale_reads: list[str]
+    read_files: list[str]
     merged_commit: str | None
     first_input_tokens: int | None
 
@@ -570,29 +574,19 @@ class StateStore:
         tokens: TokenUsage,
         changed_files: list[str],
         settle: tuple[int, int],
+        read_files: list[str] | None = None,
     ) -> AgentRecord:
         """One model turn of the agent ended; its reservation of the budget is settled."""
+        changes: AgentChanges = {
+            "turns": turns,
+            "tokens": tokens,
+            "changed_files": changed_files,
+        }
+        if read_files is not None:
+            changes["read_files"] = read_files
         if turns == 1:
-            first = tokens.input + tokens.cache_read + tokens.cache_write
-            return self.apply(
-                agent_id,
-                EventKind.TURN,
-                f"turn {turns}",
-                settle=settle,
-                turns=turns,
-                tokens=tokens,
-                changed_files=changed_files,
-                first_input_tokens=first,
-            )
-        return self.apply(
-            agent_id,
-            EventKind.TURN,
-            f"turn {turns}",
-            settle=settle,
-            turns=turns,
-            tokens=tokens,
-            changed_files=changed_files,
-        )
+            changes["first_input_tokens"] = tokens.input + tokens.cache_read + tokens.cache_write
+        return self.apply(agent_id, EventKind.TURN, f"turn {turns}", settle=settle, **changes)
 
     def mark_lease_lost(self, agent_id: str, detail: str) -> AgentRecord:
         """The agent's write lease was lost: what it writes can no longer land."""

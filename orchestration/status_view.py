@@ -17,6 +17,7 @@ from orchestration.caps import ServerCaps
 from orchestration.clock import Clock, Timing
 from orchestration.context import RepoContext, find_run
 from orchestration.contracts import (
+    AgentStatus,
     AgentView,
     LeaseView,
     PromptCacheView,
@@ -160,6 +161,7 @@ class StatusView:
             if since is None
             else sorted(self._wakeups.changes(since, run.run_id, read.cursor).agents)
         )
+        changing = reads_changing(agents)
         spent = [a.tokens for a in agents]
         tokens = TokenUsage.model_construct(
             input=sum(t.input for t in spent),
@@ -186,7 +188,10 @@ class StatusView:
             prompt_cache=self._prompt_cache(run),
             agents=[
                 _agent_view(
-                    self._views, a, read.leases_by_holder.get(a.lease_holder or a.agent_id, [])
+                    self._views,
+                    a,
+                    read.leases_by_holder.get(a.lease_holder or a.agent_id, []),
+                    changing.get(a.agent_id, []),
                 )
                 for a in agents
                 if wanted is None or a.agent_id in wanted
@@ -364,6 +369,7 @@ class _BuiltView:
 
     record: AgentRecord
     leases: list[LeaseView]
+    reads_changing: list[str]
     view: AgentView
 
 
@@ -387,8 +393,38 @@ _SHOWN_AS_STORED = (
 )
 
 
+def reads_changing(agents: list[AgentRecord]) -> dict[str, list[str]]:
+    """Per agent that has not landed: the files it read that another agent of the run changes
+    (`path (by name)`, at most 10), the early sign of a stale read at merge."""
+    changed_by: dict[str, list[AgentRecord]] = {}
+    for agent in agents:
+        if agent.status in (AgentStatus.DISCARDED, AgentStatus.CANCELLED):
+            continue
+        for path in agent.changed_files:
+            changed_by.setdefault(path, []).append(agent)
+    found: dict[str, list[str]] = {}
+    if not changed_by:
+        return found
+    for agent in agents:
+        if not agent.read_files or agent.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+            continue
+        shown: list[str] = []
+        for path in agent.read_files:
+            others = [o.name for o in changed_by.get(path, []) if o.agent_id != agent.agent_id]
+            if others:
+                shown.append(f"{path} (by {', '.join(others)})")
+                if len(shown) == 10:
+                    break
+        if shown:
+            found[agent.agent_id] = shown
+    return found
+
+
 def _agent_view(
-    built: dict[str, _BuiltView], agent: AgentRecord, leases: list[LeaseView]
+    built: dict[str, _BuiltView],
+    agent: AgentRecord,
+    leases: list[LeaseView],
+    changing: list[str],
 ) -> AgentView:
     """The agent's status view: the one built last time while its record and leases are the same.
 
@@ -397,15 +433,21 @@ def _agent_view(
     come from the lease table on each call and are compared by value (a held lease's expiry
     moves, so its holder's view is rebuilt)."""
     last = built.get(agent.agent_id)
-    if last is not None and last.record is agent and last.leases == leases:
+    if (
+        last is not None
+        and last.record is agent
+        and last.leases == leases
+        and last.reads_changing == changing
+    ):
         return last.view
     view = AgentView.model_construct(
         **{name: getattr(agent, name) for name in _SHOWN_AS_STORED},
         waits_for=agent.waits_for if agent.status.active else [],
         leases=leases,
         result=agent.result.view() if agent.result is not None else None,
+        reads_changing=changing,
     )
-    built[agent.agent_id] = _BuiltView(agent, leases, view)
+    built[agent.agent_id] = _BuiltView(agent, leases, changing, view)
     return view
 
 

@@ -297,6 +297,14 @@ class AgentBus:
             }
         )
 
+    def read_paths(self, limit: int = 500) -> list[str]:
+        """Files whose contents the bus showed the agent so far (sorted, unique, at most
+        `limit`)."""
+        found: set[str] = set()
+        for record in self.audit.records():
+            found.update(record.paths_read())
+        return sorted(found)[:limit]
+
     async def call(self, name: str, arguments: Mapping[str, object]) -> ToolOutcome:
         """Run one tool call; refusals and failures come back as error outcomes."""
         started = time.time()

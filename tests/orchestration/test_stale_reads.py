@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 
+from mcp_server.answers import status_answer, status_text
 from orchestration.contracts import (
     AgentStatus,
     MergeOutcome,
@@ -20,7 +22,7 @@ from orchestration.contracts import (
 )
 from orchestration.model import ModelRequest
 from orchestration.orchestrator import Orchestrator
-from tests.orchestration.scripts import Step, by_task, git, make_repo
+from tests.orchestration.scripts import Gate, Step, by_task, git, make_repo
 from tests.orchestration.test_orchestrator import settings, wait_until_final
 
 pytestmark = pytest.mark.anyio
@@ -133,3 +135,29 @@ async def test_independent_agents_are_not_stale(tmp_path: Path) -> None:
         await wait_until_final(orch, spawned.run_id)
         merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
     assert [a.outcome for a in merged.agents] == [MergeOutcome.MERGED, MergeOutcome.MERGED]
+
+
+async def test_status_flags_a_running_reader_of_what_another_agent_changes(
+    tmp_path: Path,
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    gate = Gate({"B-USE": 2})  # b holds after it read util.py and wrote core.py
+    model = by_task({"A-RENAME": RENAME, "B-USE": USE}, gate=gate)
+    async with Orchestrator(settings(repo), lambda _n: model) as orch:
+        spawned = await orch.spawn(SpawnRequest(tasks=_tasks("A-RENAME", "B-USE")))
+        with anyio.fail_after(30):
+            await gate.reached["B-USE"].wait()
+            while True:
+                status = await orch.status(run_id=spawned.run_id)
+                views = {a.name: a for a in status.runs[0].agents}
+                if views["a"].status is AgentStatus.SUCCEEDED:
+                    break
+                await anyio.sleep(0.05)
+        b = views["b"]
+        assert b.status is AgentStatus.RUNNING
+        assert b.reads_changing == ["src/lib/util.py (by a)"]
+        answer = status_text(status_answer(status))
+        assert "read what another changes: src/lib/util.py (by a)" in answer
+        assert views["a"].reads_changing == []
+        gate.release["B-USE"].set()
+        await wait_until_final(orch, spawned.run_id)

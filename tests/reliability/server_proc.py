@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -44,7 +45,7 @@ from orchestration.model import ModelRequest, ModelResponse, TextBlock, ToolUseB
 from orchestration.orchestrator import Orchestrator
 from orchestration.providers.function import FunctionModel
 
-Scenario = Literal["after_spawn", "mid_turn", "mid_write", "mid_merge"]
+Scenario = Literal["after_spawn", "mid_turn", "mid_write", "mid_merge", "mid_verify"]
 KEY = re.compile(r"<<([A-Za-z0-9_-]+)>>")
 
 
@@ -278,7 +279,7 @@ async def crash(config: CrashConfig) -> None:
             return call("write_file", {"path": f"{key}/a.txt", "content": f"{key} work\n"}, 0)
         if turn == 1:
             mark(markers, f"wrote-{key}")
-            if index <= quick or config.scenario in ("after_spawn", "mid_merge"):
+            if index <= quick or config.scenario in ("after_spawn", "mid_merge", "mid_verify"):
                 return finish(key, turn)
             if config.scenario == "mid_turn":
                 mark(markers, f"blocked-{key}")
@@ -319,6 +320,13 @@ async def crash(config: CrashConfig) -> None:
 
             await orch.merge(MergeRequest(run_id=spawned.run_id), on_progress=progress)
             mark(markers, "merge-done", str(count))
+        elif config.scenario == "mid_verify":
+            await wait_until(orch, none_active())
+            # the command says it started, then takes its time: the kill lands inside it
+            started = Path(markers) / "verifying"
+            command = f"touch {shlex.quote(str(started))} && sleep 20"
+            await orch.merge(MergeRequest(run_id=spawned.run_id, verify_command=command))
+            mark(markers, "merge-done")
         elif config.scenario in ("mid_turn", "mid_write"):
             status = await wait_until(
                 orch,

@@ -48,7 +48,13 @@ from tests.reliability.server_proc import (
 )
 from toolbus.leases import Lease, LeaseRequest, LeaseStore
 
-SCENARIOS: tuple[Scenario, ...] = ("after_spawn", "mid_turn", "mid_write", "mid_merge")
+SCENARIOS: tuple[Scenario, ...] = (
+    "after_spawn",
+    "mid_turn",
+    "mid_write",
+    "mid_merge",
+    "mid_verify",
+)
 ACTIVE = {"queued", "waiting", "running"}
 
 G_STORE = "G5a crash: git objects and stores intact (fsck --strict, integrity_check)"
@@ -58,6 +64,7 @@ G_WORK = "G5d crash: no agent's committed work lost, no torn file committed"
 G_STATUS = "G5e crash: running agents become interrupted, finished ones keep their status"
 G_LEASE = "G5f crash: dead server's leases held until TTL + lock-delay, then re-granted"
 G_AFTER = "G5g crash: after recovery, merge, rerun and a new run work"
+G_VERIFY = "G5j crash: a verification cut short applied nothing and left nothing behind"
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ def _cases() -> list[KillCase]:
             # the server alone: a git command it started finishes (a group kill can leave a stale
             # .git/HEAD.lock: test_kill_inside_a_git_command pins that case deterministically)
             KillCase("mid_merge", 4, False, group=False),
+            KillCase("mid_verify", 5, False),
         ]
     rng = random.Random(20240611)
     return [
@@ -115,6 +123,10 @@ def _kill_at_point(case: KillCase, child: Child, markers: Path, agents: int) -> 
         wait_for(child, lambda: any(markers.glob("writing-*")))
         delay = rng.uniform(0.0, 0.08)
         point = f"{delay:.3f} s after a 4 MB write was handed to the bus"
+    elif case.scenario == "mid_verify":
+        wait_for(child, (markers / "verifying").exists, timeout_s=60)
+        delay = rng.uniform(0.0, 0.2)
+        point = f"{delay:.3f} s into the verification command"
     else:
         k = rng.randint(0, agents - 1)
         name = "merging" if k == 0 else f"merged-{k}"
@@ -161,6 +173,20 @@ def test_sigkill_then_a_fresh_process_recovers(
         at_head_or_earlier,
         status_killed[:300],
     )
+    if case.scenario == "mid_verify":
+        ledger.record(
+            G_VERIFY,
+            f"{label}: the branch did not move",
+            head_killed == head0,
+            f"head {head_killed[:12]}, was {head0[:12]}",
+        )
+        scratch_at_kill = state_dir / "verify"
+        ledger.record(
+            G_VERIFY,
+            f"{label}: the kill left a scratch checkout (what recovery must remove)",
+            scratch_at_kill.is_dir() and any(scratch_at_kill.iterdir()),
+            "no scratch checkout under verify/ at the kill",
+        )
     refs_killed = fanout_refs(repo)
     store = StateStore(state_dir)
     try:
@@ -272,6 +298,15 @@ def test_sigkill_then_a_fresh_process_recovers(
     )
 
     # --- from outside, after recovery ------------------------------------------------------
+    if case.scenario == "mid_verify":
+        scratch = state_dir / "verify"
+        left = sorted(p.name for p in scratch.iterdir()) if scratch.is_dir() else []
+        ledger.record(
+            G_VERIFY,
+            f"{label}: the dead server's scratch checkout is gone",
+            not left,
+            f"left under verify/: {left}",
+        )
     _check_store_and_history(ledger, label, "after recovery", repo, head0)
     status_now = git(repo, "status", "--porcelain", "--untracked-files=all")
     ledger.record(
@@ -280,7 +315,7 @@ def test_sigkill_then_a_fresh_process_recovers(
 
     failures = [
         (g, f)
-        for g in (G_STORE, G_HEAD, G_CHECKOUT, G_WORK, G_STATUS, G_LEASE, G_AFTER)
+        for g in (G_STORE, G_HEAD, G_CHECKOUT, G_WORK, G_STATUS, G_LEASE, G_AFTER, G_VERIFY)
         for f in ledger.failures(g)
         if f.startswith(case.id)
     ]
