@@ -28,6 +28,7 @@ from orchestration.state import AgentRecord
 from orchestration.verify import Verifier, first_failing
 from toolbus.audit import reads_of
 from toolbus.errors import LeaseError
+from toolbus.terminal import remove_home
 
 OnProgress = Callable[[int, int, str], None]
 
@@ -265,7 +266,10 @@ class Merger:
         self._registry.signal_released(agent.agent_id)
 
     async def remove_workspace(self, ctx: RepoContext, agent: AgentRecord) -> None:
-        """Remove the agent's worktree (its branch stays unless settings say otherwise)."""
+        """Remove the agent's worktree and its HOME (its branch stays unless settings say
+        otherwise)."""
+        home = ctx.repo.state_dir / "homes" / agent.agent_id
+        await anyio.to_thread.run_sync(remove_home, home)
         if agent.workspace is None or not Path(agent.workspace).exists():
             return
         workspace = workspace_of(agent)

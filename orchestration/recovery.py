@@ -22,10 +22,23 @@ from orchestration.verify import remove_leftovers
 from toolbus.errors import LeaseError
 from toolbus.fileops import remove_partial_writes
 from toolbus.leases import LeaseGrant
+from toolbus.terminal import remove_home
 
 log = logging.getLogger("fanout.orchestrator")
 
 ACTIVE_STATUSES = tuple(s for s in AgentStatus if s.active)
+
+
+def _remove_landed_homes(ctx: RepoContext) -> None:
+    homes = ctx.repo.state_dir / "homes"
+    if not homes.is_dir():
+        return
+    agents = {a.agent_id: a for a in ctx.store.all_agents()}
+    for entry in homes.iterdir():
+        agent_id = entry.name.removesuffix(".sandbox")
+        agent = agents.get(agent_id)
+        if agent is None or agent.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+            remove_home(homes / agent_id)
 
 
 class Recovery:
@@ -46,6 +59,8 @@ class Recovery:
         # scratch checkouts of verifications cut short (nothing of them was applied)
         live = ctx.store.live_servers() | {ctx.store.server_id}
         await anyio.to_thread.run_sync(remove_leftovers, ctx.repo, live)
+        # HOMEs of agents whose workspace is gone (a server died before removing them)
+        await anyio.to_thread.run_sync(_remove_landed_homes, ctx)
 
     async def heartbeat(self, ctx: RepoContext) -> None:
         """Beat, and take over what a server that died since left: its agents would otherwise

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +272,17 @@ async def _reap_wait(pgid: int, limit_s: float = 5.0) -> None:
             await anyio.sleep(0.01)
 
 
+def _remove_dirs(paths: tuple[Path, ...]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_home(home: Path) -> None:
+    """Remove an agent's HOME and its sandbox's files (`<home>.sandbox`), e.g. once its workspace
+    is gone."""
+    _remove_dirs((home, home.parent / f"{home.name}.sandbox"))
+
+
 class Terminal:
     """The terminal of one agent: commands run one at a time in `workspace`."""
 
@@ -288,12 +300,16 @@ class Terminal:
         self.view_dir = self.home.parent / f"{self.home.name}.sandbox"
         self._git_cache = GitViewCache()
         self._plan: SandboxPlan | None = None
+        # what it made in the system's temporary directory goes with it even unclosed (at
+        # garbage collection or interpreter exit); a configured home is its owner's to remove
+        if self._own_home:
+            self._cleanup = weakref.finalize(self, _remove_dirs, (self.home, self.view_dir))
 
     def close(self) -> None:
         """Remove the temporary HOME this terminal made (if any) and the sandbox's files."""
         shutil.rmtree(self.view_dir, ignore_errors=True)
         if self._own_home:
-            shutil.rmtree(self.home, ignore_errors=True)
+            self._cleanup()
 
     async def sandbox_plan(self) -> SandboxPlan:
         """Decide (once) how commands run; raises `SandboxUnavailable` in `bwrap` mode."""
