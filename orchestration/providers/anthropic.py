@@ -143,43 +143,41 @@ class AnthropicModel:
     ) -> ModelResponse:
         """`complete`, streamed, calling `on_start` at the stream's first event: the response
         has begun, and with it what the request wrote to the prompt cache is readable."""
-        model = request.model or self.model
-        system, tools, messages = to_api_request(request)
-        try:
-            async with self._client.messages.stream(
-                model=model,
-                max_tokens=request.max_tokens,
-                system=system,
-                tools=tools if tools else anthropic.omit,
-                messages=messages,
-            ) as stream:
-                async for _event in stream:
-                    on_start()
-                    break
-                answer = await stream.get_final_message()
-            return from_api_message(answer)
-        except (anthropic.AnthropicError, httpx2.TransportError, json.JSONDecodeError) as exc:
-            raise self._scrubbed(translate_error(exc)) from exc
+        return await self._call(request, stream=True, on_start=on_start)
 
     async def complete(self, request: ModelRequest) -> ModelResponse:
-        model = request.model or self.model
+        return await self._call(request, stream=request.max_tokens >= self.stream_threshold)
+
+    async def _call(
+        self,
+        request: ModelRequest,
+        *,
+        stream: bool,
+        on_start: Callable[[], None] | None = None,
+    ) -> ModelResponse:
         system, tools, messages = to_api_request(request)
+        model = request.model or self.model
+        offered = tools if tools else anthropic.omit
         try:
-            if request.max_tokens >= self.stream_threshold:
+            if stream:
                 async with self._client.messages.stream(
                     model=model,
                     max_tokens=request.max_tokens,
                     system=system,
-                    tools=tools if tools else anthropic.omit,
+                    tools=offered,
                     messages=messages,
-                ) as stream:
-                    answer = await stream.get_final_message()
+                ) as events:
+                    if on_start is not None:
+                        async for _event in events:
+                            on_start()
+                            break
+                    answer = await events.get_final_message()
             else:
                 answer = await self._client.messages.create(
                     model=model,
                     max_tokens=request.max_tokens,
                     system=system,
-                    tools=tools if tools else anthropic.omit,
+                    tools=offered,
                     messages=messages,
                 )
             return from_api_message(answer)
