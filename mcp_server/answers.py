@@ -552,9 +552,8 @@ def merge_text(answer: MergeAnswer) -> str:
     conflicted = [a.agent_id for a in answer.agents if a.outcome in redo]
     if conflicted:
         lines.append(
-            "conflicted, stale and verify_failed agents keep their branch: "
-            "rerun_subagent(agent_id) each on the new head (do not merge by hand): "
-            + ", ".join(conflicted)
+            "they keep their branch: rerun_subagent(agent_id) each on the new head (do not "
+            "merge by hand): " + ", ".join(conflicted)
         )
     return "\n".join(lines)
 
