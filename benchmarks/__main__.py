@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import SCRATCH_ENV, file_create_ms, remove_scratch, scratch_root
+from orchestration.workspace.overlay import enter_private_mounts
 
 # name -> module under benchmarks/ exposing `run(quick: bool) -> dict[str, float | int]`
 BENCHMARKS: dict[str, str] = {
@@ -49,6 +50,8 @@ def _disk(scratch: Path, system_tmp: Path) -> dict[str, float | int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # as the server does, before any thread: agents' workspaces can be copy-on-write views
+    enter_private_mounts()
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("names", nargs="+", help=f"one or more of {', '.join(BENCHMARKS)}, or all")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (CI)")

@@ -11,6 +11,7 @@ four rounds. `--quick`: a 1,000-file repository, one round.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +30,14 @@ from orchestration.contracts import SpawnRequest
 from orchestration.model import ModelRequest, ModelResponse, ToolUseBlock, Usage
 from orchestration.orchestrator import Orchestrator
 from orchestration.providers.function import FunctionModel
-from orchestration.workspace import run_git
+from orchestration.workspace import (
+    GitRepo,
+    commit_workspace,
+    create_workspace,
+    run_git,
+    view_support,
+)
+from toolbus.resources import WriteScope
 
 AGENTS = 16
 # 160,000 files per phase: on a slow disk (a heavily churned one) a phase can take minutes, by
@@ -70,17 +78,17 @@ def _gated_model(gate: anyio.Event) -> FunctionModel:
     return FunctionModel(reply)
 
 
-async def _orchestrated(repo: Path, round_no: int) -> tuple[float, float, int]:
-    """(until all running, spawn() alone, failed agents) for one run of 16. Each round's agents
-    write scopes of their own: the previous round's agents are not merged, so they still hold
-    their scopes, and agents on the same scopes would wait for them (as designed)."""
+async def _orchestrated(repo: Path, round_no: int, count: int = AGENTS) -> tuple[float, float, int]:
+    """(until all running, spawn() alone, failed agents) for one run of `count`. Each round's
+    agents write scopes of their own: the previous round's agents are not merged, so they still
+    hold their scopes, and agents on the same scopes would wait for them (as designed)."""
     gate = anyio.Event()
     model = _gated_model(gate)
-    async with Orchestrator(bench_settings(repo, AGENTS), lambda _name: model) as orch:
+    async with Orchestrator(bench_settings(repo, count), lambda _name: model) as orch:
         await orch.status()  # the repository is open, as in a running server
         timing = await drive(
             orch,
-            [SpawnRequest(tasks=tasks(AGENTS, start=100 * round_no), max_concurrency=AGENTS)],
+            [SpawnRequest(tasks=tasks(count, start=100 * round_no), max_concurrency=count)],
             until_running=True,
             timeout_s=PHASE_TIMEOUT_S,
         )
@@ -101,7 +109,100 @@ async def drive_rest(orch: Orchestrator, run_id: str) -> int:
                 return sum(1 for a in agents if a.status.value != "succeeded")
 
 
+def _blocks(root: Path) -> int:
+    """Bytes of disk blocks under `root`: mounted views not entered, a hard-linked file once."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not os.path.ismount(os.path.join(dirpath, d))]
+        for name in (*filenames, *dirnames):
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
+def _disk_one_change(repo: Path, base: str, run_id: str) -> float:
+    """MB that one more agent adds under `.git` (its workspace, its branch's objects) when it
+    changes one file and its work is committed."""
+    git_repo = GitRepo(repo)
+    before = _blocks(git_repo.git_dir)
+    ws = create_workspace(git_repo, base_commit=base, run_id=run_id, agent_id="one-change")
+    target = ws.path / "mod" / "changed_by_agent.py"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("value = 1\n", encoding="utf-8")
+    done = commit_workspace(ws, message="one change", write_scope=WriteScope.of(None))
+    assert done.commit is not None
+    return (_blocks(git_repo.git_dir) - before) / 1e6
+
+
+def _large(quick: bool) -> tuple[dict[str, float | int], list[tuple[str, object, str]]]:
+    """Spawn to all running for 1 and 64 agents on a large repository, each kind of workspace."""
+    files = 10_000 if quick else 100_000
+    few = 2 if quick else 4
+    tag = "10k (quick)" if quick else "100k"
+    with scratch("bench-spawn-large-") as tmp:
+        repo = Path(tmp) / "repo"
+        base = build_repo(repo, files)
+        run_git(repo, "status", "--porcelain")
+        kind = view_support(GitRepo(repo))
+        hand_1 = _by_hand(repo, base, 90, count=1)
+        cold, _, bad = anyio.run(_orchestrated, repo, 1, 1)  # checks the base out once
+        one, _, bad_1 = anyio.run(_orchestrated, repo, 2, 1)
+        many, _, bad_64 = anyio.run(_orchestrated, repo, 3, 64)
+        disk = _disk_one_change(repo, base, "disk-view")
+        os.environ["FANOUT_WORKSPACES"] = "worktree"
+        try:
+            wt_1, _, bad_w1 = anyio.run(_orchestrated, repo, 4, 1)
+            wt_few, _, bad_wf = anyio.run(_orchestrated, repo, 5, few)
+            wt_disk = _disk_one_change(repo, base, "disk-worktree")
+        finally:
+            os.environ.pop("FANOUT_WORKSPACES", None)
+    figures: dict[str, float | int] = {
+        "spawn_s_1_100k": round(one, 3),
+        "spawn_s_64_100k": round(many, 3),
+        "spawn_64_over_1_100k": round(many / one, 3),
+        "disk_mb_per_agent": round(disk, 3),
+        "spawn_cold_s_1_100k": round(cold, 3),
+        "worktree_spawn_s_1_100k": round(wt_1, 3),
+        f"worktree_spawn_s_{few}_100k": round(wt_few, 3),
+        "worktree_disk_mb_per_agent": round(wt_disk, 3),
+        "spawn_failed_100k": bad + bad_1 + bad_64 + bad_w1 + bad_wf,
+    }
+    rows: list[tuple[str, object, str]] = [
+        ("spawn_s_1_100k", figures["spawn_s_1_100k"], f"{tag} files, 1 agent: {kind.note}"),
+        ("spawn_s_64_100k", figures["spawn_s_64_100k"], "64 agents, the same base"),
+        ("spawn_64_over_1_100k", figures["spawn_64_over_1_100k"], "target <= 2"),
+        (
+            "disk_mb_per_agent",
+            figures["disk_mb_per_agent"],
+            "target <= 1: an agent that changed one file, its work committed",
+        ),
+        (
+            "spawn_cold_s_1_100k",
+            figures["spawn_cold_s_1_100k"],
+            f"the first run on a commit checks its base out once; git worktree add by hand: "
+            f"{hand_1:.2f} s",
+        ),
+        ("worktree_spawn_s_1_100k", figures["worktree_spawn_s_1_100k"], "the worktree fallback"),
+        (
+            f"worktree_spawn_s_{few}_100k",
+            figures[f"worktree_spawn_s_{few}_100k"],
+            f"the fallback, {few} agents (64 full checkouts would not fit this disk)",
+        ),
+        ("worktree_disk_mb_per_agent", figures["worktree_disk_mb_per_agent"], "the fallback"),
+        ("spawn_failed_100k", figures["spawn_failed_100k"], "agents not succeeded"),
+    ]
+    return figures, rows
+
+
 def run(quick: bool) -> dict[str, float | int]:
+    large, large_rows = _large(quick)
     files, rounds = (1_000, 1) if quick else (10_000, 4)
     note = f"{files} files, {AGENTS} agents" + (" (quick)" if quick else "")
     hand: list[float] = []
@@ -155,6 +256,7 @@ def run(quick: bool) -> dict[str, float | int]:
                 "spawn() alone (returns before the worktrees)",
             ),
             ("spawn_failed_16", failed, f"agents not succeeded, over {rounds} round(s)"),
+            *large_rows,
         ]
     )
-    return figures
+    return figures | large

@@ -21,6 +21,7 @@ from orchestration.config import Settings
 from orchestration.errors import ConfigError, OrchestrationError
 from orchestration.heap import warm_up_in_background
 from orchestration.orchestrator import ModelFactory, RepoContext
+from orchestration.workspace.overlay import enter_private_mounts
 
 log = logging.getLogger("fanout.mcp")
 
@@ -233,7 +234,7 @@ def status(repo_arg: str | None) -> int:
     """Print runs, agents and leases from the durable state (no server needed)."""
     from mcp_server.status_table import store_text
     from orchestration.state import StateStore
-    from orchestration.workspace import GitRepo
+    from orchestration.workspace import GitRepo, view_support
     from toolbus.lease_store import LeaseStore
 
     repo_path = Path(repo_arg or os.environ.get("FANOUT_REPO") or os.getcwd())
@@ -250,12 +251,15 @@ def status(repo_arg: str | None) -> int:
     finally:
         store.close()
     leases = LeaseStore(state_dir).table() if (state_dir / "leases.db").exists() else []
-    print(f"repository {repo.root}\n")
+    print(f"repository {repo.root}")
+    print(f"workspaces: {view_support(repo).note}\n")
     print(store_text(runs, agents, leases, live))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # First, before any thread starts: the namespace where agents' views can be mounted.
+    enter_private_mounts()
     args = _parser().parse_args(argv)
     try:
         if args.command == "status":

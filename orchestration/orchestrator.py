@@ -214,6 +214,12 @@ class Orchestrator:
             settings, request, run, names, known={a.agent_id for a in known}
         )
         warnings = await planner.spawn_warnings(self.settings, ctx.leases, agents)
+        support = await anyio.to_thread.run_sync(ws_mod.view_support, ctx.repo)
+        if support.kind != "overlay" and "FANOUT_WORKSPACES" not in support.note:
+            warnings.append(
+                f"each agent gets a full checkout ({support.note}); copy-on-write views "
+                "would cost only what the agent changes"
+            )
         prefix = shared_prefix(shared, paths)
         history = await anyio.to_thread.run_sync(estimates.history, ctx.store)
         estimate, first_request = estimates.estimate(

@@ -11,7 +11,12 @@ from typing import Any
 
 import pytest
 
+from orchestration.workspace.overlay import enter_private_mounts
 from toolbus.sandbox import probe_bwrap
+
+# As the server does first thing: a private mount namespace, so that agents' workspaces can be
+# copy-on-write views (before any thread starts; without it they are git worktrees).
+PRIVATE_MOUNTS = enter_private_mounts()
 
 # Any client built without an explicit base URL points at a closed loopback port, and the key is a
 # dummy: an accidental real call fails at once, in this process and in every subprocess.

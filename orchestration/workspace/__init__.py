@@ -10,8 +10,10 @@ index and working tree are only ever read by this package.
 | `porcelain` | `git status` parsed |
 | `snapshots` | a run's pinned base (`snapshot`) |
 | `pinning` | the `Workspace` record; the server's git pinned to it; planted `.git` quarantined |
-| `worktrees` | `Workspaces` (the seam for other kinds of workspace) and `GitWorktrees` |
-| `included` | ignored files a build needs, copied into a new workspace |
+| `worktrees` | `Workspaces` (the seam for kinds of workspace) and `GitWorktrees` |
+| `overlay` | the process's private mount namespace, overlay mounts, the probe |
+| `layered` | `OverlayWorkspaces` (copy-on-write views), their commits, the server's choice |
+| `included` | ignored files a build needs, copied into a worktree or layered under a view |
 | `engine` | `GitEngine`: checkout and commit, by git (`cli_git`) or libgit2 (`libgit2_git`) |
 | `engines` | the engine the server uses, chosen once |
 | `commits` | `commit_workspace`: an agent's in-scope work on its branch |
@@ -36,7 +38,21 @@ from orchestration.workspace.git import (
     Identity,
     run_git,
 )
+from orchestration.workspace.layered import (
+    WORKSPACES,
+    ChosenWorkspaces,
+    OverlayWorkspaces,
+    commit_view,
+    create_workspace,
+    discard_unstarted_workspace,
+    ensure_mounted,
+    layer_of,
+    list_workspaces,
+    remove_workspace,
+    view_support,
+)
 from orchestration.workspace.libgit2_git import Libgit2Git
+from orchestration.workspace.overlay import ViewSupport, enter_private_mounts
 from orchestration.workspace.pinning import (
     Workspace,
     admin_dir_of,
@@ -47,14 +63,9 @@ from orchestration.workspace.pinning import (
 from orchestration.workspace.porcelain import StatusEntry, status_entries
 from orchestration.workspace.snapshots import Snapshot, snapshot
 from orchestration.workspace.worktrees import (
-    WORKSPACES,
     GitWorktrees,
     Workspaces,
     clear_dead_locks,
-    create_workspace,
-    discard_unstarted_workspace,
-    list_workspaces,
-    remove_workspace,
     workspace_disk_usage,
 )
 
@@ -69,6 +80,7 @@ __all__ = [
     "WORKSPACES",
     "WORKSPACE_META",
     "ZERO_OID",
+    "ChosenWorkspaces",
     "CliGit",
     "CommitJob",
     "DiffStat",
@@ -79,20 +91,26 @@ __all__ = [
     "Identity",
     "InProcessFirst",
     "Libgit2Git",
+    "OverlayWorkspaces",
     "RepositoryError",
     "Snapshot",
     "StatusEntry",
+    "ViewSupport",
     "WorkCommit",
     "Workspace",
     "Workspaces",
     "admin_dir_of",
     "clear_dead_locks",
+    "commit_view",
     "commit_workspace",
     "create_workspace",
     "diff",
     "diffstat",
     "discard_unstarted_workspace",
+    "ensure_mounted",
+    "enter_private_mounts",
     "file_changes",
+    "layer_of",
     "list_workspaces",
     "open_workspace_repo",
     "pin",
@@ -102,5 +120,6 @@ __all__ = [
     "snapshot",
     "status_entries",
     "tree_changes",
+    "view_support",
     "workspace_disk_usage",
 ]

@@ -8,6 +8,7 @@ from orchestration.errors import RepositoryError
 from orchestration.workspace.engine import CommitJob, GitEngine, WorkCommit
 from orchestration.workspace.engines import DEFAULT_ENGINE
 from orchestration.workspace.git import FANOUT_IDENTITY, Identity
+from orchestration.workspace.layered import commit_view, layer_of
 from orchestration.workspace.pinning import (
     Workspace,
     open_workspace_repo,
@@ -32,6 +33,8 @@ def commit_workspace(
     commits later edits on top. Git works on the workspace only pinned to its recorded git dir,
     after any `.git` the agent planted is moved out (`secure_workspace_git`).
     """
+    if layer_of(ws) is not None:
+        return commit_view(ws, message=message, write_scope=write_scope, author=author)
     pinned = pin(ws.path)
     planted = secure_workspace_git(pinned)
     ref = ws.branch_ref if ws.branch else "HEAD"  # the agent's branch, even if it moved HEAD

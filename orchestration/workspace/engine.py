@@ -15,7 +15,8 @@ import pygit2
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestration.contracts import FileChange
-from orchestration.workspace.git import Identity, tree_of
+from orchestration.errors import RepositoryError
+from orchestration.workspace.git import FANOUT_IDENTITY, Identity, tree_of
 from toolbus.gitcmd import Pinned
 from toolbus.resources import WriteScope
 
@@ -108,3 +109,38 @@ def base_entries(
 def commit_message(message: str) -> str:
     """The message of an agent's work commit (a default when the agent gave none)."""
     return message.strip() or "fanout: agent work"
+
+
+def advance_branch(
+    pyrepo: pygit2.Repository,
+    *,
+    ref: str,
+    head: pygit2.Commit,
+    tree: str,
+    message: str,
+    author: Identity,
+) -> pygit2.Oid:
+    """Commit `tree` on top of `head` and move `ref` to it by compare-and-swap under its ref
+    lock; raises `RepositoryError` when `ref` moved meanwhile."""
+    commit = pyrepo.create_commit(
+        None,
+        author.signature(),
+        FANOUT_IDENTITY.signature(),
+        commit_message(message) + "\n",
+        pygit2.Oid(hex=tree),
+        [head.id],
+    )
+    try:
+        with pyrepo.transaction() as txn:
+            txn.lock_ref(ref)
+            current = pyrepo.references[ref].target
+            if current != head.id:
+                raise RepositoryError(
+                    f"the branch {ref} of the workspace {pyrepo.workdir} moved from {head.id} "
+                    f"to {current} while its work was committed; commit again"
+                )
+            # (the reflog signature is the repository's identity: pygit2 cannot pass one)
+            txn.set_target(ref, commit, message="fanout: commit agent work")
+    except pygit2.GitError as exc:
+        raise RepositoryError(f"could not move {ref} to the agent's work: {exc}") from exc
+    return commit

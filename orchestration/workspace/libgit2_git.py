@@ -17,16 +17,15 @@ from pathlib import Path
 
 import pygit2
 
-from orchestration.errors import RepositoryError
 from orchestration.workspace.diffs import file_changes
 from orchestration.workspace.engine import (
     CommitJob,
     WorkCommit,
+    advance_branch,
     base_entries,
     changed_paths,
-    commit_message,
 )
-from orchestration.workspace.git import FANOUT_IDENTITY, has_hook, tree_of
+from orchestration.workspace.git import has_hook, tree_of
 from orchestration.workspace.pinning import open_workspace_repo
 from toolbus.gitcmd import Pinned
 
@@ -166,27 +165,9 @@ class Libgit2Git:
         if tree == str(job.head.tree_id):
             return WorkCommit(commit=None, changes=[], dropped=dropped)
         head = job.head.id
-        commit = pyrepo.create_commit(
-            None,
-            job.author.signature(),
-            FANOUT_IDENTITY.signature(),
-            commit_message(job.message) + "\n",
-            pygit2.Oid(hex=tree),
-            [head],
+        commit = advance_branch(
+            pyrepo, ref=ref, head=job.head, tree=tree, message=job.message, author=job.author
         )
-        try:
-            with pyrepo.transaction() as txn:
-                txn.lock_ref(ref)
-                current = pyrepo.references[ref].target
-                if current != head:
-                    raise RepositoryError(
-                        f"the branch {ref} of the workspace {pyrepo.workdir} moved from {head} "
-                        f"to {current} while its work was committed; commit again"
-                    )
-                # (the reflog signature is the repository's identity: pygit2 cannot pass one)
-                txn.set_target(ref, commit, message="fanout: commit agent work")
-        except pygit2.GitError as exc:
-            raise RepositoryError(f"could not move {ref} to the agent's work: {exc}") from exc
         try:
             index.write()  # the worktree's index now holds the new commit's tree
         except (pygit2.GitError, OSError) as exc:

@@ -58,19 +58,23 @@ def admin_dir_of(path: Path) -> Path | None:
         return None
     admin_root = real.parents[3] / "worktrees"
     want = os.path.join(real, ".git")
+
+    def points_here(admin: Path) -> bool:
+        try:
+            target = (admin / "gitdir").read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return False
+        return os.path.normpath(target) == want and (admin / "HEAD").is_file()
+
+    # the admin dir is named after the workspace unless that name was taken
     first = admin_root / real.name
+    if points_here(first):
+        return first
     try:
         others = sorted(p for p in admin_root.iterdir() if p != first)
     except OSError:
         return None
-    for admin in (first, *others):
-        try:
-            target = (admin / "gitdir").read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            continue
-        if os.path.normpath(target) == want and (admin / "HEAD").is_file():
-            return admin
-    return None
+    return next((admin for admin in others if points_here(admin)), None)
 
 
 def pin(path: Path, *, first_checkout: bool = False) -> Pinned:
@@ -115,12 +119,14 @@ def _config_names(admin: Path) -> list[str]:
         pyrepo.free()
 
 
-def secure_workspace_git(pinned: Pinned) -> list[str]:
+def secure_workspace_git(pinned: Pinned, *, upper: Path | None = None) -> list[str]:
     """Make the workspace's git what the server created before the server's git reads it: a
     root `.git` that is not the server's gitfile, and any `.git` below the root (a planted
     repository, which git would commit as an embedded repository), are the agent's content:
     each is moved out of the workspace, under `<state dir>/quarantine/<workspace>/`, and the
-    server's gitfile is put back. Returns what was moved or restored, for the agent's result."""
+    server's gitfile is put back. Returns what was moved or restored, for the agent's result.
+    For a copy-on-write view, `upper` is its upper layer: whatever the agent made is there, so
+    only it is searched (the base, a git tree, holds no `.git`)."""
     root = pinned.work_tree
     found: list[str] = []
     expected = f"gitdir: {pinned.git_dir}"
@@ -135,8 +141,9 @@ def secure_workspace_git(pinned: Pinned) -> list[str]:
     planted: list[str] = []
     if st is not None and not ours:
         planted.append(".git")
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
+    walk_root = upper or root
+    for dirpath, dirnames, filenames in os.walk(walk_root):
+        rel_dir = os.path.relpath(dirpath, walk_root)
         for name in (*dirnames, *filenames):
             if name.casefold() == ".git" and rel_dir != ".":
                 planted.append(os.path.join(rel_dir, name).replace(os.sep, "/"))

@@ -114,14 +114,14 @@ class GitWorktrees:
         base = base_commit if FULL_OID.fullmatch(base_commit) else repo.resolve(base_commit)
         path = repo.worktrees_dir / run_id / agent_id
         branch = f"{BRANCH_PREFIX}{run_id}/{agent_id}"
-        existing = _read_meta(path)
+        existing = read_meta(path)
         if existing is not None:
             return existing
         path.parent.mkdir(parents=True, exist_ok=True)
         # With a post-checkout hook, `worktree add` checks out itself so that the hook runs as
         # git runs it; otherwise the worktree is registered without a checkout and populated
         # after.
-        plain = _plain_worktrees(repo)
+        plain = plain_worktrees(repo)
         deferred = plain or not _has_post_checkout_hook(repo)
         checkout = ("--no-checkout",) if deferred else ()
         # git's worktree registration is not safe against a concurrent `worktree add` in one
@@ -153,7 +153,7 @@ class GitWorktrees:
             agent_id=agent_id,
             included=included,
         )
-        _write_meta(ws)
+        write_meta(ws)
         return ws
 
     def existing(self, repo: GitRepo) -> list[Workspace]:
@@ -168,7 +168,7 @@ class GitWorktrees:
             path = Path(lines[0][len("worktree ") :])
             if not is_within(str(path.resolve()), str(base_dir)):
                 continue
-            ws = _read_meta(path)
+            ws = read_meta(path)
             if ws is not None:
                 result.append(ws)
                 continue
@@ -208,13 +208,25 @@ class GitWorktrees:
 
 
 def register_worktree(
-    repo: GitRepo, path: Path, branch: str, base: str, *, write: Write = write_whole
+    repo: GitRepo,
+    path: Path,
+    branch: str,
+    base: str,
+    *,
+    write: Write = write_whole,
+    gitfile_dir: Path | None = None,
+    locked: str | None = None,
+    admin_name: str | None = None,
 ) -> bool:
     """What `git worktree add --no-checkout -b <branch> <path> <base>` writes, without git's
     three processes (it runs `git branch` and `git symbolic-ref` as children); the layout of
     gitrepository-layout(5). False, with nothing written, when git must do it itself (the
-    names are taken: a retry after a failure). Call it under the registration lock."""
-    admin = repo.git_dir / "worktrees" / path.name
+    names are taken: a retry after a failure). Call it under the registration lock.
+
+    A copy-on-write view keeps its `.git` file in its upper layer (`gitfile_dir`), and stays
+    `locked` (the reason given) so that `git worktree prune` leaves it alone while it is not
+    mounted. `admin_name` names its admin dir when the path's last component is taken."""
+    admin = repo.git_dir / "worktrees" / (admin_name or path.name)
     if admin.exists() or os.path.lexists(path):
         return False
     pyrepo = pygit2.Repository(str(repo.root))
@@ -226,8 +238,8 @@ def register_worktree(
     finally:
         pyrepo.free()
     admin.mkdir(parents=True)
-    locked = admin / "locked"  # as git does: prune leaves a half-made registration alone
-    locked.write_text("initializing\n", encoding="utf-8")
+    lock_file = admin / "locked"  # as git does: prune leaves a half-made registration alone
+    lock_file.write_text("initializing\n", encoding="utf-8")
     # In an order that a kill at any point leaves git consistent: git lists a registration
     # only once its `gitdir` file is there, and a listed one without HEAD fails `git fsck`
     # ("detached HEAD points at nothing"); so HEAD comes first and `gitdir` last, each file
@@ -235,13 +247,16 @@ def register_worktree(
     write(admin / "HEAD", f"ref: refs/heads/{branch}\n")
     write(admin / "commondir", "../..\n")
     path.mkdir(parents=True)
-    write(path / ".git", f"gitdir: {admin.resolve()}\n")
+    write((gitfile_dir or path) / ".git", f"gitdir: {admin.resolve()}\n")
     write(admin / "gitdir", f"{path.resolve()}/.git\n")
-    locked.unlink()
+    if locked is None:
+        lock_file.unlink()
+    else:
+        write(lock_file, locked + "\n")
     return True
 
 
-def _plain_worktrees(repo: GitRepo) -> bool:
+def plain_worktrees(repo: GitRepo) -> bool:
     """Whether a new worktree is only its registration files (`register_worktree` can add it):
     no post-checkout hook, no per-worktree config, no sparse checkout to copy."""
     try:
@@ -266,14 +281,14 @@ def _has_post_checkout_hook(repo: GitRepo, config: pygit2.Config | None = None) 
     return has_hook(config, repo.root, repo.git_dir, "post-checkout")
 
 
-def _write_meta(ws: Workspace) -> None:
+def write_meta(ws: Workspace) -> None:
     git_dir = admin_dir_of(ws.path)
     if git_dir is None:
         raise RepositoryError(f"the new worktree {ws.path} has no git dir")
     (git_dir / WORKSPACE_META).write_text(ws.model_dump_json(), encoding="utf-8")
 
 
-def _read_meta(path: Path) -> Workspace | None:
+def read_meta(path: Path) -> Workspace | None:
     git_dir = admin_dir_of(path)
     if git_dir is None:
         return None
@@ -331,23 +346,17 @@ def clear_dead_locks(repo: GitRepo, path: Path, branch: str | None) -> list[str]
 
 
 def workspace_disk_usage(repo: GitRepo) -> int:
-    """Bytes used by the agents' worktrees (files as stored, links not followed)."""
+    """Bytes used by the agents' workspaces: worktrees' files and views' layers (files as
+    stored, links not followed, mounted views not entered)."""
     total = 0
-    root = repo.worktrees_dir
-    if not root.exists():
-        return 0
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                continue
+    for root in (repo.worktrees_dir, repo.state_dir / "layers"):
+        if not root.exists():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not os.path.ismount(os.path.join(dirpath, d))]
+            for name in filenames:
+                try:
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    continue
     return total
-
-
-WORKSPACES: Workspaces = GitWorktrees()
-"""The server's workspaces; the one place their kind is chosen."""
-create_workspace = WORKSPACES.create
-list_workspaces = WORKSPACES.existing
-remove_workspace = WORKSPACES.remove
-discard_unstarted_workspace = WORKSPACES.discard_unstarted

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestration.workspace.overlay import enter_private_mounts
+
 TEST_NAME = "Test User"
 TEST_EMAIL = "test@example.invalid"
 
@@ -139,3 +141,24 @@ def user_state(root: Path) -> UserState:
         index_listing=git(root, "ls-files", "-s"),
         files=files,
     )
+
+
+@pytest.fixture
+def worktrees_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents' workspaces as git worktrees, for tests of the worktree implementation."""
+    monkeypatch.setenv("FANOUT_WORKSPACES", "worktree")
+
+
+@pytest.fixture(params=["worktree", "view"])
+def workspace_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each kind of workspace in turn: git worktrees, and copy-on-write views where this
+    process can mount them (skipped, with the reason, where it cannot)."""
+    kind = str(request.param)
+    if kind == "worktree":
+        monkeypatch.setenv("FANOUT_WORKSPACES", "worktree")
+    else:
+        monkeypatch.delenv("FANOUT_WORKSPACES", raising=False)
+        reason = enter_private_mounts()
+        if reason is not None:
+            pytest.skip(f"no copy-on-write views here: {reason}")
+    return kind

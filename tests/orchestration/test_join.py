@@ -35,6 +35,7 @@ from tests.orchestration.gitutil import (
     isolated_git,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (autouse fixture)
     make_repo,
     user_state,
+    workspace_kind,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (fixture)
     write,
 )
 from toolbus.resources import WriteScope
@@ -44,6 +45,8 @@ BASE_FILES = {
     "src/app.py": "print('app')\n",
     "README.md": "readme\n",
 }
+
+pytestmark = pytest.mark.usefixtures("workspace_kind")
 
 
 def agent(

@@ -57,8 +57,11 @@ async def test_the_rename_breaks_the_import_and_only_the_user_of_util_is_held(
     async with Orchestrator(settings(repo), lambda _n: model) as orch:
         spawned = await orch.spawn(SpawnRequest(tasks=tasks, verify_command=IMPORTS_THE_APP))
         await wait_until_final(orch, spawned.run_id)
-        plain = await orch.merge(MergeRequest(run_id=spawned.run_id, dry_run=True))
-        merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
+        # in this order (by default they go in the order they finished: B first, B would land,
+        # since the base still has util(), and A's rename would fail)
+        order = [a.agent_id for a in spawned.agents]
+        plain = await orch.merge(MergeRequest(run_id=spawned.run_id, agent_ids=order, dry_run=True))
+        merged = await orch.merge(MergeRequest(run_id=spawned.run_id, agent_ids=order))
         status = await orch.status(run_id=spawned.run_id)
     # the bus did not see B's read (not stale); a dry run verifies too and changes nothing
     assert [a.outcome for a in plain.agents] == [MergeOutcome.CLEAN, MergeOutcome.VERIFY_FAILED]

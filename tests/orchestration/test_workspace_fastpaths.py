@@ -24,11 +24,14 @@ from tests.orchestration.gitutil import (
     head,
     isolated_git,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (autouse fixture)
     make_repo,
+    worktrees_only,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (fixture)
     write,
 )
 from toolbus.resources import WriteScope
 
 ENGINES = pytest.mark.parametrize("engine", [GIT, LIBGIT2], ids=["git", "libgit2"])
+
+pytestmark = pytest.mark.usefixtures("worktrees_only")
 
 
 @ENGINES

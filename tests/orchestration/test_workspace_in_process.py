@@ -34,6 +34,7 @@ from tests.orchestration.gitutil import (
     head,
     isolated_git,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (autouse fixture)
     make_repo,
+    worktrees_only,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (fixture)
     write,
 )
 from toolbus.gitcmd import Pinned
@@ -50,6 +51,8 @@ BASE_FILES = {
 SCOPE = WriteScope.of(["src"])
 
 Edit = Callable[[Path], None]
+
+pytestmark = pytest.mark.usefixtures("worktrees_only")
 
 
 def _edits_in_scope(root: Path) -> None:

@@ -44,6 +44,7 @@ from orchestration.contracts import (
 from orchestration.model import ModelRequest, ModelResponse, TextBlock, ToolUseBlock, Usage
 from orchestration.orchestrator import Orchestrator
 from orchestration.providers.function import FunctionModel
+from orchestration.workspace.overlay import enter_private_mounts
 
 Scenario = Literal["after_spawn", "mid_turn", "mid_write", "mid_merge", "mid_verify"]
 KEY = re.compile(r"<<([A-Za-z0-9_-]+)>>")
@@ -66,6 +67,8 @@ class CrashConfig(BaseModel):
     quick_agents: int = 2
     write_bytes: int = 4_000_000
     timing: Timing = Field(default_factory=Timing)
+    workspaces: str = ""
+    """`worktree` forces git worktrees; empty: copy-on-write views where they can be made."""
 
 
 class RecoverConfig(BaseModel):
@@ -587,6 +590,10 @@ def _run_async(fn: Callable[[], Awaitable[BaseModel | None]]) -> BaseModel | Non
 
 def main(argv: list[str]) -> int:
     mode, raw = argv[1], argv[2]
+    layout = json.loads(raw).get("workspaces", "") if raw.startswith("{") else ""
+    if layout:
+        os.environ["FANOUT_WORKSPACES"] = layout
+    enter_private_mounts()  # as the server does: agents' workspaces are views where it can
     report: BaseModel | None
     if mode == "crash":
         crash_config = CrashConfig.model_validate_json(raw)

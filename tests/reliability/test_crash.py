@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.state import StateStore
+from orchestration.workspace.overlay import enter_private_mounts
 from tests.orchestration.scripts import git, make_repo
 from tests.reliability.conftest import FULL, Ledger
 from tests.reliability.procs import (
@@ -65,6 +66,7 @@ G_STATUS = "G5e crash: running agents become interrupted, finished ones keep the
 G_LEASE = "G5f crash: dead server's leases held until TTL + lock-delay, then re-granted"
 G_AFTER = "G5g crash: after recovery, merge, rerun and a new run work"
 G_VERIFY = "G5j crash: a verification cut short applied nothing and left nothing behind"
+G_VIEWS = "G5k crash: views' layers kept for recovery, gone once merged; no view without a base"
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,13 @@ class KillCase:
     seed: int
     probe: bool  # take the dead server's leases from outside once they lapse
     group: bool = True  # kill the process group (git children too), else the server alone
+    workspaces: str = ""  # "worktree": git worktrees; "": copy-on-write views where possible
 
     @property
     def id(self) -> str:
         kill = "group" if self.group else "proc"
-        return f"{self.scenario}-{self.seed}-{kill}{'-probe' if self.probe else ''}"
+        layout = f"-{self.workspaces}" if self.workspaces else ""
+        return f"{self.scenario}-{self.seed}-{kill}{'-probe' if self.probe else ''}{layout}"
 
 
 def _cases() -> list[KillCase]:
@@ -90,10 +94,18 @@ def _cases() -> list[KillCase]:
             # .git/HEAD.lock: test_kill_inside_a_git_command pins that case deterministically)
             KillCase("mid_merge", 4, False, group=False),
             KillCase("mid_verify", 5, False),
+            KillCase("mid_write", 6, False, workspaces="worktree"),
         ]
     rng = random.Random(20240611)
     return [
-        KillCase(rng.choice(SCENARIOS), 100 + i, i % 2 == 0, group=i % 4 < 2) for i in range(24)
+        KillCase(
+            rng.choice(SCENARIOS),
+            100 + i,
+            i % 2 == 0,
+            group=i % 4 < 2,
+            workspaces="worktree" if i % 3 == 0 else "",
+        )
+        for i in range(24)
     ]
 
 
@@ -153,7 +165,12 @@ def test_sigkill_then_a_fresh_process_recovers(
     timing = Timing()
     agents = 12 if case.scenario == "mid_merge" else 4
     config = CrashConfig(
-        repo=str(repo), markers=str(markers), scenario=case.scenario, agents=agents, timing=timing
+        repo=str(repo),
+        markers=str(markers),
+        scenario=case.scenario,
+        agents=agents,
+        timing=timing,
+        workspaces=case.workspaces,
     )
     child = Child("crash", config, tmp_path / "logs")
     point = _kill_at_point(case, child, markers, agents)
@@ -186,6 +203,15 @@ def test_sigkill_then_a_fresh_process_recovers(
             f"{label}: the kill left a scratch checkout (what recovery must remove)",
             scratch_at_kill.is_dir() and any(scratch_at_kill.iterdir()),
             "no scratch checkout under verify/ at the kill",
+        )
+    views_used = not case.workspaces and enter_private_mounts() is None
+    if views_used:
+        layers_at_kill = sorted(p.name for p in state_dir.glob("layers/*/*"))
+        ledger.record(
+            G_VIEWS,
+            f"{label}: the agents worked in copy-on-write views",
+            bool(layers_at_kill) or case.scenario == "after_spawn",
+            "no layers under layers/ at the kill",
         )
     refs_killed = fanout_refs(repo)
     store = StateStore(state_dir)
@@ -307,6 +333,20 @@ def test_sigkill_then_a_fresh_process_recovers(
             not left,
             f"left under verify/: {left}",
         )
+    landed = merged_ids | {m.agent_id for m in (*report.rerun_merges, *report.fresh_merges)}
+    left_layers = {p.name: p for p in state_dir.glob("layers/*/*")}
+    ledger.record(
+        G_VIEWS,
+        f"{label}: merged agents' layers removed",
+        not (set(left_layers) & landed),
+        f"left: {sorted(set(left_layers) & landed)}",
+    )
+    orphans = [
+        name
+        for name, layers in left_layers.items()
+        if not (state_dir / "bases" / (layers / "lower").read_text().strip() / "tree").is_dir()
+    ]
+    ledger.record(G_VIEWS, f"{label}: every view left has its base", not orphans, f"{orphans}")
     _check_store_and_history(ledger, label, "after recovery", repo, head0)
     status_now = git(repo, "status", "--porcelain", "--untracked-files=all")
     ledger.record(
@@ -428,11 +468,17 @@ class GitKill:
     pattern: str  # the ref whose update the server is killed inside
     where: str
     state: str = "prepared"  # the transaction's state at the kill (locks held when prepared)
+    workspaces: str = ""  # "worktree" where the kill is inside `git worktree add`
 
 
 GIT_KILLS = [
     GitKill("mid_merge", "refs/heads/main", "git update-ref of the canonical branch (mid-merge)"),
-    GitKill("after_spawn", "ORIG_HEAD", "git worktree add of an agent (its checkout step)"),
+    GitKill(
+        "after_spawn",
+        "ORIG_HEAD",
+        "git worktree add of an agent (its checkout step)",
+        workspaces="worktree",
+    ),
     GitKill(
         "mid_merge",
         "refs/heads/main",
@@ -464,7 +510,12 @@ def test_kill_inside_a_git_command(kill: GitKill, tmp_path: Path, ledger: Ledger
     hook.chmod(0o755)
     timing = Timing()
     config = CrashConfig(
-        repo=str(repo), markers=str(markers), scenario=kill.scenario, agents=4, timing=timing
+        repo=str(repo),
+        markers=str(markers),
+        scenario=kill.scenario,
+        agents=4,
+        timing=timing,
+        workspaces=kill.workspaces,
     )
     child = Child("crash", config, tmp_path / "logs")
     wait_for(child, (markers / "hooked").exists, timeout_s=120)

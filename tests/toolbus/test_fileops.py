@@ -163,7 +163,9 @@ def test_read_refuses_device_files(ws: Path) -> None:
     try:
         os.mknod(ws / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     except PermissionError:
-        pytest.skip("mknod needs privileges here")
+        # without privileges (a user namespace, say) Linux still makes the 0/0 device that
+        # overlayfs uses for a whiteout
+        os.mknod(ws / "null", stat.S_IFCHR | 0o666, os.makedev(0, 0))
     with pytest.raises(NotAFile, match="a device file"):
         ops(ws).read("null")
 

@@ -1,0 +1,655 @@
+"""Workspaces as copy-on-write views: one read-only base per commit, an upper layer per agent.
+
+Layout under the state dir:
+- `bases/<commit>/tree/`: the commit checked out once, shared read-only by every view on it;
+  `bases/<commit>/index`: its index, hard-linked into each view's admin dir (git replaces an
+  index, never rewrites it, and commands see the admin dir read-only).
+- `layers/<run>/<agent>/`: `upper/` (what the agent wrote: files, whiteouts for deletions,
+  opaque dirs), `work/` (overlayfs's), `lower` (the commit of the base under the view), and
+  `incl/<n>/` (the layers of an ignored directory laid in, such as `.venv`).
+- `worktrees/<run>/<agent>/`: the view's mount point, registered as a git worktree (locked).
+
+The view is mounted in the server's own mount namespace, so it exists only while a server that
+mounted it runs; `ensure_mounted` mounts it again wherever it is needed (a recovery, a commit).
+An agent's commit is the start commit's tree with the upper layer applied: only the paths the
+agent wrote (and the subtrees it deleted) are hashed, so it costs what the change costs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import filelock
+import pygit2
+
+from orchestration.errors import RepositoryError
+from orchestration.workspace import overlay
+from orchestration.workspace.diffs import file_changes
+from orchestration.workspace.engine import GitEngine, WorkCommit, advance_branch, changed_paths
+from orchestration.workspace.engines import DEFAULT_ENGINE
+from orchestration.workspace.git import (
+    BRANCH_PREFIX,
+    FANOUT_IDENTITY,
+    FULL_OID,
+    GitRepo,
+    Identity,
+    check_component,
+    run_git,
+    tree_of,
+    write_whole,
+)
+from orchestration.workspace.included import included_paths
+from orchestration.workspace.libgit2_git import Libgit2Git
+from orchestration.workspace.pinning import (
+    Workspace,
+    admin_dir_of,
+    open_workspace_repo,
+    pin,
+    secure_workspace_git,
+)
+from orchestration.workspace.worktrees import (
+    GitWorktrees,
+    Workspaces,
+    plain_worktrees,
+    read_meta,
+    register_worktree,
+    write_meta,
+)
+from toolbus import gitcmd
+from toolbus.gitcmd import Pinned
+from toolbus.resources import WriteScope, is_within
+
+log = logging.getLogger(__name__)
+
+LOCK_REASON = "fanout: a copy-on-write view, mounted only while a server uses it"
+_TREE = pygit2.enums.FileMode.TREE
+_LINK = pygit2.enums.FileMode.LINK
+_GITLINK = pygit2.enums.FileMode.COMMIT
+_EXEC = pygit2.enums.FileMode.BLOB_EXECUTABLE
+_BLOB = pygit2.enums.FileMode.BLOB
+_LIBGIT2 = Libgit2Git()
+
+
+def layer_dir(state_dir: Path, run_id: str, agent_id: str) -> Path:
+    """The directory of an agent's layers."""
+    return state_dir / "layers" / run_id / agent_id
+
+
+def layer_of(ws: Workspace) -> Path | None:
+    """The layers of the view at `ws.path`, None when the workspace is a plain worktree."""
+    path = Path(ws.path)
+    if len(path.parents) < 3:
+        return None
+    state_dir = path.parents[2]
+    layers = layer_dir(state_dir, path.parent.name, path.name)
+    return layers if (layers / "upper").is_dir() else None
+
+
+def _base_dir(state_dir: Path, commit: str) -> Path:
+    return state_dir / "bases" / commit
+
+
+class OverlayWorkspaces(GitWorktrees):
+    """Workspaces as copy-on-write views; listing and the git registration are a worktree's."""
+
+    def create(
+        self,
+        repo: GitRepo,
+        *,
+        base_commit: str,
+        run_id: str,
+        agent_id: str,
+        include: Sequence[str] = (),
+        engine: GitEngine = DEFAULT_ENGINE,
+    ) -> Workspace:
+        """Mount a view of `base_commit` for the agent (the base checked out once per commit);
+        `include`'s ignored directories are layered in read-only, its files copied. The same
+        workspace again (mounted) when it exists."""
+        check_component(run_id, "run id")
+        check_component(agent_id, "agent id")
+        base = base_commit if FULL_OID.fullmatch(base_commit) else repo.resolve(base_commit)
+        path = repo.worktrees_dir / run_id / agent_id
+        existing = read_meta(path)
+        if existing is not None and layer_of(existing) is not None:
+            ensure_mounted(existing)
+            return existing
+        layers = layer_dir(repo.state_dir, run_id, agent_id)
+        upper, work = layers / "upper", layers / "work"
+        base_dir = _hold_base(repo, base, layers)
+        branch = f"{BRANCH_PREFIX}{run_id}/{agent_id}"
+        upper.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        with self.admin(repo):
+            name = agent_id
+            if os.path.lexists(repo.git_dir / "worktrees" / name):
+                name = f"{agent_id}.{run_id}"  # an agent of the same id in another run
+            if not register_worktree(
+                repo,
+                path,
+                branch,
+                base,
+                gitfile_dir=upper,
+                locked=LOCK_REASON,
+                admin_name=name,
+            ):
+                raise RepositoryError(
+                    f"the workspace of {agent_id} could not be registered (its branch {branch} "
+                    "or its directory exists from an earlier attempt); rerun the agent"
+                )
+        admin = repo.git_dir / "worktrees" / name
+        try:
+            os.link(base_dir / "index", admin / "index")
+        except OSError:
+            shutil.copyfile(base_dir / "index", admin / "index")
+        overlay.mount_overlay([base_dir / "tree"], upper, work, path)
+        included = _layer_included(repo, path, layers, include)
+        ws = Workspace(
+            path=path,
+            branch=branch,
+            base_commit=base,
+            run_id=run_id,
+            agent_id=agent_id,
+            included=included,
+        )
+        write_meta(ws)
+        return ws
+
+    def remove(self, repo: GitRepo, ws: Workspace, *, delete_branch: bool) -> None:
+        """Unmount the view, delete its layers and registration (its branch when asked), and
+        the base once no view stands on it."""
+        layers = layer_of(ws)
+        if layers is None:
+            super().remove(repo, ws, delete_branch=delete_branch)
+            return
+        path = Path(ws.path)
+        if not is_within(str(path.resolve()), str(repo.worktrees_dir.resolve())):
+            raise RepositoryError(f"{path} is not a fanout workspace; refusing to remove it")
+        unmount_view(path)
+        lower = _lower_of(layers)
+        with self.admin(repo):
+            admin = admin_dir_of(path)
+            if admin is not None:
+                shutil.rmtree(admin, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        overlay.remove_layer(layers)
+        with contextlib.suppress(OSError):
+            layers.parent.rmdir()
+        if delete_branch and ws.branch:
+            run_git(repo.root, "update-ref", "-d", ws.branch_ref, check=False)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+        if lower is not None:
+            release_base(repo.state_dir, lower)
+
+    def discard_unstarted(self, repo: GitRepo, run_id: str, agent_id: str) -> list[str]:
+        """Also the layers a cut-short creation left."""
+        layers = layer_dir(repo.state_dir, run_id, agent_id)
+        unmount_view(repo.worktrees_dir / run_id / agent_id)
+        removed = super().discard_unstarted(repo, run_id, agent_id)
+        if os.path.lexists(layers):
+            lower = _lower_of(layers)
+            overlay.remove_layer(layers)
+            removed.append(str(layers.relative_to(repo.git_dir)))
+            if lower is not None:
+                release_base(repo.state_dir, lower)
+        return removed
+
+
+def _lower_of(layers: Path) -> str | None:
+    try:
+        text = (layers / "lower").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if FULL_OID.fullmatch(text) else None
+
+
+def _hold_base(repo: GitRepo, commit: str, layers: Path) -> Path:
+    """The checked-out base of `commit`, made if missing; `layers` is recorded as standing on it
+    before the base's lock is let go, so that no removal deletes it in between."""
+    base_dir = _base_dir(repo.state_dir, commit)
+    base_dir.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(base_dir) + ".lock", timeout=600):
+        if not (base_dir / "index").is_file():
+            _materialise(repo, commit, base_dir)
+        layers.mkdir(parents=True, exist_ok=True)
+        write_whole(layers / "lower", commit + "\n")
+    return base_dir
+
+
+def _materialise(repo: GitRepo, commit: str, base_dir: Path) -> None:
+    """Check `commit` out into `base_dir/tree` with its own index, through a temporary
+    directory renamed into place (a kill leaves no half base behind a complete-looking name).
+    As a first checkout, before any agent ran, the user's smudge filters apply."""
+    staging = base_dir.with_name(f".{base_dir.name}.{os.getpid()}.tmp")
+    overlay.remove_layer(staging)
+    shutil.rmtree(base_dir, ignore_errors=True)
+    tree = staging / "tree"
+    tree.mkdir(parents=True)
+    env = {"GIT_INDEX_FILE": str(staging / "index")}
+    pinned = Pinned(repo.git_dir, tree, safe=False)
+    done = gitcmd.run(tree, ["read-tree", "--reset", "-u", commit], pinned=pinned, env=env)
+    if done.returncode != 0:
+        overlay.remove_layer(staging)
+        raise RepositoryError(f"could not check out the base {commit[:12]}: {done.stderr.strip()}")
+    staging.rename(base_dir)
+
+
+def release_base(state_dir: Path, commit: str) -> None:
+    """Delete the base of `commit` when no agent's layers stand on it any more."""
+    base_dir = _base_dir(state_dir, commit)
+    with filelock.FileLock(str(base_dir) + ".lock", timeout=600):
+        layers_root = state_dir / "layers"
+        if layers_root.is_dir():
+            for run in layers_root.iterdir():
+                if not run.is_dir():
+                    continue
+                for agent in run.iterdir():
+                    if _lower_of(agent) == commit:
+                        return
+        overlay.remove_layer(base_dir)
+    with contextlib.suppress(OSError):
+        os.unlink(str(base_dir) + ".lock")
+
+
+def ensure_mounted(ws: Workspace) -> None:
+    """Mount the view at `ws.path` in this process's namespace if it is not."""
+    path = Path(ws.path)
+    layers = layer_of(ws)
+    if layers is None or overlay.is_mounted(path):
+        return
+    lower = _lower_of(layers)
+    if lower is None:
+        raise RepositoryError(f"the layers of {path} name no base; the workspace is damaged")
+    base_dir = _base_dir(path.parents[2], lower)
+    if not (base_dir / "tree").is_dir():
+        raise RepositoryError(f"the base {lower[:12]} of {path} is gone; rerun the agent")
+    if not overlay.in_private_mounts():
+        raise RepositoryError(
+            f"{path} is a copy-on-write view, and this server cannot mount one "
+            "(it runs without a private mount namespace)"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    overlay.mount_overlay([base_dir / "tree"], layers / "upper", layers / "work", path)
+    incl = layers / "incl"
+    if incl.is_dir():
+        for entry in sorted(incl.iterdir()):
+            _mount_included(entry, path)
+
+
+def unmount_view(path: Path) -> None:
+    """Detach the view at `path` (and the directories layered into it), if mounted here."""
+    with contextlib.suppress(OSError):
+        overlay.unmount(path)
+
+
+def _layer_included(repo: GitRepo, view: Path, layers: Path, patterns: Sequence[str]) -> list[str]:
+    """Lay the user's ignored directories that `patterns` name under the view read-only, each
+    with an upper layer of the agent's own (writes land there, never in the user's copy);
+    ignored files are copied into the view. Returns the repository paths of the files."""
+    out: list[str] = []
+    incl = layers / "incl"
+    for rel, src in included_paths(repo.root, patterns):
+        if src.is_dir():
+            entry = incl / str(len(out))
+            entry.mkdir(parents=True, exist_ok=True)
+            (entry / "upper").mkdir(exist_ok=True)
+            (entry / "work").mkdir(exist_ok=True)
+            write_whole(entry / "source", str(src) + "\n")
+            write_whole(entry / "path", rel + "\n")
+            _mount_included(entry, view)
+        else:
+            target = view / rel
+            if os.path.lexists(target):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+        out.append(rel)
+    return sorted(out)
+
+
+def _mount_included(entry: Path, view: Path) -> None:
+    try:
+        source = Path((entry / "source").read_text(encoding="utf-8").strip())
+        rel = (entry / "path").read_text(encoding="utf-8").strip()
+    except OSError:
+        return
+    if not source.is_dir():
+        return
+    target = view / rel
+    target.mkdir(parents=True, exist_ok=True)
+    overlay.mount_overlay([source], entry / "upper", entry / "work", target)
+
+
+# --- committing a view ---------------------------------------------------------------------
+
+
+def commit_view(
+    ws: Workspace,
+    *,
+    message: str,
+    write_scope: WriteScope,
+    author: Identity = FANOUT_IDENTITY,
+) -> WorkCommit:
+    """Commit the agent's in-scope changes on its branch: the start commit's tree with what the
+    upper layer changed applied (out-of-scope changes dropped, reported)."""
+    layers = layer_of(ws)
+    if layers is None:
+        raise RepositoryError(f"{ws.path} is not a copy-on-write view")
+    ensure_mounted(ws)
+    upper = layers / "upper"
+    pinned = pin(Path(ws.path))
+    planted = secure_workspace_git(pinned, upper=upper)
+    ref = ws.branch_ref if ws.branch else "HEAD"
+    pyrepo = open_workspace_repo(pinned)
+    try:
+        try:
+            head = pyrepo.revparse_single(ref).peel(pygit2.Commit)
+        except (KeyError, ValueError, pygit2.GitError) as exc:
+            where = ws.path
+            raise RepositoryError(f"{ref} of the workspace {where} names no commit: {exc}") from exc
+        base = ws.base_commit or str(head.id)
+        lower = _lower_of(layers) or base
+        base_tree = tree_of(pyrepo, base)
+        candidates = _candidates(upper, base_tree)
+        if lower != base:
+            candidates.update(changed_paths(pyrepo, base, str(tree_of(pyrepo, lower).id)))
+        changes, dropped = _view_changes(pyrepo, pinned, base_tree, candidates, write_scope)
+        tree = _apply(pyrepo, base_tree, changes)
+        tree_id = str(tree) if tree is not None else str(pyrepo.TreeBuilder().write())
+        if tree_id == str(head.tree_id):
+            done = WorkCommit(commit=None, changes=[], dropped=dropped)
+        else:
+            commit = advance_branch(
+                pyrepo, ref=ref, head=head, tree=tree_id, message=message, author=author
+            )
+            done = WorkCommit(
+                commit=str(commit),
+                changes=file_changes(pyrepo, str(head.id), str(commit)),
+                dropped=dropped,
+            )
+    finally:
+        pyrepo.free()
+    return done.model_copy(update={"planted": planted}) if planted else done
+
+
+def _candidates(upper: Path, base_tree: pygit2.Tree) -> set[str]:
+    """The repository paths the upper layer may change: its files, its whiteouts, and every
+    base file under a whited-out, opaque or replaced directory."""
+    found: set[str] = set()
+
+    def base_files_under(prefix: str) -> Iterable[str]:
+        try:
+            entry = base_tree[prefix]
+        except KeyError:
+            return ()
+        if entry.filemode != _TREE:
+            return (prefix,)
+        out: list[str] = []
+        stack = [(prefix, entry.peel(pygit2.Tree))]
+        while stack:
+            at, tree = stack.pop()
+            for child in tree:
+                name = f"{at}/{child.name}"
+                if child.filemode == _TREE:
+                    stack.append((name, child.peel(pygit2.Tree)))
+                else:
+                    out.append(name)
+        return out
+
+    for dirpath, dirnames, filenames in os.walk(upper):
+        rel_dir = os.path.relpath(dirpath, upper).replace(os.sep, "/")
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        if prefix and overlay.is_opaque(Path(dirpath)):
+            found.update(base_files_under(rel_dir))
+        real_dirs: list[str] = []
+        for name in (*dirnames, *filenames):
+            rel = prefix + name
+            if rel == ".git":
+                continue  # the server's gitfile
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISDIR(st.st_mode):
+                real_dirs.append(name)
+                with contextlib.suppress(KeyError):
+                    if base_tree[rel].filemode != _TREE:
+                        found.add(rel)  # a directory where the base has a file
+                continue
+            # a file, a link (to a directory too), or a whiteout: it hides whatever the base
+            # holds at its path
+            found.add(rel)
+            found.update(base_files_under(rel))
+        dirnames[:] = [d for d in real_dirs if d.casefold() != ".git"]
+    return found
+
+
+def _view_changes(
+    pyrepo: pygit2.Repository,
+    pinned: Pinned,
+    base_tree: pygit2.Tree,
+    candidates: set[str],
+    scope: WriteScope,
+) -> tuple[dict[str, tuple[str, int] | None], list[str]]:
+    """What each candidate path is in the view (a blob and mode, or None: absent), for those
+    that differ from the base and lie in scope; and the out-of-scope ones that differ."""
+    root = pinned.work_tree
+    gitlinks = _gitlinks_of(base_tree, candidates)
+    wanted: dict[str, int] = {}
+    deleted: list[str] = []
+    file_mode = _file_mode_trusted(pyrepo)
+    for rel in sorted(candidates):
+        if any(is_within(rel, g) for g in gitlinks):
+            continue  # inside a submodule: git records only the gitlink
+        try:
+            base_entry: pygit2.Object | None = base_tree[rel]
+        except KeyError:
+            base_entry = None
+        if base_entry is not None and base_entry.filemode == _TREE:
+            base_entry = None
+        try:
+            st = os.lstat(root / rel)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            if base_entry is not None:
+                deleted.append(rel)
+            continue
+        if base_entry is None and _ignored(pyrepo, rel):
+            continue  # untracked and ignored: `git add -A` would leave it out too
+        if stat.S_ISLNK(st.st_mode):
+            mode = int(_LINK)
+        elif file_mode:
+            mode = int(_EXEC if st.st_mode & stat.S_IXUSR else _BLOB)
+        else:
+            mode = int(base_entry.filemode) if base_entry is not None else int(_BLOB)
+        wanted[rel] = mode
+    blobs = _hash(pyrepo, pinned, base_tree, sorted(wanted))
+    changes: dict[str, tuple[str, int] | None] = {}
+    dropped: list[str] = []
+    for rel, mode in wanted.items():
+        try:
+            entry = base_tree[rel]
+            same = str(entry.id) == blobs[rel] and int(entry.filemode) == mode
+        except KeyError:
+            same = False
+        if same:
+            continue
+        if scope.allows(rel):
+            changes[rel] = (blobs[rel], mode)
+        else:
+            dropped.append(rel)
+    for rel in deleted:
+        if scope.allows(rel):
+            changes[rel] = None
+        else:
+            dropped.append(rel)
+    return changes, sorted(dropped)
+
+
+def _gitlinks_of(base_tree: pygit2.Tree, candidates: Iterable[str]) -> set[str]:
+    out: set[str] = set()
+    for rel in candidates:
+        parts = rel.split("/")
+        for i in range(1, len(parts) + 1):
+            with contextlib.suppress(KeyError):
+                if base_tree["/".join(parts[:i])].filemode == _GITLINK:
+                    out.add("/".join(parts[:i]))
+                    break
+    return out
+
+
+def _file_mode_trusted(pyrepo: pygit2.Repository) -> bool:
+    try:
+        return pyrepo.config.get_bool("core.fileMode")
+    except (KeyError, pygit2.GitError):
+        return True
+
+
+def _ignored(pyrepo: pygit2.Repository, rel: str) -> bool:
+    try:
+        return bool(pyrepo.path_is_ignored(rel))
+    except pygit2.GitError:
+        return False
+
+
+def _hash(
+    pyrepo: pygit2.Repository, pinned: Pinned, base_tree: pygit2.Tree, paths: list[str]
+) -> dict[str, str]:
+    """Blob ids of the view's files as `git add` would store them (attributes' conversions
+    applied): in-process where libgit2 converts as git does, else by pinned git. A symbolic
+    link's blob is its target."""
+    out: dict[str, str] = {}
+    files: list[str] = []
+    for rel in paths:
+        full = pinned.work_tree / rel
+        if os.path.islink(full):
+            out[rel] = str(pyrepo.create_blob(os.fsencode(os.readlink(full))))
+        else:
+            files.append(rel)
+    if not files:
+        return out
+    if _LIBGIT2.accepts(pyrepo, base_tree):
+        try:
+            return out | {rel: str(pyrepo.create_blob_fromworkdir(rel)) for rel in files}
+        except (pygit2.GitError, OSError, ValueError) as exc:
+            log.info("in-process hashing in %s failed (%s); git hashes it", pinned.work_tree, exc)
+    # one process for every name git can read a line at a time, one each for the others
+    batch = [rel for rel in files if "\n" not in rel]
+    batches: list[tuple[list[str], list[str], str | None]] = [
+        (batch, ["hash-object", "-w", "--stdin-paths"], "".join(p + "\n" for p in batch))
+    ]
+    batches += [([rel], ["hash-object", "-w", "--", rel], None) for rel in files if "\n" in rel]
+    for names, args, text in batches:
+        if not names:
+            continue
+        done = gitcmd.run(pinned.work_tree, args, pinned=pinned, input=text)
+        ids = done.stdout.split()
+        if done.returncode != 0 or len(ids) != len(names):
+            raise RepositoryError(
+                f"git could not hash the work of {pinned.work_tree}: {done.stderr.strip()}"
+            )
+        out.update(zip(names, ids, strict=True))
+    return out
+
+
+def _apply(
+    pyrepo: pygit2.Repository,
+    tree: pygit2.Tree | None,
+    changes: dict[str, tuple[str, int] | None],
+) -> pygit2.Oid | None:
+    """`tree` with `changes` applied (a blob and mode, or None to delete), rebuilding only the
+    subtrees they touch; None for an empty tree."""
+    builder = pyrepo.TreeBuilder(tree) if tree is not None else pyrepo.TreeBuilder()
+    direct: dict[str, tuple[str, int] | None] = {}
+    nested: dict[str, dict[str, tuple[str, int] | None]] = {}
+    for rel, change in changes.items():
+        head, sep, rest = rel.partition("/")
+        if sep:
+            nested.setdefault(head, {})[rest] = change
+        else:
+            direct[head] = change
+    for name, change in direct.items():
+        if change is None:
+            if name not in nested:
+                _drop(builder, name)
+        else:
+            builder.insert(name, pygit2.Oid(hex=change[0]), change[1])
+    for name, sub in nested.items():
+        if direct.get(name) is not None:
+            continue  # a file replaced this directory
+        subtree: pygit2.Tree | None = None
+        if tree is not None and name not in direct and name in tree:
+            entry = tree[name]
+            if entry.filemode == _TREE:
+                subtree = entry.peel(pygit2.Tree)
+        oid = _apply(pyrepo, subtree, sub)
+        if oid is None:
+            _drop(builder, name)
+        else:
+            builder.insert(name, oid, _TREE)
+    if len(builder) == 0:
+        return None
+    return builder.write()
+
+
+def _drop(builder: pygit2.TreeBuilder, name: str) -> None:
+    with contextlib.suppress(pygit2.GitError, KeyError):
+        builder.remove(name)
+
+
+def view_support(repo: GitRepo) -> overlay.ViewSupport:
+    """Which kind of workspace this process makes in `repo`, and why."""
+    preference = os.environ.get("FANOUT_WORKSPACES", "").strip().lower()
+    if preference == overlay.WORKTREE:
+        return overlay.ViewSupport(overlay.WORKTREE, "git worktrees (FANOUT_WORKSPACES=worktree)")
+    if not plain_worktrees(repo):
+        return overlay.ViewSupport(
+            overlay.WORKTREE,
+            "git worktrees: the repository has a post-checkout hook, a sparse checkout or "
+            "per-worktree configuration, which each agent's checkout must run or copy",
+        )
+    parent = repo.state_dir / "layers"
+    parent.mkdir(parents=True, exist_ok=True)
+    return overlay.probe_overlay(parent)
+
+
+class ChosenWorkspaces(OverlayWorkspaces):
+    """Copy-on-write views where this process can mount them, git worktrees otherwise; an
+    existing workspace is handled as the kind it is."""
+
+    def create(
+        self,
+        repo: GitRepo,
+        *,
+        base_commit: str,
+        run_id: str,
+        agent_id: str,
+        include: Sequence[str] = (),
+        engine: GitEngine = DEFAULT_ENGINE,
+    ) -> Workspace:
+        if view_support(repo).kind == overlay.OVERLAY:
+            return super().create(
+                repo, base_commit=base_commit, run_id=run_id, agent_id=agent_id, include=include
+            )
+        return GitWorktrees.create(
+            self,
+            repo,
+            base_commit=base_commit,
+            run_id=run_id,
+            agent_id=agent_id,
+            include=include,
+            engine=engine,
+        )
+
+
+WORKSPACES: Workspaces = ChosenWorkspaces()
+"""The server's workspaces; the one place their kind is chosen."""
+create_workspace = WORKSPACES.create
+list_workspaces = WORKSPACES.existing
+remove_workspace = WORKSPACES.remove
+discard_unstarted_workspace = WORKSPACES.discard_unstarted

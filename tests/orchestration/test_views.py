@@ -1,0 +1,241 @@
+"""Copy-on-write views: the same commits as worktrees, in proportion to the change.
+
+Each case of the engine comparison (`test_workspace_in_process.CASES`) is applied to a view and
+to a git worktree committed by git itself: the trees, what was dropped, the changes and the
+files must be the same. Then what only a view has: one base shared by every view of a commit,
+nothing of it left once its views are gone, a view mounted again by whoever commits it after
+its server died, the user's ignored directories laid in without copies, and what a view adds
+on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from orchestration.workspace import (
+    GIT,
+    GitRepo,
+    Workspace,
+    commit_workspace,
+    create_workspace,
+    layer_of,
+    list_workspaces,
+    remove_workspace,
+)
+from orchestration.workspace.layered import unmount_view
+from orchestration.workspace.overlay import enter_private_mounts, is_mounted
+from tests.orchestration.gitutil import (
+    assert_fsck,
+    git,
+    head,
+    isolated_git,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (autouse fixture)
+    make_repo,
+    write,
+)
+from tests.orchestration.test_workspace_in_process import BASE_FILES, CASES, SCOPE
+from toolbus.resources import WriteScope
+
+REASON = enter_private_mounts()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no copy-on-write views: {REASON}")
+
+
+def _files(root: Path) -> dict[str, tuple[int, str]]:
+    found: dict[str, tuple[int, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        for name in filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if rel == ".git":
+                continue
+            st = path.lstat()
+            body = os.readlink(path) if path.is_symlink() else path.read_text(encoding="utf-8")
+            found[rel] = (st.st_mode & 0o777 if not path.is_symlink() else 0, body)
+    return found
+
+
+def _view(repo: GitRepo, run: str, agent: str = "a", base: str | None = None) -> Workspace:
+    ws = create_workspace(repo, base_commit=base or head(repo.root), run_id=run, agent_id=agent)
+    assert layer_of(ws) is not None and is_mounted(ws.path)
+    return ws
+
+
+def _worktree(
+    repo: GitRepo, monkeypatch: pytest.MonkeyPatch, run: str, agent: str = "a"
+) -> Workspace:
+    with monkeypatch.context() as m:
+        m.setenv("FANOUT_WORKSPACES", "worktree")
+        ws = create_workspace(repo, base_commit=head(repo.root), run_id=run, agent_id=agent)
+    assert layer_of(ws) is None
+    return ws
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_view_commits_what_git_commits_from_a_worktree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    view = _view(repo, f"view-{case}")
+    tree = _worktree(repo, monkeypatch, f"git-{case}")
+    for w in (view, tree):
+        CASES[case](w.path)
+    got = commit_workspace(view, message="work", write_scope=SCOPE)
+    want = commit_workspace(tree, message="work", write_scope=SCOPE, engine=GIT)
+    assert [p.split(" ")[0] for p in got.planted] == [p.split(" ")[0] for p in want.planted]
+    assert (got.commit is None) == (want.commit is None)
+    assert got.dropped == want.dropped
+    assert [c.model_dump() for c in got.changes] == [c.model_dump() for c in want.changes]
+    if got.commit is not None and want.commit is not None:
+        assert git(root, "rev-parse", f"{got.commit}^{{tree}}") == git(
+            root, "rev-parse", f"{want.commit}^{{tree}}"
+        )
+        assert git(root, "rev-parse", f"{got.commit}^").strip() == view.base_commit
+    assert _files(view.path) == _files(tree.path)
+    assert_fsck(root)
+
+
+def test_views_of_a_commit_share_one_base_and_leave_nothing(tmp_path: Path) -> None:
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    first, second = _view(repo, "run1", "a1"), _view(repo, "run1", "a2")
+    bases = repo.state_dir / "bases"
+    assert [p.name for p in bases.iterdir() if p.is_dir()] == [first.base_commit]
+    write(first.path, "src/a.py", "mine\n")
+    assert (second.path / "src/a.py").read_text() == BASE_FILES["src/a.py"]
+    assert (bases / first.base_commit / "tree" / "src/a.py").read_text() == BASE_FILES["src/a.py"]
+    assert sorted(w.agent_id for w in list_workspaces(repo)) == ["a1", "a2"]
+    # git's own housekeeping leaves a view alone while it is not mounted
+    unmount_view(second.path)
+    git(root, "worktree", "prune")
+    assert sorted(w.agent_id for w in list_workspaces(repo)) == ["a1", "a2"]
+    remove_workspace(repo, first, delete_branch=True)
+    assert (bases / first.base_commit).is_dir()  # the second view still stands on it
+    remove_workspace(repo, second, delete_branch=False)
+    assert not any(p for p in bases.iterdir() if p.is_dir())
+    assert not (repo.state_dir / "layers" / "run1").exists()
+    assert not (repo.state_dir / "worktrees" / "run1").exists()
+    assert list_workspaces(repo) == []
+    assert git(root, "branch", "--list", "fanout/*").split() == ["fanout/run1/a2"]
+    assert_fsck(root)
+
+
+def test_a_view_is_mounted_again_to_commit_after_its_server_died(tmp_path: Path) -> None:
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    ws = _view(repo, "run1")
+    write(ws.path, "src/a.py", "left by a killed server\n")
+    (ws.path / "src/b.py").unlink()
+    unmount_view(ws.path)  # what the death of its server's namespace does
+    assert not is_mounted(ws.path) and not (ws.path / "src").exists()
+    # recovery records no layer: it finds one from the path, as from an agent record
+    bare = Workspace(
+        path=ws.path, branch=ws.branch, base_commit=ws.base_commit, run_id="run1", agent_id="a"
+    )
+    done = commit_workspace(bare, message="recovered", write_scope=WriteScope.of(["src"]))
+    assert done.commit is not None
+    assert {(c.path, c.status) for c in done.changes} == {
+        ("src/a.py", "modified"),
+        ("src/b.py", "deleted"),
+    }
+    assert is_mounted(ws.path)
+    assert git(root, "show", f"{done.commit}:src/a.py") == "left by a killed server\n"
+
+
+def test_ignored_directories_are_laid_in_and_writes_stay_in_the_view(tmp_path: Path) -> None:
+    root = make_repo(tmp_path / "r", {**BASE_FILES, ".gitignore": ".venv/\n.env\n"})
+    write(root, ".venv/lib/site.py", "site\n")
+    os.symlink("/usr/bin/python3", root / ".venv/python")
+    write(root, ".env", "KEY=1\n")
+    repo = GitRepo(root)
+    ws = create_workspace(
+        repo, base_commit=head(root), run_id="run1", agent_id="a", include=[".venv", ".env"]
+    )
+    assert sorted(ws.included) == [".env", ".venv"]
+    assert (ws.path / ".venv/lib/site.py").read_text() == "site\n"
+    assert os.readlink(ws.path / ".venv/python") == "/usr/bin/python3"
+    write(ws.path, ".venv/lib/new.py", "installed by the agent\n")
+    write(ws.path, ".venv/lib/site.py", "patched by the agent\n")
+    assert not (root / ".venv/lib/new.py").exists()
+    assert (root / ".venv/lib/site.py").read_text() == "site\n"
+    layers = layer_of(ws)
+    assert layers is not None
+    assert not any(layers.joinpath("upper").rglob("site.py"))  # not copied into the view
+    done = commit_workspace(ws, message="w", write_scope=WriteScope.of(None))
+    assert done.commit is None  # ignored: nothing to commit
+    remove_workspace(repo, ws, delete_branch=True)
+    assert not layers.exists()
+    assert (root / ".venv/lib/site.py").read_text() == "site\n"
+
+
+def test_a_view_adds_on_disk_what_its_agent_wrote(tmp_path: Path) -> None:
+    files = {f"pkg{i // 100}/m{i}.py": f"value = {i}\n" * 20 for i in range(2000)}
+    root = make_repo(tmp_path / "r", files)
+    repo = GitRepo(root)
+    first = _view(repo, "run1", "a1")
+    before = _disk(repo.state_dir)
+    second = _view(repo, "run1", "a2")
+    write(second.path, "pkg3/m300.py", "changed\n")
+    added = _disk(repo.state_dir) - before
+    assert added < 64 * 1024, added  # the repository's files are ~400 KB; the view adds its change
+    assert (first.path / "pkg3/m300.py").read_text() == files["pkg3/m300.py"]
+
+
+def _disk(path: Path) -> int:
+    """Bytes of the blocks allocated under `path`, mounted views not entered."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = [d for d in dirnames if not os.path.ismount(os.path.join(dirpath, d))]
+        for name in (*filenames, *dirnames):
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if st.st_nlink > 1 and not os.path.isdir(os.path.join(dirpath, name)):
+                continue  # a hard link to the base's index
+            total += st.st_blocks * 512
+    return total
+
+
+@pytest.mark.parametrize("driver", [False, True], ids=["libgit2", "git"])
+def test_a_view_applies_the_attributes_conversions_as_git_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver: bool
+) -> None:
+    """Line endings normalized by `text`, in-process or (with a filter driver configured, which
+    libgit2 cannot run) by pinned git; a name with a newline in it hashed too."""
+    root = make_repo(tmp_path / "r", {".gitattributes": "*.txt text\n", "a.txt": "a\n"})
+    if driver:
+        git(root, "config", "filter.never.clean", "false")
+    repo = GitRepo(root)
+    view = _view(repo, "view")
+    tree = _worktree(repo, monkeypatch, "git")
+    for w in (view, tree):
+        write(w.path, "a.txt", "one\r\ntwo\r\n")
+        write(w.path, "odd\nname.txt", "x\r\n")
+        os.symlink("a.txt", w.path / "link")
+    got = commit_workspace(view, message="w", write_scope=WriteScope.of(None))
+    want = commit_workspace(tree, message="w", write_scope=WriteScope.of(None), engine=GIT)
+    assert got.commit is not None and want.commit is not None
+    assert git(root, "rev-parse", f"{got.commit}^{{tree}}") == git(
+        root, "rev-parse", f"{want.commit}^{{tree}}"
+    )
+    assert git(root, "show", f"{got.commit}:a.txt") == "one\ntwo\n"
+
+
+def test_agents_of_the_same_id_in_two_runs_get_a_view_each(tmp_path: Path) -> None:
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    first, second = _view(repo, "run1", "a"), _view(repo, "run2", "a")
+    write(second.path, "src/a.py", "second\n")
+    done = commit_workspace(second, message="w", write_scope=SCOPE)
+    assert done.commit is not None
+    assert head(root, "refs/heads/fanout/run1/a") == first.base_commit
+    remove_workspace(repo, second, delete_branch=True)
+    assert [w.agent_id for w in list_workspaces(repo)] == ["a"]
+    assert (first.path / "src/a.py").read_text() == BASE_FILES["src/a.py"]
+    remove_workspace(repo, first, delete_branch=True)
+    assert not (root / ".git" / "worktrees").exists() or not any(
+        (root / ".git" / "worktrees").iterdir()
+    )
