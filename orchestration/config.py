@@ -52,7 +52,9 @@ class Settings(BaseModel):
     include: tuple[str, ...] = Field(default=(), description="FANOUT_INCLUDE")
     # read from the environment at start-up, before the settings (workspace.overlay); here so
     # that a wrong value is an error, not silently the default
-    workspaces: Literal["auto", "worktree"] = Field(default="auto", description="FANOUT_WORKSPACES")
+    workspaces: Literal["auto", "worktree", "fuse-overlayfs"] = Field(
+        default="auto", description="FANOUT_WORKSPACES"
+    )
     command_timeout_s: float = Field(default=120.0, gt=0, description="FANOUT_COMMAND_TIMEOUT_S")
     # per command, 0 for no limit (see toolbus.limits for the defaults' reasons)
     command_max_processes: int = Field(

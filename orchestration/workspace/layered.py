@@ -108,6 +108,21 @@ class OverlayWorkspaces(GitWorktrees):
         include: Sequence[str] = (),
         engine: GitEngine = DEFAULT_ENGINE,
     ) -> Workspace:
+        del engine  # a view is not checked out
+        return self.create_view(
+            repo, base_commit=base_commit, run_id=run_id, agent_id=agent_id, include=include
+        )
+
+    def create_view(
+        self,
+        repo: GitRepo,
+        *,
+        base_commit: str,
+        run_id: str,
+        agent_id: str,
+        include: Sequence[str] = (),
+        driver: str = overlay.OVERLAY,
+    ) -> Workspace:
         """Mount a view of `base_commit` for the agent (the base checked out once per commit);
         `include`'s ignored directories are layered in read-only, its files copied. The same
         workspace again (mounted) when it exists."""
@@ -125,6 +140,8 @@ class OverlayWorkspaces(GitWorktrees):
         branch = f"{BRANCH_PREFIX}{run_id}/{agent_id}"
         upper.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
+        if driver != overlay.OVERLAY:
+            write_whole(layers / "driver", driver + "\n")
         with self.admin(repo):
             name = agent_id
             if os.path.lexists(repo.git_dir / "worktrees" / name):
@@ -147,8 +164,8 @@ class OverlayWorkspaces(GitWorktrees):
             os.link(base_dir / "index", admin / "index")
         except OSError:
             shutil.copyfile(base_dir / "index", admin / "index")
-        overlay.mount_overlay([base_dir / "tree"], upper, work, path)
-        included = _layer_included(repo, path, layers, include)
+        overlay.mount_view(driver, [base_dir / "tree"], upper, work, path)
+        included = _layer_included(repo, path, layers, include, driver)
         ws = Workspace(
             path=path,
             branch=branch,
@@ -276,11 +293,21 @@ def ensure_mounted(ws: Workspace) -> None:
             "(it runs without a private mount namespace)"
         )
     path.mkdir(parents=True, exist_ok=True)
-    overlay.mount_overlay([base_dir / "tree"], layers / "upper", layers / "work", path)
+    driver = _driver_of(layers)
+    overlay.mount_view(driver, [base_dir / "tree"], layers / "upper", layers / "work", path)
     incl = layers / "incl"
     if incl.is_dir():
         for entry in sorted(incl.iterdir()):
-            _mount_included(entry, path)
+            _mount_included(entry, path, driver)
+
+
+def _driver_of(layers: Path) -> str:
+    """How the view was mounted (its upper layer's marks are that driver's)."""
+    try:
+        text = (layers / "driver").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return overlay.OVERLAY
+    return text if text in overlay.DRIVERS else overlay.OVERLAY
 
 
 def unmount_view(path: Path) -> None:
@@ -289,7 +316,9 @@ def unmount_view(path: Path) -> None:
         overlay.unmount(path)
 
 
-def _layer_included(repo: GitRepo, view: Path, layers: Path, patterns: Sequence[str]) -> list[str]:
+def _layer_included(
+    repo: GitRepo, view: Path, layers: Path, patterns: Sequence[str], driver: str
+) -> list[str]:
     """Lay the user's ignored directories that `patterns` name under the view read-only, each
     with an upper layer of the agent's own (writes land there, never in the user's copy);
     ignored files are copied into the view. Returns the repository paths of the files."""
@@ -303,7 +332,7 @@ def _layer_included(repo: GitRepo, view: Path, layers: Path, patterns: Sequence[
             (entry / "work").mkdir(exist_ok=True)
             write_whole(entry / "source", str(src) + "\n")
             write_whole(entry / "path", rel + "\n")
-            _mount_included(entry, view)
+            _mount_included(entry, view, driver)
         else:
             target = view / rel
             if os.path.lexists(target):
@@ -314,7 +343,7 @@ def _layer_included(repo: GitRepo, view: Path, layers: Path, patterns: Sequence[
     return sorted(out)
 
 
-def _mount_included(entry: Path, view: Path) -> None:
+def _mount_included(entry: Path, view: Path, driver: str) -> None:
     try:
         source = Path((entry / "source").read_text(encoding="utf-8").strip())
         rel = (entry / "path").read_text(encoding="utf-8").strip()
@@ -324,7 +353,7 @@ def _mount_included(entry: Path, view: Path) -> None:
         return
     target = view / rel
     target.mkdir(parents=True, exist_ok=True)
-    overlay.mount_overlay([source], entry / "upper", entry / "work", target)
+    overlay.mount_view(driver, [source], entry / "upper", entry / "work", target)
 
 
 # --- committing a view ---------------------------------------------------------------------
@@ -413,6 +442,13 @@ def _candidates(upper: Path, base_tree: pygit2.Tree) -> set[str]:
             rel = prefix + name
             if rel == ".git":
                 continue  # the server's gitfile
+            if name.startswith(overlay.WHITEOUT_PREFIX):
+                # fuse-overlayfs's marks: an opaque directory's, or a whiteout as a file
+                hidden = name[len(overlay.WHITEOUT_PREFIX) :]
+                if hidden and not hidden.startswith(".wh.") and hidden != ".opq":
+                    found.add(prefix + hidden)
+                    found.update(base_files_under(prefix + hidden))
+                continue
             st = os.lstat(os.path.join(dirpath, name))
             if stat.S_ISDIR(st.st_mode):
                 real_dirs.append(name)
@@ -615,7 +651,7 @@ def view_support(repo: GitRepo) -> overlay.ViewSupport:
         )
     parent = repo.state_dir / "layers"
     parent.mkdir(parents=True, exist_ok=True)
-    return overlay.probe_overlay(parent)
+    return overlay.probe_overlay(parent, overlay.FUSE if preference == overlay.FUSE else None)
 
 
 class ChosenWorkspaces(OverlayWorkspaces):
@@ -632,9 +668,15 @@ class ChosenWorkspaces(OverlayWorkspaces):
         include: Sequence[str] = (),
         engine: GitEngine = DEFAULT_ENGINE,
     ) -> Workspace:
-        if view_support(repo).kind == overlay.OVERLAY:
-            return super().create(
-                repo, base_commit=base_commit, run_id=run_id, agent_id=agent_id, include=include
+        support = view_support(repo)
+        if support.kind in overlay.DRIVERS:
+            return self.create_view(
+                repo,
+                base_commit=base_commit,
+                run_id=run_id,
+                agent_id=agent_id,
+                include=include,
+                driver=support.kind,
             )
         return GitWorktrees.create(
             self,

@@ -19,7 +19,10 @@ import logging
 import os
 import shutil
 import stat
+import subprocess
+import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +36,19 @@ _MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
 
 OVERLAY = "overlay"
+FUSE = "fuse-overlayfs"
 WORKTREE = "worktree"
+DRIVERS = (OVERLAY, FUSE)
+"""The ways to mount a view, in the order they are tried: the kernel's overlayfs, then
+fuse-overlayfs (a program: where the kernel refuses, say on a filesystem overlayfs cannot use
+as an upper layer)."""
 
 _state: dict[str, str | None] = {}
-_probes: dict[str, ViewSupport] = {}
+_probes: dict[tuple[str, str | None], ViewSupport] = {}
 _probe_lock = threading.Lock()
+_daemons: dict[str, subprocess.Popen[bytes]] = {}
+_daemons_lock = threading.Lock()
+FUSE_MOUNT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,70 @@ def in_private_mounts() -> bool:
     return "entered" in _state and _state["entered"] is None
 
 
+def mount_view(driver: str, lowers: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
+    """Mount `lowers` (uppermost first) with `upper` and `work` at `target` by `driver`."""
+    if driver == FUSE:
+        mount_fuse_overlay(lowers, upper, work, target)
+    else:
+        mount_overlay(lowers, upper, work, target)
+
+
+def mount_fuse_overlay(lowers: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
+    """The same view by fuse-overlayfs, a daemon of this process's: it runs under a shell that
+    stops it when its standard input closes, so it ends with its view's unmount, or with the
+    server, however the server ends."""
+    exe = shutil.which("fuse-overlayfs")
+    if exe is None:
+        raise OSError(errno.ENOENT, "fuse-overlayfs is not installed")
+    with tempfile.TemporaryFile() as log_file:  # the daemon keeps its own descriptor
+        fds: list[int] = []
+        try:
+            for layer in (*lowers, upper, work):
+                fds.append(os.open(layer, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            names = [f"/proc/self/fd/{fd}" for fd in fds]
+            lower = ":".join(names[: len(lowers)])
+            options = f"lowerdir={lower},upperdir={names[-2]},workdir={names[-1]}"
+            daemon = subprocess.Popen(
+                [
+                    "/bin/sh",
+                    "-c",
+                    '"$0" -f -o "$1" "$2" & pid=$!; read -r _; kill "$pid" 2>/dev/null; '
+                    'wait "$pid"',
+                    exe,
+                    options,
+                    str(target),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                pass_fds=fds,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        deadline = time.monotonic() + FUSE_MOUNT_TIMEOUT_S
+        while not is_mounted(target):
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                _stop(daemon)
+                log_file.seek(0)
+                err = log_file.read().decode(errors="replace").strip()
+                raise OSError(errno.EIO, f"fuse-overlayfs did not mount {target}: {err[-300:]}")
+            time.sleep(0.005)
+    with _daemons_lock:
+        _daemons[str(target)] = daemon
+
+
+def _stop(daemon: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(OSError):
+        if daemon.stdin is not None:
+            daemon.stdin.close()
+    try:
+        daemon.wait(5)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait()
+
+
 def mount_overlay(lowers: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
     """Mount an overlay of `lowers` (uppermost first) with `upper` and `work` at `target`.
     The layers are named by open descriptors (`/proc/self/fd/N`), so any character in their
@@ -122,9 +197,20 @@ def mount_overlay(lowers: Sequence[Path], upper: Path, work: Path, target: Path)
 
 
 def unmount(target: Path) -> bool:
-    """Detach whatever is mounted at `target` (and below it); False when nothing was."""
-    if _libc().umount2(os.fsencode(str(target)), _MNT_DETACH) != 0:
-        err = ctypes.get_errno()
+    """Detach whatever is mounted at `target` (and below it), and stop the daemons that served
+    it; False when nothing was mounted."""
+    done = _libc().umount2(os.fsencode(str(target)), _MNT_DETACH) == 0
+    err = ctypes.get_errno()
+    prefix = str(target).rstrip("/")
+    with _daemons_lock:
+        served = [
+            _daemons.pop(key)
+            for key in list(_daemons)
+            if key == prefix or key.startswith(prefix + "/")
+        ]
+    for daemon in served:
+        _stop(daemon)
+    if not done:
         if err in (errno.EINVAL, errno.ENOENT):
             return False
         raise OSError(err, f"unmount {target}: {os.strerror(err)}")
@@ -144,13 +230,20 @@ def is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
+OPAQUE_XATTRS = ("user.overlay.opaque", "trusted.overlay.opaque", "user.fuseoverlayfs.opaque")
+OPAQUE_MARK = ".wh..wh..opq"
+"""The file fuse-overlayfs leaves in an opaque directory (beside a `.wh..opq` device)."""
+WHITEOUT_PREFIX = ".wh."
+"""fuse-overlayfs's names for its own marks, and for whiteouts where it cannot make a device."""
+
+
 def is_opaque(path: Path) -> bool:
     """A directory of an upper layer that hides what the lower layers hold under it."""
-    for name in ("user.overlay.opaque", "trusted.overlay.opaque"):
+    for name in OPAQUE_XATTRS:
         with contextlib.suppress(OSError):
             if os.getxattr(path, name, follow_symlinks=False) == b"y":
                 return True
-    return False
+    return os.path.lexists(path / OPAQUE_MARK)
 
 
 def remove_layer(path: Path) -> None:
@@ -171,42 +264,54 @@ def remove_layer(path: Path) -> None:
     shutil.rmtree(path, onerror=unlock)
 
 
-def probe_overlay(scratch_parent: Path) -> ViewSupport:
-    """Whether this process can make copy-on-write views under `scratch_parent` (tried once per
-    directory: a real mount, a write, a deletion)."""
-    key = str(scratch_parent)
+def probe_overlay(scratch_parent: Path, driver: str | None = None) -> ViewSupport:
+    """Whether this process can make copy-on-write views under `scratch_parent`, by `driver` or
+    by the first of `DRIVERS` that works (tried once per directory: a real mount, a write, a
+    deletion)."""
+    key = (str(scratch_parent), driver)
     with _probe_lock:
         known = _probes.get(key)
         if known is None:
-            known = _probe(scratch_parent)
+            known = _probe(scratch_parent, driver)
             _probes[key] = known
     return known
 
 
-def _probe(parent: Path) -> ViewSupport:
+def _probe(parent: Path, driver: str | None) -> ViewSupport:
     if not in_private_mounts():
         reason = _state.get("entered", "the server did not enter a private mount namespace")
         return ViewSupport(WORKTREE, f"git worktrees: no copy-on-write views ({reason})")
-    scratch = parent / f".probe-{os.getpid()}-{threading.get_ident()}"
+    failures: list[str] = []
+    for candidate in (driver,) if driver else DRIVERS:
+        problem = _trial(parent, candidate)
+        if problem is None:
+            how = "overlayfs" if candidate == OVERLAY else "fuse-overlayfs"
+            return ViewSupport(candidate, f"copy-on-write views ({how} in the server's namespace)")
+        failures.append(f"{candidate}: {problem}")
+    return ViewSupport(
+        WORKTREE, "git worktrees: no copy-on-write views (" + "; ".join(failures) + ")"
+    )
+
+
+def _trial(parent: Path, driver: str) -> str | None:
+    """None when a view mounted by `driver` under `parent` reads, writes and deletes as it must;
+    else what went wrong."""
+    scratch = parent / f".probe-{os.getpid()}-{threading.get_ident()}-{driver}"
     try:
         lower, upper, work, merged = (scratch / n for n in ("lower", "upper", "work", "view"))
         for d in (lower, upper, work, merged):
             d.mkdir(parents=True, exist_ok=True)
         (lower / "kept").write_bytes(b"x")
         (lower / "gone").write_bytes(b"x")
-        mount_overlay([lower], upper, work, merged)
+        mount_view(driver, [lower], upper, work, merged)
         try:
             (merged / "new").write_bytes(b"y")
             (merged / "gone").unlink()
             ok = (merged / "kept").read_bytes() == b"x" and is_whiteout(os.lstat(upper / "gone"))
         finally:
             unmount(merged)
-        if not ok:
-            return ViewSupport(WORKTREE, "git worktrees: overlayfs misbehaved in a trial mount")
-        return ViewSupport(OVERLAY, "copy-on-write views (overlayfs in the server's namespace)")
+        return None if ok else "a trial mount misbehaved"
     except OSError as exc:
-        return ViewSupport(
-            WORKTREE, f"git worktrees: overlayfs refused on this filesystem ({exc.strerror})"
-        )
+        return exc.strerror or str(exc)
     finally:
         remove_layer(scratch)

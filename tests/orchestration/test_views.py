@@ -25,7 +25,13 @@ from orchestration.workspace import (
     remove_workspace,
 )
 from orchestration.workspace.layered import unmount_view
-from orchestration.workspace.overlay import enter_private_mounts, is_mounted
+from orchestration.workspace.overlay import (
+    FUSE,
+    OVERLAY,
+    enter_private_mounts,
+    is_mounted,
+    probe_overlay,
+)
 from tests.orchestration.gitutil import (
     assert_fsck,
     git,
@@ -39,6 +45,21 @@ from toolbus.resources import WriteScope
 
 REASON = enter_private_mounts()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no copy-on-write views: {REASON}")
+
+
+@pytest.fixture(params=[OVERLAY, FUSE])
+def driver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """Views by the kernel's overlayfs, then by fuse-overlayfs (the fallback), where each
+    mounts here."""
+    name = str(request.param)
+    if name == FUSE:
+        monkeypatch.setenv("FANOUT_WORKSPACES", FUSE)
+        scratch = tmp_path / "probe"
+        scratch.mkdir()
+        support = probe_overlay(scratch, FUSE)
+        if support.kind != FUSE:
+            pytest.skip(support.note)
+    return name
 
 
 def _files(root: Path) -> dict[str, tuple[int, str]]:
@@ -74,7 +95,7 @@ def _worktree(
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_view_commits_what_git_commits_from_a_worktree(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, driver: str
 ) -> None:
     root = make_repo(tmp_path / "r", BASE_FILES)
     repo = GitRepo(root)
@@ -97,7 +118,7 @@ def test_a_view_commits_what_git_commits_from_a_worktree(
     assert_fsck(root)
 
 
-def test_views_of_a_commit_share_one_base_and_leave_nothing(tmp_path: Path) -> None:
+def test_views_of_a_commit_share_one_base_and_leave_nothing(tmp_path: Path, driver: str) -> None:
     root = make_repo(tmp_path / "r", BASE_FILES)
     repo = GitRepo(root)
     first, second = _view(repo, "run1", "a1"), _view(repo, "run1", "a2")
@@ -122,7 +143,9 @@ def test_views_of_a_commit_share_one_base_and_leave_nothing(tmp_path: Path) -> N
     assert_fsck(root)
 
 
-def test_a_view_is_mounted_again_to_commit_after_its_server_died(tmp_path: Path) -> None:
+def test_a_view_is_mounted_again_to_commit_after_its_server_died(
+    tmp_path: Path, driver: str
+) -> None:
     root = make_repo(tmp_path / "r", BASE_FILES)
     repo = GitRepo(root)
     ws = _view(repo, "run1")
@@ -144,7 +167,9 @@ def test_a_view_is_mounted_again_to_commit_after_its_server_died(tmp_path: Path)
     assert git(root, "show", f"{done.commit}:src/a.py") == "left by a killed server\n"
 
 
-def test_ignored_directories_are_laid_in_and_writes_stay_in_the_view(tmp_path: Path) -> None:
+def test_ignored_directories_are_laid_in_and_writes_stay_in_the_view(
+    tmp_path: Path, driver: str
+) -> None:
     root = make_repo(tmp_path / "r", {**BASE_FILES, ".gitignore": ".venv/\n.env\n"})
     write(root, ".venv/lib/site.py", "site\n")
     os.symlink("/usr/bin/python3", root / ".venv/python")
@@ -239,3 +264,29 @@ def test_agents_of_the_same_id_in_two_runs_get_a_view_each(tmp_path: Path) -> No
     assert not (root / ".git" / "worktrees").exists() or not any(
         (root / ".git" / "worktrees").iterdir()
     )
+
+
+@pytest.mark.anyio
+async def test_spawn_warns_when_agents_get_full_checkouts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that could not enter its namespace gives worktrees, and says so and why."""
+    from orchestration.contracts import SpawnRequest, TaskSpec
+    from orchestration.orchestrator import Orchestrator
+    from orchestration.workspace import overlay
+    from tests.orchestration.scripts import by_task
+    from tests.orchestration.scripts import make_repo as make_scripted_repo
+    from tests.orchestration.test_orchestrator import settings, wait_until_final
+
+    monkeypatch.setattr(overlay, "in_private_mounts", lambda: False)
+    repo = make_scripted_repo(tmp_path / "repo")
+    model = by_task({"T": [("write_file", {"path": "src/new.py", "content": "x = 1\n"})]})
+    async with Orchestrator(settings(repo), lambda _n: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="T", name="t", write_scope=["src"])])
+        )
+        await wait_until_final(orch, spawned.run_id)
+    warned = [w for w in spawned.warnings if "full checkout" in w]
+    assert warned and "no copy-on-write views" in warned[0], spawned.warnings
+    assert not (repo / ".git" / "fanout" / "layers" / spawned.run_id).exists()
+    assert git(repo, "show", f"fanout/{spawned.run_id}/{spawned.agents[0].agent_id}:src/new.py")

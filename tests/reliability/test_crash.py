@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.state import StateStore
-from orchestration.workspace.overlay import enter_private_mounts
+from orchestration.workspace.overlay import enter_private_mounts, probe_overlay
 from tests.orchestration.scripts import git, make_repo
 from tests.reliability.conftest import FULL, Ledger
 from tests.reliability.procs import (
@@ -95,6 +95,7 @@ def _cases() -> list[KillCase]:
             KillCase("mid_merge", 4, False, group=False),
             KillCase("mid_verify", 5, False),
             KillCase("mid_write", 6, False, workspaces="worktree"),
+            KillCase("mid_turn", 7, False, workspaces="fuse-overlayfs"),
         ]
     rng = random.Random(20240611)
     return [
@@ -110,6 +111,31 @@ def _cases() -> list[KillCase]:
 
 
 CASES = _cases()
+
+
+def _views_work(workspaces: str, scratch: Path) -> bool:
+    """Whether a server with this FANOUT_WORKSPACES makes copy-on-write views here."""
+    if workspaces == "worktree" or enter_private_mounts() is not None:
+        return False
+    probe = scratch / "probe"
+    probe.mkdir(exist_ok=True)
+    driver = "fuse-overlayfs" if workspaces == "fuse-overlayfs" else None
+    return probe_overlay(probe, driver).kind != "worktree"
+
+
+def _fuse_daemons(repo: Path) -> list[int]:
+    """The fuse-overlayfs processes serving a view of `repo`."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"fuse-overlayfs") and str(repo).encode() in b" ".join(argv):
+            found.append(int(entry.name))
+    return found
 
 
 def _kill_at_point(case: KillCase, child: Child, markers: Path, agents: int) -> str:
@@ -204,15 +230,35 @@ def test_sigkill_then_a_fresh_process_recovers(
             scratch_at_kill.is_dir() and any(scratch_at_kill.iterdir()),
             "no scratch checkout under verify/ at the kill",
         )
-    views_used = not case.workspaces and enter_private_mounts() is None
+    views_used = _views_work(case.workspaces, tmp_path)
+    if case.workspaces == "fuse-overlayfs" and views_used:
+        # the daemons serving the dead server's views end with it (their shell sees its pipe
+        # close)
+        deadline = time.time() + 5
+        while _fuse_daemons(repo) and time.time() < deadline:
+            time.sleep(0.05)
+        ledger.record(
+            G_VIEWS,
+            f"{label}: no fuse-overlayfs daemon outlives its server",
+            not _fuse_daemons(repo),
+            f"still running: {_fuse_daemons(repo)}",
+        )
     if views_used:
-        layers_at_kill = sorted(p.name for p in state_dir.glob("layers/*/*"))
+        layers_at_kill = sorted(state_dir.glob("layers/*/*"))
         ledger.record(
             G_VIEWS,
             f"{label}: the agents worked in copy-on-write views",
             bool(layers_at_kill) or case.scenario == "after_spawn",
             "no layers under layers/ at the kill",
         )
+        if case.workspaces == "fuse-overlayfs":
+            drivers = {(p / "driver").read_text().strip() for p in layers_at_kill}
+            ledger.record(
+                G_VIEWS,
+                f"{label}: the views were fuse-overlayfs's",
+                drivers <= {"fuse-overlayfs"},
+                f"drivers: {drivers}",
+            )
     refs_killed = fanout_refs(repo)
     store = StateStore(state_dir)
     try:
