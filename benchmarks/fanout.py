@@ -286,13 +286,14 @@ def run(quick: bool) -> dict[str, float | int]:
             (
                 f"overhead_over_floor_{key}",
                 figures[f"overhead_over_floor_{key}"],
-                "product makespan / SDK floor (tools, worktrees, commits, state)",
+                "product makespan / SDK floor (tools, workspaces, commits, state); target <= "
+                + ("1.05" if key == "16" else "1.15"),
             ),
             (
                 f"cpu_ms_per_agent_{key}",
                 figures[f"cpu_ms_per_agent_{key}"],
                 "CPU time of the product per agent (this process, all threads, and git), least "
-                "of the rounds",
+                "of the rounds" + ("; target <= 8" if key == "64" else ""),
             ),
             (
                 f"sdk_floor_cpu_ms_per_agent_{key}",

@@ -1,12 +1,17 @@
-"""Spawn latency on a large repository: 16 agents on a 10,000-file repository, from `spawn` until
-`get_status` shows every agent running, against 16 x `git worktree add` by hand (one after the
-other, the same repository, the same run).
+"""Spawn latency: 16 agents on a 10,000-file repository, from `spawn` until `get_status`
+shows every agent running, against 16 x `git worktree add` by hand (one after the other, the
+same repository, the same run); then 1 and 64 agents on a 100,000-file repository.
 
 Figures: `spawn_s_16` (seconds, the median of the rounds), `spawn_over_git_16` (the median of the
-per-round ratios; target <= 1.2), and the parts beside them. The agents' model blocks until the
-measurement is over (`FunctionModel`), so no turn competes with the worktrees being created.
-The two phases alternate which goes first (creating files gets slower as the disk fills), over
-four rounds. `--quick`: a 1,000-file repository, one round.
+per-round ratios; target <= 1.2), and the parts beside them. On the large repository:
+`spawn_s_1_100k`, `spawn_s_64_100k` and `spawn_64_over_1_100k` (target <= 2), measured once the
+run's base is checked out (`spawn_cold_s_1_100k` is the first run, which checks it out), with the
+machine's floor beside them (`views_floor_s_64`: the inodes and mounts of 64 views, made bare);
+`disk_mb_per_agent` (target <= 1: what one more agent that changed one file adds under `.git`,
+its work committed); and the worktree fallback's figures. The agents' model blocks until the
+measurement is over (`FunctionModel`), so no turn competes with the workspaces being created.
+The two phases of the first part alternate which goes first (creating files gets slower as the
+disk fills), over four rounds. `--quick`: 1,000 and 10,000 files, one round.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from orchestration.workspace import (
     run_git,
     view_support,
 )
+from orchestration.workspace.overlay import mount_overlay, unmount
 from toolbus.resources import WriteScope
 
 AGENTS = 16
@@ -141,6 +147,42 @@ def _disk_one_change(repo: Path, base: str, run_id: str) -> float:
     return (_blocks(git_repo.git_dir) - before) / 1e6
 
 
+def _inodes(root: Path) -> int:
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not os.path.ismount(os.path.join(dirpath, d))]
+        count += len(dirnames) + len(filenames)
+    return count
+
+
+def _view_floor_s(repo: Path, base: str, agents: int) -> tuple[float, int]:
+    """The machine's floor for `agents` views, in this run: one view's inodes counted, then
+    as many empty files created and as many trivial overlays mounted and unmounted, with
+    nothing else (no git, no state, no orchestration). Returns (seconds, inodes per view)."""
+    git_repo = GitRepo(repo)
+    before = _inodes(git_repo.git_dir)
+    create_workspace(git_repo, base_commit=base, run_id="floor", agent_id="probe")
+    per_view = _inodes(git_repo.git_dir) - before
+    scratch_dir = repo.parent / "floor"
+    lower = scratch_dir / "lower"
+    lower.mkdir(parents=True)
+    started = time.perf_counter()
+    for i in range(agents):
+        mine = scratch_dir / str(i)
+        mine.mkdir()
+        for j in range(per_view - 3):
+            (mine / str(j)).touch()
+        upper, work, view = mine / "u", mine / "w", mine / "v"
+        for d in (upper, work, view):
+            d.mkdir()
+        if view_support(git_repo).kind != "worktree":
+            mount_overlay([lower], upper, work, view)
+    elapsed = time.perf_counter() - started
+    for i in range(agents):
+        unmount(scratch_dir / str(i) / "v")
+    return elapsed, per_view
+
+
 def _large(quick: bool) -> tuple[dict[str, float | int], list[tuple[str, object, str]]]:
     """Spawn to all running for 1 and 64 agents on a large repository, each kind of workspace."""
     files = 10_000 if quick else 100_000
@@ -155,6 +197,7 @@ def _large(quick: bool) -> tuple[dict[str, float | int], list[tuple[str, object,
         cold, _, bad = anyio.run(_orchestrated, repo, 1, 1)  # checks the base out once
         one, _, bad_1 = anyio.run(_orchestrated, repo, 2, 1)
         many, _, bad_64 = anyio.run(_orchestrated, repo, 3, 64)
+        floor_64, per_view = _view_floor_s(repo, base, 64)
         disk = _disk_one_change(repo, base, "disk-view")
         os.environ["FANOUT_WORKSPACES"] = "worktree"
         try:
@@ -167,6 +210,8 @@ def _large(quick: bool) -> tuple[dict[str, float | int], list[tuple[str, object,
         "spawn_s_1_100k": round(one, 3),
         "spawn_s_64_100k": round(many, 3),
         "spawn_64_over_1_100k": round(many / one, 3),
+        "views_floor_s_64": round(floor_64, 3),
+        "floor_64_over_1_100k": round((one + floor_64) / one, 3),
         "disk_mb_per_agent": round(disk, 3),
         "spawn_cold_s_1_100k": round(cold, 3),
         "worktree_spawn_s_1_100k": round(wt_1, 3),
@@ -178,6 +223,16 @@ def _large(quick: bool) -> tuple[dict[str, float | int], list[tuple[str, object,
         ("spawn_s_1_100k", figures["spawn_s_1_100k"], f"{tag} files, 1 agent: {kind.note}"),
         ("spawn_s_64_100k", figures["spawn_s_64_100k"], "64 agents, the same base"),
         ("spawn_64_over_1_100k", figures["spawn_64_over_1_100k"], "target <= 2"),
+        (
+            "views_floor_s_64",
+            figures["views_floor_s_64"],
+            f"floor: 64 x ({per_view} inodes a view makes + a mount), nothing else",
+        ),
+        (
+            "floor_64_over_1_100k",
+            figures["floor_64_over_1_100k"],
+            "the ratio's floor on this disk: (1 agent + that floor) / 1 agent",
+        ),
         (
             "disk_mb_per_agent",
             figures["disk_mb_per_agent"],
