@@ -18,14 +18,14 @@ agent wrote (and the subtrees it deleted) are hashed, so it costs what the chang
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from pathlib import Path
 
-import filelock
 import pygit2
 
 from orchestration.errors import RepositoryError
@@ -58,7 +58,6 @@ from orchestration.workspace.worktrees import (
     Workspaces,
     plain_worktrees,
     read_meta,
-    register_worktree,
     write_meta,
 )
 from toolbus import gitcmd
@@ -142,28 +141,12 @@ class OverlayWorkspaces(GitWorktrees):
         work.mkdir(parents=True, exist_ok=True)
         if driver != overlay.OVERLAY:
             write_whole(layers / "driver", driver + "\n")
-        with self.admin(repo):
-            name = agent_id
-            if os.path.lexists(repo.git_dir / "worktrees" / name):
-                name = f"{agent_id}.{run_id}"  # an agent of the same id in another run
-            if not register_worktree(
-                repo,
-                path,
-                branch,
-                base,
-                gitfile_dir=upper,
-                locked=LOCK_REASON,
-                admin_name=name,
-            ):
-                raise RepositoryError(
-                    f"the workspace of {agent_id} could not be registered (its branch {branch} "
-                    "or its directory exists from an earlier attempt); rerun the agent"
-                )
-        admin = repo.git_dir / "worktrees" / name
-        try:
-            os.link(base_dir / "index", admin / "index")
-        except OSError:
-            shutil.copyfile(base_dir / "index", admin / "index")
+        admin = _register_view(repo, path, branch, base, upper=upper, index=base_dir / "index")
+        if admin is None:
+            raise RepositoryError(
+                f"the workspace of {agent_id} could not be registered (its branch {branch} "
+                "or its directory exists from an earlier attempt); rerun the agent"
+            )
         overlay.mount_view(driver, [base_dir / "tree"], upper, work, path)
         included = _layer_included(repo, path, layers, include, driver)
         ws = Workspace(
@@ -189,12 +172,11 @@ class OverlayWorkspaces(GitWorktrees):
             raise RepositoryError(f"{path} is not a fanout workspace; refusing to remove it")
         unmount_view(path)
         lower = _lower_of(layers)
-        with self.admin(repo):
-            admin = admin_dir_of(path)
-            if admin is not None:
-                shutil.rmtree(admin, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                path.rmdir()
+        admin = admin_dir_of(path)
+        if admin is not None:
+            shutil.rmtree(admin, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            path.rmdir()
         overlay.remove_layer(layers)
         with contextlib.suppress(OSError):
             layers.parent.rmdir()
@@ -210,6 +192,10 @@ class OverlayWorkspaces(GitWorktrees):
         layers = layer_dir(repo.state_dir, run_id, agent_id)
         unmount_view(repo.worktrees_dir / run_id / agent_id)
         removed = super().discard_unstarted(repo, run_id, agent_id)
+        staging = _admin_staging(repo, run_id, agent_id)
+        if os.path.lexists(staging):
+            overlay.remove_layer(staging)
+            removed.append(str(staging.relative_to(repo.git_dir)))
         if os.path.lexists(layers):
             lower = _lower_of(layers)
             overlay.remove_layer(layers)
@@ -217,6 +203,57 @@ class OverlayWorkspaces(GitWorktrees):
             if lower is not None:
                 release_base(repo.state_dir, lower)
         return removed
+
+
+def _register_view(
+    repo: GitRepo, path: Path, branch: str, base: str, *, upper: Path, index: Path
+) -> Path | None:
+    """Register the view at `path` as a git worktree on a new `branch` at `base`: its admin
+    dir is made whole (HEAD, commondir, gitdir, `locked`, the base's index hard-linked) beside
+    `.git/worktrees` and renamed into it, so that no `git worktree prune` ever sees it half
+    made, and no lock is needed (views are registered in parallel). Its `.git` file goes in the
+    upper layer. None, with nothing left, when the branch or the path exists already."""
+    if os.path.lexists(path):
+        return None
+    pyrepo = pygit2.Repository(str(repo.root))
+    try:
+        try:
+            pyrepo.create_branch(branch, pyrepo[pygit2.Oid(hex=base)].peel(pygit2.Commit))
+        except (pygit2.AlreadyExistsError, pygit2.GitError, KeyError, ValueError):
+            return None
+    finally:
+        pyrepo.free()
+    admins = repo.git_dir / "worktrees"
+    staging = _admin_staging(repo, path.parent.name, path.name)
+    overlay.remove_layer(staging)
+    staging.mkdir(parents=True)
+    (staging / "locked").write_text(LOCK_REASON + "\n", encoding="utf-8")
+    (staging / "HEAD").write_text(f"ref: refs/heads/{branch}\n", encoding="utf-8")
+    (staging / "commondir").write_text("../..\n", encoding="utf-8")
+    (staging / "gitdir").write_text(f"{path.resolve()}/.git\n", encoding="utf-8")
+    try:
+        os.link(index, staging / "index")
+    except OSError:
+        shutil.copyfile(index, staging / "index")
+    admins.mkdir(exist_ok=True)
+    path.mkdir(parents=True)
+    for name in (path.name, f"{path.name}.{path.parent.name}"):
+        admin = admins / name  # another run's agent of the same id may hold the first
+        try:
+            os.rename(staging, admin)
+        except OSError:
+            continue
+        write_whole(upper / ".git", f"gitdir: {admin.resolve()}\n")
+        return admin
+    overlay.remove_layer(staging)
+    with contextlib.suppress(OSError):
+        path.rmdir()
+    run_git(repo.root, "update-ref", "-d", f"refs/heads/{branch}", check=False)
+    return None
+
+
+def _admin_staging(repo: GitRepo, run_id: str, agent_id: str) -> Path:
+    return repo.state_dir / "staging" / f"admin-{run_id}-{agent_id}"
 
 
 def _lower_of(layers: Path) -> str | None:
@@ -227,15 +264,40 @@ def _lower_of(layers: Path) -> str | None:
     return text if FULL_OID.fullmatch(text) else None
 
 
+@contextlib.contextmanager
+def _base_lock(base_dir: Path, *, shared: bool) -> Generator[None]:
+    """The base's lock: shared by the views that stand on it, exclusive to make or delete it
+    (`flock`, so waiters sleep in the kernel instead of polling)."""
+    path = str(base_dir) + ".lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # deleted with its base while this waited: lock the new one
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def _hold_base(repo: GitRepo, commit: str, layers: Path) -> Path:
     """The checked-out base of `commit`, made if missing; `layers` is recorded as standing on it
     before the base's lock is let go, so that no removal deletes it in between."""
     base_dir = _base_dir(repo.state_dir, commit)
     base_dir.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(str(base_dir) + ".lock", timeout=600):
+    layers.mkdir(parents=True, exist_ok=True)
+    with _base_lock(base_dir, shared=True):
+        if (base_dir / "index").is_file():
+            write_whole(layers / "lower", commit + "\n")
+            return base_dir
+    with _base_lock(base_dir, shared=False):
         if not (base_dir / "index").is_file():
             _materialise(repo, commit, base_dir)
-        layers.mkdir(parents=True, exist_ok=True)
         write_whole(layers / "lower", commit + "\n")
     return base_dir
 
@@ -261,7 +323,9 @@ def _materialise(repo: GitRepo, commit: str, base_dir: Path) -> None:
 def release_base(state_dir: Path, commit: str) -> None:
     """Delete the base of `commit` when no agent's layers stand on it any more."""
     base_dir = _base_dir(state_dir, commit)
-    with filelock.FileLock(str(base_dir) + ".lock", timeout=600):
+    if not base_dir.parent.is_dir():
+        return
+    with _base_lock(base_dir, shared=False):
         layers_root = state_dir / "layers"
         if layers_root.is_dir():
             for run in layers_root.iterdir():
@@ -271,8 +335,8 @@ def release_base(state_dir: Path, commit: str) -> None:
                     if _lower_of(agent) == commit:
                         return
         overlay.remove_layer(base_dir)
-    with contextlib.suppress(OSError):
-        os.unlink(str(base_dir) + ".lock")
+        with contextlib.suppress(OSError):
+            os.unlink(str(base_dir) + ".lock")
 
 
 def ensure_mounted(ws: Workspace) -> None:
