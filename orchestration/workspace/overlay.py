@@ -17,6 +17,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -215,6 +216,28 @@ def unmount(target: Path) -> bool:
             return False
         raise OSError(err, f"unmount {target}: {os.strerror(err)}")
     return True
+
+
+def unmount_below(root: Path) -> int:
+    """Detach every mount at or below `root` in this process's namespace (deepest first), so
+    that deleting `root` deletes the layers, not the views' contents through them. Returns how
+    many were mounted."""
+    prefix = os.path.realpath(root).rstrip("/")
+    points: list[str] = []
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8") as info:
+        for line in info:
+            fields = line.split()
+            if len(fields) < 5:
+                continue
+            # mountinfo escapes space, tab, newline and backslash as octal
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if point == prefix or point.startswith(prefix + "/"):
+                points.append(point)
+    done = 0
+    for point in sorted(set(points), key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            done += unmount(Path(point))
+    return done
 
 
 def is_mounted(path: Path) -> bool:
