@@ -121,8 +121,16 @@ class Wakeups:
         )
 
     def _budget_ran_out(self, since: int, run_id: str | None, cursor: int) -> bool:
-        for agent_id in self.changes(since, run_id, cursor).agents:
-            record = self._store.agent(agent_id)
-            if record is not None and record.stop_reason is StopReason.BUDGET_EXHAUSTED:
-                return True
-        return False
+        changed = self.changes(since, run_id, cursor).agents
+        # the runs' snapshots at this cursor (shared with `settled`, read once per cursor),
+        # not one query per changed agent at every event
+        runs = (
+            [run_id]
+            if run_id is not None
+            else [run.run_id for run in self._store.runs_snapshot(None, cursor)]
+        )
+        return any(
+            agent.agent_id in changed and agent.stop_reason is StopReason.BUDGET_EXHAUSTED
+            for run in runs
+            for agent in self._store.agents_snapshot(run, cursor)
+        )

@@ -48,6 +48,8 @@ _state: dict[str, str | None] = {}
 _probes: dict[tuple[str, str | None], ViewSupport] = {}
 _probe_lock = threading.Lock()
 _daemons: dict[str, subprocess.Popen[bytes]] = {}
+_mounted: set[str] = set()
+_mounted_lock = threading.Lock()
 _daemons_lock = threading.Lock()
 FUSE_MOUNT_TIMEOUT_S = 10.0
 
@@ -116,6 +118,8 @@ def mount_view(driver: str, lowers: Sequence[Path], upper: Path, work: Path, tar
         mount_fuse_overlay(lowers, upper, work, target)
     else:
         mount_overlay(lowers, upper, work, target)
+    with _mounted_lock:
+        _mounted.add(os.path.abspath(target))
 
 
 def mount_fuse_overlay(lowers: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
@@ -152,7 +156,7 @@ def mount_fuse_overlay(lowers: Sequence[Path], upper: Path, work: Path, target: 
             for fd in fds:
                 os.close(fd)
         deadline = time.monotonic() + FUSE_MOUNT_TIMEOUT_S
-        while not is_mounted(target):
+        while not os.path.ismount(target):
             if daemon.poll() is not None or time.monotonic() > deadline:
                 _stop(daemon)
                 log_file.seek(0)
@@ -203,6 +207,10 @@ def unmount(target: Path) -> bool:
     done = _libc().umount2(os.fsencode(str(target)), _MNT_DETACH) == 0
     err = ctypes.get_errno()
     prefix = str(target).rstrip("/")
+    absolute = os.path.abspath(target)
+    with _mounted_lock:
+        for point in [p for p in _mounted if p == absolute or p.startswith(absolute + "/")]:
+            _mounted.discard(point)
     with _daemons_lock:
         served = [
             _daemons.pop(key)
@@ -241,11 +249,10 @@ def unmount_below(root: Path) -> int:
 
 
 def is_mounted(path: Path) -> bool:
-    """Whether something is mounted at `path` in this process's namespace."""
-    try:
-        return os.path.ismount(path)
-    except OSError:
-        return False
+    """Whether this process mounted a view at `path` (in its private namespace, only it mounts
+    anything under a state dir, so its own record is the truth; no system call needed)."""
+    with _mounted_lock:
+        return os.path.abspath(path) in _mounted
 
 
 def is_whiteout(st: os.stat_result) -> bool:

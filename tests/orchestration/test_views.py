@@ -79,7 +79,7 @@ def _files(root: Path) -> dict[str, tuple[int, str]]:
 
 def _view(repo: GitRepo, run: str, agent: str = "a", base: str | None = None) -> Workspace:
     ws = create_workspace(repo, base_commit=base or head(repo.root), run_id=run, agent_id=agent)
-    assert layer_of(ws) is not None and is_mounted(ws.path)
+    assert layer_of(ws) is not None and is_mounted(ws.path) and os.path.ismount(ws.path)
     return ws
 
 
@@ -152,7 +152,8 @@ def test_a_view_is_mounted_again_to_commit_after_its_server_died(
     write(ws.path, "src/a.py", "left by a killed server\n")
     (ws.path / "src/b.py").unlink()
     unmount_view(ws.path)  # what the death of its server's namespace does
-    assert not is_mounted(ws.path) and not (ws.path / "src").exists()
+    assert not is_mounted(ws.path) and not os.path.ismount(ws.path)
+    assert not (ws.path / "src").exists()
     # recovery records no layer: it finds one from the path, as from an agent record
     bare = Workspace(
         path=ws.path, branch=ws.branch, base_commit=ws.base_commit, run_id="run1", agent_id="a"
@@ -163,7 +164,7 @@ def test_a_view_is_mounted_again_to_commit_after_its_server_died(
         ("src/a.py", "modified"),
         ("src/b.py", "deleted"),
     }
-    assert is_mounted(ws.path)
+    assert is_mounted(ws.path) and os.path.ismount(ws.path)
     assert git(root, "show", f"{done.commit}:src/a.py") == "left by a killed server\n"
 
 
