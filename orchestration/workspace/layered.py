@@ -135,13 +135,20 @@ class OverlayWorkspaces(GitWorktrees):
             return existing
         layers = layer_dir(repo.state_dir, run_id, agent_id)
         upper, work = layers / "upper", layers / "work"
-        base_dir = _hold_base(repo, base, layers)
+        base_dir, lower = _hold_base(repo, base, layers)
         branch = f"{BRANCH_PREFIX}{run_id}/{agent_id}"
         upper.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         if driver != overlay.OVERLAY:
             write_whole(layers / "driver", driver + "\n")
-        admin = _register_view(repo, path, branch, base, upper=upper, index=base_dir / "index")
+        index = base_dir / "index"
+        if lower != base:
+            # an existing base of a nearby commit: the difference goes in the upper layer,
+            # and the view gets an index of its own
+            index = _layer_difference(
+                repo, lower, base, upper=upper, lower_index=base_dir / "index", layers=layers
+            )
+        admin = _register_view(repo, path, branch, base, upper=upper, index=index)
         if admin is None:
             raise RepositoryError(
                 f"the workspace of {agent_id} could not be registered (its branch {branch} "
@@ -285,21 +292,115 @@ def _base_lock(base_dir: Path, *, shared: bool) -> Generator[None]:
         os.close(fd)
 
 
-def _hold_base(repo: GitRepo, commit: str, layers: Path) -> Path:
-    """The checked-out base of `commit`, made if missing; `layers` is recorded as standing on it
-    before the base's lock is let go, so that no removal deletes it in between."""
+MAX_LAYERED_PATHS = 2_000
+"""A view of a commit with no base of its own stands on an existing base whose tree differs
+from it in at most this many paths (a dependent's start, a rerun's), the difference written
+into its upper layer, instead of checking the whole commit out."""
+
+
+def _hold_base(repo: GitRepo, commit: str, layers: Path) -> tuple[Path, str]:
+    """A checked-out base for a view of `commit`, and its commit: `commit`'s own, or an existing
+    one close to it, or a new checkout. `layers` is recorded as standing on it before the base's
+    lock is let go, so that no removal deletes it in between."""
     base_dir = _base_dir(repo.state_dir, commit)
     base_dir.parent.mkdir(parents=True, exist_ok=True)
     layers.mkdir(parents=True, exist_ok=True)
     with _base_lock(base_dir, shared=True):
         if (base_dir / "index").is_file():
             write_whole(layers / "lower", commit + "\n")
-            return base_dir
+            return base_dir, commit
+    for other in _near_bases(repo, commit):
+        near_dir = _base_dir(repo.state_dir, other)
+        with _base_lock(near_dir, shared=True):
+            if (near_dir / "index").is_file():
+                write_whole(layers / "lower", other + "\n")
+                return near_dir, other
     with _base_lock(base_dir, shared=False):
         if not (base_dir / "index").is_file():
             _materialise(repo, commit, base_dir)
         write_whole(layers / "lower", commit + "\n")
-    return base_dir
+    return base_dir, commit
+
+
+def _near_bases(repo: GitRepo, commit: str) -> list[str]:
+    """Existing bases whose trees differ from `commit`'s in at most `MAX_LAYERED_PATHS` paths,
+    the closest first."""
+    root = repo.state_dir / "bases"
+    found: list[tuple[int, str]] = []
+    pyrepo = repo.open()
+    try:
+        want = tree_of(pyrepo, commit)
+        for entry in root.iterdir() if root.is_dir() else ():
+            if not FULL_OID.fullmatch(entry.name) or not (entry / "index").is_file():
+                continue
+            try:
+                delta = tree_of(pyrepo, entry.name).diff_to_tree(want)
+            except (KeyError, ValueError, pygit2.GitError):
+                continue
+            if len(delta) <= MAX_LAYERED_PATHS:
+                found.append((len(delta), entry.name))
+    finally:
+        pyrepo.free()
+    return [name for _, name in sorted(found)]
+
+
+def _layer_difference(
+    repo: GitRepo, lower: str, commit: str, *, upper: Path, lower_index: Path, layers: Path
+) -> Path:
+    """Write into `upper` what makes the base of `lower` look like `commit` (changed files
+    whole; a deletion as a whiteout at the highest directory `commit` lacks), and make the
+    view's own index: the base's, with those paths changed (git hashes them on its first look).
+    Returns the index's path."""
+    own = layers / "index"
+    shutil.copyfile(lower_index, own)
+    pyrepo = repo.open()
+    try:
+        old, new = tree_of(pyrepo, lower), tree_of(pyrepo, commit)
+        index = pygit2.Index(str(own))
+        for delta in old.diff_to_tree(new).deltas:
+            if delta.status == pygit2.enums.DeltaStatus.DELETED:
+                rel = delta.old_file.path
+                with contextlib.suppress(KeyError, OSError, pygit2.GitError):
+                    index.remove(rel)
+                hide = _whiteout_at(new, rel)
+                if hide is not None and not os.path.lexists(upper / hide):
+                    (upper / hide).parent.mkdir(parents=True, exist_ok=True)
+                    os.mknod(upper / hide, stat.S_IFCHR, 0)  # overlayfs's whiteout
+                continue
+            rel, mode = delta.new_file.path, delta.new_file.mode
+            if mode == _GITLINK:
+                continue
+            target = upper / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            data = pyrepo[delta.new_file.id].peel(pygit2.Blob).data
+            if os.path.lexists(target):
+                target.unlink()
+            if mode == _LINK:
+                os.symlink(os.fsdecode(data), target)
+            else:
+                target.write_bytes(data)
+                target.chmod(0o755 if mode == _EXEC else 0o644)
+            index.add(pygit2.IndexEntry(rel, delta.new_file.id, mode))
+        index.write()
+    finally:
+        pyrepo.free()
+    return own
+
+
+def _whiteout_at(tree: pygit2.Tree, rel: str) -> str | None:
+    """Where one whiteout hides the deleted `rel` in a view of `tree`: its highest directory
+    that `tree` lacks, or `rel` itself; None when `tree` has a file on the way (the upper
+    layer's file hides the base's directory) or a directory at `rel`."""
+    parts = rel.split("/")
+    for i in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:i])
+        try:
+            entry = tree[prefix]
+        except KeyError:
+            return prefix
+        if entry.filemode != _TREE:
+            return None
+    return None
 
 
 def _materialise(repo: GitRepo, commit: str, base_dir: Path) -> None:

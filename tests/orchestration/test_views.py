@@ -291,3 +291,50 @@ async def test_spawn_warns_when_agents_get_full_checkouts(
     assert warned and "no copy-on-write views" in warned[0], spawned.warnings
     assert not (repo / ".git" / "fanout" / "layers" / spawned.run_id).exists()
     assert git(repo, "show", f"fanout/{spawned.run_id}/{spawned.agents[0].agent_id}:src/new.py")
+
+
+def test_a_view_of_a_nearby_commit_stands_on_an_existing_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dependent's or a rerun's start commit gets no checkout of its own: it stands on the
+    base already there, the difference in its upper layer, and looks and commits exactly as a
+    checkout of that commit."""
+    root = make_repo(
+        tmp_path / "r",
+        {**BASE_FILES, "gone/deep/x.py": "x\n", "was_file": "f\n", "was_dir/inner.py": "i\n"},
+    )
+    repo = GitRepo(root)
+    first = _view(repo, "run1", "a1")
+    write(root, "src/a.py", "a = 2\n")
+    write(root, "src/added/new.py", "new\n")
+    (root / "docs/old.md").unlink()
+    for p in ("gone/deep/x.py", "was_file", "was_dir/inner.py"):
+        (root / p).unlink()
+    (root / "was_dir").rmdir()
+    write(root, "was_file/now_a_dir.py", "d\n")
+    write(root, "was_dir", "now a file\n")
+    (root / "src/tool.sh").chmod(0o755)
+    os.symlink("src/a.py", root / "alias")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "next")
+    second = _view(repo, "run2", "a2", base=head(root))
+    bases = repo.state_dir / "bases"
+    assert [p.name for p in bases.iterdir() if p.is_dir()] == [first.base_commit]
+    tree = _worktree(repo, monkeypatch, "run3", "a3")
+    assert head(root) == tree.base_commit == second.base_commit
+    assert _files(second.path) == _files(tree.path)
+    assert git(second.path, "status", "--porcelain", "-uall") == ""
+    for w in (second, tree):
+        write(w.path, "src/a.py", "a = 3\n")
+        write(w.path, "was_file/more.py", "m\n")
+    got = commit_workspace(second, message="w", write_scope=WriteScope.of(None))
+    want = commit_workspace(tree, message="w", write_scope=WriteScope.of(None), engine=GIT)
+    assert got.commit is not None and want.commit is not None
+    assert git(root, "rev-parse", f"{got.commit}^{{tree}}") == git(
+        root, "rev-parse", f"{want.commit}^{{tree}}"
+    )
+    assert [c.model_dump() for c in got.changes] == [c.model_dump() for c in want.changes]
+    remove_workspace(repo, first, delete_branch=True)
+    assert (bases / first.base_commit).is_dir()  # the second view stands on it
+    remove_workspace(repo, second, delete_branch=True)
+    assert not any(p for p in bases.iterdir() if p.is_dir())
