@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +122,25 @@ def mount_view(driver: str, lowers: Sequence[Path], upper: Path, work: Path, tar
         _mounted.add(os.path.abspath(target))
 
 
+@contextlib.contextmanager
+def _layer_options(
+    lowers: Sequence[Path], upper: Path, work: Path
+) -> Generator[tuple[str, list[int]]]:
+    """Overlay options naming the layers by open descriptors (`/proc/self/fd/N`, so any
+    character in their paths is safe in the options), and the descriptors, open until the
+    block ends."""
+    fds: list[int] = []
+    try:
+        for layer in (*lowers, upper, work):
+            fds.append(os.open(layer, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        names = [f"/proc/self/fd/{fd}" for fd in fds]
+        lower = ":".join(names[: len(lowers)])
+        yield f"lowerdir={lower},upperdir={names[-2]},workdir={names[-1]}", fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def mount_fuse_overlay(lowers: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
     """The same view by fuse-overlayfs, a daemon of this process's: it runs under a shell that
     stops it when its standard input closes, so it ends with its view's unmount, or with the
@@ -129,32 +148,22 @@ def mount_fuse_overlay(lowers: Sequence[Path], upper: Path, work: Path, target: 
     exe = shutil.which("fuse-overlayfs")
     if exe is None:
         raise OSError(errno.ENOENT, "fuse-overlayfs is not installed")
-    with tempfile.TemporaryFile() as log_file:  # the daemon keeps its own descriptor
-        fds: list[int] = []
-        try:
-            for layer in (*lowers, upper, work):
-                fds.append(os.open(layer, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-            names = [f"/proc/self/fd/{fd}" for fd in fds]
-            lower = ":".join(names[: len(lowers)])
-            options = f"lowerdir={lower},upperdir={names[-2]},workdir={names[-1]}"
-            daemon = subprocess.Popen(
-                [
-                    "/bin/sh",
-                    "-c",
-                    '"$0" -f -o "$1" "$2" & pid=$!; read -r _; kill "$pid" 2>/dev/null; '
-                    'wait "$pid"',
-                    exe,
-                    options,
-                    str(target),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=log_file,
-                pass_fds=fds,
-            )
-        finally:
-            for fd in fds:
-                os.close(fd)
+    with tempfile.TemporaryFile() as log_file, _layer_options(lowers, upper, work) as named:
+        options, fds = named
+        daemon = subprocess.Popen(
+            [
+                "/bin/sh",
+                "-c",
+                '"$0" -f -o "$1" "$2" & pid=$!; read -r _; kill "$pid" 2>/dev/null; wait "$pid"',
+                exe,
+                options,
+                str(target),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            pass_fds=fds,
+        )
         deadline = time.monotonic() + FUSE_MOUNT_TIMEOUT_S
         while not os.path.ismount(target):
             if daemon.poll() is not None or time.monotonic() > deadline:
@@ -179,26 +188,12 @@ def _stop(daemon: subprocess.Popen[bytes]) -> None:
 
 
 def mount_overlay(lowers: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
-    """Mount an overlay of `lowers` (uppermost first) with `upper` and `work` at `target`.
-    The layers are named by open descriptors (`/proc/self/fd/N`), so any character in their
-    paths is safe in the mount options."""
-    fds: list[int] = []
-    try:
-        for layer in (*lowers, upper, work):
-            fds.append(os.open(layer, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-        names = [f"/proc/self/fd/{fd}" for fd in fds]
-        lower = ":".join(names[: len(lowers)])
-        options = f"lowerdir={lower},upperdir={names[-2]},workdir={names[-1]},userxattr"
-        libc = _libc()
-        if (
-            libc.mount(b"overlay", os.fsencode(str(target)), b"overlay", 0, options.encode("ascii"))
-            != 0
-        ):
+    """Mount an overlay of `lowers` (uppermost first) with `upper` and `work` at `target`."""
+    with _layer_options(lowers, upper, work) as (options, _fds):
+        data = (options + ",userxattr").encode("ascii")
+        if _libc().mount(b"overlay", os.fsencode(str(target)), b"overlay", 0, data) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"overlay mount at {target}: {os.strerror(err)}")
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 def unmount(target: Path) -> bool:

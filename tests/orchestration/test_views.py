@@ -40,7 +40,7 @@ from tests.orchestration.gitutil import (
     make_repo,
     write,
 )
-from tests.orchestration.test_workspace_in_process import BASE_FILES, CASES, SCOPE
+from tests.orchestration.test_workspace_in_process import BASE_FILES, CASES, SCOPE, files_of
 from toolbus.resources import WriteScope
 
 REASON = enter_private_mounts()
@@ -60,21 +60,6 @@ def driver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_
         if support.kind != FUSE:
             pytest.skip(support.note)
     return name
-
-
-def _files(root: Path) -> dict[str, tuple[int, str]]:
-    found: dict[str, tuple[int, str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d != ".git"]
-        for name in filenames:
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            if rel == ".git":
-                continue
-            st = path.lstat()
-            body = os.readlink(path) if path.is_symlink() else path.read_text(encoding="utf-8")
-            found[rel] = (st.st_mode & 0o777 if not path.is_symlink() else 0, body)
-    return found
 
 
 def _view(repo: GitRepo, run: str, agent: str = "a", base: str | None = None) -> Workspace:
@@ -114,7 +99,7 @@ def test_a_view_commits_what_git_commits_from_a_worktree(
             root, "rev-parse", f"{want.commit}^{{tree}}"
         )
         assert git(root, "rev-parse", f"{got.commit}^").strip() == view.base_commit
-    assert _files(view.path) == _files(tree.path)
+    assert files_of(view.path) == files_of(tree.path)
     assert_fsck(root)
 
 
@@ -322,7 +307,7 @@ def test_a_view_of_a_nearby_commit_stands_on_an_existing_base(
     assert [p.name for p in bases.iterdir() if p.is_dir()] == [first.base_commit]
     tree = _worktree(repo, monkeypatch, "run3", "a3")
     assert head(root) == tree.base_commit == second.base_commit
-    assert _files(second.path) == _files(tree.path)
+    assert files_of(second.path) == files_of(tree.path)
     assert git(second.path, "status", "--porcelain", "-uall") == ""
     for w in (second, tree):
         write(w.path, "src/a.py", "a = 3\n")

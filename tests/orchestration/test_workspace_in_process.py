@@ -154,7 +154,7 @@ def _tree(path: Path, rev: str) -> str:
     return git(path, "rev-parse", f"{rev}^{{tree}}").strip()
 
 
-def _files(root: Path) -> dict[str, tuple[int, str]]:
+def files_of(root: Path) -> dict[str, tuple[int, str]]:
     """Every file below root except .git: (mode bits, content or link target)."""
     found: dict[str, tuple[int, str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -195,7 +195,7 @@ def test_in_process_commit_equals_git(tmp_path: Path, case: str) -> None:
         assert log == git(slow.path, "log", "-1", "--format=%an|%cn|%B", want.commit)
     # the worktrees' index and files agree (dropped edits stay on disk in both)
     assert git(fast.path, "status", "--porcelain") == git(slow.path, "status", "--porcelain")
-    assert _files(fast.path) == _files(slow.path)
+    assert files_of(fast.path) == files_of(slow.path)
     assert_fsck(root)
 
 
@@ -223,8 +223,8 @@ def test_in_process_checkout_equals_git(tmp_path: Path) -> None:
     fast = create_workspace(repo, base_commit=head(root), run_id="in", agent_id="a", engine=engine)
     assert ran.checkouts == [True]
     slow = create_workspace(repo, base_commit=head(root), run_id="git", agent_id="a", engine=GIT)
-    assert _files(fast.path) == _files(slow.path)
-    assert _files(fast.path)["src/tool.sh"][0] & 0o111
+    assert files_of(fast.path) == files_of(slow.path)
+    assert files_of(fast.path)["src/tool.sh"][0] & 0o111
     assert git(fast.path, "status", "--porcelain") == ""
     # the index was written with the files' stat data: nothing needs re-hashing
     assert git(fast.path, "diff-files", "--name-only") == ""
@@ -341,4 +341,4 @@ def test_a_large_tree_is_checked_out_by_git(tmp_path: Path) -> None:
     done = ran.checkouts + ran_smaller.checkouts
     assert done == [True, False]  # libgit2 for the small tree, git for the "large" one
     assert git(large.path, "status", "--porcelain") == ""
-    assert sorted(_files(large.path)) == sorted(BASE_FILES)
+    assert sorted(files_of(large.path)) == sorted(BASE_FILES)
