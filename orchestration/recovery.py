@@ -71,6 +71,9 @@ class Recovery:
             try:
                 if ctx.store.orphaned(ctx.store.live_servers()):
                     await self.recover_agents(ctx)
+                # views of this server's that another server merged or discarded: their layers
+                # are gone, and only this server can unmount them (its namespace holds them)
+                await anyio.to_thread.run_sync(ws_mod.unmount_orphaned_views, ctx.repo)
             except Exception:  # the next beat tries again; the heartbeat itself must go on
                 log.exception("recovery of the agents of a dead server failed")
 

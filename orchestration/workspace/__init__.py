@@ -49,6 +49,7 @@ from orchestration.workspace.layered import (
     layer_of,
     list_workspaces,
     remove_workspace,
+    unmount_orphaned_views,
     view_support,
 )
 from orchestration.workspace.libgit2_git import Libgit2Git
@@ -120,6 +121,7 @@ __all__ = [
     "snapshot",
     "status_entries",
     "tree_changes",
+    "unmount_orphaned_views",
     "view_support",
     "workspace_disk_usage",
 ]

@@ -475,6 +475,22 @@ def _driver_of(layers: Path) -> str:
     return text if text in overlay.DRIVERS else overlay.OVERLAY
 
 
+def unmount_orphaned_views(repo: GitRepo) -> list[Path]:
+    """Unmount this process's views of `repo` whose layers are gone (another server merged or
+    discarded their agents): otherwise they would hold their deleted layers' space until this
+    server exits. Returns their paths."""
+    root = os.path.abspath(repo.worktrees_dir)
+    gone: list[Path] = []
+    for point in overlay.mounted_views():
+        if not str(point).startswith(root + "/") or len(point.relative_to(root).parts) != 2:
+            continue  # not a view's root in this repository (an included directory, say)
+        layers = layer_dir(repo.state_dir, point.parent.name, point.name)
+        if not (layers / "upper").is_dir():
+            unmount_view(point)
+            gone.append(point)
+    return gone
+
+
 def unmount_view(path: Path) -> None:
     """Detach the view at `path` (and the directories layered into it), if mounted here."""
     with contextlib.suppress(OSError):

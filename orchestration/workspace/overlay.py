@@ -243,6 +243,12 @@ def unmount_below(root: Path) -> int:
     return done
 
 
+def mounted_views() -> list[Path]:
+    """The mount points of the views this process mounted and has not unmounted."""
+    with _mounted_lock:
+        return [Path(p) for p in sorted(_mounted)]
+
+
 def is_mounted(path: Path) -> bool:
     """Whether this process mounted a view at `path` (in its private namespace, only it mounts
     anything under a state dir, so its own record is the truth; no system call needed)."""

@@ -323,3 +323,20 @@ def test_a_view_of_a_nearby_commit_stands_on_an_existing_base(
     assert (bases / first.base_commit).is_dir()  # the second view stands on it
     remove_workspace(repo, second, delete_branch=True)
     assert not any(p for p in bases.iterdir() if p.is_dir())
+
+
+def test_a_view_another_server_removed_is_unmounted_by_its_own(tmp_path: Path) -> None:
+    """Another server merged the agent and deleted its layers; only the server whose namespace
+    holds the mount can let it go, and its heartbeat does."""
+    from orchestration.workspace import unmount_orphaned_views
+    from orchestration.workspace.overlay import remove_layer
+
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    kept, removed = _view(repo, "run1", "a1"), _view(repo, "run1", "a2")
+    layers = layer_of(removed)
+    assert layers is not None
+    remove_layer(layers)  # what the other server's removal does here
+    assert unmount_orphaned_views(repo) == [removed.path]
+    assert not os.path.ismount(removed.path) and not is_mounted(removed.path)
+    assert os.path.ismount(kept.path) and unmount_orphaned_views(repo) == []
