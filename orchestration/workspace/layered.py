@@ -659,9 +659,15 @@ def _view_changes(
     wanted: dict[str, int] = {}
     deleted: list[str] = []
     file_mode = _file_mode_trusted(pyrepo)
+    unnamed: list[str] = []
     for rel in sorted(candidates):
         if any(is_within(rel, g) for g in gitlinks):
             continue  # inside a submodule: git records only the gitlink
+        if not _utf8(rel):
+            # libgit2 builds trees of UTF-8 names only: such a file is reported, not committed
+            shown = os.fsencode(rel).decode("ascii", "backslashreplace")
+            unnamed.append(f"{shown} (its name is not UTF-8: rename it to commit it)")
+            continue
         try:
             base_entry: pygit2.Object | None = base_tree[rel]
         except KeyError:
@@ -705,7 +711,15 @@ def _view_changes(
             changes[rel] = None
         else:
             dropped.append(rel)
-    return changes, sorted(dropped)
+    return changes, sorted(dropped) + unnamed
+
+
+def _utf8(rel: str) -> bool:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _gitlinks_of(base_tree: pygit2.Tree, candidates: Iterable[str]) -> set[str]:

@@ -340,3 +340,19 @@ def test_a_view_another_server_removed_is_unmounted_by_its_own(tmp_path: Path) -
     assert unmount_orphaned_views(repo) == [removed.path]
     assert not os.path.ismount(removed.path) and not is_mounted(removed.path)
     assert os.path.ismount(kept.path) and unmount_orphaned_views(repo) == []
+
+
+def test_a_name_that_is_not_utf8_is_reported_not_a_failed_commit(tmp_path: Path) -> None:
+    """An agent's file name that is not UTF-8 (hostile, or a stray byte): libgit2 cannot put it
+    in a tree, so the view's commit reports it and commits the rest, instead of failing."""
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    ws = _view(GitRepo(root), "run1")
+    odd = os.path.join(os.fsencode(ws.path), b"src", b"bad\xff.py")
+    with open(odd, "wb") as f:
+        f.write(b"x = 1\n")
+    write(ws.path, "src/a.py", "a = 5\n")
+    done = commit_workspace(ws, message="w", write_scope=SCOPE)
+    assert done.commit is not None
+    assert [c.path for c in done.changes] == ["src/a.py"]
+    assert done.dropped == ["src/bad\\xff.py (its name is not UTF-8: rename it to commit it)"]
+    assert os.path.exists(odd)  # still in the view, nothing deleted
