@@ -12,7 +12,7 @@ index and working tree are only ever read by this package.
 | `pinning` | the `Workspace` record; the server's git pinned to it; planted `.git` quarantined |
 | `worktrees` | `Workspaces` (the seam for kinds of workspace) and `GitWorktrees` |
 | `overlay` | the process's private mount namespace, overlay mounts, the probe |
-| `layered` | `OverlayWorkspaces` (copy-on-write views), their commits, the server's choice |
+| `layered` | `ChosenWorkspaces`: copy-on-write views (or worktrees), their commits, the choice |
 | `included` | ignored files a build needs, copied into a worktree or layered under a view |
 | `engine` | `GitEngine`: checkout and commit, by git (`cli_git`) or libgit2 (`libgit2_git`) |
 | `engines` | the engine the server uses, chosen once |
@@ -41,7 +41,6 @@ from orchestration.workspace.git import (
 from orchestration.workspace.layered import (
     WORKSPACES,
     ChosenWorkspaces,
-    OverlayWorkspaces,
     commit_view,
     create_workspace,
     discard_unstarted_workspace,
@@ -92,7 +91,6 @@ __all__ = [
     "Identity",
     "InProcessFirst",
     "Libgit2Git",
-    "OverlayWorkspaces",
     "RepositoryError",
     "Snapshot",
     "StatusEntry",

@@ -8,7 +8,7 @@ from orchestration.errors import RepositoryError
 from orchestration.workspace.engine import CommitJob, GitEngine, WorkCommit
 from orchestration.workspace.engines import DEFAULT_ENGINE
 from orchestration.workspace.git import FANOUT_IDENTITY, Identity
-from orchestration.workspace.layered import commit_view, layer_of
+from orchestration.workspace.layered import commit_view, ensure_mounted, layer_of
 from orchestration.workspace.pinning import (
     Workspace,
     open_workspace_repo,
@@ -33,10 +33,11 @@ def commit_workspace(
     commits later edits on top. Git works on the workspace only pinned to its recorded git dir,
     after any `.git` the agent planted is moved out (`secure_workspace_git`).
     """
-    if layer_of(ws) is not None:
-        return commit_view(ws, message=message, write_scope=write_scope, author=author)
+    layers = layer_of(ws)  # a copy-on-write view: its upper layer holds the agent's work
+    if layers is not None:
+        ensure_mounted(ws)
     pinned = pin(ws.path)
-    planted = secure_workspace_git(pinned)
+    planted = secure_workspace_git(pinned, upper=layers / "upper" if layers else None)
     ref = ws.branch_ref if ws.branch else "HEAD"  # the agent's branch, even if it moved HEAD
     pyrepo = open_workspace_repo(pinned)
     try:
@@ -55,7 +56,7 @@ def commit_workspace(
             message=message,
             author=author,
         )
-        done = engine.commit(job)
+        done = commit_view(job, layers) if layers is not None else engine.commit(job)
     finally:
         pyrepo.free()
     if done is None:

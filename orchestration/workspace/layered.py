@@ -31,14 +31,18 @@ import pygit2
 from orchestration.errors import RepositoryError
 from orchestration.workspace import overlay
 from orchestration.workspace.diffs import file_changes
-from orchestration.workspace.engine import GitEngine, WorkCommit, advance_branch, changed_paths
+from orchestration.workspace.engine import (
+    CommitJob,
+    GitEngine,
+    WorkCommit,
+    advance_branch,
+    changed_paths,
+)
 from orchestration.workspace.engines import DEFAULT_ENGINE
 from orchestration.workspace.git import (
     BRANCH_PREFIX,
-    FANOUT_IDENTITY,
     FULL_OID,
     GitRepo,
-    Identity,
     check_component,
     run_git,
     tree_of,
@@ -49,9 +53,6 @@ from orchestration.workspace.libgit2_git import Libgit2Git
 from orchestration.workspace.pinning import (
     Workspace,
     admin_dir_of,
-    open_workspace_repo,
-    pin,
-    secure_workspace_git,
 )
 from orchestration.workspace.worktrees import (
     GitWorktrees,
@@ -94,8 +95,10 @@ def _base_dir(state_dir: Path, commit: str) -> Path:
     return state_dir / "bases" / commit
 
 
-class OverlayWorkspaces(GitWorktrees):
-    """Workspaces as copy-on-write views; listing and the git registration are a worktree's."""
+class ChosenWorkspaces(GitWorktrees):
+    """Copy-on-write views where this process can mount them (`view_support`), git worktrees
+    otherwise; an existing workspace is handled as the kind it is. Listing and the git
+    registration are a worktree's for both."""
 
     def create(
         self,
@@ -107,9 +110,23 @@ class OverlayWorkspaces(GitWorktrees):
         include: Sequence[str] = (),
         engine: GitEngine = DEFAULT_ENGINE,
     ) -> Workspace:
-        del engine  # a view is not checked out
+        support = view_support(repo)
+        if support.kind not in overlay.DRIVERS:
+            return super().create(
+                repo,
+                base_commit=base_commit,
+                run_id=run_id,
+                agent_id=agent_id,
+                include=include,
+                engine=engine,
+            )
         return self.create_view(
-            repo, base_commit=base_commit, run_id=run_id, agent_id=agent_id, include=include
+            repo,
+            base_commit=base_commit,
+            run_id=run_id,
+            agent_id=agent_id,
+            include=include,
+            driver=support.kind,
         )
 
     def create_view(
@@ -540,53 +557,30 @@ def _mount_included(entry: Path, view: Path, driver: str) -> None:
 # --- committing a view ---------------------------------------------------------------------
 
 
-def commit_view(
-    ws: Workspace,
-    *,
-    message: str,
-    write_scope: WriteScope,
-    author: Identity = FANOUT_IDENTITY,
-) -> WorkCommit:
-    """Commit the agent's in-scope changes on its branch: the start commit's tree with what the
-    upper layer changed applied (out-of-scope changes dropped, reported)."""
-    layers = layer_of(ws)
-    if layers is None:
-        raise RepositoryError(f"{ws.path} is not a copy-on-write view")
-    ensure_mounted(ws)
+def commit_view(job: CommitJob, layers: Path) -> WorkCommit:
+    """Commit a view's work as `job` says (`commit_workspace` makes the job): the start
+    commit's tree with what the upper layer in `layers` changed applied, out-of-scope changes
+    dropped and reported."""
+    pyrepo, head = job.pyrepo, job.head
     upper = layers / "upper"
-    pinned = pin(Path(ws.path))
-    planted = secure_workspace_git(pinned, upper=upper)
-    ref = ws.branch_ref if ws.branch else "HEAD"
-    pyrepo = open_workspace_repo(pinned)
-    try:
-        try:
-            head = pyrepo.revparse_single(ref).peel(pygit2.Commit)
-        except (KeyError, ValueError, pygit2.GitError) as exc:
-            where = ws.path
-            raise RepositoryError(f"{ref} of the workspace {where} names no commit: {exc}") from exc
-        base = ws.base_commit or str(head.id)
-        lower = _lower_of(layers) or base
-        base_tree = tree_of(pyrepo, base)
-        candidates = _candidates(upper, base_tree)
-        if lower != base:
-            candidates.update(changed_paths(pyrepo, base, str(tree_of(pyrepo, lower).id)))
-        changes, dropped = _view_changes(pyrepo, pinned, base_tree, candidates, write_scope)
-        tree = _apply(pyrepo, base_tree, changes)
-        tree_id = str(tree) if tree is not None else str(pyrepo.TreeBuilder().write())
-        if tree_id == str(head.tree_id):
-            done = WorkCommit(commit=None, changes=[], dropped=dropped)
-        else:
-            commit = advance_branch(
-                pyrepo, ref=ref, head=head, tree=tree_id, message=message, author=author
-            )
-            done = WorkCommit(
-                commit=str(commit),
-                changes=file_changes(pyrepo, str(head.id), str(commit)),
-                dropped=dropped,
-            )
-    finally:
-        pyrepo.free()
-    return done.model_copy(update={"planted": planted}) if planted else done
+    lower = _lower_of(layers) or job.base
+    base_tree = tree_of(pyrepo, job.base)
+    candidates = _candidates(upper, base_tree)
+    if lower != job.base:
+        candidates.update(changed_paths(pyrepo, job.base, str(tree_of(pyrepo, lower).id)))
+    changes, dropped = _view_changes(pyrepo, job.pinned, base_tree, candidates, job.write_scope)
+    tree = _apply(pyrepo, base_tree, changes)
+    tree_id = str(tree) if tree is not None else str(pyrepo.TreeBuilder().write())
+    if tree_id == str(head.tree_id):
+        return WorkCommit(commit=None, changes=[], dropped=dropped)
+    commit = advance_branch(
+        pyrepo, ref=job.ref, head=head, tree=tree_id, message=job.message, author=job.author
+    )
+    return WorkCommit(
+        commit=str(commit),
+        changes=file_changes(pyrepo, str(head.id), str(commit)),
+        dropped=dropped,
+    )
 
 
 def _candidates(upper: Path, base_tree: pygit2.Tree) -> set[str]:
@@ -847,41 +841,6 @@ def view_support(repo: GitRepo) -> overlay.ViewSupport:
     parent = repo.state_dir / "layers"
     parent.mkdir(parents=True, exist_ok=True)
     return overlay.probe_overlay(parent, overlay.FUSE if preference == overlay.FUSE else None)
-
-
-class ChosenWorkspaces(OverlayWorkspaces):
-    """Copy-on-write views where this process can mount them, git worktrees otherwise; an
-    existing workspace is handled as the kind it is."""
-
-    def create(
-        self,
-        repo: GitRepo,
-        *,
-        base_commit: str,
-        run_id: str,
-        agent_id: str,
-        include: Sequence[str] = (),
-        engine: GitEngine = DEFAULT_ENGINE,
-    ) -> Workspace:
-        support = view_support(repo)
-        if support.kind in overlay.DRIVERS:
-            return self.create_view(
-                repo,
-                base_commit=base_commit,
-                run_id=run_id,
-                agent_id=agent_id,
-                include=include,
-                driver=support.kind,
-            )
-        return GitWorktrees.create(
-            self,
-            repo,
-            base_commit=base_commit,
-            run_id=run_id,
-            agent_id=agent_id,
-            include=include,
-            engine=engine,
-        )
 
 
 WORKSPACES: Workspaces = ChosenWorkspaces()

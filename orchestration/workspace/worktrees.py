@@ -208,25 +208,13 @@ class GitWorktrees:
 
 
 def register_worktree(
-    repo: GitRepo,
-    path: Path,
-    branch: str,
-    base: str,
-    *,
-    write: Write = write_whole,
-    gitfile_dir: Path | None = None,
-    locked: str | None = None,
-    admin_name: str | None = None,
+    repo: GitRepo, path: Path, branch: str, base: str, *, write: Write = write_whole
 ) -> bool:
     """What `git worktree add --no-checkout -b <branch> <path> <base>` writes, without git's
     three processes (it runs `git branch` and `git symbolic-ref` as children); the layout of
     gitrepository-layout(5). False, with nothing written, when git must do it itself (the
-    names are taken: a retry after a failure). Call it under the registration lock.
-
-    A copy-on-write view keeps its `.git` file in its upper layer (`gitfile_dir`), and stays
-    `locked` (the reason given) so that `git worktree prune` leaves it alone while it is not
-    mounted. `admin_name` names its admin dir when the path's last component is taken."""
-    admin = repo.git_dir / "worktrees" / (admin_name or path.name)
+    names are taken: a retry after a failure). Call it under the registration lock."""
+    admin = repo.git_dir / "worktrees" / path.name
     if admin.exists() or os.path.lexists(path):
         return False
     pyrepo = pygit2.Repository(str(repo.root))
@@ -238,8 +226,8 @@ def register_worktree(
     finally:
         pyrepo.free()
     admin.mkdir(parents=True)
-    lock_file = admin / "locked"  # as git does: prune leaves a half-made registration alone
-    lock_file.write_text("initializing\n", encoding="utf-8")
+    locked = admin / "locked"  # as git does: prune leaves a half-made registration alone
+    locked.write_text("initializing\n", encoding="utf-8")
     # In an order that a kill at any point leaves git consistent: git lists a registration
     # only once its `gitdir` file is there, and a listed one without HEAD fails `git fsck`
     # ("detached HEAD points at nothing"); so HEAD comes first and `gitdir` last, each file
@@ -247,12 +235,9 @@ def register_worktree(
     write(admin / "HEAD", f"ref: refs/heads/{branch}\n")
     write(admin / "commondir", "../..\n")
     path.mkdir(parents=True)
-    write((gitfile_dir or path) / ".git", f"gitdir: {admin.resolve()}\n")
+    write(path / ".git", f"gitdir: {admin.resolve()}\n")
     write(admin / "gitdir", f"{path.resolve()}/.git\n")
-    if locked is None:
-        lock_file.unlink()
-    else:
-        write(lock_file, locked + "\n")
+    locked.unlink()
     return True
 
 
