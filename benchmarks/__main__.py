@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "memory": "benchmarks.memory",
     "startup": "benchmarks.startup",
     "orchestrator": "benchmarks.orchestrator",
+    "bus": "benchmarks.bus",
 }
 
 

@@ -20,6 +20,7 @@ from orchestration.contracts import (
     AgentResultView,
     AgentStatus,
     AgentView,
+    Approval,
     CancelResult,
     MergeOutcome,
     MergeResult,
@@ -175,6 +176,8 @@ def agent_line(view: AgentView) -> AgentLine:
         files = len(view.changed_files)
         if view.status is AgentStatus.WAITING or view.status_reason:
             summary = one_line(view.status_reason)
+    if view.approval is not None:
+        flags.append(f"asks approval {view.approval.approval_id}")
     if view.lease_lost:
         flags.append("lease_lost")
     if view.status is AgentStatus.CONFLICTED:
@@ -372,6 +375,8 @@ class SpawnAnswer(_Answer):
     agents: list[AgentBriefLine]
     estimate: EstimateLine
     warnings: list[str] = Field(default_factory=list[str])
+    permissions: str = ""
+    mcp_tools: list[str] = Field(default_factory=list[str])
     next: str
 
 
@@ -390,6 +395,8 @@ def spawn_answer(result: SpawnResult) -> SpawnAnswer:
             note=est.note,
         ),
         warnings=result.warnings,
+        permissions=result.permissions,
+        mcp_tools=result.mcp_tools,
         next=(
             f'get_status(run_id="{result.run_id}", since=0, wait_s=600): it answers once the '
             "run needs you (settled), then do its `next`"
@@ -412,8 +419,37 @@ def spawn_text(answer: SpawnAnswer) -> str:
             waits += f" (depends on {', '.join(a.depends_on)})"
         lines.append(f"{a.agent_id} {a.name} {a.status.value}{waits}")
     lines.extend(f"warning: {w}" for w in answer.warnings)
+    if answer.permissions:
+        lines.append(f"permissions: {answer.permissions}")
+    if answer.mcp_tools:
+        lines.append(f"MCP tools: {', '.join(answer.mcp_tools)}")
     lines.append(f"next: {answer.next}")
     return "\n".join(lines)
+
+
+class ApprovalAnswer(_Answer):
+    """Result of `answer_approval`."""
+
+    approval_id: str
+    agent_id: str
+    decision: str
+    what: str
+
+
+def approval_answer(approval: Approval) -> ApprovalAnswer:
+    return ApprovalAnswer(
+        approval_id=approval.approval_id,
+        agent_id=approval.agent_id,
+        decision=approval.decision or "pending",
+        what=f"{approval.kind} {approval.subject[:200]}",
+    )
+
+
+def approval_text(answer: ApprovalAnswer) -> str:
+    return (
+        f"{answer.approval_id}: {answer.decision} ({answer.what}); the agent {answer.agent_id} "
+        "goes on at once"
+    )
 
 
 class CancelAnswer(_Answer):

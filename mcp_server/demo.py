@@ -113,8 +113,32 @@ def _key(request: ModelRequest) -> str | None:
     return None
 
 
+SCRIPT_MARK = "[script] "
+
+
+def _script(request: ModelRequest) -> list[Call] | None:
+    """The tool calls a task prompt spells out on a line `[script] [[name, {input}], ...]` (for
+    benchmarks and end-to-end tests that need a chosen sequence of calls)."""
+    at = request.system_task.find(SCRIPT_MARK)
+    if at < 0:
+        return None
+    line = request.system_task[at + len(SCRIPT_MARK) :].split("\n", 1)[0]
+    try:
+        calls = json.loads(line)
+    except ValueError:
+        return None
+    return [(str(name), dict(args)) for name, args in calls]
+
+
 def demo_reply(request: ModelRequest) -> ModelResponse:
     """The demo model: each task's tool calls one per turn, then `finish`; deterministic."""
+    script = _script(request)
+    if script is not None:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        if turn < len(script):
+            name, args = script[turn]
+            return reply_tool(name, **args)
+        return reply_finish("the script is played") if turn == len(script) else reply_text("done")
     key = _key(request)
     if key is None:
         return reply_finish("nothing to do: not a demo task", status="failed")

@@ -65,3 +65,13 @@ class RerunRequest(_Input):
 
 class PingRequest(_Input):
     """Input of `ping` (none)."""
+
+
+class AnswerApprovalRequest(_Input):
+    """Input of `answer_approval`."""
+
+    approval_id: str = Field(min_length=1, max_length=120)
+    allow: bool = Field(description="true lets the agent's call run; false refuses it")
+    note: str | None = Field(
+        default=None, max_length=2_000, description="a word for the agent (why, or what instead)"
+    )

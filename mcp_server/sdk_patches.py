@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server as LowLevelServer
 from mcp.server.mcpserver import AcceptedElicitation, MCPServer
+from mcp.server.mcpserver.resolve import build_resolver_plans
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp_types import CallToolResult
@@ -66,11 +67,13 @@ def take_request_model(tool: Tool, request_model: type[BaseModel]) -> None:
     tool.parameters = args.model_json_schema(by_alias=True)
 
 
-def skip_resolvers(tool: Tool) -> None:
-    """Clear the tool's `resolved_params` and `resolver_plans`: the SDK then runs no resolver on
-    a call and the tool's `Resolve(...)` parameters keep their defaults."""
-    tool.resolved_params = {}
-    tool.resolver_plans = {}
+def skip_resolvers(tool: Tool, *names: str) -> None:
+    """Drop the named `Resolve(...)` parameters from the tool's `resolved_params` (and their
+    plans): the SDK no longer runs those resolvers on a call, and the parameters keep their
+    defaults."""
+    kept = {k: v for k, v in tool.resolved_params.items() if k not in names}
+    tool.resolved_params = kept
+    tool.resolver_plans = build_resolver_plans(kept, set()) if kept else {}
 
 
 def simplify_output_schema(tool: Tool) -> None:

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
 
 import anyio
-from mcp.server.mcpserver import Context, ListRoots, Resolve
+from mcp.server.elicitation import ElicitationResult
+from mcp.server.mcpserver import Context, Elicit, ListRoots, Resolve
 from mcp.server.mcpserver.tools import Tool
 from mcp_types import CallToolResult, ListRootsResult, TextContent, ToolAnnotations
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from mcp_server import answers, sdk_patches
 from mcp_server.answers import (
+    ApprovalAnswer,
     CancelAnswer,
     MergeAnswer,
     PingResult,
@@ -28,8 +30,20 @@ from mcp_server.answers import (
     StatusAnswer,
 )
 from mcp_server.app import App
-from mcp_server.requests import CancelRequest, PingRequest, RerunRequest, StatusRequest
-from orchestration.contracts import MergeRequest, MergeResult, SpawnRequest, StatusResult
+from mcp_server.requests import (
+    AnswerApprovalRequest,
+    CancelRequest,
+    PingRequest,
+    RerunRequest,
+    StatusRequest,
+)
+from orchestration.contracts import (
+    Approval,
+    MergeRequest,
+    MergeResult,
+    SpawnRequest,
+    StatusResult,
+)
 
 ToolCtx = Context[App, Any]
 R = TypeVar("R", bound=BaseModel)
@@ -143,6 +157,14 @@ async def rerun_subagent(app: App, request: RerunRequest, ctx: ToolCtx) -> CallT
     return _compact(answers.rerun_answer(result), answers.rerun_text)
 
 
+async def answer_approval(app: App, request: AnswerApprovalRequest, ctx: ToolCtx) -> CallToolResult:
+    repo = await app.context()
+    approval = await app.orchestrator.answer_approval(
+        request.approval_id, request.allow, request.note, by="tool", repo=repo.repo.root
+    )
+    return _compact(answers.approval_answer(approval), answers.approval_text)
+
+
 async def ping(app: App, request: PingRequest, ctx: ToolCtx) -> PingResult:
     server = ctx.mcp_server
     return PingResult(ok=True, server=server.name, version=server.version)
@@ -232,6 +254,13 @@ diff, the current versions of files it read stale, the failed verification's out
 instructions. Use it for a conflicted, stale, verify_failed, failed, cancelled or interrupted \
 agent; then poll get_status and merge_results again."""
 
+APPROVAL_DESCRIPTION = """\
+Answer a subagent's call that waits for the person's approval (the permission policy says \
+`ask`: a command, the network, a write to a guarded path, a destructive MCP tool). get_status \
+shows it (the agent waits; `next` names the approval_id, what the agent wants and why). Ask the \
+person, then allow=true lets the call run, allow=false refuses it (the agent is told, with the \
+note). Clients that support elicitation are asked directly and rarely need this."""
+
 PING_DESCRIPTION = "Health check: answers at once with the server's name and version; no effect."
 
 
@@ -293,6 +322,15 @@ TOOLS: tuple[ToolSpec[Any], ...] = (
         handler=rerun_subagent,
     ),
     ToolSpec(
+        name="answer_approval",
+        request=AnswerApprovalRequest,
+        answer=ApprovalAnswer,
+        title="Answer an agent's approval request",
+        description=APPROVAL_DESCRIPTION,
+        annotations=_writes(destructive=False, idempotent=True),
+        handler=answer_approval,
+    ),
+    ToolSpec(
         name="ping",
         request=PingRequest,
         answer=PingResult,
@@ -321,13 +359,60 @@ async def _ask_roots(ctx: ToolCtx) -> ListRoots | None:
 Roots = Annotated[ListRootsResult | None, Resolve(_ask_roots)]
 
 
+class ApprovalForm(BaseModel):
+    """What the person answers when the server asks about an agent's call."""
+
+    allow: bool = Field(description="Allow this call?")
+    note: str = Field(default="", max_length=2_000, description="Optional: a word for the agent")
+
+
+async def _pending_approval(ctx: ToolCtx) -> Approval | None:
+    """The oldest approval to ask the person about, when the client can ask (form
+    elicitation) and one waits that was not dismissed in this session."""
+    caps = ctx.client_capabilities
+    elicitation = caps.elicitation if caps is not None else None
+    if elicitation is None or (elicitation.form is None and elicitation.url is not None):
+        return None
+    app = ctx.request_context.lifespan_context
+    return await app.approval_to_ask()
+
+
+def approval_message(approval: Approval) -> str:
+    """The question the person sees."""
+    why = f"\nWhy: {approval.why}" if approval.why else ""
+    return (
+        f"Subagent {approval.agent_id} asks to {approval.kind}: {approval.subject}{why}\n"
+        f"(policy rule: {approval.rule}; approval {approval.approval_id})"
+    )
+
+
+async def _ask_approval(
+    pending: Annotated[Approval | None, Resolve(_pending_approval)],
+) -> Elicit[ApprovalForm] | None:
+    if pending is None:
+        return None
+    return Elicit(approval_message(pending), ApprovalForm)
+
+
+Pending = Annotated[Approval | None, Resolve(_pending_approval)]
+Asked = Annotated[ElicitationResult[ApprovalForm], Resolve(_ask_approval)]
+
+
 def _function(spec: ToolSpec[Any], app: App) -> Callable[..., Awaitable[Any]]:
     """The tool's function as the SDK reads it: the request, the context and, for a tool that
     works on a repository, the client's roots; its return annotation declares the answer."""
     handler = spec.handler
 
-    async def with_roots(request: Any, ctx: ToolCtx, roots: Roots = None) -> Any:
+    async def with_roots(
+        request: Any,
+        ctx: ToolCtx,
+        roots: Roots = None,
+        pending: Pending = None,
+        asked: Asked = None,  # pyright: ignore[reportArgumentType]
+    ) -> Any:
         app.repos.offer_roots(roots)
+        if pending is not None:
+            await app.take_approval_answer(pending, asked)
         return await handler(app, request, ctx)
 
     async def without_roots(request: Any, ctx: ToolCtx) -> Any:
@@ -353,8 +438,8 @@ def sdk_tool(spec: ToolSpec[Any], app: App) -> Tool:
     if app.repos.configured is not None:
         # The repository is configured (--repo, FANOUT_REPO), so the client's roots could never
         # change which one a call works on: the tool takes `roots` as None instead of having
-        # the SDK run its resolver on every call.
-        sdk_patches.skip_resolvers(tool)
+        # the SDK run its resolver on every call (the approval resolvers stay).
+        sdk_patches.skip_resolvers(tool, "roots")
     sdk_patches.take_request_model(tool, spec.request)
     sdk_patches.simplify_output_schema(tool)
     if spec.prebuilt_output:

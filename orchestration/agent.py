@@ -221,7 +221,8 @@ class AgentLoop:
                     continue
                 text = "\n".join(b.text for b in response.content if isinstance(b, TextBlock))
                 return LoopOutcome(StopReason.FINAL_ANSWER, summary=bounded_final_text(text))
-            results, finish = await self._run_tools(bus, uses)
+            why = "\n".join(b.text for b in response.content if isinstance(b, TextBlock))
+            results, finish = await self._run_tools(bus, uses, why)
             if finish is not None:
                 return LoopOutcome(
                     StopReason.FINISHED,
@@ -290,7 +291,7 @@ class AgentLoop:
         return await call_with_retry(attempt, self.retry, on_retry=note_retry)
 
     async def _run_tools(
-        self, bus: AgentBus, uses: list[ToolUseBlock]
+        self, bus: AgentBus, uses: list[ToolUseBlock], why: str = ""
     ) -> tuple[list[ToolResultBlock], FinishArgs | None]:
         """Run a turn's tool calls in order; consecutive reads concurrently, the rest one by one."""
         outcomes: dict[str, ToolOutcome] = {}
@@ -306,7 +307,7 @@ class AgentLoop:
             batch.clear()
 
         async def call_one(use: ToolUseBlock) -> None:
-            outcomes[use.id] = await bus.call(use.name, use.input)
+            outcomes[use.id] = await bus.call(use.name, use.input, why)
 
         finish_use: ToolUseBlock | None = None
         for use in uses:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from orchestration.contracts import AgentStatus, StopReason
-from orchestration.records import current_agent, reruns_of
+from orchestration.records import current_agent, pending_approval, reruns_of
 from orchestration.state import AgentRecord
 from toolbus.lease_store import Lease, LeaseRequest, conflicts
 
@@ -54,7 +54,7 @@ REDO = (
     AgentStatus.VERIFY_FAILED,
 )
 # Event kinds that always wake a long-poll: something went wrong that the orchestrator should see.
-ATTENTION_KINDS = frozenset({"lease_lost"})
+ATTENTION_KINDS = frozenset({"lease_lost", "approval"})
 _HOLDS_SCOPE = (
     AgentStatus.SUCCEEDED,
     AgentStatus.FAILED,
@@ -110,10 +110,17 @@ def run_attention(
     blocked: dict[str, tuple[str, ...]] = {}
     moving = False
     reruns = reruns_of(every_agent.values()) if any(a.depends_on for a in agents) else {}
+    asking: list[AgentRecord] = []
     for agent in agents:
         if agent.status in (AgentStatus.RUNNING, AgentStatus.QUEUED):
             moving = True
         if agent.status is not AgentStatus.WAITING:
+            continue
+        if pending_approval(agent) is not None:
+            asking.append(agent)  # waits for the person: only the orchestrator moves it
+            continue
+        if agent.started_at is not None and not agent.approval:
+            moving = True  # a running agent's command waits for a named resource: it runs
             continue
         mine = agent.lease_holder or agent.agent_id
         blockers: list[str] = []
@@ -144,9 +151,18 @@ def run_attention(
     attention = tuple(
         a.agent_id
         for a in agents
-        if a.lease_lost or a.stop_reason is StopReason.BUDGET_EXHAUSTED or a.status in REDO
+        if a.lease_lost
+        or a.stop_reason is StopReason.BUDGET_EXHAUSTED
+        or a.status in REDO
+        or pending_approval(a) is not None
     )
     by_id = dict(every_agent)
+    if asking:
+        step = _approval_step(asking)
+        if moving:
+            return RunAttention(False, step, mergeable, blocked, attention)
+        rest = _next_step(run_id, agents, by_id, blocked, mergeable)
+        return RunAttention(True, f"{step}; {rest}", mergeable, blocked, attention)
     if moving:
         running = sum(1 for a in agents if a.status.active)
         step = (
@@ -157,6 +173,22 @@ def run_attention(
     return RunAttention(
         True, _next_step(run_id, agents, by_id, blocked, mergeable), mergeable, blocked, attention
     )
+
+
+def _approval_step(asking: Sequence[AgentRecord]) -> str:
+    """The call that answers the oldest pending approvals, saying what each agent wants."""
+    parts: list[str] = []
+    for agent in sorted(asking, key=lambda a: a.approval.requested_at if a.approval else 0)[:3]:
+        approval = pending_approval(agent)
+        if approval is None:
+            continue
+        why = f" ({approval.why[:120]})" if approval.why else ""
+        parts.append(
+            f'answer_approval(approval_id="{approval.approval_id}", allow=true|false): '
+            f"{agent.name} asks for {approval.kind} {approval.subject[:160]!r}{why}"
+        )
+    more = f"; and {len(asking) - 3} more approvals" if len(asking) > 3 else ""
+    return "ask the person, then " + "; ".join(parts) + more
 
 
 def _next_step(

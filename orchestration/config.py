@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestration.errors import ConfigError
 from toolbus.limits import CommandLimits
+from toolbus.permissions import PermissionRules
 
 DEFAULT_MODEL = "claude-sonnet-5-5"
 
@@ -86,6 +88,36 @@ class Settings(BaseModel):
     cache_warmup_max_s: float = Field(
         default=30.0, ge=0, description="FANOUT_CACHE_WARMUP_MAX_S: 0 starts agents together"
     )
+    permissions: PermissionRules = Field(
+        default_factory=PermissionRules,
+        description="FANOUT_PERMISSIONS: the permission policy, as JSON or @<file of JSON>",
+    )
+    approval_timeout_s: float = Field(
+        default=300.0, gt=0, description="FANOUT_APPROVAL_TIMEOUT_S: no answer by then refuses"
+    )
+    mcp_config: Path | None = Field(
+        default=None,
+        description="FANOUT_MCP_CONFIG: a JSON file of downstream MCP servers ({mcpServers: …})",
+    )
+
+    @field_validator("permissions", mode="before")
+    @classmethod
+    def _permissions(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("@"):
+            try:
+                text = Path(text[1:]).expanduser().read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"cannot read the permissions file: {exc}") from None
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ValueError(
+                f'not JSON ({exc}); give {{"allow": [...], "ask": [...], '
+                '"deny": [...], "default": ...}} or @<file>'
+            ) from None
 
     @field_validator("sandbox_ro_paths")
     @classmethod

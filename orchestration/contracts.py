@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from toolbus.errors import PathEscape
+from toolbus.external import SERVER_NAME
+from toolbus.permissions import PermissionRules
 from toolbus.resources import normalize_path
 
 MAX_TASKS = 64
@@ -58,6 +60,23 @@ def _normalize_scope(paths: list[str] | None) -> list[str] | None:
     return out
 
 
+ResourceName = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")
+]
+
+
+class ResourceSpec(_Input):
+    """A shared resource a task uses (a port, a cache): a named lease, held around each command
+    that names it, or for the agent's whole life."""
+
+    name: ResourceName = Field(description="e.g. 'port:8000', 'npm-cache'")
+    hold: Literal["command", "agent"] = Field(
+        default="command",
+        description="command: taken around each command that names it; agent: for the agent's "
+        "whole run, from its start",
+    )
+
+
 class TaskSpec(_Input):
     """One subagent's task."""
 
@@ -84,6 +103,32 @@ class TaskSpec(_Input):
         description="Tasks (names in this spawn, or agent ids of earlier runs) that must be "
         "merged first: this one waits, then starts from the head that contains them.",
     )
+    resources: list[ResourceName | ResourceSpec] = Field(
+        default_factory=list[ResourceName | ResourceSpec],
+        max_length=16,
+        description="Shared resources its commands use ('port:8000', or {name, hold: 'agent'}): "
+        "no two agents hold one at once; the others wait.",
+    )
+    network: bool = Field(
+        default=False,
+        description="Its commands need the network (a package install): granted by the "
+        "permission policy, which asks the person by default.",
+    )
+    permissions: PermissionRules | None = Field(
+        default=None,
+        description="Narrows the run's permission policy for this task: {default?, allow, ask, "
+        "deny} rules such as 'run_command(npm *)', 'write(*.lock)', 'network', 'mcp__db__*'.",
+    )
+
+    def resource_specs(self) -> list[ResourceSpec]:
+        """The declared resources, each once, with how long it is held (for the agent's life if
+        any declaration says so)."""
+        found: dict[str, ResourceSpec] = {}
+        for r in self.resources:
+            spec = r if isinstance(r, ResourceSpec) else ResourceSpec(name=r.strip())
+            if spec.name not in found or spec.hold == "agent":
+                found[spec.name] = spec
+        return list(found.values())
 
     @field_validator("prompt")
     @classmethod
@@ -132,6 +177,19 @@ class SpawnRequest(_Input):
         max_length=4_000,
         description="the run's verification command: merge_results runs it on the would-be "
         "merged tree before the branch moves (a merge may name its own)",
+    )
+    permissions: PermissionRules | None = Field(
+        default=None,
+        description="Narrows the server's permission policy for this run's agents (allow / "
+        "ask / deny rules; they can only make it stricter).",
+    )
+    mcp_servers: list[Annotated[str, StringConstraints(pattern=SERVER_NAME.pattern)]] | None = (
+        Field(
+            default=None,
+            max_length=32,
+            description="The downstream MCP servers (from the server's configuration) whose tools "
+            "the agents get; omitted: all configured; []: none.",
+        )
     )
 
 
@@ -244,6 +302,12 @@ class SpawnResult(_Output):
     agents: list[AgentBrief]
     estimate: CostEstimate
     warnings: list[str] = Field(default_factory=list[str])
+    permissions: str = Field(
+        default="", description="the permission policy that applies to the run's agents"
+    )
+    mcp_tools: list[str] = Field(
+        default_factory=list[str], description="the downstream MCP tools the agents get"
+    )
 
 
 ChangeStatus = Literal["added", "modified", "deleted", "renamed"]
@@ -270,6 +334,14 @@ class CommandRun(_Output):
     outcome: Literal["ok", "refused", "error"] = "ok"
 
 
+class PermissionDecision(_Output):
+    """A gated call that was asked about or refused, from the bus's audit log."""
+
+    tool: str
+    subject: str
+    decision: str = Field(description="e.g. 'ask (ask: network): allowed by person'")
+
+
 class AgentResultView(_Output):
     """A finished agent's result as `get_status` shows it: the result's own facts, without what
     the agent's entry beside it already says (its status, tokens, turns and branch). The whole
@@ -285,6 +357,10 @@ class AgentResultView(_Output):
     )
     commands: list[CommandRun] = Field(default_factory=list[CommandRun])
     refused_calls: int = 0
+    permissions: list[PermissionDecision] = Field(
+        default_factory=list[PermissionDecision],
+        description="the permission policy's asks and refusals, with who answered",
+    )
     duration_s: float = 0.0
     error: str | None = None
     commit: str | None = None
@@ -314,6 +390,23 @@ class LeaseView(_View):
     expires_in_s: float
 
 
+class Approval(_Output):
+    """A call held until the person answers: what the agent wants, why, and the rule that asks.
+    Answered by MCP elicitation, or with `answer_approval`; no answer by `expires_at` refuses."""
+
+    approval_id: str
+    agent_id: str
+    kind: Literal["command", "write", "network", "mcp"]
+    subject: str
+    why: str = ""
+    rule: str
+    requested_at: float
+    expires_at: float
+    decision: Literal["allowed", "refused"] | None = None
+    by: str | None = None
+    note: str | None = None
+
+
 class AgentView(_View):
     """One agent in `get_status`."""
 
@@ -327,6 +420,11 @@ class AgentView(_View):
     tokens: TokenUsage
     write_scope: list[str] | None
     waits_for: list[str] = Field(default_factory=list[str])
+    approval: Approval | None = Field(
+        default=None,
+        description="the call it holds for the person's answer (answer_approval, or an "
+        "elicitation the server raises in your next call)",
+    )
     leases: list[LeaseView] = Field(default_factory=list[LeaseView])
     lease_lost: bool = False
     changed_files: list[str] = Field(default_factory=list[str])

@@ -30,6 +30,7 @@ from orchestration.config import Settings
 from orchestration.context import RepoContext, find_agent, find_run
 from orchestration.contracts import (
     AgentStatus,
+    Approval,
     CancelResult,
     MergeRequest,
     MergeResult,
@@ -56,6 +57,7 @@ from orchestration.registry import AgentRegistry, LeaseFence
 from orchestration.runner import AgentRunner
 from orchestration.state import AgentRecord, EventKind, StateStore
 from orchestration.status_view import StatusView, lease_expires_in
+from toolbus.external import ExternalServerError, ExternalTool, ExternalTools
 from toolbus.leases import LeaseKeeper, LeaseManager, LeaseStore
 
 log = logging.getLogger("fanout.orchestrator")
@@ -73,6 +75,7 @@ class Orchestrator:
         *,
         clock: Clock = SYSTEM_CLOCK,
         timing: Timing | None = None,
+        external: ExternalTools | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -87,6 +90,7 @@ class Orchestrator:
             caps=self._caps,
             clock=clock,
             start_soon=self._start_soon,
+            external=external,
         )
         self._recovery = Recovery(self._registry, self._runner, self.timing)
         self._merger = Merger(settings, self._registry)
@@ -188,6 +192,7 @@ class Orchestrator:
         names = [t.name or f"agent-{i + 1}" for i, t in enumerate(request.tasks)]
         if len(set(names)) != len(names):
             raise InvalidRequest("tasks[].name: names must be unique within a run")
+        servers, mcp_tools = await self._downstream(request)
         run_id = f"r{secrets.token_hex(4)}"
         snap = await anyio.to_thread.run_sync(ws_mod.snapshot, ctx.repo, run_id)
         shared_spec = request.shared_context
@@ -208,6 +213,7 @@ class Orchestrator:
             repo=str(ctx.repo.root),
             owner=ctx.store.server_id,
             now=self.clock.time(),
+            mcp_servers=servers,
         )
         known = await anyio.to_thread.run_sync(ctx.store.all_agents)
         agents = planner.new_agents(
@@ -263,6 +269,66 @@ class Orchestrator:
             agents=briefs,
             estimate=estimate,
             warnings=warnings,
+            permissions=self._runner.policy(run, agents[0]).describe()
+            + ("; tasks narrow it further" if any(a.permissions for a in agents) else ""),
+            mcp_tools=[tool.name for tool in mcp_tools],
+        )
+
+    async def _downstream(self, request: SpawnRequest) -> tuple[list[str], list[ExternalTool]]:
+        """The downstream MCP servers a run gets, and their tools; refuses a server that is not
+        configured or cannot be listed, naming it."""
+        external = self._runner.external
+        configured = external.servers() if external is not None else []
+        wanted = configured if request.mcp_servers is None else list(request.mcp_servers)
+        unknown = sorted(set(wanted) - set(configured))
+        if unknown:
+            have = ", ".join(configured) or "none (FANOUT_MCP_CONFIG names none)"
+            raise InvalidRequest(
+                f"mcp_servers: {', '.join(unknown)} not configured; the servers are: {have}"
+            )
+        if not wanted or external is None:
+            return [], []
+        try:
+            return wanted, await external.list_tools(wanted)
+        except ExternalServerError as exc:
+            raise InvalidRequest(
+                f"mcp_servers: {exc}; fix the server, or spawn without it (mcp_servers=[...])"
+            ) from None
+
+    # --- approvals --------------------------------------------------------------------------
+
+    async def pending_approvals(self, repo: Path | None = None) -> list[Approval]:
+        """The calls that wait for the person's answer, oldest first."""
+        ctx = await self.context(repo)
+        found = [
+            a.approval
+            for a in await anyio.to_thread.run_sync(ctx.store.all_agents)
+            if a.approval is not None and a.approval.decision is None and a.status.active
+        ]
+        return sorted(found, key=lambda a: a.requested_at)
+
+    async def answer_approval(
+        self, approval_id: str, allow: bool, note: str | None, *, by: str, repo: Path | None = None
+    ) -> Approval:
+        """Answer a pending approval once; the agent's call goes on (or is refused) at once."""
+        agent_id, sep, _ = approval_id.rpartition("-p")
+        if not sep or not agent_id:
+            raise InvalidRequest(
+                f"approval_id {approval_id!r} is not an approval id; get_status lists the "
+                "pending ones (an agent's `approval`)"
+            )
+        ctx = await self._context_of_agent(agent_id, repo)
+        decided = ctx.store.decide_approval(agent_id, approval_id, allowed=allow, by=by, note=note)
+        if decided is not None:
+            return decided
+        current = find_agent(ctx, agent_id).approval
+        if current is not None and current.approval_id == approval_id and current.decision:
+            raise InvalidState(
+                f"approval {approval_id} was already answered: {current.decision} by {current.by}"
+            )
+        raise InvalidState(
+            f"approval {approval_id} is not pending (answered, timed out, or its agent stopped); "
+            "get_status lists the pending ones"
         )
 
     # --- status -----------------------------------------------------------------------------
@@ -429,6 +495,9 @@ class Orchestrator:
             rerun_context=context,
             lease_holder=new_id,
             depends_on=old.depends_on,
+            resources=old.resources,
+            network=old.network,
+            permissions=old.permissions,
         )
         await self._registry.release_leases(ctx, old)
         ctx.store.add_agent(new)

@@ -32,6 +32,7 @@ def new_run(
     repo: str,
     owner: str,
     now: float,
+    mcp_servers: list[str] | None = None,
 ) -> RunRecord:
     """The record of a run about to be created, its options from the request or the settings."""
     return RunRecord(
@@ -48,6 +49,8 @@ def new_run(
         model=settings.model,
         owner=owner,
         verify_command=request.verify_command,
+        permissions=request.permissions,
+        mcp_servers=mcp_servers or [],
     )
 
 
@@ -142,6 +145,9 @@ def new_agents(
                 owner=run.owner,
                 lease_holder=agent_id,
                 depends_on=dependencies[i],
+                resources=task.resource_specs(),
+                network=task.network,
+                permissions=task.permissions,
             )
         )
     return plan_waves(agents)

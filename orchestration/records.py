@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TypeGuard
 
 from orchestration import workspace as ws_mod
-from orchestration.contracts import AgentBrief, AgentStatus
+from orchestration.contracts import AgentBrief, AgentStatus, Approval
 from orchestration.state import AgentRecord
 from toolbus.leases import LeaseRequest
 from toolbus.resources import WriteScope
@@ -58,6 +58,14 @@ def brief(agent: AgentRecord) -> AgentBrief:
         waits_for=agent.waits_for,
         depends_on=agent.depends_on,
     )
+
+
+def pending_approval(agent: AgentRecord) -> Approval | None:
+    """The call the agent holds for the person's answer, if any."""
+    approval = agent.approval
+    if approval is None or approval.decision is not None or not agent.status.active:
+        return None
+    return approval
 
 
 def first_line(text: str, limit: int = 72) -> str:

@@ -12,6 +12,7 @@ from orchestration.context import RepoContext
 from orchestration.state import AgentRecord
 from toolbus.audit import AuditLog
 from toolbus.errors import LeaseError, LeaseLost
+from toolbus.external import ExternalSession, ExternalTool
 from toolbus.leases import LeaseGrant, LeaseManager, LeaseMode
 
 log = logging.getLogger("fanout.orchestrator")
@@ -58,6 +59,9 @@ class AgentRuntime:
     loop: AgentLoop | None = None
     audit: AuditLog | None = None
     started_at: float = 0.0
+    resource_grant: LeaseGrant | None = None  # the named resources it holds for its life
+    external: ExternalSession | None = None  # its own connections to downstream MCP servers
+    external_tools: tuple[ExternalTool, ...] = ()
 
     def cancel(self, reason: str | None = None) -> None:
         """Stop the agent's task; `reason` becomes its result's error."""

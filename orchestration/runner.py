@@ -15,7 +15,15 @@ from orchestration.caps import ServerCaps
 from orchestration.clock import Clock
 from orchestration.config import Settings
 from orchestration.context import RepoContext, find_agent, find_run, transcript_path
-from orchestration.contracts import AgentResult, AgentStatus, CommandRun, FileChange, StopReason
+from orchestration.contracts import (
+    AgentResult,
+    AgentStatus,
+    CommandRun,
+    FileChange,
+    PermissionDecision,
+    StopReason,
+)
+from orchestration.gate import AgentGate
 from orchestration.models import ModelPool
 from orchestration.planner import run_prefix
 from orchestration.prompts import FINISH_TOOL, task_prompt
@@ -30,16 +38,20 @@ from orchestration.records import (
 )
 from orchestration.registry import AgentRegistry, AgentRuntime, LeaseFence
 from orchestration.retry import RetryPolicy
-from orchestration.state import AgentRecord
+from orchestration.state import AgentRecord, RunRecord
 from toolbus.audit import AuditLog
-from toolbus.bus import SUBAGENT_TOOL_SPECS, AgentBus
+from toolbus.bus import AgentBus, agent_tool_specs
 from toolbus.errors import LeaseLost
+from toolbus.external import ExternalTool, ExternalTools
+from toolbus.lease_store import LeaseRequest
+from toolbus.permissions import PermissionPolicy, PermissionRules
 from toolbus.resources import WriteScope
 from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
 
 log = logging.getLogger("fanout.orchestrator")
 
 StartSoon = Callable[..., None]
+MAX_DECISIONS = 50  # the permission decisions a result lists (the audit log has them all)
 
 
 def file_changes(ctx: RepoContext, base: str, commit: str) -> list[FileChange]:
@@ -75,6 +87,7 @@ class AgentRunner:
         caps: ServerCaps,
         clock: Clock,
         start_soon: Callable[..., None],
+        external: ExternalTools | None = None,
     ) -> None:
         self.settings = settings
         self._registry = registry
@@ -82,6 +95,25 @@ class AgentRunner:
         self._caps = caps
         self._clock = clock
         self._start_soon = start_soon
+        self.external = external
+
+    def policy(self, run: RunRecord, agent: AgentRecord) -> PermissionPolicy:
+        """The permission policy of one agent: the settings, narrowed by its run and its task."""
+        return self.policy_of(self.settings.permissions, run.permissions, agent.permissions)
+
+    @staticmethod
+    def policy_of(
+        settings: PermissionRules, run: PermissionRules | None, task: PermissionRules | None
+    ) -> PermissionPolicy:
+        return (
+            PermissionPolicy([("settings", settings)]).narrowed("run", run).narrowed("task", task)
+        )
+
+    async def external_tools(self, run: RunRecord) -> list[ExternalTool]:
+        """The downstream MCP tools the run's agents get (listed once per server and process)."""
+        if not run.mcp_servers or self.external is None:
+            return []
+        return await self.external.list_tools(run.mcp_servers)
 
     def start(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
         """Start the agent's task (it waits for its wave, leases and a slot first)."""
@@ -108,6 +140,25 @@ class AgentRunner:
             if record is not None and record.status.active:
                 with anyio.CancelScope(shield=True):
                     await self._finish_interrupted(ctx, runtime)
+            with anyio.CancelScope(shield=True):
+                await self._release_extras(ctx, runtime)
+
+    async def _release_extras(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        """Give back what an agent holds only while it runs: its named resources held for its
+        life and its downstream MCP sessions (its write scope stays until merged)."""
+        grant, runtime.resource_grant = runtime.resource_grant, None
+        if grant is not None:
+            ctx.keeper.untrack(grant)
+            try:
+                await ctx.leases.release(grant)
+            except Exception:
+                log.exception("agent %s: releasing its resources failed", runtime.agent_id)
+        external, runtime.external = runtime.external, None
+        if external is not None:
+            try:
+                await external.aclose()
+            except Exception:
+                log.exception("agent %s: closing its MCP sessions failed", runtime.agent_id)
 
     async def _fail_internal(self, ctx: RepoContext, runtime: AgentRuntime, exc: Exception) -> None:
         error = f"internal error: {type(exc).__name__}: {exc}"
@@ -178,6 +229,23 @@ class AgentRunner:
             fence.grant = grant
             ctx.keeper.track(grant, lambda lost: self.on_lease_lost(ctx, runtime, lost))
             store.record_lease(agent.agent_id, grant.token, queued=True)
+        # 2b. The named resources it holds for its whole run (after its scope: no cycle).
+        held = [r.name for r in agent.resources if r.hold == "agent"]
+        if held:
+            holder = agent.lease_holder or agent.agent_id
+
+            def on_resource_wait() -> None:
+                store.mark_waiting(
+                    agent.agent_id,
+                    "waits for " + ", ".join(held),
+                    f"waits for {', '.join(held)}, held by another agent (see get_status leases)",
+                )
+
+            named = [LeaseRequest.named(name) for name in held]
+            runtime.resource_grant = await ctx.leases.acquire(
+                holder, named, on_wait=on_resource_wait
+            )
+            ctx.keeper.track(runtime.resource_grant, lambda lost: None)
         # 3. A concurrency slot.
         limiter = ctx.limiters.get(agent.run_id)
         if limiter is None:
@@ -259,6 +327,7 @@ class AgentRunner:
 
         # The prefix describes the run's base for every agent, so it is byte-identical.
         prefix = await run_prefix(ctx, run)
+        runtime.external_tools = tuple(await self.external_tools(run))
         loop = AgentLoop(
             model=await self._models.for_agent(agent.model, agent.index),
             model_name=agent.model,
@@ -277,7 +346,7 @@ class AgentRunner:
                 max_turns=agent.max_turns,
                 rerun_context=agent.rerun_context,
             ),
-            tools=[*SUBAGENT_TOOL_SPECS, FINISH_TOOL],
+            tools=[*agent_tool_specs(runtime.external_tools), FINISH_TOOL],
             max_turns=agent.max_turns,
             max_output_tokens=self.settings.max_output_tokens,
             on_turn=lambda p, reserved, used: self._on_turn(
@@ -352,6 +421,10 @@ class AgentRunner:
             return workspace, terminal
 
         workspace, terminal = await anyio.to_thread.run_sync(make, limiter=ctx.workspace_threads)
+        run = find_run(ctx, agent.run_id)
+        holder = agent.lease_holder or agent.agent_id
+        if runtime.external_tools and self.external is not None:
+            runtime.external = self.external.session(agent.agent_id, cwd=str(workspace.path))
         base = agent.base_commit if agent.start_commit else start
         agent = ctx.store.mark_running(
             agent.agent_id,
@@ -372,6 +445,13 @@ class AgentRunner:
             audit=audit,
             terminal=terminal,
             git_dir=workspace.admin_dir,
+            policy=self.policy(run, agent),
+            gate=AgentGate(ctx, agent.agent_id, holder, self.settings.approval_timeout_s),
+            external=runtime.external,
+            external_tools=runtime.external_tools,
+            resources=[r.name for r in agent.resources],
+            held_resources=[r.name for r in agent.resources if r.hold == "agent"],
+            network=agent.network and not self.settings.allow_network,
         )
 
     def _budget(self, ctx: RepoContext, run_id: str) -> Budget:
@@ -499,6 +579,14 @@ class AgentRunner:
             dropped_files=dropped,
             commands=commands,
             refused_calls=sum(1 for r in records if r.outcome != "ok"),
+            permissions=[
+                PermissionDecision(
+                    tool=r.op, subject=r.command or r.path or r.args_brief, decision=r.permission
+                )
+                for r in records
+                if r.permission is not None
+                and ("ask (" in r.permission or "deny (" in r.permission)
+            ][:MAX_DECISIONS],
             tokens=progress.tokens,
             turns=progress.turns,
             duration_s=round(duration, 3),

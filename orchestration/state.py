@@ -27,7 +27,15 @@ import anyio
 import filelock
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestration.contracts import AgentResult, AgentStatus, StopReason, TokenUsage
+from orchestration.contracts import (
+    AgentResult,
+    AgentStatus,
+    Approval,
+    ResourceSpec,
+    StopReason,
+    TokenUsage,
+)
+from toolbus.permissions import PermissionRules
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -77,6 +85,8 @@ class EventKind(StrEnum):
     MERGED = "merged"
     DISCARDED = "discarded"
     NOTE = "note"
+    APPROVAL = "approval"  # a call waits for the person's answer
+    APPROVED = "approved"  # the answer (or the timeout)
 
     @classmethod
     def finished_as(cls, status: AgentStatus) -> EventKind:
@@ -129,6 +139,8 @@ class RunRecord(BaseModel, frozen=True):
     cache_ttl: Literal["5m", "1h"] | None = "5m"
     cache_note: str = ""
     first_request_tokens: int | None = None
+    permissions: PermissionRules | None = None
+    mcp_servers: list[str] = Field(default_factory=list[str])
 
 
 class AgentRecord(BaseModel, frozen=True):
@@ -174,6 +186,10 @@ class AgentRecord(BaseModel, frozen=True):
     stale_reads: list[str] = Field(default_factory=list[str])
     merged_commit: str | None = None  # its merge commit on the canonical branch
     changed_files: list[str] = Field(default_factory=list[str])
+    resources: list[ResourceSpec] = Field(default_factory=list[ResourceSpec])
+    network: bool = False
+    permissions: PermissionRules | None = None
+    approval: Approval | None = None  # the call it holds for the person's answer
 
 
 class Event(BaseModel):
@@ -217,6 +233,7 @@ class AgentChanges(FinalChanges, total=False):
     read_files: list[str]
     merged_commit: str | None
     first_input_tokens: int | None
+    approval: Approval | None
 
 
 @functools.cache
@@ -539,6 +556,60 @@ class StateStore:
         """The agent waits (for leases, or for an overlapping agent to be merged)."""
         return self.apply(
             agent_id, EventKind.WAITING, detail, status=AgentStatus.WAITING, status_reason=reason
+        )
+
+    def hold_for_approval(self, agent_id: str, approval: Approval) -> AgentRecord:
+        """A call of the running agent waits for the person's answer: it shows `waiting`."""
+        what = f"{approval.kind} {approval.subject}".strip()
+        return self.apply(
+            agent_id,
+            EventKind.APPROVAL,
+            approval.approval_id,
+            status=AgentStatus.WAITING,
+            status_reason=f"waits for approval {approval.approval_id}: {what[:300]}",
+            approval=approval,
+        )
+
+    def decide_approval(
+        self, agent_id: str, approval_id: str, *, allowed: bool, by: str, note: str | None
+    ) -> Approval | None:
+        """Record the answer to a pending approval, once: None when the agent holds no such
+        undecided approval (answered already, timed out, or never asked)."""
+        with self._tx() as db:
+            row = db.execute("SELECT data FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+            if row is None:
+                return None
+            current = AgentRecord.model_validate_json(str(row[0]))
+            pending = current.approval
+            if pending is None or pending.approval_id != approval_id or pending.decision:
+                return None
+            decided = pending.model_copy(
+                update={"decision": "allowed" if allowed else "refused", "by": by, "note": note}
+            )
+            updated = current.model_copy(update={"approval": decided})
+            db.execute(
+                "UPDATE agents SET data = ? WHERE agent_id = ?",
+                (updated.model_dump_json(), agent_id),
+            )
+            self._append_event(
+                db,
+                updated.run_id,
+                agent_id,
+                EventKind.APPROVED,
+                f"{approval_id} {decided.decision}",
+            )
+        self._notify()
+        return decided
+
+    def resume_running(self, agent_id: str) -> AgentRecord:
+        """The agent runs again (its call was answered, or its command got its resources); an
+        answered approval stays on the record, so a second answer is told who answered."""
+        return self.apply(
+            agent_id,
+            EventKind.RUNNING,
+            "approval answered",
+            status=AgentStatus.RUNNING,
+            status_reason=None,
         )
 
     def mark_running(

@@ -27,7 +27,7 @@ from orchestration.contracts import (
     TokenUsage,
 )
 from orchestration.errors import AgentNotFound
-from orchestration.records import scope_requests
+from orchestration.records import pending_approval, scope_requests
 from orchestration.state import AgentRecord, RunRecord
 from orchestration.wakeup import COALESCE_MAX_S, COALESCE_S, Wakeups
 from toolbus.leases import Lease, LeaseMode
@@ -443,6 +443,7 @@ def _agent_view(
     view = AgentView.model_construct(
         **{name: getattr(agent, name) for name in _SHOWN_AS_STORED},
         waits_for=agent.waits_for if agent.status.active else [],
+        approval=pending_approval(agent),
         leases=leases,
         result=agent.result.view() if agent.result is not None else None,
         reads_changing=changing,

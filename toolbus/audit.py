@@ -49,6 +49,9 @@ class AuditRecord(BaseModel):
     replacements: int | None = None
     reads: list[str] | None = None
     """Files whose contents the call showed besides `path` (a search's files with matches)."""
+    permission: str | None = None
+    """The permission policy's decision on a gated call: `allow (<rule>)`, `deny (<rule>)`,
+    `ask (<rule>): allowed by <who>`, `ask (<rule>): refused by <who>`."""
 
     def paths_read(self) -> list[str]:
         """The files whose contents this call showed the agent."""
@@ -140,6 +143,7 @@ class AuditLog:
         bytes_written: int | None = None,
         replacements: int | None = None,
         reads: list[str] | None = None,
+        permission: str | None = None,
     ) -> AuditRecord:
         """Record one call (the sequence number is assigned here) and persist it."""
         with self._lock:
@@ -161,6 +165,7 @@ class AuditLog:
                 bytes_written=bytes_written,
                 replacements=replacements,
                 reads=None if reads is None else [printable(p) for p in reads],
+                permission=None if permission is None else brief(permission, MAX_DETAIL_CHARS),
             )
             if self.path is not None:
                 line = record.model_dump_json(exclude_none=True) + "\n"

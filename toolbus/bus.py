@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -21,7 +22,13 @@ import anyio.to_thread
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from toolbus.audit import AuditLog, Outcome
-from toolbus.errors import InvalidArguments, ToolbusError
+from toolbus.errors import InvalidArguments, PermissionRefused, ToolbusError
+from toolbus.external import (
+    ExternalServerError,
+    ExternalSession,
+    ExternalTool,
+    connection_lease,
+)
 from toolbus.fileops import (
     EditResult,
     Fence,
@@ -33,11 +40,18 @@ from toolbus.fileops import (
     WriteResult,
 )
 from toolbus.jail import Jail
-from toolbus.resources import WriteScope
+from toolbus.permissions import (
+    ApprovalRequest,
+    CallGate,
+    PermissionPolicy,
+    PermissionRequest,
+)
+from toolbus.resources import WriteScope, normalize_path
 from toolbus.terminal import CommandResult, Terminal
 from toolbus.toolspec import ToolOutcome, ToolSpec
 
 __all__ = [
+    "MCP_RESOURCE_TOOL",
     "MUTATING_TOOLS",
     "SUBAGENT_TOOL_SPECS",
     "AgentBus",
@@ -49,6 +63,7 @@ __all__ = [
     "RunCommandArgs",
     "SearchArgs",
     "WriteFileArgs",
+    "agent_tool_specs",
 ]
 
 
@@ -99,6 +114,17 @@ class RunCommandArgs(_Args):
     timeout_s: float | None = Field(
         default=None, gt=0, description="Timeout in seconds (default 120, capped at 900)."
     )
+    resources: list[str] = Field(
+        default_factory=list[str],
+        max_length=16,
+        description="Shared resources the command uses, from your task's declared resources "
+        "(e.g. 'port:8000'): no other agent's command holds them while it runs (it waits).",
+    )
+
+
+class ReadMcpResourceArgs(_Args):
+    server: str = Field(description="The MCP server's name (as in the mcp__<server>__ tools).")
+    uri: str = Field(min_length=1, max_length=4096, description="The resource's URI.")
 
 
 _PATHS = (
@@ -147,6 +173,10 @@ _DESCRIPTIONS: dict[str, str] = {
         "outside the workspace read-only. The command may change any file of the workspace, "
         "but changes outside your write scope will not be kept."
     ),
+    "read_mcp_resource": (
+        "Read a resource of one of the MCP servers whose tools you have (mcp__<server>__*), by "
+        "its URI; long contents keep their beginning and end."
+    ),
 }
 
 _MODELS: dict[str, type[_Args]] = {
@@ -156,6 +186,7 @@ _MODELS: dict[str, type[_Args]] = {
     "list_files": ListFilesArgs,
     "search": SearchArgs,
     "run_command": RunCommandArgs,
+    "read_mcp_resource": ReadMcpResourceArgs,
 }
 
 MUTATING_TOOLS = frozenset({"write_file", "edit_file", "run_command"})
@@ -169,7 +200,13 @@ def _schema(model: type[_Args]) -> dict[str, JsonValue]:
 SUBAGENT_TOOL_SPECS: list[ToolSpec] = [
     ToolSpec(name=name, description=_DESCRIPTIONS[name], input_schema=_schema(model))
     for name, model in _MODELS.items()
+    if name != "read_mcp_resource"
 ]
+MCP_RESOURCE_TOOL = ToolSpec(
+    name="read_mcp_resource",
+    description=_DESCRIPTIONS["read_mcp_resource"],
+    input_schema=_schema(ReadMcpResourceArgs),
+)
 
 
 def _signature(name: str, model: type[_Args]) -> str:
@@ -251,10 +288,12 @@ class _Facts:
     replacements: int | None = None
     reads: list[str] | None = None
     is_error: bool = False
+    permission: str | None = None
 
 
 class AgentBus:
-    """The one way a subagent touches its workspace: file tools and its terminal."""
+    """The one way a subagent touches its workspace, its terminal and the downstream MCP servers
+    its run allows; the calls a person may care about pass the permission policy first."""
 
     def __init__(
         self,
@@ -267,6 +306,13 @@ class AgentBus:
         terminal: Terminal,
         limits: FileLimits | None = None,
         git_dir: Path | None = None,
+        policy: PermissionPolicy | None = None,
+        gate: CallGate | None = None,
+        external: ExternalSession | None = None,
+        external_tools: Sequence[ExternalTool] = (),
+        resources: Collection[str] = (),
+        held_resources: Collection[str] = (),
+        network: bool = False,
     ) -> None:
         self.agent_id = agent_id
         self.jail = Jail(workspace)
@@ -275,6 +321,16 @@ class AgentBus:
         self.audit = audit
         self.terminal = terminal
         self.limits = limits or FileLimits()
+        self.policy = policy or PermissionPolicy()
+        self.gate = gate
+        self.external = external
+        self.external_tools = {tool.name: tool for tool in external_tools}
+        self.resources = frozenset(resources)
+        """Named resources the agent declared: its commands may name them."""
+        self.held_resources = frozenset(held_resources)
+        """Declared resources it holds for its whole life (taken with its write scope)."""
+        self.network_wanted = network
+        self.network_decided = False
         self._loop_fence = _LoopFence(fence)
         self.files = FileOps(self.jail, write_scope, self._loop_fence, self.limits, git_dir=git_dir)
         self._mutation_lock = anyio.Lock()
@@ -285,7 +341,13 @@ class AgentBus:
             "list_files": self._list_files,
             "search": self._search,
             "run_command": self._run_command,
+            "read_mcp_resource": self._read_mcp_resource,
         }
+        self._why = ""
+
+    def tool_specs(self) -> list[ToolSpec]:
+        """The tools this agent's model is offered (see `agent_tool_specs`)."""
+        return agent_tool_specs(list(self.external_tools.values()))
 
     def written_paths(self) -> list[str]:
         """Paths written or edited through the bus (real relative paths, sorted, unique)."""
@@ -305,8 +367,10 @@ class AgentBus:
             found.update(record.paths_read())
         return sorted(found)[:limit]
 
-    async def call(self, name: str, arguments: Mapping[str, object]) -> ToolOutcome:
-        """Run one tool call; refusals and failures come back as error outcomes."""
+    async def call(self, name: str, arguments: Mapping[str, object], why: str = "") -> ToolOutcome:
+        """Run one tool call; refusals and failures come back as error outcomes. `why`: what
+        the model said with the call (shown to the person when the policy asks)."""
+        self._why = why
         started = time.time()
         t0 = time.monotonic()
         self._loop_fence.loop_thread = threading.get_ident()
@@ -316,11 +380,14 @@ class AgentBus:
         detail: str | None = None
         error_type: str | None = None
         try:
+            external = self.external_tools.get(name)
+            if external is not None:
+                text, facts = await self._external_call(external, arguments, facts)
+                return ToolOutcome(content=text, is_error=facts.is_error)
             model = _MODELS.get(name)
-            if model is None:
-                raise InvalidArguments(
-                    f"unknown tool {name!r}; the tools are: {', '.join(_MODELS)}"
-                )
+            if model is None or (name == "read_mcp_resource" and not self.external_tools):
+                names = [s.name for s in self.tool_specs()]
+                raise InvalidArguments(f"unknown tool {name!r}; the tools are: {', '.join(names)}")
             if not isinstance(arguments, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
                 raise InvalidArguments(f"arguments of {name} must be a JSON object")
             try:
@@ -338,6 +405,8 @@ class AgentBus:
             facts = done
             return ToolOutcome(content=text, is_error=facts.is_error)
         except ToolbusError as exc:
+            if isinstance(exc, PermissionRefused):
+                facts.permission = exc.permission
             outcome, error_type, detail = "refused", type(exc).__name__, str(exc)
             return ToolOutcome(content=f"{error_type}: {exc}", is_error=True)
         except anyio.get_cancelled_exc_class():
@@ -367,6 +436,7 @@ class AgentBus:
                 bytes_written=facts.bytes_written,
                 replacements=facts.replacements,
                 reads=facts.reads,
+                permission=facts.permission,
             )
 
     def _token(self) -> int | None:
@@ -390,15 +460,21 @@ class AgentBus:
         return render_read(result), _Facts(path=result.path)
 
     async def _write_file(self, args: WriteFileArgs) -> tuple[str, _Facts]:
+        permission = await self._permit_write(args.path)
         result = await anyio.to_thread.run_sync(self.files.write, args.path, args.content)
-        return render_write(result), _Facts(path=result.path, bytes_written=result.bytes_written)
+        facts = _Facts(path=result.path, bytes_written=result.bytes_written, permission=permission)
+        return render_write(result), facts
 
     async def _edit_file(self, args: EditFileArgs) -> tuple[str, _Facts]:
+        permission = await self._permit_write(args.path)
         result = await anyio.to_thread.run_sync(
             self.files.edit, args.path, args.old, args.new, args.replace_all
         )
         facts = _Facts(
-            path=result.path, bytes_written=result.bytes_written, replacements=result.replacements
+            path=result.path,
+            bytes_written=result.bytes_written,
+            replacements=result.replacements,
+            permission=permission,
         )
         return render_edit(result), facts
 
@@ -415,10 +491,146 @@ class AgentBus:
 
     async def _run_command(self, args: RunCommandArgs) -> tuple[str, _Facts]:
         self.fence.check(None)
-        result = await self.terminal.run(args.command, args.timeout_s)
+        undeclared = sorted(set(args.resources) - self.resources)
+        if undeclared:
+            declared = ", ".join(sorted(self.resources)) or "none"
+            raise InvalidArguments(
+                f"resources {', '.join(undeclared)} are not declared by your task (declared: "
+                f"{declared}); run the command without them, or report that the task needs them"
+            )
+        permission = await self._permit(PermissionRequest(kind="command", subject=args.command))
+        if self.network_wanted and not self.network_decided:
+            permission += "; " + await self._decide_network(args.command)
+        names = sorted(set(args.resources) - self.held_resources)
+        if names and self.gate is not None:
+            async with self.gate.hold(names):
+                self.fence.check(None)
+                result = await self.terminal.run(args.command, args.timeout_s)
+        else:
+            result = await self.terminal.run(args.command, args.timeout_s)
         facts = _Facts(exit_code=result.exit_code, timed_out=result.timed_out)
         facts.is_error = result.timed_out
+        facts.permission = permission
         return render_command(result), facts
+
+    async def _decide_network(self, command: str) -> str:
+        """The task asked for the network: the policy (and the person) decide once, at its
+        first command; granted, its commands run with the network from then on."""
+        try:
+            permission = await self._permit(PermissionRequest(kind="network"), subject=command)
+        except PermissionRefused as exc:
+            self.network_decided = True
+            raise PermissionRefused(
+                f"{exc} The command did not run; run it again to run it without the network "
+                "(every later command runs without it).",
+                permission=f"network: {exc.permission}",
+            ) from None
+        self.network_decided = True
+        self.terminal.grant_network()
+        return f"network: {permission}"
+
+    async def _read_mcp_resource(self, args: ReadMcpResourceArgs) -> tuple[str, _Facts]:
+        servers = sorted({tool.server for tool in self.external_tools.values()})
+        if args.server not in servers or self.external is None:
+            raise InvalidArguments(
+                f"no MCP server {args.server!r} here; the servers are: {', '.join(servers)}"
+            )
+        async with self._hold_connection(args.server, shared=True):
+            outcome = await self.external.read_resource(args.server, args.uri)
+        return outcome.content, _Facts(path=None, is_error=outcome.is_error)
+
+    async def _external_call(
+        self, tool: ExternalTool, arguments: Mapping[str, object], facts: _Facts
+    ) -> tuple[str, _Facts]:
+        if self.external is None:
+            raise ExternalServerError(f"{tool.name}: no connection to the MCP servers")
+        permission = await self._permit(
+            PermissionRequest(
+                kind="mcp",
+                subject=tool.name,
+                read_only=tool.read_only,
+                destructive=tool.destructive,
+            )
+        )
+        facts.permission = permission
+        args = cast(Mapping[str, JsonValue], arguments)
+        async with self._hold_connection(tool.server, shared=tool.read_only):
+            outcome = await self.external.call_tool(tool.server, tool.tool, args)
+        facts.is_error = outcome.is_error
+        return outcome.content, facts
+
+    def _hold_connection(self, server: str, *, shared: bool) -> AbstractAsyncContextManager[None]:
+        """The lease on a downstream server's connection: read for read-only calls, which run
+        concurrently, write for the others, which run one at a time across agents."""
+        if self.gate is None:
+            return nullcontext()
+        return self.gate.hold([connection_lease(server)], shared=shared)
+
+    # ---- permissions -----------------------------------------------------------------------
+
+    async def _permit_write(self, path: str) -> str:
+        return await self._permit(PermissionRequest(kind="write", subject=normalize_path(path)))
+
+    async def _permit(self, request: PermissionRequest, subject: str | None = None) -> str:
+        """The policy's decision on the call, as the audit records it; raises
+        `PermissionRefused` when it denies or the person refuses (or does not answer)."""
+        verdict = self.policy.decide(request)
+        rule = verdict.rule if verdict.layer == "settings" else f"{verdict.rule} ({verdict.layer})"
+        if verdict.decision == "allow":
+            return f"allow ({rule})"
+        what = _describe_request(request, subject)
+        if verdict.decision == "deny":
+            raise PermissionRefused(
+                f"{what} is denied by the permission policy ({rule}); do the task another way, "
+                "or report in your summary that it needs this",
+                permission=f"deny ({rule})",
+            )
+        if self.gate is None:
+            raise PermissionRefused(
+                f"{what} needs a person's approval ({rule}) and no one can approve here; do the "
+                "task another way, or report in your summary that it needs this",
+                permission=f"ask ({rule}): refused, no approver",
+            )
+        answer = await self.gate.approve(
+            ApprovalRequest(
+                agent_id=self.agent_id,
+                kind=request.kind,
+                subject=subject or request.subject or what,
+                why=self._why,
+                rule=rule,
+            )
+        )
+        if answer.allowed:
+            return f"ask ({rule}): allowed by {answer.by}"
+        note = f": {answer.note}" if answer.note else ""
+        if answer.by == "timeout":
+            refusal = f"{what} needed a person's approval ({rule}); no answer came in time"
+        else:
+            refusal = f"the person refused {what}{note}"
+        raise PermissionRefused(
+            f"{refusal}. Do the task another way, or report in your summary that it needs this",
+            permission=f"ask ({rule}): refused by {answer.by}{note}",
+        )
+
+
+def agent_tool_specs(external_tools: Sequence[ExternalTool]) -> list[ToolSpec]:
+    """The tools a subagent's model is offered: the subagent tools, then the downstream
+    servers' tools its run allows (and the resource reader when there are any)."""
+    specs = list(SUBAGENT_TOOL_SPECS)
+    if external_tools:
+        specs += [tool.spec() for tool in external_tools]
+        specs.append(MCP_RESOURCE_TOOL)
+    return specs
+
+
+def _describe_request(request: PermissionRequest, subject: str | None) -> str:
+    if request.kind == "command":
+        return f"the command {request.subject[:200]!r}"
+    if request.kind == "write":
+        return f"writing {request.subject}"
+    if request.kind == "network":
+        return "network access for your commands"
+    return f"the MCP tool {request.subject}"
 
 
 # ---- rendering for the model -------------------------------------------------------------------

@@ -11,7 +11,8 @@ Every refusal a subagent can meet is a typed error whose message says what to do
     ├── AccessDenied
     │   ├── PathEscape          the path leaves the jail (.., absolute, symlink, .git, NUL)
     │   ├── OutOfScope          a write outside the agent's write scope
-    │   └── CommandDenied       the command policy refuses the command
+    │   ├── CommandDenied       the command policy refuses the command
+    │   └── PermissionRefused   the permission policy denies the call, or the person refused it
     ├── FileOpError
     │   ├── FileNotFound        no such file or directory
     │   ├── NotAFile            a directory, device, FIFO or socket where a regular file is needed
@@ -19,6 +20,7 @@ Every refusal a subagent can meet is a typed error whose message says what to do
     │   ├── BinaryFile          a read of a binary file
     │   ├── NoMatch             edit_file: `old` does not occur
     │   └── MultipleMatches     edit_file: `old` occurs several times and replace_all is false
+    ├── ExternalServerError     a downstream MCP server failed or is not configured (external)
     ├── InvalidArguments        a tool call whose arguments do not validate
     └── SandboxUnavailable      FANOUT_SANDBOX=bwrap but bubblewrap cannot run here
 """
@@ -64,6 +66,15 @@ class OutOfScope(AccessDenied):
 
 class CommandDenied(AccessDenied):
     """The command policy refuses the command."""
+
+
+class PermissionRefused(AccessDenied):
+    """The permission policy denies the call, or the person refused it (or did not answer);
+    `permission` is the decision as the audit log records it."""
+
+    def __init__(self, message: str, *, permission: str | None = None) -> None:
+        super().__init__(message)
+        self.permission = permission
 
 
 class FileOpError(ToolbusError):

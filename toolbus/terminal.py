@@ -305,6 +305,12 @@ class Terminal:
         if self._own_home:
             self._cleanup = weakref.finalize(self, _remove_dirs, (self.home, self.view_dir))
 
+    def grant_network(self) -> None:
+        """Let the next commands reach the network (a grant of the permission policy)."""
+        if not self.config.allow_network:
+            self.config = self.config.model_copy(update={"allow_network": True})
+            self._plan = None  # probed again: bubblewrap's network setup differs
+
     def close(self) -> None:
         """Remove the temporary HOME this terminal made (if any) and the sandbox's files."""
         shutil.rmtree(self.view_dir, ignore_errors=True)

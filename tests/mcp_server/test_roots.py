@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import mcp.server.mcpserver.tools.base as tool_base
 import pytest
 from mcp import Client
 from mcp.client.context import ClientRequestContext
 from mcp.client.session import ListRootsFnT
-from mcp_types import ListRootsResult, Root
+from mcp_types import ErrorData, ListRootsResult, Root
 
 from mcp_server.demo import demo_model_factory, make_sample_repo, structured
 from mcp_server.server import build_server
@@ -97,24 +95,24 @@ async def test_a_configured_repo_runs_no_roots_resolver(
     repos: dict[str, Path], mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # With --repo (or FANOUT_REPO) the client's roots can never change which repository a call
-    # works on, so the SDK is not made to run the roots resolver on every tool call.
+    # works on, so the SDK is not made to run the roots resolver on any tool call (the client
+    # is never asked for its roots).
     calls: list[str] = []
-    real = tool_base.resolve_arguments  # pyright: ignore[reportPrivateImportUsage]
+    answer = _roots_of(repos["roots"])
 
-    async def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append("resolve")
-        return await real(*args, **kwargs)
+    async def counting(context: ClientRequestContext) -> ListRootsResult | ErrorData:
+        calls.append("roots")
+        return await answer(context)
 
-    monkeypatch.setattr(tool_base, "resolve_arguments", counting)
     configured = build_server(
         Settings.from_env({}, repo=repos["flag"], sandbox="none"), demo_model_factory()
     )
-    async with Client(configured, mode=mode, list_roots_callback=_roots_of(repos["roots"])) as c:
+    async with Client(configured, mode=mode, list_roots_callback=counting) as c:
         await _first_call(c)
         missing = await c.call_tool("cancel_subagents", {"run_id": "rnone"})
         assert missing.is_error
     assert calls == [] and _used(repos) == ["flag"]
     unconfigured = build_server(Settings.from_env({}, sandbox="none"), demo_model_factory())
-    async with Client(unconfigured, mode=mode, list_roots_callback=_roots_of(repos["roots"])) as c:
+    async with Client(unconfigured, mode=mode, list_roots_callback=counting) as c:
         await _first_call(c)
-    assert calls and _used(repos) == ["flag", "roots"]  # the modern era resolves in two rounds
+    assert calls and _used(repos) == ["flag", "roots"]

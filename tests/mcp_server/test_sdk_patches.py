@@ -124,7 +124,7 @@ async def test_take_request_model_makes_the_request_fields_the_arguments() -> No
     assert list(validated) == ["request"] and isinstance(validated["request"], _Request)
     with pytest.raises(ValidationError):
         tool.fn_metadata.validate_arguments({"count": 2, "unknown": 1})
-    sdk_patches.skip_resolvers(tool)
+    sdk_patches.skip_resolvers(tool, "roots")
     result = await tool.run({"count": 3}, _context(), convert_result=True)
     assert isinstance(result, CallToolResult) and _structured(result)["total"] == 3
     (listed,) = await MCPServer("t", tools=[tool]).list_tools()
@@ -142,7 +142,7 @@ async def test_skip_resolvers_runs_no_resolver_and_keeps_the_default() -> None:
         await tool.run({"request": {"count": 1}}, _context())
     assert resolver_calls == ["roots"]
 
-    sdk_patches.skip_resolvers(tool)
+    sdk_patches.skip_resolvers(tool, "roots")
     result = await tool.run({"request": {"count": 1}}, _context())
     assert isinstance(result, CallToolResult)
     assert _structured(result)["parts"] == [{"name": "None"}]

@@ -56,6 +56,7 @@ async def test_tools_are_listed_with_schemas_and_annotations(client: Client) -> 
         "merge_results",
         "cancel_subagents",
         "rerun_subagent",
+        "answer_approval",
         "ping",
     }
     spawn = tools["spawn_subagents"]

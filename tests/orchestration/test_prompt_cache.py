@@ -122,7 +122,11 @@ async def test_a_one_hour_prefix_is_asked_for_and_billed_at_its_price(tmp_path: 
     assert body["system"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}  # type: ignore[index,call-overload]
     tokens: TokenUsage = run.totals.tokens
     assert 0 < tokens.cache_write_1h < tokens.cache_write
-    assert run.totals.budget_used == sum(a.tokens.billed_equivalent for a in run.agents)
+    # the budget settles each turn rounded to whole tokens; an agent's total rounds once
+    turns = sum(a.turns for a in run.agents)
+    billed = sum(a.tokens.billed_equivalent for a in run.agents)
+    assert abs(run.totals.budget_used - billed) <= turns / 2 + len(run.agents) / 2
+    assert run.totals.budget_used > 0
     # an hour's write costs 2x, five minutes' 1.25x
     assert TokenUsage(cache_write=10, cache_write_1h=10).billed_equivalent == 20
     assert TokenUsage(cache_write=100).billed_equivalent == 125

@@ -123,6 +123,8 @@ class SchemaStrategies:
             optional = {k: self.valid(v, k) for k, v in props.items() if k not in required}
             return st.fixed_dictionaries(fixed, optional=optional)
         if kind == "array":
+            if key == "mcp_servers":  # no downstream server is configured here
+                return st.just([])
             low = int(schema.get("minItems", 0))
             high = min(int(schema.get("maxItems", 3)), low + 2, 3)
             return st.lists(self.valid(schema.get("items", {}), key), min_size=low, max_size=high)
@@ -131,6 +133,10 @@ class SchemaStrategies:
             high = min(int(schema.get("maxLength", 60)), 60)
             if key in ("write_scope", "files"):
                 return st.sampled_from(["src", "docs/", "src/greet.py", "README.md", "", "x/y"])
+            if key in ("allow", "ask", "deny"):  # permission rules have a grammar
+                return st.sampled_from(["run_command", "write(*.lock)", "network", "mcp:writes"])
+            if key in ("mcp_servers", "resources"):  # names: none configured / a plain name
+                return st.sampled_from(["port:8000", "cache"])
             return st.text(min_size=max(low, 1 if key == "prompt" else low), max_size=high)
         if kind == "integer":
             return st.integers(schema.get("minimum"), schema.get("maximum"))

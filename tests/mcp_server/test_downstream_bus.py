@@ -1,0 +1,131 @@
+"""Downstream MCP tools through the bus, in a run: a real downstream server over stdio, one
+session per agent; read-only calls of several agents overlap, write calls never do (from the
+server's own log); a destructive tool under `ask` waits for the person's answer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from mcp_server.downstream import DownstreamConfig, DownstreamServers, parse_downstream_config
+from orchestration.contracts import SpawnRequest, StatusResult, TaskSpec
+from orchestration.errors import InvalidRequest
+from orchestration.orchestrator import Orchestrator
+from tests.orchestration.scripts import Step, by_task, make_repo
+from tests.orchestration.test_orchestrator import settings, wait_until_final
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(log: Path) -> DownstreamConfig:
+    return _parse(
+        {
+            "mcpServers": {
+                "kv": {
+                    "command": sys.executable,
+                    "args": ["-m", "tests.mcp_server.downstream_server", "--log", str(log)],
+                    "env": {"PYTHONPATH": str(ROOT)},
+                }
+            }
+        }
+    )
+
+
+def _parse(data: dict[str, Any]) -> DownstreamConfig:
+    return parse_downstream_config(json.dumps(data))
+
+
+def _log(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["start"] < b["end"] and b["start"] < a["end"]
+
+
+async def test_read_only_calls_overlap_and_write_calls_never_do(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    log = tmp_path / "calls.jsonl"
+    warm: Step = ("mcp__kv__get", {"key": "nothing"})  # the session's server starts here
+    scripts: dict[str, list[Step]] = {
+        f"READ-{i}": [warm, ("mcp__kv__slow_get", {"key": "k", "ms": 600})] for i in range(3)
+    }
+    scripts |= {
+        f"WRITE-{i}": [warm, ("mcp__kv__slow_put", {"key": "k", "value": str(i), "ms": 200})]
+        for i in range(3)
+    }
+    model = by_task(scripts)
+    async with DownstreamServers(_config(log)) as downstream:
+        config = settings(repo)
+        async with Orchestrator(config, lambda _n: model, external=downstream) as orch:
+            tasks = [TaskSpec(prompt=key, name=key.lower(), write_scope=[]) for key in scripts]
+            spawned = await orch.spawn(SpawnRequest(tasks=tasks))
+            assert "mcp__kv__slow_get" in spawned.mcp_tools
+            done = await wait_until_final(orch, spawned.run_id)
+    assert all(a.status.value == "succeeded" for a in done.runs[0].agents), done
+    calls = _log(log)
+    reads = [c for c in calls if c["tool"] == "slow_get"]
+    writes = [c for c in calls if c["tool"] == "slow_put"]
+    assert len(reads) == 3 and len(writes) == 3
+    assert len({c["pid"] for c in reads + writes}) == 6  # a session (a process) per agent
+    assert any(_overlap(a, b) for i, a in enumerate(reads) for b in reads[i + 1 :]), reads
+    for write in writes:
+        others = [c for c in calls if c is not write and c["tool"] in ("slow_get", "slow_put")]
+        assert not any(_overlap(write, other) for other in others), (write, others)
+
+
+def _waiting(status: StatusResult) -> bool:
+    return any(a.approval is not None for a in status.runs[0].agents)
+
+
+async def test_a_destructive_tool_waits_for_the_answer(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    log = tmp_path / "calls.jsonl"
+    model = by_task({"DROP": [("mcp__kv__drop", {"key": "k"})]})
+    async with (
+        DownstreamServers(_config(log)) as downstream,
+        Orchestrator(settings(repo), lambda _n: model, external=downstream) as orch,
+    ):
+        task = TaskSpec(prompt="DROP", name="drop", write_scope=[])
+        spawned = await orch.spawn(SpawnRequest(tasks=[task], mcp_servers=["kv"]))
+        assert "MCP destructive ask" in spawned.permissions
+        cursor = 0
+        with anyio.fail_after(30):
+            while True:
+                status = await orch.status(run_id=spawned.run_id, since=cursor, wait_s=5)
+                cursor = status.cursor
+                if _waiting(status):
+                    break
+        approval = status.runs[0].agents[0].approval
+        assert approval is not None and approval.subject == "mcp__kv__drop"
+        assert approval.rule == "default"
+        assert not log.exists() or not [c for c in _log(log) if c["tool"] == "drop"]
+        answered_at = approval.requested_at
+        await orch.answer_approval(approval.approval_id, True, None, by="tool")
+        await wait_until_final(orch, spawned.run_id)
+    drops = [c for c in _log(log) if c["tool"] == "drop"]
+    assert len(drops) == 1 and drops[0]["start"] > answered_at
+
+
+async def test_an_unknown_or_failing_server_is_refused_at_spawn(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    broken = _parse({"mcpServers": {"gone": {"command": str(tmp_path / "no-such-server")}}})
+    model = by_task({})
+    async with (
+        DownstreamServers(broken) as downstream,
+        Orchestrator(settings(repo), lambda _n: model, external=downstream) as orch,
+    ):
+        task = TaskSpec(prompt="x", write_scope=[])
+        with pytest.raises(InvalidRequest, match="not configured; the servers are: gone"):
+            await orch.spawn(SpawnRequest(tasks=[task], mcp_servers=["other"]))
+        with pytest.raises(InvalidRequest, match="gone"):
+            await orch.spawn(SpawnRequest(tasks=[task]))
+        spawned = await orch.spawn(SpawnRequest(tasks=[task], mcp_servers=[]))
+        assert spawned.mcp_tools == []
