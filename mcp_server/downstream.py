@@ -51,7 +51,7 @@ from mcp_types import (
 )
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
-from toolbus.external import SERVER_NAME, ExternalServerError, ExternalTool
+from toolbus.external import MAX_SERVER_NAME, SERVER_NAME, ExternalServerError, ExternalTool
 from toolbus.toolspec import ToolOutcome
 
 __all__ = [
@@ -167,10 +167,12 @@ def _parse_entry(
     source: str, name: str, entry: JsonValue, base_dir: Path | None
 ) -> StdioServerConfig | HttpServerConfig:
     where = f"{source}: mcpServers entry {name!r}"
-    if not SERVER_NAME.fullmatch(name) or "__" in name:
+    # '__' inside or '_' at the end would make mcp__<server>__<tool> split at the wrong place
+    if not SERVER_NAME.fullmatch(name) or len(name) > MAX_SERVER_NAME:
         raise DownstreamConfigError(
-            f"{where}: a server name is 1 to 40 letters, digits, '_' or '-' without '__' (it "
-            "becomes part of the tool names mcp__<server>__<tool>); rename the entry"
+            f"{where}: a server name is 1 to 40 letters, digits, '_' or '-', with no '__' and "
+            "no '_' at the end (it becomes part of the tool names mcp__<server>__<tool>); "
+            "rename the entry"
         )
     if not isinstance(entry, dict):
         raise DownstreamConfigError(f'{where} must be an object with "command" or "url"')

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from toolbus.errors import PathEscape
-from toolbus.external import SERVER_NAME
+from toolbus.external import MAX_SERVER_NAME, SERVER_NAME
 from toolbus.permissions import PermissionRules
 from toolbus.resources import normalize_path
 
@@ -183,13 +183,18 @@ class SpawnRequest(_Input):
         description="Narrows the server's permission policy for this run's agents (allow / "
         "ask / deny rules; they can only make it stricter).",
     )
-    mcp_servers: list[Annotated[str, StringConstraints(pattern=SERVER_NAME.pattern)]] | None = (
-        Field(
-            default=None,
-            max_length=32,
-            description="The downstream MCP servers (from the server's configuration) whose tools "
-            "the agents get; omitted: all configured; []: none.",
-        )
+    mcp_servers: (
+        list[
+            Annotated[
+                str, StringConstraints(max_length=MAX_SERVER_NAME, pattern=SERVER_NAME.pattern)
+            ]
+        ]
+        | None
+    ) = Field(
+        default=None,
+        max_length=32,
+        description="The downstream MCP servers (from the server's configuration) whose tools "
+        "the agents get; omitted: all configured; []: none.",
     )
 
 

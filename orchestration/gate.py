@@ -97,21 +97,32 @@ class AgentGate:
         leases = self._ctx.leases
         store = self._ctx.store
         shown = [False]
+        # a resource another agent's command holds shows as a wait naming the holder (a
+        # downstream server's connection is held for one call: not worth an event)
         visible = not shared and not all(n.startswith("mcp:") for n in names)
 
         def on_wait() -> None:
-            if visible:
-                shown[0] = True
-                what = ", ".join(names)
+            shown[0] = True
+            if visible and not holders:  # taken between the look and the request
                 store.mark_waiting(
                     self._agent_id,
-                    f"waits for {what}",
-                    f"a command waits for {what}, which another agent's command holds (see "
-                    "get_status leases); it runs once they are free",
+                    f"waits for {', '.join(names)}",
+                    f"a command waits for {', '.join(names)}, held by another agent's command",
                 )
 
+        holders: list[str] = []
+        if visible:
+            holders = sorted({lease.holder for lease in await leases.blockers(requests)})
+        if holders:
+            what = ", ".join(names)
+            store.mark_waiting(
+                self._agent_id,
+                f"waits for {what} held by {', '.join(holders)}",
+                f"a command waits for {what}, held by {', '.join(holders)}; it runs once they "
+                "are free",
+            )
         grant = await leases.acquire(self._holder, requests, on_wait=on_wait)
-        if shown[0]:
+        if holders or shown[0]:
             current = store.agent(self._agent_id)
             if current is not None and current.status is AgentStatus.WAITING:
                 store.resume_running(self._agent_id)

@@ -234,17 +234,15 @@ class AgentRunner:
         if held:
             holder = agent.lease_holder or agent.agent_id
 
-            def on_resource_wait() -> None:
+            named = [LeaseRequest.named(name) for name in held]
+            holders = sorted({lease.holder for lease in await ctx.leases.blockers(named)})
+            if holders:
                 store.mark_waiting(
                     agent.agent_id,
                     "waits for " + ", ".join(held),
-                    f"waits for {', '.join(held)}, held by another agent (see get_status leases)",
+                    f"waits for {', '.join(held)}, held by {', '.join(holders)}",
                 )
-
-            named = [LeaseRequest.named(name) for name in held]
-            runtime.resource_grant = await ctx.leases.acquire(
-                holder, named, on_wait=on_resource_wait
-            )
+            runtime.resource_grant = await ctx.leases.acquire(holder, named)
             ctx.keeper.track(runtime.resource_grant, lambda lost: None)
         # 3. A concurrency slot.
         limiter = ctx.limiters.get(agent.run_id)

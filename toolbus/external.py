@@ -19,6 +19,7 @@ from toolbus.errors import ToolbusError
 from toolbus.toolspec import ToolOutcome, ToolSpec
 
 __all__ = [
+    "MAX_SERVER_NAME",
     "SERVER_NAME",
     "ExternalServerError",
     "ExternalSession",
@@ -29,8 +30,11 @@ __all__ = [
     "split_external_name",
 ]
 
-SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
-"""What a downstream server may be called: it becomes part of tool names and lease names."""
+SERVER_NAME = re.compile(r"^[A-Za-z0-9-]+(?:_[A-Za-z0-9-]+)*$")
+"""What a downstream server may be called (with at most `MAX_SERVER_NAME` characters): it becomes
+part of tool names (`mcp__<server>__<tool>`, so no `__` and no `_` at either end) and of lease
+names."""
+MAX_SERVER_NAME = 40
 
 PREFIX = "mcp__"
 

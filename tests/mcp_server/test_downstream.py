@@ -155,6 +155,7 @@ def test_config_reads_both_kinds_ignores_unknown_keys_and_anchors_cwd(tmp_path: 
         ('{"mcpServers": []}', '"mcpServers" must be an object'),
         ('{"mcpServers": {"bad name": {"command": "x"}}}', "'bad name': a server name is"),
         ('{"mcpServers": {"a__b": {"command": "x"}}}', "'a__b': a server name is"),
+        ('{"mcpServers": {"ab_": {"command": "x"}}}', "'ab_': a server name is"),
         ('{"mcpServers": {"empty": {"args": []}}}', "'empty' has neither"),
         ('{"mcpServers": {"twice": {"command": "x", "url": "http://h/mcp"}}}', "'twice' has both"),
         ('{"mcpServers": {"sse": {"type": "sse", "url": "http://h/sse"}}}', "'sse': type 'sse'"),

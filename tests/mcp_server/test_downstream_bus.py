@@ -7,15 +7,19 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
+from mcp import Client
 
+from fakeapi import FakeAnthropic, FakeRequest, Reply, by_key, finish, text, tool_use
+from mcp_server.demo import make_sample_repo, structured, wait_settled
 from mcp_server.downstream import DownstreamConfig, DownstreamServers, parse_downstream_config
 from orchestration.contracts import SpawnRequest, StatusResult, TaskSpec
 from orchestration.errors import InvalidRequest
 from orchestration.orchestrator import Orchestrator
+from tests.mcp_server.servers import stdio_params
 from tests.orchestration.scripts import Step, by_task, make_repo
 from tests.orchestration.test_orchestrator import settings, wait_until_final
 
@@ -129,3 +133,52 @@ async def test_an_unknown_or_failing_server_is_refused_at_spawn(tmp_path: Path) 
             await orch.spawn(SpawnRequest(tasks=[task]))
         spawned = await orch.spawn(SpawnRequest(tasks=[task], mcp_servers=[]))
         assert spawned.mcp_tools == []
+
+
+async def test_a_configured_server_is_used_by_agents_over_stdio(tmp_path: Path) -> None:
+    # the real server process, its real anthropic client on the fake Messages API, the
+    # downstream server named by FANOUT_MCP_CONFIG, a real MCP client over stdio
+    repo = make_sample_repo(tmp_path)
+    log = tmp_path / "calls.jsonl"
+    config = tmp_path / "mcp.json"
+    entry = {
+        "command": sys.executable,
+        "args": ["-m", "tests.mcp_server.downstream_server", "--log", str(log)],
+        "env": {"PYTHONPATH": str(ROOT)},
+    }
+    config.write_text(json.dumps({"mcpServers": {"kv": entry}}))
+
+    def script(request: FakeRequest) -> Reply:
+        steps = [
+            tool_use("mcp__kv__put", key="k", value="v"),
+            tool_use("mcp__kv__get", key="k"),
+            finish("stored and read back"),
+        ]
+        turn = request.assistant_turns
+        return steps[turn] if turn < len(steps) else text("done")
+
+    fake = FakeAnthropic(by_key({"[kv]": script}))
+    async with fake.serve():
+        params = stdio_params(repo, fake.base_url)
+        assert params.env is not None
+        params.env["FANOUT_MCP_CONFIG"] = str(config)
+        async with Client(params, mode="auto") as client:
+            task: dict[str, Any] = {"name": "kv", "prompt": "[kv] store k", "write_scope": []}
+            spawn = structured(await client.call_tool("spawn_subagents", {"tasks": [task]}))
+            assert "mcp__kv__put" in spawn["mcp_tools"]
+            await wait_settled(client, str(spawn["run_id"]), 0, lambda _: None, timeout_s=60)
+            detail = structured(
+                await client.call_tool("get_status", {"detail": [spawn["agents"][0]["agent_id"]]})
+            )
+    agent = detail["detail"][0]["agent"]
+    assert agent["status"] == "succeeded", agent
+    first = cast(dict[str, Any], fake.requests[0].body)
+    tools_offered = {str(t["name"]) for t in first["tools"]}
+    assert {"mcp__kv__get", "mcp__kv__put", "read_mcp_resource"} <= tools_offered
+    last = cast(dict[str, Any], fake.requests[-1].body)
+    blocks: list[dict[str, Any]] = [
+        block for message in last["messages"] for block in message["content"]
+    ]
+    results = [block.get("content") for block in blocks if block.get("type") == "tool_result"]
+    assert "v" in str(results[-1])
+    assert [c["tool"] for c in _log(log)] == ["put", "get"]

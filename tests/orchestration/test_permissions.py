@@ -197,10 +197,13 @@ async def test_two_agents_never_hold_a_named_resource_together(tmp_path: Path) -
         done = await wait_until_final(orch, spawned.run_id)
         c = next(a for a in done.runs[0].agents if a.name == "c")
         c_result = await _result(orch, repo, c.agent_id)
+        ctx = await orch.context(repo)
+        waits = [e.detail for e in ctx.store.events(run_id=spawned.run_id) if e.kind == "waiting"]
     lines = [line.split() for line in out.read_text().splitlines()]
     spans = sorted((float(start), float(end)) for _, start, end in lines)
     assert len(spans) == 2
     assert spans[0][1] <= spans[1][0], f"the two commands overlapped: {spans}"
+    assert any(w.startswith("waits for port:8000") for w in waits), waits  # shown waiting
     assert c_result.refused_calls == 1  # its resource was not declared
 
 
