@@ -14,6 +14,7 @@ from orchestration.caching import PrefixWarmup
 from orchestration.errors import AgentNotFound, RunNotFound
 from orchestration.state import AgentRecord, RunRecord, StateStore
 from toolbus.leases import LeaseKeeper, LeaseManager
+from toolbus.shared_reads import SharedReadLeases
 
 
 @dataclass
@@ -38,6 +39,8 @@ class RepoContext:
     )
     # held while the agents of dead servers are taken over (on opening, and by the heartbeat)
     recovering: anyio.Lock = field(default_factory=anyio.Lock)
+    # this process's read leases on downstream MCP connections, shared by its read-only calls
+    shared_reads: SharedReadLeases | None = None
 
 
 def transcript_path(ctx: RepoContext, agent_id: str) -> Path:

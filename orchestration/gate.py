@@ -92,6 +92,21 @@ class AgentGate:
 
     @asynccontextmanager
     async def hold(self, names: Sequence[str], *, shared: bool = False) -> AsyncGenerator[None]:
+        reads = self._ctx.shared_reads
+        if reads is not None and len(names) == 1 and names[0].startswith("mcp:"):
+            # a downstream server's connection: reads share this process's lease
+            if shared:
+                async with reads.read(names[0], self._holder):
+                    yield
+                return
+            async with reads.before_write(names[0]), self._hold(names, shared=False):
+                yield
+            return
+        async with self._hold(names, shared=shared):
+            yield
+
+    @asynccontextmanager
+    async def _hold(self, names: Sequence[str], *, shared: bool) -> AsyncGenerator[None]:
         mode = LeaseMode.READ if shared else LeaseMode.WRITE
         requests = [LeaseRequest.named(name, mode) for name in names]
         leases = self._ctx.leases

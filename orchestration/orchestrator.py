@@ -59,6 +59,7 @@ from orchestration.state import AgentRecord, EventKind, StateStore
 from orchestration.status_view import StatusView, lease_expires_in
 from toolbus.external import ExternalServerError, ExternalTool, ExternalTools
 from toolbus.leases import LeaseKeeper, LeaseManager, LeaseStore
+from toolbus.shared_reads import SharedReadLeases
 
 log = logging.getLogger("fanout.orchestrator")
 
@@ -121,6 +122,8 @@ class Orchestrator:
             return await self._tg.__aexit__(exc_type, exc, tb)
         finally:
             for ctx in self._contexts.values():
+                if ctx.shared_reads is not None:
+                    ctx.shared_reads.close()
                 try:
                     ctx.store.unregister_server()
                 finally:
@@ -166,6 +169,9 @@ class Orchestrator:
             leases = LeaseManager(lease_store)
             keeper = LeaseKeeper(leases)
             ctx = RepoContext(repo=git_repo, store=store, leases=leases, keeper=keeper)
+            ctx.shared_reads = SharedReadLeases(
+                leases, keeper, f"{store.server_id}:mcp-reads", self._start_soon
+            )
             store.register_server()
             await self.task_group.start(keeper.run)
             self.task_group.start_soon(self._recovery.heartbeat, ctx)

@@ -39,12 +39,12 @@ from orchestration.records import (
 from orchestration.registry import AgentRegistry, AgentRuntime, LeaseFence
 from orchestration.retry import RetryPolicy
 from orchestration.state import AgentRecord, RunRecord
-from toolbus.audit import AuditLog
+from toolbus.audit import AuditLog, AuditRecord
 from toolbus.bus import AgentBus, agent_tool_specs
 from toolbus.errors import LeaseLost
 from toolbus.external import ExternalTool, ExternalTools
 from toolbus.lease_store import LeaseRequest
-from toolbus.permissions import PermissionPolicy, PermissionRules
+from toolbus.permissions import GuardedScope, PermissionPolicy, PermissionRules
 from toolbus.resources import WriteScope
 from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
 
@@ -64,10 +64,13 @@ def file_changes(ctx: RepoContext, base: str, commit: str) -> list[FileChange]:
     return found
 
 
-async def commit_work(agent: AgentRecord, message: str) -> ws_mod.WorkCommit:
-    """Commit what the agent's worktree holds within its write scope, on its branch."""
+async def commit_work(
+    agent: AgentRecord, message: str, scope: WriteScope | None = None
+) -> ws_mod.WorkCommit:
+    """Commit what the agent's worktree holds within its write scope (or `scope`, which may
+    also guard paths by the permission policy), on its branch."""
     workspace = workspace_of(agent)
-    scope = WriteScope.of(agent.write_scope)
+    scope = scope or WriteScope.of(agent.write_scope)
     return await anyio.to_thread.run_sync(
         lambda: ws_mod.commit_workspace(
             workspace, message=f"fanout: {agent.name}: {message}", write_scope=scope
@@ -452,6 +455,23 @@ class AgentRunner:
             network=agent.network and not self.settings.allow_network,
         )
 
+    def _guarded_scope(
+        self, ctx: RepoContext, agent: AgentRecord, records: list[AuditRecord]
+    ) -> GuardedScope:
+        """The agent's write scope for its commit, guarded by its permission policy: what a
+        command changed where writes are denied, or asked and not approved, is dropped."""
+        scope = WriteScope.of(agent.write_scope)
+        approved = frozenset(
+            r.path
+            for r in records
+            if r.op in ("write_file", "edit_file")
+            and r.outcome == "ok"
+            and r.path
+            and "allowed by" in (r.permission or "")
+        )
+        policy = self.policy(find_run(ctx, agent.run_id), agent)
+        return GuardedScope(scope.prefixes, policy=policy, approved=approved)
+
     def _budget(self, ctx: RepoContext, run_id: str) -> Budget:
         store = ctx.store
 
@@ -548,13 +568,14 @@ class AgentRunner:
         commit = agent.commit
         changes: list[FileChange] = []
         dropped: list[str] = []
+        records = runtime.audit.records() if runtime.audit is not None else []
+        guarded = self._guarded_scope(ctx, agent, records)
         if agent.workspace is not None and Path(agent.workspace).exists():
-            work = await commit_work(agent, first_line(outcome.summary or agent.prompt))
+            work = await commit_work(agent, first_line(outcome.summary or agent.prompt), guarded)
             commit = work.commit or commit
             dropped = [*work.dropped, *work.planted]
         if commit is not None:
             changes = await anyio.to_thread.run_sync(file_changes, ctx, agent.base_commit, commit)
-        records = runtime.audit.records() if runtime.audit is not None else []
         commands = [
             CommandRun(
                 command=r.command or r.args_brief,
@@ -578,12 +599,29 @@ class AgentRunner:
             commands=commands,
             refused_calls=sum(1 for r in records if r.outcome != "ok"),
             permissions=[
-                PermissionDecision(
-                    tool=r.op, subject=r.command or r.path or r.args_brief, decision=r.permission
-                )
-                for r in records
-                if r.permission is not None
-                and ("ask (" in r.permission or "deny (" in r.permission)
+                *(
+                    PermissionDecision(
+                        tool=r.op,
+                        subject=r.command or r.path or r.args_brief,
+                        decision=r.permission,
+                    )
+                    for r in records
+                    if r.permission is not None
+                    and ("ask (" in r.permission or "deny (" in r.permission)
+                ),
+                *(
+                    PermissionDecision(
+                        tool="commit",
+                        subject=path,
+                        decision=f"{why}: a command's change, not committed"
+                        + (
+                            " (the policy denies writes there)"
+                            if why.startswith("deny")
+                            else " (write it with write_file or edit_file, which ask the person)"
+                        ),
+                    )
+                    for path, why in sorted(guarded.refused.items())
+                ),
             ][:MAX_DECISIONS],
             tokens=progress.tokens,
             turns=progress.turns,

@@ -24,16 +24,19 @@ import fnmatch
 import re
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from toolbus.resources import WriteScope
 
 __all__ = [
     "ApprovalAnswer",
     "ApprovalRequest",
     "CallGate",
     "Decision",
+    "GuardedScope",
     "PermissionPolicy",
     "PermissionRequest",
     "PermissionRules",
@@ -254,3 +257,25 @@ class CallGate(Protocol):
         """Hold the named leases (`port:8000`, `mcp:db`) around a call, waiting like paths do;
         `shared`: a read lease (several holders at once)."""
         ...
+
+
+@dataclass(frozen=True)
+class GuardedScope(WriteScope):
+    """A write scope that also keeps out what the permission policy does not let a command
+    change: a path whose write is denied, or asked and not approved through the bus. The commit
+    drops such changes like out-of-scope ones; `refused` collects them."""
+
+    policy: PermissionPolicy = field(default_factory=PermissionPolicy, compare=False)
+    approved: frozenset[str] = field(default=frozenset[str](), compare=False)
+    refused: dict[str, str] = field(default_factory=dict[str, str], compare=False)
+
+    def allows(self, path: str) -> bool:
+        if not super().allows(path):
+            return False
+        if path in self.approved:
+            return True
+        verdict = self.policy.decide(PermissionRequest(kind="write", subject=path))
+        if verdict.decision == "allow":
+            return True
+        self.refused[path] = f"{verdict.decision} ({verdict.rule})"
+        return False

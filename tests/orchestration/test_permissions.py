@@ -279,3 +279,19 @@ async def test_the_network_is_granted_on_demand_inside_the_sandbox(
     assert [p.decision for p in results["asks"].permissions] == [
         "allow (default); network: ask (default): allowed by tool"
     ]
+
+
+async def test_a_command_cannot_change_what_the_policy_guards(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    command = "mkdir -p .github && echo hacked > .github/ci.yml && echo ok > notes.txt"
+    model = by_task({"CMD": [("run_command", {"command": command})]})
+    policy = PermissionRules(deny=["write(.github/*)"])
+    async with Orchestrator(settings(repo, permissions=policy), lambda _n: model) as orch:
+        spawned = await orch.spawn(SpawnRequest(tasks=[TaskSpec(prompt="CMD", name="cmd")]))
+        done = await wait_until_final(orch, spawned.run_id)
+        result = await _result(orch, repo, done.runs[0].agents[0].agent_id)
+    assert [c.path for c in result.changed_files] == ["notes.txt"]
+    assert ".github/ci.yml" in result.dropped_files
+    (decision,) = result.permissions
+    assert decision.tool == "commit" and decision.subject == ".github/ci.yml"
+    assert decision.decision.startswith("deny (deny: write(.github/*)): a command's change")
