@@ -83,3 +83,15 @@ async def bwrap() -> str:
     if reason is not None:
         pytest.skip(f"bubblewrap cannot run here: {reason}")
     return exe
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    """A TCP port on loopback that accepts connections (for network checks from sandboxes)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -231,17 +229,6 @@ def test_settings_read_the_policy_from_json_or_a_file(tmp_path: Path) -> None:
         Settings.from_env({"FANOUT_PERMISSIONS": "{not json"})
     with pytest.raises(ConfigError, match="unknown permission rule"):
         Settings.from_env({"FANOUT_PERMISSIONS": '{"deny": ["Bash(x)"]}'})
-
-
-@pytest.fixture
-def listener() -> Iterator[int]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(8)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 def _connect(port: int) -> list[Step]:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -25,17 +23,6 @@ from toolbus.sandbox import (
 from toolbus.terminal import CommandLimits, SandboxMode, Terminal, TerminalConfig
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def listener() -> Iterator[int]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(8)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 def git(cwd: Path, *args: str) -> None:
