@@ -329,6 +329,8 @@ class Orchestrator:
             return decided
         current = find_agent(ctx, agent_id).approval
         if current is not None and current.approval_id == approval_id and current.decision:
+            if current.decision == ("allowed" if allow else "refused"):
+                return current  # the same answer again (the person, asked within this call)
             raise InvalidState(
                 f"approval {approval_id} was already answered: {current.decision} by {current.by}"
             )

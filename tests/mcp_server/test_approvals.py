@@ -134,6 +134,10 @@ async def test_a_client_without_elicitation_answers_with_the_tool(tmp_path: Path
             "answer_approval", {"approval_id": approval_id, "allow": True}
         )
         assert not answered.is_error, answered
+        same = await client.call_tool(
+            "answer_approval", {"approval_id": approval_id, "allow": True}
+        )
+        assert not same.is_error, same  # the same answer again is no error
         again = await client.call_tool(
             "answer_approval", {"approval_id": approval_id, "allow": False}
         )
