@@ -74,16 +74,14 @@ class App:
                 self._seen.clear()
 
     async def approval_to_ask(self) -> Approval | None:
-        """The oldest pending approval of the configured (or last used) repository that the
-        person has not dismissed here; None when there is none or no repository is known yet."""
-        try:
-            path = self.repos.resolve(None)
-        except Exception:
-            return None
-        try:
-            pending = await self.orchestrator.pending_approvals(path)
-        except OrchestrationError:
-            return None
+        """The oldest pending approval, among the repositories this server already works on,
+        that the person has not dismissed here (a tool call never opens a repository just to
+        look for approvals)."""
+        pending: list[Approval] = []
+        for root in sorted(self._seen):
+            with suppress(OrchestrationError):
+                pending += await self.orchestrator.pending_approvals(root)
+        pending.sort(key=lambda a: a.requested_at)
         return next((a for a in pending if a.approval_id not in self._dismissed), None)
 
     async def take_approval_answer(self, approval: Approval, asked: ElicitationResult[Any]) -> None:
@@ -100,9 +98,7 @@ class App:
             allow = bool(getattr(form, "allow", False))
             note = str(getattr(form, "note", "") or "") or None
         with suppress(OrchestrationError):  # answered meanwhile (another client, the tool)
-            await self.orchestrator.answer_approval(
-                approval.approval_id, allow, note, by="person", repo=self.repos.resolve(None)
-            )
+            await self.orchestrator.answer_approval(approval.approval_id, allow, note, by="person")
 
     async def context(self, explicit: str | None = None) -> RepoContext:
         """The repository context (opened, recovered and watched on first use)."""

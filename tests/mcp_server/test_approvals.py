@@ -10,7 +10,7 @@ import anyio
 import pytest
 from mcp import Client
 from mcp.client.context import ClientRequestContext
-from mcp_types import ElicitRequestParams, ElicitResult, ErrorData
+from mcp_types import ElicitRequestParams, ElicitResult, ErrorData, ListRootsResult, Root
 
 from mcp_server.server import FanoutServer, build_server
 from orchestration.config import Settings
@@ -158,3 +158,30 @@ async def test_a_dismissed_elicitation_is_not_asked_again_and_times_out(tmp_path
     assert result.get("changed_files", []) == []
     decisions = [p["decision"] for p in result["permissions"]]
     assert decisions == ["ask (ask: write(*.lock)): refused by timeout"]
+
+
+async def test_looking_for_approvals_never_opens_another_repository(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an unconfigured server learns its repository from the client's roots; the approval
+    # resolver, which runs on every call, must not open the working directory's repository
+    here = make_repo(tmp_path / "here")
+    wanted = make_repo(tmp_path / "wanted")
+    monkeypatch.chdir(here)
+    settings = Settings.from_env({}, sandbox="none")
+    server = build_server(settings, lambda _name: by_task(SCRIPT))
+
+    async def roots(context: ClientRequestContext) -> ListRootsResult:
+        return ListRootsResult(roots=[Root(uri=wanted.as_uri(), name="wanted")])  # pyright: ignore[reportArgumentType]
+
+    person = Person("accept")
+    async with Client(
+        server,
+        mode="auto",
+        elicitation_callback=person,  # type: ignore[arg-type]
+        list_roots_callback=roots,
+    ) as client:
+        answer = await client.call_tool("get_status", {})
+        assert not answer.is_error, answer
+    assert (wanted / ".git" / "fanout").exists()
+    assert not (here / ".git" / "fanout").exists()
