@@ -20,7 +20,7 @@ from orchestration.contracts import SpawnRequest, StatusResult, TaskSpec
 from orchestration.errors import InvalidRequest
 from orchestration.orchestrator import Orchestrator
 from tests.mcp_server.servers import stdio_params
-from tests.orchestration.scripts import Step, by_task, make_repo
+from tests.orchestration.scripts import Gate, Step, by_task, make_repo
 from tests.orchestration.test_orchestrator import settings, wait_until_final
 
 pytestmark = pytest.mark.anyio
@@ -65,21 +65,43 @@ async def test_read_only_calls_overlap_and_write_calls_never_do(tmp_path: Path) 
         f"WRITE-{i}": [warm, ("mcp__kv__slow_put", {"key": "k", "value": str(i), "ms": 200})]
         for i in range(3)
     }
-    model = by_task(scripts)
-    async with DownstreamServers(_config(log)) as downstream:
-        config = settings(repo)
-        async with Orchestrator(config, lambda _n: model, external=downstream) as orch:
-            tasks = [TaskSpec(prompt=key, name=key.lower(), write_scope=[]) for key in scripts]
-            spawned = await orch.spawn(SpawnRequest(tasks=tasks))
-            assert "mcp__kv__slow_get" in spawned.mcp_tools
-            done = await wait_until_final(orch, spawned.run_id)
+    # every agent is held before its second call until all six servers have started, so that
+    # the three reads are issued together; the writers go once the reads are done, together
+    readers = [key for key in scripts if key.startswith("READ")]
+    started = Gate(dict.fromkeys(scripts, 1))
+    read = Gate(dict.fromkeys(readers, 2))
+
+    async def gate(key: str, turn: int) -> None:
+        await started(key, turn)
+        await read(key, turn)
+
+    model = by_task(scripts, gate=gate)
+    async with (
+        DownstreamServers(_config(log)) as downstream,
+        Orchestrator(settings(repo), lambda _n: model, external=downstream) as orch,
+    ):
+        tasks = [TaskSpec(prompt=key, name=key.lower(), write_scope=[]) for key in scripts]
+        spawned = await orch.spawn(SpawnRequest(tasks=tasks))
+        assert "mcp__kv__slow_get" in spawned.mcp_tools
+        with anyio.fail_after(60):
+            for key in scripts:
+                await started.reached[key].wait()
+            for key in readers:
+                started.release[key].set()
+            for key in readers:
+                await read.reached[key].wait()
+        for key in scripts:
+            started.release[key].set()
+        for key in readers:
+            read.release[key].set()
+        done = await wait_until_final(orch, spawned.run_id)
     assert all(a.status.value == "succeeded" for a in done.runs[0].agents), done
     calls = _log(log)
     reads = [c for c in calls if c["tool"] == "slow_get"]
     writes = [c for c in calls if c["tool"] == "slow_put"]
     assert len(reads) == 3 and len(writes) == 3
     assert len({c["pid"] for c in reads + writes}) == 6  # a session (a process) per agent
-    assert any(_overlap(a, b) for i, a in enumerate(reads) for b in reads[i + 1 :]), reads
+    assert all(_overlap(a, b) for i, a in enumerate(reads) for b in reads[i + 1 :]), reads
     for write in writes:
         others = [c for c in calls if c is not write and c["tool"] in ("slow_get", "slow_put")]
         assert not any(_overlap(write, other) for other in others), (write, others)
