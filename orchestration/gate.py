@@ -116,19 +116,12 @@ class AgentGate:
         # downstream server's connection is held for one call: not worth an event)
         visible = not shared and not all(n.startswith("mcp:") for n in names)
 
-        def on_wait() -> None:
+        def show_wait() -> None:
+            if shown[0]:
+                return
             shown[0] = True
-            if visible and not holders:  # taken between the look and the request
-                store.mark_waiting(
-                    self._agent_id,
-                    f"waits for {', '.join(names)}",
-                    f"a command waits for {', '.join(names)}, held by another agent's command",
-                )
-
-        holders: list[str] = []
-        if visible:
-            holders = sorted({lease.holder for lease in await leases.blockers(requests)})
-        if holders:
+            found = leases.store.blockers(requests, holder=self._holder).leases
+            holders = sorted({lease.holder for lease in found}) or ["another agent's command"]
             what = ", ".join(names)
             store.mark_waiting(
                 self._agent_id,
@@ -136,8 +129,13 @@ class AgentGate:
                 f"a command waits for {what}, held by {', '.join(holders)}; it runs once they "
                 "are free",
             )
+
+        def on_wait() -> None:
+            if visible:
+                show_wait()
+
         grant = await leases.acquire(self._holder, requests, on_wait=on_wait)
-        if holders or shown[0]:
+        if shown[0]:
             current = store.agent(self._agent_id)
             if current is not None and current.status is AgentStatus.WAITING:
                 store.resume_running(self._agent_id)

@@ -167,21 +167,22 @@ async def test_a_refusal_and_a_timeout_are_tool_errors_the_agent_sees(tmp_path: 
     ]
 
 
-def _interval_script(name: str, out: Path) -> list[Step]:
+def _interval_script(name: str, out: Path, go: Path) -> list[Step]:
+    """A command that holds `port:8000` until `go` exists, then writes its time span."""
     command = (
-        f'python3 -c "import time,sys; s=time.time(); time.sleep(0.4); '
-        f"open('{out}','a').write('%s %f %f\\n' % ('{name}', s, time.time()))\""
+        f"s=$(date +%s.%N); while [ ! -e {go} ]; do sleep 0.02; done; "
+        f'echo "{name} $s $(date +%s.%N)" >> {out}'
     )
     return [("run_command", {"command": command, "resources": ["port:8000"]})]
 
 
 async def test_two_agents_never_hold_a_named_resource_together(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "repo")
-    out = tmp_path / "intervals.txt"
+    out, go = tmp_path / "intervals.txt", tmp_path / "go"
     model = by_task(
         {
-            "SERVE-1": _interval_script("a", out),
-            "SERVE-2": _interval_script("b", out),
+            "SERVE-1": _interval_script("a", out, go),
+            "SERVE-2": _interval_script("b", out, go),
             "NO-DECL": [("run_command", {"command": "true", "resources": ["port:9"]})],
         }
     )
@@ -192,16 +193,24 @@ async def test_two_agents_never_hold_a_named_resource_together(tmp_path: Path) -
             TaskSpec(prompt="NO-DECL", name="c", write_scope=[]),
         ]
         spawned = await orch.spawn(SpawnRequest(tasks=tasks))
+        # one command holds the resource (it waits for `go`); the other agent shows waiting,
+        # naming the holder
+        with anyio.fail_after(20):
+            while True:
+                status = await orch.status(run_id=spawned.run_id, since=0, wait_s=0.2)
+                reasons = [a.status_reason or "" for a in status.runs[0].agents]
+                waiting = [r for r in reasons if "port:8000, held by" in r]
+                if waiting:
+                    break
+        assert spawned.run_id in waiting[0]  # the holder: an agent of the run
+        go.touch()
         done = await wait_until_final(orch, spawned.run_id)
         c = next(a for a in done.runs[0].agents if a.name == "c")
         c_result = await _result(orch, repo, c.agent_id)
-        ctx = await orch.context(repo)
-        waits = [e.detail for e in ctx.store.events(run_id=spawned.run_id) if e.kind == "waiting"]
     lines = [line.split() for line in out.read_text().splitlines()]
     spans = sorted((float(start), float(end)) for _, start, end in lines)
     assert len(spans) == 2
     assert spans[0][1] <= spans[1][0], f"the two commands overlapped: {spans}"
-    assert any(w.startswith("waits for port:8000") for w in waits), waits  # shown waiting
     assert c_result.refused_calls == 1  # its resource was not declared
 
 
