@@ -14,7 +14,7 @@ from orchestration.clock import Timing
 from orchestration.context import RepoContext, find_agent
 from orchestration.contracts import AgentResult, AgentStatus, FileChange, StopReason
 from orchestration.join import Joiner
-from orchestration.records import has_work, scope_freed, scope_requests
+from orchestration.records import has_work, scope_freed, scope_requests, workspace_of
 from orchestration.registry import AgentRegistry, LeaseFence
 from orchestration.runner import AgentRunner, commit_work, file_changes
 from orchestration.state import AgentRecord
@@ -152,6 +152,9 @@ class Recovery:
         """Commit what a dead server's agent left in its worktree: (its commit, its changes)."""
         commit = agent.commit
         if agent.workspace and Path(agent.workspace).exists():
+            # a view is mounted again first: the files to clean are in its upper layer, which
+            # shows only through the mount (the commit below would mount it, and find them)
+            await anyio.to_thread.run_sync(ws_mod.ensure_mounted, workspace_of(agent))
             # a write cut short leaves its temporary file; the file it replaced is intact
             await anyio.to_thread.run_sync(remove_partial_writes, Path(agent.workspace))
             # a commit cut short leaves git's lock files on the branch and worktree
