@@ -20,7 +20,6 @@ from orchestration.runner import AgentRunner, commit_work, file_changes
 from orchestration.state import AgentRecord
 from orchestration.verify import remove_leftovers
 from toolbus.errors import LeaseError
-from toolbus.fileops import remove_partial_writes
 from toolbus.leases import LeaseGrant
 from toolbus.terminal import remove_home
 
@@ -152,11 +151,8 @@ class Recovery:
         """Commit what a dead server's agent left in its worktree: (its commit, its changes)."""
         commit = agent.commit
         if agent.workspace and Path(agent.workspace).exists():
-            # a view is mounted again first: the files to clean are in its upper layer, which
-            # shows only through the mount (the commit below would mount it, and find them)
-            await anyio.to_thread.run_sync(ws_mod.ensure_mounted, workspace_of(agent))
             # a write cut short leaves its temporary file; the file it replaced is intact
-            await anyio.to_thread.run_sync(remove_partial_writes, Path(agent.workspace))
+            await anyio.to_thread.run_sync(ws_mod.clear_partial_writes, workspace_of(agent))
             # a commit cut short leaves git's lock files on the branch and worktree
             await anyio.to_thread.run_sync(
                 ws_mod.clear_dead_locks, ctx.repo, Path(agent.workspace), agent.branch

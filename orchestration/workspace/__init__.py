@@ -23,7 +23,7 @@ index and working tree are only ever read by this package.
 from orchestration.contracts import DiffStat, FileChange
 from orchestration.errors import RepositoryError
 from orchestration.workspace.cli_git import CliGit
-from orchestration.workspace.commits import commit_workspace
+from orchestration.workspace.commits import clear_partial_writes, commit_workspace
 from orchestration.workspace.diffs import diff, diffstat, file_changes, tree_changes
 from orchestration.workspace.engine import CommitJob, GitEngine, InProcessFirst, WorkCommit
 from orchestration.workspace.engines import DEFAULT_ENGINE, GIT, LIBGIT2
@@ -100,6 +100,7 @@ __all__ = [
     "Workspaces",
     "admin_dir_of",
     "clear_dead_locks",
+    "clear_partial_writes",
     "commit_view",
     "commit_workspace",
     "create_workspace",

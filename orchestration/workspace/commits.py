@@ -15,6 +15,7 @@ from orchestration.workspace.pinning import (
     pin,
     secure_workspace_git,
 )
+from toolbus.fileops import remove_partial_writes
 from toolbus.resources import WriteScope
 
 
@@ -62,3 +63,11 @@ def commit_workspace(
     if done is None:
         raise RepositoryError(f"no git engine committed the work of the workspace {ws.path}")
     return done.model_copy(update={"planted": planted}) if planted else done
+
+
+def clear_partial_writes(ws: Workspace) -> list[str]:
+    """Delete the temporary files of writes a killed server never renamed into place (the
+    files they replaced are intact), so the commit of the agent's work never holds them; a view
+    is mounted first, since its files show only through the mount. The paths deleted."""
+    ensure_mounted(ws)
+    return remove_partial_writes(ws.path)

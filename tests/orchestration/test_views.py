@@ -18,6 +18,7 @@ from orchestration.workspace import (
     GIT,
     GitRepo,
     Workspace,
+    clear_partial_writes,
     commit_workspace,
     create_workspace,
     layer_of,
@@ -356,3 +357,20 @@ def test_a_name_that_is_not_utf8_is_reported_not_a_failed_commit(tmp_path: Path)
     assert [c.path for c in done.changes] == ["src/a.py"]
     assert done.dropped == ["src/bad\\xff.py (its name is not UTF-8: rename it to commit it)"]
     assert os.path.exists(odd)  # still in the view, nothing deleted
+
+
+def test_a_killed_writes_temporary_file_is_cleared_from_an_unmounted_view(
+    tmp_path: Path, driver: str
+) -> None:
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    ws = _view(repo, "run1")
+    write(ws.path, "src/a.py", "kept\n")
+    write(ws.path, "src/.a.py.fanout-4242-123456.tmp", "half of a write\n")
+    unmount_view(ws.path)  # what the death of its server's namespace does
+    bare = Workspace(
+        path=ws.path, branch=ws.branch, base_commit=ws.base_commit, run_id="run1", agent_id="a"
+    )
+    assert clear_partial_writes(bare) == ["src/.a.py.fanout-4242-123456.tmp"]
+    done = commit_workspace(bare, message="recovered", write_scope=WriteScope.of(["src"]))
+    assert {c.path for c in done.changes} == {"src/a.py"}
