@@ -116,23 +116,10 @@ class AgentGate:
         # downstream server's connection is held for one call: not worth an event)
         visible = not shared and not all(n.startswith("mcp:") for n in names)
 
-        def show_wait() -> None:
-            if shown[0]:
-                return
-            shown[0] = True
-            found = leases.store.blockers(requests, holder=self._holder).leases
-            holders = sorted({lease.holder for lease in found}) or ["another agent's command"]
-            what = ", ".join(names)
-            store.mark_waiting(
-                self._agent_id,
-                f"waits for {what} held by {', '.join(holders)}",
-                f"a command waits for {what}, held by {', '.join(holders)}; it runs once they "
-                "are free",
-            )
-
         def on_wait() -> None:
             if visible:
-                show_wait()
+                shown[0] = True
+                show_resource_wait(self._ctx, self._agent_id, self._holder, requests, "a command")
 
         grant = await leases.acquire(self._holder, requests, on_wait=on_wait)
         if shown[0]:
@@ -150,3 +137,18 @@ class AgentGate:
             self._ctx.keeper.untrack(grant)
             with anyio.CancelScope(shield=True):
                 await leases.release(grant)
+
+
+def show_resource_wait(
+    ctx: RepoContext, agent_id: str, holder: str, requests: Sequence[LeaseRequest], who: str
+) -> None:
+    """Mark the agent waiting for named resources, naming their holders as the lease store
+    has them when the request queues (a look before the request could miss one)."""
+    found = ctx.leases.store.blockers(requests, holder=holder).leases
+    holders = sorted({lease.holder for lease in found}) or ["another agent"]
+    what = ", ".join(r.resource for r in requests)
+    ctx.store.mark_waiting(
+        agent_id,
+        f"waits for {what} held by {', '.join(holders)}",
+        f"{who} waits for {what}, held by {', '.join(holders)}; it goes on once they are free",
+    )

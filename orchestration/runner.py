@@ -23,7 +23,7 @@ from orchestration.contracts import (
     PermissionDecision,
     StopReason,
 )
-from orchestration.gate import AgentGate
+from orchestration.gate import AgentGate, show_resource_wait
 from orchestration.models import ModelPool
 from orchestration.planner import run_prefix
 from orchestration.prompts import FINISH_TOOL, task_prompt
@@ -236,16 +236,12 @@ class AgentRunner:
         held = [r.name for r in agent.resources if r.hold == "agent"]
         if held:
             holder = agent.lease_holder or agent.agent_id
-
             named = [LeaseRequest.named(name) for name in held]
-            holders = sorted({lease.holder for lease in await ctx.leases.blockers(named)})
-            if holders:
-                store.mark_waiting(
-                    agent.agent_id,
-                    "waits for " + ", ".join(held),
-                    f"waits for {', '.join(held)}, held by {', '.join(holders)}",
-                )
-            runtime.resource_grant = await ctx.leases.acquire(holder, named)
+            runtime.resource_grant = await ctx.leases.acquire(
+                holder,
+                named,
+                on_wait=lambda: show_resource_wait(ctx, agent.agent_id, holder, named, "it"),
+            )
             ctx.keeper.track(runtime.resource_grant, lambda lost: None)
         # 3. A concurrency slot.
         limiter = ctx.limiters.get(agent.run_id)
