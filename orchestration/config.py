@@ -95,6 +95,19 @@ class Settings(BaseModel):
     approval_timeout_s: float = Field(
         default=300.0, gt=0, description="FANOUT_APPROVAL_TIMEOUT_S: no answer by then refuses"
     )
+    executor: Literal["in-process", "ray"] = Field(
+        default="in-process", description="FANOUT_EXECUTOR: where agents run"
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="FANOUT_RAY_ADDRESS: the Ray cluster (host:port of its head; 'local' or "
+        "unset: a local cluster started on demand)",
+    )
+    ray_cpus_per_agent: float = Field(
+        default=1.0,
+        gt=0,
+        description="FANOUT_RAY_CPUS_PER_AGENT: the CPUs each agent's actor declares",
+    )
     mcp_config: Path | None = Field(
         default=None,
         description="FANOUT_MCP_CONFIG: a JSON file of downstream MCP servers ({mcpServers: …})",

@@ -313,6 +313,7 @@ class SpawnResult(_Output):
     mcp_tools: list[str] = Field(
         default_factory=list[str], description="the downstream MCP tools the agents get"
     )
+    executor: str = Field(default="", description="where the run's agents run")
 
 
 ChangeStatus = Literal["added", "modified", "deleted", "renamed"]
@@ -441,6 +442,7 @@ class AgentView(_View):
     model: str
     base_commit: str
     branch: str | None = None
+    node: str | None = Field(default=None, description="the cluster node it runs on")
     rerun_of: str | None = None
     result: AgentResultView | None = Field(
         default=None,

@@ -48,6 +48,7 @@ from orchestration.errors import (
     OrchestrationError,
     RepositoryError,
 )
+from orchestration.executors import make_executor
 from orchestration.merger import Merger
 from orchestration.models import AGENTS_PER_MODEL, ModelFactory, ModelPool, default_model_factory
 from orchestration.prompts import shared_prefix
@@ -92,6 +93,7 @@ class Orchestrator:
             clock=clock,
             start_soon=self._start_soon,
             external=external,
+            executor=make_executor(settings, self._start_soon),
         )
         self._recovery = Recovery(self._registry, self._runner, self.timing)
         self._merger = Merger(settings, self._registry)
@@ -199,6 +201,7 @@ class Orchestrator:
         if len(set(names)) != len(names):
             raise InvalidRequest("tasks[].name: names must be unique within a run")
         servers, mcp_tools = await self._downstream(request)
+        await self._runner.executor.prepare()
         run_id = f"r{secrets.token_hex(4)}"
         snap = await anyio.to_thread.run_sync(ws_mod.snapshot, ctx.repo, run_id)
         shared_spec = request.shared_context
@@ -278,6 +281,7 @@ class Orchestrator:
             permissions=self._runner.policy(run, agents[0]).describe()
             + ("; tasks narrow it further" if any(a.permissions for a in agents) else ""),
             mcp_tools=[tool.name for tool in mcp_tools],
+            executor=self._runner.executor.describe(),
         )
 
     async def _downstream(self, request: SpawnRequest) -> tuple[list[str], list[ExternalTool]]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from orchestration.agent import AgentLoop
+from orchestration.agent import AgentLoop, Progress
 from orchestration.context import RepoContext
 from orchestration.state import AgentRecord
 from toolbus.audit import AuditLog
@@ -58,6 +58,8 @@ class AgentRuntime:
     fence: LeaseFence | None = None
     loop: AgentLoop | None = None
     audit: AuditLog | None = None
+    # the turns and tokens of an agent whose loop runs elsewhere, as its worker reported them
+    remote_progress: Progress = field(default_factory=Progress)
     started_at: float = 0.0
     resource_grant: LeaseGrant | None = None  # the named resources it holds for its life
     external: ExternalSession | None = None  # its own connections to downstream MCP servers

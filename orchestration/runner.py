@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -22,7 +23,9 @@ from orchestration.contracts import (
     FileChange,
     PermissionDecision,
     StopReason,
+    TokenUsage,
 )
+from orchestration.executors.base import Executor, InProcessExecutor
 from orchestration.gate import AgentGate, show_resource_wait
 from orchestration.models import ModelPool
 from orchestration.planner import run_prefix
@@ -91,14 +94,16 @@ class AgentRunner:
         clock: Clock,
         start_soon: Callable[..., None],
         external: ExternalTools | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.settings = settings
         self._registry = registry
         self._models = models
         self._caps = caps
-        self._clock = clock
+        self.clock = clock
         self._start_soon = start_soon
         self.external = external
+        self.executor: Executor = executor or InProcessExecutor()
 
     def policy(self, run: RunRecord, agent: AgentRecord) -> PermissionPolicy:
         """The permission policy of one agent: the settings, narrowed by its run and its task."""
@@ -166,7 +171,7 @@ class AgentRunner:
     async def _fail_internal(self, ctx: RepoContext, runtime: AgentRuntime, exc: Exception) -> None:
         error = f"internal error: {type(exc).__name__}: {exc}"
         try:
-            await self._finish(
+            await self.finish(
                 ctx,
                 runtime,
                 LoopOutcome(StopReason.INTERNAL_ERROR, error=error),
@@ -190,7 +195,7 @@ class AgentRunner:
             stopped = await self._wait_for_dependencies(ctx, agent)
             if stopped is not None:
                 outcome = LoopOutcome(StopReason.CANCELLED, error=stopped)
-                await self._finish(ctx, runtime, outcome, status=AgentStatus.CANCELLED)
+                await self.finish(ctx, runtime, outcome, status=AgentStatus.CANCELLED)
                 return
         # 1. Wait for earlier agents of the run whose write scope overlaps (waves).
         for other_id in agent.waits_for:
@@ -249,7 +254,7 @@ class AgentRunner:
             run = find_run(ctx, agent.run_id)
             limiter = ctx.limiters[agent.run_id] = anyio.CapacityLimiter(run.max_concurrency)
         async with limiter, self._caps.slots:  # the run's slot, then one of the server's
-            await self._run_loop(ctx, runtime)
+            await self.executor.run(self, ctx, runtime)
 
     async def _wait_for_dependencies(self, ctx: RepoContext, agent: AgentRecord) -> str | None:
         """Wait until every agent it depends on (or the rerun that replaced it) is merged; the
@@ -293,7 +298,7 @@ class AgentRunner:
                 shown = detail
             await store.wait_for_change(cursor, 1.0)
 
-    async def _run_loop(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+    async def run_in_process(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
         """Create the workspace while the first model turn is in flight, then run the loop.
 
         The first request needs only the prompts; the loop waits for the workspace before it
@@ -330,7 +335,7 @@ class AgentRunner:
             model_name=agent.model,
             bus=None,
             workspace_ready=workspace_ready,
-            budget=self._budget(ctx, agent.run_id),
+            budget=self.budget(ctx, agent.run_id),
             retry=RetryPolicy(
                 max_attempts=self.settings.retry_max_attempts,
                 retry_after_cap_s=self.settings.retry_after_cap_s,
@@ -355,7 +360,7 @@ class AgentRunner:
         )
         await anyio.to_thread.run_sync(loop.transcript.touch)  # its file: off the event loop
         runtime.loop = loop
-        runtime.started_at = self._clock.monotonic()
+        runtime.started_at = self.clock.monotonic()
         outcome = LoopOutcome(StopReason.INTERNAL_ERROR, error="the loop did not run")
         async with anyio.create_task_group() as tg:
             tg.start_soon(prepare)
@@ -374,17 +379,13 @@ class AgentRunner:
                 error=f"its workspace could not be made: {type(error).__name__}: {error}",
             )
         with anyio.CancelScope(shield=True):
-            await self._finish(ctx, runtime, outcome)
+            await self.finish(ctx, runtime, outcome)
 
     async def _prepare_workspace(
         self, ctx: RepoContext, runtime: AgentRuntime, agent: AgentRecord
     ) -> AgentBus:
         """The agent's worktree and bus; the agent is `running` from here."""
-        start = agent.base_commit
-        if (agent.waits_for or agent.depends_on) and not agent.rerun_of:
-            start = await anyio.to_thread.run_sync(ctx.repo.head_commit)
-        if agent.rerun_of is not None and agent.start_commit is not None:
-            start = agent.start_commit
+        start = await self.start_commit(ctx, agent)
         audit = AuditLog(ctx.repo.state_dir / "audit" / f"{agent.agent_id}.jsonl")
         home = ctx.repo.state_dir / "homes" / agent.agent_id
 
@@ -425,7 +426,7 @@ class AgentRunner:
         base = agent.base_commit if agent.start_commit else start
         agent = ctx.store.mark_running(
             agent.agent_id,
-            started_at=self._clock.time(),
+            started_at=self.clock.time(),
             workspace=str(workspace.path),
             branch=workspace.branch,
             base_commit=base,
@@ -451,6 +452,17 @@ class AgentRunner:
             network=agent.network and not self.settings.allow_network,
         )
 
+    @staticmethod
+    async def start_commit(ctx: RepoContext, agent: AgentRecord) -> str:
+        """The commit the agent's workspace starts from: the run's base; the head, for an agent
+        that waited for others to be merged; its last work, for a rerun that resumes."""
+        start = agent.base_commit
+        if (agent.waits_for or agent.depends_on) and not agent.rerun_of:
+            start = await anyio.to_thread.run_sync(ctx.repo.head_commit)
+        if agent.rerun_of is not None and agent.start_commit is not None:
+            start = agent.start_commit
+        return start
+
     def _guarded_scope(
         self, ctx: RepoContext, agent: AgentRecord, records: list[AuditRecord]
     ) -> GuardedScope:
@@ -468,7 +480,8 @@ class AgentRunner:
         policy = self.policy(find_run(ctx, agent.run_id), agent)
         return GuardedScope(scope.prefixes, policy=policy, approved=approved)
 
-    def _budget(self, ctx: RepoContext, run_id: str) -> Budget:
+    def budget(self, ctx: RepoContext, run_id: str) -> Budget:
+        """The run's token budget as an agent's loop sees it (and the server's cap)."""
         store = ctx.store
 
         caps = self._caps
@@ -491,6 +504,24 @@ class AgentRunner:
             caps.settle(reserved, used)
 
         return Budget(reserve=reserve, settle=settle, describe=describe)
+
+    def record_remote_turn(self, ctx: RepoContext, agent_id: str, turn: dict[str, Any]) -> None:
+        """A turn of an agent that runs elsewhere, as its worker reported it."""
+        reserved, used = (int(v) for v in turn["settle"])
+        runtime = self._registry.get(agent_id)
+        if runtime is not None:
+            runtime.remote_progress = Progress(
+                turns=int(turn["turns"]), tokens=TokenUsage.model_validate(turn["tokens"])
+            )
+        self._caps.settle(reserved, used)
+        ctx.store.record_turn(
+            agent_id,
+            settle=(reserved, used),
+            turns=int(turn["turns"]),
+            tokens=TokenUsage.model_validate(turn["tokens"]),
+            changed_files=sorted(set(turn["written"])),
+            read_files=list(turn["read"]),
+        )
 
     def _on_turn(
         self, ctx: RepoContext, agent_id: str, progress: Progress, reserved: int, used: int
@@ -528,7 +559,7 @@ class AgentRunner:
             StopReason.INTERNAL_ERROR if lease_lost else StopReason.CANCELLED, error=reason
         )
         with anyio.CancelScope(shield=True):
-            await self._finish(
+            await self.finish(
                 ctx,
                 runtime,
                 outcome,
@@ -541,16 +572,21 @@ class AgentRunner:
             error="the server stopped while this agent ran; rerun_subagent resumes it from its "
             "committed work",
         )
-        await self._finish(ctx, runtime, outcome, status=AgentStatus.INTERRUPTED)
+        await self.finish(ctx, runtime, outcome, status=AgentStatus.INTERRUPTED)
 
-    async def _finish(
+    async def finish(
         self,
         ctx: RepoContext,
         runtime: AgentRuntime,
         outcome: LoopOutcome,
         status: AgentStatus | None = None,
+        *,
+        remote_dropped: list[str] | None = None,
+        remote_refused: dict[str, str] | None = None,
     ) -> None:
-        """Commit the agent's work on its branch and record its result, built from facts."""
+        """Commit the agent's work on its branch and record its result, built from facts. An
+        agent that ran elsewhere committed and landed its work there: what its commit dropped
+        comes with it (`remote_dropped`, `remote_refused`)."""
         agent = find_agent(ctx, runtime.agent_id)
         if not agent.status.active:
             return
@@ -563,13 +599,15 @@ class AgentRunner:
             reason = "the agent reported that it could not complete its task"
         commit = agent.commit
         changes: list[FileChange] = []
-        dropped: list[str] = []
+        dropped: list[str] = list(remote_dropped or [])
         records = runtime.audit.records() if runtime.audit is not None else []
         guarded = self._guarded_scope(ctx, agent, records)
+        refused = dict(remote_refused or {})
         if agent.workspace is not None and Path(agent.workspace).exists():
             work = await commit_work(agent, first_line(outcome.summary or agent.prompt), guarded)
             commit = work.commit or commit
             dropped = [*work.dropped, *work.planted]
+            refused = guarded.refused
         if commit is not None:
             changes = await anyio.to_thread.run_sync(file_changes, ctx, agent.base_commit, commit)
         commands = [
@@ -583,8 +621,8 @@ class AgentRunner:
             for r in records
             if r.op == "run_command"
         ]
-        progress = runtime.loop.progress if runtime.loop is not None else Progress()
-        duration = self._clock.monotonic() - runtime.started_at if runtime.started_at else 0.0
+        progress = runtime.loop.progress if runtime.loop is not None else runtime.remote_progress
+        duration = self.clock.monotonic() - runtime.started_at if runtime.started_at else 0.0
         result = AgentResult(
             status=status,
             stop_reason=outcome.stop_reason,
@@ -616,7 +654,7 @@ class AgentRunner:
                             else " (write it with write_file or edit_file, which ask the person)"
                         ),
                     )
-                    for path, why in sorted(guarded.refused.items())
+                    for path, why in sorted(refused.items())
                 ),
             ][:MAX_DECISIONS],
             tokens=progress.tokens,
@@ -634,7 +672,7 @@ class AgentRunner:
             reason=reason,
             result=result,
             commit=commit,
-            finished_at=self._clock.time(),
+            finished_at=self.clock.time(),
             turns=progress.turns,
             tokens=progress.tokens,
             changed_files=[c.path for c in changes],

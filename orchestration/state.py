@@ -190,6 +190,7 @@ class AgentRecord(BaseModel, frozen=True):
     network: bool = False
     permissions: PermissionRules | None = None
     approval: Approval | None = None  # the call it holds for the person's answer
+    node: str | None = None  # the machine it runs on, when not this server's (an executor's)
 
 
 class Event(BaseModel):
@@ -234,6 +235,7 @@ class AgentChanges(FinalChanges, total=False):
     merged_commit: str | None
     first_input_tokens: int | None
     approval: Approval | None
+    node: str | None
 
 
 @functools.cache

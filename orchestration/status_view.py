@@ -389,6 +389,7 @@ _SHOWN_AS_STORED = (
     "model",
     "base_commit",
     "branch",
+    "node",
     "rerun_of",
 )
 

@@ -177,6 +177,21 @@ class AuditLog:
             self._records.append(record)
             return record
 
+    def adopt(self, records: list[AuditRecord]) -> None:
+        """Add records made by another log (an agent's bus on another machine), as they came:
+        the records of the agent with its own sequence numbers."""
+        if not records:
+            return
+        with self._lock:
+            if self.path is not None:
+                lines = "".join(r.model_dump_json(exclude_none=True) + "\n" for r in records)
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write(lines)
+                    f.flush()
+                    if self._fsync:
+                        os.fsync(f.fileno())
+            self._records.extend(records)
+
     def records(self) -> list[AuditRecord]:
         """Every record so far, in order."""
         with self._lock:

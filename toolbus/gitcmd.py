@@ -196,14 +196,17 @@ def run_bytes(
     *,
     pinned: Pinned | None = None,
     timeout: float | None = None,
+    input: bytes | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """`run` with the output as bytes."""
+    """`run` with the output as bytes, and `input`, if given, as git's standard input (a pack,
+    or the revisions `pack-objects --revs` reads)."""
     _check_cwd(cwd, pinned)
     try:
         return subprocess.run(
             git_argv(args, pinned),
             cwd=cwd,
             env=git_env(pinned=pinned is not None),
+            input=input,
             capture_output=True,
             check=False,
             timeout=timeout,

@@ -1,0 +1,591 @@
+"""Agents on a Ray cluster: each agent is an actor on a worker node; the repository, its durable
+state, its leases and the join stay with this process (the head).
+
+An agent's actor declares `FANOUT_RAY_CPUS_PER_AGENT` CPUs (1 by default), so Ray's resource
+accounting decides where and how many run at once. It gets its start commit as git objects
+through Ray's object store (one pack per start commit, put once), never through a shared
+filesystem, and runs `remote.RemoteAgent` there. It reaches the head through one bridge actor:
+a mailbox the head drains, which carries the agent's requests (fence checks, budget, approvals,
+named leases, landings of its branch) and its events (turns, transcript, audit) in order.
+
+A node that dies takes its actors with it: the head marks their agents `interrupted`, with the
+work of their last checkpoint on their branches, for `rerun_subagent` on any node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pygit2
+
+from orchestration.agent import Transcript
+from orchestration.config import Settings
+from orchestration.context import RepoContext, find_agent, find_run, transcript_path
+from orchestration.contracts import AgentStatus, StopReason
+from orchestration.errors import ConfigError
+from orchestration.executors import remote
+from orchestration.executors.base import AgentRunner
+from orchestration.executors.shipping import land_branch, pack_objects
+from orchestration.gate import AgentGate
+from orchestration.planner import run_prefix
+from orchestration.prompts import FINISH_TOOL, task_prompt
+from orchestration.registry import AgentRuntime
+from orchestration.state import AgentRecord, EventKind
+from orchestration.workspace.engine import changed_paths
+from toolbus.audit import AuditLog, AuditRecord
+from toolbus.bus import agent_tool_specs
+from toolbus.errors import LeaseError
+from toolbus.permissions import ApprovalRequest
+from toolbus.resources import WriteScope
+
+log = logging.getLogger("fanout.orchestrator")
+
+NAMESPACE = "fanout"
+STOP_WAIT_S = 60.0  # how long a cancelled agent gets to commit and ship its work
+PACKS_KEPT = 16  # start commits whose packs stay in the object store
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "FANOUT_EXECUTOR=ray needs Ray: pip install 'fanout-mcp[ray]' (or ray==2.60.*)"
+        ) from None
+    return ray
+
+
+# --- the bridge: the agents' mailbox to the head ---------------------------------------------
+
+
+class Bridge:
+    """A Ray actor (async): agents put requests and events in; the head takes them out in
+    batches and answers the requests."""
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[int | None, str, int, str, Any]] = []
+        self._answers: dict[int, list[Any]] = {}
+        self._next = 0
+        self._wake: anyio.Event | None = None
+
+    def _signal(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def call(self, agent_id: str, seq: int, kind: str, payload: Any) -> Any:
+        rid = self._next
+        self._next += 1
+        done = anyio.Event()
+        self._answers[rid] = [done, None]
+        self._queue.append((rid, agent_id, seq, kind, payload))
+        self._signal()
+        await done.wait()
+        return self._answers.pop(rid)[1]
+
+    async def post(self, agent_id: str, seq: int, kind: str, payload: Any) -> None:
+        self._queue.append((None, agent_id, seq, kind, payload))
+        self._signal()
+
+    async def take(self, wait_s: float) -> list[tuple[int | None, str, int, str, Any]]:
+        if not self._queue:
+            self._wake = anyio.Event()
+            with anyio.move_on_after(wait_s):
+                await self._wake.wait()
+            self._wake = None
+        batch, self._queue = self._queue, []
+        return batch
+
+    async def answer(self, rid: int, value: Any) -> None:
+        entry = self._answers.get(rid)
+        if entry is not None:
+            entry[1] = value
+            entry[0].set()
+
+
+class RayLink:
+    """`remote.HeadLink` over the bridge; messages carry the agent's sequence numbers, so the
+    head handles them in the order the agent sent them."""
+
+    def __init__(self, bridge: Any, agent_id: str) -> None:
+        self._bridge = bridge
+        self._agent_id = agent_id
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def _send(self, method: str, kind: str, payload: Any) -> Any:
+        with self._lock:
+            self._seq += 1
+            return getattr(self._bridge, method).remote(self._agent_id, self._seq, kind, payload)
+
+    @staticmethod
+    def _unwrap(answer: Any) -> Any:
+        if isinstance(answer, dict) and "error" in answer:
+            raise remote.LinkError(str(answer["error"]))  # pyright: ignore[reportUnknownArgumentType]
+        return answer["ok"]  # pyright: ignore[reportIndexIssue, reportUnknownVariableType]
+
+    def call(self, kind: str, payload: Any = None) -> Any:
+        ray = _ray()
+        ref = self._send("call", kind, payload)
+        try:
+            answer = ray.get(ref, timeout=remote.LINK_TIMEOUT_S)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as exc:
+            raise remote.LinkError(f"the head did not answer ({type(exc).__name__})") from None
+        return self._unwrap(answer)
+
+    async def acall(self, kind: str, payload: Any = None) -> Any:
+        ray = _ray()
+        ref = self._send("call", kind, payload)
+        try:
+            answer = await ref
+        except ray.exceptions.RayError as exc:
+            raise remote.LinkError(f"the head did not answer ({type(exc).__name__})") from None
+        return self._unwrap(answer)
+
+    def post(self, kind: str, payload: Any = None) -> None:
+        self._send("post", kind, payload)
+
+
+class AgentActor:
+    """A Ray actor (two threads: `run`, and `stop` beside it) running one agent."""
+
+    def __init__(self, job: remote.AgentJob, bridge: Any, pack: list[Any]) -> None:
+        ray = _ray()
+        self._agent = remote.RemoteAgent(
+            job,
+            RayLink(bridge, job.agent_id),
+            cache_root=remote.cache_root(),
+            base_pack=lambda: ray.get(pack[0]),
+            node=f"{remote.node_name()}/{ray.get_runtime_context().get_node_id()[:8]}",
+        )
+
+    def run(self) -> remote.WorkerOutcome:
+        return self._agent.run()
+
+    def stop(self) -> None:
+        self._agent.cancel()
+
+
+# --- the head ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Session:
+    """One remote agent as the head serves it."""
+
+    runner: AgentRunner
+    ctx: RepoContext
+    runtime: AgentRuntime
+    agent: AgentRecord
+    start: str
+    gate: AgentGate
+    transcript: Transcript
+    expected: int = 1
+    parked: dict[int, tuple[int | None, str, Any]] = field(
+        default_factory=dict[int, tuple[int | None, str, Any]]
+    )
+    holds: dict[int, anyio.Event] = field(default_factory=dict[int, anyio.Event])
+    next_hold: int = 0
+    landed: str | None = None
+
+
+class RayExecutor:
+    """Runs agents on a Ray cluster (`FANOUT_RAY_ADDRESS`, or a local one started on demand)."""
+
+    name = "ray"
+
+    def __init__(self, settings: Settings, start_soon: Callable[..., None]) -> None:
+        self._settings = settings
+        self._start_soon = start_soon
+        self._bridge: Any = None
+        self._actor_class: Any = None
+        self._sessions: dict[str, _Session] = {}
+        self._packs: dict[tuple[str, str], Any] = {}
+        self._lock = anyio.Lock()
+        self.address = ""
+
+    def describe(self) -> str:
+        if not self.address:
+            return f"ray (not connected yet: {self._settings.ray_address or 'a local cluster'})"
+        ray = _ray()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        cpus = sum(float(n.get("Resources", {}).get("CPU", 0)) for n in nodes)
+        return f"ray at {self.address}: {len(nodes)} nodes, {cpus:g} CPUs"
+
+    async def _connect(self) -> None:
+        async with self._lock:
+            if self._bridge is not None:
+                return
+            ray = _ray()
+
+            def connect() -> None:
+                if not ray.is_initialized():
+                    address = self._settings.ray_address
+                    ray.init(
+                        address=None if address in (None, "", "local") else address,
+                        namespace=NAMESPACE,
+                        log_to_driver=False,
+                        include_dashboard=False if address in (None, "", "local") else None,
+                        _node_ip_address=os.environ.get("FANOUT_RAY_NODE_IP") or None,
+                    )
+                context = ray.get_runtime_context()
+                self.address = str(context.gcs_address)
+
+            await anyio.to_thread.run_sync(connect)
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = ray.get_runtime_context().get_node_id()
+            self._bridge = (
+                ray.remote(Bridge)
+                .options(
+                    num_cpus=0,
+                    max_concurrency=1000,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+                )
+                .remote()
+            )
+            self._actor_class = ray.remote(AgentActor)
+            self._start_soon(self._serve)
+
+    async def prepare(self) -> None:
+        await self._connect()
+
+    async def aclose(self) -> None:
+        self._sessions.clear()
+
+    # --- one agent ----------------------------------------------------------------------------
+
+    async def run(self, runner: AgentRunner, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        await self._connect()
+        ray = _ray()
+        settings = self._settings
+        agent = find_agent(ctx, runtime.agent_id)
+        run = find_run(ctx, agent.run_id)
+        if run.mcp_servers:
+            raise ConfigError(
+                "downstream MCP servers are not offered to agents on a Ray cluster yet; spawn "
+                "with mcp_servers=[] or run with FANOUT_EXECUTOR=in-process"
+            )
+        start = await runner.start_commit(ctx, agent)
+        pack = await self._pack(ctx, start)
+        branch = agent.branch or f"fanout/{agent.run_id}/{agent.agent_id}"
+        await anyio.to_thread.run_sync(_make_branch, ctx, branch, start)
+        holder = agent.lease_holder or agent.agent_id
+        job = remote.AgentJob(
+            repo_id=_repo_id(ctx),
+            agent_id=agent.agent_id,
+            run_id=agent.run_id,
+            name=agent.name,
+            start_commit=start,
+            base_commit=agent.base_commit,
+            branch=branch,
+            system_prefix=await run_prefix(ctx, run),
+            system_task=task_prompt(
+                name=agent.name,
+                prompt=agent.prompt,
+                scope=WriteScope.of(agent.write_scope),
+                max_turns=agent.max_turns,
+                rerun_context=agent.rerun_context,
+            ),
+            tools=(*agent_tool_specs(()), FINISH_TOOL),
+            model=remote.ModelSpec(
+                name=agent.model,
+                base_url=os.environ.get("ANTHROPIC_BASE_URL") or None,
+                timeout_s=settings.model_timeout_s,
+                http_client=settings.http_client,
+            ),
+            max_turns=agent.max_turns,
+            max_output_tokens=settings.max_output_tokens,
+            retry_max_attempts=settings.retry_max_attempts,
+            retry_after_cap_s=settings.retry_after_cap_s,
+            cache_ttl=run.cache_ttl or "5m",
+            write_scope=tuple(agent.write_scope) if agent.write_scope is not None else None,
+            policy=runner.policy(run, agent),
+            sandbox=settings.sandbox,
+            allow_network=settings.allow_network,
+            network=agent.network,
+            env_passthrough=tuple(settings.env_passthrough),
+            command_timeout_s=settings.command_timeout_s,
+            limits=settings.command_limits,
+            resources=tuple(r.name for r in agent.resources),
+            held_resources=tuple(r.name for r in agent.resources if r.hold == "agent"),
+            commit_message=agent.prompt.strip().splitlines()[0][:72] if agent.prompt else "",
+        )
+        audit = AuditLog(ctx.repo.state_dir / "audit" / f"{agent.agent_id}.jsonl")
+        transcript = Transcript(transcript_path(ctx, agent.agent_id))
+        await anyio.to_thread.run_sync(audit.touch)
+        await anyio.to_thread.run_sync(transcript.touch)
+        runtime.audit = audit
+        runtime.started_at = runner.clock.monotonic()
+        session = _Session(
+            runner=runner,
+            ctx=ctx,
+            runtime=runtime,
+            agent=agent,
+            start=start,
+            gate=AgentGate(ctx, agent.agent_id, holder, settings.approval_timeout_s),
+            transcript=transcript,
+        )
+        self._sessions[agent.agent_id] = session
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "FANOUT_WORKER_CACHE")
+        }
+        actor = self._actor_class.options(
+            num_cpus=settings.ray_cpus_per_agent,
+            max_concurrency=2,
+            scheduling_strategy="SPREAD",
+            name=f"agent-{_repo_id(ctx)}-{agent.agent_id}",
+            runtime_env={"env_vars": env} if env else None,
+        ).remote(job, self._bridge, [pack])
+        ref = actor.run.remote()
+        outcome: remote.WorkerOutcome | None = None
+        status: AgentStatus | None = None
+        try:
+            try:
+                outcome = await ref
+            except ray.exceptions.RayActorError as exc:
+                status = AgentStatus.INTERRUPTED
+                outcome = remote.WorkerOutcome(
+                    stop_reason=StopReason.INTERRUPTED.value,
+                    error="the Ray node running this agent died or became unreachable "
+                    f"({type(exc).__name__}); its work up to its last checkpoint is on its "
+                    "branch: rerun_subagent resumes it, on any node",
+                )
+        except BaseException:
+            # cancelled (cancel_subagents, a lost lease, the server stopping): the agent
+            # commits and ships its work before it stops
+            with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_WAIT_S):
+                actor.stop.remote()
+                with contextlib.suppress(Exception):
+                    await ref
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._end_session(session)
+                ray.kill(actor, no_restart=True)
+        assert outcome is not None
+        await runner.finish(
+            ctx,
+            runtime,
+            outcome.loop_outcome(),
+            status=status,
+            remote_dropped=[*outcome.dropped],
+            remote_refused=dict(outcome.refused),
+        )
+
+    async def _end_session(self, session: _Session) -> None:
+        self._sessions.pop(session.agent.agent_id, None)
+        for release in session.holds.values():
+            release.set()
+
+    async def _pack(self, ctx: RepoContext, commit: str) -> Any:
+        key = (str(ctx.repo.root), commit)
+        ref = self._packs.get(key)
+        if ref is None:
+            ray = _ray()
+            data = await anyio.to_thread.run_sync(pack_objects, ctx.repo.git_dir, [commit])
+            ref = await anyio.to_thread.run_sync(ray.put, data)
+            self._packs[key] = ref
+            while len(self._packs) > PACKS_KEPT:
+                self._packs.pop(next(iter(self._packs)))
+        return ref
+
+    # --- serving the bridge -------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        while True:
+            try:
+                batch = await self._bridge.take.remote(1.0)
+            except Exception:
+                log.exception("the Ray bridge failed; retrying")
+                await anyio.sleep(1.0)
+                continue
+            for rid, agent_id, seq, kind, payload in batch:
+                session = self._sessions.get(agent_id)
+                if session is None:
+                    if rid is not None:
+                        self._bridge.answer.remote(
+                            rid, {"error": f"agent {agent_id} no longer runs on this head"}
+                        )
+                    continue
+                session.parked[seq] = (rid, kind, payload)
+                while session.expected in session.parked:
+                    rid_, kind_, payload_ = session.parked.pop(session.expected)
+                    session.expected += 1
+                    self._start_soon(self._handle, session, rid_, kind_, payload_)
+
+    async def _handle(self, session: _Session, rid: int | None, kind: str, payload: Any) -> None:
+        try:
+            value = await self._dispatch(session, kind, payload)
+            answer: dict[str, Any] = {"ok": value}
+        except (LeaseError, remote.LinkError, ValueError, RuntimeError) as exc:
+            answer = {"error": str(exc)}
+        except Exception as exc:
+            log.exception("agent %s: serving %s failed", session.agent.agent_id, kind)
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        if rid is not None:
+            self._bridge.answer.remote(rid, answer)
+
+    async def _dispatch(self, session: _Session, kind: str, payload: Any) -> Any:
+        ctx, runtime, runner = session.ctx, session.runtime, session.runner
+        agent_id = session.agent.agent_id
+        store = ctx.store
+        if kind == "token":
+            return runtime.fence.token if runtime.fence is not None else None
+        if kind == "check":
+            fence = runtime.fence
+            if fence is None:
+                raise RuntimeError("the agent holds no fence")
+            await anyio.to_thread.run_sync(fence.check, payload)
+            return None
+        if kind == "reserve":
+            return runner.budget(ctx, session.agent.run_id).reserve(int(payload))
+        if kind == "describe":
+            return runner.budget(ctx, session.agent.run_id).describe()
+        if kind == "settle":
+            runner.budget(ctx, session.agent.run_id).settle(int(payload[0]), int(payload[1]))
+            return None
+        if kind == "turn":
+            runner.record_remote_turn(ctx, agent_id, payload)
+            return None
+        if kind == "records":
+            lines: list[str] = payload["transcript"]
+            for line in lines:
+                tag, _, data = line.partition("\t")
+                session.transcript.append_json(tag.strip('"'), data)
+            if runtime.audit is not None:
+                runtime.audit.adopt([AuditRecord.model_validate_json(r) for r in payload["audit"]])
+            return None
+        if kind == "running":
+            store.mark_running(
+                agent_id,
+                started_at=runner.clock.time(),
+                workspace=f"ray:{payload['workspace']}",
+                branch=f"fanout/{session.agent.run_id}/{agent_id}",
+                base_commit=session.agent.base_commit
+                if session.agent.start_commit
+                else session.start,
+                start_commit=session.start,
+                commit=None,
+            )
+            store.apply(
+                agent_id, EventKind.NOTE, f"runs on node {payload['node']}", node=payload["node"]
+            )
+            return None
+        if kind == "approve":
+            request = ApprovalRequest(
+                agent_id=agent_id,
+                kind=payload["kind"],
+                subject=payload["subject"],
+                why=payload["why"],
+                rule=payload["rule"],
+            )
+            answer = await session.gate.approve(request)
+            return {"allowed": answer.allowed, "by": answer.by, "note": answer.note}
+        if kind == "hold":
+            return await self._hold(session, list(payload["names"]), bool(payload["shared"]))
+        if kind == "release":
+            release = session.holds.pop(int(payload), None)
+            if release is not None:
+                release.set()
+            return None
+        if kind == "land":
+            return await self._land(session, payload["pack"], payload["commit"], payload["old"])
+        raise ValueError(f"unknown request {kind!r}")
+
+    async def _hold(self, session: _Session, names: list[str], shared: bool) -> int:
+        held = anyio.Event()
+        release = anyio.Event()
+        failed: list[BaseException] = []
+
+        async def holding() -> None:
+            try:
+                async with session.gate.hold(names, shared=shared):
+                    held.set()
+                    await release.wait()
+            except Exception as exc:
+                failed.append(exc)
+                held.set()
+
+        hold_id = session.next_hold
+        session.next_hold += 1
+        session.holds[hold_id] = release
+        self._start_soon(holding)
+        await held.wait()
+        if failed:
+            session.holds.pop(hold_id, None)
+            raise RuntimeError(str(failed[0]))
+        return hold_id
+
+    async def _land(self, session: _Session, pack: bytes, commit: str, old: str) -> None:
+        """Land a checkpoint of the agent's branch: under its live lease, objects verified, only
+        in-scope paths changed, the ref moved from the commit it was at."""
+        ctx, runtime = session.ctx, session.runtime
+        agent = session.agent
+        if runtime.fence is not None:
+            await anyio.to_thread.run_sync(runtime.fence.check, None)
+        branch = f"refs/heads/fanout/{agent.run_id}/{agent.agent_id}"
+        scope = WriteScope.of(agent.write_scope)
+
+        def land() -> None:
+            land_branch(
+                ctx.repo.git_dir,
+                pack,
+                commit=commit,
+                base=session.start,
+                ref=branch,
+                expected_old=old,
+            )
+            pyrepo = ctx.repo.open()
+            try:
+                outside = [
+                    path
+                    for path in _changed_paths(pyrepo, session.start, commit)
+                    if not scope.allows(path)
+                ]
+                if outside:
+                    pyrepo.references[branch].set_target(old)
+                    raise ValueError(
+                        "the agent's branch changes paths outside its write scope: "
+                        + ", ".join(outside[:10])
+                    )
+            finally:
+                pyrepo.free()
+
+        await anyio.to_thread.run_sync(land)
+        session.landed = commit
+        ctx.store.apply(agent.agent_id, EventKind.NOTE, f"checkpoint {commit[:12]}", commit=commit)
+
+
+def _changed_paths(pyrepo: pygit2.Repository, old: str, new: str) -> list[str]:
+    tree = str(pyrepo.revparse_single(new).peel(pygit2.Commit).tree_id)
+    return changed_paths(pyrepo, old, tree)
+
+
+def _make_branch(ctx: RepoContext, branch: str, start: str) -> None:
+    """The agent's branch on the head, at its start: checkpoints move it forward."""
+    pyrepo = ctx.repo.open()
+    try:
+        ref = f"refs/heads/{branch}"
+        if ref in pyrepo.references:
+            pyrepo.references[ref].set_target(start)
+        else:
+            pyrepo.references.create(ref, start)
+    finally:
+        pyrepo.free()
+
+
+def _repo_id(ctx: RepoContext) -> str:
+    """A name for the repository that the workers' caches use (never a path of the head)."""
+    import hashlib
+
+    return hashlib.sha256(str(ctx.repo.git_dir).encode()).hexdigest()[:16]

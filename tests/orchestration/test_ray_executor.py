@@ -1,0 +1,189 @@
+"""Agents on a Ray cluster of several nodes on this machine, which cannot see the repository.
+
+The cluster (`tests.ray_cluster`) covers the test's directory with an empty tmpfs in the mount
+namespace of every raylet and worker, so an agent's work can only come and go through Ray. The
+model is the real `anthropic` client on the workers, against the fake Messages API on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import pygit2
+import pytest
+
+from fakeapi import FakeAnthropic, by_key, by_turn, finish, tool_use, writes_file
+from orchestration.config import Settings
+from orchestration.contracts import (
+    AgentStatus,
+    AgentView,
+    MergeOutcome,
+    MergeRequest,
+    SpawnRequest,
+    TaskSpec,
+)
+from orchestration.orchestrator import Orchestrator
+from tests.orchestration.scripts import make_repo
+from tests.orchestration.test_orchestrator import wait_until_final
+
+ray = pytest.importorskip("ray")
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+NODES = 3
+CPUS = 2
+
+
+@pytest.fixture(scope="module")
+def hidden_root() -> Iterator[Path]:
+    """A directory for the tests' repositories, hidden from the cluster's processes."""
+    root = Path(tempfile.mkdtemp(prefix="fanout-ray-hidden-"))
+    yield root
+
+
+@pytest.fixture(scope="module")
+def cluster(hidden_root: Path) -> Iterator[object]:
+    from tests.ray_cluster import LocalCluster
+
+    with LocalCluster(NODES, CPUS, [hidden_root]) as made:
+        yield made
+        if ray.is_initialized():  # the driver goes first: it exits with its cluster
+            ray.shutdown()
+
+
+def _settings(repo: Path, cluster: object, **extra: object) -> Settings:
+    values: dict[str, object] = {
+        "repo": repo,
+        "sandbox": "none",
+        "model": "claude-sonnet-5-5",
+        "executor": "ray",
+        "ray_address": str(getattr(cluster, "address")),  # noqa: B009
+    }
+    return Settings.model_validate({**values, **extra})
+
+
+def _tree(repo: Path) -> str:
+    pyrepo = pygit2.Repository(str(repo))
+    return str(pyrepo.head.peel(pygit2.Commit).tree_id)
+
+
+SCRIPTS = {
+    "TASK-A": writes_file("src/a.py", "A = 1\n", summary="a added"),
+    "TASK-B": by_turn(
+        tool_use("write_file", path="src/b.py", content="B = 2\n"),
+        tool_use("run_command", command="cat src/b.py > src/b.txt"),
+        finish("b added"),
+    ),
+    "TASK-C": by_turn(
+        tool_use("read_file", path="README.md"),
+        tool_use("write_file", path="docs/c.md", content="# C\n"),
+        finish("c added"),
+    ),
+}
+
+
+async def _run(repo: Path, settings: Settings, fake: FakeAnthropic) -> list[str]:
+    async with Orchestrator(settings) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(
+                tasks=[
+                    TaskSpec(prompt="TASK-A", name="a", write_scope=["src/a.py"]),
+                    TaskSpec(prompt="TASK-B", name="b", write_scope=["src/b.py", "src/b.txt"]),
+                    TaskSpec(prompt="TASK-C", name="c", write_scope=["docs"]),
+                ]
+            )
+        )
+        status = await wait_until_final(orch, spawned.run_id)
+        agents = status.runs[0].agents
+        for view in agents:
+            assert view.status == AgentStatus.SUCCEEDED, view.status_reason
+        merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
+        assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED] * 3
+        return [spawned.executor, *[str(a.node) for a in agents]]
+
+
+async def test_a_run_on_the_cluster_merges_as_in_process(
+    cluster: object, hidden_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeAnthropic(by_key(SCRIPTS))
+    async with fake.serve():
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+        monkeypatch.setenv("FANOUT_RAY_NODE_IP", str(getattr(cluster, "node_ip")))  # noqa: B009
+        local = make_repo(hidden_root / "local")
+        on_ray = make_repo(hidden_root / "ray")
+        assert _tree(local) == _tree(on_ray)
+        await _run(local, Settings(repo=local, sandbox="none", model="claude-sonnet-5-5"), fake)
+        with anyio.fail_after(240):
+            shown = await _run(on_ray, _settings(on_ray, cluster), fake)
+    assert shown[0].startswith("ray at "), shown
+    assert all(node not in ("None", "") for node in shown[1:]), shown
+    assert len(set(shown[1:])) == 3, f"the agents did not spread over the nodes: {shown}"
+    assert _tree(local) == _tree(on_ray)
+    assert (on_ray / "src/b.txt").read_text() == "B = 2\n"
+    assert os.path.exists(on_ray / "docs/c.md")
+
+
+async def _until(orch: Orchestrator, run_id: str, check: Callable[[AgentView], bool]) -> AgentView:
+    """Long-poll status until `check(agent view)` holds for the run's first agent."""
+    cursor: int | None = None
+    with anyio.fail_after(120):
+        while True:
+            status = await orch.status(run_id=run_id, since=cursor, wait_s=2)
+            cursor = status.cursor
+            view = status.runs[0].agents[0]
+            if check(view):
+                return view
+
+
+async def test_a_dead_node_leaves_its_agent_interrupted_and_a_rerun_completes(
+    cluster: object, hidden_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.ray_cluster import LocalCluster
+
+    assert isinstance(cluster, LocalCluster)
+    scripts = {
+        "TASK-KILL": by_turn(
+            tool_use("write_file", path="src/k/first.py", content="FIRST = 1\n"),
+            tool_use("run_command", command="sleep 60"),
+            finish("never reached"),
+        ),
+        "This is a re-run": by_turn(
+            tool_use("write_file", path="src/k/second.py", content="SECOND = 2\n"),
+            finish("second written"),
+        ),
+    }
+    fake = FakeAnthropic(by_key(scripts))
+    repo = make_repo(hidden_root / "killed")
+    async with fake.serve():
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+        monkeypatch.setenv("FANOUT_RAY_NODE_IP", cluster.node_ip)
+        async with Orchestrator(_settings(repo, cluster, sandbox="auto")) as orch:
+            spawned = await orch.spawn(
+                SpawnRequest(tasks=[TaskSpec(prompt="TASK-KILL", name="k", write_scope=["src/k"])])
+            )
+            run_id = spawned.run_id
+            # the first file is checkpointed before the second model call, then it sleeps
+            view = await _until(orch, run_id, lambda v: v.turns >= 2)
+            node = str(view.node)
+            ids = cluster.node_ids()
+            index = next(i for i, n in enumerate(ids) if n.startswith(node.rsplit("/", 1)[-1]))
+            cluster.kill_node(index)
+            cluster.command("add")  # the next tests get their nodes back
+            dead = await wait_until_final(orch, run_id)
+            agent = dead.runs[0].agents[0]
+            assert agent.status == AgentStatus.INTERRUPTED, agent.status_reason
+            assert agent.result is not None and agent.result.commit is not None
+            assert [c.path for c in agent.result.changed_files] == ["src/k/first.py"]
+            rerun = await orch.rerun(agent.agent_id)
+            done = await wait_until_final(orch, rerun.run_id)
+            again = done.runs[0].agents[-1]
+            assert again.status == AgentStatus.SUCCEEDED, again.status_reason
+            assert again.node is not None and not again.node.endswith(node.rsplit("/", 1)[-1])
+            merged = await orch.merge(MergeRequest(run_id=run_id))
+            assert MergeOutcome.MERGED in [r.outcome for r in merged.agents]
+    assert (repo / "src/k/first.py").read_text() == "FIRST = 1\n"
+    assert (repo / "src/k/second.py").read_text() == "SECOND = 2\n"
