@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "startup": "benchmarks.startup",
     "orchestrator": "benchmarks.orchestrator",
     "bus": "benchmarks.bus",
+    "cluster": "benchmarks.cluster",
 }
 
 

@@ -48,7 +48,7 @@ from orchestration.errors import (
     OrchestrationError,
     RepositoryError,
 )
-from orchestration.executors import make_executor
+from orchestration.executors import Executor, make_executor
 from orchestration.merger import Merger
 from orchestration.models import AGENTS_PER_MODEL, ModelFactory, ModelPool, default_model_factory
 from orchestration.prompts import shared_prefix
@@ -103,6 +103,11 @@ class Orchestrator:
         self._tg: anyio.abc.TaskGroup | None = None
         self._context_lock = anyio.Lock()
         self._closing = False
+
+    @property
+    def executor(self) -> Executor:
+        """Where this server's agents run."""
+        return self._runner.executor
 
     # --- lifecycle --------------------------------------------------------------------------
 

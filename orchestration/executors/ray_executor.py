@@ -1,15 +1,18 @@
-"""Agents on a Ray cluster: each agent is an actor on a worker node; the repository, its durable
-state, its leases and the join stay with this process (the head).
+"""Agents on a Ray cluster; the repository, its durable state, its leases and the join stay
+with this process (the head).
 
-An agent's actor declares `FANOUT_RAY_CPUS_PER_AGENT` CPUs (1 by default), so Ray's resource
-accounting decides where and how many run at once. It gets its start commit as git objects
-through Ray's object store (one pack per start commit, put once), never through a shared
-filesystem, and runs `remote.RemoteAgent` there. It reaches the head through one bridge actor:
-a mailbox the head drains, which carries the agent's requests (fence checks, budget, approvals,
-named leases, landings of its branch) and its events (turns, transcript, audit) in order.
+Each agent reserves `FANOUT_RAY_CPUS_PER_AGENT` CPUs (1 by default) in a placement group for
+as long as it runs, so Ray's resource accounting decides where and how many run at once. It then
+runs on that node in the node's agent process (`node_process`, started by the node's host actor
+once per node and server, in a mount namespace of its own so that workspaces can be copy-on-write
+views). Its start commit goes there as git objects through Ray's object store (one pack per
+start commit, received once per node), never through a shared filesystem. It reaches the head
+through one bridge actor: a mailbox the head drains, which carries the agent's requests (fence
+checks, budget, approvals, named leases, landings of its branch) and its events (turns,
+transcript, audit), in the order the agent sent them.
 
-A node that dies takes its actors with it: the head marks their agents `interrupted`, with the
-work of their last checkpoint on their branches, for `rerun_subagent` on any node.
+A node that dies takes its host with it: the head marks its agents `interrupted`, with the work
+of their last checkpoint on their branches, for `rerun_subagent` on any node.
 """
 
 from __future__ import annotations
@@ -17,9 +20,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 import anyio
@@ -110,67 +119,99 @@ class Bridge:
             entry[0].set()
 
 
-class RayLink:
-    """`remote.HeadLink` over the bridge; messages carry the agent's sequence numbers, so the
-    head handles them in the order the agent sent them."""
+class NodeHost:
+    """A Ray actor, one per node (no CPU of its own): it starts the node's agent process
+    (`node_process`) and relays between it and the head's bridge. Each agent's messages get
+    the agent's sequence numbers here, in the order the agent sent them."""
 
-    def __init__(self, bridge: Any, agent_id: str) -> None:
+    def __init__(self, bridge: Any) -> None:
+        ray = _ray()
+        self._ray = ray
         self._bridge = bridge
-        self._agent_id = agent_id
-        self._seq = 0
-        self._lock = threading.Lock()
-
-    def _send(self, method: str, kind: str, payload: Any) -> Any:
-        with self._lock:
-            self._seq += 1
-            return getattr(self._bridge, method).remote(self._agent_id, self._seq, kind, payload)
-
-    @staticmethod
-    def _unwrap(answer: Any) -> Any:
-        if isinstance(answer, dict) and "error" in answer:
-            raise remote.LinkError(str(answer["error"]))  # pyright: ignore[reportUnknownArgumentType]
-        return answer["ok"]  # pyright: ignore[reportIndexIssue, reportUnknownVariableType]
-
-    def call(self, kind: str, payload: Any = None) -> Any:
-        ray = _ray()
-        ref = self._send("call", kind, payload)
-        try:
-            answer = ray.get(ref, timeout=remote.LINK_TIMEOUT_S)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as exc:
-            raise remote.LinkError(f"the head did not answer ({type(exc).__name__})") from None
-        return self._unwrap(answer)
-
-    async def acall(self, kind: str, payload: Any = None) -> Any:
-        ray = _ray()
-        ref = self._send("call", kind, payload)
-        try:
-            answer = await ref
-        except ray.exceptions.RayError as exc:
-            raise remote.LinkError(f"the head did not answer ({type(exc).__name__})") from None
-        return self._unwrap(answer)
-
-    def post(self, kind: str, payload: Any = None) -> None:
-        self._send("post", kind, payload)
-
-
-class AgentActor:
-    """A Ray actor (two threads: `run`, and `stop` beside it) running one agent."""
-
-    def __init__(self, job: remote.AgentJob, bridge: Any, pack: list[Any]) -> None:
-        ray = _ray()
-        self._agent = remote.RemoteAgent(
-            job,
-            RayLink(bridge, job.agent_id),
-            cache_root=remote.cache_root(),
-            base_pack=lambda: ray.get(pack[0]),
-            node=f"{remote.node_name()}/{ray.get_runtime_context().get_node_id()[:8]}",
+        ours, theirs = socket.socketpair()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestration.executors.node_process", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
         )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._send_lock = threading.Lock()
+        self._ready = threading.Event()
+        self._runs: dict[str, tuple[threading.Event, list[remote.WorkerOutcome]]] = {}
+        self._packs: dict[str, Any] = {}
+        self._seq: dict[str, int] = {}
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="relay")
+        self.node = f"{remote.node_name()}/{ray.get_runtime_context().get_node_id()[:8]}"
+        threading.Thread(target=self._read, name="node-host", daemon=True).start()
 
-    def run(self) -> remote.WorkerOutcome:
-        return self._agent.run()
+    def ready(self) -> str:
+        """The node's name, once its agent process is up."""
+        if not self._ready.wait(120):
+            raise RuntimeError("the node's agent process did not start")
+        return self.node
 
-    def stop(self) -> None:
-        self._agent.cancel()
+    def run(self, job: remote.AgentJob, pack: list[Any]) -> remote.WorkerOutcome:
+        done = threading.Event()
+        box: list[remote.WorkerOutcome] = []
+        self._runs[job.agent_id] = (done, box)
+        self._packs[job.agent_id] = pack[0]
+        self._send(("start", job, self.node))
+        while not done.wait(5.0):
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"the node's agent process ended ({self._proc.returncode})")
+        self._packs.pop(job.agent_id, None)
+        return box[0]
+
+    def stop(self, agent_id: str) -> None:
+        self._send(("cancel", agent_id))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self._conn.send(message)
+
+    def _next(self, agent_id: str) -> int:
+        seq = self._seq.get(agent_id, 0) + 1
+        self._seq[agent_id] = seq
+        return seq
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "ready":
+                self._ready.set()
+            elif kind == "call":
+                _, rid, agent_id, what, payload = message
+                if what == "pack":
+                    self._pool.submit(self._answer_pack, rid, agent_id)
+                else:
+                    ref = self._bridge.call.remote(agent_id, self._next(agent_id), what, payload)
+                    self._pool.submit(self._answer, rid, ref)
+            elif kind == "post":
+                _, agent_id, what, payload = message
+                self._bridge.post.remote(agent_id, self._next(agent_id), what, payload)
+            elif kind == "done":
+                entry = self._runs.pop(message[1], None)
+                if entry is not None:
+                    entry[1].append(message[2])
+                    entry[0].set()
+
+    def _answer(self, rid: int, ref: Any) -> None:
+        try:
+            answer = self._ray.get(ref)
+        except self._ray.exceptions.RayError as exc:
+            answer = {"error": f"the head did not answer ({type(exc).__name__})"}
+        self._send(("answer", rid, answer))
+
+    def _answer_pack(self, rid: int, agent_id: str) -> None:
+        try:
+            answer: dict[str, Any] = {"ok": self._ray.get(self._packs[agent_id])}
+        except (KeyError, self._ray.exceptions.RayError) as exc:
+            answer = {"error": f"the start commit's objects are not available ({exc})"}
+        self._send(("answer", rid, answer))
 
 
 # --- the head ---------------------------------------------------------------------------------
@@ -205,11 +246,17 @@ class RayExecutor:
         self._settings = settings
         self._start_soon = start_soon
         self._bridge: Any = None
-        self._actor_class: Any = None
+        self._hosts: dict[str, Any] = {}
+        self._host_locks: dict[str, anyio.Lock] = {}
         self._sessions: dict[str, _Session] = {}
         self._packs: dict[tuple[str, str], Any] = {}
         self._lock = anyio.Lock()
         self.address = ""
+        # what shipping cost: packs of start commits made here, objects received by the
+        # workers, branches packed and landed (ms), and the agents that ran
+        self.stats: dict[str, float] = {"pack_ms": 0.0, "receive_ms": 0.0, "ship_ms": 0.0}
+        self.stats.update(prepare_ms=0.0, hosts_ms=0.0, hosts=0)
+        self.stats["agents"] = 0
 
     def describe(self) -> str:
         if not self.address:
@@ -251,14 +298,29 @@ class RayExecutor:
                 )
                 .remote()
             )
-            self._actor_class = ray.remote(AgentActor)
             self._start_soon(self._serve)
 
     async def prepare(self) -> None:
+        """Connect, and start a host on every node that can run agents and has none yet (a
+        host's process takes seconds to start; agents then start in milliseconds)."""
         await self._connect()
+        ray = _ray()
+        nodes = await anyio.to_thread.run_sync(ray.nodes)
+        wanted = [
+            str(n["NodeID"])
+            for n in nodes
+            if n.get("Alive")
+            and float(n.get("Resources", {}).get("CPU", 0)) >= self._settings.ray_cpus_per_agent
+            and str(n["NodeID"]) not in self._hosts
+        ]
+        if wanted:
+            async with anyio.create_task_group() as tg:
+                for node_id in wanted:
+                    tg.start_soon(self._host, node_id)
 
     async def aclose(self) -> None:
         self._sessions.clear()
+        self._hosts.clear()
 
     # --- one agent ----------------------------------------------------------------------------
 
@@ -334,25 +396,25 @@ class RayExecutor:
             transcript=transcript,
         )
         self._sessions[agent.agent_id] = session
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "FANOUT_WORKER_CACHE")
-        }
-        actor = self._actor_class.options(
-            num_cpus=settings.ray_cpus_per_agent,
-            max_concurrency=2,
-            scheduling_strategy="SPREAD",
-            name=f"agent-{_repo_id(ctx)}-{agent.agent_id}",
-            runtime_env={"env_vars": env} if env else None,
-        ).remote(job, self._bridge, [pack])
-        ref = actor.run.remote()
         outcome: remote.WorkerOutcome | None = None
         status: AgentStatus | None = None
+        # the agent's CPUs, reserved on a node by Ray's accounting for as long as it runs
+        pg = ray.util.placement_group(
+            [{"CPU": settings.ray_cpus_per_agent}], strategy="STRICT_PACK"
+        )
+        host: Any = None
+        ref: Any = None
+        node_id = ""
         try:
             try:
+                await pg.ready()
+                table = await anyio.to_thread.run_sync(ray.util.placement_group_table, pg)
+                node_id = str(table["bundles_to_node_id"][0])
+                host = await self._host(node_id)
+                ref = host.run.remote(job, [pack])
                 outcome = await ref
             except ray.exceptions.RayActorError as exc:
+                self._hosts.pop(node_id, None)
                 status = AgentStatus.INTERRUPTED
                 outcome = remote.WorkerOutcome(
                     stop_reason=StopReason.INTERRUPTED.value,
@@ -363,16 +425,21 @@ class RayExecutor:
         except BaseException:
             # cancelled (cancel_subagents, a lost lease, the server stopping): the agent
             # commits and ships its work before it stops
-            with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_WAIT_S):
-                actor.stop.remote()
-                with contextlib.suppress(Exception):
-                    await ref
+            if ref is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_WAIT_S):
+                    host.stop.remote(agent.agent_id)
+                    with contextlib.suppress(Exception):
+                        await ref
             raise
         finally:
             with anyio.CancelScope(shield=True):
                 await self._end_session(session)
-                ray.kill(actor, no_restart=True)
+                ray.util.remove_placement_group(pg)
         assert outcome is not None
+        self.stats["agents"] += 1
+        self.stats["receive_ms"] += outcome.receive_ms
+        self.stats["ship_ms"] += outcome.ship_ms
+        self.stats["prepare_ms"] += outcome.prepare_ms
         await runner.finish(
             ctx,
             runtime,
@@ -381,6 +448,37 @@ class RayExecutor:
             remote_dropped=[*outcome.dropped],
             remote_refused=dict(outcome.refused),
         )
+
+    async def _host(self, node_id: str) -> Any:
+        """The node's host actor (made on first use; one per node and server)."""
+        async with self._host_locks.setdefault(node_id, anyio.Lock()):
+            host = self._hosts.get(node_id)
+            if host is not None:
+                return host
+            ray = _ray()
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            env = {
+                k: v
+                for k, v in os.environ.items()
+                if k in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "FANOUT_WORKER_CACHE")
+            }
+            started = time.perf_counter()
+            host = (
+                ray.remote(NodeHost)
+                .options(
+                    num_cpus=0,
+                    max_concurrency=1000,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                    runtime_env={"env_vars": env} if env else None,
+                )
+                .remote(self._bridge)
+            )
+            await host.ready.remote()
+            self.stats["hosts_ms"] += (time.perf_counter() - started) * 1000
+            self.stats["hosts"] += 1
+            self._hosts[node_id] = host
+            return host
 
     async def _end_session(self, session: _Session) -> None:
         self._sessions.pop(session.agent.agent_id, None)
@@ -392,7 +490,9 @@ class RayExecutor:
         ref = self._packs.get(key)
         if ref is None:
             ray = _ray()
+            started = time.perf_counter()
             data = await anyio.to_thread.run_sync(pack_objects, ctx.repo.git_dir, [commit])
+            self.stats["pack_ms"] += (time.perf_counter() - started) * 1000
             ref = await anyio.to_thread.run_sync(ray.put, data)
             self._packs[key] = ref
             while len(self._packs) > PACKS_KEPT:

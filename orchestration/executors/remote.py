@@ -16,11 +16,13 @@ memory.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -124,6 +126,9 @@ class WorkerOutcome:
     dropped: list[str] = field(default_factory=list[str])
     refused: dict[str, str] = field(default_factory=dict[str, str])
     node: str = ""
+    receive_ms: float = 0.0  # receiving the start commit's objects (0: the node had them)
+    ship_ms: float = 0.0  # packing and landing its branch, all checkpoints
+    prepare_ms: float = 0.0  # its node-local repository, workspace and bus, on the worker
 
     def loop_outcome(self) -> LoopOutcome:
         return LoopOutcome(
@@ -267,7 +272,8 @@ class RemoteAgent:
         self._base_pack = base_pack
         self._model_factory = model_factory
         self._scope: anyio.CancelScope | None = None
-        self._token: anyio.lowlevel.EventLoopToken | None = None
+        # schedules a call on the agent's event loop from another thread, without waiting
+        self._call_soon: Callable[[Callable[[], object]], object] | None = None
         self._cancel_requested = False
         self._landed: str | None = None
         self._shipped: str | None = None
@@ -280,26 +286,32 @@ class RemoteAgent:
         self._dropped: list[str] = []
         self._refused: dict[str, str] = {}
         self._commit_lock = anyio.Lock()
+        self._receive_ms = 0.0
+        self._ship_ms = 0.0
 
     def cancel(self) -> None:
         """Stop the loop (thread-safe); the agent then commits and ships its work."""
         self._cancel_requested = True
-        scope, token = self._scope, self._token
-        if scope is not None and token is not None:
+        scope, call_soon = self._scope, self._call_soon
+        if scope is not None and call_soon is not None:
             with contextlib.suppress(RuntimeError):  # the loop already ended
-                anyio.from_thread.run_sync(scope.cancel, token=token)
+                call_soon(scope.cancel)
 
     def run(self) -> WorkerOutcome:
         """Run the agent to its end (blocking; its own event loop)."""
-        return anyio.run(self._run)
+        return anyio.run(self.run_async)
 
-    async def _run(self) -> WorkerOutcome:
-        self._token = anyio.lowlevel.current_token()
+    async def run_async(self) -> WorkerOutcome:
+        """`run` in the caller's event loop."""
+        self._call_soon = asyncio.get_running_loop().call_soon_threadsafe
         job = self.job
         outcome = LoopOutcome(StopReason.INTERNAL_ERROR, error="the loop did not run")
         progress = Progress()
+        prepare_ms = 0.0
         try:
+            started = time.perf_counter()
             bus = await anyio.to_thread.run_sync(self._prepare)
+            prepare_ms = (time.perf_counter() - started) * 1000
             self._link.post(
                 "running",
                 {
@@ -345,6 +357,9 @@ class RemoteAgent:
             dropped=self._dropped,
             refused=self._refused,
             node=self.node,
+            receive_ms=round(self._receive_ms, 3),
+            ship_ms=round(self._ship_ms, 3),
+            prepare_ms=round(prepare_ms, 3),
         )
 
     # --- on the worker ------------------------------------------------------------------------
@@ -355,7 +370,9 @@ class RemoteAgent:
         job = self.job
         repo = self._repo = NodeRepo(self._cache_root, job.repo_id)
         if not repo.has(job.start_commit):
+            started = time.perf_counter()
             repo.receive(self._base_pack())
+            self._receive_ms = (time.perf_counter() - started) * 1000
         git = ws_mod.GitRepo(repo.path)
         workspace = self._workspace = ws_mod.create_workspace(
             git, base_commit=job.start_commit, run_id=job.run_id, agent_id=job.agent_id
@@ -465,10 +482,15 @@ class RemoteAgent:
                 return
             repo = self._repo
             have = [self._shipped or job.start_commit]
+            started = time.perf_counter()
             pack = await anyio.to_thread.run_sync(lambda: repo.pack_branch(commit, have))
-            await self._link.acall(
-                "land", {"pack": pack, "commit": commit, "old": self._landed or job.start_commit}
-            )
+            try:
+                await self._link.acall(
+                    "land",
+                    {"pack": pack, "commit": commit, "old": self._landed or job.start_commit},
+                )
+            finally:
+                self._ship_ms += (time.perf_counter() - started) * 1000
             self._shipped = self._landed = commit
 
     def _guarded(self) -> GuardedScope:

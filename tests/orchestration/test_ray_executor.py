@@ -121,7 +121,8 @@ async def test_a_run_on_the_cluster_merges_as_in_process(
             shown = await _run(on_ray, _settings(on_ray, cluster), fake)
     assert shown[0].startswith("ray at "), shown
     assert all(node not in ("None", "") for node in shown[1:]), shown
-    assert len(set(shown[1:])) == 3, f"the agents did not spread over the nodes: {shown}"
+    # 3 agents of 1 CPU on nodes of 2 CPUs: Ray's accounting puts them on two nodes at least
+    assert len(set(shown[1:])) >= 2, f"the agents did not spread over the nodes: {shown}"
     assert _tree(local) == _tree(on_ray)
     assert (on_ray / "src/b.txt").read_text() == "B = 2\n"
     assert os.path.exists(on_ray / "docs/c.md")
@@ -187,3 +188,69 @@ async def test_a_dead_node_leaves_its_agent_interrupted_and_a_rerun_completes(
             assert MergeOutcome.MERGED in [r.outcome for r in merged.agents]
     assert (repo / "src/k/first.py").read_text() == "FIRST = 1\n"
     assert (repo / "src/k/second.py").read_text() == "SECOND = 2\n"
+
+
+async def test_leases_across_nodes_wait_and_fence(
+    cluster: object, hidden_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs whose agents want the same scope: the second waits for the first to be merged,
+    wherever each runs. An agent whose lease is broken while it runs on a worker is stopped there,
+    and its branch keeps only what landed under the lease; the join refuses it."""
+    from tests.ray_cluster import LocalCluster
+
+    assert isinstance(cluster, LocalCluster)
+    scripts = {
+        "TASK-FIRST": by_turn(
+            tool_use("write_file", path="src/s/first.py", content="A = 1\n"),
+            tool_use("run_command", command="sleep 2"),
+            finish("first"),
+        ),
+        "TASK-SECOND": writes_file("src/s/second.py", "B = 2\n", summary="second"),
+        "TASK-FENCED": by_turn(
+            tool_use("write_file", path="src/f/one.py", content="ONE = 1\n"),
+            tool_use("run_command", command="sleep 60"),
+            tool_use("write_file", path="src/f/two.py", content="TWO = 2\n"),
+            finish("fenced"),
+        ),
+    }
+    fake = FakeAnthropic(by_key(scripts))
+    repo = make_repo(hidden_root / "leases")
+    async with fake.serve():
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+        monkeypatch.setenv("FANOUT_RAY_NODE_IP", cluster.node_ip)
+        async with Orchestrator(_settings(repo, cluster)) as orch:
+            first = await orch.spawn(
+                SpawnRequest(tasks=[TaskSpec(prompt="TASK-FIRST", write_scope=["src/s"])])
+            )
+            second = await orch.spawn(
+                SpawnRequest(tasks=[TaskSpec(prompt="TASK-SECOND", write_scope=["src/s"])])
+            )
+            waiting = await _until(orch, second.run_id, lambda v: v.status == AgentStatus.WAITING)
+            assert "lease" in (waiting.status_reason or "")
+            done = await wait_until_final(orch, first.run_id)
+            assert done.runs[0].agents[0].status == AgentStatus.SUCCEEDED
+            still = (await orch.status(run_id=second.run_id)).runs[0].agents[0]
+            assert still.status == AgentStatus.WAITING  # held until the first is merged
+            await orch.merge(MergeRequest(run_id=first.run_id))
+            after = await wait_until_final(orch, second.run_id)
+            assert after.runs[0].agents[0].status == AgentStatus.SUCCEEDED
+            merged = await orch.merge(MergeRequest(run_id=second.run_id))
+            assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]
+
+            fenced = await orch.spawn(
+                SpawnRequest(tasks=[TaskSpec(prompt="TASK-FENCED", write_scope=["src/f"])])
+            )
+            view = await _until(orch, fenced.run_id, lambda v: v.turns >= 2)
+            ctx = await orch.context(repo)
+            await ctx.leases.break_holder(view.agent_id, immediate=True)
+            final = (await wait_until_final(orch, fenced.run_id)).runs[0].agents[0]
+            assert final.status == AgentStatus.FAILED, final.status_reason
+            assert final.lease_lost
+            branch = pygit2.Repository(str(repo)).references[f"refs/heads/{final.branch}"]
+            tree = branch.peel(pygit2.Commit).tree
+            assert "one.py" in tree["src/f"].peel(pygit2.Tree)  # landed under the lease
+            assert "two.py" not in tree["src/f"].peel(pygit2.Tree)
+            refused = await orch.merge(MergeRequest(run_id=fenced.run_id))
+            assert [r.outcome for r in refused.agents] != [MergeOutcome.MERGED]
+    assert (repo / "src/s/first.py").exists() and (repo / "src/s/second.py").exists()
+    assert not (repo / "src/f").exists()
