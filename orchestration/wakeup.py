@@ -54,19 +54,33 @@ class Wakeups:
         self._scope_requests = scope_requests
         self._attention: dict[tuple[str, int], RunAttention] = {}
         self._changes: dict[tuple[int, str | None, int], _Changes] = {}
+        # (since, run_id) -> the newest cursor its changes were read up to, and those changes
+        self._newest: dict[tuple[int, str | None], tuple[int, _Changes]] = {}
 
     def changes(self, since: int, run_id: str | None, cursor: int) -> _Changes:
         """The agents with an event after `since` (up to `cursor`), and the events' kinds."""
         key = (since, run_id, cursor)
         known = self._changes.get(key)
         if known is None:
-            pairs = self._store.changes_after(since, cursor, run_id)
-            known = _Changes(
-                frozenset(a for a, _ in pairs if a is not None), frozenset(k for _, k in pairs)
+            # Events are appended in order and never removed, and every event up to a cursor
+            # was committed when it was read: the changes up to an earlier cursor of this
+            # question are read again only after it (a long-poll asks at every event).
+            last = self._newest.get((since, run_id))
+            start, before = (
+                last if last is not None and since <= last[0] < cursor else (since, None)
             )
+            pairs = self._store.changes_after(start, cursor, run_id)
+            agents = frozenset(a for a, _ in pairs if a is not None)
+            kinds = frozenset(k for _, k in pairs)
+            if before is not None:
+                agents, kinds = agents | before.agents, kinds | before.kinds
+            known = _Changes(agents, kinds)
             if len(self._changes) >= _KEPT:
                 self._changes.clear()
+                self._newest.clear()
             self._changes[key] = known
+            if last is None or last[0] < cursor:
+                self._newest[(since, run_id)] = (cursor, known)
         return known
 
     async def attention(self, run_id: str, cursor: int) -> RunAttention:

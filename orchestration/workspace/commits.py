@@ -12,7 +12,7 @@ from orchestration.workspace.layered import commit_view, ensure_mounted, layer_o
 from orchestration.workspace.pinning import (
     Workspace,
     open_workspace_repo,
-    pin,
+    pin_and_open,
     secure_workspace_git,
 )
 from toolbus.fileops import remove_partial_writes
@@ -37,10 +37,18 @@ def commit_workspace(
     layers = layer_of(ws)  # a copy-on-write view: its upper layer holds the agent's work
     if layers is not None:
         ensure_mounted(ws)
-    pinned = pin(ws.path)
-    planted = secure_workspace_git(pinned, upper=layers / "upper" if layers else None)
+    # one libgit2 handle for the pinned configuration and the commit: opened, as `pin` opens
+    # it to read that configuration, before `secure_workspace_git`; it reads the workspace's
+    # files only afterwards
+    pinned, opened = pin_and_open(ws.path)
+    try:
+        planted = secure_workspace_git(pinned, upper=layers / "upper" if layers else None)
+    except BaseException:
+        if opened is not None:
+            opened.free()
+        raise
     ref = ws.branch_ref if ws.branch else "HEAD"  # the agent's branch, even if it moved HEAD
-    pyrepo = open_workspace_repo(pinned)
+    pyrepo = opened if opened is not None else open_workspace_repo(pinned)
     try:
         try:
             head = pyrepo.revparse_single(ref).peel(pygit2.Commit)

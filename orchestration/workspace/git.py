@@ -115,7 +115,8 @@ class GitRepo:
     def state_dir(self) -> Path:
         """`<git dir>/fanout`, created on demand."""
         path = self.git_dir / STATE_DIR_NAME
-        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():  # (a look is cheaper than a refused mkdir)
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     @property

@@ -39,39 +39,51 @@ CHECKOUT_MAX_FILES = 256
 
 
 class _TreeFacts:
-    """Per (git dir, tree): whether its attributes suit libgit2 and how many files it holds;
-    computed once per tree, shared by the threads of this process."""
+    """Per (object store, tree): whether its `.gitattributes` suit libgit2 and how many files it
+    holds; computed once per tree, shared by the threads of this process and by every worktree
+    of the repository (a tree's content is its id's)."""
 
     def __init__(self) -> None:
-        self._known: dict[tuple[str, str], tuple[bool, int]] = {}
+        self._known: dict[tuple[int, int, str], tuple[bool, int]] = {}
         self._lock = threading.Lock()
 
     def of(self, pyrepo: pygit2.Repository, tree: pygit2.Tree) -> tuple[bool, int]:
         """Whether no `.gitattributes` in `tree` (nor info/attributes) names an attribute
         libgit2 lacks, and how many files the tree holds."""
-        key = (str(Path(pyrepo.path).resolve()), str(tree.id))
+        key = (*_object_store(pyrepo), str(tree.id))
         with self._lock:
             known = self._known.get(key)
-        if known is not None:
-            return known
-        ok, files = True, 0
-        stack = [tree]
-        while stack:
-            for entry in stack.pop():
-                if entry.type_str == "tree":
-                    stack.append(pyrepo[entry.id].peel(pygit2.Tree))
-                    continue
-                files += 1
-                if ok and entry.name == ".gitattributes" and entry.type_str == "blob":
-                    data = pyrepo[entry.id].peel(pygit2.Blob).data
-                    ok = _NOT_IN_PROCESS_ATTRIBUTE.encode() not in data
+        if known is None:
+            ok, files = True, 0
+            stack = [tree]
+            while stack:
+                for entry in stack.pop():
+                    if entry.type_str == "tree":
+                        stack.append(pyrepo[entry.id].peel(pygit2.Tree))
+                        continue
+                    files += 1
+                    if ok and entry.name == ".gitattributes" and entry.type_str == "blob":
+                        data = pyrepo[entry.id].peel(pygit2.Blob).data
+                        ok = _NOT_IN_PROCESS_ATTRIBUTE.encode() not in data
+            known = (ok, files)
+            with self._lock:
+                self._known[key] = known
+        ok, files = known
         info = Path(pyrepo.path) / "info" / "attributes"
         with contextlib.suppress(OSError):
-            if _NOT_IN_PROCESS_ATTRIBUTE.encode() in info.read_bytes():
+            if ok and _NOT_IN_PROCESS_ATTRIBUTE.encode() in info.read_bytes():
                 ok = False
-        with self._lock:
-            self._known[key] = (ok, files)
         return ok, files
+
+
+def _object_store(pyrepo: pygit2.Repository) -> tuple[int, int]:
+    """The identity (device, inode) of the repository's object directory: a worktree's git dir
+    shares its repository's (`commondir` names the repository's git dir)."""
+    common = "."
+    with contextlib.suppress(OSError):
+        common = (Path(pyrepo.path) / "commondir").read_text(encoding="utf-8").strip() or "."
+    st = os.stat(os.path.join(pyrepo.path, common, "objects"))
+    return st.st_dev, st.st_ino
 
 
 class Libgit2Git:
@@ -100,7 +112,7 @@ class Libgit2Git:
                 common = Path(pyrepo.path)
                 with contextlib.suppress(OSError):
                     common_text = (common / "commondir").read_text(encoding="utf-8").strip()
-                    common = (common / common_text).resolve()
+                    common = common / common_text  # (the hook's path is looked up as given)
                 if has_hook(config, Path(pyrepo.workdir), common, "reference-transaction"):
                     return False
             return self._facts.of(pyrepo, tree)[0]

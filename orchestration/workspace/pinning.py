@@ -47,34 +47,81 @@ class Workspace(BaseModel):
         return admin_dir_of(self.path)
 
 
+# Workspace path (absolute, as asked) -> (its real path, its admin dir), from an earlier
+# `admin_dir_of`: the same workspace is asked about several times, and its real path costs a
+# lookup per path component. An entry is used only while the real path is still the directory
+# the path names and the admin dir's `gitdir` (in the common git dir, which commands cannot
+# write) still names it; otherwise the admin dir is looked for again.
+_known_admin_dirs: dict[str, tuple[str, Path]] = {}
+_KNOWN_ADMIN_DIRS_KEPT = 4096
+
+
 def admin_dir_of(path: Path) -> Path | None:
     """The admin git dir of the agent workspace at `path`, found from the files in the common
     git dir (`worktrees/<name>/gitdir` names the workspace), which commands cannot write; never
     from the workspace's own `.git`, which the agent can replace. None when there is none."""
-    real = Path(os.path.realpath(path))
+    found = _registered(path)
+    return None if found is None else found[1]
+
+
+def _registered(path: Path) -> tuple[str, Path] | None:
+    """The real path of the workspace at `path` and its admin dir (`admin_dir_of`)."""
+    key = os.path.abspath(path)
+    known = _known_admin_dirs.get(key)
+    if known is not None:
+        real, admin = known
+        if _same_dir(key, real) and _points_here(admin, os.path.join(real, ".git")):
+            return known
+    real = os.path.realpath(key)
+    admin = _find_admin_dir(Path(real))
+    if admin is None:
+        return None
+    if len(_known_admin_dirs) >= _KNOWN_ADMIN_DIRS_KEPT:
+        _known_admin_dirs.clear()
+    _known_admin_dirs[key] = (real, admin)
+    return real, admin
+
+
+def _same_dir(path: str, real: str) -> bool:
+    """Whether `real` is a directory and the one `path` names."""
+    try:
+        st = os.stat(real)
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        if path == real:
+            return True
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _points_here(admin: Path, want: str) -> bool:
+    """Whether the admin dir `admin` is a worktree's whose `gitdir` names `want`."""
+    try:
+        target = (admin / "gitdir").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return os.path.normpath(target) == want and (admin / "HEAD").is_file()
+
+
+def _find_admin_dir(real: Path) -> Path | None:
+    """`admin_dir_of` the workspace whose real path is `real`, looked for in the common git dir."""
     if len(real.parents) < 4 or not real.is_dir():
         return None
     if real.parents[1].name != "worktrees" or real.parents[2].name != STATE_DIR_NAME:
         return None
     admin_root = real.parents[3] / "worktrees"
     want = os.path.join(real, ".git")
-
-    def points_here(admin: Path) -> bool:
-        try:
-            target = (admin / "gitdir").read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            return False
-        return os.path.normpath(target) == want and (admin / "HEAD").is_file()
-
     # the admin dir is named after the workspace unless that name was taken
     first = admin_root / real.name
-    if points_here(first):
+    if _points_here(first, want):
         return first
     try:
         others = sorted(p for p in admin_root.iterdir() if p != first)
     except OSError:
         return None
-    return next((admin for admin in others if points_here(admin)), None)
+    return next((admin for admin in others if _points_here(admin, want)), None)
 
 
 def pin(path: Path, *, first_checkout: bool = False) -> Pinned:
@@ -83,16 +130,36 @@ def pin(path: Path, *, first_checkout: bool = False) -> Pinned:
     `toolbus.gitcmd`), except for the first checkout of the base into a new workspace: the
     user's files, before any agent ran there, get the user's hooks and filters as `git worktree
     add` would run them."""
-    admin = admin_dir_of(path)
-    if admin is None:
+    found = _registered(path)
+    if found is None:
         raise RepositoryError(
             f"the workspace {path} is missing or not registered in the repository; it was "
             "removed or never created"
         )
-    work_tree = Path(os.path.realpath(path))
+    work_tree, admin = Path(found[0]), found[1]
     if first_checkout:
         return Pinned(admin, work_tree, safe=False)
     return Pinned(admin, work_tree, gitcmd.filter_overrides(_config_names(admin)))
+
+
+def pin_and_open(path: Path) -> tuple[Pinned, pygit2.Repository | None]:
+    """`pin(path)` and the libgit2 handle its configuration was read from (as
+    `open_workspace_repo` opens it; None when libgit2 cannot open it), for a caller that
+    needs both: the repository is opened once."""
+    found = _registered(path)
+    if found is None:
+        return pin(path), None  # raises: not registered
+    work_tree, admin = Path(found[0]), found[1]
+    try:
+        pyrepo = pygit2.Repository(str(admin), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
+    except pygit2.GitError:
+        return Pinned(admin, work_tree, gitcmd.filter_overrides([])), None
+    try:
+        names = _names_in(pyrepo)
+    except BaseException:
+        pyrepo.free()
+        raise
+    return Pinned(admin, work_tree, gitcmd.filter_overrides(names)), pyrepo
 
 
 def open_workspace_repo(pinned: Pinned) -> pygit2.Repository:
@@ -112,11 +179,17 @@ def _config_names(admin: Path) -> list[str]:
     except pygit2.GitError:
         return []
     try:
+        return _names_in(pyrepo)
+    finally:
+        pyrepo.free()
+
+
+def _names_in(pyrepo: pygit2.Repository) -> list[str]:
+    """The keys of the repository's configuration, [] when it cannot be read."""
+    try:
         return [entry.name for entry in pyrepo.config]
     except pygit2.GitError:
         return []
-    finally:
-        pyrepo.free()
 
 
 def secure_workspace_git(pinned: Pinned, *, upper: Path | None = None) -> list[str]:
