@@ -230,6 +230,20 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _executor_line() -> str:
+    """Where agents run, as `FANOUT_EXECUTOR` says; for Ray, the cluster's nodes as it reports
+    them (or why it cannot be reached)."""
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        return f"(configuration: {exc})"
+    if settings.executor != "ray":
+        return "in-process (this machine)"
+    from orchestration.executors.ray_executor import cluster_summary
+
+    return cluster_summary(settings.ray_address)
+
+
 def status(repo_arg: str | None) -> int:
     """Print runs, agents and leases from the durable state (no server needed)."""
     from mcp_server.status_table import store_text
@@ -252,7 +266,8 @@ def status(repo_arg: str | None) -> int:
         store.close()
     leases = LeaseStore(state_dir).table() if (state_dir / "leases.db").exists() else []
     print(f"repository {repo.root}")
-    print(f"workspaces: {view_support(repo).note}\n")
+    print(f"workspaces: {view_support(repo).note}")
+    print(f"executor: {_executor_line()}\n")
     print(store_text(runs, agents, leases, live))
     return 0
 

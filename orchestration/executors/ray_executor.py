@@ -129,11 +129,24 @@ class NodeHost:
         self._ray = ray
         self._bridge = bridge
         ours, theirs = socket.socketpair()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestration.executors.node_process", str(theirs.fileno())],
+        # Started detached (its launcher exits at once), in a session of its own: when the host
+        # dies, Ray kills the host's children and process group, which would leave the agents'
+        # commands (in process groups of their own) running. Detached, the agent process sees
+        # the socket close, stops its agents (their commands killed) and ends.
+        launcher = subprocess.Popen(
+            [
+                "/bin/sh",
+                "-c",
+                '"$0" -m orchestration.executors.node_process "$1" </dev/null &',
+                sys.executable,
+                str(theirs.fileno()),
+            ],
             pass_fds=[theirs.fileno()],
+            start_new_session=True,
         )
+        launcher.wait()
         theirs.close()
+        self._gone = False
         self._conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
         self._ready = threading.Event()
@@ -146,7 +159,7 @@ class NodeHost:
 
     def ready(self) -> str:
         """The node's name, once its agent process is up."""
-        if not self._ready.wait(120):
+        if not self._ready.wait(120) or self._gone:
             raise RuntimeError("the node's agent process did not start")
         return self.node
 
@@ -156,10 +169,10 @@ class NodeHost:
         self._runs[job.agent_id] = (done, box)
         self._packs[job.agent_id] = pack[0]
         self._send(("start", job, self.node))
-        while not done.wait(5.0):
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"the node's agent process ended ({self._proc.returncode})")
+        done.wait()
         self._packs.pop(job.agent_id, None)
+        if not box:
+            raise RuntimeError("the node's agent process ended while the agent ran")
         return box[0]
 
     def stop(self, agent_id: str) -> None:
@@ -198,6 +211,10 @@ class NodeHost:
                 if entry is not None:
                     entry[1].append(message[2])
                     entry[0].set()
+        # the agent process is gone: every agent it ran ends without an outcome
+        self._gone = True
+        for done, _ in list(self._runs.values()):
+            done.set()
 
     def _answer(self, rid: int, ref: Any) -> None:
         try:
@@ -413,7 +430,9 @@ class RayExecutor:
                 host = await self._host(node_id)
                 ref = host.run.remote(job, [pack])
                 outcome = await ref
-            except ray.exceptions.RayActorError as exc:
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                # the node, its host, or its agent process died: the next agent there gets a
+                # new host
                 self._hosts.pop(node_id, None)
                 status = AgentStatus.INTERRUPTED
                 outcome = remote.WorkerOutcome(
@@ -578,7 +597,10 @@ class RayExecutor:
                 commit=None,
             )
             store.apply(
-                agent_id, EventKind.NOTE, f"runs on node {payload['node']}", node=payload["node"]
+                agent_id,
+                EventKind.NOTE,
+                f"runs on node {payload['node']}, in {payload.get('kind', 'a workspace')}",
+                node=payload["node"],
             )
             return None
         if kind == "approve":
@@ -689,3 +711,35 @@ def _repo_id(ctx: RepoContext) -> str:
     import hashlib
 
     return hashlib.sha256(str(ctx.repo.git_dir).encode()).hexdigest()[:16]
+
+
+def cluster_summary(address: str | None) -> str:
+    """The cluster at `address` as `fanout-mcp status` shows it: its nodes, alive or dead, and
+    their CPUs (connects as a driver for the time of the look)."""
+    if address in (None, "", "local"):
+        return "ray, a local cluster started by the server on demand (FANOUT_RAY_ADDRESS unset)"
+    try:
+        ray = _ray()
+    except ConfigError as exc:
+        return str(exc)
+    try:
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            log_to_driver=False,
+            _node_ip_address=os.environ.get("FANOUT_RAY_NODE_IP") or None,
+        )
+    except Exception as exc:
+        return f"ray at {address}: cannot be reached ({type(exc).__name__}: {exc})"
+    try:
+        lines = [f"ray at {address}:"]
+        for node in ray.nodes():
+            cpus = float(node.get("Resources", {}).get("CPU", 0))
+            state = "alive" if node.get("Alive") else "dead"
+            node_id = str(node.get("NodeID", ""))[:8]
+            lines.append(
+                f"  node {node_id} {node.get('NodeManagerAddress', '?')}: {state}, {cpus:g} CPUs"
+            )
+        return "\n".join(lines)
+    finally:
+        ray.shutdown()

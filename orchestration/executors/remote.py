@@ -317,6 +317,9 @@ class RemoteAgent:
                 {
                     "workspace": f"{self.node}:{self._workspace.path if self._workspace else ''}",
                     "node": self.node,
+                    "kind": "a copy-on-write view"
+                    if self._workspace is not None and ws_mod.layer_of(self._workspace) is not None
+                    else "a git worktree",
                 },
             )
             loop = self._loop(bus)

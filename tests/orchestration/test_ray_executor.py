@@ -7,7 +7,9 @@ model is the real `anthropic` client on the workers, against the fake Messages A
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +31,7 @@ from orchestration.contracts import (
 from orchestration.orchestrator import Orchestrator
 from tests.orchestration.scripts import make_repo
 from tests.orchestration.test_orchestrator import wait_until_final
+from tests.ray_cluster import LocalCluster
 
 ray = pytest.importorskip("ray")
 
@@ -46,24 +49,33 @@ def hidden_root() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def cluster(hidden_root: Path) -> Iterator[object]:
-    from tests.ray_cluster import LocalCluster
-
+def cluster(hidden_root: Path) -> Iterator[LocalCluster]:
     with LocalCluster(NODES, CPUS, [hidden_root]) as made:
         yield made
         if ray.is_initialized():  # the driver goes first: it exits with its cluster
             ray.shutdown()
 
 
-def _settings(repo: Path, cluster: object, **extra: object) -> Settings:
+def _settings(repo: Path, cluster: LocalCluster, **extra: object) -> Settings:
     values: dict[str, object] = {
         "repo": repo,
         "sandbox": "none",
         "model": "claude-sonnet-5-5",
         "executor": "ray",
-        "ray_address": str(getattr(cluster, "address")),  # noqa: B009
+        "ray_address": cluster.address,
     }
     return Settings.model_validate({**values, **extra})
+
+
+def _notes(repo: Path, prefix: str) -> list[str]:
+    """The details of the events that start with `prefix`, from the repository's state."""
+    from orchestration.state import StateStore
+
+    store = StateStore(repo / ".git" / "fanout")
+    try:
+        return [e.detail for e in store.events(since=0) if e.detail.startswith(prefix)]
+    finally:
+        store.close()
 
 
 def _tree(repo: Path) -> str:
@@ -107,12 +119,12 @@ async def _run(repo: Path, settings: Settings, fake: FakeAnthropic) -> list[str]
 
 
 async def test_a_run_on_the_cluster_merges_as_in_process(
-    cluster: object, hidden_root: Path, monkeypatch: pytest.MonkeyPatch
+    cluster: LocalCluster, hidden_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = FakeAnthropic(by_key(SCRIPTS))
     async with fake.serve():
         monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
-        monkeypatch.setenv("FANOUT_RAY_NODE_IP", str(getattr(cluster, "node_ip")))  # noqa: B009
+        monkeypatch.setenv("FANOUT_RAY_NODE_IP", cluster.node_ip)
         local = make_repo(hidden_root / "local")
         on_ray = make_repo(hidden_root / "ray")
         assert _tree(local) == _tree(on_ray)
@@ -125,6 +137,23 @@ async def test_a_run_on_the_cluster_merges_as_in_process(
     assert len(set(shown[1:])) >= 2, f"the agents did not spread over the nodes: {shown}"
     assert _tree(local) == _tree(on_ray)
     assert (on_ray / "src/b.txt").read_text() == "B = 2\n"
+    # the node's agent process has its own mount namespace: its workspaces are views
+    notes = _notes(on_ray, "runs on node")
+    assert len(notes) == 3 and all("copy-on-write view" in n for n in notes), notes
+    # `fanout-mcp status` names the cluster and its nodes
+    env = {
+        **os.environ,
+        "FANOUT_EXECUTOR": "ray",
+        "FANOUT_RAY_ADDRESS": cluster.address,
+    }
+    with anyio.fail_after(120):
+        ran = await anyio.run_process(
+            [str(Path(sys.executable).parent / "fanout-mcp"), "status", "--repo", str(on_ray)],
+            env=env,
+        )
+    shown_status = ran.stdout.decode()
+    assert f"executor: ray at {cluster.address}:" in shown_status, shown_status
+    assert shown_status.count(": alive, 2 CPUs") == NODES, shown_status
     assert os.path.exists(on_ray / "docs/c.md")
 
 
@@ -141,11 +170,8 @@ async def _until(orch: Orchestrator, run_id: str, check: Callable[[AgentView], b
 
 
 async def test_a_dead_node_leaves_its_agent_interrupted_and_a_rerun_completes(
-    cluster: object, hidden_root: Path, monkeypatch: pytest.MonkeyPatch
+    cluster: LocalCluster, hidden_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.ray_cluster import LocalCluster
-
-    assert isinstance(cluster, LocalCluster)
     scripts = {
         "TASK-KILL": by_turn(
             tool_use("write_file", path="src/k/first.py", content="FIRST = 1\n"),
@@ -191,14 +217,11 @@ async def test_a_dead_node_leaves_its_agent_interrupted_and_a_rerun_completes(
 
 
 async def test_leases_across_nodes_wait_and_fence(
-    cluster: object, hidden_root: Path, monkeypatch: pytest.MonkeyPatch
+    cluster: LocalCluster, hidden_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two runs whose agents want the same scope: the second waits for the first to be merged,
     wherever each runs. An agent whose lease is broken while it runs on a worker is stopped there,
     and its branch keeps only what landed under the lease; the join refuses it."""
-    from tests.ray_cluster import LocalCluster
-
-    assert isinstance(cluster, LocalCluster)
     scripts = {
         "TASK-FIRST": by_turn(
             tool_use("write_file", path="src/s/first.py", content="A = 1\n"),
@@ -254,3 +277,79 @@ async def test_leases_across_nodes_wait_and_fence(
             assert [r.outcome for r in refused.agents] != [MergeOutcome.MERGED]
     assert (repo / "src/s/first.py").exists() and (repo / "src/s/second.py").exists()
     assert not (repo / "src/f").exists()
+
+
+async def test_a_dead_server_leaves_its_cluster_agents_interrupted_and_stopped(
+    cluster: LocalCluster, hidden_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server dies (SIGKILL) while its agent runs on the cluster: Ray ends what the server
+    owned, so the agent's command stops on its node; a new server marks the agent interrupted
+    with its checkpointed work, and a rerun completes."""
+    from orchestration.state import StateStore
+
+    scripts = {
+        "TASK-KILL": by_turn(
+            tool_use("write_file", path="src/k/first.py", content="FIRST = 1\n"),
+            tool_use("run_command", command="sleep 61"),
+            finish("never reached"),
+        ),
+        "This is a re-run": by_turn(
+            tool_use("write_file", path="src/k/second.py", content="SECOND = 2\n"),
+            finish("second written"),
+        ),
+    }
+    fake = FakeAnthropic(by_key(scripts))
+    repo = make_repo(hidden_root / "server-killed")
+    async with fake.serve():
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+        monkeypatch.setenv("FANOUT_RAY_NODE_IP", cluster.node_ip)
+        head = await anyio.open_process(
+            [sys.executable, "-m", "tests.orchestration.ray_head", str(repo), cluster.address],
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        try:
+            assert head.stdout is not None
+            with anyio.fail_after(120):
+                line = (await head.stdout.receive()).decode()
+            ids = json.loads(line.splitlines()[0])
+            store = StateStore(repo / ".git" / "fanout")
+            try:
+                with anyio.fail_after(120):
+                    # another process writes the state: polled, as nothing here can signal it
+                    while (record := store.agent(ids["agent_id"])) is None or record.turns < 2:  # noqa: ASYNC110
+                        await anyio.sleep(0.2)
+            finally:
+                store.close()
+        finally:
+            head.kill()
+            await head.wait()
+        # what the dead server owned on the cluster ends with it: no agent command survives
+        with anyio.fail_after(60):
+            while _running("sleep 61"):  # noqa: ASYNC110 (processes of the cluster's)
+                await anyio.sleep(0.5)
+        async with Orchestrator(_settings(repo, cluster)) as orch:
+            status = await orch.status(run_id=ids["run_id"])
+            agent = status.runs[0].agents[0]
+            assert agent.status == AgentStatus.INTERRUPTED, agent.status_reason
+            assert agent.result is not None
+            assert [c.path for c in agent.result.changed_files] == ["src/k/first.py"]
+            rerun = await orch.rerun(agent.agent_id)
+            done = await wait_until_final(orch, rerun.run_id)
+            assert done.runs[0].agents[-1].status == AgentStatus.SUCCEEDED
+            merged = await orch.merge(MergeRequest(run_id=ids["run_id"]))
+            assert MergeOutcome.MERGED in [r.outcome for r in merged.agents]
+    assert (repo / "src/k/second.py").read_text() == "SECOND = 2\n"
+
+
+def _running(command: str) -> bool:
+    """Whether a process of this machine runs `command` (its full command line)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        if cmdline == command:
+            return True
+    return False
