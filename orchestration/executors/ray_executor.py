@@ -267,6 +267,7 @@ class RayExecutor:
         self._host_locks: dict[str, anyio.Lock] = {}
         self._sessions: dict[str, _Session] = {}
         self._packs: dict[tuple[str, str], Any] = {}
+        self._pack_locks: dict[tuple[str, str], anyio.Lock] = {}
         self._lock = anyio.Lock()
         self.address = ""
         # what shipping cost: packs of start commits made here, objects received by the
@@ -506,6 +507,11 @@ class RayExecutor:
 
     async def _pack(self, ctx: RepoContext, commit: str) -> Any:
         key = (str(ctx.repo.root), commit)
+        # the run's agents start together: one of them packs, the others wait for it
+        async with self._pack_locks.setdefault(key, anyio.Lock()):
+            return await self._pack_locked(ctx, commit, key)
+
+    async def _pack_locked(self, ctx: RepoContext, commit: str, key: tuple[str, str]) -> Any:
         ref = self._packs.get(key)
         if ref is None:
             ray = _ray()
@@ -515,7 +521,9 @@ class RayExecutor:
             ref = await anyio.to_thread.run_sync(ray.put, data)
             self._packs[key] = ref
             while len(self._packs) > PACKS_KEPT:
-                self._packs.pop(next(iter(self._packs)))
+                oldest = next(iter(self._packs))
+                self._packs.pop(oldest)
+                self._pack_locks.pop(oldest, None)
         return ref
 
     # --- serving the bridge -------------------------------------------------------------------

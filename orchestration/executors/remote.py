@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -35,7 +36,7 @@ import anyio.to_thread
 from orchestration import workspace as ws_mod
 from orchestration.agent import AgentLoop, Budget, LoopOutcome, Progress, Transcript
 from orchestration.caching import CacheTtl
-from orchestration.contracts import StopReason, TokenUsage
+from orchestration.contracts import StopReason
 from orchestration.executors.shipping import NodeRepo
 from orchestration.model import Model, ModelRequest, ModelResponse
 from orchestration.retry import RetryPolicy
@@ -372,10 +373,11 @@ class RemoteAgent:
         workspace in it, and its bus."""
         job = self.job
         repo = self._repo = NodeRepo(self._cache_root, job.repo_id)
-        if not repo.has(job.start_commit):
-            started = time.perf_counter()
-            repo.receive(self._base_pack())
-            self._receive_ms = (time.perf_counter() - started) * 1000
+        with _receiving(repo.path):  # the agents of a run arrive together: one receives
+            if not repo.has(job.start_commit):
+                started = time.perf_counter()
+                repo.receive(self._base_pack())
+                self._receive_ms = (time.perf_counter() - started) * 1000
         git = ws_mod.GitRepo(repo.path)
         workspace = self._workspace = ws_mod.create_workspace(
             git, base_commit=job.start_commit, run_id=job.run_id, agent_id=job.agent_id
@@ -510,8 +512,15 @@ class RemoteAgent:
         return GuardedScope(scope.prefixes, policy=self.job.policy, approved=approved)
 
 
-def tokens_of(data: dict[str, int]) -> TokenUsage:
-    return TokenUsage.model_validate(data)
+_receive_locks: dict[Path, threading.Lock] = {}
+_receive_locks_lock = threading.Lock()
+
+
+def _receiving(path: Path) -> threading.Lock:
+    """This process's lock on receiving objects into the node repository at `path` (the
+    repository's own file lock keeps other processes apart)."""
+    with _receive_locks_lock:
+        return _receive_locks.setdefault(path, threading.Lock())
 
 
 def cache_root() -> Path:
