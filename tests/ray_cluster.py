@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -106,7 +107,13 @@ class LocalCluster:
             for stream in (self._proc.stdin, self._proc.stdout):
                 if stream is not None:
                     stream.close()
-        shutil.rmtree(self.caches, ignore_errors=True)
+        # the nodes' agent processes end on their own once their hosts are gone (they are
+        # detached), and may still be writing their caches for a moment
+        for _ in range(40):
+            shutil.rmtree(self.caches, ignore_errors=True)
+            if not self.caches.exists():
+                break
+            time.sleep(0.25)
 
 
 def _main(argv: list[str]) -> None:

@@ -289,6 +289,7 @@ class RemoteAgent:
         self._commit_lock = anyio.Lock()
         self._receive_ms = 0.0
         self._ship_ms = 0.0
+        self._all_landed = False  # its last commit is on the head (its workspace may go)
 
     def cancel(self) -> None:
         """Stop the loop (thread-safe); the agent then commits and ships its work."""
@@ -349,6 +350,11 @@ class RemoteAgent:
             self._send_records()
             if self._bus is not None:
                 self._bus.terminal.close()
+            if self._repo is not None and self._workspace is not None and self._all_landed:
+                # its work is on the head: the workspace goes when the node's next agent has
+                # made its own (a view's base is checked out again only for a new commit)
+                with _finished_lock:
+                    _finished.append((ws_mod.GitRepo(self._repo.path), self._workspace))
         return WorkerOutcome(
             stop_reason=outcome.stop_reason.value,
             summary=outcome.summary,
@@ -382,6 +388,7 @@ class RemoteAgent:
         workspace = self._workspace = ws_mod.create_workspace(
             git, base_commit=job.start_commit, run_id=job.run_id, agent_id=job.agent_id
         )
+        _remove_finished()  # after this view stands on the base, which then stays
         audit = self._audit = AuditLog(git.state_dir / "audit" / f"{job.agent_id}.jsonl")
         audit.touch()
         terminal = Terminal(
@@ -401,7 +408,7 @@ class RemoteAgent:
         bus = self._bus = AgentBus(
             agent_id=job.agent_id,
             workspace=workspace.path,
-            write_scope=WriteScope.of(list(job.write_scope) if job.write_scope else None),
+            write_scope=WriteScope.of(None if job.write_scope is None else list(job.write_scope)),
             fence=RemoteFence(self._link, self._link.call("token")),
             audit=audit,
             terminal=terminal,
@@ -483,7 +490,9 @@ class RemoteAgent:
             self._dropped = [*work.dropped, *work.planted]
             self._refused = dict(guarded.refused)
             commit = work.commit or self._shipped
+            self._all_landed = False
             if commit is None or commit == (self._shipped or job.start_commit):
+                self._all_landed = True  # nothing new: what it made is on the head
                 return
             repo = self._repo
             have = [self._shipped or job.start_commit]
@@ -497,6 +506,7 @@ class RemoteAgent:
             finally:
                 self._ship_ms += (time.perf_counter() - started) * 1000
             self._shipped = self._landed = commit
+            self._all_landed = True
 
     def _guarded(self) -> GuardedScope:
         records = self._audit.records() if self._audit is not None else []
@@ -508,8 +518,24 @@ class RemoteAgent:
             and r.path
             and "allowed by" in (r.permission or "")
         )
-        scope = WriteScope.of(list(self.job.write_scope) if self.job.write_scope else None)
+        scope = WriteScope.of(None if self.job.write_scope is None else list(self.job.write_scope))
         return GuardedScope(scope.prefixes, policy=self.job.policy, approved=approved)
+
+
+# workspaces of agents whose work is all on the head, removed by the node's next agent
+_finished: list[tuple[ws_mod.GitRepo, ws_mod.Workspace]] = []
+_finished_lock = threading.Lock()
+
+
+def _remove_finished() -> None:
+    with _finished_lock:
+        done = list(_finished)
+        _finished.clear()
+    for git, workspace in done:
+        try:
+            ws_mod.remove_workspace(git, workspace, delete_branch=True)
+        except Exception:
+            log.exception("removing the finished workspace %s failed", workspace.path)
 
 
 _receive_locks: dict[Path, threading.Lock] = {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,10 +41,9 @@ CPUS = 2
 
 
 @pytest.fixture(scope="module")
-def hidden_root() -> Iterator[Path]:
+def hidden_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory for the tests' repositories, hidden from the cluster's processes."""
-    root = Path(tempfile.mkdtemp(prefix="fanout-ray-hidden-"))
-    yield root
+    return tmp_path_factory.mktemp("ray-hidden")
 
 
 @pytest.fixture(scope="module")
