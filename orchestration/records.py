@@ -8,6 +8,7 @@ from typing import TypeGuard
 
 from orchestration import workspace as ws_mod
 from orchestration.contracts import AgentBrief, AgentStatus, Approval
+from orchestration.prompts import task_prompt
 from orchestration.state import AgentRecord
 from toolbus.leases import LeaseRequest
 from toolbus.resources import WriteScope
@@ -96,3 +97,14 @@ def reruns_of(agents: Iterable[AgentRecord]) -> dict[str, str]:
         if agent.rerun_of is not None:
             found[agent.rerun_of] = agent.agent_id
     return found
+
+
+def task_prompt_of(agent: AgentRecord) -> str:
+    """The agent's own part of its system prompt (its task, scope and bounds)."""
+    return task_prompt(
+        name=agent.name,
+        prompt=agent.prompt,
+        scope=WriteScope.of(agent.write_scope),
+        max_turns=agent.max_turns,
+        rerun_context=agent.rerun_context,
+    )

@@ -29,7 +29,7 @@ from orchestration.executors.base import Executor, InProcessExecutor
 from orchestration.gate import AgentGate, show_resource_wait
 from orchestration.models import ModelPool
 from orchestration.planner import run_prefix
-from orchestration.prompts import FINISH_TOOL, task_prompt
+from orchestration.prompts import FINISH_TOOL
 from orchestration.records import (
     current_agent,
     first_line,
@@ -37,6 +37,7 @@ from orchestration.records import (
     reruns_of,
     scope_freed,
     scope_requests,
+    task_prompt_of,
     workspace_of,
 )
 from orchestration.registry import AgentRegistry, AgentRuntime, LeaseFence
@@ -341,13 +342,7 @@ class AgentRunner:
                 retry_after_cap_s=self.settings.retry_after_cap_s,
             ),
             system_prefix=prefix,
-            system_task=task_prompt(
-                name=agent.name,
-                prompt=agent.prompt,
-                scope=WriteScope.of(agent.write_scope),
-                max_turns=agent.max_turns,
-                rerun_context=agent.rerun_context,
-            ),
+            system_task=task_prompt_of(agent),
             tools=[*agent_tool_specs(runtime.external_tools), FINISH_TOOL],
             max_turns=agent.max_turns,
             max_output_tokens=self.settings.max_output_tokens,
@@ -468,17 +463,8 @@ class AgentRunner:
     ) -> GuardedScope:
         """The agent's write scope for its commit, guarded by its permission policy: what a
         command changed where writes are denied, or asked and not approved, is dropped."""
-        scope = WriteScope.of(agent.write_scope)
-        approved = frozenset(
-            r.path
-            for r in records
-            if r.op in ("write_file", "edit_file")
-            and r.outcome == "ok"
-            and r.path
-            and "allowed by" in (r.permission or "")
-        )
         policy = self.policy(find_run(ctx, agent.run_id), agent)
-        return GuardedScope(scope.prefixes, policy=policy, approved=approved)
+        return GuardedScope.after(WriteScope.of(agent.write_scope), policy, records)
 
     def budget(self, ctx: RepoContext, run_id: str) -> Budget:
         """The run's token budget as an agent's loop sees it (and the server's cap)."""

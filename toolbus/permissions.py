@@ -29,6 +29,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from toolbus.audit import AuditRecord
 from toolbus.resources import WriteScope
 
 __all__ = [
@@ -268,6 +269,22 @@ class GuardedScope(WriteScope):
     policy: PermissionPolicy = field(default_factory=PermissionPolicy, compare=False)
     approved: frozenset[str] = field(default=frozenset[str](), compare=False)
     refused: dict[str, str] = field(default_factory=dict[str, str], compare=False)
+
+    @classmethod
+    def after(
+        cls, scope: WriteScope, policy: PermissionPolicy, records: Sequence[AuditRecord]
+    ) -> GuardedScope:
+        """The guard of an agent's commit, from its bus's audit records: a path the person
+        approved a write of (write_file, edit_file) is the agent's to change."""
+        approved = frozenset(
+            r.path
+            for r in records
+            if r.op in ("write_file", "edit_file")
+            and r.outcome == "ok"
+            and r.path
+            and "allowed by" in (r.permission or "")
+        )
+        return cls(scope.prefixes, policy=policy, approved=approved)
 
     def allows(self, path: str) -> bool:
         if not super().allows(path):

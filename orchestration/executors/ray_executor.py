@@ -45,7 +45,8 @@ from orchestration.executors.base import AgentRunner
 from orchestration.executors.shipping import land_branch, pack_objects
 from orchestration.gate import AgentGate
 from orchestration.planner import run_prefix
-from orchestration.prompts import FINISH_TOOL, task_prompt
+from orchestration.prompts import FINISH_TOOL
+from orchestration.records import task_prompt_of
 from orchestration.registry import AgentRuntime
 from orchestration.state import AgentRecord, EventKind
 from orchestration.workspace.engine import changed_paths
@@ -367,13 +368,7 @@ class RayExecutor:
             base_commit=agent.base_commit,
             branch=branch,
             system_prefix=await run_prefix(ctx, run),
-            system_task=task_prompt(
-                name=agent.name,
-                prompt=agent.prompt,
-                scope=WriteScope.of(agent.write_scope),
-                max_turns=agent.max_turns,
-                rerun_context=agent.rerun_context,
-            ),
+            system_task=task_prompt_of(agent),
             tools=(*agent_tool_specs(()), FINISH_TOOL),
             model=remote.ModelSpec(
                 name=agent.model,

@@ -510,16 +510,8 @@ class RemoteAgent:
 
     def _guarded(self) -> GuardedScope:
         records = self._audit.records() if self._audit is not None else []
-        approved = frozenset(
-            r.path
-            for r in records
-            if r.op in ("write_file", "edit_file")
-            and r.outcome == "ok"
-            and r.path
-            and "allowed by" in (r.permission or "")
-        )
         scope = WriteScope.of(None if self.job.write_scope is None else list(self.job.write_scope))
-        return GuardedScope(scope.prefixes, policy=self.job.policy, approved=approved)
+        return GuardedScope.after(scope, self.job.policy, records)
 
 
 # workspaces of agents whose work is all on the head, removed by the node's next agent

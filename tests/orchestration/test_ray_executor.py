@@ -351,3 +351,36 @@ def _running(command: str) -> bool:
         if cmdline == command:
             return True
     return False
+
+
+async def test_cancel_stops_a_cluster_agent_and_keeps_its_work(
+    cluster: LocalCluster, hidden_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cancel_subagents on an agent that runs a command on a node: the command is killed there,
+    what the agent wrote is committed and lands on its branch, and it shows `cancelled`."""
+    scripts = {
+        "TASK-CANCEL": by_turn(
+            tool_use("write_file", path="src/c/kept.py", content="KEPT = 1\n"),
+            tool_use("run_command", command="sleep 62"),
+            finish("never reached"),
+        ),
+    }
+    fake = FakeAnthropic(by_key(scripts))
+    repo = make_repo(hidden_root / "cancelled")
+    async with fake.serve():
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+        monkeypatch.setenv("FANOUT_RAY_NODE_IP", cluster.node_ip)
+        async with Orchestrator(_settings(repo, cluster)) as orch:
+            spawned = await orch.spawn(
+                SpawnRequest(tasks=[TaskSpec(prompt="TASK-CANCEL", write_scope=["src/c"])])
+            )
+            await _until(orch, spawned.run_id, lambda v: v.turns >= 2)
+            with anyio.fail_after(30):
+                while not _running("sleep 62"):  # noqa: ASYNC110 (a process on the node)
+                    await anyio.sleep(0.2)
+            await orch.cancel(spawned.run_id)
+            final = (await wait_until_final(orch, spawned.run_id)).runs[0].agents[0]
+            assert final.status == AgentStatus.CANCELLED, final.status_reason
+            assert final.result is not None
+            assert [c.path for c in final.result.changed_files] == ["src/c/kept.py"]
+            assert not _running("sleep 62")
