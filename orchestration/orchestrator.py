@@ -205,8 +205,21 @@ class Orchestrator:
         names = [t.name or f"agent-{i + 1}" for i, t in enumerate(request.tasks)]
         if len(set(names)) != len(names):
             raise InvalidRequest("tasks[].name: names must be unique within a run")
-        servers, mcp_tools = await self._downstream(request)
-        await self._runner.executor.prepare()
+        executor = self._runner.executor
+        unoffered: list[str] = []
+        if executor.offers_mcp:
+            servers, mcp_tools = await self._downstream(request)
+        elif request.mcp_servers:
+            raise InvalidRequest(
+                f"mcp_servers: agents run by the {executor.name} executor get no downstream MCP "
+                "servers yet; spawn with mcp_servers=[] or run the server with "
+                "FANOUT_EXECUTOR=in-process"
+            )
+        else:
+            servers, mcp_tools = [], []
+            external = self._runner.external
+            unoffered = external.servers() if external is not None else []
+        await executor.prepare()
         run_id = f"r{secrets.token_hex(4)}"
         snap = await anyio.to_thread.run_sync(ws_mod.snapshot, ctx.repo, run_id)
         shared_spec = request.shared_context
@@ -234,6 +247,11 @@ class Orchestrator:
             settings, request, run, names, known={a.agent_id for a in known}
         )
         warnings = await planner.spawn_warnings(self.settings, ctx.leases, agents)
+        if unoffered:
+            warnings.append(
+                f"the downstream MCP servers ({', '.join(unoffered)}) are not offered to agents "
+                f"run by the {executor.name} executor"
+            )
         support = await anyio.to_thread.run_sync(ws_mod.view_support, ctx.repo)
         if support.kind != "overlay" and "FANOUT_WORKSPACES" not in support.note:
             warnings.append(

@@ -45,6 +45,7 @@ class Executor(Protocol):
     """Where agents run."""
 
     name: str
+    offers_mcp: bool  # its agents can call the downstream MCP servers (`FANOUT_MCP_CONFIG`)
 
     def describe(self) -> str:
         """One line for spawn's answer and `fanout-mcp status`: what runs the agents."""
@@ -65,6 +66,7 @@ class InProcessExecutor:
     """Agents as tasks of this process, their workspaces on this machine: the default."""
 
     name = "in-process"
+    offers_mcp = True
 
     def describe(self) -> str:
         return "in-process"

@@ -259,6 +259,7 @@ class RayExecutor:
     """Runs agents on a Ray cluster (`FANOUT_RAY_ADDRESS`, or a local one started on demand)."""
 
     name = "ray"
+    offers_mcp = False
 
     def __init__(self, settings: Settings, start_soon: Callable[..., None]) -> None:
         self._settings = settings
@@ -349,11 +350,6 @@ class RayExecutor:
         settings = self._settings
         agent = find_agent(ctx, runtime.agent_id)
         run = find_run(ctx, agent.run_id)
-        if run.mcp_servers:
-            raise ConfigError(
-                "downstream MCP servers are not offered to agents on a Ray cluster yet; spawn "
-                "with mcp_servers=[] or run with FANOUT_EXECUTOR=in-process"
-            )
         start = await runner.start_commit(ctx, agent)
         pack = await self._pack(ctx, start)
         branch = agent.branch or f"fanout/{agent.run_id}/{agent.agent_id}"

@@ -1,16 +1,23 @@
 """The worker's side of the link to the head, without Ray: a head that refuses or does not
-answer is a lost lease for the agent's writes."""
+answer is a lost lease for the agent's writes; and what the Ray executor refuses at spawn."""
 
 from __future__ import annotations
 
 import socket
 import threading
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from orchestration.config import Settings
+from orchestration.contracts import SpawnRequest, TaskSpec
+from orchestration.errors import InvalidRequest
 from orchestration.executors import node_process, remote
+from orchestration.orchestrator import Orchestrator
+from orchestration.providers.scripted import ScriptedModel
+from tests.orchestration.scripts import make_repo
 from toolbus.errors import LeaseLost
 
 
@@ -87,3 +94,17 @@ def test_an_answer_reaches_the_request_it_answers() -> None:
     finally:
         conn.close()
         other.close()
+
+
+@pytest.mark.anyio
+async def test_spawn_refuses_mcp_servers_for_agents_on_ray(tmp_path: Path) -> None:
+    """Refused at spawn, before anything is made or any cluster is reached."""
+    repo = make_repo(tmp_path / "repo")
+    settings = Settings(repo=repo, sandbox="none", executor="ray", ray_address="127.0.0.1:9")
+    async with Orchestrator(settings, lambda _name: ScriptedModel([])) as orch:
+        with pytest.raises(InvalidRequest, match="ray executor get no downstream MCP servers"):
+            await orch.spawn(
+                SpawnRequest(tasks=[TaskSpec(prompt="T", write_scope=["src"])], mcp_servers=["db"])
+            )
+        ctx = await orch.context(repo)
+        assert ctx.store.runs() == []
