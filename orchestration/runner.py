@@ -494,19 +494,19 @@ class AgentRunner:
     def record_remote_turn(self, ctx: RepoContext, agent_id: str, turn: dict[str, Any]) -> None:
         """A turn of an agent that runs elsewhere, as its worker reported it."""
         reserved, used = (int(v) for v in turn["settle"])
+        progress = Progress(
+            turns=int(turn["turns"]), tokens=TokenUsage.model_validate(turn["tokens"])
+        )
         runtime = self._registry.get(agent_id)
         if runtime is not None:
-            runtime.remote_progress = Progress(
-                turns=int(turn["turns"]), tokens=TokenUsage.model_validate(turn["tokens"])
-            )
-        self._caps.settle(reserved, used)
-        ctx.store.record_turn(
+            runtime.remote_progress = progress
+        self._record_turn(
+            ctx,
             agent_id,
-            settle=(reserved, used),
-            turns=int(turn["turns"]),
-            tokens=TokenUsage.model_validate(turn["tokens"]),
-            changed_files=sorted(set(turn["written"])),
-            read_files=list(turn["read"]),
+            progress,
+            (reserved, used),
+            written=list(turn["written"]),
+            read=list(turn["read"]),
         )
 
     def _on_turn(
@@ -518,10 +518,24 @@ class AgentRunner:
         bus = loop.bus if loop is not None else None
         written = bus.written_paths() if bus is not None else []
         read = bus.read_paths() if bus is not None else []
-        self._caps.settle(reserved, used)  # the store settles the run's share with the turn
+        self._record_turn(ctx, agent_id, progress, (reserved, used), written=written, read=read)
+
+    def _record_turn(
+        self,
+        ctx: RepoContext,
+        agent_id: str,
+        progress: Progress,
+        settle: tuple[int, int],
+        *,
+        written: list[str],
+        read: list[str],
+    ) -> None:
+        """Record a turn and settle its reservation (the server's share here, the run's in the
+        store, with the turn)."""
+        self._caps.settle(*settle)
         ctx.store.record_turn(
             agent_id,
-            settle=(reserved, used),
+            settle=settle,
             turns=progress.turns,
             tokens=progress.tokens,
             changed_files=sorted(set(written)),

@@ -252,7 +252,6 @@ class _Session:
     )
     holds: dict[int, anyio.Event] = field(default_factory=dict[int, anyio.Event])
     next_hold: int = 0
-    landed: str | None = None
 
 
 class RayExecutor:
@@ -683,7 +682,6 @@ class RayExecutor:
                 pyrepo.free()
 
         await anyio.to_thread.run_sync(land)
-        session.landed = commit
         ctx.store.apply(agent.agent_id, EventKind.NOTE, f"checkpoint {commit[:12]}", commit=commit)
 
 

@@ -121,9 +121,6 @@ class WorkerOutcome:
     follow_ups: list[str] = field(default_factory=list[str])
     failed_by_model: bool = False
     error: str | None = None
-    turns: int = 0
-    tokens: dict[str, int] = field(default_factory=dict[str, int])
-    landed: str | None = None  # the last commit the head landed on the agent's branch
     dropped: list[str] = field(default_factory=list[str])
     refused: dict[str, str] = field(default_factory=dict[str, str])
     node: str = ""
@@ -308,7 +305,6 @@ class RemoteAgent:
         self._call_soon = asyncio.get_running_loop().call_soon_threadsafe
         job = self.job
         outcome = LoopOutcome(StopReason.INTERNAL_ERROR, error="the loop did not run")
-        progress = Progress()
         prepare_ms = 0.0
         try:
             started = time.perf_counter()
@@ -325,7 +321,6 @@ class RemoteAgent:
                 },
             )
             loop = self._loop(bus)
-            progress = loop.progress
             self._scope = anyio.CancelScope()
             if self._cancel_requested:
                 self._scope.cancel()
@@ -361,9 +356,6 @@ class RemoteAgent:
             follow_ups=outcome.follow_ups,
             failed_by_model=outcome.failed_by_model,
             error=outcome.error,
-            turns=progress.turns,
-            tokens=progress.tokens.model_dump(),
-            landed=self._landed,
             dropped=self._dropped,
             refused=self._refused,
             node=self.node,
