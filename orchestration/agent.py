@@ -119,8 +119,7 @@ class Transcript:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def touch(self) -> None:
-        """Create the file (blocking: call it from a worker thread, so that allocating it on a
-        slow disk does not hold up the event loop); appends then only open it."""
+        """Create the file; appends then only open it."""
         if self.path is not None:
             self.path.open("a", encoding="utf-8").close()
 

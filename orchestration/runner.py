@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -55,6 +55,7 @@ from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
 log = logging.getLogger("fanout.orchestrator")
 
 StartSoon = Callable[..., None]
+T = TypeVar("T")
 MAX_DECISIONS = 50  # the permission decisions a result lists (the audit log has them all)
 
 
@@ -68,6 +69,20 @@ def file_changes(ctx: RepoContext, base: str, commit: str) -> list[FileChange]:
     return found
 
 
+async def quick_or_thread(
+    call: Callable[[bool], T], limiter: anyio.CapacityLimiter | None = None
+) -> T:
+    """`call(False)` here, on the event loop, or, when it raises `WouldBlock` (it could wait,
+    or take time that grows with the repository or the change), `call(True)` in a worker
+    thread. A quick workspace operation (a view's mount, a small commit) costs less CPU than a
+    hop to a thread: under load the worker and the event loop hand the GIL to each other at
+    every system call the worker makes."""
+    try:
+        return call(False)
+    except ws_mod.WouldBlock:
+        return await anyio.to_thread.run_sync(call, True, limiter=limiter)
+
+
 async def commit_work(
     agent: AgentRecord, message: str, scope: WriteScope | None = None
 ) -> ws_mod.WorkCommit:
@@ -75,11 +90,13 @@ async def commit_work(
     also guard paths by the permission policy), on its branch."""
     workspace = workspace_of(agent)
     scope = scope or WriteScope.of(agent.write_scope)
-    return await anyio.to_thread.run_sync(
-        lambda: ws_mod.commit_workspace(
-            workspace, message=f"fanout: {agent.name}: {message}", write_scope=scope
+
+    def commit(wait: bool) -> ws_mod.WorkCommit:
+        return ws_mod.commit_workspace(
+            workspace, message=f"fanout: {agent.name}: {message}", write_scope=scope, wait=wait
         )
-    )
+
+    return await quick_or_thread(commit)
 
 
 class AgentRunner:
@@ -353,7 +370,7 @@ class AgentRunner:
             warmup=ctx.warmups.get(agent.run_id),
             cache_ttl=run.cache_ttl or "5m",
         )
-        await anyio.to_thread.run_sync(loop.transcript.touch)  # its file: off the event loop
+        loop.transcript.touch()
         runtime.loop = loop
         runtime.started_at = self.clock.monotonic()
         outcome = LoopOutcome(StopReason.INTERNAL_ERROR, error="the loop did not run")
@@ -384,15 +401,14 @@ class AgentRunner:
         audit = AuditLog(ctx.repo.state_dir / "audit" / f"{agent.agent_id}.jsonl")
         home = ctx.repo.state_dir / "homes" / agent.agent_id
 
-        def make() -> tuple[ws_mod.Workspace, Terminal]:
-            # everything that creates files, off the event loop (a file can take a millisecond
-            # to allocate on a busy disk, and 64 agents start at once)
+        def make(wait: bool) -> tuple[ws_mod.Workspace, Terminal]:
             workspace = ws_mod.create_workspace(
                 ctx.repo,
                 base_commit=start,
                 run_id=agent.run_id,
                 agent_id=agent.agent_id,
                 include=self.settings.include,
+                wait=wait,
             )
             audit.touch()
             terminal = Terminal(
@@ -413,7 +429,7 @@ class AgentRunner:
             )
             return workspace, terminal
 
-        workspace, terminal = await anyio.to_thread.run_sync(make, limiter=ctx.workspace_threads)
+        workspace, terminal = await quick_or_thread(make, ctx.workspace_threads)
         run = find_run(ctx, agent.run_id)
         holder = agent.lease_holder or agent.agent_id
         if runtime.external_tools and self.external is not None:
@@ -603,12 +619,15 @@ class AgentRunner:
         records = runtime.audit.records() if runtime.audit is not None else []
         guarded = self._guarded_scope(ctx, agent, records)
         refused = dict(remote_refused or {})
+        work: ws_mod.WorkCommit | None = None
         if agent.workspace is not None and Path(agent.workspace).exists():
             work = await commit_work(agent, first_line(outcome.summary or agent.prompt), guarded)
             commit = work.commit or commit
             dropped = [*work.dropped, *work.planted]
             refused = guarded.refused
-        if commit is not None:
+        if work is not None and work.commit is not None and work.parent == agent.base_commit:
+            changes = work.changes  # the commit's own changes are those against the base
+        elif commit is not None:
             changes = await anyio.to_thread.run_sync(file_changes, ctx, agent.base_commit, commit)
         commands = [
             CommandRun(

@@ -25,7 +25,13 @@ from orchestration.errors import RepositoryError
 from orchestration.workspace.cli_git import CliGit
 from orchestration.workspace.commits import clear_partial_writes, commit_workspace
 from orchestration.workspace.diffs import diff, diffstat, file_changes, tree_changes
-from orchestration.workspace.engine import CommitJob, GitEngine, InProcessFirst, WorkCommit
+from orchestration.workspace.engine import (
+    CommitJob,
+    GitEngine,
+    InProcessFirst,
+    WorkCommit,
+    WouldBlock,
+)
 from orchestration.workspace.engines import DEFAULT_ENGINE, GIT, LIBGIT2
 from orchestration.workspace.git import (
     BRANCH_PREFIX,
@@ -98,6 +104,7 @@ __all__ = [
     "WorkCommit",
     "Workspace",
     "Workspaces",
+    "WouldBlock",
     "admin_dir_of",
     "clear_dead_locks",
     "clear_partial_writes",

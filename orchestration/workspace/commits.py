@@ -5,10 +5,10 @@ from __future__ import annotations
 import pygit2
 
 from orchestration.errors import RepositoryError
-from orchestration.workspace.engine import CommitJob, GitEngine, WorkCommit
+from orchestration.workspace.engine import CommitJob, GitEngine, WorkCommit, WouldBlock
 from orchestration.workspace.engines import DEFAULT_ENGINE
 from orchestration.workspace.git import FANOUT_IDENTITY, Identity
-from orchestration.workspace.layered import commit_view, ensure_mounted, layer_of
+from orchestration.workspace.layered import commit_view, ensure_mounted, layer_of, quick_to_commit
 from orchestration.workspace.pinning import (
     Workspace,
     open_workspace_repo,
@@ -26,6 +26,7 @@ def commit_workspace(
     write_scope: WriteScope,
     author: Identity = FANOUT_IDENTITY,
     engine: GitEngine = DEFAULT_ENGINE,
+    wait: bool = True,
 ) -> WorkCommit:
     """Commit the agent's in-scope changes on its branch; out-of-scope ones stay on disk, dropped.
 
@@ -33,8 +34,13 @@ def commit_workspace(
     nothing out of scope reaches the branch, even if the agent ran git itself. Calling it again
     commits later edits on top. Git works on the workspace only pinned to its recorded git dir,
     after any `.git` the agent planted is moved out (`secure_workspace_git`).
+
+    Not `wait`: raises `WouldBlock`, having changed nothing, unless the commit is quick
+    (`quick_to_commit`), so that the event loop can make it without a hop to a thread.
     """
     layers = layer_of(ws)  # a copy-on-write view: its upper layer holds the agent's work
+    if not wait and (layers is None or not quick_to_commit(layers, ws.base_commit)):
+        raise WouldBlock(f"committing {ws.path} may take a while")
     if layers is not None:
         ensure_mounted(ws)
     # one libgit2 handle for the pinned configuration and the commit: opened, as `pin` opens
@@ -55,12 +61,13 @@ def commit_workspace(
         except (KeyError, ValueError, pygit2.GitError) as exc:
             where = pinned.work_tree
             raise RepositoryError(f"{ref} of the workspace {where} names no commit: {exc}") from exc
+        parent = str(head.id)
         job = CommitJob(
             pyrepo=pyrepo,
             pinned=pinned,
             ref=ref,
             head=head,
-            base=ws.base_commit or str(head.id),
+            base=ws.base_commit or parent,
             write_scope=write_scope,
             message=message,
             author=author,
@@ -70,7 +77,7 @@ def commit_workspace(
         pyrepo.free()
     if done is None:
         raise RepositoryError(f"no git engine committed the work of the workspace {ws.path}")
-    return done.model_copy(update={"planted": planted}) if planted else done
+    return done.model_copy(update={"planted": planted, "parent": parent})
 
 
 def clear_partial_writes(ws: Workspace) -> list[str]:

@@ -21,8 +21,15 @@ from toolbus.gitcmd import Pinned
 from toolbus.resources import WriteScope
 
 
+class WouldBlock(Exception):
+    """Raised, with nothing changed, by a workspace operation asked not to wait when it could
+    wait on a lock or take time that grows with the repository or the change: the caller runs
+    it again, allowed to wait, off the event loop."""
+
+
 class WorkCommit(BaseModel):
-    """What `commit_workspace` did: the new commit (None if none), its changes, what it dropped."""
+    """What `commit_workspace` did: the new commit (None if none), its changes against
+    `parent` (the branch's commit it was made on), what it dropped."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -31,6 +38,7 @@ class WorkCommit(BaseModel):
     dropped: list[str]
     planted: list[str] = Field(default_factory=list[str])
     """`.git` entries the agent made, moved out of the workspace and not committed."""
+    parent: str | None = None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from orchestration.workspace.engine import (
     CommitJob,
     GitEngine,
     WorkCommit,
+    WouldBlock,
     advance_branch,
     changed_paths,
 )
@@ -109,8 +110,14 @@ class ChosenWorkspaces(GitWorktrees):
         agent_id: str,
         include: Sequence[str] = (),
         engine: GitEngine = DEFAULT_ENGINE,
+        wait: bool = True,
     ) -> Workspace:
+        """As `Workspaces.create`. Not `wait`: raises `WouldBlock`, having made nothing that
+        a second call minds, unless the workspace is a view of the kernel's overlayfs on a base
+        already checked out, with nothing included (a mount and a few small files)."""
         support = view_support(repo)
+        if not wait and (support.kind != overlay.OVERLAY or include):
+            raise WouldBlock(f"making a workspace of {support.kind} may take a while")
         if support.kind not in overlay.DRIVERS:
             return super().create(
                 repo,
@@ -127,6 +134,7 @@ class ChosenWorkspaces(GitWorktrees):
             agent_id=agent_id,
             include=include,
             driver=support.kind,
+            wait=wait,
         )
 
     def create_view(
@@ -138,10 +146,12 @@ class ChosenWorkspaces(GitWorktrees):
         agent_id: str,
         include: Sequence[str] = (),
         driver: str = overlay.OVERLAY,
+        wait: bool = True,
     ) -> Workspace:
         """Mount a view of `base_commit` for the agent (the base checked out once per commit);
         `include`'s ignored directories are layered in read-only, its files copied. The same
-        workspace again (mounted) when it exists."""
+        workspace again (mounted) when it exists. Not `wait`: `WouldBlock` when the base is
+        not checked out yet or its lock is taken."""
         check_component(run_id, "run id")
         check_component(agent_id, "agent id")
         base = base_commit if FULL_OID.fullmatch(base_commit) else repo.resolve(base_commit)
@@ -152,7 +162,7 @@ class ChosenWorkspaces(GitWorktrees):
             return existing
         layers = layer_dir(repo.state_dir, run_id, agent_id)
         upper, work = layers / "upper", layers / "work"
-        base_dir, lower = _hold_base(repo, base, layers)
+        base_dir, lower = _hold_base(repo, base, layers, wait=wait)
         branch = f"{BRANCH_PREFIX}{run_id}/{agent_id}"
         upper.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
@@ -289,13 +299,19 @@ def _lower_of(layers: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def _base_lock(base_dir: Path, *, shared: bool) -> Generator[None]:
+def _base_lock(base_dir: Path, *, shared: bool, wait: bool = True) -> Generator[None]:
     """The base's lock: shared by the views that stand on it, exclusive to make or delete it
-    (`flock`, so waiters sleep in the kernel instead of polling)."""
+    (`flock`, so waiters sleep in the kernel instead of polling). Not `wait`: `WouldBlock`
+    when it is taken."""
     path = str(base_dir) + ".lock"
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+            fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WouldBlock(f"the lock of {base_dir} is taken") from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -315,17 +331,20 @@ from it in at most this many paths (a dependent's start, a rerun's), the differe
 into its upper layer, instead of checking the whole commit out."""
 
 
-def _hold_base(repo: GitRepo, commit: str, layers: Path) -> tuple[Path, str]:
+def _hold_base(repo: GitRepo, commit: str, layers: Path, *, wait: bool = True) -> tuple[Path, str]:
     """A checked-out base for a view of `commit`, and its commit: `commit`'s own, or an existing
     one close to it, or a new checkout. `layers` is recorded as standing on it before the base's
-    lock is let go, so that no removal deletes it in between."""
+    lock is let go, so that no removal deletes it in between. Not `wait`: `WouldBlock` unless
+    `commit`'s own base is there and its lock free."""
     base_dir = _base_dir(repo.state_dir, commit)
     base_dir.parent.mkdir(parents=True, exist_ok=True)
     layers.mkdir(parents=True, exist_ok=True)
-    with _base_lock(base_dir, shared=True):
+    with _base_lock(base_dir, shared=True, wait=wait):
         if (base_dir / "index").is_file():
             write_whole(layers / "lower", commit + "\n")
             return base_dir, commit
+    if not wait:
+        raise WouldBlock(f"{commit[:12]} is not checked out as a base yet")
     for other in _near_bases(repo, commit):
         near_dir = _base_dir(repo.state_dir, other)
         with _base_lock(near_dir, shared=True):
@@ -581,6 +600,47 @@ def commit_view(job: CommitJob, layers: Path) -> WorkCommit:
         changes=file_changes(pyrepo, str(head.id), str(commit)),
         dropped=dropped,
     )
+
+
+QUICK_COMMIT_ENTRIES = 256
+QUICK_COMMIT_BYTES = 4 << 20
+
+
+def quick_to_commit(layers: Path, base: str) -> bool:
+    """Whether the view in `layers` commits quickly: a view of the kernel's overlayfs on the
+    base of its own start commit (`base`), whose upper layer holds at most
+    `QUICK_COMMIT_ENTRIES` entries and `QUICK_COMMIT_BYTES` of files, and no whiteout or
+    opaque directory (each stands for a base subtree of any size). It reads only the upper
+    layer's directories, and stops at the first sign of a large change."""
+    if _driver_of(layers) != overlay.OVERLAY or _lower_of(layers) != base:
+        return False
+    entries = size = 0
+    stack = [str(layers / "upper")]
+    while stack:
+        try:
+            listing = os.scandir(stack.pop())
+        except OSError:
+            return False
+        with listing:
+            for entry in listing:
+                entries += 1
+                if entries > QUICK_COMMIT_ENTRIES:
+                    return False
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    return False
+                if stat.S_ISDIR(st.st_mode):
+                    if overlay.is_opaque(Path(entry.path)):
+                        return False
+                    stack.append(entry.path)
+                elif stat.S_ISREG(st.st_mode):
+                    size += st.st_size
+                    if size > QUICK_COMMIT_BYTES:
+                        return False
+                elif not stat.S_ISLNK(st.st_mode):
+                    return False  # a whiteout
+    return True
 
 
 def _candidates(upper: Path, base_tree: pygit2.Tree) -> set[str]:

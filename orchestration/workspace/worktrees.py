@@ -20,7 +20,7 @@ import filelock
 import pygit2
 
 from orchestration.errors import RepositoryError
-from orchestration.workspace.engine import GitEngine
+from orchestration.workspace.engine import GitEngine, WouldBlock
 from orchestration.workspace.engines import DEFAULT_ENGINE
 from orchestration.workspace.git import (
     BRANCH_PREFIX,
@@ -54,8 +54,10 @@ class Workspaces(Protocol):
         agent_id: str,
         include: Sequence[str] = (),
         engine: GitEngine = DEFAULT_ENGINE,
+        wait: bool = True,
     ) -> Workspace:
-        """Check out `base_commit` for the agent; the same workspace again when it exists."""
+        """Check out `base_commit` for the agent; the same workspace again when it exists. Not
+        `wait`: `WouldBlock`, with nothing made, when that could wait or take long."""
         ...
 
     def existing(self, repo: GitRepo) -> list[Workspace]:
@@ -103,11 +105,14 @@ class GitWorktrees:
         agent_id: str,
         include: Sequence[str] = (),
         engine: GitEngine = DEFAULT_ENGINE,
+        wait: bool = True,
     ) -> Workspace:
         """Check out `base_commit` in a new worktree for the agent; the user's checkout is
         untouched. `include` names ignored files (glob patterns, relative to the repository) a
         build needs; they are copied (never linked) from the user's working tree. Calling it
         again for an existing workspace returns that workspace."""
+        if not wait:
+            raise WouldBlock("a worktree's checkout takes time in proportion to the repository")
         check_component(run_id, "run id")
         check_component(agent_id, "agent id")
         # A full commit id (what runs record) needs no lookup: `worktree add` refuses a missing one.

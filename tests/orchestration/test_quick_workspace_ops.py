@@ -1,0 +1,172 @@
+"""Workspace operations made on the event loop when they are quick, in a thread otherwise.
+
+A view's creation on a base that is checked out, and its commit when the upper layer is small,
+run without `wait` (`WouldBlock` otherwise, with nothing changed); they must give what the same
+operation allowed to wait gives, and decline whatever could wait or grow with the repository or
+the change: a base not checked out or locked, included files, a worktree, fuse-overlayfs,
+deletions (whiteouts, opaque directories, which stand for base subtrees), many or large files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+from orchestration.workspace import (
+    GitRepo,
+    WorkCommit,
+    Workspace,
+    WouldBlock,
+    commit_workspace,
+    create_workspace,
+    layer_of,
+)
+from orchestration.workspace.layered import (
+    QUICK_COMMIT_BYTES,
+    QUICK_COMMIT_ENTRIES,
+    quick_to_commit,
+)
+from orchestration.workspace.overlay import FUSE, OVERLAY, enter_private_mounts, probe_overlay
+from tests.orchestration.gitutil import (
+    git,
+    head,
+    isolated_git,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (autouse fixture)
+    make_repo,
+    write,
+)
+from tests.orchestration.test_workspace_in_process import BASE_FILES, CASES, SCOPE, files_of
+
+REASON = enter_private_mounts()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no copy-on-write views: {REASON}")
+
+
+@pytest.fixture(autouse=True)
+def kernel_overlay(tmp_path: Path) -> None:
+    scratch = tmp_path / "probe"
+    scratch.mkdir()
+    support = probe_overlay(scratch, None)
+    if support.kind != OVERLAY:
+        pytest.skip(support.note)
+
+
+def _view(repo: GitRepo, run: str, agent: str = "a") -> Workspace:
+    return create_workspace(repo, base_commit=head(repo.root), run_id=run, agent_id=agent)
+
+
+def _commit(ws: Workspace, *, wait: bool) -> WorkCommit:
+    return commit_workspace(ws, message="work", write_scope=SCOPE, wait=wait)
+
+
+def _branch_head(root: Path, ws: Workspace) -> str:
+    return git(root, "rev-parse", ws.branch_ref).strip()
+
+
+def test_a_quick_commit_is_the_commit_made_in_a_thread(tmp_path: Path) -> None:
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    quick: list[str] = []
+    for case, edit in sorted(CASES.items()):
+        here, there = _view(repo, f"q-{case}"), _view(repo, f"t-{case}")
+        for w in (here, there):
+            edit(w.path)
+        before = (_branch_head(root, here), files_of(here.path))
+        try:
+            got = _commit(here, wait=False)
+            quick.append(case)
+        except WouldBlock:
+            # declined with nothing changed: the branch and the files are as they were
+            assert (_branch_head(root, here), files_of(here.path)) == before
+            got = _commit(here, wait=True)
+        want = _commit(there, wait=True)
+        assert (got.commit is None) == (want.commit is None), case
+        assert got.dropped == want.dropped, case
+        assert [p.split(" ")[0] for p in got.planted] == [p.split(" ")[0] for p in want.planted]
+        assert [c.model_dump() for c in got.changes] == [c.model_dump() for c in want.changes]
+        assert got.parent == want.parent == here.base_commit
+        if got.commit is not None and want.commit is not None:
+            assert git(root, "rev-parse", f"{got.commit}^{{tree}}") == git(
+                root, "rev-parse", f"{want.commit}^{{tree}}"
+            )
+    # the cases without deletions are quick; those that delete a base file (a whiteout) not
+    assert set(quick) == set(CASES) - {"in_scope", "out_of_scope", "symlink_and_file_to_dir"}
+
+
+def test_large_or_deleting_layers_are_not_quick(tmp_path: Path) -> None:
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+
+    def layers_after(agent: str, edit: object) -> tuple[Path, str]:
+        ws = _view(repo, "r1", agent)
+        assert callable(edit)
+        edit(ws.path)
+        layers = layer_of(ws)
+        assert layers is not None
+        return layers, ws.base_commit
+
+    assert quick_to_commit(*layers_after("small", lambda p: write(p, "src/n.py", "n\n")))
+    assert not quick_to_commit(*layers_after("del", lambda p: (p / "docs/old.md").unlink()))
+
+    def replace_dir(p: Path) -> None:
+        for f in (p / "docs").iterdir():
+            f.unlink()
+        (p / "docs").rmdir()
+        write(p, "docs/new.md", "new\n")  # an opaque directory over the base's docs/
+
+    assert not quick_to_commit(*layers_after("opaque", replace_dir))
+
+    def many(p: Path) -> None:
+        for n in range(QUICK_COMMIT_ENTRIES + 1):
+            write(p, f"src/many/f{n}.py", "x\n")
+
+    assert not quick_to_commit(*layers_after("many", many))
+    big = "x" * (QUICK_COMMIT_BYTES + 1)
+    assert not quick_to_commit(*layers_after("big", lambda p: write(p, "src/big.txt", big)))
+    layers, base = layers_after("fuse", lambda p: write(p, "src/n.py", "n\n"))
+    (layers / "driver").write_text(FUSE + "\n", encoding="ascii")
+    assert not quick_to_commit(layers, base)
+    ws = _view(repo, "r1", "quick")
+    write(ws.path, "src/n.py", "n\n")
+    assert _commit(ws, wait=False).commit is not None
+
+
+def test_a_view_is_made_quickly_only_on_a_free_checked_out_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    base = head(root)
+
+    def make(agent: str, *, wait: bool, include: tuple[str, ...] = ()) -> Workspace:
+        return create_workspace(
+            repo, base_commit=base, run_id="r1", agent_id=agent, include=include, wait=wait
+        )
+
+    with pytest.raises(WouldBlock):
+        make("first", wait=False)  # the base is not checked out yet
+    first = make("first", wait=True)  # what the declined call left is no obstacle
+    second = make("second", wait=False)
+    assert files_of(second.path) == files_of(first.path)
+    assert layer_of(second) is not None and second.branch == "fanout/r1/second"
+    lock = os.open(str(repo.state_dir / "bases" / base) + ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a base being made or removed
+        with pytest.raises(WouldBlock):
+            make("third", wait=False)
+    finally:
+        os.close(lock)
+    assert make("third", wait=False).agent_id == "third"
+    (root / ".env").write_text("KEY=1\n", encoding="utf-8")
+    with pytest.raises(WouldBlock):
+        make("included", wait=False, include=(".env",))
+    monkeypatch.setenv("FANOUT_WORKSPACES", "worktree")
+    with pytest.raises(WouldBlock):
+        make("worktree", wait=False)
+    worktree = make("worktree", wait=True)
+    assert layer_of(worktree) is None
+    write(worktree.path, "src/n.py", "n\n")
+    with pytest.raises(WouldBlock):
+        _commit(worktree, wait=False)
+    assert _commit(worktree, wait=True).commit is not None
