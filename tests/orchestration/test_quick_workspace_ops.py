@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,9 +99,8 @@ def test_large_or_deleting_layers_are_not_quick(tmp_path: Path) -> None:
     root = make_repo(tmp_path / "r", BASE_FILES)
     repo = GitRepo(root)
 
-    def layers_after(agent: str, edit: object) -> tuple[Path, str]:
+    def layers_after(agent: str, edit: Callable[[Path], object]) -> tuple[Path, str]:
         ws = _view(repo, "r1", agent)
-        assert callable(edit)
         edit(ws.path)
         layers = layer_of(ws)
         assert layers is not None
