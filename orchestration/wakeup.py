@@ -21,7 +21,7 @@ from orchestration.attention import (
     WakeOn,
     run_attention,
 )
-from orchestration.contracts import StopReason
+from orchestration.contracts import AgentStatus, StopReason
 from orchestration.state import AgentRecord, StateStore
 from toolbus.lease_store import Lease, LeaseRequest
 
@@ -38,6 +38,13 @@ class _Changes:
 
     agents: frozenset[str]
     kinds: frozenset[str]
+
+
+def _moving(agents: list[AgentRecord]) -> bool:
+    """Whether an agent of the run is running or queued to start: the run is then not settled
+    (`run_attention`), and the whole question, the lease table included, need not be asked
+    (a long-poll asks it at every event)."""
+    return any(a.status in (AgentStatus.RUNNING, AgentStatus.QUEUED) for a in agents)
 
 
 class Wakeups:
@@ -102,9 +109,13 @@ class Wakeups:
     async def settled(self, run_id: str | None, cursor: int) -> bool:
         """Whether the run (every run with agents, without `run_id`) is settled."""
         if run_id is not None:
+            if _moving(self._store.agents_snapshot(run_id, cursor)):
+                return False
             return (await self.attention(run_id, cursor)).settled
         for run in self._store.runs_snapshot(None, cursor):
             agents = self._store.agents_snapshot(run.run_id, cursor)
+            if _moving(agents):
+                return False
             active = any(a.status.active for a in agents)
             if active and not (await self.attention(run.run_id, cursor)).settled:
                 return False

@@ -3,9 +3,13 @@ and the answer is the same as a fresh read of everything after `since`."""
 
 from __future__ import annotations
 
+from itertools import product
 from pathlib import Path
 
-from orchestration.state import EventKind, StateStore
+import anyio
+
+from orchestration.contracts import AgentStatus
+from orchestration.state import AgentRecord, EventKind, RunRecord, SharedSnapshot, StateStore
 from orchestration.wakeup import Wakeups
 from toolbus.lease_store import Lease
 
@@ -16,6 +20,38 @@ async def _no_leases() -> list[Lease]:
 
 def _wakeups(store: StateStore) -> Wakeups:
     return Wakeups(store, _no_leases, lambda _paths: [])
+
+
+def _run() -> RunRecord:
+    return RunRecord(
+        run_id="r1",
+        repo="/repo",
+        created_at=1.0,
+        base_commit="abc",
+        head_commit="abc",
+        branch_ref="refs/heads/main",
+        snapshot_dirty=False,
+        shared=SharedSnapshot(base_commit="abc"),
+        max_concurrency=2,
+        budget_tokens=10_000,
+        model="m",
+        owner="me",
+    )
+
+
+def _agent(agent_id: str, index: int) -> AgentRecord:
+    return AgentRecord(
+        agent_id=agent_id,
+        run_id="r1",
+        index=index,
+        name=agent_id,
+        prompt="p",
+        write_scope=None,
+        model="m",
+        max_turns=3,
+        base_commit="abc",
+        owner="me",
+    )
 
 
 def test_changes_as_the_cursor_moves_match_a_fresh_read(tmp_path: Path) -> None:
@@ -41,3 +77,18 @@ def test_changes_as_the_cursor_moves_match_a_fresh_read(tmp_path: Path) -> None:
     assert wakeups.changes(since, "r1", since + 1) == early
     assert early.agents == {"a2"} and early.kinds == {"turn"}
     store.close()
+
+
+def test_settled_answers_as_the_whole_attention_question(tmp_path: Path) -> None:
+    """`settled` skips the attention question (the lease table included) while an agent runs
+    or is queued; for every pair of statuses it answers as that question does."""
+    for n, (first, second) in enumerate(product(list(AgentStatus), repeat=2)):
+        store = StateStore(tmp_path / f"s{n}")
+        store.create_run(_run(), [_agent("a1", 1), _agent("a2", 2)])
+        store.apply("a1", EventKind.TURN, status=first)
+        store.apply("a2", EventKind.TURN, status=second)
+        cursor = store.cursor()
+        whole = anyio.run(_wakeups(store).attention, "r1", cursor)
+        assert anyio.run(_wakeups(store).settled, "r1", cursor) == whole.settled, (first, second)
+        assert anyio.run(_wakeups(store).settled, None, cursor) == whole.settled, (first, second)
+        store.close()
