@@ -184,6 +184,12 @@ class Orchestrator:
             self.task_group.start_soon(self._recovery.heartbeat, ctx)
             self.task_group.start_soon(self._watch_cancel_requests, ctx)
             await self._recovery.on_open(ctx)
+            # which workspaces this process can make here: its probe mounts a trial view, once
+            # per repository (the answer is kept), so that the first spawn does not wait for it
+            try:
+                await anyio.to_thread.run_sync(ws_mod.view_support, git_repo)
+            except OSError as exc:  # spawn asks again, and says what is wrong
+                log.warning("probing workspaces in %s: %s", git_repo.root, exc)
             self._views[git_repo.root] = StatusView(
                 ctx,
                 caps=self._caps,
