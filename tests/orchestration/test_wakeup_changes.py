@@ -9,8 +9,9 @@ from pathlib import Path
 import anyio
 
 from orchestration.contracts import AgentStatus
-from orchestration.state import AgentRecord, EventKind, RunRecord, SharedSnapshot, StateStore
+from orchestration.state import EventKind, StateStore
 from orchestration.wakeup import Wakeups
+from tests.orchestration.test_state import _agent, _run  # pyright: ignore[reportPrivateUsage]
 from toolbus.lease_store import Lease
 
 
@@ -20,38 +21,6 @@ async def _no_leases() -> list[Lease]:
 
 def _wakeups(store: StateStore) -> Wakeups:
     return Wakeups(store, _no_leases, lambda _paths: [])
-
-
-def _run() -> RunRecord:
-    return RunRecord(
-        run_id="r1",
-        repo="/repo",
-        created_at=1.0,
-        base_commit="abc",
-        head_commit="abc",
-        branch_ref="refs/heads/main",
-        snapshot_dirty=False,
-        shared=SharedSnapshot(base_commit="abc"),
-        max_concurrency=2,
-        budget_tokens=10_000,
-        model="m",
-        owner="me",
-    )
-
-
-def _agent(agent_id: str, index: int) -> AgentRecord:
-    return AgentRecord(
-        agent_id=agent_id,
-        run_id="r1",
-        index=index,
-        name=agent_id,
-        prompt="p",
-        write_scope=None,
-        model="m",
-        max_turns=3,
-        base_commit="abc",
-        owner="me",
-    )
 
 
 def test_changes_as_the_cursor_moves_match_a_fresh_read(tmp_path: Path) -> None:
@@ -84,7 +53,7 @@ def test_settled_answers_as_the_whole_attention_question(tmp_path: Path) -> None
     or is queued; for every pair of statuses it answers as that question does."""
     for n, (first, second) in enumerate(product(list(AgentStatus), repeat=2)):
         store = StateStore(tmp_path / f"s{n}")
-        store.create_run(_run(), [_agent("a1", 1), _agent("a2", 2)])
+        store.create_run(_run(), [_agent("a1"), _agent("a2", index=2)])
         store.apply("a1", EventKind.TURN, status=first)
         store.apply("a2", EventKind.TURN, status=second)
         cursor = store.cursor()
