@@ -21,6 +21,10 @@ can beat on this machine; `fake_cpu_ms_per_request_N` is the fake's own CPU time
 during the product's rounds (Linux), spent on the same cores as the product. Floors and product
 alternate, twice each, and the best of each is reported.
 
+`worktree_overhead_over_floor_N` and `worktree_cpu_ms_per_agent_N` are the same figures for
+one run with the worktree fallback (`FANOUT_WORKSPACES=worktree`), whose agents each get a full
+checkout of the (small) repository.
+
 `cpu_ms_per_agent_N` is the CPU time the product spent per agent (this process's threads and its
 git children), beside `sdk_floor_cpu_ms_per_agent_N` for the SDK alone: on a machine of two
 cores, where the fake API takes its share too, the makespan of 64 agents is bound by CPU, and
@@ -228,6 +232,7 @@ class _Size:
     floor_cpu_s: float
     transport_s: float
     fake_cpu_s_per_request: float
+    worktree: _Run  # one run with the worktree fallback (FANOUT_WORKSPACES=worktree)
 
 
 async def _measure(
@@ -254,6 +259,11 @@ async def _measure(
             before = process_cpu_s(fake_pid) if fake_pid else 0.0
             products.append(await _product(base_url, n, root / f"repo-{n}-{r}"))
             fake_cpu += (process_cpu_s(fake_pid) - before) if fake_pid else 0.0
+        os.environ["FANOUT_WORKSPACES"] = "worktree"
+        try:
+            worktree = await _product(base_url, n, root / f"worktree-{n}")
+        finally:
+            os.environ.pop("FANOUT_WORKSPACES", None)
         best = min(products, key=lambda p: p.makespan_s)
         warmed = all(p.warmed_up for p in products)
         if any(p.warmed_up for p in products) and not warmed:
@@ -271,6 +281,7 @@ async def _measure(
                 floor_cpu_s=min(f[1] for f in same),
                 transport_s=min(transports),
                 fake_cpu_s_per_request=fake_cpu / (rounds * n * TURNS),
+                worktree=worktree,
             )
         )
     return out
@@ -297,6 +308,9 @@ def run(quick: bool) -> dict[str, float | int]:
         figures[f"sdk_floor_cpu_ms_per_agent_{key}"] = round(size.floor_cpu_s / n * 1000, 2)
         figures[f"transport_floor_over_ideal_{key}"] = round(size.transport_s / IDEAL_S, 3)
         figures[f"fake_cpu_ms_per_request_{key}"] = round(size.fake_cpu_s_per_request * 1000, 2)
+        figures[f"worktree_overhead_over_floor_{key}"] = round(size.worktree.makespan_s / floor, 3)
+        figures[f"worktree_cpu_ms_per_agent_{key}"] = round(size.worktree.cpu_s / n * 1000, 2)
+        figures[f"worktree_fanout_failed_{key}"] = size.worktree.failed
         target = "1.2" if key == "16" else "1.5"
         rows += [
             (
@@ -349,6 +363,21 @@ def run(quick: bool) -> dict[str, float | int]:
                 f"sdk_floor_cpu_ms_per_agent_{key}",
                 figures[f"sdk_floor_cpu_ms_per_agent_{key}"],
                 f"the same for the SDK alone ({TURNS} requests per agent)",
+            ),
+            (
+                f"worktree_overhead_over_floor_{key}",
+                figures[f"worktree_overhead_over_floor_{key}"],
+                "the same with the worktree fallback (FANOUT_WORKSPACES=worktree), one round",
+            ),
+            (
+                f"worktree_cpu_ms_per_agent_{key}",
+                figures[f"worktree_cpu_ms_per_agent_{key}"],
+                "the worktree fallback's CPU time per agent, that round",
+            ),
+            (
+                f"worktree_fanout_failed_{key}",
+                size.worktree.failed,
+                "the worktree fallback: not succeeded",
             ),
             (f"fanout_failed_{key}", size.failed, f"{n} agents{note}: not succeeded, all rounds"),
         ]

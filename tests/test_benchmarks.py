@@ -10,7 +10,11 @@ import pytest
 from benchmarks.common import remove_scratch
 
 EXPECTED: dict[str, tuple[str, ...]] = {
-    "benchmarks.fanout": ("makespan_over_ideal_16", "makespan_over_ideal_64"),
+    "benchmarks.fanout": (
+        "makespan_over_ideal_16",
+        "makespan_over_ideal_64",
+        "worktree_cpu_ms_per_agent_64",
+    ),
     "benchmarks.spawn": ("spawn_s_16", "spawn_over_git_16"),
     "benchmarks.cache": (
         "cache_read_share",
