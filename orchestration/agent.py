@@ -166,12 +166,17 @@ class AgentLoop:
     # the size of `messages` serialized, and how many of them it counts
     _message_chars: int = field(default=0, init=False, repr=False)
     _counted: int = field(default=0, init=False, repr=False)
+    _fixed_chars: int | None = field(default=None, init=False, repr=False)
 
     def _estimate_reservation(self) -> int:
         self._count_messages()
-        chars = len(self.system_prefix) + len(self.system_task)
-        chars += sum(len(t.description) + len(json.dumps(t.input_schema)) for t in self.tools)
-        chars += self._message_chars
+        if self._fixed_chars is None:  # the prompt and the tools do not change during a loop
+            self._fixed_chars = (
+                len(self.system_prefix)
+                + len(self.system_task)
+                + sum(len(t.description) + len(json.dumps(t.input_schema)) for t in self.tools)
+            )
+        chars = self._fixed_chars + self._message_chars
         # Upper bound: every input token billed as a cache write (×1.25), plus the full output.
         return int(chars / CHARS_PER_TOKEN * 1.25) + self.max_output_tokens
 
