@@ -111,6 +111,10 @@ class AgentJob:
     held_resources: tuple[str, ...]
     commit_message: str
 
+    def scope(self) -> WriteScope:
+        """The agent's write scope (`write_scope`)."""
+        return WriteScope.of(None if self.write_scope is None else list(self.write_scope))
+
 
 @dataclass
 class WorkerOutcome:
@@ -400,7 +404,7 @@ class RemoteAgent:
         bus = self._bus = AgentBus(
             agent_id=job.agent_id,
             workspace=workspace.path,
-            write_scope=WriteScope.of(None if job.write_scope is None else list(job.write_scope)),
+            write_scope=job.scope(),
             fence=RemoteFence(self._link, self._link.call("token")),
             audit=audit,
             terminal=terminal,
@@ -502,8 +506,7 @@ class RemoteAgent:
 
     def _guarded(self) -> GuardedScope:
         records = self._audit.records() if self._audit is not None else []
-        scope = WriteScope.of(None if self.job.write_scope is None else list(self.job.write_scope))
-        return GuardedScope.after(scope, self.job.policy, records)
+        return GuardedScope.after(self.job.scope(), self.job.policy, records)
 
 
 # workspaces of agents whose work is all on the head, removed by the node's next agent

@@ -167,21 +167,30 @@ async def _until(orch: Orchestrator, run_id: str, check: Callable[[AgentView], b
                 return view
 
 
+def _killed_then_rerun(command: str) -> FakeAnthropic:
+    """A fake whose first agent writes a file and then runs `command` until it is killed; its
+    rerun writes a second file and finishes."""
+    return FakeAnthropic(
+        by_key(
+            {
+                "TASK-KILL": by_turn(
+                    tool_use("write_file", path="src/k/first.py", content="FIRST = 1\n"),
+                    tool_use("run_command", command=command),
+                    finish("never reached"),
+                ),
+                "This is a re-run": by_turn(
+                    tool_use("write_file", path="src/k/second.py", content="SECOND = 2\n"),
+                    finish("second written"),
+                ),
+            }
+        )
+    )
+
+
 async def test_a_dead_node_leaves_its_agent_interrupted_and_a_rerun_completes(
     cluster: LocalCluster, hidden_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scripts = {
-        "TASK-KILL": by_turn(
-            tool_use("write_file", path="src/k/first.py", content="FIRST = 1\n"),
-            tool_use("run_command", command="sleep 60"),
-            finish("never reached"),
-        ),
-        "This is a re-run": by_turn(
-            tool_use("write_file", path="src/k/second.py", content="SECOND = 2\n"),
-            finish("second written"),
-        ),
-    }
-    fake = FakeAnthropic(by_key(scripts))
+    fake = _killed_then_rerun("sleep 60")
     repo = make_repo(hidden_root / "killed")
     async with fake.serve():
         monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
@@ -285,18 +294,7 @@ async def test_a_dead_server_leaves_its_cluster_agents_interrupted_and_stopped(
     with its checkpointed work, and a rerun completes."""
     from orchestration.state import StateStore
 
-    scripts = {
-        "TASK-KILL": by_turn(
-            tool_use("write_file", path="src/k/first.py", content="FIRST = 1\n"),
-            tool_use("run_command", command="sleep 61"),
-            finish("never reached"),
-        ),
-        "This is a re-run": by_turn(
-            tool_use("write_file", path="src/k/second.py", content="SECOND = 2\n"),
-            finish("second written"),
-        ),
-    }
-    fake = FakeAnthropic(by_key(scripts))
+    fake = _killed_then_rerun("sleep 61")
     repo = make_repo(hidden_root / "server-killed")
     async with fake.serve():
         monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
