@@ -4,7 +4,6 @@ server falls back to whenever libgit2 declines."""
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,7 +18,14 @@ from orchestration.workspace.engine import (
     changed_paths,
     commit_message,
 )
-from orchestration.workspace.git import FANOUT_IDENTITY, ZERO_OID, run_git, seed_index, tree_of
+from orchestration.workspace.git import (
+    FANOUT_IDENTITY,
+    ZERO_OID,
+    copy_index,
+    run_git,
+    seed_index,
+    tree_of,
+)
 from toolbus.gitcmd import Pinned
 
 
@@ -100,7 +106,7 @@ def _index_is_at(pyrepo: pygit2.Repository, source: Path, tree: str, index: Path
     try:
         if str(pygit2.Index(str(source)).write_tree(pyrepo)) != tree:
             return False
-        shutil.copyfile(source, index)
+        copy_index(source, index)
     except (OSError, pygit2.GitError, ValueError):
         index.unlink(missing_ok=True)
         return False

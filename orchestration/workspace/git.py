@@ -211,6 +211,14 @@ def check_component(value: str, what: str) -> None:
         )
 
 
+def copy_index(source: Path, dest: Path) -> None:
+    """Copy an index with its modification time. Git trusts an entry's stat data only for a
+    file older than the index it was read from: a file changed in the second the index was
+    written (same size, same times to the second) is "racy" and hashed again. A copy dated
+    later would make git take such a change for no change."""
+    shutil.copy2(source, dest)
+
+
 def seed_index(
     cwd: Path,
     source_index: Path,
@@ -222,7 +230,7 @@ def seed_index(
 ) -> None:
     """Fill a temporary index with `treeish`, reusing stat data of `source_index` when possible."""
     try:
-        shutil.copyfile(source_index, index)
+        copy_index(source_index, index)
         proc = run_git(cwd, "read-tree", "-m", treeish, env=env, check=False, pinned=pinned)
         if proc.returncode == 0:
             return

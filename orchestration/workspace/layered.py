@@ -45,6 +45,7 @@ from orchestration.workspace.git import (
     FULL_OID,
     GitRepo,
     check_component,
+    copy_index,
     run_git,
     tree_of,
     write_whole,
@@ -268,7 +269,7 @@ def _register_view(
     try:
         os.link(index, staging / "index")
     except OSError:
-        shutil.copyfile(index, staging / "index")
+        copy_index(index, staging / "index")
     admins.mkdir(exist_ok=True)
     path.mkdir(parents=True)
     for name in (path.name, f"{path.name}.{path.parent.name}"):
@@ -388,7 +389,7 @@ def _layer_difference(
     view's own index: the base's, with those paths changed (git hashes them on its first look).
     Returns the index's path."""
     own = layers / "index"
-    shutil.copyfile(lower_index, own)
+    copy_index(lower_index, own)
     pyrepo = repo.open()
     try:
         old, new = tree_of(pyrepo, lower), tree_of(pyrepo, commit)
