@@ -59,11 +59,13 @@ from benchmarks.common import (
     table,
     tasks,
 )
+from benchmarks.work_floor import LeanAgent, LeanRun
 from orchestration.contracts import SpawnRequest
 from orchestration.heap import freeze_heap
 from orchestration.model import Model, ModelRequest, ModelResponse
 from orchestration.orchestrator import ModelFactory
 from orchestration.providers.anthropic import AnthropicModel, to_api_request
+from orchestration.workspace import overlay
 
 LATENCY_S = 0.2
 TURNS = 3
@@ -180,6 +182,76 @@ async def _floor(
     return elapsed, cpu
 
 
+async def _work_floor(
+    base_url: str,
+    recorded: list[ModelRequest],
+    agents: int,
+    repository: Path,
+    root: Path,
+    *,
+    warm_up: bool,
+) -> tuple[float, float]:
+    """`_floor` on the product's warm-up schedule, each agent doing the durable work the
+    product's agents do (`benchmarks.work_floor`) where they must: its start (after the run's
+    base checkout and databases, in a worker thread) while its first request is under way, as
+    that request needs no workspace; a transcript line and a state row per answer; its write
+    after the first answer (in a worker thread, as `fsync` must not block the loop); its read
+    after the second; its commit after the last. (elapsed_s, cpu_s)."""
+    by_agent = _by_agent(recorded, agents)
+    models = [
+        AnthropicModel(model=r[0].model, api_key="bench", base_url=base_url) for r in by_agent
+    ]
+    begun = anyio.Event()
+    opened = anyio.Event()
+    run: list[LeanRun] = []
+
+    async def open_run() -> None:
+        run.append(await anyio.to_thread.run_sync(LeanRun.open, repository, root))
+        opened.set()
+
+    async def one(n: int, model: AnthropicModel, requests: list[ModelRequest]) -> None:
+        ready: list[LeanAgent] = []
+
+        async def start() -> None:
+            await opened.wait()
+            ready.append(run[0].start(n))
+
+        async def first_answer() -> ModelResponse:
+            if warm_up and n == 0:
+                return await model.complete_signalled(requests[0], begun.set)
+            if warm_up:
+                await begun.wait()
+            return await model.complete(requests[0])
+
+        answers: list[ModelResponse] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start)
+            answers.append(await first_answer())
+        agent = ready[0]  # (the task group waited for `start`)
+        for k, request in enumerate(requests):
+            answer = answers[0] if k == 0 else await model.complete(request)
+            agent.turn(answer.model_dump_json())
+            if k == 0:
+                await agent.write(b"floor %d\n" % n)
+            elif k == 1:
+                agent.read()
+        agent.finish()
+
+    started, cpu = time.perf_counter(), _cpu_s()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(open_run)
+            for n, (model, requests) in enumerate(zip(models, by_agent, strict=True)):
+                tg.start_soon(one, n, model, requests)
+        elapsed, cpu = time.perf_counter() - started, _cpu_s() - cpu
+    finally:
+        for each in run:
+            each.close()
+    for model in models:
+        await model.aclose()
+    return elapsed, cpu
+
+
 async def _transport_floor(base_url: str, recorded: list[ModelRequest], agents: int) -> float:
     """The recorded requests' bodies POSTed by a bare aiohttp session per agent (no SDK: no
     request building, validation or response models), each answer read and parsed; elapsed_s."""
@@ -231,6 +303,8 @@ class _Size:
     cpu_s: float
     floor_cpu_s: float
     transport_s: float
+    work_floor_s: float  # the SDK floor with the durable work (`_work_floor`)
+    work_floor_cpu_s: float
     fake_cpu_s_per_request: float
     worktree: _Run  # one run with the worktree fallback (FANOUT_WORKSPACES=worktree)
 
@@ -251,6 +325,7 @@ async def _measure(
         floors: list[tuple[float, float]] = []
         warm_floors: list[tuple[float, float]] = []
         transports: list[float] = []
+        work_floors: list[tuple[float, float]] = []
         fake_cpu = 0.0
         for r in range(rounds):
             floors.append(await _floor(base_url, recorded, n))
@@ -259,6 +334,18 @@ async def _measure(
             before = process_cpu_s(fake_pid) if fake_pid else 0.0
             products.append(await _product(base_url, n, root / f"repo-{n}-{r}"))
             fake_cpu += (process_cpu_s(fake_pid) - before) if fake_pid else 0.0
+            floor_repo = root / f"floor-repo-{n}-{r}"
+            build_repo(floor_repo, SMALL_REPO_FILES)
+            work_floors.append(
+                await _work_floor(
+                    base_url,
+                    recorded,
+                    n,
+                    floor_repo,
+                    root / f"floor-{n}-{r}",
+                    warm_up=products[-1].warmed_up,
+                )
+            )
         os.environ["FANOUT_WORKSPACES"] = "worktree"
         try:
             worktree = await _product(base_url, n, root / f"worktree-{n}")
@@ -280,6 +367,8 @@ async def _measure(
                 cpu_s=min(p.cpu_s for p in products),
                 floor_cpu_s=min(f[1] for f in same),
                 transport_s=min(transports),
+                work_floor_s=min(f[0] for f in work_floors),
+                work_floor_cpu_s=min(f[1] for f in work_floors),
                 fake_cpu_s_per_request=fake_cpu / (rounds * n * TURNS),
                 worktree=worktree,
             )
@@ -308,6 +397,10 @@ def run(quick: bool) -> dict[str, float | int]:
         figures[f"sdk_floor_cpu_ms_per_agent_{key}"] = round(size.floor_cpu_s / n * 1000, 2)
         figures[f"transport_floor_over_ideal_{key}"] = round(size.transport_s / IDEAL_S, 3)
         figures[f"fake_cpu_ms_per_request_{key}"] = round(size.fake_cpu_s_per_request * 1000, 2)
+        figures[f"work_floor_over_ideal_{key}"] = round(size.work_floor_s / IDEAL_S, 3)
+        figures[f"work_floor_over_floor_{key}"] = round(size.work_floor_s / floor, 3)
+        figures[f"overhead_over_work_floor_{key}"] = round(makespan / size.work_floor_s, 3)
+        figures[f"work_floor_cpu_ms_per_agent_{key}"] = round(size.work_floor_cpu_s / n * 1000, 2)
         figures[f"worktree_overhead_over_floor_{key}"] = round(size.worktree.makespan_s / floor, 3)
         figures[f"worktree_cpu_ms_per_agent_{key}"] = round(size.worktree.cpu_s / n * 1000, 2)
         figures[f"worktree_fanout_failed_{key}"] = size.worktree.failed
@@ -354,6 +447,25 @@ def run(quick: bool) -> dict[str, float | int]:
                 + ("1.05" if key == "16" else "1.15"),
             ),
             (
+                f"work_floor_over_ideal_{key}",
+                figures[f"work_floor_over_ideal_{key}"],
+                f"the SDK floor, each agent also doing its durable work at the product's points "
+                f"(view, state rows, transcript, fsync'd write, read, commit; "
+                f"benchmarks.work_floor), as leanly as possible: {size.work_floor_s:.3f} s"
+                + ("" if overlay.in_private_mounts() else ", views not mounted here"),
+            ),
+            (
+                f"work_floor_over_floor_{key}",
+                figures[f"work_floor_over_floor_{key}"],
+                "that floor / the SDK floor: the least any implementation of the same work "
+                "adds here (compare overhead_over_floor)",
+            ),
+            (
+                f"overhead_over_work_floor_{key}",
+                figures[f"overhead_over_work_floor_{key}"],
+                "product makespan / that floor",
+            ),
+            (
                 f"cpu_ms_per_agent_{key}",
                 figures[f"cpu_ms_per_agent_{key}"],
                 "CPU time of the product per agent (this process, all threads, and git), least "
@@ -363,6 +475,11 @@ def run(quick: bool) -> dict[str, float | int]:
                 f"sdk_floor_cpu_ms_per_agent_{key}",
                 figures[f"sdk_floor_cpu_ms_per_agent_{key}"],
                 f"the same for the SDK alone ({TURNS} requests per agent)",
+            ),
+            (
+                f"work_floor_cpu_ms_per_agent_{key}",
+                figures[f"work_floor_cpu_ms_per_agent_{key}"],
+                "the same for the SDK with the durable work (work_floor above)",
             ),
             (
                 f"worktree_overhead_over_floor_{key}",
