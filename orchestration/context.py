@@ -29,6 +29,8 @@ class RepoContext:
         default_factory=dict[str, anyio.CapacityLimiter]
     )
     prefixes: dict[str, str] = field(default_factory=dict[str, str])
+    # the kind of workspace each run of this process gives its agents, decided at its spawn
+    workspace_kinds: dict[str, str] = field(default_factory=dict[str, str])
     # runs of this process whose first request writes the shared prefix alone
     warmups: dict[str, PrefixWarmup] = field(default_factory=dict[str, PrefixWarmup])
     prefix_lock: anyio.Lock = field(default_factory=anyio.Lock)

@@ -291,6 +291,7 @@ class Orchestrator:
         ctx.store.create_run(run, agents)
         ctx.limiters[run_id] = anyio.CapacityLimiter(run.max_concurrency)
         ctx.prefixes[run_id] = prefix
+        ctx.workspace_kinds[run_id] = support.kind
         if estimate.cache_ttl is not None and settings.cache_warmup_max_s > 0:
             ctx.warmups[run_id] = PrefixWarmup(settings.cache_warmup_max_s, self.clock.monotonic)
         # Runtimes are registered before any task starts (cancel sees them at once); the tasks

@@ -409,6 +409,7 @@ class AgentRunner:
                 agent_id=agent.agent_id,
                 include=self.settings.include,
                 wait=wait,
+                kind=ctx.workspace_kinds.get(agent.run_id),
             )
             audit.touch()
             terminal = Terminal(

@@ -112,14 +112,15 @@ class ChosenWorkspaces(GitWorktrees):
         include: Sequence[str] = (),
         engine: GitEngine = DEFAULT_ENGINE,
         wait: bool = True,
+        kind: str | None = None,
     ) -> Workspace:
         """As `Workspaces.create`. Not `wait`: raises `WouldBlock`, having made nothing that
         a second call minds, unless the workspace is a view of the kernel's overlayfs on a base
         already checked out, with nothing included (a mount and a few small files)."""
-        support = view_support(repo)
-        if not wait and (support.kind != overlay.OVERLAY or include):
-            raise WouldBlock(f"making a workspace of {support.kind} may take a while")
-        if support.kind not in overlay.DRIVERS:
+        kind = kind or view_support(repo).kind
+        if not wait and (kind != overlay.OVERLAY or include):
+            raise WouldBlock(f"making a workspace of {kind} may take a while")
+        if kind not in overlay.DRIVERS:
             return super().create(
                 repo,
                 base_commit=base_commit,
@@ -134,7 +135,7 @@ class ChosenWorkspaces(GitWorktrees):
             run_id=run_id,
             agent_id=agent_id,
             include=include,
-            driver=support.kind,
+            driver=kind,
             wait=wait,
         )
 

@@ -7,11 +7,12 @@ from pathlib import Path
 import anyio
 import pytest
 
+from orchestration import workspace as workspace_pkg
 from orchestration.config import Settings
 from orchestration.contracts import AgentStatus, SpawnRequest, StatusResult, StopReason, TaskSpec
 from orchestration.model import Model
 from orchestration.orchestrator import AGENTS_PER_MODEL, Orchestrator
-from orchestration.workspace import GitRepo
+from orchestration.workspace import GitRepo, layered, overlay
 from tests.orchestration.scripts import Gate, by_task, make_repo
 
 pytestmark = pytest.mark.anyio
@@ -109,3 +110,33 @@ async def test_a_workspace_failure_fails_the_agent_without_waiting_for_its_first
     result = status.runs[0].agents[0].result
     assert result is not None and result.stop_reason == StopReason.INTERNAL_ERROR
     assert "workspace could not be made" in (result.error or "")
+
+
+async def test_a_runs_agents_get_the_workspace_kind_decided_at_its_spawn(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+    real = layered.view_support
+
+    def counted(git_repo: GitRepo) -> overlay.ViewSupport:
+        asked.append(str(git_repo.root))
+        return real(git_repo)
+
+    # the spawn asks through the package, a workspace's creation through its module
+    monkeypatch.setattr(workspace_pkg, "view_support", counted)
+    monkeypatch.setattr(layered, "view_support", counted)
+    async with Orchestrator(settings(repo), lambda _name: by_task({})) as orch:
+        await orch.status()  # the repository open (it probes there)
+        asked.clear()
+        spawned = await orch.spawn(
+            SpawnRequest(
+                tasks=[TaskSpec(prompt=f"T{i}", write_scope=[f"w{i}"]) for i in range(3)],
+                max_concurrency=3,
+            )
+        )
+        status = await wait_for(orch, spawned.run_id, {AgentStatus.SUCCEEDED})
+        assert len(asked) == 1  # once for the run, not once per agent
+        kind = (await orch.context(repo)).workspace_kinds[spawned.run_id]
+    assert kind == real(GitRepo(repo)).kind
+    workspaces = GitRepo(repo).worktrees_dir / spawned.run_id
+    assert {a.agent_id for a in status.runs[0].agents} == {p.name for p in workspaces.iterdir()}
