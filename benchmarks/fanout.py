@@ -19,7 +19,7 @@ starts agents together, and every one of them then pays the prefix's cache write
 agent (no SDK): what the fake API and the loopback transport cost on their own, which no client
 can beat on this machine; `fake_cpu_ms_per_request_N` is the fake's own CPU time per request
 during the product's rounds (Linux), spent on the same cores as the product. Floors and product
-alternate, twice each, and the best of each is reported.
+alternate, three times each, and the best of each is reported.
 
 The SDK floor leaves out work the product's agents cannot do without: each mounts a view, records
 its lease and state transitions in SQLite and its turns in a transcript, writes its file durably
@@ -389,7 +389,7 @@ async def _measure(
 
 def run(quick: bool) -> dict[str, float | int]:
     sizes = (4, 8) if quick else (16, 64)
-    rounds = 1 if quick else 2
+    rounds = 1 if quick else 3
     started = time.perf_counter()
     with scratch("bench-fanout-") as tmp, fake_in_process(latency_s=LATENCY_S) as fake:
         results = anyio.run(_measure, sizes, fake.base_url, Path(tmp), rounds, fake.pid)
