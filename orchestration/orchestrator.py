@@ -259,6 +259,8 @@ class Orchestrator:
                 f"run by the {executor.name} executor"
             )
         support = await anyio.to_thread.run_sync(ws_mod.view_support, ctx.repo)
+        # (a cluster's executor asks its cluster: not on the event loop, and not once agents run)
+        running_on = await anyio.to_thread.run_sync(executor.describe)
         if support.kind != "overlay" and "FANOUT_WORKSPACES" not in support.note:
             warnings.append(
                 f"each agent gets a full checkout ({support.note}); copy-on-write views "
@@ -311,7 +313,7 @@ class Orchestrator:
             permissions=self._runner.policy(run, agents[0]).describe()
             + ("; tasks narrow it further" if any(a.permissions for a in agents) else ""),
             mcp_tools=[tool.name for tool in mcp_tools],
-            executor=self._runner.executor.describe(),
+            executor=running_on,
         )
 
     async def _downstream(self, request: SpawnRequest) -> tuple[list[str], list[ExternalTool]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import anyio
@@ -10,6 +11,7 @@ import pytest
 from orchestration import workspace as workspace_pkg
 from orchestration.config import Settings
 from orchestration.contracts import AgentStatus, SpawnRequest, StatusResult, StopReason, TaskSpec
+from orchestration.executors.base import InProcessExecutor
 from orchestration.model import Model
 from orchestration.orchestrator import AGENTS_PER_MODEL, Orchestrator
 from orchestration.workspace import GitRepo, layered, overlay
@@ -140,3 +142,22 @@ async def test_a_runs_agents_get_the_workspace_kind_decided_at_its_spawn(
     assert kind == real(GitRepo(repo)).kind
     workspaces = GitRepo(repo).worktrees_dir / spawned.run_id
     assert {a.agent_id for a in status.runs[0].agents} == {p.name for p in workspaces.iterdir()}
+
+
+async def test_spawn_describes_its_executor_off_the_event_loop(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a cluster's executor asks its cluster to describe itself (Ray: `ray.nodes()`, a call to
+    # its control store), which must not hold up the agents already running
+    threads: list[int] = []
+
+    def describe(_self: InProcessExecutor) -> str:
+        threads.append(threading.get_ident())
+        return "described"
+
+    monkeypatch.setattr(InProcessExecutor, "describe", describe)
+    async with Orchestrator(settings(repo), lambda _name: by_task({})) as orch:
+        spawned = await orch.spawn(SpawnRequest(tasks=[TaskSpec(prompt="T", write_scope=[])]))
+        await wait_for(orch, spawned.run_id, {AgentStatus.SUCCEEDED})
+    assert spawned.executor == "described"
+    assert threads and threading.get_ident() not in threads
