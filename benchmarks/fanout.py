@@ -203,11 +203,11 @@ async def _work_floor(
     warm_up: bool,
 ) -> tuple[float, float]:
     """`_floor` on the product's warm-up schedule, each agent doing the durable work the
-    product's agents do (`benchmarks.work_floor`) where they must: its start (after the run's
-    base checkout and databases, in a worker thread) while its first request is under way, as
-    that request needs no workspace; a transcript line and a state row per answer; its write
-    after the first answer (in a worker thread, as `fsync` must not block the loop); its read
-    after the second; its commit after the last. (elapsed_s, cpu_s)."""
+    product's agents do (`benchmarks.work_floor`) where they must: its start (once the run's
+    base checkout and databases, made in a worker thread, are ready) while its first request is
+    under way, as that request needs no workspace; a transcript line and a state row per
+    answer; its write after the first answer (in a worker thread, as `fsync` must not block the
+    loop); its read after the second; its commit after the last. (elapsed_s, cpu_s)."""
     by_agent = _by_agent(recorded, agents)
     models = [
         AnthropicModel(model=r[0].model, api_key="bench", base_url=base_url) for r in by_agent
