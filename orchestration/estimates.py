@@ -55,7 +55,7 @@ class Calibration:
 
 def history(store: StateStore) -> list[tuple[RunRecord, list[AgentRecord]]]:
     """The repository's latest runs with their agents, oldest first."""
-    runs = store.runs()[-4 * CALIBRATION_RUNS :]
+    runs = store.latest_runs(4 * CALIBRATION_RUNS)
     return [(run, store.agents(run.run_id)) for run in runs]
 
 

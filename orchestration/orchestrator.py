@@ -248,10 +248,8 @@ class Orchestrator:
             now=self.clock.time(),
             mcp_servers=servers,
         )
-        known = await anyio.to_thread.run_sync(ctx.store.all_agents)
-        agents = planner.new_agents(
-            settings, request, run, names, known={a.agent_id for a in known}
-        )
+        known = await anyio.to_thread.run_sync(ctx.store.agent_ids)
+        agents = planner.new_agents(settings, request, run, names, known=known)
         warnings = await planner.spawn_warnings(self.settings, ctx.leases, agents)
         if unoffered:
             warnings.append(

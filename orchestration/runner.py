@@ -279,9 +279,15 @@ class AgentRunner:
         reason it must stop instead when one failed, was cancelled or was discarded."""
         store = ctx.store
         shown: str | None = None
+        # A dependency and the reruns that replace it are agents of its run: only those runs are
+        # read at each change (parsed again only where they changed), not every agent the
+        # repository ever had.
+        runs = sorted(
+            {found.run_id for dep in agent.depends_on if (found := store.agent(dep)) is not None}
+        )
         while True:
             cursor = store.cursor()
-            every = {a.agent_id: a for a in store.all_agents()}
+            every = {a.agent_id: a for run in runs for a in store.agents_snapshot(run, cursor)}
             reruns = reruns_of(every.values())
             pending: list[AgentRecord] = []
             for dep in agent.depends_on:
@@ -314,7 +320,7 @@ class AgentRunner:
                     f"{detail} (depends_on); it then starts from the head that contains them",
                 )
                 shown = detail
-            await store.wait_for_change(cursor, 1.0)
+            await store.wait_for_change(cursor, 1.0, runs[0] if len(runs) == 1 else None)
 
     async def run_in_process(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
         """Create the workspace while the first model turn is in flight, then run the loop.

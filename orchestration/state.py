@@ -479,7 +479,7 @@ class StateStore:
         return RunRecord.model_validate_json(str(rows[0][0])) if rows else None
 
     def runs(self) -> list[RunRecord]:
-        rows = self._query("SELECT data FROM runs ORDER BY created_at")
+        rows = self._query("SELECT data FROM runs ORDER BY created_at, rowid")
         return [RunRecord.model_validate_json(str(r[0])) for r in rows]
 
     # --- agents -----------------------------------------------------------------------------
@@ -866,6 +866,17 @@ class StateStore:
                 return True
         return False
 
+    def agent_ids(self) -> set[str]:
+        """The ids of every agent the repository has, without reading their records."""
+        return {str(r[0]) for r in self._query("SELECT agent_id FROM agents")}
+
+    def latest_runs(self, count: int) -> list[RunRecord]:
+        """The `count` latest runs, oldest first (as `runs` orders them)."""
+        rows = self._query(
+            "SELECT data FROM runs ORDER BY created_at DESC, rowid DESC LIMIT ?", (count,)
+        )
+        return [RunRecord.model_validate_json(str(r[0])) for r in reversed(rows)]
+
     def all_agents(self) -> list[AgentRecord]:
         rows = self._query("SELECT data FROM agents ORDER BY run_id, ord")
         return [AgentRecord.model_validate_json(str(r[0])) for r in rows]
@@ -913,7 +924,7 @@ class StateStore:
         if last is not None and last[0] == cursor:
             return list(last[1])
         if run_id is None:
-            rows = self._query("SELECT run_id, data FROM runs ORDER BY created_at")
+            rows = self._query("SELECT run_id, data FROM runs ORDER BY created_at, rowid")
         else:
             rows = self._query("SELECT run_id, data FROM runs WHERE run_id = ?", (run_id,))
         records: list[RunRecord] = []

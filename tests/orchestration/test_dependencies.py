@@ -20,6 +20,7 @@ from orchestration.contracts import (
 from orchestration.errors import InvalidRequest
 from orchestration.model import ModelRequest, ToolResultBlock
 from orchestration.orchestrator import Orchestrator
+from orchestration.state import AgentRecord, StateStore
 from tests.orchestration.scripts import Step, by_task, make_repo
 from tests.orchestration.test_orchestrator import settings
 
@@ -75,6 +76,42 @@ async def test_a_dependent_starts_from_its_dependencys_merged_head(tmp_path: Pat
         if isinstance(block, ToolResultBlock)
     ]
     assert any("def helper" in text for text in results)  # b saw a's change
+
+
+async def test_a_dependent_on_an_earlier_run_reads_only_that_runs_agents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # waiting reads the dependency's run at each change, not every agent the repository had
+    repo = make_repo(tmp_path / "repo")
+    seen: list[ModelRequest] = []
+    model = by_task({"A-RENAME": RENAME, "B-USE": READ_UTIL, "OTHER": []}, seen=seen)
+    async with Orchestrator(settings(repo), lambda _n: model) as orch:
+        other = await orch.spawn(SpawnRequest(tasks=[TaskSpec(prompt="OTHER", write_scope=[])]))
+        first = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="A-RENAME", name="a", write_scope=["src/lib"])])
+        )
+        await _settled(orch, other.run_id)
+        await _settled(orch, first.run_id)
+
+        def whole_history(_store: StateStore) -> list[AgentRecord]:
+            raise AssertionError("every agent of the repository was read")
+
+        monkeypatch.setattr(StateStore, "all_agents", whole_history)
+        a_id = first.agents[0].agent_id
+        second = await orch.spawn(
+            SpawnRequest(
+                tasks=[
+                    TaskSpec(prompt="B-USE", name="b", write_scope=["src/app"], depends_on=[a_id])
+                ]
+            )
+        )
+        waiting = await _settled(orch, second.run_id)
+        assert [a.status for a in waiting.runs[0].agents] == [AgentStatus.WAITING]
+        merged = await orch.merge(MergeRequest(run_id=first.run_id))
+        assert [a.outcome for a in merged.agents] == [MergeOutcome.MERGED]
+        done = await _settled(orch, second.run_id)
+    assert [a.status for a in done.runs[0].agents] == [AgentStatus.SUCCEEDED]
+    assert any("B-USE" in r.system_task for r in seen)
 
 
 async def test_unknown_dependencies_and_cycles_are_refused(tmp_path: Path) -> None:

@@ -71,6 +71,20 @@ def test_run_and_agents_round_trip_and_survive_reopen(tmp_path: Path) -> None:
     again.close()
 
 
+def test_the_latest_runs_and_the_agent_ids_read_no_other_records(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    # equal creation times (as two runs of one second may have): insertion order decides
+    for n, created in enumerate([3.0, 1.0, 2.0, 2.0, 5.0]):
+        run = _run(f"r{n}").model_copy(update={"created_at": created})
+        store.create_run(run, [_agent(f"r{n}-a1", f"r{n}")])
+    every = [r.run_id for r in store.runs()]
+    assert every == ["r1", "r2", "r3", "r0", "r4"]
+    for count in range(7):
+        assert [r.run_id for r in store.latest_runs(count)] == every[max(0, len(every) - count) :]
+    assert store.agent_ids() == {f"r{n}-a1" for n in range(5)}
+    store.close()
+
+
 def test_finish_order_is_recorded_once(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     store.create_run(_run(), [_agent("a1"), _agent("a2", index=2)])
