@@ -87,7 +87,8 @@ class Recovery:
         me = ctx.store.server_id
         live = ctx.store.live_servers() | {me}
         touched_runs: set[str] = set()
-        for found in ctx.store.all_agents():
+        # every agent the repository had: read in a worker thread, not on the event loop
+        for found in await anyio.to_thread.run_sync(ctx.store.all_agents):
             runtime = self._registry.get(found.agent_id)
             if not found.status.active or (runtime is not None and runtime.runs_here):
                 continue  # finished, or running in this process
@@ -190,7 +191,7 @@ class Recovery:
             AgentStatus.STALE,
             AgentStatus.VERIFY_FAILED,
         )
-        for found in ctx.store.all_agents():
+        for found in await anyio.to_thread.run_sync(ctx.store.all_agents):
             if found.status not in keep or found.lease_token is None or found.lease_lost:
                 continue
             if found.agent_id in self._registry:
