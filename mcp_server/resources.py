@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import MethodType
 from typing import Any
 
+import anyio
 from mcp.server.mcpserver import MCPServer
 
 from mcp_server.app import App
@@ -38,6 +39,8 @@ async def leases_json(ctx: RepoContext) -> str:
 
 
 async def runs(app: App) -> str:
+    # every run and agent the repository had: read in a worker thread, not on the event loop
+    listings = await anyio.to_thread.run_sync((await _queries(app)).runs)
     return _json(
         [
             {
@@ -47,7 +50,7 @@ async def runs(app: App) -> str:
                 "agents": {agent_id: s.value for agent_id, s in listing.statuses.items()},
                 "uri": f"fanout://runs/{listing.run.run_id}",
             }
-            for listing in (await _queries(app)).runs()
+            for listing in listings
         ]
     )
 
