@@ -149,6 +149,13 @@ def worktrees_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FANOUT_WORKSPACES", "worktree")
 
 
+def needs_views() -> pytest.MarkDecorator:
+    """A mark that skips a test, with the reason, where this process cannot make copy-on-write
+    views (`enter_private_mounts`, done once per process)."""
+    reason = enter_private_mounts()
+    return pytest.mark.skipif(reason is not None, reason=f"no copy-on-write views: {reason}")
+
+
 @pytest.fixture(params=["worktree", "view"])
 def workspace_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each kind of workspace in turn: git worktrees, and copy-on-write views where this

@@ -30,18 +30,18 @@ from orchestration.workspace.layered import (
     QUICK_COMMIT_ENTRIES,
     quick_to_commit,
 )
-from orchestration.workspace.overlay import FUSE, OVERLAY, enter_private_mounts, probe_overlay
+from orchestration.workspace.overlay import FUSE, OVERLAY, probe_overlay
 from tests.orchestration.gitutil import (
     git,
     head,
     isolated_git,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (autouse fixture)
     make_repo,
+    needs_views,
     write,
 )
 from tests.orchestration.test_workspace_in_process import BASE_FILES, CASES, SCOPE, files_of
 
-REASON = enter_private_mounts()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no copy-on-write views: {REASON}")
+pytestmark = needs_views()
 
 
 @pytest.fixture(autouse=True)

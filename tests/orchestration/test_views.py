@@ -29,7 +29,6 @@ from orchestration.workspace.layered import unmount_view
 from orchestration.workspace.overlay import (
     FUSE,
     OVERLAY,
-    enter_private_mounts,
     is_mounted,
     probe_overlay,
 )
@@ -39,13 +38,13 @@ from tests.orchestration.gitutil import (
     head,
     isolated_git,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (autouse fixture)
     make_repo,
+    needs_views,
     write,
 )
 from tests.orchestration.test_workspace_in_process import BASE_FILES, CASES, SCOPE, files_of
 from toolbus.resources import WriteScope
 
-REASON = enter_private_mounts()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no copy-on-write views: {REASON}")
+pytestmark = needs_views()
 
 
 @pytest.fixture(params=[OVERLAY, FUSE])
