@@ -161,6 +161,24 @@ def _by_agent(recorded: list[ModelRequest], agents: int) -> list[list[ModelReque
     return list(by_agent.values())
 
 
+async def _first_answer(
+    model: AnthropicModel,
+    request: ModelRequest,
+    n: int,
+    *,
+    warm_up: bool,
+    begun: anyio.Event,
+) -> ModelResponse:
+    """Agent `n`'s first call on the floors' schedule: with `warm_up`, as the product warms the
+    prompt cache up, the first agent's alone (streamed, `begun` set once its response begins)
+    and the others' once it has begun; without, at once."""
+    if warm_up and n == 0:
+        return await model.complete_signalled(request, begun.set)
+    if warm_up:
+        await begun.wait()
+    return await model.complete(request)
+
+
 async def _floor(
     base_url: str, recorded: list[ModelRequest], agents: int, *, warm_up: bool = False
 ) -> tuple[float, float]:
@@ -175,12 +193,8 @@ async def _floor(
     begun = anyio.Event()
 
     async def one(n: int, model: AnthropicModel, requests: list[ModelRequest]) -> None:
-        for k, request in enumerate(requests):
-            if warm_up and k == 0 and n == 0:
-                await model.complete_signalled(request, begun.set)
-                continue
-            if warm_up and k == 0:
-                await begun.wait()
+        await _first_answer(model, requests[0], n, warm_up=warm_up, begun=begun)
+        for request in requests[1:]:
             await model.complete(request)
 
     started, cpu = time.perf_counter(), _cpu_s()
@@ -227,17 +241,10 @@ async def _work_floor(
             await opened.wait()
             ready.append(run[0].start(n))
 
-        async def first_answer() -> ModelResponse:
-            if warm_up and n == 0:
-                return await model.complete_signalled(requests[0], begun.set)
-            if warm_up:
-                await begun.wait()
-            return await model.complete(requests[0])
-
         answers: list[ModelResponse] = []
         async with anyio.create_task_group() as tg:
             tg.start_soon(start)
-            answers.append(await first_answer())
+            answers.append(await _first_answer(model, requests[0], n, warm_up=warm_up, begun=begun))
         agent = ready[0]  # (the task group waited for `start`)
         for k, request in enumerate(requests):
             answer = answers[0] if k == 0 else await model.complete(request)
