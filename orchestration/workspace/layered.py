@@ -586,7 +586,7 @@ def commit_view(job: CommitJob, layers: Path) -> WorkCommit:
     upper = layers / "upper"
     lower = _lower_of(layers) or job.base
     base_tree = tree_of(pyrepo, job.base)
-    candidates = _candidates(upper, base_tree)
+    candidates = _candidates(upper, base_tree, _driver_of(layers))
     if lower != job.base:
         candidates.update(changed_paths(pyrepo, job.base, str(tree_of(pyrepo, lower).id)))
     changes, dropped = _view_changes(pyrepo, job.pinned, base_tree, candidates, job.write_scope)
@@ -633,7 +633,7 @@ def quick_to_commit(layers: Path, base: str) -> bool:
                 except OSError:
                     return False
                 if stat.S_ISDIR(st.st_mode):
-                    if overlay.is_opaque(Path(entry.path)):
+                    if overlay.is_opaque(Path(entry.path), overlay.OVERLAY):
                         return False
                     stack.append(entry.path)
                 elif stat.S_ISREG(st.st_mode):
@@ -645,9 +645,10 @@ def quick_to_commit(layers: Path, base: str) -> bool:
     return True
 
 
-def _candidates(upper: Path, base_tree: pygit2.Tree) -> set[str]:
-    """The repository paths the upper layer may change: its files, its whiteouts, and every
-    base file under a whited-out, opaque or replaced directory."""
+def _candidates(upper: Path, base_tree: pygit2.Tree, driver: str) -> set[str]:
+    """The repository paths the upper layer of `driver` may change: its files, its
+    whiteouts, and every base file under a whited-out, opaque or replaced directory."""
+    fuse = driver == overlay.FUSE
     found: set[str] = set()
 
     def base_files_under(prefix: str) -> Iterable[str]:
@@ -672,14 +673,14 @@ def _candidates(upper: Path, base_tree: pygit2.Tree) -> set[str]:
     for dirpath, dirnames, filenames in os.walk(upper):
         rel_dir = os.path.relpath(dirpath, upper).replace(os.sep, "/")
         prefix = "" if rel_dir == "." else rel_dir + "/"
-        if prefix and overlay.is_opaque(Path(dirpath)):
+        if prefix and overlay.is_opaque(Path(dirpath), driver):
             found.update(base_files_under(rel_dir))
         real_dirs: list[str] = []
         for name in (*dirnames, *filenames):
             rel = prefix + name
             if rel == ".git":
                 continue  # the server's gitfile
-            if name.startswith(overlay.WHITEOUT_PREFIX):
+            if fuse and name.startswith(overlay.WHITEOUT_PREFIX):
                 # fuse-overlayfs's marks: an opaque directory's, or a whiteout as a file
                 hidden = name[len(overlay.WHITEOUT_PREFIX) :]
                 if hidden and not hidden.startswith(".wh.") and hidden != ".opq":

@@ -267,16 +267,19 @@ OPAQUE_XATTRS = ("user.overlay.opaque", "trusted.overlay.opaque", "user.fuseover
 OPAQUE_MARK = ".wh..wh..opq"
 """The file fuse-overlayfs leaves in an opaque directory (beside a `.wh..opq` device)."""
 WHITEOUT_PREFIX = ".wh."
-"""fuse-overlayfs's names for its own marks, and for whiteouts where it cannot make a device."""
+"""fuse-overlayfs's names for its own marks, and for whiteouts where it cannot make a device.
+Only its layers hold them as marks: it refuses such names through its mount, while the
+kernel's overlayfs takes them as ordinary names (its marks are devices and attributes)."""
 
 
-def is_opaque(path: Path) -> bool:
-    """A directory of an upper layer that hides what the lower layers hold under it."""
+def is_opaque(path: Path, driver: str) -> bool:
+    """A directory of an upper layer of `driver` that hides what the lower layers hold
+    under it."""
     for name in OPAQUE_XATTRS:
         with contextlib.suppress(OSError):
             if os.getxattr(path, name, follow_symlinks=False) == b"y":
                 return True
-    return os.path.lexists(path / OPAQUE_MARK)
+    return driver == FUSE and os.path.lexists(path / OPAQUE_MARK)
 
 
 def remove_layer(path: Path) -> None:

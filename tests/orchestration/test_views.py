@@ -235,6 +235,39 @@ def test_a_view_applies_the_attributes_conversions_as_git_does(
     assert git(root, "show", f"{got.commit}:a.txt") == "one\ntwo\n"
 
 
+MARK_NAMES = (".wh.notes", "src/.wh.a.py", "src/.wh..wh..opq", "docs/.wh..opq")
+
+
+def test_files_named_like_overlay_marks_are_committed_or_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    """fuse-overlayfs keeps its marks as `.wh.` names in the upper layer and refuses such names
+    through its mount; the kernel's overlayfs marks by devices and attributes, so there they
+    are an agent's files like any other, committed as git commits them, and they hide nothing
+    of the base."""
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    view = _view(repo, "view")
+    if driver == FUSE:
+        for name in MARK_NAMES:
+            with pytest.raises(OSError):
+                write(view.path, name, "mine\n")
+        assert commit_workspace(view, message="w", write_scope=WriteScope.of(None)).commit is None
+        return
+    tree = _worktree(repo, monkeypatch, "git")
+    for w in (view, tree):
+        for name in MARK_NAMES:
+            write(w.path, name, f"{name}\n")
+    got = commit_workspace(view, message="w", write_scope=WriteScope.of(None))
+    want = commit_workspace(tree, message="w", write_scope=WriteScope.of(None), engine=GIT)
+    assert got.commit is not None and want.commit is not None
+    assert git(root, "rev-parse", f"{got.commit}^{{tree}}") == git(
+        root, "rev-parse", f"{want.commit}^{{tree}}"
+    )
+    assert sorted(c.path for c in got.changes) == sorted(MARK_NAMES)
+    assert git(root, "show", f"{got.commit}:src/a.py") == BASE_FILES["src/a.py"]
+
+
 def test_agents_of_the_same_id_in_two_runs_get_a_view_each(tmp_path: Path) -> None:
     root = make_repo(tmp_path / "r", BASE_FILES)
     repo = GitRepo(root)
