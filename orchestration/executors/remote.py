@@ -481,6 +481,7 @@ class RemoteAgent:
                     message=f"fanout: {job.name}: {job.commit_message}"
                     + ("" if final else " (checkpoint)"),
                     write_scope=guarded,
+                    keep_working=not final,
                 )
             )
             self._dropped = [*work.dropped, *work.planted]

@@ -27,6 +27,7 @@ def commit_workspace(
     author: Identity = FANOUT_IDENTITY,
     engine: GitEngine = DEFAULT_ENGINE,
     wait: bool = True,
+    keep_working: bool = False,
 ) -> WorkCommit:
     """Commit the agent's in-scope changes on its branch; out-of-scope ones stay on disk, dropped.
 
@@ -37,6 +38,9 @@ def commit_workspace(
 
     Not `wait`: raises `WouldBlock`, having changed nothing, unless the commit is quick
     (`quick_to_commit`), so that the event loop can make it without a hop to a thread.
+
+    `keep_working`: the agent goes on in the workspace (a checkpoint), so a view's index
+    follows the commit too; a worktree's always does.
     """
     layers = layer_of(ws)  # a copy-on-write view: its upper layer holds the agent's work
     if not wait and (layers is None or not quick_to_commit(layers, ws.base_commit)):
@@ -72,7 +76,10 @@ def commit_workspace(
             message=message,
             author=author,
         )
-        done = commit_view(job, layers) if layers is not None else engine.commit(job)
+        if layers is not None:
+            done = commit_view(job, layers, keep_working=keep_working)
+        else:
+            done = engine.commit(job)
     finally:
         pyrepo.free()
     if done is None:

@@ -578,10 +578,12 @@ def _mount_included(entry: Path, view: Path, driver: str) -> None:
 # --- committing a view ---------------------------------------------------------------------
 
 
-def commit_view(job: CommitJob, layers: Path) -> WorkCommit:
+def commit_view(job: CommitJob, layers: Path, *, keep_working: bool = False) -> WorkCommit:
     """Commit a view's work as `job` says (`commit_workspace` makes the job): the start
     commit's tree with what the upper layer in `layers` changed applied, out-of-scope changes
-    dropped and reported."""
+    dropped and reported. `keep_working`: the agent goes on in the view, so its index is made
+    the commit's tree, as a worktree's is (or `git status` there shows the commit's changes
+    staged in reverse)."""
     pyrepo, head = job.pyrepo, job.head
     upper = layers / "upper"
     lower = _lower_of(layers) or job.base
@@ -597,11 +599,38 @@ def commit_view(job: CommitJob, layers: Path) -> WorkCommit:
     commit = advance_branch(
         pyrepo, ref=job.ref, head=head, tree=tree_id, message=job.message, author=job.author
     )
+    if keep_working:
+        _follow_commit(pyrepo, tree_id)
     return WorkCommit(
         commit=str(commit),
         changes=file_changes(pyrepo, str(head.id), str(commit)),
         dropped=dropped,
     )
+
+
+def _follow_commit(pyrepo: pygit2.Repository, tree_id: str) -> None:
+    """Make the view's index hold the tree `tree_id`: only the entries that differ are
+    replaced, so the others keep their stat data. The index is written anew (a lock file
+    renamed over it), never in place: it starts as a hard link to its base's index, which
+    the base's other views share."""
+    try:
+        index = pyrepo.index
+        index.read(force=True)
+        tree = pyrepo[pygit2.Oid(hex=tree_id)].peel(pygit2.Tree)
+        stale = [d for d in index.diff_to_tree(tree).deltas]
+        if not stale:
+            return
+        for delta in stale:
+            # the tree is the old side of this diff, the index the new one
+            if delta.status == pygit2.enums.DeltaStatus.ADDED:
+                index.remove(delta.new_file.path)
+            else:
+                theirs = delta.old_file
+                index.add(pygit2.IndexEntry(theirs.path, theirs.id, theirs.mode))
+        index.write()
+    except (pygit2.GitError, KeyError, ValueError, OSError) as exc:
+        # the work is committed and the branch moved; only `git status` in the view shows it
+        log.warning("the index of %s was not updated after its commit: %s", pyrepo.workdir, exc)
 
 
 QUICK_COMMIT_ENTRIES = 256

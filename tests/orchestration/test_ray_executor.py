@@ -10,14 +10,23 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import anyio
 import pygit2
 import pytest
 
-from fakeapi import FakeAnthropic, by_key, by_turn, finish, tool_use, writes_file
+from fakeapi import (
+    FakeAnthropic,
+    FakeRequest,
+    LoggedRequest,
+    by_key,
+    by_turn,
+    finish,
+    tool_use,
+    writes_file,
+)
 from orchestration.config import Settings
 from orchestration.contracts import (
     AgentStatus,
@@ -85,7 +94,7 @@ SCRIPTS = {
     "TASK-A": writes_file("src/a.py", "A = 1\n", summary="a added"),
     "TASK-B": by_turn(
         tool_use("write_file", path="src/b.py", content="B = 2\n"),
-        tool_use("run_command", command="cat src/b.py > src/b.txt"),
+        tool_use("run_command", command="cat src/b.py > src/b.txt && git status --porcelain"),
         finish("b added"),
     ),
     "TASK-C": by_turn(
@@ -127,8 +136,12 @@ async def test_a_run_on_the_cluster_merges_as_in_process(
         on_ray = make_repo(hidden_root / "ray")
         assert _tree(local) == _tree(on_ray)
         await _run(local, Settings(repo=local, sandbox="none", model="claude-sonnet-5-5"), fake)
+        assert _status_seen_by_b(fake.requests) == "?? src/b.py\n?? src/b.txt"
+        seen = len(fake.requests)
         with anyio.fail_after(240):
             shown = await _run(on_ray, _settings(on_ray, cluster), fake)
+        # on a node, src/b.py was checkpointed before the command: the view's index follows
+        assert _status_seen_by_b(fake.requests[seen:]) == "?? src/b.txt"
     assert shown[0].startswith("ray at "), shown
     assert all(node not in ("None", "") for node in shown[1:]), shown
     # 3 agents of 1 CPU on nodes of 2 CPUs: Ray's accounting puts them on two nodes at least
@@ -153,6 +166,16 @@ async def test_a_run_on_the_cluster_merges_as_in_process(
     assert f"executor: ray at {cluster.address}:" in shown_status, shown_status
     assert shown_status.count(": alive, 2 CPUs") == NODES, shown_status
     assert os.path.exists(on_ray / "docs/c.md")
+
+
+def _status_seen_by_b(requests: Sequence[LoggedRequest]) -> str:
+    """What TASK-B's `git status --porcelain` printed, as its model was told."""
+    for entry in requests:
+        request = FakeRequest(entry.body)
+        if "TASK-B" in request.system_text and request.assistant_turns == 2:
+            [result] = request.tool_results
+            return "\n".join(line for line in result.content.splitlines() if "src/" in line)
+    raise AssertionError("TASK-B's command was never answered")
 
 
 async def _until(orch: Orchestrator, run_id: str, check: Callable[[AgentView], bool]) -> AgentView:

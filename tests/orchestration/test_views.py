@@ -10,11 +10,13 @@ on disk."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from orchestration.workspace import (
+    DEFAULT_ENGINE,
     GIT,
     GitRepo,
     Workspace,
@@ -233,6 +235,41 @@ def test_a_view_applies_the_attributes_conversions_as_git_does(
         root, "rev-parse", f"{want.commit}^{{tree}}"
     )
     assert git(root, "show", f"{got.commit}:a.txt") == "one\ntwo\n"
+
+
+def test_a_checkpoint_leaves_the_views_git_status_as_a_worktrees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    """A view's index starts as its base's, shared with the base's other views; after a
+    checkpoint (the agent goes on) it holds the commit, as a worktree's does, and the other
+    views' index is untouched."""
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    view, other = _view(repo, "view"), _view(repo, "view", "b")
+    tree = _worktree(repo, monkeypatch, "git")
+    rounds: list[Callable[[Path], None]] = [_out_of_scope_and_in, _a_changed]
+    for edit in rounds:
+        for w in (view, tree):
+            edit(w.path)
+            engine = GIT if w is tree else DEFAULT_ENGINE
+            done = commit_workspace(
+                w, message="checkpoint", write_scope=SCOPE, keep_working=True, engine=engine
+            )
+            assert done.commit is not None
+        assert git(view.path, "status", "--porcelain") == git(tree.path, "status", "--porcelain")
+        assert git(view.path, "diff", "--cached", "--name-only") == ""
+    assert git(other.path, "status", "--porcelain") == ""
+    assert git(view.path, "show", "HEAD:src/a.py") == "a = 30\n"
+
+
+def _a_changed(root: Path) -> None:
+    write(root, "src/a.py", "a = 30\n")
+
+
+def _out_of_scope_and_in(root: Path) -> None:
+    write(root, "src/new.py", "new\n")
+    (root / "src/b.py").unlink()
+    write(root, "docs/guide.md", "# outside\n")
 
 
 MARK_NAMES = (".wh.notes", "src/.wh.a.py", "src/.wh..wh..opq", "docs/.wh..opq")
