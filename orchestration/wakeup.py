@@ -95,12 +95,19 @@ class Wakeups:
         key = (run_id, cursor)
         known = self._attention.get(key)
         if known is None:
-            every: dict[str, AgentRecord] = {}
-            for run in self._store.runs_snapshot(None, cursor):
-                for agent in self._store.agents_snapshot(run.run_id, cursor):
-                    every[agent.agent_id] = agent
             mine = self._store.agents_snapshot(run_id, cursor)
-            known = run_attention(run_id, mine, every, await self._leases(), self._scope_requests)
+            if any(a.status is AgentStatus.WAITING for a in mine):
+                every: dict[str, AgentRecord] = {}
+                for run in self._store.runs_snapshot(None, cursor):
+                    for agent in self._store.agents_snapshot(run.run_id, cursor):
+                        every[agent.agent_id] = agent
+                leases = await self._leases()
+            else:
+                # only a waiting agent looks past its run (at whom it waits for: other runs'
+                # agents, the lease table); without one the answer is the same from the run
+                # alone, and a status answer asks at every change
+                every, leases = {a.agent_id: a for a in mine}, []
+            known = run_attention(run_id, mine, every, leases, self._scope_requests)
             if len(self._attention) >= _KEPT:
                 self._attention.clear()
             self._attention[key] = known

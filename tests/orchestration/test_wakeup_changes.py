@@ -8,11 +8,13 @@ from pathlib import Path
 
 import anyio
 
+from orchestration.attention import run_attention
 from orchestration.contracts import AgentStatus
+from orchestration.records import scope_requests
 from orchestration.state import EventKind, StateStore
 from orchestration.wakeup import Wakeups
 from tests.orchestration.test_state import _agent, _run  # pyright: ignore[reportPrivateUsage]
-from toolbus.lease_store import Lease
+from toolbus.lease_store import Lease, LeaseMode
 
 
 async def _no_leases() -> list[Lease]:
@@ -60,4 +62,36 @@ def test_settled_answers_as_the_whole_attention_question(tmp_path: Path) -> None
         whole = anyio.run(_wakeups(store).attention, "r1", cursor)
         assert anyio.run(_wakeups(store).settled, "r1", cursor) == whole.settled, (first, second)
         assert anyio.run(_wakeups(store).settled, None, cursor) == whole.settled, (first, second)
+        store.close()
+
+
+def test_attention_reads_past_its_run_only_for_a_waiting_agent(tmp_path: Path) -> None:
+    """Another run's agent holds the scope of the run's agents. For every pair of statuses the
+    answer is the one from every agent and the whole lease table, and that table is read only
+    when an agent of the run waits."""
+    held = [Lease(holder="b1", token=1, resource="src", mode=LeaseMode.WRITE, expires_at=1e12)]
+    reads: list[int] = []
+
+    async def leases() -> list[Lease]:
+        reads.append(1)
+        return held
+
+    for n, (first, second) in enumerate(product(list(AgentStatus), repeat=2)):
+        store = StateStore(tmp_path / f"s{n}")
+        mine = [
+            a.model_copy(update={"write_scope": ["src/x"]})
+            for a in (_agent("a1"), _agent("a2", index=2))
+        ]
+        store.create_run(_run(), mine)
+        store.create_run(_run("r2"), [_agent("b1", run_id="r2")])
+        store.apply("b1", EventKind.SUCCEEDED, status=AgentStatus.SUCCEEDED, commit="c" * 40)
+        store.apply("a1", EventKind.TURN, status=first)
+        store.apply("a2", EventKind.TURN, status=second)
+        cursor = store.cursor()
+        reads.clear()
+        got = anyio.run(Wakeups(store, leases, scope_requests).attention, "r1", cursor)
+        every = {a.agent_id: a for r in ("r1", "r2") for a in store.agents(r)}
+        whole = run_attention("r1", store.agents("r1"), every, held, scope_requests)
+        assert got == whole, (first, second)
+        assert bool(reads) == (AgentStatus.WAITING in (first, second)), (first, second)
         store.close()
