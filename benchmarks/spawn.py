@@ -7,8 +7,8 @@ per-round ratios; target <= 1.2), and the parts beside them. On the large reposi
 `spawn_s_1_100k`, `spawn_s_64_100k` and `spawn_64_over_1_100k` (target <= 2), measured once the
 run's base is checked out (`spawn_cold_s_1_100k` is the first run, which checks it out), with the
 machine's floor beside them (`views_floor_s_64`: the inodes and mounts of 64 views, made bare);
-these are the medians of `LARGE_ROUNDS` rounds (1 agent, 64 agents, the floor), the ratios'
-of each round's ratios;
+each the median over `LARGE_ROUNDS` rounds (1 agent, 64 agents, the floor), a ratio the
+median of the rounds' ratios;
 `disk_mb_per_agent` (target <= 1: what one more agent that changed one file adds under `.git`,
 its work committed); and the worktree fallback's figures. The agents' model blocks until the
 measurement is over (`FunctionModel`), so no turn competes with the workspaces being created.

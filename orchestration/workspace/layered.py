@@ -617,7 +617,7 @@ def _follow_commit(pyrepo: pygit2.Repository, tree_id: str) -> None:
         index = pyrepo.index
         index.read(force=True)
         tree = pyrepo[pygit2.Oid(hex=tree_id)].peel(pygit2.Tree)
-        stale = [d for d in index.diff_to_tree(tree).deltas]
+        stale = list(index.diff_to_tree(tree).deltas)
         if not stale:
             return
         for delta in stale:
