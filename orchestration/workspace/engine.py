@@ -114,6 +114,18 @@ def base_entries(
     return found
 
 
+def reset_index_paths(
+    pyrepo: pygit2.Repository, index: pygit2.Index, base: str, paths: Sequence[str]
+) -> None:
+    """Set `paths` in `index` to their content in `base`, removing absent ones."""
+    for p, entry in base_entries(pyrepo, base, paths):
+        if entry is None:
+            if p in index:
+                index.remove(p)
+        else:
+            index.add(pygit2.IndexEntry(p, entry.id, entry.filemode))
+
+
 def commit_message(message: str) -> str:
     """The message of an agent's work commit (a default when the agent gave none)."""
     return message.strip() or "fanout: agent work"

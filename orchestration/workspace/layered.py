@@ -38,6 +38,7 @@ from orchestration.workspace.engine import (
     WouldBlock,
     advance_branch,
     changed_paths,
+    reset_index_paths,
 )
 from orchestration.workspace.engines import DEFAULT_ENGINE
 from orchestration.workspace.git import (
@@ -616,17 +617,11 @@ def _follow_commit(pyrepo: pygit2.Repository, tree_id: str) -> None:
     try:
         index = pyrepo.index
         index.read(force=True)
-        tree = pyrepo[pygit2.Oid(hex=tree_id)].peel(pygit2.Tree)
-        stale = list(index.diff_to_tree(tree).deltas)
+        tree = tree_of(pyrepo, pygit2.Oid(hex=tree_id))
+        stale = [d.new_file.path for d in index.diff_to_tree(tree).deltas]
         if not stale:
             return
-        for delta in stale:
-            # the tree is the old side of this diff, the index the new one
-            if delta.status == pygit2.enums.DeltaStatus.ADDED:
-                index.remove(delta.new_file.path)
-            else:
-                theirs = delta.old_file
-                index.add(pygit2.IndexEntry(theirs.path, theirs.id, theirs.mode))
+        reset_index_paths(pyrepo, index, tree_id, stale)
         index.write()
     except (pygit2.GitError, KeyError, ValueError, OSError) as exc:
         # the work is committed and the branch moved; only `git status` in the view shows it

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import pygit2
@@ -22,8 +21,8 @@ from orchestration.workspace.engine import (
     CommitJob,
     WorkCommit,
     advance_branch,
-    base_entries,
     changed_paths,
+    reset_index_paths,
 )
 from orchestration.workspace.git import has_hook, tree_of
 from orchestration.workspace.pinning import open_workspace_repo
@@ -169,7 +168,7 @@ class Libgit2Git:
                     return None  # new attributes: let git apply them as it does
                 dropped = sorted(p for p in changed if not job.write_scope.allows(p))
                 if dropped:
-                    _reset_index_paths(pyrepo, index, base, dropped)
+                    reset_index_paths(pyrepo, index, base, dropped)
                     tree = str(index.write_tree())
         except (pygit2.GitError, KeyError, ValueError, OSError) as exc:
             log.info("in-process staging in %s failed (%s); git stages it", pyrepo.workdir, exc)
@@ -188,15 +187,3 @@ class Libgit2Git:
             log.warning("the index of %s was not updated after its commit: %s", pyrepo.workdir, exc)
         changes = file_changes(pyrepo, str(head), str(commit))
         return WorkCommit(commit=str(commit), changes=changes, dropped=dropped)
-
-
-def _reset_index_paths(
-    pyrepo: pygit2.Repository, index: pygit2.Index, base: str, paths: Sequence[str]
-) -> None:
-    """Set `paths` in `index` to their content in `base`, removing absent ones."""
-    for p, entry in base_entries(pyrepo, base, paths):
-        if entry is None:
-            if p in index:
-                index.remove(p)
-        else:
-            index.add(pygit2.IndexEntry(p, entry.id, entry.filemode))
