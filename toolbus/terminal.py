@@ -35,7 +35,13 @@ from anyio.abc import ByteReceiveStream
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from toolbus.errors import CommandDenied, InvalidArguments, SandboxUnavailable
-from toolbus.limits import CommandLimits, LimitMechanism, apply_limits, probe_limits
+from toolbus.limits import (
+    CommandLimits,
+    LimitMechanism,
+    LimitsProbe,
+    apply_limits,
+    probe_limits,
+)
 from toolbus.sandbox import (
     GitView,
     GitViewCache,
@@ -291,12 +297,13 @@ class Terminal:
         self.config = config or TerminalConfig()
         self._lock = anyio.Lock()
         self._own_home = self.config.home is None
+        # a configured home is made by the first command: most agents run none, and a
+        # directory made per agent is not free (on an ext4 without a journal, up to a millisecond)
         self.home = (
             Path(tempfile.mkdtemp(prefix="fanout-home-"))
             if self.config.home is None
             else self.config.home
         )
-        self.home.mkdir(parents=True, exist_ok=True)
         self.view_dir = self.home.parent / f"{self.home.name}.sandbox"
         self._git_cache = GitViewCache()
         self._plan: SandboxPlan | None = None
@@ -361,6 +368,12 @@ class Terminal:
             tmp_bytes=tmp_mb * 1024 * 1024 if tmp_mb and bwrap_supports_size(bwrap) else None,
         )
 
+    def _prepare_run(self) -> LimitsProbe:
+        """The HOME made (again, if a command removed it) and the limits' mechanism probed;
+        blocking file work, run off the event loop."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        return probe_limits()
+
     def env(self) -> dict[str, str]:
         """The scrubbed environment commands get."""
         return scrubbed_env(self.config, self.home, os.environ)
@@ -379,9 +392,9 @@ class Terminal:
     async def _run(self, plan: SandboxPlan, command: str, *, limit_s: float) -> CommandResult:
         started = time.monotonic()
         prefix: tuple[str, ...] = ()
+        probe = await anyio.to_thread.run_sync(self._prepare_run)
         if plan.bwrap is not None:
             prefix = await anyio.to_thread.run_sync(self._sandbox_prefix, plan.bwrap)
-        probe = await anyio.to_thread.run_sync(probe_limits)
         limits = apply_limits(self.config.limits, probe)
         verdict: str | None = None
         try:

@@ -109,6 +109,21 @@ async def test_environment_is_scrubbed(tmp_path: Path, monkeypatch: pytest.Monke
     assert not term.home.exists()
 
 
+async def test_a_configured_home_is_made_by_the_first_command(tmp_path: Path) -> None:
+    ws, home = tmp_path / "ws", tmp_path / "homes" / "a1"
+    ws.mkdir()
+    term = terminal(ws, home=home)
+    assert not home.exists()  # an agent that runs no command costs no directory
+    first = await term.run('touch "$HOME/mark" && rm -rf "$HOME"')
+    assert first.exit_code == 0, first.output
+    assert not home.exists()
+    second = await term.run('touch "$HOME/again" && echo "$HOME"')
+    assert second.exit_code == 0 and second.output == f"{home}\n", second.output
+    assert (home / "again").is_file()
+    term.close()
+    assert home.is_dir()  # a configured home is its owner's to remove
+
+
 def test_secret_passes_only_when_named_exactly() -> None:
     source = {"GITHUB_TOKEN": "t", "PATH": "/bin"}
     config = TerminalConfig(env_passthrough=("GITHUB_TOKEN",))
