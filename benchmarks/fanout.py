@@ -28,9 +28,15 @@ agent doing that work as well, as leanly as Python allows (`benchmarks.work_floo
 libgit2 trees, no bus, no schemas), at the same points of its conversation, its start overlapping
 its first request; `work_floor_over_floor_N` is what that work adds to the SDK floor,
 `overhead_over_work_floor_N` the product's makespan over it, and
-`work_floor_cpu_ms_per_agent_N` its CPU time per agent. Where they exceed the targets of
-`overhead_over_floor_N` and `cpu_ms_per_agent_64`, those targets are out of this machine's reach
-for the same work; the product's distance to this floor is what is left to gain.
+`work_floor_cpu_ms_per_agent_N` its CPU time per agent. `inodes_per_agent_N` and
+`work_floor_inodes_per_agent_N` count the files and directories each made per agent, net, from
+the filesystem's free inodes: exact where time is noisy, and each costs CPU to allocate. On an
+ext4 without a journal (this machine's), an inode freed in the last minute or more is skipped
+and read at every allocation, so after many deletions (a test suite's, a benchmark's scratch)
+a file takes up to a millisecond of CPU to make: `scratch_file_create_ms` shows the state.
+Where the work floor's figures exceed the targets of `overhead_over_floor_N` and
+`cpu_ms_per_agent_64`, those targets are out of this machine's reach for the same work; the
+product's distance to this floor is what is left to gain.
 
 `worktree_overhead_over_floor_N` and `worktree_cpu_ms_per_agent_N` are the same figures for
 one run with the worktree fallback (`FANOUT_WORKSPACES=worktree`), whose agents each get a full
@@ -114,6 +120,12 @@ def _recording(base_url: str, into: list[ModelRequest]) -> ModelFactory:
     return make
 
 
+def _free_inodes(path: Path) -> int:
+    """The free inodes of the filesystem holding `path`: what a run takes of them is the
+    files and directories it left (net of those it removed), counted exactly, unlike time."""
+    return os.statvfs(path).f_ffree
+
+
 def _cpu_s() -> float:
     """CPU seconds of this process (every thread, user and system) and of its finished
     children (git) so far."""
@@ -130,6 +142,7 @@ class _Run:
     spawn_s: float
     cpu_s: float  # this process's CPU time from spawn until the run was seen final
     warmed_up: bool  # the run's first request went alone (`orchestration.caching`)
+    inodes: int  # files and directories made meanwhile, net of those removed
 
 
 async def _product(
@@ -140,12 +153,12 @@ async def _product(
     made = factory or anthropic_factory(base_url)
     async with orchestrator(bench_settings(repo, agents), made) as orch:
         await orch.status()  # the repository is open (state, leases) as in a running server
-        cpu = _cpu_s()
+        cpu, free = _cpu_s(), _free_inodes(repo)
         timing = await drive(orch, [SpawnRequest(tasks=tasks(agents), max_concurrency=agents)])
-        cpu = _cpu_s() - cpu
+        cpu, inodes = _cpu_s() - cpu, free - _free_inodes(repo)
         runs = (await orch.status()).runs
     warmed = any(r.prompt_cache is not None and r.prompt_cache.first_byte_s for r in runs)
-    return _Run(timing.makespan_s, timing.failed, timing.spawn_s, cpu, warmed)
+    return _Run(timing.makespan_s, timing.failed, timing.spawn_s, cpu, warmed, inodes)
 
 
 def _by_agent(recorded: list[ModelRequest], agents: int) -> list[list[ModelRequest]]:
@@ -215,13 +228,14 @@ async def _work_floor(
     root: Path,
     *,
     warm_up: bool,
-) -> tuple[float, float]:
+) -> tuple[float, float, int]:
     """`_floor` on the product's warm-up schedule, each agent doing the durable work the
     product's agents do (`benchmarks.work_floor`) where they must: its start (once the run's
     base checkout and databases, made in a worker thread, are ready) while its first request is
     under way, as that request needs no workspace; a transcript line and a state row per
     answer; its write after the first answer (in a worker thread, as `fsync` must not block the
-    loop); its read after the second; its commit after the last. (elapsed_s, cpu_s)."""
+    loop); its read after the second; its commit after the last. (elapsed_s, cpu_s, the files
+    and directories made, see `_free_inodes`)."""
     by_agent = _by_agent(recorded, agents)
     models = [
         AnthropicModel(model=r[0].model, api_key="bench", base_url=base_url) for r in by_agent
@@ -255,19 +269,20 @@ async def _work_floor(
                 agent.read()
         agent.finish()
 
-    started, cpu = time.perf_counter(), _cpu_s()
+    started, cpu, free = time.perf_counter(), _cpu_s(), _free_inodes(repository)
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(open_run)
             for n, (model, requests) in enumerate(zip(models, by_agent, strict=True)):
                 tg.start_soon(one, n, model, requests)
         elapsed, cpu = time.perf_counter() - started, _cpu_s() - cpu
+        inodes = free - _free_inodes(repository)
     finally:
         for each in run:
             each.close()
     for model in models:
         await model.aclose()
-    return elapsed, cpu
+    return elapsed, cpu, inodes
 
 
 async def _transport_floor(base_url: str, recorded: list[ModelRequest], agents: int) -> float:
@@ -323,6 +338,8 @@ class _Size:
     transport_s: float
     work_floor_s: float  # the SDK floor with the durable work (`_work_floor`)
     work_floor_cpu_s: float
+    inodes: int  # the product's files and directories made per run (`_free_inodes`), least
+    work_floor_inodes: int
     fake_cpu_s_per_request: float
     worktree: _Run  # one run with the worktree fallback (FANOUT_WORKSPACES=worktree)
 
@@ -343,7 +360,7 @@ async def _measure(
         floors: list[tuple[float, float]] = []
         warm_floors: list[tuple[float, float]] = []
         transports: list[float] = []
-        work_floors: list[tuple[float, float]] = []
+        work_floors: list[tuple[float, float, int]] = []
         fake_cpu = 0.0
         for r in range(rounds):
             floors.append(await _floor(base_url, recorded, n))
@@ -387,6 +404,8 @@ async def _measure(
                 transport_s=min(transports),
                 work_floor_s=min(f[0] for f in work_floors),
                 work_floor_cpu_s=min(f[1] for f in work_floors),
+                inodes=min(p.inodes for p in products),
+                work_floor_inodes=min(f[2] for f in work_floors),
                 fake_cpu_s_per_request=fake_cpu / (rounds * n * TURNS),
                 worktree=worktree,
             )
@@ -419,6 +438,8 @@ def run(quick: bool) -> dict[str, float | int]:
         figures[f"work_floor_over_floor_{key}"] = round(size.work_floor_s / floor, 3)
         figures[f"overhead_over_work_floor_{key}"] = round(makespan / size.work_floor_s, 3)
         figures[f"work_floor_cpu_ms_per_agent_{key}"] = round(size.work_floor_cpu_s / n * 1000, 2)
+        figures[f"inodes_per_agent_{key}"] = round(size.inodes / n, 1)
+        figures[f"work_floor_inodes_per_agent_{key}"] = round(size.work_floor_inodes / n, 1)
         figures[f"worktree_overhead_over_floor_{key}"] = round(size.worktree.makespan_s / floor, 3)
         figures[f"worktree_cpu_ms_per_agent_{key}"] = round(size.worktree.cpu_s / n * 1000, 2)
         figures[f"worktree_fanout_failed_{key}"] = size.worktree.failed
@@ -498,6 +519,18 @@ def run(quick: bool) -> dict[str, float | int]:
                 f"work_floor_cpu_ms_per_agent_{key}",
                 figures[f"work_floor_cpu_ms_per_agent_{key}"],
                 "the same for the SDK with the durable work (work_floor above)",
+            ),
+            (
+                f"inodes_per_agent_{key}",
+                figures[f"inodes_per_agent_{key}"],
+                "files and directories the product made per agent (net, from the filesystem's "
+                "free inodes), least of the rounds: each costs CPU to allocate, see "
+                "scratch_file_create_ms",
+            ),
+            (
+                f"work_floor_inodes_per_agent_{key}",
+                figures[f"work_floor_inodes_per_agent_{key}"],
+                "the same for the work floor",
             ),
             (
                 f"worktree_overhead_over_floor_{key}",

@@ -16,6 +16,8 @@ EXPECTED: dict[str, tuple[str, ...]] = {
         "worktree_cpu_ms_per_agent_64",
         "work_floor_over_floor_64",
         "work_floor_cpu_ms_per_agent_64",
+        "inodes_per_agent_64",
+        "work_floor_inodes_per_agent_64",
     ),
     "benchmarks.spawn": ("spawn_s_16", "spawn_over_git_16"),
     "benchmarks.cache": (
