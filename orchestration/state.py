@@ -37,6 +37,11 @@ from orchestration.contracts import (
 )
 from toolbus.permissions import PermissionRules
 
+# An agents snapshot reads again only the rows of agents that changed since the last one, up to
+# this many (or half the run's agents), and else every row of the run.
+_SNAPSHOT_ROWS_READ = 64
+_SQL_VARIABLES = 500  # (SQLite before 3.32 takes at most 999 in one statement)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, created_at REAL NOT NULL, data TEXT NOT NULL);
@@ -938,6 +943,43 @@ class StateStore:
         self._run_snapshots[run_id] = (cursor, records)
         return list(records)
 
+    def _agents_changed_since(
+        self, run_id: str, seen: int, before: dict[str, tuple[str, AgentRecord]]
+    ) -> dict[str, tuple[str, AgentRecord]] | None:
+        """`before` (the run's rows as of the cursor `seen`) with the rows of the agents that
+        have an event after `seen` read again: every change of an agent's row appends an event
+        in the same transaction, and every event up to `seen` was committed when it was read,
+        so no other row changed. A poll of a large run then reads the one or two rows that
+        changed, not all of them, at each new cursor. None when many changed: read them all."""
+        changed = [
+            str(r[0])
+            for r in self._query(
+                "SELECT DISTINCT agent_id FROM events"
+                " WHERE run_id = ? AND seq > ? AND agent_id IS NOT NULL",
+                (run_id, seen),
+            )
+        ]
+        if len(changed) > min(max(_SNAPSHOT_ROWS_READ, len(before) // 2), _SQL_VARIABLES):
+            return None
+        now = dict(before)
+        if not changed:
+            return now
+        marks = ", ".join("?" * len(changed))
+        rows = self._query(
+            f"SELECT agent_id, data FROM agents WHERE agent_id IN ({marks}) AND run_id = ?",
+            (*changed, run_id),
+        )
+        added = False
+        for agent_id, data in rows:
+            key, text = str(agent_id), str(data)
+            cached = now.get(key)
+            if cached is None or cached[0] != text:
+                added = added or cached is None
+                now[key] = (text, AgentRecord.model_validate_json(text))
+        if added:  # in the order of `ORDER BY ord`, as a whole read gives it
+            now = dict(sorted(now.items(), key=lambda item: item[1][1].index))
+        return now
+
     def agents_snapshot(self, run_id: str, cursor: int | None = None) -> list[AgentRecord]:
         """The run's agents, as `agents` returns them, but re-parsing only the rows whose stored
         JSON changed since the previous call for this run: a status poll of a large run mostly
@@ -950,18 +992,20 @@ class StateStore:
         last = self._snapshots.get(run_id)
         if last is not None and last[0] == cursor:
             return list(last[1])
-        rows = self._query(
-            "SELECT agent_id, data FROM agents WHERE run_id = ? ORDER BY ord", (run_id,)
-        )
         before = self._parsed_agents.get(run_id, {})
-        now: dict[str, tuple[str, AgentRecord]] = {}
-        for agent_id, data in rows:
-            key, text = str(agent_id), str(data)
-            cached = before.get(key)
-            if cached is not None and cached[0] == text:
-                now[key] = cached
-            else:
-                now[key] = (text, AgentRecord.model_validate_json(text))
+        now = self._agents_changed_since(run_id, last[0], before) if last is not None else None
+        if now is None:
+            rows = self._query(
+                "SELECT agent_id, data FROM agents WHERE run_id = ? ORDER BY ord", (run_id,)
+            )
+            now = {}
+            for agent_id, data in rows:
+                key, text = str(agent_id), str(data)
+                cached = before.get(key)
+                if cached is not None and cached[0] == text:
+                    now[key] = cached
+                else:
+                    now[key] = (text, AgentRecord.model_validate_json(text))
         self._parsed_agents[run_id] = now
         records = [record for _, record in now.values()]
         self._snapshots[run_id] = (cursor, records)

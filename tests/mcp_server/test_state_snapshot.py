@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,3 +98,47 @@ def test_runs_snapshot_matches_runs_and_reads_rows_only_after_an_event(
     assert store.runs_snapshot("r2")[0] is both[1]
     both.clear()  # a caller's list is its own
     assert len(store.runs_snapshot()) == 2
+
+
+def test_snapshot_of_a_large_run_reads_only_the_rows_that_changed(
+    stores: Stores,
+) -> None:
+    store, other = stores
+    store.create_run(_run("r1"), [_agent(f"a{i}", "r1", 2 * i) for i in range(1, 41)])
+    store.create_run(_run("r2"), [_agent("b1", "r2", 1)])
+    assert store.agents_snapshot("r1") == store.agents("r1")
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)  # pyright: ignore[reportPrivateUsage]
+    rng = random.Random(7)
+    for step in range(60):
+        writer = store if step % 3 else other
+        names = rng.sample(range(1, 41), rng.choice((1, 1, 2, 3)))
+        for n in names:
+            writer.apply(f"a{n}", EventKind.TURN, turns=step + 1)
+        other.apply("b1", EventKind.TURN, turns=step + 1)  # another run's change
+        if step == 20:  # an agent added by another process, between two others
+            other.add_agent(_agent("a-late", "r1", 7))
+        cursor = store.cursor()
+        if step == 30:  # committed after the cursor was read: this snapshot or the next
+            other.apply("a5", EventKind.TURN, turns=1000)
+        statements.clear()
+        snapshot = store.agents_snapshot("r1", cursor)
+        rows_read = [s for s in statements if "FROM agents" in s]
+        assert len(rows_read) == 1 and " IN (" in rows_read[0], rows_read
+        if step != 30:
+            assert snapshot == store.agents("r1"), step
+    assert store.agents_snapshot("r1") == store.agents("r1")
+    assert [a.agent_id for a in store.agents_snapshot("r1")][3] == "a-late"
+
+
+def test_snapshot_reads_every_row_again_when_most_changed(stores: Stores) -> None:
+    store, other = stores
+    store.create_run(_run("r1"), [_agent(f"a{i}", "r1", i) for i in range(1, 201)])
+    first = store.agents_snapshot("r1")
+    for i in range(1, 151):
+        other.apply(f"a{i}", EventKind.TURN, turns=1)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)  # pyright: ignore[reportPrivateUsage]
+    again = store.agents_snapshot("r1")
+    assert again == store.agents("r1") and again[199] is first[199]
+    assert [s for s in statements if "FROM agents WHERE run_id" in s]
