@@ -981,12 +981,12 @@ class StateStore:
         return now
 
     def agents_snapshot(self, run_id: str, cursor: int | None = None) -> list[AgentRecord]:
-        """The run's agents, as `agents` returns them, but re-parsing only the rows whose stored
-        JSON changed since the previous call for this run: a status poll of a large run mostly
-        finds nothing changed; when no event at all was recorded since (every change of an agent
-        appends one, in the same transaction), not even the rows are read. `cursor` as for
-        `runs_snapshot`. The records are shared between calls: read them, never mutate them
-        (changes go through `apply`)."""
+        """The run's agents, as `agents` returns them, but reading again only the rows of the
+        agents with an event since the previous call for this run (`_agents_changed_since`),
+        and re-parsing only those whose stored JSON changed; when no event at all was recorded
+        since (every change of an agent appends one, in the same transaction), no row is read.
+        `cursor` as for `runs_snapshot`. The records are shared between calls: read them,
+        never mutate them (changes go through `apply`)."""
         if cursor is None:
             cursor = self.cursor()  # before the rows: a change committed after it moves it
         last = self._snapshots.get(run_id)

@@ -297,8 +297,8 @@ class Terminal:
         self.config = config or TerminalConfig()
         self._lock = anyio.Lock()
         self._own_home = self.config.home is None
-        # a configured home is made by the first command: most agents run none, and a
-        # directory made per agent is not free (on an ext4 without a journal, up to a millisecond)
+        # a configured home is made by the first command (`_prepare_run`): most agents run
+        # none, and every directory made per agent costs an inode's allocation
         self.home = (
             Path(tempfile.mkdtemp(prefix="fanout-home-"))
             if self.config.home is None
