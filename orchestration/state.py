@@ -21,7 +21,7 @@ from collections.abc import Collection, Generator, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal, TypedDict, Unpack
+from typing import Literal, TypedDict, TypeVar, Unpack
 
 import anyio
 import filelock
@@ -41,6 +41,19 @@ from toolbus.permissions import PermissionRules
 # this many (or half the run's agents), and else every row of the run.
 _SNAPSHOT_ROWS_READ = 64
 _SQL_VARIABLES = 500  # (SQLite before 3.32 takes at most 999 in one statement)
+
+_Record = TypeVar("_Record", bound=BaseModel)
+
+
+def _reparsed(
+    cached: tuple[str, _Record] | None, text: str, model: type[_Record]
+) -> tuple[str, _Record]:
+    """`cached` (stored JSON, the record parsed from it) while the stored JSON is still `text`;
+    else `text` parsed: the snapshots parse only rows that changed."""
+    if cached is not None and cached[0] == text:
+        return cached
+    return text, model.model_validate_json(text)
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -935,10 +948,8 @@ class StateStore:
         records: list[RunRecord] = []
         for key, data in rows:
             found, text = str(key), str(data)
-            cached = self._parsed_runs.get(found)
-            if cached is None or cached[0] != text:
-                cached = (text, RunRecord.model_validate_json(text))
-                self._parsed_runs[found] = cached
+            cached = _reparsed(self._parsed_runs.get(found), text, RunRecord)
+            self._parsed_runs[found] = cached
             records.append(cached[1])
         self._run_snapshots[run_id] = (cursor, records)
         return list(records)
@@ -971,11 +982,10 @@ class StateStore:
         )
         added = False
         for agent_id, data in rows:
-            key, text = str(agent_id), str(data)
+            key = str(agent_id)
             cached = now.get(key)
-            if cached is None or cached[0] != text:
-                added = added or cached is None
-                now[key] = (text, AgentRecord.model_validate_json(text))
+            added = added or cached is None
+            now[key] = _reparsed(cached, str(data), AgentRecord)
         if added:  # in the order of `ORDER BY ord`, as a whole read gives it
             now = dict(sorted(now.items(), key=lambda item: item[1][1].index))
         return now
@@ -998,14 +1008,10 @@ class StateStore:
             rows = self._query(
                 "SELECT agent_id, data FROM agents WHERE run_id = ? ORDER BY ord", (run_id,)
             )
-            now = {}
-            for agent_id, data in rows:
-                key, text = str(agent_id), str(data)
-                cached = before.get(key)
-                if cached is not None and cached[0] == text:
-                    now[key] = cached
-                else:
-                    now[key] = (text, AgentRecord.model_validate_json(text))
+            now = {
+                str(key): _reparsed(before.get(str(key)), str(data), AgentRecord)
+                for key, data in rows
+            }
         self._parsed_agents[run_id] = now
         records = [record for _, record in now.values()]
         self._snapshots[run_id] = (cursor, records)
