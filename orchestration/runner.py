@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -418,6 +419,7 @@ class AgentRunner:
                 kind=ctx.workspace_kinds.get(agent.run_id),
             )
             audit.touch()
+            # a view's git registration is made when git is first needed inside it
             terminal = Terminal(
                 workspace.path,
                 TerminalConfig(
@@ -428,11 +430,11 @@ class AgentRunner:
                     hidden_paths=(ctx.repo.state_dir,),
                     extra_ro_paths=self.settings.sandbox_ro_paths,
                     # git's dirs from the server's records, never from the workspace's `.git`
-                    git_admin_dir=workspace.admin_dir,
                     git_common_dir=ctx.repo.git_dir,
                     home=home,
                     limits=self.settings.command_limits,
                 ),
+                register_git=partial(ws_mod.ensure_registered, workspace),
             )
             return workspace, terminal
 
@@ -460,7 +462,7 @@ class AgentRunner:
             fence=runtime.fence,
             audit=audit,
             terminal=terminal,
-            git_dir=workspace.admin_dir,
+            git_dir=partial(ws_mod.listing_git_dir, workspace),
             policy=self.policy(run, agent),
             gate=AgentGate(ctx, agent.agent_id, holder, self.settings.approval_timeout_s),
             external=runtime.external,

@@ -305,7 +305,7 @@ class AgentBus:
         audit: AuditLog,
         terminal: Terminal,
         limits: FileLimits | None = None,
-        git_dir: Path | None = None,
+        git_dir: Path | Callable[[], Path | None] | None = None,
         policy: PermissionPolicy | None = None,
         gate: CallGate | None = None,
         external: ExternalSession | None = None,

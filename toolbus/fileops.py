@@ -18,6 +18,7 @@ import re
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -198,14 +199,21 @@ class FileOps:
         scope: WriteScope,
         fence: Fence,
         limits: FileLimits | None = None,
-        git_dir: Path | None = None,
+        git_dir: Path | Callable[[], Path | None] | None = None,
     ) -> None:
         self.jail = jail
         self.scope = scope
         self.fence = fence
         self.limits = limits or FileLimits()
-        self.git_dir = git_dir
-        """The workspace's git dir as the server recorded it; `None`: not a git work tree."""
+        self._git_dir = git_dir
+        """The workspace's git dir as the server recorded it; `None`: not a git work tree; a
+        function: what makes it when a listing first needs it (None: it could not)."""
+
+    def git_dir(self) -> Path | None:
+        """The workspace's git dir (made by the first call, when it is made on demand)."""
+        if callable(self._git_dir):
+            self._git_dir = self._git_dir()
+        return self._git_dir
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -412,7 +420,7 @@ class FileOps:
 
     def _tree(self, base: str) -> list[str]:
         """Non-ignored files (real relative paths, sorted) at or under `base`."""
-        files = _git_files(self.jail.root, self.git_dir, base)
+        files = _git_files(self.jail.root, self.git_dir(), base)
         if files is None:
             files = _walk_files(self.jail.root, base)
         root = str(self.jail.root)

@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,9 +292,21 @@ def remove_home(home: Path) -> None:
 class Terminal:
     """The terminal of one agent: commands run one at a time in `workspace`."""
 
-    def __init__(self, workspace: Path, config: TerminalConfig | None = None) -> None:
+    def __init__(
+        self,
+        workspace: Path,
+        config: TerminalConfig | None = None,
+        *,
+        register_git: Callable[[], Path] | None = None,
+    ) -> None:
+        """`register_git`: makes the workspace's git registration if it is not made yet and
+        returns its admin dir (the server's record, as `config.git_admin_dir` would give it);
+        the first command calls it, so that a workspace no command runs in is never
+        registered."""
         self.workspace = Path(os.path.realpath(workspace))
         self.config = config or TerminalConfig()
+        self._register_git = register_git
+        self._admin_dir = self.config.git_admin_dir
         self._lock = anyio.Lock()
         self._own_home = self.config.home is None
         # a configured home is made by the first command (`_prepare_run`): most agents run
@@ -352,9 +364,9 @@ class Terminal:
         filters change between commands); blocking file work, run off the event loop."""
         config = self.config
         git: GitView | None = None
-        if config.git_admin_dir is not None and config.git_common_dir is not None:
+        if self._admin_dir is not None and config.git_common_dir is not None:
             git = prepare_git_view(
-                config.git_admin_dir, config.git_common_dir, self.view_dir, self._git_cache
+                self._admin_dir, config.git_common_dir, self.view_dir, self._git_cache
             )
         tmp_mb = config.limits.tmp_mb
         return bwrap_prefix(
@@ -370,7 +382,10 @@ class Terminal:
 
     def _prepare_run(self) -> LimitsProbe:
         """The HOME made (again, if a command removed it) and the limits' mechanism probed;
-        blocking file work, run off the event loop."""
+        blocking file work, run off the event loop. The workspace's git is registered first
+        (`register_git`), once."""
+        if self._admin_dir is None and self._register_git is not None:
+            self._admin_dir = self._register_git()
         self.home.mkdir(parents=True, exist_ok=True)
         return probe_limits()
 

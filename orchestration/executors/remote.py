@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -395,11 +396,11 @@ class RemoteAgent:
                 env_passthrough=job.env_passthrough,
                 default_timeout_s=job.command_timeout_s,
                 hidden_paths=(git.state_dir,),
-                git_admin_dir=workspace.admin_dir,
                 git_common_dir=git.git_dir,
                 home=git.state_dir / "homes" / job.agent_id,
                 limits=job.limits,
             ),
+            register_git=partial(ws_mod.ensure_registered, workspace),
         )
         bus = self._bus = AgentBus(
             agent_id=job.agent_id,
@@ -408,7 +409,7 @@ class RemoteAgent:
             fence=RemoteFence(self._link, self._link.call("token")),
             audit=audit,
             terminal=terminal,
-            git_dir=workspace.admin_dir,
+            git_dir=partial(ws_mod.listing_git_dir, workspace),
             policy=job.policy,
             gate=RemoteGate(self._link),
             resources=job.resources,

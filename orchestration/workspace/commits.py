@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pygit2
 
 from orchestration.errors import RepositoryError
 from orchestration.workspace.engine import CommitJob, GitEngine, WorkCommit, WouldBlock
 from orchestration.workspace.engines import DEFAULT_ENGINE
 from orchestration.workspace.git import FANOUT_IDENTITY, Identity
-from orchestration.workspace.layered import commit_view, ensure_mounted, layer_of, quick_to_commit
+from orchestration.workspace.layered import (
+    commit_view,
+    ensure_mounted,
+    layer_of,
+    quick_to_commit,
+    registration_held,
+)
 from orchestration.workspace.pinning import (
     Workspace,
     open_workspace_repo,
     pin_and_open,
+    pin_and_open_view,
     secure_workspace_git,
 )
 from toolbus.fileops import remove_partial_writes
@@ -45,14 +54,52 @@ def commit_workspace(
     layers = layer_of(ws)  # a copy-on-write view: its upper layer holds the agent's work
     if not wait and (layers is None or not quick_to_commit(layers, ws.base_commit)):
         raise WouldBlock(f"committing {ws.path} may take a while")
-    if layers is not None:
+    job_args = (message, write_scope, author)
+    if layers is None:
+        done, planted, parent = _commit(
+            ws, layers=None, registered=True, job_args=job_args, engine=engine, keep=keep_working
+        )
+    else:
         ensure_mounted(ws)
+        # the view stays as it is (registered or not) until its commit is made
+        with registration_held(ws, wait=wait) as registered:
+            done, planted, parent = _commit(
+                ws,
+                layers=layers,
+                registered=registered,
+                job_args=job_args,
+                engine=engine,
+                keep=keep_working,
+            )
+    if done is None:
+        raise RepositoryError(f"no git engine committed the work of the workspace {ws.path}")
+    return done.model_copy(update={"planted": planted, "parent": parent})
+
+
+def _commit(
+    ws: Workspace,
+    *,
+    layers: Path | None,
+    registered: bool,
+    job_args: tuple[str, WriteScope, Identity],
+    engine: GitEngine,
+    keep: bool,
+) -> tuple[WorkCommit | None, list[str], str]:
+    message, write_scope, author = job_args
     # one libgit2 handle for the pinned configuration and the commit: opened, as `pin` opens
     # it to read that configuration, before `secure_workspace_git`; it reads the workspace's
-    # files only afterwards
-    pinned, opened = pin_and_open(ws.path)
+    # files only afterwards. A view that git never worked in is committed through the
+    # repository's git dir, its work tree the view.
+    opened: pygit2.Repository | None
+    if registered:
+        pinned, opened = pin_and_open(ws.path)
+    else:
+        if not ws.branch:
+            raise RepositoryError(f"the view {ws.path} has no branch recorded; rerun the agent")
+        pinned, opened = pin_and_open_view(Path(ws.path).parents[3], Path(ws.path))
     try:
-        planted = secure_workspace_git(pinned, upper=layers / "upper" if layers else None)
+        upper = layers / "upper" if layers else None
+        planted = secure_workspace_git(pinned, upper=upper, gitfile=registered)
     except BaseException:
         if opened is not None:
             opened.free()
@@ -77,14 +124,14 @@ def commit_workspace(
             author=author,
         )
         if layers is not None:
-            done = commit_view(job, layers, keep_working=keep_working)
+            # a view's index is in its registration: one not registered gets its index
+            # from the branch when it is
+            done = commit_view(job, layers, keep_working=keep and registered)
         else:
             done = engine.commit(job)
     finally:
         pyrepo.free()
-    if done is None:
-        raise RepositoryError(f"no git engine committed the work of the workspace {ws.path}")
-    return done.model_copy(update={"planted": planted, "parent": parent})
+    return done, planted, parent
 
 
 def clear_partial_writes(ws: Workspace) -> list[str]:

@@ -2,12 +2,15 @@
 
 Layout under the state dir:
 - `bases/<commit>/tree/`: the commit checked out once, shared read-only by every view on it;
-  `bases/<commit>/index`: its index, hard-linked into each view's admin dir (git replaces an
-  index, never rewrites it, and commands see the admin dir read-only).
+  `bases/<commit>/index`: its index, hard-linked into each registered view's admin dir (git
+  replaces an index, never rewrites it, and commands see the admin dir read-only).
 - `layers/<run>/<agent>/`: `upper/` (what the agent wrote: files, whiteouts for deletions,
-  opaque dirs), `work/` (overlayfs's), `lower` (the commit of the base under the view), and
-  `incl/<n>/` (the layers of an ignored directory laid in, such as `.venv`).
-- `worktrees/<run>/<agent>/`: the view's mount point, registered as a git worktree (locked).
+  opaque dirs), `work/` (overlayfs's), `lower` (the commit of the base under the view),
+  `incl/<n>/` (the layers of an ignored directory laid in, such as `.venv`), and the view's
+  record (`fanout-workspace.json`, written last).
+- `worktrees/<run>/<agent>/`: the view's mount point. It is registered as a git worktree
+  (locked) only once git is to work inside it (`ensure_registered`: a command, a listing);
+  until then its commits go through the repository's git dir.
 
 The view is mounted in the server's own mount namespace, so it exists only while a server that
 mounted it runs; `ensure_mounted` mounts it again wherever it is needed (a recovery, a commit).
@@ -23,6 +26,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Generator, Iterable, Sequence
 from pathlib import Path
 
@@ -44,6 +48,7 @@ from orchestration.workspace.engines import DEFAULT_ENGINE
 from orchestration.workspace.git import (
     BRANCH_PREFIX,
     FULL_OID,
+    WORKSPACE_META,
     GitRepo,
     check_component,
     copy_index,
@@ -56,13 +61,14 @@ from orchestration.workspace.libgit2_git import Libgit2Git
 from orchestration.workspace.pinning import (
     Workspace,
     admin_dir_of,
+    points_here,
+    secure_workspace_git,
 )
 from orchestration.workspace.worktrees import (
     GitWorktrees,
     Workspaces,
     plain_worktrees,
     read_meta,
-    write_meta,
 )
 from toolbus import gitcmd
 from toolbus.gitcmd import Pinned
@@ -159,11 +165,11 @@ class ChosenWorkspaces(GitWorktrees):
         check_component(agent_id, "agent id")
         base = base_commit if FULL_OID.fullmatch(base_commit) else repo.resolve(base_commit)
         path = repo.worktrees_dir / run_id / agent_id
-        existing = read_meta(path)
+        layers = layer_dir(repo.state_dir, run_id, agent_id)
+        existing = _read_view_meta(layers, path) or read_meta(path)
         if existing is not None and layer_of(existing) is not None:
             ensure_mounted(existing)
             return existing
-        layers = layer_dir(repo.state_dir, run_id, agent_id)
         upper, work = layers / "upper", layers / "work"
         base_dir, lower = _hold_base(repo, base, layers, wait=wait)
         branch = f"{BRANCH_PREFIX}{run_id}/{agent_id}"
@@ -171,20 +177,20 @@ class ChosenWorkspaces(GitWorktrees):
         work.mkdir(parents=True, exist_ok=True)
         if driver != overlay.OVERLAY:
             write_whole(layers / "driver", driver + "\n")
-        index = base_dir / "index"
         if lower != base:
             # an existing base of a nearby commit: the difference goes in the upper layer,
-            # and the view gets an index of its own
-            index = _layer_difference(
+            # and the view gets an index of its own (for its registration)
+            _layer_difference(
                 repo, lower, base, upper=upper, lower_index=base_dir / "index", layers=layers
             )
-        admin = _register_view(repo, path, branch, base, upper=upper, index=index)
-        if admin is None:
+        if not _create_branch(repo, branch, base):
             raise RepositoryError(
-                f"the workspace of {agent_id} could not be registered (its branch {branch} "
-                "or its directory exists from an earlier attempt); rerun the agent"
+                f"the workspace of {agent_id} could not be made: its branch {branch} exists "
+                "from an earlier attempt at another commit; rerun the agent"
             )
-        overlay.mount_view(driver, [base_dir / "tree"], upper, work, path)
+        path.mkdir(parents=True, exist_ok=True)
+        if not overlay.is_mounted(path):
+            overlay.mount_view(driver, [base_dir / "tree"], upper, work, path)
         included = _layer_included(repo, path, layers, include, driver)
         ws = Workspace(
             path=path,
@@ -194,8 +200,23 @@ class ChosenWorkspaces(GitWorktrees):
             agent_id=agent_id,
             included=included,
         )
-        write_meta(ws)
+        write_whole(layers / WORKSPACE_META, ws.model_dump_json())
         return ws
+
+    def existing(self, repo: GitRepo) -> list[Workspace]:
+        """The views (registered as git worktrees or not yet) and the worktrees."""
+        found: dict[str, Workspace] = {}
+        layers_root = repo.state_dir / "layers"
+        for run in sorted(layers_root.iterdir()) if layers_root.is_dir() else ():
+            if not run.is_dir() or run.name.startswith("."):
+                continue
+            for layers in sorted(run.iterdir()):
+                ws = _read_view_meta(layers, repo.worktrees_dir / run.name / layers.name)
+                if ws is not None:
+                    found[os.path.realpath(ws.path)] = ws
+        for ws in super().existing(repo):
+            found.setdefault(os.path.realpath(ws.path), ws)
+        return sorted(found.values(), key=lambda w: str(w.path))
 
     def remove(self, repo: GitRepo, ws: Workspace, *, delete_branch: bool) -> None:
         """Unmount the view, delete its layers and registration (its branch when asked), and
@@ -209,7 +230,7 @@ class ChosenWorkspaces(GitWorktrees):
             raise RepositoryError(f"{path} is not a fanout workspace; refusing to remove it")
         unmount_view(path)
         lower = _lower_of(layers)
-        admin = admin_dir_of(path)
+        admin = view_admin_dir(ws)
         if admin is not None:
             shutil.rmtree(admin, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -242,55 +263,183 @@ class ChosenWorkspaces(GitWorktrees):
         return removed
 
 
-def _register_view(
-    repo: GitRepo, path: Path, branch: str, base: str, *, upper: Path, index: Path
-) -> Path | None:
-    """Register the view at `path` as a git worktree on a new `branch` at `base`: its admin
-    dir is made whole (HEAD, commondir, gitdir, `locked`, the base's index hard-linked) beside
-    `.git/worktrees` and renamed into it, so that no `git worktree prune` ever sees it half
-    made, and no lock is needed (views are registered in parallel). Its `.git` file goes in the
-    upper layer. None, with nothing left, when the branch or the path exists already."""
-    if os.path.lexists(path):
-        return None
+def _create_branch(repo: GitRepo, branch: str, base: str) -> bool:
+    """Make the view's `branch` at `base`; True as well when an earlier attempt made it there.
+    False when it names another commit (or cannot be made)."""
     pyrepo = pygit2.Repository(str(repo.root))
     try:
+        target = pyrepo[pygit2.Oid(hex=base)].peel(pygit2.Commit)
         try:
-            pyrepo.create_branch(branch, pyrepo[pygit2.Oid(hex=base)].peel(pygit2.Commit))
-        except (pygit2.AlreadyExistsError, pygit2.GitError, KeyError, ValueError):
-            return None
+            pyrepo.create_branch(branch, target)
+        except pygit2.AlreadyExistsError:
+            return str(pyrepo.references[f"refs/heads/{branch}"].resolve().target) == base
+        return True
+    except (pygit2.GitError, KeyError, ValueError):
+        return False
     finally:
         pyrepo.free()
-    admins = repo.git_dir / "worktrees"
-    staging = _admin_staging(repo, path.parent.name, path.name)
+
+
+def _read_view_meta(layers: Path, path: Path) -> Workspace | None:
+    """The record of the view whose layers are `layers`, mounted at `path`; None when there is
+    none (not a view, or its creation was cut short)."""
+    try:
+        text = (layers / WORKSPACE_META).read_text(encoding="utf-8")
+        ws = Workspace.model_validate_json(text)
+    except (OSError, ValueError):
+        return None
+    if not (layers / "upper").is_dir():
+        return None
+    return ws.model_copy(update={"path": path})
+
+
+# a view's registration and its commits exclude each other in this process (a lock per view,
+# striped: views are many, their registrations rare)
+_REGISTERING = tuple(threading.Lock() for _ in range(64))
+
+
+def view_admin_dir(ws: Workspace) -> Path | None:
+    """The admin dir of the view `ws` when it is registered as a git worktree, else None; for a
+    worktree, its admin dir (`admin_dir_of`). A view's registration is under one of the two
+    names `ensure_registered` gives it, so only those are looked at."""
+    path = Path(ws.path)
+    if layer_of(ws) is None:
+        return admin_dir_of(path)
+    admins = Path(os.path.realpath(path.parents[3])) / "worktrees"
+    want = os.path.join(os.path.realpath(path), ".git")
+    for name in (path.name, f"{path.name}.{path.parent.name}"):
+        admin = admins / name
+        if points_here(admin, want):
+            return admin
+    return None
+
+
+def ensure_registered(ws: Workspace) -> Path:
+    """Register the view `ws` as a git worktree on its branch if it is not yet, and return its
+    admin dir; a worktree's admin dir as it is. A view is registered only when git is to work
+    inside it (a command, a listing, a checkpoint's index): most agents never need it, and its
+    files cost each of them.
+
+    The admin dir is made whole (HEAD, commondir, gitdir, `locked`, an index of the branch's
+    tree) beside `.git/worktrees` and renamed into it, so that no `git worktree prune` ever sees
+    it half made, and no lock across processes is needed; then the view's `.git` file is
+    written, any `.git` in the view being moved out first (`secure_workspace_git`). Once
+    registered, the view's `.git` is left as it is: the agent's commands may change it, and
+    its commit reports and undoes that."""
+    path = Path(ws.path)
+    layers = layer_of(ws)
+    if layers is None:
+        admin = admin_dir_of(path)
+        if admin is None:
+            raise RepositoryError(f"the workspace {path} is not registered in the repository")
+        return admin
+    with _registration_lock(ws):
+        admin = view_admin_dir(ws)
+        if admin is not None and os.path.lexists(path / ".git"):
+            # registered: a `.git` the agent changed since is its own, reported at its commit
+            return admin
+        ensure_mounted(ws)
+        if admin is None:
+            admin = _register(ws, layers)
+        # the view's `.git` (again, if a kill came between the rename and it)
+        if os.path.lexists(path / ".git"):
+            secure_workspace_git(Pinned(admin, path), upper=layers / "upper")
+        else:
+            write_whole(path / ".git", f"gitdir: {admin}\n")
+        return admin
+
+
+def listing_git_dir(ws: Workspace) -> Path | None:
+    """The workspace's admin dir for `list_files` and `search` (a view is registered now if it
+    is not yet); None, logged, when that fails: they then walk the files instead."""
+    try:
+        return ensure_registered(ws)
+    except (RepositoryError, OSError, pygit2.GitError) as exc:
+        log.warning("listing %s without git: %s", ws.path, exc)
+        return None
+
+
+@contextlib.contextmanager
+def registration_held(ws: Workspace, *, wait: bool = True) -> Generator[bool]:
+    """Whether the view `ws` is registered as a git worktree, kept so (in this process) until
+    the block ends. Not `wait`: `WouldBlock` when a registration is under way."""
+    with _registration_lock(ws, wait=wait):
+        yield view_admin_dir(ws) is not None
+
+
+@contextlib.contextmanager
+def _registration_lock(ws: Workspace, *, wait: bool = True) -> Generator[None]:
+    lock = _REGISTERING[hash(os.path.realpath(ws.path)) % len(_REGISTERING)]
+    if not lock.acquire(blocking=wait):
+        raise WouldBlock(f"the view {ws.path} is being registered")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _register(ws: Workspace, layers: Path) -> Path:
+    path = Path(ws.path)
+    git_dir, state_dir = path.parents[3], path.parents[2]
+    if not ws.branch:
+        raise RepositoryError(f"the view {path} has no branch recorded; rerun the agent")
+    staging = _staging_of(state_dir, path.parent.name, path.name)
     overlay.remove_layer(staging)
     staging.mkdir(parents=True)
     (staging / "locked").write_text(LOCK_REASON + "\n", encoding="utf-8")
-    (staging / "HEAD").write_text(f"ref: refs/heads/{branch}\n", encoding="utf-8")
+    (staging / "HEAD").write_text(f"ref: refs/heads/{ws.branch}\n", encoding="utf-8")
     (staging / "commondir").write_text("../..\n", encoding="utf-8")
-    (staging / "gitdir").write_text(f"{path.resolve()}/.git\n", encoding="utf-8")
-    try:
-        os.link(index, staging / "index")
-    except OSError:
-        copy_index(index, staging / "index")
+    (staging / "gitdir").write_text(f"{os.path.realpath(path)}/.git\n", encoding="utf-8")
+    _view_index(git_dir, ws, layers, staging / "index")
+    admins = git_dir / "worktrees"
     admins.mkdir(exist_ok=True)
-    path.mkdir(parents=True)
     for name in (path.name, f"{path.name}.{path.parent.name}"):
         admin = admins / name  # another run's agent of the same id may hold the first
         try:
             os.rename(staging, admin)
         except OSError:
             continue
-        write_whole(upper / ".git", f"gitdir: {admin.resolve()}\n")
-        return admin
+        return admin.resolve()
     overlay.remove_layer(staging)
-    with contextlib.suppress(OSError):
-        path.rmdir()
-    run_git(repo.root, "update-ref", "-d", f"refs/heads/{branch}", check=False)
-    return None
+    raise RepositoryError(
+        f"the view {path} could not be registered as a git worktree: .git/worktrees/{path.name} "
+        f"and .git/worktrees/{path.name}.{path.parent.name} are taken"
+    )
+
+
+def _view_index(git_dir: Path, ws: Workspace, layers: Path, target: Path) -> None:
+    """The index of a view being registered: its base's (hard-linked where the branch is still
+    at the view's start), with the paths its commits changed since set to the branch's tree."""
+    source = layers / "index"  # a view on a nearby commit's base has an index of its own
+    if not source.is_file():
+        source = _base_dir(layers.parents[2], _lower_of(layers) or "") / "index"
+    pyrepo = pygit2.Repository(str(git_dir), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
+    try:
+        tip = str(pyrepo.references[ws.branch_ref].resolve().target)
+        if tip == ws.base_commit:
+            try:
+                os.link(source, target)
+            except OSError:
+                copy_index(source, target)
+            return
+        copy_index(source, target)
+        index = pygit2.Index(str(target))
+        reset_index_paths(pyrepo, index, tip, changed_paths(pyrepo, ws.base_commit, tip))
+        index.write()
+    except (KeyError, pygit2.GitError) as exc:
+        raise RepositoryError(
+            f"the branch {ws.branch} of the view {ws.path} is missing: {exc}"
+        ) from exc
+    finally:
+        pyrepo.free()
 
 
 def _admin_staging(repo: GitRepo, run_id: str, agent_id: str) -> Path:
-    return repo.state_dir / "staging" / f"admin-{run_id}-{agent_id}"
+    return _staging_of(repo.state_dir, run_id, agent_id)
+
+
+def _staging_of(state_dir: Path, run_id: str, agent_id: str) -> Path:
+    return state_dir / "staging" / f"admin-{run_id}-{agent_id}"
 
 
 def _lower_of(layers: Path) -> str | None:

@@ -70,7 +70,7 @@ def _registered(path: Path) -> tuple[str, Path] | None:
     known = _known_admin_dirs.get(key)
     if known is not None:
         real, admin = known
-        if _same_dir(key, real) and _points_here(admin, os.path.join(real, ".git")):
+        if _same_dir(key, real) and points_here(admin, os.path.join(real, ".git")):
             return known
     real = os.path.realpath(key)
     admin = _find_admin_dir(Path(real))
@@ -96,7 +96,7 @@ def _same_dir(path: str, real: str) -> bool:
     return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
 
 
-def _points_here(admin: Path, want: str) -> bool:
+def points_here(admin: Path, want: str) -> bool:
     """Whether the admin dir `admin` is a worktree's whose `gitdir` names `want`."""
     try:
         target = (admin / "gitdir").read_text(encoding="utf-8").strip()
@@ -115,13 +115,13 @@ def _find_admin_dir(real: Path) -> Path | None:
     want = os.path.join(real, ".git")
     # the admin dir is named after the workspace unless that name was taken
     first = admin_root / real.name
-    if _points_here(first, want):
+    if points_here(first, want):
         return first
     try:
         others = sorted(p for p in admin_root.iterdir() if p != first)
     except OSError:
         return None
-    return next((admin for admin in others if _points_here(admin, want)), None)
+    return next((admin for admin in others if points_here(admin, want)), None)
 
 
 def pin(path: Path, *, first_checkout: bool = False) -> Pinned:
@@ -162,6 +162,20 @@ def pin_and_open(path: Path) -> tuple[Pinned, pygit2.Repository | None]:
     return Pinned(admin, work_tree, gitcmd.filter_overrides(names)), pyrepo
 
 
+def pin_and_open_view(git_dir: Path, work_tree: Path) -> tuple[Pinned, pygit2.Repository]:
+    """As `pin_and_open`, for a copy-on-write view not registered as a git worktree: the
+    repository's git dir with the view as its work tree (in the handle only: nothing is
+    written). Its index is the repository's, which the caller must not use."""
+    pyrepo = pygit2.Repository(str(git_dir), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
+    try:
+        pyrepo.workdir = str(work_tree)
+        names = _names_in(pyrepo)
+    except BaseException:
+        pyrepo.free()
+        raise
+    return Pinned(git_dir, work_tree, gitcmd.filter_overrides(names)), pyrepo
+
+
 def open_workspace_repo(pinned: Pinned) -> pygit2.Repository:
     """A libgit2 handle on a workspace, opened at its recorded git dir (no discovery)."""
     return pygit2.Repository(str(pinned.git_dir), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
@@ -192,14 +206,18 @@ def _names_in(pyrepo: pygit2.Repository) -> list[str]:
         return []
 
 
-def secure_workspace_git(pinned: Pinned, *, upper: Path | None = None) -> list[str]:
+def secure_workspace_git(
+    pinned: Pinned, *, upper: Path | None = None, gitfile: bool = True
+) -> list[str]:
     """Make the workspace's git what the server created before the server's git reads it: a
     root `.git` that is not the server's gitfile, and any `.git` below the root (a planted
     repository, which git would commit as an embedded repository), are the agent's content:
     each is moved out of the workspace, under `<state dir>/quarantine/<workspace>/`, and the
     server's gitfile is put back. Returns what was moved or restored, for the agent's result.
     For a copy-on-write view, `upper` is its upper layer: whatever the agent made is there, so
-    only it is searched (the base, a git tree, holds no `.git`)."""
+    only it is searched (the base, a git tree, holds no `.git`). Not `gitfile`: a view not
+    registered as a git worktree (`pinned` is the repository's git dir), whose root has no
+    `.git` of the server's: one there is the agent's, and none is put back."""
     root = pinned.work_tree
     found: list[str] = []
     expected = f"gitdir: {pinned.git_dir}"
@@ -207,7 +225,7 @@ def secure_workspace_git(pinned: Pinned, *, upper: Path | None = None) -> list[s
     ours = False
     try:
         st = dot_git.lstat()
-        if stat.S_ISREG(st.st_mode) and st.st_size < 4096:
+        if gitfile and stat.S_ISREG(st.st_mode) and st.st_size < 4096:
             ours = dot_git.read_text(encoding="utf-8").strip() == expected
     except (OSError, UnicodeDecodeError):
         st = None
@@ -222,7 +240,8 @@ def secure_workspace_git(pinned: Pinned, *, upper: Path | None = None) -> list[s
                 planted.append(os.path.join(rel_dir, name).replace(os.sep, "/"))
         dirnames[:] = [d for d in dirnames if d.casefold() != ".git"]
     if planted:
-        quarantine = pinned.git_dir.parent.parent / STATE_DIR_NAME / "quarantine" / root.name
+        common = pinned.git_dir.parent.parent if gitfile else pinned.git_dir
+        quarantine = common / STATE_DIR_NAME / "quarantine" / root.name
         quarantine.mkdir(parents=True, exist_ok=True)
         batch = Path(tempfile.mkdtemp(prefix="planted-", dir=quarantine))
         for rel in planted:
@@ -230,7 +249,7 @@ def secure_workspace_git(pinned: Pinned, *, upper: Path | None = None) -> list[s
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(root / rel), str(target))
             found.append(f"{rel} (a .git the agent made; moved out of the workspace)")
-    if not ours:
+    if gitfile and not ours:
         if st is None:
             found.append(".git (removed by the agent; the server's was put back)")
         write_whole(dot_git, expected + "\n")

@@ -28,6 +28,7 @@ from orchestration.workspace import (
 from orchestration.workspace.layered import (
     QUICK_COMMIT_BYTES,
     QUICK_COMMIT_ENTRIES,
+    ensure_registered,
     quick_to_commit,
 )
 from orchestration.workspace.overlay import FUSE, OVERLAY, probe_overlay
@@ -39,6 +40,7 @@ from tests.orchestration.gitutil import (
     needs_views,
     write,
 )
+from tests.orchestration.test_views import RUNS_GIT
 from tests.orchestration.test_workspace_in_process import BASE_FILES, CASES, SCOPE, files_of
 
 pytestmark = needs_views()
@@ -72,6 +74,8 @@ def test_a_quick_commit_is_the_commit_made_in_a_thread(tmp_path: Path) -> None:
     for case, edit in sorted(CASES.items()):
         here, there = _view(repo, f"q-{case}"), _view(repo, f"t-{case}")
         for w in (here, there):
+            if case in RUNS_GIT:
+                ensure_registered(w)  # the agent's git command registers its view
             edit(w.path)
         before = (_branch_head(root, here), files_of(here.path))
         try:

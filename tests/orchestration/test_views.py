@@ -27,7 +27,7 @@ from orchestration.workspace import (
     list_workspaces,
     remove_workspace,
 )
-from orchestration.workspace.layered import unmount_view
+from orchestration.workspace.layered import ensure_registered, unmount_view, view_admin_dir
 from orchestration.workspace.overlay import (
     FUSE,
     OVERLAY,
@@ -80,16 +80,28 @@ def _worktree(
     return ws
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+RUNS_GIT = {"staged_by_the_agent"}
+"""The cases whose agent runs git in its workspace: a command registers a view first."""
+
+
+@pytest.mark.parametrize(
+    ("case", "registered"),
+    [(c, True) for c in sorted(CASES)] + [(c, False) for c in sorted(CASES) if c not in RUNS_GIT],
+)
 def test_a_view_commits_what_git_commits_from_a_worktree(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, driver: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, registered: bool, driver: str
 ) -> None:
+    """Registered as a git worktree (a command ran in it) or not (git never worked in it), a
+    view's commit is the worktree's."""
     root = make_repo(tmp_path / "r", BASE_FILES)
     repo = GitRepo(root)
     view = _view(repo, f"view-{case}")
     tree = _worktree(repo, monkeypatch, f"git-{case}")
+    if registered:
+        ensure_registered(view)
     for w in (view, tree):
         CASES[case](w.path)
+    assert (view_admin_dir(view) is not None) == registered
     got = commit_workspace(view, message="work", write_scope=SCOPE)
     want = commit_workspace(tree, message="work", write_scope=SCOPE, engine=GIT)
     assert [p.split(" ")[0] for p in got.planted] == [p.split(" ")[0] for p in want.planted]
@@ -237,16 +249,21 @@ def test_a_view_applies_the_attributes_conversions_as_git_does(
     assert git(root, "show", f"{got.commit}:a.txt") == "one\ntwo\n"
 
 
+@pytest.mark.parametrize("registered_first", [True, False])
 def test_a_checkpoint_leaves_the_views_git_status_as_a_worktrees(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver: str, registered_first: bool
 ) -> None:
     """A view's index starts as its base's, shared with the base's other views; after a
     checkpoint (the agent goes on) it holds the commit, as a worktree's does, and the other
-    views' index is untouched."""
+    views' index is untouched. A view that git had not worked in yet gets an index of its
+    branch's tree when it is registered after the checkpoint."""
     root = make_repo(tmp_path / "r", BASE_FILES)
     repo = GitRepo(root)
     view, other = _view(repo, "view"), _view(repo, "view", "b")
     tree = _worktree(repo, monkeypatch, "git")
+    if registered_first:
+        ensure_registered(view)
+    ensure_registered(other)
     rounds: list[Callable[[Path], None]] = [_out_of_scope_and_in, _a_changed]
     for edit in rounds:
         for w in (view, tree):
@@ -256,6 +273,7 @@ def test_a_checkpoint_leaves_the_views_git_status_as_a_worktrees(
                 w, message="checkpoint", write_scope=SCOPE, keep_working=True, engine=engine
             )
             assert done.commit is not None
+        ensure_registered(view)  # what the agent's next command does
         assert git(view.path, "status", "--porcelain") == git(tree.path, "status", "--porcelain")
         assert git(view.path, "diff", "--cached", "--name-only") == ""
     assert git(other.path, "status", "--porcelain") == ""
@@ -378,6 +396,7 @@ def test_a_view_of_a_nearby_commit_stands_on_an_existing_base(
     tree = _worktree(repo, monkeypatch, "run3", "a3")
     assert head(root) == tree.base_commit == second.base_commit
     assert files_of(second.path) == files_of(tree.path)
+    ensure_registered(second)
     assert git(second.path, "status", "--porcelain", "-uall") == ""
     for w in (second, tree):
         write(w.path, "src/a.py", "a = 3\n")

@@ -17,6 +17,7 @@ from orchestration.workspace import (
     create_workspace,
     diff,
     diffstat,
+    ensure_registered,
     list_workspaces,
     remove_workspace,
     snapshot,
@@ -146,6 +147,8 @@ def test_workspace_is_a_worktree_at_the_base_and_the_user_checkout_is_untouched(
 
     assert ws.path == repo.state_dir / "worktrees" / "run1" / "ag1"
     assert ws.branch == "fanout/run1/ag1"
+    assert [w.agent_id for w in list_workspaces(repo)] == ["ag1"]  # before git worked in it
+    ensure_registered(ws)  # what the agent's first command does
     assert head(ws.path) == base
     assert head(root, "refs/heads/fanout/run1/ag1") == base
     assert (ws.path / "src" / "a.py").read_text() == "a\n"
@@ -246,6 +249,7 @@ def test_commit_workspace_undoes_out_of_scope_commits_the_agent_made_itself(
     ws = create_workspace(
         repo, base_commit=head(root), run_id="run1", agent_id="ag1", engine=engine
     )
+    ensure_registered(ws)  # the agent runs git: its command registers the workspace
     commit_files(ws.path, {"docs/d.md": "sneaky\n", "src/a.py": "mine\n"}, "agent ran git")
     result = commit_workspace(
         ws, message="agent work", write_scope=WriteScope.of(["src"]), engine=engine
@@ -316,6 +320,7 @@ def test_commit_lands_on_the_agent_branch_even_if_the_agent_detached_head(
     ws = create_workspace(
         repo, base_commit=head(root), run_id="run1", agent_id="ag1", engine=engine
     )
+    ensure_registered(ws)  # the agent runs git: its command registers the workspace
     git(ws.path, "checkout", "-q", "--detach")
     write(ws.path, "src/a.py", "b\n")
     result = commit_workspace(ws, message="work", write_scope=WriteScope.of(["src"]), engine=engine)
