@@ -200,7 +200,10 @@ class ChosenWorkspaces(GitWorktrees):
             agent_id=agent_id,
             included=included,
         )
-        write_whole(layers / WORKSPACE_META, ws.model_dump_json())
+        # written in place, last: a record found torn (a kill while it was written) is taken
+        # for none, as it was a moment before; a temporary file renamed over it would cost
+        # every agent one more inode to allocate and free
+        (layers / WORKSPACE_META).write_text(ws.model_dump_json(), encoding="utf-8")
         return ws
 
     def existing(self, repo: GitRepo) -> list[Workspace]:
@@ -493,7 +496,7 @@ def _hold_base(repo: GitRepo, commit: str, layers: Path, *, wait: bool = True) -
     layers.mkdir(parents=True, exist_ok=True)
     with _base_lock(base_dir, shared=True, wait=wait):
         if (base_dir / "index").is_file():
-            write_whole(layers / "lower", commit + "\n")
+            _write_lower(layers, commit)
             return base_dir, commit
     if not wait:
         raise WouldBlock(f"{commit[:12]} is not checked out as a base yet")
@@ -501,13 +504,20 @@ def _hold_base(repo: GitRepo, commit: str, layers: Path, *, wait: bool = True) -
         near_dir = _base_dir(repo.state_dir, other)
         with _base_lock(near_dir, shared=True):
             if (near_dir / "index").is_file():
-                write_whole(layers / "lower", other + "\n")
+                _write_lower(layers, other)
                 return near_dir, other
     with _base_lock(base_dir, shared=False):
         if not (base_dir / "index").is_file():
             _materialise(repo, commit, base_dir)
-        write_whole(layers / "lower", commit + "\n")
+        _write_lower(layers, commit)
     return base_dir, commit
+
+
+def _write_lower(layers: Path, commit: str) -> None:
+    """Record that the layers stand on the base of `commit`, under that base's shared lock. In
+    place: the one reader that matters, `release_base` of the same base, holds its exclusive
+    lock, and a torn record names no base (a kill while it was written: the view was not made)."""
+    (layers / "lower").write_text(commit + "\n", encoding="ascii")
 
 
 def _near_bases(repo: GitRepo, commit: str) -> list[str]:

@@ -195,3 +195,21 @@ def test_the_first_command_registers_the_view(tmp_path: Path) -> None:
         terminal.close()
     assert branch.strip() == ws.branch and status == ""
     assert len(calls) == 1 and calls[0] == view_admin_dir(ws)
+
+
+def test_a_torn_record_is_no_record_and_the_view_is_made_again(tmp_path: Path) -> None:
+    """The view's record is written in place, last: torn by a kill, it lists nothing, and
+    making the workspace again completes it on the same branch and layers."""
+    root = make_repo(tmp_path / "r", FILES)
+    repo = GitRepo(root)
+    ws = _view(repo)
+    write(ws.path, "src/a.py", "a = 2\n")
+    record = repo.state_dir / "layers" / "run" / "a" / "fanout-workspace.json"
+    record.write_text(record.read_text(encoding="utf-8")[:20], encoding="utf-8")
+    assert list_workspaces(repo) == []
+    again = _view(repo)
+    assert again == ws and (ws.path / "src/a.py").read_text() == "a = 2\n"
+    assert [w.agent_id for w in list_workspaces(repo)] == ["a"]
+    done = commit_workspace(again, message="work", write_scope=SCOPE)
+    assert git(root, "show", f"{done.commit}:src/a.py") == "a = 2\n"
+    assert_fsck(root)
