@@ -1,8 +1,8 @@
 """A small downstream MCP server for the tests of `mcp_server.downstream`, run over stdio.
 
 Its store is a JSON file in its working directory; every tool call appends one JSON line
-(tool, start, end, pid) to the `--log` file so tests can see which process ran a call and
-whether calls overlapped in time::
+(tool, start, end, pid, and whether its directory is a git work tree) to the `--log` file so
+tests can see which process ran a call, whether calls overlapped in time, and where::
 
     python -m tests.mcp_server.downstream_server --log FILE
 """
@@ -42,7 +42,11 @@ def build_server(log_path: str, store_dir: str = ".") -> MCPServer:
         await store.write_text(json.dumps(data, sort_keys=True))
 
     async def log(tool: str, start: float) -> None:
-        line = json.dumps({"tool": tool, "start": start, "end": time.time(), "pid": os.getpid()})
+        # whether it runs in a git work tree (an agent's workspace has its `.git` file)
+        git = os.path.isfile(os.path.join(store_dir, ".git"))
+        line = json.dumps(
+            {"tool": tool, "start": start, "end": time.time(), "pid": os.getpid(), "git": git}
+        )
         async with await anyio.open_file(log_path, "a") as file:
             await file.write(line + "\n")
 

@@ -204,3 +204,5 @@ async def test_a_configured_server_is_used_by_agents_over_stdio(tmp_path: Path) 
     results = [block.get("content") for block in blocks if block.get("type") == "tool_result"]
     assert "v" in str(results[-1])
     assert [c["tool"] for c in _log(log)] == ["put", "get"]
+    # it ran in the agent's workspace, registered as a git work tree for it
+    assert [c["git"] for c in _log(log)] == [True, True]
