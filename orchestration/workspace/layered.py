@@ -396,11 +396,15 @@ def _register(ws: Workspace, layers: Path) -> Path:
     _view_index(git_dir, ws, layers, staging / "index")
     admins = git_dir / "worktrees"
     admins.mkdir(exist_ok=True)
+    want = f"{os.path.realpath(path)}/.git"
     for name in (path.name, f"{path.name}.{path.parent.name}"):
         admin = admins / name  # another run's agent of the same id may hold the first
         try:
             os.rename(staging, admin)
         except OSError:
+            if points_here(admin, want):  # registered meanwhile, by another process
+                overlay.remove_layer(staging)
+                return admin.resolve()
             continue
         return admin.resolve()
     overlay.remove_layer(staging)

@@ -20,6 +20,7 @@ from orchestration.workspace import (
     Workspace,
     commit_workspace,
     create_workspace,
+    layered,
     list_workspaces,
     remove_workspace,
 )
@@ -213,3 +214,18 @@ def test_a_torn_record_is_no_record_and_the_view_is_made_again(tmp_path: Path) -
     done = commit_workspace(again, message="work", write_scope=SCOPE)
     assert git(root, "show", f"{done.commit}:src/a.py") == "a = 2\n"
     assert_fsck(root)
+
+
+def test_a_registration_made_meanwhile_elsewhere_is_taken_not_doubled(tmp_path: Path) -> None:
+    """Another process registered the view between this one's look and its rename: its admin
+    dir is used, and no second one (under the other name) is made."""
+    root = make_repo(tmp_path / "r", FILES)
+    repo = GitRepo(root)
+    ws = _view(repo)
+    admin = ensure_registered(ws)
+    layers = layer_of(ws)
+    assert layers is not None
+    assert layered._register(ws, layers) == admin  # pyright: ignore[reportPrivateUsage]
+    assert sorted(p.name for p in (repo.git_dir / "worktrees").iterdir()) == ["a"]
+    assert not (repo.state_dir / "staging" / "admin-run-a").exists()
+    assert git(root, "worktree", "list", "--porcelain").count("worktree ") == 2
