@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import contextlib
 
 import pygit2
 
@@ -16,6 +16,7 @@ from orchestration.workspace.layered import (
     layer_of,
     quick_to_commit,
     registration_held,
+    view_git_dir,
 )
 from orchestration.workspace.pinning import (
     Workspace,
@@ -54,84 +55,65 @@ def commit_workspace(
     layers = layer_of(ws)  # a copy-on-write view: its upper layer holds the agent's work
     if not wait and (layers is None or not quick_to_commit(layers, ws.base_commit)):
         raise WouldBlock(f"committing {ws.path} may take a while")
-    job_args = (message, write_scope, author)
-    if layers is None:
-        done, planted, parent = _commit(
-            ws, layers=None, registered=True, job_args=job_args, engine=engine, keep=keep_working
-        )
-    else:
+    if layers is not None:
         ensure_mounted(ws)
-        # the view stays as it is (registered or not) until its commit is made
-        with registration_held(ws, wait=wait) as registered:
-            done, planted, parent = _commit(
-                ws,
-                layers=layers,
-                registered=registered,
-                job_args=job_args,
-                engine=engine,
-                keep=keep_working,
+    # a view stays registered or not until its commit is made; a worktree always is registered
+    held = (
+        registration_held(ws, wait=wait)
+        if layers is not None
+        else contextlib.nullcontext(enter_result=True)
+    )
+    with held as registered:
+        # one libgit2 handle for the pinned configuration and the commit: opened, as `pin`
+        # opens it to read that configuration, before `secure_workspace_git`; it reads the
+        # workspace's files only afterwards. A view that git never worked in is committed
+        # through the repository's git dir, its work tree the view.
+        opened: pygit2.Repository | None
+        if registered:
+            pinned, opened = pin_and_open(ws.path)
+        else:
+            if not ws.branch:
+                raise RepositoryError(f"the view {ws.path} has no branch recorded; rerun the agent")
+            pinned, opened = pin_and_open_view(view_git_dir(ws.path), ws.path)
+        try:
+            upper = layers / "upper" if layers else None
+            planted = secure_workspace_git(pinned, upper=upper, gitfile=registered)
+        except BaseException:
+            if opened is not None:
+                opened.free()
+            raise
+        ref = ws.branch_ref if ws.branch else "HEAD"  # the agent's branch, even if it moved HEAD
+        pyrepo = opened if opened is not None else open_workspace_repo(pinned)
+        try:
+            try:
+                head = pyrepo.revparse_single(ref).peel(pygit2.Commit)
+            except (KeyError, ValueError, pygit2.GitError) as exc:
+                where = pinned.work_tree
+                raise RepositoryError(
+                    f"{ref} of the workspace {where} names no commit: {exc}"
+                ) from exc
+            parent = str(head.id)
+            job = CommitJob(
+                pyrepo=pyrepo,
+                pinned=pinned,
+                ref=ref,
+                head=head,
+                base=ws.base_commit or parent,
+                write_scope=write_scope,
+                message=message,
+                author=author,
             )
+            if layers is not None:
+                # a view's index is in its registration: one not registered gets its index
+                # from the branch when it is
+                done = commit_view(job, layers, keep_working=keep_working and registered)
+            else:
+                done = engine.commit(job)
+        finally:
+            pyrepo.free()
     if done is None:
         raise RepositoryError(f"no git engine committed the work of the workspace {ws.path}")
     return done.model_copy(update={"planted": planted, "parent": parent})
-
-
-def _commit(
-    ws: Workspace,
-    *,
-    layers: Path | None,
-    registered: bool,
-    job_args: tuple[str, WriteScope, Identity],
-    engine: GitEngine,
-    keep: bool,
-) -> tuple[WorkCommit | None, list[str], str]:
-    message, write_scope, author = job_args
-    # one libgit2 handle for the pinned configuration and the commit: opened, as `pin` opens
-    # it to read that configuration, before `secure_workspace_git`; it reads the workspace's
-    # files only afterwards. A view that git never worked in is committed through the
-    # repository's git dir, its work tree the view.
-    opened: pygit2.Repository | None
-    if registered:
-        pinned, opened = pin_and_open(ws.path)
-    else:
-        if not ws.branch:
-            raise RepositoryError(f"the view {ws.path} has no branch recorded; rerun the agent")
-        pinned, opened = pin_and_open_view(Path(ws.path).parents[3], Path(ws.path))
-    try:
-        upper = layers / "upper" if layers else None
-        planted = secure_workspace_git(pinned, upper=upper, gitfile=registered)
-    except BaseException:
-        if opened is not None:
-            opened.free()
-        raise
-    ref = ws.branch_ref if ws.branch else "HEAD"  # the agent's branch, even if it moved HEAD
-    pyrepo = opened if opened is not None else open_workspace_repo(pinned)
-    try:
-        try:
-            head = pyrepo.revparse_single(ref).peel(pygit2.Commit)
-        except (KeyError, ValueError, pygit2.GitError) as exc:
-            where = pinned.work_tree
-            raise RepositoryError(f"{ref} of the workspace {where} names no commit: {exc}") from exc
-        parent = str(head.id)
-        job = CommitJob(
-            pyrepo=pyrepo,
-            pinned=pinned,
-            ref=ref,
-            head=head,
-            base=ws.base_commit or parent,
-            write_scope=write_scope,
-            message=message,
-            author=author,
-        )
-        if layers is not None:
-            # a view's index is in its registration: one not registered gets its index
-            # from the branch when it is
-            done = commit_view(job, layers, keep_working=keep and registered)
-        else:
-            done = engine.commit(job)
-    finally:
-        pyrepo.free()
-    return done, planted, parent
 
 
 def clear_partial_writes(ws: Workspace) -> list[str]:

@@ -27,7 +27,7 @@ import os
 import shutil
 import stat
 import threading
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pygit2
@@ -209,14 +209,10 @@ class ChosenWorkspaces(GitWorktrees):
     def existing(self, repo: GitRepo) -> list[Workspace]:
         """The views (registered as git worktrees or not yet) and the worktrees."""
         found: dict[str, Workspace] = {}
-        layers_root = repo.state_dir / "layers"
-        for run in sorted(layers_root.iterdir()) if layers_root.is_dir() else ():
-            if not run.is_dir() or run.name.startswith("."):
-                continue
-            for layers in sorted(run.iterdir()):
-                ws = _read_view_meta(layers, repo.worktrees_dir / run.name / layers.name)
-                if ws is not None:
-                    found[os.path.realpath(ws.path)] = ws
+        for layers in sorted(_layer_dirs(repo.state_dir)):
+            ws = _read_view_meta(layers, repo.worktrees_dir / layers.parent.name / layers.name)
+            if ws is not None:
+                found[os.path.realpath(ws.path)] = ws
         for ws in super().existing(repo):
             found.setdefault(os.path.realpath(ws.path), ws)
         return sorted(found.values(), key=lambda w: str(w.path))
@@ -301,6 +297,18 @@ def _read_view_meta(layers: Path, path: Path) -> Workspace | None:
 _REGISTERING = tuple(threading.Lock() for _ in range(64))
 
 
+def view_git_dir(path: Path) -> Path:
+    """The repository's git dir of the view at `path` (`<git dir>/fanout/worktrees/<run>/
+    <agent>`)."""
+    return path.parents[3]
+
+
+def _admin_names(path: Path) -> tuple[str, str]:
+    """The names a view's registration takes under `.git/worktrees`, in order: the agent's
+    id, or, when another run's agent of the same id holds it, the id and the run's."""
+    return path.name, f"{path.name}.{path.parent.name}"
+
+
 def view_admin_dir(ws: Workspace) -> Path | None:
     """The admin dir of the view `ws` when it is registered as a git worktree, else None; for a
     worktree, its admin dir (`admin_dir_of`). A view's registration is under one of the two
@@ -308,9 +316,9 @@ def view_admin_dir(ws: Workspace) -> Path | None:
     path = Path(ws.path)
     if layer_of(ws) is None:
         return admin_dir_of(path)
-    admins = Path(os.path.realpath(path.parents[3])) / "worktrees"
+    admins = Path(os.path.realpath(view_git_dir(path))) / "worktrees"
     want = os.path.join(os.path.realpath(path), ".git")
-    for name in (path.name, f"{path.name}.{path.parent.name}"):
+    for name in _admin_names(path):
         admin = admins / name
         if points_here(admin, want):
             return admin
@@ -383,7 +391,7 @@ def _registration_lock(ws: Workspace, *, wait: bool = True) -> Generator[None]:
 
 def _register(ws: Workspace, layers: Path) -> Path:
     path = Path(ws.path)
-    git_dir, state_dir = path.parents[3], path.parents[2]
+    git_dir, state_dir = view_git_dir(path), path.parents[2]
     if not ws.branch:
         raise RepositoryError(f"the view {path} has no branch recorded; rerun the agent")
     staging = _staging_of(state_dir, path.parent.name, path.name)
@@ -397,8 +405,8 @@ def _register(ws: Workspace, layers: Path) -> Path:
     admins = git_dir / "worktrees"
     admins.mkdir(exist_ok=True)
     want = f"{os.path.realpath(path)}/.git"
-    for name in (path.name, f"{path.name}.{path.parent.name}"):
-        admin = admins / name  # another run's agent of the same id may hold the first
+    for name in _admin_names(path):
+        admin = admins / name
         try:
             os.rename(staging, admin)
         except OSError:
@@ -409,8 +417,9 @@ def _register(ws: Workspace, layers: Path) -> Path:
         return admin.resolve()
     overlay.remove_layer(staging)
     raise RepositoryError(
-        f"the view {path} could not be registered as a git worktree: .git/worktrees/{path.name} "
-        f"and .git/worktrees/{path.name}.{path.parent.name} are taken"
+        f"the view {path} could not be registered as a git worktree: .git/worktrees/"
+        + " and .git/worktrees/".join(_admin_names(path))
+        + " are taken"
     )
 
 
@@ -447,6 +456,17 @@ def _admin_staging(repo: GitRepo, run_id: str, agent_id: str) -> Path:
 
 def _staging_of(state_dir: Path, run_id: str, agent_id: str) -> Path:
     return state_dir / "staging" / f"admin-{run_id}-{agent_id}"
+
+
+def _layer_dirs(state_dir: Path) -> Iterator[Path]:
+    """Every agent's layers dir (`layers/<run>/<agent>`), a run's dir removed meanwhile
+    skipped."""
+    root = state_dir / "layers"
+    for run in root.iterdir() if root.is_dir() else ():
+        if not run.is_dir():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            yield from list(run.iterdir())
 
 
 def _lower_of(layers: Path) -> str | None:
@@ -629,14 +649,8 @@ def release_base(state_dir: Path, commit: str) -> None:
     if not base_dir.parent.is_dir():
         return
     with _base_lock(base_dir, shared=False):
-        layers_root = state_dir / "layers"
-        if layers_root.is_dir():
-            for run in layers_root.iterdir():
-                if not run.is_dir():
-                    continue
-                for agent in run.iterdir():
-                    if _lower_of(agent) == commit:
-                        return
+        if any(_lower_of(layers) == commit for layers in _layer_dirs(state_dir)):
+            return
         overlay.remove_layer(base_dir)
         with contextlib.suppress(OSError):
             os.unlink(str(base_dir) + ".lock")
