@@ -940,7 +940,7 @@ def _view_changes(
             if base_entry is not None:
                 deleted.append(rel)
             continue
-        if base_entry is None and _ignored(pyrepo, rel):
+        if base_entry is None and _ignored(pyrepo, pinned, rel):
             continue  # untracked and ignored: `git add -A` would leave it out too
         if stat.S_ISLNK(st.st_mode):
             mode = int(_LINK)
@@ -999,7 +999,24 @@ def _file_mode_trusted(pyrepo: pygit2.Repository) -> bool:
         return True
 
 
-def _ignored(pyrepo: pygit2.Repository, rel: str) -> bool:
+def _ignored(pyrepo: pygit2.Repository, pinned: Pinned, rel: str) -> bool:
+    """Whether git ignores the view's path `rel`. Git reads no `.gitignore` through a link,
+    and libgit2 follows one: under such a link, pinned git decides."""
+    parts = rel.split("/")[:-1]
+    linked = any(
+        os.path.islink(pinned.work_tree.joinpath(*parts[:depth], ".gitignore"))
+        for depth in range(len(parts) + 1)
+    )
+    if linked:
+        done = gitcmd.run(
+            pinned.work_tree, ["check-ignore", "-q", "--no-index", "--", rel], pinned=pinned
+        )
+        if done.returncode in (0, 1):
+            return done.returncode == 0
+        raise RepositoryError(
+            f"git could not tell whether {rel} is ignored in {pinned.work_tree}: "
+            f"{done.stderr.strip()}"
+        )
     try:
         return bool(pyrepo.path_is_ignored(rel))
     except pygit2.GitError:
@@ -1009,9 +1026,10 @@ def _ignored(pyrepo: pygit2.Repository, rel: str) -> bool:
 def _hash(
     pyrepo: pygit2.Repository, pinned: Pinned, base_tree: pygit2.Tree, paths: list[str]
 ) -> dict[str, str]:
-    """Blob ids of the view's files as `git add` would store them (attributes' conversions
-    applied): in-process where libgit2 converts as git does, else by pinned git. A symbolic
-    link's blob is its target."""
+    """Blob ids of the view's files as git's `hash-object` stores them, under the attributes
+    of the view's own files (their conversions applied): in-process where libgit2 converts as
+    git does and reads the same rules (`_same_rules`), else by pinned git. A symbolic link's
+    blob is its target."""
     out: dict[str, str] = {}
     files: list[str] = []
     for rel in paths:
@@ -1022,7 +1040,7 @@ def _hash(
             files.append(rel)
     if not files:
         return out
-    if _LIBGIT2.accepts(pyrepo, base_tree):
+    if _LIBGIT2.accepts(pyrepo, base_tree) and _same_rules(pyrepo, pinned.work_tree, files):
         try:
             return out | {rel: str(pyrepo.create_blob_fromworkdir(rel)) for rel in files}
         except (pygit2.GitError, OSError, ValueError) as exc:
@@ -1044,6 +1062,43 @@ def _hash(
             )
         out.update(zip(names, ids, strict=True))
     return out
+
+
+def _same_rules(pyrepo: pygit2.Repository, root: Path, files: Sequence[str]) -> bool:
+    """Whether libgit2 hashes `files` under the same attributes as git's `hash-object` in the
+    view at `root`. Git reads the `.gitattributes` of each directory above a file from the work
+    tree alone, and never through a link; libgit2 also reads the one the handle's index holds
+    (the view's index, or for a view not registered, the user's, which they may change while
+    the agent works), and follows links. They agree where, for each of those `.gitattributes`,
+    the index holds none, or the view holds the same content as a plain file."""
+    try:
+        index = pyrepo.index
+    except pygit2.GitError:
+        return False
+    seen: set[str] = set()
+    for rel in files:
+        parts = rel.split("/")[:-1]
+        for depth in range(len(parts) + 1):
+            name = "/".join((*parts[:depth], ".gitattributes"))
+            if name in seen:
+                continue
+            seen.add(name)
+            try:
+                st: os.stat_result | None = os.lstat(root / name)
+            except OSError:
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                return False  # a link (git does not follow it), or what git cannot read
+            try:
+                staged = index[name].id
+            except KeyError:
+                continue
+            try:
+                if st is None or pygit2.hashfile(str(root / name)) != staged:
+                    return False
+            except (pygit2.GitError, OSError):
+                return False
+    return True
 
 
 def _apply(

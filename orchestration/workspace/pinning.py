@@ -206,6 +206,50 @@ def _names_in(pyrepo: pygit2.Repository) -> list[str]:
         return []
 
 
+RULE_FILES = frozenset({".gitattributes", ".gitignore", ".gitmodules"})
+"""The files of a work tree that git and libgit2 read rules from (matched case-blind)."""
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+
+
+def _remove_if_blocking(root: Path, rel: str) -> str | None:
+    """Remove `root/rel` if opening it to read could block or read a device: what it was, or
+    None when it is a file, a directory, a link to one of them, a dangling link, or gone (an
+    upper layer's whiteout)."""
+    path = root / rel
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    what = _blocking_kind(st.st_mode)
+    if what is None and stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.stat(path)
+        except OSError:
+            return None  # dangling, or a loop: opening it fails at once
+        kind = _blocking_kind(target.st_mode)
+        what = None if kind is None else f"a link to {kind}"
+    if what is None:
+        return None
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        raise RepositoryError(
+            f"{rel} in the workspace {root} is {what}, which git would wait on; it could not "
+            f"be removed ({exc.strerror}): remove it and commit again"
+        ) from exc
+    return what
+
+
+def _blocking_kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+        return None
+    for test, kind in _KINDS:
+        if test(mode):
+            return kind
+    return "a device"
+
+
 def secure_workspace_git(
     pinned: Pinned, *, upper: Path | None = None, gitfile: bool = True
 ) -> list[str]:
@@ -217,7 +261,12 @@ def secure_workspace_git(
     For a copy-on-write view, `upper` is its upper layer: whatever the agent made is there, so
     only it is searched (the base, a git tree, holds no `.git`). Not `gitfile`: a view not
     registered as a git worktree (`pinned` is the repository's git dir), whose root has no
-    `.git` of the server's: one there is the agent's, and none is put back."""
+    `.git` of the server's: one there is the agent's, and none is put back.
+
+    Git and libgit2 open the files they read rules from (`RULE_FILES`) as they find them, and
+    opening a named pipe blocks until something writes to it: one of those names that is not
+    a file, a directory or a link to either (a pipe, a socket, a device, or a link to one of
+    them) is removed from the workspace, as it cannot be committed anyway."""
     root = pinned.work_tree
     found: list[str] = []
     expected = f"gitdir: {pinned.git_dir}"
@@ -234,10 +283,15 @@ def secure_workspace_git(
         planted.append(".git")
     walk_root = upper or root
     for dirpath, dirnames, filenames in os.walk(walk_root):
-        rel_dir = os.path.relpath(dirpath, walk_root)
+        rel_dir = os.path.relpath(dirpath, walk_root).replace(os.sep, "/")
         for name in (*dirnames, *filenames):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
             if name.casefold() == ".git" and rel_dir != ".":
-                planted.append(os.path.join(rel_dir, name).replace(os.sep, "/"))
+                planted.append(rel)
+            elif name.casefold() in RULE_FILES:
+                removed = _remove_if_blocking(root, rel)
+                if removed:
+                    found.append(f"{rel} ({removed} where git reads rules; removed)")
         dirnames[:] = [d for d in dirnames if d.casefold() != ".git"]
     if planted:
         common = pinned.git_dir.parent.parent if gitfile else pinned.git_dir

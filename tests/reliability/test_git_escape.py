@@ -187,3 +187,39 @@ async def test_the_users_own_command_running_config_stays_off_in_workspaces(
         assert agent.status is AgentStatus.SUCCEEDED
         assert agent.result is not None and agent.result.commit is not None
         assert git(repo, "show", f"{agent.result.commit}:src/app/work.py") == "WORK = 1\n"
+
+
+STOPPERS = "G1d an agent's files never stop the server's git"
+RULES = (".gitattributes", ".gitignore", ".gitmodules")
+
+
+async def test_named_pipes_where_git_reads_rules_never_stop_the_commit(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """Git opens `.gitattributes`, `.gitignore` and `.gitmodules` as it finds them, and opening
+    a named pipe waits for a writer: pipes there (and a link to one) would hold the agent's
+    commit, and its finish, for good. They are removed and reported; the work is merged."""
+    repo = make_repo(tmp_path / "repo")
+    plant = (
+        "mkdir -p src/app && mkfifo .gitattributes .gitmodules src/app/.gitignore src/app/pipe "
+        "&& ln -s pipe src/app/.gitattributes"
+    )
+    steps: list[Step] = [
+        ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
+        ("run_command", {"command": plant}),
+    ]
+    with anyio.fail_after(120):
+        status, outcomes = await _attack(repo, steps)
+    agent = status.runs[0].agents[0]
+    removed = sorted(d.split(" ")[0] for d in (agent.result.dropped_files if agent.result else []))
+    expected = [".gitattributes", ".gitmodules", "src/app/.gitattributes", "src/app/.gitignore"]
+    ok = agent.status is AgentStatus.SUCCEEDED and removed == expected
+    ledger.record(STOPPERS, "pipes and a link to one where git reads rules", ok, str(removed))
+    assert agent.status is AgentStatus.SUCCEEDED, agent
+    assert removed == expected
+    assert outcomes == [MergeOutcome.MERGED]
+    assert (repo / "src/app/work.py").read_text() == "WORK = 1\n"
+    tree = git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()
+    assert "src/app/work.py" in tree
+    assert not any("pipe" in p or p.rsplit("/", 1)[-1] in RULES for p in tree)
+    git(repo, "fsck", "--no-progress")
