@@ -62,6 +62,7 @@ from orchestration.workspace.pinning import (
     Workspace,
     admin_dir_of,
     points_here,
+    remove_blocking_rule_files,
     secure_workspace_git,
 )
 from orchestration.workspace.worktrees import (
@@ -362,9 +363,17 @@ def ensure_registered(ws: Workspace) -> Path:
 
 def listing_git_dir(ws: Workspace) -> Path | None:
     """The workspace's admin dir for `list_files` and `search` (a view is registered now if it
-    is not yet); None, logged, when that fails: they then walk the files instead."""
+    is not yet); None, logged, when that fails: they then walk the files instead. In a view,
+    rule files git would wait on are removed first (the commit reports them when it removes
+    them; a listing's git would wait until its timeout): only its upper layer is read."""
     try:
-        return ensure_registered(ws)
+        admin = ensure_registered(ws)
+        layers = layer_of(ws)
+        if layers is not None:
+            removed = remove_blocking_rule_files(Path(ws.path), layers / "upper")
+            if removed:
+                log.warning("workspace %s: %s", ws.path, "; ".join(removed))
+        return admin
     except (RepositoryError, OSError, pygit2.GitError) as exc:
         log.warning("listing %s without git: %s", ws.path, exc)
         return None

@@ -241,6 +241,31 @@ def _remove_if_blocking(root: Path, rel: str) -> str | None:
     return what
 
 
+def remove_blocking_rule_files(root: Path, walk_root: Path) -> list[str]:
+    """Remove from the work tree `root` the rule files (`RULE_FILES`) that git would wait on
+    (`_remove_if_blocking`), looking for them under `walk_root` (`root`, or a view's upper
+    layer); what was removed, as the agent's result words it."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(walk_root):
+        rel_dir = os.path.relpath(dirpath, walk_root).replace(os.sep, "/")
+        for name in (*dirnames, *filenames):
+            removed = _removed_rule_file(root, rel_dir, name)
+            if removed:
+                found.append(removed)
+        dirnames[:] = [d for d in dirnames if d.casefold() != ".git"]
+    return found
+
+
+def _removed_rule_file(root: Path, rel_dir: str, name: str) -> str | None:
+    """`_remove_if_blocking` for the entry `name` of the directory `rel_dir` of `root`, if it is
+    a rule file: the agent's result's line for it, or None when it stays."""
+    if name.casefold() not in RULE_FILES:
+        return None
+    rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+    removed = _remove_if_blocking(root, rel)
+    return f"{rel} ({removed} where git reads rules; removed)" if removed else None
+
+
 def _blocking_kind(mode: int) -> str | None:
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
         return None
@@ -285,13 +310,10 @@ def secure_workspace_git(
     for dirpath, dirnames, filenames in os.walk(walk_root):
         rel_dir = os.path.relpath(dirpath, walk_root).replace(os.sep, "/")
         for name in (*dirnames, *filenames):
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
             if name.casefold() == ".git" and rel_dir != ".":
-                planted.append(rel)
-            elif name.casefold() in RULE_FILES:
-                removed = _remove_if_blocking(root, rel)
-                if removed:
-                    found.append(f"{rel} ({removed} where git reads rules; removed)")
+                planted.append(f"{rel_dir}/{name}")
+            elif removed := _removed_rule_file(root, rel_dir, name):
+                found.append(removed)
         dirnames[:] = [d for d in dirnames if d.casefold() != ".git"]
     if planted:
         common = pinned.git_dir.parent.parent if gitfile else pinned.git_dir

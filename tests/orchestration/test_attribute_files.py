@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from orchestration.workspace import (
     commit_workspace,
     create_workspace,
 )
-from orchestration.workspace.layered import ensure_registered, layer_of
+from orchestration.workspace.layered import ensure_registered, layer_of, listing_git_dir
 from tests.orchestration.gitutil import (
     assert_fsck,
     git,
@@ -35,6 +37,9 @@ from tests.orchestration.gitutil import (
     workspace_kind,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (fixture)
     write,
 )
+from tests.toolbus.test_fileops import RevocableFence
+from toolbus.fileops import FileOps
+from toolbus.jail import Jail
 from toolbus.resources import WriteScope
 
 SCOPE = WriteScope.of(["src", ".gitattributes", ".gitignore"])
@@ -192,3 +197,25 @@ def test_the_bases_attributes_still_convert_a_views_files(tmp_path: Path, regist
     done = _commit_within(ws)
     assert done.commit is not None
     assert _blob(root, f"{done.commit}:src/b.txt") == _raw_blob(root, b"x\ny\n")
+
+
+@needs_views()
+def test_a_views_listing_does_not_wait_on_a_named_pipe_where_git_reads_rules(
+    tmp_path: Path,
+) -> None:
+    """The listing's git reads every `.gitignore`: a pipe there would hold it until its
+    timeout (a minute), then leave the agent a listing without git's ignore rules."""
+    _, ws = _view_with(tmp_path, {"src/a.py": "a = 1\n", ".gitignore": "*.log\n"}, False)
+    write(ws.path, "debug.log", "ignored\n")
+    os.mkfifo(ws.path / "src" / ".gitignore")
+    ops = FileOps(
+        Jail(ws.path),
+        WriteScope.of(["src"]),
+        RevocableFence(),
+        git_dir=partial(listing_git_dir, ws),
+    )
+    started = time.monotonic()
+    listed = ops.list(pattern="*")
+    assert time.monotonic() - started < 20
+    assert listed.entries == [".gitignore", "src/a.py"]  # git's listing: the log is ignored
+    assert not os.path.lexists(ws.path / "src" / ".gitignore")
