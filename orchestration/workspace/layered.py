@@ -250,7 +250,7 @@ class ChosenWorkspaces(GitWorktrees):
         layers = layer_dir(repo.state_dir, run_id, agent_id)
         unmount_view(repo.worktrees_dir / run_id / agent_id)
         removed = super().discard_unstarted(repo, run_id, agent_id)
-        staging = _admin_staging(repo, run_id, agent_id)
+        staging = _staging_of(repo.state_dir, run_id, agent_id)
         if os.path.lexists(staging):
             overlay.remove_layer(staging)
             removed.append(str(staging.relative_to(repo.git_dir)))
@@ -409,11 +409,11 @@ def _register(ws: Workspace, layers: Path) -> Path:
     (staging / "locked").write_text(LOCK_REASON + "\n", encoding="utf-8")
     (staging / "HEAD").write_text(f"ref: refs/heads/{ws.branch}\n", encoding="utf-8")
     (staging / "commondir").write_text("../..\n", encoding="utf-8")
-    (staging / "gitdir").write_text(f"{os.path.realpath(path)}/.git\n", encoding="utf-8")
+    want = f"{os.path.realpath(path)}/.git"
+    (staging / "gitdir").write_text(want + "\n", encoding="utf-8")
     _view_index(git_dir, ws, layers, staging / "index")
     admins = git_dir / "worktrees"
     admins.mkdir(exist_ok=True)
-    want = f"{os.path.realpath(path)}/.git"
     for name in _admin_names(path):
         admin = admins / name
         try:
@@ -457,10 +457,6 @@ def _view_index(git_dir: Path, ws: Workspace, layers: Path, target: Path) -> Non
         ) from exc
     finally:
         pyrepo.free()
-
-
-def _admin_staging(repo: GitRepo, run_id: str, agent_id: str) -> Path:
-    return _staging_of(repo.state_dir, run_id, agent_id)
 
 
 def _staging_of(state_dir: Path, run_id: str, agent_id: str) -> Path:
@@ -1011,12 +1007,7 @@ def _file_mode_trusted(pyrepo: pygit2.Repository) -> bool:
 def _ignored(pyrepo: pygit2.Repository, pinned: Pinned, rel: str) -> bool:
     """Whether git ignores the view's path `rel`. Git reads no `.gitignore` through a link,
     and libgit2 follows one: under such a link, pinned git decides."""
-    parts = rel.split("/")[:-1]
-    linked = any(
-        os.path.islink(pinned.work_tree.joinpath(*parts[:depth], ".gitignore"))
-        for depth in range(len(parts) + 1)
-    )
-    if linked:
+    if any(os.path.islink(pinned.work_tree / p) for p in _rule_files_above(rel, ".gitignore")):
         done = gitcmd.run(
             pinned.work_tree, ["check-ignore", "-q", "--no-index", "--", rel], pinned=pinned
         )
@@ -1084,30 +1075,32 @@ def _same_rules(pyrepo: pygit2.Repository, root: Path, files: Sequence[str]) -> 
         index = pyrepo.index
     except pygit2.GitError:
         return False
-    seen: set[str] = set()
-    for rel in files:
-        parts = rel.split("/")[:-1]
-        for depth in range(len(parts) + 1):
-            name = "/".join((*parts[:depth], ".gitattributes"))
-            if name in seen:
-                continue
-            seen.add(name)
-            try:
-                st: os.stat_result | None = os.lstat(root / name)
-            except OSError:
-                st = None
-            if st is not None and not stat.S_ISREG(st.st_mode):
-                return False  # a link (git does not follow it), or what git cannot read
-            try:
-                staged = index[name].id
-            except KeyError:
-                continue
-            try:
-                if st is None or pygit2.hashfile(str(root / name)) != staged:
-                    return False
-            except (pygit2.GitError, OSError):
+    rule_files = {p for rel in files for p in _rule_files_above(rel, ".gitattributes")}
+    for name in sorted(rule_files):
+        try:
+            st: os.stat_result | None = os.lstat(root / name)
+        except OSError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            return False  # a link (git does not follow it), or what git cannot read
+        try:
+            staged = index[name].id
+        except KeyError:
+            continue
+        try:
+            if st is None or pygit2.hashfile(str(root / name)) != staged:
                 return False
+        except (pygit2.GitError, OSError):
+            return False
     return True
+
+
+def _rule_files_above(rel: str, name: str) -> Iterator[str]:
+    """The paths of the rule file `name` in each directory above the path `rel`, the root's
+    first: where git looks for the rules that apply to `rel`."""
+    parts = rel.split("/")[:-1]
+    for depth in range(len(parts) + 1):
+        yield "/".join((*parts[:depth], name))
 
 
 def _apply(

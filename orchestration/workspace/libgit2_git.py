@@ -25,7 +25,7 @@ from orchestration.workspace.engine import (
     reset_index_paths,
 )
 from orchestration.workspace.git import has_hook, tree_of
-from orchestration.workspace.pinning import RULE_FILES, open_workspace_repo
+from orchestration.workspace.pinning import is_rule_file, open_workspace_repo
 from toolbus.gitcmd import Pinned
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class Libgit2Git:
             dropped: list[str] = []
             if tree != str(tree_of(pyrepo, base).id):
                 changed = changed_paths(pyrepo, base, tree)
-                if any(p.rsplit("/", 1)[-1].casefold() in RULE_FILES for p in changed):
+                if any(is_rule_file(p) for p in changed):
                     # new attributes or ignore rules: let git read them as it does (libgit2
                     # also reads the index's, and follows links)
                     return None

@@ -209,6 +209,12 @@ def _names_in(pyrepo: pygit2.Repository) -> list[str]:
 RULE_FILES = frozenset({".gitattributes", ".gitignore", ".gitmodules"})
 """The files of a work tree that git and libgit2 read rules from (matched case-blind)."""
 
+
+def is_rule_file(rel: str) -> bool:
+    """Whether the work tree's path `rel` names one of `RULE_FILES`."""
+    return rel.rsplit("/", 1)[-1].casefold() in RULE_FILES
+
+
 _KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
 
 
@@ -259,7 +265,7 @@ def remove_blocking_rule_files(root: Path, walk_root: Path) -> list[str]:
 def _removed_rule_file(root: Path, rel_dir: str, name: str) -> str | None:
     """`_remove_if_blocking` for the entry `name` of the directory `rel_dir` of `root`, if it is
     a rule file: the agent's result's line for it, or None when it stays."""
-    if name.casefold() not in RULE_FILES:
+    if not is_rule_file(name):
         return None
     rel = name if rel_dir == "." else f"{rel_dir}/{name}"
     removed = _remove_if_blocking(root, rel)
