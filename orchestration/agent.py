@@ -28,6 +28,7 @@ from orchestration.model import (
 )
 from orchestration.prompts import FINISH_TOOL, FIRST_MESSAGE
 from orchestration.retry import RetryPolicy, call_with_retry
+from toolbus.audit import append_text
 from toolbus.bus import AgentBus
 from toolbus.toolspec import ToolOutcome, ToolSpec
 
@@ -121,7 +122,7 @@ class Transcript:
     def touch(self) -> None:
         """Create the file; appends then only open it."""
         if self.path is not None:
-            self.path.open("a", encoding="utf-8").close()
+            append_text(self.path, "")
 
     def append(self, kind: str, payload: object) -> None:
         if self.path is not None:
@@ -133,8 +134,7 @@ class Transcript:
         if self.path is None:
             return
         line = f'{{"ts": {time.time()!r}, "kind": {json.dumps(kind)}, "data": {data}}}\n'
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(line)
+        append_text(self.path, line)
 
 
 @dataclass

@@ -23,6 +23,23 @@ Outcome = Literal["ok", "refused", "error"]
 MAX_BRIEF_CHARS = 300
 MAX_COMMAND_CHARS = 2_000
 MAX_DETAIL_CHARS = 2000
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
+def append_text(path: Path, text: str, *, fsync: bool = False) -> None:
+    """Append `text` to the file at `path` (made if missing) by one descriptor, no file object:
+    the logs of every agent append a line at each step, and a Python file object costs more to
+    build than the write. `fsync`: durable before this returns."""
+    data = text.encode("utf-8")
+    fd = os.open(path, _APPEND_FLAGS, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class AuditRecord(BaseModel):
@@ -94,7 +111,7 @@ class AuditLog:
         """Create the log file now (blocking; from a worker thread), so that the first record
         does not allocate it on the caller's thread."""
         if self.path is not None:
-            self.path.open("a", encoding="utf-8").close()
+            os.close(os.open(self.path, _APPEND_FLAGS, 0o666))
 
     @classmethod
     def load(cls, path: Path, *, fsync: bool = False) -> AuditLog:
@@ -169,11 +186,7 @@ class AuditLog:
             )
             if self.path is not None:
                 line = record.model_dump_json(exclude_none=True) + "\n"
-                with self.path.open("a", encoding="utf-8") as f:
-                    f.write(line)
-                    f.flush()
-                    if self._fsync:
-                        os.fsync(f.fileno())
+                append_text(self.path, line, fsync=self._fsync)
             self._records.append(record)
             return record
 
@@ -185,11 +198,7 @@ class AuditLog:
         with self._lock:
             if self.path is not None:
                 lines = "".join(r.model_dump_json(exclude_none=True) + "\n" for r in records)
-                with self.path.open("a", encoding="utf-8") as f:
-                    f.write(lines)
-                    f.flush()
-                    if self._fsync:
-                        os.fsync(f.fileno())
+                append_text(self.path, lines, fsync=self._fsync)
             self._records.extend(records)
 
     def records(self) -> list[AuditRecord]:

@@ -167,7 +167,9 @@ class ChosenWorkspaces(GitWorktrees):
         base = base_commit if FULL_OID.fullmatch(base_commit) else repo.resolve(base_commit)
         path = repo.worktrees_dir / run_id / agent_id
         layers = layer_dir(repo.state_dir, run_id, agent_id)
-        existing = _read_view_meta(layers, path) or read_meta(path)
+        existing = _read_view_meta(layers, path)
+        if existing is None and os.path.lexists(path):
+            existing = read_meta(path)  # a worktree's record: only where something is
         if existing is not None and layer_of(existing) is not None:
             ensure_mounted(existing)
             return existing
@@ -263,21 +265,51 @@ class ChosenWorkspaces(GitWorktrees):
         return removed
 
 
+# per thread, a libgit2 handle on the repository whose views' branches it made last: every
+# agent's view makes one branch, and opening a handle costs more than making it
+_BRANCH_HANDLES = threading.local()
+
+
+def _branch_handle(repo: GitRepo) -> pygit2.Repository:
+    """This thread's handle on `repo`, opened anew when the repository at its path is another
+    (its git dir is not the same directory)."""
+    st = os.stat(repo.git_dir)
+    key = (str(repo.root), st.st_dev, st.st_ino)
+    held: tuple[tuple[str, int, int], pygit2.Repository] | None = getattr(
+        _BRANCH_HANDLES, "held", None
+    )
+    if held is not None:
+        if held[0] == key:
+            return held[1]
+        _BRANCH_HANDLES.held = None
+        held[1].free()
+    handle = pygit2.Repository(str(repo.root))
+    _BRANCH_HANDLES.held = (key, handle)
+    return handle
+
+
+def _drop_branch_handle() -> None:
+    held = getattr(_BRANCH_HANDLES, "held", None)
+    _BRANCH_HANDLES.held = None
+    if held is not None:
+        held[1].free()
+
+
 def _create_branch(repo: GitRepo, branch: str, base: str) -> bool:
     """Make the view's `branch` at `base`; True as well when an earlier attempt made it there.
     False when it names another commit (or cannot be made)."""
-    pyrepo = pygit2.Repository(str(repo.root))
-    try:
-        target = pyrepo[pygit2.Oid(hex=base)].peel(pygit2.Commit)
+    for _fresh in (False, True):  # a kept handle that fails is dropped, and a fresh one tried
         try:
-            pyrepo.create_branch(branch, target)
-        except pygit2.AlreadyExistsError:
-            return str(pyrepo.references[f"refs/heads/{branch}"].resolve().target) == base
-        return True
-    except (pygit2.GitError, KeyError, ValueError):
-        return False
-    finally:
-        pyrepo.free()
+            pyrepo = _branch_handle(repo)
+            target = pyrepo[pygit2.Oid(hex=base)].peel(pygit2.Commit)
+            try:
+                pyrepo.create_branch(branch, target)
+            except pygit2.AlreadyExistsError:
+                return str(pyrepo.references[f"refs/heads/{branch}"].resolve().target) == base
+            return True
+        except (pygit2.GitError, KeyError, ValueError, OSError):
+            _drop_branch_handle()
+    return False
 
 
 def _read_view_meta(layers: Path, path: Path) -> Workspace | None:
@@ -317,9 +349,13 @@ def view_admin_dir(ws: Workspace) -> Path | None:
     path = Path(ws.path)
     if layer_of(ws) is None:
         return admin_dir_of(path)
-    admins = Path(os.path.realpath(view_git_dir(path))) / "worktrees"
+    git_dir = view_git_dir(path)
+    names = [name for name in _admin_names(path) if (git_dir / "worktrees" / name).is_dir()]
+    if not names:
+        return None  # most views are never registered: no path is resolved for them
+    admins = Path(os.path.realpath(git_dir)) / "worktrees"
     want = os.path.join(os.path.realpath(path), ".git")
-    for name in _admin_names(path):
+    for name in names:
         admin = admins / name
         if points_here(admin, want):
             return admin
