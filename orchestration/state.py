@@ -41,6 +41,7 @@ from toolbus.permissions import PermissionRules
 # this many (or half the run's agents), and else every row of the run.
 _SNAPSHOT_ROWS_READ = 64
 _SQL_VARIABLES = 500  # (SQLite before 3.32 takes at most 999 in one statement)
+_APPLIED_KEPT = 4096  # records `apply` keeps parsed (`StateStore._applied`)
 
 _Record = TypeVar("_Record", bound=BaseModel)
 
@@ -539,22 +540,38 @@ class StateStore:
             row = db.execute("SELECT data FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
             if row is None:
                 raise KeyError(agent_id)
-            current = AgentRecord.model_validate_json(str(row[0]))
+            current = _reparsed(self._applied.get(agent_id), str(row[0]), AgentRecord)[1]
             update: dict[str, object] = dict(changes)
             new_status = changes.get("status", current.status)
             if new_status != current.status and not new_status.active and current.status.active:
                 seq_row = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()
                 update["finish_seq"] = int(seq_row[0])
             updated = AgentRecord.model_validate(current.model_copy(update=update).model_dump())
-            db.execute(
-                "UPDATE agents SET data = ? WHERE agent_id = ?",
-                (updated.model_dump_json(), agent_id),
-            )
+            text = updated.model_dump_json()
+            db.execute("UPDATE agents SET data = ? WHERE agent_id = ?", (text, agent_id))
             self._append_event(db, updated.run_id, agent_id, kind, detail or updated.status.value)
             if settle is not None:
                 self._settle(db, updated.run_id, *settle)
+        self._remember(updated.run_id, agent_id, (text, updated))
         self._notify()
         return updated
+
+    @functools.cached_property
+    def _applied(self) -> dict[str, tuple[str, AgentRecord]]:
+        """agent_id -> (the JSON `apply` last stored for it, that record): the next `apply`
+        parses the row only when another writer changed it since."""
+        return {}
+
+    def _remember(self, run_id: str, agent_id: str, stored: tuple[str, AgentRecord]) -> None:
+        """Keep the record `apply` just stored, so that neither the next `apply` nor a snapshot
+        parses the JSON it was made from. A snapshot's row is replaced, never added (a snapshot
+        may be copying that dict in another thread: its size must not change)."""
+        if len(self._applied) >= _APPLIED_KEPT and agent_id not in self._applied:
+            self._applied.clear()
+        self._applied[agent_id] = stored
+        rows = self._parsed_agents.get(run_id)
+        if rows is not None and agent_id in rows:
+            rows[agent_id] = stored
 
     # --- the transitions the engine makes -----------------------------------------------------
 
