@@ -14,7 +14,7 @@ from orchestration.workspace.layered import (
     commit_view,
     ensure_mounted,
     layer_of,
-    quick_to_commit,
+    quick_upper,
     registration_held,
     view_git_dir,
 )
@@ -47,13 +47,14 @@ def commit_workspace(
     after any `.git` the agent planted is moved out (`secure_workspace_git`).
 
     Not `wait`: raises `WouldBlock`, having changed nothing, unless the commit is quick
-    (`quick_to_commit`), so that the event loop can make it without a hop to a thread.
+    (`quick_upper`), so that the event loop can make it without a hop to a thread.
 
     `keep_working`: the agent goes on in the workspace (a checkpoint), so a view's index
     follows the commit too; a worktree's always does.
     """
     layers = layer_of(ws)  # a copy-on-write view: its upper layer holds the agent's work
-    if not wait and (layers is None or not quick_to_commit(layers, ws.base_commit)):
+    listing = None if wait or layers is None else quick_upper(layers, ws.base_commit)
+    if not wait and listing is None:
         raise WouldBlock(f"committing {ws.path} may take a while")
     if layers is not None:
         ensure_mounted(ws)
@@ -106,7 +107,9 @@ def commit_workspace(
             if layers is not None:
                 # a view's index is in its registration: one not registered gets its index
                 # from the branch when it is
-                done = commit_view(job, layers, keep_working=keep_working and registered)
+                done = commit_view(
+                    job, layers, keep_working=keep_working and registered, listing=listing
+                )
             else:
                 done = engine.commit(job)
         finally:

@@ -797,17 +797,23 @@ def _mount_included(entry: Path, view: Path, driver: str) -> None:
 # --- committing a view ---------------------------------------------------------------------
 
 
-def commit_view(job: CommitJob, layers: Path, *, keep_working: bool = False) -> WorkCommit:
+def commit_view(
+    job: CommitJob,
+    layers: Path,
+    *,
+    keep_working: bool = False,
+    listing: UpperListing | None = None,
+) -> WorkCommit:
     """Commit a view's work as `job` says (`commit_workspace` makes the job): the start
     commit's tree with what the upper layer in `layers` changed applied, out-of-scope changes
     dropped and reported. `keep_working`: the agent goes on in the view, so its index is made
     the commit's tree, as a worktree's is (or `git status` there shows the commit's changes
-    staged in reverse)."""
+    staged in reverse). `listing`: its upper layer's entries as `quick_upper` read them."""
     pyrepo, head = job.pyrepo, job.head
     upper = layers / "upper"
     lower = _lower_of(layers) or job.base
     base_tree = tree_of(pyrepo, job.base)
-    candidates = _candidates(upper, base_tree, _driver_of(layers))
+    candidates = _candidates(upper, base_tree, _driver_of(layers), listing)
     if lower != job.base:
         candidates.update(changed_paths(pyrepo, job.base, str(tree_of(pyrepo, lower).id)))
     changes, dropped = _view_changes(pyrepo, job.pinned, base_tree, candidates, job.write_scope)
@@ -850,46 +856,64 @@ QUICK_COMMIT_ENTRIES = 256
 QUICK_COMMIT_BYTES = 4 << 20
 
 
+UpperListing = list[tuple[str, bool]]
+"""An upper layer's entries as `quick_upper` read them: each path and whether it is a
+directory."""
+
+
 def quick_to_commit(layers: Path, base: str) -> bool:
-    """Whether the view in `layers` commits quickly: a view of the kernel's overlayfs on the
-    base of its own start commit (`base`), whose upper layer holds at most
-    `QUICK_COMMIT_ENTRIES` entries and `QUICK_COMMIT_BYTES` of files, and no whiteout or
-    opaque directory (each stands for a base subtree of any size). It reads only the upper
-    layer's directories, and stops at the first sign of a large change."""
+    """Whether the view in `layers` commits quickly (`quick_upper`)."""
+    return quick_upper(layers, base) is not None
+
+
+def quick_upper(layers: Path, base: str) -> UpperListing | None:
+    """The upper layer's entries when the view in `layers` commits quickly: a view of the
+    kernel's overlayfs on the base of its own start commit (`base`), whose upper layer holds at
+    most `QUICK_COMMIT_ENTRIES` entries and `QUICK_COMMIT_BYTES` of files, and no whiteout or
+    opaque directory (each stands for a base subtree of any size); else None. It reads only the
+    upper layer's directories, and stops at the first sign of a large change. The commit takes
+    its candidates from these entries (`commit_view`) instead of reading them again."""
     if _driver_of(layers) != overlay.OVERLAY or _lower_of(layers) != base:
-        return False
-    entries = size = 0
-    stack = [str(layers / "upper")]
+        return None
+    found: UpperListing = []
+    size = 0
+    stack = [(str(layers / "upper"), "")]
     while stack:
+        where, prefix = stack.pop()
         try:
-            listing = os.scandir(stack.pop())
+            listing = os.scandir(where)
         except OSError:
-            return False
+            return None
         with listing:
             for entry in listing:
-                entries += 1
-                if entries > QUICK_COMMIT_ENTRIES:
-                    return False
+                if len(found) >= QUICK_COMMIT_ENTRIES:
+                    return None
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
-                    return False
+                    return None
+                rel = prefix + entry.name
                 if stat.S_ISDIR(st.st_mode):
                     if overlay.is_opaque(Path(entry.path), overlay.OVERLAY):
-                        return False
-                    stack.append(entry.path)
+                        return None
+                    stack.append((entry.path, rel + "/"))
                 elif stat.S_ISREG(st.st_mode):
                     size += st.st_size
                     if size > QUICK_COMMIT_BYTES:
-                        return False
+                        return None
                 elif not stat.S_ISLNK(st.st_mode):
-                    return False  # a whiteout
-    return True
+                    return None  # a whiteout
+                found.append((rel, stat.S_ISDIR(st.st_mode)))
+    return found
 
 
-def _candidates(upper: Path, base_tree: pygit2.Tree, driver: str) -> set[str]:
+def _candidates(
+    upper: Path, base_tree: pygit2.Tree, driver: str, listing: UpperListing | None = None
+) -> set[str]:
     """The repository paths the upper layer of `driver` may change: its files, its
-    whiteouts, and every base file under a whited-out, opaque or replaced directory."""
+    whiteouts, and every base file under a whited-out, opaque or replaced directory.
+    `listing`: the upper layer's entries as `quick_upper` read them (it has neither
+    whiteouts nor opaque directories), used instead of reading it again."""
     fuse = driver == overlay.FUSE
     found: set[str] = set()
 
@@ -911,6 +935,20 @@ def _candidates(upper: Path, base_tree: pygit2.Tree, driver: str) -> set[str]:
                 else:
                     out.append(name)
         return out
+
+    if listing is not None:
+        for rel, is_dir in listing:
+            parent = rel.rpartition("/")[0]
+            if rel == ".git" or any(p.casefold() == ".git" for p in parent.split("/")):
+                continue  # the server's gitfile, or inside a `.git` (never walked below)
+            if is_dir:
+                with contextlib.suppress(KeyError):
+                    if base_tree[rel].filemode != _TREE:
+                        found.add(rel)  # a directory where the base has a file
+                continue
+            found.add(rel)
+            found.update(base_files_under(rel))
+        return found
 
     for dirpath, dirnames, filenames in os.walk(upper):
         rel_dir = os.path.relpath(dirpath, upper).replace(os.sep, "/")

@@ -25,11 +25,14 @@ from orchestration.workspace import (
     create_workspace,
     layer_of,
 )
+from orchestration.workspace.git import tree_of
 from orchestration.workspace.layered import (
     QUICK_COMMIT_BYTES,
     QUICK_COMMIT_ENTRIES,
+    _candidates,  # pyright: ignore[reportPrivateUsage]
     ensure_registered,
     quick_to_commit,
+    quick_upper,
 )
 from orchestration.workspace.overlay import FUSE, OVERLAY, probe_overlay
 from tests.orchestration.gitutil import (
@@ -134,6 +137,33 @@ def test_large_or_deleting_layers_are_not_quick(tmp_path: Path) -> None:
     ws = _view(repo, "r1", "quick")
     write(ws.path, "src/n.py", "n\n")
     assert _commit(ws, wait=False).commit is not None
+
+
+def test_the_quick_listing_gives_the_candidates_a_walk_gives(tmp_path: Path) -> None:
+    """The quick commit takes its candidates from the entries `quick_upper` read; they are
+    those a walk of the upper layer finds, `.git` directories left out below any depth."""
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    ws = _view(repo, "c")
+    write(ws.path, "src/new/deep/a.py", "a\n")
+    write(ws.path, "src/n.py", "n\n")
+    os.symlink("n.py", ws.path / "src" / "link")
+    write(ws.path, "sub/.GIT/config", "[core]\n")
+    write(ws.path, "sub/.git/HEAD", "ref: refs/heads/main\n")
+    write(ws.path, "other/.git", "gitdir: elsewhere\n")
+    layers = layer_of(ws)
+    assert layers is not None
+    listing = quick_upper(layers, ws.base_commit)
+    assert listing is not None
+    pyrepo = repo.open()
+    try:
+        base_tree = tree_of(pyrepo, ws.base_commit)
+        walked = _candidates(layers / "upper", base_tree, OVERLAY)
+        assert _candidates(layers / "upper", base_tree, OVERLAY, listing) == walked
+    finally:
+        pyrepo.free()
+    assert {"src/new/deep/a.py", "src/n.py", "src/link", "other/.git"} <= walked
+    assert not any(".git/" in rel.casefold() for rel in walked)
 
 
 def test_a_view_is_made_quickly_only_on_a_free_checked_out_base(
