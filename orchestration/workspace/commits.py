@@ -78,7 +78,7 @@ def commit_workspace(
             pinned, opened = pin_and_open_view(view_git_dir(ws.path), ws.path)
         try:
             upper = layers / "upper" if layers else None
-            planted = secure_workspace_git(pinned, upper=upper, gitfile=registered)
+            planted = secure_workspace_git(pinned, upper=upper, gitfile=registered, listing=listing)
         except BaseException:
             if opened is not None:
                 opened.free()

@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pygit2
@@ -272,6 +273,24 @@ def _removed_rule_file(root: Path, rel_dir: str, name: str) -> str | None:
     return f"{rel} ({removed} where git reads rules; removed)" if removed else None
 
 
+def _names_below(top: Path) -> Iterator[tuple[str, str]]:
+    """(directory, name) of every entry below `top` (the directory "." for `top` itself),
+    nothing below a directory named `.git` in any case."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        rel_dir = os.path.relpath(dirpath, top).replace(os.sep, "/")
+        for name in (*dirnames, *filenames):
+            yield rel_dir, name
+        dirnames[:] = [d for d in dirnames if d.casefold() != ".git"]
+
+
+def _listed(listing: Sequence[tuple[str, bool]]) -> Iterator[tuple[str, str]]:
+    """`_names_below` from entries already read (paths relative to the top)."""
+    for rel, _is_dir in listing:
+        parent, _, name = rel.rpartition("/")
+        if not any(part.casefold() == ".git" for part in parent.split("/")):
+            yield parent or ".", name
+
+
 def _blocking_kind(mode: int) -> str | None:
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
         return None
@@ -282,7 +301,11 @@ def _blocking_kind(mode: int) -> str | None:
 
 
 def secure_workspace_git(
-    pinned: Pinned, *, upper: Path | None = None, gitfile: bool = True
+    pinned: Pinned,
+    *,
+    upper: Path | None = None,
+    gitfile: bool = True,
+    listing: Sequence[tuple[str, bool]] | None = None,
 ) -> list[str]:
     """Make the workspace's git what the server created before the server's git reads it: a
     root `.git` that is not the server's gitfile, and any `.git` below the root (a planted
@@ -297,7 +320,11 @@ def secure_workspace_git(
     Git and libgit2 open the files they read rules from (`RULE_FILES`) as they find them, and
     opening a named pipe blocks until something writes to it: one of those names that is not
     a file, a directory or a link to either (a pipe, a socket, a device, or a link to one of
-    them) is removed from the workspace, as it cannot be committed anyway."""
+    them) is removed from the workspace, as it cannot be committed anyway.
+
+    `listing`: the entries of `upper` (each path and whether it is a directory) as the caller
+    just read them, looked at instead of walking it again. What was found is reported in the
+    order of its paths."""
     root = pinned.work_tree
     found: list[str] = []
     expected = f"gitdir: {pinned.git_dir}"
@@ -312,15 +339,12 @@ def secure_workspace_git(
     planted: list[str] = []
     if st is not None and not ours:
         planted.append(".git")
-    walk_root = upper or root
-    for dirpath, dirnames, filenames in os.walk(walk_root):
-        rel_dir = os.path.relpath(dirpath, walk_root).replace(os.sep, "/")
-        for name in (*dirnames, *filenames):
-            if name.casefold() == ".git" and rel_dir != ".":
-                planted.append(f"{rel_dir}/{name}")
-            elif removed := _removed_rule_file(root, rel_dir, name):
-                found.append(removed)
-        dirnames[:] = [d for d in dirnames if d.casefold() != ".git"]
+    names = _names_below(upper or root) if listing is None or upper is None else _listed(listing)
+    for rel_dir, name in sorted(names):
+        if name.casefold() == ".git" and rel_dir != ".":
+            planted.append(f"{rel_dir}/{name}")
+        elif removed := _removed_rule_file(root, rel_dir, name):
+            found.append(removed)
     if planted:
         common = pinned.git_dir.parent.parent if gitfile else pinned.git_dir
         quarantine = common / STATE_DIR_NAME / "quarantine" / root.name

@@ -33,8 +33,10 @@ from orchestration.workspace.layered import (
     ensure_registered,
     quick_to_commit,
     quick_upper,
+    view_git_dir,
 )
 from orchestration.workspace.overlay import FUSE, OVERLAY, probe_overlay
+from orchestration.workspace.pinning import pin_and_open_view, secure_workspace_git
 from tests.orchestration.gitutil import (
     git,
     head,
@@ -164,6 +166,41 @@ def test_the_quick_listing_gives_the_candidates_a_walk_gives(tmp_path: Path) -> 
         pyrepo.free()
     assert {"src/new/deep/a.py", "src/n.py", "src/link", "other/.git"} <= walked
     assert not any(".git/" in rel.casefold() for rel in walked)
+
+
+def test_securing_a_view_from_the_quick_listing_finds_what_a_walk_finds(tmp_path: Path) -> None:
+    """The planted `.git`s and the links to pipes where git reads rules are found alike in the
+    entries `quick_upper` read and by a walk of the upper layer, and reported in one order."""
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    os.mkfifo(tmp_path / "pipe")
+    found: list[list[str]] = []
+    for agent, quick in (("walked", False), ("listed", True)):
+        ws = _view(repo, "s", agent)
+        write(ws.path, "z/.git/HEAD", "ref: refs/heads/main\n")
+        write(ws.path, "b/c/.GIT", "gitdir: elsewhere\n")
+        write(ws.path, "a/.git/.gitignore", "*\n")
+        os.symlink(tmp_path / "pipe", ws.path / "src" / ".gitattributes")
+        os.symlink(tmp_path / "pipe", ws.path / "docs" / ".gitmodules")
+        layers = layer_of(ws)
+        assert layers is not None
+        listing = quick_upper(layers, ws.base_commit) if quick else None
+        assert (listing is not None) == quick
+        pinned, pyrepo = pin_and_open_view(view_git_dir(ws.path), ws.path)
+        pyrepo.free()
+        found.append(
+            secure_workspace_git(pinned, upper=layers / "upper", gitfile=False, listing=listing)
+        )
+        assert not (ws.path / "z" / ".git").exists()
+        assert not os.path.lexists(ws.path / "docs" / ".gitmodules")
+    assert found[0] == found[1]
+    assert [line.split(" ")[0] for line in found[0]] == [
+        "docs/.gitmodules",
+        "src/.gitattributes",
+        "a/.git",
+        "b/c/.GIT",
+        "z/.git",
+    ]
 
 
 def test_a_view_is_made_quickly_only_on_a_free_checked_out_base(
