@@ -808,12 +808,16 @@ def commit_view(
     commit's tree with what the upper layer in `layers` changed applied, out-of-scope changes
     dropped and reported. `keep_working`: the agent goes on in the view, so its index is made
     the commit's tree, as a worktree's is (or `git status` there shows the commit's changes
-    staged in reverse). `listing`: its upper layer's entries as `quick_upper` read them."""
+    staged in reverse). `listing`: its upper layer's entries as `quick_upper` read them (so
+    the view is the kernel overlay's, on the base of its start commit, `job.base`)."""
     pyrepo, head = job.pyrepo, job.head
     upper = layers / "upper"
-    lower = _lower_of(layers) or job.base
+    if listing is not None:
+        lower, driver = job.base, overlay.OVERLAY
+    else:
+        lower, driver = _lower_of(layers) or job.base, _driver_of(layers)
     base_tree = tree_of(pyrepo, job.base)
-    candidates = _candidates(upper, base_tree, _driver_of(layers), listing)
+    candidates = _candidates(upper, base_tree, driver, listing)
     if lower != job.base:
         candidates.update(changed_paths(pyrepo, job.base, str(tree_of(pyrepo, lower).id)))
     changes, dropped = _view_changes(pyrepo, job.pinned, base_tree, candidates, job.write_scope)
