@@ -1118,7 +1118,12 @@ def _hash(
             files.append(rel)
     if not files:
         return out
-    if _LIBGIT2.accepts(pyrepo, base_tree) and _same_rules(pyrepo, pinned.work_tree, files):
+    # (the pinned configuration turns off each filter driver the repository's configuration
+    # names: none there, none to read again)
+    drivers = bool(pinned.config)
+    if _LIBGIT2.accepts(pyrepo, base_tree, filter_drivers=drivers) and _same_rules(
+        pyrepo, pinned.work_tree, files
+    ):
         try:
             return out | {rel: str(pyrepo.create_blob_fromworkdir(rel)) for rel in files}
         except (pygit2.GitError, OSError, ValueError) as exc:

@@ -92,12 +92,18 @@ class Libgit2Git:
         self._checkout_max_files = checkout_max_files
         self._facts = _TreeFacts()
 
-    def accepts(self, pyrepo: pygit2.Repository, tree: pygit2.Tree) -> bool:
+    def accepts(
+        self, pyrepo: pygit2.Repository, tree: pygit2.Tree, *, filter_drivers: bool | None = None
+    ) -> bool:
         """Whether libgit2 checks out and stages `tree`'s files exactly as git would. The
-        configuration and hooks are read every time; the tree's attributes once per tree."""
+        configuration and hooks are read every time; the tree's attributes once per tree.
+        `filter_drivers`: whether the configuration names a filter driver, when the caller
+        has just read its keys (None: they are read here)."""
         try:
             config = pyrepo.config
-            if any(_FILTER_DRIVER.fullmatch(entry.name) for entry in config):
+            if filter_drivers is None:
+                filter_drivers = any(_FILTER_DRIVER.fullmatch(entry.name) for entry in config)
+            if filter_drivers:
                 return False
             attributes_file = None
             with contextlib.suppress(KeyError):
