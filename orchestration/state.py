@@ -17,7 +17,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Collection, Generator, Sequence
+from collections.abc import Collection, Generator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -1006,6 +1006,19 @@ class StateStore:
         if added:  # in the order of `ORDER BY ord`, as a whole read gives it
             now = dict(sorted(now.items(), key=lambda item: item[1][1].index))
         return now
+
+    def agents_snapshot_by_id(self, run_id: str, cursor: int) -> Mapping[str, AgentRecord]:
+        """`agents_snapshot` at `cursor`, by agent id (made once per run and cursor)."""
+        records = self.agents_snapshot(run_id, cursor)
+        known = self._snapshots_by_id.get(run_id)
+        if known is None or known[0] != cursor:
+            known = self._snapshots_by_id[run_id] = (cursor, {a.agent_id: a for a in records})
+        return known[1]
+
+    @functools.cached_property
+    def _snapshots_by_id(self) -> dict[str, tuple[int, dict[str, AgentRecord]]]:
+        """run_id -> (the cursor of its snapshot, that snapshot by agent id)."""
+        return {}
 
     def agents_snapshot(self, run_id: str, cursor: int | None = None) -> list[AgentRecord]:
         """The run's agents, as `agents` returns them, but reading again only the rows of the

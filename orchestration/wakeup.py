@@ -154,15 +154,18 @@ class Wakeups:
 
     def _budget_ran_out(self, since: int, run_id: str | None, cursor: int) -> bool:
         changed = self.changes(since, run_id, cursor).agents
-        # the runs' snapshots at this cursor (shared with `settled`, read once per cursor),
-        # not one query per changed agent at every event
+        # the changed agents' records in the runs' snapshots at this cursor (shared with
+        # `settled`, read once per cursor), looked up by id: not one query per changed agent,
+        # nor a pass over every agent, at every event
         runs = (
             [run_id]
             if run_id is not None
             else [run.run_id for run in self._store.runs_snapshot(None, cursor)]
         )
-        return any(
-            agent.agent_id in changed and agent.stop_reason is StopReason.BUDGET_EXHAUSTED
-            for run in runs
-            for agent in self._store.agents_snapshot(run, cursor)
-        )
+        for run in runs:
+            records = self._store.agents_snapshot_by_id(run, cursor)
+            for agent_id in changed:
+                agent = records.get(agent_id)
+                if agent is not None and agent.stop_reason is StopReason.BUDGET_EXHAUSTED:
+                    return True
+        return False

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import anyio
 
-from orchestration.attention import run_attention
-from orchestration.contracts import AgentStatus
+from orchestration.attention import WakeOn, run_attention
+from orchestration.contracts import AgentStatus, StopReason
 from orchestration.records import scope_requests
 from orchestration.state import EventKind, StateStore
 from orchestration.wakeup import Wakeups
@@ -95,3 +95,28 @@ def test_attention_reads_past_its_run_only_for_a_waiting_agent(tmp_path: Path) -
         assert got == whole, (first, second)
         assert bool(reads) == (AgentStatus.WAITING in (first, second)), (first, second)
         store.close()
+
+
+def test_an_agent_out_of_budget_wakes_the_poll_while_others_run(tmp_path: Path) -> None:
+    """A long-poll waiting for the run to settle wakes when one of its agents, in this run or
+    (without a run id) in any, stopped for the budget, though others still run; an agent that
+    finished otherwise does not wake it."""
+    store = StateStore(tmp_path)
+    store.create_run(_run(), [_agent(f"a{n}", index=n) for n in range(1, 6)])
+    for n in range(1, 6):
+        store.apply(f"a{n}", EventKind.RUNNING, status=AgentStatus.RUNNING)
+    since = store.cursor()
+    store.mark_final(
+        "a2", AgentStatus.SUCCEEDED, "done", stop_reason=StopReason.FINISHED, reason=None
+    )
+    done = store.cursor()
+    store.mark_final(
+        "a4", AgentStatus.FAILED, "out", stop_reason=StopReason.BUDGET_EXHAUSTED, reason="budget"
+    )
+    out = store.cursor()
+    for run in ("r1", None):
+        wakeups = _wakeups(store)
+        assert not anyio.run(wakeups.wakes, since, run, WakeOn.SETTLED, done), run
+        assert anyio.run(wakeups.wakes, since, run, WakeOn.SETTLED, out), run
+        assert anyio.run(wakeups.wakes, done, run, WakeOn.SETTLED, out), run
+    store.close()
