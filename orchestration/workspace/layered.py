@@ -425,7 +425,9 @@ def registration_held(ws: Workspace, *, wait: bool = True) -> Generator[bool]:
 
 @contextlib.contextmanager
 def _registration_lock(ws: Workspace, *, wait: bool = True) -> Generator[None]:
-    lock = _REGISTERING[hash(os.path.realpath(ws.path)) % len(_REGISTERING)]
+    # striped by the view's run and agent ids, which every spelling of its path ends in
+    path = Path(ws.path)
+    lock = _REGISTERING[hash((path.parent.name, path.name)) % len(_REGISTERING)]
     if not lock.acquire(blocking=wait):
         raise WouldBlock(f"the view {ws.path} is being registered")
     try:
