@@ -73,6 +73,8 @@ class Recovery:
                 # views of this server's that another server merged or discarded: their layers
                 # are gone, and only this server can unmount them (its namespace holds them)
                 await anyio.to_thread.run_sync(ws_mod.unmount_orphaned_views, ctx.repo)
+                # the event loop's kept handle, once agents stopped being made here
+                ws_mod.drop_idle_branch_handle(self._timing.server_heartbeat_s)
             except Exception:  # the next beat tries again; the heartbeat itself must go on
                 log.exception("recovery of the agents of a dead server failed")
 

@@ -27,6 +27,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -275,16 +276,14 @@ def _branch_handle(repo: GitRepo) -> pygit2.Repository:
     (its git dir is not the same directory)."""
     st = os.stat(repo.git_dir)
     key = (str(repo.root), st.st_dev, st.st_ino)
-    held: tuple[tuple[str, int, int], pygit2.Repository] | None = getattr(
+    held: tuple[tuple[str, int, int], pygit2.Repository, float] | None = getattr(
         _BRANCH_HANDLES, "held", None
     )
-    if held is not None:
-        if held[0] == key:
-            return held[1]
-        _BRANCH_HANDLES.held = None
-        held[1].free()
-    handle = pygit2.Repository(str(repo.root))
-    _BRANCH_HANDLES.held = (key, handle)
+    if held is not None and held[0] != key:
+        _drop_branch_handle()
+        held = None
+    handle = held[1] if held is not None else pygit2.Repository(str(repo.root))
+    _BRANCH_HANDLES.held = (key, handle, time.monotonic())
     return handle
 
 
@@ -293,6 +292,15 @@ def _drop_branch_handle() -> None:
     _BRANCH_HANDLES.held = None
     if held is not None:
         held[1].free()
+
+
+def drop_idle_branch_handle(idle_s: float) -> None:
+    """Free this thread's kept handle if no branch was made through it for `idle_s`: an open
+    handle keeps the pack files it read open, and a `git gc` of the repository may have
+    deleted them since. (A worker thread's goes with the thread.)"""
+    held = getattr(_BRANCH_HANDLES, "held", None)
+    if held is not None and time.monotonic() - held[2] >= idle_s:
+        _drop_branch_handle()
 
 
 def _create_branch(repo: GitRepo, branch: str, base: str) -> bool:

@@ -10,6 +10,7 @@ on disk."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from orchestration.workspace import (
     clear_partial_writes,
     commit_workspace,
     create_workspace,
+    drop_idle_branch_handle,
     layer_of,
+    layered,
     list_workspaces,
     remove_workspace,
 )
@@ -462,3 +465,25 @@ def test_a_killed_writes_temporary_file_is_cleared_from_an_unmounted_view(
     assert clear_partial_writes(bare) == ["src/.a.py.fanout-4242-123456.tmp"]
     done = commit_workspace(bare, message="recovered", write_scope=WriteScope.of(["src"]))
     assert {c.path for c in done.changes} == {"src/a.py"}
+
+
+def test_a_views_branch_is_made_in_the_repository_now_at_its_path(tmp_path: Path) -> None:
+    """Views' branches are made through a handle each thread keeps on the repository: a view
+    of a new repository at the same path gets its branch there, at its commit; an idle handle
+    is freed (it would keep open pack files that a `git gc` deleted)."""
+    root = tmp_path / "r"
+    first = _view(GitRepo(make_repo(root, BASE_FILES)), "one")
+    assert git(root, "rev-parse", first.branch_ref).strip() == first.base_commit
+    unmount_view(first.path)
+    shutil.rmtree(root)
+    repo = GitRepo(make_repo(root, {"other.txt": "other\n"}))
+    second = _view(repo, "two")
+    assert second.base_commit == head(root) != first.base_commit
+    assert git(root, "rev-parse", second.branch_ref).strip() == second.base_commit
+    assert layered._BRANCH_HANDLES.held is not None  # pyright: ignore[reportPrivateUsage]
+    drop_idle_branch_handle(3600.0)
+    assert layered._BRANCH_HANDLES.held is not None  # pyright: ignore[reportPrivateUsage]
+    drop_idle_branch_handle(0.0)
+    assert layered._BRANCH_HANDLES.held is None  # pyright: ignore[reportPrivateUsage]
+    third = _view(repo, "three")
+    assert git(root, "rev-parse", third.branch_ref).strip() == third.base_commit
