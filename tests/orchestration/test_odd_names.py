@@ -1,0 +1,64 @@
+"""Tool answers that name files whose names are not UTF-8 reach the model and the transcript
+escaped, and the agent goes on: such a name held as text (a lone surrogate) cannot be encoded
+as JSON, for the API or the transcript."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from orchestration.contracts import AgentStatus, SpawnRequest, TaskSpec
+from orchestration.model import ModelRequest, ToolResultBlock
+from orchestration.orchestrator import Orchestrator
+from tests.orchestration.scripts import by_task, git, make_repo
+from tests.orchestration.test_orchestrator import settings, wait_until_final
+
+pytestmark = pytest.mark.anyio
+
+
+def _repo_with_an_odd_name(root: Path) -> Path:
+    repo = make_repo(root)
+    fd = os.open(
+        os.path.join(os.fsencode(repo), b"docs", b"bad\xffname.md"), os.O_WRONLY | os.O_CREAT
+    )
+    os.write(fd, b"needle\n")
+    os.close(fd)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "a name that is not UTF-8")
+    return repo
+
+
+async def test_a_file_name_that_is_not_utf8_is_shown_escaped(tmp_path: Path) -> None:
+    repo = _repo_with_an_odd_name(tmp_path / "repo")
+    seen: list[ModelRequest] = []
+    model = by_task(
+        {
+            "ODD": [
+                ("list_files", {"path": "docs"}),
+                ("search", {"pattern": "needle"}),
+            ]
+        },
+        seen=seen,
+    )
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(SpawnRequest(tasks=[TaskSpec(prompt="ODD look", name="odd")]))
+        status = await wait_until_final(orch, spawned.run_id)
+        agent = status.runs[0].agents[0]
+        assert agent.status is AgentStatus.SUCCEEDED, agent.result
+    transcript = (repo / ".git" / "fanout" / "transcripts" / f"{agent.agent_id}.jsonl").read_text(
+        encoding="utf-8"
+    )
+    results = [
+        block.content
+        for request in seen
+        for message in request.messages
+        for block in message.content
+        if isinstance(block, ToolResultBlock)
+    ]
+    # listed twice (its own answer, then the history of the next request) and found once
+    assert sum("docs/bad\\udcffname.md" in text for text in results) >= 3, results
+    lines = [json.loads(line) for line in transcript.splitlines()]
+    assert [line["kind"] for line in lines].count("tool_result") == 3
