@@ -303,11 +303,12 @@ class AgentLoop:
         batch: list[ToolUseBlock] = []
 
         async def flush() -> None:
-            if not batch:
-                return
-            async with anyio.create_task_group() as tg:
-                for use in batch:
-                    tg.start_soon(call_one, use)
+            if len(batch) == 1:
+                await call_one(batch[0])  # (no task group for one call)
+            elif batch:
+                async with anyio.create_task_group() as tg:
+                    for use in batch:
+                        tg.start_soon(call_one, use)
             batch.clear()
 
         async def call_one(use: ToolUseBlock) -> None:
