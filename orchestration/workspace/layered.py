@@ -950,18 +950,24 @@ def _candidates(
                     out.append(name)
         return out
 
+    def add(rel: str, is_dir: bool) -> None:
+        """The upper layer's entry at `rel`: a directory changes its path where the base has a
+        file there; a file, a link (to a directory too) or a whiteout hides whatever the base
+        holds at its path."""
+        if is_dir:
+            with contextlib.suppress(KeyError):
+                if base_tree[rel].filemode != _TREE:
+                    found.add(rel)
+            return
+        found.add(rel)
+        found.update(base_files_under(rel))
+
     if listing is not None:
         for rel, is_dir in listing:
             parent = rel.rpartition("/")[0]
             if rel == ".git" or any(p.casefold() == ".git" for p in parent.split("/")):
                 continue  # the server's gitfile, or inside a `.git` (never walked below)
-            if is_dir:
-                with contextlib.suppress(KeyError):
-                    if base_tree[rel].filemode != _TREE:
-                        found.add(rel)  # a directory where the base has a file
-                continue
-            found.add(rel)
-            found.update(base_files_under(rel))
+            add(rel, is_dir)
         return found
 
     for dirpath, dirnames, filenames in os.walk(upper):
@@ -981,17 +987,10 @@ def _candidates(
                     found.add(prefix + hidden)
                     found.update(base_files_under(prefix + hidden))
                 continue
-            st = os.lstat(os.path.join(dirpath, name))
-            if stat.S_ISDIR(st.st_mode):
+            is_dir = stat.S_ISDIR(os.lstat(os.path.join(dirpath, name)).st_mode)
+            if is_dir:
                 real_dirs.append(name)
-                with contextlib.suppress(KeyError):
-                    if base_tree[rel].filemode != _TREE:
-                        found.add(rel)  # a directory where the base has a file
-                continue
-            # a file, a link (to a directory too), or a whiteout: it hides whatever the base
-            # holds at its path
-            found.add(rel)
-            found.update(base_files_under(rel))
+            add(rel, is_dir)
         dirnames[:] = [d for d in real_dirs if d.casefold() != ".git"]
     return found
 
