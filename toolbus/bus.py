@@ -21,7 +21,7 @@ import anyio.from_thread
 import anyio.to_thread
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
-from toolbus.audit import AuditLog, Outcome, printable
+from toolbus.audit import AuditLog, Outcome
 from toolbus.errors import InvalidArguments, PermissionRefused, ToolbusError
 from toolbus.external import (
     ExternalServerError,
@@ -383,7 +383,7 @@ class AgentBus:
             external = self.external_tools.get(name)
             if external is not None:
                 text, facts = await self._external_call(external, arguments, facts)
-                return ToolOutcome(content=printable(text), is_error=facts.is_error)
+                return ToolOutcome(content=text, is_error=facts.is_error)
             model = _MODELS.get(name)
             if model is None or (name == "read_mcp_resource" and not self.external_tools):
                 names = [s.name for s in self.tool_specs()]
@@ -403,23 +403,19 @@ class AgentBus:
             if done.path is None:
                 done.path = facts.path
             facts = done
-            # a name that is not UTF-8 (a lone surrogate here) would make the answer
-            # unencodable as JSON, for the API and the transcript: shown escaped
-            return ToolOutcome(content=printable(text), is_error=facts.is_error)
+            return ToolOutcome(content=text, is_error=facts.is_error)
         except ToolbusError as exc:
             if isinstance(exc, PermissionRefused):
                 facts.permission = exc.permission
             outcome, error_type, detail = "refused", type(exc).__name__, str(exc)
-            return ToolOutcome(content=printable(f"{error_type}: {exc}"), is_error=True)
+            return ToolOutcome(content=f"{error_type}: {exc}", is_error=True)
         except anyio.get_cancelled_exc_class():
             outcome, error_type, detail = "error", "Cancelled", "the call was cancelled"
             raise
         except Exception as exc:
             outcome, error_type, detail = "error", type(exc).__name__, str(exc)
             return ToolOutcome(
-                content=printable(
-                    f"internal error ({error_type}): {exc}; the call did not complete"
-                ),
+                content=f"internal error ({error_type}): {exc}; the call did not complete",
                 is_error=True,
             )
         finally:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, JsonValue
+from pydantic import BaseModel, ConfigDict, JsonValue, field_validator
+
+from toolbus.audit import printable
 
 
 class ToolSpec(BaseModel):
@@ -20,3 +22,10 @@ class ToolOutcome(BaseModel):
 
     content: str
     is_error: bool = False
+
+    @field_validator("content")
+    @classmethod
+    def _encodable(cls, text: str) -> str:
+        """Lone surrogates escaped (a file name that is not UTF-8, as git lists it, or an
+        error naming one): the answer must encode as JSON, for the API and the transcript."""
+        return printable(text)
