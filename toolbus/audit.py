@@ -111,7 +111,7 @@ class AuditLog:
         """Create the log file now (blocking; from a worker thread), so that the first record
         does not allocate it on the caller's thread."""
         if self.path is not None:
-            os.close(os.open(self.path, _APPEND_FLAGS, 0o666))
+            append_text(self.path, "")
 
     @classmethod
     def load(cls, path: Path, *, fsync: bool = False) -> AuditLog:

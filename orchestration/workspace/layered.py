@@ -62,6 +62,7 @@ from orchestration.workspace.libgit2_git import Libgit2Git
 from orchestration.workspace.pinning import (
     Workspace,
     admin_dir_of,
+    listed_below,
     points_here,
     remove_blocking_rule_files,
     secure_workspace_git,
@@ -875,11 +876,6 @@ UpperListing = list[tuple[str, bool]]
 directory."""
 
 
-def quick_to_commit(layers: Path, base: str) -> bool:
-    """Whether the view in `layers` commits quickly (`quick_upper`)."""
-    return quick_upper(layers, base) is not None
-
-
 def quick_upper(layers: Path, base: str) -> UpperListing | None:
     """The upper layer's entries when the view in `layers` commits quickly: a view of the
     kernel's overlayfs on the base of its own start commit (`base`), whose upper layer holds at
@@ -963,11 +959,10 @@ def _candidates(
         found.update(base_files_under(rel))
 
     if listing is not None:
-        for rel, is_dir in listing:
-            parent = rel.rpartition("/")[0]
-            if rel == ".git" or any(p.casefold() == ".git" for p in parent.split("/")):
-                continue  # the server's gitfile, or inside a `.git` (never walked below)
-            add(rel, is_dir)
+        for rel_dir, name, is_dir in listed_below(listing):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if rel != ".git":  # the server's gitfile
+                add(rel, is_dir)
         return found
 
     for dirpath, dirnames, filenames in os.walk(upper):

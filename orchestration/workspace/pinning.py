@@ -252,15 +252,11 @@ def remove_blocking_rule_files(root: Path, walk_root: Path) -> list[str]:
     """Remove from the work tree `root` the rule files (`RULE_FILES`) that git would wait on
     (`_remove_if_blocking`), looking for them under `walk_root` (`root`, or a view's upper
     layer); what was removed, as the agent's result words it."""
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(walk_root):
-        rel_dir = os.path.relpath(dirpath, walk_root).replace(os.sep, "/")
-        for name in (*dirnames, *filenames):
-            removed = _removed_rule_file(root, rel_dir, name)
-            if removed:
-                found.append(removed)
-        dirnames[:] = [d for d in dirnames if d.casefold() != ".git"]
-    return found
+    return [
+        removed
+        for rel_dir, name in _names_below(walk_root)
+        if (removed := _removed_rule_file(root, rel_dir, name))
+    ]
 
 
 def _removed_rule_file(root: Path, rel_dir: str, name: str) -> str | None:
@@ -283,12 +279,14 @@ def _names_below(top: Path) -> Iterator[tuple[str, str]]:
         dirnames[:] = [d for d in dirnames if d.casefold() != ".git"]
 
 
-def _listed(listing: Sequence[tuple[str, bool]]) -> Iterator[tuple[str, str]]:
-    """`_names_below` from entries already read (paths relative to the top)."""
-    for rel, _is_dir in listing:
+def listed_below(listing: Sequence[tuple[str, bool]]) -> Iterator[tuple[str, str, bool]]:
+    """(directory, name, whether a directory) of entries already read (each path, relative to
+    the top, and whether it is a directory), as `_names_below` walks them: the directory "."
+    for the top, nothing below a directory named `.git` in any case."""
+    for rel, is_dir in listing:
         parent, _, name = rel.rpartition("/")
         if not any(part.casefold() == ".git" for part in parent.split("/")):
-            yield parent or ".", name
+            yield parent or ".", name, is_dir
 
 
 def _blocking_kind(mode: int) -> str | None:
@@ -339,7 +337,11 @@ def secure_workspace_git(
     planted: list[str] = []
     if st is not None and not ours:
         planted.append(".git")
-    names = _names_below(upper or root) if listing is None or upper is None else _listed(listing)
+    names = (
+        _names_below(upper or root)
+        if listing is None or upper is None
+        else ((rel_dir, name) for rel_dir, name, _ in listed_below(listing))
+    )
     for rel_dir, name in sorted(names):
         if name.casefold() == ".git" and rel_dir != ".":
             planted.append(f"{rel_dir}/{name}")

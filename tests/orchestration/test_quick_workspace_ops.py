@@ -31,7 +31,6 @@ from orchestration.workspace.layered import (
     QUICK_COMMIT_ENTRIES,
     _candidates,  # pyright: ignore[reportPrivateUsage]
     ensure_registered,
-    quick_to_commit,
     quick_upper,
     view_git_dir,
 )
@@ -115,8 +114,8 @@ def test_large_or_deleting_layers_are_not_quick(tmp_path: Path) -> None:
         assert layers is not None
         return layers, ws.base_commit
 
-    assert quick_to_commit(*layers_after("small", lambda p: write(p, "src/n.py", "n\n")))
-    assert not quick_to_commit(*layers_after("del", lambda p: (p / "docs/old.md").unlink()))
+    assert quick_upper(*layers_after("small", lambda p: write(p, "src/n.py", "n\n"))) is not None
+    assert quick_upper(*layers_after("del", lambda p: (p / "docs/old.md").unlink())) is None
 
     def replace_dir(p: Path) -> None:
         for f in (p / "docs").iterdir():
@@ -124,18 +123,18 @@ def test_large_or_deleting_layers_are_not_quick(tmp_path: Path) -> None:
         (p / "docs").rmdir()
         write(p, "docs/new.md", "new\n")  # an opaque directory over the base's docs/
 
-    assert not quick_to_commit(*layers_after("opaque", replace_dir))
+    assert quick_upper(*layers_after("opaque", replace_dir)) is None
 
     def many(p: Path) -> None:
         for n in range(QUICK_COMMIT_ENTRIES + 1):
             write(p, f"src/many/f{n}.py", "x\n")
 
-    assert not quick_to_commit(*layers_after("many", many))
+    assert quick_upper(*layers_after("many", many)) is None
     big = "x" * (QUICK_COMMIT_BYTES + 1)
-    assert not quick_to_commit(*layers_after("big", lambda p: write(p, "src/big.txt", big)))
+    assert quick_upper(*layers_after("big", lambda p: write(p, "src/big.txt", big))) is None
     layers, base = layers_after("fuse", lambda p: write(p, "src/n.py", "n\n"))
     (layers / "driver").write_text(FUSE + "\n", encoding="ascii")
-    assert not quick_to_commit(layers, base)
+    assert quick_upper(layers, base) is None
     ws = _view(repo, "r1", "quick")
     write(ws.path, "src/n.py", "n\n")
     assert _commit(ws, wait=False).commit is not None
