@@ -181,8 +181,9 @@ class Recovery:
         processes would outlive the merge that gives it back. The agent is claimed first (this
         server becomes its owner, atomically), so two servers starting at once cannot both take
         it. A grant still live is renewed by this process's keeper from now on; one that lapsed
-        is taken again (a new token) if nobody else holds its paths, else the agent is marked as
-        having lost it, and merge_results skips it with the reason.
+        is taken again (a new token) if nobody else holds its paths (its own lock-delay does not
+        count), else the agent is marked as having lost it, and merge_results skips it with the
+        reason.
         """
         keep = (
             AgentStatus.SUCCEEDED,
@@ -223,7 +224,7 @@ class Recovery:
             else:
                 requests = scope_requests(agent.write_scope)
                 try:
-                    grant = ctx.leases.store.try_acquire(holder, requests)
+                    grant = ctx.leases.store.retake(holder, agent.lease_token, requests)
                 except LeaseError:
                     grant = None
                 if grant is None:

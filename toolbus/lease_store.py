@@ -568,41 +568,82 @@ class LeaseStore:
                 if waiter_id is not None:
                     self._refresh_waiter(conn, now, waiter_id, holder, normal)
                 return None
-            (token,) = conn.execute(
-                "UPDATE meta SET value = value + 1 WHERE key = 'token' RETURNING value"
-            ).fetchone()
-            expires_at = now + self.ttl_s
-            conn.execute(
-                "INSERT INTO grants (token, holder, acquired_at, expires_at, broken_at, leases) "
-                "VALUES (?, ?, ?, ?, NULL, ?)",
-                (
-                    token,
-                    holder,
-                    now,
-                    expires_at,
-                    json.dumps([[r.kind, r.resource, str(r.mode)] for r in normal]),
-                ),
-            )
-            conn.executemany(
-                "INSERT INTO leases (token, kind, resource, mode, holder, expires_at, blocks_until)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        token,
-                        r.kind,
-                        r.resource,
-                        str(r.mode),
-                        holder,
-                        expires_at,
-                        expires_at + self.lock_delay_s,
-                    )
-                    for r in normal
-                ],
-            )
+            grant = self._insert_grant(conn, now, holder, normal)
             if waiter_id is not None:
                 self._delete_waiter(conn, waiter_id)
+        return grant
+
+    def retake(
+        self, holder: str, token: int, requests: Iterable[LeaseRequest]
+    ) -> LeaseGrant | None:
+        """Take again, under a new token, the paths of `holder`'s grant `token` that lapsed
+        (expired unrenewed, not broken): what a server does that takes over a dead server's agent.
+
+        The lapsed grant's lock-delay blocks others, not its own holder: the late writes it
+        guards against are that holder's own. Every other lease blocks as in `try_acquire`, and so
+        do earlier waiters once the lapsed grant no longer blocks (until then they queue behind
+        it). A grant still live is returned as it is. `None` when blocked.
+        """
+        normal = normalise_requests(requests)
+        with self._transaction() as (conn, now):
+            row: tuple[str, float, float | None, str] | None = conn.execute(
+                "SELECT holder, expires_at, broken_at, leases FROM grants WHERE token = ?",
+                (token,),
+            ).fetchone()
+            mine = row is not None and row[0] == holder and row[2] is None
+            if row is not None and mine and row[1] > now:
+                return LeaseGrant(
+                    holder=holder,
+                    token=token,
+                    leases=_requests_from_json(row[3]),
+                    expires_at=row[1],
+                )
+            blockers = self._blockers(conn, normal, now, holder, None)
+            if blockers.own:
+                raise LeaseSelfConflict(_self_conflict_message(holder, normal, blockers.own))
+            others = [lease for lease in blockers.leases if not (mine and lease.token == token)]
+            behind_lapsed = len(others) < len(blockers.leases)
+            if others or (blockers.waiters and not behind_lapsed):
+                return None
+            conn.execute("DELETE FROM leases WHERE token = ?", (token,))
+            return self._insert_grant(conn, now, holder, normal)
+
+    def _insert_grant(
+        self, conn: sqlite3.Connection, now: float, holder: str, normal: Sequence[LeaseRequest]
+    ) -> LeaseGrant:
+        (token,) = conn.execute(
+            "UPDATE meta SET value = value + 1 WHERE key = 'token' RETURNING value"
+        ).fetchone()
+        expires_at = now + self.ttl_s
+        conn.execute(
+            "INSERT INTO grants (token, holder, acquired_at, expires_at, broken_at, leases) "
+            "VALUES (?, ?, ?, ?, NULL, ?)",
+            (
+                token,
+                holder,
+                now,
+                expires_at,
+                json.dumps([[r.kind, r.resource, str(r.mode)] for r in normal]),
+            ),
+        )
+        conn.executemany(
+            "INSERT INTO leases (token, kind, resource, mode, holder, expires_at, blocks_until)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    token,
+                    r.kind,
+                    r.resource,
+                    str(r.mode),
+                    holder,
+                    expires_at,
+                    expires_at + self.lock_delay_s,
+                )
+                for r in normal
+            ],
+        )
         return LeaseGrant.model_construct(
-            holder=holder, token=int(token), leases=normal, expires_at=expires_at
+            holder=holder, token=int(token), leases=tuple(normal), expires_at=expires_at
         )
 
     def enqueue(self, holder: str, requests: Iterable[LeaseRequest]) -> int:

@@ -3,6 +3,7 @@ agents, never those of a live server, and a merge leaves no lease behind whoever
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import anyio
@@ -126,6 +127,35 @@ async def test_a_stopped_servers_finished_agent_is_taken_over_merged_and_leaves_
         assert owner is not None and owner.owner == ctx.store.server_id
         with anyio.fail_after(10):
             await ctx.keeper.renew_all()
+        assert first.agent_id in await holders(ctx)
+        merged = await b.merge(MergeRequest(run_id=spawned.run_id))
+        assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]
+        assert first.agent_id not in await holders(ctx)
+    assert (repo / "src/app/w.py").read_text() == "W = 1\n"
+
+
+async def test_a_finished_agents_lease_that_lapsed_in_its_lock_delay_is_taken_again(
+    tmp_path: Path,
+) -> None:
+    """The next server opened after the dead one's grant expired but before its lock-delay
+    ended: the agent's own lock-delay is no other holder, so its scope is taken again and it
+    merges, instead of being marked as having lost its lease."""
+    repo = make_repo(tmp_path / "repo")
+    model = by_task({"FIRST": WRITE})
+    lapsing = Settings(repo=repo, sandbox="none", lease_ttl_s=1.0, lease_lock_delay_s=120.0)
+    async with Orchestrator(lapsing, lambda _name: model) as a:
+        spawned = await a.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="FIRST", write_scope=["src/app"])])
+        )
+        first = (await wait_until_final(a, spawned.run_id)).runs[0].agents[0]
+        assert first.status == AgentStatus.SUCCEEDED
+        ctx = await a.context(repo)
+        (grant,) = [lease for lease in await ctx.leases.table() if lease.holder == first.agent_id]
+    await anyio.sleep(max(0.0, grant.expires_at - time.time()) + 0.1)
+    async with Orchestrator(lapsing, lambda _name: model) as b:
+        ctx = await b.context(repo)
+        record = ctx.store.agent(first.agent_id)
+        assert record is not None and not record.lease_lost
         assert first.agent_id in await holders(ctx)
         merged = await b.merge(MergeRequest(run_id=spawned.run_id))
         assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]

@@ -238,6 +238,48 @@ def test_expiry_is_lost_at_once_and_regranted_after_lock_delay(
     assert later.token > grant.token
 
 
+def test_its_holder_retakes_a_lapsed_grant_during_its_own_lock_delay(
+    store: LeaseStore, clock: FakeClock
+) -> None:
+    """A server taking over a dead server's agent: the agent's grant lapsed unrenewed, and its
+    own lock-delay must not count as somebody else holding its paths."""
+    grant = take(store, "a", W("src"))
+    clock.advance(31)  # expired, still in its lock-delay
+    assert store.try_acquire("a", [W("src")]) is None
+    waiter = store.enqueue("b", [W("src/y")])  # queued behind the lapsed grant
+    again = store.retake("a", grant.token, [W("src")])
+    assert again is not None and again.token > grant.token
+    store.check("a", again.token, "src/x")
+    assert [lease.token for lease in store.table()] == [again.token]
+    assert store.try_acquire("b", [W("src/y")], waiter_id=waiter) is None
+    # a grant still live is given back as it is
+    assert store.retake("a", again.token, [W("src")]) == again
+
+
+def test_retake_is_refused_when_another_holder_blocks_or_the_grant_was_broken(
+    store: LeaseStore, clock: FakeClock
+) -> None:
+    lapsed = take(store, "a", W("src/a"))
+    other = take(store, "b", W("src/b"))
+    clock.advance(20)
+    other = store.renew(other)
+    clock.advance(11)  # a's grant lapsed; b's is live and overlaps what a asks now
+    assert store.retake("a", lapsed.token, [W("src")]) is None
+    # past the lock-delay, an earlier waiter of another holder goes first, as for anyone
+    clock.advance(5)
+    store.release(other)
+    store.enqueue("c", [W("src/a")])
+    assert store.retake("a", lapsed.token, [W("src/a")]) is None
+    # a broken grant is lost for good: its lock-delay blocks its holder too
+    broken = take(store, "d", W("docs"))
+    store.break_holder("d")
+    assert store.retake("d", broken.token, [W("docs")]) is None
+    # and another holder cannot retake what was not its grant
+    mine = take(store, "e", W("lib"))
+    clock.advance(31)
+    assert store.retake("f", mine.token, [W("lib")]) is None
+
+
 def test_renewal_keeps_a_lease_past_its_first_ttl(store: LeaseStore, clock: FakeClock) -> None:
     grant = take(store, "a", W("src"))
     for _ in range(5):
