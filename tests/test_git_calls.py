@@ -9,6 +9,7 @@ discovery off (`NO_SEARCH`). A new call that does neither fails here.
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,25 @@ def test_git_refuses_an_unpinned_command_in_a_workspace(tmp_path: Path) -> None:
         gitcmd.run(ws, ["status"])
     with pytest.raises(ValueError, match="GIT_DIR"):
         gitcmd.git_env({"GIT_DIR": "/elsewhere"}, pinned=True)
+
+
+def test_pinned_git_waiting_on_a_named_pipe_is_stopped(tmp_path: Path) -> None:
+    """A pipe where git reads rules holds git in `open` until a writer comes; a pinned git
+    (on an agent's files) is stopped there instead of waiting out its timeout."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    gitcmd.run(ws, ["init", "-q"])
+    os.mkfifo(ws / ".gitignore")
+    pinned = gitcmd.Pinned(ws / ".git", ws)
+    listing = ["ls-files", "--others", "--exclude-standard"]
+    with pytest.raises(gitcmd.GitStalled, match="named pipe"):
+        gitcmd.run_bytes(ws, listing, pinned=pinned, timeout=120)
+    with pytest.raises(gitcmd.GitStalled):
+        gitcmd.run(ws, listing, pinned=pinned)  # without a timeout it would wait for ever
+    os.unlink(ws / ".gitignore")
+    (ws / "a\r\nb.txt").write_text("")
+    done = gitcmd.run(ws, [*listing, "-z"], pinned=pinned, input="unused\n")
+    assert (done.returncode, done.stdout) == (0, "a\nb.txt\0")  # as `text=True` reads it
 
 
 def test_pinned_argv_turns_off_command_running_configuration(tmp_path: Path) -> None:

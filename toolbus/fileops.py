@@ -6,8 +6,9 @@ atomic (temp file in the same directory, fsync, `os.replace`).
 
 Ignored files: `list_files` and `search` see what `git ls-files --cached --others
 --exclude-standard` reports in the worktree (git's own `.gitignore` semantics, including nested
-ignore files and `info/exclude`), git pinned to the git dir the server gives; without one they
-fall back to a walk that skips only `.git`. Symlinked files are listed but not searched.
+ignore files and `info/exclude`), git pinned to the git dir the server gives; without one, or
+when git fails (as when it would wait on a named pipe where it reads rules), they fall back to a
+walk that skips only `.git`. Symlinked files are listed but not searched.
 """
 
 from __future__ import annotations

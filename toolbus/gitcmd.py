@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 __all__ = [
     "SAFE_CONFIG",
     "GitNotFound",
+    "GitStalled",
     "Pinned",
     "UnpinnedWorkspaceGit",
     "filter_overrides",
@@ -81,6 +83,12 @@ _ALLOWED_EXTRA = frozenset({"GIT_INDEX_FILE", "GIT_OPTIONAL_LOCKS", "LC_ALL"}) |
 
 class GitNotFound(RuntimeError):
     """git is not installed or not on PATH."""
+
+
+class GitStalled(OSError):
+    """Pinned git was stopped waiting to open a named pipe in the workspace: a pipe where git
+    reads rules (`.gitignore`, `.gitattributes`) would hold it until a writer came, or its
+    timeout."""
 
 
 class UnpinnedWorkspaceGit(RuntimeError):
@@ -173,11 +181,17 @@ def run(
     """Run one git command, its output as text; raises `GitNotFound`, `UnpinnedWorkspaceGit`,
     and `subprocess.TimeoutExpired` past `timeout`."""
     _check_cwd(cwd, pinned)
+    if pinned is not None:
+        data = None if input is None else input.encode("utf-8", "surrogateescape")
+        done = _run_watched(git_argv(args, pinned), cwd, git_env(env, pinned=True), data, timeout)
+        return subprocess.CompletedProcess(
+            done.args, done.returncode, _text(done.stdout), _text(done.stderr)
+        )
     try:
         return subprocess.run(
             git_argv(args, pinned),
             cwd=cwd,
-            env=git_env(env, pinned=pinned is not None),
+            env=git_env(env, pinned=False),
             input=input,
             capture_output=True,
             text=True,
@@ -201,11 +215,13 @@ def run_bytes(
     """`run` with the output as bytes, and `input`, if given, as git's standard input (a pack,
     or the revisions `pack-objects --revs` reads)."""
     _check_cwd(cwd, pinned)
+    if pinned is not None:
+        return _run_watched(git_argv(args, pinned), cwd, git_env(pinned=True), input, timeout)
     try:
         return subprocess.run(
             git_argv(args, pinned),
             cwd=cwd,
-            env=git_env(pinned=pinned is not None),
+            env=git_env(pinned=False),
             input=input,
             capture_output=True,
             check=False,
@@ -213,3 +229,69 @@ def run_bytes(
         )
     except FileNotFoundError as exc:
         raise GitNotFound("git is not installed or not on PATH") from exc
+
+
+# How often a pinned git that has not finished is looked at, and the kernel's name for where a
+# process waits in `open` of a named pipe until the other end opens (Linux's `/proc/PID/wchan`).
+_WATCH_EVERY_S = 0.25
+_PIPE_OPEN_WAIT = b"wait_for_partner"
+
+
+def _run_watched(
+    argv: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    input: bytes | None,
+    timeout: float | None,
+) -> subprocess.CompletedProcess[bytes]:
+    """`subprocess.run` of a pinned git, which also stops it (`GitStalled`) once it waits to
+    open a named pipe: the agent can make one where git reads rules, and git would wait there
+    until its timeout, or for ever without one."""
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    except FileNotFoundError as exc:
+        raise GitNotFound("git is not installed or not on PATH") from exc
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = input
+    with proc:
+        while True:
+            wait = _WATCH_EVERY_S
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic()))
+            try:
+                out, err = proc.communicate(pending, timeout=wait)
+            except subprocess.TimeoutExpired:
+                pending = None  # communicate keeps what it has not written yet
+                if deadline is not None and time.monotonic() >= deadline:
+                    proc.kill()
+                    proc.communicate()
+                    raise subprocess.TimeoutExpired(argv, timeout or 0.0) from None
+                if _waits_on_a_pipe(proc.pid):
+                    proc.kill()
+                    proc.communicate()
+                    raise GitStalled(
+                        f"git waited to open a named pipe in {cwd} (one where git reads rules, "
+                        "such as a .gitignore or .gitattributes that is a pipe) and was stopped"
+                    ) from None
+                continue
+            return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _text(data: bytes) -> str:
+    """Output as `subprocess.run(text=True)` gives it: universal newlines."""
+    return data.decode("utf-8", "surrogateescape").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _waits_on_a_pipe(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/wchan", "rb") as wchan:
+            return wchan.read().strip() == _PIPE_OPEN_WAIT
+    except OSError:
+        return False

@@ -11,6 +11,7 @@ still committed and merged, and the planted `.git` is reported in its result, no
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 
 import anyio
@@ -223,3 +224,32 @@ async def test_named_pipes_where_git_reads_rules_never_stop_the_commit(
     assert "src/app/work.py" in tree
     assert not any("pipe" in p or p.rsplit("/", 1)[-1] in RULES for p in tree)
     git(repo, "fsck", "--no-progress")
+
+
+async def test_a_named_pipe_where_git_reads_rules_never_holds_a_worktrees_listing(
+    tmp_path: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a worktree (the fallback without views) no walk removes the pipe before a listing:
+    the listing's git is stopped at it and the listing walks, instead of waiting a minute at
+    every `list_files` and `search`."""
+    monkeypatch.setenv("FANOUT_WORKSPACES", "worktree")
+    repo = make_repo(tmp_path / "repo")
+    steps: list[Step] = [
+        ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
+        ("run_command", {"command": "mkfifo src/app/.gitignore"}),
+        ("list_files", {"path": "src/app"}),
+        ("search", {"pattern": "WORK", "path": "src/app"}),
+    ]
+    started = time.monotonic()
+    with anyio.fail_after(120):
+        status, outcomes = await _attack(repo, steps)
+    took = time.monotonic() - started
+    agent = status.runs[0].agents[0]
+    ok = agent.status is AgentStatus.SUCCEEDED and took < 30
+    ledger.record(STOPPERS, "a pipe at a worktree's .gitignore, listed", ok, f"{took:.1f} s")
+    assert agent.status is AgentStatus.SUCCEEDED, agent
+    assert took < 30  # git's own listing timeout is 60 s per call, and there are two calls
+    dropped = agent.result.dropped_files if agent.result else []
+    assert [d.split(" ")[0] for d in dropped] == ["src/app/.gitignore"]  # removed at the commit
+    assert outcomes == [MergeOutcome.MERGED]
+    assert (repo / "src/app/work.py").read_text() == "WORK = 1\n"

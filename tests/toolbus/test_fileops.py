@@ -322,6 +322,22 @@ def test_list_in_a_worktree_with_a_git_file(ws: Path, tmp_path: Path) -> None:
         ops(tree).read(".git")
 
 
+def test_a_worktrees_listing_does_not_wait_on_a_named_pipe_where_git_reads_rules(
+    ws: Path, tmp_path: Path
+) -> None:
+    """In a worktree (the fallback without views) nothing removes such a pipe before a
+    listing: its git would wait there for its minute. It is stopped, and the listing walks."""
+    git(ws, "add", "-A")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    tree = tmp_path / "tree"
+    git(ws, "worktree", "add", "-q", str(tree))
+    os.mkfifo(tree / "src" / ".gitignore")
+    (tree / "src" / "new.py").write_text("alpha\n")
+    listed = ops(tree).list("src")
+    assert listed.entries == ["src/.gitignore", "src/a.py", "src/b.py", "src/new.py"]
+    assert stat.S_ISFIFO(os.lstat(tree / "src" / ".gitignore").st_mode)  # the agent's file stays
+
+
 def test_list_without_git_walks_and_skips_dot_git(tmp_path: Path) -> None:
     root = tmp_path / "plain"
     (root / ".git").mkdir(parents=True)
