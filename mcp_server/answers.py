@@ -135,6 +135,13 @@ class StatusAnswer(_Answer):
     )
     changed: bool = Field(description="false when a long-poll ended at wait_s with nothing to do")
     runs: list[RunLine]
+    closed_runs: int = Field(
+        default=0,
+        description="runs left out because none is named and nothing is left to do in them "
+        "(every agent merged or discarded, none changed after `since`); get_status with "
+        "`run_id` shows one",
+    )
+    last_closed_run: str | None = Field(default=None, description="the newest of those runs")
     detail: list[AgentDetail] = Field(default_factory=list[AgentDetail])
     server: ServerLine | None = Field(
         default=None,
@@ -254,13 +261,30 @@ def _run_line(run: RunView, changed: set[str] | None) -> RunLine:
     )
 
 
-def status_answer(result: StatusResult, detail: Sequence[str] = ()) -> StatusAnswer:
-    """The compact answer of `get_status` from the orchestrator's full status."""
+_CLOSED = frozenset({AgentStatus.MERGED, AgentStatus.DISCARDED})
+
+
+def status_answer(
+    result: StatusResult, detail: Sequence[str] = (), *, every_run: bool = True
+) -> StatusAnswer:
+    """The compact answer of `get_status` from the orchestrator's full status. Unless
+    `every_run` (a run or agents were named), runs with nothing left to do and nothing new are
+    counted, not shown: without that, every answer would grow with the server's history."""
     wanted = set(detail)
     details: list[AgentDetail] = []
     runs: list[RunLine] = []
+    closed: list[str] = []
     for run in result.runs:
         changed = None if run.changed_agents is None else set(run.changed_agents)
+        if (
+            not every_run
+            and not changed
+            and run.agents
+            and all(view.status in _CLOSED for view in run.agents)
+            and not wanted.intersection(view.agent_id for view in run.agents)
+        ):
+            closed.append(run.run_id)
+            continue
         runs.append(_run_line(run, changed))
         for view in run.agents:
             if view.agent_id in wanted:
@@ -278,6 +302,8 @@ def status_answer(result: StatusResult, detail: Sequence[str] = ()) -> StatusAns
         cursor=result.cursor,
         changed=result.changed,
         runs=runs,
+        closed_runs=len(closed),
+        last_closed_run=closed[-1] if closed else None,
         detail=details,
         server=server_line(result.server),
     )
@@ -299,7 +325,7 @@ def _line_text(a: AgentLine) -> str:
 
 def status_text(answer: StatusAnswer) -> str:
     """The same answer as text."""
-    if not answer.runs:
+    if not answer.runs and not answer.closed_runs:
         return f"no runs yet (cursor {answer.cursor})"
     lines: list[str] = []
     for run in answer.runs:
@@ -312,6 +338,11 @@ def status_text(answer: StatusAnswer) -> str:
         )
         lines.extend(_line_text(a) for a in run.agents)
         lines.append(f"next: {run.next}")
+    if answer.closed_runs:
+        lines.append(
+            f"{answer.closed_runs} closed runs not shown (every agent merged or discarded; the "
+            f"newest {answer.last_closed_run}): get_status with run_id shows one"
+        )
     for item in answer.detail:
         lines.append(f"detail of {item.agent.agent_id}: {item.agent.model_dump_json()}")
     if answer.server is not None:

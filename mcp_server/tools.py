@@ -106,7 +106,8 @@ async def get_status(app: App, request: StatusRequest, ctx: ToolCtx) -> CallTool
     if last is not None and last[0] is result and last[1] == detail:
         structured, text = last[2], last[3]
     else:
-        answer = answers.status_answer(result, detail)
+        every_run = request.run_id is not None or bool(request.agent_ids)
+        answer = answers.status_answer(result, detail, every_run=every_run)
         structured, text = answers.dump(answer), answers.status_text(answer)
         app.last_status = (result, detail, structured, text)
     return _answer(text, structured)

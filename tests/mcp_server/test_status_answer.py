@@ -97,6 +97,38 @@ def test_the_answer_is_one_line_per_changed_agent_in_json_and_text() -> None:
     assert [x.agent_id for x in shown] == ["r1-a2"]
 
 
+def test_runs_with_nothing_left_to_do_are_counted_unless_named() -> None:
+    """An answer without run_id must not grow with the server's history: closed runs (every
+    agent merged or discarded) are counted unless named, changed after the cursor, or asked
+    about in detail."""
+    closed = _status(_view("r1-a1", AgentStatus.MERGED), _view("r1-a2", AgentStatus.DISCARDED))
+    moving = (
+        _status(_view("r3-a1", AgentStatus.RUNNING)).runs[0].model_copy(update={"run_id": "r3"})
+    )
+    older = closed.runs[0].model_copy(update={"run_id": "r0"})
+    failed = _status(_view("r2-a1", AgentStatus.FAILED)).runs[0].model_copy(update={"run_id": "r2"})
+    history = closed.model_copy(update={"runs": [older, closed.runs[0], failed, moving]})
+    answer = answers.status_answer(history, every_run=False)
+    assert [r.run_id for r in answer.runs] == ["r2", "r3"]  # a failed agent still wants you
+    assert (answer.closed_runs, answer.last_closed_run) == (2, "r1")
+    text = answers.status_text(answer)
+    assert "2 closed runs not shown" in text and "newest r1" in text
+    assert answers.StatusAnswer.model_validate(answers.dump(answer)) == answer
+    # named (run_id or agent_ids), asked about in detail, or changed after the cursor: shown
+    assert len(answers.status_answer(history).runs) == 4
+    assert "r1" in [
+        r.run_id for r in answers.status_answer(history, ["r1-a1"], every_run=False).runs
+    ]
+    just_merged = closed.runs[0].model_copy(update={"changed_agents": ["r1-a1"]})
+    after = history.model_copy(update={"runs": [older, just_merged, failed, moving]})
+    shown = answers.status_answer(after, every_run=False)
+    assert [r.run_id for r in shown.runs] == ["r1", "r2", "r3"]
+    assert shown.closed_runs == 1
+    # only closed runs: not mistaken for "no runs yet"
+    only = answers.status_answer(closed, every_run=False)
+    assert only.runs == [] and "no runs yet" not in answers.status_text(only)
+
+
 def test_a_long_summary_is_one_line_in_answers_and_bounded_in_detail() -> None:
     long = "Headline of the work\n" + "body " * 2_000
     result = AgentResultView(
@@ -166,3 +198,6 @@ async def test_status_over_the_client_follows_changes_and_is_not_shared(
         assert {a["status"] for a in merged["runs"][0]["agents"]} == {"merged"}
         assert merged["cursor"] > again["cursor"]
         assert merged["runs"][0]["next"].startswith("nothing to do")
+        unnamed = _structured(await client.call_tool("get_status", {}))
+        assert unnamed.get("runs") in (None, []), unnamed
+        assert (unnamed["closed_runs"], unnamed["last_closed_run"]) == (1, run_id)
