@@ -187,7 +187,9 @@ class Orchestrator:
             # which workspaces this process can make here: its probe mounts a trial view, once
             # per repository (the answer is kept), so that the first spawn does not wait for it
             try:
-                await anyio.to_thread.run_sync(ws_mod.view_support, git_repo)
+                await anyio.to_thread.run_sync(
+                    ws_mod.view_support, git_repo, self.settings.workspaces
+                )
             except OSError as exc:  # spawn asks again, and says what is wrong
                 log.warning("probing workspaces in %s: %s", git_repo.root, exc)
             self._views[git_repo.root] = StatusView(
@@ -256,7 +258,9 @@ class Orchestrator:
                 f"the downstream MCP servers ({', '.join(unoffered)}) are not offered to agents "
                 f"run by the {executor.name} executor"
             )
-        support = await anyio.to_thread.run_sync(ws_mod.view_support, ctx.repo)
+        support = await anyio.to_thread.run_sync(
+            ws_mod.view_support, ctx.repo, self.settings.workspaces
+        )
         # (a cluster's executor asks its cluster: not on the event loop, and not once agents run)
         running_on = await anyio.to_thread.run_sync(executor.describe)
         if support.kind != "overlay" and "FANOUT_WORKSPACES" not in support.note:

@@ -417,6 +417,7 @@ class AgentRunner:
                 include=self.settings.include,
                 wait=wait,
                 kind=ctx.workspace_kinds.get(agent.run_id),
+                chosen=self.settings.workspaces,
             )
             audit.touch()
             # a view's git registration is made when git is first needed inside it

@@ -123,11 +123,13 @@ class ChosenWorkspaces(GitWorktrees):
         engine: GitEngine = DEFAULT_ENGINE,
         wait: bool = True,
         kind: str | None = None,
+        chosen: str = "auto",
     ) -> Workspace:
         """As `Workspaces.create`. Not `wait`: raises `WouldBlock`, having made nothing that
         a second call minds, unless the workspace is a view of the kernel's overlayfs on a base
-        already checked out, with nothing included (a mount and a few small files)."""
-        kind = kind or view_support(repo).kind
+        already checked out, with nothing included (a mount and a few small files). `kind`:
+        the run's; without one, what `view_support` gives for the setting `chosen`."""
+        kind = kind or view_support(repo, chosen).kind
         if not wait and (kind != overlay.OVERLAY or include):
             raise WouldBlock(f"making a workspace of {kind} may take a while")
         if kind not in overlay.DRIVERS:
@@ -1235,9 +1237,12 @@ def _drop(builder: pygit2.TreeBuilder, name: str) -> None:
         builder.remove(name)
 
 
-def view_support(repo: GitRepo) -> overlay.ViewSupport:
-    """Which kind of workspace this process makes in `repo`, and why."""
-    preference = os.environ.get("FANOUT_WORKSPACES", "").strip().lower()
+def view_support(repo: GitRepo, chosen: str = "auto") -> overlay.ViewSupport:
+    """Which kind of workspace this process makes in `repo`, and why: `chosen` (the setting
+    `workspaces`), or for "auto" what `FANOUT_WORKSPACES` says, else the first that works."""
+    preference = chosen.strip().lower()
+    if preference == "auto":
+        preference = os.environ.get("FANOUT_WORKSPACES", "").strip().lower()
     if preference == overlay.WORKTREE:
         return overlay.ViewSupport(overlay.WORKTREE, "git worktrees (FANOUT_WORKSPACES=worktree)")
     if not plain_worktrees(repo):

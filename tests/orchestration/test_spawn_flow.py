@@ -120,9 +120,9 @@ async def test_a_runs_agents_get_the_workspace_kind_decided_at_its_spawn(
     asked: list[str] = []
     real = layered.view_support
 
-    def counted(git_repo: GitRepo) -> overlay.ViewSupport:
+    def counted(git_repo: GitRepo, chosen: str = "auto") -> overlay.ViewSupport:
         asked.append(str(git_repo.root))
-        return real(git_repo)
+        return real(git_repo, chosen)
 
     # the spawn asks through the package, a workspace's creation through its module
     monkeypatch.setattr(workspace_pkg, "view_support", counted)
