@@ -281,6 +281,9 @@ def _run_watched(
                         "such as a .gitignore or .gitattributes that is a pipe) and was stopped"
                     ) from None
                 continue
+            except BaseException:
+                proc.kill()  # as subprocess.run does: leaving the block waits for git
+                raise
             return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
