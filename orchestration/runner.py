@@ -416,8 +416,9 @@ class AgentRunner:
                 agent_id=agent.agent_id,
                 include=self.settings.include,
                 wait=wait,
-                kind=ctx.workspace_kinds.get(agent.run_id),
-                chosen=self.settings.workspaces,
+                # the run's kind, or (a run this process did not spawn) the setting's
+                kind=ctx.workspace_kinds.get(agent.run_id)
+                or ws_mod.view_support(ctx.repo, self.settings.workspaces).kind,
             )
             audit.touch()
             # a view's git registration is made when git is first needed inside it

@@ -123,13 +123,11 @@ class ChosenWorkspaces(GitWorktrees):
         engine: GitEngine = DEFAULT_ENGINE,
         wait: bool = True,
         kind: str | None = None,
-        chosen: str = "auto",
     ) -> Workspace:
         """As `Workspaces.create`. Not `wait`: raises `WouldBlock`, having made nothing that
         a second call minds, unless the workspace is a view of the kernel's overlayfs on a base
-        already checked out, with nothing included (a mount and a few small files). `kind`:
-        the run's; without one, what `view_support` gives for the setting `chosen`."""
-        kind = kind or view_support(repo, chosen).kind
+        already checked out, with nothing included (a mount and a few small files)."""
+        kind = kind or view_support(repo).kind
         if not wait and (kind != overlay.OVERLAY or include):
             raise WouldBlock(f"making a workspace of {kind} may take a while")
         if kind not in overlay.DRIVERS:

@@ -56,13 +56,11 @@ class Workspaces(Protocol):
         engine: GitEngine = DEFAULT_ENGINE,
         wait: bool = True,
         kind: str | None = None,
-        chosen: str = "auto",
     ) -> Workspace:
         """Check out `base_commit` for the agent; the same workspace again when it exists. Not
         `wait`: `WouldBlock`, with nothing made, when that could wait or take long. `kind`: the
         kind of workspace its run was given (`view_support(repo).kind`, at spawn), so that a
-        run's agents get the same kind without asking again; None: decided here, by the setting
-        `workspaces` (`chosen`)."""
+        run's agents get the same kind without asking again; None: decided here."""
         ...
 
     def existing(self, repo: GitRepo) -> list[Workspace]:
@@ -112,13 +110,11 @@ class GitWorktrees:
         engine: GitEngine = DEFAULT_ENGINE,
         wait: bool = True,
         kind: str | None = None,
-        chosen: str = "auto",
     ) -> Workspace:
-        """Check out `base_commit` in a new worktree for the agent (whatever `kind` and `chosen`
-        say); the user's checkout is untouched. `include` names ignored files (glob patterns,
-        relative to the repository) a build needs; they are copied (never linked) from the
-        user's working tree. Calling it again for an existing workspace returns that
-        workspace."""
+        """Check out `base_commit` in a new worktree for the agent (whatever `kind` says); the
+        user's checkout is untouched. `include` names ignored files (glob patterns, relative to
+        the repository) a build needs; they are copied (never linked) from the user's working
+        tree. Calling it again for an existing workspace returns that workspace."""
         if not wait:
             raise WouldBlock("a worktree's checkout takes time in proportion to the repository")
         check_component(run_id, "run id")

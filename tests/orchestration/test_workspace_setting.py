@@ -19,20 +19,31 @@ pytestmark = pytest.mark.anyio
 WRITE: list[Step] = [("write_file", {"path": "src/app/w.py", "content": "W = 1\n"})]
 
 
+class Forgetful(dict[str, str]):
+    """Kinds of runs that are never kept: as for a run another process spawned."""
+
+    def __setitem__(self, key: str, value: str) -> None:
+        pass
+
+
 @needs_views()
+@pytest.mark.parametrize("recorded", [True, False], ids=["spawned-here", "spawned-elsewhere"])
 @pytest.mark.parametrize("chosen", ["worktree", "auto"])
 async def test_the_setting_chooses_the_workspaces(
-    tmp_path: Path, chosen: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, chosen: str, recorded: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("FANOUT_WORKSPACES", raising=False)
     repo = make_repo(tmp_path / "repo")
     settings = Settings.model_validate({"repo": repo, "sandbox": "none", "workspaces": chosen})
     async with Orchestrator(settings, lambda _name: by_task({"W": WRITE})) as orch:
+        ctx = await orch.context(repo)
+        if not recorded:
+            monkeypatch.setattr(ctx, "workspace_kinds", Forgetful())
         spawned = await orch.spawn(
             SpawnRequest(tasks=[TaskSpec(prompt="W", write_scope=["src/app"])])
         )
-        ctx = await orch.context(repo)
-        kind = ctx.workspace_kinds[spawned.run_id]
         status = await wait_until_final(orch, spawned.run_id)
-    assert status.runs[0].agents[0].status == AgentStatus.SUCCEEDED
-    assert (kind == "worktree") == (chosen == "worktree")  # auto: views, where they work
+    agent = status.runs[0].agents[0]
+    assert agent.status == AgentStatus.SUCCEEDED
+    layers = repo / ".git" / "fanout" / "layers" / spawned.run_id / agent.agent_id
+    assert layers.is_dir() == (chosen != "worktree")  # auto: views, where they work
