@@ -48,6 +48,37 @@ def test_warm_up_imports_runs_the_hook_and_freezes(tmp_path: Path) -> None:
     assert out["calls"] == ["hook"]
 
 
+def test_freezing_raises_the_young_threshold_and_keeps_a_higher_one_or_none(
+    tmp_path: Path,
+) -> None:
+    out = _child(
+        tmp_path,
+        """
+        import gc, json
+        from orchestration.heap import YOUNG_THRESHOLD, freeze_heap
+        default = gc.get_threshold()
+        freeze_heap()
+        raised = gc.get_threshold()
+        gc.set_threshold(YOUNG_THRESHOLD * 5, 3, 4)
+        freeze_heap()
+        higher = gc.get_threshold()
+        gc.set_threshold(0)
+        freeze_heap()
+        off = gc.get_threshold()[0]
+        print(json.dumps({"default": default, "raised": raised, "higher": higher, "off": off,
+                          "young": YOUNG_THRESHOLD}))
+        """,
+    )
+    young = out["young"]
+    assert isinstance(young, int)
+    default, raised = out["default"], out["raised"]
+    assert isinstance(default, list) and isinstance(raised, list)
+    assert default[0] < young
+    assert raised == [young, *default[1:]]
+    assert out["higher"] == [young * 5, 3, 4]
+    assert out["off"] == 0
+
+
 def test_a_failing_module_is_logged_and_the_rest_still_happens(tmp_path: Path) -> None:
     (tmp_path / "broken_mod.py").write_text("raise RuntimeError('no such SDK')\n", "utf-8")
     (tmp_path / "hook_fails.py").write_text(
