@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "orchestrator": "benchmarks.orchestrator",
     "bus": "benchmarks.bus",
     "cluster": "benchmarks.cluster",
+    "history": "benchmarks.history",
 }
 
 

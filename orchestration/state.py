@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Collection, Generator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal, TypedDict, TypeVar, Unpack
@@ -288,6 +289,15 @@ def pid_running(pid: int) -> bool:
     return not fields or fields[0] != "Z"
 
 
+@dataclass
+class _LastChanges:
+    """Each run's newest event (run_id -> seq), read through the cursor `through`."""
+
+    seqs: dict[str, int] = field(default_factory=dict[str, int])
+    through: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 class StateStore:
     """The durable store of one repository's runs (one per process and repository)."""
 
@@ -317,6 +327,9 @@ class StateStore:
         # (since, run_id) -> when the database last showed no change after `since` for `run_id`:
         # waiters asking the same share that query for CROSS_PROCESS_POLL_S
         self._unchanged: dict[tuple[int, str | None], float] = {}
+        # the largest rowid of `runs` when every run's snapshot was read, and that snapshot's
+        # cursor (see `runs_snapshot`)
+        self._all_runs_rowid: tuple[object, int] | None = None
         self.server_id = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns():x}"
 
     def close(self) -> None:
@@ -944,6 +957,32 @@ class StateStore:
         """run_id (None: every run) -> (the cursor read before the rows, the snapshot)."""
         return {}
 
+    @functools.cached_property
+    def _last_changes(self) -> _LastChanges:
+        return _LastChanges()
+
+    def last_change(self, run_id: str, cursor: int) -> int | None:
+        """The seq of the run's newest event up to `cursor` (0: it has none), or None when that
+        is not known without reading the run's own events (`cursor` is older than what was read
+        since). The runs' newest events are read once, then only those after the cursor read up
+        to last: at a new cursor, one query over the new events tells every run that changed, so
+        the server's history of runs is not read again at each event."""
+        known = self._last_changes
+        if cursor > known.through:
+            with known.lock:
+                if cursor > known.through:
+                    rows = self._query(
+                        "SELECT run_id, MAX(seq) FROM events"
+                        " WHERE seq > ? AND seq <= ? GROUP BY run_id",
+                        (known.through, cursor),
+                    )
+                    for key, seq in rows:
+                        if key is not None:
+                            known.seqs[str(key)] = int(str(seq))
+                    known.through = cursor
+        seq = known.seqs.get(run_id, 0)
+        return seq if seq <= cursor else None
+
     def runs_snapshot(
         self, run_id: str | None = None, cursor: int | None = None
     ) -> list[RunRecord]:
@@ -958,7 +997,17 @@ class StateStore:
         last = self._run_snapshots.get(run_id)
         if last is not None and last[0] == cursor:
             return list(last[1])
+        # Runs are only ever added, never changed or removed: a run's snapshot stands once the
+        # run is there, and every run's while no row was added.
+        newest = None
+        if last is not None and run_id is not None and last[1]:
+            return list(last[1])
         if run_id is None:
+            newest = self._query("SELECT MAX(rowid) FROM runs")[0][0]
+            if last is not None and self._all_runs_rowid == (newest, last[0]):
+                self._run_snapshots[None] = (cursor, last[1])
+                self._all_runs_rowid = (newest, cursor)
+                return list(last[1])
             rows = self._query("SELECT run_id, data FROM runs ORDER BY created_at, rowid")
         else:
             rows = self._query("SELECT run_id, data FROM runs WHERE run_id = ?", (run_id,))
@@ -969,6 +1018,8 @@ class StateStore:
             self._parsed_runs[found] = cached
             records.append(cached[1])
         self._run_snapshots[run_id] = (cursor, records)
+        if run_id is None:
+            self._all_runs_rowid = (newest, cursor)
         return list(records)
 
     def _agents_changed_since(
@@ -1008,16 +1059,20 @@ class StateStore:
         return now
 
     def agents_snapshot_by_id(self, run_id: str, cursor: int) -> Mapping[str, AgentRecord]:
-        """`agents_snapshot` at `cursor`, by agent id (made once per run and cursor)."""
-        records = self.agents_snapshot(run_id, cursor)
+        """`agents_snapshot` at `cursor`, by agent id."""
+        self.agents_snapshot(run_id, cursor)
+        records = self._snapshots[run_id][1]  # (the snapshot itself, not a copy of it)
         known = self._snapshots_by_id.get(run_id)
-        if known is None or known[0] != cursor:
-            known = self._snapshots_by_id[run_id] = (cursor, {a.agent_id: a for a in records})
+        if known is None or known[0] is not records:
+            known = self._snapshots_by_id[run_id] = (records, {a.agent_id: a for a in records})
         return known[1]
 
     @functools.cached_property
-    def _snapshots_by_id(self) -> dict[str, tuple[int, dict[str, AgentRecord]]]:
-        """run_id -> (the cursor of its snapshot, that snapshot by agent id)."""
+    def _snapshots_by_id(
+        self,
+    ) -> dict[str, tuple[list[AgentRecord], dict[str, AgentRecord]]]:
+        """run_id -> (its snapshot, that snapshot by agent id): made again only when the
+        snapshot is (a run with no event since keeps its snapshot from cursor to cursor)."""
         return {}
 
     def agents_snapshot(self, run_id: str, cursor: int | None = None) -> list[AgentRecord]:
@@ -1032,6 +1087,12 @@ class StateStore:
         last = self._snapshots.get(run_id)
         if last is not None and last[0] == cursor:
             return list(last[1])
+        if last is not None and last[0] < cursor:
+            newest = self.last_change(run_id, cursor)
+            if newest is not None and newest <= last[0]:
+                # no event of the run since: no row of it changed (see `_agents_changed_since`)
+                self._snapshots[run_id] = (cursor, last[1])
+                return list(last[1])
         before = self._parsed_agents.get(run_id, {})
         now = self._agents_changed_since(run_id, last[0], before) if last is not None else None
         if now is None:

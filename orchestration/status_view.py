@@ -36,6 +36,10 @@ log = logging.getLogger("fanout.orchestrator")
 
 # status answers kept, one per question (run_id, agent_ids, since) asked
 STATUS_ANSWERS_KEPT = 64
+# views of runs with no active agent kept (a few per run: see `StatusView._run_view`)
+QUIET_VIEWS_KEPT = 4096
+
+_QuietAsked = tuple[str, bool, frozenset[str] | None]
 
 
 class StatusView:
@@ -60,6 +64,9 @@ class StatusView:
         self._start_soon = start_soon
         self._wakeups = Wakeups(ctx.store, ctx.leases.table, scope_requests)
         self._views: dict[str, _BuiltView] = {}
+        # (run_id, asked without a cursor, the agents asked for) -> the view of a run with no
+        # active agent, and what it was built from
+        self._quiet_views: dict[_QuietAsked, tuple[tuple[object, ...], RunView]] = {}
         self._answers: dict[_StatusAsked, tuple[object, StatusResult]] = {}
         self._read: _StatusRead | None = None
         # the agents' workspaces on disk: (when measured, bytes), None until measured; the
@@ -142,6 +149,63 @@ class StatusView:
         return result
 
     async def _run_view(
+        self,
+        run: RunRecord,
+        agents: list[AgentRecord],
+        budget: tuple[int, int, int],
+        read: _StatusRead,
+        *,
+        wanted: set[str] | None,
+        since: int | None,
+    ) -> RunView:
+        """The run as status shows it: the view built last time while the run has no active
+        agent and nothing it shows changed (`_quiet_key`), else built anew. A server's history
+        of finished runs then costs a poll a lookup per run, not a view."""
+        key = self._quiet_key(run, agents, budget, read, wanted=wanted, since=since)
+        # (kept apart: polls with a cursor and without, for some agents and for all)
+        asked = (run.run_id, since is None, None if wanted is None else frozenset(wanted))
+        if key is not None:
+            kept = self._quiet_views.get(asked)
+            if kept is not None and kept[0] == key:
+                return kept[1]
+        view = await self._build_run_view(run, agents, budget, read, wanted=wanted, since=since)
+        if key is not None:
+            if len(self._quiet_views) >= QUIET_VIEWS_KEPT:
+                self._quiet_views.clear()
+            self._quiet_views[asked] = (key, view)
+        return view
+
+    def _quiet_key(
+        self,
+        run: RunRecord,
+        agents: list[AgentRecord],
+        budget: tuple[int, int, int],
+        read: _StatusRead,
+        *,
+        wanted: set[str] | None,
+        since: int | None,
+    ) -> tuple[object, ...] | None:
+        """What the view of a run with no active agent is built from, None for a run with one.
+        Its agents' records and its attention change only with an event of the run (its newest
+        is in the key); its leases, budget and prompt cache are compared as they are; which of
+        its agents changed after `since` is none when its newest event is not after `since`
+        (the agents asked for are in the key of the kept views)."""
+        if any(a.status.active for a in agents):
+            return None
+        last = self._ctx.store.last_change(run.run_id, read.cursor)
+        if last is None:
+            return None
+        seen: object = None if since is None else ("nothing new" if last <= since else since)
+        warmup = self._ctx.warmups.get(run.run_id)
+        cache = (
+            None if warmup is None else (warmup, warmup.done, warmup.first_byte_s, warmup.held_s)
+        )
+        leases = tuple(
+            tuple(read.leases_by_holder.get(a.lease_holder or a.agent_id, ())) for a in agents
+        )
+        return (last, seen, budget, leases, cache)
+
+    async def _build_run_view(
         self,
         run: RunRecord,
         agents: list[AgentRecord],

@@ -63,6 +63,8 @@ class Wakeups:
         self._changes: dict[tuple[int, str | None, int], _Changes] = {}
         # (since, run_id) -> the newest cursor its changes were read up to, and those changes
         self._newest: dict[tuple[int, str | None], tuple[int, _Changes]] = {}
+        # run_id -> its newest event when it was seen with no active agent
+        self._quiet: dict[str, int] = {}
 
     def changes(self, since: int, run_id: str | None, cursor: int) -> _Changes:
         """The agents with an event after `since` (up to `cursor`), and the events' kinds."""
@@ -120,11 +122,19 @@ class Wakeups:
                 return False
             return (await self.attention(run_id, cursor)).settled
         for run in self._store.runs_snapshot(None, cursor):
+            # a run seen with no active agent stays so until its next event: the server's
+            # history of finished runs costs a lookup each, not a look at their agents
+            last = self._store.last_change(run.run_id, cursor)
+            if last is not None and self._quiet.get(run.run_id) == last:
+                continue
             agents = self._store.agents_snapshot(run.run_id, cursor)
             if _moving(agents):
                 return False
-            active = any(a.status.active for a in agents)
-            if active and not (await self.attention(run.run_id, cursor)).settled:
+            if not any(a.status.active for a in agents):
+                if last is not None:
+                    self._quiet[run.run_id] = last
+                continue
+            if not (await self.attention(run.run_id, cursor)).settled:
                 return False
         return True
 
@@ -163,6 +173,9 @@ class Wakeups:
             else [run.run_id for run in self._store.runs_snapshot(None, cursor)]
         )
         for run in runs:
+            last = self._store.last_change(run, cursor)
+            if last is not None and last <= since:
+                continue  # no event of the run after `since`: none of its agents changed
             records = self._store.agents_snapshot_by_id(run, cursor)
             for agent_id in changed:
                 agent = records.get(agent_id)

@@ -142,3 +142,64 @@ def test_snapshot_reads_every_row_again_when_most_changed(stores: Stores) -> Non
     again = store.agents_snapshot("r1")
     assert again == store.agents("r1") and again[199] is first[199]
     assert [s for s in statements if "FROM agents WHERE run_id" in s]
+
+
+def test_a_run_without_events_keeps_its_snapshot_from_cursor_to_cursor(stores: Stores) -> None:
+    store, other = stores
+    store.create_run(_run("quiet"), [_agent(f"q{i}", "quiet", i) for i in range(1, 4)])
+    store.create_run(_run("busy"), [_agent("b1", "busy", 1)])
+    first = store.agents_snapshot("quiet", store.cursor())
+    by_id = store.agents_snapshot_by_id("quiet", store.cursor())
+    runs = store.runs_snapshot(None, store.cursor())
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)  # pyright: ignore[reportPrivateUsage]
+    for turn in range(1, 6):  # another run's events, by this process and by another one
+        (store if turn % 2 else other).apply("b1", EventKind.TURN, turns=turn)
+        cursor = store.cursor()
+        again = store.agents_snapshot("quiet", cursor)
+        assert again == first and all(a is b for a, b in zip(again, first, strict=True))
+        assert store.agents_snapshot_by_id("quiet", cursor) is by_id
+        assert store.runs_snapshot(None, cursor)[0] is runs[0]
+        assert store.agents_snapshot("busy", cursor)[0].turns == turn
+    # one query per new cursor finds the runs that changed; the quiet run's rows are not read,
+    # nor its events, nor any run's row
+    assert not [s for s in statements if "FROM agents" in s and "quiet" in s]
+    assert not [s for s in statements if "run_id = 'quiet'" in s]
+    assert not [s for s in statements if "data FROM runs" in s]
+    assert store.last_change("busy", store.cursor()) == store.cursor()
+
+    # the quiet run's own change, by another process, shows at the next cursor
+    other.apply("q2", EventKind.NOTE, status_reason="woken")
+    cursor = store.cursor()
+    assert store.last_change("quiet", cursor) == cursor
+    woken = store.agents_snapshot("quiet", cursor)
+    assert woken == store.agents("quiet") and woken[1].status_reason == "woken"
+    assert woken[0] is first[0] and woken[1] is not first[1]
+    assert store.agents_snapshot_by_id("quiet", cursor)["q2"] is woken[1]
+    # a run added by another process shows too
+    other.create_run(_run("late").model_copy(update={"created_at": 3.0}), [_agent("l1", "late")])
+    assert [r.run_id for r in store.runs_snapshot(None, store.cursor())] == [
+        "quiet",
+        "busy",
+        "late",
+    ]
+
+
+def test_last_change_is_each_runs_newest_event_and_unknown_before_what_was_read(
+    stores: Stores,
+) -> None:
+    store, other = stores
+    assert store.last_change("none", store.cursor()) == 0
+    store.create_run(_run("r1"), [_agent("a1", "r1", 1)])
+    created = store.cursor()
+    other.create_run(_run("r2"), [_agent("b1", "r2", 1)])
+    other.apply("b1", EventKind.TURN, turns=1)
+    assert store.last_change("r1", store.cursor()) == created
+    assert store.last_change("r2", store.cursor()) == store.cursor() > created
+    # asked at an older cursor than one already read: known for a run with nothing newer,
+    # unknown for one whose newest event is after it
+    assert store.last_change("r1", created) == created
+    assert store.last_change("r2", created) is None
+    # the older cursor's snapshot is read from the run's own events then, and is right
+    assert store.agents_snapshot("r2", created) == store.agents("r2")
+    assert store.last_change("none", store.cursor()) == 0

@@ -10,7 +10,14 @@ import pytest
 
 from orchestration.clock import SYSTEM_CLOCK, Clock, SystemClock
 from orchestration.config import Settings
-from orchestration.contracts import AgentStatus, SpawnRequest, TaskSpec, TokenUsage
+from orchestration.contracts import (
+    AgentStatus,
+    RunView,
+    SpawnRequest,
+    StatusResult,
+    TaskSpec,
+    TokenUsage,
+)
 from orchestration.errors import RunNotFound
 from orchestration.orchestrator import Orchestrator, RepoContext
 from orchestration.state import EventKind, StateStore
@@ -192,3 +199,59 @@ async def test_the_same_question_gets_the_same_answer_until_anything_it_shows_ch
         assert updated.runs[0].agents[0].status_reason == "changed"
         assert updated.runs[0].agents[0].leases == []
         assert await orch.status(run_id=run_id) is updated
+
+
+async def test_a_finished_run_keeps_its_view_while_nothing_it_shows_changes(
+    tmp_path: Path,
+) -> None:
+    async with _finished_run(tmp_path) as (orch, ctx, old):
+        busy = await _two_finished_agents(orch)
+        poll = await orch.status()
+        since = poll.cursor
+        first = {r.run_id: r for r in poll.runs}[old]
+        assert first.changed_agents is None  # (no `since`: not asked)
+
+        def of(result: StatusResult, run_id: str) -> RunView:
+            return {r.run_id: r for r in result.runs}[run_id]
+
+        # another run's events: the finished run's view is the same object, poll after poll,
+        # asked with or without a cursor
+        for turn in range(1, 4):
+            ctx.store.apply(
+                (await orch.status(run_id=busy)).runs[0].agents[0].agent_id,
+                EventKind.NOTE,
+                status_reason=f"note {turn}",
+            )
+            assert of(await orch.status(), old) is first
+            waited = await orch.status(since=since)
+            assert of(waited, old).changed_agents == []
+            assert of(waited, busy).changed_agents
+            assert of(await orch.status(since=since), old) is of(waited, old)
+
+        # what it shows changes: its agent's event, its budget, its agent's lease
+        agent = first.agents[1].agent_id
+        ctx.store.apply(agent, EventKind.NOTE, status_reason="looked at")
+        noted = of(await orch.status(), old)
+        assert noted is not first and noted.agents[1].status_reason == "looked at"
+        assert noted.agents[0] is first.agents[0]
+        assert of(await orch.status(since=since), old).changed_agents == [agent]
+        assert of(await orch.status(), old) is noted
+
+        assert ctx.store.reserve_budget(old, 1000)
+        reserved = of(await orch.status(), old)
+        assert reserved is not noted
+        assert reserved.totals.budget_remaining == noted.totals.budget_remaining - 1000
+
+        grant = await ctx.leases.acquire(
+            agent, [LeaseRequest(resource="docs", mode=LeaseMode.WRITE)]
+        )
+        leased = of(await orch.status(), old)
+        assert [lease.resource for lease in leased.agents[1].leases] == ["docs"]
+        await ctx.leases.release(grant)
+        assert of(await orch.status(), old).agents[1].leases == []
+
+        # an agent of the run started again: rebuilt at every poll while it is active
+        ctx.store.apply(agent, EventKind.RUNNING, status=AgentStatus.RUNNING)
+        running = of(await orch.status(), old)
+        assert running.agents[1].status is AgentStatus.RUNNING
+        assert not running.settled
