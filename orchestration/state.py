@@ -507,8 +507,18 @@ class StateStore:
         self._notify()
 
     def run(self, run_id: str) -> RunRecord | None:
+        """The run, None when there is none. A run is never changed once stored: its record is
+        parsed once, then shared with every caller and `runs_snapshot` (read it, never mutate
+        it)."""
+        known = self._parsed_runs.get(run_id)
+        if known is not None:
+            return known[1]
         rows = self._query("SELECT data FROM runs WHERE run_id = ?", (run_id,))
-        return RunRecord.model_validate_json(str(rows[0][0])) if rows else None
+        if not rows:
+            return None
+        text = str(rows[0][0])
+        known = self._parsed_runs[run_id] = (text, RunRecord.model_validate_json(text))
+        return known[1]
 
     def runs(self) -> list[RunRecord]:
         rows = self._query("SELECT data FROM runs ORDER BY created_at, rowid")
@@ -529,8 +539,18 @@ class StateStore:
         self._notify()
 
     def agent(self, agent_id: str) -> AgentRecord | None:
+        """The agent as stored now, None when there is none; parsed only when its row is not
+        the one `apply` (or this) last parsed."""
         rows = self._query("SELECT data FROM agents WHERE agent_id = ?", (agent_id,))
-        return AgentRecord.model_validate_json(str(rows[0][0])) if rows else None
+        if not rows:
+            return None
+        known = self._applied.get(agent_id)
+        parsed = _reparsed(known, str(rows[0][0]), AgentRecord)
+        if parsed is not known:
+            if len(self._applied) >= _APPLIED_KEPT and agent_id not in self._applied:
+                self._applied.clear()
+            self._applied[agent_id] = parsed
+        return parsed[1]
 
     def agents(self, run_id: str) -> list[AgentRecord]:
         rows = self._query("SELECT data FROM agents WHERE run_id = ? ORDER BY ord", (run_id,))
@@ -571,8 +591,8 @@ class StateStore:
 
     @functools.cached_property
     def _applied(self) -> dict[str, tuple[str, AgentRecord]]:
-        """agent_id -> (the JSON `apply` last stored for it, that record): the next `apply`
-        parses the row only when another writer changed it since."""
+        """agent_id -> (the JSON `apply` last stored for it, or `agent` last read, and that
+        record): the next `apply` or `agent` parses the row only when it changed since."""
         return {}
 
     def _remember(self, run_id: str, agent_id: str, stored: tuple[str, AgentRecord]) -> None:

@@ -203,3 +203,22 @@ def test_last_change_is_each_runs_newest_event_and_unknown_before_what_was_read(
     # the older cursor's snapshot is read from the run's own events then, and is right
     assert store.agents_snapshot("r2", created) == store.agents("r2")
     assert store.last_change("none", store.cursor()) == 0
+
+
+def test_an_agent_or_run_read_again_is_parsed_only_when_its_row_changed(stores: Stores) -> None:
+    store, other = stores
+    assert store.run("r1") is None and store.agent("a1") is None
+    store.create_run(_run("r1"), [_agent("a1", "r1", 1)])
+    run, agent = store.run("r1"), store.agent("a1")
+    assert run is not None and agent is not None
+    assert store.run("r1") is run and store.agent("a1") is agent
+    assert store.runs_snapshot("r1")[0] is run  # (one parse of the run, shared)
+
+    other.apply("a1", EventKind.NOTE, status_reason="by the other server")
+    changed = store.agent("a1")
+    assert changed is not agent and changed == other.agent("a1")
+    assert changed is not None and changed.status_reason == "by the other server"
+    assert store.agent("a1") is changed
+    assert store.apply("a1", EventKind.NOTE, status_reason="here").status_reason == "here"
+    mine = store.agent("a1")
+    assert mine is not None and mine.status_reason == "here" and mine == other.agent("a1")
