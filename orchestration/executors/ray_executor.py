@@ -387,6 +387,7 @@ class RayExecutor:
             resources=tuple(r.name for r in agent.resources),
             held_resources=tuple(r.name for r in agent.resources if r.hold == "agent"),
             commit_message=agent.prompt.strip().splitlines()[0][:72] if agent.prompt else "",
+            workspaces=settings.workspaces,
         )
         audit = AuditLog(ctx.repo.state_dir / "audit" / f"{agent.agent_id}.jsonl")
         transcript = Transcript(transcript_path(ctx, agent.agent_id))

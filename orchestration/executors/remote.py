@@ -111,6 +111,9 @@ class AgentJob:
     resources: tuple[str, ...]
     held_resources: tuple[str, ...]
     commit_message: str
+    # the server's `workspaces` setting: "auto" leaves the choice to the node (its
+    # FANOUT_WORKSPACES, else the first kind that works there)
+    workspaces: str = "auto"
 
     def scope(self) -> WriteScope:
         """The agent's write scope (`write_scope`)."""
@@ -383,7 +386,11 @@ class RemoteAgent:
                 self._receive_ms = (time.perf_counter() - started) * 1000
         git = ws_mod.GitRepo(repo.path)
         workspace = self._workspace = ws_mod.create_workspace(
-            git, base_commit=job.start_commit, run_id=job.run_id, agent_id=job.agent_id
+            git,
+            base_commit=job.start_commit,
+            run_id=job.run_id,
+            agent_id=job.agent_id,
+            kind=ws_mod.view_support(git, job.workspaces).kind,
         )
         _remove_finished()  # after this view stands on the base, which then stays
         audit = self._audit = AuditLog(git.state_dir / "audit" / f"{job.agent_id}.jsonl")

@@ -168,6 +168,30 @@ async def test_a_run_on_the_cluster_merges_as_in_process(
     assert os.path.exists(on_ray / "docs/c.md")
 
 
+async def test_the_workspaces_setting_chooses_the_nodes_workspaces(
+    cluster: LocalCluster, hidden_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the nodes can mount views (see the test above); the server's setting asks for worktrees
+    fake = FakeAnthropic(by_key({"TASK-A": SCRIPTS["TASK-A"]}))
+    async with fake.serve():
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+        monkeypatch.setenv("FANOUT_RAY_NODE_IP", cluster.node_ip)
+        repo = make_repo(hidden_root / "worktrees")
+        settings = _settings(repo, cluster, workspaces="worktree")
+        with anyio.fail_after(240):
+            async with Orchestrator(settings) as orch:
+                spawned = await orch.spawn(
+                    SpawnRequest(tasks=[TaskSpec(prompt="TASK-A", write_scope=["src/a.py"])])
+                )
+                status = await wait_until_final(orch, spawned.run_id)
+                assert status.runs[0].agents[0].status == AgentStatus.SUCCEEDED
+                merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
+                assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]
+    notes = _notes(repo, "runs on node")
+    assert len(notes) == 1 and "git worktree" in notes[0], notes
+    assert (repo / "src/a.py").read_text() == "A = 1\n"
+
+
 def _status_seen_by_b(requests: Sequence[LoggedRequest]) -> str:
     """What TASK-B's `git status --porcelain` printed, as its model was told."""
     for entry in requests:
