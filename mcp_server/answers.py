@@ -261,9 +261,6 @@ def _run_line(run: RunView, changed: set[str] | None) -> RunLine:
     )
 
 
-_CLOSED = frozenset({AgentStatus.MERGED, AgentStatus.DISCARDED})
-
-
 def status_answer(
     result: StatusResult, detail: Sequence[str] = (), *, every_run: bool = True
 ) -> StatusAnswer:
@@ -280,7 +277,7 @@ def status_answer(
             not every_run
             and not changed
             and run.agents
-            and all(view.status in _CLOSED for view in run.agents)
+            and all(view.status.closed for view in run.agents)
             and not wanted.intersection(view.agent_id for view in run.agents)
         ):
             closed.append(run.run_id)

@@ -83,7 +83,7 @@ class RunAttention:
 def scope_freed(agent: AgentRecord) -> bool:
     """Whether a later wave may start: the agent was merged or discarded, or it ended without
     any work to merge (its leases are then released at once)."""
-    if agent.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+    if agent.status.closed:
         return True
     ended = agent.status in (AgentStatus.FAILED, AgentStatus.CANCELLED, AgentStatus.INTERRUPTED)
     return ended and not (agent.commit and agent.commit != agent.base_commit)

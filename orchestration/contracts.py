@@ -218,6 +218,11 @@ class AgentStatus(StrEnum):
     def active(self) -> bool:
         return self in (AgentStatus.QUEUED, AgentStatus.WAITING, AgentStatus.RUNNING)
 
+    @property
+    def closed(self) -> bool:
+        """Nothing left to do: the work landed (merged) or was thrown away (discarded)."""
+        return self in (AgentStatus.MERGED, AgentStatus.DISCARDED)
+
 
 class StopReason(StrEnum):
     """Why an agent's loop ended: each a distinct, explained final state."""

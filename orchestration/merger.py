@@ -312,7 +312,7 @@ class Merger:
         while find_agent(ctx, new_id).status in (AgentStatus.QUEUED, AgentStatus.WAITING):
             await ctx.store.wait_for_change(ctx.store.cursor(), 1.0)
         old = find_agent(ctx, old_id)
-        if old.status not in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+        if not old.status.closed:
             await self.remove_workspace(ctx, old)
             ctx.store.mark_discarded(
                 old_id,

@@ -512,7 +512,7 @@ class Orchestrator:
             raise InvalidState(
                 f"{agent_id} is still {old.status.value}; cancel it first or wait for it"
             )
-        if old.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+        if old.status.closed:
             raise InvalidState(f"{agent_id} is {old.status.value}; nothing to rerun")
         run = find_run(ctx, old.run_id)
         # an interrupted or cancelled agent that committed work is resumed from it; one

@@ -28,7 +28,7 @@ def has_work(commit: str | None, base_commit: str) -> TypeGuard[str]:
 def scope_freed(agent: AgentRecord) -> bool:
     """Whether a later wave may start: the agent was merged or discarded, or it ended without
     any work to merge (its leases are then released at once)."""
-    if agent.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+    if agent.status.closed:
         return True
     ended_empty = agent.status in (
         AgentStatus.FAILED,

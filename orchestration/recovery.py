@@ -36,7 +36,7 @@ def _remove_landed_homes(ctx: RepoContext) -> None:
     for entry in homes.iterdir():
         agent_id = entry.name.removesuffix(".sandbox")
         agent = agents.get(agent_id)
-        if agent is None or agent.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+        if agent is None or agent.status.closed:
             remove_home(homes / agent_id)
 
 

@@ -573,7 +573,7 @@ class AgentRunner:
 
     def on_lease_lost(self, ctx: RepoContext, runtime: AgentRuntime, lost: LeaseLost) -> None:
         current = ctx.store.agent(runtime.agent_id)
-        if current is None or current.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+        if current is None or current.status.closed:
             return  # given back on purpose (by the server that merged or discarded it)
         record = ctx.store.mark_lease_lost(runtime.agent_id, str(lost))
         if record.status.active:

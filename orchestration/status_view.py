@@ -471,7 +471,7 @@ def reads_changing(agents: list[AgentRecord]) -> dict[str, list[str]]:
     if not changed_by:
         return found
     for agent in agents:
-        if not agent.read_files or agent.status in (AgentStatus.MERGED, AgentStatus.DISCARDED):
+        if not agent.read_files or agent.status.closed:
             continue
         shown: list[str] = []
         for path in agent.read_files:
