@@ -36,7 +36,7 @@ log = logging.getLogger("fanout.orchestrator")
 
 # status answers kept, one per question (run_id, agent_ids, since) asked
 STATUS_ANSWERS_KEPT = 64
-# views of runs with no active agent kept (a few per run: see `StatusView._run_view`)
+# views of runs with no active agent kept (a few per run: see `StatusView.answer`)
 QUIET_VIEWS_KEPT = 4096
 
 _QuietAsked = tuple[str, bool, frozenset[str] | None]
@@ -134,12 +134,23 @@ class StatusView:
         last = answers.get(asked)
         if last is not None and last[0] == shows:
             return last[1]
-        views = [
-            await self._run_view(
-                run, snapshots[run.run_id], budget, read, wanted=wanted, since=since
-            )
-            for run, budget in zip(runs, budgets, strict=True)
-        ]
+        views: list[RunView] = []
+        for run, budget in zip(runs, budgets, strict=True):
+            agents = snapshots[run.run_id]
+            # a run with no active agent: its view of the last poll while nothing it shows
+            # changed, so the server's history of finished runs costs a lookup per run
+            key = self._quiet_key(run, agents, read, since)
+            kept_as = (run.run_id, since is None, None if wanted is None else frozenset(wanted))
+            kept = self._quiet_views.get(kept_as) if key is not None else None
+            if kept is not None and kept[0] == key:
+                views.append(kept[1])
+                continue
+            view = await self._run_view(run, agents, budget, read, wanted=wanted, since=since)
+            if key is not None:
+                if len(self._quiet_views) >= QUIET_VIEWS_KEPT:
+                    self._quiet_views.clear()
+                self._quiet_views[kept_as] = (key, view)
+            views.append(view)
         result = StatusResult(
             cursor=cursor, changed=changed, runs=views, workspace_disk_bytes=disk, server=server
         )
@@ -148,48 +159,14 @@ class StatusView:
         answers[asked] = (shows, result)
         return result
 
-    async def _run_view(
-        self,
-        run: RunRecord,
-        agents: list[AgentRecord],
-        budget: tuple[int, int, int],
-        read: _StatusRead,
-        *,
-        wanted: set[str] | None,
-        since: int | None,
-    ) -> RunView:
-        """The run as status shows it: the view built last time while the run has no active
-        agent and nothing it shows changed (`_quiet_key`), else built anew. A server's history
-        of finished runs then costs a poll a lookup per run, not a view."""
-        key = self._quiet_key(run, agents, budget, read, wanted=wanted, since=since)
-        # (kept apart: polls with a cursor and without, for some agents and for all)
-        asked = (run.run_id, since is None, None if wanted is None else frozenset(wanted))
-        if key is not None:
-            kept = self._quiet_views.get(asked)
-            if kept is not None and kept[0] == key:
-                return kept[1]
-        view = await self._build_run_view(run, agents, budget, read, wanted=wanted, since=since)
-        if key is not None:
-            if len(self._quiet_views) >= QUIET_VIEWS_KEPT:
-                self._quiet_views.clear()
-            self._quiet_views[asked] = (key, view)
-        return view
-
     def _quiet_key(
-        self,
-        run: RunRecord,
-        agents: list[AgentRecord],
-        budget: tuple[int, int, int],
-        read: _StatusRead,
-        *,
-        wanted: set[str] | None,
-        since: int | None,
+        self, run: RunRecord, agents: list[AgentRecord], read: _StatusRead, since: int | None
     ) -> tuple[object, ...] | None:
-        """What the view of a run with no active agent is built from, None for a run with one.
-        Its agents' records and its attention change only with an event of the run (its newest
-        is in the key); its leases, budget and prompt cache are compared as they are; which of
-        its agents changed after `since` is none when its newest event is not after `since`
-        (the agents asked for are in the key of the kept views)."""
+        """What the view of a run with no active agent is built from, None for a run with one
+        (kept apart per poll with a cursor or without, and per agents asked for). Its agents'
+        records and its attention change only with an event of the run (its newest is in the
+        key); its leases, budget and prompt cache are compared as they are; which of its agents
+        changed after `since` is none when its newest event is not after `since`."""
         if any(a.status.active for a in agents):
             return None
         last = self._ctx.store.last_change(run.run_id, read.cursor)
@@ -203,9 +180,10 @@ class StatusView:
         leases = tuple(
             tuple(read.leases_by_holder.get(a.lease_holder or a.agent_id, ())) for a in agents
         )
+        budget = read.budgets.get(run.run_id, (0, 0, 0))
         return (last, seen, budget, leases, cache)
 
-    async def _build_run_view(
+    async def _run_view(
         self,
         run: RunRecord,
         agents: list[AgentRecord],
