@@ -36,8 +36,9 @@ log = logging.getLogger("fanout.orchestrator")
 
 # status answers kept, one per question (run_id, agent_ids, since) asked
 STATUS_ANSWERS_KEPT = 64
-# views of runs with no active agent kept (a few per run: see `StatusView.answer`)
-QUIET_VIEWS_KEPT = 4096
+# views of runs with no active agent kept per run, at least (see `StatusView.answer`): one
+# for polls with a cursor, one for polls without, and some for polls naming agents
+QUIET_VIEWS_PER_RUN = 4
 
 _QuietAsked = tuple[str, bool, frozenset[str] | None]
 
@@ -67,6 +68,7 @@ class StatusView:
         # (run_id, asked without a cursor, the agents asked for) -> the view of a run with no
         # active agent, and what it was built from
         self._quiet_views: dict[_QuietAsked, tuple[tuple[object, ...], RunView]] = {}
+        self._runs_shown = 0  # the most runs an answer showed: what the kept views scale with
         self._answers: dict[_StatusAsked, tuple[object, StatusResult]] = {}
         self._read: _StatusRead | None = None
         # the agents' workspaces on disk: (when measured, bytes), None until measured; the
@@ -147,7 +149,8 @@ class StatusView:
                 continue
             view = await self._run_view(run, agents, budget, read, wanted=wanted, since=since)
             if key is not None:
-                if len(self._quiet_views) >= QUIET_VIEWS_KEPT:
+                self._runs_shown = max(self._runs_shown, len(runs))
+                if len(self._quiet_views) >= QUIET_VIEWS_PER_RUN * max(self._runs_shown, 64):
                     self._quiet_views.clear()
                 self._quiet_views[kept_as] = (key, view)
             views.append(view)

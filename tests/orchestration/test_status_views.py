@@ -255,3 +255,24 @@ async def test_a_finished_run_keeps_its_view_while_nothing_it_shows_changes(
         running = of(await orch.status(), old)
         assert running.agents[1].status is AgentStatus.RUNNING
         assert not running.settled
+
+
+async def test_a_long_history_keeps_every_finished_runs_view(tmp_path: Path) -> None:
+    from tests.orchestration.test_state import _agent, _run  # pyright: ignore[reportPrivateUsage]
+
+    async with _finished_run(tmp_path) as (orch, ctx, live):
+        for n in range(300):  # closed runs, as a server's history leaves them
+            run_id = f"old{n}"
+            ctx.store.create_run(_run(run_id), [_agent(f"{run_id}-a", run_id)])
+            ctx.store.apply(f"{run_id}-a", EventKind.MERGED, status=AgentStatus.MERGED)
+        first = {r.run_id: r for r in (await orch.status()).runs}
+        waited = {r.run_id: r for r in (await orch.status(since=0)).runs}
+        assert len(first) == len(waited) == 301
+        agent = first[live].agents[0].agent_id
+        for turn in range(3):  # the live run changes; the history does not
+            ctx.store.apply(agent, EventKind.NOTE, status_reason=f"note {turn}")
+            again = {r.run_id: r for r in (await orch.status()).runs}
+            since = {r.run_id: r for r in (await orch.status(since=0)).runs}
+            assert again[live] is not first[live]
+            assert all(again[r] is first[r] for r in first if r != live)
+            assert all(since[r] is waited[r] for r in waited if r != live)
