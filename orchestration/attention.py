@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from orchestration.contracts import AgentStatus, StopReason
-from orchestration.records import current_agent, pending_approval, reruns_of
+from orchestration.records import current_agent, pending_approval, reruns_of, scope_freed
 from orchestration.state import AgentRecord
 from toolbus.lease_store import Lease, LeaseRequest, conflicts
 
@@ -24,7 +24,6 @@ __all__ = [
     "RunAttention",
     "WakeOn",
     "run_attention",
-    "scope_freed",
 ]
 
 
@@ -78,15 +77,6 @@ class RunAttention:
     """Waiting agent -> the agents (or other holders) whose scope it waits for."""
     attention: tuple[str, ...] = ()
     """Agents whose state needs a look: lease lost, out of budget, failed."""
-
-
-def scope_freed(agent: AgentRecord) -> bool:
-    """Whether a later wave may start: the agent was merged or discarded, or it ended without
-    any work to merge (its leases are then released at once)."""
-    if agent.status.closed:
-        return True
-    ended = agent.status in (AgentStatus.FAILED, AgentStatus.CANCELLED, AgentStatus.INTERRUPTED)
-    return ended and not (agent.commit and agent.commit != agent.base_commit)
 
 
 def _names(ids: Sequence[str], by_id: Mapping[str, AgentRecord], limit: int = 8) -> str:
