@@ -547,9 +547,7 @@ class StateStore:
         known = self._applied.get(agent_id)
         parsed = _reparsed(known, str(rows[0][0]), AgentRecord)
         if parsed is not known:
-            if len(self._applied) >= _APPLIED_KEPT and agent_id not in self._applied:
-                self._applied.clear()
-            self._applied[agent_id] = parsed
+            self._keep_applied(agent_id, parsed)
         return parsed[1]
 
     def agents(self, run_id: str) -> list[AgentRecord]:
@@ -595,13 +593,18 @@ class StateStore:
         record): the next `apply` or `agent` parses the row only when it changed since."""
         return {}
 
+    def _keep_applied(self, agent_id: str, parsed: tuple[str, AgentRecord]) -> None:
+        """Keep `parsed` (stored JSON, its record) as the agent's in `_applied`, at most
+        `_APPLIED_KEPT` agents' at a time."""
+        if len(self._applied) >= _APPLIED_KEPT and agent_id not in self._applied:
+            self._applied.clear()
+        self._applied[agent_id] = parsed
+
     def _remember(self, run_id: str, agent_id: str, stored: tuple[str, AgentRecord]) -> None:
         """Keep the record `apply` just stored, so that neither the next `apply` nor a snapshot
         parses the JSON it was made from. A snapshot's row is replaced, never added (a snapshot
         may be copying that dict in another thread: its size must not change)."""
-        if len(self._applied) >= _APPLIED_KEPT and agent_id not in self._applied:
-            self._applied.clear()
-        self._applied[agent_id] = stored
+        self._keep_applied(agent_id, stored)
         rows = self._parsed_agents.get(run_id)
         if rows is not None and agent_id in rows:
             rows[agent_id] = stored
@@ -1019,9 +1022,9 @@ class StateStore:
             return list(last[1])
         # Runs are only ever added, never changed or removed: a run's snapshot stands once the
         # run is there, and every run's while no row was added.
-        newest = None
         if last is not None and run_id is not None and last[1]:
             return list(last[1])
+        newest = None
         if run_id is None:
             newest = self._query("SELECT MAX(rowid) FROM runs")[0][0]
             if last is not None and self._all_runs_rowid == (newest, last[0]):
@@ -1080,8 +1083,7 @@ class StateStore:
 
     def agents_snapshot_by_id(self, run_id: str, cursor: int) -> Mapping[str, AgentRecord]:
         """`agents_snapshot` at `cursor`, by agent id."""
-        self.agents_snapshot(run_id, cursor)
-        records = self._snapshots[run_id][1]  # (the snapshot itself, not a copy of it)
+        records = self._agents_snapshot(run_id, cursor)
         known = self._snapshots_by_id.get(run_id)
         if known is None or known[0] is not records:
             known = self._snapshots_by_id[run_id] = (records, {a.agent_id: a for a in records})
@@ -1102,17 +1104,22 @@ class StateStore:
         since (every change of an agent appends one, in the same transaction), no row is read.
         `cursor` as for `runs_snapshot`. The records are shared between calls: read them,
         never mutate them (changes go through `apply`)."""
+        return list(self._agents_snapshot(run_id, cursor))
+
+    def _agents_snapshot(self, run_id: str, cursor: int | None) -> list[AgentRecord]:
+        """`agents_snapshot`'s list itself, not a copy of it: kept from cursor to cursor while
+        the run has no event."""
         if cursor is None:
             cursor = self.cursor()  # before the rows: a change committed after it moves it
         last = self._snapshots.get(run_id)
         if last is not None and last[0] == cursor:
-            return list(last[1])
+            return last[1]
         if last is not None and last[0] < cursor:
             newest = self.last_change(run_id, cursor)
             if newest is not None and newest <= last[0]:
                 # no event of the run since: no row of it changed (see `_agents_changed_since`)
                 self._snapshots[run_id] = (cursor, last[1])
-                return list(last[1])
+                return last[1]
         before = self._parsed_agents.get(run_id, {})
         now = self._agents_changed_since(run_id, last[0], before) if last is not None else None
         if now is None:
@@ -1126,4 +1133,4 @@ class StateStore:
         self._parsed_agents[run_id] = now
         records = [record for _, record in now.values()]
         self._snapshots[run_id] = (cursor, records)
-        return list(records)
+        return records
