@@ -137,6 +137,7 @@ class StatusView:
         if last is not None and last[0] == shows:
             return last[1]
         views: list[RunView] = []
+        self._runs_shown = max(self._runs_shown, len(runs))
         for run, budget in zip(runs, budgets, strict=True):
             agents = snapshots[run.run_id]
             # a run with no active agent: its view of the last poll while nothing it shows
@@ -149,7 +150,6 @@ class StatusView:
                 continue
             view = await self._run_view(run, agents, budget, read, wanted=wanted, since=since)
             if key is not None:
-                self._runs_shown = max(self._runs_shown, len(runs))
                 if len(self._quiet_views) >= QUIET_VIEWS_PER_RUN * max(self._runs_shown, 64):
                     self._quiet_views.clear()
                 self._quiet_views[kept_as] = (key, view)
