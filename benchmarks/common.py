@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -307,6 +308,14 @@ class FakeHandle:
     base_url: str
     stats: FakeStats = field(default_factory=FakeStats)
     pid: int | None = None
+
+
+def self_cpu_s() -> float:
+    """CPU seconds of this process (every thread, user and system) and of its waited-for
+    children (git) so far."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def process_cpu_s(pid: int) -> float:

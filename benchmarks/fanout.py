@@ -73,6 +73,7 @@ from benchmarks.common import (
     orchestrator,
     process_cpu_s,
     scratch,
+    self_cpu_s,
     table,
     tasks,
 )
@@ -126,13 +127,6 @@ def _free_inodes(path: Path) -> int:
     return os.statvfs(path).f_ffree
 
 
-def _cpu_s() -> float:
-    """CPU seconds of this process (every thread, user and system) and of its finished
-    children (git) so far."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 @dataclass
 class _Run:
     """One product run."""
@@ -153,9 +147,9 @@ async def _product(
     made = factory or anthropic_factory(base_url)
     async with orchestrator(bench_settings(repo, agents), made) as orch:
         await orch.status()  # the repository is open (state, leases) as in a running server
-        cpu, free = _cpu_s(), _free_inodes(repo)
+        cpu, free = self_cpu_s(), _free_inodes(repo)
         timing = await drive(orch, [SpawnRequest(tasks=tasks(agents), max_concurrency=agents)])
-        cpu, inodes = _cpu_s() - cpu, free - _free_inodes(repo)
+        cpu, inodes = self_cpu_s() - cpu, free - _free_inodes(repo)
         runs = (await orch.status()).runs
     warmed = any(r.prompt_cache is not None and r.prompt_cache.first_byte_s for r in runs)
     return _Run(timing.makespan_s, timing.failed, timing.spawn_s, cpu, warmed, inodes)
@@ -210,11 +204,11 @@ async def _floor(
         for request in requests[1:]:
             await model.complete(request)
 
-    started, cpu = time.perf_counter(), _cpu_s()
+    started, cpu = time.perf_counter(), self_cpu_s()
     async with anyio.create_task_group() as tg:
         for n, (model, requests) in enumerate(zip(models, by_agent, strict=True)):
             tg.start_soon(one, n, model, requests)
-    elapsed, cpu = time.perf_counter() - started, _cpu_s() - cpu
+    elapsed, cpu = time.perf_counter() - started, self_cpu_s() - cpu
     for model in models:
         await model.aclose()
     return elapsed, cpu
@@ -269,13 +263,13 @@ async def _work_floor(
                 agent.read()
         agent.finish()
 
-    started, cpu, free = time.perf_counter(), _cpu_s(), _free_inodes(repository)
+    started, cpu, free = time.perf_counter(), self_cpu_s(), _free_inodes(repository)
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(open_run)
             for n, (model, requests) in enumerate(zip(models, by_agent, strict=True)):
                 tg.start_soon(one, n, model, requests)
-        elapsed, cpu = time.perf_counter() - started, _cpu_s() - cpu
+        elapsed, cpu = time.perf_counter() - started, self_cpu_s() - cpu
         inodes = free - _free_inodes(repository)
     finally:
         for each in run:

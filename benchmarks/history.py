@@ -19,7 +19,6 @@ without. Figures:
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from benchmarks.common import (
     drive,
     fake_in_process,
     scratch,
+    self_cpu_s,
     table,
     tasks,
 )
@@ -45,11 +45,6 @@ AGENTS = 16
 ROUNDS = 3
 POLLS = 20
 RATIO_TARGET = 1.2
-
-
-def _cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 async def _closed_run(orch: Orchestrator, agents: int) -> None:
@@ -74,9 +69,9 @@ async def _status_ms(orch: Orchestrator) -> float:
 
 async def _round(orch: Orchestrator) -> float:
     """CPU ms per agent of one closed run of `AGENTS`."""
-    cpu = _cpu_s()
+    cpu = self_cpu_s()
     await _closed_run(orch, AGENTS)
-    return (_cpu_s() - cpu) * 1000 / AGENTS
+    return (self_cpu_s() - cpu) * 1000 / AGENTS
 
 
 async def _measure(base_url: str, root: Path, history: int, rounds: int) -> dict[str, float]:

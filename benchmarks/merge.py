@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import anyio
 import pygit2
 
-from benchmarks.common import build_repo, scratch
+from benchmarks.common import build_repo, scratch, self_cpu_s
 from orchestration.config import Settings
 from orchestration.join import JoinCandidate, Joiner
 from orchestration.verify import Verifier
@@ -80,13 +79,6 @@ def _checkout_and_remove(root: Path, tree_id: str, dest: Path) -> None:
     shutil.rmtree(dest)
 
 
-def _cpu_s() -> float:
-    """CPU seconds used so far by this process and its waited-for children (the git commands)."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def run(quick: bool) -> dict[str, float | int]:
     """Time `Joiner.merge` (dry and real) of many disjoint agents; figures per agent."""
     files = 1_000 if quick else 10_000
@@ -125,11 +117,11 @@ def run(quick: bool) -> dict[str, float | int]:
         t_floor = time.perf_counter()
         _checkout_and_remove(root, final_tree, Path(tmp) / "floor")
         floor_s = time.perf_counter() - t_floor
-        cpu0 = _cpu_s()
+        cpu0 = self_cpu_s()
         t2 = time.perf_counter()
         outcomes = joiner.merge(candidates, dry_run=False)
         merge_s = time.perf_counter() - t2
-        merge_cpu_s = _cpu_s() - cpu0
+        merge_cpu_s = self_cpu_s() - cpu0
 
         merged = sum(o.outcome == "merged" for o in outcomes)
         if merged != agents or any(o.outcome != "clean" for o in dry):
