@@ -4,6 +4,8 @@ of its runs and agents that every part of the engine shares."""
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,32 @@ from orchestration.errors import AgentNotFound, RunNotFound
 from orchestration.state import AgentRecord, RunRecord, StateStore
 from toolbus.leases import LeaseKeeper, LeaseManager
 from toolbus.shared_reads import SharedReadLeases
+
+
+class SlowTurns:
+    """One turn at a time per key: a lock for each key that someone holds or waits for, let go
+    of once nobody does (the keys are commits, so they would otherwise pile up)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[anyio.Lock, int]] = {}
+
+    def waiting(self) -> int:
+        """How many keys someone holds or waits for."""
+        return len(self._locks)
+
+    @asynccontextmanager
+    async def of(self, key: str) -> AsyncGenerator[None]:
+        lock, users = self._locks.get(key) or (anyio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
 
 @dataclass
@@ -39,6 +67,9 @@ class RepoContext:
     workspace_threads: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter((os.cpu_count() or 1) + 2)
     )
+    # views that cannot be made on the event loop (their base is being checked out) are made
+    # one at a time per start commit (`runner.quick_or_thread`)
+    workspace_turns: SlowTurns = field(default_factory=SlowTurns)
     # held while the agents of dead servers are taken over (on opening, and by the heartbeat)
     recovering: anyio.Lock = field(default_factory=anyio.Lock)
     # this process's read leases on downstream MCP connections, shared by its read-only calls

@@ -16,7 +16,13 @@ from orchestration.agent import AgentLoop, Budget, LoopOutcome, Progress, Transc
 from orchestration.caps import ServerCaps
 from orchestration.clock import Clock
 from orchestration.config import Settings
-from orchestration.context import RepoContext, find_agent, find_run, transcript_path
+from orchestration.context import (
+    RepoContext,
+    SlowTurns,
+    find_agent,
+    find_run,
+    transcript_path,
+)
 from orchestration.contracts import (
     AgentResult,
     AgentStatus,
@@ -71,17 +77,31 @@ def file_changes(ctx: RepoContext, base: str, commit: str) -> list[FileChange]:
 
 
 async def quick_or_thread(
-    call: Callable[[bool], T], limiter: anyio.CapacityLimiter | None = None
+    call: Callable[[bool], T],
+    limiter: anyio.CapacityLimiter | None = None,
+    turns: SlowTurns | None = None,
+    key: str = "",
 ) -> T:
     """`call(False)` here, on the event loop, or, when it raises `WouldBlock` (it could wait,
     or take time that grows with the repository or the change), `call(True)` in a worker
     thread. A quick workspace operation (a view's mount, a small commit) costs less CPU than a
     hop to a thread: under load the worker and the event loop hand the GIL to each other at
-    every system call the worker makes."""
+    every system call the worker makes.
+
+    `turns`: callers of the same `key` (the agents of a run, whose views share a base) take the
+    slow path one at a time, each trying the quick one again first: while the first makes what
+    the others wait for (the base's checkout), they wait here, not in threads of their own, and
+    then mostly find it quick."""
     try:
         return call(False)
     except ws_mod.WouldBlock:
-        return await anyio.to_thread.run_sync(call, True, limiter=limiter)
+        if turns is None:
+            return await anyio.to_thread.run_sync(call, True, limiter=limiter)
+    async with turns.of(key):
+        try:
+            return call(False)
+        except ws_mod.WouldBlock:
+            return await anyio.to_thread.run_sync(call, True, limiter=limiter)
 
 
 async def commit_work(
@@ -440,7 +460,9 @@ class AgentRunner:
             )
             return workspace, terminal
 
-        workspace, terminal = await quick_or_thread(make, ctx.workspace_threads)
+        workspace, terminal = await quick_or_thread(
+            make, ctx.workspace_threads, ctx.workspace_turns, start
+        )
         run = find_run(ctx, agent.run_id)
         holder = agent.lease_holder or agent.agent_id
         if runtime.external_tools and self.external is not None:
