@@ -290,7 +290,9 @@ class StatusView:
             if change is None:
                 return False, called + wait
             cursor = ctx.store.cursor()
-            if await wakeups.wakes(since, run_id, wake_on, cursor):
+            # (at `seen`, after `since`, the run was found not settled: the loop went on)
+            unsettled = seen if seen > since else None
+            if await wakeups.wakes(since, run_id, wake_on, cursor, unsettled_at=unsettled):
                 if wake_on is WakeOn.FINISHED:
                     await self._coalesce(run_id, since=since, cursor=cursor, deadline=deadline)
                 return True, max(called, change)

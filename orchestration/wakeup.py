@@ -30,6 +30,9 @@ __all__ = ["COALESCE_MAX_S", "COALESCE_S", "Wakeups"]
 COALESCE_S = 0.3
 COALESCE_MAX_S = 2.0
 _KEPT = 256
+# Events that leave a run that is not settled unsettled: an agent's turn, and its start (from
+# queued to running). Each tells that an agent moved, so the run is not settled at it.
+_NEUTRAL_KINDS = frozenset({"turn", "running"})
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class Wakeups:
         self._changes: dict[tuple[int, str | None, int], _Changes] = {}
         # (since, run_id) -> the newest cursor its changes were read up to, and those changes
         self._newest: dict[tuple[int, str | None], tuple[int, _Changes]] = {}
+        # (since, run_id, cursor) -> the cursor its changes were last read from, and the kinds
+        # of the events read then (those after it)
+        self._fresh: dict[tuple[int, str | None, int], tuple[int, frozenset[str]]] = {}
         # run_id -> its newest event when it was seen with no active agent
         self._quiet: dict[str, int] = {}
 
@@ -80,14 +86,16 @@ class Wakeups:
             )
             pairs = self._store.changes_after(start, cursor, run_id)
             agents = frozenset(a for a, _ in pairs if a is not None)
-            kinds = frozenset(k for _, k in pairs)
+            kinds = fresh = frozenset(k for _, k in pairs)
             if before is not None:
                 agents, kinds = agents | before.agents, kinds | before.kinds
             known = _Changes(agents, kinds)
             if len(self._changes) >= _KEPT:
                 self._changes.clear()
                 self._newest.clear()
+                self._fresh.clear()
             self._changes[key] = known
+            self._fresh[key] = (start, fresh)
             if last is None or last[0] < cursor:
                 self._newest[(since, run_id)] = (cursor, known)
         return known
@@ -138,8 +146,19 @@ class Wakeups:
                 return False
         return True
 
-    async def wakes(self, since: int, run_id: str | None, wake_on: WakeOn, cursor: int) -> bool:
-        """Whether a long-poll waiting after `since` has something to answer at `cursor`."""
+    async def wakes(
+        self,
+        since: int,
+        run_id: str | None,
+        wake_on: WakeOn,
+        cursor: int,
+        *,
+        unsettled_at: int | None = None,
+    ) -> bool:
+        """Whether a long-poll waiting after `since` has something to answer at `cursor`.
+        `unsettled_at`: a later cursor at which this same question found the run (every run)
+        not settled: when the events after it are only agents' turns and starts, it is not
+        settled now either, and its agents are not read again (a poll asks at every event)."""
         if cursor <= since:
             return False
         kinds = self.changes(since, run_id, cursor).kinds
@@ -149,6 +168,10 @@ class Wakeups:
             return True
         if wake_on is WakeOn.FINISHED and kinds & FINAL_KINDS:
             return True
+        if unsettled_at is not None and since < unsettled_at < cursor:
+            start, fresh = self._fresh.get((since, run_id, cursor), (None, None))
+            if start == unsettled_at and fresh is not None and fresh <= _NEUTRAL_KINDS:
+                return False
         return await self.settled(run_id, cursor)
 
     def finals(self, since: int, run_id: str | None, cursor: int) -> int:

@@ -120,3 +120,58 @@ def test_an_agent_out_of_budget_wakes_the_poll_while_others_run(tmp_path: Path) 
         assert anyio.run(wakeups.wakes, since, run, WakeOn.SETTLED, out), run
         assert anyio.run(wakeups.wakes, done, run, WakeOn.SETTLED, out), run
     store.close()
+
+
+def test_turns_and_starts_after_an_unsettled_look_do_not_read_the_agents_again(
+    tmp_path: Path,
+) -> None:
+    """A poll found the run not settled at a cursor; when only turns and starts follow, it is
+    still not settled and its agents are not looked at; any other event is looked at, and the
+    answers are those of a look at every step."""
+    store = StateStore(tmp_path)
+    store.create_run(_run(), [_agent("a1"), _agent("a2", index=2)])
+    store.apply("a1", EventKind.RUNNING, status=AgentStatus.RUNNING)
+    store.apply("a2", EventKind.RUNNING, status=AgentStatus.RUNNING)
+    since = store.cursor()
+    wakeups = _wakeups(store)
+    looked: list[int] = []
+    settled = wakeups.settled
+
+    async def counted(run_id: str | None, cursor: int) -> bool:
+        looked.append(cursor)
+        return await settled(run_id, cursor)
+
+    wakeups.settled = counted  # type: ignore[method-assign]
+
+    def step(kind: EventKind, agent: str, status: AgentStatus | None, unsettled_at: int) -> bool:
+        if status is None:
+            store.record_event("r1", agent, kind, "")
+        else:
+            store.apply(agent, kind, status=status)
+        cursor = store.cursor()
+        got = anyio.run(
+            lambda: wakeups.wakes(since, "r1", WakeOn.SETTLED, cursor, unsettled_at=unsettled_at)
+        )
+        whole = anyio.run(_wakeups(store).wakes, since, "r1", WakeOn.SETTLED, cursor)
+        assert got == whole, (kind, status)
+        return got
+
+    store.record_event("r1", "a1", EventKind.TURN, "")
+    first = store.cursor()
+    assert not anyio.run(wakeups.wakes, since, "r1", WakeOn.SETTLED, first)
+    assert looked == [first]
+    assert not step(EventKind.TURN, "a2", None, first)
+    assert not step(EventKind.TURN, "a1", None, store.cursor())
+    assert looked == [first]  # two turns: not looked at
+    assert not step(EventKind.SUCCEEDED, "a1", AgentStatus.SUCCEEDED, store.cursor())
+    assert len(looked) == 2  # a final status is
+    before = store.cursor()
+    assert step(EventKind.SUCCEEDED, "a2", AgentStatus.SUCCEEDED, before)
+    assert len(looked) == 3
+    # the look-back holds only from the cursor the same question was last read at
+    store.record_event("r1", "a2", EventKind.TURN, "")
+    assert anyio.run(
+        lambda: wakeups.wakes(since, "r1", WakeOn.SETTLED, store.cursor(), unsettled_at=since + 1)
+    )
+    assert len(looked) == 4
+    store.close()
