@@ -111,13 +111,23 @@ def usage_to_tokens(usage: Usage) -> TokenUsage:
 class Transcript:
     """An agent's messages as JSON lines on disk, read on demand, never pushed to the client.
 
-    Each line opens the file, appends and closes it: a running agent holds no file descriptor
-    for it (a server may run hundreds of agents, and some systems allow a process 256)."""
+    Each write opens the file, appends and closes it: a running agent holds no file descriptor
+    for it (a server may run hundreds of agents, and some systems allow a process 256).
+    `batched`: lines are kept until `flush`, which the loop calls before each wait (a model
+    call, tools, a retry's delay), so a turn's lines cost one write and none waits unwritten."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, *, batched: bool = False) -> None:
         self.path = path
+        self.batched = batched
+        self._pending: list[str] = []
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+
+    def flush(self) -> None:
+        """Write the lines kept so far."""
+        if self._pending and self.path is not None:
+            lines, self._pending = "".join(self._pending), []
+            append_text(self.path, lines)
 
     def touch(self) -> None:
         """Create the file; appends then only open it."""
@@ -134,7 +144,10 @@ class Transcript:
         if self.path is None:
             return
         line = f'{{"ts": {time.time()!r}, "kind": {json.dumps(kind)}, "data": {data}}}\n'
-        append_text(self.path, line)
+        if self.batched:
+            self._pending.append(line)
+        else:
+            append_text(self.path, line)
 
 
 @dataclass
@@ -182,6 +195,12 @@ class AgentLoop:
 
     async def run(self) -> LoopOutcome:
         """Run until finish, a final answer, or a bound; raises only on cancellation."""
+        try:
+            return await self._run()
+        finally:
+            self.transcript.flush()
+
+    async def _run(self) -> LoopOutcome:
         if not self.messages:
             self.transcript.append("system", {"prefix_chars": len(self.system_prefix)})
             self.transcript.append("task", self.system_task)
@@ -226,6 +245,7 @@ class AgentLoop:
                 text = "\n".join(b.text for b in response.content if isinstance(b, TextBlock))
                 return LoopOutcome(StopReason.FINAL_ANSWER, summary=bounded_final_text(text))
             why = "\n".join(b.text for b in response.content if isinstance(b, TextBlock))
+            self.transcript.flush()  # what the agent is about to do shows while it runs
             results, finish = await self._run_tools(bus, uses, why)
             if finish is not None:
                 return LoopOutcome(
@@ -263,6 +283,7 @@ class AgentLoop:
         return self.bus
 
     async def _complete(self) -> ModelResponse:
+        self.transcript.flush()
         request = ModelRequest(
             model=self.model_name,
             system_prefix=self.system_prefix,
@@ -291,6 +312,7 @@ class AgentLoop:
 
         def note_retry(error: ModelError, delay_s: float) -> None:
             self.transcript.append("model_retry", {"error": str(error), "delay_s": delay_s})
+            self.transcript.flush()
 
         return await call_with_retry(attempt, self.retry, on_retry=note_retry)
 

@@ -393,7 +393,7 @@ class AgentRunner:
             on_turn=lambda p, reserved, used: self._on_turn(
                 ctx, runtime.agent_id, p, reserved, used
             ),
-            transcript=Transcript(transcript_path(ctx, agent.agent_id)),
+            transcript=Transcript(transcript_path(ctx, agent.agent_id), batched=True),
             warmup=ctx.warmups.get(agent.run_id),
             cache_ttl=run.cache_ttl or "5m",
         )

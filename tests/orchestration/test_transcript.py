@@ -8,12 +8,16 @@ from pathlib import Path
 from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
+import pytest
 
+from orchestration import agent as agent_module
 from orchestration.agent import AgentLoop, Budget, Transcript
 from orchestration.model import (
     Message,
     ModelRequest,
     ModelResponse,
+    ResponseBlock,
     TextBlock,
     ToolResultBlock,
     ToolUseBlock,
@@ -21,6 +25,7 @@ from orchestration.model import (
 )
 from orchestration.retry import RetryPolicy
 from toolbus.bus import AgentBus
+from toolbus.toolspec import ToolOutcome
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -125,3 +130,85 @@ def test_a_resumed_history_is_sized_and_the_transcript_holds_each_new_message(
     # Only the message this loop added is in its transcript, exactly as the model sent it.
     messages = [r["data"] for r in _lines(path) if r["kind"] == "message"]
     assert messages == [loop.messages[-1].model_dump(mode="json")]
+
+
+class _TwoTurns:
+    """Asks for two tool calls, then answers; at its second call the transcript on disk must
+    already hold the first turn's tool results and the message that carries them."""
+
+    name = "test-model"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen: list[list[str]] = []
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        self.seen.append([r["kind"] for r in _lines(self.path)])
+        if len(self.seen) == 1:
+            uses: list[ResponseBlock] = [
+                ToolUseBlock(id=f"t{n}", name="write_file", input={"n": n}) for n in (1, 2)
+            ]
+            return ModelResponse(
+                content=uses, stop_reason="tool_use", usage=Usage(input_tokens=10, output_tokens=5)
+            )
+        return ModelResponse(
+            content=[TextBlock(text="done")],
+            stop_reason="end_turn",
+            usage=Usage(input_tokens=10, output_tokens=5),
+        )
+
+
+class _Tools:
+    """Runs any call; each sees what the transcript on disk holds when it starts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen: list[list[str]] = []
+
+    async def call(self, name: str, args: dict[str, Any], why: str = "") -> ToolOutcome:
+        self.seen.append([r["kind"] for r in _lines(self.path)])
+        await anyio.lowlevel.checkpoint()
+        return ToolOutcome(content=f"{name} ok")
+
+
+def test_a_batched_transcript_writes_a_turn_at_once_and_nothing_waits_unwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "a1.jsonl"
+    writes: list[int] = []
+    real = agent_module.append_text
+
+    def counted(target: Path, text: str, *, fsync: bool = False) -> None:
+        writes.append(text.count("\n"))
+        real(target, text, fsync=fsync)
+
+    monkeypatch.setattr(agent_module, "append_text", counted)
+    model, tools = _TwoTurns(path), _Tools(path)
+
+    async def ready() -> AgentBus:
+        return cast(AgentBus, tools)
+
+    loop = AgentLoop(
+        model=model,
+        model_name="test-model",
+        bus=None,
+        workspace_ready=ready,
+        budget=Budget(lambda amount: True, lambda reserved, used: None, lambda: "unlimited"),
+        retry=RetryPolicy(max_attempts=1),
+        system_prefix="prefix",
+        system_task="task",
+        tools=[],
+        max_turns=3,
+        max_output_tokens=1000,
+        on_turn=lambda progress, reserved, used: None,
+        transcript=Transcript(path, batched=True),
+    )
+    outcome = anyio.run(loop.run)
+    assert outcome.summary == "done"
+    start = ["system", "task", "message"]
+    assert model.seen[0] == start  # on disk before the first call
+    assert tools.seen[0] == tools.seen[1] == [*start, "message"]  # the call's request, too
+    assert model.seen[1] == [*start, "message", "tool_result", "tool_result", "message"]
+    kinds = [r["kind"] for r in _lines(path)]
+    assert kinds == [*model.seen[1], "message"]  # the answer, written as the loop ended
+    assert writes == [3, 1, 3, 1]  # one write per wait, not one per line
