@@ -27,7 +27,7 @@ from anthropic.types import (
 from anthropic.types import (
     Message as ApiMessage,
 )
-from pydantic import JsonValue, SecretStr, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, JsonValue, SecretStr, TypeAdapter, ValidationError
 
 from orchestration.config import DEFAULT_HTTP_CLIENT, HttpClientSetting
 from orchestration.errors import (
@@ -55,6 +55,46 @@ DEFAULT_MODEL = "claude-sonnet-5-5"
 STREAMING_REQUIRED_MAX_TOKENS = 21_334
 EPHEMERAL: CacheControlEphemeralParam = {"type": "ephemeral"}
 _TOOL_INPUT = TypeAdapter(dict[str, JsonValue])
+
+
+class _WireBlock(BaseModel):
+    """A content block of a response as the API sends it: only what `from_api_message` reads
+    is checked; the fields of other kinds of blocks are left aside, as they are dropped."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+    id: str | None = None
+    name: str | None = None
+    input: JsonValue = None
+
+
+class _WireCacheCreation(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ephemeral_1h_input_tokens: int = 0
+
+
+class _WireUsage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input_tokens: int
+    output_tokens: int
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_creation: _WireCacheCreation | None = None
+
+
+class _WireMessage(BaseModel):
+    """A non-streamed response's body, read straight from its JSON."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    content: list[_WireBlock]
+    stop_reason: str | None = None
+    usage: _WireUsage
+    model: str
 
 
 HttpClientKind = HttpClientSetting
@@ -172,17 +212,27 @@ class AnthropicModel:
                             on_start()
                             break
                     answer = await events.get_final_message()
-            else:
-                answer = await self._client.messages.create(
-                    model=model,
-                    max_tokens=request.max_tokens,
-                    system=system,
-                    tools=offered,
-                    messages=messages,
-                )
-            return from_api_message(answer)
+                return from_api_message(answer)
+            # The body `messages.create` sends, serialized here and posted through the same
+            # client (its headers, timeout, errors), and the answer read straight from its JSON:
+            # `create` would copy the whole request to prepare it and build a typed message of
+            # the answer, the larger part of its own work, only for both to be converted here.
+            body: dict[str, Any] = {
+                "max_tokens": request.max_tokens,
+                "messages": messages,
+                "model": model,
+                "system": system,
+            }
+            if tools:
+                body["tools"] = tools
+            raw = await self._client.post("/v1/messages", cast_to=bytes, content=_json(body))
+            return from_api_message(_WireMessage.model_validate_json(raw))
         except (anthropic.AnthropicError, httpx2.TransportError, json.JSONDecodeError) as exc:
             raise self._scrubbed(translate_error(exc)) from exc
+        except ValidationError as exc:
+            raise self._scrubbed(
+                ModelResponseError(f"the model API sent a malformed answer: {exc}")
+            ) from exc
 
     def _scrubbed(self, error: ModelError) -> ModelError:
         """The same error with the API key masked, should any message ever echo it."""
@@ -254,13 +304,25 @@ def _tool_result_param(block: ToolResultBlock) -> dict[str, Any]:
     }
 
 
-def from_api_message(message: ApiMessage) -> ModelResponse:
-    """Our response from the SDK's; blocks other than text and tool_use are dropped."""
+def _json(body: dict[str, Any]) -> bytes:
+    """`body` as the SDK serializes a request (compact UTF-8 JSON, no NaN)."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def from_api_message(message: ApiMessage | _WireMessage) -> ModelResponse:
+    """Our response from the SDK's message or the API's JSON; blocks other than text and
+    tool_use are dropped."""
     content: list[TextBlock | ToolUseBlock] = []
     for block in message.content:
         if block.type == "text":
+            if block.text is None:
+                raise ModelResponseError("the model API sent a text block without its text")
             content.append(TextBlock(text=block.text))
         elif block.type == "tool_use":
+            if block.id is None or block.name is None:
+                raise ModelResponseError(
+                    "the model API sent a tool_use block without its id or name"
+                )
             try:
                 tool_input = _TOOL_INPUT.validate_python(block.input)
             except ValidationError as exc:

@@ -44,6 +44,7 @@ from orchestration.model import (
     TextBlock,
     ToolResultBlock,
     ToolUseBlock,
+    Usage,
 )
 from orchestration.providers import anthropic as anthropic_provider
 from orchestration.providers.anthropic import AnthropicModel
@@ -174,6 +175,88 @@ async def test_what_the_provider_sends_system_tools_and_cache_breakpoints() -> N
     marks = str(body).count("'cache_control'")
     assert marks == 3
     assert KEY not in str(fake.requests[0].headers)
+
+
+@pytest.mark.parametrize("tools", [TOOLS, []], ids=["tools", "no-tools"])
+async def test_a_call_sends_what_the_sdk_create_sends(tools: list[ToolSpec]) -> None:
+    """The provider serializes the body itself and posts it through the SDK's client: the API
+    gets the body and headers that the SDK's `messages.create` sends for the same call."""
+    asked = request(
+        [
+            Message(role="user", content=[TextBlock(text="begin \u00e9\u4e2d")]),
+            Message(
+                role="assistant",
+                content=[ToolUseBlock(id="t1", name="write_file", input={"path": "a", "n": 1.5})],
+            ),
+            Message(role="user", content=[ToolResultBlock(tool_use_id="t1", content="ok")]),
+        ],
+        max_tokens=555,
+    ).model_copy(update={"tools": tools})
+    async with served() as (fake, model):
+        ours = await model.complete(asked)
+        system, api_tools, messages = anthropic_provider.to_api_request(asked)
+        theirs = await model._client.messages.create(  # pyright: ignore[reportPrivateUsage]
+            model="claude-test",
+            max_tokens=asked.max_tokens,
+            system=system,
+            tools=api_tools or anthropic_provider.anthropic.omit,
+            messages=messages,
+        )
+    mine, sdk = fake.requests[0], fake.requests[1]
+    assert mine.body == sdk.body
+    assert ("tools" in mine.body) is bool(tools)
+    assert mine.headers == sdk.headers
+    assert mine.headers["content-type"] == "application/json"
+    converted = anthropic_provider.from_api_message(theirs)
+    assert (ours.content, ours.stop_reason, ours.model) == (
+        converted.content,
+        converted.stop_reason,
+        converted.model,
+    )
+
+    # the second call read from the cache what the first wrote: the same input, counted apart
+    def whole_input(usage: Usage) -> int:
+        return usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
+
+    assert whole_input(ours.usage) == whole_input(converted.usage)
+    assert ours.usage.output_tokens == converted.usage.output_tokens
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b'{"content": [{"type": "text"}], "usage": {"input_tokens": 1, "output_tokens": 1},'
+        b' "model": "m"}',
+        b'{"content": [{"type": "tool_use", "name": "x", "input": {}}],'
+        b' "usage": {"input_tokens": 1, "output_tokens": 1}, "model": "m"}',
+        b'{"content": [{"type": "tool_use", "id": "t", "name": "x", "input": [1]}],'
+        b' "usage": {"input_tokens": 1, "output_tokens": 1}, "model": "m"}',
+        b'{"content": [], "usage": {"input_tokens": "many", "output_tokens": 1}, "model": "m"}',
+        b'{"content": [], "model": "m"}',
+        b'{"content": "text", "usage": {"input_tokens": 1, "output_tokens": 1}, "model": "m"}',
+        b"[]",
+    ],
+    ids=[
+        "text-without-text",
+        "tool-without-id",
+        "input-not-object",
+        "usage-type",
+        "no-usage",
+        "content-not-list",
+        "not-object",
+    ],
+)
+async def test_a_malformed_answer_is_a_response_error(
+    answer: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with served() as (_, model):
+
+        async def post(*args: object, **kwargs: object) -> bytes:
+            return answer
+
+        monkeypatch.setattr(model._client, "post", post)  # pyright: ignore[reportPrivateUsage]
+        with pytest.raises(ModelResponseError, match=r"malformed|without|not a JSON object"):
+            await model.complete(request())
 
 
 async def test_large_max_tokens_streams() -> None:
