@@ -858,9 +858,10 @@ class StateStore:
         return {str(r[0]): (int(str(r[1])), int(str(r[2])), int(str(r[3]))) for r in rows}
 
     def reserve_budget(self, run_id: str, amount: int) -> bool:
-        """Reserve `amount` tokens from the run's pool; False when the pool cannot cover it."""
-        with self._tx() as db:
-            cur = db.execute(
+        """Reserve `amount` tokens from the run's pool; False when the pool cannot cover it.
+        One statement, so its own transaction (the check and the change are atomic)."""
+        with self._lock:
+            cur = self._db.execute(
                 "UPDATE budgets SET reserved = reserved + ? "
                 "WHERE run_id = ? AND used + reserved + ? <= total",
                 (amount, run_id, amount),

@@ -78,6 +78,7 @@ class GitRepo:
     def __init__(self, root: Path | str) -> None:
         self._root = Path(root).resolve()
         self._git_dir: Path | None = None
+        self._state_dir: Path | None = None
 
     @classmethod
     def discover(cls, path: Path | str) -> GitRepo:
@@ -113,11 +114,14 @@ class GitRepo:
 
     @property
     def state_dir(self) -> Path:
-        """`<git dir>/fanout`, created on demand."""
-        path = self.git_dir / STATE_DIR_NAME
-        if not path.is_dir():  # (a look is cheaper than a refused mkdir)
-            path.mkdir(parents=True, exist_ok=True)
-        return path
+        """`<git dir>/fanout`, created on demand (looked for once: it holds the state database,
+        so it stays while the repository is open)."""
+        if self._state_dir is None:
+            path = self.git_dir / STATE_DIR_NAME
+            if not path.is_dir():  # (a look is cheaper than a refused mkdir)
+                path.mkdir(parents=True, exist_ok=True)
+            self._state_dir = path
+        return self._state_dir
 
     @property
     def worktrees_dir(self) -> Path:

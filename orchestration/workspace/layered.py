@@ -98,9 +98,12 @@ def layer_of(ws: Workspace) -> Path | None:
     path = Path(ws.path)
     if len(path.parents) < 3:
         return None
-    state_dir = path.parents[2]
-    layers = layer_dir(state_dir, path.parent.name, path.name)
-    return layers if (layers / "upper").is_dir() else None
+    # <state dir>/worktrees/<run>/<agent> -> <state dir>/layers/<run>/<agent>, as strings: every
+    # step of an agent asks this
+    agent_dir, agent = os.path.split(str(path))
+    runs_dir, run = os.path.split(agent_dir)
+    layers = os.path.join(os.path.dirname(runs_dir), "layers", run, agent)
+    return Path(layers) if os.path.isdir(os.path.join(layers, "upper")) else None
 
 
 def _base_dir(state_dir: Path, commit: str) -> Path:
