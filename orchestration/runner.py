@@ -88,14 +88,15 @@ async def quick_or_thread(
     hop to a thread: under load the worker and the event loop hand the GIL to each other at
     every system call the worker makes.
 
-    `turns`: callers of the same `key` (the agents of a run, whose views share a base) take the
-    slow path one at a time, each trying the quick one again first: while the first makes what
-    the others wait for (the base's checkout), they wait here, not in threads of their own, and
-    then mostly find it quick."""
+    `turns`: callers of the same `key` (the agents of a run, whose views share a base) that
+    found their base not ready take the slow path one at a time, each trying the quick one
+    again first: while the first makes what the others wait for (the base's checkout), they
+    wait here, not in threads of their own, and then mostly find it quick. What is slow for
+    another reason (a worktree's checkout) still goes to threads side by side."""
     try:
         return call(False)
-    except ws_mod.WouldBlock:
-        if turns is None:
+    except ws_mod.WouldBlock as exc:
+        if turns is None or not isinstance(exc, ws_mod.BaseNotReady):
             return await anyio.to_thread.run_sync(call, True, limiter=limiter)
     async with turns.of(key):
         try:

@@ -26,6 +26,7 @@ from orchestration.workspace.cli_git import CliGit
 from orchestration.workspace.commits import clear_partial_writes, commit_workspace
 from orchestration.workspace.diffs import diff, diffstat, file_changes, tree_changes
 from orchestration.workspace.engine import (
+    BaseNotReady,
     CommitJob,
     GitEngine,
     InProcessFirst,
@@ -89,6 +90,7 @@ __all__ = [
     "WORKSPACES",
     "WORKSPACE_META",
     "ZERO_OID",
+    "BaseNotReady",
     "ChosenWorkspaces",
     "CliGit",
     "CommitJob",

@@ -27,6 +27,11 @@ class WouldBlock(Exception):
     it again, allowed to wait, off the event loop."""
 
 
+class BaseNotReady(WouldBlock):
+    """A view's base is not checked out yet, or its lock is taken (it is being made): once it
+    is made, views of the same commit are quick again."""
+
+
 class WorkCommit(BaseModel):
     """What `commit_workspace` did: the new commit (None if none), its changes against
     `parent` (the branch's commit it was made on), what it dropped."""

@@ -37,6 +37,7 @@ from orchestration.errors import RepositoryError
 from orchestration.workspace import overlay
 from orchestration.workspace.diffs import file_changes
 from orchestration.workspace.engine import (
+    BaseNotReady,
     CommitJob,
     GitEngine,
     WorkCommit,
@@ -545,7 +546,7 @@ def _base_lock(base_dir: Path, *, shared: bool, wait: bool = True) -> Generator[
             fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise WouldBlock(f"the lock of {base_dir} is taken") from None
+            raise BaseNotReady(f"the lock of {base_dir} is taken") from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -578,7 +579,7 @@ def _hold_base(repo: GitRepo, commit: str, layers: Path, *, wait: bool = True) -
             _write_lower(layers, commit)
             return base_dir, commit
     if not wait:
-        raise WouldBlock(f"{commit[:12]} is not checked out as a base yet")
+        raise BaseNotReady(f"{commit[:12]} is not checked out as a base yet")
     for other in _near_bases(repo, commit):
         near_dir = _base_dir(repo.state_dir, other)
         with _base_lock(near_dir, shared=True):

@@ -12,7 +12,7 @@ import pytest
 
 from orchestration.context import SlowTurns
 from orchestration.runner import quick_or_thread
-from orchestration.workspace import WouldBlock
+from orchestration.workspace import BaseNotReady, WouldBlock
 
 pytestmark = pytest.mark.anyio
 
@@ -29,7 +29,7 @@ class _Base:
     def make(self, who: str, wait: bool) -> str:
         if not wait:
             if not self.ready or self.lock.locked():
-                raise WouldBlock("the base is not checked out yet")
+                raise BaseNotReady("the base is not checked out yet")
             self.quick.append(who)
             return who
         assert threading.current_thread() is not threading.main_thread()
@@ -67,6 +67,30 @@ async def test_without_turns_every_blocked_caller_takes_a_thread() -> None:
     made = await _all(base, None)
     assert sorted(made) == sorted(f"a{n}" for n in range(8))
     assert len(base.threads) == 8
+
+
+async def test_what_is_slow_for_another_reason_still_runs_in_threads_side_by_side() -> None:
+    """A worktree's checkout is slow whatever the others do: those go to threads at once, all
+    eight together (each waits at a barrier for the seven others)."""
+    turns = SlowTurns()
+    met = threading.Barrier(8, timeout=10)
+
+    def make(who: str, wait: bool) -> str:
+        if not wait:
+            raise WouldBlock("a worktree's checkout takes time")
+        met.wait()
+        return who
+
+    made: list[str] = []
+
+    async def one(n: int) -> None:
+        made.append(await quick_or_thread(lambda wait: make(f"a{n}", wait), None, turns, "c"))
+
+    async with anyio.create_task_group() as tg:
+        for n in range(8):
+            tg.start_soon(one, n)
+    assert sorted(made) == sorted(f"a{n}" for n in range(8))
+    assert turns.waiting() == 0
 
 
 async def test_other_keys_do_not_wait_for_each_other() -> None:
