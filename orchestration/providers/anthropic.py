@@ -154,6 +154,7 @@ class AnthropicModel:
         self.stream_threshold = stream_threshold
         self._key = SecretStr(key)
         self.http_client: HttpClientKind = http_client or DEFAULT_HTTP_CLIENT
+        self._wire = _WireCache()
         self._client = anthropic.AsyncAnthropic(
             api_key=key,
             base_url=self.base_url,
@@ -195,11 +196,11 @@ class AnthropicModel:
         stream: bool,
         on_start: Callable[[], None] | None = None,
     ) -> ModelResponse:
-        system, tools, messages = to_api_request(request)
         model = request.model or self.model
-        offered = tools if tools else anthropic.omit
         try:
             if stream:
+                system, tools, messages = to_api_request(request)
+                offered = tools if tools else anthropic.omit
                 async with self._client.messages.stream(
                     model=model,
                     max_tokens=request.max_tokens,
@@ -217,15 +218,8 @@ class AnthropicModel:
             # client (its headers, timeout, errors), and the answer read straight from its JSON:
             # `create` would copy the whole request to prepare it and build a typed message of
             # the answer, the larger part of its own work, only for both to be converted here.
-            body: dict[str, Any] = {
-                "max_tokens": request.max_tokens,
-                "messages": messages,
-                "model": model,
-                "system": system,
-            }
-            if tools:
-                body["tools"] = tools
-            raw = await self._client.post("/v1/messages", cast_to=bytes, content=_json(body))
+            content = self._wire.body(request, model)
+            raw = await self._client.post("/v1/messages", cast_to=bytes, content=content)
             return from_api_message(_WireMessage.model_validate_json(raw))
         except (anthropic.AnthropicError, httpx2.TransportError, json.JSONDecodeError) as exc:
             raise self._scrubbed(translate_error(exc)) from exc
@@ -247,6 +241,26 @@ def to_api_request(
     request: ModelRequest,
 ) -> tuple[list[TextBlockParam], list[ToolParam], list[MessageParam]]:
     """System blocks, tools and messages in the API's shape, with the cache breakpoints."""
+    system, tools = _system_and_tools(request)
+    messages = [_message_param(m) for m in request.messages]
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "user":
+            messages[i] = _marked(messages[i])
+            break
+    return system, tools, messages
+
+
+def _marked(param: MessageParam) -> MessageParam:
+    """A user message with the conversation's moving cache breakpoint on its last block."""
+    content = param["content"]
+    if isinstance(content, list) and content:
+        last: Any = content[-1]
+        last["cache_control"] = EPHEMERAL
+    return param
+
+
+def _system_and_tools(request: ModelRequest) -> tuple[list[TextBlockParam], list[ToolParam]]:
+    """The request's system blocks and tools, with their breakpoints (the run's lifetime)."""
     shared: CacheControlEphemeralParam = (
         EPHEMERAL if request.cache_ttl == "5m" else {"type": "ephemeral", "ttl": request.cache_ttl}
     )
@@ -265,15 +279,7 @@ def to_api_request(
     ]
     if tools:
         tools[-1]["cache_control"] = shared
-    messages = [_message_param(m) for m in request.messages]
-    for param in reversed(messages):
-        if param["role"] == "user":
-            content = param["content"]
-            if isinstance(content, list) and content:
-                last: Any = content[-1]
-                last["cache_control"] = EPHEMERAL
-            break
-    return system, tools, messages
+    return system, tools
 
 
 def _message_param(message: Message) -> MessageParam:
@@ -304,9 +310,82 @@ def _tool_result_param(block: ToolResultBlock) -> dict[str, Any]:
     }
 
 
-def _json(body: dict[str, Any]) -> bytes:
-    """`body` as the SDK serializes a request (compact UTF-8 JSON, no NaN)."""
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+def _dumps(value: object) -> str:
+    """`value` as the SDK serializes a request (compact JSON, no NaN)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+class _WireCache:
+    """The JSON of the parts of requests that repeat, made once: an agent's system blocks and
+    tools are the same at every call (the tools are most of a short request's body), and each
+    call's messages are the previous call's and a few more. The body is the one that
+    `to_api_request` gives, serialized as the SDK serializes it (a test compares them)."""
+
+    _MAX_FIXED = 256
+    _MAX_MESSAGE_CHARS = 32 * 1024 * 1024
+
+    def __init__(self) -> None:
+        # (prefix, task, ttl, the tools' ids) -> (system JSON, tools JSON, the tools, kept so
+        # that their ids stay theirs while the entry stands)
+        self._fixed: dict[tuple[str, str, str, tuple[int, ...]], tuple[str, str, list[Any]]] = {}
+        # id(message) -> (the message, kept for the same reason, its JSON without a breakpoint)
+        self._messages: dict[int, tuple[Message, str]] = {}
+        self._message_chars = 0
+
+    def body(self, request: ModelRequest, model: str) -> bytes:
+        system, tools = self._system_and_tools(request)
+        last_user = next(
+            (
+                i
+                for i in range(len(request.messages) - 1, -1, -1)
+                if request.messages[i].role == "user"
+            ),
+            None,
+        )
+        parts: list[str] = []
+        for i, message in enumerate(request.messages):
+            if i == last_user:  # the moving breakpoint: made afresh, never kept
+                parts.append(_dumps(_marked(_message_param(message))))
+            else:
+                parts.append(self._message(message))
+        text = (
+            f'{{"max_tokens":{_dumps(request.max_tokens)},"messages":[{",".join(parts)}],'
+            f'"model":{_dumps(model)},"system":{system}'
+            + (f',"tools":{tools}' if tools else "")
+            + "}"
+        )
+        return text.encode()
+
+    def _system_and_tools(self, request: ModelRequest) -> tuple[str, str]:
+        key = (
+            request.system_prefix,
+            request.system_task,
+            request.cache_ttl,
+            tuple(id(t) for t in request.tools),
+        )
+        known = self._fixed.get(key)
+        if known is None:
+            system, tools = _system_and_tools(request)
+            if len(self._fixed) >= self._MAX_FIXED:
+                self._fixed.clear()
+            known = self._fixed[key] = (
+                _dumps(system),
+                _dumps(tools) if tools else "",
+                list(request.tools),
+            )
+        return known[0], known[1]
+
+    def _message(self, message: Message) -> str:
+        known = self._messages.get(id(message))
+        if known is not None and known[0] is message:
+            return known[1]
+        text = _dumps(_message_param(message))
+        if self._message_chars + len(text) > self._MAX_MESSAGE_CHARS:
+            self._messages.clear()
+            self._message_chars = 0
+        self._messages[id(message)] = (message, text)
+        self._message_chars += len(text)
+        return text
 
 
 def from_api_message(message: ApiMessage | _WireMessage) -> ModelResponse:

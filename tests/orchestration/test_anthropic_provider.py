@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -448,3 +449,62 @@ async def test_the_chosen_transport_is_the_one_used(http_client: str) -> None:
 def test_an_unknown_transport_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="FANOUT_HTTP_CLIENT"):
         Settings.from_env({"FANOUT_HTTP_CLIENT": "curl"})
+
+
+def _whole_body(asked: ModelRequest, model: str) -> bytes:
+    """The body built whole from `to_api_request`, serialized as the SDK does."""
+    system, tools, messages = anthropic_provider.to_api_request(asked)
+    body: dict[str, Any] = {
+        "max_tokens": asked.max_tokens,
+        "messages": messages,
+        "model": model,
+        "system": system,
+    }
+    if tools:
+        body["tools"] = tools
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def test_the_kept_json_of_requests_is_the_whole_body_byte_for_byte() -> None:
+    """A conversation grows turn by turn (the moving breakpoint with it), with and without a
+    prefix, tools, a task; agents share tools and prefix. At each call the body made from the
+    kept parts is the one built whole."""
+    wire = anthropic_provider._WireCache()  # pyright: ignore[reportPrivateUsage]
+    history: list[Message] = [Message(role="user", content=[TextBlock(text='begin \u00e9 "q"')])]
+    turns: list[list[Message]] = [
+        [
+            Message(
+                role="assistant",
+                content=[
+                    ToolUseBlock(
+                        id="t1", name="write_file", input={"path": "a\\b", "n": [1, 2.5, None]}
+                    )
+                ],
+            )
+        ],
+        [
+            Message(
+                role="user",
+                content=[
+                    ToolResultBlock(tool_use_id="t1", content="ok \u4e2d", is_error=True),
+                    TextBlock(text=""),
+                ],
+            )
+        ],
+        [Message(role="assistant", content=[TextBlock(text="")])],
+        [
+            Message(role="user", content=[TextBlock(text="more")]),
+            Message(role="assistant", content=[TextBlock(text="done")]),
+        ],
+    ]
+    shapes: list[dict[str, object]] = [
+        {"tools": TOOLS},
+        {"tools": [], "system_prefix": ""},
+        {"tools": TOOLS[:1], "system_task": "", "cache_ttl": "1h"},
+    ]
+    for turn in turns:
+        history = [*history, *turn]
+        for agent, shape in enumerate(shapes):
+            asked = request(list(history), max_tokens=100 + agent).model_copy(update=shape)
+            for _ in range(2):  # the second from what the first kept
+                assert wire.body(asked, "claude-test") == _whole_body(asked, "claude-test")
