@@ -873,6 +873,10 @@ def _follow_commit(pyrepo: pygit2.Repository, tree_id: str) -> None:
 
 QUICK_COMMIT_ENTRIES = 256
 QUICK_COMMIT_BYTES = 4 << 20
+QUICK_COMMIT_INDEX_BYTES = 256 << 10
+"""A commit reads the repository's index (libgit2 looks attributes up there) and compares the
+start commit's tree with the new one's as a whole: both grow with the repository, so a view
+whose base's index or the repository's exceeds this is not committed on the event loop."""
 
 
 UpperListing = list[tuple[str, bool]]
@@ -886,9 +890,19 @@ def quick_upper(layers: Path, base: str) -> UpperListing | None:
     most `QUICK_COMMIT_ENTRIES` entries and `QUICK_COMMIT_BYTES` of files, and no whiteout or
     opaque directory (each stands for a base subtree of any size); else None. It reads only the
     upper layer's directories, and stops at the first sign of a large change. The commit takes
-    its candidates from these entries (`commit_view`) instead of reading them again."""
+    its candidates from these entries (`commit_view`) instead of reading them again. A large
+    repository's view never commits quickly (`QUICK_COMMIT_INDEX_BYTES`)."""
     if _driver_of(layers) != overlay.OVERLAY or _lower_of(layers) != base:
         return None
+    state_dir = layers.parents[2]  # <git dir>/fanout/layers/<run>/<agent>
+    for index in (_base_dir(state_dir, base) / "index", state_dir.parent / "index"):
+        try:
+            if os.stat(index).st_size > QUICK_COMMIT_INDEX_BYTES:
+                return None
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
     found: UpperListing = []
     size = 0
     stack = [(str(layers / "upper"), "")]

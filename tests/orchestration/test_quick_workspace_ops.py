@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.workspace import (
+    BaseNotReady,
     GitRepo,
     WorkCommit,
     Workspace,
@@ -24,11 +25,13 @@ from orchestration.workspace import (
     commit_workspace,
     create_workspace,
     layer_of,
+    layered,
 )
 from orchestration.workspace.git import tree_of
 from orchestration.workspace.layered import (
     QUICK_COMMIT_BYTES,
     QUICK_COMMIT_ENTRIES,
+    QUICK_COMMIT_INDEX_BYTES,
     _candidates,  # pyright: ignore[reportPrivateUsage]
     ensure_registered,
     quick_upper,
@@ -214,7 +217,7 @@ def test_a_view_is_made_quickly_only_on_a_free_checked_out_base(
             repo, base_commit=base, run_id="r1", agent_id=agent, include=include, wait=wait
         )
 
-    with pytest.raises(WouldBlock):
+    with pytest.raises(BaseNotReady):
         make("first", wait=False)  # the base is not checked out yet
     first = make("first", wait=True)  # what the declined call left is no obstacle
     second = make("second", wait=False)
@@ -223,20 +226,57 @@ def test_a_view_is_made_quickly_only_on_a_free_checked_out_base(
     lock = os.open(str(repo.state_dir / "bases" / base) + ".lock", os.O_RDWR)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a base being made or removed
-        with pytest.raises(WouldBlock):
+        with pytest.raises(BaseNotReady):
             make("third", wait=False)
     finally:
         os.close(lock)
     assert make("third", wait=False).agent_id == "third"
     (root / ".env").write_text("KEY=1\n", encoding="utf-8")
-    with pytest.raises(WouldBlock):
+    with pytest.raises(WouldBlock) as slow:
         make("included", wait=False, include=(".env",))
+    assert not isinstance(slow.value, BaseNotReady)  # slow whatever the others do
     monkeypatch.setenv("FANOUT_WORKSPACES", "worktree")
-    with pytest.raises(WouldBlock):
+    with pytest.raises(WouldBlock) as slow:
         make("worktree", wait=False)
+    assert not isinstance(slow.value, BaseNotReady)
     worktree = make("worktree", wait=True)
     assert layer_of(worktree) is None
     write(worktree.path, "src/n.py", "n\n")
     with pytest.raises(WouldBlock):
         _commit(worktree, wait=False)
     assert _commit(worktree, wait=True).commit is not None
+
+
+def test_a_view_of_a_large_repository_is_not_committed_quickly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit reads the repository's index and compares whole trees: where the base's index
+    or the repository's is over the limit, the commit goes to a thread, and makes the same."""
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    views = [_view(repo, "big", agent) for agent in ("a", "b", "c")]
+    for ws in views:
+        write(ws.path, "src/new.py", "new\n")
+    layers, base = layer_of(views[0]), views[0].base_commit
+    assert layers is not None
+    assert quick_upper(layers, base) is not None  # small: quick
+    base_size = os.stat(repo.state_dir / "bases" / base / "index").st_size
+    monkeypatch.setattr(layered, "QUICK_COMMIT_INDEX_BYTES", base_size - 1)
+    assert quick_upper(layers, base) is None  # the base's index over the limit
+    with pytest.raises(WouldBlock):
+        _commit(views[0], wait=False)
+    # the person stages many files meanwhile: the repository's index grows, the base's not
+    for n in range(40):
+        (root / f"staged{n:02d}.txt").write_text(f"{n}\n", encoding="utf-8")
+    git(root, "add", ".")
+    user_size = os.stat(repo.state_dir.parent / "index").st_size
+    assert user_size > base_size
+    monkeypatch.setattr(layered, "QUICK_COMMIT_INDEX_BYTES", base_size)
+    assert quick_upper(layers, base) is None  # the repository's index over the limit
+    monkeypatch.setattr(layered, "QUICK_COMMIT_INDEX_BYTES", QUICK_COMMIT_INDEX_BYTES)
+    quick = _commit(views[1], wait=False)
+    slow = _commit(views[2], wait=True)
+    assert quick.commit is not None and slow.commit is not None
+    assert git(root, "rev-parse", f"{quick.commit}^{{tree}}") == git(
+        root, "rev-parse", f"{slow.commit}^{{tree}}"
+    )
