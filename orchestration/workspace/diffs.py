@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 import pygit2
 
@@ -45,6 +46,69 @@ def tree_changes(
             )
         )
     return changes
+
+
+_LINK = int(pygit2.enums.FileMode.LINK)
+_NOT_FILES = (int(pygit2.enums.FileMode.TREE), int(pygit2.enums.FileMode.COMMIT))
+
+
+def applied_changes(
+    pyrepo: pygit2.Repository,
+    old: pygit2.Tree,
+    changes: Mapping[str, tuple[str, int] | None],
+) -> list[FileChange] | None:
+    """What `tree_changes(old, new)` gives, where `new` is `old` with `changes` (path -> its
+    blob id and mode, or None: deleted) applied, each differing from `old`, read from those
+    paths alone instead of from both whole trees. None, to diff the trees, where renames or
+    copies could be found (a deletion, copies asked for by `diff.renames`), where a path
+    changes kind (a file for a directory, a link for a file: a deletion and an addition), or
+    where its attributes name a diff driver or binary (the trees' diff applies them, a diff of
+    two blobs does not)."""
+    if any(change is None for change in changes.values()):
+        return None
+    try:
+        renames = str(pyrepo.config["diff.renames"]).strip().lower()
+    except KeyError:
+        renames = "true"
+    except (pygit2.GitError, ValueError):
+        return None
+    if renames not in ("true", "false", "yes", "no", "on", "off", "1", "0", ""):
+        return None  # copies: an added file may be told a copy of a modified one
+    found: list[FileChange] = []
+    for path in sorted(changes, key=os.fsencode):  # a tree diff's order
+        change = changes[path]
+        assert change is not None
+        blob_id, mode = change
+        try:
+            before: pygit2.Object | None = old[path]
+        except (KeyError, ValueError):
+            before = None
+        kind = None if before is None else int(before.filemode)
+        if (
+            mode in _NOT_FILES
+            or kind in _NOT_FILES
+            or (kind is not None and (kind == _LINK) != (mode == _LINK))
+            or pyrepo.get_attr(path, "diff") is not None  # a driver, or binary: as the trees'
+        ):
+            return None
+        after = pyrepo[blob_id].peel(pygit2.Blob)
+        patch = pygit2.Patch.create_from(
+            before.peel(pygit2.Blob) if before is not None else None,
+            after,
+            old_as_path=path,
+            new_as_path=path,
+        )
+        _context, added, removed = patch.line_stats
+        found.append(
+            FileChange(
+                path=path,
+                status="added" if before is None else "modified",
+                lines_added=added,
+                lines_removed=removed,
+                blob=str(after.id),
+            )
+        )
+    return found
 
 
 def file_changes(pyrepo: pygit2.Repository, old: str, new: str) -> list[FileChange]:

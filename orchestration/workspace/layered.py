@@ -35,7 +35,7 @@ import pygit2
 
 from orchestration.errors import RepositoryError
 from orchestration.workspace import overlay
-from orchestration.workspace.diffs import file_changes
+from orchestration.workspace.diffs import applied_changes, file_changes
 from orchestration.workspace.engine import (
     BaseNotReady,
     CommitJob,
@@ -845,9 +845,12 @@ def commit_view(
     )
     if keep_working:
         _follow_commit(pyrepo, tree_id)
+    # the first commit on the base: its changes are the ones applied, read from their paths
+    # alone; a diff of the two whole trees grows with the repository
+    known = applied_changes(pyrepo, base_tree, changes) if head.tree_id == base_tree.id else None
     return WorkCommit(
         commit=str(commit),
-        changes=file_changes(pyrepo, str(head.id), str(commit)),
+        changes=known if known is not None else file_changes(pyrepo, str(head.id), str(commit)),
         dropped=dropped,
     )
 

@@ -27,6 +27,7 @@ from orchestration.workspace import (
     layer_of,
     layered,
 )
+from orchestration.workspace.diffs import file_changes
 from orchestration.workspace.git import tree_of
 from orchestration.workspace.layered import (
     QUICK_COMMIT_BYTES,
@@ -38,7 +39,11 @@ from orchestration.workspace.layered import (
     view_git_dir,
 )
 from orchestration.workspace.overlay import FUSE, OVERLAY, probe_overlay
-from orchestration.workspace.pinning import pin_and_open_view, secure_workspace_git
+from orchestration.workspace.pinning import (
+    pin_and_open,
+    pin_and_open_view,
+    secure_workspace_git,
+)
 from tests.orchestration.gitutil import (
     git,
     head,
@@ -49,6 +54,7 @@ from tests.orchestration.gitutil import (
 )
 from tests.orchestration.test_views import RUNS_GIT
 from tests.orchestration.test_workspace_in_process import BASE_FILES, CASES, SCOPE, files_of
+from toolbus.resources import WriteScope
 
 pytestmark = needs_views()
 
@@ -280,3 +286,68 @@ def test_a_view_of_a_large_repository_is_not_committed_quickly(
     assert git(root, "rev-parse", f"{quick.commit}^{{tree}}") == git(
         root, "rev-parse", f"{slow.commit}^{{tree}}"
     )
+
+
+def _more_edits() -> dict[str, Callable[[Path], None]]:
+    def binary(root: Path) -> None:
+        (root / "src" / "blob.bin").write_bytes(b"\x00\x01" * 50)
+        write(root, "src/a.py", "".join(f"line {n}\n" for n in range(30)))
+
+    def modes_and_links(root: Path) -> None:
+        (root / "src" / "tool.sh").chmod(0o755)
+        (root / "src" / "link").symlink_to("a.py")
+        write(root, "src/ünï/cödé.py", "x = 'é'\n")
+
+    def link_for_file(root: Path) -> None:
+        (root / "src" / "b.py").unlink()
+        (root / "src" / "b.py").symlink_to("a.py")
+
+    def deletion(root: Path) -> None:
+        (root / "src" / "b.py").unlink()
+        write(root, "src/b2.py", "b = 2\n")
+
+    def attributes(root: Path) -> None:
+        write(root, ".gitattributes", "*.dat -diff\n")
+        write(root, "src/x.dat", "one\ntwo\n")
+        write(root, "src/a.py", "a = 11\nb = 12\n")
+
+    return {
+        **CASES,
+        "binary": binary,
+        "modes_and_links": modes_and_links,
+        "link_for_file": link_for_file,
+        "deletion": deletion,
+        "attributes": attributes,
+    }
+
+
+@pytest.mark.parametrize("renames", [None, "copies"])
+def test_a_commits_changes_are_those_of_a_whole_tree_diff(
+    tmp_path: Path, renames: str | None
+) -> None:
+    """The changes a view's first commit reports, read from its changed paths alone, are those
+    a diff of the base's tree and the commit's gives (renames, copies, kinds, binaries)."""
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    if renames is not None:
+        git(root, "config", "diff.renames", renames)
+    repo = GitRepo(root)
+    scope = WriteScope.of(None)
+    for case, edit in sorted(_more_edits().items()):
+        ws = _view(repo, f"d-{case}")
+        if case in RUNS_GIT:
+            ensure_registered(ws)  # the agent's git command registers its view
+        edit(ws.path)
+        work = commit_workspace(ws, message="work", write_scope=scope)
+        if work.commit is None:
+            continue
+        # as the commit reads it: the view its work tree (its attributes say what is binary)
+        if case in RUNS_GIT:
+            pyrepo = pin_and_open(ws.path)[1]
+            assert pyrepo is not None
+        else:
+            pyrepo = pin_and_open_view(view_git_dir(ws.path), ws.path)[1]
+        try:
+            whole = file_changes(pyrepo, ws.base_commit, work.commit)
+        finally:
+            pyrepo.free()
+        assert work.changes == whole, case
