@@ -877,9 +877,10 @@ def _follow_commit(pyrepo: pygit2.Repository, tree_id: str) -> None:
 QUICK_COMMIT_ENTRIES = 256
 QUICK_COMMIT_BYTES = 4 << 20
 QUICK_COMMIT_INDEX_BYTES = 256 << 10
-"""A commit reads the repository's index (libgit2 looks attributes up there) and compares the
-start commit's tree with the new one's as a whole: both grow with the repository, so a view
-whose base's index or the repository's exceeds this is not committed on the event loop."""
+"""A registered view's commit reads its index, and some commits (a path that changes kind, or
+whose attributes name a diff driver) compare the start tree with the new one as a whole: both
+grow with the repository, so a view whose base's index exceeds this is not committed on the
+event loop."""
 
 
 UpperListing = list[tuple[str, bool]]
@@ -897,15 +898,12 @@ def quick_upper(layers: Path, base: str) -> UpperListing | None:
     repository's view never commits quickly (`QUICK_COMMIT_INDEX_BYTES`)."""
     if _driver_of(layers) != overlay.OVERLAY or _lower_of(layers) != base:
         return None
-    state_dir = layers.parents[2]  # <git dir>/fanout/layers/<run>/<agent>
-    for index in (_base_dir(state_dir, base) / "index", state_dir.parent / "index"):
-        try:
-            if os.stat(index).st_size > QUICK_COMMIT_INDEX_BYTES:
-                return None
-        except FileNotFoundError:
-            continue
-        except OSError:
+    base_index = _base_dir(layers.parents[2], base) / "index"  # (layers/<run>/<agent>)
+    try:
+        if os.stat(base_index).st_size > QUICK_COMMIT_INDEX_BYTES:
             return None
+    except OSError:
+        return None
     found: UpperListing = []
     size = 0
     stack = [(str(layers / "upper"), "")]

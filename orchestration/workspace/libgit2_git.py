@@ -68,20 +68,25 @@ class _TreeFacts:
             with self._lock:
                 self._known[key] = known
         ok, files = known
-        info = Path(pyrepo.path) / "info" / "attributes"
+        info = common_dir(pyrepo) / "info" / "attributes"  # (a worktree's is the repository's)
         with contextlib.suppress(OSError):
             if ok and _NOT_IN_PROCESS_ATTRIBUTE.encode() in info.read_bytes():
                 ok = False
         return ok, files
 
 
-def _object_store(pyrepo: pygit2.Repository) -> tuple[int, int]:
-    """The identity (device, inode) of the repository's object directory: a worktree's git dir
-    shares its repository's (`commondir` names the repository's git dir)."""
+def common_dir(pyrepo: pygit2.Repository) -> Path:
+    """The repository's own git dir: a worktree's git dir names it in `commondir`."""
     common = "."
     with contextlib.suppress(OSError):
         common = (Path(pyrepo.path) / "commondir").read_text(encoding="utf-8").strip() or "."
-    st = os.stat(os.path.join(pyrepo.path, common, "objects"))
+    return Path(pyrepo.path) / common
+
+
+def _object_store(pyrepo: pygit2.Repository) -> tuple[int, int]:
+    """The identity (device, inode) of the repository's object directory: a worktree's git dir
+    shares its repository's."""
+    st = os.stat(common_dir(pyrepo) / "objects")
     return st.st_dev, st.st_ino
 
 
@@ -113,13 +118,10 @@ class Libgit2Git:
                     text = Path(os.path.expanduser(attributes_file)).read_bytes()
                     if _NOT_IN_PROCESS_ATTRIBUTE.encode() in text:
                         return False
-            if pyrepo.workdir:
-                common = Path(pyrepo.path)
-                with contextlib.suppress(OSError):
-                    common_text = (common / "commondir").read_text(encoding="utf-8").strip()
-                    common = common / common_text  # (the hook's path is looked up as given)
-                if has_hook(config, Path(pyrepo.workdir), common, "reference-transaction"):
-                    return False
+            if pyrepo.workdir and has_hook(
+                config, Path(pyrepo.workdir), common_dir(pyrepo), "reference-transaction"
+            ):
+                return False
             return self._facts.of(pyrepo, tree)[0]
         except (pygit2.GitError, KeyError, ValueError, OSError):
             return False

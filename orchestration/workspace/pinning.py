@@ -163,11 +163,34 @@ def pin_and_open(path: Path) -> tuple[Pinned, pygit2.Repository | None]:
     return Pinned(admin, work_tree, gitcmd.filter_overrides(names)), pyrepo
 
 
+COMMIT_GIT_DIR = "commit-gitdir"
+"""Under the state dir: a git dir of the repository's objects, references and configuration
+(its `commondir`) with no index, that libgit2 opens to commit a view not registered."""
+
+
+def commit_git_dir(git_dir: Path) -> Path:
+    """`<git dir>/fanout/commit-gitdir`, made when missing (its two files never change, each
+    written whole): a handle opened there has the repository's objects, references and
+    configuration, and an index of its own that does not exist, so libgit2 reads attributes from
+    the view's files alone, as git does in it, and never loads the repository's index, whose
+    size is the repository's."""
+    admin = git_dir / STATE_DIR_NAME / COMMIT_GIT_DIR
+    if not (admin / "HEAD").is_file():
+        admin.mkdir(parents=True, exist_ok=True)
+        write_whole(admin / "commondir", "../..\n")
+        # an unborn branch: the handle is never checked out, and HEAD must name something
+        write_whole(admin / "HEAD", "ref: refs/heads/fanout-commit-handle\n")
+    return admin
+
+
 def pin_and_open_view(git_dir: Path, work_tree: Path) -> tuple[Pinned, pygit2.Repository]:
-    """As `pin_and_open`, for a copy-on-write view not registered as a git worktree: the
-    repository's git dir with the view as its work tree (in the handle only: nothing is
-    written). Its index is the repository's, which the caller must not use."""
-    pyrepo = pygit2.Repository(str(git_dir), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
+    """As `pin_and_open`, for a copy-on-write view not registered as a git worktree: git is
+    pinned to the repository's git dir with the view as its work tree; the libgit2 handle is
+    opened on `commit_git_dir` (the same objects, references and configuration, no index),
+    the view its work tree (in the handle only: nothing is written)."""
+    pyrepo = pygit2.Repository(
+        str(commit_git_dir(git_dir)), pygit2.enums.RepositoryOpenFlag.NO_SEARCH
+    )
     try:
         pyrepo.workdir = str(work_tree)
         names = _names_in(pyrepo)

@@ -256,8 +256,9 @@ def test_a_view_is_made_quickly_only_on_a_free_checked_out_base(
 def test_a_view_of_a_large_repository_is_not_committed_quickly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A commit reads the repository's index and compares whole trees: where the base's index
-    or the repository's is over the limit, the commit goes to a thread, and makes the same."""
+    """Where the base's index is over the limit (some commits read an index or diff whole trees
+    of that size), the commit goes to a thread, and makes the same; the repository's index,
+    which a view's commit never reads, does not count."""
     root = make_repo(tmp_path / "r", BASE_FILES)
     repo = GitRepo(root)
     views = [_view(repo, "big", agent) for agent in ("a", "b", "c")]
@@ -265,20 +266,18 @@ def test_a_view_of_a_large_repository_is_not_committed_quickly(
         write(ws.path, "src/new.py", "new\n")
     layers, base = layer_of(views[0]), views[0].base_commit
     assert layers is not None
-    assert quick_upper(layers, base) is not None  # small: quick
     base_size = os.stat(repo.state_dir / "bases" / base / "index").st_size
-    monkeypatch.setattr(layered, "QUICK_COMMIT_INDEX_BYTES", base_size - 1)
-    assert quick_upper(layers, base) is None  # the base's index over the limit
-    with pytest.raises(WouldBlock):
-        _commit(views[0], wait=False)
     # the person stages many files meanwhile: the repository's index grows, the base's not
     for n in range(40):
         (root / f"staged{n:02d}.txt").write_text(f"{n}\n", encoding="utf-8")
     git(root, "add", ".")
-    user_size = os.stat(repo.state_dir.parent / "index").st_size
-    assert user_size > base_size
+    assert os.stat(repo.state_dir.parent / "index").st_size > base_size
     monkeypatch.setattr(layered, "QUICK_COMMIT_INDEX_BYTES", base_size)
-    assert quick_upper(layers, base) is None  # the repository's index over the limit
+    assert quick_upper(layers, base) is not None  # the base's index at the limit: quick
+    monkeypatch.setattr(layered, "QUICK_COMMIT_INDEX_BYTES", base_size - 1)
+    assert quick_upper(layers, base) is None  # over it
+    with pytest.raises(WouldBlock):
+        _commit(views[0], wait=False)
     monkeypatch.setattr(layered, "QUICK_COMMIT_INDEX_BYTES", QUICK_COMMIT_INDEX_BYTES)
     quick = _commit(views[1], wait=False)
     slow = _commit(views[2], wait=True)
@@ -286,6 +285,27 @@ def test_a_view_of_a_large_repository_is_not_committed_quickly(
     assert git(root, "rev-parse", f"{quick.commit}^{{tree}}") == git(
         root, "rev-parse", f"{slow.commit}^{{tree}}"
     )
+
+
+def test_a_views_commit_handle_has_no_index(tmp_path: Path) -> None:
+    """The handle a view not registered is committed through has the repository's objects,
+    references and configuration, and no index: it never loads the repository's (whose size is
+    the repository's), and looks attributes up in the view's files alone, as git does there."""
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    git(root, "config", "fanout.test", "yes")
+    repo = GitRepo(root)
+    ws = _view(repo, "h")
+    pinned, pyrepo = pin_and_open_view(view_git_dir(ws.path), ws.path)
+    try:
+        assert pinned.git_dir == repo.git_dir  # git itself is pinned as before
+        assert len(pyrepo.index) == 0 and len(repo.open().index) == len(BASE_FILES)
+        assert str(pyrepo.revparse_single(ws.branch_ref).id) == ws.base_commit
+        assert pyrepo.config["fanout.test"] == "yes"
+        assert os.path.realpath(str(pyrepo.workdir)) == os.path.realpath(ws.path)
+        write(ws.path, ".gitattributes", "*.dat -diff\n")
+        assert pyrepo.get_attr("x.dat", "diff") is False
+    finally:
+        pyrepo.free()
 
 
 def _more_edits() -> dict[str, Callable[[Path], None]]:
