@@ -175,11 +175,25 @@ def commit_git_dir(git_dir: Path) -> Path:
     the view's files alone, as git does in it, and never loads the repository's index, whose
     size is the repository's."""
     admin = git_dir / STATE_DIR_NAME / COMMIT_GIT_DIR
+    for _ in range(2):
+        if (admin / "HEAD").is_file():
+            return admin
+        # made whole beside it and renamed into place: threads and processes may race here
+        admin.parent.mkdir(parents=True, exist_ok=True)
+        made = Path(tempfile.mkdtemp(prefix=f".{COMMIT_GIT_DIR}-", dir=admin.parent))
+        try:
+            (made / "commondir").write_text("../..\n", encoding="utf-8")
+            # an unborn branch: the handle is never checked out, and HEAD must name something
+            (made / "HEAD").write_text("ref: refs/heads/fanout-commit-handle\n", encoding="utf-8")
+            try:
+                os.rename(made, admin)
+            except OSError:
+                if not (admin / "HEAD").is_file():  # a partial one, not another's whole one
+                    shutil.rmtree(admin, ignore_errors=True)
+        finally:
+            shutil.rmtree(made, ignore_errors=True)
     if not (admin / "HEAD").is_file():
-        admin.mkdir(parents=True, exist_ok=True)
-        write_whole(admin / "commondir", "../..\n")
-        # an unborn branch: the handle is never checked out, and HEAD must name something
-        write_whole(admin / "HEAD", "ref: refs/heads/fanout-commit-handle\n")
+        raise RepositoryError(f"{admin} could not be made; check the permissions of {git_dir}")
     return admin
 
 

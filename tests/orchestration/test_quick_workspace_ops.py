@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from orchestration.workspace.layered import (
 )
 from orchestration.workspace.overlay import FUSE, OVERLAY, probe_overlay
 from orchestration.workspace.pinning import (
+    commit_git_dir,
     pin_and_open,
     pin_and_open_view,
     secure_workspace_git,
@@ -371,3 +373,29 @@ def test_a_commits_changes_are_those_of_a_whole_tree_diff(
         finally:
             pyrepo.free()
         assert work.changes == whole, case
+
+
+def test_the_commit_git_dir_is_made_once_by_racing_threads(tmp_path: Path) -> None:
+    """Agents of a fresh repository commit at once, from threads and processes: each finds
+    the handle's git dir whole, made by whichever came first."""
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    git_dir = GitRepo(root).git_dir
+    start = threading.Barrier(16, timeout=10)
+    made: list[Path] = []
+    failed: list[BaseException] = []
+
+    def one() -> None:
+        start.wait()
+        try:
+            made.append(commit_git_dir(git_dir))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failed and len(made) == 16 and len(set(made)) == 1
+    assert sorted(p.name for p in made[0].iterdir()) == ["HEAD", "commondir"]
+    assert [p.name for p in made[0].parent.iterdir() if p.name.startswith(".commit")] == []
