@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,9 +246,9 @@ def seed_index(
 
 
 def write_whole(path: Path, text: str) -> None:
-    """Write `path` so that it never exists with part of `text`: a temporary file beside it,
-    renamed over it."""
-    part = path.with_name(f".{path.name}.fanout-{os.getpid()}.tmp")
+    """Write `path` so that it never exists with part of `text`: a temporary file beside it
+    (named for this process and thread, so that two writers never share it), renamed over it."""
+    part = path.with_name(f".{path.name}.fanout-{os.getpid()}-{threading.get_ident()}.tmp")
     part.write_text(text, encoding="utf-8")
     os.replace(part, path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -366,3 +367,29 @@ def test_a_registration_cut_short_at_any_point_leaves_git_consistent(
     assert_fsck(root)
     listed = git(root, "worktree", "list", "--porcelain")
     assert (f"worktree {path.resolve()}" in listed) is (written == 4)
+
+
+def test_threads_writing_one_file_whole_never_share_a_temporary_file(tmp_path: Path) -> None:
+    """Each writer's temporary file is its own: sixteen threads released at once all succeed,
+    and the file holds one writer's text, whole."""
+    target = tmp_path / "record"
+    start = threading.Barrier(16, timeout=10)
+    failed: list[BaseException] = []
+
+    def one(n: int) -> None:
+        start.wait()
+        try:
+            for _ in range(20):
+                write_whole(target, f"writer {n}\n" * 100)
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failed
+    text = target.read_text(encoding="utf-8")
+    assert len(set(text.splitlines())) == 1 and text.count("\n") == 100
+    assert [p.name for p in tmp_path.iterdir()] == ["record"]
