@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +55,7 @@ from tests.orchestration.gitutil import (
 )
 from tests.orchestration.test_views import RUNS_GIT
 from tests.orchestration.test_workspace_in_process import BASE_FILES, CASES, SCOPE, files_of
+from tests.orchestration.threads import race
 from toolbus.resources import WriteScope
 
 pytestmark = needs_views()
@@ -380,22 +380,7 @@ def test_the_commit_git_dir_is_made_once_by_racing_threads(tmp_path: Path) -> No
     the handle's git dir whole, made by whichever came first."""
     root = make_repo(tmp_path / "r", BASE_FILES)
     git_dir = GitRepo(root).git_dir
-    start = threading.Barrier(16, timeout=10)
-    made: list[Path] = []
-    failed: list[BaseException] = []
-
-    def one() -> None:
-        start.wait()
-        try:
-            made.append(commit_git_dir(git_dir))
-        except BaseException as exc:
-            failed.append(exc)
-
-    threads = [threading.Thread(target=one) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failed and len(made) == 16 and len(set(made)) == 1
+    made = race(lambda _n: commit_git_dir(git_dir), 16)
+    assert len(made) == 16 and len(set(made)) == 1
     assert sorted(p.name for p in made[0].iterdir()) == ["HEAD", "commondir"]
     assert [p.name for p in made[0].parent.iterdir() if p.name.startswith(".commit")] == []

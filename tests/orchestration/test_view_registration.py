@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from pathlib import Path
 
 import anyio
@@ -34,6 +33,7 @@ from tests.orchestration.gitutil import (
     needs_views,
     write,
 )
+from tests.orchestration.threads import race
 from toolbus.resources import WriteScope
 from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
 
@@ -102,21 +102,8 @@ def test_registration_is_made_once_and_puts_a_planted_git_aside(tmp_path: Path) 
     # a `.git` directory at the view's root before it is registered (a file tool cannot make
     # one; the server treats it as the agent's all the same)
     write(ws.path, ".git/config", "[core]\n\tfsmonitor = touch /tmp/pwned\n")
-    admins: list[Path] = []
-    errors: list[BaseException] = []
-
-    def register() -> None:
-        try:
-            admins.append(ensure_registered(ws))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=register) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(set(admins)) == 1
+    admins = race(lambda _n: ensure_registered(ws), 4)  # (an error of any is raised)
+    assert len(set(admins)) == 1
     assert sorted(p.name for p in (repo.git_dir / "worktrees").iterdir()) == ["a"]
     assert (ws.path / ".git").read_text(encoding="utf-8") == f"gitdir: {admins[0]}\n"
     quarantined = list((repo.state_dir / "quarantine" / "a").glob("planted-*/.git/config"))

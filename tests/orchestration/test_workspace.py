@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -37,6 +36,7 @@ from tests.orchestration.gitutil import (
     workspace_kind,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (fixture)
     write,
 )
+from tests.orchestration.threads import race
 from toolbus.resources import WriteScope
 
 ENGINES = pytest.mark.parametrize("engine", [GIT, LIBGIT2], ids=["git", "libgit2"])
@@ -373,23 +373,12 @@ def test_threads_writing_one_file_whole_never_share_a_temporary_file(tmp_path: P
     """Each writer's temporary file is its own: sixteen threads released at once all succeed,
     and the file holds one writer's text, whole."""
     target = tmp_path / "record"
-    start = threading.Barrier(16, timeout=10)
-    failed: list[BaseException] = []
 
     def one(n: int) -> None:
-        start.wait()
-        try:
-            for _ in range(20):
-                write_whole(target, f"writer {n}\n" * 100)
-        except BaseException as exc:
-            failed.append(exc)
+        for _ in range(20):
+            write_whole(target, f"writer {n}\n" * 100)
 
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failed
+    race(one, 16)  # (an error of any is raised)
     text = target.read_text(encoding="utf-8")
     assert len(set(text.splitlines())) == 1 and text.count("\n") == 100
     assert [p.name for p in tmp_path.iterdir()] == ["record"]
