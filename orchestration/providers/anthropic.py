@@ -243,11 +243,15 @@ def to_api_request(
     """System blocks, tools and messages in the API's shape, with the cache breakpoints."""
     system, tools = _system_and_tools(request)
     messages = [_message_param(m) for m in request.messages]
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i]["role"] == "user":
-            messages[i] = _marked(messages[i])
-            break
+    last = _last_user(request.messages)
+    if last is not None:
+        messages[last] = _marked(messages[last])
     return system, tools, messages
+
+
+def _last_user(messages: list[Message]) -> int | None:
+    """The index of the last user message: it carries the conversation's moving breakpoint."""
+    return next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user"), None)
 
 
 def _marked(param: MessageParam) -> MessageParam:
@@ -334,14 +338,7 @@ class _WireCache:
 
     def body(self, request: ModelRequest, model: str) -> bytes:
         system, tools = self._system_and_tools(request)
-        last_user = next(
-            (
-                i
-                for i in range(len(request.messages) - 1, -1, -1)
-                if request.messages[i].role == "user"
-            ),
-            None,
-        )
+        last_user = _last_user(request.messages)
         parts: list[str] = []
         for i, message in enumerate(request.messages):
             if i == last_user:  # the moving breakpoint: made afresh, never kept
