@@ -497,6 +497,7 @@ class AgentRunner:
             resources=[r.name for r in agent.resources],
             held_resources=[r.name for r in agent.resources if r.hold == "agent"],
             network=agent.network and not self.settings.allow_network,
+            quick_files=ws_mod.quick_files(workspace),
         )
 
     @staticmethod

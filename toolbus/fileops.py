@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -43,6 +43,14 @@ from toolbus.resources import WriteScope, is_within
 
 BINARY_SNIFF_BYTES = 8192
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+QUICK_FILE_BYTES = 256 * 1024
+"""The largest file a `quick` call reads or writes (see `NotQuick`)."""
+
+
+class NotQuick(Exception):
+    """A `quick` call found more than `QUICK_FILE_BYTES` to read or write: it changed nothing,
+    and the caller makes the call again, not quick, in a worker thread."""
 
 
 class Fence(Protocol):
@@ -89,6 +97,9 @@ class ReadResult(_Result):
     truncated: bool
     next_offset: int | None
     size_bytes: int
+
+
+_R = TypeVar("_R", bound=_Result)
 
 
 class WriteResult(_Result):
@@ -218,8 +229,11 @@ class FileOps:
 
     # ---- reads -------------------------------------------------------------------------------
 
-    def _read_bytes(self, rel: str, shown: str, cap: int) -> tuple[bytes, int]:
-        """The bytes of the regular file at real path `rel` (size-capped) and its mode."""
+    def _read_bytes(
+        self, rel: str, shown: str, cap: int, *, quick: bool = False
+    ) -> tuple[bytes, int]:
+        """The bytes of the regular file at real path `rel` (size-capped) and its mode. `quick`:
+        `NotQuick` if it is over `QUICK_FILE_BYTES`."""
         if not rel:
             raise NotAFile("the workspace root is a directory; use list_files to see its entries")
         parent, name = split_parent(rel)
@@ -230,6 +244,8 @@ class FileOps:
             except OSError as exc:
                 raise os_error(exc, shown) from None
             self._require_regular(st.st_mode, shown)
+            if quick and st.st_size > QUICK_FILE_BYTES:
+                raise NotQuick(shown)
             if st.st_size > cap:
                 raise FileTooLarge(
                     f"{shown!r} is {st.st_size} bytes, over the {cap}-byte cap; use search to "
@@ -242,11 +258,13 @@ class FileOps:
             try:
                 st = os.fstat(fd)
                 self._require_regular(st.st_mode, shown)
-                data = _read_fd(fd, cap + 1)
+                data = _read_fd(fd, min(cap, QUICK_FILE_BYTES if quick else cap) + 1)
             finally:
                 os.close(fd)
         finally:
             os.close(dfd)
+        if quick and len(data) > QUICK_FILE_BYTES:
+            raise NotQuick(shown)  # it grew after the check
         if len(data) > cap:
             raise FileTooLarge(f"{shown!r} grew over the {cap}-byte cap while being read")
         return data, st.st_mode
@@ -270,10 +288,18 @@ class FileOps:
                 f"{shown!r} is not valid UTF-8 text; it cannot be read as text"
             ) from None
 
-    def read(self, path: str, offset: int | None = None, limit: int | None = None) -> ReadResult:
-        """A page of a text file, line-numbered; `offset` is the 1-based first line."""
+    def read(
+        self,
+        path: str,
+        offset: int | None = None,
+        limit: int | None = None,
+        *,
+        quick: bool = False,
+    ) -> ReadResult:
+        """A page of a text file, line-numbered; `offset` is the 1-based first line. `quick`:
+        `NotQuick` for a file over `QUICK_FILE_BYTES`."""
         rel = self.jail.resolve(path)
-        data, _ = self._read_bytes(rel, path, self.limits.max_read_bytes)
+        data, _ = self._read_bytes(rel, path, self.limits.max_read_bytes, quick=quick)
         text = self._decode(data, path)
         lines = text.split("\n")
         if lines and lines[-1] == "":
@@ -325,7 +351,14 @@ class FileOps:
 
     def write(self, path: str, content: str) -> WriteResult:
         """Create or replace a text file atomically (parents created, mode kept)."""
+        return _done(self.begin_write(path, content), WriteResult)
+
+    def begin_write(self, path: str, content: str, *, quick: bool = False) -> PendingWrite:
+        """`write` up to its durability: checked, fenced, the new content in a temporary file
+        beside the target. `quick`: `NotQuick` for content over `QUICK_FILE_BYTES`."""
         data = content.encode("utf-8", "surrogatepass")
+        if quick and len(data) > QUICK_FILE_BYTES:
+            raise NotQuick(path)
         if len(data) > self.limits.max_write_bytes:
             raise FileTooLarge(
                 f"content is {len(data)} bytes, over the {self.limits.max_write_bytes}-byte "
@@ -333,19 +366,30 @@ class FileOps:
             )
         rel = self._writable(path)
         self.fence.check(rel)
-        created, previous = self._atomic_write(rel, path, data)
-        return WriteResult(
-            path=rel, bytes_written=len(data), created=created, previous_bytes=previous
+        pending = self._begin_atomic_write(rel, path, data)
+        pending.result = WriteResult(
+            path=rel,
+            bytes_written=len(data),
+            created=pending.previous is None,
+            previous_bytes=pending.previous,
         )
+        return pending
 
     def edit(self, path: str, old: str, new: str, replace_all: bool = False) -> EditResult:
         """Replace the exact text `old` by `new` (once, unless `replace_all`)."""
+        return _done(self.begin_edit(path, old, new, replace_all), EditResult)
+
+    def begin_edit(
+        self, path: str, old: str, new: str, replace_all: bool = False, *, quick: bool = False
+    ) -> PendingWrite:
+        """`edit` up to its durability, as `begin_write`. `quick`: `NotQuick` when the file
+        or its edited text is over `QUICK_FILE_BYTES`."""
         if old == "":
             raise InvalidArguments("old must not be empty; use write_file to create a file")
         if old == new:
             raise InvalidArguments("old and new are identical; nothing would change")
         rel = self._writable(path)
-        data, _ = self._read_bytes(rel, path, self.limits.max_write_bytes)
+        data, _ = self._read_bytes(rel, path, self.limits.max_write_bytes, quick=quick)
         text = self._decode(data, path)
         count = text.count(old)
         if count == 0:
@@ -359,22 +403,27 @@ class FileOps:
                 "context to make it unique, or set replace_all to replace every occurrence"
             )
         updated = text.replace(old, new).encode("utf-8", "surrogatepass")
+        if quick and len(updated) > QUICK_FILE_BYTES:
+            raise NotQuick(path)
         if len(updated) > self.limits.max_write_bytes:
             raise FileTooLarge(
                 f"the edited file would be {len(updated)} bytes, over the "
                 f"{self.limits.max_write_bytes}-byte write cap"
             )
         self.fence.check(rel)
-        self._atomic_write(rel, path, updated)
-        return EditResult(
+        pending = self._begin_atomic_write(rel, path, updated)
+        pending.result = EditResult(
             path=rel, replacements=count, bytes_written=len(updated), previous_bytes=len(data)
         )
+        return pending
 
-    def _atomic_write(self, rel: str, shown: str, data: bytes) -> tuple[bool, int | None]:
+    def _begin_atomic_write(self, rel: str, shown: str, data: bytes) -> PendingWrite:
+        """`data` in a new temporary file in the directory of `rel` (made if missing), after
+        the checks on the file it will replace; `PendingWrite.sync` puts it in place."""
         parent, name = split_parent(rel)
         dfd = self.jail.open_dir(parent, create=True)
         tmp = f".{name[:200]}.fanout-{os.getpid()}-{time.monotonic_ns()}.tmp"
-        tmp_made = False
+        fd: int | None = None
         try:
             try:
                 st: os.stat_result | None = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -389,33 +438,24 @@ class FileOps:
                         f"{shown!r} has {st.st_nlink} hard links (it may alias a file outside "
                         "the workspace); writes to hard-linked files are refused"
                     )
-            mode = 0o666 if st is None else stat.S_IMODE(st.st_mode)
             fd = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                 0o666, dir_fd=dfd,
             )  # fmt: skip
-            tmp_made = True
-            try:
-                if st is not None:
-                    os.fchmod(fd, mode)
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            tmp_made = False
-            os.fsync(dfd)
-            return st is None, None if st is None else st.st_size
-        except OSError as exc:
-            raise os_error(exc, shown) from None
-        finally:
-            if tmp_made:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=dfd)
-            os.close(dfd)
+            if st is not None:
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            return PendingWrite(
+                dfd, fd, tmp, name, shown, previous=None if st is None else st.st_size
+            )
+        except BaseException as exc:
+            _discard(dfd, fd, None if fd is None else tmp)
+            if isinstance(exc, OSError):
+                raise os_error(exc, shown) from None
+            raise
 
     # ---- listing and search ------------------------------------------------------------------
 
@@ -633,3 +673,60 @@ def remove_partial_writes(root: Path) -> list[str]:
                 path.unlink(missing_ok=True)
                 removed.append(path.relative_to(root).as_posix())
     return sorted(removed)
+
+
+@dataclass(eq=False)
+class PendingWrite:
+    """A write or edit made up to its durability (`FileOps.begin_write`): its content is in a
+    temporary file beside the target. `sync` (which waits for the disk: a worker thread's
+    part) makes it durable and puts it in place; `close`, which must follow in any case, lets
+    go of the descriptors and removes the temporary file if it was not put in place."""
+
+    dfd: int
+    fd: int | None
+    tmp: str
+    name: str
+    shown: str
+    previous: int | None
+    """The size of the file it replaces, None when it makes a new one."""
+    result: WriteResult | EditResult | None = None
+    _placed: bool = False
+
+    def sync(self) -> None:
+        """`fsync` the content, rename it over the target, `fsync` the directory."""
+        if self.fd is None:
+            raise RuntimeError("the pending write was closed before it was synced")
+        try:
+            os.fsync(self.fd)
+            os.replace(self.tmp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
+            self._placed = True
+            os.fsync(self.dfd)
+        except OSError as exc:
+            raise os_error(exc, self.shown) from None
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            _discard(self.dfd, fd, None if self._placed else self.tmp)
+
+
+def _discard(dfd: int, fd: int | None, tmp: str | None) -> None:
+    """Close the descriptors of a write; remove its temporary file `tmp` (None: none left)."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    if tmp is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+    os.close(dfd)
+
+
+def _done(pending: PendingWrite, kind: type[_R]) -> _R:
+    """Finish `pending` in this thread: its result once it is durable and in place."""
+    try:
+        pending.sync()
+    finally:
+        pending.close()
+    if not isinstance(pending.result, kind):
+        raise TypeError(f"a pending write carries {type(pending.result).__name__}")
+    return pending.result

@@ -107,6 +107,15 @@ def layer_of(ws: Workspace) -> Path | None:
     return Path(layers) if os.path.isdir(os.path.join(layers, "upper")) else None
 
 
+def quick_files(ws: Workspace) -> bool:
+    """Whether the agent's small file calls may run in the event loop's thread: its view is
+    mounted by the kernel's overlayfs, whose layers lie on a local filesystem (it takes no
+    network filesystem for an upper layer), with no daemon in between that could keep a call
+    waiting (fuse-overlayfs's)."""
+    layers = layer_of(ws)
+    return layers is not None and _driver_of(layers) == overlay.OVERLAY
+
+
 def _base_dir(state_dir: Path, commit: str) -> Path:
     return state_dir / "bases" / commit
 

@@ -28,6 +28,7 @@ from orchestration.workspace import (
     layer_of,
     layered,
     list_workspaces,
+    quick_files,
     remove_workspace,
 )
 from orchestration.workspace.layered import ensure_registered, unmount_view, view_admin_dir
@@ -487,3 +488,14 @@ def test_a_views_branch_is_made_in_the_repository_now_at_its_path(tmp_path: Path
     assert layered._BRANCH_HANDLES.held is None  # pyright: ignore[reportPrivateUsage]
     third = _view(repo, "three")
     assert git(root, "rev-parse", third.branch_ref).strip() == third.base_commit
+
+
+def test_only_a_kernel_overlay_view_takes_quick_file_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    """The bus runs small file calls in the event loop's thread only in a view of the kernel's
+    overlayfs: fuse-overlayfs's daemon, or a worktree's unknown filesystem, could keep a call
+    waiting."""
+    repo = GitRepo(make_repo(tmp_path / "r", BASE_FILES))
+    assert quick_files(_view(repo, "run1")) == (driver == OVERLAY)
+    assert not quick_files(_worktree(repo, monkeypatch, "run2"))

@@ -11,6 +11,7 @@ import pytest
 from toolbus.audit import AuditLog
 from toolbus.bus import SUBAGENT_TOOL_SPECS, AgentBus, FileLimits
 from toolbus.errors import LeaseLost
+from toolbus.fileops import QUICK_FILE_BYTES
 from toolbus.resources import WriteScope
 from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
 
@@ -52,9 +53,14 @@ def ws(tmp_path: Path) -> Path:
 
 
 def make_bus(
-    ws: Path, fence: RevocableFence | None = None, scope: tuple[str, ...] | None = ("src",)
+    ws: Path,
+    fence: RevocableFence | None = None,
+    scope: tuple[str, ...] | None = ("src",),
+    *,
+    quick_files: bool = False,
 ) -> AgentBus:
     return AgentBus(
+        quick_files=quick_files,
         agent_id="agent-1",
         workspace=ws,
         write_scope=WriteScope.of(scope),
@@ -278,3 +284,74 @@ async def test_a_write_checks_its_fence_in_the_loop_thread_unless_it_is_thread_s
     refused = await bus.call("write_file", {"path": "src/other.py", "content": "y = 2\n"})
     assert refused.is_error and "LeaseLost" in refused.content
     assert not (ws / "src" / "other.py").exists()
+
+
+@pytest.mark.parametrize("quick", [False, True])
+async def test_quick_files_run_small_calls_in_the_loop_thread_and_big_ones_in_workers(
+    ws: Path, quick: bool
+) -> None:
+    """With `quick_files`, a small write or edit is checked (fence included) and made in the
+    event loop's thread, and only synced in a worker; a file over `QUICK_FILE_BYTES` goes to a
+    worker whole, as every call does without it. The results are the same either way."""
+    threads: list[tuple[str, int]] = []
+    fence = ThreadSafeFence()
+    plain_check = fence.check
+
+    def check(path: str | None) -> None:
+        threads.append((str(path), threading.get_ident()))
+        plain_check(path)
+
+    fence.check = check  # type: ignore[method-assign]
+    bus = make_bus(ws, fence, quick_files=quick)
+    loop_thread = threading.get_ident()
+    big = "x = 1\n" * (QUICK_FILE_BYTES // 6 + 10)
+
+    calls: list[tuple[str, dict[str, object]]] = [
+        ("write_file", {"path": "src/small.py", "content": "a = 1\n"}),
+        ("edit_file", {"path": "src/small.py", "old": "a = 1", "new": "a = 2"}),
+        ("write_file", {"path": "src/big.py", "content": big}),
+        (
+            "edit_file",
+            {"path": "src/big.py", "old": "x = 1\nx = 1\nx", "new": "y", "replace_all": True},
+        ),
+        (
+            "edit_file",
+            {"path": "src/a.py", "old": "return 1", "new": "return " + "9" * QUICK_FILE_BYTES},
+        ),
+    ]
+    for name, args in calls:
+        out = await bus.call(name, args)
+        assert not out.is_error, out.content
+    assert (ws / "src" / "small.py").read_text() == "a = 2\n"
+    assert (ws / "src" / "big.py").read_text() == big.replace("x = 1\nx = 1\nx", "y")
+    assert (
+        ws / "src" / "a.py"
+    ).read_text() == "def alpha():\n    return " + "9" * QUICK_FILE_BYTES + "\n"
+    in_loop = [(path, ident == loop_thread) for path, ident in threads]
+    assert in_loop == [
+        ("src/small.py", quick),
+        ("src/small.py", quick),
+        ("src/big.py", False),
+        ("src/big.py", False),
+        ("src/a.py", False),  # the file is small, its edited text is not
+    ]
+    assert not [p.name for p in (ws / "src").iterdir() if p.name.endswith(".tmp")]
+
+    read = await bus.call("read_file", {"path": "src/big.py", "limit": 2})
+    assert not read.is_error and "y = 1" in read.content
+    small = await bus.call("read_file", {"path": "src/small.py"})
+    assert not small.is_error and "a = 2" in small.content
+
+
+async def test_a_quick_write_refused_or_failing_leaves_nothing_behind(ws: Path) -> None:
+    fence = ThreadSafeFence()
+    bus = make_bus(ws, fence, quick_files=True)
+    fence.revoked = True
+    refused = await bus.call("write_file", {"path": "src/a.py", "content": "gone\n"})
+    assert refused.is_error and "LeaseLost" in refused.content
+    fence.revoked = False
+    (ws / "src" / "dir.py").mkdir()
+    failed = await bus.call("write_file", {"path": "src/dir.py", "content": "x\n"})
+    assert failed.is_error and "directory" in failed.content
+    assert (ws / "src" / "a.py").read_text() == "def alpha():\n    return 1\n"
+    assert sorted(p.name for p in (ws / "src").iterdir()) == ["a.py", "dir.py"]

@@ -24,7 +24,7 @@ from toolbus.errors import (
     OutOfScope,
     PathEscape,
 )
-from toolbus.fileops import FileLimits, FileOps, glob_regex
+from toolbus.fileops import QUICK_FILE_BYTES, FileLimits, FileOps, NotQuick, glob_regex
 from toolbus.jail import Jail
 from toolbus.resources import WriteScope
 
@@ -429,3 +429,36 @@ def test_remove_partial_writes_deletes_only_unrenamed_temp_files(tmp_path: Path)
     assert (tmp_path / "w" / "big.txt").read_text() == "whole\n"
     assert (tmp_path / "keep.fanout-1-2.tmp").exists()
     assert (tmp_path / ".git" / ".x.fanout-1-2.tmp").exists()
+
+
+# ---- writes in two parts (`begin_write`, then `sync` and `close`) ----------------------------
+
+
+def test_a_pending_write_changes_nothing_until_synced(ws: Path) -> None:
+    """`begin_write`/`begin_edit` leave the target as it was; `close` without `sync` removes the
+    temporary file; `sync` puts the content in place, mode kept. Quick calls refuse files over
+    `QUICK_FILE_BYTES` before touching anything."""
+    fo = ops(ws)
+    (ws / "src" / "a.py").chmod(0o750)
+    pending = fo.begin_edit("src/a.py", "return 1", "return 2")
+    assert (ws / "src" / "a.py").read_text() == "def alpha():\n    return 1\n"
+    pending.close()
+    pending.close()  # a second close does nothing
+    assert sorted(p.name for p in (ws / "src").iterdir()) == ["a.py", "b.py"]
+
+    pending = fo.begin_write("src/a.py", "x = 1\n")
+    pending.sync()
+    pending.close()
+    assert (ws / "src" / "a.py").read_text() == "x = 1\n"
+    assert stat.S_IMODE((ws / "src" / "a.py").stat().st_mode) == 0o750
+    assert sorted(p.name for p in (ws / "src").iterdir()) == ["a.py", "b.py"]
+
+    with pytest.raises(NotQuick):
+        fo.begin_write("src/new/c.py", "x" * (QUICK_FILE_BYTES + 1), quick=True)
+    assert not (ws / "src" / "new").exists()
+    (ws / "src" / "big.py").write_text("y" * (QUICK_FILE_BYTES + 1))
+    with pytest.raises(NotQuick):
+        fo.read("src/big.py", quick=True)
+    with pytest.raises(NotQuick):
+        fo.begin_edit("src/big.py", "y", "z", replace_all=True, quick=True)
+    assert fo.read("src/big.py", limit=1).size_bytes == QUICK_FILE_BYTES + 1
