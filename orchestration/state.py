@@ -577,7 +577,9 @@ class StateStore:
             if new_status != current.status and not new_status.active and current.status.active:
                 seq_row = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()
                 update["finish_seq"] = int(seq_row[0])
-            updated = AgentRecord.model_validate(current.model_copy(update=update).model_dump())
+            # the changes validated with the record's other fields as they are (its nested
+            # records are taken as they stand, not dumped and parsed again)
+            updated = AgentRecord.model_validate({**current.__dict__, **update})
             text = updated.model_dump_json()
             db.execute("UPDATE agents SET data = ? WHERE agent_id = ?", (text, agent_id))
             self._append_event(db, updated.run_id, agent_id, kind, detail or updated.status.value)

@@ -18,6 +18,7 @@ The environment starts from a small allowlist plus configured names; names that 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import re
 import shutil
@@ -303,7 +304,7 @@ class Terminal:
         returns its admin dir (the server's record, as `config.git_admin_dir` would give it);
         the first command calls it, so that a workspace no command runs in is never
         registered."""
-        self.workspace = Path(os.path.realpath(workspace))
+        self._workspace = workspace
         self.config = config or TerminalConfig()
         self._register_git = register_git
         self._admin_dir = self.config.git_admin_dir
@@ -323,6 +324,12 @@ class Terminal:
         # garbage collection or interpreter exit); a configured home is its owner's to remove
         if self._own_home:
             self._cleanup = weakref.finalize(self, _remove_dirs, (self.home, self.view_dir))
+
+    @functools.cached_property
+    def workspace(self) -> Path:
+        """The workspace's real path, resolved when a command first needs it: most agents run
+        none, and resolving walks every component of a deep path."""
+        return Path(os.path.realpath(self._workspace))
 
     def grant_network(self) -> None:
         """Let the next commands reach the network (a grant of the permission policy)."""

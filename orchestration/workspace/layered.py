@@ -535,11 +535,24 @@ def _layer_dirs(state_dir: Path) -> Iterator[Path]:
 
 
 def _lower_of(layers: Path) -> str | None:
+    text = _small_record(layers, "lower")
+    return text if text is not None and FULL_OID.fullmatch(text) else None
+
+
+def _small_record(layers: Path, name: str) -> str | None:
+    """The stripped ASCII text of the record `name` in `layers` (at most 4 KiB read), None when
+    it is missing or unreadable. By a descriptor, not a file object: every agent's view
+    creation and commit read these."""
     try:
-        text = (layers / "lower").read_text(encoding="ascii").strip()
+        fd = os.open(os.path.join(layers, name), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).decode("ascii").strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return text if FULL_OID.fullmatch(text) else None
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -749,11 +762,8 @@ def ensure_mounted(ws: Workspace) -> None:
 
 def _driver_of(layers: Path) -> str:
     """How the view was mounted (its upper layer's marks are that driver's)."""
-    try:
-        text = (layers / "driver").read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return overlay.OVERLAY
-    return text if text in overlay.DRIVERS else overlay.OVERLAY
+    text = _small_record(layers, "driver")
+    return text if text is not None and text in overlay.DRIVERS else overlay.OVERLAY
 
 
 def unmount_orphaned_views(repo: GitRepo) -> list[Path]:

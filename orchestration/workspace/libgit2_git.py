@@ -77,10 +77,19 @@ class _TreeFacts:
 
 def common_dir(pyrepo: pygit2.Repository) -> Path:
     """The repository's own git dir: a worktree's git dir names it in `commondir`."""
-    common = "."
-    with contextlib.suppress(OSError):
-        common = (Path(pyrepo.path) / "commondir").read_text(encoding="utf-8").strip() or "."
-    return Path(pyrepo.path) / common
+    git_dir = pyrepo.path
+    try:
+        # (a descriptor, not a file object: every commit of every agent asks this)
+        fd = os.open(os.path.join(git_dir, "commondir"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return Path(git_dir)
+    try:
+        common = os.read(fd, 65536).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        common = ""
+    finally:
+        os.close(fd)
+    return Path(git_dir) / (common or ".")
 
 
 def _object_store(pyrepo: pygit2.Repository) -> tuple[int, int]:

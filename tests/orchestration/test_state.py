@@ -11,8 +11,9 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 import pytest
+from pydantic import ValidationError
 
-from orchestration.contracts import AgentStatus
+from orchestration.contracts import AgentStatus, ResourceSpec, TokenUsage
 from orchestration.state import (
     AgentRecord,
     EventKind,
@@ -239,3 +240,28 @@ def test_a_server_of_this_machine_whose_process_exited_is_dead_at_once(tmp_path:
     assert not pid_running(gone)
     assert pid_running(os.getpid())
     store.close()
+
+
+def test_apply_validates_the_changes_and_keeps_the_rest(tmp_path: Path) -> None:
+    """A change of the wrong type is refused and nothing is written; a valid one is parsed
+    (usage from a dict) and every other field stays as it was."""
+    store = StateStore(tmp_path)
+    agent = _agent("a1").model_copy(update={"resources": [ResourceSpec(name="db")]})
+    store.create_run(_run(), [agent])
+    before = store.cursor()
+    with pytest.raises(ValidationError):
+        store.apply("a1", EventKind.TURN, turns="many")  # pyright: ignore[reportArgumentType]
+    assert store.cursor() == before
+    assert store.agent("a1") == agent
+    usage = {"input": 5, "output": 2}
+    updated = store.apply(
+        "a1",
+        EventKind.TURN,
+        status=AgentStatus.RUNNING,
+        tokens=usage,  # pyright: ignore[reportArgumentType]
+    )
+    assert updated.status is AgentStatus.RUNNING and updated.tokens == TokenUsage(input=5, output=2)
+    assert updated.model_dump(exclude={"status", "tokens"}) == agent.model_dump(
+        exclude={"status", "tokens"}
+    )
+    assert StateStore(tmp_path).agent("a1") == updated
