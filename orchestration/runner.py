@@ -3,8 +3,9 @@ record its result from facts (its commit, the bus's audit) when it ends, however
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,6 +75,21 @@ def file_changes(ctx: RepoContext, base: str, commit: str) -> list[FileChange]:
     finally:
         pyrepo.free()
     return found
+
+
+@contextlib.asynccontextmanager
+async def _slot(limiter: anyio.CapacityLimiter) -> AsyncGenerator[None]:
+    """A token of `limiter` for the block, taken without yielding to the event loop when one is
+    free (`async with limiter` always yields: in a burst of agents, a wait behind every other
+    ready one)."""
+    try:
+        limiter.acquire_nowait()
+    except anyio.WouldBlock:
+        await limiter.acquire()
+    try:
+        yield
+    finally:
+        limiter.release()
 
 
 async def quick_or_thread(
@@ -293,7 +309,7 @@ class AgentRunner:
         if limiter is None:
             run = find_run(ctx, agent.run_id)
             limiter = ctx.limiters[agent.run_id] = anyio.CapacityLimiter(run.max_concurrency)
-        async with limiter, self._caps.slots:  # the run's slot, then one of the server's
+        async with _slot(limiter), _slot(self._caps.slots):  # the run's, then the server's
             await self.executor.run(self, ctx, runtime)
 
     async def _wait_for_dependencies(self, ctx: RepoContext, agent: AgentRecord) -> str | None:

@@ -13,6 +13,8 @@ than the calls themselves.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import threading
 import time
@@ -300,6 +302,22 @@ class _Facts:
     permission: str | None = None
 
 
+# The worker threads of the quick writes' fsyncs (`_in_sync_thread`).
+_SYNC_THREADS = concurrent.futures.ThreadPoolExecutor(
+    max_workers=32, thread_name_prefix="fanout-fsync"
+)
+
+
+async def _in_sync_thread(func: Callable[[], None]) -> None:
+    """`func()` in a worker thread, waited for to its end even when the caller is cancelled
+    meanwhile (as `anyio.to_thread.run_sync` does). One wait on the event loop, where
+    `to_thread` makes three: in a burst of agents each is a wait behind every other ready one.
+    (The server runs on asyncio, anyio's default backend.)"""
+    future = asyncio.get_running_loop().run_in_executor(_SYNC_THREADS, func)
+    with anyio.CancelScope(shield=True):
+        await future
+
+
 class AgentBus:
     """The one way a subagent touches its workspace, its terminal and the downstream MCP servers
     its run allows; the calls a person may care about pass the permission policy first."""
@@ -347,7 +365,9 @@ class AgentBus:
         self.network_decided = False
         self._loop_fence = _LoopFence(fence)
         self.files = FileOps(self.jail, write_scope, self._loop_fence, self.limits, git_dir=git_dir)
-        self._mutation_lock = anyio.Lock()
+        # (taken without yielding to the event loop when free: a yield in a burst of agents is a
+        # wait behind every other ready one)
+        self._mutation_lock = anyio.Lock(fast_acquire=True)
         self._handlers: dict[str, Callable[[Any], Awaitable[tuple[str, _Facts]]]] = {
             "read_file": self._read_file,
             "write_file": self._write_file,
@@ -496,7 +516,7 @@ class AgentBus:
                 pass
             else:
                 try:
-                    await anyio.to_thread.run_sync(pending.sync)
+                    await _in_sync_thread(pending.sync)
                 finally:
                     pending.close()
                 assert pending.result is not None

@@ -355,3 +355,42 @@ async def test_a_quick_write_refused_or_failing_leaves_nothing_behind(ws: Path) 
     assert failed.is_error and "directory" in failed.content
     assert (ws / "src" / "a.py").read_text() == "def alpha():\n    return 1\n"
     assert sorted(p.name for p in (ws / "src").iterdir()) == ["a.py", "dir.py"]
+
+
+async def test_a_cancelled_quick_write_waits_for_its_sync_and_leaves_no_temp_file(
+    ws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelling the call while its fsyncs run in the worker thread does not leave the write
+    half done: the call returns only once the sync is over (the descriptors are closed after
+    it), as `anyio.to_thread.run_sync` would, and the file is then in place, no temporary file
+    beside it."""
+    from toolbus.fileops import PendingWrite
+
+    entered, go = threading.Event(), threading.Event()
+    plain_sync = PendingWrite.sync
+
+    def slow_sync(self: PendingWrite) -> None:
+        entered.set()
+        go.wait(10)
+        plain_sync(self)
+
+    monkeypatch.setattr(PendingWrite, "sync", slow_sync)
+    bus = make_bus(ws, quick_files=True)
+    scope = anyio.CancelScope()
+    returned = anyio.Event()
+
+    async def write() -> None:
+        with scope:
+            await bus.call("write_file", {"path": "src/c.py", "content": "c = 1\n"})
+        returned.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write)
+        await anyio.to_thread.run_sync(entered.wait, 10)
+        scope.cancel()
+        await anyio.sleep(0.1)
+        assert not returned.is_set()  # the sync still runs: the call waits for it
+        go.set()
+    assert returned.is_set() and scope.cancel_called
+    assert (ws / "src" / "c.py").read_text() == "c = 1\n"
+    assert sorted(p.name for p in (ws / "src").iterdir()) == ["a.py", "c.py"]
