@@ -300,13 +300,16 @@ class AgentLoop:
         release = None
         if warmup is not None and isinstance(model, StartSignallingModel):
             release = await warmup.before_first_call()
+        first_sent = warmup.sent if warmup is not None else None
 
         async def attempt() -> ModelResponse:
             if release is None or not isinstance(model, StartSignallingModel):
                 return await model.complete(request)
             writer = release
             try:
-                return await model.complete_signalled(request, lambda: writer(True))
+                return await model.complete_signalled(
+                    request, lambda: writer(True), on_sent=first_sent
+                )
             finally:
                 writer(False)  # failed or cancelled: the others go on (no-op once begun)
 

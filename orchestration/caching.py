@@ -4,7 +4,12 @@ prefix asks for, and the warm-up that has the prefix written once instead of onc
 The Messages API makes a cache entry readable only once the response of the request that wrote
 it has begun; agents whose first requests leave together all pay the write. So a run's first
 request goes alone and the others wait until its response begins (at most
-`FANOUT_CACHE_WARMUP_MAX_S`): the cost is about one time-to-first-byte, once per run."""
+`FANOUT_CACHE_WARMUP_MAX_S`): the cost is about one time-to-first-byte, once per run.
+
+That first request is then on every agent's path, so nothing delays it: the run's other agents
+start (take their leases, record their state, make their workspaces) only once it has left,
+inside the wait they make anyway; otherwise their set-up steps would run between its steps on
+the event loop."""
 
 from __future__ import annotations
 
@@ -52,13 +57,21 @@ def choose_ttl(setting: str, *, expected_s: float, has_waits: bool) -> CacheTtl:
     return "1h" if has_waits and expected_s > FIVE_MINUTES_S else "5m"
 
 
+LEAVING_S = 0.005
+"""How long after the first request is handed to the HTTP client the others start: its
+connection and its bytes take a few turns of the event loop."""
+
+
 class PrefixWarmup:
-    """One run's first model request goes alone; the others wait until its response begins."""
+    """One run's first model request goes alone; the others wait until its response begins,
+    and start only once it has left (`before_start`)."""
 
     def __init__(self, max_wait_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_wait_s = max_wait_s
         self._clock = clock
         self._begun = anyio.Event()
+        self._left = anyio.Event()  # the first request has left, or will not
+        self._starter: str | None = None
         self._writer_chosen = False
         self._sent_at: float | None = None
         self.first_byte_s: float | None = None  # the writer's time to its response's start
@@ -68,6 +81,34 @@ class PrefixWarmup:
     @property
     def done(self) -> bool:
         return self._begun.is_set()
+
+    async def before_start(self, agent_id: str) -> None:
+        """Call when an agent of the run starts, past any wait for other agents. The first goes
+        on at once (it makes the run's first request); the others return once that request
+        has left (`sent`), or its agent waits for leases (`starter_waits`) or ended
+        (`starter_ended`), or its call failed, at most `max_wait_s` later."""
+        if self._left.is_set() or self._begun.is_set() or self.max_wait_s <= 0:
+            return
+        if self._starter is None:
+            self._starter = agent_id
+            return
+        with anyio.move_on_after(self.max_wait_s):
+            await self._left.wait()
+            await anyio.sleep(LEAVING_S)
+
+    def sent(self) -> None:
+        """The run's first request is handed to the HTTP client."""
+        self._left.set()
+
+    def starter_waits(self, agent_id: str) -> None:
+        """`agent_id` has to wait (for leases): if it started first, the others go on."""
+        if agent_id == self._starter:
+            self._left.set()
+
+    def starter_ended(self, agent_id: str) -> None:
+        """`agent_id` ended: if it started first, the others go on."""
+        if agent_id == self._starter:
+            self._left.set()
 
     async def before_first_call(self) -> Callable[[bool], None] | None:
         """Call before an agent's first model request. Returns the callback the writer calls
@@ -86,6 +127,7 @@ class PrefixWarmup:
         return None
 
     def _release(self, begun: bool) -> None:
+        self._left.set()
         if self._begun.is_set():
             return
         if begun and self._sent_at is not None:

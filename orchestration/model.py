@@ -140,8 +140,15 @@ class StartSignallingModel(Model, Protocol):
     the request wrote to the prompt cache becomes readable for other requests."""
 
     async def complete_signalled(
-        self, request: ModelRequest, on_start: Callable[[], None]
-    ) -> ModelResponse: ...
+        self,
+        request: ModelRequest,
+        on_start: Callable[[], None],
+        *,
+        on_sent: Callable[[], None] | None = None,
+    ) -> ModelResponse:
+        """`complete`, calling `on_start` when the response begins and `on_sent` (if given)
+        when the request is handed to the HTTP client."""
+        ...
 
 
 def _dump(value: BaseModel | list[BaseModel]) -> str:

@@ -35,6 +35,7 @@ from orchestration.contracts import (
 )
 from orchestration.executors.base import Executor, InProcessExecutor
 from orchestration.gate import AgentGate, show_resource_wait
+from orchestration.model import StartSignallingModel
 from orchestration.models import ModelPool
 from orchestration.planner import run_prefix
 from orchestration.prompts import FINISH_TOOL
@@ -201,6 +202,9 @@ class AgentRunner:
             raise
         finally:
             record = store.agent(agent_id)
+            warmup = None if record is None else ctx.warmups.get(record.run_id)
+            if warmup is not None:
+                warmup.starter_ended(agent_id)
             if record is not None and record.status.active:
                 with anyio.CancelScope(shield=True):
                     await self._finish_interrupted(ctx, runtime)
@@ -274,6 +278,16 @@ class AgentRunner:
                 other_record = store.agent(other_id)
                 if other_record is None or scope_freed(other_record):
                     break
+        # 1b. The run's first agent to get here makes its first request before the others
+        # start (see `caching.PrefixWarmup.before_start`): in this process, with a model that
+        # says when its request left.
+        warmup = ctx.warmups.get(agent.run_id)
+        if (
+            warmup is not None
+            and isinstance(self.executor, InProcessExecutor)
+            and isinstance(self._models.first(agent.model), StartSignallingModel)
+        ):
+            await warmup.before_start(agent.agent_id)
         # 2. Take the write leases of the scope, all at once.
         requests = scope_requests(agent.write_scope)
         fence = LeaseFence(ctx.leases, agent.lease_holder or agent.agent_id)
@@ -282,6 +296,8 @@ class AgentRunner:
             holder = agent.lease_holder or agent.agent_id
 
             def on_wait() -> None:
+                if warmup is not None:
+                    warmup.starter_waits(agent.agent_id)
                 store.mark_waiting(
                     agent.agent_id,
                     "waits for leases",

@@ -14,6 +14,7 @@ import os
 import ssl
 import threading
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 import anthropic
@@ -118,13 +119,26 @@ def warm_up() -> None:
     shared_ssl_context()
 
 
+# What the request being made in this context calls when the HTTP client takes it (see
+# `AnthropicModel.complete_signalled`); None for most requests.
+_ON_SENT: ContextVar[Callable[[], None] | None] = ContextVar("fanout_on_sent", default=None)
+
+
+async def _request_hook(_request: httpx2.Request) -> None:
+    """The HTTP client's hook before it sends a request: the caller's `on_sent`, if any."""
+    on_sent = _ON_SENT.get()
+    if on_sent is not None:
+        on_sent()
+
+
 def _http_client(kind: HttpClientKind) -> httpx2.AsyncClient:
     """The SDK's own HTTP client (its defaults: limits, redirects, proxies from the environment)
     over httpx or, with `aiohttp`, over aiohttp's transport (the `anthropic[aiohttp]` extra),
     whose C parser costs a request less CPU."""
+    hooks = {"request": [_request_hook]}
     if kind == "aiohttp":
-        return anthropic.DefaultAioHttpClient(verify=shared_ssl_context())
-    return anthropic.DefaultAsyncHttpxClient(verify=shared_ssl_context())
+        return anthropic.DefaultAioHttpClient(verify=shared_ssl_context(), event_hooks=hooks)
+    return anthropic.DefaultAsyncHttpxClient(verify=shared_ssl_context(), event_hooks=hooks)
 
 
 class AnthropicModel:
@@ -180,11 +194,20 @@ class AnthropicModel:
         await self.aclose()
 
     async def complete_signalled(
-        self, request: ModelRequest, on_start: Callable[[], None]
+        self,
+        request: ModelRequest,
+        on_start: Callable[[], None],
+        *,
+        on_sent: Callable[[], None] | None = None,
     ) -> ModelResponse:
         """`complete`, streamed, calling `on_start` at the stream's first event: the response
-        has begun, and with it what the request wrote to the prompt cache is readable."""
-        return await self._call(request, stream=True, on_start=on_start)
+        has begun, and with it what the request wrote to the prompt cache is readable; and
+        `on_sent` when the HTTP client takes the request (each attempt's)."""
+        token = _ON_SENT.set(on_sent)
+        try:
+            return await self._call(request, stream=True, on_start=on_start)
+        finally:
+            _ON_SENT.reset(token)
 
     async def complete(self, request: ModelRequest) -> ModelResponse:
         return await self._call(request, stream=request.max_tokens >= self.stream_threshold)

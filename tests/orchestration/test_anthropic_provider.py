@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -274,6 +274,29 @@ async def test_stream_threshold_zero_always_streams() -> None:
     async with served(stream_threshold=0) as (fake, model):
         answer = await model.complete(request(max_tokens=100))
     assert fake.requests[0].stream and answer.text == "echo: begin"
+
+
+@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+async def test_a_signalled_call_says_when_its_request_leaves_and_its_response_begins(
+    http_client: str,
+) -> None:
+    """`on_sent` is called once per attempt as the HTTP client takes the request (before the
+    fake receives it), `on_start` once the response begins; other calls call neither."""
+    events: list[tuple[str, int]] = []
+    fake_box: list[FakeAnthropic] = []
+
+    def seen(what: str) -> Callable[[], None]:
+        return lambda: events.append((what, len(fake_box[0].requests)))
+
+    async with served(http_client=http_client) as (fake, model):
+        fake_box.append(fake)
+        fake.inject(overloaded(), times=1)
+        with pytest.raises(ModelOverloaded):
+            await model.complete_signalled(request(), seen("start"), on_sent=seen("sent"))
+        answer = await model.complete_signalled(request(), seen("start"), on_sent=seen("sent"))
+        await model.complete(request())
+    assert answer.text == "echo: begin"
+    assert events == [("sent", 0), ("sent", 1), ("start", 2)]
 
 
 async def test_cache_tokens_are_recorded() -> None:

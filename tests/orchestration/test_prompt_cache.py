@@ -4,6 +4,8 @@ its prefix is cached, or that caching does not apply."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +13,13 @@ import anyio
 import pytest
 
 from fakeapi import FakeAnthropic, LoggedRequest, by_turn, finish, overloaded, tool_use
-from orchestration.caching import choose_ttl, min_cacheable_tokens
+from orchestration.caching import PrefixWarmup, choose_ttl, min_cacheable_tokens
 from orchestration.config import Settings
 from orchestration.contracts import SharedContextSpec, SpawnRequest, TaskSpec, TokenUsage
 from orchestration.model import Model
 from orchestration.orchestrator import Orchestrator
 from orchestration.providers.anthropic import AnthropicModel
+from orchestration.state import StateStore
 from tests.orchestration.scripts import make_repo
 from tests.orchestration.test_orchestrator import wait_until_final
 
@@ -141,3 +144,74 @@ def test_the_lifetime_follows_what_the_run_is_expected_to_take() -> None:
     assert min_cacheable_tokens("claude-haiku-4-5") == 4096
     assert min_cacheable_tokens("claude-sonnet-5-5") == 1024
     assert min_cacheable_tokens("claude-haiku-4-5", override=10) == 10
+
+
+async def test_the_others_start_once_the_first_request_has_left() -> None:
+    """The first agent to start goes on; the others wait in `before_start` until its request
+    has left (`sent`), it waits for leases, it ended, or its call failed; never longer than
+    the warm-up's bound."""
+    for opener in ("sent", "waits", "ended", "failed"):
+        warmup = PrefixWarmup(5.0)
+        await warmup.before_start("a1")  # the starter: at once
+        started: list[str] = []
+
+        async def start(
+            agent: str, warmup: PrefixWarmup = warmup, started: list[str] = started
+        ) -> None:
+            await warmup.before_start(agent)
+            started.append(agent)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start, "a2")
+            tg.start_soon(start, "a3")
+            await anyio.sleep(0.05)
+            assert started == []
+            warmup.starter_waits("a2")  # not the starter: nothing changes
+            warmup.starter_ended("a3")
+            await anyio.sleep(0.05)
+            assert started == []
+            if opener == "sent":
+                warmup.sent()
+            elif opener == "waits":
+                warmup.starter_waits("a1")
+            elif opener == "ended":
+                warmup.starter_ended("a1")
+            else:
+                release = await warmup.before_first_call()
+                assert release is not None
+                release(False)
+        assert sorted(started) == ["a2", "a3"], opener
+    bounded = PrefixWarmup(0.1)
+    await bounded.before_start("a1")
+    with anyio.fail_after(2):
+        await bounded.before_start("a2")  # the starter never sends: the bound lets it go
+
+
+async def test_in_a_run_the_first_request_leaves_before_the_others_take_their_leases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent_at: list[float] = []
+    plain = AnthropicModel.complete_signalled
+
+    async def recording(
+        self: AnthropicModel,
+        request: Any,
+        on_start: Callable[[], None],
+        *,
+        on_sent: Callable[[], None] | None = None,
+    ) -> Any:
+        def sent() -> None:
+            sent_at.append(time.time())
+            if on_sent is not None:
+                on_sent()
+
+        return await plain(self, request, on_start, on_sent=sent)
+
+    monkeypatch.setattr(AnthropicModel, "complete_signalled", recording)
+    async with FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake:
+        spawned, _run = await _spawn_and_wait(tmp_path, fake)
+    store = StateStore(Path(spawned.repo) / ".git" / "fanout")
+    leased = sorted(e.ts for e in store.events(run_id=spawned.run_id) if e.kind == "leased")
+    assert len(sent_at) == 1 and len(leased) == AGENTS
+    # the starter took its leases before its request left; every other agent after
+    assert leased[0] < sent_at[0] <= leased[1], (sent_at, leased)
