@@ -85,8 +85,8 @@ class PrefixWarmup:
     async def before_start(self, agent_id: str) -> None:
         """Call when an agent of the run starts, past any wait for other agents. The first goes
         on at once (it makes the run's first request); the others return once that request
-        has left (`sent`), or its agent waits for leases (`starter_waits`) or ended
-        (`starter_ended`), or its call failed, at most `max_wait_s` later."""
+        has left (`sent`), or its agent waits for leases or ended (`starter_stops`), or its call
+        failed, at most `max_wait_s` later."""
         if self._left.is_set() or self._begun.is_set() or self.max_wait_s <= 0:
             return
         if self._starter is None:
@@ -100,13 +100,9 @@ class PrefixWarmup:
         """The run's first request is handed to the HTTP client."""
         self._left.set()
 
-    def starter_waits(self, agent_id: str) -> None:
-        """`agent_id` has to wait (for leases): if it started first, the others go on."""
-        if agent_id == self._starter:
-            self._left.set()
-
-    def starter_ended(self, agent_id: str) -> None:
-        """`agent_id` ended: if it started first, the others go on."""
+    def starter_stops(self, agent_id: str) -> None:
+        """`agent_id` has to wait (for leases) or ended: if it started first, the others go
+        on."""
         if agent_id == self._starter:
             self._left.set()
 

@@ -204,7 +204,7 @@ class AgentRunner:
             record = store.agent(agent_id)
             warmup = None if record is None else ctx.warmups.get(record.run_id)
             if warmup is not None:
-                warmup.starter_ended(agent_id)
+                warmup.starter_stops(agent_id)
             if record is not None and record.status.active:
                 with anyio.CancelScope(shield=True):
                     await self._finish_interrupted(ctx, runtime)
@@ -297,7 +297,7 @@ class AgentRunner:
 
             def on_wait() -> None:
                 if warmup is not None:
-                    warmup.starter_waits(agent.agent_id)
+                    warmup.starter_stops(agent.agent_id)
                 store.mark_waiting(
                     agent.agent_id,
                     "waits for leases",

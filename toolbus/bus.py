@@ -521,17 +521,7 @@ class AgentBus:
                     pending.close()
                 assert pending.result is not None
                 return pending.result
-
-        def whole() -> WriteResult | EditResult:
-            pending = begin()
-            try:
-                pending.sync()
-            finally:
-                pending.close()
-            assert pending.result is not None
-            return pending.result
-
-        return await anyio.to_thread.run_sync(whole)
+        return await anyio.to_thread.run_sync(lambda: begin().finish())
 
     async def _edit_file(self, args: EditFileArgs) -> tuple[str, _Facts]:
         permission = await self._permit_write(args.path)

@@ -709,6 +709,16 @@ class PendingWrite:
         if fd is not None:
             _discard(self.dfd, fd, None if self._placed else self.tmp)
 
+    def finish(self) -> WriteResult | EditResult:
+        """`sync` and `close` in this thread: the result, once durable and in place."""
+        try:
+            self.sync()
+        finally:
+            self.close()
+        if self.result is None:
+            raise RuntimeError("a pending write without its result")
+        return self.result
+
 
 def _discard(dfd: int, fd: int | None, tmp: str | None) -> None:
     """Close the descriptors of a write; remove its temporary file `tmp` (None: none left)."""
@@ -722,11 +732,8 @@ def _discard(dfd: int, fd: int | None, tmp: str | None) -> None:
 
 
 def _done(pending: PendingWrite, kind: type[_R]) -> _R:
-    """Finish `pending` in this thread: its result once it is durable and in place."""
-    try:
-        pending.sync()
-    finally:
-        pending.close()
-    if not isinstance(pending.result, kind):
-        raise TypeError(f"a pending write carries {type(pending.result).__name__}")
-    return pending.result
+    """`pending.finish()`, its result checked to be of `kind`."""
+    result = pending.finish()
+    if not isinstance(result, kind):
+        raise TypeError(f"a pending write carries {type(result).__name__}")
+    return result

@@ -245,6 +245,22 @@ def seed_index(
     run_git(cwd, "read-tree", treeish, env=env, pinned=pinned)
 
 
+def read_record(path: str, encoding: str = "ascii", limit: int = 4096) -> str | None:
+    """The stripped text of the small record file at `path` (at most `limit` bytes read), None
+    when it is missing or unreadable. By a descriptor, not a file object: every agent's view
+    creation and commit read such records."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, limit).decode(encoding).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(fd)
+
+
 def write_whole(path: Path, text: str) -> None:
     """Write `path` so that it never exists with part of `text`: a temporary file beside it
     (named for this process and thread, so that two writers never share it), renamed over it."""

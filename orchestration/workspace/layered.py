@@ -54,6 +54,7 @@ from orchestration.workspace.git import (
     GitRepo,
     check_component,
     copy_index,
+    read_record,
     run_git,
     tree_of,
     write_whole,
@@ -535,24 +536,8 @@ def _layer_dirs(state_dir: Path) -> Iterator[Path]:
 
 
 def _lower_of(layers: Path) -> str | None:
-    text = _small_record(layers, "lower")
+    text = read_record(os.path.join(layers, "lower"))
     return text if text is not None and FULL_OID.fullmatch(text) else None
-
-
-def _small_record(layers: Path, name: str) -> str | None:
-    """The stripped ASCII text of the record `name` in `layers` (at most 4 KiB read), None when
-    it is missing or unreadable. By a descriptor, not a file object: every agent's view
-    creation and commit read these."""
-    try:
-        fd = os.open(os.path.join(layers, name), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, 4096).decode("ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -762,7 +747,7 @@ def ensure_mounted(ws: Workspace) -> None:
 
 def _driver_of(layers: Path) -> str:
     """How the view was mounted (its upper layer's marks are that driver's)."""
-    text = _small_record(layers, "driver")
+    text = read_record(os.path.join(layers, "driver"))
     return text if text is not None and text in overlay.DRIVERS else overlay.OVERLAY
 
 

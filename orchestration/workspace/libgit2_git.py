@@ -24,7 +24,7 @@ from orchestration.workspace.engine import (
     changed_paths,
     reset_index_paths,
 )
-from orchestration.workspace.git import has_hook, tree_of
+from orchestration.workspace.git import has_hook, read_record, tree_of
 from orchestration.workspace.pinning import is_rule_file, open_workspace_repo
 from toolbus.gitcmd import Pinned
 
@@ -78,17 +78,7 @@ class _TreeFacts:
 def common_dir(pyrepo: pygit2.Repository) -> Path:
     """The repository's own git dir: a worktree's git dir names it in `commondir`."""
     git_dir = pyrepo.path
-    try:
-        # (a descriptor, not a file object: every commit of every agent asks this)
-        fd = os.open(os.path.join(git_dir, "commondir"), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return Path(git_dir)
-    try:
-        common = os.read(fd, 65536).decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        common = ""
-    finally:
-        os.close(fd)
+    common = read_record(os.path.join(git_dir, "commondir"), "utf-8", 65536)
     return Path(git_dir) / (common or ".")
 
 

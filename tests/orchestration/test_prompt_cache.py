@@ -148,9 +148,9 @@ def test_the_lifetime_follows_what_the_run_is_expected_to_take() -> None:
 
 async def test_the_others_start_once_the_first_request_has_left() -> None:
     """The first agent to start goes on; the others wait in `before_start` until its request
-    has left (`sent`), it waits for leases, it ended, or its call failed; never longer than
-    the warm-up's bound."""
-    for opener in ("sent", "waits", "ended", "failed"):
+    has left (`sent`), it waits for leases or ended (`starter_stops`), or its call failed;
+    never longer than the warm-up's bound."""
+    for opener in ("sent", "stops", "failed"):
         warmup = PrefixWarmup(5.0)
         await warmup.before_start("a1")  # the starter: at once
         started: list[str] = []
@@ -166,16 +166,14 @@ async def test_the_others_start_once_the_first_request_has_left() -> None:
             tg.start_soon(start, "a3")
             await anyio.sleep(0.05)
             assert started == []
-            warmup.starter_waits("a2")  # not the starter: nothing changes
-            warmup.starter_ended("a3")
+            warmup.starter_stops("a2")  # not the starter: nothing changes
+            warmup.starter_stops("a3")
             await anyio.sleep(0.05)
             assert started == []
             if opener == "sent":
                 warmup.sent()
-            elif opener == "waits":
-                warmup.starter_waits("a1")
-            elif opener == "ended":
-                warmup.starter_ended("a1")
+            elif opener == "stops":
+                warmup.starter_stops("a1")
             else:
                 release = await warmup.before_first_call()
                 assert release is not None
