@@ -187,7 +187,7 @@ class AgentLoop:
             self._fixed_chars = (
                 len(self.system_prefix)
                 + len(self.system_task)
-                + sum(len(t.description) + len(json.dumps(t.input_schema)) for t in self.tools)
+                + sum(t.prompt_chars for t in self.tools)
             )
         chars = self._fixed_chars + self._message_chars
         # Upper bound: every input token billed as a cache write (×1.25), plus the full output.

@@ -15,7 +15,8 @@ from orchestration.errors import InvalidRequest
 from orchestration.prompts import shared_prefix
 from orchestration.records import scope_requests
 from orchestration.state import AgentRecord, RunRecord, SharedFile, SharedSnapshot
-from toolbus.leases import LeaseManager, conflicts
+from toolbus.lease_store import earlier_conflicts
+from toolbus.leases import LeaseManager
 from toolbus.sandbox import probe_bwrap
 from toolbus.terminal import describe_commands
 
@@ -125,49 +126,32 @@ def new_agents(
     *,
     known: set[str] | None = None,
 ) -> list[AgentRecord]:
-    """The records of the run's agents, one per task, in waves (see `plan_waves`), with their
-    dependencies resolved (see `resolve_dependencies`)."""
+    """The records of the run's agents, one per task, with their dependencies resolved (see
+    `resolve_dependencies`), in waves: each waits for every earlier agent of the run whose write
+    scope overlaps its own."""
     dependencies = resolve_dependencies(request, run.run_id, names, known or set())
-    agents: list[AgentRecord] = []
-    for i, task in enumerate(request.tasks):
-        agent_id = f"{run.run_id}-a{i + 1}"
-        agents.append(
-            AgentRecord(
-                agent_id=agent_id,
-                run_id=run.run_id,
-                index=i + 1,
-                name=names[i],
-                prompt=task.prompt,
-                write_scope=task.write_scope,
-                model=task.model or settings.model,
-                max_turns=task.max_turns or settings.max_turns,
-                base_commit=run.base_commit,
-                owner=run.owner,
-                lease_holder=agent_id,
-                depends_on=dependencies[i],
-                resources=task.resource_specs(),
-                network=task.network,
-                permissions=task.permissions,
-            )
-        )
-    return plan_waves(agents)
-
-
-def plan_waves(agents: list[AgentRecord]) -> list[AgentRecord]:
-    """The agents, each waiting for every earlier agent of the run whose write scope overlaps
-    its own."""
-    requests = [scope_requests(agent.write_scope) for agent in agents]
+    ids = [f"{run.run_id}-a{i + 1}" for i in range(len(request.tasks))]
+    waves = earlier_conflicts([scope_requests(task.write_scope) for task in request.tasks])
     return [
-        agent.model_copy(
-            update={
-                "waits_for": [
-                    earlier.agent_id
-                    for j, earlier in enumerate(agents[:i])
-                    if any(conflicts(a, b) for a in requests[i] for b in requests[j])
-                ]
-            }
+        AgentRecord(
+            agent_id=ids[i],
+            run_id=run.run_id,
+            index=i + 1,
+            name=names[i],
+            prompt=task.prompt,
+            write_scope=task.write_scope,
+            model=task.model or settings.model,
+            max_turns=task.max_turns or settings.max_turns,
+            base_commit=run.base_commit,
+            owner=run.owner,
+            lease_holder=ids[i],
+            depends_on=dependencies[i],
+            waits_for=[ids[j] for j in waves[i]],
+            resources=task.resource_specs(),
+            network=task.network,
+            permissions=task.permissions,
         )
-        for i, agent in enumerate(agents)
+        for i, task in enumerate(request.tasks)
     ]
 
 
@@ -274,10 +258,12 @@ async def spawn_warnings(
                 f"{agent.name} overlaps the write scope of {names}: it waits until they are "
                 "merged or discarded, then starts from the new head"
             )
-    blockers: set[str] = set()
-    for agent in agents:
-        for lease in await leases.blockers(scope_requests(agent.write_scope)):
-            blockers.add(lease.holder)
+    # one look at the lease table for every agent's scope: a lease blocks the run if it
+    # blocks any of them
+    wanted = [request for agent in agents for request in scope_requests(agent.write_scope)]
+    blockers: set[str] = (
+        {lease.holder for lease in await leases.blockers(wanted)} if wanted else set()
+    )
     if blockers:
         warnings.append(
             "agents of earlier runs hold overlapping write leases ("

@@ -15,6 +15,7 @@ heartbeat), and `meta` (the fencing-token counter).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -221,6 +222,40 @@ def ancestors(path: str) -> list[str]:
         return [""]
     parts = path.split("/")
     return ["", *("/".join(parts[: i + 1]) for i in range(len(parts)))]
+
+
+def earlier_conflicts(request_sets: Sequence[Sequence[LeaseRequest]]) -> list[list[int]]:
+    """For each set of requests, the indices of the earlier sets it conflicts with (`conflicts`),
+    ascending. A request meets only the earlier requests on its own resource, its ancestors and,
+    through a range of a sorted list, the resources below it: it never compares all pairs (a
+    run of many agents, each with many paths, would make that quadratic twice over)."""
+    flat: list[tuple[int, LeaseRequest]] = []  # (set index, request) of the sets seen so far
+    at: dict[tuple[str, str], list[int]] = {}  # (kind, resource) -> indices into `flat`
+    ordered: dict[str, list[tuple[str, int]]] = {}  # a path kind's (resource, index), sorted
+    out: list[list[int]] = []
+    for i, requests in enumerate(request_sets):
+        met: list[tuple[int, LeaseRequest]] = []  # (index into `flat`, the request met)
+        for request in requests:
+            kind, resource = request.kind, request.resource
+            names = [resource] if kind == "named" else ancestors(resource)
+            met += [(n, request) for name in names for n in at.get((kind, name), ())]
+            if kind == "named":
+                continue
+            entries = ordered.get(kind, [])
+            if resource:  # "a/b/…" sorts from "a/b/" to before "a/b0" ("0" follows "/")
+                lo = bisect.bisect_left(entries, (resource + "/", -1))
+                hi = bisect.bisect_left(entries, (resource + "0", -1))
+                met += [(n, request) for _, n in entries[lo:hi]]
+            else:  # the whole repository is above every other path
+                met += [(n, request) for below, n in entries if below]
+        out.append(sorted({flat[n][0] for n, request in met if conflicts(request, flat[n][1])}))
+        for request in requests:
+            n = len(flat)
+            flat.append((i, request))
+            at.setdefault((request.kind, request.resource), []).append(n)
+            if request.kind != "named":
+                bisect.insort(ordered.setdefault(request.kind, []), (request.resource, n))
+    return out
 
 
 def _describe_requests(requests: Sequence[LeaseRequest]) -> str:

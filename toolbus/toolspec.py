@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import json
+
 from pydantic import BaseModel, ConfigDict, JsonValue, field_validator
 
 from toolbus.audit import printable
@@ -15,6 +18,12 @@ class ToolSpec(BaseModel):
     name: str
     description: str
     input_schema: dict[str, JsonValue]
+
+    @functools.cached_property
+    def prompt_chars(self) -> int:
+        """Its description and input schema's size in characters (the spec is frozen: counted
+        once, however many agents are offered it)."""
+        return len(self.description) + len(json.dumps(self.input_schema))
 
 
 class ToolOutcome(BaseModel):

@@ -381,3 +381,29 @@ async def test_agent_task_is_isolated_from_the_user_checkout(repo: Path, tmp_pat
     assert git(repo, "rev-parse", "--abbrev-ref", "HEAD").strip() == "main"
     assert not (repo / "docs/new.md").exists()
     assert git(repo, "status", "--porcelain") == ""
+
+
+async def test_spawn_names_earlier_agents_whose_leases_block_it(repo: Path) -> None:
+    model = by_task({"HOLD": [("write_file", {"path": "src/held.py", "content": "H = 1\n"})]})
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        first = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="HOLD", name="holder", write_scope=["src"])])
+        )
+        await wait_until_final(orch, first.run_id)  # succeeded, unmerged: it keeps its lease
+        holder = first.agents[0].agent_id
+        clear = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="DOCS", name="docs", write_scope=["docs"])])
+        )
+        assert not any("hold overlapping write leases" in w for w in clear.warnings)
+        blocked = await orch.spawn(
+            SpawnRequest(
+                tasks=[
+                    TaskSpec(prompt="NOTES", name="notes", write_scope=["notes"]),
+                    TaskSpec(prompt="APP", name="app", write_scope=["src/app"]),
+                ]
+            )
+        )
+        warned = [w for w in blocked.warnings if "hold overlapping write leases" in w]
+        assert len(warned) == 1 and f"({holder})" in warned[0], blocked.warnings
+        await orch.cancel(run_id=blocked.run_id)
+        await orch.cancel(run_id=clear.run_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from toolbus.errors import (
     LeaseTimeout,
     PathEscape,
 )
+from toolbus.lease_store import earlier_conflicts
 from toolbus.leases import (
     LeaseGrant,
     LeaseKeeper,
@@ -495,3 +497,33 @@ def test_a_holder_asking_for_more_is_not_queued_behind_its_own_waiter(store: Lea
     store.release(more)
     store.release(held)
     assert store.try_acquire("b", [W("src")], waiter_id=writer) is not None
+
+
+def test_earlier_conflicts_matches_the_pairwise_rule() -> None:
+    """Every earlier set that `conflicts` pairs with, and no other: names that sort next to a
+    path's descendants ("a/b0", "a/b-", "a.b") and the whole repository ("") included."""
+    rng = random.Random(7)
+    paths = ["", "a", "b", "a/b", "a/b/c", "a/bc", "a/b0", "a/b-", "a.b", "b/a", "a/b/c/d"]
+    for _ in range(2000):
+        sets: list[list[LeaseRequest]] = []
+        for _ in range(rng.randint(1, 8)):
+            requests: list[LeaseRequest] = []
+            for _ in range(rng.randint(0, 3)):
+                mode = rng.choice([LeaseMode.READ, LeaseMode.WRITE])
+                if rng.random() < 0.2:
+                    name = rng.choice(["db", "port"])
+                    requests.append(LeaseRequest(resource=name, mode=mode, kind="named"))
+                else:
+                    requests.append(LeaseRequest(resource=rng.choice(paths), mode=mode))
+            sets.append(requests)
+        pairwise = [
+            [j for j in range(i) if any(conflicts(a, b) for a in sets[i] for b in sets[j])]
+            for i in range(len(sets))
+        ]
+        assert earlier_conflicts(sets) == pairwise, sets
+
+
+def test_earlier_conflicts_of_many_disjoint_scopes() -> None:
+    sets = [[W(f"work/a{i}/p{k}") for k in range(64)] for i in range(64)]
+    sets.append([W("work/a3/p9/deep"), LeaseRequest.read("work")])
+    assert earlier_conflicts(sets) == [[] for _ in range(64)] + [[3]]
