@@ -92,6 +92,11 @@ class PrefixWarmup:
         if self._starter is None:
             self._starter = agent_id
             return
+        await self.until_left()
+
+    async def until_left(self) -> None:
+        """Return once the first request has left (or will not), and `LEAVING_S` more, at most
+        `max_wait_s` later."""
         with anyio.move_on_after(self.max_wait_s):
             await self._left.wait()
             await anyio.sleep(LEAVING_S)

@@ -301,8 +301,7 @@ class Orchestrator:
         # Runtimes are registered before any task starts (cancel sees them at once); the tasks
         # start in spawn order, and no agent's turn runs before spawn returns.
         runtimes = [self._registry.run_here(agent.agent_id) for agent in agents]
-        for runtime in runtimes:
-            self._runner.start(ctx, runtime)
+        self._runner.start_run(ctx, runtimes)
         briefs = [brief(a) for a in agents]
         return SpawnResult(
             run_id=run_id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,6 +14,7 @@ import anyio
 
 from orchestration import workspace as ws_mod
 from orchestration.agent import AgentLoop, Budget, LoopOutcome, Progress, Transcript
+from orchestration.caching import PrefixWarmup
 from orchestration.caps import ServerCaps
 from orchestration.clock import Clock
 from orchestration.config import Settings
@@ -184,6 +185,41 @@ class AgentRunner:
         """Start the agent's task (it waits for its wave, leases and a slot first)."""
         self._start_soon(self._agent_task, ctx, runtime)
 
+    def start_run(self, ctx: RepoContext, runtimes: Sequence[AgentRuntime]) -> None:
+        """Start a new run's agents. When its first agent makes the run's first request alone
+        (`_warmup_gate`) and need not wait for others, the other agents' tasks start only once
+        that request has left: until then each would take a turn of the event loop between
+        its steps, and none of them could do more than wait."""
+        first = find_agent(ctx, runtimes[0].agent_id) if runtimes else None
+        warmup = None if first is None else self._warmup_gate(ctx, first)
+        if warmup is None or first is None or first.depends_on or first.waits_for:
+            for runtime in runtimes:
+                self.start(ctx, runtime)
+            return
+        self.start(ctx, runtimes[0])
+        self._start_soon(self._start_once_left, ctx, warmup, list(runtimes[1:]))
+
+    async def _start_once_left(
+        self, ctx: RepoContext, warmup: PrefixWarmup, runtimes: list[AgentRuntime]
+    ) -> None:
+        try:
+            await warmup.until_left()
+        finally:  # cancelled too: each task then records its agent as it would have
+            for runtime in runtimes:
+                self.start(ctx, runtime)
+
+    def _warmup_gate(self, ctx: RepoContext, agent: AgentRecord) -> PrefixWarmup | None:
+        """The run's warm-up, when its other agents start only after its first request left:
+        in this process, with a model that says when its request left."""
+        warmup = ctx.warmups.get(agent.run_id)
+        if (
+            warmup is not None
+            and isinstance(self.executor, InProcessExecutor)
+            and isinstance(self._models.first(agent.model), StartSignallingModel)
+        ):
+            return warmup
+        return None
+
     async def _agent_task(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
         agent_id = runtime.agent_id
         store = ctx.store
@@ -281,12 +317,8 @@ class AgentRunner:
         # 1b. The run's first agent to get here makes its first request before the others
         # start (see `caching.PrefixWarmup.before_start`): in this process, with a model that
         # says when its request left.
-        warmup = ctx.warmups.get(agent.run_id)
-        if (
-            warmup is not None
-            and isinstance(self.executor, InProcessExecutor)
-            and isinstance(self._models.first(agent.model), StartSignallingModel)
-        ):
+        warmup = self._warmup_gate(ctx, agent)
+        if warmup is not None:
             await warmup.before_start(agent.agent_id)
         # 2. Take the write leases of the scope, all at once.
         requests = scope_requests(agent.write_scope)

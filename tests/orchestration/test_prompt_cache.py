@@ -19,6 +19,7 @@ from orchestration.contracts import SharedContextSpec, SpawnRequest, TaskSpec, T
 from orchestration.model import Model
 from orchestration.orchestrator import Orchestrator
 from orchestration.providers.anthropic import AnthropicModel
+from orchestration.runner import AgentRunner
 from orchestration.state import StateStore
 from tests.orchestration.scripts import make_repo
 from tests.orchestration.test_orchestrator import wait_until_final
@@ -213,3 +214,68 @@ async def test_in_a_run_the_first_request_leaves_before_the_others_take_their_le
     assert len(sent_at) == 1 and len(leased) == AGENTS
     # the starter took its leases before its request left; every other agent after
     assert leased[0] < sent_at[0] <= leased[1], (sent_at, leased)
+
+
+async def test_the_others_tasks_start_only_once_the_first_request_has_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until the run's first request has left, only its agent's task runs: the others' tasks
+    would each take a turn of the event loop between its steps, for nothing but a wait."""
+    events: list[tuple[str, str]] = []
+    plain_signalled = AnthropicModel.complete_signalled
+    plain_task = AgentRunner._agent_task  # pyright: ignore[reportPrivateUsage]
+
+    async def recording(
+        self: AnthropicModel,
+        request: Any,
+        on_start: Callable[[], None],
+        *,
+        on_sent: Callable[[], None] | None = None,
+    ) -> Any:
+        def sent() -> None:
+            events.append(("sent", ""))
+            if on_sent is not None:
+                on_sent()
+
+        return await plain_signalled(self, request, on_start, on_sent=sent)
+
+    async def task(self: AgentRunner, ctx: Any, runtime: Any) -> None:
+        events.append(("task", runtime.agent_id))
+        await plain_task(self, ctx, runtime)
+
+    monkeypatch.setattr(AnthropicModel, "complete_signalled", recording)
+    monkeypatch.setattr(AgentRunner, "_agent_task", task)
+    async with FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake:
+        spawned, run = await _spawn_and_wait(tmp_path, fake)
+    assert run.totals.by_status == {"succeeded": AGENTS}
+    first = spawned.agents[0].agent_id
+    assert events[:2] == [("task", first), ("sent", "")], events
+    assert sorted(e[1] for e in events[2:]) == sorted(a.agent_id for a in spawned.agents[1:])
+
+
+async def test_a_run_cancelled_before_its_first_request_left_ends_every_agent(
+    tmp_path: Path,
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    async with FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake:
+
+        def factory(name: str) -> Model:
+            return AnthropicModel(model=name, api_key="sk-test", base_url=fake.base_url)
+
+        settings = Settings.model_validate(
+            {"repo": repo, "sandbox": "none", "model": "claude-sonnet-5-5"}
+        )
+        async with Orchestrator(settings, factory) as orch:
+            spawned = await orch.spawn(
+                SpawnRequest(
+                    tasks=[
+                        TaskSpec(prompt=f"TASK-{i}", name=f"t{i}", write_scope=[f"src/t{i}"])
+                        for i in range(AGENTS)
+                    ],
+                    shared_context=SharedContextSpec(plan="Plan step. " * 800),
+                )
+            )
+            await orch.cancel(spawned.run_id)  # at once: no request has left yet
+            with anyio.fail_after(30):
+                status = await wait_until_final(orch, spawned.run_id)
+    assert status.runs[0].totals.by_status == {"cancelled": AGENTS}, status.runs[0].agents
