@@ -20,11 +20,11 @@ from orchestration.model import (
     Model,
     ModelRequest,
     ModelResponse,
-    StartSignallingModel,
     TextBlock,
     ToolResultBlock,
     ToolUseBlock,
     Usage,
+    signals_start,
 )
 from orchestration.prompts import FINISH_TOOL, FIRST_MESSAGE
 from orchestration.retry import RetryPolicy, call_with_retry
@@ -298,12 +298,12 @@ class AgentLoop:
         warmup, self.warmup = self.warmup, None
         model = self.model
         release = None
-        if warmup is not None and isinstance(model, StartSignallingModel):
+        if warmup is not None and signals_start(model):
             release = await warmup.before_first_call()
         first_sent = warmup.sent if warmup is not None else None
 
         async def attempt() -> ModelResponse:
-            if release is None or not isinstance(model, StartSignallingModel):
+            if release is None or not signals_start(model):
                 return await model.complete(request)
             writer = release
             try:

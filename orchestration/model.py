@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from typing import Annotated, Literal, Protocol, runtime_checkable
+from typing import Annotated, Literal, Protocol, TypeGuard, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
@@ -149,6 +149,19 @@ class StartSignallingModel(Model, Protocol):
         """`complete`, calling `on_start` when the response begins and `on_sent` (if given)
         when the request is handed to the HTTP client."""
         ...
+
+
+_SIGNALLING: dict[type, bool] = {}
+
+
+def signals_start(model: Model) -> TypeGuard[StartSignallingModel]:
+    """Whether `model` is a `StartSignallingModel`, decided once per class: a check against a
+    runtime protocol looks up each of its members, and a run asks it of every agent."""
+    kind = type(model)
+    known = _SIGNALLING.get(kind)
+    if known is None:
+        known = _SIGNALLING[kind] = isinstance(model, StartSignallingModel)
+    return known
 
 
 def _dump(value: BaseModel | list[BaseModel]) -> str:

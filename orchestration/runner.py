@@ -36,7 +36,7 @@ from orchestration.contracts import (
 )
 from orchestration.executors.base import Executor, InProcessExecutor
 from orchestration.gate import AgentGate, show_resource_wait
-from orchestration.model import StartSignallingModel
+from orchestration.model import signals_start
 from orchestration.models import ModelPool
 from orchestration.planner import run_prefix
 from orchestration.prompts import FINISH_TOOL
@@ -215,7 +215,7 @@ class AgentRunner:
         if (
             warmup is not None
             and isinstance(self.executor, InProcessExecutor)
-            and isinstance(self._models.first(agent.model), StartSignallingModel)
+            and signals_start(self._models.first(agent.model))
         ):
             return warmup
         return None

@@ -206,6 +206,12 @@ class AuditLog:
         with self._lock:
             return list(self._records)
 
+    def records_after(self, count: int) -> list[AuditRecord]:
+        """The records after the first `count`, in order (a reader that keeps up reads only
+        what is new)."""
+        with self._lock:
+            return self._records[count:]
+
     def __len__(self) -> int:
         return len(self._records)
 

@@ -378,6 +378,10 @@ class AgentBus:
             "read_mcp_resource": self._read_mcp_resource,
         }
         self._why = ""
+        # the paths the audit's records wrote and showed, and how many records were read
+        self._written: set[str] = set()
+        self._read: set[str] = set()
+        self._paths_taken = 0
 
     def tool_specs(self) -> list[ToolSpec]:
         """The tools this agent's model is offered (see `agent_tool_specs`)."""
@@ -385,21 +389,24 @@ class AgentBus:
 
     def written_paths(self) -> list[str]:
         """Paths written or edited through the bus (real relative paths, sorted, unique)."""
-        return sorted(
-            {
-                r.path
-                for r in self.audit.records()
-                if r.op in ("write_file", "edit_file") and r.outcome == "ok" and r.path
-            }
-        )
+        self._take_paths()
+        return sorted(self._written)
 
     def read_paths(self, limit: int = 500) -> list[str]:
         """Files whose contents the bus showed the agent so far (sorted, unique, at most
         `limit`)."""
-        found: set[str] = set()
-        for record in self.audit.records():
-            found.update(record.paths_read())
-        return sorted(found)[:limit]
+        self._take_paths()
+        return sorted(self._read)[:limit]
+
+    def _take_paths(self) -> None:
+        """Add the paths of the audit records not read yet to the written and read sets: both
+        are asked for at every turn, and an agent may make thousands of calls."""
+        new = self.audit.records_after(self._paths_taken)
+        self._paths_taken += len(new)
+        for r in new:
+            if r.op in ("write_file", "edit_file") and r.outcome == "ok" and r.path:
+                self._written.add(r.path)
+            self._read.update(r.paths_read())
 
     async def call(self, name: str, arguments: Mapping[str, object], why: str = "") -> ToolOutcome:
         """Run one tool call; refusals and failures come back as error outcomes. `why`: what

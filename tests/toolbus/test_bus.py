@@ -102,6 +102,21 @@ async def test_round_trip_and_rendering(ws: Path) -> None:
     assert bus.written_paths() == ["src/b.py"]
 
 
+async def test_written_and_read_paths_follow_each_call(ws: Path) -> None:
+    """Asked at every turn, they take in only the calls made since they were last asked."""
+    bus = make_bus(ws)
+    assert bus.written_paths() == [] and bus.read_paths() == []
+    await bus.call("write_file", {"path": "src/z.py", "content": "z = 1\n"})
+    assert bus.written_paths() == ["src/z.py"] and bus.read_paths() == []
+    await bus.call("read_file", {"path": "src/a.py"})
+    await bus.call("write_file", {"path": "../out.py", "content": "x\n"})  # refused: not written
+    await bus.call("edit_file", {"path": "src/z.py", "old": "1", "new": "2"})
+    await bus.call("write_file", {"path": "src/b.py", "content": "b\n"})
+    assert bus.written_paths() == ["src/b.py", "src/z.py"]
+    assert bus.read_paths() == ["src/a.py"]
+    assert bus.read_paths(limit=0) == []
+
+
 INVALID: list[tuple[str, dict[str, object], str]] = [
     ("read_file", {}, "missing required argument 'path'"),
     ("read_file", {"path": "a", "offset": 0}, "argument 'offset': Input should be greater"),
