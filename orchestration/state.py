@@ -541,14 +541,21 @@ class StateStore:
     def agent(self, agent_id: str) -> AgentRecord | None:
         """The agent as stored now, None when there is none; parsed only when its row is not
         the one `apply` (or this) last parsed."""
-        rows = self._query("SELECT data FROM agents WHERE agent_id = ?", (agent_id,))
-        if not rows:
-            return None
-        known = self._applied.get(agent_id)
-        parsed = _reparsed(known, str(rows[0][0]), AgentRecord)
-        if parsed is not known:
-            self._keep_applied(agent_id, parsed)
-        return parsed[1]
+        with self._lock:
+            version = self._data_version(self._db)  # (read before the row: never newer)
+            known = self._applied.get(agent_id)
+            if known is not None and self._valid_at.get(agent_id) == version:
+                return known[1]
+            rows = self._db.execute(
+                "SELECT data FROM agents WHERE agent_id = ?", (agent_id,)
+            ).fetchall()
+            if not rows:
+                return None
+            parsed = _reparsed(known, str(rows[0][0]), AgentRecord)
+            if parsed is not known:
+                self._keep_applied(agent_id, parsed)
+            self._valid_at[agent_id] = version
+            return parsed[1]
 
     def agents(self, run_id: str) -> list[AgentRecord]:
         rows = self._query("SELECT data FROM agents WHERE run_id = ? ORDER BY ord", (run_id,))
@@ -568,10 +575,17 @@ class StateStore:
         turn). The named transitions below are the ones the engine makes; this is their one
         write path (and the way tests set up a state)."""
         with self._tx() as db:
-            row = db.execute("SELECT data FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
-            if row is None:
-                raise KeyError(agent_id)
-            current = _reparsed(self._applied.get(agent_id), str(row[0]), AgentRecord)[1]
+            version = self._data_version(db)
+            known = self._applied.get(agent_id)
+            if known is not None and self._valid_at.get(agent_id) == version:
+                current = known[1]
+            else:
+                row = db.execute(
+                    "SELECT data FROM agents WHERE agent_id = ?", (agent_id,)
+                ).fetchone()
+                if row is None:
+                    raise KeyError(agent_id)
+                current = _reparsed(known, str(row[0]), AgentRecord)[1]
             update: dict[str, object] = dict(changes)
             new_status = changes.get("status", current.status)
             if new_status != current.status and not new_status.active and current.status.active:
@@ -586,6 +600,7 @@ class StateStore:
             if settle is not None:
                 self._settle(db, updated.run_id, *settle)
         self._remember(updated.run_id, agent_id, (text, updated))
+        self._valid_at[agent_id] = version  # this connection's commit leaves it as it was
         self._notify()
         return updated
 
@@ -600,7 +615,24 @@ class StateStore:
         `_APPLIED_KEPT` agents' at a time."""
         if len(self._applied) >= _APPLIED_KEPT and agent_id not in self._applied:
             self._applied.clear()
+            self._valid_at.clear()
         self._applied[agent_id] = parsed
+
+    @functools.cached_property
+    def _valid_at(self) -> dict[str, int]:
+        """agent_id -> the `data_version` at which its `_applied` record was the stored row:
+        while the database's version is still that one, no other connection has committed
+        since, and the row is read from there, not from the database. This connection's
+        other writes of an agent's row drop its entry (`_forget`)."""
+        return {}
+
+    def _forget(self, agent_id: str) -> None:
+        self._valid_at.pop(agent_id, None)
+
+    @staticmethod
+    def _data_version(db: sqlite3.Connection) -> int:
+        """SQLite's count of the changes other connections committed, as this one sees it."""
+        return int(db.execute("PRAGMA data_version").fetchone()[0])
 
     def _remember(self, run_id: str, agent_id: str, stored: tuple[str, AgentRecord]) -> None:
         """Keep the record `apply` just stored, so that neither the next `apply` nor a snapshot
@@ -662,6 +694,7 @@ class StateStore:
                 update={"decision": "allowed" if allowed else "refused", "by": by, "note": note}
             )
             updated = current.model_copy(update={"approval": decided})
+            self._forget(agent_id)
             db.execute(
                 "UPDATE agents SET data = ? WHERE agent_id = ?",
                 (updated.model_dump_json(), agent_id),
@@ -836,6 +869,7 @@ class StateStore:
             if current.owner != from_owner or current.status not in statuses:
                 return None
             updated = current.model_copy(update={"owner": self.server_id})
+            self._forget(agent_id)
             db.execute(
                 "UPDATE agents SET data = ? WHERE agent_id = ?",
                 (updated.model_dump_json(), agent_id),

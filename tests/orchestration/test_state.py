@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 from pydantic import ValidationError
 
-from orchestration.contracts import AgentStatus, ResourceSpec, TokenUsage
+from orchestration.contracts import AgentStatus, Approval, ResourceSpec, TokenUsage
 from orchestration.state import (
     AgentRecord,
     EventKind,
@@ -265,3 +265,41 @@ def test_apply_validates_the_changes_and_keeps_the_rest(tmp_path: Path) -> None:
         exclude={"status", "tokens"}
     )
     assert StateStore(tmp_path).agent("a1") == updated
+
+
+def test_a_record_kept_from_the_last_write_gives_way_to_any_other_write(tmp_path: Path) -> None:
+    """`agent` and `apply` use the record this store last wrote or read only while no other
+    connection has committed since, and while this store wrote the row no other way."""
+    first, second = StateStore(tmp_path), StateStore(tmp_path)
+    first.create_run(_run(), [_agent("a1"), _agent("a2", index=2)])
+    first.apply("a1", EventKind.RUNNING, status=AgentStatus.RUNNING, turns=1)
+    assert first.agent("a1").turns == 1  # type: ignore[union-attr]
+    # another connection changes the row: both the read and the next write see it
+    second.apply("a1", EventKind.TURN, status_reason="from the second", turns=5)
+    assert first.agent("a1").turns == 5  # type: ignore[union-attr]
+    first.apply("a1", EventKind.TURN, turns=6)
+    kept = second.agent("a1")
+    assert kept is not None and (kept.turns, kept.status_reason) == (6, "from the second")
+    # another connection changes another table only: the kept record is still the row
+    second.reserve_budget("r1", 10)
+    first.apply("a1", EventKind.TURN, turns=7)
+    assert second.agent("a1").turns == 7  # type: ignore[union-attr]
+    # this store writes the row by another path (an approval answered)
+    approval = Approval(
+        approval_id="p1",
+        agent_id="a2",
+        kind="command",
+        subject="make",
+        rule="ask",
+        requested_at=1.0,
+        expires_at=1e12,
+    )
+    first.hold_for_approval("a2", approval)
+    assert first.agent("a2").approval.decision is None  # type: ignore[union-attr]
+    decided = first.decide_approval("a2", "p1", allowed=True, by="me", note=None)
+    assert decided is not None
+    assert first.agent("a2").approval.decision == "allowed"  # type: ignore[union-attr]
+    resumed = first.resume_running("a2")
+    assert resumed.approval is not None and resumed.approval.decision == "allowed"
+    first.close()
+    second.close()
