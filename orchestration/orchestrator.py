@@ -11,11 +11,13 @@ makes it `interrupted`, with its work committed on its branch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -229,15 +231,25 @@ class Orchestrator:
             unoffered = external.servers() if external is not None else []
         await executor.prepare()
         run_id = f"r{secrets.token_hex(4)}"
-        snap = await anyio.to_thread.run_sync(ws_mod.snapshot, ctx.repo, run_id)
+        snap = await anyio.to_thread.run_sync(
+            functools.partial(ws_mod.snapshot, ctx.repo, run_id, pin=False)
+        )
         shared_spec = request.shared_context
-        shared, paths = await anyio.to_thread.run_sync(
-            planner.shared_snapshot,
-            ctx.repo,
-            snap.base_commit,
-            shared_spec.plan if shared_spec else None,
-            shared_spec.conventions if shared_spec else None,
-            shared_spec.files if shared_spec else [],
+        # the base's reference, its shared context, the ids in use, the workspace kind and the
+        # history of earlier runs: each waits on git or the database, none on another
+        (shared, paths), _pinned, known, support, history = await _in_threads(
+            functools.partial(
+                planner.shared_snapshot,
+                ctx.repo,
+                snap.base_commit,
+                shared_spec.plan if shared_spec else None,
+                shared_spec.conventions if shared_spec else None,
+                shared_spec.files if shared_spec else [],
+            ),
+            functools.partial(ws_mod.pin_snapshot, ctx.repo, run_id, snap.base_commit),
+            ctx.store.agent_ids,
+            functools.partial(ws_mod.view_support, ctx.repo, self.settings.workspaces),
+            functools.partial(estimates.history, ctx.store),
         )
         run = planner.new_run(
             settings,
@@ -250,7 +262,6 @@ class Orchestrator:
             now=self.clock.time(),
             mcp_servers=servers,
         )
-        known = await anyio.to_thread.run_sync(ctx.store.agent_ids)
         agents = planner.new_agents(settings, request, run, names, known=known)
         warnings = await planner.spawn_warnings(self.settings, ctx.leases, agents)
         if unoffered:
@@ -258,9 +269,6 @@ class Orchestrator:
                 f"the downstream MCP servers ({', '.join(unoffered)}) are not offered to agents "
                 f"run by the {executor.name} executor"
             )
-        support = await anyio.to_thread.run_sync(
-            ws_mod.view_support, ctx.repo, self.settings.workspaces
-        )
         # (a cluster's executor asks its cluster: not on the event loop, and not once agents run)
         running_on = await anyio.to_thread.run_sync(executor.describe)
         if support.kind != "overlay" and "FANOUT_WORKSPACES" not in support.note:
@@ -269,7 +277,6 @@ class Orchestrator:
                 "would cost only what the agent changes"
             )
         prefix = shared_prefix(shared, paths)
-        history = await anyio.to_thread.run_sync(estimates.history, ctx.store)
         estimate, first_request = estimates.estimate(
             run,
             agents,
@@ -646,3 +653,24 @@ __all__ = [
     "RepoContext",
     "lease_expires_in",
 ]
+
+
+async def _in_threads(*calls: Callable[[], Any]) -> tuple[Any, ...]:
+    """Run the calls at once, each in a worker thread; their results in order. When calls
+    fail, the first of them (in order) raises, once every call has ended."""
+    results: list[Any] = [None] * len(calls)
+    failures: list[BaseException | None] = [None] * len(calls)
+
+    async def one(i: int) -> None:
+        try:
+            results[i] = await anyio.to_thread.run_sync(calls[i])
+        except Exception as exc:
+            failures[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(calls)):
+            tg.start_soon(one, i)
+    for failure in failures:
+        if failure is not None:
+            raise failure
+    return tuple(results)

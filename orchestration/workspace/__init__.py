@@ -72,7 +72,7 @@ from orchestration.workspace.pinning import (
     secure_workspace_git,
 )
 from orchestration.workspace.porcelain import StatusEntry, status_entries
-from orchestration.workspace.snapshots import Snapshot, snapshot
+from orchestration.workspace.snapshots import Snapshot, pin_snapshot, snapshot
 from orchestration.workspace.worktrees import (
     GitWorktrees,
     Workspaces,
@@ -130,6 +130,7 @@ __all__ = [
     "listing_git_dir",
     "open_workspace_repo",
     "pin",
+    "pin_snapshot",
     "quick_files",
     "remove_workspace",
     "run_git",

@@ -28,12 +28,13 @@ class Snapshot(BaseModel):
     untracked_included: list[str] = Field(default_factory=list[str])
 
 
-def snapshot(repo: GitRepo, run_id: str) -> Snapshot:
+def snapshot(repo: GitRepo, run_id: str, *, pin: bool = True) -> Snapshot:
     """Pin the run's base; uncommitted work goes into a snapshot commit, the user's state untouched.
 
     The snapshot commit is built with a temporary index under the state dir, so the user's
     branch, index and working tree are only read. `refs/fanout/snapshots/<run_id>` keeps the
-    base alive through gc.
+    base alive through gc; without `pin`, the caller makes it (`pin_snapshot`) before the base
+    is used by anything that lasts.
     """
     check_component(run_id, "run id")
     head, branch, dirty, untracked = _head_and_status(repo)
@@ -59,8 +60,8 @@ def snapshot(repo: GitRepo, run_id: str) -> Snapshot:
                 f"on top of {head}.",
                 env=FANOUT_IDENTITY.env(),
             ).strip()
-    ref = SNAPSHOT_REF_PREFIX + run_id
-    repo.git("update-ref", "-m", f"fanout: snapshot for run {run_id}", ref, base)
+    if pin:
+        pin_snapshot(repo, run_id, base)
     return Snapshot(
         base_commit=base,
         head_commit=head,
@@ -68,6 +69,13 @@ def snapshot(repo: GitRepo, run_id: str) -> Snapshot:
         dirty=base != head,
         untracked_included=untracked if base != head else [],
     )
+
+
+def pin_snapshot(repo: GitRepo, run_id: str, base: str) -> None:
+    """Make `refs/fanout/snapshots/<run_id>` name the run's base."""
+    check_component(run_id, "run id")
+    ref = SNAPSHOT_REF_PREFIX + run_id
+    repo.git("update-ref", "-m", f"fanout: snapshot for run {run_id}", ref, base)
 
 
 def _head_and_status(repo: GitRepo) -> tuple[str, str | None, bool, list[str]]:
