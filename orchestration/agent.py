@@ -33,6 +33,9 @@ from toolbus.bus import AgentBus
 from toolbus.toolspec import ToolOutcome, ToolSpec
 
 READ_ONLY_TOOLS = frozenset({"read_file", "list_files", "search"})
+FILE_TOOLS = READ_ONLY_TOOLS | {"write_file", "edit_file"}
+"""The bus's own file tools: they take a moment, so a turn that calls only these (and finish) is
+recorded once the next request is under way (see `AgentLoop._run`)."""
 CHARS_PER_TOKEN = 4
 
 
@@ -180,6 +183,8 @@ class AgentLoop:
     _message_chars: int = field(default=0, init=False, repr=False)
     _counted: int = field(default=0, init=False, repr=False)
     _fixed_chars: int | None = field(default=None, init=False, repr=False)
+    # (reservation, tokens used) of the last turn while its record waits (see `_turns`)
+    _unrecorded: tuple[int, int] | None = field(default=None, init=False, repr=False)
 
     def _estimate_reservation(self) -> int:
         self._count_messages()
@@ -205,14 +210,29 @@ class AgentLoop:
             self.transcript.append("system", {"prefix_chars": len(self.system_prefix)})
             self.transcript.append("task", self.system_task)
             self._add(Message(role="user", content=[TextBlock(text=FIRST_MESSAGE)]))
+        try:
+            return await self._turns()
+        finally:
+            self._record_turn()  # a turn whose record waited for the next request
+
+    def _record_turn(self) -> None:
+        """Record the last turn and settle its reservation (`on_turn`), if not done yet."""
+        if self._unrecorded is not None:
+            reservation, used = self._unrecorded
+            self._unrecorded = None
+            self.on_turn(self.progress, reservation, used)
+
+    async def _turns(self) -> LoopOutcome:
         while self.progress.turns < self.max_turns:
             reservation = self._estimate_reservation()
             if not self.budget.reserve(reservation):
-                return LoopOutcome(
-                    StopReason.BUDGET_EXHAUSTED,
-                    error="the run's token budget cannot cover another turn "
-                    f"({self.budget.describe()})",
-                )
+                self._record_turn()  # the last turn's reservation, settled, may make room
+                if not self.budget.reserve(reservation):
+                    return LoopOutcome(
+                        StopReason.BUDGET_EXHAUSTED,
+                        error="the run's token budget cannot cover another turn "
+                        f"({self.budget.describe()})",
+                    )
             try:
                 response = await self._complete()
             except ModelError as exc:
@@ -230,15 +250,19 @@ class AgentLoop:
             self.progress.turns += 1
             self.progress.tokens = self.progress.tokens + tokens
             self._add(Message(role="assistant", content=list(response.content)))
-            # records the turn and settles its reservation, in one step
-            self.on_turn(self.progress, reservation, tokens.billed_equivalent)
+            # The turn is recorded and its reservation settled in one step: before tools that
+            # may take a while, else once the next request is under way (`_complete`), so that
+            # in a burst of agents none of them waits for the others' records to send its own.
+            self._unrecorded = (reservation, tokens.billed_equivalent)
+            uses = [b for b in response.content if isinstance(b, ToolUseBlock)]
+            if any(u.name not in FILE_TOOLS and u.name != FINISH_TOOL.name for u in uses):
+                self._record_turn()
 
             if response.stop_reason in ("refusal", "model_context_window_exceeded"):
                 return LoopOutcome(
                     StopReason.REFUSED,
                     error=f"the model stopped with stop_reason={response.stop_reason}",
                 )
-            uses = [b for b in response.content if isinstance(b, ToolUseBlock)]
             if not uses:
                 if response.stop_reason == "pause_turn":
                     continue
@@ -283,6 +307,8 @@ class AgentLoop:
         return self.bus
 
     async def _complete(self) -> ModelResponse:
+        """The model's answer to the history; the last turn's record (if it waits) is made
+        once this request is under way."""
         self.transcript.flush()
         request = ModelRequest(
             model=self.model_name,
@@ -317,7 +343,28 @@ class AgentLoop:
             self.transcript.append("model_retry", {"error": str(error), "delay_s": delay_s})
             self.transcript.flush()
 
-        return await call_with_retry(attempt, self.retry, on_retry=note_retry)
+        if self._unrecorded is None:
+            return await call_with_retry(attempt, self.retry, on_retry=note_retry)
+        answer: list[ModelResponse] = []
+        failed: list[Exception] = []
+
+        async def call() -> None:
+            try:
+                answer.append(await call_with_retry(attempt, self.retry, on_retry=note_retry))
+            except Exception as exc:  # raised below, as it would be without the task group
+                failed.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await anyio.lowlevel.checkpoint()  # the call builds and sends its request
+            try:
+                self._record_turn()
+            except Exception as exc:
+                tg.cancel_scope.cancel()
+                failed.insert(0, exc)
+        if failed:
+            raise failed[0]
+        return answer[0]
 
     async def _run_tools(
         self, bus: AgentBus, uses: list[ToolUseBlock], why: str = ""

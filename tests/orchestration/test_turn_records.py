@@ -1,0 +1,172 @@
+"""When the loop records a turn: once the next request is under way when the turn called only
+the bus's file tools, before the tools otherwise, and at the end in any case; the budget's
+reservation of a turn whose record waits never refuses the next one."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import anyio
+import anyio.lowlevel
+
+from orchestration.agent import AgentLoop, Budget, LoopOutcome, Progress, Transcript
+from orchestration.contracts import StopReason
+from orchestration.model import (
+    ModelRequest,
+    ModelResponse,
+    ResponseBlock,
+    TextBlock,
+    ToolUseBlock,
+    Usage,
+)
+from orchestration.retry import RetryPolicy
+from toolbus.bus import AgentBus
+from toolbus.toolspec import ToolOutcome
+
+Events = list[tuple[str, object]]
+
+
+class _Scripted:
+    """Answers with each turn's tool calls in order, then with a final text."""
+
+    name = "test-model"
+
+    def __init__(self, turns: list[list[str]], events: Events) -> None:
+        self.turns = turns
+        self.events = events
+        self.calls = 0
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        self.calls += 1
+        self.events.append(("call", self.calls))
+        await anyio.lowlevel.checkpoint()  # the request is on its way
+        usage = Usage(input_tokens=10, output_tokens=5)
+        if self.calls > len(self.turns):
+            return ModelResponse(
+                content=[TextBlock(text="done")], stop_reason="end_turn", usage=usage
+            )
+        uses: list[ResponseBlock] = [
+            ToolUseBlock(id=f"t{self.calls}-{i}", name=name, input={})
+            for i, name in enumerate(self.turns[self.calls - 1])
+        ]
+        return ModelResponse(content=uses, stop_reason="tool_use", usage=usage)
+
+
+class _Tools:
+    def __init__(self, events: Events) -> None:
+        self.events = events
+
+    async def call(self, name: str, args: dict[str, Any], why: str = "") -> ToolOutcome:
+        self.events.append(("tool", name))
+        await anyio.lowlevel.checkpoint()
+        return ToolOutcome(content=f"{name} ok")
+
+
+class _OneAtATime:
+    """A pool that holds one reservation at a time: the next is refused until the last is
+    settled."""
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+        self.reserved = 0
+
+    def reserve(self, amount: int) -> bool:
+        if self.reserved:
+            self.events.append(("refused", amount))
+            return False
+        self.reserved = amount
+        return True
+
+    def settle(self, reserved: int, used: int) -> None:
+        self.reserved = 0
+
+
+def _run(turns: list[list[str]]) -> tuple[LoopOutcome, Events]:
+    events: Events = []
+    pool = _OneAtATime(events)
+    tools = _Tools(events)
+
+    def on_turn(progress: Progress, reserved: int, used: int) -> None:
+        events.append(("turn", progress.turns))
+        pool.settle(reserved, used)
+
+    async def ready() -> AgentBus:
+        return cast(AgentBus, tools)
+
+    loop = AgentLoop(
+        model=_Scripted(turns, events),
+        model_name="test-model",
+        bus=None,
+        workspace_ready=ready,
+        budget=Budget(pool.reserve, pool.settle, lambda: "one at a time"),
+        retry=RetryPolicy(max_attempts=1),
+        system_prefix="prefix",
+        system_task="task",
+        tools=[],
+        max_turns=10,
+        max_output_tokens=1000,
+        on_turn=on_turn,
+        transcript=Transcript(None),
+    )
+    return anyio.run(loop.run), events
+
+
+def test_a_turn_of_file_tools_is_recorded_once_the_next_request_is_under_way() -> None:
+    outcome, events = _run([["write_file"], ["read_file", "edit_file"]])
+    assert outcome.stop_reason == StopReason.FINAL_ANSWER
+    assert events == [
+        ("call", 1),
+        ("tool", "write_file"),
+        ("refused", events[2][1]),  # turn 1's reservation still held: recorded, then reserved
+        ("turn", 1),
+        ("call", 2),
+        ("tool", "read_file"),
+        ("tool", "edit_file"),
+        ("refused", events[7][1]),
+        ("turn", 2),
+        ("call", 3),
+        ("turn", 3),
+    ]
+
+
+def test_without_a_full_pool_the_record_follows_the_request() -> None:
+    events: Events = []
+    tools = _Tools(events)
+    model = _Scripted([["write_file"], ["search"]], events)
+
+    async def ready() -> AgentBus:
+        return cast(AgentBus, tools)
+
+    loop = AgentLoop(
+        model=model,
+        model_name="test-model",
+        bus=None,
+        workspace_ready=ready,
+        budget=Budget(lambda amount: True, lambda reserved, used: None, lambda: "unlimited"),
+        retry=RetryPolicy(max_attempts=1),
+        system_prefix="prefix",
+        system_task="task",
+        tools=[],
+        max_turns=10,
+        max_output_tokens=1000,
+        on_turn=lambda progress, reserved, used: events.append(("turn", progress.turns)),
+        transcript=Transcript(None),
+    )
+    outcome = anyio.run(loop.run)
+    assert outcome.summary == "done"
+    assert events == [
+        ("call", 1),
+        ("tool", "write_file"),
+        ("call", 2),
+        ("turn", 1),
+        ("tool", "search"),
+        ("call", 3),
+        ("turn", 2),
+        ("turn", 3),
+    ]
+
+
+def test_a_turn_that_runs_a_command_is_recorded_before_it() -> None:
+    outcome, events = _run([["run_command"]])
+    assert outcome.summary == "done"
+    assert events == [("call", 1), ("turn", 1), ("tool", "run_command"), ("call", 2), ("turn", 2)]
