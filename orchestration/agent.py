@@ -348,19 +348,18 @@ class AgentLoop:
         answer: list[ModelResponse] = []
         failed: list[Exception] = []
 
-        async def call() -> None:
+        async def record() -> None:
             try:
-                answer.append(await call_with_retry(attempt, self.retry, on_retry=note_retry))
+                self._record_turn()
             except Exception as exc:  # raised below, as it would be without the task group
                 failed.append(exc)
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(call)
-            await anyio.lowlevel.checkpoint()  # the call builds and sends its request
+            # the record runs at the call's first wait: its request is built, and on its way
+            tg.start_soon(record)
             try:
-                self._record_turn()
+                answer.append(await call_with_retry(attempt, self.retry, on_retry=note_retry))
             except Exception as exc:
-                tg.cancel_scope.cancel()
                 failed.insert(0, exc)
         if failed:
             raise failed[0]

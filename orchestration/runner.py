@@ -432,7 +432,8 @@ class AgentRunner:
                 ready.set()
 
         async def workspace_ready() -> AgentBus:
-            await ready.wait()
+            if not ready.is_set():  # (waiting on a set event still yields to the event loop)
+                await ready.wait()
             if failed:
                 raise failed[0]
             return made[0]
