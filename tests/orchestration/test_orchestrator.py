@@ -18,7 +18,13 @@ from orchestration.contracts import (
     StopReason,
     TaskSpec,
 )
-from orchestration.errors import AgentNotFound, ConfigError, InvalidState, ModelFatalError
+from orchestration.errors import (
+    AgentNotFound,
+    ConfigError,
+    InvalidRequest,
+    InvalidState,
+    ModelFatalError,
+)
 from orchestration.model import Model, ModelRequest, ModelResponse
 from orchestration.orchestrator import Orchestrator
 from tests.orchestration.scripts import Gate, by_task, git, make_repo
@@ -407,3 +413,31 @@ async def test_spawn_names_earlier_agents_whose_leases_block_it(repo: Path) -> N
         assert len(warned) == 1 and f"({holder})" in warned[0], blocked.warnings
         await orch.cancel(run_id=blocked.run_id)
         await orch.cancel(run_id=clear.run_id)
+
+
+async def test_the_shared_context_is_read_at_the_snapshot_of_uncommitted_work(repo: Path) -> None:
+    """Spawn lists the base as HEAD while git's status runs; with uncommitted work the base is
+    the snapshot commit, and what was listed at HEAD (there, the shared file is missing) is
+    not what the agents see."""
+    (repo / "PLAN.md").write_text("the uncommitted plan\n")
+    seen: list[ModelRequest] = []
+    model = by_task({"READ": []}, seen=seen)
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(
+                tasks=[TaskSpec(prompt="READ", write_scope=[])],
+                shared_context=SharedContextSpec(files=["PLAN.md"]),
+            )
+        )
+        assert spawned.snapshot_of_uncommitted_changes
+        await wait_until_final(orch, spawned.run_id)
+        (repo / "PLAN.md").unlink()  # clean again: the file is missing at the base
+        with pytest.raises(InvalidRequest, match=r"PLAN\.md"):
+            await orch.spawn(
+                SpawnRequest(
+                    tasks=[TaskSpec(prompt="READ", write_scope=[])],
+                    shared_context=SharedContextSpec(files=["PLAN.md"]),
+                )
+            )
+    assert len(seen) == 1 and "the uncommitted plan" in seen[0].system_prefix
+    assert "PLAN.md" in seen[0].system_prefix
