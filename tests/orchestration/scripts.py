@@ -7,11 +7,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import cast
 
 import anyio
 from pydantic import JsonValue
 
+from orchestration.agent import AgentLoop, Budget, Progress, Transcript
 from orchestration.model import (
+    Model,
     ModelRequest,
     ModelResponse,
     TextBlock,
@@ -19,7 +22,9 @@ from orchestration.model import (
     Usage,
 )
 from orchestration.providers.function import FunctionModel
+from orchestration.retry import RetryPolicy
 from orchestration.state import StateStore, host_identity
+from toolbus.bus import AgentBus
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "Test User",
@@ -146,3 +151,35 @@ async def exited_pid() -> int:
     """The pid of a process that has run and exited."""
     done = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
     return int(done.stdout)
+
+
+def tool_loop(
+    model: Model,
+    tools: object,
+    *,
+    budget: Budget | None = None,
+    on_turn: Callable[[Progress, int, int], None] | None = None,
+    transcript: Transcript | None = None,
+    max_turns: int = 3,
+) -> AgentLoop:
+    """An agent loop over `model` whose tool calls go to `tools` (anything with the bus's
+    `call`); by default its budget is unlimited, its turns unrecorded, its transcript none."""
+
+    async def ready() -> AgentBus:
+        return cast(AgentBus, tools)
+
+    return AgentLoop(
+        model=model,
+        model_name="test-model",
+        bus=None,
+        workspace_ready=ready,
+        budget=budget or Budget(lambda amount: True, lambda reserved, used: None, lambda: "none"),
+        retry=RetryPolicy(max_attempts=1),
+        system_prefix="prefix",
+        system_task="task",
+        tools=[],
+        max_turns=max_turns,
+        max_output_tokens=1000,
+        on_turn=on_turn or (lambda progress, reserved, used: None),
+        transcript=transcript or Transcript(None),
+    )

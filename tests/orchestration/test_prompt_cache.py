@@ -5,7 +5,8 @@ its prefix is cached, or that caching does not apply."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,10 @@ def _first_requests(fake: FakeAnthropic) -> list[LoggedRequest]:
     ]
 
 
-async def _spawn_and_wait(
+@asynccontextmanager
+async def _orchestrator(
     tmp_path: Path, fake: FakeAnthropic, **overrides: object
-) -> tuple[Any, Any]:
+) -> AsyncGenerator[Orchestrator]:
     repo = make_repo(tmp_path / "repo")
 
     def factory(name: str) -> Model:
@@ -55,16 +57,28 @@ async def _spawn_and_wait(
         {"repo": repo, "sandbox": "none", "model": "claude-sonnet-5-5", **overrides}
     )
     async with Orchestrator(settings, factory) as orch:
-        spawned = await orch.spawn(
-            SpawnRequest(
-                tasks=[
-                    TaskSpec(prompt=f"TASK-{i}", name=f"t{i}", write_scope=[f"src/t{i}"])
-                    for i in range(AGENTS)
-                ],
-                shared_context=SharedContextSpec(plan="Plan step. " * 800),
-                max_concurrency=AGENTS,
-            )
+        yield orch
+
+
+async def _spawn(orch: Orchestrator) -> Any:
+    """A run of `AGENTS` agents sharing a prefix long enough to be cached."""
+    return await orch.spawn(
+        SpawnRequest(
+            tasks=[
+                TaskSpec(prompt=f"TASK-{i}", name=f"t{i}", write_scope=[f"src/t{i}"])
+                for i in range(AGENTS)
+            ],
+            shared_context=SharedContextSpec(plan="Plan step. " * 800),
+            max_concurrency=AGENTS,
         )
+    )
+
+
+async def _spawn_and_wait(
+    tmp_path: Path, fake: FakeAnthropic, **overrides: object
+) -> tuple[Any, Any]:
+    async with _orchestrator(tmp_path, fake, **overrides) as orch:
+        spawned = await _spawn(orch)
         with anyio.fail_after(60):
             await wait_until_final(orch, spawned.run_id)
         status = await orch.status(run_id=spawned.run_id)
@@ -186,10 +200,8 @@ async def test_the_others_start_once_the_first_request_has_left() -> None:
         await bounded.before_start("a2")  # the starter never sends: the bound lets it go
 
 
-async def test_in_a_run_the_first_request_leaves_before_the_others_take_their_leases(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    sent_at: list[float] = []
+def _when_sent(monkeypatch: pytest.MonkeyPatch, sent: Callable[[], None]) -> None:
+    """Call `sent` whenever the provider hands a signalled request to its HTTP client."""
     plain = AnthropicModel.complete_signalled
 
     async def recording(
@@ -199,14 +211,21 @@ async def test_in_a_run_the_first_request_leaves_before_the_others_take_their_le
         *,
         on_sent: Callable[[], None] | None = None,
     ) -> Any:
-        def sent() -> None:
-            sent_at.append(time.time())
+        def both() -> None:
+            sent()
             if on_sent is not None:
                 on_sent()
 
-        return await plain(self, request, on_start, on_sent=sent)
+        return await plain(self, request, on_start, on_sent=both)
 
     monkeypatch.setattr(AnthropicModel, "complete_signalled", recording)
+
+
+async def test_in_a_run_the_first_request_leaves_before_the_others_take_their_leases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent_at: list[float] = []
+    _when_sent(monkeypatch, lambda: sent_at.append(time.time()))
     async with FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake:
         spawned, _run = await _spawn_and_wait(tmp_path, fake)
     store = StateStore(Path(spawned.repo) / ".git" / "fanout")
@@ -222,28 +241,13 @@ async def test_the_others_tasks_start_only_once_the_first_request_has_left(
     """Until the run's first request has left, only its agent's task runs: the others' tasks
     would each take a turn of the event loop between its steps, for nothing but a wait."""
     events: list[tuple[str, str]] = []
-    plain_signalled = AnthropicModel.complete_signalled
     plain_task = AgentRunner._agent_task  # pyright: ignore[reportPrivateUsage]
-
-    async def recording(
-        self: AnthropicModel,
-        request: Any,
-        on_start: Callable[[], None],
-        *,
-        on_sent: Callable[[], None] | None = None,
-    ) -> Any:
-        def sent() -> None:
-            events.append(("sent", ""))
-            if on_sent is not None:
-                on_sent()
-
-        return await plain_signalled(self, request, on_start, on_sent=sent)
 
     async def task(self: AgentRunner, ctx: Any, runtime: Any) -> None:
         events.append(("task", runtime.agent_id))
         await plain_task(self, ctx, runtime)
 
-    monkeypatch.setattr(AnthropicModel, "complete_signalled", recording)
+    _when_sent(monkeypatch, lambda: events.append(("sent", "")))
     monkeypatch.setattr(AgentRunner, "_agent_task", task)
     async with FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake:
         spawned, run = await _spawn_and_wait(tmp_path, fake)
@@ -256,26 +260,12 @@ async def test_the_others_tasks_start_only_once_the_first_request_has_left(
 async def test_a_run_cancelled_before_its_first_request_left_ends_every_agent(
     tmp_path: Path,
 ) -> None:
-    repo = make_repo(tmp_path / "repo")
-    async with FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake:
-
-        def factory(name: str) -> Model:
-            return AnthropicModel(model=name, api_key="sk-test", base_url=fake.base_url)
-
-        settings = Settings.model_validate(
-            {"repo": repo, "sandbox": "none", "model": "claude-sonnet-5-5"}
-        )
-        async with Orchestrator(settings, factory) as orch:
-            spawned = await orch.spawn(
-                SpawnRequest(
-                    tasks=[
-                        TaskSpec(prompt=f"TASK-{i}", name=f"t{i}", write_scope=[f"src/t{i}"])
-                        for i in range(AGENTS)
-                    ],
-                    shared_context=SharedContextSpec(plan="Plan step. " * 800),
-                )
-            )
-            await orch.cancel(spawned.run_id)  # at once: no request has left yet
-            with anyio.fail_after(30):
-                status = await wait_until_final(orch, spawned.run_id)
+    async with (
+        FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake,
+        _orchestrator(tmp_path, fake) as orch,
+    ):
+        spawned = await _spawn(orch)
+        await orch.cancel(spawned.run_id)  # at once: no request has left yet
+        with anyio.fail_after(30):
+            status = await wait_until_final(orch, spawned.run_id)
     assert status.runs[0].totals.by_status == {"cancelled": AGENTS}, status.runs[0].agents

@@ -24,6 +24,7 @@ from orchestration.model import (
     Usage,
 )
 from orchestration.retry import RetryPolicy
+from tests.orchestration.scripts import tool_loop
 from toolbus.bus import AgentBus
 from toolbus.toolspec import ToolOutcome
 
@@ -184,25 +185,7 @@ def test_a_batched_transcript_writes_a_turn_at_once_and_nothing_waits_unwritten(
 
     monkeypatch.setattr(agent_module, "append_text", counted)
     model, tools = _TwoTurns(path), _Tools(path)
-
-    async def ready() -> AgentBus:
-        return cast(AgentBus, tools)
-
-    loop = AgentLoop(
-        model=model,
-        model_name="test-model",
-        bus=None,
-        workspace_ready=ready,
-        budget=Budget(lambda amount: True, lambda reserved, used: None, lambda: "unlimited"),
-        retry=RetryPolicy(max_attempts=1),
-        system_prefix="prefix",
-        system_task="task",
-        tools=[],
-        max_turns=3,
-        max_output_tokens=1000,
-        on_turn=lambda progress, reserved, used: None,
-        transcript=Transcript(path, batched=True),
-    )
+    loop = tool_loop(model, tools, transcript=Transcript(path, batched=True))
     outcome = anyio.run(loop.run)
     assert outcome.summary == "done"
     start = ["system", "task", "message"]

@@ -4,12 +4,12 @@ reservation of a turn whose record waits never refuses the next one."""
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 
-from orchestration.agent import AgentLoop, Budget, LoopOutcome, Progress, Transcript
+from orchestration.agent import Budget, LoopOutcome, Progress
 from orchestration.contracts import StopReason
 from orchestration.model import (
     ModelRequest,
@@ -19,8 +19,7 @@ from orchestration.model import (
     ToolUseBlock,
     Usage,
 )
-from orchestration.retry import RetryPolicy
-from toolbus.bus import AgentBus
+from tests.orchestration.scripts import tool_loop
 from toolbus.toolspec import ToolOutcome
 
 Events = list[tuple[str, object]]
@@ -81,32 +80,21 @@ class _OneAtATime:
         self.reserved = 0
 
 
-def _run(turns: list[list[str]]) -> tuple[LoopOutcome, Events]:
+def _run(turns: list[list[str]], *, full_pool: bool = True) -> tuple[LoopOutcome, Events]:
+    """The loop over those turns; with `full_pool`, a pool of one reservation at a time."""
     events: Events = []
     pool = _OneAtATime(events)
-    tools = _Tools(events)
 
     def on_turn(progress: Progress, reserved: int, used: int) -> None:
         events.append(("turn", progress.turns))
         pool.settle(reserved, used)
 
-    async def ready() -> AgentBus:
-        return cast(AgentBus, tools)
-
-    loop = AgentLoop(
-        model=_Scripted(turns, events),
-        model_name="test-model",
-        bus=None,
-        workspace_ready=ready,
-        budget=Budget(pool.reserve, pool.settle, lambda: "one at a time"),
-        retry=RetryPolicy(max_attempts=1),
-        system_prefix="prefix",
-        system_task="task",
-        tools=[],
-        max_turns=10,
-        max_output_tokens=1000,
+    loop = tool_loop(
+        _Scripted(turns, events),
+        _Tools(events),
+        budget=Budget(pool.reserve, pool.settle, lambda: "one at a time") if full_pool else None,
         on_turn=on_turn,
-        transcript=Transcript(None),
+        max_turns=10,
     )
     return anyio.run(loop.run), events
 
@@ -130,29 +118,7 @@ def test_a_turn_of_file_tools_is_recorded_once_the_next_request_is_under_way() -
 
 
 def test_without_a_full_pool_the_record_follows_the_request() -> None:
-    events: Events = []
-    tools = _Tools(events)
-    model = _Scripted([["write_file"], ["search"]], events)
-
-    async def ready() -> AgentBus:
-        return cast(AgentBus, tools)
-
-    loop = AgentLoop(
-        model=model,
-        model_name="test-model",
-        bus=None,
-        workspace_ready=ready,
-        budget=Budget(lambda amount: True, lambda reserved, used: None, lambda: "unlimited"),
-        retry=RetryPolicy(max_attempts=1),
-        system_prefix="prefix",
-        system_task="task",
-        tools=[],
-        max_turns=10,
-        max_output_tokens=1000,
-        on_turn=lambda progress, reserved, used: events.append(("turn", progress.turns)),
-        transcript=Transcript(None),
-    )
-    outcome = anyio.run(loop.run)
+    outcome, events = _run([["write_file"], ["search"]], full_pool=False)
     assert outcome.summary == "done"
     assert events == [
         ("call", 1),
