@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -64,6 +64,7 @@ from toolbus.external import ExternalServerError, ExternalTool, ExternalTools
 from toolbus.leases import LeaseKeeper, LeaseManager, LeaseStore
 from toolbus.shared_reads import SharedReadLeases
 
+_T = TypeVar("_T")
 log = logging.getLogger("fanout.orchestrator")
 
 MAX_REJECTED_DIFF_CHARS = 30_000
@@ -237,20 +238,25 @@ class Orchestrator:
         shared_spec = request.shared_context
         # the base's reference, its shared context, the ids in use, the workspace kind and the
         # history of earlier runs: each waits on git or the database, none on another
-        (shared, paths), _pinned, known, support, history = await _in_threads(
-            functools.partial(
-                planner.shared_snapshot,
-                ctx.repo,
-                snap.base_commit,
-                shared_spec.plan if shared_spec else None,
-                shared_spec.conventions if shared_spec else None,
-                shared_spec.files if shared_spec else [],
-            ),
-            functools.partial(ws_mod.pin_snapshot, ctx.repo, run_id, snap.base_commit),
-            ctx.store.agent_ids,
-            functools.partial(ws_mod.view_support, ctx.repo, self.settings.workspaces),
-            functools.partial(estimates.history, ctx.store),
-        )
+        async with _InThreads() as calls:
+            shared_of = calls.start(
+                functools.partial(
+                    planner.shared_snapshot,
+                    ctx.repo,
+                    snap.base_commit,
+                    shared_spec.plan if shared_spec else None,
+                    shared_spec.conventions if shared_spec else None,
+                    shared_spec.files if shared_spec else [],
+                )
+            )
+            calls.start(functools.partial(ws_mod.pin_snapshot, ctx.repo, run_id, snap.base_commit))
+            known_of = calls.start(ctx.store.agent_ids)
+            support_of = calls.start(
+                functools.partial(ws_mod.view_support, ctx.repo, self.settings.workspaces)
+            )
+            history_of = calls.start(functools.partial(estimates.history, ctx.store))
+        shared, paths = shared_of.value()
+        known, support, history = known_of.value(), support_of.value(), history_of.value()
         run = planner.new_run(
             settings,
             request,
@@ -655,22 +661,50 @@ __all__ = [
 ]
 
 
-async def _in_threads(*calls: Callable[[], Any]) -> tuple[Any, ...]:
-    """Run the calls at once, each in a worker thread; their results in order. When calls
-    fail, the first of them (in order) raises, once every call has ended."""
-    results: list[Any] = [None] * len(calls)
-    failures: list[BaseException | None] = [None] * len(calls)
+class _Call(Generic[_T]):
+    """One call of `_InThreads`: its result once the group has ended."""
 
-    async def one(i: int) -> None:
-        try:
-            results[i] = await anyio.to_thread.run_sync(calls[i])
-        except Exception as exc:
-            failures[i] = exc
+    def __init__(self) -> None:
+        self._value: _T | None = None
+        self._set = False
 
-    async with anyio.create_task_group() as tg:
-        for i in range(len(calls)):
-            tg.start_soon(one, i)
-    for failure in failures:
-        if failure is not None:
-            raise failure
-    return tuple(results)
+    def value(self) -> _T:
+        if not self._set:
+            raise RuntimeError("the call has not ended")
+        return cast(_T, self._value)
+
+    def set(self, value: _T) -> None:
+        self._value, self._set = value, True
+
+
+class _InThreads:
+    """Calls run at once, each in a worker thread, their results read once the group has
+    ended (`async with`); when calls fail, the first of them (in start order) raises then."""
+
+    def __init__(self) -> None:
+        self._failures: list[tuple[int, Exception]] = []
+        self._started = 0
+        self._group = anyio.create_task_group()
+
+    async def __aenter__(self) -> _InThreads:
+        await self._group.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._group.__aexit__(*exc_info)
+        if self._failures:
+            raise min(self._failures, key=lambda f: f[0])[1]
+
+    def start(self, call: Callable[[], _T]) -> _Call[_T]:
+        out: _Call[_T] = _Call()
+        order = self._started
+        self._started += 1
+
+        async def run() -> None:
+            try:
+                out.set(await anyio.to_thread.run_sync(call))
+            except Exception as exc:
+                self._failures.append((order, exc))
+
+        self._group.start_soon(run)
+        return out
