@@ -35,7 +35,7 @@ from toolbus.toolspec import ToolOutcome, ToolSpec
 READ_ONLY_TOOLS = frozenset({"read_file", "list_files", "search"})
 FILE_TOOLS = READ_ONLY_TOOLS | {"write_file", "edit_file"}
 """The bus's own file tools: they take a moment, so a turn that calls only these (and finish) is
-recorded once the next request is under way (see `AgentLoop._run`)."""
+recorded once the next request is under way (see `AgentLoop._turns`)."""
 CHARS_PER_TOKEN = 4
 
 

@@ -542,20 +542,24 @@ class StateStore:
         """The agent as stored now, None when there is none; parsed only when its row is not
         the one `apply` (or this) last parsed."""
         with self._lock:
-            version = self._data_version(self._db)  # (read before the row: never newer)
-            known = self._applied.get(agent_id)
-            if known is not None and self._valid_at.get(agent_id) == version:
-                return known[1]
-            rows = self._db.execute(
-                "SELECT data FROM agents WHERE agent_id = ?", (agent_id,)
-            ).fetchall()
-            if not rows:
-                return None
-            parsed = _reparsed(known, str(rows[0][0]), AgentRecord)
-            if parsed is not known:
-                self._keep_applied(agent_id, parsed)
-            self._valid_at[agent_id] = version
-            return parsed[1]
+            return self._current(self._db, agent_id)[1]
+
+    def _current(self, db: sqlite3.Connection, agent_id: str) -> tuple[int, AgentRecord | None]:
+        """(SQLite's `data_version` now, the agent as stored): the record kept from this
+        store's last write or read of the row while no other connection has committed since,
+        else the row read, and kept, at that version. Under `_lock`."""
+        version = self._data_version(db)  # (read before the row: never newer)
+        known = self._applied.get(agent_id)
+        if known is not None and self._valid_at.get(agent_id) == version:
+            return version, known[1]
+        row = db.execute("SELECT data FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+        if row is None:
+            return version, None
+        parsed = _reparsed(known, str(row[0]), AgentRecord)
+        if parsed is not known:
+            self._keep_applied(agent_id, parsed)
+        self._valid_at[agent_id] = version
+        return version, parsed[1]
 
     def agents(self, run_id: str) -> list[AgentRecord]:
         rows = self._query("SELECT data FROM agents WHERE run_id = ? ORDER BY ord", (run_id,))
@@ -575,17 +579,9 @@ class StateStore:
         turn). The named transitions below are the ones the engine makes; this is their one
         write path (and the way tests set up a state)."""
         with self._tx() as db:
-            version = self._data_version(db)
-            known = self._applied.get(agent_id)
-            if known is not None and self._valid_at.get(agent_id) == version:
-                current = known[1]
-            else:
-                row = db.execute(
-                    "SELECT data FROM agents WHERE agent_id = ?", (agent_id,)
-                ).fetchone()
-                if row is None:
-                    raise KeyError(agent_id)
-                current = _reparsed(known, str(row[0]), AgentRecord)[1]
+            version, current = self._current(db, agent_id)
+            if current is None:
+                raise KeyError(agent_id)
             update: dict[str, object] = dict(changes)
             new_status = changes.get("status", current.status)
             if new_status != current.status and not new_status.active and current.status.active:

@@ -23,7 +23,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.from_thread
@@ -302,13 +302,15 @@ class _Facts:
     permission: str | None = None
 
 
+_R = TypeVar("_R")
+
 # The worker threads of the quick writes' fsyncs (`_in_sync_thread`).
 _SYNC_THREADS = concurrent.futures.ThreadPoolExecutor(
     max_workers=32, thread_name_prefix="fanout-fsync"
 )
 
 
-async def _in_sync_thread(func: Callable[[], None]) -> None:
+async def _in_sync_thread(func: Callable[[], _R]) -> _R:
     """`func()` in a worker thread, waited for to its end even when the caller is cancelled
     meanwhile (as `anyio.to_thread.run_sync` does). One wait on the event loop, where
     `to_thread` makes three: in a burst of agents each is a wait behind every other ready one.
@@ -316,6 +318,7 @@ async def _in_sync_thread(func: Callable[[], None]) -> None:
     future = asyncio.get_running_loop().run_in_executor(_SYNC_THREADS, func)
     with anyio.CancelScope(shield=True):
         await future
+    return future.result()  # (done: the shielded wait ends only with it)
 
 
 class AgentBus:
@@ -522,12 +525,7 @@ class AgentBus:
             except NotQuick:
                 pass
             else:
-                try:
-                    await _in_sync_thread(pending.sync)
-                finally:
-                    pending.close()
-                assert pending.result is not None
-                return pending.result
+                return await _in_sync_thread(pending.finish)
         return await anyio.to_thread.run_sync(lambda: begin().finish())
 
     async def _edit_file(self, args: EditFileArgs) -> tuple[str, _Facts]:
