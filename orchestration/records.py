@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TypeGuard
@@ -16,8 +17,17 @@ from toolbus.resources import WriteScope
 
 def scope_requests(write_scope: list[str] | None) -> list[LeaseRequest]:
     """The write leases that a write scope takes (none for a read-only agent)."""
+    return list(_scope_requests(None if write_scope is None else tuple(write_scope)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _scope_requests(write_scope: tuple[str, ...] | None) -> tuple[LeaseRequest, ...]:
+    """`scope_requests`, made once per scope (frozen requests): spawn asks it of every agent
+    twice (its waves, its warnings), the runner and the status polls again."""
     scope = WriteScope.of(write_scope)
-    return [LeaseRequest.write(p) for p in scope.lease_paths()] if not scope.read_only else []
+    if scope.read_only:
+        return ()
+    return tuple(LeaseRequest.write(p) for p in scope.lease_paths())
 
 
 def has_work(commit: str | None, base_commit: str) -> TypeGuard[str]:
