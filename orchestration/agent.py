@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ FILE_TOOLS = READ_ONLY_TOOLS | {"write_file", "edit_file"}
 """The bus's own file tools: they take a moment, so a turn that calls only these (and finish) is
 recorded once the next request is under way (see `AgentLoop._turns`)."""
 CHARS_PER_TOKEN = 4
+
+log = logging.getLogger(__name__)
 
 
 MAX_RESULT_SUMMARY_CHARS = 20_000
@@ -179,12 +183,21 @@ class AgentLoop:
     # The run's prompt-cache warm-up (its first request goes alone) and its prefix's lifetime.
     warmup: PrefixWarmup | None = None
     cache_ttl: CacheTtl = "5m"
+    # Work its owner does ahead while the model thinks (the runner prepares the agent's
+    # commit): called once a call that follows a turn whose tools may have changed the
+    # workspace has waited half as long as the call before it took, so that it runs after
+    # the burst of other agents' requests and before the answer; not if the answer comes
+    # first. It must be quick, and may fail: that is logged, and nothing else happens.
+    while_waiting: Callable[[], None] | None = None
     # the size of `messages` serialized, and how many of them it counts
     _message_chars: int = field(default=0, init=False, repr=False)
     _counted: int = field(default=0, init=False, repr=False)
     _fixed_chars: int | None = field(default=None, init=False, repr=False)
     # (reservation, tokens used) of the last turn while its record waits (see `_turns`)
     _unrecorded: tuple[int, int] | None = field(default=None, init=False, repr=False)
+    # whether a tool that may change the workspace ran since `while_waiting` last did
+    _changed: bool = field(default=False, init=False, repr=False)
+    _last_call_s: float | None = field(default=None, init=False, repr=False)
 
     def _estimate_reservation(self) -> int:
         self._count_messages()
@@ -270,6 +283,8 @@ class AgentLoop:
                 return LoopOutcome(StopReason.FINAL_ANSWER, summary=bounded_final_text(text))
             why = "\n".join(b.text for b in response.content if isinstance(b, TextBlock))
             self.transcript.flush()  # what the agent is about to do shows while it runs
+            if any(u.name not in READ_ONLY_TOOLS for u in uses):
+                self._changed = True
             results, finish = await self._run_tools(bus, uses, why)
             if finish is not None:
                 return LoopOutcome(
@@ -343,27 +358,53 @@ class AgentLoop:
             self.transcript.append("model_retry", {"error": str(error), "delay_s": delay_s})
             self.transcript.flush()
 
-        if self._unrecorded is None:
-            return await call_with_retry(attempt, self.retry, on_retry=note_retry)
-        answer: list[ModelResponse] = []
+        # The turn's record and the work ahead are callbacks of the event loop, not tasks (a
+        # task group costs more than either in a burst of agents; the server runs on asyncio,
+        # anyio's default backend).
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        recorded: list[bool] = []
         failed: list[Exception] = []
 
-        async def record() -> None:
+        def record() -> None:
+            recorded.append(True)
             try:
                 self._record_turn()
-            except Exception as exc:  # raised below, as it would be without the task group
+            except Exception as exc:  # raised below, once the call is over
                 failed.append(exc)
 
-        async with anyio.create_task_group() as tg:
-            # the record runs at the call's first wait: its request is built, and on its way
-            tg.start_soon(record)
+        ahead = self.while_waiting if self._changed else None
+
+        def work_ahead(work: Callable[[], None]) -> None:
+            self._changed = False
             try:
-                answer.append(await call_with_retry(attempt, self.retry, on_retry=note_retry))
-            except Exception as exc:
-                failed.insert(0, exc)
-        if failed:
+                work()
+            except Exception:
+                log.warning("work ahead of a model's answer failed", exc_info=True)
+
+        # the record runs at the call's first wait: its request is built, and on its way
+        pending = loop.call_soon(record) if self._unrecorded is not None else None
+        timer = (
+            loop.call_later(self._last_call_s / 2, work_ahead, ahead)
+            if ahead is not None and self._last_call_s is not None
+            else None
+        )
+        answer: ModelResponse | None = None
+        try:
+            answer = await call_with_retry(attempt, self.retry, on_retry=note_retry)
+        except Exception as exc:
+            failed.insert(0, exc)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if pending is not None and not recorded:
+                pending.cancel()  # (a call that never waited; cancelled: `_run` records it)
+        if pending is not None and not recorded:
+            record()
+        if failed or answer is None:
             raise failed[0]
-        return answer[0]
+        self._last_call_s = loop.time() - started
+        return answer
 
     async def _run_tools(
         self, bus: AgentBus, uses: list[ToolUseBlock], why: str = ""

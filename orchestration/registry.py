@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from orchestration import workspace as ws_mod
 from orchestration.agent import AgentLoop, Progress
 from orchestration.context import RepoContext
 from orchestration.state import AgentRecord
@@ -14,6 +15,7 @@ from toolbus.audit import AuditLog
 from toolbus.errors import LeaseError, LeaseLost
 from toolbus.external import ExternalSession, ExternalTool
 from toolbus.leases import LeaseGrant, LeaseManager, LeaseMode
+from toolbus.permissions import GuardedScope
 
 log = logging.getLogger("fanout.orchestrator")
 
@@ -45,6 +47,16 @@ class LeaseFence:
 
 
 @dataclass
+class CommitAhead:
+    """An agent's commit made while its model call was in flight, all but its message
+    (`AgentRunner.commit_ahead`)."""
+
+    records: int  # how many audit records the agent's bus had made then
+    scope: GuardedScope
+    prepared: ws_mod.PreparedCommit
+
+
+@dataclass
 class AgentRuntime:
     """What this process knows of an agent it runs, or whose leases it keeps (a dead server's
     finished agent), beyond the durable record."""
@@ -64,6 +76,13 @@ class AgentRuntime:
     resource_grant: LeaseGrant | None = None  # the named resources it holds for its life
     external: ExternalSession | None = None  # its own connections to downstream MCP servers
     external_tools: tuple[ExternalTool, ...] = ()
+    ahead: CommitAhead | None = None
+
+    def drop_ahead(self) -> None:
+        """Close the commit made ahead, if any (its handle is open until then)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            ahead.prepared.close()
 
     def cancel(self, reason: str | None = None) -> None:
         """Stop the agent's task; `reason` becomes its result's error."""

@@ -13,7 +13,15 @@ from typing import Any, TypeVar
 import anyio
 
 from orchestration import workspace as ws_mod
-from orchestration.agent import AgentLoop, Budget, LoopOutcome, Progress, Transcript
+from orchestration.agent import (
+    FILE_TOOLS,
+    READ_ONLY_TOOLS,
+    AgentLoop,
+    Budget,
+    LoopOutcome,
+    Progress,
+    Transcript,
+)
 from orchestration.caching import PrefixWarmup
 from orchestration.caps import ServerCaps
 from orchestration.clock import Clock
@@ -50,7 +58,7 @@ from orchestration.records import (
     task_prompt_of,
     workspace_of,
 )
-from orchestration.registry import AgentRegistry, AgentRuntime, LeaseFence
+from orchestration.registry import AgentRegistry, AgentRuntime, CommitAhead, LeaseFence
 from orchestration.retry import RetryPolicy
 from orchestration.state import AgentRecord, RunRecord
 from toolbus.audit import AuditLog, AuditRecord
@@ -124,16 +132,24 @@ async def quick_or_thread(
 
 
 async def commit_work(
-    agent: AgentRecord, message: str, scope: WriteScope | None = None
+    agent: AgentRecord,
+    message: str,
+    scope: WriteScope | None = None,
+    prepared: ws_mod.PreparedCommit | None = None,
 ) -> ws_mod.WorkCommit:
     """Commit what the agent's worktree holds within its write scope (or `scope`, which may
-    also guard paths by the permission policy), on its branch."""
+    also guard paths by the permission policy), on its branch. `prepared`: the commit made
+    ahead with that scope, of a view unchanged since (see `ws_mod.commit_workspace`)."""
     workspace = workspace_of(agent)
     scope = scope or WriteScope.of(agent.write_scope)
 
     def commit(wait: bool) -> ws_mod.WorkCommit:
         return ws_mod.commit_workspace(
-            workspace, message=f"fanout: {agent.name}: {message}", write_scope=scope, wait=wait
+            workspace,
+            message=f"fanout: {agent.name}: {message}",
+            write_scope=scope,
+            wait=wait,
+            prepared=prepared,
         )
 
     return await quick_or_thread(commit)
@@ -250,6 +266,7 @@ class AgentRunner:
     async def _release_extras(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
         """Give back what an agent holds only while it runs: its named resources held for its
         life and its downstream MCP sessions (its write scope stays until merged)."""
+        runtime.drop_ahead()
         grant, runtime.resource_grant = runtime.resource_grant, None
         if grant is not None:
             ctx.keeper.untrack(grant)
@@ -462,6 +479,7 @@ class AgentRunner:
             transcript=Transcript(transcript_path(ctx, agent.agent_id), batched=True),
             warmup=ctx.warmups.get(agent.run_id),
             cache_ttl=run.cache_ttl or "5m",
+            while_waiting=partial(self.commit_ahead, ctx, runtime),
         )
         loop.transcript.touch()
         runtime.loop = loop
@@ -575,6 +593,40 @@ class AgentRunner:
         if agent.rerun_of is not None and agent.start_commit is not None:
             start = agent.start_commit
         return start
+
+    def commit_ahead(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
+        """Make the agent's commit but for its message (`ws_mod.prepare_commit`) while its
+        model call is in flight, so that if the call is its last and the view is unchanged
+        by then, its finish has only the commit object to make. Only for an agent whose bus
+        ran nothing but its file tools: a command, or a downstream server's tool, may leave a
+        process behind that changes the view later, unseen."""
+        audit = runtime.audit
+        if audit is None:
+            return
+        records = audit.records()
+        if any(r.op not in FILE_TOOLS for r in records):
+            return
+        agent = find_agent(ctx, runtime.agent_id)
+        if agent.workspace is None or not agent.status.active:
+            return
+        runtime.drop_ahead()
+        scope = self._guarded_scope(ctx, agent, records)
+        prepared = ws_mod.prepare_commit(workspace_of(agent), write_scope=scope)
+        if prepared is not None:
+            runtime.ahead = CommitAhead(records=len(records), scope=scope, prepared=prepared)
+
+    @staticmethod
+    def _take_ahead(runtime: AgentRuntime, records: list[AuditRecord]) -> CommitAhead | None:
+        """The commit made ahead, if the bus has only read since: the view is as it was."""
+        ahead, runtime.ahead = runtime.ahead, None
+        if ahead is None:
+            return None
+        if len(records) >= ahead.records and all(
+            r.op in READ_ONLY_TOOLS for r in records[ahead.records :]
+        ):
+            return ahead
+        ahead.prepared.close()
+        return None
 
     def _guarded_scope(
         self, ctx: RepoContext, agent: AgentRecord, records: list[AuditRecord]
@@ -719,14 +771,22 @@ class AgentRunner:
         changes: list[FileChange] = []
         dropped: list[str] = list(remote_dropped or [])
         records = runtime.audit.records() if runtime.audit is not None else []
-        guarded = self._guarded_scope(ctx, agent, records)
+        ahead = self._take_ahead(runtime, records)
+        guarded = ahead.scope if ahead is not None else self._guarded_scope(ctx, agent, records)
         refused = dict(remote_refused or {})
         work: ws_mod.WorkCommit | None = None
         if agent.workspace is not None and Path(agent.workspace).exists():
-            work = await commit_work(agent, first_line(outcome.summary or agent.prompt), guarded)
+            work = await commit_work(
+                agent,
+                first_line(outcome.summary or agent.prompt),
+                guarded,
+                ahead.prepared if ahead is not None else None,
+            )
             commit = work.commit or commit
             dropped = [*work.dropped, *work.planted]
             refused = guarded.refused
+        if ahead is not None:
+            ahead.prepared.close()  # (used, and closed, by the commit when there was one)
         if work is not None and work.commit is not None and work.parent == agent.base_commit:
             changes = work.changes  # the commit's own changes are those against the base
         elif commit is not None:

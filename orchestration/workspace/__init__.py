@@ -23,7 +23,12 @@ index and working tree are only ever read by this package.
 from orchestration.contracts import DiffStat, FileChange
 from orchestration.errors import RepositoryError
 from orchestration.workspace.cli_git import CliGit
-from orchestration.workspace.commits import clear_partial_writes, commit_workspace
+from orchestration.workspace.commits import (
+    PreparedCommit,
+    clear_partial_writes,
+    commit_workspace,
+    prepare_commit,
+)
 from orchestration.workspace.diffs import diff, diffstat, file_changes, tree_changes
 from orchestration.workspace.engine import (
     BaseNotReady,
@@ -103,6 +108,7 @@ __all__ = [
     "Identity",
     "InProcessFirst",
     "Libgit2Git",
+    "PreparedCommit",
     "RepositoryError",
     "Snapshot",
     "StatusEntry",
@@ -131,6 +137,7 @@ __all__ = [
     "open_workspace_repo",
     "pin",
     "pin_snapshot",
+    "prepare_commit",
     "quick_files",
     "remove_workspace",
     "run_git",

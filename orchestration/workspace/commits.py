@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
+from pathlib import Path
 
 import pygit2
 
@@ -11,14 +14,17 @@ from orchestration.workspace.engine import CommitJob, GitEngine, WorkCommit, Wou
 from orchestration.workspace.engines import DEFAULT_ENGINE
 from orchestration.workspace.git import FANOUT_IDENTITY, Identity
 from orchestration.workspace.layered import (
+    ViewTree,
     commit_view,
     ensure_mounted,
     layer_of,
     quick_upper,
     registration_held,
     view_git_dir,
+    view_tree,
 )
 from orchestration.workspace.pinning import (
+    RULE_FILES,
     Workspace,
     open_workspace_repo,
     pin_and_open,
@@ -38,6 +44,7 @@ def commit_workspace(
     engine: GitEngine = DEFAULT_ENGINE,
     wait: bool = True,
     keep_working: bool = False,
+    prepared: PreparedCommit | None = None,
 ) -> WorkCommit:
     """Commit the agent's in-scope changes on its branch; out-of-scope ones stay on disk, dropped.
 
@@ -51,7 +58,17 @@ def commit_workspace(
 
     `keep_working`: the agent goes on in the workspace (a checkpoint), so a view's index
     follows the commit too; a worktree's always does.
+
+    `prepared`: the commit made ahead by `prepare_commit` with this scope, of a view whose
+    caller knows it unchanged since; used (and closed) when the branch has not moved since.
     """
+    if prepared is not None:
+        try:
+            made = prepared.finish(message)
+        finally:
+            prepared.close()
+        if made is not None:
+            return made
     layers = layer_of(ws)  # a copy-on-write view: its upper layer holds the agent's work
     listing = None if wait or layers is None else quick_upper(layers, ws.base_commit)
     if not wait and listing is None:
@@ -125,3 +142,85 @@ def clear_partial_writes(ws: Workspace) -> list[str]:
     is mounted first, since its files show only through the mount. The paths deleted."""
     ensure_mounted(ws)
     return remove_partial_writes(ws.path)
+
+
+@dataclasses.dataclass
+class PreparedCommit:
+    """A view's commit made ahead of its message (`prepare_commit`): its tree written, and the
+    handle that wrote it kept open until `finish` or `close`."""
+
+    job: CommitJob
+    layers: Path
+    made: ViewTree
+    planted: list[str]
+    _open: bool = True
+
+    def finish(self, message: str) -> WorkCommit | None:
+        """Commit the tree with `message`; None when the branch moved since it was made (or
+        the handle was closed), and the commit must be made anew."""
+        if not self._open:
+            return None
+        job = self.job
+        try:
+            head = job.pyrepo.revparse_single(job.ref).peel(pygit2.Commit)
+        except (KeyError, ValueError, pygit2.GitError):
+            return None
+        if head.id != job.head.id:
+            return None
+        job = dataclasses.replace(job, message=message)
+        done = commit_view(job, self.layers, made=self.made)
+        return done.model_copy(update={"planted": self.planted, "parent": str(head.id)})
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.job.pyrepo.free()
+
+
+_NOT_AHEAD = RULE_FILES | {".git"}
+
+
+def prepare_commit(
+    ws: Workspace, *, write_scope: WriteScope, author: Identity = FANOUT_IDENTITY
+) -> PreparedCommit | None:
+    """The commit of the view `ws` but for its message, made now: its tree written to the
+    object store, no reference moved, so that `commit_workspace(prepared=...)` has only the
+    commit object to make once the message is known, if the view is unchanged by then (its
+    caller knows; the branch it checks). Only where the commit is quick (`quick_upper`), in a
+    view not registered as a git worktree, whose upper layer holds neither a `.git` nor a rule
+    file (`RULE_FILES`: what `secure_workspace_git` may move or remove); else None, and
+    nothing is done."""
+    layers = layer_of(ws)
+    if layers is None or not ws.branch:
+        return None
+    listing = quick_upper(layers, ws.base_commit)
+    if listing is None or any(os.path.basename(rel).casefold() in _NOT_AHEAD for rel, _ in listing):
+        return None
+    ensure_mounted(ws)
+    try:
+        with registration_held(ws, wait=False) as registered:
+            if registered:
+                return None
+            pinned, pyrepo = pin_and_open_view(view_git_dir(ws.path), ws.path)
+            try:
+                planted = secure_workspace_git(
+                    pinned, upper=layers / "upper", gitfile=False, listing=listing
+                )
+                head = pyrepo.revparse_single(ws.branch_ref).peel(pygit2.Commit)
+                job = CommitJob(
+                    pyrepo=pyrepo,
+                    pinned=pinned,
+                    ref=ws.branch_ref,
+                    head=head,
+                    base=ws.base_commit or str(head.id),
+                    write_scope=write_scope,
+                    message="",
+                    author=author,
+                )
+                made = view_tree(job, layers, listing)
+            except BaseException:
+                pyrepo.free()
+                raise
+    except WouldBlock:
+        return None
+    return PreparedCommit(job=job, layers=layers, made=made, planted=planted)

@@ -29,6 +29,7 @@ import stat
 import threading
 import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pygit2
@@ -816,20 +817,22 @@ def _mount_included(entry: Path, view: Path, driver: str) -> None:
 # --- committing a view ---------------------------------------------------------------------
 
 
-def commit_view(
-    job: CommitJob,
-    layers: Path,
-    *,
-    keep_working: bool = False,
-    listing: UpperListing | None = None,
-) -> WorkCommit:
-    """Commit a view's work as `job` says (`commit_workspace` makes the job): the start
-    commit's tree with what the upper layer in `layers` changed applied, out-of-scope changes
-    dropped and reported. `keep_working`: the agent goes on in the view, so its index is made
-    the commit's tree, as a worktree's is (or `git status` there shows the commit's changes
-    staged in reverse). `listing`: its upper layer's entries as `quick_upper` read them (so
-    the view is the kernel overlay's, on the base of its start commit, `job.base`)."""
-    pyrepo, head = job.pyrepo, job.head
+@dataclass(frozen=True)
+class ViewTree:
+    """The tree of a view's commit (`view_tree`), before the commit is made."""
+
+    tree: str
+    base_tree: pygit2.Tree
+    changes: dict[str, tuple[str, int] | None]
+    """What the tree changes of the base: each path's blob and mode, or None (deleted)."""
+    dropped: list[str]
+    """The out-of-scope changes (and the names git cannot commit), reported, not committed."""
+
+
+def view_tree(job: CommitJob, layers: Path, listing: UpperListing | None = None) -> ViewTree:
+    """The tree of `job`'s commit of the view in `layers` (see `commit_view`), written to the
+    object store; no reference moves."""
+    pyrepo = job.pyrepo
     upper = layers / "upper"
     if listing is not None:
         lower, driver = job.base, overlay.OVERLAY
@@ -842,20 +845,44 @@ def commit_view(
     changes, dropped = _view_changes(pyrepo, job.pinned, base_tree, candidates, job.write_scope)
     tree = _apply(pyrepo, base_tree, changes)
     tree_id = str(tree) if tree is not None else str(pyrepo.TreeBuilder().write())
-    if tree_id == str(head.tree_id):
-        return WorkCommit(commit=None, changes=[], dropped=dropped)
+    return ViewTree(tree=tree_id, base_tree=base_tree, changes=changes, dropped=dropped)
+
+
+def commit_view(
+    job: CommitJob,
+    layers: Path,
+    *,
+    keep_working: bool = False,
+    listing: UpperListing | None = None,
+    made: ViewTree | None = None,
+) -> WorkCommit:
+    """Commit a view's work as `job` says (`commit_workspace` makes the job): the start
+    commit's tree with what the upper layer in `layers` changed applied, out-of-scope changes
+    dropped and reported. `keep_working`: the agent goes on in the view, so its index is made
+    the commit's tree, as a worktree's is (or `git status` there shows the commit's changes
+    staged in reverse). `listing`: its upper layer's entries as `quick_upper` read them (so
+    the view is the kernel overlay's, on the base of its start commit, `job.base`). `made`:
+    the tree, made earlier by `view_tree` for this job but for its message and of a view
+    unchanged since."""
+    pyrepo, head = job.pyrepo, job.head
+    made = made or view_tree(job, layers, listing)
+    if made.tree == str(head.tree_id):
+        return WorkCommit(commit=None, changes=[], dropped=made.dropped)
     commit = advance_branch(
-        pyrepo, ref=job.ref, head=head, tree=tree_id, message=job.message, author=job.author
+        pyrepo, ref=job.ref, head=head, tree=made.tree, message=job.message, author=job.author
     )
     if keep_working:
-        _follow_commit(pyrepo, tree_id)
+        _follow_commit(pyrepo, made.tree)
     # the first commit on the base: its changes are the ones applied, read from their paths
     # alone; a diff of the two whole trees grows with the repository
-    known = applied_changes(pyrepo, base_tree, changes) if head.tree_id == base_tree.id else None
+    base_tree = made.base_tree
+    known = (
+        applied_changes(pyrepo, base_tree, made.changes) if head.tree_id == base_tree.id else None
+    )
     return WorkCommit(
         commit=str(commit),
         changes=known if known is not None else file_changes(pyrepo, str(head.id), str(commit)),
-        dropped=dropped,
+        dropped=made.dropped,
     )
 
 

@@ -26,6 +26,7 @@ from orchestration.workspace import (
     create_workspace,
     layer_of,
     layered,
+    prepare_commit,
 )
 from orchestration.workspace.diffs import file_changes
 from orchestration.workspace.git import tree_of
@@ -384,3 +385,52 @@ def test_the_commit_git_dir_is_made_once_by_racing_threads(tmp_path: Path) -> No
     assert len(made) == 16 and len(set(made)) == 1
     assert sorted(p.name for p in made[0].iterdir()) == ["HEAD", "commondir"]
     assert [p.name for p in made[0].parent.iterdir() if p.name.startswith(".commit")] == []
+
+
+def test_a_commit_prepared_ahead_is_the_commit_made_at_once(tmp_path: Path) -> None:
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    prepared_cases: list[str] = []
+    for case, edit in sorted(CASES.items()):
+        here, there = _view(repo, f"p-{case}"), _view(repo, f"w-{case}")
+        for w in (here, there):
+            if case in RUNS_GIT:
+                ensure_registered(w)
+            edit(w.path)
+        before = (_branch_head(root, here), files_of(here.path))
+        prepared = prepare_commit(here, write_scope=SCOPE)
+        if prepared is None:
+            # declined with nothing changed
+            assert (_branch_head(root, here), files_of(here.path)) == before
+        else:
+            prepared_cases.append(case)
+            assert _branch_head(root, here) == before[0]  # no reference moved yet
+        got = commit_workspace(here, message="work", write_scope=SCOPE, prepared=prepared)
+        want = _commit(there, wait=True)
+        assert (got.commit is None) == (want.commit is None), case
+        assert got.dropped == want.dropped, case
+        assert [c.model_dump() for c in got.changes] == [c.model_dump() for c in want.changes]
+        assert got.parent == want.parent == here.base_commit
+        if got.commit is not None and want.commit is not None:
+            assert git(root, "rev-parse", f"{got.commit}^{{tree}}") == git(
+                root, "rev-parse", f"{want.commit}^{{tree}}"
+            )
+            assert git(root, "log", "-1", "--format=%s", got.commit).strip() == "work"
+    # the quick ones (see above) but for a registered view and a `.git` in the upper layer
+    assert set(prepared_cases) == {"ignored_and_empty", "nothing", "only_out_of_scope"}
+
+
+def test_a_commit_prepared_before_the_branch_moved_is_made_anew(tmp_path: Path) -> None:
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    ws = _view(GitRepo(root), "r1")
+    write(ws.path, "src/n.py", "n = 1\n")
+    prepared = prepare_commit(ws, write_scope=SCOPE)
+    assert prepared is not None
+    first = _commit(ws, wait=True)  # a checkpoint moves the branch
+    write(ws.path, "src/m.py", "m = 2\n")
+    done = commit_workspace(ws, message="later", write_scope=SCOPE, prepared=prepared)
+    assert done.commit is not None and done.parent == first.commit
+    assert git(root, "show", f"{done.commit}:src/m.py") == "m = 2\n"
+    assert prepared.finish("again") is None  # closed by the commit that declined it
+    write(ws.path, "src/.gitattributes", "*.py text\n")  # a rule file: committed at the end
+    assert prepare_commit(ws, write_scope=SCOPE) is None

@@ -136,3 +136,60 @@ def test_a_turn_that_runs_a_command_is_recorded_before_it() -> None:
     outcome, events = _run([["run_command"]])
     assert outcome.summary == "done"
     assert events == [("call", 1), ("turn", 1), ("tool", "run_command"), ("call", 2), ("turn", 2)]
+
+
+class _Timed(_Scripted):
+    """`_Scripted`, each call taking its time from `durations`."""
+
+    def __init__(self, turns: list[list[str]], events: Events, durations: list[float]) -> None:
+        super().__init__(turns, events)
+        self.durations = durations
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        answer = await super().complete(request)
+        await anyio.sleep(self.durations[self.calls - 1])
+        self.events.append(("answer", self.calls))
+        return answer
+
+
+def _run_ahead(turns: list[list[str]], durations: list[float]) -> Events:
+    events: Events = []
+    loop = tool_loop(_Timed(turns, events, durations), _Tools(events), max_turns=10)
+    loop.while_waiting = lambda: events.append(("ahead", None))
+    anyio.run(loop.run)
+    return [e for e in events if e[0] in ("call", "ahead", "answer")]
+
+
+def test_work_ahead_runs_during_a_call_that_follows_a_change() -> None:
+    events = _run_ahead(
+        [["write_file"], ["read_file"], ["edit_file", "read_file"]], [0.05, 0.1, 0.1, 0.1]
+    )
+    # not during the first call (no change yet) nor after a turn of reads; once per change,
+    # half the last call's time into the next
+    assert events == [
+        ("call", 1),
+        ("answer", 1),
+        ("call", 2),
+        ("ahead", None),
+        ("answer", 2),
+        ("call", 3),
+        ("answer", 3),
+        ("call", 4),
+        ("ahead", None),
+        ("answer", 4),
+    ]
+
+
+def test_work_ahead_waits_for_a_change_and_a_call_that_lasts() -> None:
+    # the second call answers before half of the first one's time: nothing is done ahead then,
+    # and the change is still to be worked on during the next call
+    events = _run_ahead([["write_file"], ["read_file"]], [0.2, 0.01, 0.05])
+    assert events == [
+        ("call", 1),
+        ("answer", 1),
+        ("call", 2),
+        ("answer", 2),
+        ("call", 3),
+        ("ahead", None),
+        ("answer", 3),
+    ]
