@@ -40,6 +40,12 @@ def available() -> list[str]:
     return names
 
 
+SLOW_FILE_MS = 0.04
+"""Above this, making a file in the scratch directory is slow: a disk that made about 0.015 ms a
+file when quiet here takes five to ten times that for minutes after many deletions (ext4
+searching past recently freed inodes), and every figure that makes files runs high with it."""
+
+
 def _disk(scratch: Path, system_tmp: Path) -> dict[str, float | int]:
     """How long creating a file takes where the benchmarks work, and in the system temporary
     directory: worktrees are files, so this floor explains part of every figure."""
@@ -49,7 +55,20 @@ def _disk(scratch: Path, system_tmp: Path) -> dict[str, float | int]:
         f"takes {here:.3f} ms, in the system temporary directory {there:.3f} ms",
         flush=True,
     )
+    _warn_if_slow(here, "before the benchmarks")
     return {"scratch_file_create_ms": round(here, 4), "tmp_file_create_ms": round(there, 4)}
+
+
+def _warn_if_slow(ms: float, when: str) -> None:
+    if ms > SLOW_FILE_MS:
+        print(
+            f"warning: {when}, creating a file in the scratch directory took {ms:.3f} ms (more "
+            f"than {SLOW_FILE_MS} ms): the disk is slow, and the figures that make files (spawn, "
+            "fan-out, merge, their floors) run high with it. Compare figures of one run only, "
+            f"run again after a few quiet minutes, or put {SCRATCH_ENV} on a tmpfs to compare "
+            "code.",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             result: dict[str, float | int] = module.run(quick=args.quick)
             print(f"({name}: {time.perf_counter() - started:.1f} s)", flush=True)
             figures.update(result)
+        after = file_create_ms(scratch_root())
+        figures["scratch_file_create_ms_after"] = round(after, 4)
+        _warn_if_slow(after, "after the benchmarks")
         print(json.dumps(figures, sort_keys=True), flush=True)
     finally:
         remove_scratch()  # after the figures: deleting a full run's files can take minutes

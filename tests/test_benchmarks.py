@@ -7,6 +7,10 @@ import math
 
 import pytest
 
+from benchmarks.__main__ import (
+    SLOW_FILE_MS,
+    _warn_if_slow,  # pyright: ignore[reportPrivateUsage]
+)
 from benchmarks.common import remove_scratch
 
 EXPECTED: dict[str, tuple[str, ...]] = {
@@ -51,3 +55,11 @@ def test_quick_run_returns_its_figures(module: str) -> None:
     for key, value in figures.items():
         assert isinstance(value, int | float) and not isinstance(value, bool), key
         assert math.isfinite(value) and value >= 0, (key, value)
+
+
+def test_a_slow_disk_is_named_beside_the_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    _warn_if_slow(SLOW_FILE_MS / 2, "before")
+    assert capsys.readouterr().out == ""
+    _warn_if_slow(SLOW_FILE_MS * 3, "after the benchmarks")
+    out = capsys.readouterr().out
+    assert out.startswith("warning: after the benchmarks") and "FANOUT_BENCH_DIR" in out
