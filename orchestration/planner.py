@@ -157,8 +157,7 @@ def new_agents(
 
 def paths_at(repo: ws_mod.GitRepo, commit: str) -> list[str]:
     """Every path of the tree at `commit`."""
-    out = repo.git("ls-tree", "-r", "--name-only", "-z", commit)
-    return [p for p in out.split("\x00") if p]
+    return repo.paths_at(commit)
 
 
 def shared_snapshot(

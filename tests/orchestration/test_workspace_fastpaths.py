@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,9 +16,11 @@ from orchestration.workspace import (
     commit_workspace,
     create_workspace,
     list_workspaces,
+    pin_snapshot,
     remove_workspace,
     snapshot,
 )
+from orchestration.workspace import git as git_mod
 from tests.orchestration.gitutil import (
     assert_fsck,
     git,
@@ -139,3 +142,29 @@ def test_snapshot_reads_head_branch_and_dirt_from_one_status(tmp_path: Path) -> 
     assert dirty.head_commit == base and dirty.branch_ref is None and dirty.dirty
     assert dirty.untracked_included == ["new dir/n.txt"]
     assert git(root, "show", f"{dirty.base_commit}:new dir/n.txt") == "untracked\n"
+
+
+def test_the_run_is_pinned_in_process_unless_git_would_run_a_hook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = make_repo(tmp_path / "r", {"src/a.py": "a\n"})
+    base = head(root)
+    started: list[tuple[str, ...]] = []
+    run_git = git_mod.run_git
+
+    def spy(cwd: Path, *args: str, **kwargs: Any) -> Any:
+        started.append(args)
+        return run_git(cwd, *args, **kwargs)
+
+    monkeypatch.setattr(git_mod, "run_git", spy)
+    pin_snapshot(GitRepo(root), "run1", base)
+    assert git(root, "rev-parse", "refs/fanout/snapshots/run1").strip() == base
+    assert not any("update-ref" in args for args in started)
+    # a reference-transaction hook, which git runs and libgit2 would not: git makes the ref
+    hook = root / ".git" / "hooks" / "reference-transaction"
+    hook.write_text(f'#!/bin/sh\necho "$1" >> {tmp_path / "hook.log"}\n', encoding="utf-8")
+    hook.chmod(0o755)
+    pin_snapshot(GitRepo(root), "run2", base)
+    assert git(root, "rev-parse", "refs/fanout/snapshots/run2").strip() == base
+    assert any("update-ref" in args for args in started)
+    assert "committed" in (tmp_path / "hook.log").read_text(encoding="utf-8")
