@@ -83,16 +83,38 @@ def _branch_head(root: Path, ws: Workspace) -> str:
     return git(root, "rev-parse", ws.branch_ref).strip()
 
 
+def _edited_views(
+    repo: GitRepo, case: str, edit: Callable[[Path], object], here: str, there: str
+) -> tuple[Workspace, Workspace]:
+    """Two views of the repository with the same edit of `case`."""
+    views = _view(repo, f"{here}-{case}"), _view(repo, f"{there}-{case}")
+    for w in views:
+        if case in RUNS_GIT:
+            ensure_registered(w)  # the agent's git command registers its view
+        edit(w.path)
+    return views
+
+
+def _assert_same_commit(
+    root: Path, ws: Workspace, got: WorkCommit, want: WorkCommit, case: str
+) -> None:
+    assert (got.commit is None) == (want.commit is None), case
+    assert got.dropped == want.dropped, case
+    assert [p.split(" ")[0] for p in got.planted] == [p.split(" ")[0] for p in want.planted]
+    assert [c.model_dump() for c in got.changes] == [c.model_dump() for c in want.changes]
+    assert got.parent == want.parent == ws.base_commit
+    if got.commit is not None and want.commit is not None:
+        assert git(root, "rev-parse", f"{got.commit}^{{tree}}") == git(
+            root, "rev-parse", f"{want.commit}^{{tree}}"
+        )
+
+
 def test_a_quick_commit_is_the_commit_made_in_a_thread(tmp_path: Path) -> None:
     root = make_repo(tmp_path / "r", BASE_FILES)
     repo = GitRepo(root)
     quick: list[str] = []
     for case, edit in sorted(CASES.items()):
-        here, there = _view(repo, f"q-{case}"), _view(repo, f"t-{case}")
-        for w in (here, there):
-            if case in RUNS_GIT:
-                ensure_registered(w)  # the agent's git command registers its view
-            edit(w.path)
+        here, there = _edited_views(repo, case, edit, "q", "t")
         before = (_branch_head(root, here), files_of(here.path))
         try:
             got = _commit(here, wait=False)
@@ -101,16 +123,7 @@ def test_a_quick_commit_is_the_commit_made_in_a_thread(tmp_path: Path) -> None:
             # declined with nothing changed: the branch and the files are as they were
             assert (_branch_head(root, here), files_of(here.path)) == before
             got = _commit(here, wait=True)
-        want = _commit(there, wait=True)
-        assert (got.commit is None) == (want.commit is None), case
-        assert got.dropped == want.dropped, case
-        assert [p.split(" ")[0] for p in got.planted] == [p.split(" ")[0] for p in want.planted]
-        assert [c.model_dump() for c in got.changes] == [c.model_dump() for c in want.changes]
-        assert got.parent == want.parent == here.base_commit
-        if got.commit is not None and want.commit is not None:
-            assert git(root, "rev-parse", f"{got.commit}^{{tree}}") == git(
-                root, "rev-parse", f"{want.commit}^{{tree}}"
-            )
+        _assert_same_commit(root, here, got, _commit(there, wait=True), case)
     # the cases without deletions are quick; those that delete a base file (a whiteout) not
     assert set(quick) == set(CASES) - {"in_scope", "out_of_scope", "symlink_and_file_to_dir"}
 
@@ -392,11 +405,7 @@ def test_a_commit_prepared_ahead_is_the_commit_made_at_once(tmp_path: Path) -> N
     repo = GitRepo(root)
     prepared_cases: list[str] = []
     for case, edit in sorted(CASES.items()):
-        here, there = _view(repo, f"p-{case}"), _view(repo, f"w-{case}")
-        for w in (here, there):
-            if case in RUNS_GIT:
-                ensure_registered(w)
-            edit(w.path)
+        here, there = _edited_views(repo, case, edit, "p", "w")
         before = (_branch_head(root, here), files_of(here.path))
         prepared = prepare_commit(here, write_scope=SCOPE)
         if prepared is None:
@@ -406,15 +415,8 @@ def test_a_commit_prepared_ahead_is_the_commit_made_at_once(tmp_path: Path) -> N
             prepared_cases.append(case)
             assert _branch_head(root, here) == before[0]  # no reference moved yet
         got = commit_workspace(here, message="work", write_scope=SCOPE, prepared=prepared)
-        want = _commit(there, wait=True)
-        assert (got.commit is None) == (want.commit is None), case
-        assert got.dropped == want.dropped, case
-        assert [c.model_dump() for c in got.changes] == [c.model_dump() for c in want.changes]
-        assert got.parent == want.parent == here.base_commit
-        if got.commit is not None and want.commit is not None:
-            assert git(root, "rev-parse", f"{got.commit}^{{tree}}") == git(
-                root, "rev-parse", f"{want.commit}^{{tree}}"
-            )
+        _assert_same_commit(root, here, got, _commit(there, wait=True), case)
+        if got.commit is not None:
             assert git(root, "log", "-1", "--format=%s", got.commit).strip() == "work"
     # the quick ones (see above) but for a registered view and a `.git` in the upper layer
     assert set(prepared_cases) == {"ignored_and_empty", "nothing", "only_out_of_scope"}
