@@ -775,18 +775,20 @@ class AgentRunner:
         guarded = ahead.scope if ahead is not None else self._guarded_scope(ctx, agent, records)
         refused = dict(remote_refused or {})
         work: ws_mod.WorkCommit | None = None
-        if agent.workspace is not None and Path(agent.workspace).exists():
-            work = await commit_work(
-                agent,
-                first_line(outcome.summary or agent.prompt),
-                guarded,
-                ahead.prepared if ahead is not None else None,
-            )
-            commit = work.commit or commit
-            dropped = [*work.dropped, *work.planted]
-            refused = guarded.refused
-        if ahead is not None:
-            ahead.prepared.close()  # (used, and closed, by the commit when there was one)
+        try:
+            if agent.workspace is not None and Path(agent.workspace).exists():
+                work = await commit_work(
+                    agent,
+                    first_line(outcome.summary or agent.prompt),
+                    guarded,
+                    ahead.prepared if ahead is not None else None,
+                )
+                commit = work.commit or commit
+                dropped = [*work.dropped, *work.planted]
+                refused = guarded.refused
+        finally:
+            if ahead is not None:
+                ahead.prepared.close()  # (the commit closes it too, once it has used it)
         if work is not None and work.commit is not None and work.parent == agent.base_commit:
             changes = work.changes  # the commit's own changes are those against the base
         elif commit is not None:
