@@ -67,8 +67,13 @@ class Wakeups:
         # (since, run_id) -> the newest cursor its changes were read up to, and those changes
         self._newest: dict[tuple[int, str | None], tuple[int, _Changes]] = {}
         # (since, run_id, cursor) -> the cursor its changes were last read from, and the kinds
-        # of the events read then (those after it)
-        self._fresh: dict[tuple[int, str | None, int], tuple[int, frozenset[str]]] = {}
+        # and agents of the events read then (those after it)
+        self._fresh: dict[
+            tuple[int, str | None, int], tuple[int, frozenset[str], frozenset[str]]
+        ] = {}
+        # (since, run_id) -> the cursor up to which its changed agents were looked at for a
+        # budget that ran out, and whether one had
+        self._budget_seen: dict[tuple[int, str | None], tuple[int, bool]] = {}
         # run_id -> its newest event when it was seen with no active agent
         self._quiet: dict[str, int] = {}
 
@@ -85,7 +90,7 @@ class Wakeups:
                 last if last is not None and since <= last[0] < cursor else (since, None)
             )
             pairs = self._store.changes_after(start, cursor, run_id)
-            agents = frozenset(a for a, _ in pairs if a is not None)
+            agents = fresh_agents = frozenset(a for a, _ in pairs if a is not None)
             kinds = fresh = frozenset(k for _, k in pairs)
             if before is not None:
                 agents, kinds = agents | before.agents, kinds | before.kinds
@@ -95,7 +100,7 @@ class Wakeups:
                 self._newest.clear()
                 self._fresh.clear()
             self._changes[key] = known
-            self._fresh[key] = (start, fresh)
+            self._fresh[key] = (start, fresh, fresh_agents)
             if last is None or last[0] < cursor:
                 self._newest[(since, run_id)] = (cursor, known)
         return known
@@ -169,7 +174,7 @@ class Wakeups:
         if wake_on is WakeOn.FINISHED and kinds & FINAL_KINDS:
             return True
         if unsettled_at is not None and since < unsettled_at < cursor:
-            start, fresh = self._fresh.get((since, run_id, cursor), (None, None))
+            start, fresh, _ = self._fresh.get((since, run_id, cursor), (None, None, None))
             if start == unsettled_at and fresh is not None and fresh <= _NEUTRAL_KINDS:
                 return False
         return await self.settled(run_id, cursor)
@@ -186,22 +191,30 @@ class Wakeups:
         )
 
     def _budget_ran_out(self, since: int, run_id: str | None, cursor: int) -> bool:
-        changed = self.changes(since, run_id, cursor).agents
-        # the changed agents' records in the runs' snapshots at this cursor (shared with
-        # `settled`, read once per cursor), looked up by id: not one query per changed agent,
-        # nor a pass over every agent, at every event
-        runs = (
-            [run_id]
-            if run_id is not None
-            else [run.run_id for run in self._store.runs_snapshot(None, cursor)]
+        """Whether an agent changed after `since` (up to `cursor`) stopped because the budget
+        ran out. Such a stop is final, and a poll asks at every event: asked again at a later
+        cursor, only the agents changed since the last look are looked at (their records as
+        stored now, which still show it), not every changed agent again."""
+        key = (since, run_id)
+        last = self._budget_seen.get(key)
+        start = since
+        if last is not None and since <= last[0] <= cursor:
+            if last[1] or last[0] == cursor:
+                return last[1]
+            start = last[0]
+        fresh_from, _, fresh_agents = self._fresh.get((since, run_id, cursor), (None, None, None))
+        if fresh_from == start and fresh_agents is not None:
+            looked = fresh_agents  # what `changes` just read after the last look
+        else:
+            looked = frozenset(
+                a for a, _ in self._store.changes_after(start, cursor, run_id) if a is not None
+            )
+        ran_out = any(
+            (agent := self._store.agent(agent_id)) is not None
+            and agent.stop_reason is StopReason.BUDGET_EXHAUSTED
+            for agent_id in sorted(looked)
         )
-        for run in runs:
-            last = self._store.last_change(run, cursor)
-            if last is not None and last <= since:
-                continue  # no event of the run after `since`: none of its agents changed
-            records = self._store.agents_snapshot_by_id(run, cursor)
-            for agent_id in changed:
-                agent = records.get(agent_id)
-                if agent is not None and agent.stop_reason is StopReason.BUDGET_EXHAUSTED:
-                    return True
-        return False
+        if len(self._budget_seen) >= _KEPT:
+            self._budget_seen.clear()
+        self._budget_seen[key] = (cursor, ran_out)
+        return ran_out

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from itertools import product
 from pathlib import Path
+from typing import Any
 
 import anyio
+import pytest
 
 from orchestration.attention import WakeOn, run_attention
 from orchestration.contracts import AgentStatus, StopReason
@@ -174,4 +176,42 @@ def test_turns_and_starts_after_an_unsettled_look_do_not_read_the_agents_again(
         lambda: wakeups.wakes(since, "r1", WakeOn.SETTLED, store.cursor(), unsettled_at=since + 1)
     )
     assert len(looked) == 4
+    store.close()
+
+
+def test_a_budget_that_ran_out_is_looked_for_in_the_new_events_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a poll's cursor moves over agents finishing one by one, whether an agent's budget
+    ran out is answered as a fresh look at every agent changed since the poll began would,
+    and each step looks at the agents of its new events only."""
+    store = StateStore(tmp_path)
+    store.create_run(_run(), [_agent(f"a{n}", index=n) for n in range(1, 9)])
+    for n in range(1, 9):
+        store.apply(f"a{n}", EventKind.RUNNING, status=AgentStatus.RUNNING)
+    since = store.cursor()
+    wakeups = _wakeups(store)
+    looked: list[str] = []
+    agent = store.agent
+
+    def counted(agent_id: str) -> Any:
+        looked.append(agent_id)
+        return agent(agent_id)
+
+    monkeypatch.setattr(store, "agent", counted)
+    for n in range(1, 9):
+        out = n == 6
+        store.mark_final(
+            f"a{n}",
+            AgentStatus.FAILED if out else AgentStatus.SUCCEEDED,
+            "done",
+            stop_reason=StopReason.BUDGET_EXHAUSTED if out else StopReason.FINISHED,
+            reason=None,
+        )
+        cursor = store.cursor()
+        looked.clear()
+        got = anyio.run(wakeups.wakes, since, "r1", WakeOn.SETTLED, cursor)
+        assert looked == ([] if n > 6 else [f"a{n}"]), n  # (once found, it stays so)
+        assert got == anyio.run(_wakeups(store).wakes, since, "r1", WakeOn.SETTLED, cursor), n
+        assert got == (n >= 6), n
     store.close()
