@@ -155,11 +155,6 @@ def new_agents(
     ]
 
 
-def paths_at(repo: ws_mod.GitRepo, commit: str) -> list[str]:
-    """Every path of the tree at `commit`."""
-    return repo.paths_at(commit)
-
-
 def shared_snapshot(
     repo: ws_mod.GitRepo,
     base: str,
@@ -168,7 +163,7 @@ def shared_snapshot(
     files: list[str],
 ) -> tuple[SharedSnapshot, list[str]]:
     """The run's shared context, and the paths at the base (for the shared prefix)."""
-    paths = paths_at(repo, base)
+    paths = repo.paths_at(base)
     shared_files: list[SharedFile] = []
     for path in files:
         found = repo.blob_at(base, path)
@@ -206,7 +201,7 @@ async def run_prefix(ctx: RepoContext, run: RunRecord) -> str:
         async with ctx.prefix_lock:  # agents of a run (rerun, restart) list the base once
             prefix = ctx.prefixes.get(run.run_id)
             if prefix is None:
-                paths = await anyio.to_thread.run_sync(paths_at, ctx.repo, run.base_commit)
+                paths = await anyio.to_thread.run_sync(ctx.repo.paths_at, run.base_commit)
                 prefix = ctx.prefixes[run.run_id] = shared_prefix(run.shared, paths)
     return prefix
 

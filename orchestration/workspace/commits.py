@@ -32,6 +32,7 @@ from orchestration.workspace.pinning import (
     secure_workspace_git,
 )
 from toolbus.fileops import remove_partial_writes
+from toolbus.gitcmd import Pinned
 from toolbus.resources import WriteScope
 
 
@@ -100,27 +101,12 @@ def commit_workspace(
             if opened is not None:
                 opened.free()
             raise
-        ref = ws.branch_ref if ws.branch else "HEAD"  # the agent's branch, even if it moved HEAD
         pyrepo = opened if opened is not None else open_workspace_repo(pinned)
         try:
-            try:
-                head = pyrepo.revparse_single(ref).peel(pygit2.Commit)
-            except (KeyError, ValueError, pygit2.GitError) as exc:
-                where = pinned.work_tree
-                raise RepositoryError(
-                    f"{ref} of the workspace {where} names no commit: {exc}"
-                ) from exc
-            parent = str(head.id)
-            job = CommitJob(
-                pyrepo=pyrepo,
-                pinned=pinned,
-                ref=ref,
-                head=head,
-                base=ws.base_commit or parent,
-                write_scope=write_scope,
-                message=message,
-                author=author,
+            job = _commit_job(
+                ws, pyrepo, pinned, write_scope=write_scope, message=message, author=author
             )
+            parent = str(job.head.id)
             if layers is not None:
                 # a view's index is in its registration: one not registered gets its index
                 # from the branch when it is
@@ -134,6 +120,36 @@ def commit_workspace(
     if done is None:
         raise RepositoryError(f"no git engine committed the work of the workspace {ws.path}")
     return done.model_copy(update={"planted": planted, "parent": parent})
+
+
+def _commit_job(
+    ws: Workspace,
+    pyrepo: pygit2.Repository,
+    pinned: Pinned,
+    *,
+    write_scope: WriteScope,
+    message: str,
+    author: Identity,
+) -> CommitJob:
+    """The job of committing the workspace's work through `pyrepo`: on its branch, even if the
+    agent moved HEAD (HEAD for a workspace without one), on top of its head as it stands."""
+    ref = ws.branch_ref if ws.branch else "HEAD"
+    try:
+        head = pyrepo.revparse_single(ref).peel(pygit2.Commit)
+    except (KeyError, ValueError, pygit2.GitError) as exc:
+        raise RepositoryError(
+            f"{ref} of the workspace {pinned.work_tree} names no commit: {exc}"
+        ) from exc
+    return CommitJob(
+        pyrepo=pyrepo,
+        pinned=pinned,
+        ref=ref,
+        head=head,
+        base=ws.base_commit or str(head.id),
+        write_scope=write_scope,
+        message=message,
+        author=author,
+    )
 
 
 def clear_partial_writes(ws: Workspace) -> list[str]:
@@ -206,16 +222,8 @@ def prepare_commit(
                 planted = secure_workspace_git(
                     pinned, upper=layers / "upper", gitfile=False, listing=listing
                 )
-                head = pyrepo.revparse_single(ws.branch_ref).peel(pygit2.Commit)
-                job = CommitJob(
-                    pyrepo=pyrepo,
-                    pinned=pinned,
-                    ref=ws.branch_ref,
-                    head=head,
-                    base=ws.base_commit or str(head.id),
-                    write_scope=write_scope,
-                    message="",
-                    author=author,
+                job = _commit_job(
+                    ws, pyrepo, pinned, write_scope=write_scope, message="", author=author
                 )
                 made = view_tree(job, layers, listing)
             except BaseException:

@@ -169,7 +169,7 @@ class GitRepo:
         except OSError:
             return None
         try:
-            pyrepo = pygit2.Repository(str(self._root))
+            pyrepo = self.open()
         except pygit2.GitError:
             return None
         try:

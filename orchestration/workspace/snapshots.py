@@ -90,7 +90,7 @@ def _pinned_in_process(repo: GitRepo, ref: str, base: str, message: str) -> bool
     same `core.logAllRefUpdates` rule), without starting a git process: only where git would
     run no hook for it (a `reference-transaction` hook). False, nothing made: git makes it."""
     try:
-        pyrepo = pygit2.Repository(str(repo.root))
+        pyrepo = repo.open()
     except pygit2.GitError:
         return False
     try:
