@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -83,16 +83,19 @@ def _branch_head(root: Path, ws: Workspace) -> str:
     return git(root, "rev-parse", ws.branch_ref).strip()
 
 
-def _edited_views(
-    repo: GitRepo, case: str, edit: Callable[[Path], object], here: str, there: str
-) -> tuple[Workspace, Workspace]:
-    """Two views of the repository with the same edit of `case`."""
-    views = _view(repo, f"{here}-{case}"), _view(repo, f"{there}-{case}")
-    for w in views:
-        if case in RUNS_GIT:
-            ensure_registered(w)  # the agent's git command registers its view
-        edit(w.path)
-    return views
+def _edited_cases(
+    root: Path, here: str, there: str
+) -> Iterator[tuple[str, Workspace, Workspace, tuple[str, dict[str, tuple[int, str]]]]]:
+    """For each case: two views of the repository at `root` with the same edit of it, and the
+    first one's branch head and files before anything commits it."""
+    repo = GitRepo(root)
+    for case, edit in sorted(CASES.items()):
+        views = _view(repo, f"{here}-{case}"), _view(repo, f"{there}-{case}")
+        for w in views:
+            if case in RUNS_GIT:
+                ensure_registered(w)  # the agent's git command registers its view
+            edit(w.path)
+        yield case, *views, (_branch_head(root, views[0]), files_of(views[0].path))
 
 
 def _assert_same_commit(
@@ -111,11 +114,8 @@ def _assert_same_commit(
 
 def test_a_quick_commit_is_the_commit_made_in_a_thread(tmp_path: Path) -> None:
     root = make_repo(tmp_path / "r", BASE_FILES)
-    repo = GitRepo(root)
     quick: list[str] = []
-    for case, edit in sorted(CASES.items()):
-        here, there = _edited_views(repo, case, edit, "q", "t")
-        before = (_branch_head(root, here), files_of(here.path))
+    for case, here, there, before in _edited_cases(root, "q", "t"):
         try:
             got = _commit(here, wait=False)
             quick.append(case)
@@ -402,11 +402,8 @@ def test_the_commit_git_dir_is_made_once_by_racing_threads(tmp_path: Path) -> No
 
 def test_a_commit_prepared_ahead_is_the_commit_made_at_once(tmp_path: Path) -> None:
     root = make_repo(tmp_path / "r", BASE_FILES)
-    repo = GitRepo(root)
     prepared_cases: list[str] = []
-    for case, edit in sorted(CASES.items()):
-        here, there = _edited_views(repo, case, edit, "p", "w")
-        before = (_branch_head(root, here), files_of(here.path))
+    for case, here, there, before in _edited_cases(root, "p", "w"):
         prepared = prepare_commit(here, write_scope=SCOPE)
         if prepared is None:
             # declined with nothing changed
