@@ -189,6 +189,9 @@ class AgentLoop:
     # the burst of other agents' requests and before the answer; not if the answer comes
     # first. It must be quick, and may fail: that is logged, and nothing else happens.
     while_waiting: Callable[[], None] | None = None
+    # Whether a loop that ends (not by an exception) leaves its last turn's record to its
+    # owner (`take_last_turn`), who records it in the same step as the agent's final state.
+    owner_records_last_turn: bool = False
     # the size of `messages` serialized, and how many of them it counts
     _message_chars: int = field(default=0, init=False, repr=False)
     _counted: int = field(default=0, init=False, repr=False)
@@ -223,10 +226,25 @@ class AgentLoop:
             self.transcript.append("system", {"prefix_chars": len(self.system_prefix)})
             self.transcript.append("task", self.system_task)
             self._add(Message(role="user", content=[TextBlock(text=FIRST_MESSAGE)]))
+        ended = False
         try:
-            return await self._turns()
+            outcome = await self._turns()
+            ended = True
+            return outcome
         finally:
-            self._record_turn()  # a turn whose record waited for the next request
+            if not (ended and self.owner_records_last_turn):
+                self._record_turn()  # a turn whose record waited for the next request
+
+    def take_last_turn(self) -> tuple[int, int] | None:
+        """(reservation, tokens used) of the loop's last turn when its record was left to the
+        owner (`owner_records_last_turn`), which records it with the agent's final state;
+        None when none waits. Taken once."""
+        last, self._unrecorded = self._unrecorded, None
+        return last
+
+    def record_last_turn(self) -> None:
+        """Record the loop's last turn if its record still waits (see `take_last_turn`)."""
+        self._record_turn()
 
     def _record_turn(self) -> None:
         """Record the last turn and settle its reservation (`on_turn`), if not done yet."""

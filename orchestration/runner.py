@@ -60,7 +60,7 @@ from orchestration.records import (
 )
 from orchestration.registry import AgentRegistry, AgentRuntime, CommitAhead, LeaseFence
 from orchestration.retry import RetryPolicy
-from orchestration.state import AgentRecord, RunRecord
+from orchestration.state import AgentRecord, LastTurn, RunRecord
 from toolbus.audit import AuditLog, AuditRecord
 from toolbus.bus import AgentBus, agent_tool_specs
 from toolbus.errors import LeaseLost
@@ -480,6 +480,7 @@ class AgentRunner:
             warmup=ctx.warmups.get(agent.run_id),
             cache_ttl=run.cache_ttl or "5m",
             while_waiting=partial(self.commit_ahead, ctx, runtime),
+            owner_records_last_turn=True,
         )
         loop.transcript.touch()
         runtime.loop = loop
@@ -757,6 +758,29 @@ class AgentRunner:
         """Commit the agent's work on its branch and record its result, built from facts. An
         agent that ran elsewhere committed and landed its work there: what its commit dropped
         comes with it (`remote_dropped`, `remote_refused`)."""
+        try:
+            await self._finish(
+                ctx,
+                runtime,
+                outcome,
+                status,
+                remote_dropped=remote_dropped,
+                remote_refused=remote_refused,
+            )
+        finally:
+            if runtime.loop is not None:
+                runtime.loop.record_last_turn()  # if the final state did not take it
+
+    async def _finish(
+        self,
+        ctx: RepoContext,
+        runtime: AgentRuntime,
+        outcome: LoopOutcome,
+        status: AgentStatus | None,
+        *,
+        remote_dropped: list[str] | None,
+        remote_refused: dict[str, str] | None,
+    ) -> None:
         agent = find_agent(ctx, runtime.agent_id)
         if not agent.status.active:
             return
@@ -847,19 +871,39 @@ class AgentRunner:
             commit=commit,
             branch=agent.branch,
         )
-        ctx.store.mark_final(
-            agent.agent_id,
-            status,
-            reason or outcome.stop_reason.value,
-            stop_reason=outcome.stop_reason,
-            reason=reason,
-            result=result,
-            commit=commit,
-            finished_at=self.clock.time(),
-            turns=progress.turns,
-            tokens=progress.tokens,
-            changed_files=[c.path for c in changes],
-        )
+        # the loop's last turn is recorded in the same step (one transaction, not two)
+        last = runtime.loop.take_last_turn() if runtime.loop is not None else None
+        bus = runtime.loop.bus if runtime.loop is not None else None
+        try:
+            ctx.store.mark_final(
+                agent.agent_id,
+                status,
+                reason or outcome.stop_reason.value,
+                stop_reason=outcome.stop_reason,
+                reason=reason,
+                last_turn=(
+                    LastTurn(
+                        settle=last,
+                        read_files=bus.read_paths() if bus is not None else [],
+                        turns=progress.turns,
+                        tokens=progress.tokens,
+                    )
+                    if last is not None
+                    else None
+                ),
+                result=result,
+                commit=commit,
+                finished_at=self.clock.time(),
+                turns=progress.turns,
+                tokens=progress.tokens,
+                changed_files=[c.path for c in changes],
+            )
+        except BaseException:
+            if last is not None and runtime.loop is not None:
+                self._on_turn(ctx, agent.agent_id, runtime.loop.progress, *last)
+            raise
+        if last is not None:
+            self._caps.settle(*last)
         if status != AgentStatus.SUCCEEDED and not has_work(commit, agent.base_commit):
             # nothing to merge or keep: its scope goes to whoever waits for it
             await self._registry.release_leases(ctx, agent)

@@ -258,6 +258,28 @@ class AgentChanges(FinalChanges, total=False):
     node: str | None
 
 
+@dataclass(frozen=True)
+class LastTurn:
+    """An agent's last turn, recorded with its final state (`StateStore.mark_final`): its
+    budget reservation to settle (reserved, used), the files read through its bus, and the
+    agent's turns and tokens with it."""
+
+    settle: tuple[int, int]
+    read_files: list[str]
+    turns: int
+    tokens: TokenUsage
+
+
+def _turn_changes(turns: int, tokens: TokenUsage, read_files: list[str] | None) -> AgentChanges:
+    """What recording a turn changes in the agent's record, but for its changed files."""
+    changes: AgentChanges = {"turns": turns, "tokens": tokens}
+    if read_files is not None:
+        changes["read_files"] = read_files
+    if turns == 1:
+        changes["first_input_tokens"] = tokens.input + tokens.cache_read + tokens.cache_write
+    return changes
+
+
 @functools.cache
 def host_identity() -> str:
     """This machine and PID namespace (host name, boot id and PID namespace where the system
@@ -752,15 +774,8 @@ class StateStore:
         read_files: list[str] | None = None,
     ) -> AgentRecord:
         """One model turn of the agent ended; its reservation of the budget is settled."""
-        changes: AgentChanges = {
-            "turns": turns,
-            "tokens": tokens,
-            "changed_files": changed_files,
-        }
-        if read_files is not None:
-            changes["read_files"] = read_files
-        if turns == 1:
-            changes["first_input_tokens"] = tokens.input + tokens.cache_read + tokens.cache_write
+        changes = _turn_changes(turns, tokens, read_files)
+        changes["changed_files"] = changed_files
         return self.apply(agent_id, EventKind.TURN, f"turn {turns}", settle=settle, **changes)
 
     def mark_lease_lost(self, agent_id: str, detail: str) -> AgentRecord:
@@ -779,20 +794,26 @@ class StateStore:
         *,
         stop_reason: StopReason,
         reason: str | None,
+        last_turn: LastTurn | None = None,
         **changes: Unpack[FinalChanges],
     ) -> AgentRecord:
-        """The agent's loop ended in `status` (a final status), for `stop_reason`."""
+        """The agent's loop ended in `status` (a final status), for `stop_reason`. With
+        `last_turn`, the loop's last turn is recorded in the same step, as `record_turn` would
+        (its reservation settled)."""
         if status.active:
             raise ValueError(f"mark_final: {status.value} is not a final status")
-        return self.apply(
-            agent_id,
-            EventKind.finished_as(status),
-            detail,
-            status=status,
-            stop_reason=stop_reason,
-            status_reason=reason,
+        update: AgentChanges = {
+            "status": status,
+            "stop_reason": stop_reason,
+            "status_reason": reason,
             **changes,
-        )
+        }
+        settle = None
+        if last_turn is not None:
+            turn = _turn_changes(last_turn.turns, last_turn.tokens, last_turn.read_files)
+            update = {**turn, **update}
+            settle = last_turn.settle
+        return self.apply(agent_id, EventKind.finished_as(status), detail, settle=settle, **update)
 
     def mark_conflicted(self, agent_id: str, conflicts: list[str], reason: str) -> AgentRecord:
         """The join found the agent's change conflicting with the canonical head."""
