@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 from pathlib import Path
 
 import pygit2
@@ -20,6 +21,7 @@ from orchestration.workspace.layered import (
     layer_of,
     quick_upper,
     registration_held,
+    view_commit_handle,
     view_git_dir,
     view_tree,
 )
@@ -88,23 +90,32 @@ def commit_workspace(
         # workspace's files only afterwards. A view that git never worked in is committed
         # through the repository's git dir, its work tree the view.
         opened: pygit2.Repository | None
+        shared = None
         if registered:
             pinned, opened = pin_and_open(ws.path)
         else:
             if not ws.branch:
                 raise RepositoryError(f"the view {ws.path} has no branch recorded; rerun the agent")
-            pinned, opened = pin_and_open_view(view_git_dir(ws.path), ws.path)
+            if layers is not None and listing is not None:
+                shared = view_commit_handle(ws, layers, listing)
+            pinned, opened = shared or pin_and_open_view(view_git_dir(ws.path), ws.path)
         try:
             upper = layers / "upper" if layers else None
             planted = secure_workspace_git(pinned, upper=upper, gitfile=registered, listing=listing)
         except BaseException:
-            if opened is not None:
+            if opened is not None and shared is None:
                 opened.free()
             raise
         pyrepo = opened if opened is not None else open_workspace_repo(pinned)
         try:
             job = _commit_job(
-                ws, pyrepo, pinned, write_scope=write_scope, message=message, author=author
+                ws,
+                pyrepo,
+                pinned,
+                write_scope=write_scope,
+                message=message,
+                author=author,
+                shared_handle=shared is not None,
             )
             parent = str(job.head.id)
             if layers is not None:
@@ -116,7 +127,8 @@ def commit_workspace(
             else:
                 done = engine.commit(job)
         finally:
-            pyrepo.free()
+            if shared is None:
+                pyrepo.free()
     if done is None:
         raise RepositoryError(f"no git engine committed the work of the workspace {ws.path}")
     return done.model_copy(update={"planted": planted, "parent": parent})
@@ -130,9 +142,11 @@ def _commit_job(
     write_scope: WriteScope,
     message: str,
     author: Identity,
+    shared_handle: bool = False,
 ) -> CommitJob:
     """The job of committing the workspace's work through `pyrepo`: on its branch, even if the
-    agent moved HEAD (HEAD for a workspace without one), on top of its head as it stands."""
+    agent moved HEAD (HEAD for a workspace without one), on top of its head as it stands.
+    `shared_handle`: `pyrepo` is a kept handle (`view_commit_handle`)."""
     ref = ws.branch_ref if ws.branch else "HEAD"
     try:
         head = pyrepo.revparse_single(ref).peel(pygit2.Commit)
@@ -149,6 +163,7 @@ def _commit_job(
         write_scope=write_scope,
         message=message,
         author=author,
+        shared_handle=shared_handle,
     )
 
 
@@ -163,18 +178,20 @@ def clear_partial_writes(ws: Workspace) -> list[str]:
 @dataclasses.dataclass
 class PreparedCommit:
     """A view's commit made ahead of its message (`prepare_commit`): its tree written, and the
-    handle that wrote it kept open until `finish` or `close`."""
+    handle that wrote it kept open until `finish` or `close` (a kept one, `job.shared_handle`,
+    is used only by the thread that keeps it)."""
 
     job: CommitJob
     layers: Path
     made: ViewTree
     planted: list[str]
+    thread: int = dataclasses.field(default_factory=threading.get_ident)
     _open: bool = True
 
     def finish(self, message: str) -> WorkCommit | None:
         """Commit the tree with `message`; None when the branch moved since it was made (or
-        the handle was closed), and the commit must be made anew."""
-        if not self._open:
+        the handle was closed, or is another thread's), and the commit must be made anew."""
+        if not self._open or (self.job.shared_handle and threading.get_ident() != self.thread):
             return None
         job = self.job
         try:
@@ -190,7 +207,8 @@ class PreparedCommit:
     def close(self) -> None:
         if self._open:
             self._open = False
-            self.job.pyrepo.free()
+            if not self.job.shared_handle:
+                self.job.pyrepo.free()
 
 
 _NOT_AHEAD = RULE_FILES | {".git"}
@@ -217,17 +235,25 @@ def prepare_commit(
         with registration_held(ws, wait=False) as registered:
             if registered:
                 return None
-            pinned, pyrepo = pin_and_open_view(view_git_dir(ws.path), ws.path)
+            shared = view_commit_handle(ws, layers, listing)
+            pinned, pyrepo = shared or pin_and_open_view(view_git_dir(ws.path), ws.path)
             try:
                 planted = secure_workspace_git(
                     pinned, upper=layers / "upper", gitfile=False, listing=listing
                 )
                 job = _commit_job(
-                    ws, pyrepo, pinned, write_scope=write_scope, message="", author=author
+                    ws,
+                    pyrepo,
+                    pinned,
+                    write_scope=write_scope,
+                    message="",
+                    author=author,
+                    shared_handle=shared is not None,
                 )
                 made = view_tree(job, layers, listing)
             except BaseException:
-                pyrepo.free()
+                if shared is None:
+                    pyrepo.free()
                 raise
     except WouldBlock:
         return None

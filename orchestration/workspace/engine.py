@@ -60,6 +60,10 @@ class CommitJob:
     write_scope: WriteScope
     message: str
     author: Identity
+    shared_handle: bool = False
+    """`pyrepo` is a handle kept for the quick commits of views on one base (its work tree the
+    base's checkout, `view_commit_handle`): the view's files are read by their paths under
+    `pinned.work_tree`, and the handle is never freed by the job's user."""
 
 
 class GitEngine(Protocol):

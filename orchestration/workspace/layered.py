@@ -61,10 +61,12 @@ from orchestration.workspace.git import (
     write_whole,
 )
 from orchestration.workspace.included import included_paths
-from orchestration.workspace.libgit2_git import Libgit2Git
+from orchestration.workspace.libgit2_git import Libgit2Git, common_dir
 from orchestration.workspace.pinning import (
+    RULE_FILES,
     Workspace,
     admin_dir_of,
+    commit_git_dir,
     listed_below,
     points_here,
     remove_blocking_rule_files,
@@ -313,10 +315,12 @@ def _drop_branch_handle() -> None:
 def drop_idle_branch_handle(idle_s: float) -> None:
     """Free this thread's kept handle if no branch was made through it for `idle_s`: an open
     handle keeps the pack files it read open, and a `git gc` of the repository may have
-    deleted them since. (A worker thread's goes with the thread.)"""
+    deleted them since. (A worker thread's goes with the thread.) Its kept view handles too
+    (`drop_idle_view_handles`)."""
     held = getattr(_BRANCH_HANDLES, "held", None)
     if held is not None and time.monotonic() - held[2] >= idle_s:
         _drop_branch_handle()
+    drop_idle_view_handles(idle_s)
 
 
 def _create_branch(repo: GitRepo, branch: str, base: str) -> bool:
@@ -842,7 +846,9 @@ def view_tree(job: CommitJob, layers: Path, listing: UpperListing | None = None)
     candidates = _candidates(upper, base_tree, driver, listing)
     if lower != job.base:
         candidates.update(changed_paths(pyrepo, job.base, str(tree_of(pyrepo, lower).id)))
-    changes, dropped = _view_changes(pyrepo, job.pinned, base_tree, candidates, job.write_scope)
+    changes, dropped = _view_changes(
+        pyrepo, job.pinned, base_tree, candidates, job.write_scope, shared=job.shared_handle
+    )
     tree = _apply(pyrepo, base_tree, changes)
     tree_id = str(tree) if tree is not None else str(pyrepo.TreeBuilder().write())
     return ViewTree(tree=tree_id, base_tree=base_tree, changes=changes, dropped=dropped)
@@ -967,6 +973,184 @@ def quick_upper(layers: Path, base: str) -> UpperListing | None:
     return found
 
 
+# per thread, libgit2 handles kept for the quick commits of views, one per base: opening a
+# handle and loading its configuration, ignore and attribute rules costs more than the commit
+_VIEW_HANDLES = threading.local()
+_VIEW_HANDLES_KEPT = 2
+_NOT_SHARED = RULE_FILES | {".git"}
+# the configuration a libgit2 handle reads once and keeps (the rule files' names, the
+# conversions' settings: in its attribute cache and its cached configuration); a change of
+# any of them takes a new handle
+_READ_ONCE = frozenset(
+    {
+        "core.attributesfile",
+        "core.excludesfile",
+        "core.autocrlf",
+        "core.eol",
+        "core.safecrlf",
+        "core.ignorecase",
+        "core.symlinks",
+    }
+)
+_OFF = ("false", "no", "off", "0")
+
+
+@dataclass
+class _KeptHandle:
+    handle: pygit2.Repository
+    read_once: tuple[tuple[str, str | None], ...]
+    # the attribute files libgit2 reads beyond the work tree's (the system's, the user's,
+    # `info/attributes`); None: `core.autocrlf` may convert any file
+    attribute_files: tuple[str, ...] | None
+    used: float
+
+
+def view_commit_handle(
+    ws: Workspace, layers: Path, listing: UpperListing
+) -> tuple[Pinned, pygit2.Repository] | None:
+    """A handle kept by this thread for the quick commit (`quick_upper` gave `listing`) of the
+    view `ws`, not registered: opened on `commit_git_dir`, its work tree the checkout of the
+    view's base, so that its rules are loaded once for every view on that base. None when a
+    rule libgit2 would read there may not be the view's (`_base_rules_hold`): the caller opens
+    a handle on the view itself. The handle is shared: never freed by its user; dropped by
+    `drop_idle_branch_handle`, or when this thread keeps others."""
+    if any(os.path.basename(rel).casefold() in _NOT_SHARED for rel, _ in listing):
+        return None  # (what `secure_workspace_git` may move: the view is read after that)
+    base = str(_base_dir(layers.parents[2], ws.base_commit) / "tree")
+    git_dir = view_git_dir(ws.path)
+    kept: dict[tuple[str, str], _KeptHandle] = getattr(_VIEW_HANDLES, "kept", None) or {}
+    _VIEW_HANDLES.kept = kept
+    key = (str(git_dir), base)
+    held = kept.pop(key, None)
+    names: list[str] = []
+    read_once: tuple[tuple[str, str | None], ...] = ()
+    if held is not None:
+        names, read_once = _config_of(held.handle)
+    if held is None or read_once != held.read_once:
+        handle = pygit2.Repository(
+            str(commit_git_dir(git_dir)), pygit2.enums.RepositoryOpenFlag.NO_SEARCH
+        )
+        handle.workdir = base
+        names, read_once = _config_of(handle)
+        held = _KeptHandle(handle, read_once, _attribute_files(handle, read_once), 0.0)
+        while len(kept) >= _VIEW_HANDLES_KEPT:
+            kept.pop(next(iter(kept)))  # (freed with the last object of it in use)
+    held.used = time.monotonic()
+    kept[key] = held
+    files = held.attribute_files
+    converting = files is None or any(os.path.exists(f) for f in files)
+    if not _base_rules_hold(held.handle, layers, base, listing, converting=converting):
+        return None
+    pinned = Pinned(git_dir, Path(ws.path), gitcmd.filter_overrides(names))
+    return pinned, held.handle
+
+
+def _config_of(pyrepo: pygit2.Repository) -> tuple[list[str], tuple[tuple[str, str | None], ...]]:
+    """The configuration's keys, and its entries that a handle reads once (`_READ_ONCE`)."""
+    names: list[str] = []
+    once: list[tuple[str, str | None]] = []
+    try:
+        for entry in pyrepo.config:
+            name = entry.name
+            names.append(name)
+            if name.lower() in _READ_ONCE:
+                once.append((name.lower(), entry.value))
+    except pygit2.GitError:
+        return [], (("unreadable", None),)
+    return names, tuple(once)
+
+
+def _attribute_files(
+    pyrepo: pygit2.Repository, read_once: tuple[tuple[str, str | None], ...]
+) -> tuple[str, ...] | None:
+    """The attribute files libgit2 reads beyond the work tree's, None where `core.autocrlf`
+    may convert any file (see `_KeptHandle`)."""
+    if any(k == "core.autocrlf" and (v or "").lower() not in _OFF for k, v in read_once):
+        return None
+    search = pygit2.settings.search_path
+    configured = [v for k, v in read_once if k == "core.attributesfile" and v]
+    user = [os.path.expanduser(v) for v in configured] or [
+        os.path.join(search[pygit2.enums.ConfigLevel.XDG], "attributes")
+    ]
+    system = os.path.join(search[pygit2.enums.ConfigLevel.SYSTEM], "gitattributes")
+    info = os.path.join(common_dir(pyrepo), "info", "attributes")
+    return (*user, system, info)
+
+
+def drop_idle_view_handles(idle_s: float) -> None:
+    """Forget this thread's kept view handles not used for `idle_s` (see
+    `drop_idle_branch_handle`)."""
+    kept: dict[tuple[str, str], _KeptHandle] | None = getattr(_VIEW_HANDLES, "kept", None)
+    if kept:
+        now = time.monotonic()
+        for key in [k for k, held in kept.items() if now - held.used >= idle_s]:
+            del kept[key]
+
+
+def _base_rules_hold(
+    pyrepo: pygit2.Repository,
+    layers: Path,
+    base: str,
+    listing: UpperListing,
+    *,
+    converting: bool,
+) -> bool:
+    """Whether libgit2, working in the base's checkout `base` through `pyrepo`, tells what
+    each file of the view's upper layer (`listing`, which holds no rule file) is exactly as in
+    the view, and stores its bytes as they are. The view's rule files are then its base's,
+    but where a directory above a file is a link in the base (libgit2 would read through it;
+    the view's directory is the upper layer's alone) or one of the user's ignored
+    environment laid under the view (`layers/incl`); the base must hold no directory at the
+    file's path (libgit2 would match it as one); and no conversion may apply to the file:
+    none where no attribute file exists for it (`converting`: one beyond the work tree's
+    does, or `core.autocrlf` is on), else as libgit2 tells."""
+    try:
+        laid = _laid_under(layers)
+        looked: dict[str, bool] = {}  # a directory above a file -> it has a `.gitattributes`
+        for rel, is_dir in listing:
+            if is_dir:
+                continue
+            if laid and any(is_within(rel, place) for place in laid):
+                return False
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                if stat.S_ISDIR(os.lstat(os.path.join(base, rel)).st_mode):
+                    return False
+            attributed = converting
+            above = rel
+            while True:
+                above = above.rpartition("/")[0]
+                found = looked.get(above)
+                if found is None:
+                    at = os.path.join(base, above) if above else base
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                        if above and stat.S_ISLNK(os.lstat(at).st_mode):
+                            return False
+                    found = looked[above] = os.path.lexists(os.path.join(at, ".gitattributes"))
+                attributed = attributed or found
+                if not above:
+                    break
+            if attributed and pyrepo.load_filter_list(rel) is not None:
+                return False
+    except (OSError, pygit2.GitError, ValueError):
+        return False
+    return True
+
+
+def _laid_under(layers: Path) -> list[str]:
+    """The repository paths of the user's ignored directories laid under the view."""
+    try:
+        entries = list(os.scandir(layers / "incl"))
+    except FileNotFoundError:
+        return []
+    out: list[str] = []
+    for entry in entries:
+        rel = read_record(os.path.join(entry.path, "path"))
+        if rel is None:
+            raise ValueError(f"{entry.path} names no path")
+        out.append(rel)
+    return out
+
+
 def _candidates(
     upper: Path, base_tree: pygit2.Tree, driver: str, listing: UpperListing | None = None
 ) -> set[str]:
@@ -1046,9 +1230,12 @@ def _view_changes(
     base_tree: pygit2.Tree,
     candidates: set[str],
     scope: WriteScope,
+    *,
+    shared: bool = False,
 ) -> tuple[dict[str, tuple[str, int] | None], list[str]]:
     """What each candidate path is in the view (a blob and mode, or None: absent), for those
-    that differ from the base and lie in scope; and the out-of-scope ones that differ."""
+    that differ from the base and lie in scope; and the out-of-scope ones that differ.
+    `shared`: `pyrepo` is a kept handle on the view's base (`view_commit_handle`)."""
     root = pinned.work_tree
     gitlinks = _gitlinks_of(base_tree, candidates)
     wanted: dict[str, int] = {}
@@ -1086,7 +1273,7 @@ def _view_changes(
         else:
             mode = int(base_entry.filemode) if base_entry is not None else int(_BLOB)
         wanted[rel] = mode
-    blobs = _hash(pyrepo, pinned, base_tree, sorted(wanted))
+    blobs = _hash(pyrepo, pinned, base_tree, sorted(wanted), shared=shared)
     changes: dict[str, tuple[str, int] | None] = {}
     dropped: list[str] = []
     for rel, mode in wanted.items():
@@ -1156,12 +1343,18 @@ def _ignored(pyrepo: pygit2.Repository, pinned: Pinned, rel: str) -> bool:
 
 
 def _hash(
-    pyrepo: pygit2.Repository, pinned: Pinned, base_tree: pygit2.Tree, paths: list[str]
+    pyrepo: pygit2.Repository,
+    pinned: Pinned,
+    base_tree: pygit2.Tree,
+    paths: list[str],
+    *,
+    shared: bool = False,
 ) -> dict[str, str]:
     """Blob ids of the view's files as git's `hash-object` stores them, under the attributes
     of the view's own files (their conversions applied): in-process where libgit2 converts as
     git does and reads the same rules (`_same_rules`), else by pinned git. A symbolic link's
-    blob is its target."""
+    blob is its target. `shared`: `pyrepo` is a kept handle on the view's base, for whose
+    files no conversion applies (`view_commit_handle`): their bytes are stored as they are."""
     out: dict[str, str] = {}
     files: list[str] = []
     for rel in paths:
@@ -1175,10 +1368,15 @@ def _hash(
     # (the pinned configuration turns off each filter driver the repository's configuration
     # names: none there, none to read again)
     drivers = bool(pinned.config)
-    if _LIBGIT2.accepts(pyrepo, base_tree, filter_drivers=drivers) and _same_rules(
-        pyrepo, pinned.work_tree, files
-    ):
+    if _LIBGIT2.accepts(
+        pyrepo, base_tree, filter_drivers=drivers, work_tree=pinned.work_tree
+    ) and _same_rules(pyrepo, pinned.work_tree, files):
         try:
+            if shared:
+                root = pinned.work_tree
+                return out | {
+                    rel: str(pyrepo.create_blob_fromdisk(str(root / rel))) for rel in files
+                }
             return out | {rel: str(pyrepo.create_blob_fromworkdir(rel)) for rel in files}
         except (pygit2.GitError, OSError, ValueError) as exc:
             log.info("in-process hashing in %s failed (%s); git hashes it", pinned.work_tree, exc)

@@ -97,12 +97,18 @@ class Libgit2Git:
         self._facts = _TreeFacts()
 
     def accepts(
-        self, pyrepo: pygit2.Repository, tree: pygit2.Tree, *, filter_drivers: bool | None = None
+        self,
+        pyrepo: pygit2.Repository,
+        tree: pygit2.Tree,
+        *,
+        filter_drivers: bool | None = None,
+        work_tree: Path | None = None,
     ) -> bool:
         """Whether libgit2 checks out and stages `tree`'s files exactly as git would. The
         configuration and hooks are read every time; the tree's attributes once per tree.
         `filter_drivers`: whether the configuration names a filter driver, when the caller
-        has just read its keys (None: they are read here)."""
+        has just read its keys (None: they are read here). `work_tree`: where git would work,
+        when not the handle's work tree."""
         try:
             config = pyrepo.config
             if filter_drivers is None:
@@ -117,8 +123,9 @@ class Libgit2Git:
                     text = Path(os.path.expanduser(attributes_file)).read_bytes()
                     if _NOT_IN_PROCESS_ATTRIBUTE.encode() in text:
                         return False
-            if pyrepo.workdir and has_hook(
-                config, Path(pyrepo.workdir), common_dir(pyrepo), "reference-transaction"
+            root = work_tree or (Path(pyrepo.workdir) if pyrepo.workdir else None)
+            if root is not None and has_hook(
+                config, root, common_dir(pyrepo), "reference-transaction"
             ):
                 return False
             return self._facts.of(pyrepo, tree)[0]

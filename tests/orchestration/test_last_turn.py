@@ -10,7 +10,13 @@ import pytest
 
 from orchestration.agent import usage_to_tokens
 from orchestration.contracts import AgentStatus, SpawnRequest, TaskSpec
-from orchestration.model import ModelRequest, ModelResponse, ToolUseBlock, Usage
+from orchestration.model import (
+    ModelRequest,
+    ModelResponse,
+    ResponseBlock,
+    ToolUseBlock,
+    Usage,
+)
 from orchestration.orchestrator import Orchestrator
 from orchestration.providers.function import FunctionModel
 from orchestration.state import StateStore
@@ -27,7 +33,9 @@ def _reads_then_finishes(turns: int) -> FunctionModel:
 
     async def reply(request: ModelRequest) -> ModelResponse:
         n = turn_index(request)
-        uses = [ToolUseBlock(id=f"toolu_{n}_r", name="read_file", input={"path": "README.md"})]
+        uses: list[ResponseBlock] = [
+            ToolUseBlock(id=f"toolu_{n}_r", name="read_file", input={"path": "README.md"})
+        ]
         if n == turns - 1:
             uses.append(ToolUseBlock(id=f"toolu_{n}_f", name="finish", input={"summary": "ok"}))
         return ModelResponse(content=uses, stop_reason="tool_use", usage=USAGE, model="m")
