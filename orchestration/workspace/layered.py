@@ -98,17 +98,28 @@ def layer_dir(state_dir: Path, run_id: str, agent_id: str) -> Path:
     return state_dir / "layers" / run_id / agent_id
 
 
+# a view's path -> its layers and their upper layer's path: every step of an agent asks
+_LAYERS_OF: dict[str, tuple[Path, str] | None] = {}
+_LAYERS_KNOWN = 4096
+
+
 def layer_of(ws: Workspace) -> Path | None:
     """The layers of the view at `ws.path`, None when the workspace is a plain worktree."""
-    path = Path(ws.path)
-    if len(path.parents) < 3:
-        return None
-    # <state dir>/worktrees/<run>/<agent> -> <state dir>/layers/<run>/<agent>, as strings: every
-    # step of an agent asks this
-    agent_dir, agent = os.path.split(str(path))
-    runs_dir, run = os.path.split(agent_dir)
-    layers = os.path.join(os.path.dirname(runs_dir), "layers", run, agent)
-    return Path(layers) if os.path.isdir(os.path.join(layers, "upper")) else None
+    key = str(ws.path)
+    try:
+        known = _LAYERS_OF[key]
+    except KeyError:
+        known = None
+        if len(ws.path.parents) >= 3:
+            # <state dir>/worktrees/<run>/<agent> -> <state dir>/layers/<run>/<agent>
+            agent_dir, agent = os.path.split(key)
+            runs_dir, run = os.path.split(agent_dir)
+            layers = os.path.join(os.path.dirname(runs_dir), "layers", run, agent)
+            known = (Path(layers), os.path.join(layers, "upper"))
+        if len(_LAYERS_OF) >= _LAYERS_KNOWN:
+            _LAYERS_OF.clear()
+        _LAYERS_OF[key] = known
+    return known[0] if known is not None and os.path.isdir(known[1]) else None
 
 
 def quick_files(ws: Workspace) -> bool:
@@ -374,11 +385,12 @@ def view_admin_dir(ws: Workspace) -> Path | None:
     """The admin dir of the view `ws` when it is registered as a git worktree, else None; for a
     worktree, its admin dir (`admin_dir_of`). A view's registration is under one of the two
     names `ensure_registered` gives it, so only those are looked at."""
-    path = Path(ws.path)
+    path = ws.path
     if layer_of(ws) is None:
         return admin_dir_of(path)
     git_dir = view_git_dir(path)
-    names = [name for name in _admin_names(path) if (git_dir / "worktrees" / name).is_dir()]
+    worktrees = os.path.join(git_dir, "worktrees")
+    names = [name for name in _admin_names(path) if os.path.isdir(os.path.join(worktrees, name))]
     if not names:
         return None  # most views are never registered: no path is resolved for them
     admins = Path(os.path.realpath(git_dir)) / "worktrees"
@@ -454,7 +466,7 @@ def registration_held(ws: Workspace, *, wait: bool = True) -> Generator[bool]:
 @contextlib.contextmanager
 def _registration_lock(ws: Workspace, *, wait: bool = True) -> Generator[None]:
     # striped by the view's run and agent ids, which every spelling of its path ends in
-    path = Path(ws.path)
+    path = ws.path
     lock = _REGISTERING[hash((path.parent.name, path.name)) % len(_REGISTERING)]
     if not lock.acquire(blocking=wait):
         raise WouldBlock(f"the view {ws.path} is being registered")
@@ -935,15 +947,18 @@ def quick_upper(layers: Path, base: str) -> UpperListing | None:
     repository's view never commits quickly (`QUICK_COMMIT_INDEX_BYTES`)."""
     if _driver_of(layers) != overlay.OVERLAY or _lower_of(layers) != base:
         return None
-    base_index = _base_dir(layers.parents[2], base) / "index"  # (layers/<run>/<agent>)
+    top = str(layers)
+    state_dir = os.path.dirname(os.path.dirname(os.path.dirname(top)))  # (layers/<run>/<agent>)
     try:
-        if os.stat(base_index).st_size > QUICK_COMMIT_INDEX_BYTES:
+        if os.stat(os.path.join(state_dir, "bases", base, "index")).st_size > (
+            QUICK_COMMIT_INDEX_BYTES
+        ):
             return None
     except OSError:
         return None
     found: UpperListing = []
     size = 0
-    stack = [(str(layers / "upper"), "")]
+    stack = [(os.path.join(top, "upper"), "")]
     while stack:
         where, prefix = stack.pop()
         try:
@@ -960,7 +975,7 @@ def quick_upper(layers: Path, base: str) -> UpperListing | None:
                     return None
                 rel = prefix + entry.name
                 if stat.S_ISDIR(st.st_mode):
-                    if overlay.is_opaque(Path(entry.path), overlay.OVERLAY):
+                    if overlay.is_opaque(entry.path, overlay.OVERLAY):
                         return None
                     stack.append((entry.path, rel + "/"))
                 elif stat.S_ISREG(st.st_mode):
@@ -1016,7 +1031,9 @@ def view_commit_handle(
     `drop_idle_branch_handle`, or when this thread keeps others."""
     if any(os.path.basename(rel).casefold() in _NOT_SHARED for rel, _ in listing):
         return None  # (what `secure_workspace_git` may move: the view is read after that)
-    base = str(_base_dir(layers.parents[2], ws.base_commit) / "tree")
+    top = str(layers)  # (<state dir>/layers/<run>/<agent>)
+    state_dir = os.path.dirname(os.path.dirname(os.path.dirname(top)))
+    base = os.path.join(state_dir, "bases", ws.base_commit, "tree")
     git_dir = view_git_dir(ws.path)
     kept: dict[tuple[str, str], _KeptHandle] = getattr(_VIEW_HANDLES, "kept", None) or {}
     _VIEW_HANDLES.kept = kept
@@ -1326,7 +1343,8 @@ def _file_mode_trusted(pyrepo: pygit2.Repository) -> bool:
 def _ignored(pyrepo: pygit2.Repository, pinned: Pinned, rel: str) -> bool:
     """Whether git ignores the view's path `rel`. Git reads no `.gitignore` through a link,
     and libgit2 follows one: under such a link, pinned git decides."""
-    if any(os.path.islink(pinned.work_tree / p) for p in _rule_files_above(rel, ".gitignore")):
+    root = str(pinned.work_tree)
+    if any(os.path.islink(os.path.join(root, p)) for p in _rule_files_above(rel, ".gitignore")):
         done = gitcmd.run(
             pinned.work_tree, ["check-ignore", "-q", "--no-index", "--", rel], pinned=pinned
         )
@@ -1411,9 +1429,10 @@ def _same_rules(pyrepo: pygit2.Repository, root: Path, files: Sequence[str]) -> 
     except pygit2.GitError:
         return False
     rule_files = {p for rel in files for p in _rule_files_above(rel, ".gitattributes")}
+    top = str(root)
     for name in sorted(rule_files):
         try:
-            st: os.stat_result | None = os.lstat(root / name)
+            st: os.stat_result | None = os.lstat(os.path.join(top, name))
         except OSError:
             st = None
         if st is not None and not stat.S_ISREG(st.st_mode):

@@ -75,11 +75,22 @@ class _TreeFacts:
         return ok, files
 
 
+# a git dir -> its repository's own: a worktree's `commondir` names it once, made whole
+_COMMON_DIRS: dict[str, Path] = {}
+
+
 def common_dir(pyrepo: pygit2.Repository) -> Path:
     """The repository's own git dir: a worktree's git dir names it in `commondir`."""
     git_dir = pyrepo.path
-    common = read_record(os.path.join(git_dir, "commondir"), "utf-8", 65536)
-    return Path(git_dir) / (common or ".")
+    known = _COMMON_DIRS.get(git_dir)
+    if known is None:
+        common = read_record(os.path.join(git_dir, "commondir"), "utf-8", 65536)
+        known = Path(git_dir) / (common or ".")
+        if common is not None:  # (a git dir with none may become a worktree's: looked at again)
+            if len(_COMMON_DIRS) >= 4096:
+                _COMMON_DIRS.clear()
+            _COMMON_DIRS[git_dir] = known
+    return known
 
 
 def _object_store(pyrepo: pygit2.Repository) -> tuple[int, int]:

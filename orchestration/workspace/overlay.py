@@ -272,14 +272,14 @@ Only its layers hold them as marks: it refuses such names through its mount, whi
 kernel's overlayfs takes them as ordinary names (its marks are devices and attributes)."""
 
 
-def is_opaque(path: Path, driver: str) -> bool:
+def is_opaque(path: Path | str, driver: str) -> bool:
     """A directory of an upper layer of `driver` that hides what the lower layers hold
     under it."""
     for name in OPAQUE_XATTRS:
         with contextlib.suppress(OSError):
             if os.getxattr(path, name, follow_symlinks=False) == b"y":
                 return True
-    return driver == FUSE and os.path.lexists(path / OPAQUE_MARK)
+    return driver == FUSE and os.path.lexists(os.path.join(path, OPAQUE_MARK))
 
 
 def remove_layer(path: Path) -> None:
