@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import threading
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from orchestration.workspace.engine import CommitJob, GitEngine, WorkCommit, Wou
 from orchestration.workspace.engines import DEFAULT_ENGINE
 from orchestration.workspace.git import FANOUT_IDENTITY, Identity
 from orchestration.workspace.layered import (
+    UpperListing,
     ViewTree,
     commit_view,
     ensure_mounted,
@@ -26,8 +26,8 @@ from orchestration.workspace.layered import (
     view_tree,
 )
 from orchestration.workspace.pinning import (
-    RULE_FILES,
     Workspace,
+    lists_secured,
     open_workspace_repo,
     pin_and_open,
     pin_and_open_view,
@@ -90,21 +90,19 @@ def commit_workspace(
         # workspace's files only afterwards. A view that git never worked in is committed
         # through the repository's git dir, its work tree the view.
         opened: pygit2.Repository | None
-        shared = None
+        shared = False
         if registered:
             pinned, opened = pin_and_open(ws.path)
         else:
             if not ws.branch:
                 raise RepositoryError(f"the view {ws.path} has no branch recorded; rerun the agent")
-            if layers is not None and listing is not None:
-                shared = view_commit_handle(ws, layers, listing)
-            pinned, opened = shared or pin_and_open_view(view_git_dir(ws.path), ws.path)
+            pinned, opened, shared = _open_view(ws, layers, listing)
         try:
             upper = layers / "upper" if layers else None
             planted = secure_workspace_git(pinned, upper=upper, gitfile=registered, listing=listing)
         except BaseException:
-            if opened is not None and shared is None:
-                opened.free()
+            if opened is not None:
+                _release(opened, shared)
             raise
         pyrepo = opened if opened is not None else open_workspace_repo(pinned)
         try:
@@ -115,7 +113,7 @@ def commit_workspace(
                 write_scope=write_scope,
                 message=message,
                 author=author,
-                shared_handle=shared is not None,
+                shared_handle=shared,
             )
             parent = str(job.head.id)
             if layers is not None:
@@ -127,11 +125,29 @@ def commit_workspace(
             else:
                 done = engine.commit(job)
         finally:
-            if shared is None:
-                pyrepo.free()
+            _release(pyrepo, shared)
     if done is None:
         raise RepositoryError(f"no git engine committed the work of the workspace {ws.path}")
     return done.model_copy(update={"planted": planted, "parent": parent})
+
+
+def _open_view(
+    ws: Workspace, layers: Path | None, listing: UpperListing | None
+) -> tuple[Pinned, pygit2.Repository, bool]:
+    """The pinned git and the libgit2 handle a view not registered is committed through, and
+    whether that handle is its base's kept one (`view_commit_handle`, for a quick commit:
+    `listing`), never freed by its user; else one opened on the view."""
+    if layers is not None and listing is not None:
+        kept = view_commit_handle(ws, layers, listing)
+        if kept is not None:
+            return (*kept, True)
+    return (*pin_and_open_view(view_git_dir(ws.path), ws.path), False)
+
+
+def _release(pyrepo: pygit2.Repository, shared: bool) -> None:
+    """Free a handle opened for one commit; a base's kept one stays (`_open_view`)."""
+    if not shared:
+        pyrepo.free()
 
 
 def _commit_job(
@@ -207,11 +223,7 @@ class PreparedCommit:
     def close(self) -> None:
         if self._open:
             self._open = False
-            if not self.job.shared_handle:
-                self.job.pyrepo.free()
-
-
-_NOT_AHEAD = RULE_FILES | {".git"}
+            _release(self.job.pyrepo, self.job.shared_handle)
 
 
 def prepare_commit(
@@ -222,21 +234,20 @@ def prepare_commit(
     commit object to make once the message is known, if the view is unchanged by then (its
     caller knows; the branch it checks). Only where the commit is quick (`quick_upper`), in a
     view not registered as a git worktree, whose upper layer holds neither a `.git` nor a rule
-    file (`RULE_FILES`: what `secure_workspace_git` may move or remove); else None, and
+    file (`lists_secured`: what `secure_workspace_git` may move or remove); else None, and
     nothing is done."""
     layers = layer_of(ws)
     if layers is None or not ws.branch:
         return None
     listing = quick_upper(layers, ws.base_commit)
-    if listing is None or any(os.path.basename(rel).casefold() in _NOT_AHEAD for rel, _ in listing):
+    if listing is None or lists_secured(listing):
         return None
     ensure_mounted(ws)
     try:
         with registration_held(ws, wait=False) as registered:
             if registered:
                 return None
-            shared = view_commit_handle(ws, layers, listing)
-            pinned, pyrepo = shared or pin_and_open_view(view_git_dir(ws.path), ws.path)
+            pinned, pyrepo, shared = _open_view(ws, layers, listing)
             try:
                 planted = secure_workspace_git(
                     pinned, upper=layers / "upper", gitfile=False, listing=listing
@@ -248,12 +259,11 @@ def prepare_commit(
                     write_scope=write_scope,
                     message="",
                     author=author,
-                    shared_handle=shared is not None,
+                    shared_handle=shared,
                 )
                 made = view_tree(job, layers, listing)
             except BaseException:
-                if shared is None:
-                    pyrepo.free()
+                _release(pyrepo, shared)
                 raise
     except WouldBlock:
         return None

@@ -63,11 +63,11 @@ from orchestration.workspace.git import (
 from orchestration.workspace.included import included_paths
 from orchestration.workspace.libgit2_git import Libgit2Git, common_dir
 from orchestration.workspace.pinning import (
-    RULE_FILES,
     Workspace,
     admin_dir_of,
     commit_git_dir,
     listed_below,
+    lists_secured,
     points_here,
     remove_blocking_rule_files,
     secure_workspace_git,
@@ -133,6 +133,13 @@ def quick_files(ws: Workspace) -> bool:
 
 def _base_dir(state_dir: Path, commit: str) -> Path:
     return state_dir / "bases" / commit
+
+
+def _in_base(layers: Path, commit: str, name: str) -> str:
+    """`_base_dir(<state dir>, commit) / name` for the view whose layers are `layers`
+    (`<state dir>/layers/<run>/<agent>`), joined as strings: a quick commit asks it."""
+    state_dir = os.path.dirname(os.path.dirname(os.path.dirname(layers)))
+    return os.path.join(state_dir, "bases", commit, name)
 
 
 class ChosenWorkspaces(GitWorktrees):
@@ -947,18 +954,14 @@ def quick_upper(layers: Path, base: str) -> UpperListing | None:
     repository's view never commits quickly (`QUICK_COMMIT_INDEX_BYTES`)."""
     if _driver_of(layers) != overlay.OVERLAY or _lower_of(layers) != base:
         return None
-    top = str(layers)
-    state_dir = os.path.dirname(os.path.dirname(os.path.dirname(top)))  # (layers/<run>/<agent>)
     try:
-        if os.stat(os.path.join(state_dir, "bases", base, "index")).st_size > (
-            QUICK_COMMIT_INDEX_BYTES
-        ):
+        if os.stat(_in_base(layers, base, "index")).st_size > QUICK_COMMIT_INDEX_BYTES:
             return None
     except OSError:
         return None
     found: UpperListing = []
     size = 0
-    stack = [(os.path.join(top, "upper"), "")]
+    stack = [(os.path.join(layers, "upper"), "")]
     while stack:
         where, prefix = stack.pop()
         try:
@@ -992,7 +995,6 @@ def quick_upper(layers: Path, base: str) -> UpperListing | None:
 # handle and loading its configuration, ignore and attribute rules costs more than the commit
 _VIEW_HANDLES = threading.local()
 _VIEW_HANDLES_KEPT = 2
-_NOT_SHARED = RULE_FILES | {".git"}
 # the configuration a libgit2 handle reads once and keeps (the rule files' names, the
 # conversions' settings: in its attribute cache and its cached configuration); a change of
 # any of them takes a new handle
@@ -1029,11 +1031,9 @@ def view_commit_handle(
     rule libgit2 would read there may not be the view's (`_base_rules_hold`): the caller opens
     a handle on the view itself. The handle is shared: never freed by its user; dropped by
     `drop_idle_branch_handle`, or when this thread keeps others."""
-    if any(os.path.basename(rel).casefold() in _NOT_SHARED for rel, _ in listing):
+    if lists_secured(listing):
         return None  # (what `secure_workspace_git` may move: the view is read after that)
-    top = str(layers)  # (<state dir>/layers/<run>/<agent>)
-    state_dir = os.path.dirname(os.path.dirname(os.path.dirname(top)))
-    base = os.path.join(state_dir, "bases", ws.base_commit, "tree")
+    base = _in_base(layers, ws.base_commit, "tree")
     git_dir = view_git_dir(ws.path)
     kept: dict[tuple[str, str], _KeptHandle] = getattr(_VIEW_HANDLES, "kept", None) or {}
     _VIEW_HANDLES.kept = kept

@@ -246,6 +246,13 @@ def _names_in(pyrepo: pygit2.Repository) -> list[str]:
 
 RULE_FILES = frozenset({".gitattributes", ".gitignore", ".gitmodules"})
 """The files of a work tree that git and libgit2 read rules from (matched case-blind)."""
+_SECURED_NAMES = RULE_FILES | {".git"}
+
+
+def lists_secured(listing: Sequence[tuple[str, bool]]) -> bool:
+    """Whether a listing of an upper layer (each path and whether it is a directory) holds a
+    name `secure_workspace_git` may move or remove: a rule file or a `.git`."""
+    return any(os.path.basename(rel).casefold() in _SECURED_NAMES for rel, _ in listing)
 
 
 def is_rule_file(rel: str) -> bool:
