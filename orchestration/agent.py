@@ -190,7 +190,7 @@ class AgentLoop:
     # first. It must be quick, and may fail: that is logged, and nothing else happens.
     while_waiting: Callable[[], None] | None = None
     # Whether a loop that ends (not by an exception) leaves its last turn's record to its
-    # owner (`take_last_turn`), who records it in the same step as the agent's final state.
+    # owner (`waiting_turn`), who records it in the same step as the agent's final state.
     owner_records_last_turn: bool = False
     # the size of `messages` serialized, and how many of them it counts
     _message_chars: int = field(default=0, init=False, repr=False)
@@ -235,15 +235,20 @@ class AgentLoop:
             if not (ended and self.owner_records_last_turn):
                 self._record_turn()  # a turn whose record waited for the next request
 
-    def take_last_turn(self) -> tuple[int, int] | None:
-        """(reservation, tokens used) of the loop's last turn when its record was left to the
-        owner (`owner_records_last_turn`), which records it with the agent's final state;
-        None when none waits. Taken once."""
-        last, self._unrecorded = self._unrecorded, None
-        return last
+    @property
+    def waiting_turn(self) -> tuple[int, int] | None:
+        """(reservation, tokens used) of the loop's last turn while its record waits: after
+        the loop ended, left to its owner (`owner_records_last_turn`), which records it with
+        the agent's final state and then says so (`last_turn_recorded`), or else records it
+        on its own (`record_last_turn`)."""
+        return self._unrecorded
+
+    def last_turn_recorded(self) -> None:
+        """The owner recorded the waiting turn with the agent's final state."""
+        self._unrecorded = None
 
     def record_last_turn(self) -> None:
-        """Record the loop's last turn if its record still waits (see `take_last_turn`)."""
+        """Record the loop's last turn if its record still waits (see `waiting_turn`)."""
         self._record_turn()
 
     def _record_turn(self) -> None:

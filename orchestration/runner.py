@@ -871,38 +871,36 @@ class AgentRunner:
             commit=commit,
             branch=agent.branch,
         )
-        # the loop's last turn is recorded in the same step (one transaction, not two)
-        last = runtime.loop.take_last_turn() if runtime.loop is not None else None
-        bus = runtime.loop.bus if runtime.loop is not None else None
-        try:
-            ctx.store.mark_final(
-                agent.agent_id,
-                status,
-                reason or outcome.stop_reason.value,
-                stop_reason=outcome.stop_reason,
-                reason=reason,
-                last_turn=(
-                    LastTurn(
-                        settle=last,
-                        read_files=bus.read_paths() if bus is not None else [],
-                        turns=progress.turns,
-                        tokens=progress.tokens,
-                    )
-                    if last is not None
-                    else None
-                ),
-                result=result,
-                commit=commit,
-                finished_at=self.clock.time(),
-                turns=progress.turns,
-                tokens=progress.tokens,
-                changed_files=[c.path for c in changes],
-            )
-        except BaseException:
-            if last is not None and runtime.loop is not None:
-                self._on_turn(ctx, agent.agent_id, runtime.loop.progress, *last)
-            raise
-        if last is not None:
+        # the loop's last turn is recorded in the same step (one transaction, not two); if
+        # that fails, `finish` records it on its own
+        loop = runtime.loop
+        last = loop.waiting_turn if loop is not None else None
+        bus = loop.bus if loop is not None else None
+        ctx.store.mark_final(
+            agent.agent_id,
+            status,
+            reason or outcome.stop_reason.value,
+            stop_reason=outcome.stop_reason,
+            reason=reason,
+            last_turn=(
+                LastTurn(
+                    settle=last,
+                    read_files=bus.read_paths() if bus is not None else [],
+                    turns=progress.turns,
+                    tokens=progress.tokens,
+                )
+                if last is not None
+                else None
+            ),
+            result=result,
+            commit=commit,
+            finished_at=self.clock.time(),
+            turns=progress.turns,
+            tokens=progress.tokens,
+            changed_files=[c.path for c in changes],
+        )
+        if loop is not None and last is not None:
+            loop.last_turn_recorded()
             self._caps.settle(*last)
         if status != AgentStatus.SUCCEEDED and not has_work(commit, agent.base_commit):
             # nothing to merge or keep: its scope goes to whoever waits for it
