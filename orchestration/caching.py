@@ -101,6 +101,10 @@ class PrefixWarmup:
             await self._left.wait()
             await anyio.sleep(LEAVING_S)
 
+    def first_to_leave(self, agent_id: str) -> bool:
+        """Whether `agent_id` makes the run's first request and it has not left yet."""
+        return agent_id == self._starter and not self._left.is_set()
+
     def sent(self) -> None:
         """The run's first request is handed to the HTTP client."""
         self._left.set()

@@ -232,12 +232,21 @@ class Orchestrator:
             unoffered = external.servers() if external is not None else []
         await executor.prepare()
         run_id = f"r{secrets.token_hex(4)}"
-        snap = await anyio.to_thread.run_sync(
-            functools.partial(ws_mod.snapshot, ctx.repo, run_id, pin=False)
-        )
+        # the base (git status, a child process), the ids in use, the workspace kind, the
+        # history of earlier runs and what runs the agents (a cluster's executor asks its
+        # cluster): each waits on git, the database or the cluster, none on another
+        async with _InThreads() as calls:
+            snap_of = calls.start(functools.partial(ws_mod.snapshot, ctx.repo, run_id, pin=False))
+            known_of = calls.start(ctx.store.agent_ids)
+            support_of = calls.start(
+                functools.partial(ws_mod.view_support, ctx.repo, self.settings.workspaces)
+            )
+            history_of = calls.start(functools.partial(estimates.history, ctx.store))
+            running_on_of = calls.start(executor.describe)
+        snap = snap_of.value()
+        known, support, history = known_of.value(), support_of.value(), history_of.value()
         shared_spec = request.shared_context
-        # the base's reference, its shared context, the ids in use, the workspace kind and the
-        # history of earlier runs: each waits on git or the database, none on another
+        # then the base's reference and its shared context
         async with _InThreads() as calls:
             shared_of = calls.start(
                 functools.partial(
@@ -250,13 +259,7 @@ class Orchestrator:
                 )
             )
             calls.start(functools.partial(ws_mod.pin_snapshot, ctx.repo, run_id, snap.base_commit))
-            known_of = calls.start(ctx.store.agent_ids)
-            support_of = calls.start(
-                functools.partial(ws_mod.view_support, ctx.repo, self.settings.workspaces)
-            )
-            history_of = calls.start(functools.partial(estimates.history, ctx.store))
         shared, paths = shared_of.value()
-        known, support, history = known_of.value(), support_of.value(), history_of.value()
         run = planner.new_run(
             settings,
             request,
@@ -275,8 +278,7 @@ class Orchestrator:
                 f"the downstream MCP servers ({', '.join(unoffered)}) are not offered to agents "
                 f"run by the {executor.name} executor"
             )
-        # (a cluster's executor asks its cluster: not on the event loop, and not once agents run)
-        running_on = await anyio.to_thread.run_sync(executor.describe)
+        running_on = running_on_of.value()
         if support.kind != "overlay" and "FANOUT_WORKSPACES" not in support.note:
             warnings.append(
                 f"each agent gets a full checkout ({support.note}); copy-on-write views "

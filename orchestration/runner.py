@@ -437,9 +437,16 @@ class AgentRunner:
         made: list[AgentBus] = []
         failed: list[Exception] = []
         loop_scope = anyio.CancelScope()
+        # The run's first request leaves before its agent's workspace is made: making it (the
+        # run's base, for the first) takes the event loop and a core for a while, and every
+        # other agent of the run waits for that request.
+        warmup = ctx.warmups.get(agent.run_id)
+        first = warmup if warmup is not None and warmup.first_to_leave(agent.agent_id) else None
 
         async def prepare() -> None:
             try:
+                if first is not None:
+                    await first.until_left()
                 made.append(await self._prepare_workspace(ctx, runtime, agent))
             except Exception as exc:  # the agent fails at once, its first turn abandoned
                 log.exception("agent %s: its workspace could not be made", agent.agent_id)
@@ -496,6 +503,9 @@ class AgentRunner:
                     outcome = LoopOutcome(
                         StopReason.INTERNAL_ERROR, error=f"{type(exc).__name__}: {exc}"
                     )
+                finally:
+                    if first is not None:  # (its loop ended before its request left)
+                        first.starter_stops(agent.agent_id)
         if failed and loop_scope.cancelled_caught:
             error = failed[0]
             outcome = LoopOutcome(

@@ -269,3 +269,49 @@ async def test_a_run_cancelled_before_its_first_request_left_ends_every_agent(
         with anyio.fail_after(30):
             status = await wait_until_final(orch, spawned.run_id)
     assert status.runs[0].totals.by_status == {"cancelled": AGENTS}, status.runs[0].agents
+
+
+async def test_the_first_agents_workspace_is_made_once_its_request_has_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making the first workspace (the run's base with it) would delay the request every other
+    agent waits for; the others make theirs while they wait."""
+    events: list[tuple[str, str]] = []
+    plain_prepare = AgentRunner._prepare_workspace  # pyright: ignore[reportPrivateUsage]
+
+    async def prepare(self: AgentRunner, ctx: Any, runtime: Any, agent: Any) -> Any:
+        events.append(("prepare", agent.agent_id))
+        return await plain_prepare(self, ctx, runtime, agent)
+
+    _when_sent(monkeypatch, lambda: events.append(("sent", "")))
+    monkeypatch.setattr(AgentRunner, "_prepare_workspace", prepare)
+    async with FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake:
+        spawned, run = await _spawn_and_wait(tmp_path, fake)
+    assert run.totals.by_status == {"succeeded": AGENTS}
+    first = spawned.agents[0].agent_id
+    assert events.index(("sent", "")) < events.index(("prepare", first)), events
+    assert len([e for e in events if e[0] == "prepare"]) == AGENTS
+
+
+async def test_a_first_agent_that_never_sends_is_not_held_for_the_warm_up(
+    tmp_path: Path,
+) -> None:
+    """The first agent's loop ends before its request (the run's budget cannot cover a turn):
+    its workspace is made and it ends at once, not after the warm-up's bound."""
+    async with (
+        FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake,
+        _orchestrator(tmp_path, fake, cache_warmup_max_s=30) as orch,
+    ):
+        spawned = await orch.spawn(
+            SpawnRequest(
+                tasks=[TaskSpec(prompt="TASK", name="t0", write_scope=["src/t0"])],
+                shared_context=SharedContextSpec(plan="Plan step. " * 800),
+                budget_tokens=1_000,
+            )
+        )
+        with anyio.fail_after(10):
+            status = await wait_until_final(orch, spawned.run_id)
+    (agent,) = status.runs[0].agents
+    assert agent.status == "failed" and "budget" in (agent.status_reason or ""), agent
+    assert agent.branch is not None  # its workspace was made
+    assert not fake.requests
