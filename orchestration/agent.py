@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,10 +39,6 @@ FILE_TOOLS = READ_ONLY_TOOLS | {"write_file", "edit_file"}
 """The bus's own file tools: they take a moment, so a turn that calls only these (and finish) is
 recorded once the next request is under way (see `AgentLoop._turns`)."""
 CHARS_PER_TOKEN = 4
-RECORD_AFTER_S = 0.05
-"""The previous turn's record is made between one and two of these after a request left (when
-the last call lasted four or more): a burst of agents' requests goes out first. The record also
-settles the turn's budget reservation, so other agents see it held that much longer."""
 
 log = logging.getLogger(__name__)
 
@@ -410,18 +405,8 @@ class AgentLoop:
             except Exception:
                 log.warning("work ahead of a model's answer failed", exc_info=True)
 
-        # The record runs once the request is on its way, at the call's first wait; or, when the
-        # last call took long enough, at the second multiple of RECORD_AFTER_S from now on the
-        # loop's clock: a burst of agents' requests goes out first, and their records are made
-        # together (one wake of those waiting for a change); at the latest once the call is over.
-        pending = None
-        if self._unrecorded is not None:
-            last = self._last_call_s
-            if last is not None and last >= 4 * RECORD_AFTER_S:
-                tick = (math.floor(started / RECORD_AFTER_S) + 2) * RECORD_AFTER_S
-                pending = loop.call_at(tick, record)
-            else:
-                pending = loop.call_soon(record)
+        # the record runs at the call's first wait: its request is built, and on its way
+        pending = loop.call_soon(record) if self._unrecorded is not None else None
         timer = (
             loop.call_later(self._last_call_s / 2, work_ahead, ahead)
             if ahead is not None and self._last_call_s is not None

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from orchestration.agent import RECORD_AFTER_S, Budget, LoopOutcome, Progress
+from orchestration.agent import Budget, LoopOutcome, Progress
 from orchestration.contracts import StopReason
 from orchestration.model import (
     ModelRequest,
@@ -193,48 +193,3 @@ def test_work_ahead_waits_for_a_change_and_a_call_that_lasts() -> None:
         ("ahead", None),
         ("answer", 3),
     ]
-
-
-def test_after_a_call_that_lasts_the_record_waits_a_little_past_the_request() -> None:
-    # In a burst of agents, each one's record would otherwise come between the others'
-    # requests: after a call that lasted, it waits for the second tick of RECORD_AFTER_S on the
-    # loop's clock, and is made while the call is still in flight.
-    events: Events = []
-    times: dict[tuple[str, object], float] = {}
-
-    def on_turn(progress: Progress, reserved: int, used: int) -> None:
-        events.append(("turn", progress.turns))
-
-    class _Stamped(_Timed):
-        async def complete(self, request: ModelRequest) -> ModelResponse:
-            times[("call", self.calls + 1)] = anyio.current_time()
-            return await super().complete(request)
-
-    def stamp(progress: Progress, reserved: int, used: int) -> None:
-        times[("turn", progress.turns)] = anyio.current_time()
-        on_turn(progress, reserved, used)
-
-    loop = tool_loop(
-        _Stamped([["write_file"], ["read_file"]], events, [0.4, 0.3, 0.02]),
-        _Tools(events),
-        on_turn=stamp,
-        max_turns=10,
-    )
-    outcome = anyio.run(loop.run)
-    assert outcome.summary == "done"
-    assert [e for e in events if e[0] != "tool"] == [
-        ("call", 1),
-        ("answer", 1),
-        ("call", 2),
-        ("turn", 1),  # during call 2
-        ("answer", 2),
-        ("call", 3),
-        ("answer", 3),
-        ("turn", 2),  # call 3 was over before the tick: made then
-        ("turn", 3),
-    ]
-    waited = times[("turn", 1)] - times[("call", 2)]
-    assert RECORD_AFTER_S - 0.005 <= waited < 2 * RECORD_AFTER_S + 0.05
-    # on the loop clock's grid of RECORD_AFTER_S, where the records of a burst meet
-    off_grid = times[("turn", 1)] % RECORD_AFTER_S
-    assert min(off_grid, RECORD_AFTER_S - off_grid) < 0.01, off_grid
