@@ -235,23 +235,33 @@ async def test_in_a_run_the_first_request_leaves_before_the_others_take_their_le
     assert leased[0] < sent_at[0] <= leased[1], (sent_at, leased)
 
 
+async def _run_noting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, label: str
+) -> tuple[Any, list[tuple[str, str]]]:
+    """A run of `AGENTS` agents, noting (label, agent) whenever `AgentRunner.<method>` (whose
+    arguments begin with the context and the agent's runtime) starts, and ("sent", "") whenever a
+    signalled request leaves: (spawned, notes)."""
+    events: list[tuple[str, str]] = []
+    plain = getattr(AgentRunner, method)
+
+    async def noted(self: AgentRunner, ctx: Any, runtime: Any, *rest: Any) -> Any:
+        events.append((label, runtime.agent_id))
+        return await plain(self, ctx, runtime, *rest)
+
+    _when_sent(monkeypatch, lambda: events.append(("sent", "")))
+    monkeypatch.setattr(AgentRunner, method, noted)
+    async with FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake:
+        spawned, run = await _spawn_and_wait(tmp_path, fake)
+    assert run.totals.by_status == {"succeeded": AGENTS}
+    return spawned, events
+
+
 async def test_the_others_tasks_start_only_once_the_first_request_has_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Until the run's first request has left, only its agent's task runs: the others' tasks
     would each take a turn of the event loop between its steps, for nothing but a wait."""
-    events: list[tuple[str, str]] = []
-    plain_task = AgentRunner._agent_task  # pyright: ignore[reportPrivateUsage]
-
-    async def task(self: AgentRunner, ctx: Any, runtime: Any) -> None:
-        events.append(("task", runtime.agent_id))
-        await plain_task(self, ctx, runtime)
-
-    _when_sent(monkeypatch, lambda: events.append(("sent", "")))
-    monkeypatch.setattr(AgentRunner, "_agent_task", task)
-    async with FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake:
-        spawned, run = await _spawn_and_wait(tmp_path, fake)
-    assert run.totals.by_status == {"succeeded": AGENTS}
+    spawned, events = await _run_noting(tmp_path, monkeypatch, "_agent_task", "task")
     first = spawned.agents[0].agent_id
     assert events[:2] == [("task", first), ("sent", "")], events
     assert sorted(e[1] for e in events[2:]) == sorted(a.agent_id for a in spawned.agents[1:])
@@ -276,18 +286,7 @@ async def test_the_first_agents_workspace_is_made_once_its_request_has_left(
 ) -> None:
     """Making the first workspace (the run's base with it) would delay the request every other
     agent waits for; the others make theirs while they wait."""
-    events: list[tuple[str, str]] = []
-    plain_prepare = AgentRunner._prepare_workspace  # pyright: ignore[reportPrivateUsage]
-
-    async def prepare(self: AgentRunner, ctx: Any, runtime: Any, agent: Any) -> Any:
-        events.append(("prepare", agent.agent_id))
-        return await plain_prepare(self, ctx, runtime, agent)
-
-    _when_sent(monkeypatch, lambda: events.append(("sent", "")))
-    monkeypatch.setattr(AgentRunner, "_prepare_workspace", prepare)
-    async with FakeAnthropic(_handler(), latency_s=LATENCY_S).serve() as fake:
-        spawned, run = await _spawn_and_wait(tmp_path, fake)
-    assert run.totals.by_status == {"succeeded": AGENTS}
+    spawned, events = await _run_noting(tmp_path, monkeypatch, "_prepare_workspace", "prepare")
     first = spawned.agents[0].agent_id
     assert events.index(("sent", "")) < events.index(("prepare", first)), events
     assert len([e for e in events if e[0] == "prepare"]) == AGENTS
