@@ -484,7 +484,7 @@ class AgentRunner:
                 ctx, runtime.agent_id, p, reserved, used
             ),
             transcript=Transcript(transcript_path(ctx, agent.agent_id), batched=True),
-            warmup=ctx.warmups.get(agent.run_id),
+            warmup=warmup,
             cache_ttl=run.cache_ttl or "5m",
             while_waiting=partial(self.commit_ahead, ctx, runtime),
             owner_records_last_turn=True,

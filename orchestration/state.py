@@ -17,7 +17,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Collection, Generator, Mapping, Sequence
+from collections.abc import Collection, Generator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -1134,22 +1134,6 @@ class StateStore:
         if added:  # in the order of `ORDER BY ord`, as a whole read gives it
             now = dict(sorted(now.items(), key=lambda item: item[1][1].index))
         return now
-
-    def agents_snapshot_by_id(self, run_id: str, cursor: int) -> Mapping[str, AgentRecord]:
-        """`agents_snapshot` at `cursor`, by agent id."""
-        records = self._agents_snapshot(run_id, cursor)
-        known = self._snapshots_by_id.get(run_id)
-        if known is None or known[0] is not records:
-            known = self._snapshots_by_id[run_id] = (records, {a.agent_id: a for a in records})
-        return known[1]
-
-    @functools.cached_property
-    def _snapshots_by_id(
-        self,
-    ) -> dict[str, tuple[list[AgentRecord], dict[str, AgentRecord]]]:
-        """run_id -> (its snapshot, that snapshot by agent id): made again only when the
-        snapshot is (a run with no event since keeps its snapshot from cursor to cursor)."""
-        return {}
 
     def agents_snapshot(self, run_id: str, cursor: int | None = None) -> list[AgentRecord]:
         """The run's agents, as `agents` returns them, but reading again only the rows of the

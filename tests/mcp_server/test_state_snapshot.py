@@ -149,7 +149,6 @@ def test_a_run_without_events_keeps_its_snapshot_from_cursor_to_cursor(stores: S
     store.create_run(_run("quiet"), [_agent(f"q{i}", "quiet", i) for i in range(1, 4)])
     store.create_run(_run("busy"), [_agent("b1", "busy", 1)])
     first = store.agents_snapshot("quiet", store.cursor())
-    by_id = store.agents_snapshot_by_id("quiet", store.cursor())
     runs = store.runs_snapshot(None, store.cursor())
     statements: list[str] = []
     store._db.set_trace_callback(statements.append)  # pyright: ignore[reportPrivateUsage]
@@ -158,7 +157,6 @@ def test_a_run_without_events_keeps_its_snapshot_from_cursor_to_cursor(stores: S
         cursor = store.cursor()
         again = store.agents_snapshot("quiet", cursor)
         assert again == first and all(a is b for a, b in zip(again, first, strict=True))
-        assert store.agents_snapshot_by_id("quiet", cursor) is by_id
         assert store.runs_snapshot(None, cursor)[0] is runs[0]
         assert store.agents_snapshot("busy", cursor)[0].turns == turn
     # one query per new cursor finds the runs that changed; the quiet run's rows are not read,
@@ -175,7 +173,6 @@ def test_a_run_without_events_keeps_its_snapshot_from_cursor_to_cursor(stores: S
     woken = store.agents_snapshot("quiet", cursor)
     assert woken == store.agents("quiet") and woken[1].status_reason == "woken"
     assert woken[0] is first[0] and woken[1] is not first[1]
-    assert store.agents_snapshot_by_id("quiet", cursor)["q2"] is woken[1]
     # a run added by another process shows too
     other.create_run(_run("late").model_copy(update={"created_at": 3.0}), [_agent("l1", "late")])
     assert [r.run_id for r in store.runs_snapshot(None, store.cursor())] == [
