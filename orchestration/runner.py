@@ -265,8 +265,11 @@ class AgentRunner:
 
     async def _release_extras(self, ctx: RepoContext, runtime: AgentRuntime) -> None:
         """Give back what an agent holds only while it runs: its named resources held for its
-        life and its downstream MCP sessions (its write scope stays until merged)."""
+        life and its downstream MCP sessions (its write scope stays until merged). Its loop goes
+        too: the runtime stays until the agent is merged, and the loop (its messages, its bus)
+        refers back to it, a cycle only the cycle collector would free."""
         runtime.drop_ahead()
+        runtime.loop = None
         grant, runtime.resource_grant = runtime.resource_grant, None
         if grant is not None:
             ctx.keeper.untrack(grant)

@@ -23,7 +23,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import anyio
 import anyio.from_thread
@@ -371,15 +371,6 @@ class AgentBus:
         # (taken without yielding to the event loop when free: a yield in a burst of agents is a
         # wait behind every other ready one)
         self._mutation_lock = anyio.Lock(fast_acquire=True)
-        self._handlers: dict[str, Callable[[Any], Awaitable[tuple[str, _Facts]]]] = {
-            "read_file": self._read_file,
-            "write_file": self._write_file,
-            "edit_file": self._edit_file,
-            "list_files": self._list_files,
-            "search": self._search,
-            "run_command": self._run_command,
-            "read_mcp_resource": self._read_mcp_resource,
-        }
         self._why = ""
         # the paths the audit's records wrote and showed, and how many records were read
         self._written: set[str] = set()
@@ -438,12 +429,12 @@ class AgentBus:
                 args = model.model_validate(dict(arguments))
             except ValidationError as exc:
                 raise InvalidArguments(_validation_message(name, model, exc)) from None
-            handler = self._handlers[name]
+            handler = self._HANDLERS[name]
             if name in MUTATING_TOOLS:
                 async with self._mutation_lock:
-                    text, done = await handler(args)
+                    text, done = await handler(self, args)
             else:
-                text, done = await handler(args)
+                text, done = await handler(self, args)
             if done.path is None:
                 done.path = facts.path
             facts = done
@@ -675,6 +666,18 @@ class AgentBus:
             f"{refusal}. Do the task another way, or report in your summary that it needs this",
             permission=f"ask ({rule}): refused by {answer.by}{note}",
         )
+
+    # each tool's handler, called with the bus: a table of bound methods kept on the bus would
+    # make every bus a reference cycle, freed only by the cycle collector
+    _HANDLERS: ClassVar[dict[str, Callable[[AgentBus, Any], Awaitable[tuple[str, _Facts]]]]] = {
+        "read_file": _read_file,
+        "write_file": _write_file,
+        "edit_file": _edit_file,
+        "list_files": _list_files,
+        "search": _search,
+        "run_command": _run_command,
+        "read_mcp_resource": _read_mcp_resource,
+    }
 
 
 def agent_tool_specs(external_tools: Sequence[ExternalTool]) -> list[ToolSpec]:

@@ -972,22 +972,23 @@ def quick_upper(layers: Path, base: str) -> UpperListing | None:
             for entry in listing:
                 if len(found) >= QUICK_COMMIT_ENTRIES:
                     return None
+                rel = prefix + entry.name
+                # (the kinds from the directory's entries: only a file's size needs a stat)
                 try:
-                    st = entry.stat(follow_symlinks=False)
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    if is_dir:
+                        if overlay.is_opaque(entry.path, overlay.OVERLAY):
+                            return None
+                        stack.append((entry.path, rel + "/"))
+                    elif entry.is_file(follow_symlinks=False):
+                        size += entry.stat(follow_symlinks=False).st_size
+                        if size > QUICK_COMMIT_BYTES:
+                            return None
+                    elif not entry.is_symlink():
+                        return None  # a whiteout
                 except OSError:
                     return None
-                rel = prefix + entry.name
-                if stat.S_ISDIR(st.st_mode):
-                    if overlay.is_opaque(entry.path, overlay.OVERLAY):
-                        return None
-                    stack.append((entry.path, rel + "/"))
-                elif stat.S_ISREG(st.st_mode):
-                    size += st.st_size
-                    if size > QUICK_COMMIT_BYTES:
-                        return None
-                elif not stat.S_ISLNK(st.st_mode):
-                    return None  # a whiteout
-                found.append((rel, stat.S_ISDIR(st.st_mode)))
+                found.append((rel, is_dir))
     return found
 
 

@@ -275,10 +275,16 @@ kernel's overlayfs takes them as ordinary names (its marks are devices and attri
 def is_opaque(path: Path | str, driver: str) -> bool:
     """A directory of an upper layer of `driver` that hides what the lower layers hold
     under it."""
+    try:
+        # one call for the names most directories lack, instead of one per name
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        names = []
     for name in OPAQUE_XATTRS:
-        with contextlib.suppress(OSError):
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
-                return True
+        if name in names:
+            with contextlib.suppress(OSError):
+                if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                    return True
     return driver == FUSE and os.path.lexists(os.path.join(path, OPAQUE_MARK))
 
 

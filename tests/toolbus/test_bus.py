@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from pathlib import Path
 
 import anyio
@@ -409,3 +411,19 @@ async def test_a_cancelled_quick_write_waits_for_its_sync_and_leaves_no_temp_fil
     assert returned.is_set() and scope.cancel_called
     assert (ws / "src" / "c.py").read_text() == "c = 1\n"
     assert sorted(p.name for p in (ws / "src").iterdir()) == ["a.py", "c.py"]
+
+
+async def test_a_bus_is_freed_without_the_cycle_collector(ws: Path) -> None:
+    """A finished agent's bus (its jail, file operations, audit) goes as soon as nothing refers
+    to it: no reference cycle keeps it for the cycle collector, which walks every live object
+    of the server each time it runs."""
+    bus = make_bus(ws)
+    await bus.call("write_file", {"path": "src/b.py", "content": "b = 1\n"})
+    await bus.call("read_file", {"path": "src/b.py"})
+    gone = weakref.ref(bus)
+    gc.disable()
+    try:
+        del bus
+        assert gone() is None
+    finally:
+        gc.enable()
