@@ -1055,8 +1055,7 @@ def view_commit_handle(
             kept.pop(next(iter(kept)))  # (freed with the last object of it in use)
     held.used = time.monotonic()
     kept[key] = held
-    files = held.attribute_files
-    converting = files is None or any(os.path.exists(f) for f in files)
+    converting = _may_convert(held.attribute_files)
     if not _base_rules_hold(held.handle, layers, base, listing, converting=converting):
         return None
     pinned = Pinned(git_dir, Path(ws.path), gitcmd.filter_overrides(names))
@@ -1093,6 +1092,13 @@ def _attribute_files(
     system = os.path.join(search[pygit2.enums.ConfigLevel.SYSTEM], "gitattributes")
     info = os.path.join(common_dir(pyrepo), "info", "attributes")
     return (*user, system, info)
+
+
+def _may_convert(attribute_files: tuple[str, ...] | None) -> bool:
+    """Whether a conversion may apply to a file without an attribute file of its own above it:
+    `core.autocrlf` is on (None, see `_attribute_files`), or one of the attribute files
+    libgit2 reads beyond the work tree's exists."""
+    return attribute_files is None or any(os.path.exists(f) for f in attribute_files)
 
 
 def drop_idle_view_handles(idle_s: float) -> None:

@@ -6,7 +6,6 @@ view holds a file, a conversion of the file's bytes)."""
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from orchestration.workspace.layered import (
     _attribute_files,  # pyright: ignore[reportPrivateUsage]
     _base_rules_hold,  # pyright: ignore[reportPrivateUsage]
     _config_of,  # pyright: ignore[reportPrivateUsage]
+    _may_convert,  # pyright: ignore[reportPrivateUsage]
     quick_upper,
     view_commit_handle,
 )
@@ -138,8 +138,7 @@ def test_what_libgit2_may_misjudge_in_the_base_leaves_the_view_to_its_own_handle
     pyrepo.workdir = str(base)
 
     def holds(entries: list[tuple[str, bool]] = listing) -> bool:
-        files = _attribute_files(pyrepo, _config_of(pyrepo)[1])
-        converting = files is None or any(os.path.exists(f) for f in files)
+        converting = _may_convert(_attribute_files(pyrepo, _config_of(pyrepo)[1]))
         return _base_rules_hold(pyrepo, layers, str(base), entries, converting=converting)
 
     try:
