@@ -58,7 +58,7 @@ from orchestration.records import brief, has_work
 from orchestration.recovery import Recovery
 from orchestration.registry import AgentRegistry, LeaseFence
 from orchestration.runner import AgentRunner
-from orchestration.state import AgentRecord, EventKind, StateStore
+from orchestration.state import AgentRecord, EventKind, SharedSnapshot, StateStore
 from orchestration.status_view import StatusView, lease_expires_in
 from toolbus.external import ExternalServerError, ExternalTool, ExternalTools
 from toolbus.leases import LeaseKeeper, LeaseManager, LeaseStore
@@ -232,34 +232,37 @@ class Orchestrator:
             unoffered = external.servers() if external is not None else []
         await executor.prepare()
         run_id = f"r{secrets.token_hex(4)}"
-        # the base (git status, a child process), the ids in use, the workspace kind, the
-        # history of earlier runs and what runs the agents (a cluster's executor asks its
-        # cluster): each waits on git, the database or the cluster, none on another
+        sandbox_problem = await planner.sandbox_problem(settings)
+        shared_spec = request.shared_context
+
+        def based() -> tuple[ws_mod.Snapshot, tuple[SharedSnapshot, list[str]]]:
+            # the base (git status, a child process), pinned, then its shared context: one
+            # after the other, with no turn of the event loop between them
+            snap = ws_mod.snapshot(ctx.repo, run_id)
+            return snap, planner.shared_snapshot(
+                ctx.repo,
+                snap.base_commit,
+                shared_spec.plan if shared_spec else None,
+                shared_spec.conventions if shared_spec else None,
+                shared_spec.files if shared_spec else [],
+            )
+
+        # the base, the ids in use, the workspace kind, the history of earlier runs, what runs
+        # the agents (a cluster's executor asks its cluster) and what commands run in: each
+        # waits on git, the database, the cluster or the file system, none on another
         async with _InThreads() as calls:
-            snap_of = calls.start(functools.partial(ws_mod.snapshot, ctx.repo, run_id, pin=False))
+            based_of = calls.start(based)
             known_of = calls.start(ctx.store.agent_ids)
             support_of = calls.start(
                 functools.partial(ws_mod.view_support, ctx.repo, self.settings.workspaces)
             )
             history_of = calls.start(functools.partial(estimates.history, ctx.store))
             running_on_of = calls.start(executor.describe)
-        snap = snap_of.value()
-        known, support, history = known_of.value(), support_of.value(), history_of.value()
-        shared_spec = request.shared_context
-        # then the base's reference and its shared context
-        async with _InThreads() as calls:
-            shared_of = calls.start(
-                functools.partial(
-                    planner.shared_snapshot,
-                    ctx.repo,
-                    snap.base_commit,
-                    shared_spec.plan if shared_spec else None,
-                    shared_spec.conventions if shared_spec else None,
-                    shared_spec.files if shared_spec else [],
-                )
+            sandbox_of = calls.start(
+                functools.partial(planner.sandbox_warnings, settings, sandbox_problem)
             )
-            calls.start(functools.partial(ws_mod.pin_snapshot, ctx.repo, run_id, snap.base_commit))
-        shared, paths = shared_of.value()
+        snap, (shared, paths) = based_of.value()
+        known, support, history = known_of.value(), support_of.value(), history_of.value()
         run = planner.new_run(
             settings,
             request,
@@ -272,7 +275,7 @@ class Orchestrator:
             mcp_servers=servers,
         )
         agents = planner.new_agents(settings, request, run, names, known=known)
-        warnings = await planner.spawn_warnings(self.settings, ctx.leases, agents)
+        warnings = [*sandbox_of.value(), *await planner.spawn_warnings(ctx.leases, agents)]
         if unoffered:
             warnings.append(
                 f"the downstream MCP servers ({', '.join(unoffered)}) are not offered to agents "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import anyio
@@ -206,32 +205,39 @@ async def run_prefix(ctx: RepoContext, run: RunRecord) -> str:
     return prefix
 
 
-async def spawn_warnings(
-    settings: Settings, leases: LeaseManager, agents: list[AgentRecord]
-) -> list[str]:
-    """What spawn's answer warns of: the sandbox, scopes that serialize, leases held."""
+async def sandbox_problem(settings: Settings) -> str | None:
+    """Why commands would run without the sandbox the settings take when it works here
+    (`auto`), None otherwise (the probe's answer is cached per process)."""
+    return await probe_bwrap() if settings.sandbox == "auto" else None
+
+
+def sandbox_warnings(settings: Settings, problem: str | None) -> list[str]:
+    """What spawn's answer says of the commands agents run: where the sandbox the settings
+    take when it works here does not (`problem`, see `sandbox_problem`), and what they run in
+    (reads the file system: for a worker thread)."""
     warnings: list[str] = []
-    sandboxed = settings.sandbox == "bwrap"
-    if settings.sandbox == "auto":
-        problem = await probe_bwrap()
-        sandboxed = problem is None
-        if problem is not None:
-            warnings.append(
-                f"commands run WITHOUT a sandbox ({problem}): they can write outside their "
-                "worktree, reach the network and read the server's environment; install "
-                "bubblewrap, or set FANOUT_SANDBOX=none to accept this"
-            )
+    if settings.sandbox == "auto" and problem is not None:
+        warnings.append(
+            f"commands run WITHOUT a sandbox ({problem}): they can write outside their "
+            "worktree, reach the network and read the server's environment; install "
+            "bubblewrap, or set FANOUT_SANDBOX=none to accept this"
+        )
+    sandboxed = settings.sandbox == "bwrap" or (settings.sandbox == "auto" and problem is None)
     warnings.append(
-        await anyio.to_thread.run_sync(
-            functools.partial(
-                describe_commands,
-                sandboxed=sandboxed,
-                extra_ro_paths=settings.sandbox_ro_paths,
-                limits=settings.command_limits,
-                path=os.environ.get("PATH", ""),
-            )
+        describe_commands(
+            sandboxed=sandboxed,
+            extra_ro_paths=settings.sandbox_ro_paths,
+            limits=settings.command_limits,
+            path=os.environ.get("PATH", ""),
         )
     )
+    return warnings
+
+
+async def spawn_warnings(leases: LeaseManager, agents: list[AgentRecord]) -> list[str]:
+    """What else spawn's answer warns of (see `sandbox_warnings`): scopes that serialize,
+    leases held."""
+    warnings: list[str] = []
     for agent in agents:
         if agent.write_scope is None:
             warnings.append(
