@@ -17,6 +17,7 @@ HEADERS_OF_INTEREST = (
     "anthropic-beta",
     "content-type",
     "user-agent",
+    "x-stainless-os",
     "x-stainless-retry-count",
     "x-stainless-timeout",
 )

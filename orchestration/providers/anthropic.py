@@ -18,6 +18,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import anthropic
+import anthropic._base_client as anthropic_base_client
 import httpx2
 from anthropic.types import (
     CacheControlEphemeralParam,
@@ -113,10 +114,26 @@ def shared_ssl_context() -> ssl.SSLContext:
         return _ssl_contexts[0]
 
 
+_platforms: list[anthropic_base_client.Platform] = []
+
+
+def sdk_platform() -> anthropic_base_client.Platform:
+    """What the SDK's requests name as the platform, looked up once for the process. A client
+    looks it up on its first request, in a worker thread, and every agent whose first request
+    leaves before that lookup ends makes its own: a thread and a turn of the event loop each,
+    in the burst of a run's first requests. Each new client is given it instead."""
+    with _ssl_lock:
+        if not _platforms:
+            _platforms.append(anthropic_base_client.get_platform())
+        return _platforms[0]
+
+
 def warm_up() -> None:
     """What a server's start-up does ahead of the first spawn (see `orchestration.heap`): the
-    shared TLS context, so that the first SDK client is not the one to load the CA bundle."""
+    shared TLS context, so that the first SDK client is not the one to load the CA bundle, and
+    the platform the SDK names."""
     shared_ssl_context()
+    sdk_platform()
 
 
 # What the request being made in this context calls when the HTTP client takes it (see
@@ -176,6 +193,8 @@ class AnthropicModel:
             max_retries=0,
             http_client=_http_client(self.http_client),
         )
+        if getattr(self._client, "_platform", "") is None:  # (the SDK's, see `sdk_platform`)
+            self._client._platform = sdk_platform()  # pyright: ignore[reportPrivateUsage]
 
     @property
     def name(self) -> str:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
+import anthropic._base_client as anthropic_base_client
 import anyio
 import pytest
 
@@ -467,6 +469,27 @@ async def test_the_chosen_transport_is_the_one_used(http_client: str) -> None:
         assert type(transport).__name__ == expected
         assert (await model.complete(request())).text == "echo: begin"
         assert len(fake.requests) == 1
+
+
+async def test_first_requests_at_once_look_up_no_platform(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the SDK looks the platform up on a client's first request, in a worker thread: every
+    # request that leaves before the lookup ends makes its own; the provider gives it instead
+    real = anthropic_base_client.get_platform
+    looked_up: list[str] = []
+
+    def counted() -> anthropic_base_client.Platform:
+        looked_up.append(threading.current_thread().name)
+        return real()
+
+    async with served() as (fake, model):
+        monkeypatch.setattr(anthropic_base_client, "get_platform", counted)
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(model.complete, request())
+    assert looked_up == []
+    assert [r.headers.get("x-stainless-os") for r in fake.requests] == [str(real())] * 4
 
 
 def test_an_unknown_transport_is_a_config_error() -> None:
