@@ -100,7 +100,7 @@ class _WireMessage(BaseModel):
 
 
 HttpClientKind = HttpClientSetting
-_ssl_lock = threading.Lock()
+_once_lock = threading.Lock()
 _ssl_contexts: list[ssl.SSLContext] = []
 
 
@@ -108,7 +108,7 @@ def shared_ssl_context() -> ssl.SSLContext:
     """One TLS context (the SDK's default: certifi's roots, or SSL_CERT_FILE / SSL_CERT_DIR)
     for every client of this process. Building one loads the whole CA bundle, CPU that each new
     SDK client would otherwise spend, holding up the event loop."""
-    with _ssl_lock:
+    with _once_lock:
         if not _ssl_contexts:
             _ssl_contexts.append(httpx2.create_ssl_context(trust_env=True))
         return _ssl_contexts[0]
@@ -122,7 +122,7 @@ def sdk_platform() -> anthropic_base_client.Platform:
     looks it up on its first request, in a worker thread, and every agent whose first request
     leaves before that lookup ends makes its own: a thread and a turn of the event loop each,
     in the burst of a run's first requests. Each new client is given it instead."""
-    with _ssl_lock:
+    with _once_lock:
         if not _platforms:
             _platforms.append(anthropic_base_client.get_platform())
         return _platforms[0]
