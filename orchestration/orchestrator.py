@@ -235,32 +235,47 @@ class Orchestrator:
         sandbox_problem = await planner.sandbox_problem(settings)
         shared_spec = request.shared_context
 
+        pinned: list[str] = []
+
         def based() -> tuple[ws_mod.Snapshot, tuple[SharedSnapshot, list[str]]]:
-            # the base (git status, a child process), pinned, then its shared context: one
-            # after the other, with no turn of the event loop between them
-            snap = ws_mod.snapshot(ctx.repo, run_id)
-            return snap, planner.shared_snapshot(
+            # the base (git status, a child process), its shared context, then its reference:
+            # one after the other, with no turn of the event loop between them, and the
+            # reference last, so that a shared file the base lacks leaves none
+            snap = ws_mod.snapshot(ctx.repo, run_id, pin=False)
+            shared = planner.shared_snapshot(
                 ctx.repo,
                 snap.base_commit,
                 shared_spec.plan if shared_spec else None,
                 shared_spec.conventions if shared_spec else None,
                 shared_spec.files if shared_spec else [],
             )
+            ws_mod.pin_snapshot(ctx.repo, run_id, snap.base_commit)
+            pinned.append(run_id)
+            return snap, shared
 
         # the base, the ids in use, the workspace kind, the history of earlier runs, what runs
         # the agents (a cluster's executor asks its cluster) and what commands run in: each
         # waits on git, the database, the cluster or the file system, none on another
-        async with _InThreads() as calls:
-            based_of = calls.start(based)
-            known_of = calls.start(ctx.store.agent_ids)
-            support_of = calls.start(
-                functools.partial(ws_mod.view_support, ctx.repo, self.settings.workspaces)
-            )
-            history_of = calls.start(functools.partial(estimates.history, ctx.store))
-            running_on_of = calls.start(executor.describe)
-            sandbox_of = calls.start(
-                functools.partial(planner.sandbox_warnings, settings, sandbox_problem)
-            )
+        try:
+            async with _InThreads() as calls:
+                based_of = calls.start(based)
+                known_of = calls.start(ctx.store.agent_ids)
+                support_of = calls.start(
+                    functools.partial(ws_mod.view_support, ctx.repo, self.settings.workspaces)
+                )
+                history_of = calls.start(functools.partial(estimates.history, ctx.store))
+                running_on_of = calls.start(executor.describe)
+                sandbox_of = calls.start(
+                    functools.partial(planner.sandbox_warnings, settings, sandbox_problem)
+                )
+        except BaseException:
+            if pinned:  # another call failed: the run is not made, its reference goes too
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await anyio.to_thread.run_sync(ws_mod.unpin_snapshot, ctx.repo, run_id)
+                    except Exception:  # (the spawn's own failure is the one to report)
+                        log.warning("spawn: unpinning the base of %s failed", run_id, exc_info=True)
+            raise
         snap, (shared, paths) = based_of.value()
         known, support, history = known_of.value(), support_of.value(), history_of.value()
         run = planner.new_run(

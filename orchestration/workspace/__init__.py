@@ -77,7 +77,7 @@ from orchestration.workspace.pinning import (
     secure_workspace_git,
 )
 from orchestration.workspace.porcelain import StatusEntry, status_entries
-from orchestration.workspace.snapshots import Snapshot, pin_snapshot, snapshot
+from orchestration.workspace.snapshots import Snapshot, pin_snapshot, snapshot, unpin_snapshot
 from orchestration.workspace.worktrees import (
     GitWorktrees,
     Workspaces,
@@ -146,6 +146,7 @@ __all__ = [
     "status_entries",
     "tree_changes",
     "unmount_orphaned_views",
+    "unpin_snapshot",
     "view_support",
     "workspace_disk_usage",
 ]

@@ -85,6 +85,12 @@ def pin_snapshot(repo: GitRepo, run_id: str, base: str) -> None:
         repo.git("update-ref", "-m", message, ref, base)
 
 
+def unpin_snapshot(repo: GitRepo, run_id: str) -> None:
+    """Delete `refs/fanout/snapshots/<run_id>` (a spawn that failed after `pin_snapshot`)."""
+    check_component(run_id, "run id")
+    repo.git("update-ref", "-d", SNAPSHOT_REF_PREFIX + run_id)
+
+
 def _pinned_in_process(repo: GitRepo, ref: str, base: str, message: str) -> bool:
     """Make `ref` name `base` through libgit2, as `git update-ref` would (its reflog too, by the
     same `core.logAllRefUpdates` rule), without starting a git process: only where git would

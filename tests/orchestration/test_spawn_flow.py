@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import anyio
@@ -10,7 +12,15 @@ import pytest
 
 from orchestration import workspace as workspace_pkg
 from orchestration.config import Settings
-from orchestration.contracts import AgentStatus, SpawnRequest, StatusResult, StopReason, TaskSpec
+from orchestration.contracts import (
+    AgentStatus,
+    SharedContextSpec,
+    SpawnRequest,
+    StatusResult,
+    StopReason,
+    TaskSpec,
+)
+from orchestration.errors import InvalidRequest
 from orchestration.executors.base import InProcessExecutor
 from orchestration.model import Model
 from orchestration.orchestrator import AGENTS_PER_MODEL, Orchestrator
@@ -161,3 +171,44 @@ async def test_spawn_describes_its_executor_off_the_event_loop(
         await wait_for(orch, spawned.run_id, {AgentStatus.SUCCEEDED})
     assert spawned.executor == "described"
     assert threads and threading.get_ident() not in threads
+
+
+def snapshot_refs(repo: Path) -> list[str]:
+    listed = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname)", "refs/fanout/snapshots/"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return listed.stdout.split()
+
+
+async def test_a_spawn_refused_for_a_shared_file_leaves_no_reference(repo: Path) -> None:
+    async with Orchestrator(settings(repo), lambda _name: by_task({})) as orch:
+        with pytest.raises(InvalidRequest, match=r"NOPE\.md"):
+            await orch.spawn(
+                SpawnRequest(
+                    tasks=[TaskSpec(prompt="T", write_scope=[])],
+                    shared_context=SharedContextSpec(files=["NOPE.md"]),
+                )
+            )
+    assert snapshot_refs(repo) == []
+
+
+async def test_a_spawn_whose_executor_fails_to_describe_itself_leaves_no_reference(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the base is pinned beside the other reads of spawn's first round: when one of those
+    # fails, the run is not made, and its base's reference goes too
+    def describe(_self: InProcessExecutor) -> str:
+        time.sleep(0.2)  # (the base is pinned by then)
+        raise RuntimeError("the cluster is unreachable")
+
+    monkeypatch.setattr(InProcessExecutor, "describe", describe)
+    async with Orchestrator(settings(repo), lambda _name: by_task({})) as orch:
+        with pytest.raises(RuntimeError, match="unreachable"):
+            await orch.spawn(SpawnRequest(tasks=[TaskSpec(prompt="T", write_scope=[])]))
+        status = await orch.status()
+    assert status.runs == []
+    assert snapshot_refs(repo) == []
