@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from orchestration.executors.base import InProcessExecutor
 from orchestration.model import Model
 from orchestration.orchestrator import AGENTS_PER_MODEL, Orchestrator
 from orchestration.workspace import GitRepo, layered, overlay
+from tests.orchestration.gitutil import git
 from tests.orchestration.scripts import Gate, by_task, make_repo
 
 pytestmark = pytest.mark.anyio
@@ -174,14 +174,7 @@ async def test_spawn_describes_its_executor_off_the_event_loop(
 
 
 def snapshot_refs(repo: Path) -> list[str]:
-    listed = subprocess.run(
-        ["git", "for-each-ref", "--format=%(refname)", "refs/fanout/snapshots/"],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return listed.stdout.split()
+    return git(repo, "for-each-ref", "--format=%(refname)", "refs/fanout/snapshots/").split()
 
 
 async def test_a_spawn_refused_for_a_shared_file_leaves_no_reference(repo: Path) -> None:
