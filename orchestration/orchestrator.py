@@ -268,64 +268,64 @@ class Orchestrator:
                 sandbox_of = calls.start(
                     functools.partial(planner.sandbox_warnings, settings, sandbox_problem)
                 )
+            snap, (shared, paths) = based_of.value()
+            known, support, history = known_of.value(), support_of.value(), history_of.value()
+            run = planner.new_run(
+                settings,
+                request,
+                run_id,
+                snap,
+                shared,
+                repo=str(ctx.repo.root),
+                owner=ctx.store.server_id,
+                now=self.clock.time(),
+                mcp_servers=servers,
+            )
+            agents = planner.new_agents(settings, request, run, names, known=known)
+            warnings = [*sandbox_of.value(), *await planner.spawn_warnings(ctx.leases, agents)]
+            if unoffered:
+                warnings.append(
+                    f"the downstream MCP servers ({', '.join(unoffered)}) are not offered to "
+                    f"agents run by the {executor.name} executor"
+                )
+            running_on = running_on_of.value()
+            if support.kind != "overlay" and "FANOUT_WORKSPACES" not in support.note:
+                warnings.append(
+                    f"each agent gets a full checkout ({support.note}); copy-on-write views "
+                    "would cost only what the agent changes"
+                )
+            prefix = shared_prefix(shared, paths)
+            estimate, first_request = estimates.estimate(
+                run,
+                agents,
+                prefix=prefix,
+                cal=estimates.calibrate(history),
+                ttl_setting=settings.cache_ttl,
+                min_tokens_override=settings.cache_min_tokens,
+                warmup=settings.cache_warmup_max_s > 0,
+            )
+            run = run.model_copy(
+                update={
+                    "estimate_tokens": estimate.estimated_total_tokens,
+                    "cache_ttl": estimate.cache_ttl,
+                    "cache_note": estimate.prompt_cache,
+                    "first_request_tokens": first_request,
+                }
+            )
+            if estimate.estimated_total_tokens > run.budget_tokens:
+                warnings.append(
+                    f"the estimate ({estimate.estimated_total_tokens} tokens) exceeds the budget "
+                    f"({run.budget_tokens}); agents stop with budget_exhausted when it is spent"
+                )
+            ctx.store.create_run(run, agents)
         except BaseException:
-            if pinned:  # another call failed: the run is not made, its reference goes too
+            if pinned:  # the run is not made: its base's reference goes too
                 with anyio.CancelScope(shield=True):
                     try:
                         await anyio.to_thread.run_sync(ws_mod.unpin_snapshot, ctx.repo, run_id)
                     except Exception:  # (the spawn's own failure is the one to report)
                         log.warning("spawn: unpinning the base of %s failed", run_id, exc_info=True)
             raise
-        snap, (shared, paths) = based_of.value()
-        known, support, history = known_of.value(), support_of.value(), history_of.value()
-        run = planner.new_run(
-            settings,
-            request,
-            run_id,
-            snap,
-            shared,
-            repo=str(ctx.repo.root),
-            owner=ctx.store.server_id,
-            now=self.clock.time(),
-            mcp_servers=servers,
-        )
-        agents = planner.new_agents(settings, request, run, names, known=known)
-        warnings = [*sandbox_of.value(), *await planner.spawn_warnings(ctx.leases, agents)]
-        if unoffered:
-            warnings.append(
-                f"the downstream MCP servers ({', '.join(unoffered)}) are not offered to agents "
-                f"run by the {executor.name} executor"
-            )
-        running_on = running_on_of.value()
-        if support.kind != "overlay" and "FANOUT_WORKSPACES" not in support.note:
-            warnings.append(
-                f"each agent gets a full checkout ({support.note}); copy-on-write views "
-                "would cost only what the agent changes"
-            )
-        prefix = shared_prefix(shared, paths)
-        estimate, first_request = estimates.estimate(
-            run,
-            agents,
-            prefix=prefix,
-            cal=estimates.calibrate(history),
-            ttl_setting=settings.cache_ttl,
-            min_tokens_override=settings.cache_min_tokens,
-            warmup=settings.cache_warmup_max_s > 0,
-        )
-        run = run.model_copy(
-            update={
-                "estimate_tokens": estimate.estimated_total_tokens,
-                "cache_ttl": estimate.cache_ttl,
-                "cache_note": estimate.prompt_cache,
-                "first_request_tokens": first_request,
-            }
-        )
-        if estimate.estimated_total_tokens > run.budget_tokens:
-            warnings.append(
-                f"the estimate ({estimate.estimated_total_tokens} tokens) exceeds the budget "
-                f"({run.budget_tokens}); agents stop with budget_exhausted when it is spent"
-            )
-        ctx.store.create_run(run, agents)
         ctx.limiters[run_id] = anyio.CapacityLimiter(run.max_concurrency)
         ctx.prefixes[run_id] = prefix
         ctx.workspace_kinds[run_id] = support.kind

@@ -189,11 +189,21 @@ async def test_a_spawn_refused_for_a_shared_file_leaves_no_reference(repo: Path)
     assert snapshot_refs(repo) == []
 
 
+async def test_a_spawn_refused_for_its_dependencies_leaves_no_reference(repo: Path) -> None:
+    async with Orchestrator(settings(repo), lambda _name: by_task({})) as orch:
+        with pytest.raises(InvalidRequest, match="depends_on"):
+            await orch.spawn(
+                SpawnRequest(tasks=[TaskSpec(prompt="T", write_scope=[], depends_on=["nobody"])])
+            )
+    assert snapshot_refs(repo) == []
+
+
 async def test_a_spawn_whose_executor_fails_to_describe_itself_leaves_no_reference(
     repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the base is pinned beside the other reads of spawn's first round: when one of those
-    # fails, the run is not made, and its base's reference goes too
+    # fails, the run is not made, and its base's reference goes too (as when the request is
+    # refused after the round)
     def describe(_self: InProcessExecutor) -> str:
         time.sleep(0.2)  # (the base is pinned by then)
         raise RuntimeError("the cluster is unreachable")
