@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import anyio
@@ -201,11 +200,10 @@ async def test_a_spawn_refused_for_its_dependencies_leaves_no_reference(repo: Pa
 async def test_a_spawn_whose_executor_fails_to_describe_itself_leaves_no_reference(
     repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # the base is pinned beside the other reads of spawn's first round: when one of those
-    # fails, the run is not made, and its base's reference goes too (as when the request is
-    # refused after the round)
+    # the base is pinned beside the other reads of spawn's first round (each call of the round
+    # ends before its failures are raised): when one of those fails, the run is not made, and
+    # its base's reference goes too
     def describe(_self: InProcessExecutor) -> str:
-        time.sleep(0.2)  # (the base is pinned by then)
         raise RuntimeError("the cluster is unreachable")
 
     monkeypatch.setattr(InProcessExecutor, "describe", describe)
