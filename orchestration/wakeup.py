@@ -33,6 +33,15 @@ _KEPT = 256
 # Events that leave a run that is not settled unsettled: an agent's turn, and its start (from
 # queued to running). Each tells that an agent moved, so the run is not settled at it.
 _NEUTRAL_KINDS = frozenset({"turn", "running"})
+# the events of an agent that is not final (its lease, its start, its turns): an agent with
+# only these after a cursor was not final at any of them
+_ACTIVE_KINDS = _NEUTRAL_KINDS | {"leased"}
+
+
+def _settling_agents(pairs: list[tuple[str | None, str]]) -> frozenset[str]:
+    """The agents of `pairs` ((agent_id, kind) of events) with an event of a kind that an
+    active agent's start and turns do not make (`_ACTIVE_KINDS`)."""
+    return frozenset(a for a, k in pairs if a is not None and k not in _ACTIVE_KINDS)
 
 
 @dataclass(frozen=True)
@@ -67,9 +76,11 @@ class Wakeups:
         # (since, run_id) -> the newest cursor its changes were read up to, and those changes
         self._newest: dict[tuple[int, str | None], tuple[int, _Changes]] = {}
         # (since, run_id, cursor) -> the cursor its changes were last read from, and the kinds
-        # and agents of the events read then (those after it)
+        # and agents of the events read then (those after it), and the agents among them with
+        # an event other than an active agent's (`_settling_agents`)
         self._fresh: dict[
-            tuple[int, str | None, int], tuple[int, frozenset[str], frozenset[str]]
+            tuple[int, str | None, int],
+            tuple[int, frozenset[str], frozenset[str], frozenset[str]],
         ] = {}
         # (since, run_id) -> the cursor up to which its changed agents were looked at for a
         # budget that ran out, and whether one had
@@ -92,6 +103,7 @@ class Wakeups:
             pairs = self._store.changes_after(start, cursor, run_id)
             agents = fresh_agents = frozenset(a for a, _ in pairs if a is not None)
             kinds = fresh = frozenset(k for _, k in pairs)
+            fresh_settling = _settling_agents(pairs)
             if before is not None:
                 agents, kinds = agents | before.agents, kinds | before.kinds
             known = _Changes(agents, kinds)
@@ -100,7 +112,7 @@ class Wakeups:
                 self._newest.clear()
                 self._fresh.clear()
             self._changes[key] = known
-            self._fresh[key] = (start, fresh, fresh_agents)
+            self._fresh[key] = (start, fresh, fresh_agents, fresh_settling)
             if last is None or last[0] < cursor:
                 self._newest[(since, run_id)] = (cursor, known)
         return known
@@ -174,7 +186,7 @@ class Wakeups:
         if wake_on is WakeOn.FINISHED and kinds & FINAL_KINDS:
             return True
         if unsettled_at is not None and since < unsettled_at < cursor:
-            start, fresh, _ = self._fresh.get((since, run_id, cursor), (None, None, None))
+            start, fresh, _, _ = self._fresh.get((since, run_id, cursor), (None,) * 4)
             if start == unsettled_at and fresh is not None and fresh <= _NEUTRAL_KINDS:
                 return False
         return await self.settled(run_id, cursor)
@@ -202,13 +214,13 @@ class Wakeups:
             if last[1] or last[0] == cursor:
                 return last[1]
             start = last[0]
-        fresh_from, _, fresh_agents = self._fresh.get((since, run_id, cursor), (None, None, None))
-        if fresh_from == start and fresh_agents is not None:
-            looked = fresh_agents  # what `changes` just read after the last look
+        # (an agent with only the events of an active one after the last look has not
+        # stopped since: it was looked at then, or stopped before `since`)
+        fresh_from, _, _, fresh_settling = self._fresh.get((since, run_id, cursor), (None,) * 4)
+        if fresh_from == start and fresh_settling is not None:
+            looked = fresh_settling  # what `changes` just read after the last look
         else:
-            looked = frozenset(
-                a for a, _ in self._store.changes_after(start, cursor, run_id) if a is not None
-            )
+            looked = _settling_agents(self._store.changes_after(start, cursor, run_id))
         ran_out = any(
             (agent := self._store.agent(agent_id)) is not None
             and agent.stop_reason is StopReason.BUDGET_EXHAUSTED

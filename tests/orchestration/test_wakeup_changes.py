@@ -215,3 +215,43 @@ def test_a_budget_that_ran_out_is_looked_for_in_the_new_events_only(
         assert got == anyio.run(_wakeups(store).wakes, since, "r1", WakeOn.SETTLED, cursor), n
         assert got == (n >= 6), n
     store.close()
+
+
+def test_a_budget_look_skips_agents_that_only_started_or_turned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Looking for a budget that ran out reads only the agents with an event an active agent
+    does not make: one that was leased, started or took a turn after the cursor has not
+    stopped since. The answers are those of a look at every changed agent."""
+    store = StateStore(tmp_path)
+    store.create_run(_run(), [_agent(f"a{n}", index=n) for n in range(1, 5)])
+    since = store.cursor()
+    store.record_lease("a1", 7)
+    store.apply("a1", EventKind.RUNNING, status=AgentStatus.RUNNING)
+    store.apply("a2", EventKind.RUNNING, status=AgentStatus.RUNNING)
+    store.apply("a3", EventKind.RUNNING, status=AgentStatus.RUNNING)
+    store.apply("a2", EventKind.TURN, turns=1)
+    store.mark_final(
+        "a3", AgentStatus.SUCCEEDED, "done", stop_reason=StopReason.FINISHED, reason=None
+    )
+    looked: list[str] = []
+    agent = store.agent
+
+    def counted(agent_id: str) -> Any:
+        looked.append(agent_id)
+        return agent(agent_id)
+
+    monkeypatch.setattr(store, "agent", counted)
+    cursor = store.cursor()
+    wakeups = _wakeups(store)
+    assert not anyio.run(wakeups.wakes, since, "r1", WakeOn.SETTLED, cursor)
+    assert looked == ["a3"]
+    store.mark_final(
+        "a2", AgentStatus.FAILED, "out", stop_reason=StopReason.BUDGET_EXHAUSTED, reason="budget"
+    )
+    later = store.cursor()
+    looked.clear()
+    assert anyio.run(wakeups.wakes, since, "r1", WakeOn.SETTLED, later)
+    assert looked == ["a2"]
+    assert anyio.run(_wakeups(store).wakes, since, "r1", WakeOn.SETTLED, later)
+    store.close()
