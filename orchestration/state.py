@@ -515,7 +515,11 @@ class StateStore:
     # --- runs -------------------------------------------------------------------------------
 
     def create_run(self, run: RunRecord, agents: Sequence[AgentRecord]) -> None:
+        """Store the run and its agents. The records stored are kept as `apply` keeps its own
+        (and as the run's first snapshot), so that neither the agents' first reads nor that
+        snapshot parse the JSON just made from them."""
         with self._tx() as db:
+            version = self._data_version(db)
             db.execute(
                 "INSERT INTO runs (run_id, created_at, data) VALUES (?, ?, ?)",
                 (run.run_id, run.created_at, run.model_dump_json()),
@@ -523,9 +527,12 @@ class StateStore:
             db.execute(
                 "INSERT INTO budgets (run_id, total) VALUES (?, ?)", (run.run_id, run.budget_tokens)
             )
-            for agent in agents:
-                self._insert_agent(db, agent)
+            stored = {agent.agent_id: (self._insert_agent(db, agent), agent) for agent in agents}
             self._append_event(db, run.run_id, None, EventKind.RUN_CREATED, f"{len(agents)} agents")
+        for agent_id, kept in stored.items():
+            self._keep_applied(agent_id, kept)
+            self._valid_at[agent_id] = version  # (this connection's commit leaves it as it was)
+        self._parsed_agents.setdefault(run.run_id, stored)
         self._notify()
 
     def run(self, run_id: str) -> RunRecord | None:
@@ -548,11 +555,14 @@ class StateStore:
 
     # --- agents -----------------------------------------------------------------------------
 
-    def _insert_agent(self, db: sqlite3.Connection, agent: AgentRecord) -> None:
+    def _insert_agent(self, db: sqlite3.Connection, agent: AgentRecord) -> str:
+        """Insert the agent's row; the JSON stored."""
+        text = agent.model_dump_json()
         db.execute(
             "INSERT INTO agents (agent_id, run_id, ord, data) VALUES (?, ?, ?, ?)",
-            (agent.agent_id, agent.run_id, agent.index, agent.model_dump_json()),
+            (agent.agent_id, agent.run_id, agent.index, text),
         )
+        return text
 
     def add_agent(self, agent: AgentRecord) -> None:
         with self._tx() as db:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.contracts import AgentStatus
-from orchestration.state import EventKind, StateStore
+from orchestration.state import AgentRecord, EventKind, StateStore
 from tests.orchestration.test_state import _agent, _run  # pyright: ignore[reportPrivateUsage]
 
 Stores = tuple[StateStore, StateStore]
@@ -48,6 +48,37 @@ def test_snapshot_matches_agents_and_reparses_only_changes(
     assert [a.agent_id for a in store.agents_snapshot("r1")] == ["a1", "a2", "a3", "a4"]
     assert [a.agent_id for a in store.agents_snapshot("r2")] == ["b1"]
     assert store.agents_snapshot("r-none") == []
+
+
+def test_the_creating_store_parses_no_row_of_the_agents_it_stored(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store that created a run keeps the records it stored: their first reads, and the
+    run's first snapshot, parse no JSON and give those records; another store's write is
+    still read (parsed) from the database."""
+    store, other = stores
+    agents = [_agent(f"a{i}", "r1", i) for i in range(1, 4)]
+    store.create_run(_run("r1"), agents)
+    parsed: list[str] = []
+    validate = AgentRecord.model_validate_json
+
+    def counted(text: str | bytes) -> AgentRecord:
+        parsed.append(str(text))
+        return validate(text)
+
+    monkeypatch.setattr(AgentRecord, "model_validate_json", counted)
+    assert store.agent("a2") is agents[1]
+    assert store.agents_snapshot("r1") == agents
+    assert all(a is b for a, b in zip(store.agents_snapshot("r1"), agents, strict=True))
+    assert parsed == []
+    other.apply("a2", EventKind.RUNNING, status=AgentStatus.RUNNING, turns=1)
+    parsed.clear()  # (the other store read the row it changed)
+    changed = store.agent("a2")
+    assert changed is not None and changed.status is AgentStatus.RUNNING and changed.turns == 1
+    assert len(parsed) == 1
+    snapshot = store.agents_snapshot("r1")
+    assert snapshot == store.agents("r1") and snapshot[1].turns == 1
+    assert snapshot[0] is agents[0] and snapshot[2] is agents[2]
 
 
 def test_snapshot_reads_no_rows_while_no_event_was_recorded(
