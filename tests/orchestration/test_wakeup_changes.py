@@ -99,6 +99,19 @@ def test_attention_reads_past_its_run_only_for_a_waiting_agent(tmp_path: Path) -
         store.close()
 
 
+def _count_reads(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The agents `store.agent` reads from now on, in order (the list grows as it reads)."""
+    looked: list[str] = []
+    agent = store.agent
+
+    def counted(agent_id: str) -> Any:
+        looked.append(agent_id)
+        return agent(agent_id)
+
+    monkeypatch.setattr(store, "agent", counted)
+    return looked
+
+
 def test_an_agent_out_of_budget_wakes_the_poll_while_others_run(tmp_path: Path) -> None:
     """A long-poll waiting for the run to settle wakes when one of its agents, in this run or
     (without a run id) in any, stopped for the budget, though others still run; an agent that
@@ -191,14 +204,7 @@ def test_a_budget_that_ran_out_is_looked_for_in_the_new_events_only(
         store.apply(f"a{n}", EventKind.RUNNING, status=AgentStatus.RUNNING)
     since = store.cursor()
     wakeups = _wakeups(store)
-    looked: list[str] = []
-    agent = store.agent
-
-    def counted(agent_id: str) -> Any:
-        looked.append(agent_id)
-        return agent(agent_id)
-
-    monkeypatch.setattr(store, "agent", counted)
+    looked = _count_reads(store, monkeypatch)
     for n in range(1, 9):
         out = n == 6
         store.mark_final(
@@ -234,14 +240,7 @@ def test_a_budget_look_skips_agents_that_only_started_or_turned(
     store.mark_final(
         "a3", AgentStatus.SUCCEEDED, "done", stop_reason=StopReason.FINISHED, reason=None
     )
-    looked: list[str] = []
-    agent = store.agent
-
-    def counted(agent_id: str) -> Any:
-        looked.append(agent_id)
-        return agent(agent_id)
-
-    monkeypatch.setattr(store, "agent", counted)
+    looked = _count_reads(store, monkeypatch)
     cursor = store.cursor()
     wakeups = _wakeups(store)
     assert not anyio.run(wakeups.wakes, since, "r1", WakeOn.SETTLED, cursor)
