@@ -31,7 +31,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.context import ClientRequestContext
 from mcp_types import ElicitRequestParams, ElicitResult, ErrorData
 
-from benchmarks.common import run_as_server, scratch, table
+from benchmarks.common import scratch, table
 from mcp_server.demo import SCRIPT_MARK, make_sample_repo, structured
 from mcp_server.downstream import DownstreamServers, parse_downstream_config
 from orchestration.config import Settings
@@ -218,7 +218,7 @@ def run(quick: bool) -> dict[str, float | int]:
                 )
             )
 
-        run_as_server(mcp)
-        run_as_server(approvals)
+        anyio.run(mcp)
+        anyio.run(approvals)
     table(rows)
     return figures

@@ -26,6 +26,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
+
 from benchmarks.common import (
     FakeStats,
     anthropic_factory,
@@ -34,7 +36,6 @@ from benchmarks.common import (
     drive,
     fake_in_process,
     orchestrator,
-    run_as_server,
     scratch,
     table,
     tasks,
@@ -166,7 +167,7 @@ def run(quick: bool) -> dict[str, float | int]:
         scratch("bench-cache-") as tmp,
         fake_in_process(latency_s=LATENCY_S) as fake,
     ):
-        warm, cold = run_as_server(_measure, fake.base_url, Path(tmp), agents, rounds)
+        warm, cold = anyio.run(_measure, fake.base_url, Path(tmp), agents, rounds)
     stats = fake.stats
     share_warm, share_cold = _share_of_others(stats, rounds)
     tokens = sum((r.tokens for r in warm), TokenUsage())

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -37,7 +37,6 @@ from fakeapi import (
     text,
     tool_use,
 )
-from mcp_server import eventloop
 from orchestration.config import Settings
 from orchestration.contracts import (
     AgentStatus,
@@ -70,17 +69,6 @@ def percentile(samples: Sequence[float], q: float) -> float:
 
 SCRATCH_ENV = "FANOUT_BENCH_DIR"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_as_server(func: Callable[..., Awaitable[Any]], *args: object) -> Any:
-    """`anyio.run(func, *args)` on the event loop a server started here runs on
-    (`FANOUT_EVENT_LOOP`): the product, and its floors beside it, measured on that loop."""
-    return eventloop.run(func, *args, choice=Settings.from_env().event_loop)
-
-
-def loop_in_use() -> str:
-    """The event loop `run_as_server` runs on, for the benchmarks' tables."""
-    return eventloop.describe(Settings.from_env().event_loop)
 
 
 def scratch_root() -> Path:

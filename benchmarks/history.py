@@ -22,13 +22,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import anyio
+
 from benchmarks.common import (
     anthropic_factory,
     bench_settings,
     build_repo,
     drive,
     fake_in_process,
-    run_as_server,
     scratch,
     self_cpu_s,
     table,
@@ -105,7 +106,7 @@ def run(quick: bool) -> dict[str, float | int]:
     history = 40 if quick else HISTORY
     rounds = 1 if quick else ROUNDS
     with scratch("bench-history-") as tmp, fake_in_process(latency_s=0.0) as fake:
-        m = run_as_server(_measure, fake.base_url, Path(tmp), history, rounds)
+        m = anyio.run(_measure, fake.base_url, Path(tmp), history, rounds)
     ratio = round(m["cpu_ms_per_agent_history"] / m["cpu_ms_per_agent_fresh"], 3)
     figures: dict[str, float | int] = {
         "status_ms_fresh": round(m["status_ms_fresh"], 3),

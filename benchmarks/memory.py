@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import anyio
+
 from benchmarks.common import (
     anthropic_factory,
     bench_settings,
@@ -23,7 +25,6 @@ from benchmarks.common import (
     fake_in_process,
     orchestrator,
     rss_bytes,
-    run_as_server,
     scratch,
     table,
     tasks,
@@ -89,7 +90,7 @@ def run(quick: bool) -> dict[str, float | int]:
         scratch("bench-memory-") as tmp,
         fake_in_process(latency_s=LATENCY_S) as fake,
     ):
-        before, peak, after, failed, makespan, samples = run_as_server(
+        before, peak, after, failed, makespan, samples = anyio.run(
             _measure, fake.base_url, Path(tmp), runs, per_run, concurrency
         )
     per_agent = (peak - before) / running / MB

@@ -7,9 +7,10 @@ import shutil
 import time
 from pathlib import Path
 
+import anyio
 import pygit2
 
-from benchmarks.common import build_repo, run_as_server, scratch, self_cpu_s
+from benchmarks.common import build_repo, scratch, self_cpu_s
 from orchestration.config import Settings
 from orchestration.join import JoinCandidate, Joiner
 from orchestration.verify import Verifier
@@ -105,10 +106,10 @@ def run(quick: bool) -> dict[str, float | int]:
         if final_tree is None or head_tree is None:
             raise RuntimeError("the dry run left no tree to verify")
         t_first = time.perf_counter()
-        first = run_as_server(verifier.verify, head_tree)
+        first = anyio.run(verifier.verify, head_tree)
         first_s = time.perf_counter() - t_first
         t_verify = time.perf_counter()
-        verdict = run_as_server(verifier.verify, final_tree)
+        verdict = anyio.run(verifier.verify, final_tree)
         verify_s = time.perf_counter() - t_verify
         if not (verdict.passed and first.passed):
             raise RuntimeError(f"verification with `true` failed: {verdict.describe()}")

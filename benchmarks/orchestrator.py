@@ -29,10 +29,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
+import anyio
 from mcp import Client, StdioServerParameters
 from mcp_types import CallToolResult, TextContent
 
-from benchmarks.common import PROJECT_ROOT, build_repo, fake_in_process, run_as_server, scratch
+from benchmarks.common import PROJECT_ROOT, build_repo, fake_in_process, scratch
 from fakeapi import FakeRequest, Reply, finish, text, tool_use
 
 LATENCY_CLASSES = 8
@@ -249,7 +250,7 @@ async def _case(
 
 
 def _fan_out(base_url: str, agents: int, scale: float, bound_s: float) -> dict[str, float | int]:
-    outcome = run_as_server(_case, base_url, disjoint_tasks(agents, scale), agents, bound_s)
+    outcome = anyio.run(_case, base_url, disjoint_tasks(agents, scale), agents, bound_s)
     got = outcome.received
     per_json, per_text = got.json_bytes / agents, got.text_bytes / agents
     print(
@@ -271,7 +272,7 @@ def _fan_out(base_url: str, agents: int, scale: float, bound_s: float) -> dict[s
 
 
 def _waves(base_url: str, scale: float, bound_s: float) -> dict[str, float | int]:
-    outcome = run_as_server(_case, base_url, wave_tasks(scale), 4, bound_s)
+    outcome = anyio.run(_case, base_url, wave_tasks(scale), 4, bound_s)
     ended = int(outcome.ended and len(outcome.merged) == outcome.agents)
     how = "ended by itself" if outcome.ended else f"stopped at its {bound_s:.0f} s bound"
     print(

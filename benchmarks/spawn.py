@@ -29,7 +29,6 @@ from benchmarks.common import (
     bench_settings,
     build_repo,
     drive,
-    run_as_server,
     scratch,
     table,
     tasks,
@@ -200,14 +199,14 @@ def _large(quick: bool) -> tuple[dict[str, float | int], list[tuple[str, object,
         run_git(repo, "status", "--porcelain")
         kind = view_support(GitRepo(repo))
         hand_1 = _by_hand(repo, base, 90, count=1)
-        cold, _, bad = run_as_server(_orchestrated, repo, 1, 1)  # checks the base out once
+        cold, _, bad = anyio.run(_orchestrated, repo, 1, 1)  # checks the base out once
         ones: list[float] = []
         manys: list[float] = []
         floors: list[float] = []
         per_view = 0
         for n in range(1 if quick else LARGE_ROUNDS):
-            one, _, bad_1 = run_as_server(_orchestrated, repo, 10 + 2 * n, 1)
-            many, _, bad_64 = run_as_server(_orchestrated, repo, 11 + 2 * n, 64)
+            one, _, bad_1 = anyio.run(_orchestrated, repo, 10 + 2 * n, 1)
+            many, _, bad_64 = anyio.run(_orchestrated, repo, 11 + 2 * n, 64)
             floor_64, per_view = _view_floor_s(repo, base, 64, n)
             ones.append(one)
             manys.append(many)
@@ -216,8 +215,8 @@ def _large(quick: bool) -> tuple[dict[str, float | int], list[tuple[str, object,
         disk = _disk_one_change(repo, base, "disk-view")
         os.environ["FANOUT_WORKSPACES"] = "worktree"
         try:
-            wt_1, _, bad_w1 = run_as_server(_orchestrated, repo, 4, 1)
-            wt_few, _, bad_wf = run_as_server(_orchestrated, repo, 5, few)
+            wt_1, _, bad_w1 = anyio.run(_orchestrated, repo, 4, 1)
+            wt_few, _, bad_wf = anyio.run(_orchestrated, repo, 5, few)
             wt_disk = _disk_one_change(repo, base, "disk-worktree")
         finally:
             os.environ.pop("FANOUT_WORKSPACES", None)
@@ -298,7 +297,7 @@ def run(quick: bool) -> dict[str, float | int]:
             # the two alternate which goes first, so neither always meets a fuller disk
             if round_no % 2:
                 hand.append(_by_hand(repo, base, round_no))
-            all_running, spawn_s, bad = run_as_server(_orchestrated, repo, round_no)
+            all_running, spawn_s, bad = anyio.run(_orchestrated, repo, round_no)
             if not round_no % 2:
                 hand.append(_by_hand(repo, base, round_no))
             orch.append(all_running)

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mcp_server import eventloop
+import anyio
+
 from orchestration.config import Settings
 from orchestration.errors import ConfigError, OrchestrationError
 from orchestration.heap import warm_up_in_background
@@ -222,13 +223,10 @@ def serve(args: argparse.Namespace) -> int:
     # The provider's SDK is imported now rather than by the first spawn, then the heap of a
     # started server is frozen (see orchestration.heap); both off the main thread.
     warm_up_in_background(PROVIDER_MODULES.get(args.model_provider, ()))
-    loop = settings.event_loop
-    log.info("event loop: %s", eventloop.describe(loop))
     if args.http:
-        http = (server, args.host, args.port, args.token, args.allowed_host)
-        eventloop.run(_serve_http, *http, choice=loop)
+        anyio.run(_serve_http, server, args.host, args.port, args.token, args.allowed_host)
     else:
-        eventloop.run(server.run_stdio_async, choice=loop)
+        anyio.run(server.run_stdio_async)
     return 0
 
 
@@ -244,19 +242,6 @@ def _executor_line() -> str:
     from orchestration.executors.ray_executor import cluster_summary
 
     return cluster_summary(settings.ray_address)
-
-
-def _event_loop_line() -> str:
-    """The event loop a server started here would run on, as `FANOUT_EVENT_LOOP` says."""
-    try:
-        choice = Settings.from_env().event_loop
-    except ConfigError as exc:
-        return str(exc)
-    try:
-        eventloop.backend_options(choice)
-    except ConfigError as exc:
-        return str(exc)
-    return eventloop.describe(choice)
 
 
 def status(repo_arg: str | None) -> int:
@@ -282,8 +267,7 @@ def status(repo_arg: str | None) -> int:
     leases = LeaseStore(state_dir).table() if (state_dir / "leases.db").exists() else []
     print(f"repository {repo.root}")
     print(f"workspaces: {view_support(repo).note}")
-    print(f"executor: {_executor_line()}")
-    print(f"event loop: {_event_loop_line()}\n")
+    print(f"executor: {_executor_line()}\n")
     print(store_text(runs, agents, leases, live))
     return 0
 

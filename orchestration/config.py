@@ -24,9 +24,6 @@ SandboxSetting = Literal["auto", "bwrap", "none"]
 # request less CPU, which counts with many agents on one event loop) or httpx (the SDK's own).
 HttpClientSetting = Literal["aiohttp", "httpx"]
 DEFAULT_HTTP_CLIENT: HttpClientSetting = "aiohttp"
-# The server's event loop: uvloop where it is installed (`auto`), or asyncio's own
-# (mcp_server.eventloop)
-EventLoopSetting = Literal["auto", "uvloop", "asyncio"]
 # The prompt-cache lifetime of a run's shared prefix: chosen per run, or always one of the API's.
 CacheTtlSetting = Literal["auto", "5m", "1h"]
 
@@ -78,8 +75,6 @@ class Settings(BaseModel):
     http_client: HttpClientSetting = Field(
         default=DEFAULT_HTTP_CLIENT, description="FANOUT_HTTP_CLIENT"
     )
-    # read when the server starts, before its loop runs (mcp_server.eventloop)
-    event_loop: EventLoopSetting = Field(default="auto", description="FANOUT_EVENT_LOOP")
     retry_max_attempts: int = Field(default=6, ge=1, description="FANOUT_RETRY_MAX_ATTEMPTS")
     retry_after_cap_s: float = Field(default=30.0, ge=0, description="FANOUT_RETRY_AFTER_CAP_S")
     delete_merged_branches: bool = Field(default=False, description="FANOUT_DELETE_MERGED_BRANCHES")
