@@ -75,12 +75,11 @@ class Wakeups:
         self._changes: dict[tuple[int, str | None, int], _Changes] = {}
         # (since, run_id) -> the newest cursor its changes were read up to, and those changes
         self._newest: dict[tuple[int, str | None], tuple[int, _Changes]] = {}
-        # (since, run_id, cursor) -> the cursor its changes were last read from, and the kinds
-        # and agents of the events read then (those after it), and the agents among them with
-        # an event other than an active agent's (`_settling_agents`)
+        # (since, run_id, cursor) -> the cursor its changes were last read from, the kinds of
+        # the events read then (those after it), and their agents with an event other than an
+        # active agent's (`_settling_agents`)
         self._fresh: dict[
-            tuple[int, str | None, int],
-            tuple[int, frozenset[str], frozenset[str], frozenset[str]],
+            tuple[int, str | None, int], tuple[int, frozenset[str], frozenset[str]]
         ] = {}
         # (since, run_id) -> the cursor up to which its changed agents were looked at for a
         # budget that ran out, and whether one had
@@ -101,7 +100,7 @@ class Wakeups:
                 last if last is not None and since <= last[0] < cursor else (since, None)
             )
             pairs = self._store.changes_after(start, cursor, run_id)
-            agents = fresh_agents = frozenset(a for a, _ in pairs if a is not None)
+            agents = frozenset(a for a, _ in pairs if a is not None)
             kinds = fresh = frozenset(k for _, k in pairs)
             fresh_settling = _settling_agents(pairs)
             if before is not None:
@@ -112,7 +111,7 @@ class Wakeups:
                 self._newest.clear()
                 self._fresh.clear()
             self._changes[key] = known
-            self._fresh[key] = (start, fresh, fresh_agents, fresh_settling)
+            self._fresh[key] = (start, fresh, fresh_settling)
             if last is None or last[0] < cursor:
                 self._newest[(since, run_id)] = (cursor, known)
         return known
@@ -186,7 +185,7 @@ class Wakeups:
         if wake_on is WakeOn.FINISHED and kinds & FINAL_KINDS:
             return True
         if unsettled_at is not None and since < unsettled_at < cursor:
-            start, fresh, _, _ = self._fresh.get((since, run_id, cursor), (None,) * 4)
+            start, fresh, _ = self._fresh.get((since, run_id, cursor), (None, None, None))
             if start == unsettled_at and fresh is not None and fresh <= _NEUTRAL_KINDS:
                 return False
         return await self.settled(run_id, cursor)
@@ -216,7 +215,7 @@ class Wakeups:
             start = last[0]
         # (an agent with only the events of an active one after the last look has not
         # stopped since: it was looked at then, or stopped before `since`)
-        fresh_from, _, _, fresh_settling = self._fresh.get((since, run_id, cursor), (None,) * 4)
+        fresh_from, _, fresh_settling = self._fresh.get((since, run_id, cursor), (None,) * 3)
         if fresh_from == start and fresh_settling is not None:
             looked = fresh_settling  # what `changes` just read after the last look
         else:
