@@ -55,6 +55,7 @@ from orchestration.workspace.git import (
     GitRepo,
     check_component,
     copy_index,
+    read_bytes,
     read_record,
     run_git,
     tree_of,
@@ -68,7 +69,6 @@ from orchestration.workspace.loose import (
     LooseObjects,
     loose_objects,
     plain_name,
-    read_bytes,
 )
 from orchestration.workspace.pinning import (
     Workspace,
@@ -87,6 +87,7 @@ from orchestration.workspace.worktrees import (
     read_meta,
 )
 from toolbus import gitcmd
+from toolbus.audit import append_text
 from toolbus.gitcmd import Pinned
 from toolbus.resources import WriteScope, is_within
 
@@ -248,10 +249,7 @@ class ChosenWorkspaces(GitWorktrees):
             agent_id=agent_id,
             included=included,
         )
-        # written in place, last: a record found torn (a kill while it was written) is taken
-        # for none, as it was a moment before; a temporary file renamed over it would cost
-        # every agent one more inode to allocate and free
-        (layers / WORKSPACE_META).write_text(ws.model_dump_json(), encoding="utf-8")
+        _write_view_meta(layers, ws)
         return ws
 
     def existing(self, repo: GitRepo) -> list[Workspace]:
@@ -368,9 +366,12 @@ def _create_branch(repo: GitRepo, branch: str, base: str) -> bool:
 
 def _read_view_meta(layers: Path, path: Path) -> Workspace | None:
     """The record of the view whose layers are `layers`, mounted at `path`; None when there is
-    none (not a view, or its creation was cut short)."""
+    none (not a view, or its creation was cut short). It is the second line of `lower`
+    (`_write_lower`), or in layers an earlier version made, a file of its own."""
     try:
-        text = (layers / WORKSPACE_META).read_text(encoding="utf-8")
+        _, _, text = read_bytes(layers / "lower").partition(b"\n")
+        if not text.strip():
+            text = (layers / WORKSPACE_META).read_bytes()
         ws = Workspace.model_validate_json(text)
     except (OSError, ValueError):
         return None
@@ -568,7 +569,9 @@ def _layer_dirs(state_dir: Path) -> Iterator[Path]:
 
 
 def _lower_of(layers: Path) -> str | None:
-    text = read_record(os.path.join(layers, "lower"))
+    """The commit of the base the layers stand on (the first line of `lower`)."""
+    # (the line's 40 digits and its end: the view's record may follow)
+    text = read_record(os.path.join(layers, "lower"), limit=41)
     return text if text is not None and FULL_OID.fullmatch(text) else None
 
 
@@ -635,8 +638,16 @@ def _hold_base(repo: GitRepo, commit: str, layers: Path, *, wait: bool = True) -
 def _write_lower(layers: Path, commit: str) -> None:
     """Record that the layers stand on the base of `commit`, under that base's shared lock. In
     place: the one reader that matters, `release_base` of the same base, holds its exclusive
-    lock, and a torn record names no base (a kill while it was written: the view was not made)."""
+    lock, and a torn record names no base (a kill while it was written: the view was not made).
+    The view's own record follows as the file's second line once the view is made
+    (`_write_view_meta`): one file, where each view's inodes cost its creation most."""
     (layers / "lower").write_text(commit + "\n", encoding="ascii")
+
+
+def _write_view_meta(layers: Path, ws: Workspace) -> None:
+    """Append the view's record to `lower`, last, in place: found torn (a kill while it was
+    written), it is taken for none (`_read_view_meta`), as it was a moment before."""
+    append_text(layers / "lower", ws.model_dump_json() + "\n")
 
 
 def _near_bases(repo: GitRepo, commit: str) -> list[str]:

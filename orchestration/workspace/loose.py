@@ -206,19 +206,6 @@ def loose_objects(pyrepo: pygit2.Repository, objects_dir: Path) -> LooseObjects 
     return LooseObjects(objects_dir, level=level, fsync=fsync not in (None, *_OFF))
 
 
-def read_bytes(path: str | os.PathLike[str]) -> bytes:
-    """The content of the file at `path`."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        chunks = [os.read(fd, max(size, 1) + 1)]
-        while chunks[-1]:
-            chunks.append(os.read(fd, 1 << 20))
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def _entries(data: bytes) -> dict[bytes, tuple[int, bytes]]:
     """A tree object's entries: name -> (mode, raw id)."""
     out: dict[bytes, tuple[int, bytes]] = {}

@@ -192,8 +192,10 @@ def test_a_torn_record_is_no_record_and_the_view_is_made_again(tmp_path: Path) -
     repo = GitRepo(root)
     ws = _view(repo)
     write(ws.path, "src/a.py", "a = 2\n")
-    record = repo.state_dir / "layers" / "run" / "a" / "fanout-workspace.json"
-    record.write_text(record.read_text(encoding="utf-8")[:20], encoding="utf-8")
+    record = repo.state_dir / "layers" / "run" / "a" / "lower"  # its base, then the record
+    base, view = record.read_text(encoding="utf-8").splitlines()
+    assert base == ws.base_commit and Workspace.model_validate_json(view).branch == ws.branch
+    record.write_text(f"{base}\n{view[:20]}", encoding="utf-8")
     assert list_workspaces(repo) == []
     again = _view(repo)
     assert again == ws and (ws.path / "src/a.py").read_text() == "a = 2\n"
@@ -201,6 +203,22 @@ def test_a_torn_record_is_no_record_and_the_view_is_made_again(tmp_path: Path) -
     done = commit_workspace(again, message="work", write_scope=SCOPE)
     assert git(root, "show", f"{done.commit}:src/a.py") == "a = 2\n"
     assert_fsck(root)
+
+
+def test_a_view_recorded_by_an_earlier_version_is_still_found(tmp_path: Path) -> None:
+    """Views made by a server before the record joined `lower` kept it in a file of its own:
+    they are listed, and their work committed, as before."""
+    root = make_repo(tmp_path / "r", FILES)
+    repo = GitRepo(root)
+    ws = _view(repo)
+    write(ws.path, "src/a.py", "a = 3\n")
+    layers = repo.state_dir / "layers" / "run" / "a"
+    base, view = (layers / "lower").read_text(encoding="utf-8").splitlines()
+    (layers / "lower").write_text(base + "\n", encoding="ascii")
+    (layers / "fanout-workspace.json").write_text(view, encoding="utf-8")
+    assert list_workspaces(repo) == [ws]
+    done = commit_workspace(_view(repo), message="work", write_scope=SCOPE)
+    assert git(root, "show", f"{done.commit}:src/a.py") == "a = 3\n"
 
 
 def test_a_registration_made_meanwhile_elsewhere_is_taken_not_doubled(tmp_path: Path) -> None:
