@@ -25,7 +25,6 @@ from orchestration.workspace.layered import (
     view_git_dir,
     view_tree,
 )
-from orchestration.workspace.loose import LooseObjects
 from orchestration.workspace.pinning import (
     Workspace,
     lists_secured,
@@ -91,13 +90,13 @@ def commit_workspace(
         # workspace's files only afterwards. A view that git never worked in is committed
         # through the repository's git dir, its work tree the view.
         opened: pygit2.Repository | None
-        shared, objects = False, None
+        shared = False
         if registered:
             pinned, opened = pin_and_open(ws.path)
         else:
             if not ws.branch:
                 raise RepositoryError(f"the view {ws.path} has no branch recorded; rerun the agent")
-            pinned, opened, shared, objects = _open_view(ws, layers, listing)
+            pinned, opened, shared = _open_view(ws, layers, listing)
         try:
             upper = layers / "upper" if layers else None
             planted = secure_workspace_git(pinned, upper=upper, gitfile=registered, listing=listing)
@@ -115,7 +114,6 @@ def commit_workspace(
                 message=message,
                 author=author,
                 shared_handle=shared,
-                objects=objects,
             )
             parent = str(job.head.id)
             if layers is not None:
@@ -135,17 +133,15 @@ def commit_workspace(
 
 def _open_view(
     ws: Workspace, layers: Path | None, listing: UpperListing | None
-) -> tuple[Pinned, pygit2.Repository, bool, LooseObjects | None]:
-    """The pinned git and the libgit2 handle a view not registered is committed through,
+) -> tuple[Pinned, pygit2.Repository, bool]:
+    """The pinned git and the libgit2 handle a view not registered is committed through, and
     whether that handle is its base's kept one (`view_commit_handle`, for a quick commit:
-    `listing`), never freed by its user, else one opened on the view; and the writer of a
-    kept one's new objects."""
+    `listing`), never freed by its user; else one opened on the view."""
     if layers is not None and listing is not None:
         kept = view_commit_handle(ws, layers, listing)
         if kept is not None:
-            pinned, handle, objects = kept
-            return pinned, handle, True, objects
-    return (*pin_and_open_view(view_git_dir(ws.path), ws.path), False, None)
+            return (*kept, True)
+    return (*pin_and_open_view(view_git_dir(ws.path), ws.path), False)
 
 
 def _release(pyrepo: pygit2.Repository, shared: bool) -> None:
@@ -163,12 +159,10 @@ def _commit_job(
     message: str,
     author: Identity,
     shared_handle: bool = False,
-    objects: LooseObjects | None = None,
 ) -> CommitJob:
     """The job of committing the workspace's work through `pyrepo`: on its branch, even if the
     agent moved HEAD (HEAD for a workspace without one), on top of its head as it stands.
-    `shared_handle`: `pyrepo` is a kept handle (`view_commit_handle`), whose new objects
-    `objects` stores (if given)."""
+    `shared_handle`: `pyrepo` is a kept handle (`view_commit_handle`)."""
     ref = ws.branch_ref if ws.branch else "HEAD"
     try:
         head = pyrepo.revparse_single(ref).peel(pygit2.Commit)
@@ -186,7 +180,6 @@ def _commit_job(
         message=message,
         author=author,
         shared_handle=shared_handle,
-        objects=objects,
     )
 
 
@@ -254,7 +247,7 @@ def prepare_commit(
         with registration_held(ws, wait=False) as registered:
             if registered:
                 return None
-            pinned, pyrepo, shared, objects = _open_view(ws, layers, listing)
+            pinned, pyrepo, shared = _open_view(ws, layers, listing)
             try:
                 planted = secure_workspace_git(
                     pinned, upper=layers / "upper", gitfile=False, listing=listing
@@ -267,7 +260,6 @@ def prepare_commit(
                     message="",
                     author=author,
                     shared_handle=shared,
-                    objects=objects,
                 )
                 made = view_tree(job, layers, listing)
             except BaseException:

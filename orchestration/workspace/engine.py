@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestration.contracts import FileChange
 from orchestration.errors import RepositoryError
 from orchestration.workspace.git import FANOUT_IDENTITY, Identity, tree_of
-from orchestration.workspace.loose import LooseObjects
 from toolbus.gitcmd import Pinned
 from toolbus.resources import WriteScope
 
@@ -65,9 +64,6 @@ class CommitJob:
     """`pyrepo` is a handle kept for the quick commits of views on one base (its work tree the
     base's checkout, `view_commit_handle`): the view's files are read by their paths under
     `pinned.work_tree`, and the handle is never freed by the job's user."""
-    objects: LooseObjects | None = None
-    """Where the handle's new objects are stored by this process instead of libgit2
-    (`loose_objects`): a kept handle's, where git allows it."""
 
 
 class GitEngine(Protocol):
@@ -152,29 +148,17 @@ def advance_branch(
     tree: str,
     message: str,
     author: Identity,
-    objects: LooseObjects | None = None,
 ) -> pygit2.Oid:
     """Commit `tree` on top of `head` and move `ref` to it by compare-and-swap under its ref
-    lock; raises `RepositoryError` when `ref` moved meanwhile. `objects`: stores the commit
-    object (else libgit2 does)."""
-    text = commit_message(message) + "\n"
-    if objects is not None:
-        commit = objects.commit(
-            tree=pygit2.Oid(hex=tree),
-            parents=[head.id],
-            author=author.signature(),
-            committer=FANOUT_IDENTITY.signature(),
-            message=text,
-        )
-    else:
-        commit = pyrepo.create_commit(
-            None,
-            author.signature(),
-            FANOUT_IDENTITY.signature(),
-            text,
-            pygit2.Oid(hex=tree),
-            [head.id],
-        )
+    lock; raises `RepositoryError` when `ref` moved meanwhile."""
+    commit = pyrepo.create_commit(
+        None,
+        author.signature(),
+        FANOUT_IDENTITY.signature(),
+        commit_message(message) + "\n",
+        pygit2.Oid(hex=tree),
+        [head.id],
+    )
     try:
         with pyrepo.transaction() as txn:
             txn.lock_ref(ref)

@@ -28,7 +28,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,13 +63,6 @@ from orchestration.workspace.git import (
 )
 from orchestration.workspace.included import included_paths
 from orchestration.workspace.libgit2_git import Libgit2Git, common_dir
-from orchestration.workspace.loose import (
-    CONFIG_KEYS,
-    MODES,
-    LooseObjects,
-    loose_objects,
-    plain_name,
-)
 from orchestration.workspace.pinning import (
     Workspace,
     admin_dir_of,
@@ -885,18 +878,9 @@ def view_tree(job: CommitJob, layers: Path, listing: UpperListing | None = None)
     if lower != job.base:
         candidates.update(changed_paths(pyrepo, job.base, str(tree_of(pyrepo, lower).id)))
     changes, dropped = _view_changes(
-        pyrepo,
-        job.pinned,
-        base_tree,
-        candidates,
-        job.write_scope,
-        shared=job.shared_handle,
-        objects=job.objects,
+        pyrepo, job.pinned, base_tree, candidates, job.write_scope, shared=job.shared_handle
     )
-    if job.objects is not None and _storable(changes):
-        tree = job.objects.tree(pyrepo, base_tree, changes)
-    else:
-        tree = _apply(pyrepo, base_tree, changes)
+    tree = _apply(pyrepo, base_tree, changes)
     tree_id = str(tree) if tree is not None else str(pyrepo.TreeBuilder().write())
     return ViewTree(tree=tree_id, base_tree=base_tree, changes=changes, dropped=dropped)
 
@@ -922,13 +906,7 @@ def commit_view(
     if made.tree == str(head.tree_id):
         return WorkCommit(commit=None, changes=[], dropped=made.dropped)
     commit = advance_branch(
-        pyrepo,
-        ref=job.ref,
-        head=head,
-        tree=made.tree,
-        message=job.message,
-        author=job.author,
-        objects=job.objects,
+        pyrepo, ref=job.ref, head=head, tree=made.tree, message=job.message, author=job.author
     )
     if keep_working:
         _follow_commit(pyrepo, made.tree)
@@ -1042,7 +1020,6 @@ _READ_ONCE = frozenset(
         "core.safecrlf",
         "core.ignorecase",
         "core.symlinks",
-        *CONFIG_KEYS,
     }
 )
 _OFF = ("false", "no", "off", "0")
@@ -1056,19 +1033,17 @@ class _KeptHandle:
     # `info/attributes`); None: `core.autocrlf` may convert any file
     attribute_files: tuple[str, ...] | None
     used: float
-    objects: LooseObjects | None = None  # (`loose_objects`)
 
 
 def view_commit_handle(
     ws: Workspace, layers: Path, listing: UpperListing
-) -> tuple[Pinned, pygit2.Repository, LooseObjects | None] | None:
+) -> tuple[Pinned, pygit2.Repository] | None:
     """A handle kept by this thread for the quick commit (`quick_upper` gave `listing`) of the
     view `ws`, not registered: opened on `commit_git_dir`, its work tree the checkout of the
     view's base, so that its rules are loaded once for every view on that base. None when a
     rule libgit2 would read there may not be the view's (`_base_rules_hold`): the caller opens
     a handle on the view itself. The handle is shared: never freed by its user; dropped by
-    `drop_idle_branch_handle`, or when this thread keeps others. With it, the writer of its
-    new objects (`loose_objects`; None: libgit2 stores them)."""
+    `drop_idle_branch_handle`, or when this thread keeps others."""
     if lists_secured(listing):
         return None  # (what `secure_workspace_git` may move: the view is read after that)
     base = _in_base(layers, ws.base_commit, "tree")
@@ -1087,13 +1062,7 @@ def view_commit_handle(
         )
         handle.workdir = base
         names, read_once = _config_of(handle)
-        held = _KeptHandle(
-            handle,
-            read_once,
-            _attribute_files(handle, read_once),
-            0.0,
-            loose_objects(handle, common_dir(handle) / "objects"),
-        )
+        held = _KeptHandle(handle, read_once, _attribute_files(handle, read_once), 0.0)
         while len(kept) >= _VIEW_HANDLES_KEPT:
             kept.pop(next(iter(kept)))  # (freed with the last object of it in use)
     held.used = time.monotonic()
@@ -1102,7 +1071,7 @@ def view_commit_handle(
     if not _base_rules_hold(held.handle, layers, base, listing, converting=converting):
         return None
     pinned = Pinned(git_dir, Path(ws.path), gitcmd.filter_overrides(names))
-    return pinned, held.handle, held.objects
+    return pinned, held.handle
 
 
 def _config_of(pyrepo: pygit2.Repository) -> tuple[list[str], tuple[tuple[str, str | None], ...]]:
@@ -1299,12 +1268,10 @@ def _view_changes(
     scope: WriteScope,
     *,
     shared: bool = False,
-    objects: LooseObjects | None = None,
 ) -> tuple[dict[str, tuple[str, int] | None], list[str]]:
     """What each candidate path is in the view (a blob and mode, or None: absent), for those
     that differ from the base and lie in scope; and the out-of-scope ones that differ.
-    `shared`: `pyrepo` is a kept handle on the view's base (`view_commit_handle`), whose new
-    blobs `objects` stores (if given)."""
+    `shared`: `pyrepo` is a kept handle on the view's base (`view_commit_handle`)."""
     root = pinned.work_tree
     gitlinks = _gitlinks_of(base_tree, candidates)
     wanted: dict[str, int] = {}
@@ -1342,7 +1309,7 @@ def _view_changes(
         else:
             mode = int(base_entry.filemode) if base_entry is not None else int(_BLOB)
         wanted[rel] = mode
-    blobs = _hash(pyrepo, pinned, base_tree, sorted(wanted), shared=shared, objects=objects)
+    blobs = _hash(pyrepo, pinned, base_tree, sorted(wanted), shared=shared)
     changes: dict[str, tuple[str, int] | None] = {}
     dropped: list[str] = []
     for rel, mode in wanted.items():
@@ -1419,22 +1386,18 @@ def _hash(
     paths: list[str],
     *,
     shared: bool = False,
-    objects: LooseObjects | None = None,
 ) -> dict[str, str]:
     """Blob ids of the view's files as git's `hash-object` stores them, under the attributes
     of the view's own files (their conversions applied): in-process where libgit2 converts as
     git does and reads the same rules (`_same_rules`), else by pinned git. A symbolic link's
     blob is its target. `shared`: `pyrepo` is a kept handle on the view's base, for whose
-    files no conversion applies (`view_commit_handle`): their bytes are stored as they are,
-    by `objects` if given (a file as in the base is not stored again)."""
+    files no conversion applies (`view_commit_handle`): their bytes are stored as they are."""
     out: dict[str, str] = {}
     files: list[str] = []
     for rel in paths:
         full = pinned.work_tree / rel
         if os.path.islink(full):
-            target = os.fsencode(os.readlink(full))
-            blob = objects.write(b"blob", target) if objects else pyrepo.create_blob(target)
-            out[rel] = str(blob)
+            out[rel] = str(pyrepo.create_blob(os.fsencode(os.readlink(full))))
         else:
             files.append(rel)
     if not files:
@@ -1448,15 +1411,6 @@ def _hash(
         try:
             if shared:
                 root = pinned.work_tree
-                if objects is not None:
-                    return out | {
-                        rel: str(
-                            objects.write(
-                                b"blob", read_bytes(root / rel), unless=_blob_in(base_tree, rel)
-                            )
-                        )
-                        for rel in files
-                    }
                 return out | {
                     rel: str(pyrepo.create_blob_fromdisk(str(root / rel))) for rel in files
                 }
@@ -1480,23 +1434,6 @@ def _hash(
             )
         out.update(zip(names, ids, strict=True))
     return out
-
-
-def _blob_in(tree: pygit2.Tree, rel: str) -> pygit2.Oid | None:
-    """The id of the blob at `rel` in `tree`, if one is there."""
-    try:
-        entry = tree[rel]
-    except KeyError:
-        return None
-    return entry.id if entry.type_str == "blob" else None
-
-
-def _storable(changes: Mapping[str, tuple[str, int] | None]) -> bool:
-    """Whether `LooseObjects.tree` may write the trees of `changes`: plain names, known modes."""
-    return all(
-        (change is None or change[1] in MODES) and all(plain_name(p) for p in rel.split("/"))
-        for rel, change in changes.items()
-    )
 
 
 def _same_rules(pyrepo: pygit2.Repository, root: Path, files: Sequence[str]) -> bool:
