@@ -312,20 +312,6 @@ def read_record(path: str, encoding: str = "ascii", limit: int = 4096) -> str | 
         os.close(fd)
 
 
-def read_bytes(path: str | os.PathLike[str]) -> bytes:
-    """The content of the file at `path`, by a descriptor (read in one call where its size
-    holds still)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        chunks = [os.read(fd, max(size, 1) + 1)]
-        while chunks[-1]:
-            chunks.append(os.read(fd, 1 << 20))
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def write_whole(path: Path, text: str) -> None:
     """Write `path` so that it never exists with part of `text`: a temporary file beside it
     (named for this process and thread, so that two writers never share it), renamed over it."""

@@ -55,7 +55,6 @@ from orchestration.workspace.git import (
     GitRepo,
     check_component,
     copy_index,
-    read_bytes,
     read_record,
     run_git,
     tree_of,
@@ -362,7 +361,7 @@ def _read_view_meta(layers: Path, path: Path) -> Workspace | None:
     none (not a view, or its creation was cut short). It is the second line of `lower`
     (`_write_lower`), or in layers an earlier version made, a file of its own."""
     try:
-        _, _, text = read_bytes(layers / "lower").partition(b"\n")
+        _, _, text = (layers / "lower").read_bytes().partition(b"\n")
         if not text.strip():
             text = (layers / WORKSPACE_META).read_bytes()
         ws = Workspace.model_validate_json(text)
@@ -633,7 +632,8 @@ def _write_lower(layers: Path, commit: str) -> None:
     place: the one reader that matters, `release_base` of the same base, holds its exclusive
     lock, and a torn record names no base (a kill while it was written: the view was not made).
     The view's own record follows as the file's second line once the view is made
-    (`_write_view_meta`): one file, where each view's inodes cost its creation most."""
+    (`_write_view_meta`): one file for both, since each file is an inode to allocate, on a
+    churned disk the costliest part of a view's creation."""
     (layers / "lower").write_text(commit + "\n", encoding="ascii")
 
 
