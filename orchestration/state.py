@@ -530,8 +530,7 @@ class StateStore:
             stored = {agent.agent_id: (self._insert_agent(db, agent), agent) for agent in agents}
             self._append_event(db, run.run_id, None, EventKind.RUN_CREATED, f"{len(agents)} agents")
         for agent_id, kept in stored.items():
-            self._keep_applied(agent_id, kept)
-            self._valid_at[agent_id] = version  # (this connection's commit leaves it as it was)
+            self._keep_applied(agent_id, kept, version)
         self._parsed_agents.setdefault(run.run_id, stored)
         self._notify()
 
@@ -588,9 +587,7 @@ class StateStore:
         if row is None:
             return version, None
         parsed = _reparsed(known, str(row[0]), AgentRecord)
-        if parsed is not known:
-            self._keep_applied(agent_id, parsed)
-        self._valid_at[agent_id] = version
+        self._keep_applied(agent_id, parsed, version)
         return version, parsed[1]
 
     def agents(self, run_id: str) -> list[AgentRecord]:
@@ -627,8 +624,7 @@ class StateStore:
             self._append_event(db, updated.run_id, agent_id, kind, detail or updated.status.value)
             if settle is not None:
                 self._settle(db, updated.run_id, *settle)
-        self._remember(updated.run_id, agent_id, (text, updated))
-        self._valid_at[agent_id] = version  # this connection's commit leaves it as it was
+        self._remember(updated.run_id, agent_id, (text, updated), version)
         self._notify()
         return updated
 
@@ -638,13 +634,15 @@ class StateStore:
         record): the next `apply` or `agent` parses the row only when it changed since."""
         return {}
 
-    def _keep_applied(self, agent_id: str, parsed: tuple[str, AgentRecord]) -> None:
-        """Keep `parsed` (stored JSON, its record) as the agent's in `_applied`, at most
-        `_APPLIED_KEPT` agents' at a time."""
+    def _keep_applied(self, agent_id: str, parsed: tuple[str, AgentRecord], version: int) -> None:
+        """Keep `parsed` (stored JSON, its record) as the agent's in `_applied`, valid at
+        `data_version` `version` (`_valid_at`: a write of this connection's own leaves the
+        version as it was), at most `_APPLIED_KEPT` agents' at a time."""
         if len(self._applied) >= _APPLIED_KEPT and agent_id not in self._applied:
             self._applied.clear()
             self._valid_at.clear()
         self._applied[agent_id] = parsed
+        self._valid_at[agent_id] = version
 
     @functools.cached_property
     def _valid_at(self) -> dict[str, int]:
@@ -662,11 +660,14 @@ class StateStore:
         """SQLite's count of the changes other connections committed, as this one sees it."""
         return int(db.execute("PRAGMA data_version").fetchone()[0])
 
-    def _remember(self, run_id: str, agent_id: str, stored: tuple[str, AgentRecord]) -> None:
-        """Keep the record `apply` just stored, so that neither the next `apply` nor a snapshot
-        parses the JSON it was made from. A snapshot's row is replaced, never added (a snapshot
-        may be copying that dict in another thread: its size must not change)."""
-        self._keep_applied(agent_id, stored)
+    def _remember(
+        self, run_id: str, agent_id: str, stored: tuple[str, AgentRecord], version: int
+    ) -> None:
+        """Keep the record `apply` just stored (at `version`, see `_keep_applied`), so that
+        neither the next `apply` nor a snapshot parses the JSON it was made from. A snapshot's
+        row is replaced, never added (a snapshot may be copying that dict in another thread:
+        its size must not change)."""
+        self._keep_applied(agent_id, stored, version)
         rows = self._parsed_agents.get(run_id)
         if rows is not None and agent_id in rows:
             rows[agent_id] = stored
