@@ -307,14 +307,36 @@ def _marked(param: MessageParam) -> MessageParam:
 
 def _system_and_tools(request: ModelRequest) -> tuple[list[TextBlockParam], list[ToolParam]]:
     """The request's system blocks and tools, with their breakpoints (the run's lifetime)."""
-    shared: CacheControlEphemeralParam = (
+    prefix, task = _prefix_block(request), _task_block(request)
+    system = [b for b in (prefix, task) if b is not None]
+    return system, _tool_params(request)
+
+
+def _shared_breakpoint(request: ModelRequest) -> CacheControlEphemeralParam:
+    """The breakpoint of the parts a run's agents share, for the run's lifetime."""
+    return (
         EPHEMERAL if request.cache_ttl == "5m" else {"type": "ephemeral", "ttl": request.cache_ttl}
     )
-    system: list[TextBlockParam] = []
-    if request.system_prefix:
-        system.append({"type": "text", "text": request.system_prefix, "cache_control": shared})
-    if request.system_task:
-        system.append({"type": "text", "text": request.system_task})
+
+
+def _prefix_block(request: ModelRequest) -> TextBlockParam | None:
+    """The system block of the run's prefix (the same for all its agents), with a breakpoint."""
+    if not request.system_prefix:
+        return None
+    return {
+        "type": "text",
+        "text": request.system_prefix,
+        "cache_control": _shared_breakpoint(request),
+    }
+
+
+def _task_block(request: ModelRequest) -> TextBlockParam | None:
+    """The system block of the agent's own task."""
+    return {"type": "text", "text": request.system_task} if request.system_task else None
+
+
+def _tool_params(request: ModelRequest) -> list[ToolParam]:
+    """The tools, the last one with the shared breakpoint."""
     tools: list[ToolParam] = [
         {
             "name": spec.name,
@@ -324,8 +346,8 @@ def _system_and_tools(request: ModelRequest) -> tuple[list[TextBlockParam], list
         for spec in request.tools
     ]
     if tools:
-        tools[-1]["cache_control"] = shared
-    return system, tools
+        tools[-1]["cache_control"] = _shared_breakpoint(request)
+    return tools
 
 
 def _message_param(message: Message) -> MessageParam:
@@ -374,6 +396,9 @@ class _WireCache:
         # (prefix, task, ttl, the tools' ids) -> (system JSON, tools JSON, the tools, kept so
         # that their ids stay theirs while the entry stands)
         self._fixed: dict[tuple[str, str, str, tuple[int, ...]], tuple[str, str, list[Any]]] = {}
+        # (prefix, ttl, the tools' ids) -> (the prefix block's JSON or "", tools JSON, the
+        # tools): what the agents of a run share, made once for all of them
+        self._shared: dict[tuple[str, str, tuple[int, ...]], tuple[str, str, list[Any]]] = {}
         # id(message) -> (the message, kept for the same reason, its JSON without a breakpoint)
         self._messages: dict[int, tuple[Message, str]] = {}
         self._message_chars = 0
@@ -404,15 +429,30 @@ class _WireCache:
         )
         known = self._fixed.get(key)
         if known is None:
-            system, tools = _system_and_tools(request)
+            prefix, tools, kept = self._shared_part(request, key[3])
+            task = _task_block(request)
+            blocks = [b for b in (prefix, _dumps(task) if task is not None else "") if b]
             if len(self._fixed) >= self._MAX_FIXED:
                 self._fixed.clear()
-            known = self._fixed[key] = (
-                _dumps(system),
+            known = self._fixed[key] = (f"[{','.join(blocks)}]", tools, kept)
+        return known[0], known[1]
+
+    def _shared_part(
+        self, request: ModelRequest, tool_ids: tuple[int, ...]
+    ) -> tuple[str, str, list[Any]]:
+        key = (request.system_prefix, request.cache_ttl, tool_ids)
+        known = self._shared.get(key)
+        if known is None:
+            prefix = _prefix_block(request)
+            tools = _tool_params(request)
+            if len(self._shared) >= self._MAX_FIXED:
+                self._shared.clear()
+            known = self._shared[key] = (
+                _dumps(prefix) if prefix is not None else "",
                 _dumps(tools) if tools else "",
                 list(request.tools),
             )
-        return known[0], known[1]
+        return known
 
     def _message(self, message: Message) -> str:
         known = self._messages.get(id(message))

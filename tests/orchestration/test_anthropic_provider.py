@@ -547,6 +547,7 @@ def test_the_kept_json_of_requests_is_the_whole_body_byte_for_byte() -> None:
         {"tools": TOOLS},
         {"tools": [], "system_prefix": ""},
         {"tools": TOOLS[:1], "system_task": "", "cache_ttl": "1h"},
+        {"tools": TOOLS, "system_task": "another agent's task"},  # the first one's shared part
     ]
     for turn in turns:
         history = [*history, *turn]
