@@ -40,13 +40,38 @@ def describe_kind(mode: int) -> str:
     return "not a regular file"
 
 
+def _real_dir(path: Path) -> str | None:
+    """The real path of the directory `path` (links followed, as `os.path.realpath`), None
+    when it is no directory. Where `/proc` is, the kernel names the directory once it is open:
+    three system calls instead of a look at each component of the path."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        named = os.readlink(f"/proc/self/fd/{fd}")
+        # (a directory deleted meanwhile is named with a suffix; one out of this process's
+        # root, without the leading slash: neither is the directory's path)
+        if named.startswith("/") and os.path.samestat(os.stat(named), os.fstat(fd)):
+            return named
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    real = os.path.realpath(path)
+    return real if os.path.isdir(real) else None
+
+
 class Jail:
     """Resolves repository-relative paths inside `root`, or raises `PathEscape`."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(os.path.realpath(root))
-        if not self.root.is_dir():
-            raise FileNotFound(f"workspace {self.root} does not exist or is not a directory")
+        real = _real_dir(root)
+        if real is None:
+            raise FileNotFound(
+                f"workspace {os.path.realpath(root)} does not exist or is not a directory"
+            )
+        self.root = Path(real)
 
     def check(self, path: str) -> str:
         """Lexical checks only: the normalised path (no NUL, `..` out, absolute, `.git`)."""

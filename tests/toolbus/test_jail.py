@@ -89,3 +89,27 @@ def test_open_dir_creates_missing_directories_only_when_asked(root: Path) -> Non
 def test_missing_root(tmp_path: Path) -> None:
     with pytest.raises(FileNotFound):
         Jail(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("proc", [True, False], ids=["proc", "no-proc"])
+def test_the_root_is_the_real_directory(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proc: bool
+) -> None:
+    """A root named through a link is the directory's real path, which the checks of links
+    inside compare with; a file is no root. Without `/proc`, the path is looked at instead."""
+    if not proc:
+        readlink = os.readlink
+
+        def no_proc(path: str) -> str:
+            if path.startswith("/proc/"):
+                raise FileNotFoundError(path)
+            return readlink(path)
+
+        monkeypatch.setattr(os, "readlink", no_proc)
+    os.symlink(root, tmp_path / "via")
+    jail = Jail(tmp_path / "via")
+    assert jail.root == Path(os.path.realpath(root))
+    with pytest.raises(PathEscape, match="leads outside"):
+        jail.resolve("out/secret.txt")
+    with pytest.raises(FileNotFound):
+        Jail(root / "src" / "pkg" / "mod.py")
