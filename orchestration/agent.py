@@ -137,7 +137,8 @@ class Transcript:
             append_text(self.path, lines)
 
     def touch(self) -> None:
-        """Create the file; appends then only open it."""
+        """Create the file (from a worker thread, for a loop whose appends are not batched);
+        appends then only open it."""
         if self.path is not None:
             append_text(self.path, "")
 

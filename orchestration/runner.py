@@ -492,7 +492,6 @@ class AgentRunner:
             while_waiting=partial(self.commit_ahead, ctx, runtime),
             owner_records_last_turn=True,
         )
-        loop.transcript.touch()
         runtime.loop = loop
         runtime.started_at = self.clock.monotonic()
         outcome = LoopOutcome(StopReason.INTERNAL_ERROR, error="the loop did not run")
@@ -538,7 +537,6 @@ class AgentRunner:
                 kind=ctx.workspace_kinds.get(agent.run_id)
                 or ws_mod.view_support(ctx.repo, self.settings.workspaces).kind,
             )
-            audit.touch()
             # a view's git registration is made when git is first needed inside it
             terminal = Terminal(
                 workspace.path,
