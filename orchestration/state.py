@@ -57,6 +57,9 @@ def _reparsed(
     return text, model.model_validate_json(text)
 
 
+# Events are never deleted, so a new event's `seq` (its rowid: the largest one plus one) only
+# grows, as cursors need; AUTOINCREMENT would keep the same promise at the price of writing its
+# counter's page in every transaction that records one (stores made before keep theirs).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, created_at REAL NOT NULL, data TEXT NOT NULL);
@@ -64,7 +67,7 @@ CREATE TABLE IF NOT EXISTS agents (
     agent_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, ord INTEGER NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS agents_run ON agents(run_id, ord);
 CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, run_id TEXT, agent_id TEXT,
+    seq INTEGER PRIMARY KEY, ts REAL NOT NULL, run_id TEXT, agent_id TEXT,
     kind TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_run ON events(run_id, seq);
 CREATE TABLE IF NOT EXISTS budgets (
