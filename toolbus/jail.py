@@ -40,24 +40,29 @@ def describe_kind(mode: int) -> str:
     return "not a regular file"
 
 
+_NAMED_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
+
+
 def _real_dir(path: Path) -> str | None:
     """The real path of the directory `path` (links followed, as `os.path.realpath`), None
-    when it is no directory. Where `/proc` is, the kernel names the directory once it is open:
-    three system calls instead of a look at each component of the path."""
+    when it is no directory. Where `/proc` is, the kernel names the directory once it is open
+    (open, readlink, two stats to check the name, close) instead of a look at each component
+    of the path; where that fails, the look."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(path, _NAMED_FLAGS)
     except OSError:
-        return None
-    try:
-        named = os.readlink(f"/proc/self/fd/{fd}")
-        # (a directory deleted meanwhile is named with a suffix; one out of this process's
-        # root, without the leading slash: neither is the directory's path)
-        if named.startswith("/") and os.path.samestat(os.stat(named), os.fstat(fd)):
-            return named
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        fd = None
+    if fd is not None:
+        try:
+            named = os.readlink(f"/proc/self/fd/{fd}")
+            # (a directory deleted meanwhile is named with a suffix; one out of this process's
+            # root, without the leading slash: neither is the directory's path)
+            if named.startswith("/") and os.path.samestat(os.stat(named), os.fstat(fd)):
+                return named
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
     real = os.path.realpath(path)
     return real if os.path.isdir(real) else None
 
