@@ -127,20 +127,18 @@ class Transcript:
         self.path = path
         self.batched = batched
         self._pending: list[str] = []
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
 
     def flush(self) -> None:
         """Write the lines kept so far."""
         if self._pending and self.path is not None:
             lines, self._pending = "".join(self._pending), []
-            append_text(self.path, lines)
+            append_text(self.path, lines, parents=True)
 
     def touch(self) -> None:
         """Create the file (from a worker thread, for a loop whose appends are not batched);
         appends then only open it."""
         if self.path is not None:
-            append_text(self.path, "")
+            append_text(self.path, "", parents=True)
 
     def append(self, kind: str, payload: object) -> None:
         if self.path is not None:
@@ -155,7 +153,7 @@ class Transcript:
         if self.batched:
             self._pending.append(line)
         else:
-            append_text(self.path, line)
+            append_text(self.path, line, parents=True)
 
 
 @dataclass

@@ -26,12 +26,19 @@ MAX_DETAIL_CHARS = 2000
 _APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
-def append_text(path: Path, text: str, *, fsync: bool = False) -> None:
+def append_text(path: Path, text: str, *, fsync: bool = False, parents: bool = False) -> None:
     """Append `text` to the file at `path` (made if missing) by one descriptor, no file object:
     the logs of every agent append a line at each step, and a Python file object costs more to
-    build than the write. `fsync`: durable before this returns."""
+    build than the write. `fsync`: durable before this returns. `parents`: its directories are
+    made if missing (only then: a log's directory exists at every write but its first)."""
     data = text.encode("utf-8")
-    fd = os.open(path, _APPEND_FLAGS, 0o666)
+    try:
+        fd = os.open(path, _APPEND_FLAGS, 0o666)
+    except FileNotFoundError:
+        if not parents:
+            raise
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, _APPEND_FLAGS, 0o666)
     try:
         view = memoryview(data)
         while view:
@@ -104,14 +111,12 @@ class AuditLog:
         self._fsync = fsync
         self._records: list[AuditRecord] = []
         self._lock = threading.Lock()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
 
     def touch(self) -> None:
         """Create the log file now (blocking; from a worker thread), so that the first record
         does not allocate it on the caller's thread."""
         if self.path is not None:
-            append_text(self.path, "")
+            append_text(self.path, "", parents=True)
 
     @classmethod
     def load(cls, path: Path, *, fsync: bool = False) -> AuditLog:
@@ -186,7 +191,7 @@ class AuditLog:
             )
             if self.path is not None:
                 line = record.model_dump_json(exclude_none=True) + "\n"
-                append_text(self.path, line, fsync=self._fsync)
+                append_text(self.path, line, fsync=self._fsync, parents=True)
             self._records.append(record)
             return record
 
@@ -198,7 +203,7 @@ class AuditLog:
         with self._lock:
             if self.path is not None:
                 lines = "".join(r.model_dump_json(exclude_none=True) + "\n" for r in records)
-                append_text(self.path, lines, fsync=self._fsync)
+                append_text(self.path, lines, fsync=self._fsync, parents=True)
             self._records.extend(records)
 
     def records(self) -> list[AuditRecord]:

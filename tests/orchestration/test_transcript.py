@@ -179,9 +179,9 @@ def test_a_batched_transcript_writes_a_turn_at_once_and_nothing_waits_unwritten(
     writes: list[int] = []
     real = agent_module.append_text
 
-    def counted(target: Path, text: str, *, fsync: bool = False) -> None:
+    def counted(target: Path, text: str, *, fsync: bool = False, parents: bool = False) -> None:
         writes.append(text.count("\n"))
-        real(target, text, fsync=fsync)
+        real(target, text, fsync=fsync, parents=parents)
 
     monkeypatch.setattr(agent_module, "append_text", counted)
     model, tools = _TwoTurns(path), _Tools(path)
