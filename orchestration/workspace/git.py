@@ -312,6 +312,19 @@ def read_record(path: str, encoding: str = "ascii", limit: int = 4096) -> str | 
         os.close(fd)
 
 
+def read_whole(path: str | Path) -> bytes:
+    """The whole file at `path`, by a descriptor (no file object: a view's creation and its
+    commit look for files most of which do not exist); OSError as `open` raises it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks: list[bytes] = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def write_whole(path: Path, text: str) -> None:
     """Write `path` so that it never exists with part of `text`: a temporary file beside it
     (named for this process and thread, so that two writers never share it), renamed over it."""

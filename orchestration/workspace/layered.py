@@ -56,6 +56,7 @@ from orchestration.workspace.git import (
     check_component,
     copy_index,
     read_record,
+    read_whole,
     run_git,
     tree_of,
     write_whole,
@@ -214,8 +215,8 @@ class ChosenWorkspaces(GitWorktrees):
         upper, work = layers / "upper", layers / "work"
         base_dir, lower = _hold_base(repo, base, layers, wait=wait)
         branch = f"{BRANCH_PREFIX}{run_id}/{agent_id}"
-        upper.mkdir(parents=True, exist_ok=True)
-        work.mkdir(parents=True, exist_ok=True)
+        _make_dir(upper)
+        _make_dir(work)
         if driver != overlay.OVERLAY:
             write_whole(layers / "driver", driver + "\n")
         if lower != base:
@@ -229,7 +230,7 @@ class ChosenWorkspaces(GitWorktrees):
                 f"the workspace of {agent_id} could not be made: its branch {branch} exists "
                 "from an earlier attempt at another commit; rerun the agent"
             )
-        path.mkdir(parents=True, exist_ok=True)
+        _make_dir(path)
         if not overlay.is_mounted(path):
             overlay.mount_view(driver, [base_dir / "tree"], upper, work, path)
         included = _layer_included(repo, path, layers, include, driver)
@@ -361,15 +362,26 @@ def _read_view_meta(layers: Path, path: Path) -> Workspace | None:
     none (not a view, or its creation was cut short). It is the second line of `lower`
     (`_write_lower`), or in layers an earlier version made, a file of its own."""
     try:
-        _, _, text = (layers / "lower").read_bytes().partition(b"\n")
+        _, _, text = read_whole(os.path.join(layers, "lower")).partition(b"\n")
         if not text.strip():
-            text = (layers / WORKSPACE_META).read_bytes()
+            text = read_whole(os.path.join(layers, WORKSPACE_META))
         ws = Workspace.model_validate_json(text)
     except (OSError, ValueError):
         return None
-    if not (layers / "upper").is_dir():
+    if not os.path.isdir(os.path.join(layers, "upper")):
         return None
     return ws.model_copy(update={"path": path})
+
+
+def _make_dir(path: str | Path) -> None:
+    """`mkdir -p path`: one system call where its parent exists."""
+    try:
+        os.mkdir(path)
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
 
 
 # a view's registration and its commits exclude each other in this process (a lock per view,
@@ -574,7 +586,11 @@ def _base_lock(base_dir: Path, *, shared: bool, wait: bool = True) -> Generator[
     when it is taken."""
     path = str(base_dir) + ".lock"
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # the repository's first base
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
             fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
@@ -606,10 +622,9 @@ def _hold_base(repo: GitRepo, commit: str, layers: Path, *, wait: bool = True) -
     lock is let go, so that no removal deletes it in between. Not `wait`: `WouldBlock` unless
     `commit`'s own base is there and its lock free."""
     base_dir = _base_dir(repo.state_dir, commit)
-    base_dir.parent.mkdir(parents=True, exist_ok=True)
-    layers.mkdir(parents=True, exist_ok=True)
+    _make_dir(layers)
     with _base_lock(base_dir, shared=True, wait=wait):
-        if (base_dir / "index").is_file():
+        if os.path.isfile(os.path.join(base_dir, "index")):
             _write_lower(layers, commit)
             return base_dir, commit
     if not wait:
@@ -634,7 +649,13 @@ def _write_lower(layers: Path, commit: str) -> None:
     The view's own record follows as the file's second line once the view is made
     (`_write_view_meta`): one file for both, since each file is an inode to allocate, on a
     churned disk the costliest part of a view's creation."""
-    (layers / "lower").write_text(commit + "\n", encoding="ascii")
+    fd = os.open(
+        os.path.join(layers, "lower"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666
+    )
+    try:
+        os.write(fd, (commit + "\n").encode("ascii"))
+    finally:
+        os.close(fd)
 
 
 def _write_view_meta(layers: Path, ws: Workspace) -> None:

@@ -24,7 +24,7 @@ from orchestration.workspace.engine import (
     changed_paths,
     reset_index_paths,
 )
-from orchestration.workspace.git import has_hook, read_record, tree_of
+from orchestration.workspace.git import has_hook, read_record, read_whole, tree_of
 from orchestration.workspace.pinning import is_rule_file, open_workspace_repo
 from toolbus.gitcmd import Pinned
 
@@ -68,9 +68,10 @@ class _TreeFacts:
             with self._lock:
                 self._known[key] = known
         ok, files = known
-        info = common_dir(pyrepo) / "info" / "attributes"  # (a worktree's is the repository's)
+        # (a worktree's is the repository's)
+        info = os.path.join(common_dir(pyrepo), "info", "attributes")
         with contextlib.suppress(OSError):
-            if ok and _NOT_IN_PROCESS_ATTRIBUTE.encode() in info.read_bytes():
+            if ok and _NOT_IN_PROCESS_ATTRIBUTE.encode() in read_whole(info):
                 ok = False
         return ok, files
 
