@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import pygit2
 
@@ -56,6 +56,8 @@ def applied_changes(
     pyrepo: pygit2.Repository,
     old: pygit2.Tree,
     changes: Mapping[str, tuple[str, int] | None],
+    *,
+    plain: Collection[str] = (),
 ) -> list[FileChange] | None:
     """What `tree_changes(old, new)` gives, where `new` is `old` with `changes` (path -> its
     blob id and mode, or None: deleted) applied, each differing from `old`, read from those
@@ -63,7 +65,7 @@ def applied_changes(
     copies could be found (a deletion, copies asked for by `diff.renames`), where a path
     changes kind (a file for a directory, a link for a file: a deletion and an addition), or
     where its attributes name a diff driver or binary (the trees' diff applies them, a diff of
-    two blobs does not)."""
+    two blobs does not). `plain`: paths known to have no attributes, not looked up."""
     if any(change is None for change in changes.values()):
         return None
     try:
@@ -88,7 +90,8 @@ def applied_changes(
             mode in _NOT_FILES
             or kind in _NOT_FILES
             or (kind is not None and (kind == _LINK) != (mode == _LINK))
-            or pyrepo.get_attr(path, "diff") is not None  # a driver, or binary: as the trees'
+            # a driver, or binary: as the trees'
+            or (path not in plain and pyrepo.get_attr(path, "diff") is not None)
         ):
             return None
         after = pyrepo[blob_id].peel(pygit2.Blob)

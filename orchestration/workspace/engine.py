@@ -64,6 +64,9 @@ class CommitJob:
     """`pyrepo` is a handle kept for the quick commits of views on one base (its work tree the
     base's checkout, `view_commit_handle`): the view's files are read by their paths under
     `pinned.work_tree`, and the handle is never freed by the job's user."""
+    plain_paths: frozenset[str] = frozenset()
+    """Paths no attribute applies to (`view_commit_handle` found no attribute file for them):
+    their attributes are not looked up."""
 
 
 class GitEngine(Protocol):

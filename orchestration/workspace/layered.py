@@ -935,7 +935,9 @@ def commit_view(
     # alone; a diff of the two whole trees grows with the repository
     base_tree = made.base_tree
     known = (
-        applied_changes(pyrepo, base_tree, made.changes) if head.tree_id == base_tree.id else None
+        applied_changes(pyrepo, base_tree, made.changes, plain=job.plain_paths)
+        if head.tree_id == base_tree.id
+        else None
     )
     return WorkCommit(
         commit=str(commit),
@@ -1058,13 +1060,14 @@ class _KeptHandle:
 
 def view_commit_handle(
     ws: Workspace, layers: Path, listing: UpperListing
-) -> tuple[Pinned, pygit2.Repository] | None:
+) -> tuple[Pinned, pygit2.Repository, frozenset[str]] | None:
     """A handle kept by this thread for the quick commit (`quick_upper` gave `listing`) of the
     view `ws`, not registered: opened on `commit_git_dir`, its work tree the checkout of the
     view's base, so that its rules are loaded once for every view on that base. None when a
     rule libgit2 would read there may not be the view's (`_base_rules_hold`): the caller opens
     a handle on the view itself. The handle is shared: never freed by its user; dropped by
-    `drop_idle_branch_handle`, or when this thread keeps others."""
+    `drop_idle_branch_handle`, or when this thread keeps others. Given with the pinned git and
+    the handle: the listed paths no attribute applies to."""
     if lists_secured(listing):
         return None  # (what `secure_workspace_git` may move: the view is read after that)
     base = _in_base(layers, ws.base_commit, "tree")
@@ -1089,10 +1092,11 @@ def view_commit_handle(
     held.used = time.monotonic()
     kept[key] = held
     converting = _may_convert(held.attribute_files)
-    if not _base_rules_hold(held.handle, layers, base, listing, converting=converting):
+    plain: set[str] = set()
+    if not _base_rules_hold(held.handle, layers, base, listing, converting=converting, plain=plain):
         return None
     pinned = Pinned(git_dir, Path(ws.path), gitcmd.filter_overrides(names))
-    return pinned, held.handle
+    return pinned, held.handle, frozenset(plain)
 
 
 def _config_of(pyrepo: pygit2.Repository) -> tuple[list[str], tuple[tuple[str, str | None], ...]]:
@@ -1151,6 +1155,7 @@ def _base_rules_hold(
     listing: UpperListing,
     *,
     converting: bool,
+    plain: set[str] | None = None,
 ) -> bool:
     """Whether libgit2, working in the base's checkout `base` through `pyrepo`, tells what
     each file of the view's upper layer (`listing`, which holds no rule file) is exactly as in
@@ -1160,7 +1165,9 @@ def _base_rules_hold(
     environment laid under the view (`layers/incl`); the base must hold no directory at the
     file's path (libgit2 would match it as one); and no conversion may apply to the file:
     none where no attribute file exists for it (`converting`: one beyond the work tree's
-    does, or `core.autocrlf` is on), else as libgit2 tells."""
+    does, or `core.autocrlf` is on), else as libgit2 tells. `plain` gets the listed paths no
+    attribute applies to: no attribute file exists for them, in the base's directories above
+    them nor beyond the work tree (the handle's index, `commit_git_dir`'s, holds none)."""
     try:
         laid = _laid_under(layers)
         looked: dict[str, bool] = {}  # a directory above a file -> it has a `.gitattributes`
@@ -1188,6 +1195,8 @@ def _base_rules_hold(
                     break
             if attributed and pyrepo.load_filter_list(rel) is not None:
                 return False
+            if not attributed and plain is not None:
+                plain.add(rel)
     except (OSError, pygit2.GitError, ValueError):
         return False
     return True
@@ -1431,9 +1440,11 @@ def _hash(
     ) and _same_rules(pyrepo, pinned.work_tree, files):
         try:
             if shared:
-                root = pinned.work_tree
+                # (stored as they are: libgit2 would look for attributes and filters again)
+                root = str(pinned.work_tree)
                 return out | {
-                    rel: str(pyrepo.create_blob_fromdisk(str(root / rel))) for rel in files
+                    rel: str(pyrepo.create_blob(_plain_file(os.path.join(root, rel))))
+                    for rel in files
                 }
             return out | {rel: str(pyrepo.create_blob_fromworkdir(rel)) for rel in files}
         except (pygit2.GitError, OSError, ValueError) as exc:
@@ -1455,6 +1466,27 @@ def _hash(
             )
         out.update(zip(names, ids, strict=True))
     return out
+
+
+def _plain_file(path: str) -> bytes:
+    """The bytes of the regular file at `path` for a quick commit (`QUICK_COMMIT_BYTES` at
+    most); OSError for anything else (a link, a pipe, a file that grew since it was listed):
+    git then hashes it (`_hash`)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > QUICK_COMMIT_BYTES:
+            raise OSError(f"{path} is not a file of a quick commit")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, max(st.st_size - size, 0) + 1):
+            size += len(chunk)
+            if size > QUICK_COMMIT_BYTES:
+                raise OSError(f"{path} grew while it was read")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _same_rules(pyrepo: pygit2.Repository, root: Path, files: Sequence[str]) -> bool:

@@ -89,7 +89,22 @@ CONFIGS: dict[str, Callable[[Path], object]] = {
     "plain": lambda root: None,
     "crlf-attribute": lambda root: (root / ".git/info/attributes").write_text("*.py text\n"),
     "autocrlf": lambda root: git(root, "config", "core.autocrlf", "true"),
+    # attributes that change no bytes but how a change is counted (a binary file's lines):
+    # beyond the work tree, in the base, and staged by the user only (not in the agents' base)
+    "diff-attribute": lambda root: (root / ".git/info/attributes").write_text("*.py -diff\n"),
+    "committed-attributes": lambda root: (
+        write(root, "src/.gitattributes", "*.py -diff\n"),
+        git(root, "add", "src/.gitattributes"),
+        git(root, "commit", "-q", "-m", "attributes"),
+    ),
+    "staged-attributes": lambda root: (
+        write(root, "src/.gitattributes", "*.py -diff\n"),
+        git(root, "add", "src/.gitattributes"),
+    ),
 }
+
+
+NO_CONVERSION = ("plain", "diff-attribute", "committed-attributes", "staged-attributes")
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
@@ -113,10 +128,14 @@ def test_the_kept_handle_commits_as_the_views_own(
     want = _commit(there, wait=True)  # in a thread: through a handle on the view itself
     _assert_same_commit(root, here, got, want, config)
     assert got.commit is not None
-    if config == "plain" and edit is _edit:
+    if config in NO_CONVERSION and edit is _edit:
         assert quick_took == ["kept"]
     else:  # a base directory where the view has a file; a conversion of a file's bytes
         assert quick_took == ["declined", "view"]
+    if config in ("diff-attribute", "committed-attributes") and edit is _edit:
+        # the attribute told: the Python files' changes are counted as binary ones
+        counted = {c.path: c.lines_added for c in got.changes if c.path.endswith(".py")}
+        assert counted and set(counted.values()) == {0}, counted
     assert took[len(quick_took) :] == ["view"]
 
 
