@@ -90,13 +90,13 @@ def commit_workspace(
         # workspace's files only afterwards. A view that git never worked in is committed
         # through the repository's git dir, its work tree the view.
         opened: pygit2.Repository | None
-        shared, plain = False, frozenset[str]()
+        shared, plain, config = False, frozenset[str](), None
         if registered:
             pinned, opened = pin_and_open(ws.path)
         else:
             if not ws.branch:
                 raise RepositoryError(f"the view {ws.path} has no branch recorded; rerun the agent")
-            pinned, opened, shared, plain = _open_view(ws, layers, listing)
+            pinned, opened, shared, plain, config = _open_view(ws, layers, listing)
         try:
             upper = layers / "upper" if layers else None
             planted = secure_workspace_git(pinned, upper=upper, gitfile=registered, listing=listing)
@@ -115,6 +115,7 @@ def commit_workspace(
                 author=author,
                 shared_handle=shared,
                 plain_paths=plain,
+                config=config,
             )
             parent = str(job.head.id)
             if layers is not None:
@@ -134,17 +135,19 @@ def commit_workspace(
 
 def _open_view(
     ws: Workspace, layers: Path | None, listing: UpperListing | None
-) -> tuple[Pinned, pygit2.Repository, bool, frozenset[str]]:
+) -> tuple[Pinned, pygit2.Repository, bool, frozenset[str], pygit2.Config | None]:
     """The pinned git and the libgit2 handle a view not registered is committed through,
     whether that handle is its base's kept one (`view_commit_handle`, for a quick commit:
-    `listing`), never freed by its user, else one opened on the view; and the paths no
-    attribute applies to, as far as known (`view_commit_handle`)."""
+    `listing`), never freed by its user, else one opened on the view; the paths no attribute
+    applies to, as far as known, and the snapshot of the configuration to read (both from
+    `view_commit_handle`)."""
     if layers is not None and listing is not None:
         kept = view_commit_handle(ws, layers, listing)
         if kept is not None:
-            pinned, handle, plain = kept
-            return pinned, handle, True, plain
-    return (*pin_and_open_view(view_git_dir(ws.path), ws.path), False, frozenset[str]())
+            pinned, handle, plain, config = kept
+            return pinned, handle, True, plain, config
+    pinned, handle = pin_and_open_view(view_git_dir(ws.path), ws.path)
+    return pinned, handle, False, frozenset[str](), None
 
 
 def _release(pyrepo: pygit2.Repository, shared: bool) -> None:
@@ -163,11 +166,12 @@ def _commit_job(
     author: Identity,
     shared_handle: bool = False,
     plain_paths: frozenset[str] = frozenset(),
+    config: pygit2.Config | None = None,
 ) -> CommitJob:
     """The job of committing the workspace's work through `pyrepo`: on its branch, even if the
     agent moved HEAD (HEAD for a workspace without one), on top of its head as it stands.
     `shared_handle`: `pyrepo` is a kept handle (`view_commit_handle`); `plain_paths`: the
-    paths it found no attribute applies to."""
+    paths it found no attribute applies to; `config`: the snapshot of its configuration."""
     ref = ws.branch_ref if ws.branch else "HEAD"
     try:
         head = pyrepo.revparse_single(ref).peel(pygit2.Commit)
@@ -186,6 +190,7 @@ def _commit_job(
         author=author,
         shared_handle=shared_handle,
         plain_paths=plain_paths,
+        config=config,
     )
 
 
@@ -253,7 +258,7 @@ def prepare_commit(
         with registration_held(ws, wait=False) as registered:
             if registered:
                 return None
-            pinned, pyrepo, shared, plain = _open_view(ws, layers, listing)
+            pinned, pyrepo, shared, plain, config = _open_view(ws, layers, listing)
             try:
                 planted = secure_workspace_git(
                     pinned, upper=layers / "upper", gitfile=False, listing=listing
@@ -267,6 +272,7 @@ def prepare_commit(
                     author=author,
                     shared_handle=shared,
                     plain_paths=plain,
+                    config=config,
                 )
                 made = view_tree(job, layers, listing)
             except BaseException:

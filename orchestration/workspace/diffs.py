@@ -58,6 +58,7 @@ def applied_changes(
     changes: Mapping[str, tuple[str, int] | None],
     *,
     plain: Collection[str] = (),
+    config: pygit2.Config | None = None,
 ) -> list[FileChange] | None:
     """What `tree_changes(old, new)` gives, where `new` is `old` with `changes` (path -> its
     blob id and mode, or None: deleted) applied, each differing from `old`, read from those
@@ -65,11 +66,13 @@ def applied_changes(
     copies could be found (a deletion, copies asked for by `diff.renames`), where a path
     changes kind (a file for a directory, a link for a file: a deletion and an addition), or
     where its attributes name a diff driver or binary (the trees' diff applies them, a diff of
-    two blobs does not). `plain`: paths known to have no attributes, not looked up."""
+    two blobs does not). `plain`: paths known to have no attributes, not looked up. `config`:
+    a snapshot of `pyrepo`'s configuration, read instead of the live one."""
     if any(change is None for change in changes.values()):
         return None
     try:
-        renames = str(pyrepo.config["diff.renames"]).strip().lower()
+        renames = str((config if config is not None else pyrepo.config)["diff.renames"])
+        renames = renames.strip().lower()
     except KeyError:
         renames = "true"
     except (pygit2.GitError, ValueError):

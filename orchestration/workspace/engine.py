@@ -67,6 +67,9 @@ class CommitJob:
     plain_paths: frozenset[str] = frozenset()
     """Paths no attribute applies to (`view_commit_handle` found no attribute file for them):
     their attributes are not looked up."""
+    config: pygit2.Config | None = None
+    """A snapshot of `pyrepo`'s configuration taken for the job (`view_commit_handle`), read
+    instead of the live one, whose every read checks each of its files again."""
 
 
 class GitEngine(Protocol):

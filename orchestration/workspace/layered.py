@@ -899,7 +899,13 @@ def view_tree(job: CommitJob, layers: Path, listing: UpperListing | None = None)
     if lower != job.base:
         candidates.update(changed_paths(pyrepo, job.base, str(tree_of(pyrepo, lower).id)))
     changes, dropped = _view_changes(
-        pyrepo, job.pinned, base_tree, candidates, job.write_scope, shared=job.shared_handle
+        pyrepo,
+        job.pinned,
+        base_tree,
+        candidates,
+        job.write_scope,
+        shared=job.shared_handle,
+        config=job.config,
     )
     tree = _apply(pyrepo, base_tree, changes)
     tree_id = str(tree) if tree is not None else str(pyrepo.TreeBuilder().write())
@@ -935,7 +941,7 @@ def commit_view(
     # alone; a diff of the two whole trees grows with the repository
     base_tree = made.base_tree
     known = (
-        applied_changes(pyrepo, base_tree, made.changes, plain=job.plain_paths)
+        applied_changes(pyrepo, base_tree, made.changes, plain=job.plain_paths, config=job.config)
         if head.tree_id == base_tree.id
         else None
     )
@@ -1060,14 +1066,15 @@ class _KeptHandle:
 
 def view_commit_handle(
     ws: Workspace, layers: Path, listing: UpperListing
-) -> tuple[Pinned, pygit2.Repository, frozenset[str]] | None:
+) -> tuple[Pinned, pygit2.Repository, frozenset[str], pygit2.Config | None] | None:
     """A handle kept by this thread for the quick commit (`quick_upper` gave `listing`) of the
     view `ws`, not registered: opened on `commit_git_dir`, its work tree the checkout of the
     view's base, so that its rules are loaded once for every view on that base. None when a
     rule libgit2 would read there may not be the view's (`_base_rules_hold`): the caller opens
     a handle on the view itself. The handle is shared: never freed by its user; dropped by
     `drop_idle_branch_handle`, or when this thread keeps others. Given with the pinned git and
-    the handle: the listed paths no attribute applies to."""
+    the handle: the listed paths no attribute applies to, and the snapshot of the configuration
+    these were judged by (None if it could not be taken), for the commit to read."""
     if lists_secured(listing):
         return None  # (what `secure_workspace_git` may move: the view is read after that)
     base = _in_base(layers, ws.base_commit, "tree")
@@ -1078,14 +1085,17 @@ def view_commit_handle(
     held = kept.pop(key, None)
     names: list[str] = []
     read_once: tuple[tuple[str, str | None], ...] = ()
+    config: pygit2.Config | None = None
     if held is not None:
-        names, read_once = _config_of(held.handle)
+        config = _snapshot(held.handle)
+        names, read_once = _config_of(held.handle, config)
     if held is None or read_once != held.read_once:
         handle = pygit2.Repository(
             str(commit_git_dir(git_dir)), pygit2.enums.RepositoryOpenFlag.NO_SEARCH
         )
         handle.workdir = base
-        names, read_once = _config_of(handle)
+        config = _snapshot(handle)
+        names, read_once = _config_of(handle, config)
         held = _KeptHandle(handle, read_once, _attribute_files(handle, read_once), 0.0)
         while len(kept) >= _VIEW_HANDLES_KEPT:
             kept.pop(next(iter(kept)))  # (freed with the last object of it in use)
@@ -1096,15 +1106,27 @@ def view_commit_handle(
     if not _base_rules_hold(held.handle, layers, base, listing, converting=converting, plain=plain):
         return None
     pinned = Pinned(git_dir, Path(ws.path), gitcmd.filter_overrides(names))
-    return pinned, held.handle, frozenset(plain)
+    return pinned, held.handle, frozenset(plain), config
 
 
-def _config_of(pyrepo: pygit2.Repository) -> tuple[list[str], tuple[tuple[str, str | None], ...]]:
-    """The configuration's keys, and its entries that a handle reads once (`_READ_ONCE`)."""
+def _snapshot(pyrepo: pygit2.Repository) -> pygit2.Config | None:
+    """The configuration as it stands, read once: every later read of the live one checks
+    each of its files for a change again."""
+    try:
+        return pyrepo.config.snapshot()
+    except pygit2.GitError:
+        return None
+
+
+def _config_of(
+    pyrepo: pygit2.Repository, config: pygit2.Config | None = None
+) -> tuple[list[str], tuple[tuple[str, str | None], ...]]:
+    """The configuration's keys, and its entries that a handle reads once (`_READ_ONCE`);
+    `config`: a snapshot of it to read instead."""
     names: list[str] = []
     once: list[tuple[str, str | None]] = []
     try:
-        for entry in pyrepo.config:
+        for entry in config if config is not None else pyrepo.config:
             name = entry.name
             names.append(name)
             if name.lower() in _READ_ONCE:
@@ -1298,15 +1320,17 @@ def _view_changes(
     scope: WriteScope,
     *,
     shared: bool = False,
+    config: pygit2.Config | None = None,
 ) -> tuple[dict[str, tuple[str, int] | None], list[str]]:
     """What each candidate path is in the view (a blob and mode, or None: absent), for those
     that differ from the base and lie in scope; and the out-of-scope ones that differ.
-    `shared`: `pyrepo` is a kept handle on the view's base (`view_commit_handle`)."""
+    `shared`: `pyrepo` is a kept handle on the view's base (`view_commit_handle`); `config`: a
+    snapshot of its configuration, read instead of the live one."""
     root = pinned.work_tree
     gitlinks = _gitlinks_of(base_tree, candidates)
     wanted: dict[str, int] = {}
     deleted: list[str] = []
-    file_mode = _file_mode_trusted(pyrepo)
+    file_mode = _file_mode_trusted(pyrepo, config)
     unnamed: list[str] = []
     for rel in sorted(candidates):
         if any(is_within(rel, g) for g in gitlinks):
@@ -1339,7 +1363,7 @@ def _view_changes(
         else:
             mode = int(base_entry.filemode) if base_entry is not None else int(_BLOB)
         wanted[rel] = mode
-    blobs = _hash(pyrepo, pinned, base_tree, sorted(wanted), shared=shared)
+    blobs = _hash(pyrepo, pinned, base_tree, sorted(wanted), shared=shared, config=config)
     changes: dict[str, tuple[str, int] | None] = {}
     dropped: list[str] = []
     for rel, mode in wanted.items():
@@ -1382,9 +1406,9 @@ def _gitlinks_of(base_tree: pygit2.Tree, candidates: Iterable[str]) -> set[str]:
     return out
 
 
-def _file_mode_trusted(pyrepo: pygit2.Repository) -> bool:
+def _file_mode_trusted(pyrepo: pygit2.Repository, config: pygit2.Config | None = None) -> bool:
     try:
-        return pyrepo.config.get_bool("core.fileMode")
+        return (config if config is not None else pyrepo.config).get_bool("core.fileMode")
     except (KeyError, pygit2.GitError):
         return True
 
@@ -1416,12 +1440,14 @@ def _hash(
     paths: list[str],
     *,
     shared: bool = False,
+    config: pygit2.Config | None = None,
 ) -> dict[str, str]:
     """Blob ids of the view's files as git's `hash-object` stores them, under the attributes
     of the view's own files (their conversions applied): in-process where libgit2 converts as
     git does and reads the same rules (`_same_rules`), else by pinned git. A symbolic link's
     blob is its target. `shared`: `pyrepo` is a kept handle on the view's base, for whose
-    files no conversion applies (`view_commit_handle`): their bytes are stored as they are."""
+    files no conversion applies (`view_commit_handle`): their bytes are stored as they are.
+    `config`: a snapshot of its configuration, read instead of the live one."""
     out: dict[str, str] = {}
     files: list[str] = []
     for rel in paths:
@@ -1436,7 +1462,7 @@ def _hash(
     # names: none there, none to read again)
     drivers = bool(pinned.config)
     if _LIBGIT2.accepts(
-        pyrepo, base_tree, filter_drivers=drivers, work_tree=pinned.work_tree
+        pyrepo, base_tree, filter_drivers=drivers, work_tree=pinned.work_tree, config=config
     ) and _same_rules(pyrepo, pinned.work_tree, files):
         try:
             if shared:

@@ -115,14 +115,17 @@ class Libgit2Git:
         *,
         filter_drivers: bool | None = None,
         work_tree: Path | None = None,
+        config: pygit2.Config | None = None,
     ) -> bool:
         """Whether libgit2 checks out and stages `tree`'s files exactly as git would. The
         configuration and hooks are read every time; the tree's attributes once per tree.
         `filter_drivers`: whether the configuration names a filter driver, when the caller
         has just read its keys (None: they are read here). `work_tree`: where git would work,
-        when not the handle's work tree."""
+        when not the handle's work tree. `config`: a snapshot of the handle's configuration to
+        read instead of the live one."""
         try:
-            config = pyrepo.config
+            if config is None:
+                config = pyrepo.config
             if filter_drivers is None:
                 filter_drivers = any(_FILTER_DRIVER.fullmatch(entry.name) for entry in config)
             if filter_drivers:
