@@ -14,6 +14,7 @@ from orchestration.workspace.engine import CommitJob, GitEngine, WorkCommit, Wou
 from orchestration.workspace.engines import DEFAULT_ENGINE
 from orchestration.workspace.git import FANOUT_IDENTITY, Identity
 from orchestration.workspace.layered import (
+    CommitHandle,
     UpperListing,
     ViewTree,
     commit_view,
@@ -96,7 +97,7 @@ def commit_workspace(
         else:
             if not ws.branch:
                 raise RepositoryError(f"the view {ws.path} has no branch recorded; rerun the agent")
-            pinned, opened, shared, plain, config = _open_view(ws, layers, listing)
+            (pinned, opened, plain, config), shared = _open_view(ws, layers, listing)
         try:
             upper = layers / "upper" if layers else None
             planted = secure_workspace_git(pinned, upper=upper, gitfile=registered, listing=listing)
@@ -135,19 +136,16 @@ def commit_workspace(
 
 def _open_view(
     ws: Workspace, layers: Path | None, listing: UpperListing | None
-) -> tuple[Pinned, pygit2.Repository, bool, frozenset[str], pygit2.Config | None]:
-    """The pinned git and the libgit2 handle a view not registered is committed through,
-    whether that handle is its base's kept one (`view_commit_handle`, for a quick commit:
-    `listing`), never freed by its user, else one opened on the view; the paths no attribute
-    applies to, as far as known, and the snapshot of the configuration to read (both from
-    `view_commit_handle`)."""
+) -> tuple[CommitHandle, bool]:
+    """What a view not registered is committed through, and whether its libgit2 handle is its
+    base's kept one (`view_commit_handle`, for a quick commit: `listing`), never freed by its
+    user; else one opened on the view."""
     if layers is not None and listing is not None:
         kept = view_commit_handle(ws, layers, listing)
         if kept is not None:
-            pinned, handle, plain, config = kept
-            return pinned, handle, True, plain, config
+            return kept, True
     pinned, handle = pin_and_open_view(view_git_dir(ws.path), ws.path)
-    return pinned, handle, False, frozenset[str](), None
+    return CommitHandle(pinned, handle, frozenset(), None), False
 
 
 def _release(pyrepo: pygit2.Repository, shared: bool) -> None:
@@ -258,7 +256,7 @@ def prepare_commit(
         with registration_held(ws, wait=False) as registered:
             if registered:
                 return None
-            pinned, pyrepo, shared, plain, config = _open_view(ws, layers, listing)
+            (pinned, pyrepo, plain, config), shared = _open_view(ws, layers, listing)
             try:
                 planted = secure_workspace_git(
                     pinned, upper=layers / "upper", gitfile=False, listing=listing

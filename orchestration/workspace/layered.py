@@ -31,6 +31,7 @@ import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pygit2
 
@@ -1054,6 +1055,18 @@ _READ_ONCE = frozenset(
 _OFF = ("false", "no", "off", "0")
 
 
+class CommitHandle(NamedTuple):
+    """What a view's commit goes through (`view_commit_handle`)."""
+
+    pinned: Pinned
+    handle: pygit2.Repository
+    plain: frozenset[str]
+    """The listed paths no attribute applies to (their attributes are not looked up)."""
+    config: pygit2.Config | None
+    """A snapshot of the handle's configuration, read instead of the live one (None: read
+    that)."""
+
+
 @dataclass
 class _KeptHandle:
     handle: pygit2.Repository
@@ -1064,17 +1077,15 @@ class _KeptHandle:
     used: float
 
 
-def view_commit_handle(
-    ws: Workspace, layers: Path, listing: UpperListing
-) -> tuple[Pinned, pygit2.Repository, frozenset[str], pygit2.Config | None] | None:
+def view_commit_handle(ws: Workspace, layers: Path, listing: UpperListing) -> CommitHandle | None:
     """A handle kept by this thread for the quick commit (`quick_upper` gave `listing`) of the
     view `ws`, not registered: opened on `commit_git_dir`, its work tree the checkout of the
     view's base, so that its rules are loaded once for every view on that base. None when a
     rule libgit2 would read there may not be the view's (`_base_rules_hold`): the caller opens
     a handle on the view itself. The handle is shared: never freed by its user; dropped by
-    `drop_idle_branch_handle`, or when this thread keeps others. Given with the pinned git and
-    the handle: the listed paths no attribute applies to, and the snapshot of the configuration
-    these were judged by (None if it could not be taken), for the commit to read."""
+    `drop_idle_branch_handle`, or when this thread keeps others. With it, the pinned git, the
+    listed paths no attribute applies to, and the snapshot of the configuration these were
+    judged by (None if it could not be taken), for the commit to read."""
     if lists_secured(listing):
         return None  # (what `secure_workspace_git` may move: the view is read after that)
     base = _in_base(layers, ws.base_commit, "tree")
@@ -1106,7 +1117,7 @@ def view_commit_handle(
     if not _base_rules_hold(held.handle, layers, base, listing, converting=converting, plain=plain):
         return None
     pinned = Pinned(git_dir, Path(ws.path), gitcmd.filter_overrides(names))
-    return pinned, held.handle, frozenset(plain), config
+    return CommitHandle(pinned, held.handle, frozenset(plain), config)
 
 
 def _snapshot(pyrepo: pygit2.Repository) -> pygit2.Config | None:
