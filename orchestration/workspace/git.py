@@ -253,6 +253,10 @@ class GitRepo:
         return Path(name)
 
 
+# the characters a run or agent id may not hold (`check_component`)
+_NOT_IN_COMPONENT = re.compile(r"[/\\ ~^:?*\[\x00@{]")
+
+
 def check_component(value: str, what: str) -> None:
     """Refuse a run or agent id that cannot name a branch component or a directory."""
     if (
@@ -260,7 +264,7 @@ def check_component(value: str, what: str) -> None:
         or value in (".", "..")
         or value.startswith("-")
         or value.endswith(".lock")
-        or any(c in value for c in "/\\ ~^:?*[\0@{")
+        or _NOT_IN_COMPONENT.search(value)
     ):
         raise RepositoryError(
             f"{what} {value!r} cannot name a branch or directory; use letters, digits, - _ ."
