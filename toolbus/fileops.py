@@ -581,8 +581,13 @@ def _read_fd(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _read_text(dfd: int, name: str, cap: int) -> str | None:
-    """The text of a regular, non-binary file in `dfd`, or `None` to skip it."""
+def read_regular_file(
+    name: str | os.PathLike[str], cap: int, dfd: int | None = None
+) -> bytes | None:
+    """The bytes of the regular file `name` (relative to the directory `dfd`, if given), opened
+    without following a link or waiting on a pipe; None for anything else: a link, a pipe, a
+    file of more than `cap` bytes (also one that grew past it while read), one that vanished or
+    cannot be read."""
     try:
         fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
     except OSError:
@@ -596,7 +601,13 @@ def _read_text(dfd: int, name: str, cap: int) -> str | None:
         return None
     finally:
         os.close(fd)
-    if len(data) > cap or b"\x00" in data[:BINARY_SNIFF_BYTES]:
+    return data if len(data) <= cap else None
+
+
+def _read_text(dfd: int, name: str, cap: int) -> str | None:
+    """The text of a regular, non-binary file in `dfd`, or `None` to skip it."""
+    data = read_regular_file(name, cap, dfd)
+    if data is None or b"\x00" in data[:BINARY_SNIFF_BYTES]:
         return None
     try:
         return data.decode("utf-8")

@@ -82,6 +82,7 @@ from orchestration.workspace.worktrees import (
 )
 from toolbus import gitcmd
 from toolbus.audit import append_text
+from toolbus.fileops import read_regular_file
 from toolbus.gitcmd import Pinned
 from toolbus.resources import WriteScope, is_within
 
@@ -1509,21 +1510,10 @@ def _plain_file(path: str) -> bytes:
     """The bytes of the regular file at `path` for a quick commit (`QUICK_COMMIT_BYTES` at
     most); OSError for anything else (a link, a pipe, a file that grew since it was listed):
     git then hashes it (`_hash`)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > QUICK_COMMIT_BYTES:
-            raise OSError(f"{path} is not a file of a quick commit")
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := os.read(fd, max(st.st_size - size, 0) + 1):
-            size += len(chunk)
-            if size > QUICK_COMMIT_BYTES:
-                raise OSError(f"{path} grew while it was read")
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    data = read_regular_file(path, QUICK_COMMIT_BYTES)
+    if data is None:
+        raise OSError(f"{path} is not a file of a quick commit")
+    return data
 
 
 def _same_rules(pyrepo: pygit2.Repository, root: Path, files: Sequence[str]) -> bool:
