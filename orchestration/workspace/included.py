@@ -3,14 +3,22 @@ working tree: copied into a new worktree, or layered under a copy-on-write view.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from orchestration.workspace.git import run_git
-from toolbus.errors import PathEscape
+from toolbus.errors import FileNotFound, NotAFile, PathEscape
+from toolbus.jail import Jail, split_parent
 from toolbus.resources import is_within, normalize_path
+
+log = logging.getLogger(__name__)
+
+# a new file only: never through a symlink, never over what stands there
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def included_paths(root: Path, patterns: Sequence[str]) -> list[tuple[str, Path]]:
@@ -78,7 +86,11 @@ def _ignored(root: Path, names: list[str]) -> set[str]:
 
 def copy_included(root: Path, dest_root: Path, patterns: Sequence[str]) -> list[str]:
     """Copy (never link) the ignored files `patterns` name into `dest_root` (a directory's
-    files one by one); return their repository paths."""
+    files one by one); return their repository paths.
+
+    `dest_root` holds a checkout whose content an agent may have written: a symlink there (at a
+    file's place or at one of its parents) is never written through, and the file is left out,
+    so that no user file lands outside `dest_root` (nor in the repository's `.git`)."""
     files: dict[str, Path] = {}
     for rel, real in included_paths(root, patterns):
         if not real.is_dir():
@@ -87,17 +99,42 @@ def copy_included(root: Path, dest_root: Path, patterns: Sequence[str]) -> list[
         for item in sorted(real.rglob("*")):
             if item.is_file():
                 files[f"{rel}/{item.relative_to(real).as_posix()}"] = item.resolve()
+    jail = Jail(dest_root)
     copied: list[str] = []
     for rel in sorted(files):
         if not is_within(str(files[rel]), str(root.resolve())):
             continue
-        target = dest_root / rel
-        if os.path.lexists(target):
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(files[rel], target)
-        copied.append(rel)
+        if _copy_beneath(jail, rel, files[rel]):
+            copied.append(rel)
     return copied
+
+
+def _copy_beneath(jail: Jail, rel: str, source: Path) -> bool:
+    """Copy `source` to `rel` under `jail`'s root, its directories made as needed, its mode and
+    times kept; False (nothing written) where `rel` or a parent exists as anything but a
+    directory, a symlink included."""
+    parent, name = split_parent(rel)
+    try:
+        dfd = jail.open_dir(parent, create=True)
+    except (PathEscape, NotAFile, FileNotFound):
+        log.warning("included file %s not copied: a parent is not a directory here", rel)
+        return False
+    try:
+        info = os.stat(source)
+        try:
+            fd = os.open(name, _NEW_FILE, stat.S_IMODE(info.st_mode), dir_fd=dfd)
+        except FileExistsError:  # (whatever stands there, a symlink included, is kept)
+            return False
+        try:
+            with open(source, "rb") as src, open(fd, "wb", closefd=False) as dst:
+                shutil.copyfileobj(src, dst)
+            os.fchmod(fd, stat.S_IMODE(info.st_mode))
+            os.utime(fd, ns=(info.st_atime_ns, info.st_mtime_ns))
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
+    return True
 
 
 def _iter_matches(root: Path, pattern: str) -> Iterator[Path]:
