@@ -543,8 +543,19 @@ class DiffStat(_Record):
             files=len(changes),
             insertions=sum(c.lines_added for c in changes),
             deletions=sum(c.lines_removed for c in changes),
-            paths=[c.path for c in changes],
+            paths=[shown_path(c.path) for c in changes],
         )
+
+
+def shown_path(path: str) -> str:
+    """`path` as a report may carry it: in a name that is not UTF-8 (git allows it, pygit2
+    gives it with surrogates), each byte that is not UTF-8 is shown as `\\xNN`, since JSON and
+    the records take UTF-8 only."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return path
 
 
 # What the join step did with one agent (`clean` is a dry run's `merged`). No docstring: it

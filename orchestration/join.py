@@ -21,7 +21,7 @@ import filelock
 import pygit2
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestration.contracts import DiffStat, MergeOutcome
+from orchestration.contracts import DiffStat, MergeOutcome, shown_path
 from orchestration.errors import MergeError, OrchestrationError, RepositoryError
 from orchestration.workspace import (
     GitRepo,
@@ -217,6 +217,10 @@ def _write_merged_tree(
     changed = sorted(set(deletes) | set(writes))
     if not changed:
         return ours.id, []
+    if any(shown_path(path) != path for path in changed):
+        # a name that is not UTF-8 (pygit2 shows it with surrogates): pygit2's TreeBuilder
+        # takes UTF-8 names only, libgit2's index writes the exact bytes
+        return index.write_tree(pyrepo), changed
     # deletions first, so a file may replace a directory (or the other way) in one pass
     tree_id = _edit_tree(pyrepo, ours, deletes) if deletes else ours.id
     if writes:
@@ -239,7 +243,7 @@ def _merge_in_memory(
         for entries in conflicts:  # pyright: ignore[reportUnknownVariableType]
             for entry in entries:  # pyright: ignore[reportUnknownVariableType]
                 if entry is not None:
-                    paths.add(str(entry.path))  # pyright: ignore[reportUnknownArgumentType, reportUnknownMemberType]
+                    paths.add(shown_path(str(entry.path)))  # pyright: ignore[reportUnknownArgumentType, reportUnknownMemberType]
         agent = tree_changes(pyrepo, base, theirs)
         return _Merge(None, sorted(paths), [], DiffStat.of(agent))
     tree_id, changed = _write_merged_tree(pyrepo, index, ours)
@@ -284,7 +288,8 @@ def _covering_dirs(paths: Sequence[str]) -> list[str]:
 
 
 def _overlap_reason(paths: Sequence[str]) -> str:
-    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    listed = ", ".join(shown_path(p) for p in paths[:5])
+    shown = listed + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
     return (
         f"your uncommitted changes to {shown} overlap this agent's changes; "
         "commit or stash them, then merge again"

@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import pygit2
 
+from orchestration.contracts import shown_path
 from orchestration.errors import RepositoryError
 from orchestration.workspace import overlay
 from orchestration.workspace.diffs import applied_changes, file_changes
@@ -1347,9 +1348,9 @@ def _view_changes(
     for rel in sorted(candidates):
         if any(is_within(rel, g) for g in gitlinks):
             continue  # inside a submodule: git records only the gitlink
-        if not _utf8(rel):
+        shown = shown_path(rel)
+        if shown != rel:
             # libgit2 builds trees of UTF-8 names only: such a file is reported, not committed
-            shown = os.fsencode(rel).decode("ascii", "backslashreplace")
             unnamed.append(f"{shown} (its name is not UTF-8: rename it to commit it)")
             continue
         try:
@@ -1396,14 +1397,6 @@ def _view_changes(
         else:
             dropped.append(rel)
     return changes, sorted(dropped) + unnamed
-
-
-def _utf8(rel: str) -> bool:
-    try:
-        rel.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _gitlinks_of(base_tree: pygit2.Tree, candidates: Iterable[str]) -> set[str]:

@@ -504,3 +504,53 @@ def test_checkout_that_cannot_move_forward_undoes_the_landing(repo: GitRepo) -> 
     assert (root / "src" / "app.py").read_text() == "hidden local edit\n"
     assert head(root, "refs/heads/fanout/run1/a1") == cand.commit
     assert_fsck(root)
+
+
+def test_a_name_that_is_not_utf8_lands_byte_for_byte(repo: GitRepo) -> None:
+    root = repo.root
+    base = head(root)
+    odd = os.fsdecode(b"caf\xe9.txt")  # latin-1: a name git takes, but not UTF-8
+    first = agent(repo, base, "a1", {"one.txt": "1\n"})
+    # (a view's own commit reports such a name and leaves it out: the commit is made here)
+    middle = JoinCandidate.model_validate(
+        {
+            **agent(repo, base, "a2", {"two.txt": "2\n"}).model_dump(),
+            "commit": _commit_with_bytes_name(root, base, b"caf\xe9.txt", b"latin\n", "two.txt"),
+        }
+    )
+    last = agent(repo, base, "a3", {"three.txt": "3\n"})
+    joiner = Joiner(repo)
+    outcomes = joiner.merge([first, middle, last], dry_run=False)
+    assert [o.outcome for o in outcomes] == ["merged"] * 3
+    # the report shows the byte it cannot carry; the records and JSON take it
+    assert outcomes[1].diffstat.paths == ["caf\\xe9.txt", "two.txt"]
+    for outcome in outcomes:
+        JoinOutcome.model_validate_json(outcome.model_dump_json())
+    names = subprocess.run(
+        ["git", "ls-tree", "-z", "--name-only", "HEAD"], cwd=root, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    assert b"caf\xe9.txt" in names
+    assert (root / odd).read_bytes() == b"latin\n"
+    assert git(root, "status", "--porcelain", "-uall") == ""
+    assert_fsck(root)
+
+
+def _commit_with_bytes_name(root: Path, base: str, name: bytes, data: bytes, also: str) -> str:
+    """A commit on `base` adding `name` (raw bytes) and `also` (its text "2\\n"), by plumbing."""
+    env = {**os.environ, "GIT_INDEX_FILE": str(root / ".git" / "bytes-index")}
+
+    def plumb(*args: str, data: bytes | None = None) -> bytes:
+        return subprocess.run(
+            ["git", *args], cwd=root, env=env, input=data, capture_output=True, check=True
+        ).stdout
+
+    plumb("read-tree", base)
+    entries = b""
+    for path, content in ((name, data), (also.encode(), b"2\n")):
+        blob = plumb("hash-object", "-w", "--stdin", data=content).strip()
+        entries += b"100644 " + blob + b"\t" + path + b"\0"
+    plumb("update-index", "-z", "--index-info", data=entries)
+    tree = plumb("write-tree").strip().decode()
+    os.unlink(env["GIT_INDEX_FILE"])
+    ident = ("-c", "user.name=Agent", "-c", "user.email=agent@example.invalid")
+    return plumb(*ident, "commit-tree", tree, "-p", base, "-m", "agent").strip().decode()
