@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -253,8 +254,9 @@ def _merge_in_memory(
     return _Merge(tree_id, [], changed, DiffStat.of(tree_changes(pyrepo, ours, merged)))
 
 
-def _dirty_overlap(root: Path, changed: Sequence[str]) -> list[str]:
-    """The user's uncommitted (or untracked, or ignored) paths that the merge would touch."""
+def _dirty_overlap(root: Path, changed: Sequence[str], *, staged: bool = True) -> list[str]:
+    """The user's uncommitted (or untracked, or ignored) paths that the merge would touch;
+    without `staged`, only where the working tree differs from the index."""
     if not changed:
         return []
     specs = list(changed)
@@ -263,7 +265,11 @@ def _dirty_overlap(root: Path, changed: Sequence[str]) -> list[str]:
         if len(specs) > MAX_PATHSPECS or "" in specs:
             specs = []
     entries = status_entries(root, specs, ignored=True)
-    hits = {e.path for e in entries if any(overlaps(e.path, c) for c in changed)}
+    hits = {
+        e.path
+        for e in entries
+        if (staged or e.code[1:] != " ") and any(overlaps(e.path, c) for c in changed)
+    }
     changed_set = set(changed)
     for path in changed:
         parts = path.split("/")
@@ -417,7 +423,12 @@ class Joiner:
         current = self._repo.try_git("rev-parse", "--verify", "--quiet", journal.ref)
         current = current.strip() if current else None
         if current == journal.new:
-            problem = self._bring_forward(pygit2.Oid(hex=journal.old), pygit2.Oid(hex=journal.new))
+            old, new = pygit2.Oid(hex=journal.old), pygit2.Oid(hex=journal.new)
+            pyrepo = self._repo.open()
+            try:
+                problem, _ = self._bring_forward(pyrepo, old, new, _paths_between(pyrepo, old, new))
+            finally:
+                pyrepo.free()
             if problem is None:
                 notes.append(
                     f"brought your checkout forward to {journal.new[:12]}, which an interrupted "
@@ -664,7 +675,7 @@ class Joiner:
                 if swapped is not False:
                     return self._skipped(cand, m, swapped)
                 continue  # the branch moved since we read it: merge again on the new head
-            problem = self._bring_forward(target.head, new)
+            problem, restored = self._bring_forward(pyrepo, target.head, new, m.changed)
             if problem is None:
                 self._clear_journal()
                 return JoinOutcome(
@@ -680,11 +691,20 @@ class Joiner:
             undone = self._compare_and_swap(target.ref, target.head, new, cand, undo=True)
             self._clear_journal()
             if undone is True:
+                if restored:
+                    return self._skipped(
+                        cand,
+                        m,
+                        "your checkout could not be brought forward, so the merge was undone "
+                        f"(nothing changed): {problem}",
+                    )
                 return self._skipped(
                     cand,
                     m,
-                    "your checkout could not be brought forward, so the merge was undone "
-                    f"(nothing changed): {problem}",
+                    "your checkout could not be brought forward, so the merge was undone, but "
+                    f"git had already written some of its files and not all could be put back "
+                    f"({problem}); run `git status` and `git checkout -- <path>` for what it "
+                    "shows changed",
                 )
             return JoinOutcome(
                 agent_id=cand.agent_id,
@@ -728,21 +748,117 @@ class Joiner:
             )
         return False
 
-    def _bring_forward(self, old: pygit2.Oid, new: pygit2.Oid) -> str | None:
-        """Move the user's index and working tree from `old` to `new`; None, or git's complaint.
+    def _bring_forward(
+        self, pyrepo: pygit2.Repository, old: pygit2.Oid, new: pygit2.Oid, changed: Sequence[str]
+    ) -> tuple[str | None, bool]:
+        """Move the user's index and working tree from `old` to `new` (`changed`: the paths
+        where they differ); (None, True), or (git's complaint, whether the working tree is as
+        it was before).
 
         `read-tree -m -u` (two-tree form) only touches paths that differ between the trees and
-        refuses to overwrite local changes or untracked files.
+        refuses to overwrite local changes or untracked files. It checks before it writes, but
+        a write can still fail midway (a name or link target the file system refuses, a full
+        disk): the files written by then are put back as `old` has them (`_put_back`).
         """
         root = self._repo.root
         proc = run_git(root, "read-tree", "-m", "-u", str(old), str(new), check=False)
         if proc.returncode == 0:
-            return None
+            return None, True
+        restored = self._put_back(pyrepo, old, new, changed)
         run_git(root, "update-index", "-q", "--refresh", check=False)
         proc = run_git(root, "read-tree", "-m", "-u", str(old), str(new), check=False)
         if proc.returncode == 0:
-            return None
-        return proc.stderr.strip() or f"git read-tree exited with {proc.returncode}"
+            return None, True
+        restored = self._put_back(pyrepo, old, new, changed) and restored
+        return proc.stderr.strip() or f"git read-tree exited with {proc.returncode}", restored
+
+    def _put_back(
+        self, pyrepo: pygit2.Repository, old: pygit2.Oid, new: pygit2.Oid, changed: Sequence[str]
+    ) -> bool:
+        """After a failed `read-tree -m -u old new`: each of `changed` that git had already
+        written as `new` has it (or removed) is put back as `old` has it; whether every one of
+        them is clean now.
+
+        The failed command left the index as it was. A path holding anything but `new`'s
+        content is left alone: git had refused before writing, and what stands there is the
+        user's."""
+        root = self._repo.root
+        old_tree = pyrepo[old].peel(pygit2.Tree)
+        new_tree = pyrepo[new].peel(pygit2.Tree)
+        back: list[str] = []
+        for path in sorted(changed, key=lambda p: p.count("/"), reverse=True):
+            full = os.path.join(root, path)
+            if _entry_id(old_tree, path) is not None:
+                if not os.path.lexists(full) or _holds(full, new_tree, path):
+                    back.append(path)
+                continue
+            if not _holds(full, new_tree, path):
+                continue
+            try:
+                os.unlink(full)
+            except OSError:
+                continue
+            parent = os.path.dirname(path)
+            while parent and not _is_dir_in(old_tree, parent):
+                try:
+                    os.rmdir(os.path.join(root, parent))
+                except OSError:
+                    break
+                parent = os.path.dirname(parent)
+        if back:
+            run_git(
+                root,
+                "checkout-index",
+                "-f",
+                "-q",
+                "-z",
+                "--stdin",
+                input="\0".join(back) + "\0",
+                check=False,
+            )
+        # (the branch may already name `new`: what is staged against it is the index of `old`)
+        return not _dirty_overlap(root, changed, staged=False)
+
+
+def _paths_between(pyrepo: pygit2.Repository, old: pygit2.Oid, new: pygit2.Oid) -> list[str]:
+    """The paths where the trees of commits `old` and `new` differ."""
+    diff = pyrepo[old].peel(pygit2.Tree).diff_to_tree(pyrepo[new].peel(pygit2.Tree))
+    return sorted({path for d in diff.deltas for path in (d.old_file.path, d.new_file.path)})
+
+
+def _holds(full: str, tree: pygit2.Tree, path: str) -> bool:
+    """Whether the file at `full` is `tree`'s blob at `path`, byte for byte (a link, its
+    target)."""
+    try:
+        entry = tree[path]
+        info = os.lstat(full)
+    except (KeyError, ValueError, OSError):
+        return False
+    if not isinstance(entry, pygit2.Blob):
+        return False
+    if stat.S_ISLNK(info.st_mode):
+        if entry.filemode != pygit2.enums.FileMode.LINK:
+            return False
+        try:
+            return os.readlink(os.fsencode(full)) == entry.data
+        except OSError:
+            return False
+    if not stat.S_ISREG(info.st_mode) or entry.filemode == pygit2.enums.FileMode.LINK:
+        return False
+    if info.st_size != entry.size:
+        return False
+    try:
+        with open(full, "rb") as file:
+            return file.read() == entry.data
+    except OSError:
+        return False
+
+
+def _is_dir_in(tree: pygit2.Tree, path: str) -> bool:
+    try:
+        return _is_tree(tree[path])
+    except (KeyError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------- conflict text

@@ -515,7 +515,9 @@ def test_a_name_that_is_not_utf8_lands_byte_for_byte(repo: GitRepo) -> None:
     middle = JoinCandidate.model_validate(
         {
             **agent(repo, base, "a2", {"two.txt": "2\n"}).model_dump(),
-            "commit": _commit_with_bytes_name(root, base, b"caf\xe9.txt", b"latin\n", "two.txt"),
+            "commit": _plumbed_commit(
+                root, base, {b"caf\xe9.txt": ("100644", b"latin\n"), b"two.txt": ("100644", b"2\n")}
+            ),
         }
     )
     last = agent(repo, base, "a3", {"three.txt": "3\n"})
@@ -535,9 +537,12 @@ def test_a_name_that_is_not_utf8_lands_byte_for_byte(repo: GitRepo) -> None:
     assert_fsck(root)
 
 
-def _commit_with_bytes_name(root: Path, base: str, name: bytes, data: bytes, also: str) -> str:
-    """A commit on `base` adding `name` (raw bytes) and `also` (its text "2\\n"), by plumbing."""
-    env = {**os.environ, "GIT_INDEX_FILE": str(root / ".git" / "bytes-index")}
+def _plumbed_commit(
+    root: Path, base: str, entries: Mapping[bytes, tuple[str, bytes] | None]
+) -> str:
+    """A commit on `base` with `entries` (raw path -> (mode, content), None deletes) set, made
+    by git's plumbing: any name and link target git takes, which a checkout may not."""
+    env = {**os.environ, "GIT_INDEX_FILE": str(root / ".git" / "plumbed-index")}
 
     def plumb(*args: str, data: bytes | None = None) -> bytes:
         return subprocess.run(
@@ -545,12 +550,75 @@ def _commit_with_bytes_name(root: Path, base: str, name: bytes, data: bytes, als
         ).stdout
 
     plumb("read-tree", base)
-    entries = b""
-    for path, content in ((name, data), (also.encode(), b"2\n")):
-        blob = plumb("hash-object", "-w", "--stdin", data=content).strip()
-        entries += b"100644 " + blob + b"\t" + path + b"\0"
-    plumb("update-index", "-z", "--index-info", data=entries)
+    info = b""
+    for path, entry in entries.items():
+        if entry is None:
+            info += b"0 " + b"0" * 40 + b"\t" + path + b"\0"
+            continue
+        blob = plumb("hash-object", "-w", "--stdin", data=entry[1]).strip()
+        info += entry[0].encode() + b" " + blob + b"\t" + path + b"\0"
+    plumb("update-index", "-z", "--index-info", data=info)
     tree = plumb("write-tree").strip().decode()
     os.unlink(env["GIT_INDEX_FILE"])
     ident = ("-c", "user.name=Agent", "-c", "user.email=agent@example.invalid")
     return plumb(*ident, "commit-tree", tree, "-p", base, "-m", "agent").strip().decode()
+
+
+# a link target longer than the file system takes (PATH_MAX): git writes the files before it
+# in path order, then fails on this one
+_TOO_LONG_LINK = (b"zz", ("120000", b"t" * 5000))
+
+
+def test_a_checkout_that_fails_midway_is_put_back(repo: GitRepo) -> None:
+    root = repo.root
+    base = head(root)
+    commit = _plumbed_commit(
+        root,
+        base,
+        {
+            b"README.md": None,
+            b"a.txt": ("100644", b"agent\n"),
+            b"shared.txt/inside": ("100644", b"a file where a file was\n"),
+            b"src/new/deep.py": ("100644", b"x = 1\n"),
+            **dict([_TOO_LONG_LINK]),
+        },
+    )
+    cand = JoinCandidate(
+        agent_id="a1",
+        name="agent a1",
+        task_summary="task of a1",
+        base_commit=base,
+        branch="fanout/run1/a1",
+        commit=commit,
+    )
+    write(root, "notes.txt", "the user's own\n")  # untracked, not the agent's
+    [out] = Joiner(repo).merge([cand], dry_run=False)
+    assert out.outcome == "skipped"
+    assert out.reason is not None and "(nothing changed)" in out.reason
+    assert head(root) == base
+    assert git(root, "status", "--porcelain", "-uall") == "?? notes.txt\n"
+    assert (root / "README.md").read_text() == BASE_FILES["README.md"]
+    assert (root / "shared.txt").read_text() == BASE_FILES["shared.txt"]
+    assert not (root / "a.txt").exists() and not (root / "src" / "new").exists()
+
+
+def test_putting_back_leaves_what_git_did_not_write(repo: GitRepo) -> None:
+    root = repo.root
+    base = head(root)
+    commit = _plumbed_commit(
+        root, base, {b"a.txt": ("100644", b"agent\n"), b"src/app.py": ("100644", b"agent\n")}
+    )
+    # what the user made meanwhile, where git would have written: theirs, not git's
+    write(root, "a.txt", "the user's\n")
+    write(root, "src/app.py", "the user's edit\n")
+    joiner = Joiner(repo)
+    pyrepo = repo.open()
+    try:
+        clean = joiner._put_back(  # pyright: ignore[reportPrivateUsage]
+            pyrepo, pygit2.Oid(hex=base), pygit2.Oid(hex=commit), ["a.txt", "src/app.py"]
+        )
+    finally:
+        pyrepo.free()
+    assert not clean
+    assert (root / "a.txt").read_text() == "the user's\n"
+    assert (root / "src" / "app.py").read_text() == "the user's edit\n"
