@@ -7,6 +7,7 @@ the agent planted is moved out (quarantined) before the server's git reads the w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -221,8 +222,17 @@ def open_workspace_repo(pinned: Pinned) -> pygit2.Repository:
 
 def pin_scratch(git_dir: Path, work_tree: Path) -> Pinned:
     """Pinned git for a scratch checkout of the server's own (a verification's): the
-    repository's git dir, that work tree, every command-running key and filter driver off."""
-    return Pinned(git_dir, work_tree, gitcmd.filter_overrides(_config_names(git_dir)))
+    repository's git dir, that work tree, every command-running key and filter driver off.
+
+    The drivers are those libgit2 finds and those git itself lists for this very git dir and
+    work tree: git also follows conditional includes libgit2 does not (`hasconfig:`)."""
+    names = _config_names(git_dir)
+    listed = gitcmd.run(
+        work_tree, ["config", "--list", "--name-only", "-z"], pinned=Pinned(git_dir, work_tree)
+    )
+    if listed.returncode == 0:
+        names += [name for name in listed.stdout.split("\0") if name]
+    return Pinned(git_dir, work_tree, gitcmd.filter_overrides(names))
 
 
 def _config_names(admin: Path) -> list[str]:
@@ -237,11 +247,29 @@ def _config_names(admin: Path) -> list[str]:
 
 
 def _names_in(pyrepo: pygit2.Repository) -> list[str]:
-    """The keys of the repository's configuration, [] when it cannot be read."""
+    """The keys of the repository's configuration, [] when it cannot be read; with those of
+    the files git reads in place of the global and system ones (`GIT_CONFIG_GLOBAL`,
+    `GIT_CONFIG_SYSTEM`, which git's commands get and libgit2 does not read)."""
     try:
-        return [entry.name for entry in pyrepo.config]
+        names = [entry.name for entry in pyrepo.config]
     except pygit2.GitError:
-        return []
+        names = []
+    return names + _env_config_names()
+
+
+def _env_config_names() -> list[str]:
+    names: list[str] = []
+    for variable in ("GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM"):
+        path = os.environ.get(variable)
+        if not path or (variable == "GIT_CONFIG_SYSTEM" and os.environ.get("GIT_CONFIG_NOSYSTEM")):
+            continue
+        try:
+            config = pygit2.Config(path)
+        except (pygit2.GitError, OSError):
+            continue  # (missing: git reads nothing there either)
+        with contextlib.suppress(pygit2.GitError):
+            names += [entry.name for entry in config]
+    return names
 
 
 RULE_FILES = frozenset({".gitattributes", ".gitignore", ".gitmodules"})

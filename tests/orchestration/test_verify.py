@@ -175,3 +175,35 @@ async def test_what_a_command_leaves_is_gone_before_the_next_verification(
     )
     verdict = await check.verify(tree)
     assert verdict.passed, verdict.describe()
+
+
+@pytest.mark.parametrize("where", ["GIT_CONFIG_GLOBAL", "includeIf hasconfig"])
+def test_no_filter_of_the_users_runs_in_the_verification_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # the agent's tree names a filter the user defined where libgit2 does not look
+    repo = make_repo(tmp_path / "repo", {"README.md": "hi\n"})
+    (repo / ".gitattributes").write_text("* filter=lfsish\n")
+    (repo / "payload.txt").write_text("agent data\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "agent")
+    tree = git(repo, "rev-parse", "HEAD^{tree}").strip()
+    marker = tmp_path / "smudge-ran"
+    driver = f'[filter "lfsish"]\n\tsmudge = touch {marker}; cat\n'
+    if where == "GIT_CONFIG_GLOBAL":
+        global_config = tmp_path / "global.gitconfig"
+        global_config.write_text(driver)
+        monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(global_config))
+    else:
+        (tmp_path / "work.gitconfig").write_text(driver)
+        git(repo, "remote", "add", "origin", "https://example.invalid/r.git")
+        with (repo / ".git" / "config").open("a") as config:
+            config.write(
+                '[includeIf "hasconfig:remote.*.url:https://example.invalid/**"]\n'
+                f"\tpath = {tmp_path / 'work.gitconfig'}\n"
+            )
+    assert "filter.lfsish.smudge" in git(repo, "config", "--list", "--name-only")
+    verifier = Verifier(GitRepo(repo), settings(repo), "true", 10.0, owner="me")
+    work = verifier._checkout(tree)  # pyright: ignore[reportPrivateUsage]
+    assert (work / "payload.txt").read_text() == "agent data\n"
+    assert not marker.exists()
