@@ -14,7 +14,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,6 +320,7 @@ class Joiner:
         self._pinned_ref = branch_ref
         self._max_attempts = max(1, max_attempts)
         self._final_head: str | None = None
+        self._verified: Mapping[str, str] | None = None
         self.recovered: str | None = None
         # after a dry run: the head's tree, and per candidate the tree after it (None: it
         # would not land)
@@ -345,13 +346,18 @@ class Joiner:
         on_progress: OnProgress | None = None,
         merged_readers: Sequence[MergedReader] = (),
         accept_stale: bool = False,
+        verified: Mapping[str, str] | None = None,
     ) -> list[JoinOutcome]:
         """Join the candidates in order; a dry run reports what would happen and changes nothing.
 
         A candidate that read a file changed on the canonical branch since its base, or that
         changes a file read by an agent merged after its base (`merged_readers`, and the
-        candidates landed before it), is `stale` and not merged, unless `accept_stale`."""
+        candidates landed before it), is `stale` and not merged, unless `accept_stale`.
+        With `verified` (agent id -> the tree a verification passed on, from a dry run of the
+        same candidates), a candidate lands only where its merge makes exactly that tree: if
+        the branch moved since, what would land was not verified."""
         self._repo.head_commit()  # a clear error for a repository without commits
+        self._verified = verified
         readers = _Readers(earlier=merged_readers, accept_stale=accept_stale)
         if dry_run:
             return self._run(
@@ -642,6 +648,13 @@ class Joiner:
                     agent_id=cand.agent_id,
                     outcome=MergeOutcome.MERGED,
                     reason="already in the canonical branch: nothing to apply",
+                )
+            if self._verified is not None and self._verified.get(cand.agent_id) != str(m.tree):
+                return self._skipped(
+                    cand,
+                    m,
+                    f"{target.ref} moved while the verification command ran, so what would land "
+                    "now is not what it verified; merge again to verify on the new head",
                 )
             stale = _stale(pyrepo, cand, base, head_tree, m=m, readers=readers)
             if stale is not None and not readers.accept_stale:

@@ -79,12 +79,19 @@ class Merger:
         command = request.verify_command or find_run(ctx, request.run_id).verify_command
         rejected: list[JoinOutcome] = []
         verification: str | None = None
+        verified: dict[str, str] | None = None
         if command and ordered:
-            ordered, rejected, verification = await self._verify(
+            ordered, rejected, verification, verified = await self._verify(
                 ctx, ordered, request, readers=readers, command=command
             )
         outcomes = await self._join(
-            ctx, by_id, ordered, request, readers=readers, on_progress=on_progress
+            ctx,
+            by_id,
+            ordered,
+            request,
+            readers=readers,
+            on_progress=on_progress,
+            verified=verified,
         )
         outcomes.extend(rejected)
         for outcome in outcomes:
@@ -112,9 +119,11 @@ class Merger:
         *,
         readers: list[MergedReader],
         on_progress: OnProgress | None,
+        verified: dict[str, str] | None,
     ) -> list[JoinOutcome]:
         """The joiner's outcomes for the candidates, in their order; an agent whose write lease
-        was lost does not land (another agent may have written its paths since)."""
+        was lost does not land (another agent may have written its paths since), nor one whose
+        merge is not the tree the verification passed on (`verified`, when one ran)."""
 
         def can_land(agent_id: str) -> str | None:
             agent = by_id[agent_id]
@@ -148,6 +157,7 @@ class Merger:
                 on_progress=progress,
                 merged_readers=readers,
                 accept_stale=request.accept_stale,
+                verified=verified,
             )
         )
 
@@ -159,15 +169,17 @@ class Merger:
         *,
         readers: list[MergedReader],
         command: str,
-    ) -> tuple[list[JoinCandidate], list[JoinOutcome], str]:
+    ) -> tuple[list[JoinCandidate], list[JoinOutcome], str, dict[str, str]]:
         """The candidates that pass verification together, the outcomes of those that do not,
-        and what the verification did. The batch that would land is verified once; on a
-        failure, halving finds the agent whose change makes it fail, and the rest is verified
-        again without it."""
+        what the verification did, and the tree each landing candidate's merge made in the
+        batch that passed. The batch that would land is verified once; on a failure, halving
+        finds the agent whose change makes it fail, and the rest is verified again without
+        it."""
         timeout = request.verify_timeout_s or self.settings.command_timeout_s
         verifier = Verifier(ctx.repo, self.settings, command, timeout, owner=ctx.store.server_id)
         remaining = list(candidates)
         rejected: list[JoinOutcome] = []
+        verified: dict[str, str] = {}
         for _ in range(len(candidates)):
             joiner = Joiner(ctx.repo)
             batch = list(remaining)
@@ -191,6 +203,7 @@ class Merger:
                 verifier, [tree for _, tree in landing], joiner.preview_head_tree
             )
             if found is None:
+                verified = {cand.agent_id: tree for cand, tree in landing}
                 break
             at, verdict = found
             if at == 0:
@@ -220,7 +233,7 @@ class Merger:
         summary = f"`{command[:200]}` ran {verifier.runs} time(s) on would-be merged trees; " + (
             f"{failed} agent(s) made it fail" if failed else "it passed"
         )
-        return remaining, rejected, summary
+        return remaining, rejected, summary, verified
 
     async def _record(self, ctx: RepoContext, agent: AgentRecord, result: AgentMergeResult) -> None:
         """Record what the join did to the agent (merged or conflicted)."""

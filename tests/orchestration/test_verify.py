@@ -5,9 +5,11 @@ land, and the common case costs one run of the command."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from orchestration import merger as merger_module
 from orchestration.contracts import AgentStatus, MergeOutcome, MergeRequest, SpawnRequest, TaskSpec
 from orchestration.orchestrator import Orchestrator
 from orchestration.state import StateStore
@@ -207,3 +209,40 @@ def test_no_filter_of_the_users_runs_in_the_verification_checkout(
     work = verifier._checkout(tree)  # pyright: ignore[reportPrivateUsage]
     assert (work / "payload.txt").read_text() == "agent data\n"
     assert not marker.exists()
+
+
+async def test_what_lands_is_the_tree_that_was_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    real_first_failing = merger_module.first_failing
+
+    async def verify_then_another_writer_lands(*args: Any) -> Any:
+        found = await real_first_failing(*args)
+        # meanwhile the user (or another server's merge) commits on the branch
+        (repo / "out").mkdir(exist_ok=True)
+        (repo / "out" / "other.txt").write_text("x\n")
+        git(repo, "add", "-A")
+        git(repo, "commit", "-q", "-m", "another writer")
+        return found
+
+    monkeypatch.setattr(merger_module, "first_failing", verify_then_another_writer_lands)
+    # the agent's file passes the check alone, and fails it beside the other writer's
+    check = "! test -e out/other.txt || ! grep -q BROKEN out/w.txt"
+    scripts: dict[str, list[Step]] = {
+        "W-": [("write_file", {"path": "out/w.txt", "content": "BROKEN beside other.txt\n"})]
+    }
+    async with Orchestrator(settings(repo), lambda _name: by_task(scripts)) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="W-", name="w", write_scope=["out/w.txt"])])
+        )
+        await wait_until_final(orch, spawned.run_id)
+        merged = await orch.merge(MergeRequest(run_id=spawned.run_id, verify_command=check))
+        [result] = merged.agents
+        assert result.outcome is MergeOutcome.SKIPPED
+        assert result.reason is not None and "moved while the verification" in result.reason
+        assert not (repo / "out" / "w.txt").exists()
+        # merged again, it is verified on the new head, where it fails
+        monkeypatch.setattr(merger_module, "first_failing", real_first_failing)
+        again = await orch.merge(MergeRequest(run_id=spawned.run_id, verify_command=check))
+        assert [a.outcome for a in again.agents] == [MergeOutcome.VERIFY_FAILED]
