@@ -21,6 +21,7 @@ agent wrote (and the subtrees it deleted) are hashed, so it costs what the chang
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -64,7 +65,11 @@ from orchestration.workspace.git import (
     write_whole,
 )
 from orchestration.workspace.included import included_paths
-from orchestration.workspace.libgit2_git import Libgit2Git, common_dir
+from orchestration.workspace.libgit2_git import (
+    NOT_IN_PROCESS_ATTRIBUTE,
+    Libgit2Git,
+    common_dir,
+)
 from orchestration.workspace.pinning import (
     Workspace,
     admin_dir_of,
@@ -93,6 +98,9 @@ LOCK_REASON = "fanout: a copy-on-write view, mounted only while a server uses it
 _TREE = pygit2.enums.FileMode.TREE
 _LINK = pygit2.enums.FileMode.LINK
 _GITLINK = pygit2.enums.FileMode.COMMIT
+# a view's directories and files as the commit reads them: never through a link, never waiting
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CHECK_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _EXEC = pygit2.enums.FileMode.BLOB_EXECUTABLE
 _BLOB = pygit2.enums.FileMode.BLOB
 _LIBGIT2 = Libgit2Git()
@@ -1345,6 +1353,7 @@ def _view_changes(
     deleted: list[str] = []
     file_mode = _file_mode_trusted(pyrepo, config)
     unnamed: list[str] = []
+    dirs: dict[str, bool] = {}
     for rel in sorted(candidates):
         if any(is_within(rel, g) for g in gitlinks):
             continue  # inside a submodule: git records only the gitlink
@@ -1360,7 +1369,8 @@ def _view_changes(
         if base_entry is not None and base_entry.filemode == _TREE:
             base_entry = None
         try:
-            st = os.lstat(root / rel)
+            # beyond a link (an agent's `src -> /elsewhere`) git sees nothing: never read there
+            st = None if _beyond_link(root, rel, dirs) else os.lstat(root / rel)
         except (FileNotFoundError, NotADirectoryError):
             st = None
         if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
@@ -1370,6 +1380,10 @@ def _view_changes(
         if base_entry is None and _ignored(pyrepo, pinned, rel):
             continue  # untracked and ignored: `git add -A` would leave it out too
         if stat.S_ISLNK(st.st_mode):
+            if rel.rpartition("/")[2].casefold() == ".gitmodules":
+                # git refuses it (`verify_path`): a link where it reads submodules from
+                unnamed.append(f"{shown} (a symbolic link named .gitmodules, which git refuses)")
+                continue
             mode = int(_LINK)
         elif file_mode:
             mode = int(_EXEC if st.st_mode & stat.S_IXUSR else _BLOB)
@@ -1399,6 +1413,24 @@ def _view_changes(
     return changes, sorted(dropped) + unnamed
 
 
+def _beyond_link(root: Path, rel: str, dirs: dict[str, bool]) -> bool:
+    """Whether a directory above `rel` in the view is not a directory there (a link, a file,
+    nothing), as git's `has_symlink_leading_path` asks; `dirs` keeps each answer."""
+    parent = rel.rpartition("/")[0]
+    if not parent:
+        return False
+    known = dirs.get(parent)
+    if known is None:
+        try:
+            known = not _beyond_link(root, parent, dirs) and stat.S_ISDIR(
+                os.lstat(root / parent).st_mode
+            )
+        except OSError:
+            known = False
+        dirs[parent] = known
+    return not known
+
+
 def _gitlinks_of(base_tree: pygit2.Tree, candidates: Iterable[str]) -> set[str]:
     out: set[str] = set()
     for rel in candidates:
@@ -1420,9 +1452,13 @@ def _file_mode_trusted(pyrepo: pygit2.Repository, config: pygit2.Config | None =
 
 def _ignored(pyrepo: pygit2.Repository, pinned: Pinned, rel: str) -> bool:
     """Whether git ignores the view's path `rel`. Git reads no `.gitignore` through a link,
-    and libgit2 follows one: under such a link, pinned git decides."""
+    and libgit2 follows one: under such a link, pinned git decides; also for a link to a
+    directory, which libgit2 takes for a directory (`build/` would match it) and git does not."""
     root = str(pinned.work_tree)
-    if any(os.path.islink(os.path.join(root, p)) for p in _rule_files_above(rel, ".gitignore")):
+    full = os.path.join(root, rel)
+    if (os.path.islink(full) and os.path.isdir(full)) or any(
+        os.path.islink(os.path.join(root, p)) for p in _rule_files_above(rel, ".gitignore")
+    ):
         done = gitcmd.run(
             pinned.work_tree, ["check-ignore", "-q", "--no-index", "--", rel], pinned=pinned
         )
@@ -1455,10 +1491,14 @@ def _hash(
     `config`: a snapshot of its configuration, read instead of the live one."""
     out: dict[str, str] = {}
     files: list[str] = []
+    root = str(pinned.work_tree)
     for rel in paths:
-        full = pinned.work_tree / rel
-        if os.path.islink(full):
-            out[rel] = str(pyrepo.create_blob(os.fsencode(os.readlink(full))))
+        try:
+            target = _link_target(root, rel)
+        except OSError:  # (gone, or a link above it since it was listed: hashed below, or not)
+            target = None
+        if target is not None:
+            out[rel] = str(pyrepo.create_blob(target))
         else:
             files.append(rel)
     if not files:
@@ -1472,11 +1512,9 @@ def _hash(
         try:
             if shared:
                 # (stored as they are: libgit2 would look for attributes and filters again)
-                root = str(pinned.work_tree)
-                return out | {
-                    rel: str(pyrepo.create_blob(_plain_file(os.path.join(root, rel))))
-                    for rel in files
-                }
+                return out | {rel: str(pyrepo.create_blob(_plain_file(root, rel))) for rel in files}
+            for rel in files:  # (libgit2 opens by name: no link above, no pipe, when looked)
+                _plain_file(root, rel, cap=None)
             return out | {rel: str(pyrepo.create_blob_fromworkdir(rel)) for rel in files}
         except (pygit2.GitError, OSError, ValueError) as exc:
             log.info("in-process hashing in %s failed (%s); git hashes it", pinned.work_tree, exc)
@@ -1499,14 +1537,59 @@ def _hash(
     return out
 
 
-def _plain_file(path: str) -> bytes:
-    """The bytes of the regular file at `path` for a quick commit (`QUICK_COMMIT_BYTES` at
-    most); OSError for anything else (a link, a pipe, a file that grew since it was listed):
-    git then hashes it (`_hash`)."""
-    data = read_regular_file(path, QUICK_COMMIT_BYTES)
+def _plain_file(root: str, rel: str, *, cap: int | None = QUICK_COMMIT_BYTES) -> bytes:
+    """The bytes of the regular file `rel` of the view at `root` for a quick commit (`cap`
+    bytes at most; None: only checked, nothing read), each directory above it opened without
+    following a link; OSError for anything else (a link, a pipe, a file that grew since it was
+    listed, a link above it): git then hashes it (`_hash`)."""
+    parent, _, name = rel.rpartition("/")
+    dfd = _open_beneath(root, parent)
+    try:
+        if cap is None:
+            fd = os.open(name, _CHECK_FLAGS, dir_fd=dfd)
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    return b""
+            finally:
+                os.close(fd)
+            data = None
+        else:
+            data = read_regular_file(name, cap, dfd)
+    finally:
+        os.close(dfd)
     if data is None:
-        raise OSError(f"{path} is not a file of a quick commit")
+        raise OSError(f"{rel} is not a file of a quick commit")
     return data
+
+
+def _link_target(root: str, rel: str) -> bytes | None:
+    """The target of the link `rel` of the view at `root` (read through directories opened
+    without following a link), None when it is not a link."""
+    parent, _, name = rel.rpartition("/")
+    dfd = _open_beneath(root, parent)
+    try:
+        return os.readlink(os.fsencode(name), dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # not a link
+            return None
+        raise
+    finally:
+        os.close(dfd)
+
+
+def _open_beneath(root: str, rel_dir: str) -> int:
+    """A descriptor of the directory `rel_dir` of `root`, each step opened without following
+    a link (OSError at a link or a file)."""
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for part in rel_dir.split("/") if rel_dir else ():
+            step = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = step
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _same_rules(pyrepo: pygit2.Repository, root: Path, files: Sequence[str]) -> bool:
@@ -1515,7 +1598,9 @@ def _same_rules(pyrepo: pygit2.Repository, root: Path, files: Sequence[str]) -> 
     tree alone, and never through a link; libgit2 also reads the one the handle's index holds
     (the view's index, or for a view not registered, the user's, which they may change while
     the agent works), and follows links. They agree where, for each of those `.gitattributes`,
-    the index holds none, or the view holds the same content as a plain file."""
+    the index holds none, or the view holds the same content as a plain file; and neither
+    applies where one of them (the agent's own, say) names an attribute libgit2 does not
+    apply (`NOT_IN_PROCESS_ATTRIBUTE`)."""
     try:
         index = pyrepo.index
     except pygit2.GitError:
@@ -1529,6 +1614,10 @@ def _same_rules(pyrepo: pygit2.Repository, root: Path, files: Sequence[str]) -> 
             st = None
         if st is not None and not stat.S_ISREG(st.st_mode):
             return False  # a link (git does not follow it), or what git cannot read
+        if st is not None:
+            data = read_regular_file(os.path.join(top, name), QUICK_COMMIT_BYTES)
+            if data is None or NOT_IN_PROCESS_ATTRIBUTE.encode() in data:
+                return False
         try:
             staged = index[name].id
         except KeyError:

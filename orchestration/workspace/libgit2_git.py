@@ -31,7 +31,8 @@ from toolbus.gitcmd import Pinned
 log = logging.getLogger(__name__)
 
 _FILTER_DRIVER = re.compile(r"filter\..+\.(clean|smudge|process)", re.IGNORECASE)
-_NOT_IN_PROCESS_ATTRIBUTE = "working-tree-encoding"
+NOT_IN_PROCESS_ATTRIBUTE = "working-tree-encoding"
+"""An attribute libgit2 does not apply: where it may apply, git stages the files."""
 # Above this many files git's own checkout is the faster one; below it, the git process that
 # libgit2 saves is worth more than git's faster writing of files.
 CHECKOUT_MAX_FILES = 256
@@ -63,7 +64,7 @@ class _TreeFacts:
                     files += 1
                     if ok and entry.name == ".gitattributes" and entry.type_str == "blob":
                         data = pyrepo[entry.id].peel(pygit2.Blob).data
-                        ok = _NOT_IN_PROCESS_ATTRIBUTE.encode() not in data
+                        ok = NOT_IN_PROCESS_ATTRIBUTE.encode() not in data
             known = (ok, files)
             with self._lock:
                 self._known[key] = known
@@ -71,7 +72,7 @@ class _TreeFacts:
         # (a worktree's is the repository's)
         info = os.path.join(common_dir(pyrepo), "info", "attributes")
         with contextlib.suppress(OSError):
-            if ok and _NOT_IN_PROCESS_ATTRIBUTE.encode() in read_whole(info):
+            if ok and NOT_IN_PROCESS_ATTRIBUTE.encode() in read_whole(info):
                 ok = False
         return ok, files
 
@@ -136,7 +137,7 @@ class Libgit2Git:
             if attributes_file:
                 with contextlib.suppress(OSError):
                     text = Path(os.path.expanduser(attributes_file)).read_bytes()
-                    if _NOT_IN_PROCESS_ATTRIBUTE.encode() in text:
+                    if NOT_IN_PROCESS_ATTRIBUTE.encode() in text:
                         return False
             root = work_tree or (Path(pyrepo.workdir) if pyrepo.workdir else None)
             if root is not None and has_hook(

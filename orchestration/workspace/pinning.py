@@ -415,8 +415,9 @@ def secure_workspace_git(
         else ((rel_dir, name) for rel_dir, name, _ in listed_below(listing))
     )
     for rel_dir, name in sorted(names):
-        if name.casefold() == ".git" and rel_dir != ".":
-            planted.append(f"{rel_dir}/{name}")
+        # (the root's own `.git` is looked at above; `.GIT` there is a tree entry no git takes)
+        if name.casefold() == ".git" and (rel_dir != "." or name != ".git"):
+            planted.append(name if rel_dir == "." else f"{rel_dir}/{name}")
         elif removed := _removed_rule_file(root, rel_dir, name):
             found.append(removed)
     if planted:
