@@ -27,7 +27,7 @@ from tests.orchestration.gitutil import (
 )
 from tests.orchestration.test_quick_workspace_ops import (
     _view,  # pyright: ignore[reportPrivateUsage]
-    kernel_overlay,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (fixture)
+    kernel_overlay,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (autouse fixture)
 )
 from toolbus.resources import WriteScope
 
