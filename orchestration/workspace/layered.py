@@ -1489,12 +1489,27 @@ def _hash(
     blob is its target. `shared`: `pyrepo` is a kept handle on the view's base, for whose
     files no conversion applies (`view_commit_handle`): their bytes are stored as they are.
     `config`: a snapshot of its configuration, read instead of the live one."""
+    with _Beneath(str(pinned.work_tree)) as beneath:
+        return _hash_beneath(
+            pyrepo, pinned, base_tree, paths, beneath, shared=shared, config=config
+        )
+
+
+def _hash_beneath(
+    pyrepo: pygit2.Repository,
+    pinned: Pinned,
+    base_tree: pygit2.Tree,
+    paths: list[str],
+    beneath: _Beneath,
+    *,
+    shared: bool,
+    config: pygit2.Config | None,
+) -> dict[str, str]:
     out: dict[str, str] = {}
     files: list[str] = []
-    root = str(pinned.work_tree)
     for rel in paths:
         try:
-            target = _link_target(root, rel)
+            target = beneath.link_target(rel)
         except OSError:  # (gone, or a link above it since it was listed: hashed below, or not)
             target = None
         if target is not None:
@@ -1512,9 +1527,11 @@ def _hash(
         try:
             if shared:
                 # (stored as they are: libgit2 would look for attributes and filters again)
-                return out | {rel: str(pyrepo.create_blob(_plain_file(root, rel))) for rel in files}
+                return out | {
+                    rel: str(pyrepo.create_blob(beneath.plain_file(rel))) for rel in files
+                }
             for rel in files:  # (libgit2 opens by name: no link above, no pipe, when looked)
-                _plain_file(root, rel, cap=None)
+                beneath.plain_file(rel, cap=None)
             return out | {rel: str(pyrepo.create_blob_fromworkdir(rel)) for rel in files}
         except (pygit2.GitError, OSError, ValueError) as exc:
             log.info("in-process hashing in %s failed (%s); git hashes it", pinned.work_tree, exc)
@@ -1537,59 +1554,62 @@ def _hash(
     return out
 
 
-def _plain_file(root: str, rel: str, *, cap: int | None = QUICK_COMMIT_BYTES) -> bytes:
-    """The bytes of the regular file `rel` of the view at `root` for a quick commit (`cap`
-    bytes at most; None: only checked, nothing read), each directory above it opened without
-    following a link; OSError for anything else (a link, a pipe, a file that grew since it was
-    listed, a link above it): git then hashes it (`_hash`)."""
-    parent, _, name = rel.rpartition("/")
-    dfd = _open_beneath(root, parent)
-    try:
-        if cap is None:
+class _Beneath:
+    """A view's files as a commit reads them: through directories opened without following a
+    link (each kept open for the files beside it), never waiting on a pipe."""
+
+    def __init__(self, root: str) -> None:
+        self._root = root
+        self._dirs: dict[str, int] = {}
+
+    def __enter__(self) -> _Beneath:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+
+    def _dir(self, rel_dir: str) -> int:
+        """A descriptor of the directory `rel_dir`, opened step by step without following a
+        link (OSError at a link or a file)."""
+        fd = self._dirs.get(rel_dir)
+        if fd is None:
+            above, _, name = rel_dir.rpartition("/")
+            if rel_dir:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=self._dir(above))
+            else:
+                fd = os.open(self._root, _DIR_FLAGS)
+            self._dirs[rel_dir] = fd
+        return fd
+
+    def plain_file(self, rel: str, *, cap: int | None = QUICK_COMMIT_BYTES) -> bytes:
+        """The bytes of the regular file `rel` for a quick commit (`cap` bytes at most; None:
+        only looked at, nothing read); OSError for anything else (a link, a pipe, a file that
+        grew since it was listed, a link above it): git then hashes it (`_hash`)."""
+        parent, _, name = rel.rpartition("/")
+        dfd = self._dir(parent)
+        if cap is not None:
+            data = read_regular_file(name, cap, dfd)
+        else:
             fd = os.open(name, _CHECK_FLAGS, dir_fd=dfd)
             try:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
-                    return b""
+                data = b"" if stat.S_ISREG(os.fstat(fd).st_mode) else None
             finally:
                 os.close(fd)
-            data = None
-        else:
-            data = read_regular_file(name, cap, dfd)
-    finally:
-        os.close(dfd)
-    if data is None:
-        raise OSError(f"{rel} is not a file of a quick commit")
-    return data
+        if data is None:
+            raise OSError(f"{rel} is not a file of a quick commit")
+        return data
 
-
-def _link_target(root: str, rel: str) -> bytes | None:
-    """The target of the link `rel` of the view at `root` (read through directories opened
-    without following a link), None when it is not a link."""
-    parent, _, name = rel.rpartition("/")
-    dfd = _open_beneath(root, parent)
-    try:
-        return os.readlink(os.fsencode(name), dir_fd=dfd)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:  # not a link
-            return None
-        raise
-    finally:
-        os.close(dfd)
-
-
-def _open_beneath(root: str, rel_dir: str) -> int:
-    """A descriptor of the directory `rel_dir` of `root`, each step opened without following
-    a link (OSError at a link or a file)."""
-    fd = os.open(root, _DIR_FLAGS)
-    try:
-        for part in rel_dir.split("/") if rel_dir else ():
-            step = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = step
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    def link_target(self, rel: str) -> bytes | None:
+        """The target of the link `rel`, None when it is not a link."""
+        parent, _, name = rel.rpartition("/")
+        try:
+            return os.readlink(os.fsencode(name), dir_fd=self._dir(parent))
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # not a link
+                return None
+            raise
 
 
 def _same_rules(pyrepo: pygit2.Repository, root: Path, files: Sequence[str]) -> bool:
