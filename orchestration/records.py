@@ -56,6 +56,7 @@ def workspace_of(agent: AgentRecord) -> ws_mod.Workspace:
         base_commit=agent.base_commit,
         run_id=agent.run_id,
         agent_id=agent.agent_id,
+        included=agent.included,
     )
 
 

@@ -570,6 +570,7 @@ class AgentRunner:
             agent.agent_id,
             started_at=self.clock.time(),
             workspace=str(workspace.path),
+            included=workspace.included,
             branch=workspace.branch,
             base_commit=base,
             start_commit=start,

@@ -190,6 +190,8 @@ class AgentRecord(BaseModel, frozen=True):
     start_commit: str | None = None
     branch: str | None = None
     workspace: str | None = None
+    # the user's ignored files copied (or laid) into its workspace: never its commits' to take
+    included: list[str] = Field(default_factory=list[str])
     commit: str | None = None
     result: AgentResult | None = None
     created_at: float = Field(default_factory=time.time)
@@ -248,6 +250,7 @@ class AgentChanges(FinalChanges, total=False):
     start_commit: str | None
     branch: str | None
     workspace: str | None
+    included: list[str]
     started_at: float | None
     owner: str
     lease_token: int | None
@@ -762,8 +765,10 @@ class StateStore:
         start_commit: str,
         commit: str | None,
         started_at: float,
+        included: Sequence[str] = (),
     ) -> AgentRecord:
-        """The agent's workspace is ready and its loop starts."""
+        """The agent's workspace is ready (`included`: the user's files copied or laid into
+        it) and its loop starts."""
         return self.apply(
             agent_id,
             EventKind.RUNNING,
@@ -771,6 +776,7 @@ class StateStore:
             status_reason=None,
             started_at=started_at,
             workspace=workspace,
+            included=list(included),
             branch=branch,
             base_commit=base_commit,
             start_commit=start_commit,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,9 +57,11 @@ def overlaps(a: str, b: str) -> bool:
 
 @dataclass(frozen=True)
 class WriteScope:
-    """Where an agent may write: path prefixes, `None` for the whole repository, `()` for none."""
+    """Where an agent may write: path prefixes, `None` for the whole repository, `()` for none;
+    less `kept_out` (paths no commit of the agent's takes, such as the user's files copied in)."""
 
     prefixes: tuple[str, ...] | None
+    kept_out: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, prefixes: Iterable[str] | None) -> WriteScope:
@@ -84,9 +87,16 @@ class WriteScope:
 
     def allows(self, path: str) -> bool:
         """True when the normalised path may be written under this scope."""
+        if self.kept_out and any(is_within(path, k) for k in self.kept_out):
+            return False
         if self.prefixes is None:
             return True
         return any(is_within(path, p) for p in self.prefixes)
+
+    def without(self, paths: Iterable[str]) -> WriteScope:
+        """This scope (of its own kind, a guard's policy kept), `paths` (and what lies below
+        them) kept out of it."""
+        return dataclasses.replace(self, kept_out=tuple(sorted({*self.kept_out, *paths})))
 
     def lease_paths(self) -> tuple[str, ...]:
         """The path resources to write-lease for this scope (`""` is the whole repository)."""

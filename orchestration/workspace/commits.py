@@ -65,7 +65,11 @@ def commit_workspace(
 
     `prepared`: the commit made ahead by `prepare_commit` with this scope, of a view whose
     caller knows it unchanged since; used (and closed) when the branch has not moved since.
+
+    The user's files copied or laid into the workspace (`ws.included`) are never committed.
     """
+    if ws.included:
+        write_scope = write_scope.without(ws.included)
     if prepared is not None:
         try:
             made = prepared.finish(message)
@@ -245,6 +249,8 @@ def prepare_commit(
     view not registered as a git worktree, whose upper layer holds neither a `.git` nor a rule
     file (`lists_secured`: what `secure_workspace_git` may move or remove); else None, and
     nothing is done."""
+    if ws.included:  # (the user's files, copied in: never the agent's to commit)
+        write_scope = write_scope.without(ws.included)
     layers = layer_of(ws)
     if layers is None or not ws.branch:
         return None

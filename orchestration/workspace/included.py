@@ -104,12 +104,12 @@ def copy_included(root: Path, dest_root: Path, patterns: Sequence[str]) -> list[
     for rel in sorted(files):
         if not is_within(str(files[rel]), str(root.resolve())):
             continue
-        if _copy_beneath(jail, rel, files[rel]):
+        if copy_beneath(jail, rel, files[rel]):
             copied.append(rel)
     return copied
 
 
-def _copy_beneath(jail: Jail, rel: str, source: Path) -> bool:
+def copy_beneath(jail: Jail, rel: str, source: Path) -> bool:
     """Copy `source` to `rel` under `jail`'s root, its directories made as needed, its mode and
     times kept; False (nothing written) where `rel` or a parent exists as anything but a
     directory, a symlink included."""

@@ -64,7 +64,7 @@ from orchestration.workspace.git import (
     tree_of,
     write_whole,
 )
-from orchestration.workspace.included import included_paths
+from orchestration.workspace.included import copy_beneath, included_paths
 from orchestration.workspace.libgit2_git import (
     NOT_IN_PROCESS_ATTRIBUTE,
     Libgit2Git,
@@ -88,8 +88,10 @@ from orchestration.workspace.worktrees import (
 )
 from toolbus import gitcmd
 from toolbus.audit import append_text
+from toolbus.errors import FileNotFound, NotAFile, PathEscape
 from toolbus.fileops import read_regular_file
 from toolbus.gitcmd import Pinned
+from toolbus.jail import Jail
 from toolbus.resources import WriteScope, is_within
 
 log = logging.getLogger(__name__)
@@ -846,9 +848,13 @@ def _layer_included(
 ) -> list[str]:
     """Lay the user's ignored directories that `patterns` name under the view read-only, each
     with an upper layer of the agent's own (writes land there, never in the user's copy);
-    ignored files are copied into the view. Returns the repository paths of the files."""
+    ignored files are copied into the view. Returns the repository paths of the files.
+
+    The base may hold a link (an agent's, merged) where an included path or one of its
+    directories goes: nothing is copied or mounted through it, and that path is left out."""
     out: list[str] = []
     incl = layers / "incl"
+    jail = Jail(view)
     for rel, src in included_paths(repo.root, patterns):
         if src.is_dir():
             entry = incl / str(len(out))
@@ -857,28 +863,33 @@ def _layer_included(
             (entry / "work").mkdir(exist_ok=True)
             write_whole(entry / "source", str(src) + "\n")
             write_whole(entry / "path", rel + "\n")
-            _mount_included(entry, view, driver)
-        else:
-            target = view / rel
-            if os.path.lexists(target):
+            if not _mount_included(entry, view, driver):
+                shutil.rmtree(entry, ignore_errors=True)
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, target)
+        elif not copy_beneath(jail, rel, src):
+            continue
         out.append(rel)
     return sorted(out)
 
 
-def _mount_included(entry: Path, view: Path, driver: str) -> None:
+def _mount_included(entry: Path, view: Path, driver: str) -> bool:
+    """Mount the included directory `entry` records at its place in the view, which must be a
+    directory reached without a link (made where missing); whether it is mounted."""
     try:
         source = Path((entry / "source").read_text(encoding="utf-8").strip())
         rel = (entry / "path").read_text(encoding="utf-8").strip()
     except OSError:
-        return
+        return False
     if not source.is_dir():
-        return
-    target = view / rel
-    target.mkdir(parents=True, exist_ok=True)
-    overlay.mount_view(driver, [source], entry / "upper", entry / "work", target)
+        return False
+    try:
+        # (what the agent made in the view, or merged into its base, may be a link there)
+        os.close(Jail(view).open_dir(rel, create=True))
+    except (PathEscape, NotAFile, FileNotFound, OSError) as exc:
+        log.warning("%s not laid into %s: %s", rel, view, exc)
+        return False
+    overlay.mount_view(driver, [source], entry / "upper", entry / "work", view / rel)
+    return True
 
 
 # --- committing a view ---------------------------------------------------------------------

@@ -9,10 +9,32 @@ from pathlib import Path
 import pytest
 
 from orchestration.verify import Verifier
-from orchestration.workspace import GitRepo
+from orchestration.workspace import (
+    GitRepo,
+    Workspace,
+    commit_workspace,
+    create_workspace,
+    remove_workspace,
+)
 from orchestration.workspace.included import copy_included
-from tests.orchestration.gitutil import git, make_repo
+from orchestration.workspace.layered import layer_of, unmount_view
+from orchestration.workspace.overlay import OVERLAY, probe_overlay
+from tests.orchestration.gitutil import (
+    git,
+    head,
+    isolated_git,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (autouse fixture)
+    make_repo,
+    needs_views,
+    write,
+)
 from tests.orchestration.test_orchestrator import settings
+from toolbus.resources import WriteScope
+
+
+def views_here(tmp_path: Path) -> bool:
+    scratch = tmp_path / "probe"
+    scratch.mkdir()
+    return probe_overlay(scratch, None).kind == OVERLAY
 
 
 def _user_repo(tmp_path: Path) -> Path:
@@ -87,3 +109,96 @@ def test_the_verification_checkout_does_not_follow_an_agents_symlink(tmp_path: P
     assert (work / "conf").is_symlink() and (work / ".env").is_symlink()
     assert os.listdir(outside) == []
     assert not (root / ".git" / "hooks" / "pre-commit").exists()
+
+
+def _base_with_a_link(root: Path, name: str, target: str) -> str:
+    """A commit (an agent's, merged; not checked out by the user) holding `name` as a link to
+    `target`, where the user's checkout has their ignored `name`."""
+    git(root, "checkout", "-q", "-b", "agent")
+    aside = root.parent / "aside"
+    os.rename(root / name, aside)
+    os.symlink(target, root / name)
+    git(root, "add", "-f", name)
+    git(root, "commit", "-q", "-m", "a link")
+    commit = git(root, "rev-parse", "HEAD").strip()
+    os.unlink(root / name)
+    git(root, "checkout", "-q", "main")
+    os.rename(aside, root / name)
+    return commit
+
+
+@needs_views()
+@pytest.mark.parametrize("what", ["file", "directory"])
+def test_a_view_lays_nothing_in_through_a_link_of_its_base(tmp_path: Path, what: str) -> None:
+    root = make_repo(tmp_path / "user", {"README.md": "hi\n", ".gitignore": "conf/\n.venv/\n"})
+    (root / "conf").mkdir()
+    (root / "conf" / ".env").write_text("API_TOKEN=s3cret\n")
+    (root / ".venv").mkdir()
+    (root / ".venv" / "site.py").write_text("the user's venv\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    name, include = ("conf", "conf/.env") if what == "file" else (".venv", ".venv")
+    base = _base_with_a_link(root, name, str(outside))
+    repo = GitRepo(root)
+    ws = create_workspace(repo, base_commit=base, run_id="r1", agent_id="a", include=[include])
+    try:
+        assert ws.included == []
+        assert not os.path.ismount(outside) and os.listdir(outside) == []
+        assert (ws.path / name).is_symlink()
+    finally:
+        remove_workspace(repo, ws, delete_branch=True)
+
+
+@pytest.mark.parametrize("kind", ["view", "worktree"])
+def test_the_users_included_file_is_never_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    if kind == "worktree":
+        monkeypatch.setenv("FANOUT_WORKSPACES", "worktree")
+    elif not views_here(tmp_path):
+        pytest.skip("this machine cannot mount views")
+    root = make_repo(tmp_path / "user", {"README.md": "hi\n"})
+    # ignored in the user's checkout only (not committed): the agent's view does not ignore it
+    (root / ".gitignore").write_text(".env\n")
+    (root / ".env").write_text("API_TOKEN=s3cret\n")
+    repo = GitRepo(root)
+    ws = create_workspace(repo, base_commit=head(root), run_id="r1", agent_id="a", include=[".env"])
+    assert ws.included == [".env"]
+    write(ws.path, "src/x.py", "x = 1\n")
+    # as the runner commits it: from the agent's record (`workspace_of`)
+    again = ws.model_copy(update={"included": list(ws.included)})
+    done = commit_workspace(again, message="work", write_scope=WriteScope.of(None))
+    assert [c.path for c in done.changes] == ["src/x.py"]
+    assert done.dropped == [".env"]
+    assert ".env" not in git(root, "ls-tree", "--name-only", str(done.commit)).split()
+
+
+@needs_views()
+def test_a_remount_lays_nothing_in_through_the_agents_link(tmp_path: Path) -> None:
+    root = make_repo(tmp_path / "user", {"README.md": "hi\n", ".gitignore": ".venv/\n"})
+    (root / "tools" / ".venv").mkdir(parents=True)
+    (root / "tools" / ".venv" / "site.py").write_text("the user's venv\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    repo = GitRepo(root)
+    ws = create_workspace(
+        repo, base_commit=head(root), run_id="r1", agent_id="a", include=["tools/.venv"]
+    )
+    assert ws.included == ["tools/.venv"]
+    layers = layer_of(ws)
+    assert layers is not None
+    unmount_view(ws.path)  # the server is killed: its namespace's mounts go with it
+    # what the agent left in its upper layer: `tools` moved aside, a link in its place
+    upper = layers / "upper"
+    os.rename(upper / "tools", upper / "tools.old")
+    os.symlink(outside, upper / "tools")
+    # a new server commits the work left, mounting the view again
+    again = Workspace(
+        path=ws.path, branch=ws.branch, base_commit=ws.base_commit, run_id="r1", agent_id="a"
+    )
+    try:
+        commit_workspace(again, message="recovered", write_scope=WriteScope.of(None))
+        assert os.listdir(outside) == []
+        assert not os.path.ismount(outside)
+    finally:
+        remove_workspace(repo, again, delete_branch=True)
