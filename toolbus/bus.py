@@ -624,7 +624,16 @@ class AgentBus:
     # ---- permissions -----------------------------------------------------------------------
 
     async def _permit_write(self, path: str) -> str:
-        return await self._permit(PermissionRequest(kind="write", subject=normalize_path(path)))
+        """The policy's decision on a write of `path`, taken on the file it reaches: through
+        a link (`notes -> .github/workflows`), that file's rules apply, and the person asked
+        sees both names."""
+        typed = normalize_path(path)
+        try:
+            real = self.files.jail.resolve(path)
+        except ToolbusError:
+            real = typed  # (the write itself refuses it, and says why)
+        shown = None if real == typed else f"{typed} (it leads to {real})"
+        return await self._permit(PermissionRequest(kind="write", subject=real), shown)
 
     async def _permit(self, request: PermissionRequest, subject: str | None = None) -> str:
         """The policy's decision on the call, as the audit records it; raises

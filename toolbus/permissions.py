@@ -289,10 +289,9 @@ class GuardedScope(WriteScope):
     def allows(self, path: str) -> bool:
         if not super().allows(path):
             return False
-        if path in self.approved:
-            return True
         verdict = self.policy.decide(PermissionRequest(kind="write", subject=path))
-        if verdict.decision == "allow":
+        # (an approval answers an `ask`; it never lifts a `deny`)
+        if verdict.decision == "allow" or (verdict.decision == "ask" and path in self.approved):
             return True
         self.refused[path] = f"{verdict.decision} ({verdict.rule})"
         return False
