@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+import regex
 from pydantic import BaseModel, ConfigDict
 
 from toolbus import gitcmd
@@ -143,7 +144,13 @@ class SearchResult(_Result):
     """The time budget ran out before every file was searched."""
 
 
-def glob_regex(pattern: str) -> re.Pattern[str]:
+# An agent's regex or glob may backtrack for ever (`^(a+)+$`, `**a**a**a**b`): they are run
+# by the `regex` module, which gives up past a timeout and lets go of the GIL meanwhile.
+GLOB_TIME_BUDGET_S = 2.0
+"""What matching one `list_files` or `search` glob against every path may take."""
+
+
+def glob_regex(pattern: str) -> regex.Pattern[str]:
     """A gitignore-flavoured glob: `*` and `?` stay inside a component, `**` crosses them."""
     out: list[str] = []
     i = 0
@@ -176,8 +183,8 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
             out.append(re.escape(c))
             i += 1
     try:
-        return re.compile("".join(out) + r"\Z")
-    except re.error as exc:
+        return regex.compile("".join(out) + r"\Z")
+    except regex.error as exc:
         raise InvalidArguments(f"invalid glob {pattern!r}: {exc}") from None
 
 
@@ -189,17 +196,31 @@ class _GlobFilter:
 
     def __init__(self, pattern: str, base: str) -> None:
         self.regex = glob_regex(pattern)
+        self.pattern = pattern
         self.basename_only = "/" not in pattern
         self.base = base
+        self.deadline = time.monotonic() + GLOB_TIME_BUDGET_S
 
     def __call__(self, path: str) -> bool:
         if self.basename_only:
-            return bool(self.regex.match(path.rpartition("/")[2]))
-        if self.regex.match(path):
+            return self._match(path.rpartition("/")[2])
+        if self._match(path):
             return True
         if self.base and is_within(path, self.base) and path != self.base:
-            return bool(self.regex.match(path[len(self.base) + 1 :]))
+            return self._match(path[len(self.base) + 1 :])
         return False
+
+    def _match(self, text: str) -> bool:
+        left = self.deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            return self.regex.match(text, timeout=left, concurrent=True) is not None
+        except TimeoutError:
+            raise InvalidArguments(
+                f"the glob {self.pattern!r} took over {GLOB_TIME_BUDGET_S:g} s to match the "
+                "paths; use fewer `**` and `*` in a row"
+            ) from None
 
 
 class FileOps:
@@ -422,7 +443,9 @@ class FileOps:
         the checks on the file it will replace; `PendingWrite.sync` puts it in place."""
         parent, name = split_parent(rel)
         dfd = self.jail.open_dir(parent, create=True)
-        tmp = f".{name[:200]}.fanout-{os.getpid()}-{time.monotonic_ns()}.tmp"
+        # (at most 200 bytes of the name: the temporary name must fit where the name fits)
+        short = name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "surrogateescape")
+        tmp = f".{short}.fanout-{os.getpid()}-{time.monotonic_ns()}.tmp"
         fd: int | None = None
         try:
             try:
@@ -511,8 +534,8 @@ class FileOps:
     def search(self, pattern: str, path: str = "", glob: str | None = None) -> SearchResult:
         """Lines matching the regex `pattern` in the text files under `path` (and `glob`)."""
         try:
-            regex = re.compile(pattern, re.MULTILINE)
-        except re.error as exc:
+            compiled = regex.compile(pattern, regex.MULTILINE)
+        except (regex.error, ValueError) as exc:
             raise InvalidArguments(f"invalid regular expression {pattern!r}: {exc}") from None
         base = self._base(path)
         files = [f for f in self._tree(base) if is_within(f, base)]
@@ -545,7 +568,11 @@ class FileOps:
                         continue
                     searched += 1
                     shown = f"{parent}/{name}" if parent else name
-                    hits = _matching_lines(regex, text)
+                    try:
+                        hits = _matching_lines(compiled, text, deadline - time.monotonic())
+                    except TimeoutError:
+                        stopped = True
+                        break
                     if not hits:
                         continue
                     files_with += 1
@@ -615,12 +642,17 @@ def _read_text(dfd: int, name: str, cap: int) -> str | None:
         return None
 
 
-def _matching_lines(regex: re.Pattern[str], text: str) -> list[tuple[int, str]]:
+def _matching_lines(
+    compiled: regex.Pattern[str], text: str, timeout_s: float
+) -> list[tuple[int, str]]:
+    """The lines of `text` where `compiled` matches; TimeoutError past `timeout_s`."""
+    if timeout_s <= 0:
+        raise TimeoutError
     hits: list[tuple[int, str]] = []
     line_no = 1
     scanned = 0
     last_line = 0
-    for m in regex.finditer(text):
+    for m in compiled.finditer(text, timeout=timeout_s, concurrent=True):
         start = m.start()
         line_no += text.count("\n", scanned, start)
         scanned = start

@@ -24,7 +24,14 @@ from toolbus.errors import (
     OutOfScope,
     PathEscape,
 )
-from toolbus.fileops import QUICK_FILE_BYTES, FileLimits, FileOps, NotQuick, glob_regex
+from toolbus.fileops import (
+    GLOB_TIME_BUDGET_S,
+    QUICK_FILE_BYTES,
+    FileLimits,
+    FileOps,
+    NotQuick,
+    glob_regex,
+)
 from toolbus.jail import Jail
 from toolbus.resources import WriteScope
 
@@ -462,3 +469,30 @@ def test_a_pending_write_changes_nothing_until_synced(ws: Path) -> None:
     with pytest.raises(NotQuick):
         fo.begin_edit("src/big.py", "y", "z", replace_all=True, quick=True)
     assert fo.read("src/big.py", limit=1).size_bytes == QUICK_FILE_BYTES + 1
+
+
+def test_a_regex_that_backtracks_for_ever_stops_within_the_budget(tmp_path: Path) -> None:
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "a.txt").write_text("a" * 60 + "\n")
+    (root / "b.txt").write_text("ab\n")
+    started = time.monotonic()
+    result = ops(root, limits=FileLimits(search_time_budget_s=0.5)).search(r"(?:a|aa)+b")
+    assert time.monotonic() - started < 3
+    assert result.stopped_early
+
+
+def test_a_glob_that_backtracks_for_ever_is_refused_in_time(tmp_path: Path) -> None:
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / ("a" * 60)).write_text("x\n")
+    (root / "ab").write_text("x\n")
+    files = ops(root)
+    started = time.monotonic()
+    try:
+        listed = files.list(pattern="**a" * 12 + "**b").entries
+    except InvalidArguments as exc:
+        assert "took over" in str(exc)
+    else:
+        assert listed == []  # (matched in time: no name has twelve a's before a b)
+    assert time.monotonic() - started < GLOB_TIME_BUDGET_S + 2
