@@ -173,7 +173,7 @@ class AuditLog:
                 seq=(self._records[-1].seq + 1) if self._records else 1,
                 ts=started,
                 agent_id=agent_id,
-                op=op,
+                op=brief(op, MAX_DETAIL_CHARS),  # (the tool's name as the model sent it)
                 args_brief=brief(args_brief),
                 outcome=outcome,
                 detail=None if detail is None else brief(detail, MAX_DETAIL_CHARS),

@@ -112,6 +112,8 @@ class Jail:
             except NotADirectoryError:
                 prefix = "/".join(parts[:index])
                 raise NotAFile(f"{prefix!r} is a file, not a directory (in {path!r})") from None
+            except OSError as exc:  # a link loop (ELOOP), a name too long for the file system
+                raise os_error(exc, path) from None
             if stat.S_ISLNK(st.st_mode):
                 target = os.path.realpath(candidate)
                 if not _within(target, root):

@@ -427,3 +427,21 @@ async def test_a_bus_is_freed_without_the_cycle_collector(ws: Path) -> None:
         assert gone() is None
     finally:
         gc.enable()
+
+
+async def test_odd_names_and_links_get_clear_answers(ws: Path) -> None:
+    bus = make_bus(ws)
+    # a tool name the model made up with a lone surrogate: refused, and audited
+    odd = await bus.call("\ud800", {})
+    assert odd.is_error
+    # a link loop: a clear refusal, not an internal error naming the server's paths
+    (ws / "loop").symlink_to("loop")
+    looped = await bus.call("read_file", {"path": "loop/x"})
+    assert looped.is_error and "internal error" not in looped.content
+    assert str(ws) not in looped.content
+    # a name within the file system's 255 bytes, in multibyte characters, can be written
+    name = "src/" + "€" * 85
+    written = await bus.call("write_file", {"path": name, "content": "x\n"})
+    assert not written.is_error, written.content
+    assert (ws / name).read_text() == "x\n"
+    assert [r.op for r in bus.audit.records()] == ["\\ud800", "read_file", "write_file"]
