@@ -360,10 +360,14 @@ class _Connection:
             if isinstance(config, StdioServerConfig):
                 self._stderr = _StderrLog()
                 locale = {k: v for k in LOCALE_ENV if (v := os.environ.get(k)) is not None}
+                # It starts in the agent's workspace, outside the sandbox: `python -m x` would
+                # import a module `x` the agent's command left there first (its own env may
+                # say otherwise)
+                safe = {"PYTHONSAFEPATH": "1"} if "-m" in config.args else {}
                 params = StdioServerParameters(
                     command=config.command,
                     args=config.args,
-                    env=locale | config.env,
+                    env=locale | safe | config.env,
                     cwd=self._cwd or config.cwd,
                 )
                 errlog = cast(TextIO, self._stderr.file)

@@ -206,3 +206,29 @@ async def test_a_configured_server_is_used_by_agents_over_stdio(tmp_path: Path) 
     assert [c["tool"] for c in _log(log)] == ["put", "get"]
     # it ran in the agent's workspace, registered as a git work tree for it
     assert [c["git"] for c in _log(log)] == [True, True]
+
+
+async def test_a_module_the_agent_planted_does_not_start_as_its_server(tmp_path: Path) -> None:
+    # the server starts in the agent's workspace, outside the sandbox: `python -m` must not
+    # import what the agent's command wrote there
+    repo = make_repo(tmp_path / "repo")
+    marker = tmp_path / "planted-code-ran"
+    payload = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+    plant = (
+        "mkdir -p tests/mcp_server && : > tests/__init__.py && : > tests/mcp_server/__init__.py"
+        f" && cat > tests/mcp_server/downstream_server.py <<'PY'\n{payload}PY\n"
+    )
+    scripts: dict[str, list[Step]] = {
+        "PLANT": [("run_command", {"command": plant}), ("mcp__kv__get", {"key": "x"})]
+    }
+    model = by_task(scripts)
+    async with (
+        DownstreamServers(_config(tmp_path / "calls.jsonl")) as downstream,
+        Orchestrator(settings(repo), lambda _name: model, external=downstream) as orch,
+    ):
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="PLANT", name="p", write_scope=None)])
+        )
+        await wait_until_final(orch, spawned.run_id)
+    assert not marker.exists()
+    assert (tmp_path / "calls.jsonl").exists()  # the configured server answered the call
