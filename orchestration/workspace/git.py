@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -123,11 +124,19 @@ class GitRepo:
     @property
     def state_dir(self) -> Path:
         """`<git dir>/fanout`, created on demand (looked for once: it holds the state database,
-        so it stays while the repository is open)."""
+        so it stays while the repository is open), for its owner alone: the agents' homes,
+        layers and workspaces below it hold what their commands left, set-ID files included
+        (a command may set those bits on its own files), which no other user may run."""
         if self._state_dir is None:
             path = self.git_dir / STATE_DIR_NAME
-            if not path.is_dir():  # (a look is cheaper than a refused mkdir)
-                path.mkdir(parents=True, exist_ok=True)
+            try:
+                info = os.stat(path)
+            except FileNotFoundError:
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+                info = os.stat(path)
+            if info.st_mode & 0o077:
+                with contextlib.suppress(OSError):  # (not ours to change: git says so later)
+                    os.chmod(path, stat.S_IMODE(info.st_mode) & 0o700)
             self._state_dir = path
         return self._state_dir
 

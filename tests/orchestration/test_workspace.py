@@ -382,3 +382,13 @@ def test_threads_writing_one_file_whole_never_share_a_temporary_file(tmp_path: P
     text = target.read_text(encoding="utf-8")
     assert len(set(text.splitlines())) == 1 and text.count("\n") == 100
     assert [p.name for p in tmp_path.iterdir()] == ["record"]
+
+
+def test_the_state_dir_is_its_owners_alone(tmp_path: Path) -> None:
+    # what agents' commands leave below it (set-ID files among them) no other user may run
+    fresh = make_repo(tmp_path / "fresh")
+    assert GitRepo(fresh).state_dir.stat().st_mode & 0o777 == 0o700
+    older = make_repo(tmp_path / "older")
+    (older / ".git" / "fanout").mkdir(mode=0o755)
+    os.chmod(older / ".git" / "fanout", 0o755)
+    assert GitRepo(older).state_dir.stat().st_mode & 0o777 == 0o700
