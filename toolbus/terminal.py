@@ -74,7 +74,13 @@ FIXED_ENV = {
     "GIT_PAGER": "cat",
     "GIT_TERMINAL_PROMPT": "0",
 }
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+# A name a wildcard of `env_passthrough` does not let through (a name given whole does): what
+# names secrets (SMTP_PASS, NPM_CONFIG__AUTH, SESSION_COOKIE; not GIT_AUTHOR_NAME)
+SECRET_NAME = re.compile(
+    r"KEY|TOKEN|SECRET|PASS(?!THROUGH)|CREDENTIAL|AUTH(?!OR)|COOKIE|SESSION", re.IGNORECASE
+)
+# a value holding a URL with a password (DATABASE_URL=postgres://user:secret@host/db)
+SECRET_VALUE = re.compile(r"://[^/@\s:]*:[^/@\s]+@")
 
 
 class CommandPolicy(BaseModel):
@@ -176,7 +182,11 @@ def scrubbed_env(config: TerminalConfig, home: Path, source: Mapping[str, str]) 
     for entry in config.env_passthrough:
         if any(c in entry for c in "*?["):
             for name, value in source.items():
-                if fnmatch.fnmatchcase(name, entry) and not SECRET_NAME.search(name):
+                if (
+                    fnmatch.fnmatchcase(name, entry)
+                    and not SECRET_NAME.search(name)
+                    and not SECRET_VALUE.search(value)
+                ):
                     env[name] = value
         elif entry in source:
             env[entry] = source[entry]

@@ -131,6 +131,24 @@ def test_secret_passes_only_when_named_exactly() -> None:
     assert "GITHUB_TOKEN" not in scrubbed_env(TerminalConfig(), Path("/h"), source)
 
 
+def test_a_wildcard_lets_no_secret_looking_name_or_value_through() -> None:
+    secrets = {
+        "SMTP_PASS": "p",
+        "NPM_CONFIG__AUTH": "a",
+        "BASIC_AUTH": "b",
+        "SESSION_COOKIE": "c",
+        "PGPASSFILE": "/f",
+        "DATABASE_URL": "postgres://app:s3cret@db/app",
+    }
+    plain = {"GIT_AUTHOR_NAME": "A", "SITE_URL": "https://example.com/x", "MY_VAR": "v"}
+    env = scrubbed_env(TerminalConfig(env_passthrough=("*",)), Path("/h"), {**secrets, **plain})
+    assert not set(secrets) & set(env)
+    assert {name: env[name] for name in plain} == plain
+    # named whole, a name is the user's choice
+    named = TerminalConfig(env_passthrough=("DATABASE_URL",))
+    assert scrubbed_env(named, Path("/h"), secrets)["DATABASE_URL"] == secrets["DATABASE_URL"]
+
+
 async def test_policy_deny_wins_and_allow_restricts(tmp_path: Path) -> None:
     policy = CommandPolicy(deny=(r"\brm\s+-rf\b",), allow=(r"^(rm|ls|echo)\b",))
     term = terminal(tmp_path, policy=policy)
