@@ -18,23 +18,17 @@ from orchestration.workspace import (
 )
 from orchestration.workspace.included import copy_included
 from orchestration.workspace.layered import layer_of, unmount_view
-from orchestration.workspace.overlay import OVERLAY, probe_overlay
 from tests.orchestration.gitutil import (
     git,
     head,
     isolated_git,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (autouse fixture)
     make_repo,
     needs_views,
+    workspace_kind,  # pyright: ignore[reportUnusedImport]  # noqa: F401  (fixture)
     write,
 )
 from tests.orchestration.test_orchestrator import settings
 from toolbus.resources import WriteScope
-
-
-def views_here(tmp_path: Path) -> bool:
-    scratch = tmp_path / "probe"
-    scratch.mkdir()
-    return probe_overlay(scratch, None).kind == OVERLAY
 
 
 def _user_repo(tmp_path: Path) -> Path:
@@ -149,14 +143,8 @@ def test_a_view_lays_nothing_in_through_a_link_of_its_base(tmp_path: Path, what:
         remove_workspace(repo, ws, delete_branch=True)
 
 
-@pytest.mark.parametrize("kind", ["view", "worktree"])
-def test_the_users_included_file_is_never_committed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
-) -> None:
-    if kind == "worktree":
-        monkeypatch.setenv("FANOUT_WORKSPACES", "worktree")
-    elif not views_here(tmp_path):
-        pytest.skip("this machine cannot mount views")
+@pytest.mark.usefixtures("workspace_kind")
+def test_the_users_included_file_is_never_committed(tmp_path: Path) -> None:
     root = make_repo(tmp_path / "user", {"README.md": "hi\n"})
     # ignored in the user's checkout only (not committed): the agent's view does not ignore it
     (root / ".gitignore").write_text(".env\n")
