@@ -31,6 +31,8 @@ from orchestration.workspace import (
     status_entries,
     tree_changes,
 )
+from orchestration.workspace.engine import changed_paths
+from orchestration.workspace.git import tree_of
 from toolbus import gitcmd
 from toolbus.resources import is_within, overlaps
 
@@ -432,7 +434,8 @@ class Joiner:
             old, new = pygit2.Oid(hex=journal.old), pygit2.Oid(hex=journal.new)
             pyrepo = self._repo.open()
             try:
-                problem, _ = self._bring_forward(pyrepo, old, new, _paths_between(pyrepo, old, new))
+                changed = changed_paths(pyrepo, journal.old, str(tree_of(pyrepo, journal.new).id))
+                problem, _ = self._bring_forward(pyrepo, old, new, changed)
             finally:
                 pyrepo.free()
             if problem is None:
@@ -831,12 +834,6 @@ class Joiner:
             )
         # (the branch may already name `new`: what is staged against it is the index of `old`)
         return not _dirty_overlap(root, changed, staged=False)
-
-
-def _paths_between(pyrepo: pygit2.Repository, old: pygit2.Oid, new: pygit2.Oid) -> list[str]:
-    """The paths where the trees of commits `old` and `new` differ."""
-    diff = pyrepo[old].peel(pygit2.Tree).diff_to_tree(pyrepo[new].peel(pygit2.Tree))
-    return sorted({path for d in diff.deltas for path in (d.old_file.path, d.new_file.path)})
 
 
 def _holds(full: str, tree: pygit2.Tree, path: str) -> bool:

@@ -18,7 +18,8 @@ from toolbus.errors import FileNotFound, FileOpError, NotAFile, PathEscape, Tool
 from toolbus.resources import normalize_path
 
 MAX_COMPONENT_BYTES = 255
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+"""A directory opened as a step of a walk: never through a link."""
 
 
 def _hidden(part: str) -> bool:
@@ -140,13 +141,13 @@ class Jail:
 
         With `create`, missing directories are made. The caller closes the fd.
         """
-        fd = os.open(self.root, _DIR_FLAGS)
+        fd = os.open(self.root, DIR_FLAGS)
         walked: list[str] = []
         try:
             for part in rel_dir.split("/") if rel_dir else ():
                 walked.append(part)
                 try:
-                    next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
                     if not create:
                         raise FileNotFound(
@@ -169,7 +170,7 @@ class Jail:
     @staticmethod
     def _open_existing_dir(part: str, parent_fd: int, walked: list[str]) -> int:
         try:
-            return os.open(part, _DIR_FLAGS, dir_fd=parent_fd)
+            return os.open(part, DIR_FLAGS, dir_fd=parent_fd)
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise

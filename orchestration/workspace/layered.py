@@ -91,7 +91,7 @@ from toolbus.audit import append_text
 from toolbus.errors import FileNotFound, NotAFile, PathEscape
 from toolbus.fileops import read_regular_file
 from toolbus.gitcmd import Pinned
-from toolbus.jail import Jail
+from toolbus.jail import DIR_FLAGS, Jail
 from toolbus.resources import WriteScope, is_within
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,6 @@ LOCK_REASON = "fanout: a copy-on-write view, mounted only while a server uses it
 _TREE = pygit2.enums.FileMode.TREE
 _LINK = pygit2.enums.FileMode.LINK
 _GITLINK = pygit2.enums.FileMode.COMMIT
-# a view's directories and files as the commit reads them: never through a link, never waiting
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_CHECK_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _EXEC = pygit2.enums.FileMode.BLOB_EXECUTABLE
 _BLOB = pygit2.enums.FileMode.BLOB
 _LIBGIT2 = Libgit2Git()
@@ -1588,9 +1585,9 @@ class _Beneath:
         if fd is None:
             above, _, name = rel_dir.rpartition("/")
             if rel_dir:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=self._dir(above))
+                fd = os.open(name, DIR_FLAGS, dir_fd=self._dir(above))
             else:
-                fd = os.open(self._root, _DIR_FLAGS)
+                fd = os.open(self._root, DIR_FLAGS)
             self._dirs[rel_dir] = fd
         return fd
 
@@ -1603,11 +1600,8 @@ class _Beneath:
         if cap is not None:
             data = read_regular_file(name, cap, dfd)
         else:
-            fd = os.open(name, _CHECK_FLAGS, dir_fd=dfd)
-            try:
-                data = b"" if stat.S_ISREG(os.fstat(fd).st_mode) else None
-            finally:
-                os.close(fd)
+            info = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            data = b"" if stat.S_ISREG(info.st_mode) else None
         if data is None:
             raise OSError(f"{rel} is not a file of a quick commit")
         return data
