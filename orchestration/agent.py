@@ -115,6 +115,10 @@ def usage_to_tokens(usage: Usage) -> TokenUsage:
     )
 
 
+_PAYLOAD_ENCODER = json.JSONEncoder(default=str)
+# (what `json.dumps(payload, default=str)` makes at every call)
+
+
 class Transcript:
     """An agent's messages as JSON lines on disk, read on demand, never pushed to the client.
 
@@ -142,7 +146,7 @@ class Transcript:
 
     def append(self, kind: str, payload: object) -> None:
         if self.path is not None:
-            self.append_json(kind, json.dumps(payload, default=str))
+            self.append_json(kind, _PAYLOAD_ENCODER.encode(payload))
 
     def append_json(self, kind: str, data: str) -> None:
         """`append` of a payload already serialized to JSON (`data`): the line is what

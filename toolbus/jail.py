@@ -123,7 +123,7 @@ class Jail:
                         f"{link!r} is a symlink that leads outside the workspace; only paths "
                         "inside the repository are accessible"
                     )
-                inner = os.path.relpath(target, root).replace(os.sep, "/")
+                inner = _below(target, root)
                 if any(_hidden(p) for p in inner.split("/")):
                     raise PathEscape(
                         f"{path!r} resolves (through a symlink) into .git; git internals are "
@@ -132,9 +132,7 @@ class Jail:
                 current = target
             else:
                 current = candidate
-        real = os.path.relpath(current, root)
-        real = "" if real == "." else real.replace(os.sep, "/")
-        return real
+        return _below(current, root)
 
     def open_dir(self, rel_dir: str, *, create: bool = False) -> int:
         """A directory fd for the real relative path `rel_dir`, walked with `O_NOFOLLOW`.
@@ -185,6 +183,18 @@ class Jail:
 
 def _within(target: str, root: str) -> bool:
     return target == root or target.startswith(root.rstrip("/") + "/")
+
+
+def _below(path: str, root: str) -> str:
+    """The relative path of `path`, which is `root` or lies below it ("" for `root` itself):
+    both are normalised absolute paths, so it is the text after `root`'s."""
+    if path == root:
+        return ""
+    prefix = root.rstrip("/") + "/"
+    if path.startswith(prefix):
+        return path[len(prefix) :]
+    real = os.path.relpath(path, root)  # (not below: as `relpath` tells it)
+    return "" if real == "." else real.replace(os.sep, "/")
 
 
 def split_parent(rel: str) -> tuple[str, str]:

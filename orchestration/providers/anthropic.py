@@ -378,9 +378,13 @@ def _tool_result_param(block: ToolResultBlock) -> dict[str, Any]:
     }
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# (`json.dumps` with any option but the defaults makes an encoder at every call)
+
+
 def _dumps(value: object) -> str:
     """`value` as the SDK serializes a request (compact JSON, no NaN)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 class _WireCache:
