@@ -115,6 +115,9 @@ class JoinOutcome(BaseModel):
     stale_reads: list[str] = Field(default_factory=list[str])
     reason: str | None = None
     diffstat: DiffStat = Field(default_factory=DiffStat)
+    # skipped because the branch moved after the verification: its merge now makes another
+    # tree than the one the command passed on
+    unverified: bool = False
 
 
 @dataclass(frozen=True)
@@ -653,12 +656,13 @@ class Joiner:
                     reason="already in the canonical branch: nothing to apply",
                 )
             if self._verified is not None and self._verified.get(cand.agent_id) != str(m.tree):
-                return self._skipped(
+                skipped = self._skipped(
                     cand,
                     m,
                     f"{target.ref} moved while the verification command ran, so what would land "
                     "now is not what it verified; merge again to verify on the new head",
                 )
+                return skipped.model_copy(update={"unverified": True})
             stale = _stale(pyrepo, cand, base, head_tree, m=m, readers=readers)
             if stale is not None and not readers.accept_stale:
                 return stale

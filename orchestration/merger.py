@@ -72,33 +72,51 @@ class Merger:
                 results.append(await self._merge_empty(ctx, agent, dry_run=request.dry_run))
             else:
                 candidates.append(_candidate(agent, agent.commit))
-        candidates, readers = await anyio.to_thread.run_sync(
-            _with_reads, ctx, candidates, [a for a in agents if a.status == AgentStatus.MERGED]
-        )
-        ordered = writers_first(candidates)
         command = request.verify_command or find_run(ctx, request.run_id).verify_command
-        rejected: list[JoinOutcome] = []
         verification: str | None = None
-        verified: dict[str, str] | None = None
-        if command and ordered:
-            ordered, rejected, verification, verified = await self._verify(
-                ctx, ordered, request, readers=readers, command=command
+        # Once more if the branch moved while the command ran (the user committing, another
+        # server's merge): those skipped for it are verified again, on the new head, and land
+        # if it passes there and the branch holds still this time.
+        for attempt in range(2):
+            merged = [a for a in ctx.store.agents(request.run_id) if a.status == AgentStatus.MERGED]
+            candidates, readers = await anyio.to_thread.run_sync(
+                _with_reads, ctx, candidates, merged
             )
-        outcomes = await self._join(
-            ctx,
-            by_id,
-            ordered,
-            request,
-            readers=readers,
-            on_progress=on_progress,
-            verified=verified,
-        )
-        outcomes.extend(rejected)
-        for outcome in outcomes:
-            result = _result_of(by_id[outcome.agent_id], outcome)
-            results.append(result)
-            if not request.dry_run:
-                await self._record(ctx, by_id[outcome.agent_id], result)
+            ordered = writers_first(candidates)
+            rejected: list[JoinOutcome] = []
+            verified: dict[str, str] | None = None
+            if command and ordered:
+                ordered, rejected, summary, verified = await self._verify(
+                    ctx, ordered, request, readers=readers, command=command
+                )
+                verification = (
+                    summary
+                    if verification is None
+                    else f"{verification}; the branch moved while it ran, so again on the new "
+                    f"head: {summary}"
+                )
+            outcomes = await self._join(
+                ctx,
+                by_id,
+                ordered,
+                request,
+                readers=readers,
+                on_progress=on_progress,
+                verified=verified,
+            )
+            again: set[str] = (
+                {o.agent_id for o in outcomes if o.unverified} if attempt == 0 else set()
+            )
+            for outcome in [*outcomes, *rejected]:
+                if outcome.agent_id in again:
+                    continue
+                result = _result_of(by_id[outcome.agent_id], outcome)
+                results.append(result)
+                if not request.dry_run:
+                    await self._record(ctx, by_id[outcome.agent_id], result)
+            if not again:
+                break
+            candidates = [c for c in ordered if c.agent_id in again]
         head = await anyio.to_thread.run_sync(ctx.repo.head_commit)
         return MergeResult(
             run_id=request.run_id,

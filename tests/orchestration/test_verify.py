@@ -211,26 +211,32 @@ def test_no_filter_of_the_users_runs_in_the_verification_checkout(
     assert not marker.exists()
 
 
-async def test_what_lands_is_the_tree_that_was_verified(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    repo = make_repo(tmp_path / "repo")
+def _another_writer_after_verifying(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, *, times: int
+) -> list[int]:
+    """Make the user (or another server's merge) commit a file of its own on the branch right
+    after each of the first `times` verifications; the count of verifications made, returned."""
     real_first_failing = merger_module.first_failing
+    calls: list[int] = []
 
     async def verify_then_another_writer_lands(*args: Any) -> Any:
         found = await real_first_failing(*args)
-        # meanwhile the user (or another server's merge) commits on the branch
-        (repo / "out").mkdir(exist_ok=True)
-        (repo / "out" / "other.txt").write_text("x\n")
-        git(repo, "add", "-A")
-        git(repo, "commit", "-q", "-m", "another writer")
+        calls.append(1)
+        if len(calls) <= times:
+            (repo / "out").mkdir(exist_ok=True)
+            (repo / "out" / f"other{len(calls)}.txt").write_text("x\n")
+            git(repo, "add", "-A")
+            git(repo, "commit", "-q", "-m", f"another writer {len(calls)}")
         return found
 
     monkeypatch.setattr(merger_module, "first_failing", verify_then_another_writer_lands)
-    # the agent's file passes the check alone, and fails it beside the other writer's
-    check = "! test -e out/other.txt || ! grep -q BROKEN out/w.txt"
+    return calls
+
+
+async def _merged_with(repo: Path, content: str, check: str) -> tuple[list[MergeOutcome], Any]:
+    """One agent writes out/w.txt with `content`; its run merged with `check`."""
     scripts: dict[str, list[Step]] = {
-        "W-": [("write_file", {"path": "out/w.txt", "content": "BROKEN beside other.txt\n"})]
+        "W-": [("write_file", {"path": "out/w.txt", "content": content})]
     }
     async with Orchestrator(settings(repo), lambda _name: by_task(scripts)) as orch:
         spawned = await orch.spawn(
@@ -238,11 +244,47 @@ async def test_what_lands_is_the_tree_that_was_verified(
         )
         await wait_until_final(orch, spawned.run_id)
         merged = await orch.merge(MergeRequest(run_id=spawned.run_id, verify_command=check))
-        [result] = merged.agents
-        assert result.outcome is MergeOutcome.SKIPPED
-        assert result.reason is not None and "moved while the verification" in result.reason
-        assert not (repo / "out" / "w.txt").exists()
-        # merged again, it is verified on the new head, where it fails
-        monkeypatch.setattr(merger_module, "first_failing", real_first_failing)
-        again = await orch.merge(MergeRequest(run_id=spawned.run_id, verify_command=check))
-        assert [a.outcome for a in again.agents] == [MergeOutcome.VERIFY_FAILED]
+        return [a.outcome for a in merged.agents], merged
+
+
+async def test_what_lands_is_the_tree_that_was_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    calls = _another_writer_after_verifying(repo, monkeypatch, times=1)
+    # the agent's file passes the check alone, and fails it beside the other writer's
+    check = "! test -e out/other1.txt || ! grep -q BROKEN out/w.txt"
+    outcomes, merged = await _merged_with(repo, "BROKEN beside other1.txt\n", check)
+    # the branch moved after the first verification: the same call verified it again on the
+    # new head, where it fails, and nothing of it landed
+    assert outcomes == [MergeOutcome.VERIFY_FAILED]
+    assert len(calls) == 2
+    assert "the branch moved while it ran" in merged.verification
+    assert not (repo / "out" / "w.txt").exists()
+
+
+async def test_a_change_that_passes_on_the_moved_branch_lands_in_the_same_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    calls = _another_writer_after_verifying(repo, monkeypatch, times=1)
+    outcomes, merged = await _merged_with(repo, "fine\n", "grep -q fine out/w.txt")
+    assert outcomes == [MergeOutcome.MERGED]
+    assert len(calls) == 2
+    assert "the branch moved while it ran" in merged.verification
+    head_files = git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()
+    assert {"out/w.txt", "out/other1.txt"} <= set(head_files)
+    assert (repo / "out" / "w.txt").read_text() == "fine\n"
+
+
+async def test_a_branch_that_moves_at_every_verification_is_left_for_another_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    calls = _another_writer_after_verifying(repo, monkeypatch, times=2)
+    outcomes, merged = await _merged_with(repo, "fine\n", "grep -q fine out/w.txt")
+    [result] = merged.agents
+    assert outcomes == [MergeOutcome.SKIPPED]
+    assert result.reason is not None and "moved while the verification" in result.reason
+    assert len(calls) == 2  # verified once again, not more
+    assert not (repo / "out" / "w.txt").exists()
