@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from orchestration import merger as merger_module
-from orchestration.contracts import AgentStatus, MergeOutcome, MergeRequest, SpawnRequest, TaskSpec
+from orchestration.contracts import (
+    AgentStatus,
+    MergeOutcome,
+    MergeRequest,
+    MergeResult,
+    SpawnRequest,
+    TaskSpec,
+)
 from orchestration.orchestrator import Orchestrator
 from orchestration.state import StateStore
 from orchestration.verify import Verifier
@@ -233,7 +240,9 @@ def _another_writer_after_verifying(
     return calls
 
 
-async def _merged_with(repo: Path, content: str, check: str) -> tuple[list[MergeOutcome], Any]:
+async def _merged_with(
+    repo: Path, content: str, check: str
+) -> tuple[list[MergeOutcome], MergeResult]:
     """One agent writes out/w.txt with `content`; its run merged with `check`."""
     scripts: dict[str, list[Step]] = {
         "W-": [("write_file", {"path": "out/w.txt", "content": content})]
@@ -259,6 +268,7 @@ async def test_what_lands_is_the_tree_that_was_verified(
     # new head, where it fails, and nothing of it landed
     assert outcomes == [MergeOutcome.VERIFY_FAILED]
     assert len(calls) == 2
+    assert merged.verification is not None
     assert "the branch moved while it ran" in merged.verification
     assert not (repo / "out" / "w.txt").exists()
 
@@ -271,6 +281,7 @@ async def test_a_change_that_passes_on_the_moved_branch_lands_in_the_same_call(
     outcomes, merged = await _merged_with(repo, "fine\n", "grep -q fine out/w.txt")
     assert outcomes == [MergeOutcome.MERGED]
     assert len(calls) == 2
+    assert merged.verification is not None
     assert "the branch moved while it ran" in merged.verification
     head_files = git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()
     assert {"out/w.txt", "out/other1.txt"} <= set(head_files)
