@@ -619,12 +619,15 @@ class Joiner:
             diffstat=m.diffstat,
         )
 
-    def _skipped(self, cand: JoinCandidate, m: _Merge | None, reason: str) -> JoinOutcome:
+    def _skipped(
+        self, cand: JoinCandidate, m: _Merge | None, reason: str, *, unverified: bool = False
+    ) -> JoinOutcome:
         return JoinOutcome(
             agent_id=cand.agent_id,
             outcome=MergeOutcome.SKIPPED,
             reason=reason,
             diffstat=m.diffstat if m is not None else DiffStat(),
+            unverified=unverified,
         )
 
     def _land(
@@ -656,13 +659,13 @@ class Joiner:
                     reason="already in the canonical branch: nothing to apply",
                 )
             if self._verified is not None and self._verified.get(cand.agent_id) != str(m.tree):
-                skipped = self._skipped(
+                return self._skipped(
                     cand,
                     m,
                     f"{target.ref} moved while the verification command ran, so what would land "
                     "now is not what it verified; merge again to verify on the new head",
+                    unverified=True,
                 )
-                return skipped.model_copy(update={"unverified": True})
             stale = _stale(pyrepo, cand, base, head_tree, m=m, readers=readers)
             if stale is not None and not readers.accept_stale:
                 return stale

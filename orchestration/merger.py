@@ -78,7 +78,9 @@ class Merger:
         # server's merge): those skipped for it are verified again, on the new head, and land
         # if it passes there and the branch holds still this time.
         for attempt in range(2):
-            merged = [a for a in ctx.store.agents(request.run_id) if a.status == AgentStatus.MERGED]
+            if attempt:  # (the agents the first attempt landed read files too)
+                agents = ctx.store.agents(request.run_id)
+            merged: list[AgentRecord] = [a for a in agents if a.status == AgentStatus.MERGED]
             candidates, readers = await anyio.to_thread.run_sync(
                 _with_reads, ctx, candidates, merged
             )
