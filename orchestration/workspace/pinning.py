@@ -8,6 +8,7 @@ the agent planted is moved out (quarantined) before the server's git reads the w
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -370,6 +371,47 @@ def _blocking_kind(mode: int) -> str | None:
     return "a device"
 
 
+def _set_aside(source: Path, target: Path) -> None:
+    """Move the agent's `source` (a file, link or directory) out of its workspace to
+    `target`: renamed where both are on one filesystem; else (a view's files are on its
+    overlay) copied, links as links and named pipes, sockets and devices left out (nothing
+    is read from them), then removed. The copy is for inspection and may be partial; the
+    removal from the workspace is what matters, and an error of it is raised."""
+    try:
+        os.rename(source, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    st = os.lstat(source)
+    if stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(shutil.Error, OSError):
+            shutil.copytree(source, target, symlinks=True, copy_function=_copy_regular)
+        shutil.rmtree(source)
+        return
+    with contextlib.suppress(OSError):
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(source), target)
+        else:
+            _copy_regular(source, target)
+    os.unlink(source)
+
+
+def _copy_regular(source: str | Path, target: str | Path) -> None:
+    """Copy `source` to `target` if it is a regular file when opened (not following a link,
+    not waiting on a pipe swapped in after a look); anything else is left out."""
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(out, "wb") as sink:
+            while chunk := os.read(fd, 1 << 20):
+                sink.write(chunk)
+    finally:
+        os.close(fd)
+
+
 def secure_workspace_git(
     pinned: Pinned,
     *,
@@ -428,7 +470,7 @@ def secure_workspace_git(
         for rel in planted:
             target = batch / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(root / rel), str(target))
+            _set_aside(root / rel, target)
             found.append(f"{rel} (a .git the agent made; moved out of the workspace)")
     if gitfile and not ours:
         if st is None:

@@ -226,6 +226,38 @@ async def test_named_pipes_where_git_reads_rules_never_stop_the_commit(
     git(repo, "fsck", "--no-progress")
 
 
+async def test_a_planted_git_holding_named_pipes_is_moved_out_and_the_work_merged(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    """A planted `.git` is moved out of a view to the quarantine by copying it (the view is on
+    its overlay, the quarantine is not): a named pipe in it, or one that is itself the `.git`,
+    is left out of the copy, never opened to wait on, and the work is merged."""
+    repo = make_repo(tmp_path / "repo")
+    plant = (
+        "mkdir -p src/app/inner/.git src/app/other && echo x > src/app/inner/.git/config "
+        "&& mkfifo src/app/inner/.git/pipe src/app/other/.git"
+    )
+    steps: list[Step] = [
+        ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
+        ("run_command", {"command": plant}),
+    ]
+    with anyio.fail_after(120):
+        status, outcomes = await _attack(repo, steps)
+    agent = status.runs[0].agents[0]
+    dropped = agent.result.dropped_files if agent.result else []
+    planted = sorted(d.split(" ")[0] for d in dropped)
+    ok = agent.status is AgentStatus.SUCCEEDED and outcomes == [MergeOutcome.MERGED]
+    ledger.record(STOPPERS, "a planted .git holding a named pipe, in a view", ok, str(planted))
+    assert agent.status is AgentStatus.SUCCEEDED, agent
+    assert planted == ["src/app/inner/.git", "src/app/other/.git"]
+    assert outcomes == [MergeOutcome.MERGED]
+    assert (repo / "src/app/work.py").read_text() == "WORK = 1\n"
+    tree = git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()
+    assert "src/app/work.py" in tree
+    assert not any("/.git" in p for p in tree)
+    git(repo, "fsck", "--no-progress")
+
+
 async def test_a_named_pipe_where_git_reads_rules_never_holds_a_worktrees_listing(
     tmp_path: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
