@@ -169,31 +169,68 @@ _Edit = tuple[pygit2.Oid, int] | None
 def _edit_tree(
     pyrepo: pygit2.Repository, tree: pygit2.Tree | None, edits: dict[str, _Edit]
 ) -> pygit2.Oid | None:
-    """`tree` with `edits` applied, rewriting only the subtrees they touch; None when empty."""
-    builder = pyrepo.TreeBuilder(tree) if tree is not None else pyrepo.TreeBuilder()
-    here: dict[str, _Edit] = {}
-    below: dict[str, dict[str, _Edit]] = {}
-    for path, edit in edits.items():
-        name, sep, rest = path.partition("/")
-        if sep:
-            below.setdefault(name, {})[rest] = edit
-        else:
-            here[name] = edit
-    for name, edit in here.items():
-        if edit is None and _entry(builder, name) is not None:
-            builder.remove(name)
-    for name, sub in below.items():
-        current = _entry(builder, name)
-        subtree = current.peel(pygit2.Tree) if current is not None and _is_tree(current) else None
-        new_id = _edit_tree(pyrepo, subtree, sub)
+    """`tree` with `edits` applied, rewriting only the subtrees they touch; None when empty.
+    Without recursion: an agent's directories may nest thousands deep."""
+    stack = [_EditFrame.start(pyrepo, tree, edits, "", had_tree=False)]
+    while True:
+        frame = stack[-1]
+        if frame.below:
+            name, sub = frame.below.pop()
+            current = _entry(frame.builder, name)
+            subtree = (
+                current.peel(pygit2.Tree) if current is not None and _is_tree(current) else None
+            )
+            stack.append(_EditFrame.start(pyrepo, subtree, sub, name, had_tree=subtree is not None))
+            continue
+        stack.pop()
+        for name, edit in frame.here.items():
+            if edit is not None:
+                frame.builder.insert(name, edit[0], edit[1])
+        new_id = frame.builder.write() if len(frame.builder) else None
+        if not stack:
+            return new_id
+        above = stack[-1].builder
         if new_id is not None:
-            builder.insert(name, new_id, pygit2.enums.FileMode.TREE)
-        elif subtree is not None:
-            builder.remove(name)
-    for name, edit in here.items():
-        if edit is not None:
-            builder.insert(name, edit[0], edit[1])
-    return builder.write() if len(builder) else None
+            above.insert(frame.name, new_id, pygit2.enums.FileMode.TREE)
+        elif frame.had_tree:
+            above.remove(frame.name)
+
+
+@dataclass
+class _EditFrame:
+    """One directory of `_edit_tree`: its builder with its own deletions made, its own other
+    edits (made last, so that a file may replace a directory), and the subdirectories with
+    edits still to rewrite."""
+
+    name: str
+    had_tree: bool
+    builder: pygit2.TreeBuilder
+    here: dict[str, _Edit]
+    below: list[tuple[str, dict[str, _Edit]]]
+
+    @classmethod
+    def start(
+        cls,
+        pyrepo: pygit2.Repository,
+        tree: pygit2.Tree | None,
+        edits: dict[str, _Edit],
+        name: str,
+        *,
+        had_tree: bool,
+    ) -> _EditFrame:
+        builder = pyrepo.TreeBuilder(tree) if tree is not None else pyrepo.TreeBuilder()
+        here: dict[str, _Edit] = {}
+        below: dict[str, dict[str, _Edit]] = {}
+        for path, edit in edits.items():
+            head, sep, rest = path.partition("/")
+            if sep:
+                below.setdefault(head, {})[rest] = edit
+            else:
+                here[head] = edit
+        for entry_name, edit in here.items():
+            if edit is None and _entry(builder, entry_name) is not None:
+                builder.remove(entry_name)
+        return cls(name, had_tree, builder, here, list(below.items()))
 
 
 def _entry(builder: pygit2.TreeBuilder, name: str) -> pygit2.Object | None:

@@ -10,7 +10,7 @@ merge changes, not the size of the repository. Git runs pinned there (`toolbus.g
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from orchestration.workspace.included import copy_included
 from orchestration.workspace.pinning import pin_scratch
 from toolbus import gitcmd
 from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
+from toolbus.trees import remove_tree
 
 OUTPUT_TAIL_CHARS = 2_000
 _LOCKS: dict[Path, anyio.Lock] = {}
@@ -56,7 +57,13 @@ def remove_leftovers(repo: ws_mod.GitRepo, live_servers: set[str]) -> None:
         return
     for owner in root.iterdir():
         if owner.name not in live_servers:
-            shutil.rmtree(owner, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_tree(owner)
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        remove_tree(path)
 
 
 class Verifier:
@@ -90,7 +97,8 @@ class Verifier:
         for anew in (False, True):
             fresh = anew or not (work.is_dir() and index.is_file())
             if fresh:
-                shutil.rmtree(base, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    remove_tree(base)
                 work.mkdir(parents=True)
             pinned = pin_scratch(self.repo.git_dir, work)
             if not fresh:
@@ -150,7 +158,7 @@ class Verifier:
             )
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(lambda: shutil.rmtree(home, ignore_errors=True))
+                await anyio.to_thread.run_sync(_remove_quietly, home)
 
 
 async def first_failing(

@@ -41,6 +41,7 @@ from toolbus.errors import (
 )
 from toolbus.jail import Jail, describe_kind, os_error, split_parent
 from toolbus.resources import WriteScope, is_within
+from toolbus.trees import walk
 
 BINARY_SNIFF_BYTES = 8192
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -693,7 +694,7 @@ def _walk_files(root: Path, base: str) -> list[str]:
     start = os.path.join(root, base) if base else str(root)
     if not os.path.isdir(start) or os.path.islink(start):
         return [base] if base and os.path.lexists(start) else []
-    for dirpath, dirnames, filenames in os.walk(start):
+    for dirpath, dirnames, filenames in walk(start):
         dirnames[:] = sorted(d for d in dirnames if d.casefold() != ".git")
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         for f in filenames:
@@ -708,7 +709,7 @@ def remove_partial_writes(root: Path) -> list[str]:
     """Delete the temporary files of atomic writes that a killed process never renamed into
     place (the file they were replacing is intact), so they are never committed as work."""
     removed: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in walk(root):
         dirnames[:] = [d for d in dirnames if d != ".git"]
         for name in filenames:
             if _PARTIAL_WRITE.match(name):

@@ -17,6 +17,7 @@ The environment starts from a small allowlist plus configured names; names that 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import os
@@ -55,6 +56,7 @@ from toolbus.sandbox import (
     probe_bwrap,
     warn_once,
 )
+from toolbus.trees import remove_tree
 
 __all__ = [
     "CommandLimits",
@@ -291,7 +293,8 @@ async def _reap_wait(pgid: int, limit_s: float = 5.0) -> None:
 
 def _remove_dirs(paths: tuple[Path, ...]) -> None:
     for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(path)
 
 
 def remove_home(home: Path) -> None:
@@ -349,7 +352,8 @@ class Terminal:
 
     def close(self) -> None:
         """Remove the temporary HOME this terminal made (if any) and the sandbox's files."""
-        shutil.rmtree(self.view_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(self.view_dir)
         if self._own_home:
             self._cleanup()
 

@@ -93,6 +93,7 @@ from toolbus.fileops import read_regular_file
 from toolbus.gitcmd import Pinned
 from toolbus.jail import DIR_FLAGS, Jail
 from toolbus.resources import WriteScope, is_within
+from toolbus.trees import remove_tree, walk
 
 log = logging.getLogger(__name__)
 
@@ -861,7 +862,8 @@ def _layer_included(
             write_whole(entry / "source", str(src) + "\n")
             write_whole(entry / "path", rel + "\n")
             if not _mount_included(entry, view, driver):
-                shutil.rmtree(entry, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    remove_tree(entry)
                 continue
         elif not copy_beneath(jail, rel, src):
             continue
@@ -1316,7 +1318,7 @@ def _candidates(
                 add(rel, is_dir)
         return found
 
-    for dirpath, dirnames, filenames in os.walk(upper):
+    for dirpath, dirnames, filenames in walk(upper):
         rel_dir = os.path.relpath(dirpath, upper).replace(os.sep, "/")
         prefix = "" if rel_dir == "." else rel_dir + "/"
         if prefix and overlay.is_opaque(Path(dirpath), driver):
@@ -1423,20 +1425,26 @@ def _view_changes(
 
 def _beyond_link(root: Path, rel: str, dirs: dict[str, bool]) -> bool:
     """Whether a directory above `rel` in the view is not a directory there (a link, a file,
-    nothing), as git's `has_symlink_leading_path` asks; `dirs` keeps each answer."""
+    nothing, a path too long to reach), as git's `has_symlink_leading_path` asks; `dirs` keeps
+    each directory's answer (whether it and all above it are directories). Without recursion:
+    an agent's directories may nest thousands deep."""
     parent = rel.rpartition("/")[0]
     if not parent:
         return False
-    known = dirs.get(parent)
-    if known is None:
-        try:
-            known = not _beyond_link(root, parent, dirs) and stat.S_ISDIR(
-                os.lstat(root / parent).st_mode
-            )
-        except OSError:
-            known = False
-        dirs[parent] = known
-    return not known
+    unknown: list[str] = []  # the directories above `rel` not looked at yet, nearest first
+    here = parent
+    while here and here not in dirs:
+        unknown.append(here)
+        here = here.rpartition("/")[0]
+    whole = dirs[here] if here else True
+    for above in reversed(unknown):
+        if whole:
+            try:
+                whole = stat.S_ISDIR(os.lstat(root / above).st_mode)
+            except OSError:
+                whole = False
+        dirs[above] = whole
+    return not dirs[parent]
 
 
 def _gitlinks_of(base_tree: pygit2.Tree, candidates: Iterable[str]) -> set[str]:
@@ -1562,6 +1570,10 @@ def _hash_beneath(
     return out
 
 
+# how many directories deep `_Beneath` opens a view's directories (each kept open)
+_DEEPEST_OPENED = 128
+
+
 class _Beneath:
     """A view's files as a commit reads them: through directories opened without following a
     link (each kept open for the files beside it), never waiting on a pipe."""
@@ -1580,16 +1592,24 @@ class _Beneath:
 
     def _dir(self, rel_dir: str) -> int:
         """A descriptor of the directory `rel_dir`, opened step by step without following a
-        link (OSError at a link or a file)."""
+        link (OSError at a link or a file, and below `_DEEPEST_OPENED` levels: each is kept
+        open, so git reads what lies deeper)."""
         fd = self._dirs.get(rel_dir)
-        if fd is None:
-            above, _, name = rel_dir.rpartition("/")
-            if rel_dir:
-                fd = os.open(name, DIR_FLAGS, dir_fd=self._dir(above))
-            else:
-                fd = os.open(self._root, DIR_FLAGS)
-            self._dirs[rel_dir] = fd
-        return fd
+        if fd is not None:
+            return fd
+        if rel_dir.count("/") >= _DEEPEST_OPENED:
+            raise OSError(errno.ENAMETOOLONG, f"{rel_dir} is too deep to open step by step")
+        unopened: list[str] = []  # nearest first
+        here = rel_dir
+        while here and here not in self._dirs:
+            unopened.append(here)
+            here = here.rpartition("/")[0]
+        if here not in self._dirs:
+            self._dirs[""] = os.open(self._root, DIR_FLAGS)
+        for below in reversed(unopened):
+            above, _, name = below.rpartition("/")
+            self._dirs[below] = os.open(name, DIR_FLAGS, dir_fd=self._dirs[above])
+        return self._dirs[rel_dir]
 
     def plain_file(self, rel: str, *, cap: int | None = QUICK_COMMIT_BYTES) -> bytes:
         """The bytes of the regular file `rel` for a quick commit (`cap` bytes at most; None:
@@ -1669,38 +1689,68 @@ def _apply(
     changes: dict[str, tuple[str, int] | None],
 ) -> pygit2.Oid | None:
     """`tree` with `changes` applied (a blob and mode, or None to delete), rebuilding only the
-    subtrees they touch; None for an empty tree."""
-    builder = pyrepo.TreeBuilder(tree) if tree is not None else pyrepo.TreeBuilder()
-    direct: dict[str, tuple[str, int] | None] = {}
-    nested: dict[str, dict[str, tuple[str, int] | None]] = {}
-    for rel, change in changes.items():
-        head, sep, rest = rel.partition("/")
-        if sep:
-            nested.setdefault(head, {})[rest] = change
-        else:
-            direct[head] = change
-    for name, change in direct.items():
-        if change is None:
-            if name not in nested:
-                _drop(builder, name)
-        else:
-            builder.insert(name, pygit2.Oid(hex=change[0]), change[1])
-    for name, sub in nested.items():
-        if direct.get(name) is not None:
-            continue  # a file replaced this directory
-        subtree: pygit2.Tree | None = None
-        if tree is not None and name not in direct and name in tree:
-            entry = tree[name]
-            if entry.filemode == _TREE:
-                subtree = entry.peel(pygit2.Tree)
-        oid = _apply(pyrepo, subtree, sub)
+    subtrees they touch; None for an empty tree. Without recursion: an agent's directories may
+    nest thousands deep."""
+    stack = [_ApplyFrame.start(pyrepo, tree, changes, "")]
+    while True:
+        frame = stack[-1]
+        if frame.todo:
+            name, sub = frame.todo.pop()
+            subtree: pygit2.Tree | None = None
+            if frame.tree is not None and name not in frame.direct and name in frame.tree:
+                entry = frame.tree[name]
+                if entry.filemode == _TREE:
+                    subtree = entry.peel(pygit2.Tree)
+            stack.append(_ApplyFrame.start(pyrepo, subtree, sub, name))
+            continue
+        stack.pop()
+        oid = frame.builder.write() if len(frame.builder) else None
+        if not stack:
+            return oid
+        above = stack[-1].builder
         if oid is None:
-            _drop(builder, name)
+            _drop(above, frame.name)
         else:
-            builder.insert(name, oid, _TREE)
-    if len(builder) == 0:
-        return None
-    return builder.write()
+            above.insert(frame.name, oid, _TREE)
+
+
+@dataclass
+class _ApplyFrame:
+    """One directory of `_apply`'s rebuilding: its tree builder with the changes to its own
+    entries made, and the subdirectories with changes still to rebuild."""
+
+    name: str
+    tree: pygit2.Tree | None
+    builder: pygit2.TreeBuilder
+    direct: dict[str, tuple[str, int] | None]
+    todo: list[tuple[str, dict[str, tuple[str, int] | None]]]
+
+    @classmethod
+    def start(
+        cls,
+        pyrepo: pygit2.Repository,
+        tree: pygit2.Tree | None,
+        changes: dict[str, tuple[str, int] | None],
+        name: str,
+    ) -> _ApplyFrame:
+        builder = pyrepo.TreeBuilder(tree) if tree is not None else pyrepo.TreeBuilder()
+        direct: dict[str, tuple[str, int] | None] = {}
+        nested: dict[str, dict[str, tuple[str, int] | None]] = {}
+        for rel, change in changes.items():
+            head, sep, rest = rel.partition("/")
+            if sep:
+                nested.setdefault(head, {})[rest] = change
+            else:
+                direct[head] = change
+        for entry_name, change in direct.items():
+            if change is None:
+                if entry_name not in nested:
+                    _drop(builder, entry_name)
+            else:
+                builder.insert(entry_name, pygit2.Oid(hex=change[0]), change[1])
+        # a file that replaced a directory wins over changes below it
+        todo = [(n, sub) for n, sub in nested.items() if direct.get(n) is None]
+        return cls(name, tree, builder, direct, todo)
 
 
 def _drop(builder: pygit2.TreeBuilder, name: str) -> None:

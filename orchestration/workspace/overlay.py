@@ -29,6 +29,8 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolbus.trees import remove_tree
+
 log = logging.getLogger(__name__)
 
 _CLONE_NEWNS = 0x00020000
@@ -289,44 +291,14 @@ def is_opaque(path: Path | str, driver: str) -> bool:
 
 
 def remove_layer(path: Path) -> None:
-    """Delete a layer's directory, including overlayfs's unreadable `work/work` and the
-    directories an agent made unwritable. Only directories are opened up to do so, never
-    through a link: an agent's layer may hold a link to any file of the user's, or a hard link
-    to one (a chmod of either would change that file)."""
-    if not os.path.lexists(path):
-        return
-
-    def unlock(func: object, target: str, _exc: object) -> None:
-        _open_up_directory(os.path.dirname(target))
-        try:
-            is_dir = stat.S_ISDIR(os.lstat(target).st_mode)
-        except OSError:
-            return  # gone already
-        if is_dir:
-            _open_up_directory(target)
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(target)  # (needs its directory writable, not the file)
-
-    shutil.rmtree(path, onerror=unlock)
-
-
-def _open_up_directory(path: str) -> None:
-    """Make the directory `path` its owner's to list and change (0700), if it is one: a link
-    there, or anything else, is left as it is. The mode is set through a handle on what was
-    found at `path` (O_PATH, not following a link), so a directory swapped for a link after
-    the look is not followed either."""
+    """Delete a layer's directory, including overlayfs's unreadable `work/work`, the
+    directories an agent made unwritable and trees of any depth (`toolbus.trees.remove_tree`:
+    a link or hard link to a file of the user's there is unlinked, never given a new mode).
+    What cannot be deleted is logged and left."""
     try:
-        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            with contextlib.suppress(OSError):
-                os.chmod(f"/proc/self/fd/{fd}", 0o700)
-    finally:
-        os.close(fd)
+        remove_tree(path)
+    except OSError as exc:
+        log.warning("could not remove %s entirely: %s", path, exc)
 
 
 def probe_overlay(scratch_parent: Path, driver: str | None = None) -> ViewSupport:

@@ -24,6 +24,7 @@ from orchestration.errors import RepositoryError
 from orchestration.workspace.git import STATE_DIR_NAME, write_whole
 from toolbus import gitcmd
 from toolbus.gitcmd import Pinned
+from toolbus.trees import remove_tree, walk
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +346,7 @@ def _removed_rule_file(root: Path, rel_dir: str, name: str) -> str | None:
 def _names_below(top: Path) -> Iterator[tuple[str, str]]:
     """(directory, name) of every entry below `top` (the directory "." for `top` itself),
     nothing below a directory named `.git` in any case."""
-    for dirpath, dirnames, filenames in os.walk(top):
+    for dirpath, dirnames, filenames in walk(top):
         rel_dir = os.path.relpath(dirpath, top).replace(os.sep, "/")
         for name in (*dirnames, *filenames):
             yield rel_dir, name
@@ -385,9 +386,8 @@ def _set_aside(source: Path, target: Path) -> None:
             raise
     st = os.lstat(source)
     if stat.S_ISDIR(st.st_mode):
-        with contextlib.suppress(shutil.Error, OSError):
-            shutil.copytree(source, target, symlinks=True, copy_function=_copy_regular)
-        shutil.rmtree(source)
+        _copy_tree(source, target)
+        remove_tree(source)
         return
     with contextlib.suppress(OSError):
         if stat.S_ISLNK(st.st_mode):
@@ -395,6 +395,28 @@ def _set_aside(source: Path, target: Path) -> None:
         else:
             _copy_regular(source, target)
     os.unlink(source)
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    """What `_set_aside` keeps of a directory: its directories, links and regular files, as
+    far as they can be copied (any depth; what cannot be is left out)."""
+    for here, dirs, files in walk(source):
+        rel = os.path.relpath(here, source)
+        into = os.path.normpath(os.path.join(target, rel))
+        try:
+            os.mkdir(into, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            dirs[:] = []
+            continue
+        for name in (*dirs, *files):
+            src, dst = os.path.join(here, name), os.path.join(into, name)
+            with contextlib.suppress(OSError):
+                if os.path.islink(src):
+                    os.symlink(os.readlink(src), dst)
+                elif name in files:
+                    _copy_regular(src, dst)
 
 
 def _copy_regular(source: str | Path, target: str | Path) -> None:

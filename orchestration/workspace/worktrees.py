@@ -35,6 +35,7 @@ from orchestration.workspace.git import (
 from orchestration.workspace.included import copy_included
 from orchestration.workspace.pinning import Workspace, admin_dir_of, pin
 from toolbus.resources import is_within
+from toolbus.trees import remove_tree, walk
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class GitWorktrees:
                     repo.root, "worktree", "remove", "--force", "--force", str(ws.path), check=False
                 )
                 if proc.returncode != 0 and ws.path.exists():
-                    shutil.rmtree(ws.path)
+                    remove_tree(ws.path)
             repo.git("worktree", "prune")
         if delete_branch and ws.branch:
             run_git(repo.root, "update-ref", "-d", ws.branch_ref, check=False)
@@ -308,7 +309,8 @@ def _discard_unstarted(repo: GitRepo, run_id: str, agent_id: str) -> list[str]:
                 shutil.rmtree(admin, ignore_errors=True)
                 removed.append(f".git/worktrees/{admin.name}")
     if os.path.lexists(path):
-        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(path)
         removed.append(str(path.relative_to(repo.git_dir)))
     ref_lock = repo.git_dir / "refs" / "heads" / f"{BRANCH_PREFIX}{run_id}" / f"{agent_id}.lock"
     if ref_lock.exists():
@@ -346,7 +348,7 @@ def workspace_disk_usage(repo: GitRepo) -> int:
     for root in (repo.worktrees_dir, repo.state_dir / "layers"):
         if not root.exists():
             continue
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, dirnames, filenames in walk(root):
             dirnames[:] = [d for d in dirnames if not os.path.ismount(os.path.join(dirpath, d))]
             for name in filenames:
                 try:

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestration.workspace import overlay
 from orchestration.workspace.overlay import remove_layer
+from tests.orchestration.gitutil import needs_views
+from toolbus.trees import remove_tree
 
 
 def _owners_rule(real: Callable[..., None]) -> Callable[..., None]:
@@ -76,3 +79,29 @@ def test_the_owners_rule_refuses_as_a_user_without_root(tmp_path: Path, without_
 def test_a_missing_layer_is_nothing_to_remove(tmp_path: Path) -> None:
     remove_layer(tmp_path / "never-made")
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_views()
+def test_what_cannot_be_removed_is_passed_over_and_the_rest_removed(tmp_path: Path) -> None:
+    """A directory in use (here, a mount point) stays; everything else goes, and the removal
+    says so with the first error."""
+    layers = tmp_path / "layers"
+    parts = {name: tmp_path / "mount" / name for name in ("lower", "upper", "work")}
+    for d in parts.values():
+        d.mkdir(parents=True)
+    busy = layers / "upper" / "busy"
+    busy.mkdir(parents=True)
+    for rel in ("upper/a/b.txt", "upper/c.txt", "work/d/e.txt"):
+        (layers / rel).parent.mkdir(parents=True, exist_ok=True)
+        (layers / rel).write_text(rel)
+    overlay.mount_overlay([parts["lower"]], parts["upper"], parts["work"], busy)
+    try:
+        with pytest.raises(OSError) as raised:
+            remove_tree(layers)
+        assert raised.value.errno == errno.EBUSY
+        left = sorted(str(p.relative_to(layers)) for p in layers.rglob("*"))
+        assert left == ["upper", "upper/busy"]
+    finally:
+        overlay.unmount(busy)
+    remove_tree(layers)
+    assert not os.path.lexists(layers)

@@ -10,8 +10,10 @@ still committed and merged, and the planted `.git` is reported in its result, no
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -31,6 +33,7 @@ from orchestration.orchestrator import Orchestrator
 from tests.orchestration.scripts import Gate, by_task, git, make_repo
 from tests.orchestration.test_orchestrator import wait_until_final
 from tests.reliability.conftest import Ledger
+from toolbus.trees import remove_tree
 
 pytestmark = pytest.mark.anyio
 
@@ -255,6 +258,45 @@ async def test_a_planted_git_holding_named_pipes_is_moved_out_and_the_work_merge
     tree = git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()
     assert "src/app/work.py" in tree
     assert not any("/.git" in p for p in tree)
+    git(repo, "fsck", "--no-progress")
+
+
+@pytest.fixture
+def deep_cleanup(tmp_path: Path) -> Iterator[None]:
+    """(pytest's own clean-up of old temporary directories recurses once per level)"""
+    yield
+    for entry in tmp_path.iterdir():
+        with contextlib.suppress(OSError):  # (a view a failed test left mounted)
+            remove_tree(entry)
+
+
+async def test_directories_nested_past_the_recursion_limit_are_committed_and_merged(
+    tmp_path: Path, ledger: Ledger, deep_cleanup: None
+) -> None:
+    """A command that nests directories 1,200 deep (a runaway copy, or on purpose): walking,
+    reading and rebuilding the view's trees takes no recursion per level, so the commit, the
+    merge and the removal of the agent's layers go through, and the work lands."""
+    repo = make_repo(tmp_path / "repo")
+    nest = (
+        'cd src/app && python3 -c "import os\n'
+        "for _ in range(1200): os.mkdir('d'); os.chdir('d')\n"
+        "open('f.txt', 'w').write('deep\\n')\""
+    )
+    steps: list[Step] = [
+        ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
+        ("run_command", {"command": nest}),
+    ]
+    with anyio.fail_after(120):
+        status, outcomes = await _attack(repo, steps)
+    agent = status.runs[0].agents[0]
+    ok = agent.status is AgentStatus.SUCCEEDED and outcomes == [MergeOutcome.MERGED]
+    ledger.record(STOPPERS, "directories nested 1,200 deep", ok, str(agent.status_reason)[:80])
+    assert agent.status is AgentStatus.SUCCEEDED, agent.status_reason
+    assert outcomes == [MergeOutcome.MERGED]
+    assert (repo / "src/app/work.py").read_text() == "WORK = 1\n"
+    deep = "src/app/" + "d/" * 1200 + "f.txt"
+    assert git(repo, "show", f"HEAD:{deep}") == "deep\n"
+    assert not list((repo / ".git" / "fanout" / "layers").glob("*/*"))  # the layers are gone
     git(repo, "fsck", "--no-progress")
 
 
