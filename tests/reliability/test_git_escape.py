@@ -23,6 +23,7 @@ from pydantic import JsonValue
 from orchestration.config import Settings
 from orchestration.contracts import (
     AgentStatus,
+    AgentView,
     MergeOutcome,
     MergeRequest,
     SpawnRequest,
@@ -197,6 +198,26 @@ STOPPERS = "G1d an agent's files never stop the server's git"
 RULES = (".gitattributes", ".gitignore", ".gitmodules")
 
 
+_WORK: Step = ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"})
+
+
+async def _work_beside(repo: Path, command: str) -> tuple[AgentView, list[MergeOutcome]]:
+    """One agent that writes its work, then runs `command`; run, waited for and merged."""
+    with anyio.fail_after(120):
+        status, outcomes = await _attack(repo, [_WORK, ("run_command", {"command": command})])
+    return status.runs[0].agents[0], outcomes
+
+
+def _assert_work_landed(repo: Path, outcomes: list[MergeOutcome]) -> list[str]:
+    """The agent's work merged into the user's checkout; the paths of the new head."""
+    assert outcomes == [MergeOutcome.MERGED]
+    assert (repo / "src/app/work.py").read_text() == "WORK = 1\n"
+    tree = git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()
+    assert "src/app/work.py" in tree
+    git(repo, "fsck", "--no-progress")
+    return tree
+
+
 async def test_named_pipes_where_git_reads_rules_never_stop_the_commit(
     tmp_path: Path, ledger: Ledger
 ) -> None:
@@ -208,25 +229,15 @@ async def test_named_pipes_where_git_reads_rules_never_stop_the_commit(
         "mkdir -p src/app && mkfifo .gitattributes .gitmodules src/app/.gitignore src/app/pipe "
         "&& ln -s pipe src/app/.gitattributes"
     )
-    steps: list[Step] = [
-        ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
-        ("run_command", {"command": plant}),
-    ]
-    with anyio.fail_after(120):
-        status, outcomes = await _attack(repo, steps)
-    agent = status.runs[0].agents[0]
+    agent, outcomes = await _work_beside(repo, plant)
     removed = sorted(d.split(" ")[0] for d in (agent.result.dropped_files if agent.result else []))
     expected = [".gitattributes", ".gitmodules", "src/app/.gitattributes", "src/app/.gitignore"]
     ok = agent.status is AgentStatus.SUCCEEDED and removed == expected
     ledger.record(STOPPERS, "pipes and a link to one where git reads rules", ok, str(removed))
     assert agent.status is AgentStatus.SUCCEEDED, agent
     assert removed == expected
-    assert outcomes == [MergeOutcome.MERGED]
-    assert (repo / "src/app/work.py").read_text() == "WORK = 1\n"
-    tree = git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()
-    assert "src/app/work.py" in tree
+    tree = _assert_work_landed(repo, outcomes)
     assert not any("pipe" in p or p.rsplit("/", 1)[-1] in RULES for p in tree)
-    git(repo, "fsck", "--no-progress")
 
 
 async def test_a_planted_git_holding_named_pipes_is_moved_out_and_the_work_merged(
@@ -240,25 +251,15 @@ async def test_a_planted_git_holding_named_pipes_is_moved_out_and_the_work_merge
         "mkdir -p src/app/inner/.git src/app/other && echo x > src/app/inner/.git/config "
         "&& mkfifo src/app/inner/.git/pipe src/app/other/.git"
     )
-    steps: list[Step] = [
-        ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
-        ("run_command", {"command": plant}),
-    ]
-    with anyio.fail_after(120):
-        status, outcomes = await _attack(repo, steps)
-    agent = status.runs[0].agents[0]
+    agent, outcomes = await _work_beside(repo, plant)
     dropped = agent.result.dropped_files if agent.result else []
     planted = sorted(d.split(" ")[0] for d in dropped)
     ok = agent.status is AgentStatus.SUCCEEDED and outcomes == [MergeOutcome.MERGED]
     ledger.record(STOPPERS, "a planted .git holding a named pipe, in a view", ok, str(planted))
     assert agent.status is AgentStatus.SUCCEEDED, agent
     assert planted == ["src/app/inner/.git", "src/app/other/.git"]
-    assert outcomes == [MergeOutcome.MERGED]
-    assert (repo / "src/app/work.py").read_text() == "WORK = 1\n"
-    tree = git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()
-    assert "src/app/work.py" in tree
+    tree = _assert_work_landed(repo, outcomes)
     assert not any("/.git" in p for p in tree)
-    git(repo, "fsck", "--no-progress")
 
 
 @pytest.fixture
@@ -282,22 +283,14 @@ async def test_directories_nested_past_the_recursion_limit_are_committed_and_mer
         "for _ in range(1200): os.mkdir('d'); os.chdir('d')\n"
         "open('f.txt', 'w').write('deep\\n')\""
     )
-    steps: list[Step] = [
-        ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
-        ("run_command", {"command": nest}),
-    ]
-    with anyio.fail_after(120):
-        status, outcomes = await _attack(repo, steps)
-    agent = status.runs[0].agents[0]
+    agent, outcomes = await _work_beside(repo, nest)
     ok = agent.status is AgentStatus.SUCCEEDED and outcomes == [MergeOutcome.MERGED]
     ledger.record(STOPPERS, "directories nested 1,200 deep", ok, str(agent.status_reason)[:80])
     assert agent.status is AgentStatus.SUCCEEDED, agent.status_reason
-    assert outcomes == [MergeOutcome.MERGED]
-    assert (repo / "src/app/work.py").read_text() == "WORK = 1\n"
+    _assert_work_landed(repo, outcomes)
     deep = "src/app/" + "d/" * 1200 + "f.txt"
     assert git(repo, "show", f"HEAD:{deep}") == "deep\n"
     assert not list((repo / ".git" / "fanout" / "layers").glob("*/*"))  # the layers are gone
-    git(repo, "fsck", "--no-progress")
 
 
 async def test_a_named_pipe_where_git_reads_rules_never_holds_a_worktrees_listing(
