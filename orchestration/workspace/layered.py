@@ -1335,7 +1335,10 @@ def _candidates(
                     found.add(prefix + hidden)
                     found.update(base_files_under(prefix + hidden))
                 continue
-            is_dir = stat.S_ISDIR(os.lstat(os.path.join(dirpath, name)).st_mode)
+            try:
+                is_dir = stat.S_ISDIR(os.lstat(os.path.join(dirpath, name)).st_mode)
+            except OSError:
+                is_dir = False  # (gone, or too long a path: `_view_changes` says which)
             if is_dir:
                 real_dirs.append(name)
             add(rel, is_dir)
@@ -1371,6 +1374,10 @@ def _view_changes(
         if shown != rel:
             # libgit2 builds trees of UTF-8 names only: such a file is reported, not committed
             unnamed.append(f"{shown} (its name is not UTF-8: rename it to commit it)")
+            continue
+        if len(os.fsencode(root)) + 1 + len(os.fsencode(rel)) >= _PATH_MAX:
+            # no system call takes the path: git could not add it either
+            unnamed.append(f"{shown} (its path is too long for this system: shorten it)")
             continue
         try:
             base_entry: pygit2.Object | None = base_tree[rel]
@@ -1570,6 +1577,8 @@ def _hash_beneath(
     return out
 
 
+# the longest path, with its terminating NUL, that Linux's system calls take
+_PATH_MAX = 4096
 # how many directories deep `_Beneath` opens a view's directories (each kept open)
 _DEEPEST_OPENED = 128
 

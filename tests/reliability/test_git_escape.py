@@ -293,6 +293,30 @@ async def test_directories_nested_past_the_recursion_limit_are_committed_and_mer
     assert not list((repo / ".git" / "fanout" / "layers").glob("*/*"))  # the layers are gone
 
 
+async def test_a_path_longer_than_the_system_takes_is_reported_and_the_rest_merged(
+    tmp_path: Path, ledger: Ledger, deep_cleanup: None
+) -> None:
+    """A command can make, step by step, a path longer than any system call takes (4,096
+    bytes); git could not add it. It is left out of the commit and named in the agent's
+    result, and the rest of the work lands."""
+    repo = make_repo(tmp_path / "repo")
+    lengthen = (
+        'cd src/app && python3 -c "import os\n'
+        "for c in 'abcdefghijklmnopqrst': os.mkdir(c * 250); os.chdir(c * 250)\n"
+        "open('f.txt', 'w').write('far\\n')\""
+    )
+    agent, outcomes = await _work_beside(repo, lengthen)
+    dropped = agent.result.dropped_files if agent.result else []
+    too_long = [d for d in dropped if "too long" in d]
+    ok = agent.status is AgentStatus.SUCCEEDED and len(too_long) == 1
+    ledger.record(STOPPERS, "a path past 4,096 bytes", ok, str(agent.status_reason)[:80])
+    assert agent.status is AgentStatus.SUCCEEDED, agent.status_reason
+    assert len(too_long) == 1 and too_long[0].startswith("src/app/" + "a" * 250 + "/"), dropped
+    tree = _assert_work_landed(repo, outcomes)
+    assert not any(p.startswith("src/app/aaa") for p in tree)
+    assert not list((repo / ".git" / "fanout" / "layers").glob("*/*"))  # the layers are gone
+
+
 async def test_a_named_pipe_where_git_reads_rules_never_holds_a_worktrees_listing(
     tmp_path: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
