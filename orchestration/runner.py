@@ -72,6 +72,9 @@ from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
 
 log = logging.getLogger("fanout.orchestrator")
 
+# characters of an internal error's text kept in the agent's record and result
+INTERNAL_ERROR_SHOWN = 400
+
 StartSoon = Callable[..., None]
 T = TypeVar("T")
 MAX_DECISIONS = 50  # the permission decisions a result lists (the audit log has them all)
@@ -286,6 +289,11 @@ class AgentRunner:
 
     async def _fail_internal(self, ctx: RepoContext, runtime: AgentRuntime, exc: Exception) -> None:
         error = f"internal error: {type(exc).__name__}: {exc}"
+        if len(error) > INTERNAL_ERROR_SHOWN:
+            # (an exception's text may run long, a copy's list of errors say; every status
+            # answer shows it to the orchestrator's model; the log has it whole)
+            more = len(error) - INTERNAL_ERROR_SHOWN
+            error = f"{error[:INTERNAL_ERROR_SHOWN]}... ({more} more characters in the log)"
         try:
             await self.finish(
                 ctx,

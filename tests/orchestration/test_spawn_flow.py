@@ -22,6 +22,7 @@ from orchestration.errors import InvalidRequest
 from orchestration.executors.base import InProcessExecutor
 from orchestration.model import Model
 from orchestration.orchestrator import AGENTS_PER_MODEL, Orchestrator
+from orchestration.runner import INTERNAL_ERROR_SHOWN, AgentRunner
 from orchestration.workspace import GitRepo, layered, overlay
 from tests.orchestration.gitutil import git
 from tests.orchestration.scripts import Gate, by_task, make_repo
@@ -121,6 +122,31 @@ async def test_a_workspace_failure_fails_the_agent_without_waiting_for_its_first
     result = status.runs[0].agents[0].result
     assert result is not None and result.stop_reason == StopReason.INTERNAL_ERROR
     assert "workspace could not be made" in (result.error or "")
+
+
+async def test_an_internal_errors_long_text_is_cut_in_what_the_orchestrator_reads(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect's exception can carry a long text (a copy's list of every file it failed
+    on): the agent's status and result show its start, within a bound, and say how much more
+    the server's log has."""
+
+    async def broken(self: AgentRunner, ctx: object, runtime: object) -> None:
+        raise RuntimeError("could not copy: " + "x" * 100_000)
+
+    monkeypatch.setattr(AgentRunner, "_run_agent", broken)
+    model = by_task({"T": []})
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(SpawnRequest(tasks=[TaskSpec(prompt="T", write_scope=[])]))
+        status = await wait_for(orch, spawned.run_id, {AgentStatus.FAILED})
+    agent = status.runs[0].agents[0]
+    assert agent.result is not None and agent.result.stop_reason == StopReason.INTERNAL_ERROR
+    start = "internal error: RuntimeError: could not copy: "
+    more = len(start) + 100_000 - INTERNAL_ERROR_SHOWN
+    for shown in (agent.status_reason or "", agent.result.error or ""):
+        assert shown.startswith(start + "xxx")
+        assert shown.endswith(f"... ({more} more characters in the log)")
+        assert len(shown) < INTERNAL_ERROR_SHOWN + 50
 
 
 async def test_a_runs_agents_get_the_workspace_kind_decided_at_its_spawn(
