@@ -136,7 +136,7 @@ async def _mcp_calls(root: Path, calls: int) -> tuple[list[float], list[float]]:
         await client.call_tool("put", {"key": "k", "value": "v"})
         ctx = await orch.context(repo)
         tools = await downstream.list_tools(["kv"])
-        session = downstream.session("bench", cwd=str(work))
+        session = downstream.session("bench", workspace=str(work))
         terminal = Terminal(work, TerminalConfig(sandbox=SandboxMode.NONE, home=root / "home"))
         bus = AgentBus(
             agent_id="bench",

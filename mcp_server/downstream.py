@@ -101,6 +101,17 @@ class StdioServerConfig(BaseModel):
     cwd: str | None = None
 
 
+# in a stdio server's `cwd`, `args` and `env` values: the agent's workspace (for the listing of
+# tools, which no agent asked for: this server's working directory)
+WORKSPACE_MARK = "{workspace}"
+# the variable that tells a stdio server the agent's workspace
+WORKSPACE_ENV = "FANOUT_WORKSPACE"
+
+
+def _with_workspace(value: str, workspace: str | None) -> str:
+    return value.replace(WORKSPACE_MARK, workspace if workspace is not None else os.getcwd())
+
+
 class HttpServerConfig(BaseModel):
     """A server reached over Streamable HTTP at `url`."""
 
@@ -205,7 +216,12 @@ def _parse_entry(
             for err in exc.errors(include_url=False)
         )
         raise DownstreamConfigError(f"{where} is invalid ({problems}); fix it") from exc
-    if isinstance(parsed, StdioServerConfig) and parsed.cwd and base_dir is not None:
+    if (
+        isinstance(parsed, StdioServerConfig)
+        and parsed.cwd
+        and base_dir is not None
+        and not parsed.cwd.startswith(WORKSPACE_MARK)
+    ):
         parsed = parsed.model_copy(update={"cwd": str(base_dir / parsed.cwd)})
     return parsed
 
@@ -284,13 +300,13 @@ class _Connection:
         server: str,
         config: StdioServerConfig | HttpServerConfig,
         *,
-        cwd: str | None,
+        workspace: str | None,
         connect_timeout_s: float,
         mode: Literal["auto", "legacy"],
     ) -> None:
         self.server = server
         self._config = config
-        self._cwd = cwd
+        self._workspace = workspace
         self._connect_timeout_s = connect_timeout_s
         self._mode: Literal["auto", "legacy"] = mode
         self._stop = anyio.Event()
@@ -360,15 +376,22 @@ class _Connection:
             if isinstance(config, StdioServerConfig):
                 self._stderr = _StderrLog()
                 locale = {k: v for k in LOCALE_ENV if (v := os.environ.get(k)) is not None}
-                # It starts in the agent's workspace, outside the sandbox: `python -m x` would
-                # import a module `x` the agent's command left there first (its own env may
-                # say otherwise)
+                # It runs outside the sandbox, so it never starts in the agent's workspace
+                # unless the configuration says so: a launcher reads what it finds in its
+                # working directory (npx runs a package an agent planted in `node_modules`,
+                # with this server's environment; `python -m x` imports an `x` found there
+                # first, which PYTHONSAFEPATH stops; its own env may say otherwise)
                 safe = {"PYTHONSAFEPATH": "1"} if "-m" in config.args else {}
+                workspace = self._workspace
+                told = {WORKSPACE_ENV: workspace} if workspace is not None else {}
                 params = StdioServerParameters(
                     command=config.command,
-                    args=config.args,
-                    env=locale | safe | config.env,
-                    cwd=self._cwd or config.cwd,
+                    args=[_with_workspace(a, workspace) for a in config.args],
+                    env=locale
+                    | safe
+                    | told
+                    | {k: _with_workspace(v, workspace) for k, v in config.env.items()},
+                    cwd=_with_workspace(config.cwd, workspace) if config.cwd else None,
                 )
                 errlog = cast(TextIO, self._stderr.file)
                 transport = stdio_client(params, errlog=errlog)
@@ -465,11 +488,11 @@ class DownstreamServers:
             )
         return config
 
-    def _connection(self, server: str, cwd: str | None) -> _Connection:
+    def _connection(self, server: str, workspace: str | None) -> _Connection:
         return _Connection(
             server,
             self._server(server),
-            cwd=cwd,
+            workspace=workspace,
             connect_timeout_s=self.connect_timeout_s,
             mode=self.mode,
         )
@@ -545,9 +568,11 @@ class DownstreamServers:
             return conn.failure_text(exc)
         return None
 
-    def session(self, agent_id: str, cwd: str | None = None) -> DownstreamSession:
-        """A new session of one agent; its stdio servers start in `cwd` (else the config's)."""
-        session = DownstreamSession(self, agent_id, cwd)
+    def session(self, agent_id: str, workspace: str | None = None) -> DownstreamSession:
+        """A new session of one agent whose workspace is `workspace`: its stdio servers are
+        told it (`FANOUT_WORKSPACE`, `{workspace}` in their configuration), and start in the
+        configuration's `cwd`, else in this server's own working directory."""
+        session = DownstreamSession(self, agent_id, workspace)
         self._sessions.add(session)
         return session
 
@@ -575,10 +600,10 @@ class DownstreamServers:
 class DownstreamSession:
     """One agent's own connections to the downstream servers, opened on first use."""
 
-    def __init__(self, owner: DownstreamServers, agent_id: str, cwd: str | None) -> None:
+    def __init__(self, owner: DownstreamServers, agent_id: str, workspace: str | None) -> None:
         self._owner = owner
         self.agent_id = agent_id
-        self.cwd = cwd
+        self.workspace = workspace
         self._links: dict[str, _Link] = {}
         self._closed = False
 
@@ -650,7 +675,7 @@ class DownstreamSession:
                     f"downstream MCP server {server!r} failed recently and is not reconnected yet; "
                     f"retry the call after {_seconds(wait)} s"
                 )
-            conn = self._owner._connection(server, self.cwd)  # pyright: ignore[reportPrivateUsage]
+            conn = self._owner._connection(server, self.workspace)  # pyright: ignore[reportPrivateUsage]
             try:
                 await self._owner._start(conn)  # pyright: ignore[reportPrivateUsage]
             except _StartFailed as exc:

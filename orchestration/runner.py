@@ -570,9 +570,9 @@ class AgentRunner:
         run = find_run(ctx, agent.run_id)
         holder = agent.lease_holder or agent.agent_id
         if runtime.external_tools and self.external is not None:
-            # the downstream servers run in the workspace, and may run git there themselves
+            # the downstream servers are told the workspace, and may run git there themselves
             await anyio.to_thread.run_sync(ws_mod.ensure_registered, workspace)
-            runtime.external = self.external.session(agent.agent_id, cwd=str(workspace.path))
+            runtime.external = self.external.session(agent.agent_id, workspace=str(workspace.path))
         base = agent.base_commit if agent.start_commit else start
         agent = ctx.store.mark_running(
             agent.agent_id,

@@ -105,8 +105,9 @@ class ExternalTools(Protocol):
         cannot be listed."""
         ...
 
-    def session(self, agent_id: str, cwd: str | None = None) -> ExternalSession:
-        """A new session for one agent; `cwd` is where its stdio servers start (its workspace)."""
+    def session(self, agent_id: str, workspace: str | None = None) -> ExternalSession:
+        """A new session for one agent whose workspace is `workspace` (its stdio servers are
+        told it; they do not start there unless configured to)."""
         ...
 
     async def aclose(self) -> None:

@@ -1,8 +1,9 @@
 """A small downstream MCP server for the tests of `mcp_server.downstream`, run over stdio.
 
-Its store is a JSON file in its working directory; every tool call appends one JSON line
-(tool, start, end, pid, and whether its directory is a git work tree) to the `--log` file so
-tests can see which process ran a call, whether calls overlapped in time, and where::
+Its store is a JSON file in the agent's workspace (`FANOUT_WORKSPACE`, else its working
+directory); every tool call appends one JSON line (tool, start, end, pid, whether the store's
+directory is a git work tree, and its working directory) to the `--log` file so tests can see
+which process ran a call, whether calls overlapped in time, and where::
 
     python -m tests.mcp_server.downstream_server --log FILE
 """
@@ -45,7 +46,14 @@ def build_server(log_path: str, store_dir: str = ".") -> MCPServer:
         # whether it runs in a git work tree (an agent's workspace has its `.git` file)
         git = os.path.isfile(os.path.join(store_dir, ".git"))
         line = json.dumps(
-            {"tool": tool, "start": start, "end": time.time(), "pid": os.getpid(), "git": git}
+            {
+                "tool": tool,
+                "start": start,
+                "end": time.time(),
+                "pid": os.getpid(),
+                "git": git,
+                "cwd": os.getcwd(),
+            }
         )
         async with await anyio.open_file(log_path, "a") as file:
             await file.write(line + "\n")
@@ -136,7 +144,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--log", required=True, help="file that receives one JSON line per call")
     args = parser.parse_args()
-    build_server(str(args.log)).run()
+    # where the agent works: the server is told (it does not start there)
+    build_server(str(args.log), os.environ.get("FANOUT_WORKSPACE", ".")).run()
 
 
 if __name__ == "__main__":

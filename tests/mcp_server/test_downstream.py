@@ -44,6 +44,7 @@ class Call(BaseModel):
     start: float
     end: float
     pid: int
+    cwd: str
 
 
 def _calls(log: Path) -> list[Call]:
@@ -288,6 +289,37 @@ async def test_call_round_trip_protocol_error_bounding_concurrency_and_resource(
         assert "store://none" in absent.content
         with pytest.raises(ExternalServerError, match="configured: store"):
             await session.call_tool("other", "get", {})
+
+
+async def test_a_server_starts_in_the_agents_workspace_only_when_configured_to(
+    tmp_path: Path, log: Path
+) -> None:
+    """Without a `cwd` a stdio server starts where this server runs (an agent's files never
+    choose what its launcher runs), and is told the agent's workspace; `"cwd": "{workspace}"`
+    starts it there, as the user asked (the loader does not take it for a relative path)."""
+    workspace = _workspace(tmp_path, "agent-1")
+    path = _write(
+        tmp_path,
+        json.dumps(
+            {
+                "mcpServers": {
+                    "told": _stdio_entry(log).model_dump(exclude={"cwd"}),
+                    "inside": _stdio_entry(log).model_dump() | {"cwd": "{workspace}"},
+                }
+            }
+        ),
+    )
+    config = load_downstream_config(path)
+    inside = config.servers["inside"]
+    assert isinstance(inside, StdioServerConfig) and inside.cwd == "{workspace}"
+    async with _servers(config) as servers:
+        session = servers.session("agent-1", str(workspace))
+        await session.call_tool("told", "put", {"key": "k", "value": "v"})
+        assert (await session.call_tool("inside", "get", {"key": "k"})).content == "v"
+    told, started_inside = _calls(log)
+    assert told.cwd == os.getcwd() != str(workspace)
+    assert started_inside.cwd == str(workspace)
+    assert json.loads((workspace / "store.json").read_text()) == {"k": "v"}
 
 
 async def test_legacy_protocol_round_trip(tmp_path: Path, config: DownstreamConfig) -> None:

@@ -204,13 +204,61 @@ async def test_a_configured_server_is_used_by_agents_over_stdio(tmp_path: Path) 
     results = [block.get("content") for block in blocks if block.get("type") == "tool_result"]
     assert "v" in str(results[-1])
     assert [c["tool"] for c in _log(log)] == ["put", "get"]
-    # it ran in the agent's workspace, registered as a git work tree for it
+    # its store is in the agent's workspace it was told, registered as a git work tree for it
     assert [c["git"] for c in _log(log)] == [True, True]
 
 
+async def test_a_launcher_never_runs_what_the_agent_planted_in_its_workspace(
+    tmp_path: Path,
+) -> None:
+    """A launcher that runs what it finds in its working directory, as `npx` runs a package an
+    agent planted in `node_modules` (with this server's environment and its secrets): the
+    server does not start in the agent's workspace, so the agent's file is never found. It is
+    told the workspace instead (`{workspace}` in its arguments, `FANOUT_WORKSPACE`)."""
+    repo = make_repo(tmp_path / "repo")
+    marker = tmp_path / "planted-code-ran"
+    log = tmp_path / "calls.jsonl"
+    told = tmp_path / "told"
+    launcher = 'if [ -x ./launch ]; then exec ./launch; fi; printf %s "$1" > "$0"; shift; exec "$@"'
+    config = _parse(
+        {
+            "mcpServers": {
+                "kv": {
+                    "command": "sh",
+                    "args": [
+                        *("-c", launcher, str(told), "{workspace}", sys.executable),
+                        *("-m", "tests.mcp_server.downstream_server", "--log", str(log)),
+                    ],
+                    "env": {"PYTHONPATH": str(ROOT)},
+                }
+            }
+        }
+    )
+    plant = f"printf '#!/bin/sh\\ntouch {marker}\\n' > launch && chmod +x launch"
+    scripts: dict[str, list[Step]] = {
+        "PLANT": [("run_command", {"command": plant}), ("mcp__kv__get", {"key": "x"})]
+    }
+    model = by_task(scripts)
+    async with (
+        DownstreamServers(config) as downstream,
+        Orchestrator(settings(repo), lambda _name: model, external=downstream) as orch,
+    ):
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="PLANT", name="p", write_scope=None)])
+        )
+        await wait_until_final(orch, spawned.run_id)
+    assert not marker.exists()
+    calls = _log(log)
+    assert [c["tool"] for c in calls] == ["get"]
+    workspace = told.read_text()
+    assert "/.git/fanout/" in workspace and workspace.startswith(str(repo))
+    assert calls[0]["cwd"] != workspace
+    assert calls[0]["git"]  # its store, in the workspace it was told, is in a git work tree
+
+
 async def test_a_module_the_agent_planted_does_not_start_as_its_server(tmp_path: Path) -> None:
-    # the server starts in the agent's workspace, outside the sandbox: `python -m` must not
-    # import what the agent's command wrote there
+    # the server runs outside the sandbox: `python -m` must not import what the agent's
+    # command wrote in its workspace (PYTHONSAFEPATH, and it does not start there)
     repo = make_repo(tmp_path / "repo")
     marker = tmp_path / "planted-code-ran"
     payload = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
