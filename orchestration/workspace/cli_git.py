@@ -57,7 +57,8 @@ class CliGit:
             env = {"GIT_INDEX_FILE": str(index)}
             if not _index_is_at(pyrepo, git_dir / "index", head_tree, index):
                 seed_index(cwd, git_dir / "index", index, head, env, pinned=pinned)
-            run_git(cwd, "add", "-A", "--", ":/", env=env, pinned=pinned)
+            added = run_git(cwd, "add", "-A", "--", ":/", env=env, pinned=pinned)
+            unread = unread_directories(added.stderr)
             tree = run_git(cwd, "write-tree", env=env, pinned=pinned).stdout.strip()
             dropped: list[str] = []
             if tree != str(tree_of(pyrepo, base).id):
@@ -66,6 +67,7 @@ class CliGit:
                 if dropped:
                     _reset_paths(pyrepo, pinned, base, dropped, env)
                     tree = run_git(cwd, "write-tree", env=env, pinned=pinned).stdout.strip()
+            dropped += unread
             if tree == head_tree:
                 return WorkCommit(commit=None, changes=[], dropped=dropped)
             identity = job.author.env(author=True, committer=False)
@@ -99,6 +101,26 @@ class CliGit:
         return WorkCommit(
             commit=commit, changes=file_changes(pyrepo, head, commit), dropped=dropped
         )
+
+
+# how `git add` says it could not enter a directory (nothing below it is added)
+_UNREAD = "warning: could not open directory '"
+
+
+def unread_directories(stderr: str) -> list[str]:
+    """The directories `git add` could not enter, from its warnings, as the agent's result
+    names what it left out. Git cuts a warning at about 4 KB, so a path too long for the
+    system (the usual cause) may come without its reason."""
+    out: list[str] = []
+    for line in stderr.splitlines():
+        if not line.startswith(_UNREAD):
+            continue
+        path, sep, reason = line[len(_UNREAD) :].partition("': ")
+        why = reason.strip() if sep else "its path is too long for this system"
+        shown = path.rstrip("/")
+        shown = shown if len(shown) <= 300 else shown[:300] + "..."
+        out.append(f"{shown} (git could not read it: {why}; it is not committed)")
+    return out
 
 
 def _index_is_at(pyrepo: pygit2.Repository, source: Path, tree: str, index: Path) -> bool:
