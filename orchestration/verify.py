@@ -10,9 +10,9 @@ merge changes, not the size of the repository. Git runs pinned there (`toolbus.g
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -57,13 +57,7 @@ def remove_leftovers(repo: ws_mod.GitRepo, live_servers: set[str]) -> None:
         return
     for owner in root.iterdir():
         if owner.name not in live_servers:
-            with contextlib.suppress(OSError):
-                remove_tree(owner)
-
-
-def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        remove_tree(path)
+            remove_tree(owner, ignore_errors=True)
 
 
 class Verifier:
@@ -97,8 +91,7 @@ class Verifier:
         for anew in (False, True):
             fresh = anew or not (work.is_dir() and index.is_file())
             if fresh:
-                with contextlib.suppress(OSError):
-                    remove_tree(base)
+                remove_tree(base, ignore_errors=True)
                 work.mkdir(parents=True)
             pinned = pin_scratch(self.repo.git_dir, work)
             if not fresh:
@@ -158,7 +151,7 @@ class Verifier:
             )
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_remove_quietly, home)
+                await anyio.to_thread.run_sync(partial(remove_tree, home, ignore_errors=True))
 
 
 async def first_failing(

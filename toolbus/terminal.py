@@ -17,7 +17,6 @@ The environment starts from a small allowlist plus configured names; names that 
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import functools
 import os
@@ -293,8 +292,7 @@ async def _reap_wait(pgid: int, limit_s: float = 5.0) -> None:
 
 def _remove_dirs(paths: tuple[Path, ...]) -> None:
     for path in paths:
-        with contextlib.suppress(OSError):
-            remove_tree(path)
+        remove_tree(path, ignore_errors=True)
 
 
 def remove_home(home: Path) -> None:
@@ -352,8 +350,7 @@ class Terminal:
 
     def close(self) -> None:
         """Remove the temporary HOME this terminal made (if any) and the sandbox's files."""
-        with contextlib.suppress(OSError):
-            remove_tree(self.view_dir)
+        remove_tree(self.view_dir, ignore_errors=True)
         if self._own_home:
             self._cleanup()
 

@@ -47,13 +47,20 @@ def walk(top: str | os.PathLike[str]) -> Iterator[tuple[str, list[str], list[str
                 stack.append(below)
 
 
-def remove_tree(path: str | os.PathLike[str]) -> None:
+def remove_tree(path: str | os.PathLike[str], *, ignore_errors: bool = False) -> None:
     """Delete `path` and everything below it: a link is removed, never followed; a directory
     its owner may not read or change (an agent's `chmod`, overlayfs's `work/work`) is opened up
     to 0700 first, through a handle on the directory itself. What cannot be deleted is passed
-    over and the rest deleted; then the first error is raised (`OSError`). Nothing when `path`
-    does not exist."""
-    path = os.fspath(path)
+    over and the rest deleted; then the first error is raised (`OSError`), unless
+    `ignore_errors` (as `shutil.rmtree`'s). Nothing when `path` does not exist."""
+    try:
+        _remove_tree(os.fspath(path))
+    except OSError:
+        if not ignore_errors:
+            raise
+
+
+def _remove_tree(path: str) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:

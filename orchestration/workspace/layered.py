@@ -862,8 +862,7 @@ def _layer_included(
             write_whole(entry / "source", str(src) + "\n")
             write_whole(entry / "path", rel + "\n")
             if not _mount_included(entry, view, driver):
-                with contextlib.suppress(OSError):
-                    remove_tree(entry)
+                remove_tree(entry, ignore_errors=True)
                 continue
         elif not copy_beneath(jail, rel, src):
             continue

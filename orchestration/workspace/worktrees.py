@@ -309,8 +309,7 @@ def _discard_unstarted(repo: GitRepo, run_id: str, agent_id: str) -> list[str]:
                 shutil.rmtree(admin, ignore_errors=True)
                 removed.append(f".git/worktrees/{admin.name}")
     if os.path.lexists(path):
-        with contextlib.suppress(OSError):
-            remove_tree(path)
+        remove_tree(path, ignore_errors=True)
         removed.append(str(path.relative_to(repo.git_dir)))
     ref_lock = repo.git_dir / "refs" / "heads" / f"{BRANCH_PREFIX}{run_id}" / f"{agent_id}.lock"
     if ref_lock.exists():
