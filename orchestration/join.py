@@ -33,6 +33,7 @@ from orchestration.workspace import (
 )
 from orchestration.workspace.engine import changed_paths
 from orchestration.workspace.git import tree_of
+from orchestration.workspace.tree_edits import TreeEdit, edit_tree
 from toolbus import gitcmd
 from toolbus.resources import is_within, overlaps
 
@@ -162,82 +163,6 @@ def _tree(pyrepo: pygit2.Repository, rev: str | pygit2.Oid) -> pygit2.Tree | Non
         return None
 
 
-_Edit = tuple[pygit2.Oid, int] | None
-"""A path's new blob and file mode, or None to delete it."""
-
-
-def _edit_tree(
-    pyrepo: pygit2.Repository, tree: pygit2.Tree | None, edits: dict[str, _Edit]
-) -> pygit2.Oid | None:
-    """`tree` with `edits` applied, rewriting only the subtrees they touch; None when empty.
-    Without recursion: an agent's directories may nest thousands deep."""
-    stack = [_EditFrame.start(pyrepo, tree, edits, "", had_tree=False)]
-    while True:
-        frame = stack[-1]
-        if frame.below:
-            name, sub = frame.below.pop()
-            current = _entry(frame.builder, name)
-            subtree = (
-                current.peel(pygit2.Tree) if current is not None and _is_tree(current) else None
-            )
-            stack.append(_EditFrame.start(pyrepo, subtree, sub, name, had_tree=subtree is not None))
-            continue
-        stack.pop()
-        for name, edit in frame.here.items():
-            if edit is not None:
-                frame.builder.insert(name, edit[0], edit[1])
-        new_id = frame.builder.write() if len(frame.builder) else None
-        if not stack:
-            return new_id
-        above = stack[-1].builder
-        if new_id is not None:
-            above.insert(frame.name, new_id, pygit2.enums.FileMode.TREE)
-        elif frame.had_tree:
-            above.remove(frame.name)
-
-
-@dataclass
-class _EditFrame:
-    """One directory of `_edit_tree`: its builder with its own deletions made, its own other
-    edits (made last, so that a file may replace a directory), and the subdirectories with
-    edits still to rewrite."""
-
-    name: str
-    had_tree: bool
-    builder: pygit2.TreeBuilder
-    here: dict[str, _Edit]
-    below: list[tuple[str, dict[str, _Edit]]]
-
-    @classmethod
-    def start(
-        cls,
-        pyrepo: pygit2.Repository,
-        tree: pygit2.Tree | None,
-        edits: dict[str, _Edit],
-        name: str,
-        *,
-        had_tree: bool,
-    ) -> _EditFrame:
-        builder = pyrepo.TreeBuilder(tree) if tree is not None else pyrepo.TreeBuilder()
-        here: dict[str, _Edit] = {}
-        below: dict[str, dict[str, _Edit]] = {}
-        for path, edit in edits.items():
-            head, sep, rest = path.partition("/")
-            if sep:
-                below.setdefault(head, {})[rest] = edit
-            else:
-                here[head] = edit
-        for entry_name, edit in here.items():
-            if edit is None and _entry(builder, entry_name) is not None:
-                builder.remove(entry_name)
-        return cls(name, had_tree, builder, here, list(below.items()))
-
-
-def _entry(builder: pygit2.TreeBuilder, name: str) -> pygit2.Object | None:
-    found: pygit2.Object | None = builder.get(name)  # None when absent (the stub omits it)
-    return found
-
-
 def _is_tree(obj: pygit2.Object) -> bool:
     return obj.type == pygit2.enums.ObjectType.TREE
 
@@ -250,8 +175,8 @@ def _write_merged_tree(
     Equivalent to `index.write_tree()`, but only the directories the merge touched are
     rewritten, which matters in repositories of many thousand files.
     """
-    deletes: dict[str, _Edit] = {}
-    writes: dict[str, _Edit] = {}
+    deletes: dict[str, TreeEdit] = {}
+    writes: dict[str, TreeEdit] = {}
     for delta in index.diff_to_tree(ours).deltas:
         if delta.status_char() == "D":
             deletes[delta.old_file.path] = None
@@ -265,10 +190,10 @@ def _write_merged_tree(
         # takes UTF-8 names only, libgit2's index writes the exact bytes
         return index.write_tree(pyrepo), changed
     # deletions first, so a file may replace a directory (or the other way) in one pass
-    tree_id = _edit_tree(pyrepo, ours, deletes) if deletes else ours.id
+    tree_id = edit_tree(pyrepo, ours, deletes) if deletes else ours.id
     if writes:
         base = pyrepo[tree_id].peel(pygit2.Tree) if tree_id is not None else None
-        tree_id = _edit_tree(pyrepo, base, writes)
+        tree_id = edit_tree(pyrepo, base, writes)
     return (tree_id if tree_id is not None else _empty_tree(pyrepo)), changed
 
 

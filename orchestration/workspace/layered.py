@@ -80,6 +80,7 @@ from orchestration.workspace.pinning import (
     remove_blocking_rule_files,
     secure_workspace_git,
 )
+from orchestration.workspace.tree_edits import TreeEdit, edit_tree
 from orchestration.workspace.worktrees import (
     GitWorktrees,
     Workspaces,
@@ -1697,73 +1698,12 @@ def _apply(
     changes: dict[str, tuple[str, int] | None],
 ) -> pygit2.Oid | None:
     """`tree` with `changes` applied (a blob and mode, or None to delete), rebuilding only the
-    subtrees they touch; None for an empty tree. Without recursion: an agent's directories may
-    nest thousands deep."""
-    stack = [_ApplyFrame.start(pyrepo, tree, changes, "")]
-    while True:
-        frame = stack[-1]
-        if frame.todo:
-            name, sub = frame.todo.pop()
-            subtree: pygit2.Tree | None = None
-            if frame.tree is not None and name not in frame.direct and name in frame.tree:
-                entry = frame.tree[name]
-                if entry.filemode == _TREE:
-                    subtree = entry.peel(pygit2.Tree)
-            stack.append(_ApplyFrame.start(pyrepo, subtree, sub, name))
-            continue
-        stack.pop()
-        oid = frame.builder.write() if len(frame.builder) else None
-        if not stack:
-            return oid
-        above = stack[-1].builder
-        if oid is None:
-            _drop(above, frame.name)
-        else:
-            above.insert(frame.name, oid, _TREE)
-
-
-@dataclass
-class _ApplyFrame:
-    """One directory of `_apply`'s rebuilding: its tree builder with the changes to its own
-    entries made, and the subdirectories with changes still to rebuild."""
-
-    name: str
-    tree: pygit2.Tree | None
-    builder: pygit2.TreeBuilder
-    direct: dict[str, tuple[str, int] | None]
-    todo: list[tuple[str, dict[str, tuple[str, int] | None]]]
-
-    @classmethod
-    def start(
-        cls,
-        pyrepo: pygit2.Repository,
-        tree: pygit2.Tree | None,
-        changes: dict[str, tuple[str, int] | None],
-        name: str,
-    ) -> _ApplyFrame:
-        builder = pyrepo.TreeBuilder(tree) if tree is not None else pyrepo.TreeBuilder()
-        direct: dict[str, tuple[str, int] | None] = {}
-        nested: dict[str, dict[str, tuple[str, int] | None]] = {}
-        for rel, change in changes.items():
-            head, sep, rest = rel.partition("/")
-            if sep:
-                nested.setdefault(head, {})[rest] = change
-            else:
-                direct[head] = change
-        for entry_name, change in direct.items():
-            if change is None:
-                if entry_name not in nested:
-                    _drop(builder, entry_name)
-            else:
-                builder.insert(entry_name, pygit2.Oid(hex=change[0]), change[1])
-        # a file that replaced a directory wins over changes below it
-        todo = [(n, sub) for n, sub in nested.items() if direct.get(n) is None]
-        return cls(name, tree, builder, direct, todo)
-
-
-def _drop(builder: pygit2.TreeBuilder, name: str) -> None:
-    with contextlib.suppress(pygit2.GitError, KeyError):
-        builder.remove(name)
+    subtrees they touch; None for an empty tree."""
+    edits: dict[str, TreeEdit] = {
+        rel: None if change is None else (pygit2.Oid(hex=change[0]), change[1])
+        for rel, change in changes.items()
+    }
+    return edit_tree(pyrepo, tree, edits)
 
 
 def view_support(repo: GitRepo, chosen: str = "auto") -> overlay.ViewSupport:
