@@ -410,12 +410,13 @@ def _copy_tree(source: Path, target: Path) -> None:
         except OSError:
             dirs[:] = []
             continue
+        regular = set(files)
         for name in (*dirs, *files):
             src, dst = os.path.join(here, name), os.path.join(into, name)
             with contextlib.suppress(OSError):
                 if os.path.islink(src):
                     os.symlink(os.readlink(src), dst)
-                elif name in files:
+                elif name in regular:
                     _copy_regular(src, dst)
 
 

@@ -256,6 +256,13 @@ async def _merged_with(
         return [a.outcome for a in merged.agents], merged
 
 
+def _verified_again(calls: list[int], merged: MergeResult) -> None:
+    """The call verified once more on the moved branch, and its summary says so."""
+    assert len(calls) == 2
+    assert merged.verification is not None
+    assert "the branch moved while it ran" in merged.verification
+
+
 async def test_what_lands_is_the_tree_that_was_verified(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -267,9 +274,7 @@ async def test_what_lands_is_the_tree_that_was_verified(
     # the branch moved after the first verification: the same call verified it again on the
     # new head, where it fails, and nothing of it landed
     assert outcomes == [MergeOutcome.VERIFY_FAILED]
-    assert len(calls) == 2
-    assert merged.verification is not None
-    assert "the branch moved while it ran" in merged.verification
+    _verified_again(calls, merged)
     assert not (repo / "out" / "w.txt").exists()
 
 
@@ -280,9 +285,7 @@ async def test_a_change_that_passes_on_the_moved_branch_lands_in_the_same_call(
     calls = _another_writer_after_verifying(repo, monkeypatch, times=1)
     outcomes, merged = await _merged_with(repo, "fine\n", "grep -q fine out/w.txt")
     assert outcomes == [MergeOutcome.MERGED]
-    assert len(calls) == 2
-    assert merged.verification is not None
-    assert "the branch moved while it ran" in merged.verification
+    _verified_again(calls, merged)
     head_files = git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()
     assert {"out/w.txt", "out/other1.txt"} <= set(head_files)
     assert (repo / "out" / "w.txt").read_text() == "fine\n"
