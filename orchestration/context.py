@@ -30,6 +30,10 @@ class SlowTurns:
         """How many keys someone holds or waits for."""
         return len(self._locks)
 
+    def busy(self, key: str) -> bool:
+        """Whether someone holds or waits for the turn of `key`."""
+        return key in self._locks
+
     @asynccontextmanager
     async def of(self, key: str) -> AsyncGenerator[None]:
         lock, users = self._locks.get(key) or (anyio.Lock(), 0)

@@ -121,12 +121,15 @@ async def quick_or_thread(
     found their base not ready take the slow path one at a time, each trying the quick one
     again first: while the first makes what the others wait for (the base's checkout), they
     wait here, not in threads of their own, and then mostly find it quick. What is slow for
-    another reason (a worktree's checkout) still goes to threads side by side."""
-    try:
-        return call(False)
-    except ws_mod.WouldBlock as exc:
-        if turns is None or not isinstance(exc, ws_mod.BaseNotReady):
-            return await anyio.to_thread.run_sync(call, True, limiter=limiter)
+    another reason (a worktree's checkout) still goes to threads side by side. While another
+    caller of `key` has its turn (the base is being made), a caller waits for its own without
+    trying first: that try would fail."""
+    if turns is None or not turns.busy(key):
+        try:
+            return call(False)
+        except ws_mod.WouldBlock as exc:
+            if turns is None or not isinstance(exc, ws_mod.BaseNotReady):
+                return await anyio.to_thread.run_sync(call, True, limiter=limiter)
     async with turns.of(key):
         try:
             return call(False)

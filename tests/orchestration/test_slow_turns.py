@@ -25,10 +25,12 @@ class _Base:
         self.lock = threading.Lock()
         self.threads: list[str] = []
         self.quick: list[str] = []
+        self.refused = 0  # quick tries that found the base not ready
 
     def make(self, who: str, wait: bool) -> str:
         if not wait:
             if not self.ready or self.lock.locked():
+                self.refused += 1
                 raise BaseNotReady("the base is not checked out yet")
             self.quick.append(who)
             return who
@@ -60,6 +62,9 @@ async def test_callers_of_one_key_wait_for_the_first_instead_of_taking_threads()
     assert len(base.threads) == 1, base.threads  # the checkout; the rest made on the loop
     assert len(base.quick) == 7
     assert turns.waiting() == 0  # no lock kept once nobody holds or waits for one
+    # the first caller's two tries (before its turn and in it); the others wait for their
+    # turns without a try that would fail
+    assert base.refused == 2
 
 
 async def test_without_turns_every_blocked_caller_takes_a_thread() -> None:
