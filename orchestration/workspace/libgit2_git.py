@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 _FILTER_DRIVER = re.compile(r"filter\..+\.(clean|smudge|process)", re.IGNORECASE)
 NOT_IN_PROCESS_ATTRIBUTE = "working-tree-encoding"
 """An attribute libgit2 does not apply: where it may apply, git stages the files."""
+# the longest path, with its terminating NUL, that Linux's system calls take
+_PATH_MAX = 4096
 # Above this many files git's own checkout is the faster one; below it, the git process that
 # libgit2 saves is worth more than git's faster writing of files.
 CHECKOUT_MAX_FILES = 256
@@ -79,6 +81,49 @@ class _TreeFacts:
 
 # a git dir -> its repository's own: a worktree's `commondir` names it once, made whole
 _COMMON_DIRS: dict[str, Path] = {}
+
+
+def _unreadable_below(pyrepo: pygit2.Repository, tree: pygit2.Tree) -> bool:
+    """Whether the work tree holds a directory `add_all` would pass over without a word: one
+    that cannot be read, or a path too long for a system call (libgit2 reaches each by its
+    whole path). Walked as git's `add -A` walks: not into `.git`, another repository, or a
+    directory the repository does not track and ignores."""
+    root = os.fsencode(pyrepo.workdir.rstrip("/"))
+    stack: list[tuple[bytes, str]] = [(root, "")]
+    while stack:
+        here, rel = stack.pop()
+        try:
+            with os.scandir(here) as entries:
+                listed = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # (gone since it was listed)
+        except OSError:
+            return True
+        names = {name for name, _ in listed}
+        if rel and b".git" in names:
+            continue  # another repository: git adds it as a whole or not at all
+        for name, is_dir in listed:
+            if len(here) + 1 + len(name) >= _PATH_MAX:
+                return True
+            if not is_dir or (not rel and name == b".git"):
+                continue
+            below = rel + os.fsdecode(name)
+            if _untracked_and_ignored(pyrepo, tree, below):
+                continue
+            stack.append((here + b"/" + name, below + "/"))
+    return False
+
+
+def _untracked_and_ignored(pyrepo: pygit2.Repository, tree: pygit2.Tree, rel: str) -> bool:
+    try:
+        tree[rel]
+        return False
+    except KeyError:
+        pass
+    try:
+        return bool(pyrepo.path_is_ignored(rel + "/"))
+    except pygit2.GitError:
+        return False
 
 
 def common_dir(pyrepo: pygit2.Repository) -> Path:
@@ -189,6 +234,8 @@ class Libgit2Git:
             index.read(force=True)
             if index.conflicts is not None:
                 return None
+            if _unreadable_below(pyrepo, job.head.tree):
+                return None  # git names what it cannot read (`cli_git.unread_directories`)
             index.add_all()
             tree = str(index.write_tree())
             dropped: list[str] = []

@@ -7,17 +7,17 @@ import os
 import subprocess
 from pathlib import Path
 
+import pygit2
+
 from orchestration.workspace.cli_git import unread_directories
+from orchestration.workspace.libgit2_git import _unreadable_below  # pyright: ignore[reportPrivateUsage]
 from toolbus.trees import remove_tree
 
 
-def test_a_directory_git_could_not_enter_is_named(tmp_path: Path) -> None:
-    repo = tmp_path / "r"
-    repo.mkdir()
-    subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    (repo / "ok.txt").write_text("kept\n")
-    fd = os.open(repo, os.O_RDONLY | os.O_DIRECTORY)
-    try:  # a path longer than any system call takes, made a step at a time
+def _lengthen(start: Path) -> None:
+    """A path longer than any system call takes below `start`, made a step at a time."""
+    fd = os.open(start, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         for c in "abcdefghijklmnopqrst":
             os.mkdir(c * 250, dir_fd=fd)
             below = os.open(c * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
@@ -26,6 +26,14 @@ def test_a_directory_git_could_not_enter_is_named(tmp_path: Path) -> None:
         os.close(os.open("far.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
     finally:
         os.close(fd)
+
+
+def test_a_directory_git_could_not_enter_is_named(tmp_path: Path) -> None:
+    repo = tmp_path / "r"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "ok.txt").write_text("kept\n")
+    _lengthen(repo)
     try:
         added = subprocess.run(
             ["git", "-C", str(repo), "add", "-A", "--", ":/"],
@@ -47,4 +55,35 @@ def test_a_directory_git_could_not_enter_is_named(tmp_path: Path) -> None:
         )
         assert staged.stdout.split() == ["ok.txt"]
     finally:
+        remove_tree(repo)
+
+
+def test_libgit2_stages_only_where_it_can_read_whatever_git_would_add(tmp_path: Path) -> None:
+    """libgit2's `add_all` passes over what it cannot read without a word, so the in-process
+    commit declines (git stages it, and names it) where git would walk into such a place; not
+    where git does not walk: an ignored directory the repository does not track, another
+    repository."""
+    repo = tmp_path / "r"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("cache/\n")
+    (repo / "src").mkdir()
+    (repo / "src" / "ok.txt").write_text("kept\n")
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "i"],
+        check=True,
+    )
+    handle = pygit2.Repository(str(repo))
+    tree = handle.head.peel(pygit2.Commit).tree
+    try:
+        assert not _unreadable_below(handle, tree)
+        (repo / "cache").mkdir()
+        _lengthen(repo / "cache")
+        (repo / "vendored" / ".git").mkdir(parents=True)
+        _lengthen(repo / "vendored")
+        assert not _unreadable_below(handle, tree)  # ignored, or another repository's
+        _lengthen(repo / "src")
+        assert _unreadable_below(handle, tree)
+    finally:
+        handle.free()
         remove_tree(repo)

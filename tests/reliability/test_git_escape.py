@@ -291,6 +291,14 @@ async def test_directories_nested_past_the_recursion_limit_are_committed_and_mer
     assert not list((repo / ".git" / "fanout" / "layers").glob("*/*"))  # the layers are gone
 
 
+# a command that makes, step by step, a path of 5,020 bytes below src/app
+_LENGTHEN = (
+    'cd src/app && python3 -c "import os\n'
+    "for c in 'abcdefghijklmnopqrst': os.mkdir(c * 250); os.chdir(c * 250)\n"
+    "open('f.txt', 'w').write('far\\n')\""
+)
+
+
 async def test_a_path_longer_than_the_system_takes_is_reported_and_the_rest_merged(
     tmp_path: Path, ledger: Ledger, deep_cleanup: None
 ) -> None:
@@ -298,12 +306,7 @@ async def test_a_path_longer_than_the_system_takes_is_reported_and_the_rest_merg
     bytes); git could not add it. It is left out of the commit and named in the agent's
     result, and the rest of the work lands."""
     repo = make_repo(tmp_path / "repo")
-    lengthen = (
-        'cd src/app && python3 -c "import os\n'
-        "for c in 'abcdefghijklmnopqrst': os.mkdir(c * 250); os.chdir(c * 250)\n"
-        "open('f.txt', 'w').write('far\\n')\""
-    )
-    agent, outcomes = await _work_beside(repo, lengthen)
+    agent, outcomes = await _work_beside(repo, _LENGTHEN)
     dropped = agent.result.dropped_files if agent.result else []
     too_long = [d for d in dropped if "too long" in d]
     ok = agent.status is AgentStatus.SUCCEEDED and len(too_long) == 1
@@ -313,6 +316,25 @@ async def test_a_path_longer_than_the_system_takes_is_reported_and_the_rest_merg
     tree = _assert_work_landed(repo, outcomes)
     assert not any(p.startswith("src/app/aaa") for p in tree)
     assert not list((repo / ".git" / "fanout" / "layers").glob("*/*"))  # the layers are gone
+
+
+async def test_in_a_worktree_a_directory_git_cannot_read_is_reported_not_passed_over(
+    tmp_path: Path, ledger: Ledger, deep_cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a worktree (the fallback without views) libgit2 stages the work in-process, and its
+    `add_all` passes over a directory it cannot read without a word: there git stages it
+    instead, whose warning names the directory in the agent's result."""
+    monkeypatch.setenv("FANOUT_WORKSPACES", "worktree")
+    repo = make_repo(tmp_path / "repo")
+    agent, outcomes = await _work_beside(repo, _LENGTHEN)
+    dropped = agent.result.dropped_files if agent.result else []
+    unread = [d for d in dropped if d.startswith("src/app/" + "a" * 250 + "/")]
+    ok = agent.status is AgentStatus.SUCCEEDED and len(unread) == 1
+    ledger.record(STOPPERS, "a path past 4,096 bytes, in a worktree", ok, str(dropped)[:80])
+    assert agent.status is AgentStatus.SUCCEEDED, agent.status_reason
+    assert len(unread) == 1 and "not committed" in unread[0], dropped
+    tree = _assert_work_landed(repo, outcomes)
+    assert not any(p.startswith("src/app/aaa") for p in tree)
 
 
 async def test_a_named_pipe_where_git_reads_rules_never_holds_a_worktrees_listing(
