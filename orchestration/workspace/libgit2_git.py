@@ -87,7 +87,8 @@ def _unreadable_below(pyrepo: pygit2.Repository, tree: pygit2.Tree) -> bool:
     """Whether the work tree holds a directory `add_all` would pass over without a word: one
     that cannot be read, or a path too long for a system call (libgit2 reaches each by its
     whole path). Walked as git's `add -A` walks: not into `.git`, another repository, or a
-    directory the repository does not track and ignores."""
+    directory the repository does not track and ignores. A directory whose name is not UTF-8
+    counts too: pygit2 cannot ask libgit2 about it, and git stages it byte for byte."""
     root = os.fsencode(pyrepo.workdir.rstrip("/"))
     stack: list[tuple[bytes, str]] = [(root, "")]
     while stack:
@@ -107,7 +108,10 @@ def _unreadable_below(pyrepo: pygit2.Repository, tree: pygit2.Tree) -> bool:
                 return True
             if not is_dir or (not rel and name == b".git"):
                 continue
-            below = rel + os.fsdecode(name)
+            try:
+                below = rel + name.decode("utf-8")
+            except UnicodeDecodeError:
+                return True
             if _untracked_and_ignored(pyrepo, tree, below):
                 continue
             stack.append((here + b"/" + name, below + "/"))

@@ -62,7 +62,8 @@ def test_libgit2_stages_only_where_it_can_read_whatever_git_would_add(tmp_path: 
     """libgit2's `add_all` passes over what it cannot read without a word, so the in-process
     commit declines (git stages it, and names it) where git would walk into such a place; not
     where git does not walk: an ignored directory the repository does not track, another
-    repository."""
+    repository. Git also stages a directory whose name is not UTF-8, which pygit2 cannot ask
+    libgit2 about."""
     repo = tmp_path / "r"
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     (repo / ".gitignore").write_text("cache/\n")
@@ -82,6 +83,11 @@ def test_libgit2_stages_only_where_it_can_read_whatever_git_would_add(tmp_path: 
         (repo / "vendored" / ".git").mkdir(parents=True)
         _lengthen(repo / "vendored")
         assert not _unreadable_below(handle, tree)  # ignored, or another repository's
+        (repo / "cache" / os.fsdecode(b"caf\xe9")).mkdir()  # ignored: not walked into
+        assert not _unreadable_below(handle, tree)
+        (repo / os.fsdecode(b"caf\xe9")).mkdir()  # a name libgit2 cannot be asked about
+        assert _unreadable_below(handle, tree)
+        (repo / os.fsdecode(b"caf\xe9")).rmdir()
         _lengthen(repo / "src")
         assert _unreadable_below(handle, tree)
     finally:
