@@ -33,7 +33,7 @@ from orchestration.workspace import (
 )
 from orchestration.workspace.engine import changed_paths
 from orchestration.workspace.git import tree_of
-from orchestration.workspace.tree_edits import TreeEdit, edit_tree
+from orchestration.workspace.tree_edits import TreeEdit, edit_tree, is_tree
 from toolbus import gitcmd
 from toolbus.resources import is_within, overlaps
 
@@ -161,10 +161,6 @@ def _tree(pyrepo: pygit2.Repository, rev: str | pygit2.Oid) -> pygit2.Tree | Non
         return obj.peel(pygit2.Tree)
     except (KeyError, ValueError, pygit2.GitError):
         return None
-
-
-def _is_tree(obj: pygit2.Object) -> bool:
-    return obj.type == pygit2.enums.ObjectType.TREE
 
 
 def _write_merged_tree(
@@ -835,7 +831,7 @@ def _holds(full: str, tree: pygit2.Tree, path: str) -> bool:
 
 def _is_dir_in(tree: pygit2.Tree, path: str) -> bool:
     try:
-        return _is_tree(tree[path])
+        return is_tree(tree[path])
     except (KeyError, ValueError):
         return False
 

@@ -16,15 +16,20 @@ import stat
 from collections.abc import Callable, Iterator
 from typing import Any
 
+# the longest path, with its terminating NUL, that Linux's system calls take
+PATH_MAX = 4096
 # directories `remove_tree` holds open at once; a directory deeper than this below the top is
 # first moved up into the top (inside the tree being deleted) and deleted from there
 _OPEN_DEPTH = 64
 
 
-def walk(top: str | os.PathLike[str]) -> Iterator[tuple[str, list[str], list[str]]]:
-    """`os.walk(top)`, top-down, as it walks (links to directories are listed among the
-    directories and not entered; a directory that cannot be read is skipped; the caller may
-    prune the directory names it is given), without recursion."""
+def walk(
+    top: str | os.PathLike[str], onerror: Callable[[OSError], object] | None = None
+) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk(top, onerror=onerror)`, top-down, as it walks (links to directories are listed
+    among the directories and not entered; a directory that cannot be read is skipped, its
+    error given to `onerror`; the caller may prune the directory names it is given), without
+    recursion."""
     stack = [os.fspath(top)]
     while stack:
         here = stack.pop()
@@ -38,7 +43,9 @@ def walk(top: str | os.PathLike[str]) -> Iterator[tuple[str, list[str], list[str
                     except OSError:
                         is_dir = False
                     (dirs if is_dir else files).append(entry.name)
-        except OSError:
+        except OSError as exc:
+            if onerror is not None:
+                onerror(exc)
             continue
         yield here, dirs, files
         for name in reversed(dirs):

@@ -94,7 +94,7 @@ from toolbus.fileops import read_regular_file
 from toolbus.gitcmd import Pinned
 from toolbus.jail import DIR_FLAGS, Jail
 from toolbus.resources import WriteScope, is_within
-from toolbus.trees import remove_tree, walk
+from toolbus.trees import PATH_MAX, remove_tree, walk
 
 log = logging.getLogger(__name__)
 
@@ -1375,7 +1375,7 @@ def _view_changes(
             # libgit2 builds trees of UTF-8 names only: such a file is reported, not committed
             unnamed.append(f"{shown} (its name is not UTF-8: rename it to commit it)")
             continue
-        if len(os.fsencode(root)) + 1 + len(os.fsencode(rel)) >= _PATH_MAX:
+        if len(os.fsencode(root)) + 1 + len(os.fsencode(rel)) >= PATH_MAX:
             # no system call takes the path: git could not add it either
             unnamed.append(f"{shown} (its path is too long for this system: shorten it)")
             continue
@@ -1577,8 +1577,6 @@ def _hash_beneath(
     return out
 
 
-# the longest path, with its terminating NUL, that Linux's system calls take
-_PATH_MAX = 4096
 # how many directories deep `_Beneath` opens a view's directories (each kept open)
 _DEEPEST_OPENED = 128
 

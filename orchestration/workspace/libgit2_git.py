@@ -27,14 +27,13 @@ from orchestration.workspace.engine import (
 from orchestration.workspace.git import has_hook, read_record, read_whole, tree_of
 from orchestration.workspace.pinning import is_rule_file, open_workspace_repo
 from toolbus.gitcmd import Pinned
+from toolbus.trees import PATH_MAX, walk
 
 log = logging.getLogger(__name__)
 
 _FILTER_DRIVER = re.compile(r"filter\..+\.(clean|smudge|process)", re.IGNORECASE)
 NOT_IN_PROCESS_ATTRIBUTE = "working-tree-encoding"
 """An attribute libgit2 does not apply: where it may apply, git stages the files."""
-# the longest path, with its terminating NUL, that Linux's system calls take
-_PATH_MAX = 4096
 # Above this many files git's own checkout is the faster one; below it, the git process that
 # libgit2 saves is worth more than git's faster writing of files.
 CHECKOUT_MAX_FILES = 256
@@ -89,33 +88,38 @@ def _unreadable_below(pyrepo: pygit2.Repository, tree: pygit2.Tree) -> bool:
     whole path). Walked as git's `add -A` walks: not into `.git`, another repository, or a
     directory the repository does not track and ignores. A directory whose name is not UTF-8
     counts too: pygit2 cannot ask libgit2 about it, and git stages it byte for byte."""
-    root = os.fsencode(pyrepo.workdir.rstrip("/"))
-    stack: list[tuple[bytes, str]] = [(root, "")]
-    while stack:
-        here, rel = stack.pop()
-        try:
-            with os.scandir(here) as entries:
-                listed = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # (gone since it was listed)
-        except OSError:
+    root = pyrepo.workdir.rstrip("/")
+    unread: list[OSError] = []
+
+    def note(exc: OSError) -> None:
+        if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):  # (gone since listed)
+            unread.append(exc)
+
+    for here, dirs, files in walk(root, onerror=note):
+        if unread:
             return True
-        names = {name for name, _ in listed}
-        if rel and b".git" in names:
-            continue  # another repository: git adds it as a whole or not at all
-        for name, is_dir in listed:
-            if len(here) + 1 + len(name) >= _PATH_MAX:
-                return True
-            if not is_dir or (not rel and name == b".git"):
+        rel = here[len(root) + 1 :]
+        if rel and (".git" in dirs or ".git" in files):
+            dirs[:] = []  # another repository: git adds it as a whole or not at all
+            continue
+        length = len(os.fsencode(here)) + 1
+        if any(length + len(os.fsencode(name)) >= PATH_MAX for name in (*dirs, *files)):
+            return True
+        walked: list[str] = []
+        for name in dirs:
+            if not rel and name == ".git":
                 continue
+            below = f"{rel}/{name}" if rel else name
             try:
-                below = rel + name.decode("utf-8")
-            except UnicodeDecodeError:
+                below.encode("utf-8")
+            except UnicodeEncodeError:
+                if os.path.islink(os.path.join(here, name)):
+                    continue  # (a link: not walked into)
                 return True
-            if _untracked_and_ignored(pyrepo, tree, below):
-                continue
-            stack.append((here + b"/" + name, below + "/"))
-    return False
+            if not _untracked_and_ignored(pyrepo, tree, below):
+                walked.append(name)
+        dirs[:] = walked
+    return bool(unread)
 
 
 def _untracked_and_ignored(pyrepo: pygit2.Repository, tree: pygit2.Tree, rel: str) -> bool:

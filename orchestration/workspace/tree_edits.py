@@ -24,7 +24,7 @@ def edit_tree(
             name, sub = frame.below.pop()
             current = _entry(frame.builder, name)
             subtree = (
-                current.peel(pygit2.Tree) if current is not None and _is_tree(current) else None
+                current.peel(pygit2.Tree) if current is not None and is_tree(current) else None
             )
             stack.append(_Frame.start(pyrepo, subtree, sub, name, had_tree=subtree is not None))
             continue
@@ -83,5 +83,6 @@ def _entry(builder: pygit2.TreeBuilder, name: str) -> pygit2.Object | None:
     return found
 
 
-def _is_tree(obj: pygit2.Object) -> bool:
+def is_tree(obj: pygit2.Object) -> bool:
+    """Whether `obj` (a tree's entry) is a tree."""
     return obj.type == pygit2.enums.ObjectType.TREE

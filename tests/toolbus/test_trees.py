@@ -3,6 +3,7 @@ deleting them without following a link."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +54,32 @@ def test_walk_walks_as_os_walk_does(tmp_path: Path) -> None:
     assert listing(walk(top)) == listing(os.walk(top))
     assert any(here.endswith("/a") and "link" in dirs for here, dirs, _ in listing(walk(top)))
     assert not any("outside" in here or "skip" in here for here, _, _ in listing(walk(top)))
+
+
+def test_walk_gives_what_it_cannot_read_to_onerror_as_os_walk_does(tmp_path: Path) -> None:
+    """A directory whose path no system call takes (made a step at a time) is skipped, its
+    error given to `onerror`, as `os.walk` gives it; the rest is walked."""
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "kept.txt").write_text("x")
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for c in "abcdefghijklmnopq":
+            os.mkdir(c * 250, dir_fd=fd)
+            below = os.open(c * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+    finally:
+        os.close(fd)
+    try:
+        ours: list[OSError] = []
+        theirs: list[OSError] = []
+        walked = [here for here, _, _ in walk(top, onerror=ours.append)]
+        assert [here for here, _, _ in os.walk(top, onerror=theirs.append)] == walked
+        assert [e.errno for e in ours] == [e.errno for e in theirs] == [errno.ENAMETOOLONG]
+        assert walked[0] == str(top) and len(walked) < 1 + 17  # not the deepest
+    finally:
+        remove_tree(top)
 
 
 def test_walk_and_remove_go_past_the_recursion_limit(tmp_path: Path) -> None:
