@@ -11,21 +11,8 @@ import pygit2
 
 from orchestration.workspace.cli_git import unread_directories
 from orchestration.workspace.libgit2_git import _unreadable_below  # pyright: ignore[reportPrivateUsage]
+from tests.toolbus.test_trees import lengthen
 from toolbus.trees import remove_tree
-
-
-def _lengthen(start: Path) -> None:
-    """A path longer than any system call takes below `start`, made a step at a time."""
-    fd = os.open(start, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for c in "abcdefghijklmnopqrst":
-            os.mkdir(c * 250, dir_fd=fd)
-            below = os.open(c * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = below
-        os.close(os.open("far.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
-    finally:
-        os.close(fd)
 
 
 def test_a_directory_git_could_not_enter_is_named(tmp_path: Path) -> None:
@@ -33,7 +20,7 @@ def test_a_directory_git_could_not_enter_is_named(tmp_path: Path) -> None:
     repo.mkdir()
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     (repo / "ok.txt").write_text("kept\n")
-    _lengthen(repo)
+    lengthen(repo)
     try:
         added = subprocess.run(
             ["git", "-C", str(repo), "add", "-A", "--", ":/"],
@@ -79,16 +66,16 @@ def test_libgit2_stages_only_where_it_can_read_whatever_git_would_add(tmp_path: 
     try:
         assert not _unreadable_below(handle, tree)
         (repo / "cache").mkdir()
-        _lengthen(repo / "cache")
+        lengthen(repo / "cache")
         (repo / "vendored" / ".git").mkdir(parents=True)
-        _lengthen(repo / "vendored")
+        lengthen(repo / "vendored")
         assert not _unreadable_below(handle, tree)  # ignored, or another repository's
         (repo / "cache" / os.fsdecode(b"caf\xe9")).mkdir()  # ignored: not walked into
         assert not _unreadable_below(handle, tree)
         (repo / os.fsdecode(b"caf\xe9")).mkdir()  # a name libgit2 cannot be asked about
         assert _unreadable_below(handle, tree)
         (repo / os.fsdecode(b"caf\xe9")).rmdir()
-        _lengthen(repo / "src")
+        lengthen(repo / "src")
         assert _unreadable_below(handle, tree)
     finally:
         handle.free()

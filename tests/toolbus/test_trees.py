@@ -29,6 +29,21 @@ def _nest(top: Path, depth: int) -> None:
         os.close(fd)
 
 
+def lengthen(start: Path) -> None:
+    """A path longer than any system call takes below `start` (twenty directories of 250
+    bytes, made a step at a time), a file `far.txt` at its end."""
+    fd = os.open(start, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for c in "abcdefghijklmnopqrst":
+            os.mkdir(c * 250, dir_fd=fd)
+            below = os.open(c * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        os.close(os.open("far.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
 def _sample(tmp_path: Path) -> Path:
     top = tmp_path / "top"
     for rel in ("a/b/c.txt", "a/d.txt", "e.txt", "f/g/h/i.txt", "skip/x.txt"):
@@ -62,22 +77,14 @@ def test_walk_gives_what_it_cannot_read_to_onerror_as_os_walk_does(tmp_path: Pat
     top = tmp_path / "top"
     top.mkdir()
     (top / "kept.txt").write_text("x")
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for c in "abcdefghijklmnopq":
-            os.mkdir(c * 250, dir_fd=fd)
-            below = os.open(c * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = below
-    finally:
-        os.close(fd)
+    lengthen(top)
     try:
         ours: list[OSError] = []
         theirs: list[OSError] = []
         walked = [here for here, _, _ in walk(top, onerror=ours.append)]
         assert [here for here, _, _ in os.walk(top, onerror=theirs.append)] == walked
         assert [e.errno for e in ours] == [e.errno for e in theirs] == [errno.ENAMETOOLONG]
-        assert walked[0] == str(top) and len(walked) < 1 + 17  # not the deepest
+        assert walked[0] == str(top) and len(walked) < 1 + 20  # not the deepest
     finally:
         remove_tree(top)
 
