@@ -12,6 +12,7 @@ import ast
 import os
 from pathlib import Path
 
+import pygit2
 import pytest
 
 from toolbus import gitcmd
@@ -131,3 +132,49 @@ def test_pinned_argv_turns_off_command_running_configuration(tmp_path: Path) -> 
         "filter.lfs.process=",
         "filter.lfs.required=false",
     )
+
+
+def test_filters_libgit2_cannot_list_are_turned_off_as_git_lists_them(tmp_path: Path) -> None:
+    """libgit2 lists the keys of an `includeIf "hasconfig:..."` section but not what it
+    includes, where git reads a filter driver; pinned on libgit2's list alone, git would run
+    that driver on files whose attributes the agent wrote."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    gitcmd.run(ws, ["init", "-q"])
+    marker = tmp_path / "filter-ran"
+    (tmp_path / "work.gitconfig").write_text(
+        f'[filter "user"]\n\tclean = touch {marker}; cat\n\trequired = true\n'
+    )
+    gitcmd.run(ws, ["remote", "add", "origin", "https://example.invalid/r.git"])
+    with (ws / ".git" / "config").open("a") as config:
+        config.write(
+            '[includeIf "hasconfig:remote.*.url:https://example.invalid/**"]\n'
+            f"\tpath = {tmp_path / 'work.gitconfig'}\n"
+        )
+    (ws / ".gitattributes").write_text("* filter=user\n")
+    (ws / "work.txt").write_text("agent data\n")
+    repo = pygit2.Repository(str(ws / ".git"))
+    names = [entry.name for entry in repo.config]
+    repo.free()
+    assert not any(n.startswith("filter.") for n in names)  # libgit2 did not list the driver
+    hashing = ["hash-object", "-w", "--stdin-paths"]
+
+    pinned = gitcmd.pin_filters(ws / ".git", ws, names)
+    assert pinned.config_unlisted
+    done = gitcmd.run(ws, hashing, pinned=pinned, input="work.txt\n")
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists()
+    stored = gitcmd.run(ws, ["cat-file", "-p", done.stdout.strip()], pinned=pinned).stdout
+    assert stored == "agent data\n"
+
+    # the pin made from libgit2's list alone (what the server did before) runs the driver
+    partial = gitcmd.Pinned(ws / ".git", ws, gitcmd.filter_overrides(names))
+    assert gitcmd.run(ws, hashing, pinned=partial, input="work.txt\n").returncode == 0
+    assert marker.exists()
+
+
+def test_a_pin_lists_git_keys_only_where_libgit2_may_have_missed_some() -> None:
+    root = Path("/nonexistent")
+    assert not gitcmd.pin_filters(root, root, ["core.bare", "filter.a.clean"]).config_unlisted
+    assert gitcmd.pin_filters(root, root, ["includeIf.gitdir:~/w/.path"]).config_unlisted
+    assert gitcmd.pin_filters(root, root, None).config_unlisted  # libgit2 could not read it

@@ -17,6 +17,7 @@ This module is the only one that starts git processes (`tests/test_git_calls.py`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import time
@@ -34,6 +35,7 @@ __all__ = [
     "git_argv",
     "git_env",
     "in_workspace_area",
+    "pin_filters",
     "run",
     "run_bytes",
 ]
@@ -106,6 +108,25 @@ class Pinned:
     safe: bool = True
     """Every command-running key off (`SAFE_CONFIG`). Only the first checkout of a new
     workspace, before any agent ran in it, runs with the user's own hooks and filters."""
+    config_unlisted: bool = False
+    """Git may read keys the `config` pairs were not made from: they were made from the keys
+    libgit2 listed (`pin_filters`), which does not follow every conditional include git does, or
+    could list none. Before each command git then lists its own keys, and each filter driver it
+    names is turned off too (`run`)."""
+
+
+def pin_filters(git_dir: Path, work_tree: Path, config_names: Sequence[str] | None) -> Pinned:
+    """A workspace pinned with every filter driver named in `config_names` off: the keys of its
+    configuration as libgit2 listed them (None: libgit2 could not read it). Where they hold a
+    conditional include, git may read keys libgit2 did not (`includeIf "hasconfig:..."`, which
+    libgit2 does not evaluate; a `gitdir:` condition met at one git dir and not another): git
+    lists its own before each command (`Pinned.config_unlisted`)."""
+    unlisted = config_names is None or any(
+        name.lower().startswith("includeif.") for name in config_names
+    )
+    return Pinned(
+        git_dir, work_tree, filter_overrides(config_names or ()), config_unlisted=unlisted
+    )
 
 
 def filter_overrides(config_names: Iterable[str]) -> tuple[str, ...]:
@@ -182,6 +203,7 @@ def run(
     and `subprocess.TimeoutExpired` past `timeout`."""
     _check_cwd(cwd, pinned)
     if pinned is not None:
+        pinned = _filters_git_lists(cwd, pinned, timeout)
         data = None if input is None else input.encode("utf-8", "surrogateescape")
         done = _run_watched(git_argv(args, pinned), cwd, git_env(env, pinned=True), data, timeout)
         return subprocess.CompletedProcess(
@@ -216,6 +238,7 @@ def run_bytes(
     or the revisions `pack-objects --revs` reads)."""
     _check_cwd(cwd, pinned)
     if pinned is not None:
+        pinned = _filters_git_lists(cwd, pinned, timeout)
         return _run_watched(git_argv(args, pinned), cwd, git_env(pinned=True), input, timeout)
     try:
         return subprocess.run(
@@ -233,6 +256,19 @@ def run_bytes(
 
 # How often a pinned git that has not finished is looked at, and the kernel's name for where a
 # process waits in `open` of a named pipe until the other end opens (Linux's `/proc/PID/wchan`).
+def _filters_git_lists(cwd: Path, pinned: Pinned, timeout: float | None) -> Pinned:
+    """`pinned`, with every filter driver off that git itself lists, where its keys may not
+    all have been listed (`Pinned.config_unlisted`). Listing runs no program. If git cannot
+    list its configuration, the command that follows fails to read it too."""
+    if not (pinned.safe and pinned.config_unlisted):
+        return pinned
+    argv = git_argv(["config", "--list", "--name-only", "-z"], pinned)
+    listed = _run_watched(argv, cwd, git_env(pinned=True), None, timeout)
+    names = _text(listed.stdout).split("\0") if listed.returncode == 0 else []
+    pairs = tuple(dict.fromkeys((*pinned.config, *filter_overrides(n for n in names if n))))
+    return dataclasses.replace(pinned, config=pairs, config_unlisted=False)
+
+
 _WATCH_EVERY_S = 0.25
 _PIPE_OPEN_WAIT = b"wait_for_partner"
 

@@ -76,6 +76,7 @@ from orchestration.workspace.pinning import (
     commit_git_dir,
     listed_below,
     lists_secured,
+    pin_listed,
     points_here,
     remove_blocking_rule_files,
     secure_workspace_git,
@@ -1114,7 +1115,7 @@ def view_commit_handle(ws: Workspace, layers: Path, listing: UpperListing) -> Co
     _VIEW_HANDLES.kept = kept
     key = (str(git_dir), base)
     held = kept.pop(key, None)
-    names: list[str] = []
+    names: list[str] | None = []
     read_once: tuple[tuple[str, str | None], ...] = ()
     config: pygit2.Config | None = None
     if held is not None:
@@ -1136,7 +1137,7 @@ def view_commit_handle(ws: Workspace, layers: Path, listing: UpperListing) -> Co
     plain: set[str] = set()
     if not _base_rules_hold(held.handle, layers, base, listing, converting=converting, plain=plain):
         return None
-    pinned = Pinned(git_dir, Path(ws.path), gitcmd.filter_overrides(names))
+    pinned = pin_listed(git_dir, Path(ws.path), names)
     return CommitHandle(pinned, held.handle, frozenset(plain), config)
 
 
@@ -1151,9 +1152,9 @@ def _snapshot(pyrepo: pygit2.Repository) -> pygit2.Config | None:
 
 def _config_of(
     pyrepo: pygit2.Repository, config: pygit2.Config | None = None
-) -> tuple[list[str], tuple[tuple[str, str | None], ...]]:
-    """The configuration's keys, and its entries that a handle reads once (`_READ_ONCE`);
-    `config`: a snapshot of it to read instead."""
+) -> tuple[list[str] | None, tuple[tuple[str, str | None], ...]]:
+    """The configuration's keys (None: unreadable), and its entries that a handle reads once
+    (`_READ_ONCE`); `config`: a snapshot of it to read instead."""
     names: list[str] = []
     once: list[tuple[str, str | None]] = []
     try:
@@ -1163,7 +1164,7 @@ def _config_of(
             if name.lower() in _READ_ONCE:
                 once.append((name.lower(), entry.value))
     except pygit2.GitError:
-        return [], (("unreadable", None),)
+        return None, (("unreadable", None),)
     return names, tuple(once)
 
 

@@ -143,7 +143,7 @@ def pin(path: Path, *, first_checkout: bool = False) -> Pinned:
     work_tree, admin = Path(found[0]), found[1]
     if first_checkout:
         return Pinned(admin, work_tree, safe=False)
-    return Pinned(admin, work_tree, gitcmd.filter_overrides(_config_names(admin)))
+    return pin_listed(admin, work_tree, _config_names(admin))
 
 
 def pin_and_open(path: Path) -> tuple[Pinned, pygit2.Repository | None]:
@@ -157,13 +157,13 @@ def pin_and_open(path: Path) -> tuple[Pinned, pygit2.Repository | None]:
     try:
         pyrepo = pygit2.Repository(str(admin), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
     except pygit2.GitError:
-        return Pinned(admin, work_tree, gitcmd.filter_overrides([])), None
+        return pin_listed(admin, work_tree, None), None
     try:
         names = _names_in(pyrepo)
     except BaseException:
         pyrepo.free()
         raise
-    return Pinned(admin, work_tree, gitcmd.filter_overrides(names)), pyrepo
+    return pin_listed(admin, work_tree, names), pyrepo
 
 
 COMMIT_GIT_DIR = "commit-gitdir"
@@ -214,7 +214,7 @@ def pin_and_open_view(git_dir: Path, work_tree: Path) -> tuple[Pinned, pygit2.Re
     except BaseException:
         pyrepo.free()
         raise
-    return Pinned(git_dir, work_tree, gitcmd.filter_overrides(names)), pyrepo
+    return pin_listed(git_dir, work_tree, names), pyrepo
 
 
 def open_workspace_repo(pinned: Pinned) -> pygit2.Repository:
@@ -228,7 +228,7 @@ def pin_scratch(git_dir: Path, work_tree: Path) -> Pinned:
 
     The drivers are those libgit2 finds and those git itself lists for this very git dir and
     work tree: git also follows conditional includes libgit2 does not (`hasconfig:`)."""
-    names = _config_names(git_dir)
+    names = [*(_config_names(git_dir) or ()), *_env_config_names()]
     listed = gitcmd.run(
         work_tree, ["config", "--list", "--name-only", "-z"], pinned=Pinned(git_dir, work_tree)
     )
@@ -237,26 +237,34 @@ def pin_scratch(git_dir: Path, work_tree: Path) -> Pinned:
     return Pinned(git_dir, work_tree, gitcmd.filter_overrides(names))
 
 
-def _config_names(admin: Path) -> list[str]:
+def pin_listed(git_dir: Path, work_tree: Path, names: Sequence[str] | None) -> Pinned:
+    """A workspace pinned with every filter driver off that its configuration's keys as
+    libgit2 listed them name (`names`; None: it could not list them), or that the files git
+    reads in place of the global and system ones name (`GIT_CONFIG_GLOBAL`,
+    `GIT_CONFIG_SYSTEM`, which git's commands get and libgit2 does not read); see
+    `gitcmd.pin_filters` for the keys libgit2 may not list."""
+    listed = None if names is None else [*names, *_env_config_names()]
+    return gitcmd.pin_filters(git_dir, work_tree, listed)
+
+
+def _config_names(admin: Path) -> list[str] | None:
     try:
         pyrepo = pygit2.Repository(str(admin), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
     except pygit2.GitError:
-        return []
+        return None
     try:
         return _names_in(pyrepo)
     finally:
         pyrepo.free()
 
 
-def _names_in(pyrepo: pygit2.Repository) -> list[str]:
-    """The keys of the repository's configuration, [] when it cannot be read; with those of
-    the files git reads in place of the global and system ones (`GIT_CONFIG_GLOBAL`,
-    `GIT_CONFIG_SYSTEM`, which git's commands get and libgit2 does not read)."""
+def _names_in(pyrepo: pygit2.Repository) -> list[str] | None:
+    """The keys of the repository's configuration as libgit2 lists them, None when it cannot
+    read them."""
     try:
-        names = [entry.name for entry in pyrepo.config]
+        return [entry.name for entry in pyrepo.config]
     except pygit2.GitError:
-        names = []
-    return names + _env_config_names()
+        return None
 
 
 def _env_config_names() -> list[str]:

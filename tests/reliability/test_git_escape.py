@@ -152,12 +152,22 @@ async def test_planted_git_runs_nothing(tmp_path: Path, ledger: Ledger, case: st
     git(repo, "fsck", "--no-progress")
 
 
+@pytest.mark.parametrize(
+    ("filter_in", "workspaces"),
+    [("config", "auto"), ("includeIf hasconfig", "auto"), ("includeIf hasconfig", "worktree")],
+)
 async def test_the_users_own_command_running_config_stays_off_in_workspaces(
-    tmp_path: Path, ledger: Ledger
+    tmp_path: Path,
+    ledger: Ledger,
+    monkeypatch: pytest.MonkeyPatch,
+    filter_in: str,
+    workspaces: str,
 ) -> None:
     """The user's fsmonitor, hooks and filters run on their own checkout (and on the first
     checkout of a new workspace, before any agent ran there), never on an agent's work, where the
-    agent's files (attributes included) would pick what they run on."""
+    agent's files (attributes included) would pick what they run on. `filter_in`: where the
+    user's filter is defined; libgit2 does not follow a `hasconfig:` include, git does."""
+    monkeypatch.setenv("FANOUT_WORKSPACES", workspaces)
     repo = make_repo(tmp_path / "repo")
     marker = tmp_path / "escaped.txt"
     hook = tmp_path / "user-hook.sh"
@@ -181,7 +191,18 @@ async def test_the_users_own_command_running_config_stays_off_in_workspaces(
         for name in ("post-index-change", "reference-transaction"):
             (repo / ".git" / "hooks" / name).symlink_to(hook)
         git(repo, "config", "core.fsmonitor", str(hook))
-        git(repo, "config", "filter.user.clean", str(hook))
+        if filter_in == "config":
+            git(repo, "config", "filter.user.clean", str(hook))
+        else:
+            included = tmp_path / "work.gitconfig"
+            included.write_text(f'[filter "user"]\n\tclean = {hook}\n')
+            git(repo, "remote", "add", "origin", "https://example.invalid/r.git")
+            with (repo / ".git" / "config").open("a") as config:
+                config.write(
+                    '[includeIf "hasconfig:remote.*.url:https://example.invalid/**"]\n'
+                    f"\tpath = {included}\n"
+                )
+            assert "filter.user.clean" in git(repo, "config", "--list", "--name-only")
         gate.release["ATTACK"].set()
         status = await wait_until_final(orch, spawned.run_id)
         ran = marker.read_text() if marker.exists() else ""
