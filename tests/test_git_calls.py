@@ -160,10 +160,11 @@ def test_filters_libgit2_cannot_list_are_turned_off_as_git_lists_them(tmp_path: 
     hashing = ["hash-object", "-w", "--stdin-paths"]
 
     pinned = gitcmd.pin_filters(ws / ".git", ws, names)
-    assert pinned.config_unlisted
+    assert pinned.lists_filters
     done = gitcmd.run(ws, hashing, pinned=pinned, input="work.txt\n")
     assert done.returncode == 0, done.stderr
     assert not marker.exists()
+    assert "filter.user.clean=" in pinned.listed[0].config  # listed once, kept for the pin
     stored = gitcmd.run(ws, ["cat-file", "-p", done.stdout.strip()], pinned=pinned).stdout
     assert stored == "agent data\n"
 
@@ -171,10 +172,3 @@ def test_filters_libgit2_cannot_list_are_turned_off_as_git_lists_them(tmp_path: 
     partial = gitcmd.Pinned(ws / ".git", ws, gitcmd.filter_overrides(names))
     assert gitcmd.run(ws, hashing, pinned=partial, input="work.txt\n").returncode == 0
     assert marker.exists()
-
-
-def test_a_pin_lists_git_keys_only_where_libgit2_may_have_missed_some() -> None:
-    root = Path("/nonexistent")
-    assert not gitcmd.pin_filters(root, root, ["core.bare", "filter.a.clean"]).config_unlisted
-    assert gitcmd.pin_filters(root, root, ["includeIf.gitdir:~/w/.path"]).config_unlisted
-    assert gitcmd.pin_filters(root, root, None).config_unlisted  # libgit2 could not read it

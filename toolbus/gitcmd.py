@@ -17,12 +17,11 @@ This module is the only one that starts git processes (`tests/test_git_calls.py`
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
@@ -108,25 +107,22 @@ class Pinned:
     safe: bool = True
     """Every command-running key off (`SAFE_CONFIG`). Only the first checkout of a new
     workspace, before any agent ran in it, runs with the user's own hooks and filters."""
-    config_unlisted: bool = False
-    """Git may read keys the `config` pairs were not made from: they were made from the keys
-    libgit2 listed (`pin_filters`), which does not follow every conditional include git does, or
-    could list none. Before each command git then lists its own keys, and each filter driver it
-    names is turned off too (`run`)."""
+    lists_filters: bool = False
+    """Before its first command, git lists its own configuration's keys, and each filter
+    driver it names is turned off too (`run`): `config` was made from the keys libgit2 listed
+    (`pin_filters`), and git may read keys libgit2 does not."""
+    listed: list[Pinned] = field(default_factory=list["Pinned"], compare=False, repr=False)
+    """The pin completed with git's own list, once made (see `lists_filters`)."""
 
 
 def pin_filters(git_dir: Path, work_tree: Path, config_names: Sequence[str] | None) -> Pinned:
     """A workspace pinned with every filter driver named in `config_names` off: the keys of its
-    configuration as libgit2 listed them (None: libgit2 could not read it). Where they hold a
-    conditional include, git may read keys libgit2 did not (`includeIf "hasconfig:..."`, which
-    libgit2 does not evaluate; a `gitdir:` condition met at one git dir and not another): git
-    lists its own before each command (`Pinned.config_unlisted`)."""
-    unlisted = config_names is None or any(
-        name.lower().startswith("includeif.") for name in config_names
-    )
-    return Pinned(
-        git_dir, work_tree, filter_overrides(config_names or ()), config_unlisted=unlisted
-    )
+    configuration as libgit2 listed them (None: it could not). Git may read keys libgit2 does
+    not list: libgit2 does not evaluate an `includeIf "hasconfig:..."` section, judges a
+    `gitdir:` condition at the git dir it opened, and reads the system file at its own place,
+    not at the one git was built with. So git lists its own keys before the pin's first
+    command too (`Pinned.lists_filters`): one process more, only where git runs at all."""
+    return Pinned(git_dir, work_tree, filter_overrides(config_names or ()), lists_filters=True)
 
 
 def filter_overrides(config_names: Iterable[str]) -> tuple[str, ...]:
@@ -257,16 +253,20 @@ def run_bytes(
 # How often a pinned git that has not finished is looked at, and the kernel's name for where a
 # process waits in `open` of a named pipe until the other end opens (Linux's `/proc/PID/wchan`).
 def _filters_git_lists(cwd: Path, pinned: Pinned, timeout: float | None) -> Pinned:
-    """`pinned`, with every filter driver off that git itself lists, where its keys may not
-    all have been listed (`Pinned.config_unlisted`). Listing runs no program. If git cannot
+    """`pinned`, with every filter driver off that git itself lists, for a pin that asks for
+    it (`Pinned.lists_filters`): listed once per pin. Listing runs no program. If git cannot
     list its configuration, the command that follows fails to read it too."""
-    if not (pinned.safe and pinned.config_unlisted):
+    if not (pinned.safe and pinned.lists_filters):
         return pinned
+    if pinned.listed:
+        return pinned.listed[0]
     argv = git_argv(["config", "--list", "--name-only", "-z"], pinned)
-    listed = _run_watched(argv, cwd, git_env(pinned=True), None, timeout)
-    names = _text(listed.stdout).split("\0") if listed.returncode == 0 else []
+    done = _run_watched(argv, cwd, git_env(pinned=True), None, timeout)
+    names = _text(done.stdout).split("\0") if done.returncode == 0 else []
     pairs = tuple(dict.fromkeys((*pinned.config, *filter_overrides(n for n in names if n))))
-    return dataclasses.replace(pinned, config=pairs, config_unlisted=False)
+    complete = Pinned(pinned.git_dir, pinned.work_tree, pairs, pinned.safe)
+    pinned.listed.append(complete)
+    return complete
 
 
 _WATCH_EVERY_S = 0.25

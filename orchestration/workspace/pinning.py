@@ -241,8 +241,8 @@ def pin_listed(git_dir: Path, work_tree: Path, names: Sequence[str] | None) -> P
     """A workspace pinned with every filter driver off that its configuration's keys as
     libgit2 listed them name (`names`; None: it could not list them), or that the files git
     reads in place of the global and system ones name (`GIT_CONFIG_GLOBAL`,
-    `GIT_CONFIG_SYSTEM`, which git's commands get and libgit2 does not read); see
-    `gitcmd.pin_filters` for the keys libgit2 may not list."""
+    `GIT_CONFIG_SYSTEM`, which git's commands get and libgit2 does not read); and those git
+    itself lists before its first command (`gitcmd.pin_filters`)."""
     listed = None if names is None else [*names, *_env_config_names()]
     return gitcmd.pin_filters(git_dir, work_tree, listed)
 
