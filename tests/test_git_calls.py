@@ -15,6 +15,7 @@ from pathlib import Path
 import pygit2
 import pytest
 
+from tests.orchestration.scripts import include_behind_hasconfig
 from toolbus import gitcmd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,15 +143,8 @@ def test_filters_libgit2_cannot_list_are_turned_off_as_git_lists_them(tmp_path: 
     ws.mkdir()
     gitcmd.run(ws, ["init", "-q"])
     marker = tmp_path / "filter-ran"
-    (tmp_path / "work.gitconfig").write_text(
-        f'[filter "user"]\n\tclean = touch {marker}; cat\n\trequired = true\n'
-    )
-    gitcmd.run(ws, ["remote", "add", "origin", "https://example.invalid/r.git"])
-    with (ws / ".git" / "config").open("a") as config:
-        config.write(
-            '[includeIf "hasconfig:remote.*.url:https://example.invalid/**"]\n'
-            f"\tpath = {tmp_path / 'work.gitconfig'}\n"
-        )
+    driver = f'[filter "user"]\n\tclean = touch {marker}; cat\n\trequired = true\n'
+    include_behind_hasconfig(ws, tmp_path / "work.gitconfig", driver)
     (ws / ".gitattributes").write_text("* filter=user\n")
     (ws / "work.txt").write_text("agent data\n")
     repo = pygit2.Repository(str(ws / ".git"))

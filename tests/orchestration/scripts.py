@@ -67,6 +67,19 @@ def make_repo(root: Path, files: Mapping[str, str] | None = None) -> Path:
     return root
 
 
+def include_behind_hasconfig(repo: Path, included: Path, text: str) -> None:
+    """Write `text` to `included` and make `repo`'s configuration include it behind an
+    `includeIf "hasconfig:..."` condition that its remote meets: git reads what it includes,
+    libgit2 lists only the section's own key."""
+    included.write_text(text)
+    git(repo, "remote", "add", "origin", "https://example.invalid/r.git")
+    with (repo / ".git" / "config").open("a") as config:
+        config.write(
+            '[includeIf "hasconfig:remote.*.url:https://example.invalid/**"]\n'
+            f"\tpath = {included}\n"
+        )
+
+
 def turn_index(request: ModelRequest) -> int:
     """How many assistant turns the conversation already holds."""
     return sum(1 for m in request.messages if m.role == "assistant")

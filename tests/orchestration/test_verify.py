@@ -22,7 +22,7 @@ from orchestration.orchestrator import Orchestrator
 from orchestration.state import StateStore
 from orchestration.verify import Verifier
 from orchestration.workspace import GitRepo
-from tests.orchestration.scripts import Step, by_task, git, make_repo
+from tests.orchestration.scripts import Step, by_task, git, include_behind_hasconfig, make_repo
 from tests.orchestration.test_orchestrator import settings, wait_until_final
 
 pytestmark = pytest.mark.anyio
@@ -204,13 +204,7 @@ def test_no_filter_of_the_users_runs_in_the_verification_checkout(
         global_config.write_text(driver)
         monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(global_config))
     else:
-        (tmp_path / "work.gitconfig").write_text(driver)
-        git(repo, "remote", "add", "origin", "https://example.invalid/r.git")
-        with (repo / ".git" / "config").open("a") as config:
-            config.write(
-                '[includeIf "hasconfig:remote.*.url:https://example.invalid/**"]\n'
-                f"\tpath = {tmp_path / 'work.gitconfig'}\n"
-            )
+        include_behind_hasconfig(repo, tmp_path / "work.gitconfig", driver)
     assert "filter.lfsish.smudge" in git(repo, "config", "--list", "--name-only")
     verifier = Verifier(GitRepo(repo), settings(repo), "true", 10.0, owner="me")
     work = verifier._checkout(tree)  # pyright: ignore[reportPrivateUsage]

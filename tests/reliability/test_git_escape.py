@@ -30,7 +30,7 @@ from orchestration.contracts import (
     TaskSpec,
 )
 from orchestration.orchestrator import Orchestrator
-from tests.orchestration.scripts import Gate, by_task, git, make_repo
+from tests.orchestration.scripts import Gate, by_task, git, include_behind_hasconfig, make_repo
 from tests.orchestration.test_orchestrator import wait_until_final
 from tests.reliability.conftest import Ledger
 from toolbus.trees import remove_tree
@@ -194,14 +194,8 @@ async def test_the_users_own_command_running_config_stays_off_in_workspaces(
         if filter_in == "config":
             git(repo, "config", "filter.user.clean", str(hook))
         else:
-            included = tmp_path / "work.gitconfig"
-            included.write_text(f'[filter "user"]\n\tclean = {hook}\n')
-            git(repo, "remote", "add", "origin", "https://example.invalid/r.git")
-            with (repo / ".git" / "config").open("a") as config:
-                config.write(
-                    '[includeIf "hasconfig:remote.*.url:https://example.invalid/**"]\n'
-                    f"\tpath = {included}\n"
-                )
+            driver = f'[filter "user"]\n\tclean = {hook}\n'
+            include_behind_hasconfig(repo, tmp_path / "work.gitconfig", driver)
             assert "filter.user.clean" in git(repo, "config", "--list", "--name-only")
         gate.release["ATTACK"].set()
         status = await wait_until_final(orch, spawned.run_id)
