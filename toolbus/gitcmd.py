@@ -115,14 +115,14 @@ class Pinned:
     """The pin completed with git's own list, once made (see `lists_filters`)."""
 
 
-def pin_filters(git_dir: Path, work_tree: Path, config_names: Sequence[str] | None) -> Pinned:
+def pin_filters(git_dir: Path, work_tree: Path, config_names: Iterable[str]) -> Pinned:
     """A workspace pinned with every filter driver named in `config_names` off: the keys of its
-    configuration as libgit2 listed them (None: it could not). Git may read keys libgit2 does
-    not list: libgit2 does not evaluate an `includeIf "hasconfig:..."` section, judges a
-    `gitdir:` condition at the git dir it opened, and reads the system file at its own place,
-    not at the one git was built with. So git lists its own keys before the pin's first
-    command too (`Pinned.lists_filters`): one process more, only where git runs at all."""
-    return Pinned(git_dir, work_tree, filter_overrides(config_names or ()), lists_filters=True)
+    configuration as libgit2 listed them. Git may read keys libgit2 does not list: libgit2
+    does not evaluate an `includeIf "hasconfig:..."` section, judges a `gitdir:` condition at
+    the git dir it opened, and reads the system file at its own place, not at the one git was
+    built with. So git lists its own keys before the pin's first command too
+    (`Pinned.lists_filters`): one process more, only where git runs at all."""
+    return Pinned(git_dir, work_tree, filter_overrides(config_names), lists_filters=True)
 
 
 def filter_overrides(config_names: Iterable[str]) -> tuple[str, ...]:

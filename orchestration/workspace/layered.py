@@ -1115,7 +1115,7 @@ def view_commit_handle(ws: Workspace, layers: Path, listing: UpperListing) -> Co
     _VIEW_HANDLES.kept = kept
     key = (str(git_dir), base)
     held = kept.pop(key, None)
-    names: list[str] | None = []
+    names: list[str] = []
     read_once: tuple[tuple[str, str | None], ...] = ()
     config: pygit2.Config | None = None
     if held is not None:
@@ -1152,9 +1152,9 @@ def _snapshot(pyrepo: pygit2.Repository) -> pygit2.Config | None:
 
 def _config_of(
     pyrepo: pygit2.Repository, config: pygit2.Config | None = None
-) -> tuple[list[str] | None, tuple[tuple[str, str | None], ...]]:
-    """The configuration's keys (None: unreadable), and its entries that a handle reads once
-    (`_READ_ONCE`); `config`: a snapshot of it to read instead."""
+) -> tuple[list[str], tuple[tuple[str, str | None], ...]]:
+    """The configuration's keys, and its entries that a handle reads once (`_READ_ONCE`);
+    `config`: a snapshot of it to read instead."""
     names: list[str] = []
     once: list[tuple[str, str | None]] = []
     try:
@@ -1164,7 +1164,7 @@ def _config_of(
             if name.lower() in _READ_ONCE:
                 once.append((name.lower(), entry.value))
     except pygit2.GitError:
-        return None, (("unreadable", None),)
+        return [], (("unreadable", None),)
     return names, tuple(once)
 
 

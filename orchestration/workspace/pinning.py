@@ -157,7 +157,7 @@ def pin_and_open(path: Path) -> tuple[Pinned, pygit2.Repository | None]:
     try:
         pyrepo = pygit2.Repository(str(admin), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
     except pygit2.GitError:
-        return pin_listed(admin, work_tree, None), None
+        return pin_listed(admin, work_tree, []), None
     try:
         names = _names_in(pyrepo)
     except BaseException:
@@ -228,43 +228,36 @@ def pin_scratch(git_dir: Path, work_tree: Path) -> Pinned:
 
     The drivers are those libgit2 finds and those git itself lists for this very git dir and
     work tree: git also follows conditional includes libgit2 does not (`hasconfig:`)."""
-    names = [*(_config_names(git_dir) or ()), *_env_config_names()]
-    listed = gitcmd.run(
-        work_tree, ["config", "--list", "--name-only", "-z"], pinned=Pinned(git_dir, work_tree)
-    )
-    if listed.returncode == 0:
-        names += [name for name in listed.stdout.split("\0") if name]
-    return Pinned(git_dir, work_tree, gitcmd.filter_overrides(names))
+    return pin_listed(git_dir, work_tree, _config_names(git_dir))
 
 
-def pin_listed(git_dir: Path, work_tree: Path, names: Sequence[str] | None) -> Pinned:
+def pin_listed(git_dir: Path, work_tree: Path, names: Sequence[str]) -> Pinned:
     """A workspace pinned with every filter driver off that its configuration's keys as
-    libgit2 listed them name (`names`; None: it could not list them), or that the files git
-    reads in place of the global and system ones name (`GIT_CONFIG_GLOBAL`,
-    `GIT_CONFIG_SYSTEM`, which git's commands get and libgit2 does not read); and those git
-    itself lists before its first command (`gitcmd.pin_filters`)."""
-    listed = None if names is None else [*names, *_env_config_names()]
-    return gitcmd.pin_filters(git_dir, work_tree, listed)
+    libgit2 listed them name (`names`), or that the files git reads in place of the global and
+    system ones name (`GIT_CONFIG_GLOBAL`, `GIT_CONFIG_SYSTEM`, which git's commands get and
+    libgit2 does not read); and those git itself lists before its first command
+    (`gitcmd.pin_filters`)."""
+    return gitcmd.pin_filters(git_dir, work_tree, [*names, *_env_config_names()])
 
 
-def _config_names(admin: Path) -> list[str] | None:
+def _config_names(admin: Path) -> list[str]:
     try:
         pyrepo = pygit2.Repository(str(admin), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
     except pygit2.GitError:
-        return None
+        return []
     try:
         return _names_in(pyrepo)
     finally:
         pyrepo.free()
 
 
-def _names_in(pyrepo: pygit2.Repository) -> list[str] | None:
-    """The keys of the repository's configuration as libgit2 lists them, None when it cannot
-    read them."""
+def _names_in(pyrepo: pygit2.Repository) -> list[str]:
+    """The keys of the repository's configuration as libgit2 lists them, [] when it cannot
+    read them (git lists its own too: `pin_listed`)."""
     try:
         return [entry.name for entry in pyrepo.config]
     except pygit2.GitError:
-        return None
+        return []
 
 
 def _env_config_names() -> list[str]:
