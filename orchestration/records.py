@@ -119,3 +119,9 @@ def task_prompt_of(agent: AgentRecord) -> str:
         max_turns=agent.max_turns,
         rerun_context=agent.rerun_context,
     )
+
+
+def resumes_work(agent: AgentRecord, start: str) -> bool:
+    """Whether the agent starts from an agent's own work, not the user's: a rerun resumed from
+    the commit its interrupted or cancelled predecessor left (`Orchestrator.rerun`)."""
+    return agent.rerun_of is not None and start != agent.base_commit

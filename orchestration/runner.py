@@ -53,6 +53,7 @@ from orchestration.records import (
     first_line,
     has_work,
     reruns_of,
+    resumes_work,
     scope_freed,
     scope_requests,
     task_prompt_of,
@@ -547,6 +548,7 @@ class AgentRunner:
                 # the run's kind, or (a run this process did not spawn) the setting's
                 kind=ctx.workspace_kinds.get(agent.run_id)
                 or ws_mod.view_support(ctx.repo, self.settings.workspaces).kind,
+                agents_work=resumes_work(agent, start),
             )
             # a view's git registration is made when git is first needed inside it
             terminal = Terminal(

@@ -46,7 +46,7 @@ from orchestration.executors.shipping import land_branch, pack_objects
 from orchestration.gate import AgentGate
 from orchestration.planner import run_prefix
 from orchestration.prompts import FINISH_TOOL
-from orchestration.records import task_prompt_of
+from orchestration.records import resumes_work, task_prompt_of
 from orchestration.registry import AgentRuntime
 from orchestration.state import AgentRecord, EventKind
 from orchestration.workspace.engine import changed_paths
@@ -388,6 +388,7 @@ class RayExecutor:
             held_resources=tuple(r.name for r in agent.resources if r.hold == "agent"),
             commit_message=agent.prompt.strip().splitlines()[0][:72] if agent.prompt else "",
             workspaces=settings.workspaces,
+            agents_work=resumes_work(agent, start),
         )
         audit = AuditLog(ctx.repo.state_dir / "audit" / f"{agent.agent_id}.jsonl")
         transcript = Transcript(transcript_path(ctx, agent.agent_id))

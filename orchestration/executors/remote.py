@@ -114,6 +114,9 @@ class AgentJob:
     # the server's `workspaces` setting: "auto" leaves the choice to the node (its
     # FANOUT_WORKSPACES, else the first kind that works there)
     workspaces: str = "auto"
+    # `start_commit` is an agent's own work, not the user's (`runner.resumes_work`): checked
+    # out without the user's filters
+    agents_work: bool = False
 
     def scope(self) -> WriteScope:
         """The agent's write scope (`write_scope`)."""
@@ -391,6 +394,7 @@ class RemoteAgent:
             run_id=job.run_id,
             agent_id=job.agent_id,
             kind=ws_mod.view_support(git, job.workspaces).kind,
+            agents_work=job.agents_work,
         )
         _remove_finished()  # after this view stands on the base, which then stays
         audit = self._audit = AuditLog(git.state_dir / "audit" / f"{job.agent_id}.jsonl")

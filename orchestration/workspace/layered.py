@@ -77,6 +77,7 @@ from orchestration.workspace.pinning import (
     listed_below,
     lists_secured,
     pin_listed,
+    pin_scratch,
     points_here,
     remove_blocking_rule_files,
     secure_workspace_git,
@@ -173,6 +174,7 @@ class ChosenWorkspaces(GitWorktrees):
         engine: GitEngine = DEFAULT_ENGINE,
         wait: bool = True,
         kind: str | None = None,
+        agents_work: bool = False,
     ) -> Workspace:
         """As `Workspaces.create`. Not `wait`: raises `WouldBlock`, having made nothing that
         a second call minds, unless the workspace is a view of the kernel's overlayfs on a base
@@ -188,6 +190,7 @@ class ChosenWorkspaces(GitWorktrees):
                 agent_id=agent_id,
                 include=include,
                 engine=engine,
+                agents_work=agents_work,
             )
         return self.create_view(
             repo,
@@ -197,6 +200,7 @@ class ChosenWorkspaces(GitWorktrees):
             include=include,
             driver=kind,
             wait=wait,
+            agents_work=agents_work,
         )
 
     def create_view(
@@ -209,11 +213,12 @@ class ChosenWorkspaces(GitWorktrees):
         include: Sequence[str] = (),
         driver: str = overlay.OVERLAY,
         wait: bool = True,
+        agents_work: bool = False,
     ) -> Workspace:
         """Mount a view of `base_commit` for the agent (the base checked out once per commit);
         `include`'s ignored directories are layered in read-only, its files copied. The same
         workspace again (mounted) when it exists. Not `wait`: `WouldBlock` when the base is
-        not checked out yet or its lock is taken."""
+        not checked out yet or its lock is taken. `agents_work`: see `Workspaces.create`."""
         check_component(run_id, "run id")
         check_component(agent_id, "agent id")
         base = base_commit if FULL_OID.fullmatch(base_commit) else repo.resolve(base_commit)
@@ -226,7 +231,7 @@ class ChosenWorkspaces(GitWorktrees):
             ensure_mounted(existing)
             return existing
         upper, work = layers / "upper", layers / "work"
-        base_dir, lower = _hold_base(repo, base, layers, wait=wait)
+        base_dir, lower = _hold_base(repo, base, layers, wait=wait, agents_work=agents_work)
         branch = f"{BRANCH_PREFIX}{run_id}/{agent_id}"
         _make_dir(upper)
         _make_dir(work)
@@ -629,11 +634,14 @@ from it in at most this many paths (a dependent's start, a rerun's), the differe
 into its upper layer, instead of checking the whole commit out."""
 
 
-def _hold_base(repo: GitRepo, commit: str, layers: Path, *, wait: bool = True) -> tuple[Path, str]:
+def _hold_base(
+    repo: GitRepo, commit: str, layers: Path, *, wait: bool = True, agents_work: bool = False
+) -> tuple[Path, str]:
     """A checked-out base for a view of `commit`, and its commit: `commit`'s own, or an existing
-    one close to it, or a new checkout. `layers` is recorded as standing on it before the base's
-    lock is let go, so that no removal deletes it in between. Not `wait`: `WouldBlock` unless
-    `commit`'s own base is there and its lock free."""
+    one close to it, or a new checkout (without the user's filters for `agents_work`: see
+    `Workspaces.create`). `layers` is recorded as standing on it before the base's lock is let
+    go, so that no removal deletes it in between. Not `wait`: `WouldBlock` unless `commit`'s
+    own base is there and its lock free."""
     base_dir = _base_dir(repo.state_dir, commit)
     _make_dir(layers)
     with _base_lock(base_dir, shared=True, wait=wait):
@@ -650,7 +658,7 @@ def _hold_base(repo: GitRepo, commit: str, layers: Path, *, wait: bool = True) -
                 return near_dir, other
     with _base_lock(base_dir, shared=False):
         if not (base_dir / "index").is_file():
-            _materialise(repo, commit, base_dir)
+            _materialise(repo, commit, base_dir, users=not agents_work)
         _write_lower(layers, commit)
     return base_dir, commit
 
@@ -758,17 +766,18 @@ def _whiteout_at(tree: pygit2.Tree, rel: str) -> str | None:
     return None
 
 
-def _materialise(repo: GitRepo, commit: str, base_dir: Path) -> None:
+def _materialise(repo: GitRepo, commit: str, base_dir: Path, *, users: bool = True) -> None:
     """Check `commit` out into `base_dir/tree` with its own index, through a temporary
     directory renamed into place (a kill leaves no half base behind a complete-looking name).
-    As a first checkout, before any agent ran, the user's smudge filters apply."""
+    As a first checkout of the user's files (`users`), before any agent ran, the user's smudge
+    filters apply; on an agent's own work, whose attributes would pick them, none does."""
     staging = base_dir.with_name(f".{base_dir.name}.{os.getpid()}.tmp")
     overlay.remove_layer(staging)
     shutil.rmtree(base_dir, ignore_errors=True)
     tree = staging / "tree"
     tree.mkdir(parents=True)
     env = {"GIT_INDEX_FILE": str(staging / "index")}
-    pinned = Pinned(repo.git_dir, tree, safe=False)
+    pinned = Pinned(repo.git_dir, tree, safe=False) if users else pin_scratch(repo.git_dir, tree)
     done = gitcmd.run(tree, ["read-tree", "--reset", "-u", commit], pinned=pinned, env=env)
     if done.returncode != 0:
         overlay.remove_layer(staging)

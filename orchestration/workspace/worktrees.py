@@ -57,11 +57,15 @@ class Workspaces(Protocol):
         engine: GitEngine = DEFAULT_ENGINE,
         wait: bool = True,
         kind: str | None = None,
+        agents_work: bool = False,
     ) -> Workspace:
         """Check out `base_commit` for the agent; the same workspace again when it exists. Not
         `wait`: `WouldBlock`, with nothing made, when that could wait or take long. `kind`: the
         kind of workspace its run was given (`view_support(repo).kind`, at spawn), so that a
-        run's agents get the same kind without asking again; None: decided here."""
+        run's agents get the same kind without asking again; None: decided here.
+        `agents_work`: `base_commit` is an agent's own work (a resumed rerun's start), not the
+        user's: its first checkout runs none of the user's hooks and filters, which its files
+        (attributes included) would pick."""
         ...
 
     def existing(self, repo: GitRepo) -> list[Workspace]:
@@ -111,6 +115,7 @@ class GitWorktrees:
         engine: GitEngine = DEFAULT_ENGINE,
         wait: bool = True,
         kind: str | None = None,
+        agents_work: bool = False,
     ) -> Workspace:
         """Check out `base_commit` in a new worktree for the agent (whatever `kind` says); the
         user's checkout is untouched. `include` names ignored files (glob patterns, relative to
@@ -132,7 +137,7 @@ class GitWorktrees:
         # git runs it; otherwise the worktree is registered without a checkout and populated
         # after.
         plain = plain_worktrees(repo)
-        deferred = plain or not _has_post_checkout_hook(repo)
+        deferred = plain or agents_work or not _has_post_checkout_hook(repo)
         checkout = ("--no-checkout",) if deferred else ()
         # git's worktree registration is not safe against a concurrent `worktree add` in one
         # repository: one at a time, also across server processes. Only the registration is
@@ -153,7 +158,7 @@ class GitWorktrees:
         if deferred:
             # what `worktree add` would run to check out
             with self._checkout_slots:
-                engine.checkout(pin(path, first_checkout=True), base)
+                engine.checkout(pin(path, first_checkout=not agents_work), base)
         included = copy_included(repo.root, path, include)
         ws = Workspace(
             path=path,

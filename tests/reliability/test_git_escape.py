@@ -30,6 +30,7 @@ from orchestration.contracts import (
     TaskSpec,
 )
 from orchestration.orchestrator import Orchestrator
+from orchestration.workspace import layered
 from tests.orchestration.scripts import Gate, by_task, git, include_behind_hasconfig, make_repo
 from tests.orchestration.test_orchestrator import wait_until_final
 from tests.reliability.conftest import Ledger
@@ -379,3 +380,52 @@ async def test_a_named_pipe_where_git_reads_rules_never_holds_a_worktrees_listin
     assert [d.split(" ")[0] for d in dropped] == ["src/app/.gitignore"]  # removed at the commit
     assert outcomes == [MergeOutcome.MERGED]
     assert (repo / "src/app/work.py").read_text() == "WORK = 1\n"
+
+
+@pytest.mark.parametrize("workspace", ["view on a near base", "view on its own base", "worktree"])
+async def test_a_resumed_agents_work_is_checked_out_without_the_users_filters(
+    tmp_path: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch, workspace: str
+) -> None:
+    """An interrupted agent's rerun resumes from its own commit: that checkout is the agent's
+    files, not the user's, and the user's smudge filter, which its `.gitattributes` selects,
+    must not run on them (the first checkout of the user's own base keeps it). A view of that
+    commit stands on the run's base with the difference layered over it while that base is
+    there and near; else (here: no base counted near) the commit is checked out as its own."""
+    monkeypatch.setenv("FANOUT_WORKSPACES", "worktree" if workspace == "worktree" else "auto")
+    if workspace == "view on its own base":
+        monkeypatch.setattr(layered, "MAX_LAYERED_PATHS", 0)
+    repo = make_repo(tmp_path / "repo")
+    marker = tmp_path / "escaped.txt"
+    hook = tmp_path / "user-smudge.sh"
+    hook.write_text(f'#!/bin/sh\necho "ran $0 in $PWD" >> {shlex.quote(str(marker))}\ncat\n')
+    hook.chmod(0o755)
+    steps: list[Step] = [
+        ("write_file", {"path": "src/app/.gitattributes", "content": "* filter=user\n"}),
+        ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
+        ("list_files", {}),
+    ]
+    gate = Gate({"ATTACK": 2})
+    settings = Settings.model_validate({"repo": repo, "sandbox": "auto", "lease_ttl_s": 30.0})
+    model = by_task({"ATTACK": steps}, gate=gate)
+    async with Orchestrator(settings, lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="ATTACK", name="a", write_scope=["src/app"])])
+        )
+        with anyio.fail_after(60):
+            await gate.reached["ATTACK"].wait()  # its work is written; the server stops
+    git(repo, "config", "filter.user.smudge", str(hook))
+    resumed = by_task({"ATTACK": [("read_file", {"path": "src/app/work.py"})]})
+    async with Orchestrator(settings, lambda _name: resumed) as orch:
+        status = await orch.status(run_id=spawned.run_id)
+        old = status.runs[0].agents[0]
+        assert old.status is AgentStatus.INTERRUPTED
+        assert old.result is not None and old.result.commit is not None
+        rerun = await orch.rerun(old.agent_id)
+        status = await wait_until_final(
+            orch, spawned.run_id, statuses={AgentStatus.SUCCEEDED, AgentStatus.DISCARDED}
+        )
+        ran = marker.read_text() if marker.exists() else ""
+        ledger.record(GUARANTEE, "a resumed agent's checkout", ran == "", ran.strip()[:80])
+        assert ran == ""
+        new = {a.agent_id: a for a in status.runs[0].agents}[rerun.agent.agent_id]
+        assert new.status is AgentStatus.SUCCEEDED, new.status_reason
