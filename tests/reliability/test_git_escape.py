@@ -60,6 +60,25 @@ def _plant_repository(marker: Path) -> str:
     )
 
 
+# the agent's files pick the user's filter `user` for its work
+_PICK_USERS_FILTER: list[Step] = [
+    ("write_file", {"path": "src/app/.gitattributes", "content": "* filter=user\n"}),
+    ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
+]
+
+
+def _users_program(tmp_path: Path, last_line: str) -> tuple[Path, Path]:
+    """A program of the user's (a hook, a filter) that records each of its runs, then runs
+    `last_line`: (the program, the file it records in)."""
+    marker = tmp_path / "escaped.txt"
+    program = tmp_path / "user-program.sh"
+    program.write_text(
+        f'#!/bin/sh\necho "ran $0 in $PWD" >> {shlex.quote(str(marker))}\n{last_line}\n'
+    )
+    program.chmod(0o755)
+    return program, marker
+
+
 def _redirect_gitfile(evil: Path) -> str:
     """The gitfile pointed at a repository elsewhere, prepared with a hook."""
     return f"printf 'gitdir: %s\\n' {shlex.quote(str(evil))} > .git"
@@ -170,16 +189,8 @@ async def test_the_users_own_command_running_config_stays_off_in_workspaces(
     user's filter is defined; libgit2 does not follow a `hasconfig:` include, git does."""
     monkeypatch.setenv("FANOUT_WORKSPACES", workspaces)
     repo = make_repo(tmp_path / "repo")
-    marker = tmp_path / "escaped.txt"
-    hook = tmp_path / "user-hook.sh"
-    hook.write_text(f'#!/bin/sh\necho "ran $0 in $PWD" >> {shlex.quote(str(marker))}\nexit 0\n')
-    hook.chmod(0o755)
-    steps: list[Step] = [
-        ("write_file", {"path": "src/app/.gitattributes", "content": "* filter=user\n"}),
-        ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
-        ("list_files", {}),
-        ("search", {"pattern": "WORK"}),
-    ]
+    hook, marker = _users_program(tmp_path, "exit 0")
+    steps: list[Step] = [*_PICK_USERS_FILTER, ("list_files", {}), ("search", {"pattern": "WORK"})]
     gate = Gate({"ATTACK": 1})
     model = by_task({"ATTACK": steps}, gate=gate)
     settings = Settings.model_validate({"repo": repo, "sandbox": "auto", "lease_ttl_s": 30.0})
@@ -395,15 +406,8 @@ async def test_a_resumed_agents_work_is_checked_out_without_the_users_filters(
     if workspace == "view on its own base":
         monkeypatch.setattr(layered, "MAX_LAYERED_PATHS", 0)
     repo = make_repo(tmp_path / "repo")
-    marker = tmp_path / "escaped.txt"
-    hook = tmp_path / "user-smudge.sh"
-    hook.write_text(f'#!/bin/sh\necho "ran $0 in $PWD" >> {shlex.quote(str(marker))}\ncat\n')
-    hook.chmod(0o755)
-    steps: list[Step] = [
-        ("write_file", {"path": "src/app/.gitattributes", "content": "* filter=user\n"}),
-        ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
-        ("list_files", {}),
-    ]
+    hook, marker = _users_program(tmp_path, "cat")
+    steps: list[Step] = [*_PICK_USERS_FILTER, ("list_files", {})]
     gate = Gate({"ATTACK": 2})
     settings = Settings.model_validate({"repo": repo, "sandbox": "auto", "lease_ttl_s": 30.0})
     model = by_task({"ATTACK": steps}, gate=gate)
