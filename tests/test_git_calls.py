@@ -153,8 +153,8 @@ def test_filters_libgit2_cannot_list_are_turned_off_as_git_lists_them(tmp_path: 
     assert not any(n.startswith("filter.") for n in names)  # libgit2 did not list the driver
     hashing = ["hash-object", "-w", "--stdin-paths"]
 
-    pinned = gitcmd.pin_filters(ws / ".git", ws, names)
-    assert pinned.lists_filters
+    pinned = gitcmd.pin_named(ws / ".git", ws, names)
+    assert pinned.lists_keys
     done = gitcmd.run(ws, hashing, pinned=pinned, input="work.txt\n")
     assert done.returncode == 0, done.stderr
     assert not marker.exists()
@@ -165,4 +165,44 @@ def test_filters_libgit2_cannot_list_are_turned_off_as_git_lists_them(tmp_path: 
     # the pin made from libgit2's list alone (what the server did before) runs the driver
     partial = gitcmd.Pinned(ws / ".git", ws, gitcmd.filter_overrides(names))
     assert gitcmd.run(ws, hashing, pinned=partial, input="work.txt\n").returncode == 0
+    assert marker.exists()
+
+
+def _git_version() -> tuple[int, ...]:
+    text = gitcmd.run(Path.cwd(), ["--version"]).stdout.split()[2]
+    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+
+
+def test_hooks_configured_by_name_are_turned_off_with_the_filters() -> None:
+    names = ["core.bare", "hook.Spy.command", "hook.Spy.event", "hook.other.event"]
+    pairs = gitcmd.named_overrides([*names, "filter.lfs.clean"])
+    assert "hook.Spy.enabled=false" in pairs and "hook.other.enabled=false" in pairs
+    assert "filter.lfs.clean=" in pairs
+    assert gitcmd.named_overrides(["core.hookspath", "hooks.x"]) == ()
+
+
+@pytest.mark.skipif(
+    _git_version() < (2, 54), reason="git reads hooks from its configuration since 2.54"
+)
+def test_a_hook_configured_by_name_does_not_run_in_a_workspace(tmp_path: Path) -> None:
+    """`core.hooksPath` turns off the hooks directory only; a hook the user configured by
+    name would run in the workspace, among the agent's files, at the server's git."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    gitcmd.run(ws, ["init", "-q"])
+    marker = tmp_path / "hook-ran"
+    gitcmd.run(ws, ["config", "hook.spy.event", "post-index-change"])
+    gitcmd.run(ws, ["config", "hook.spy.command", f"touch {marker}"])
+    (ws / "work.txt").write_text("agent data\n")
+    repo = pygit2.Repository(str(ws / ".git"))
+    names = [entry.name for entry in repo.config]
+    repo.free()
+
+    pinned = gitcmd.pin_named(ws / ".git", ws, names)
+    assert gitcmd.run(ws, ["add", "-A"], pinned=pinned).returncode == 0
+    assert not marker.exists()
+
+    # `SAFE_CONFIG` alone (its `core.hooksPath=/dev/null`) lets the configured hook run
+    (ws / "more.txt").write_text("more\n")
+    assert gitcmd.run(ws, ["add", "-A"], pinned=gitcmd.Pinned(ws / ".git", ws)).returncode == 0
     assert marker.exists()

@@ -34,7 +34,8 @@ __all__ = [
     "git_argv",
     "git_env",
     "in_workspace_area",
-    "pin_filters",
+    "named_overrides",
+    "pin_named",
     "run",
     "run_bytes",
 ]
@@ -107,22 +108,37 @@ class Pinned:
     safe: bool = True
     """Every command-running key off (`SAFE_CONFIG`). Only the first checkout of a new
     workspace, before any agent ran in it, runs with the user's own hooks and filters."""
-    lists_filters: bool = False
-    """Before its first command, git lists its own configuration's keys, and each filter
-    driver it names is turned off too (`run`): `config` was made from the keys libgit2 listed
-    (`pin_filters`), and git may read keys libgit2 does not."""
+    lists_keys: bool = False
+    """Before its first command, git lists its own configuration's keys, and each program
+    they name is turned off too (`run`, `named_overrides`): `config` was made from the keys
+    libgit2 listed (`pin_named`), and git may read keys libgit2 does not."""
     listed: list[Pinned] = field(default_factory=list["Pinned"], compare=False, repr=False)
-    """The pin completed with git's own list, once made (see `lists_filters`)."""
+    """The pin completed with git's own list, once made (see `lists_keys`)."""
 
 
-def pin_filters(git_dir: Path, work_tree: Path, config_names: Iterable[str]) -> Pinned:
-    """A workspace pinned with every filter driver named in `config_names` off: the keys of its
-    configuration as libgit2 listed them. Git may read keys libgit2 does not list: libgit2
-    does not evaluate an `includeIf "hasconfig:..."` section, judges a `gitdir:` condition at
-    the git dir it opened, and reads the system file at its own place, not at the one git was
-    built with. So git lists its own keys before the pin's first command too
-    (`Pinned.lists_filters`): one process more, only where git runs at all."""
-    return Pinned(git_dir, work_tree, filter_overrides(config_names), lists_filters=True)
+def pin_named(git_dir: Path, work_tree: Path, config_names: Iterable[str]) -> Pinned:
+    """A workspace pinned with every program named in `config_names` off (`named_overrides`):
+    the keys of its configuration as libgit2 listed them. Git may read keys libgit2 does not
+    list: libgit2 does not evaluate an `includeIf "hasconfig:..."` section, judges a `gitdir:`
+    condition at the git dir it opened, and reads the system file at its own place, not at the
+    one git was built with. So git lists its own keys before the pin's first command too
+    (`Pinned.lists_keys`): one process more, only where git runs at all."""
+    return Pinned(git_dir, work_tree, named_overrides(config_names), lists_keys=True)
+
+
+def named_overrides(config_names: Iterable[str]) -> tuple[str, ...]:
+    """`-c` pairs that turn off every program that `config_names` (the keys of the
+    repository's configuration) name one by one, where `SAFE_CONFIG` cannot name them ahead:
+    filter drivers (`filter_overrides`), and hooks configured by name (`hook.<name>.command`,
+    git 2.54 and later), which `core.hooksPath` does not turn off, as it does the hooks
+    directory's. A hook runs in the workspace, among the agent's files."""
+    names = list(config_names)
+    hooks: set[str] = set()
+    for name in names:
+        lower = name.lower()
+        if lower.startswith("hook.") and lower.rsplit(".", 1)[-1] in ("command", "event"):
+            hooks.add(name[len("hook.") : name.rfind(".")])
+    return filter_overrides(names) + tuple(f"hook.{hook}.enabled=false" for hook in sorted(hooks))
 
 
 def filter_overrides(config_names: Iterable[str]) -> tuple[str, ...]:
@@ -199,7 +215,7 @@ def run(
     and `subprocess.TimeoutExpired` past `timeout`."""
     _check_cwd(cwd, pinned)
     if pinned is not None:
-        pinned = _filters_git_lists(cwd, pinned, timeout)
+        pinned = _with_git_listed(cwd, pinned, timeout)
         data = None if input is None else input.encode("utf-8", "surrogateescape")
         done = _run_watched(git_argv(args, pinned), cwd, git_env(env, pinned=True), data, timeout)
         return subprocess.CompletedProcess(
@@ -234,7 +250,7 @@ def run_bytes(
     or the revisions `pack-objects --revs` reads)."""
     _check_cwd(cwd, pinned)
     if pinned is not None:
-        pinned = _filters_git_lists(cwd, pinned, timeout)
+        pinned = _with_git_listed(cwd, pinned, timeout)
         return _run_watched(git_argv(args, pinned), cwd, git_env(pinned=True), input, timeout)
     try:
         return subprocess.run(
@@ -250,25 +266,25 @@ def run_bytes(
         raise GitNotFound("git is not installed or not on PATH") from exc
 
 
-# How often a pinned git that has not finished is looked at, and the kernel's name for where a
-# process waits in `open` of a named pipe until the other end opens (Linux's `/proc/PID/wchan`).
-def _filters_git_lists(cwd: Path, pinned: Pinned, timeout: float | None) -> Pinned:
-    """`pinned`, with every filter driver off that git itself lists, for a pin that asks for
-    it (`Pinned.lists_filters`): listed once per pin. Listing runs no program. If git cannot
-    list its configuration, the command that follows fails to read it too."""
-    if not (pinned.safe and pinned.lists_filters):
+def _with_git_listed(cwd: Path, pinned: Pinned, timeout: float | None) -> Pinned:
+    """`pinned`, with every program off that the keys git itself lists name, for a pin that
+    asks for it (`Pinned.lists_keys`): listed once per pin. Listing runs no program. If git
+    cannot list its configuration, the command that follows fails to read it too."""
+    if not (pinned.safe and pinned.lists_keys):
         return pinned
     if pinned.listed:
         return pinned.listed[0]
     argv = git_argv(["config", "--list", "--name-only", "-z"], pinned)
     done = _run_watched(argv, cwd, git_env(pinned=True), None, timeout)
     names = _text(done.stdout).split("\0") if done.returncode == 0 else []
-    pairs = tuple(dict.fromkeys((*pinned.config, *filter_overrides(n for n in names if n))))
+    pairs = tuple(dict.fromkeys((*pinned.config, *named_overrides(n for n in names if n))))
     complete = Pinned(pinned.git_dir, pinned.work_tree, pairs, pinned.safe)
     pinned.listed.append(complete)
     return complete
 
 
+# How often a pinned git that has not finished is looked at, and the kernel's name for where a
+# process waits in `open` of a named pipe until the other end opens (Linux's `/proc/PID/wchan`).
 _WATCH_EVERY_S = 0.25
 _PIPE_OPEN_WAIT = b"wait_for_partner"
 

@@ -236,8 +236,8 @@ def pin_listed(git_dir: Path, work_tree: Path, names: Sequence[str]) -> Pinned:
     libgit2 listed them name (`names`), or that the files git reads in place of the global and
     system ones name (`GIT_CONFIG_GLOBAL`, `GIT_CONFIG_SYSTEM`, which git's commands get and
     libgit2 does not read); and those git itself lists before its first command
-    (`gitcmd.pin_filters`)."""
-    return gitcmd.pin_filters(git_dir, work_tree, [*names, *_env_config_names()])
+    (`gitcmd.pin_named`)."""
+    return gitcmd.pin_named(git_dir, work_tree, [*names, *_env_config_names()])
 
 
 def _config_names(admin: Path) -> list[str]:
