@@ -21,7 +21,7 @@ from orchestration import workspace as ws_mod
 from orchestration.config import Settings
 from orchestration.errors import RepositoryError
 from orchestration.workspace.included import copy_included
-from orchestration.workspace.pinning import pin_scratch
+from orchestration.workspace.pinning import pin_at
 from toolbus import gitcmd
 from toolbus.terminal import SandboxMode, Terminal, TerminalConfig
 from toolbus.trees import remove_tree
@@ -93,7 +93,7 @@ class Verifier:
             if fresh:
                 remove_tree(base, ignore_errors=True)
                 work.mkdir(parents=True)
-            pinned = pin_scratch(self.repo.git_dir, work)
+            pinned = pin_at(self.repo.git_dir, work)
             if not fresh:
                 # what the last command left, nested repositories included
                 cleaned = gitcmd.run(work, ["clean", "-ffdxq"], pinned=pinned, env=env)

@@ -133,34 +133,33 @@ def named_overrides(config_names: Iterable[str]) -> tuple[str, ...]:
     git 2.54 and later), which `core.hooksPath` does not turn off, as it does the hooks
     directory's. A hook runs in the workspace, among the agent's files."""
     names = list(config_names)
-    hooks: set[str] = set()
-    for name in names:
-        lower = name.lower()
-        if lower.startswith("hook.") and lower.rsplit(".", 1)[-1] in ("command", "event"):
-            hooks.add(name[len("hook.") : name.rfind(".")])
-    return filter_overrides(names) + tuple(f"hook.{hook}.enabled=false" for hook in sorted(hooks))
+    hooks = _subsections(names, "hook", ("command", "event"))
+    return filter_overrides(names) + tuple(f"hook.{hook}.enabled=false" for hook in hooks)
 
 
 def filter_overrides(config_names: Iterable[str]) -> tuple[str, ...]:
     """`-c` pairs that disable every filter driver named in `config_names` (the keys of the
     repository's configuration): a driver's `clean`, `smudge` and `process` programs would run
     on content the agent wrote, picked by attributes the agent wrote."""
-    drivers: set[str] = set()
-    for name in config_names:
-        lower = name.lower()
-        if lower.startswith("filter.") and lower.rsplit(".", 1)[-1] in (
-            "clean",
-            "smudge",
-            "process",
-            "required",
-        ):
-            drivers.add(name[len("filter.") : name.rfind(".")])
     pairs: list[str] = []
-    for driver in sorted(drivers):
+    for driver in _subsections(config_names, "filter", ("clean", "smudge", "process", "required")):
         for key in ("clean", "smudge", "process"):
             pairs.append(f"filter.{driver}.{key}=")
         pairs.append(f"filter.{driver}.required=false")
     return tuple(pairs)
+
+
+def _subsections(config_names: Iterable[str], section: str, keys: tuple[str, ...]) -> list[str]:
+    """The subsections of `section` (`<section>.<subsection>.<key>`) that one of `keys` is set
+    in, sorted: a section and a key are matched case-blind, as git does; a subsection, which
+    git keeps as written, is returned as written."""
+    prefix = section + "."
+    found: set[str] = set()
+    for name in config_names:
+        lower = name.lower()
+        if lower.startswith(prefix) and lower.rsplit(".", 1)[-1] in keys:
+            found.add(name[len(prefix) : name.rfind(".")])
+    return sorted(found)
 
 
 def git_env(extra: Mapping[str, str] | None = None, *, pinned: bool = False) -> dict[str, str]:

@@ -76,8 +76,8 @@ from orchestration.workspace.pinning import (
     commit_git_dir,
     listed_below,
     lists_secured,
+    pin_at,
     pin_listed,
-    pin_scratch,
     points_here,
     remove_blocking_rule_files,
     secure_workspace_git,
@@ -777,7 +777,7 @@ def _materialise(repo: GitRepo, commit: str, base_dir: Path, *, users: bool = Tr
     tree = staging / "tree"
     tree.mkdir(parents=True)
     env = {"GIT_INDEX_FILE": str(staging / "index")}
-    pinned = Pinned(repo.git_dir, tree, safe=False) if users else pin_scratch(repo.git_dir, tree)
+    pinned = Pinned(repo.git_dir, tree, safe=False) if users else pin_at(repo.git_dir, tree)
     done = gitcmd.run(tree, ["read-tree", "--reset", "-u", commit], pinned=pinned, env=env)
     if done.returncode != 0:
         overlay.remove_layer(staging)

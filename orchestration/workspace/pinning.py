@@ -143,7 +143,7 @@ def pin(path: Path, *, first_checkout: bool = False) -> Pinned:
     work_tree, admin = Path(found[0]), found[1]
     if first_checkout:
         return Pinned(admin, work_tree, safe=False)
-    return pin_listed(admin, work_tree, _config_names(admin))
+    return pin_at(admin, work_tree)
 
 
 def pin_and_open(path: Path) -> tuple[Pinned, pygit2.Repository | None]:
@@ -222,12 +222,11 @@ def open_workspace_repo(pinned: Pinned) -> pygit2.Repository:
     return pygit2.Repository(str(pinned.git_dir), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
 
 
-def pin_scratch(git_dir: Path, work_tree: Path) -> Pinned:
-    """Pinned git for a scratch checkout of the server's own (a verification's): the
-    repository's git dir, that work tree, every command-running key and filter driver off.
-
-    The drivers are those libgit2 finds and those git itself lists for this very git dir and
-    work tree: git also follows conditional includes libgit2 does not (`hasconfig:`)."""
+def pin_at(git_dir: Path, work_tree: Path) -> Pinned:
+    """Git pinned to `git_dir` and `work_tree` (a workspace, a verification's scratch
+    checkout, the base of an agent's own work), every command-running key, filter driver and
+    configured hook off: those libgit2 finds in `git_dir`'s configuration and those git itself
+    lists for this very git dir and work tree (`pin_listed`)."""
     return pin_listed(git_dir, work_tree, _config_names(git_dir))
 
 
