@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
 from pathlib import Path
 
 import pygit2
@@ -128,11 +129,44 @@ def test_pinned_argv_turns_off_command_running_configuration(tmp_path: Path) -> 
     for key in ("core.fsmonitor=false", "core.hooksPath=/dev/null", "diff.external="):
         assert key in pairs
     assert gitcmd.filter_overrides(["filter.lfs.clean", "filter.lfs.smudge", "core.bare"]) == (
-        "filter.lfs.clean=",
-        "filter.lfs.smudge=",
-        "filter.lfs.process=",
-        "filter.lfs.required=false",
+        ("filter.lfs.clean", ""),
+        ("filter.lfs.smudge", ""),
+        ("filter.lfs.process", ""),
+        ("filter.lfs.required", "false"),
     )
+
+
+def test_a_driver_named_with_an_equals_sign_stays_off(tmp_path: Path) -> None:
+    """A filter driver's name is the user's to choose and may hold `=`; the agent's attributes
+    can select it (`filter=a=b`). Given as `-c filter.a=b.clean=`, git splits the override at
+    its first `=` into another key, and the driver runs on the agent's file."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    gitcmd.run(ws, ["init", "-q"])
+    marker = tmp_path / "filter-ran"
+    gitcmd.run(ws, ["config", "filter.a=b.clean", f"touch {marker}; cat"])
+    gitcmd.run(ws, ["config", "filter.a=b.required", "true"])
+    (ws / ".gitattributes").write_text("* filter=a=b\n")
+    (ws / "work.txt").write_text("agent data\n")
+    repo = pygit2.Repository(str(ws / ".git"))
+    names = [entry.name for entry in repo.config]
+    repo.free()
+    assert "filter.a=b.clean" in names
+    pinned = gitcmd.pin_named(ws / ".git", ws, names)
+    assert gitcmd.config_env(pinned)["GIT_CONFIG_KEY_0"] == "filter.a=b.clean"
+    hashing = ["hash-object", "-w", "--stdin-paths"]
+    done = gitcmd.run(ws, hashing, pinned=pinned, input="work.txt\n")
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists()
+    stored = gitcmd.run(ws, ["cat-file", "-p", done.stdout.strip()], pinned=pinned).stdout
+    assert stored == "agent data\n"
+
+    # the same overrides as `-c` pairs (what the server gave git before) let the driver run
+    argv = gitcmd.git_argv(hashing, pinned)
+    split = [a for key, value in pinned.config for a in ("-c", f"{key}={value}")]
+    env = gitcmd.git_env(pinned=True)
+    subprocess.run([*argv[:3], *split, *argv[3:]], cwd=ws, env=env, input=b"work.txt\n", check=True)
+    assert marker.exists()
 
 
 def test_filters_libgit2_cannot_list_are_turned_off_as_git_lists_them(tmp_path: Path) -> None:
@@ -158,7 +192,7 @@ def test_filters_libgit2_cannot_list_are_turned_off_as_git_lists_them(tmp_path: 
     done = gitcmd.run(ws, hashing, pinned=pinned, input="work.txt\n")
     assert done.returncode == 0, done.stderr
     assert not marker.exists()
-    assert "filter.user.clean=" in pinned.listed[0].config  # listed once, kept for the pin
+    assert ("filter.user.clean", "") in pinned.listed[0].config  # listed once, kept for the pin
     stored = gitcmd.run(ws, ["cat-file", "-p", done.stdout.strip()], pinned=pinned).stdout
     assert stored == "agent data\n"
 
@@ -176,8 +210,8 @@ def _git_version() -> tuple[int, ...]:
 def test_hooks_configured_by_name_are_turned_off_with_the_filters() -> None:
     names = ["core.bare", "hook.Spy.command", "hook.Spy.event", "hook.other.event"]
     pairs = gitcmd.named_overrides([*names, "filter.lfs.clean"])
-    assert "hook.Spy.enabled=false" in pairs and "hook.other.enabled=false" in pairs
-    assert "filter.lfs.clean=" in pairs
+    assert ("hook.Spy.enabled", "false") in pairs and ("hook.other.enabled", "false") in pairs
+    assert ("filter.lfs.clean", "") in pairs
     assert gitcmd.named_overrides(["core.hookspath", "hooks.x"]) == ()
 
 

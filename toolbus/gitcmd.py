@@ -6,7 +6,8 @@ workspace would discover that repository and run whatever its config names (`cor
 hooks, `core.sshCommand`, `diff.external`, a pager, filter drivers), outside the sandbox and with
 the server's environment. So git on a workspace always gets its git dir and work tree from the
 server's records (`Pinned`), never from discovery, and every configuration key that runs a
-program is overridden on the command line, where nothing the agent writes can override it back.
+program is overridden on the command line or in git's environment (`config_env`), where nothing
+the agent writes can override it back.
 
 Git run on the user's own repository (`pinned=None`) is the user's git: their hooks and
 configuration apply, as when they run git themselves; it refuses to run with a working
@@ -103,8 +104,10 @@ class Pinned:
 
     git_dir: Path
     work_tree: Path
-    config: tuple[str, ...] = ()
-    """Further `-c key=value` pairs (the filter overrides of the repository's drivers)."""
+    config: tuple[tuple[str, str], ...] = ()
+    """Further (key, value) pairs (`named_overrides`: the programs the repository's
+    configuration names, turned off), given to git apart from `SAFE_CONFIG`: their keys hold
+    names the user chose, which may hold `=`, where `-c` would split them (`config_env`)."""
     safe: bool = True
     """Every command-running key off (`SAFE_CONFIG`). Only the first checkout of a new
     workspace, before any agent ran in it, runs with the user's own hooks and filters."""
@@ -126,26 +129,26 @@ def pin_named(git_dir: Path, work_tree: Path, config_names: Iterable[str]) -> Pi
     return Pinned(git_dir, work_tree, named_overrides(config_names), lists_keys=True)
 
 
-def named_overrides(config_names: Iterable[str]) -> tuple[str, ...]:
-    """`-c` pairs that turn off every program that `config_names` (the keys of the
+def named_overrides(config_names: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """(key, value) pairs that turn off every program that `config_names` (the keys of the
     repository's configuration) name one by one, where `SAFE_CONFIG` cannot name them ahead:
     filter drivers (`filter_overrides`), and hooks configured by name (`hook.<name>.command`,
     git 2.54 and later), which `core.hooksPath` does not turn off, as it does the hooks
     directory's. A hook runs in the workspace, among the agent's files."""
     names = list(config_names)
     hooks = _subsections(names, "hook", ("command", "event"))
-    return filter_overrides(names) + tuple(f"hook.{hook}.enabled=false" for hook in hooks)
+    return filter_overrides(names) + tuple((f"hook.{hook}.enabled", "false") for hook in hooks)
 
 
-def filter_overrides(config_names: Iterable[str]) -> tuple[str, ...]:
-    """`-c` pairs that disable every filter driver named in `config_names` (the keys of the
-    repository's configuration): a driver's `clean`, `smudge` and `process` programs would run
-    on content the agent wrote, picked by attributes the agent wrote."""
-    pairs: list[str] = []
+def filter_overrides(config_names: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """(key, value) pairs that disable every filter driver named in `config_names` (the keys
+    of the repository's configuration): a driver's `clean`, `smudge` and `process` programs
+    would run on content the agent wrote, picked by attributes the agent wrote."""
+    pairs: list[tuple[str, str]] = []
     for driver in _subsections(config_names, "filter", ("clean", "smudge", "process", "required")):
         for key in ("clean", "smudge", "process"):
-            pairs.append(f"filter.{driver}.{key}=")
-        pairs.append(f"filter.{driver}.required=false")
+            pairs.append((f"filter.{driver}.{key}", ""))
+        pairs.append((f"filter.{driver}.required", "false"))
     return tuple(pairs)
 
 
@@ -183,9 +186,25 @@ def git_argv(args: Sequence[str], pinned: Pinned | None = None) -> list[str]:
     if pinned is None:
         return ["git", *args]
     argv = ["git", f"--git-dir={pinned.git_dir}", f"--work-tree={pinned.work_tree}"]
-    for pair in (*(SAFE_CONFIG if pinned.safe else ()), *pinned.config):
+    for pair in SAFE_CONFIG if pinned.safe else ():
         argv += ["-c", pair]
     return [*argv, *args]
+
+
+def config_env(pinned: Pinned) -> dict[str, str]:
+    """The environment that gives git the pin's further pairs (`Pinned.config`), each key and
+    value exactly as it is (`GIT_CONFIG_COUNT`, git 2.31 and later): `-c` splits its argument
+    at the first `=`, so a driver or hook the user named `a=b` would not be turned off there.
+    Git reads these pairs as it reads `-c`'s, above every configuration file."""
+    env = {"GIT_CONFIG_COUNT": str(len(pinned.config))}
+    for n, (key, value) in enumerate(pinned.config):
+        env[f"GIT_CONFIG_KEY_{n}"] = key
+        env[f"GIT_CONFIG_VALUE_{n}"] = value
+    return env
+
+
+def _pinned_env(pinned: Pinned, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    return git_env(extra, pinned=True) | config_env(pinned)
 
 
 def in_workspace_area(path: Path) -> bool:
@@ -216,7 +235,7 @@ def run(
     if pinned is not None:
         pinned = _with_git_listed(cwd, pinned, timeout)
         data = None if input is None else input.encode("utf-8", "surrogateescape")
-        done = _run_watched(git_argv(args, pinned), cwd, git_env(env, pinned=True), data, timeout)
+        done = _run_watched(git_argv(args, pinned), cwd, _pinned_env(pinned, env), data, timeout)
         return subprocess.CompletedProcess(
             done.args, done.returncode, _text(done.stdout), _text(done.stderr)
         )
@@ -250,7 +269,7 @@ def run_bytes(
     _check_cwd(cwd, pinned)
     if pinned is not None:
         pinned = _with_git_listed(cwd, pinned, timeout)
-        return _run_watched(git_argv(args, pinned), cwd, git_env(pinned=True), input, timeout)
+        return _run_watched(git_argv(args, pinned), cwd, _pinned_env(pinned), input, timeout)
     try:
         return subprocess.run(
             git_argv(args, pinned),
@@ -274,7 +293,7 @@ def _with_git_listed(cwd: Path, pinned: Pinned, timeout: float | None) -> Pinned
     if pinned.listed:
         return pinned.listed[0]
     argv = git_argv(["config", "--list", "--name-only", "-z"], pinned)
-    done = _run_watched(argv, cwd, git_env(pinned=True), None, timeout)
+    done = _run_watched(argv, cwd, _pinned_env(pinned), None, timeout)
     names = _text(done.stdout).split("\0") if done.returncode == 0 else []
     pairs = tuple(dict.fromkeys((*pinned.config, *named_overrides(n for n in names if n))))
     complete = Pinned(pinned.git_dir, pinned.work_tree, pairs, pinned.safe)

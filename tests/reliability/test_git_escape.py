@@ -61,10 +61,13 @@ def _plant_repository(marker: Path) -> str:
 
 
 # the agent's files pick the user's filter `user` for its work
-_PICK_USERS_FILTER: list[Step] = [
-    ("write_file", {"path": "src/app/.gitattributes", "content": "* filter=user\n"}),
-    ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
-]
+def _pick_users_filter(driver: str = "user") -> list[Step]:
+    """The agent's two writes: attributes that select the user's filter `driver` for its
+    files, then its work."""
+    return [
+        ("write_file", {"path": "src/app/.gitattributes", "content": f"* filter={driver}\n"}),
+        ("write_file", {"path": "src/app/work.py", "content": "WORK = 1\n"}),
+    ]
 
 
 def _users_program(tmp_path: Path, last_line: str) -> tuple[Path, Path]:
@@ -173,24 +176,37 @@ async def test_planted_git_runs_nothing(tmp_path: Path, ledger: Ledger, case: st
 
 
 @pytest.mark.parametrize(
-    ("filter_in", "workspaces"),
-    [("config", "auto"), ("includeIf hasconfig", "auto"), ("includeIf hasconfig", "worktree")],
+    ("filter_in", "driver", "workspaces"),
+    [
+        ("config", "user", "auto"),
+        ("includeIf hasconfig", "user", "auto"),
+        ("includeIf hasconfig", "user", "worktree"),
+        ("config", "a=b", "auto"),
+        ("config", "a=b", "worktree"),
+    ],
 )
 async def test_the_users_own_command_running_config_stays_off_in_workspaces(
     tmp_path: Path,
     ledger: Ledger,
     monkeypatch: pytest.MonkeyPatch,
+    *,
     filter_in: str,
+    driver: str,
     workspaces: str,
 ) -> None:
     """The user's fsmonitor, hooks and filters run on their own checkout (and on the first
     checkout of a new workspace, before any agent ran there), never on an agent's work, where the
     agent's files (attributes included) would pick what they run on. `filter_in`: where the
-    user's filter is defined; libgit2 does not follow a `hasconfig:` include, git does."""
+    user's filter is defined; libgit2 does not follow a `hasconfig:` include, git does.
+    `driver`: the filter's name; one with `=` would be split by git's `-c`."""
     monkeypatch.setenv("FANOUT_WORKSPACES", workspaces)
     repo = make_repo(tmp_path / "repo")
     hook, marker = _users_program(tmp_path, "exit 0")
-    steps: list[Step] = [*_PICK_USERS_FILTER, ("list_files", {}), ("search", {"pattern": "WORK"})]
+    steps: list[Step] = [
+        *_pick_users_filter(driver),
+        ("list_files", {}),
+        ("search", {"pattern": "WORK"}),
+    ]
     gate = Gate({"ATTACK": 1})
     model = by_task({"ATTACK": steps}, gate=gate)
     settings = Settings.model_validate({"repo": repo, "sandbox": "auto", "lease_ttl_s": 30.0})
@@ -204,7 +220,7 @@ async def test_the_users_own_command_running_config_stays_off_in_workspaces(
             (repo / ".git" / "hooks" / name).symlink_to(hook)
         git(repo, "config", "core.fsmonitor", str(hook))
         if filter_in == "config":
-            git(repo, "config", "filter.user.clean", str(hook))
+            git(repo, "config", f"filter.{driver}.clean", str(hook))
         else:
             driver = f'[filter "user"]\n\tclean = {hook}\n'
             include_behind_hasconfig(repo, tmp_path / "work.gitconfig", driver)
@@ -407,7 +423,7 @@ async def test_a_resumed_agents_work_is_checked_out_without_the_users_filters(
         monkeypatch.setattr(layered, "MAX_LAYERED_PATHS", 0)
     repo = make_repo(tmp_path / "repo")
     hook, marker = _users_program(tmp_path, "cat")
-    steps: list[Step] = [*_PICK_USERS_FILTER, ("list_files", {})]
+    steps: list[Step] = [*_pick_users_filter(), ("list_files", {})]
     gate = Gate({"ATTACK": 2})
     settings = Settings.model_validate({"repo": repo, "sandbox": "auto", "lease_ttl_s": 30.0})
     model = by_task({"ATTACK": steps}, gate=gate)
