@@ -138,12 +138,13 @@ def run_attention(
             if record is None or record.status.active:
                 moving = True  # an agent that will finish by itself, or an unknown holder
     mergeable = tuple(a.agent_id for a in agents if a.status is AgentStatus.SUCCEEDED)
+    redone = _being_redone(agents)
     attention = tuple(
         a.agent_id
         for a in agents
         if a.lease_lost
         or a.stop_reason is StopReason.BUDGET_EXHAUSTED
-        or a.status in REDO
+        or (a.status in REDO and a.agent_id not in redone)
         or pending_approval(a) is not None
     )
     by_id = dict(every_agent)
@@ -162,6 +163,16 @@ def run_attention(
         return RunAttention(False, step, mergeable, blocked, attention)
     return RunAttention(
         True, _next_step(run_id, agents, by_id, blocked, mergeable), mergeable, blocked, attention
+    )
+
+
+def _being_redone(agents: Sequence[AgentRecord]) -> frozenset[str]:
+    """The agents a rerun replaces (one not discarded), whose status stays as it was until the
+    rerun starts: nothing to do about them, the rerun is under way or done."""
+    return frozenset(
+        a.rerun_of
+        for a in agents
+        if a.rerun_of is not None and a.status is not AgentStatus.DISCARDED
     )
 
 
@@ -218,10 +229,13 @@ def _next_step(
             f"{_names(stuck, by_id)} ended without being merged and hold(s) a scope others wait "
             f"for: rerun_subagent(agent_id=…) to redo, or merge_results(run_id=…, discard=[{ids}])"
         )
+    redone = _being_redone(agents)
     failed = [
         a.agent_id
         for a in agents
-        if (a.status in REDO or a.status is AgentStatus.INTERRUPTED) and a.agent_id not in stuck
+        if (a.status in REDO or a.status is AgentStatus.INTERRUPTED)
+        and a.agent_id not in stuck
+        and a.agent_id not in redone
     ]
     if failed:
         parts.append(

@@ -54,7 +54,7 @@ from orchestration.executors import Executor, make_executor
 from orchestration.merger import Merger
 from orchestration.models import AGENTS_PER_MODEL, ModelFactory, ModelPool, default_model_factory
 from orchestration.prompts import shared_prefix
-from orchestration.records import brief, has_work
+from orchestration.records import brief, has_work, reruns_of
 from orchestration.recovery import Recovery
 from orchestration.registry import AgentRegistry, LeaseFence
 from orchestration.runner import AgentRunner
@@ -105,6 +105,7 @@ class Orchestrator:
         self._discovered: dict[Path, ws_mod.GitRepo] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._context_lock = anyio.Lock()
+        self._rerun_lock = anyio.Lock()
         self._closing = False
 
     @property
@@ -537,7 +538,15 @@ class Orchestrator:
     async def rerun(
         self, agent_id: str, instructions: str | None = None, repo: Path | None = None
     ) -> RerunResult:
-        """A new agent for the same task on the current head, told what was rejected and why."""
+        """A new agent for the same task on the current head, told what was rejected and why.
+        One at a time: of two calls for one agent at once (a client's retry, say), one makes
+        the rerun and the other is told of it."""
+        async with self._rerun_lock:
+            return await self._rerun(agent_id, instructions, repo)
+
+    async def _rerun(
+        self, agent_id: str, instructions: str | None, repo: Path | None
+    ) -> RerunResult:
         ctx = await self._context_of_agent(agent_id, repo)
         old = find_agent(ctx, agent_id)
         if old.status.active:
@@ -553,6 +562,7 @@ class Orchestrator:
             AgentStatus.INTERRUPTED,
             AgentStatus.CANCELLED,
         ) and has_work(old.commit, old.base_commit)
+        _refuse_second_rerun(ctx, old)
         head = await anyio.to_thread.run_sync(ctx.repo.head_commit)
         context = await anyio.to_thread.run_sync(rerun_context, ctx, old, instructions, resume)
         index = len(ctx.store.agents(run.run_id)) + 1
@@ -608,6 +618,23 @@ class Orchestrator:
         ctx = await self.context(repo)
         find(ctx, key)  # raises NotFound, naming what is missing
         return ctx
+
+
+def _refuse_second_rerun(ctx: RepoContext, old: AgentRecord) -> None:
+    """`InvalidState` when `old` has a rerun already that was not discarded: it replaces `old`
+    once it starts (until then `old` keeps its status), and a second rerun would redo the
+    same task in the same scope beside it."""
+    later = reruns_of(ctx.store.agents(old.run_id)).get(old.agent_id)
+    if later is None:
+        return
+    newer = find_agent(ctx, later)
+    if newer.status is AgentStatus.DISCARDED:
+        return
+    raise InvalidState(
+        f"{old.agent_id} is already rerun as {later} ({newer.name}, {newer.status.value}), "
+        f"which replaces it; follow that one with get_status, and to redo the task again, "
+        f'rerun_subagent(agent_id="{later}") once it has ended'
+    )
 
 
 def _current_versions(ctx: RepoContext, paths: list[str]) -> str:

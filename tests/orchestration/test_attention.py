@@ -110,3 +110,22 @@ def test_everything_merged_says_nothing_to_do() -> None:
     agents = [_agent("r1-a", AgentStatus.MERGED, ["a"]), _agent("r1-b", AgentStatus.MERGED, ["b"])]
     att = _attention(agents, [])
     assert att.settled and att.next.startswith("nothing to do")
+
+
+def test_an_agent_a_rerun_replaces_is_not_asked_to_be_redone() -> None:
+    """A rerun discards the agent it replaces once it starts; a rerun that ran to its end
+    before that leaves the old agent in its status a moment longer, and the next step names
+    only the rerun (the orchestrator would otherwise rerun or discard the old one again)."""
+    old = _agent("r1-a1", AgentStatus.CONFLICTED, ["src"])
+    rerun = _agent("r1-a2", AgentStatus.SUCCEEDED, ["src"], commit="1" * 40).model_copy(
+        update={"rerun_of": "r1-a1", "name": "a1-r2"}
+    )
+    att = _attention([old, rerun], [_lease("r1-a2", "src")])
+    assert att.settled
+    assert att.next == 'merge_results(run_id="r1") merges a1-r2'
+    assert att.attention == ()
+    # once that rerun is discarded, the old agent is one to redo again
+    gone = rerun.model_copy(update={"status": AgentStatus.DISCARDED})
+    att = _attention([old, gone], [])
+    assert att.next == "a1 did not succeed: read the agent's result, then rerun_subagent or discard"
+    assert att.attention == ("r1-a1",)

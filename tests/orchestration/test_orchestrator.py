@@ -27,7 +27,7 @@ from orchestration.errors import (
 )
 from orchestration.model import Model, ModelRequest, ModelResponse
 from orchestration.orchestrator import Orchestrator
-from tests.orchestration.scripts import Gate, by_task, git, make_repo
+from tests.orchestration.scripts import Gate, Step, by_task, git, make_repo
 
 pytestmark = pytest.mark.anyio
 
@@ -374,6 +374,78 @@ async def test_conflict_then_rerun_on_the_new_head(repo: Path) -> None:
     views = {a.agent_id: a for a in status.runs[0].agents}
     assert views[agent_id].status == AgentStatus.DISCARDED
     git(repo, "fsck", "--no-progress")
+
+
+_EDIT_CORE: Step = ("edit_file", {"path": "src/app/core.py", "old": "return 1", "new": "return 10"})
+
+
+async def _conflicted(orch: Orchestrator, repo: Path) -> tuple[str, str]:
+    """An agent whose edit conflicts with the user's commit at its merge: (run, agent)."""
+    spawned = await orch.spawn(
+        SpawnRequest(tasks=[TaskSpec(prompt="EDIT", name="edit", write_scope=["src/app"])])
+    )
+    status = await wait_until_final(orch, spawned.run_id)
+    (repo / "src/app/core.py").write_text("def core():\n    return 99\n")
+    git(repo, "commit", "-qam", "user change")
+    merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
+    assert [r.outcome for r in merged.agents] == [MergeOutcome.CONFLICTED]
+    return spawned.run_id, status.runs[0].agents[0].agent_id
+
+
+async def test_an_agent_is_rerun_once_while_its_rerun_has_not_started(repo: Path) -> None:
+    """A rerun replaces its agent once it starts; until then the agent keeps its status. A
+    second rerun_subagent of it (a client's retry, say) is refused, naming the first: two
+    reruns would redo one task in one scope side by side. Nor does the run's next step ask
+    for the agent to be redone meanwhile."""
+    gate = Gate({"HOLD": 1})
+    model = by_task(
+        {"EDIT": [_EDIT_CORE], "HOLD": [("write_file", {"path": "docs/h.md", "content": "h\n"})]},
+        gate=gate,
+    )
+    async with Orchestrator(settings(repo, max_running=1), lambda _name: model) as orch:
+        run_id, agent_id = await _conflicted(orch, repo)
+        await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="HOLD", name="hold", write_scope=["docs"])])
+        )
+        with anyio.fail_after(TIMEOUT):
+            await gate.reached["HOLD"].wait()  # it holds the server's one running place
+        rerun = await orch.rerun(agent_id)
+        again = f"{agent_id} is already rerun as {rerun.agent.agent_id}"
+        with pytest.raises(InvalidState, match=again):
+            await orch.rerun(agent_id, instructions="another try")
+        status = await orch.status(run_id=run_id)
+        shown = {a.agent_id: a.status for a in status.runs[0].agents}
+        assert shown == {agent_id: AgentStatus.CONFLICTED, rerun.agent.agent_id: AgentStatus.QUEUED}
+        assert "did not succeed" not in status.runs[0].next
+        assert agent_id not in status.runs[0].next
+        gate.release["HOLD"].set()
+        final = await wait_until_final(
+            orch, run_id, statuses={AgentStatus.SUCCEEDED, AgentStatus.DISCARDED}
+        )
+    shown = {a.agent_id: a.status for a in final.runs[0].agents}
+    assert shown == {agent_id: AgentStatus.DISCARDED, rerun.agent.agent_id: AgentStatus.SUCCEEDED}
+
+
+async def test_two_reruns_of_one_agent_at_once_make_one(repo: Path) -> None:
+    model = by_task({"EDIT": [_EDIT_CORE]})
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        run_id, agent_id = await _conflicted(orch, repo)
+        answers: list[object] = []
+
+        async def rerun() -> None:
+            try:
+                answers.append(await orch.rerun(agent_id))
+            except InvalidState as exc:
+                answers.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rerun)
+            tg.start_soon(rerun)
+        assert sorted(type(a).__name__ for a in answers) == ["InvalidState", "RerunResult"]
+        final = await wait_until_final(
+            orch, run_id, statuses={AgentStatus.SUCCEEDED, AgentStatus.DISCARDED}
+        )
+    assert len(final.runs[0].agents) == 2
 
 
 async def test_agent_task_is_isolated_from_the_user_checkout(repo: Path, tmp_path: Path) -> None:
