@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -163,10 +164,36 @@ def test_a_driver_named_with_an_equals_sign_stays_off(tmp_path: Path) -> None:
 
     # the same overrides as `-c` pairs (what the server gave git before) let the driver run
     argv = gitcmd.git_argv(hashing, pinned)
+    assert not any("a=b" in a for a in argv)
     split = [a for key, value in pinned.config for a in ("-c", f"{key}={value}")]
     env = gitcmd.git_env(pinned=True)
     subprocess.run([*argv[:3], *split, *argv[3:]], cwd=ws, env=env, input=b"work.txt\n", check=True)
     assert marker.exists()
+
+
+def test_overrides_go_as_c_pairs_but_where_a_name_holds_an_equals_sign(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`-c` works with every git; only a key that holds `=` goes in the environment, which
+    git reads since 2.31: older git is not run with that driver on."""
+    names = ["filter.lfs.clean", "filter.a=b.smudge"]
+    pinned = gitcmd.Pinned(tmp_path / "admin", tmp_path / "ws", gitcmd.named_overrides(names))
+    argv = gitcmd.git_argv(["add", "-A"], pinned)
+    pairs = [argv[i + 1] for i, a in enumerate(argv) if a == "-c"]
+    assert "filter.lfs.clean=" in pairs and "filter.lfs.required=false" in pairs
+    assert not any("a=b" in p for p in pairs)
+    env = gitcmd.config_env(pinned)
+    assert env["GIT_CONFIG_COUNT"] == "4"
+    assert [env[f"GIT_CONFIG_KEY_{n}"] for n in range(4)] == [
+        "filter.a=b.clean",
+        "filter.a=b.smudge",
+        "filter.a=b.process",
+        "filter.a=b.required",
+    ]
+    assert gitcmd.config_env(gitcmd.Pinned(tmp_path, tmp_path, (("filter.x.clean", ""),))) == {}
+    monkeypatch.setattr(gitcmd, "git_version", lambda: (2, 30))
+    with pytest.raises(gitcmd.GitTooOld, match=re.escape("filter.a=b, which git 2.30 cannot")):
+        gitcmd.run(tmp_path, ["status"], pinned=pinned)
 
 
 def test_filters_libgit2_cannot_list_are_turned_off_as_git_lists_them(tmp_path: Path) -> None:
@@ -202,11 +229,6 @@ def test_filters_libgit2_cannot_list_are_turned_off_as_git_lists_them(tmp_path: 
     assert marker.exists()
 
 
-def _git_version() -> tuple[int, ...]:
-    text = gitcmd.run(Path.cwd(), ["--version"]).stdout.split()[2]
-    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
-
-
 def test_hooks_configured_by_name_are_turned_off_with_the_filters() -> None:
     names = ["core.bare", "hook.Spy.command", "hook.Spy.event", "hook.other.event"]
     pairs = gitcmd.named_overrides([*names, "filter.lfs.clean"])
@@ -216,7 +238,7 @@ def test_hooks_configured_by_name_are_turned_off_with_the_filters() -> None:
 
 
 @pytest.mark.skipif(
-    _git_version() < (2, 54), reason="git reads hooks from its configuration since 2.54"
+    gitcmd.git_version() < (2, 54), reason="git reads hooks from its configuration since 2.54"
 )
 def test_a_hook_configured_by_name_does_not_run_in_a_workspace(tmp_path: Path) -> None:
     """`core.hooksPath` turns off the hooks directory only; a hook the user configured by

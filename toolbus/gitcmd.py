@@ -18,6 +18,7 @@ This module is the only one that starts git processes (`tests/test_git_calls.py`
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -29,11 +30,14 @@ __all__ = [
     "SAFE_CONFIG",
     "GitNotFound",
     "GitStalled",
+    "GitTooOld",
     "Pinned",
     "UnpinnedWorkspaceGit",
+    "config_env",
     "filter_overrides",
     "git_argv",
     "git_env",
+    "git_version",
     "in_workspace_area",
     "named_overrides",
     "pin_named",
@@ -182,25 +186,56 @@ def git_env(extra: Mapping[str, str] | None = None, *, pinned: bool = False) -> 
 
 def git_argv(args: Sequence[str], pinned: Pinned | None = None) -> list[str]:
     """The argv of one git command: pinned to a workspace's git dir and work tree, with every
-    command-running configuration off, or plain for the user's repository."""
+    command-running configuration off, or plain for the user's repository. The pin's pairs
+    whose key holds `=` are not here: see `config_env`."""
     if pinned is None:
         return ["git", *args]
     argv = ["git", f"--git-dir={pinned.git_dir}", f"--work-tree={pinned.work_tree}"]
-    for pair in SAFE_CONFIG if pinned.safe else ():
+    pairs = [f"{key}={value}" for key, value in pinned.config if "=" not in key]
+    for pair in (*(SAFE_CONFIG if pinned.safe else ()), *pairs):
         argv += ["-c", pair]
     return [*argv, *args]
 
 
+class GitTooOld(RuntimeError):
+    """This git cannot be given a setting the server must give it to run on a workspace."""
+
+
 def config_env(pinned: Pinned) -> dict[str, str]:
-    """The environment that gives git the pin's further pairs (`Pinned.config`), each key and
-    value exactly as it is (`GIT_CONFIG_COUNT`, git 2.31 and later): `-c` splits its argument
-    at the first `=`, so a driver or hook the user named `a=b` would not be turned off there.
-    Git reads these pairs as it reads `-c`'s, above every configuration file."""
-    env = {"GIT_CONFIG_COUNT": str(len(pinned.config))}
-    for n, (key, value) in enumerate(pinned.config):
+    """The environment that gives git the pin's pairs whose key holds `=` (a driver or hook
+    the user named `a=b`): `-c` splits its argument at the first `=`, so such an override
+    would not take there. `GIT_CONFIG_COUNT` (git 2.31 and later) carries key and value apart,
+    and git reads them as it reads `-c`'s, above every configuration file. Older git ignores
+    it: `GitTooOld` then, rather than run with the program on."""
+    split = [(key, value) for key, value in pinned.config if "=" in key]
+    if not split:
+        return {}
+    if git_version() < (2, 31):
+        names = ", ".join(sorted({key.rpartition(".")[0] for key, _ in split}))
+        raise GitTooOld(
+            f"the configuration names {names}, which git {'.'.join(map(str, git_version()))} "
+            "cannot be told to turn off (its name holds '='): install git 2.31 or later, or "
+            "rename it in your git configuration"
+        )
+    env = {"GIT_CONFIG_COUNT": str(len(split))}
+    for n, (key, value) in enumerate(split):
         env[f"GIT_CONFIG_KEY_{n}"] = key
         env[f"GIT_CONFIG_VALUE_{n}"] = value
     return env
+
+
+@functools.cache
+def git_version() -> tuple[int, ...]:
+    """This machine's git as (major, minor); (0, 0) where its answer cannot be read."""
+    try:
+        done = subprocess.run(
+            ["git", "--version"], capture_output=True, text=True, check=False, env=git_env()
+        )
+    except FileNotFoundError as exc:
+        raise GitNotFound("git is not installed or not on PATH") from exc
+    words = done.stdout.split()
+    parts = words[2].split(".")[:2] if len(words) > 2 else []
+    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) and parts else (0, 0)
 
 
 def _pinned_env(pinned: Pinned, extra: Mapping[str, str] | None = None) -> dict[str, str]:
