@@ -334,6 +334,14 @@ class FileChange(_Record):
     lines_removed: int
     blob: str | None
 
+    def shown(self) -> FileChange:
+        """This change as records and answers carry it: its paths through `shown_path`."""
+        path = shown_path(self.path)
+        old = None if self.old_path is None else shown_path(self.old_path)
+        if path == self.path and old == self.old_path:
+            return self
+        return self.model_copy(update={"path": path, "old_path": old})
+
 
 class CommandRun(_Output):
     """A command an agent ran, from the bus's audit log."""

@@ -125,6 +125,7 @@ class Recovery:
                 "the server running this agent stopped; rerun_subagent resumes it from its "
                 "committed work"
             )
+            changes = [c.shown() for c in changes]  # (JSON records: see `shown_path`)
             changed_files = [c.path for c in changes]
             result = AgentResult(
                 status=AgentStatus.INTERRUPTED,

@@ -41,6 +41,7 @@ from orchestration.contracts import (
     PermissionDecision,
     StopReason,
     TokenUsage,
+    shown_path,
 )
 from orchestration.executors.base import Executor, InProcessExecutor
 from orchestration.gate import AgentGate, show_resource_wait
@@ -842,6 +843,11 @@ class AgentRunner:
             changes = work.changes  # the commit's own changes are those against the base
         elif commit is not None:
             changes = await anyio.to_thread.run_sync(file_changes, ctx, agent.base_commit, commit)
+        # (a name that is not UTF-8, which git takes, is recorded and reported escaped: the
+        # records and the answers are JSON)
+        changes = [c.shown() for c in changes]
+        dropped = [shown_path(p) for p in dropped]
+        refused = {shown_path(p): why for p, why in refused.items()}
         commands = [
             CommandRun(
                 command=r.command or r.args_brief,

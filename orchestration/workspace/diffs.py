@@ -9,6 +9,7 @@ import pygit2
 
 from orchestration.contracts import ChangeStatus, DiffStat, FileChange
 from orchestration.workspace.git import GitRepo, tree_of
+from orchestration.workspace.tree_edits import is_utf8
 
 _STATUS: dict[str, ChangeStatus] = {
     "A": "added",
@@ -70,6 +71,8 @@ def applied_changes(
     a snapshot of `pyrepo`'s configuration, read instead of the live one."""
     if any(change is None for change in changes.values()):
         return None
+    if not all(is_utf8(path) for path in changes):
+        return None  # (libgit2 looks attributes up by UTF-8 paths only: the trees' diff)
     try:
         renames = str((config if config is not None else pyrepo.config)["diff.renames"])
         renames = renames.strip().lower()

@@ -82,7 +82,7 @@ from orchestration.workspace.pinning import (
     remove_blocking_rule_files,
     secure_workspace_git,
 )
-from orchestration.workspace.tree_edits import TreeEdit, edit_tree
+from orchestration.workspace.tree_edits import TreeEdit, edit_tree, is_utf8
 from orchestration.workspace.worktrees import (
     GitWorktrees,
     Workspaces,
@@ -1381,10 +1381,6 @@ def _view_changes(
         if any(is_within(rel, g) for g in gitlinks):
             continue  # inside a submodule: git records only the gitlink
         shown = shown_path(rel)
-        if shown != rel:
-            # libgit2 builds trees of UTF-8 names only: such a file is reported, not committed
-            unnamed.append(f"{shown} (its name is not UTF-8: rename it to commit it)")
-            continue
         if len(os.fsencode(root)) + 1 + len(os.fsencode(rel)) >= PATH_MAX:
             # no system call takes the path: git could not add it either
             unnamed.append(f"{shown} (its path is too long for this system: shorten it)")
@@ -1489,8 +1485,10 @@ def _ignored(pyrepo: pygit2.Repository, pinned: Pinned, rel: str) -> bool:
     directory, which libgit2 takes for a directory (`build/` would match it) and git does not."""
     root = str(pinned.work_tree)
     full = os.path.join(root, rel)
-    if (os.path.islink(full) and os.path.isdir(full)) or any(
-        os.path.islink(os.path.join(root, p)) for p in _rule_files_above(rel, ".gitignore")
+    if (
+        not is_utf8(rel)  # (libgit2 takes UTF-8 paths only)
+        or (os.path.islink(full) and os.path.isdir(full))
+        or any(os.path.islink(os.path.join(root, p)) for p in _rule_files_above(rel, ".gitignore"))
     ):
         done = gitcmd.run(
             pinned.work_tree, ["check-ignore", "-q", "--no-index", "--", rel], pinned=pinned
@@ -1549,25 +1547,35 @@ def _hash_beneath(
             out[rel] = str(pyrepo.create_blob(target))
         else:
             files.append(rel)
-    if not files:
+    # libgit2 takes UTF-8 paths only: git hashes the others, as `git add` stores them
+    odd = [rel for rel in files if not is_utf8(rel)]
+    files = [rel for rel in files if is_utf8(rel)]
+    if not files and not odd:
         return out
     # (the pinned configuration turns off each filter driver the repository's configuration
     # names: none there, none to read again)
     drivers = bool(pinned.config)
-    if _LIBGIT2.accepts(
-        pyrepo, base_tree, filter_drivers=drivers, work_tree=pinned.work_tree, config=config
-    ) and _same_rules(pyrepo, pinned.work_tree, files):
+    if (
+        files
+        and _LIBGIT2.accepts(
+            pyrepo, base_tree, filter_drivers=drivers, work_tree=pinned.work_tree, config=config
+        )
+        and _same_rules(pyrepo, pinned.work_tree, files)
+    ):
         try:
             if shared:
                 # (stored as they are: libgit2 would look for attributes and filters again)
-                return out | {
-                    rel: str(pyrepo.create_blob(beneath.plain_file(rel))) for rel in files
-                }
-            for rel in files:  # (libgit2 opens by name: no link above, no pipe, when looked)
-                beneath.plain_file(rel, cap=None)
-            return out | {rel: str(pyrepo.create_blob_fromworkdir(rel)) for rel in files}
+                out |= {rel: str(pyrepo.create_blob(beneath.plain_file(rel))) for rel in files}
+            else:
+                for rel in files:  # (libgit2 opens by name: no link above, no pipe, when looked)
+                    beneath.plain_file(rel, cap=None)
+                out |= {rel: str(pyrepo.create_blob_fromworkdir(rel)) for rel in files}
+            files = []
         except (pygit2.GitError, OSError, ValueError) as exc:
             log.info("in-process hashing in %s failed (%s); git hashes it", pinned.work_tree, exc)
+    files += odd
+    if not files:
+        return out
     # one process for every name git can read a line at a time, one each for the others
     batch = [rel for rel in files if "\n" not in rel]
     batches: list[tuple[list[str], list[str], str | None]] = [

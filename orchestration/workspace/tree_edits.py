@@ -3,6 +3,7 @@ view's commit makes its tree from the base's, and how the join writes a merge's 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pygit2
@@ -49,7 +50,7 @@ class _Frame:
 
     name: str
     had_tree: bool
-    builder: pygit2.TreeBuilder
+    builder: pygit2.TreeBuilder | _NamedInBytes
     here: dict[str, TreeEdit]
     below: list[tuple[str, dict[str, TreeEdit]]]
 
@@ -63,7 +64,6 @@ class _Frame:
         *,
         had_tree: bool,
     ) -> _Frame:
-        builder = pyrepo.TreeBuilder(tree) if tree is not None else pyrepo.TreeBuilder()
         here: dict[str, TreeEdit] = {}
         below: dict[str, dict[str, TreeEdit]] = {}
         for path, edit in edits.items():
@@ -72,15 +72,84 @@ class _Frame:
                 below.setdefault(head, {})[rest] = edit
             else:
                 here[head] = edit
+        added = [n for n, edit in here.items() if edit is not None] + list(below)
+        builder: pygit2.TreeBuilder | _NamedInBytes
+        if all(is_utf8(n) for n in added):
+            builder = pyrepo.TreeBuilder(tree) if tree is not None else pyrepo.TreeBuilder()
+        else:
+            builder = _NamedInBytes(pyrepo, tree)
         for entry_name, edit in here.items():
             if edit is None and _entry(builder, entry_name) is not None:
                 builder.remove(entry_name)
         return cls(name, had_tree, builder, here, list(below.items()))
 
 
-def _entry(builder: pygit2.TreeBuilder, name: str) -> pygit2.Object | None:
+def _entry(builder: pygit2.TreeBuilder | _NamedInBytes, name: str) -> pygit2.Object | None:
     found: pygit2.Object | None = builder.get(name)  # None when absent (the stub omits it)
     return found
+
+
+def is_utf8(name: str) -> bool:
+    """Whether `name` (a file name as `os.fsdecode` gives it) is UTF-8, as libgit2's tree
+    builder takes names; a name that is not holds the surrogates of its other bytes."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _NamedInBytes:
+    """A directory's entries where one of the names to add is not UTF-8, which libgit2's tree
+    builder refuses: its entries by their names' bytes (`os.fsencode`), written as git writes
+    a tree. Git takes such names (`git add` stores them byte for byte), and so does the join."""
+
+    def __init__(self, pyrepo: pygit2.Repository, tree: pygit2.Tree | None) -> None:
+        self._pyrepo = pyrepo
+        self._entries: dict[bytes, tuple[int, pygit2.Oid]] = {}
+        for entry in tree if tree is not None else ():
+            raw = entry.raw_name
+            if raw is None:
+                raise ValueError(f"an entry of the tree {tree.id if tree else ''} has no name")
+            self._entries[raw] = (int(entry.filemode), entry.id)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name: str) -> pygit2.Object | None:
+        found = self._entries.get(os.fsencode(name))
+        if found is None:
+            return None
+        if found[0] == pygit2.enums.FileMode.TREE:
+            return self._pyrepo[found[1]]
+        return self._pyrepo.get(found[1])  # (a gitlink's commit is not in this repository)
+
+    def remove(self, name: str) -> None:
+        del self._entries[os.fsencode(name)]
+
+    def insert(self, name: str, oid: pygit2.Oid, mode: int) -> None:
+        raw = os.fsencode(name)
+        if not raw or raw in (b".", b"..") or b"/" in raw or b"\0" in raw:
+            raise ValueError(f"{name!r} cannot name a tree's entry")
+        if raw.lower() == b".git":
+            raise ValueError(f"{name!r} is git's own directory's name")
+        if mode != pygit2.enums.FileMode.COMMIT and oid not in self._pyrepo.odb:
+            raise ValueError(f"the object {oid} of {name!r} is not in the repository")
+        self._entries[raw] = (int(mode), oid)
+
+    def write(self) -> pygit2.Oid:
+        """The tree written to the object store: its entries in git's order (by their bytes, a
+        directory's name as if it ended in `/`), each `<octal mode> <name>\\0<20-byte id>`."""
+
+        def order(item: tuple[bytes, tuple[int, pygit2.Oid]]) -> bytes:
+            name, (mode, _) = item
+            return name + b"/" if mode == pygit2.enums.FileMode.TREE else name
+
+        data = b"".join(
+            b"%o %s\0%s" % (mode, name, oid.raw)
+            for name, (mode, oid) in sorted(self._entries.items(), key=order)
+        )
+        return self._pyrepo.odb.write(pygit2.enums.ObjectType.TREE, data)
 
 
 def is_tree(obj: pygit2.Object) -> bool:

@@ -8,9 +8,16 @@ import json
 import os
 from pathlib import Path
 
+import anyio
 import pytest
 
-from orchestration.contracts import AgentStatus, SpawnRequest, TaskSpec
+from orchestration.contracts import (
+    AgentStatus,
+    MergeOutcome,
+    MergeRequest,
+    SpawnRequest,
+    TaskSpec,
+)
 from orchestration.model import ModelRequest, ToolResultBlock
 from orchestration.orchestrator import Orchestrator
 from tests.orchestration.scripts import by_task, git, make_repo
@@ -62,3 +69,33 @@ async def test_a_file_name_that_is_not_utf8_is_shown_escaped(tmp_path: Path) -> 
     assert sum("docs/bad\\udcffname.md" in text for text in results) >= 3, results
     lines = [json.loads(line) for line in transcript.splitlines()]
     assert [line["kind"] for line in lines].count("tool_result") == 3
+
+
+@pytest.mark.parametrize("workspaces", ["auto", "worktree"])
+async def test_a_file_an_agent_names_in_bytes_that_are_not_utf8_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workspaces: str
+) -> None:
+    """A command of the agent's makes a file whose name is not UTF-8 in its workspace (in a
+    view libgit2 builds the commit's tree; in a worktree git does): it is committed, reported
+    escaped, merged byte for byte, and every record and answer encodes."""
+    monkeypatch.setenv("FANOUT_WORKSPACES", workspaces)
+    repo = make_repo(tmp_path / "repo")
+    make = "printf 'odd\\n' > \"$(printf 'src/app/caf\\351.txt')\""
+    model = by_task({"ODD": [("run_command", {"command": make})]})
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        spawned = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="ODD make", name="odd", write_scope=["src/app"])])
+        )
+        status = await wait_until_final(orch, spawned.run_id)
+        agent = status.runs[0].agents[0]
+        assert agent.status is AgentStatus.SUCCEEDED, agent.result
+        assert agent.result is not None and agent.result.dropped_files == []
+        # (recorded and answered escaped: the records and the answers are JSON)
+        assert [c.path for c in agent.result.changed_files] == ["src/app/caf\\xe9.txt"]
+        status.model_dump_json()  # (the answer encodes)
+        merged = await orch.merge(MergeRequest(run_id=spawned.run_id))
+        assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]
+        merged.model_dump_json()
+    landed = os.path.join(os.fsencode(repo), b"src", b"app", b"caf\xe9.txt")
+    assert await anyio.Path(os.fsdecode(landed)).read_bytes() == b"odd\n"
+    git(repo, "fsck", "--strict", "--no-progress")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -435,20 +436,46 @@ def test_a_view_another_server_removed_is_unmounted_by_its_own(tmp_path: Path) -
     assert os.path.ismount(kept.path) and unmount_orphaned_views(repo) == []
 
 
-def test_a_name_that_is_not_utf8_is_reported_not_a_failed_commit(tmp_path: Path) -> None:
-    """An agent's file name that is not UTF-8 (hostile, or a stray byte): libgit2 cannot put it
-    in a tree, so the view's commit reports it and commits the rest, instead of failing."""
-    root = make_repo(tmp_path / "r", BASE_FILES)
-    ws = _view(GitRepo(root), "run1")
-    odd = os.path.join(os.fsencode(ws.path), b"src", b"bad\xff.py")
-    with open(odd, "wb") as f:
+def _odd_names(root: Path) -> None:
+    """Files whose names are not UTF-8 (hostile, or a stray byte), one in a new directory
+    whose name is not UTF-8 either, beside an ordinary change."""
+    top = os.fsencode(root)
+    with open(os.path.join(top, b"src", b"bad\xff.py"), "wb") as f:
         f.write(b"x = 1\n")
-    write(ws.path, "src/a.py", "a = 5\n")
+    os.mkdir(os.path.join(top, b"src", b"d\xe9"))
+    with open(os.path.join(top, b"src", b"d\xe9", b"in.txt"), "wb") as f:
+        f.write(b"inner\n")
+    write(root, "src/a.py", "a = 5\n")
+
+
+def test_a_name_that_is_not_utf8_is_committed_as_a_worktree_commits_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    """libgit2's tree builder takes UTF-8 names only; git stores any name byte for byte, so a
+    worktree's `git add -A` commits such a file. A view's commit makes the same tree."""
+    root = make_repo(tmp_path / "r", BASE_FILES)
+    repo = GitRepo(root)
+    ws = _view(repo, "run1")
+    _odd_names(ws.path)
     done = commit_workspace(ws, message="w", write_scope=SCOPE)
-    assert done.commit is not None
-    assert [c.path for c in done.changes] == ["src/a.py"]
-    assert done.dropped == ["src/bad\\xff.py (its name is not UTF-8: rename it to commit it)"]
-    assert os.path.exists(odd)  # still in the view, nothing deleted
+    assert done.commit is not None and done.dropped == []
+    odd = [os.fsdecode(b"src/bad\xff.py"), os.fsdecode(b"src/d\xe9/in.txt")]
+    assert sorted(c.path for c in done.changes) == sorted(["src/a.py", *odd])
+    tree = git(root, "rev-parse", f"{done.commit}^{{tree}}").strip()
+    listed = subprocess.run(
+        ["git", "ls-tree", "-r", "-z", "--name-only", done.commit],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    assert b"src/bad\xff.py" in listed and b"src/d\xe9/in.txt" in listed
+    assert_fsck(root)
+
+    wt = _worktree(repo, monkeypatch, "run2")
+    _odd_names(wt.path)
+    in_worktree = commit_workspace(wt, message="w", write_scope=SCOPE)
+    assert in_worktree.commit is not None
+    assert git(root, "rev-parse", f"{in_worktree.commit}^{{tree}}").strip() == tree
 
 
 def test_a_killed_writes_temporary_file_is_cleared_from_an_unmounted_view(

@@ -1,0 +1,83 @@
+"""`edit_tree` against git's own trees, for names libgit2's tree builder does not take."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pygit2
+
+from orchestration.workspace.tree_edits import TreeEdit, edit_tree
+
+
+def _git(repo: Path, *args: str | bytes, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        ["git", *args], cwd=repo, capture_output=True, check=True, env={**os.environ, **(env or {})}
+    )
+    return done.stdout.decode().strip()
+
+
+def test_names_that_are_not_utf8_make_the_tree_git_makes(tmp_path: Path) -> None:
+    """Entries named in bytes that are not UTF-8, among names that sort around them (a
+    directory sorts as if its name ended in `/`): the tree is the one `git write-tree` writes
+    for the same index, and `git fsck` finds nothing wrong with it."""
+    repo = tmp_path / "r"
+    _git(tmp_path, "init", "-q", str(repo))
+    pyrepo = pygit2.Repository(str(repo))
+    blob = pyrepo.create_blob(b"x\n")
+    other = pyrepo.create_blob(b"y\n")
+    base: dict[bytes, pygit2.Oid] = {
+        b"a/f": blob,
+        b"a.b": blob,
+        b"a-c": blob,
+        b"a0": blob,
+        b"keep/\xe9t\xe9": blob,  # already in the base, not UTF-8
+    }
+    index = str(tmp_path / "index")
+    env = {"GIT_INDEX_FILE": index}
+    for path, oid in base.items():
+        _git(
+            repo, "update-index", "--add", "--cacheinfo", f"100644,{oid},".encode() + path, env=env
+        )
+    base_tree = pyrepo[pygit2.Oid(hex=_git(repo, "write-tree", env=env))].peel(pygit2.Tree)
+
+    edits: dict[str, TreeEdit] = {
+        os.fsdecode(b"a\xff"): (other, pygit2.enums.FileMode.BLOB),
+        os.fsdecode(b"a/\xfe"): (other, pygit2.enums.FileMode.BLOB_EXECUTABLE),
+        os.fsdecode(b"new\xe0/deep/f"): (blob, pygit2.enums.FileMode.BLOB),
+        "a-c": None,
+        os.fsdecode(b"keep/\xe9t\xe9"): None,
+        "keep/plain": (other, pygit2.enums.FileMode.BLOB),
+    }
+    made = edit_tree(pyrepo, base_tree, edits)
+
+    _git(
+        repo,
+        "update-index",
+        "--add",
+        "--cacheinfo",
+        f"100644,{other},".encode() + b"a\xff",
+        env=env,
+    )
+    _git(
+        repo,
+        "update-index",
+        "--add",
+        "--cacheinfo",
+        f"100755,{other},".encode() + b"a/\xfe",
+        env=env,
+    )
+    _git(
+        repo,
+        "update-index",
+        "--add",
+        "--cacheinfo",
+        f"100644,{blob},".encode() + b"new\xe0/deep/f",
+        env=env,
+    )
+    _git(repo, "update-index", "--add", "--cacheinfo", f"100644,{other},keep/plain", env=env)
+    _git(repo, "update-index", "--force-remove", "a-c", b"keep/\xe9t\xe9", env=env)
+    assert str(made) == _git(repo, "write-tree", env=env)
+    _git(repo, "fsck", "--strict", "--no-progress")
+    pyrepo.free()
