@@ -34,12 +34,15 @@ def test_names_that_are_not_utf8_make_the_tree_git_makes(tmp_path: Path) -> None
         b"a0": blob,
         b"keep/\xe9t\xe9": blob,  # already in the base, not UTF-8
     }
-    index = str(tmp_path / "index")
-    env = {"GIT_INDEX_FILE": index}
-    for path, oid in base.items():
+    env = {"GIT_INDEX_FILE": str(tmp_path / "index")}
+
+    def add(mode: str, oid: pygit2.Oid, path: bytes) -> None:
         _git(
-            repo, "update-index", "--add", "--cacheinfo", f"100644,{oid},".encode() + path, env=env
+            repo, "update-index", "--add", "--cacheinfo", f"{mode},{oid},".encode() + path, env=env
         )
+
+    for path, oid in base.items():
+        add("100644", oid, path)
     base_tree = pyrepo[pygit2.Oid(hex=_git(repo, "write-tree", env=env))].peel(pygit2.Tree)
 
     edits: dict[str, TreeEdit] = {
@@ -52,31 +55,10 @@ def test_names_that_are_not_utf8_make_the_tree_git_makes(tmp_path: Path) -> None
     }
     made = edit_tree(pyrepo, base_tree, edits)
 
-    _git(
-        repo,
-        "update-index",
-        "--add",
-        "--cacheinfo",
-        f"100644,{other},".encode() + b"a\xff",
-        env=env,
-    )
-    _git(
-        repo,
-        "update-index",
-        "--add",
-        "--cacheinfo",
-        f"100755,{other},".encode() + b"a/\xfe",
-        env=env,
-    )
-    _git(
-        repo,
-        "update-index",
-        "--add",
-        "--cacheinfo",
-        f"100644,{blob},".encode() + b"new\xe0/deep/f",
-        env=env,
-    )
-    _git(repo, "update-index", "--add", "--cacheinfo", f"100644,{other},keep/plain", env=env)
+    add("100644", other, b"a\xff")
+    add("100755", other, b"a/\xfe")
+    add("100644", blob, b"new\xe0/deep/f")
+    add("100644", other, b"keep/plain")
     _git(repo, "update-index", "--force-remove", "a-c", b"keep/\xe9t\xe9", env=env)
     assert str(made) == _git(repo, "write-tree", env=env)
     _git(repo, "fsck", "--strict", "--no-progress")
