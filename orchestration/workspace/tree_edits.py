@@ -79,7 +79,7 @@ class _Frame:
         else:
             builder = _NamedInBytes(pyrepo, tree)
         for entry_name, edit in here.items():
-            if edit is None and _entry(builder, entry_name) is not None:
+            if edit is None and _has(builder, entry_name):
                 builder.remove(entry_name)
         return cls(name, had_tree, builder, here, list(below.items()))
 
@@ -87,6 +87,12 @@ class _Frame:
 def _entry(builder: pygit2.TreeBuilder | _NamedInBytes, name: str) -> pygit2.Object | None:
     found: pygit2.Object | None = builder.get(name)  # None when absent (the stub omits it)
     return found
+
+
+def _has(builder: pygit2.TreeBuilder | _NamedInBytes, name: str) -> bool:
+    if isinstance(builder, _NamedInBytes):
+        return name in builder
+    return _entry(builder, name) is not None
 
 
 def is_utf8(name: str) -> bool:
@@ -116,6 +122,9 @@ class _NamedInBytes:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, name: str) -> bool:
+        return os.fsencode(name) in self._entries
+
     def get(self, name: str) -> pygit2.Object | None:
         found = self._entries.get(os.fsencode(name))
         if found is None:
@@ -128,14 +137,17 @@ class _NamedInBytes:
         del self._entries[os.fsencode(name)]
 
     def insert(self, name: str, oid: pygit2.Oid, mode: int) -> None:
-        raw = os.fsencode(name)
-        if not raw or raw in (b".", b"..") or b"/" in raw or b"\0" in raw:
-            raise ValueError(f"{name!r} cannot name a tree's entry")
-        if raw.lower() == b".git":
-            raise ValueError(f"{name!r} is git's own directory's name")
-        if mode != pygit2.enums.FileMode.COMMIT and oid not in self._pyrepo.odb:
-            raise ValueError(f"the object {oid} of {name!r} is not in the repository")
-        self._entries[raw] = (int(mode), oid)
+        if is_utf8(name):
+            # libgit2's own checks of the name (`.git` and its other spellings) and the object
+            self._pyrepo.TreeBuilder().insert(name, oid, mode)
+        else:
+            # (a name with a byte that is not UTF-8 spells no `.git`, here or on NTFS or HFS+)
+            raw = os.fsencode(name)
+            if raw in (b".", b"..") or b"/" in raw or b"\0" in raw:
+                raise ValueError(f"{name!r} cannot name a tree's entry")
+            if mode != pygit2.enums.FileMode.COMMIT and oid not in self._pyrepo.odb:
+                raise ValueError(f"the object {oid} of {name!r} is not in the repository")
+        self._entries[os.fsencode(name)] = (int(mode), oid)
 
     def write(self) -> pygit2.Oid:
         """The tree written to the object store: its entries in git's order (by their bytes, a

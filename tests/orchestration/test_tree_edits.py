@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pygit2
+import pytest
 
 from orchestration.workspace.tree_edits import TreeEdit, edit_tree
 
@@ -61,5 +62,32 @@ def test_names_that_are_not_utf8_make_the_tree_git_makes(tmp_path: Path) -> None
     add("100644", other, b"keep/plain")
     _git(repo, "update-index", "--force-remove", "a-c", b"keep/\xe9t\xe9", env=env)
     assert str(made) == _git(repo, "write-tree", env=env)
+    _git(repo, "fsck", "--strict", "--no-progress")
+    pyrepo.free()
+
+
+def test_a_directory_written_in_bytes_keeps_libgit2s_checks_and_drops_a_gitlink(
+    tmp_path: Path,
+) -> None:
+    """Beside a name that is not UTF-8, the other names of the directory are still checked
+    as libgit2 checks them (no `.git` in any spelling), and a gitlink is deleted as any
+    entry is."""
+    repo = tmp_path / "r"
+    _git(tmp_path, "init", "-q", str(repo))
+    pyrepo = pygit2.Repository(str(repo))
+    blob = pyrepo.create_blob(b"x\n")
+    builder = pyrepo.TreeBuilder()
+    builder.insert("sub", pygit2.Oid(hex="1" * 40), pygit2.enums.FileMode.COMMIT)
+    builder.insert("f", blob, pygit2.enums.FileMode.BLOB)
+    base = pyrepo[builder.write()].peel(pygit2.Tree)
+    odd = os.fsdecode(b"caf\xe9")
+    for planted in (".git", ".GIT", "GIT~1", ".git."):
+        with pytest.raises(pygit2.GitError, match="invalid name"):
+            edit_tree(
+                pyrepo, base, {odd: (blob, pygit2.enums.FileMode.BLOB), planted: (blob, 0o100644)}
+            )
+    made = edit_tree(pyrepo, base, {odd: (blob, pygit2.enums.FileMode.BLOB), "sub": None})
+    assert made is not None
+    assert sorted(e.raw_name or b"" for e in pyrepo[made].peel(pygit2.Tree)) == [b"caf\xe9", b"f"]
     _git(repo, "fsck", "--strict", "--no-progress")
     pyrepo.free()
