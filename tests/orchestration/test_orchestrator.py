@@ -513,3 +513,30 @@ async def test_the_shared_context_is_read_at_the_snapshot_of_uncommitted_work(re
             )
     assert len(seen) == 1 and "the uncommitted plan" in seen[0].system_prefix
     assert "PLAN.md" in seen[0].system_prefix
+
+
+async def test_a_spawn_that_repeats_an_unmerged_run_says_so(repo: Path) -> None:
+    """A client that lost spawn's answer and calls again would run every task twice, the
+    second run waiting on the first's scopes: the second answer names the first run, and
+    how to drop the repeat. Other tasks, or the same ones once merged, get no such warning."""
+    model = by_task({"ONE": [("write_file", {"path": "src/app/one.py", "content": "ONE = 1\n"})]})
+    request = SpawnRequest(tasks=[TaskSpec(prompt="ONE add", name="one", write_scope=["src/app"])])
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        first = await orch.spawn(request)
+        again = await orch.spawn(request)
+        assert again.warnings[0].startswith(f"these tasks are those of run {first.run_id}")
+        assert f'cancel_subagents(run_id="{again.run_id}")' in again.warnings[0]
+        other = await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="ONE add", name="one", write_scope=["docs"])])
+        )
+        assert not any("these tasks are those of run" in w for w in other.warnings)
+        for dropped in (again, other):
+            await orch.cancel(dropped.run_id)
+            await wait_until_final(orch, dropped.run_id)
+            ids = [a.agent_id for a in dropped.agents]
+            await orch.merge(MergeRequest(run_id=dropped.run_id, discard=ids))
+        await wait_until_final(orch, first.run_id)
+        merged = await orch.merge(MergeRequest(run_id=first.run_id))
+        assert [r.outcome for r in merged.agents] == [MergeOutcome.MERGED]
+        later = await orch.spawn(request)
+        assert not any("these tasks are those of run" in w for w in later.warnings)
