@@ -265,9 +265,6 @@ class Orchestrator:
                     functools.partial(ws_mod.view_support, ctx.repo, self.settings.workspaces)
                 )
                 history_of = calls.start(functools.partial(estimates.history, ctx.store))
-                recent_of = calls.start(
-                    functools.partial(planner.recent_runs, ctx.store, self.clock.time())
-                )
                 running_on_of = calls.start(executor.describe)
                 sandbox_of = calls.start(
                     functools.partial(planner.sandbox_warnings, settings, sandbox_problem)
@@ -287,7 +284,7 @@ class Orchestrator:
             )
             agents = planner.new_agents(settings, request, run, names, known=known)
             warnings = [*sandbox_of.value(), *await planner.spawn_warnings(ctx.leases, agents)]
-            repeat = planner.repeat_warning(recent_of.value(), run_id, agents, run.created_at)
+            repeat = planner.repeat_warning(history, run_id, agents, run.created_at)
             if repeat is not None:
                 warnings.insert(0, repeat)
             if unoffered:

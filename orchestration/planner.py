@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import anyio
 
@@ -13,7 +14,7 @@ from orchestration.contracts import SpawnRequest
 from orchestration.errors import InvalidRequest
 from orchestration.prompts import shared_prefix
 from orchestration.records import scope_requests
-from orchestration.state import AgentRecord, RunRecord, SharedFile, SharedSnapshot, StateStore
+from orchestration.state import AgentRecord, RunRecord, SharedFile, SharedSnapshot
 from toolbus.lease_store import earlier_conflicts
 from toolbus.leases import LeaseManager
 from toolbus.sandbox import probe_bwrap
@@ -234,33 +235,29 @@ def sandbox_warnings(settings: Settings, problem: str | None) -> list[str]:
     return warnings
 
 
-# how far back, and over how many runs, spawn looks for a run of the same tasks
+# how far back spawn looks for a run of the same tasks
 REPEAT_WINDOW_S = 600.0
-REPEAT_RUNS = 5
-
-
-def recent_runs(store: StateStore, now: float) -> list[tuple[RunRecord, list[AgentRecord]]]:
-    """The runs made in the last `REPEAT_WINDOW_S` (the `REPEAT_RUNS` latest), with their
-    agents, newest first: what `repeat_warning` compares a new run with."""
-    runs = [r for r in store.latest_runs(REPEAT_RUNS) if now - r.created_at <= REPEAT_WINDOW_S]
-    return [(run, store.agents(run.run_id)) for run in reversed(runs)]
 
 
 def repeat_warning(
-    recent: list[tuple[RunRecord, list[AgentRecord]]],
+    latest: Sequence[tuple[RunRecord, Sequence[AgentRecord]]],
     run_id: str,
     agents: list[AgentRecord],
     now: float,
 ) -> str | None:
-    """A warning when the new run's tasks (prompts and write scopes) are those of a recent
-    run not yet all merged or discarded: a client that lost spawn's answer and called again
-    would otherwise run every task twice, the second run waiting on the first's scopes."""
+    """A warning when the new run's tasks (prompts and write scopes) are those of a run of
+    the last `REPEAT_WINDOW_S` not yet all merged or discarded: a client that lost spawn's
+    answer and called again would otherwise run every task twice, the second run waiting on
+    the first's scopes. `latest`: the latest runs with their agents, oldest first, as spawn
+    read them already (`estimates.history`)."""
 
-    def tasks(of: list[AgentRecord]) -> list[tuple[str, tuple[str, ...]]]:
+    def tasks(of: Sequence[AgentRecord]) -> list[tuple[str, tuple[str, ...]]]:
         return sorted((a.prompt, tuple(a.write_scope or ())) for a in of if a.rerun_of is None)
 
     mine = tasks(agents)
-    for run, theirs in recent:
+    for run, theirs in reversed(latest):
+        if now - run.created_at > REPEAT_WINDOW_S:
+            break
         if tasks(theirs) == mine and any(not a.status.closed for a in theirs):
             ago = max(0, round(now - run.created_at))
             return (
