@@ -181,10 +181,6 @@ def _write_merged_tree(
     changed = sorted(set(deletes) | set(writes))
     if not changed:
         return ours.id, []
-    if any(shown_path(path) != path for path in changed):
-        # a name that is not UTF-8 (pygit2 shows it with surrogates): pygit2's TreeBuilder
-        # takes UTF-8 names only, libgit2's index writes the exact bytes
-        return index.write_tree(pyrepo), changed
     # deletions first, so a file may replace a directory (or the other way) in one pass
     tree_id = edit_tree(pyrepo, ours, deletes) if deletes else ours.id
     if writes:
