@@ -152,7 +152,7 @@ def run_attention(
         step = _approval_step(asking)
         if moving:
             return RunAttention(False, step, mergeable, blocked, attention)
-        rest = _next_step(run_id, agents, by_id, blocked, mergeable)
+        rest = _next_step(run_id, agents, by_id, blocked, mergeable, redone=redone)
         return RunAttention(True, f"{step}; {rest}", mergeable, blocked, attention)
     if moving:
         running = sum(1 for a in agents if a.status.active)
@@ -162,7 +162,11 @@ def run_attention(
         )
         return RunAttention(False, step, mergeable, blocked, attention)
     return RunAttention(
-        True, _next_step(run_id, agents, by_id, blocked, mergeable), mergeable, blocked, attention
+        True,
+        _next_step(run_id, agents, by_id, blocked, mergeable, redone=redone),
+        mergeable,
+        blocked,
+        attention,
     )
 
 
@@ -198,8 +202,10 @@ def _next_step(
     by_id: Mapping[str, AgentRecord],
     blocked: Mapping[str, tuple[str, ...]],
     mergeable: tuple[str, ...],
+    *,
+    redone: frozenset[str],
 ) -> str:
-    """What a settled run needs, naming the agents."""
+    """What a settled run needs, naming the agents (`redone`: those a rerun replaces)."""
     parts: list[str] = []
     waiting = [a.agent_id for a in agents if a.status is AgentStatus.WAITING]
     if mergeable:
@@ -229,7 +235,6 @@ def _next_step(
             f"{_names(stuck, by_id)} ended without being merged and hold(s) a scope others wait "
             f"for: rerun_subagent(agent_id=…) to redo, or merge_results(run_id=…, discard=[{ids}])"
         )
-    redone = _being_redone(agents)
     failed = [
         a.agent_id
         for a in agents
