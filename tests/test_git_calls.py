@@ -137,6 +137,15 @@ def test_pinned_argv_turns_off_command_running_configuration(tmp_path: Path) -> 
     )
 
 
+def _libgit2_keys(git_dir: Path) -> list[str]:
+    """The repository's configuration keys as libgit2 lists them (what the server pins from)."""
+    repo = pygit2.Repository(str(git_dir))
+    try:
+        return [entry.name for entry in repo.config]
+    finally:
+        repo.free()
+
+
 def test_a_driver_named_with_an_equals_sign_stays_off(tmp_path: Path) -> None:
     """A filter driver's name is the user's to choose and may hold `=`; the agent's attributes
     can select it (`filter=a=b`). Given as `-c filter.a=b.clean=`, git splits the override at
@@ -149,9 +158,7 @@ def test_a_driver_named_with_an_equals_sign_stays_off(tmp_path: Path) -> None:
     gitcmd.run(ws, ["config", "filter.a=b.required", "true"])
     (ws / ".gitattributes").write_text("* filter=a=b\n")
     (ws / "work.txt").write_text("agent data\n")
-    repo = pygit2.Repository(str(ws / ".git"))
-    names = [entry.name for entry in repo.config]
-    repo.free()
+    names = _libgit2_keys(ws / ".git")
     assert "filter.a=b.clean" in names
     pinned = gitcmd.pin_named(ws / ".git", ws, names)
     assert gitcmd.config_env(pinned)["GIT_CONFIG_KEY_0"] == "filter.a=b.clean"
@@ -208,9 +215,7 @@ def test_filters_libgit2_cannot_list_are_turned_off_as_git_lists_them(tmp_path: 
     include_behind_hasconfig(ws, tmp_path / "work.gitconfig", driver)
     (ws / ".gitattributes").write_text("* filter=user\n")
     (ws / "work.txt").write_text("agent data\n")
-    repo = pygit2.Repository(str(ws / ".git"))
-    names = [entry.name for entry in repo.config]
-    repo.free()
+    names = _libgit2_keys(ws / ".git")
     assert not any(n.startswith("filter.") for n in names)  # libgit2 did not list the driver
     hashing = ["hash-object", "-w", "--stdin-paths"]
 
@@ -250,9 +255,7 @@ def test_a_hook_configured_by_name_does_not_run_in_a_workspace(tmp_path: Path) -
     gitcmd.run(ws, ["config", "hook.spy.event", "post-index-change"])
     gitcmd.run(ws, ["config", "hook.spy.command", f"touch {marker}"])
     (ws / "work.txt").write_text("agent data\n")
-    repo = pygit2.Repository(str(ws / ".git"))
-    names = [entry.name for entry in repo.config]
-    repo.free()
+    names = _libgit2_keys(ws / ".git")
 
     pinned = gitcmd.pin_named(ws / ".git", ws, names)
     assert gitcmd.run(ws, ["add", "-A"], pinned=pinned).returncode == 0
