@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from orchestration.contracts import AgentStatus, StopReason
-from orchestration.records import current_agent, pending_approval, reruns_of, scope_freed
+from orchestration.records import (
+    current_agent,
+    ended_unstarted,
+    pending_approval,
+    reruns_of,
+    scope_freed,
+)
 from orchestration.state import AgentRecord
 from toolbus.lease_store import Lease, LeaseRequest, conflicts
 
@@ -171,12 +177,15 @@ def run_attention(
 
 
 def _being_redone(agents: Sequence[AgentRecord]) -> frozenset[str]:
-    """The agents a rerun replaces (one not discarded), whose status stays as it was until the
-    rerun starts: nothing to do about them, the rerun is under way or done."""
+    """The agents a rerun replaces (one not discarded, and not ended before it ran), whose
+    status stays as it was until the rerun starts: nothing to do about them, the rerun is
+    under way or done."""
     return frozenset(
         a.rerun_of
         for a in agents
-        if a.rerun_of is not None and a.status is not AgentStatus.DISCARDED
+        if a.rerun_of is not None
+        and a.status is not AgentStatus.DISCARDED
+        and not ended_unstarted(a)
     )
 
 

@@ -22,7 +22,7 @@ from orchestration.contracts import (
 )
 from orchestration.errors import AgentNotFound, InvalidState
 from orchestration.join import JoinCandidate, Joiner, JoinOutcome, MergedReader
-from orchestration.records import first_line, workspace_of
+from orchestration.records import ended_unstarted, first_line, workspace_of
 from orchestration.registry import AgentRegistry
 from orchestration.state import AgentRecord
 from orchestration.verify import Verifier, first_failing
@@ -341,9 +341,15 @@ class Merger:
         )
 
     async def replace_when_running(self, ctx: RepoContext, old_id: str, new_id: str) -> None:
-        """Discard the agent a rerun replaces, once the rerun has started."""
-        while find_agent(ctx, new_id).status in (AgentStatus.QUEUED, AgentStatus.WAITING):
+        """Discard the agent a rerun replaces, once the rerun has started; a rerun that ended
+        without having run (cancelled while queued, say) leaves it as it was."""
+        while (new := find_agent(ctx, new_id)).status in (
+            AgentStatus.QUEUED,
+            AgentStatus.WAITING,
+        ):
             await ctx.store.wait_for_change(ctx.store.cursor(), 1.0)
+        if ended_unstarted(new):
+            return
         old = find_agent(ctx, old_id)
         if not old.status.closed:
             await self.remove_workspace(ctx, old)

@@ -101,6 +101,12 @@ def current_agent(
     return record
 
 
+def ended_unstarted(agent: AgentRecord) -> bool:
+    """Whether the agent ended without having run: cancelled while queued or waiting, or
+    failed before its workspace was ready. A rerun that ended so replaced nothing."""
+    return not agent.status.active and agent.started_at is None
+
+
 def reruns_of(agents: Iterable[AgentRecord]) -> dict[str, str]:
     """agent id -> the id of its latest rerun."""
     found: dict[str, str] = {}

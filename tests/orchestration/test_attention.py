@@ -118,7 +118,7 @@ def test_an_agent_a_rerun_replaces_is_not_asked_to_be_redone() -> None:
     only the rerun (the orchestrator would otherwise rerun or discard the old one again)."""
     old = _agent("r1-a1", AgentStatus.CONFLICTED, ["src"])
     rerun = _agent("r1-a2", AgentStatus.SUCCEEDED, ["src"], commit="1" * 40).model_copy(
-        update={"rerun_of": "r1-a1", "name": "a1-r2"}
+        update={"rerun_of": "r1-a1", "name": "a1-r2", "started_at": 1.0}
     )
     att = _attention([old, rerun], [_lease("r1-a2", "src")])
     assert att.settled
@@ -129,3 +129,8 @@ def test_an_agent_a_rerun_replaces_is_not_asked_to_be_redone() -> None:
     att = _attention([old, gone], [])
     assert att.next == "a1 did not succeed: read the agent's result, then rerun_subagent or discard"
     assert att.attention == ("r1-a1",)
+    # so is it once its rerun was cancelled before it ran: that rerun replaced nothing
+    unstarted = rerun.model_copy(update={"status": AgentStatus.CANCELLED, "started_at": None})
+    att = _attention([old, unstarted], [])
+    assert att.next.startswith("a1 did not succeed: ")
+    assert "r1-a1" in att.attention

@@ -426,6 +426,45 @@ async def test_an_agent_is_rerun_once_while_its_rerun_has_not_started(repo: Path
     assert shown == {agent_id: AgentStatus.DISCARDED, rerun.agent.agent_id: AgentStatus.SUCCEEDED}
 
 
+async def test_a_rerun_cancelled_before_it_ran_leaves_its_agent_as_it_was(repo: Path) -> None:
+    """Cancelling a queued rerun replaces nothing: the agent keeps its status and its place in
+    the run's next step, and may be rerun again; that rerun replaces it."""
+    gate = Gate({"HOLD": 1})
+    model = by_task(
+        {"EDIT": [_EDIT_CORE], "HOLD": [("write_file", {"path": "docs/h.md", "content": "h\n"})]},
+        gate=gate,
+    )
+    async with Orchestrator(settings(repo, max_running=1), lambda _name: model) as orch:
+        run_id, agent_id = await _conflicted(orch, repo)
+        await orch.spawn(
+            SpawnRequest(tasks=[TaskSpec(prompt="HOLD", name="hold", write_scope=["docs"])])
+        )
+        with anyio.fail_after(TIMEOUT):
+            await gate.reached["HOLD"].wait()  # it holds the server's one running place
+        first = (await orch.rerun(agent_id)).agent.agent_id
+        cancelled = await orch.cancel(run_id, [first])
+        assert [a.agent_id for a in cancelled.agents] == [first]
+        ended = {AgentStatus.CANCELLED, AgentStatus.CONFLICTED, AgentStatus.DISCARDED}
+        status = await wait_until_final(orch, run_id, statuses=ended)
+        shown = {a.agent_id: a.status for a in status.runs[0].agents}
+        assert shown == {agent_id: AgentStatus.CONFLICTED, first: AgentStatus.CANCELLED}
+        assert status.runs[0].next.startswith("edit did not succeed")
+        second = (await orch.rerun(agent_id)).agent.agent_id
+        gate.release["HOLD"].set()
+        final = await wait_until_final(
+            orch,
+            run_id,
+            statuses={AgentStatus.SUCCEEDED, AgentStatus.DISCARDED, AgentStatus.CANCELLED},
+        )
+    by_id = {a.agent_id: a for a in final.runs[0].agents}
+    assert {k: a.status for k, a in by_id.items()} == {
+        agent_id: AgentStatus.DISCARDED,
+        first: AgentStatus.CANCELLED,
+        second: AgentStatus.SUCCEEDED,
+    }
+    assert (by_id[agent_id].status_reason or "").startswith(f"replaced by {second} ")
+
+
 async def test_two_reruns_of_one_agent_at_once_make_one(repo: Path) -> None:
     model = by_task({"EDIT": [_EDIT_CORE]})
     async with Orchestrator(settings(repo), lambda _name: model) as orch:
