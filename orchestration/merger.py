@@ -39,6 +39,7 @@ class Merger:
     def __init__(self, settings: Settings, registry: AgentRegistry) -> None:
         self.settings = settings
         self._registry = registry
+        self._replacing: set[str] = set()  # the agents whose replacement is under way
 
     async def merge(
         self, ctx: RepoContext, request: MergeRequest, on_progress: OnProgress | None = None
@@ -342,7 +343,9 @@ class Merger:
 
     async def replace_when_running(self, ctx: RepoContext, old_id: str, new_id: str) -> None:
         """Discard the agent a rerun replaces, once the rerun has started; a rerun that ended
-        without having run (cancelled while queued, say) leaves it as it was."""
+        without having run (cancelled while queued, say) leaves it as it was. The runner
+        replaces it as the rerun starts (`replace`); this catches the starts it does not see
+        (another executor's)."""
         while (new := find_agent(ctx, new_id)).status in (
             AgentStatus.QUEUED,
             AgentStatus.WAITING,
@@ -350,8 +353,19 @@ class Merger:
             await ctx.store.wait_for_change(ctx.store.cursor(), 1.0)
         if ended_unstarted(new):
             return
-        old = find_agent(ctx, old_id)
-        if not old.status.closed:
+        await self.replace(ctx, old_id, new_id)
+
+    async def replace(self, ctx: RepoContext, old_id: str, new_id: str) -> None:
+        """Discard `old_id`, which its rerun `new_id` replaces now that it has started: its
+        workspace removed, then its record; its branch kept. Once: nothing when it is closed
+        already, or its replacement is under way."""
+        if old_id in self._replacing:
+            return
+        self._replacing.add(old_id)
+        try:
+            old = find_agent(ctx, old_id)
+            if old.status.closed:
+                return
             await self.remove_workspace(ctx, old)
             ctx.store.mark_discarded(
                 old_id,
@@ -359,6 +373,8 @@ class Merger:
                 f"replaced by {new_id} (rerun_subagent); its branch is kept",
             )
             self._registry.signal_released(old_id)
+        finally:
+            self._replacing.discard(old_id)
 
 
 def _with_reads(

@@ -100,6 +100,7 @@ class Orchestrator:
         )
         self._recovery = Recovery(self._registry, self._runner, self.timing)
         self._merger = Merger(settings, self._registry)
+        self._runner.replace_rerun = self._merger.replace
         self._contexts: dict[Path, RepoContext] = {}
         self._views: dict[Path, StatusView] = {}
         self._discovered: dict[Path, ws_mod.GitRepo] = {}

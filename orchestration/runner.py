@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -186,6 +186,8 @@ class AgentRunner:
         self._start_soon = start_soon
         self.external = external
         self.executor: Executor = executor or InProcessExecutor()
+        # discards the agent a rerun replaces (old id, new id), as the rerun starts here
+        self.replace_rerun: Callable[[RepoContext, str, str], Awaitable[None]] | None = None
 
     def policy(self, run: RunRecord, agent: AgentRecord) -> PermissionPolicy:
         """The permission policy of one agent: the settings, narrowed by its run and its task."""
@@ -590,6 +592,14 @@ class AgentRunner:
             start_commit=start,
             commit=start if start != base else None,
         )
+        if agent.rerun_of is not None and self.replace_rerun is not None:
+            # it has started: the agent it replaces goes before it records a turn or runs a
+            # tool, whatever happens to it next
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.replace_rerun(ctx, agent.rerun_of, agent.agent_id)
+                except Exception:  # (the agent it replaces keeps its status, and is shown so)
+                    log.exception("agent %s: discarding %s failed", agent.agent_id, agent.rerun_of)
         assert runtime.fence is not None
         runtime.audit = audit
         return AgentBus(

@@ -465,6 +465,20 @@ async def test_a_rerun_cancelled_before_it_ran_leaves_its_agent_as_it_was(repo: 
     assert (by_id[agent_id].status_reason or "").startswith(f"replaced by {second} ")
 
 
+async def test_the_agent_a_rerun_replaces_is_discarded_before_the_rerun_works(
+    repo: Path,
+) -> None:
+    """The agent a rerun replaces is discarded as the rerun starts, before it runs a tool: no
+    answer shows the rerun ended beside the old agent in its old status."""
+    model = by_task({"EDIT": [_EDIT_CORE]})
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        run_id, agent_id = await _conflicted(orch, repo)
+        new_id = (await orch.rerun(agent_id)).agent.agent_id
+        status = await wait_until_final(orch, run_id)  # (the first answer with none active)
+    shown = {a.agent_id: a.status for a in status.runs[0].agents}
+    assert shown == {agent_id: AgentStatus.DISCARDED, new_id: AgentStatus.SUCCEEDED}
+
+
 async def test_two_reruns_of_one_agent_at_once_make_one(repo: Path) -> None:
     model = by_task({"EDIT": [_EDIT_CORE]})
     async with Orchestrator(settings(repo), lambda _name: model) as orch:
