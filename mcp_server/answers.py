@@ -169,11 +169,13 @@ def agent_line(view: AgentView) -> AgentLine:
     summary = ""
     files = added = removed = 0
     if result is not None:
-        summary = one_line(result.summary) or one_line(result.error)
+        summary = one_line(result.summary)
         files = len(result.changed_files)
         added = sum(c.lines_added for c in result.changed_files)
         removed = sum(c.lines_removed for c in result.changed_files)
-        if result.error and view.status is not AgentStatus.SUCCEEDED:
+        if not summary:
+            summary = one_line(result.error)  # (the error once: not as a flag as well)
+        elif result.error and view.status is not AgentStatus.SUCCEEDED:
             flags.append("error: " + one_line(result.error, 80))
         if result.dropped_files:
             flags.append(f"dropped {len(result.dropped_files)} (see detail)")

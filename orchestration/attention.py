@@ -60,6 +60,8 @@ REDO = (
 )
 # Event kinds that always wake a long-poll: something went wrong that the orchestrator should see.
 ATTENTION_KINDS = frozenset({"lease_lost", "approval"})
+# the length at which the next step shows the one error several agents ended with
+COMMON_ERROR_CHARS = 400
 _HOLDS_SCOPE = (
     AgentStatus.SUCCEEDED,
     AgentStatus.FAILED,
@@ -189,6 +191,26 @@ def _being_redone(agents: Sequence[AgentRecord]) -> frozenset[str]:
     )
 
 
+def _one_error(ids: Sequence[str], by_id: Mapping[str, AgentRecord]) -> str | None:
+    """The error several agents (`ids`) all ended with, shown once (at most
+    `COMMON_ERROR_CHARS`), None unless there are two or more and they share it."""
+    if len(ids) < 2:
+        return None
+    errors = {
+        (record.result.error if record is not None and record.result is not None else None)
+        for record in (by_id.get(i) for i in ids)
+    }
+    if len(errors) != 1:
+        return None
+    error = errors.pop()
+    if not error:
+        return None
+    error = " ".join(error.split())
+    if len(error) > COMMON_ERROR_CHARS:
+        error = error[: COMMON_ERROR_CHARS - 1] + "…"
+    return error
+
+
 def _approval_step(asking: Sequence[AgentRecord]) -> str:
     """The call that answers the oldest pending approvals, saying what each agent wants."""
     parts: list[str] = []
@@ -252,10 +274,17 @@ def _next_step(
         and a.agent_id not in redone
     ]
     if failed:
-        parts.append(
-            f"{_names(failed, by_id)} did not succeed: read the agent's result, then "
-            "rerun_subagent or discard"
-        )
+        common = _one_error(failed, by_id)
+        if common is not None:
+            parts.append(
+                f"{_names(failed, by_id)} did not succeed, all with one error ({common}): "
+                "once its cause is gone, rerun_subagent each, or discard"
+            )
+        else:
+            parts.append(
+                f"{_names(failed, by_id)} did not succeed: read the agent's result, then "
+                "rerun_subagent or discard"
+            )
     if not parts:
         return "nothing to do: every agent of the run is merged, discarded or cancelled"
     return "; ".join(parts)

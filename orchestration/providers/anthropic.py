@@ -537,10 +537,24 @@ def translate_error(exc: BaseException) -> ModelError:
     return ModelResponseError(f"the model call failed: {type(exc).__name__}: {exc}")
 
 
+# What a refusal that every agent of the server meets alike points to: the orchestrator's next
+# step is then to have the server's configuration fixed, not to rerun the agents.
+_SERVER_SIDE = {
+    401: "the API refused the server's key: set ANTHROPIC_API_KEY where the server starts and "
+    "restart it; a rerun fails the same way until then",
+    403: "the server's key may not use this model or feature; a rerun fails the same way "
+    "until the key or the model changes",
+    404: "the API knows no such model or path: check the model (FANOUT_MODEL, or the task's "
+    "`model`) and ANTHROPIC_BASE_URL; a rerun fails the same way until then",
+}
+
+
 def _status_error(exc: anthropic.APIStatusError) -> ModelError:
     status = exc.status_code
     after = retry_after_s(exc.response.headers)
     what = f"the model API answered {status} ({exc.type or 'error'}): {exc.api_message or exc}"
+    if status in _SERVER_SIDE:
+        what = f"{what}; {_SERVER_SIDE[status]}"
     if status == 200:  # an `event: error` inside a stream: only the body says what it was
         return _stream_error(exc, after)
     if status == 429:

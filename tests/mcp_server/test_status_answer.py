@@ -147,6 +147,21 @@ def test_a_long_summary_is_one_line_in_answers_and_bounded_in_detail() -> None:
     assert len(json.dumps(answers.dump(answer))) < 8_000
 
 
+def test_an_agents_error_shows_once_in_its_line() -> None:
+    """A failed agent's error is its line's summary when it has none of its own, and not a
+    flag as well; beside a summary of its own it is a flag."""
+    error = "the model API answered 401 (authentication_error): invalid x-api-key"
+    bare = AgentResultView(stop_reason=StopReason.MODEL_ERROR, summary="", error=error)
+    told = bare.model_copy(update={"summary": "Got half way"})
+    lines = [
+        answers.agent_line(_view(f"r1-a{i}", AgentStatus.FAILED).model_copy(update={"result": r}))
+        for i, r in enumerate((bare, told))
+    ]
+    assert (lines[0].summary, lines[0].flags) == (error, ["stop: model_error"])
+    assert lines[1].summary == "Got half way"
+    assert lines[1].flags == ["error: " + answers.one_line(error, 80), "stop: model_error"]
+
+
 def _structured(result: CallToolResult) -> dict[str, Any]:
     assert not result.is_error, result
     assert result.structured_content is not None

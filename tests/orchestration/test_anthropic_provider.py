@@ -383,6 +383,31 @@ async def test_each_fault_maps_to_its_model_error(
     assert KEY not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("status", "kind", "says"),
+    [
+        (401, "authentication_error", "set ANTHROPIC_API_KEY where the server starts"),
+        (403, "permission_error", "may not use this model or feature"),
+        (404, "not_found_error", "check the model (FANOUT_MODEL"),
+    ],
+)
+async def test_a_refusal_every_agent_meets_alike_says_what_to_fix(
+    status: int, kind: str, says: str
+) -> None:
+    """The server's key refused, a model unknown: each agent that meets it is told what to
+    fix, since rerunning it alone fails the same way; an invalid request of its own is not."""
+    async with served() as (fake, model):
+        fake.inject(api_error(status, kind, "no"))
+        fake.inject(api_error(400, "invalid_request_error", "bad"))
+        with pytest.raises(ModelFatalError) as refused:
+            await model.complete(request())
+        with pytest.raises(ModelFatalError) as invalid:
+            await model.complete(request())
+    assert says in str(refused.value)
+    assert "a rerun fails the same way" in str(refused.value)
+    assert "rerun" not in str(invalid.value)
+
+
 async def test_an_unreachable_api_is_a_connection_error() -> None:
     async with AnthropicModel("claude-test", api_key=KEY, base_url="http://127.0.0.1:9") as model:
         with anyio.fail_after(10), pytest.raises(ModelConnectionError, match="could not reach"):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from orchestration.attention import RunAttention, run_attention
-from orchestration.contracts import AgentStatus
+from orchestration.attention import COMMON_ERROR_CHARS, RunAttention, run_attention
+from orchestration.contracts import AgentResult, AgentStatus, StopReason
 from orchestration.records import scope_requests
 from orchestration.state import AgentRecord
 from toolbus.lease_store import Lease, LeaseMode
@@ -134,3 +134,32 @@ def test_an_agent_a_rerun_replaces_is_not_asked_to_be_redone() -> None:
     att = _attention([old, unstarted], [])
     assert att.next.startswith("a1 did not succeed: ")
     assert "r1-a1" in att.attention
+
+
+def test_agents_that_failed_with_one_error_are_told_of_it_once() -> None:
+    """Several agents that ended with the same error: the next step says it once (a refusal
+    of the server's key, say, which no rerun mends); with different errors it names them."""
+    error = (
+        "the model API answered 401 (authentication_error): invalid x-api-key; the API refused "
+        "the server's key: set ANTHROPIC_API_KEY where the server starts and restart it"
+    )
+
+    def failed(agent_id: str, why: str) -> AgentRecord:
+        result = AgentResult(
+            status=AgentStatus.FAILED, stop_reason=StopReason.MODEL_ERROR, summary="", error=why
+        )
+        return _agent(agent_id, AgentStatus.FAILED, [agent_id]).model_copy(
+            update={"result": result}
+        )
+
+    att = _attention([failed("r1-a1", error), failed("r1-a2", error)], [])
+    assert att.next == (
+        f"a1, a2 did not succeed, all with one error ({error}): once its cause is gone, "
+        "rerun_subagent each, or discard"
+    )
+    att = _attention([failed("r1-a1", error), failed("r1-a2", "the model API timed out")], [])
+    assert att.next == (
+        "a1, a2 did not succeed: read the agent's result, then rerun_subagent or discard"
+    )
+    long = _attention([failed("r1-a1", "x" * 2_000), failed("r1-a2", "x" * 2_000)], [])
+    assert len(long.next) < COMMON_ERROR_CHARS + 120
