@@ -284,7 +284,11 @@ class Orchestrator:
                 mcp_servers=servers,
             )
             agents = planner.new_agents(settings, request, run, names, known=known)
-            warnings = [*sandbox_of.value(), *await planner.spawn_warnings(ctx.leases, agents)]
+            warnings = [
+                *planner.base_warnings(snap),
+                *sandbox_of.value(),
+                *await planner.spawn_warnings(ctx.leases, agents),
+            ]
             repeat = planner.repeat_warning(history, run_id, agents, run.created_at)
             if repeat is not None:
                 warnings.insert(0, repeat)

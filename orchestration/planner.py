@@ -268,6 +268,22 @@ def repeat_warning(
     return None
 
 
+def base_warnings(snap: ws_mod.Snapshot) -> list[str]:
+    """What spawn's answer says of the run's base: files with unresolved conflicts in the
+    user's checkout, which the base holds with their conflict markers."""
+    if not snap.unmerged:
+        return []
+    shown = ", ".join(snap.unmerged[:5]) + (
+        f" and {len(snap.unmerged) - 5} more" if len(snap.unmerged) > 5 else ""
+    )
+    return [
+        f"your checkout has unresolved conflicts (a merge, rebase or cherry-pick under way) in "
+        f"{shown}: the run's base holds these files as your working tree does, with their "
+        "conflict markers; unless the agents are to resolve them, cancel_subagents, finish or "
+        "abort that in your checkout, and spawn again"
+    ]
+
+
 async def spawn_warnings(leases: LeaseManager, agents: list[AgentRecord]) -> list[str]:
     """What else spawn's answer warns of (see `sandbox_warnings`): scopes that serialize,
     leases held."""

@@ -31,6 +31,9 @@ class Snapshot(BaseModel):
     branch_ref: str | None
     dirty: bool
     untracked_included: list[str] = Field(default_factory=list[str])
+    # files with unresolved conflicts in the user's checkout (a merge, rebase or cherry-pick
+    # under way): the base holds them as the working tree does, conflict markers and all
+    unmerged: list[str] = Field(default_factory=list[str])
 
 
 def snapshot(repo: GitRepo, run_id: str, *, pin: bool = True) -> Snapshot:
@@ -42,7 +45,7 @@ def snapshot(repo: GitRepo, run_id: str, *, pin: bool = True) -> Snapshot:
     is used by anything that lasts.
     """
     check_component(run_id, "run id")
-    head, branch, dirty, untracked = _head_and_status(repo)
+    head, branch, dirty, untracked, unmerged = _head_and_status(repo)
     base = head
     if dirty:
         untracked = sorted(untracked)
@@ -73,6 +76,7 @@ def snapshot(repo: GitRepo, run_id: str, *, pin: bool = True) -> Snapshot:
         branch_ref=branch,
         dirty=base != head,
         untracked_included=untracked if base != head else [],
+        unmerged=unmerged if base != head else [],
     )
 
 
@@ -111,16 +115,22 @@ def _pinned_in_process(repo: GitRepo, ref: str, base: str, message: str) -> bool
         pyrepo.free()
 
 
-def _head_and_status(repo: GitRepo) -> tuple[str, str | None, bool, list[str]]:
+# `git status`'s codes of an unmerged path (both sides' states)
+_UNMERGED = frozenset({"DD", "AU", "UD", "UA", "DU", "AA", "UU"})
+
+
+def _head_and_status(repo: GitRepo) -> tuple[str, str | None, bool, list[str], list[str]]:
     """(HEAD's commit, its branch ref or None, whether anything is uncommitted, the untracked
-    paths) from one `git status` (what `head_commit`, `head_branch` and `status_entries` say)."""
+    paths, the unmerged paths) from one `git status` (what `head_commit`, `head_branch` and
+    `status_entries` say)."""
     args = ("status", "--porcelain=v2", "-z", "--branch", "--untracked-files=all", "--no-renames")
     status = parse(run_git(repo.root, *args, env={"GIT_OPTIONAL_LOCKS": "0"}).stdout, v2=True)
     oid = status.headers.get("branch.oid", "")
     name = status.headers.get("branch.head")
     untracked = [e.path for e in status.entries if e.code == "??"]
+    unmerged = sorted(e.path for e in status.entries if e.code in _UNMERGED)
     dirty = bool(status.entries)
-    if not FULL_OID.fullmatch(oid):
-        return repo.head_commit(), repo.head_branch(), dirty, untracked  # says what is wrong
+    if not FULL_OID.fullmatch(oid):  # (says what is wrong)
+        return repo.head_commit(), repo.head_branch(), dirty, untracked, unmerged
     branch = None if name in (None, "(detached)") else f"refs/heads/{name}"
-    return oid, branch, dirty, untracked
+    return oid, branch, dirty, untracked, unmerged

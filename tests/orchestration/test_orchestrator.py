@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import anyio
@@ -301,6 +302,40 @@ async def test_user_uncommitted_changes_are_seen_and_left_untouched(repo: Path) 
     assert any("local edit" in text for text in read_results)
     after = (git(repo, "status", "--porcelain"), git(repo, "diff"), git(repo, "diff", "--cached"))
     assert after == before
+
+
+def _merge_with_a_conflict(repo: Path) -> None:
+    """Leave `repo` mid-merge, README.md unmerged."""
+    git(repo, "checkout", "-q", "-b", "theirs")
+    (repo / "README.md").write_text("theirs\n")
+    git(repo, "commit", "-qam", "theirs")
+    git(repo, "checkout", "-q", "main")
+    (repo / "README.md").write_text("ours\n")
+    git(repo, "commit", "-qam", "ours")
+    merging = subprocess.run(
+        ["git", "-C", str(repo), "merge", "theirs"], capture_output=True, check=False
+    )
+    assert merging.returncode != 0
+
+
+async def test_spawn_in_a_checkout_with_unresolved_conflicts_says_so(repo: Path) -> None:
+    """The user's checkout is mid-merge with a conflict: the run's base holds the file with its
+    conflict markers, as the working tree does, and spawn's first warning names it. A clean
+    checkout gets no such warning."""
+    model = by_task({"LOOK": [("read_file", {"path": "README.md"})]})
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        clean = await orch.spawn(SpawnRequest(tasks=[TaskSpec(prompt="LOOK", write_scope=[])]))
+        assert not any("unresolved conflicts" in w for w in clean.warnings)
+        await anyio.to_thread.run_sync(_merge_with_a_conflict, repo)
+        again = TaskSpec(prompt="LOOK at it again", write_scope=[])
+        spawned = await orch.spawn(SpawnRequest(tasks=[again]))
+        assert spawned.warnings[0].startswith(
+            "your checkout has unresolved conflicts (a merge, rebase or cherry-pick under way) "
+            "in README.md: the run's base holds these files as your working tree does"
+        )
+        await wait_until_final(orch, spawned.run_id)
+    assert "<<<<<<<" in git(repo, "show", f"{spawned.base_commit}:README.md")
+    assert git(repo, "status", "--porcelain").startswith("UU README.md")
 
 
 async def test_restart_marks_running_agents_interrupted_and_rerun_resumes(repo: Path) -> None:
