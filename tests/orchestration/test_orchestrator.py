@@ -427,23 +427,36 @@ async def _conflicted(orch: Orchestrator, repo: Path) -> tuple[str, str]:
     return spawned.run_id, status.runs[0].agents[0].agent_id
 
 
-async def test_an_agent_is_rerun_once_while_its_rerun_has_not_started(repo: Path) -> None:
-    """A rerun replaces its agent once it starts; until then the agent keeps its status. A
-    second rerun_subagent of it (a client's retry, say) is refused, naming the first: two
-    reruns would redo one task in one scope side by side. Nor does the run's next step ask
-    for the agent to be redone meanwhile."""
+def _edit_and_hold() -> tuple[Gate, Model]:
+    """A model for `_conflicted`'s task and for one that holds until the gate lets it go."""
     gate = Gate({"HOLD": 1})
     model = by_task(
         {"EDIT": [_EDIT_CORE], "HOLD": [("write_file", {"path": "docs/h.md", "content": "h\n"})]},
         gate=gate,
     )
+    return gate, model
+
+
+async def _conflicted_while_held(orch: Orchestrator, repo: Path, gate: Gate) -> tuple[str, str]:
+    """`_conflicted`, then an agent of another run that holds the server's one running place
+    (`max_running=1`) until `gate` lets it go: a rerun stays queued meanwhile."""
+    run_id, agent_id = await _conflicted(orch, repo)
+    await orch.spawn(
+        SpawnRequest(tasks=[TaskSpec(prompt="HOLD", name="hold", write_scope=["docs"])])
+    )
+    with anyio.fail_after(TIMEOUT):
+        await gate.reached["HOLD"].wait()
+    return run_id, agent_id
+
+
+async def test_an_agent_is_rerun_once_while_its_rerun_has_not_started(repo: Path) -> None:
+    """A rerun replaces its agent once it starts; until then the agent keeps its status. A
+    second rerun_subagent of it (a client's retry, say) is refused, naming the first: two
+    reruns would redo one task in one scope side by side. Nor does the run's next step ask
+    for the agent to be redone meanwhile."""
+    gate, model = _edit_and_hold()
     async with Orchestrator(settings(repo, max_running=1), lambda _name: model) as orch:
-        run_id, agent_id = await _conflicted(orch, repo)
-        await orch.spawn(
-            SpawnRequest(tasks=[TaskSpec(prompt="HOLD", name="hold", write_scope=["docs"])])
-        )
-        with anyio.fail_after(TIMEOUT):
-            await gate.reached["HOLD"].wait()  # it holds the server's one running place
+        run_id, agent_id = await _conflicted_while_held(orch, repo, gate)
         rerun = await orch.rerun(agent_id)
         again = f"{agent_id} is already rerun as {rerun.agent.agent_id}"
         with pytest.raises(InvalidState, match=again):
@@ -464,18 +477,9 @@ async def test_an_agent_is_rerun_once_while_its_rerun_has_not_started(repo: Path
 async def test_a_rerun_cancelled_before_it_ran_leaves_its_agent_as_it_was(repo: Path) -> None:
     """Cancelling a queued rerun replaces nothing: the agent keeps its status and its place in
     the run's next step, and may be rerun again; that rerun replaces it."""
-    gate = Gate({"HOLD": 1})
-    model = by_task(
-        {"EDIT": [_EDIT_CORE], "HOLD": [("write_file", {"path": "docs/h.md", "content": "h\n"})]},
-        gate=gate,
-    )
+    gate, model = _edit_and_hold()
     async with Orchestrator(settings(repo, max_running=1), lambda _name: model) as orch:
-        run_id, agent_id = await _conflicted(orch, repo)
-        await orch.spawn(
-            SpawnRequest(tasks=[TaskSpec(prompt="HOLD", name="hold", write_scope=["docs"])])
-        )
-        with anyio.fail_after(TIMEOUT):
-            await gate.reached["HOLD"].wait()  # it holds the server's one running place
+        run_id, agent_id = await _conflicted_while_held(orch, repo, gate)
         first = (await orch.rerun(agent_id)).agent.agent_id
         cancelled = await orch.cancel(run_id, [first])
         assert [a.agent_id for a in cancelled.agents] == [first]
