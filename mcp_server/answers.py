@@ -35,6 +35,8 @@ from orchestration.contracts import (
 from orchestration.prompts import SUMMARY_ANSWER_CHARS
 
 LINE_CHARS = 120
+# a merge reason longer than this, shared by several agents, is given whole once
+SHARED_REASON_MIN_CHARS = 40
 """The most of an agent's summary an agent's line shows (its first line)."""
 FOLLOW_UPS_SHOWN = 10
 FOLLOW_UP_CHARS = 300
@@ -560,13 +562,17 @@ class MergeAnswer(_Answer):
 
 
 def merge_answer(result: MergeResult) -> MergeAnswer:
-    return MergeAnswer(
-        run_id=result.run_id,
-        dry_run=result.dry_run,
-        verification=result.verification,
-        head=result.head,
-        branch=result.branch,
-        agents=[
+    # a reason several agents share (the checkout not brought forward, say) is given whole
+    # once, on the first of them; the others refer to it
+    first_with: dict[str, str] = {}
+    lines: list[MergeLine] = []
+    for a in result.agents:
+        reason = _merge_reason(a)
+        if len(reason) > SHARED_REASON_MIN_CHARS:
+            first = first_with.setdefault(reason, a.agent_id)
+            if first != a.agent_id:
+                reason = f"the same as {first}"
+        lines.append(
             MergeLine(
                 agent_id=a.agent_id,
                 name=a.name,
@@ -576,10 +582,16 @@ def merge_answer(result: MergeResult) -> MergeAnswer:
                 removed=a.diffstat.deletions,
                 conflicts=a.conflicts[:20],
                 stale_reads=a.stale_reads[:20],
-                reason=_merge_reason(a),
+                reason=reason,
             )
-            for a in result.agents
-        ],
+        )
+    return MergeAnswer(
+        run_id=result.run_id,
+        dry_run=result.dry_run,
+        verification=result.verification,
+        head=result.head,
+        branch=result.branch,
+        agents=lines,
         files=result.diffstat.files,
         added=result.diffstat.insertions,
         removed=result.diffstat.deletions,

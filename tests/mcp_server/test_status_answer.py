@@ -17,10 +17,14 @@ from mcp_server.demo import DEMO_TASKS, demo_model_factory, make_sample_repo
 from mcp_server.server import build_server
 from orchestration.config import Settings
 from orchestration.contracts import (
+    AgentMergeResult,
     AgentResultView,
     AgentStatus,
     AgentView,
+    DiffStat,
     LeaseView,
+    MergeOutcome,
+    MergeResult,
     RunTotals,
     RunView,
     ServerLoad,
@@ -160,6 +164,35 @@ def test_an_agents_error_shows_once_in_its_line() -> None:
     assert (lines[0].summary, lines[0].flags) == (error, ["stop: model_error"])
     assert lines[1].summary == "Got half way"
     assert lines[1].flags == ["error: " + answers.one_line(error, 80), "stop: model_error"]
+
+
+def test_a_merge_reason_several_agents_share_is_given_whole_once() -> None:
+    """The checkout could not be brought forward, so every agent's merge was undone: the first
+    agent's line gives the reason, the others refer to it; short reasons stay as they are."""
+    undone = (
+        "your checkout could not be brought forward, so the merge was undone (nothing "
+        "changed): fatal: You need to resolve your current index first"
+    )
+    agents = [
+        AgentMergeResult(
+            agent_id=f"r1-a{i}", name=f"t{i}", outcome=MergeOutcome.SKIPPED, reason=undone
+        )
+        for i in range(1, 65)
+    ]
+    agents += [
+        AgentMergeResult(
+            agent_id=f"r1-b{i}", name=f"d{i}", outcome=MergeOutcome.DISCARDED, reason="discarded"
+        )
+        for i in (1, 2)
+    ]
+    result = MergeResult(
+        run_id="r1", dry_run=False, agents=agents, head="h" * 40, branch=None, diffstat=DiffStat()
+    )
+    answer = answers.merge_answer(result)
+    reasons = [line.reason for line in answer.agents]
+    assert reasons == [undone] + ["the same as r1-a1"] * 63 + ["discarded"] * 2
+    assert answers.merge_text(answer).count("You need to resolve") == 1
+    assert len(json.dumps(answers.dump(answer))) < 100 * len(agents)
 
 
 def _structured(result: CallToolResult) -> dict[str, Any]:
