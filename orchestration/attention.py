@@ -16,8 +16,8 @@ from enum import StrEnum
 from orchestration.contracts import AgentStatus, StopReason
 from orchestration.records import (
     current_agent,
-    ended_unstarted,
     pending_approval,
+    replaces_its_agent,
     reruns_of,
     scope_freed,
 )
@@ -182,13 +182,7 @@ def _being_redone(agents: Sequence[AgentRecord]) -> frozenset[str]:
     """The agents a rerun replaces (one not discarded, and not ended before it ran), whose
     status stays as it was until the rerun starts: nothing to do about them, the rerun is
     under way or done."""
-    return frozenset(
-        a.rerun_of
-        for a in agents
-        if a.rerun_of is not None
-        and a.status is not AgentStatus.DISCARDED
-        and not ended_unstarted(a)
-    )
+    return frozenset(a.rerun_of for a in agents if a.rerun_of and replaces_its_agent(a))
 
 
 def _one_error(ids: Sequence[str], by_id: Mapping[str, AgentRecord]) -> str | None:

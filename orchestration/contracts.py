@@ -555,15 +555,23 @@ class DiffStat(_Record):
         )
 
 
+def is_utf8(name: str) -> bool:
+    """Whether `name` (a file name as `os.fsdecode` gives it) is UTF-8; a name that is not
+    holds the surrogates of its other bytes."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def shown_path(path: str) -> str:
     """`path` as a report may carry it: in a name that is not UTF-8 (git allows it, pygit2
     gives it with surrogates), each byte that is not UTF-8 is shown as `\\xNN`, since JSON and
     the records take UTF-8 only."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return path
+    if is_utf8(path):
+        return path
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 # What the join step did with one agent (`clean` is a dry run's `merged`). No docstring: it

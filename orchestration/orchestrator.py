@@ -54,7 +54,7 @@ from orchestration.executors import Executor, make_executor
 from orchestration.merger import Merger
 from orchestration.models import AGENTS_PER_MODEL, ModelFactory, ModelPool, default_model_factory
 from orchestration.prompts import shared_prefix
-from orchestration.records import brief, ended_unstarted, has_work, reruns_of
+from orchestration.records import brief, has_work, replaces_its_agent, reruns_of
 from orchestration.recovery import Recovery
 from orchestration.registry import AgentRegistry, LeaseFence
 from orchestration.runner import AgentRunner
@@ -632,11 +632,10 @@ def _refuse_second_rerun(ctx: RepoContext, old: AgentRecord) -> None:
     """`InvalidState` when `old` has a rerun already that was not discarded and did not end
     before it ran: it replaces `old` once it starts (until then `old` keeps its status), and
     a second rerun would redo the same task in the same scope beside it."""
-    later = reruns_of(ctx.store.agents(old.run_id)).get(old.agent_id)
-    if later is None:
-        return
-    newer = find_agent(ctx, later)
-    if newer.status is AgentStatus.DISCARDED or ended_unstarted(newer):
+    agents = {a.agent_id: a for a in ctx.store.agents(old.run_id)}
+    later = reruns_of(agents.values()).get(old.agent_id)
+    newer = agents.get(later) if later is not None else None
+    if newer is None or not replaces_its_agent(newer):
         return
     raise InvalidState(
         f"{old.agent_id} is already rerun as {later} ({newer.name}, {newer.status.value}), "

@@ -107,6 +107,16 @@ def ended_unstarted(agent: AgentRecord) -> bool:
     return not agent.status.active and agent.started_at is None
 
 
+def replaces_its_agent(agent: AgentRecord) -> bool:
+    """Whether `agent` is a rerun that stands for the agent it reruns (`rerun_of`): not
+    discarded, and not ended before it ran (such a rerun replaced nothing)."""
+    return (
+        agent.rerun_of is not None
+        and agent.status is not AgentStatus.DISCARDED
+        and not ended_unstarted(agent)
+    )
+
+
 def reruns_of(agents: Iterable[AgentRecord]) -> dict[str, str]:
     """agent id -> the id of its latest rerun."""
     found: dict[str, str] = {}

@@ -7,9 +7,8 @@ from collections.abc import Collection, Mapping, Sequence
 
 import pygit2
 
-from orchestration.contracts import ChangeStatus, DiffStat, FileChange
+from orchestration.contracts import ChangeStatus, DiffStat, FileChange, is_utf8
 from orchestration.workspace.git import GitRepo, tree_of
-from orchestration.workspace.tree_edits import is_utf8
 
 _STATUS: dict[str, ChangeStatus] = {
     "A": "added",

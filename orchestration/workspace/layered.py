@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import pygit2
 
-from orchestration.contracts import shown_path
+from orchestration.contracts import is_utf8, shown_path
 from orchestration.errors import RepositoryError
 from orchestration.workspace import overlay
 from orchestration.workspace.diffs import applied_changes, file_changes
@@ -82,7 +82,7 @@ from orchestration.workspace.pinning import (
     remove_blocking_rule_files,
     secure_workspace_git,
 )
-from orchestration.workspace.tree_edits import TreeEdit, edit_tree, is_utf8
+from orchestration.workspace.tree_edits import TreeEdit, edit_tree
 from orchestration.workspace.worktrees import (
     GitWorktrees,
     Workspaces,

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import pygit2
 
+from orchestration.contracts import is_utf8
+
 TreeEdit = tuple[pygit2.Oid, int] | None
 """A path's new blob (or link, or gitlink) and file mode, or None to delete it."""
 
@@ -93,16 +95,6 @@ def _has(builder: pygit2.TreeBuilder | _NamedInBytes, name: str) -> bool:
     if isinstance(builder, _NamedInBytes):
         return name in builder
     return _entry(builder, name) is not None
-
-
-def is_utf8(name: str) -> bool:
-    """Whether `name` (a file name as `os.fsdecode` gives it) is UTF-8, as libgit2's tree
-    builder takes names; a name that is not holds the surrogates of its other bytes."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class _NamedInBytes:
