@@ -23,6 +23,7 @@ from orchestration.orchestrator import RepoContext
 log = logging.getLogger("fanout.mcp")
 
 WATCH_WINDOW_S = 30.0
+WATCH_RETRY_S = 1.0  # after a failed read of the events
 
 
 def uris_for(run_id: str | None, agent_id: str | None) -> list[str]:
@@ -55,9 +56,15 @@ class ResourceNotifier:
         store = ctx.store
         cursor = store.cursor()
         while True:
-            if not await store.wait_for_change(cursor, WATCH_WINDOW_S):
+            try:
+                if not await store.wait_for_change(cursor, WATCH_WINDOW_S):
+                    continue
+                events = store.events(since=cursor)
+            except Exception:  # (the state busy, say): read again shortly; the watcher, a task
+                # of the server's, must not take the server down with it
+                log.exception("following the events of %s failed", ctx.repo.root)
+                await anyio.sleep(WATCH_RETRY_S)
                 continue
-            events = store.events(since=cursor)
             if not events:
                 continue
             cursor = events[-1].seq

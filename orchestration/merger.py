@@ -4,6 +4,7 @@ does once the agents are chosen, and what a merge or discard leaves behind (noth
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from orchestration.verify import Verifier, first_failing
 from toolbus.audit import reads_of
 from toolbus.errors import LeaseError
 from toolbus.terminal import remove_home
+
+log = logging.getLogger("fanout.orchestrator")
 
 OnProgress = Callable[[int, int, str], None]
 
@@ -353,7 +356,11 @@ class Merger:
             await ctx.store.wait_for_change(ctx.store.cursor(), 1.0)
         if ended_unstarted(new):
             return
-        await self.replace(ctx, old_id, new_id)
+        try:
+            await self.replace(ctx, old_id, new_id)
+        except Exception:  # a task of the server's: it must not take the server down with it
+            # (the agent keeps its status and is shown so; the next recovery tries again)
+            log.exception("agent %s: discarding %s failed", new_id, old_id)
 
     async def replace(self, ctx: RepoContext, old_id: str, new_id: str) -> None:
         """Discard `old_id`, which its rerun `new_id` replaces now that it has started: its

@@ -510,9 +510,13 @@ class Orchestrator:
         seen = ctx.store.cursor()
         while True:
             await anyio.sleep(self.timing.cancel_poll_s)
-            for seq, agent_id, detail in ctx.store.events_of_kind(
-                EventKind.CANCEL_REQUESTED, since=seen
-            ):
+            try:
+                requests = ctx.store.events_of_kind(EventKind.CANCEL_REQUESTED, since=seen)
+            except Exception:  # (the state busy, say): the next poll reads again; the watch,
+                # a task of the server's, must not take the server down with it
+                log.exception("reading the cancel requests of %s failed", ctx.repo.root)
+                continue
+            for seq, agent_id, detail in requests:
                 seen = max(seen, seq)
                 runtime = self._registry.running_here(agent_id)
                 if runtime is not None:

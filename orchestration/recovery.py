@@ -14,7 +14,13 @@ from orchestration.clock import Timing
 from orchestration.context import RepoContext, find_agent
 from orchestration.contracts import AgentResult, AgentStatus, FileChange, StopReason
 from orchestration.join import Joiner
-from orchestration.records import has_work, scope_freed, scope_requests, workspace_of
+from orchestration.records import (
+    has_work,
+    replaces_its_agent,
+    scope_freed,
+    scope_requests,
+    workspace_of,
+)
 from orchestration.registry import AgentRegistry, LeaseFence
 from orchestration.runner import AgentRunner, commit_work, file_changes
 from orchestration.state import AgentRecord
@@ -105,7 +111,28 @@ class Recovery:
         for run_id in touched_runs:
             if not any(a.status.active for a in ctx.store.agents(run_id)):
                 ctx.store.reset_reservations(run_id)
+        await self._finish_replacements(ctx)
         await self._adopt_leases(ctx, live)
+
+    async def _finish_replacements(self, ctx: RepoContext) -> None:
+        """Discard the agents that reruns which started replace, where that was left undone: a
+        server that stopped between starting a rerun and discarding the agent it replaces, or a
+        discard that failed. Only reruns no server runs any more (a running one's runner does
+        it as it starts), and only with the runner's hook (the orchestrator's merger)."""
+        replace = self._runner.replace_rerun
+        if replace is None:
+            return
+        agents = {a.agent_id: a for a in await anyio.to_thread.run_sync(ctx.store.all_agents)}
+        for rerun in agents.values():
+            if rerun.rerun_of is None or rerun.status.active or not replaces_its_agent(rerun):
+                continue
+            old = agents.get(rerun.rerun_of)
+            if old is None or old.status.closed or old.status.active:
+                continue
+            try:
+                await replace(ctx, old.agent_id, rerun.agent_id)
+            except Exception:  # (it keeps its status and is shown so; the next recovery tries)
+                log.exception("agent %s: discarding %s failed", rerun.agent_id, old.agent_id)
 
     async def _recover_one(self, ctx: RepoContext, agent: AgentRecord) -> None:
         """An agent of a dead server, claimed: commit what its worktree holds and mark it

@@ -160,6 +160,9 @@ class SharedReadLeases:
             await self._manager.release(shared.grant)
         except LeaseError:
             logger.debug("a shared read lease on %s was already gone", name)
+        except Exception:  # (the lease store busy, say): the lease lapses at its TTL, unrenewed;
+            # this runs as a task of the server's, which must not go down with it
+            logger.exception("giving back a shared read lease on %s failed", name)
 
     @asynccontextmanager
     async def before_write(self, name: str) -> AsyncGenerator[None]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from mcp_server.demo import (
 )
 from mcp_server.server import FanoutServer, build_server
 from orchestration.config import Settings
+from orchestration.state import Event, StateStore
 from tests.mcp_server.servers import spawn_demo_settled
 
 pytestmark = pytest.mark.anyio
@@ -72,3 +74,32 @@ async def test_resources_subscribe_gets_updates_legacy(tmp_path: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             await client.unsubscribe_resource(uri)  # pyright: ignore[reportDeprecated]
+
+
+async def test_a_failed_read_of_the_events_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watcher that announces updates reads the state's events as a task of the server's:
+    a read that fails (the state busy, say) is logged and read again, and nothing is missed; the
+    server goes on serving."""
+    failed: list[int] = []
+    events = StateStore.events
+
+    def busy_once(store: StateStore, *, since: int = 0) -> list[Event]:
+        if not failed:  # (the watcher is its only reader)
+            failed.append(since)
+            raise sqlite3.OperationalError("database is locked")
+        return events(store, since=since)
+
+    monkeypatch.setattr(StateStore, "events", busy_once)
+    async with Client(_server(make_sample_repo(tmp_path)), mode="auto") as client:
+        run_id, agent_id = await _finished_agent(client)
+        uri = f"fanout://agents/{agent_id}/result"
+        async with client.listen(resource_subscriptions=[uri]) as sub:
+            merged = structured(await client.call_tool("merge_results", {"run_id": run_id}))
+            assert merged["agents"][0]["outcome"] == "merged"
+            with anyio.fail_after(30):
+                async for event in sub:
+                    if isinstance(event, ResourceUpdated) and event.uri == uri:
+                        break
+    assert failed

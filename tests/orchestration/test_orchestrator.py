@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 from pathlib import Path
 
 import anyio
 import pytest
 
+from orchestration.clock import Timing
 from orchestration.config import Settings
 from orchestration.contracts import (
     AgentStatus,
@@ -26,8 +28,10 @@ from orchestration.errors import (
     InvalidState,
     ModelFatalError,
 )
+from orchestration.merger import Merger
 from orchestration.model import Model, ModelRequest, ModelResponse
 from orchestration.orchestrator import Orchestrator
+from orchestration.state import EventKind, StateStore
 from tests.orchestration.scripts import Gate, Step, by_task, git, make_repo
 
 pytestmark = pytest.mark.anyio
@@ -516,6 +520,63 @@ async def test_the_agent_a_rerun_replaces_is_discarded_before_the_rerun_works(
         status = await wait_until_final(orch, run_id)  # (the first answer with none active)
     shown = {a.agent_id: a.status for a in status.runs[0].agents}
     assert shown == {agent_id: AgentStatus.DISCARDED, new_id: AgentStatus.SUCCEEDED}
+
+
+async def test_a_replacement_left_undone_is_finished_when_the_repository_opens(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that stopped after a rerun started, before it discarded the agent the rerun
+    replaces (or whose discard failed), leaves that agent in its old status: the next server
+    to open the repository discards it, so that it is neither merged beside its rerun nor
+    shown as work still to do."""
+
+    async def fails(*_args: object) -> None:
+        raise OSError("stopped before the discard")
+
+    model = by_task({"EDIT": [_EDIT_CORE]})
+    monkeypatch.setattr(Merger, "replace", fails)
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        run_id, agent_id = await _conflicted(orch, repo)
+        new_id = (await orch.rerun(agent_id)).agent.agent_id
+        status = await wait_until_final(orch, run_id)
+    left = {a.agent_id: a.status for a in status.runs[0].agents}
+    assert left == {agent_id: AgentStatus.CONFLICTED, new_id: AgentStatus.SUCCEEDED}
+    monkeypatch.undo()
+    async with Orchestrator(settings(repo), lambda _name: model) as orch:
+        status = await orch.status(run_id=run_id)
+    shown = {a.agent_id: a.status for a in status.runs[0].agents}
+    assert shown == {agent_id: AgentStatus.DISCARDED, new_id: AgentStatus.SUCCEEDED}
+    assert not any(agent_id in step for step in status.runs[0].next)
+
+
+async def test_a_failing_read_of_cancel_requests_leaves_the_server_running(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch for cancel requests made from other servers reads the state on its own: a
+    read that fails (the state busy, say) is tried again at the next poll, and the server, whose
+    task the watch is, goes on serving."""
+    reads: list[int] = []
+    read_again = anyio.Event()
+    real = StateStore.events_of_kind
+
+    def flaky(store: StateStore, kind: EventKind, *, since: int) -> list[tuple[int, str, str]]:
+        reads.append(since)
+        if len(reads) == 4:
+            read_again.set()
+        if len(reads) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return real(store, kind, since=since)
+
+    monkeypatch.setattr(StateStore, "events_of_kind", flaky)
+    model = by_task({"ISO": [("write_file", {"path": "docs/new.md", "content": "n\n"})]})
+    fast = Timing(cancel_poll_s=0.01)
+    async with Orchestrator(settings(repo), lambda _name: model, timing=fast) as orch:
+        await orch.status()  # (opens the repository: the watch starts)
+        with anyio.fail_after(TIMEOUT):
+            await read_again.wait()  # (twice after the two that failed)
+        spawned = await orch.spawn(SpawnRequest(tasks=[TaskSpec(prompt="ISO")]))
+        status = await wait_until_final(orch, spawned.run_id)
+    assert status.runs[0].agents[0].status is AgentStatus.SUCCEEDED
 
 
 async def test_two_reruns_of_one_agent_at_once_make_one(repo: Path) -> None:

@@ -3,6 +3,7 @@ is given back after they stop; writers, of this process or another, still get in
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,14 @@ import anyio
 import anyio.abc
 import pytest
 
-from toolbus.leases import LeaseKeeper, LeaseManager, LeaseMode, LeaseRequest, LeaseStore
+from toolbus.leases import (
+    LeaseGrant,
+    LeaseKeeper,
+    LeaseManager,
+    LeaseMode,
+    LeaseRequest,
+    LeaseStore,
+)
 from toolbus.shared_reads import SharedReadLeases
 
 pytestmark = pytest.mark.anyio
@@ -139,3 +147,30 @@ async def test_close_gives_the_lease_back_at_once(setup: _Setup) -> None:
     assert _holders(setup.store) == ["srv:mcp-reads"]
     setup.reads.close()
     assert _holders(setup.store) == []
+
+
+async def test_a_give_back_the_lease_store_fails_leaves_the_server_serving(
+    setup: _Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle shared lease is given back by a task of the server's: when the lease store fails
+    that (busy, say), the failure is logged and the lease lapses at its TTL, unrenewed; the
+    server's tasks go on, and the next read gets in."""
+    failed: list[LeaseGrant] = []
+    release = setup.manager.release
+
+    async def busy_once(grant: LeaseGrant) -> None:
+        if not failed:
+            failed.append(grant)
+            raise sqlite3.OperationalError("database is locked")
+        await release(grant)
+
+    monkeypatch.setattr(setup.manager, "release", busy_once)
+    with anyio.fail_after(5):
+        async with setup.reads.read(NAME, "agent"):
+            pass
+        await anyio.sleep(setup.reads.linger_s * 4)  # idle for the linger: the give-back fails
+        assert len(failed) == 1
+        async with setup.reads.read(NAME, "agent"):
+            assert "srv:mcp-reads" in _holders(setup.store)
+        await anyio.sleep(setup.reads.linger_s * 4)  # this one is given back
+    assert [lease.token for lease in setup.store.table()] == [failed[0].token]
