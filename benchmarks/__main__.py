@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "bus": "benchmarks.bus",
     "cluster": "benchmarks.cluster",
     "history": "benchmarks.history",
+    "ratelimit": "benchmarks.ratelimit",
 }
 
 

@@ -25,6 +25,7 @@ from fakeapi.faults import (
     rate_limited,
     server_error,
 )
+from fakeapi.limits import RequestRateLimit
 from fakeapi.log import LoggedRequest, RequestLog
 from fakeapi.replies import Block, Reply, Text, ToolUse, finish, reply, text, tool_use
 from fakeapi.request import FakeRequest, ToolResult
@@ -58,6 +59,7 @@ __all__ = [
     "PromptCache",
     "Reply",
     "RequestLog",
+    "RequestRateLimit",
     "ScriptedConversation",
     "Stall",
     "Step",

@@ -13,18 +13,21 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ErrorReply:
     """An HTTP error with the body `{"type": "error", "error": {"type": …, "message": …}}`.
-    A `retry_after_s` is sent as `retry-after` (and `retry-after-ms` when `ms_header`)."""
+    A `retry_after_s` is sent as `retry-after` (and `retry-after-ms` when `ms_header`), beside
+    `extra_headers`."""
 
     status: int
     error_type: str
     message: str
     retry_after_s: float | None = None
     ms_header: bool = True
+    extra_headers: tuple[tuple[str, str], ...] = ()
 
     def headers(self) -> dict[str, str]:
+        headers = dict(self.extra_headers)
         if self.retry_after_s is None:
-            return {}
-        headers = {"retry-after": f"{self.retry_after_s:g}"}
+            return headers
+        headers["retry-after"] = f"{self.retry_after_s:g}"
         if self.ms_header:
             headers["retry-after-ms"] = f"{self.retry_after_s * 1000:g}"
         return headers

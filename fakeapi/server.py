@@ -28,6 +28,7 @@ from fakeapi.cache import (
     estimate_tokens,
 )
 from fakeapi.faults import ErrorReply, Fault, FaultPlan, Malformed, Stall, StreamError, api_error
+from fakeapi.limits import RequestRateLimit
 from fakeapi.log import HEADERS_OF_INTEREST, LoggedRequest, RequestLog
 from fakeapi.replies import Reply, Text, ToolUse, new_id
 from fakeapi.request import FakeRequest
@@ -100,7 +101,8 @@ def _chunks(text: str, size: int) -> list[str]:
 
 class FakeAnthropic:
     """A fake Messages API. `handler` answers each request (default: echo); `latency_s` delays
-    every request; `faults` injects faults before the handler is asked. Its prompt cache
+    every request; `faults` injects faults before the handler is asked; `rate_limit` refuses
+    requests beyond it as the API does (`fakeapi.limits`). Its prompt cache
     (`fakeapi.cache`) keeps the API's rules; `cache_ttl_s` replaces the 5-minute lifetime and
     `cache_min_tokens` the minimum cacheable length of model families.
 
@@ -120,8 +122,10 @@ class FakeAnthropic:
         port: int = 0,
         cache_ttl_s: float | None = 300.0,
         cache_min_tokens: Mapping[str, int] | None = None,
+        rate_limit: RequestRateLimit | None = None,
     ) -> None:
         self.handler = handler
+        self.rate_limit = rate_limit
         self.latency_s = latency_s
         self.faults = faults if faults is not None else FaultPlan()
         self.host = host
@@ -261,6 +265,9 @@ class FakeAnthropic:
         problem = _validate(body)
         if problem is not None:
             return self._answer_error(entry, api_error(400, "invalid_request_error", problem))
+        refusal = None if self.rate_limit is None else self.rate_limit.take()
+        if refusal is not None:  # refused before anything of it is done (the cache untouched)
+            return self._answer_error(entry, refusal)
         try:
             # the prompt is looked up in the cache as the request arrives; what it writes is
             # readable once its response begins (see `_answer_reply`)

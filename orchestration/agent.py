@@ -29,6 +29,7 @@ from orchestration.model import (
     signals_start,
 )
 from orchestration.prompts import FINISH_TOOL, FIRST_MESSAGE
+from orchestration.rate_gate import RateGate
 from orchestration.retry import RetryPolicy, call_with_retry
 from toolbus.audit import append_text
 from toolbus.bus import AgentBus
@@ -185,6 +186,8 @@ class AgentLoop:
     workspace_ready: Callable[[], Awaitable[AgentBus]] | None = None
     # The run's prompt-cache warm-up (its first request goes alone) and its prefix's lifetime.
     warmup: PrefixWarmup | None = None
+    # The pace of the requests to its model's API, shared with the other agents calling it.
+    rate_gate: RateGate | None = None
     cache_ttl: CacheTtl = "5m"
     # Work its owner does ahead while the model thinks (the runner prepares the agent's
     # commit): called once a call that follows a turn whose tools may have changed the
@@ -369,16 +372,21 @@ class AgentLoop:
             release = await warmup.before_first_call()
         first_sent = warmup.sent if warmup is not None else None
 
-        async def attempt() -> ModelResponse:
+        async def send() -> ModelResponse:
             if release is None or not signals_start(model):
                 return await model.complete(request)
             writer = release
+            return await model.complete_signalled(request, lambda: writer(True), on_sent=first_sent)
+
+        gate = self.rate_gate
+
+        async def attempt() -> ModelResponse:
             try:
-                return await model.complete_signalled(
-                    request, lambda: writer(True), on_sent=first_sent
-                )
+                # (a refusal for the rate limit paces the others before they are let go)
+                return await (send() if gate is None else gate.call(send))
             finally:
-                writer(False)  # failed or cancelled: the others go on (no-op once begun)
+                if release is not None and signals_start(model):
+                    release(False)  # failed or cancelled: the others go on (no-op once begun)
 
         def note_retry(error: ModelError, delay_s: float) -> None:
             self.transcript.append("model_retry", {"error": str(error), "delay_s": delay_s})

@@ -77,6 +77,9 @@ class Settings(BaseModel):
     )
     retry_max_attempts: int = Field(default=6, ge=1, description="FANOUT_RETRY_MAX_ATTEMPTS")
     retry_after_cap_s: float = Field(default=30.0, ge=0, description="FANOUT_RETRY_AFTER_CAP_S")
+    rate_limit_wait_s: float = Field(
+        default=900.0, ge=0, description="FANOUT_RATE_LIMIT_WAIT_S: a call's wait on the rate limit"
+    )
     delete_merged_branches: bool = Field(default=False, description="FANOUT_DELETE_MERGED_BRANCHES")
     status_wait_cap_s: float = Field(default=600.0, gt=0, description="FANOUT_STATUS_WAIT_CAP_S")
     cache_ttl: CacheTtlSetting = Field(

@@ -8,6 +8,7 @@ import anyio
 
 from orchestration.config import Settings
 from orchestration.model import Model
+from orchestration.rate_gate import RateGate
 
 # Called once per model name and group of agents (see `ModelPool`), not once per name.
 ModelFactory = Callable[[str], Model]
@@ -36,10 +37,20 @@ class ModelPool:
     each request and response, so one pool for many agents costs more CPU than the requests
     themselves.)"""
 
-    def __init__(self, factory: ModelFactory) -> None:
+    def __init__(self, factory: ModelFactory, *, max_pause_s: float | None = None) -> None:
         self._factory = factory
+        self._max_pause_s = max_pause_s
         self._models: dict[tuple[str, int], Model] = {}
         self._locks: dict[tuple[str, int], anyio.Lock] = {}
+        self._gates: dict[str, RateGate] = {}
+
+    def gate(self, name: str) -> RateGate:
+        """The pace of the requests to the model `name`, shared by every agent calling it: the
+        API's rate limits are the organisation's, per model, whichever instance sends."""
+        gate = self._gates.get(name)
+        if gate is None:
+            gate = self._gates[name] = RateGate(max_pause_s=self._max_pause_s)
+        return gate
 
     def first(self, name: str) -> Model:
         """The model `name` of the first group of agents (made on first use, on this thread:

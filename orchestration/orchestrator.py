@@ -85,7 +85,9 @@ class Orchestrator:
         self.settings = settings
         self.clock = clock
         self.timing = timing or Timing()
-        self._models = ModelPool(model_factory or default_model_factory(settings))
+        self._models = ModelPool(
+            model_factory or default_model_factory(settings), max_pause_s=settings.retry_after_cap_s
+        )
         self._registry = AgentRegistry()
         self._caps = ServerCaps(settings.max_running, settings.server_budget_tokens)
         self._runner = AgentRunner(

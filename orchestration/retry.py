@@ -6,13 +6,14 @@ place that decides how long to wait."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestration.errors import ModelError
+from orchestration.errors import ModelError, ModelRateLimited
 
 T = TypeVar("T")
 
@@ -34,6 +35,10 @@ class RetryPolicy(BaseModel):
     max_delay_s: float = Field(default=8.0, ge=0)
     retry_after_cap_s: float = Field(default=30.0, ge=0)
     jitter: bool = True
+    # Refusals for the API's rate limit (429) are not counted as attempts for this long after
+    # a call's first one: the requests are paced meanwhile (`rate_gate`), and waiting is what
+    # the API asks. 0: they count like any other error.
+    rate_limited_max_s: float = Field(default=900.0, ge=0)
 
     def delay_s(self, attempt: int, error: ModelError, rng: random.Random | None = None) -> float:
         """The wait after failed attempt number `attempt` (1-based)."""
@@ -52,13 +57,18 @@ async def call_with_retry(
     on_retry: OnRetry | None = None,
     sleep: Sleep = anyio.sleep,
     rng: random.Random | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
-    """Call `fn` until it succeeds, a non-retryable error, or `policy.max_attempts` attempts.
+    """Call `fn` until it succeeds, a non-retryable error, or `policy.max_attempts` attempts
+    (refusals for the rate limit within `policy.rate_limited_max_s` of the first not counted).
 
     A non-retryable error is re-raised as is; on exhaustion the last error is re-raised as the
     same type with the number of attempts in its message. `on_retry(error, delay_s)` is called
-    before each wait; `sleep` is injectable so tests are instant and can record the waits."""
-    attempt = 0
+    before each wait; `sleep` and `clock` are injectable so tests are instant and can record
+    the waits."""
+    attempt = 0  # the attempts that count towards `max_attempts`
+    failures = 0  # every failed attempt: the backoff grows with them
+    limited_since: float | None = None
     while True:
         attempt += 1
         try:
@@ -66,12 +76,24 @@ async def call_with_retry(
         except ModelError as error:
             if not error.retryable:
                 raise
-            if attempt >= policy.max_attempts:
+            failures += 1
+            if isinstance(error, ModelRateLimited) and policy.rate_limited_max_s > 0:
+                now = clock()
+                limited_since = now if limited_since is None else limited_since
+                if now - limited_since >= policy.rate_limited_max_s:
+                    raise type(error)(
+                        f"{error} (gave up after {now - limited_since:.0f} s of refusals for "
+                        "the API's rate limit, FANOUT_RATE_LIMIT_WAIT_S: spawn with a lower "
+                        "max_concurrency, or raise the organisation's limit)",
+                        retry_after_s=error.retry_after_s,
+                    ) from error
+                attempt -= 1  # (waiting is what the API asks)
+            elif attempt >= policy.max_attempts:
                 raise type(error)(
                     f"{error} (gave up after {attempt} attempt{'' if attempt == 1 else 's'})",
                     retry_after_s=error.retry_after_s,
                 ) from error
-            delay = policy.delay_s(attempt, error, rng)
+            delay = policy.delay_s(failures, error, rng)
             if on_retry is not None:
                 on_retry(error, delay)
             await sleep(delay)

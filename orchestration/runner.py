@@ -492,6 +492,7 @@ class AgentRunner:
             retry=RetryPolicy(
                 max_attempts=self.settings.retry_max_attempts,
                 retry_after_cap_s=self.settings.retry_after_cap_s,
+                rate_limited_max_s=self.settings.rate_limit_wait_s,
             ),
             system_prefix=prefix,
             system_task=task_prompt_of(agent),
@@ -503,6 +504,7 @@ class AgentRunner:
             ),
             transcript=Transcript(transcript_path(ctx, agent.agent_id), batched=True),
             warmup=warmup,
+            rate_gate=self._models.gate(agent.model),
             cache_ttl=run.cache_ttl or "5m",
             while_waiting=partial(self.commit_ahead, ctx, runtime),
             owner_records_last_turn=True,

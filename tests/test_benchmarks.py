@@ -31,6 +31,7 @@ EXPECTED: dict[str, tuple[str, ...]] = {
         "estimate_error",
     ),
     "benchmarks.history": ("status_ms_history", "history_cpu_ratio"),
+    "benchmarks.ratelimit": ("ratelimit_failed", "ratelimit_makespan_over_floor"),
     "benchmarks.memory": ("rss_mb_per_running_agent", "agents_failed"),
     "benchmarks.mcp": ("ratio", "get_status_server_cpu_ms", "get_status_driver_parse_ms"),
     "benchmarks.startup": ("startup_initialize_s", "first_spawn_s", "first_run_s"),

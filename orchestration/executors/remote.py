@@ -455,8 +455,12 @@ class RemoteAgent:
                 settle=lambda reserved, used: link.post("settle", (reserved, used)),
                 describe=lambda: str(link.call("describe")),
             ),
+            # (no pace shared with the node's other agents: each has its own event loop, so a
+            # refusal for the rate limit counts as an attempt, as any other error)
             retry=RetryPolicy(
-                max_attempts=job.retry_max_attempts, retry_after_cap_s=job.retry_after_cap_s
+                max_attempts=job.retry_max_attempts,
+                retry_after_cap_s=job.retry_after_cap_s,
+                rate_limited_max_s=0,
             ),
             system_prefix=job.system_prefix,
             system_task=job.system_task,

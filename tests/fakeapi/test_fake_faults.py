@@ -18,6 +18,7 @@ from fakeapi import (
     Fault,
     FaultPlan,
     Malformed,
+    RequestRateLimit,
     Stall,
     StreamError,
     api_error,
@@ -194,3 +195,44 @@ async def test_fault_rate_is_seeded_and_reproducible() -> None:
 def test_fault_plan_validates_its_rate() -> None:
     with pytest.raises(ValueError, match="within"):
         FaultPlan(rate=1.5)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_rate_limit_refuses_beyond_its_bucket_as_the_api_does() -> None:
+    """A bucket of 2 requests refilled at 1 a second: the third request at once is refused with
+    429 rate_limit_error, a retry-after in whole seconds and the limit's headers; a second later
+    one request gets in again. A refused request leaves the prompt cache untouched."""
+    clock = _Clock()
+    limit = RequestRateLimit(60, burst=2, clock=clock)
+    with anyio.fail_after(15):
+        async with FakeAnthropic(rate_limit=limit).serve() as fake, client_for(fake) as client:
+            assert await ask(client) and await ask(client)
+            with pytest.raises(anthropic.RateLimitError) as caught:
+                await ask(client)
+            clock.now += 1.0
+            assert await ask(client)
+            with pytest.raises(anthropic.RateLimitError):
+                await ask(client)
+    headers = caught.value.response.headers
+    assert caught.value.type == "rate_limit_error"
+    assert headers["retry-after"] == "1" and "retry-after-ms" not in headers
+    assert headers["anthropic-ratelimit-requests-limit"] == "60"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "0"
+    assert "anthropic-ratelimit-requests-reset" in headers
+    assert [r.status for r in fake.requests] == [200, 200, 429, 200, 429]
+    assert limit.refused == 2
+    assert all(r.usage is None for r in fake.requests if r.status == 429)
+
+
+def test_a_rate_limit_validates() -> None:
+    with pytest.raises(ValueError, match="per_minute"):
+        RequestRateLimit(0)
+    with pytest.raises(ValueError, match="burst"):
+        RequestRateLimit(60, burst=0.5)

@@ -113,11 +113,47 @@ async def test_a_non_retryable_error_is_raised_at_once() -> None:
 async def test_exhaustion_reraises_the_last_error_with_the_attempt_count() -> None:
     sleep = Recorder()
     call, calls = failing(*[ModelRateLimited(f"429 #{i}", retry_after_s=1.0) for i in range(9)])
+    policy = RetryPolicy(max_attempts=3, rate_limited_max_s=0)  # (refusals count as attempts)
     with pytest.raises(ModelRateLimited, match=r"429 #2 \(gave up after 3 attempts\)") as caught:
-        await call_with_retry(call, RetryPolicy(max_attempts=3), sleep=sleep)
+        await call_with_retry(call, policy, sleep=sleep)
     assert caught.value.retry_after_s == 1.0
     assert isinstance(caught.value.__cause__, ModelRateLimited)
     assert len(calls) == 3 and len(sleep.waits) == 2
+
+
+class Clock:
+    """A clock the injected sleep moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def test_refusals_for_the_rate_limit_are_waited_out_not_counted() -> None:
+    """The API's rate limit asks for waiting: twenty refusals in a row do not use up three
+    attempts, while they come within `rate_limited_max_s` of the first; other errors still
+    count. The wait after each failure grows with all of them."""
+    clock = Clock()
+    limited = [ModelRateLimited(f"429 #{i}", retry_after_s=2.0) for i in range(20)]
+    call, calls = failing(ModelOverloaded("529"), *limited, ModelOverloaded("529"))
+    policy = RetryPolicy(max_attempts=3, rate_limited_max_s=600.0, jitter=False)
+    assert await call_with_retry(call, policy, sleep=clock.sleep, clock=clock) == "ok"
+    assert len(calls) == 23
+    assert clock.now < 600.0  # (the backoff still grows with every failure, to 8 s)
+
+
+async def test_refusals_for_the_rate_limit_give_up_after_the_wait_with_what_to_do() -> None:
+    clock = Clock()
+    call, calls = failing(*[ModelRateLimited("429", retry_after_s=10.0) for _ in range(50)])
+    policy = RetryPolicy(max_attempts=3, rate_limited_max_s=60.0, jitter=False)
+    with pytest.raises(ModelRateLimited, match=r"gave up after 60 s .*FANOUT_RATE_LIMIT_WAIT_S"):
+        await call_with_retry(call, policy, sleep=clock.sleep, clock=clock)
+    assert len(calls) == 7  # refused at 0, 10, ..., 60 s
 
 
 async def test_one_attempt_means_no_retry() -> None:

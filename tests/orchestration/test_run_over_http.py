@@ -7,7 +7,16 @@ from pathlib import Path
 import anyio
 import pytest
 
-from fakeapi import FakeAnthropic, by_key, by_turn, finish, rate_limited, tool_use, writes_file
+from fakeapi import (
+    FakeAnthropic,
+    RequestRateLimit,
+    by_key,
+    by_turn,
+    finish,
+    rate_limited,
+    tool_use,
+    writes_file,
+)
 from orchestration.config import Settings
 from orchestration.contracts import (
     AgentStatus,
@@ -105,3 +114,38 @@ async def test_retry_after_above_the_cap_is_capped(tmp_path: Path) -> None:
             elapsed = anyio.current_time() - started
     assert status.runs[0].agents[0].status == AgentStatus.SUCCEEDED
     assert elapsed < 20  # the server asked for 120 s; the cap is 0.2 s
+
+
+async def test_agents_that_meet_the_rate_limit_slow_down_together(tmp_path: Path) -> None:
+    """Eight agents against an API that allows 4 requests a second (a bucket of 2): each refusal
+    pauses every agent's next request and paces the rest, so none runs out of its attempts (2
+    here) and the refusals stay few; each agent on its own would meet the limit again at every
+    retry. The API answers in whole seconds, as the real one does."""
+    repo = make_repo(tmp_path / "repo")
+    limit = RequestRateLimit(240, burst=2)
+    fake = FakeAnthropic(
+        by_turn(tool_use("read_file", path="README.md"), finish("read")), rate_limit=limit
+    )
+    async with fake.serve():
+
+        def factory(name: str) -> Model:
+            return AnthropicModel(model=name, api_key="sk-test", base_url=fake.base_url)
+
+        settings = Settings(repo=repo, sandbox="none", retry_max_attempts=2)
+        async with Orchestrator(settings, factory) as orch:
+            spawned = await orch.spawn(
+                SpawnRequest(
+                    tasks=[TaskSpec(prompt=f"read {i}", write_scope=[]) for i in range(8)],
+                    max_concurrency=8,
+                )
+            )
+            with anyio.fail_after(120):
+                status = await wait_until_final(orch, spawned.run_id)
+    agents = status.runs[0].agents
+    assert [a.status for a in agents] == [AgentStatus.SUCCEEDED] * 8, [
+        a.status_reason for a in agents
+    ]
+    answered = [r for r in fake.requests if r.status == 200]
+    refused = [r for r in fake.requests if r.status == 429]
+    assert len(answered) == 16
+    assert 0 < len(refused) <= 12  # (the first burst meets the limit: 6; the pace then holds)

@@ -5,13 +5,13 @@ far above the cap, 529, 500, a stall past the client timeout, a malformed body, 
 mid-stream (streaming case; on a plain request it is the matching HTTP error). One of each is
 also queued first, so every kind is served. Checked: every run settles; an agent fails only by
 its own model error (stop reason `model_error`) and the others succeed and merge; no retry wait
-exceeds the configured cap (from the transcripts and from the gaps between requests the fake
-saw); the run's token totals equal the sum of what the fake charged for its successful answers.
+exceeds the configured cap (from the transcripts), and no gap the fake saw after a 429 comes near
+the 5 s it asked (the gap also holds the pace a 429 sets for every agent); the run's token totals
+equal the sum of what the fake charged for its successful answers.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from fakeapi import (
     FakeAnthropic,
     Fault,
     FaultPlan,
+    LoggedRequest,
     Malformed,
     Stall,
     StreamError,
@@ -58,6 +59,20 @@ FAULTS: tuple[Fault, ...] = (
     Malformed(),
     StreamError(),
 )
+
+
+def _next_of_same_agent(
+    log: list[LoggedRequest], keys: list[str]
+) -> list[tuple[LoggedRequest, LoggedRequest | None]]:
+    """Each request with the next one of the same agent (None for its last)."""
+    by_agent: dict[str, list[LoggedRequest]] = {}
+    for e in log:
+        key = next((k for k in keys if f"<<{k}>>" in json.dumps(e.body.get("system"))), "?")
+        by_agent.setdefault(key, []).append(e)
+    pairs: list[tuple[LoggedRequest, LoggedRequest | None]] = []
+    for entries in by_agent.values():
+        pairs.extend(zip(entries, [*entries[1:], None], strict=True))
+    return pairs
 
 
 def _kind(fault: object) -> str:
@@ -127,10 +142,11 @@ async def test_model_faults_at_20_percent(
     # --- settle, and failures stay with their agent ----------------------------------------
     views = status.runs[0].agents
     served = sorted({_kind(e.fault) for e in log if e.fault is not None})
-    # on a plain request a StreamError is served as its HTTP error (529 here)
-    kinds = len(FAULTS) if stream else len(FAULTS) - 1
+    # on a plain request a StreamError is served as its HTTP error (529 here); the run's first
+    # request streams either way (it tells when its response begins: `orchestration.caching`)
+    wanted = {_kind(f) for f in FAULTS if stream or not isinstance(f, StreamError)}
     ledger.record(
-        G_SETTLE, f"{label}: every kind of fault served", len(served) == kinds, f"{served}"
+        G_SETTLE, f"{label}: every kind of fault served", wanted <= set(served), f"{served}"
     )
     for view in views:
         result = view.result
@@ -178,24 +194,14 @@ async def test_model_faults_at_20_percent(
         bool(delays) and not over,
         f"over: {over}",
     )
-    # the gap after a 429 asking for 5 s, as the fake saw it: the cap (or the backoff) wins
-    by_agent: dict[str, list[tuple[float, bool, bool]]] = {}
-    for e in log:
-        key = next((k for k in keys if f"<<{k}>>" in json.dumps(e.body.get("system"))), "?")
-        limited = e.fault is not None and getattr(e.fault, "status", None) == 429
-        by_agent.setdefault(key, []).append((e.at, e.fault is not None, limited))
+    # the gap after a 429 asking for 5 s, as the fake saw it: the cap wins. The agent's own
+    # wait is the cap or the backoff (its transcript, above); the gap also holds the pace the
+    # 429 set for every agent (`orchestration.rate_gate`): a pause of the cap, then one request
+    # at a time, spaced
     gaps: list[float] = []
-    for entries in by_agent.values():
-        streak = 0  # failed attempts in a row: the backoff grows with it
-        for (at, failed, limited), (next_at, _, _) in itertools.pairwise(entries):
-            streak = streak + 1 if failed else 0
-            if limited:
-                allowed = max(CAP_S, policy.base_delay_s * 2 ** (streak - 1)) + 0.5
-                gaps.append(next_at - at)
-                if next_at - at > allowed:
-                    ledger.record(
-                        G_WAIT, f"{label}: gap after a 429", False, f"{next_at - at:.2f} s"
-                    )
+    for e, after in _next_of_same_agent(log, keys):
+        if e.fault is not None and getattr(e.fault, "status", None) == 429 and after is not None:
+            gaps.append(after.at - e.at)
     ledger.record(
         G_WAIT,
         f"{label}: {len(gaps)} gaps after 429s (retry-after {RETRY_AFTER_S} s) all < it",
