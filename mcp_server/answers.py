@@ -126,6 +126,9 @@ class ServerLine(_Answer):
     max_running: int
     tokens: int = Field(description="tokens all runs of this server used")
     budget_remaining: int | None = None
+    rate_limited: str | None = Field(
+        default=None, description="while the model API's rate limit holds requests back: how"
+    )
 
 
 class StatusAnswer(_Answer):
@@ -153,14 +156,16 @@ class StatusAnswer(_Answer):
 
 
 def server_line(load: ServerLoad) -> ServerLine | None:
-    """The server's line, when a limit across runs binds or is set."""
-    if load.budget_tokens is None and load.running < load.max_running:
+    """The server's line, when a limit across runs binds or is set, or the model API's rate
+    limit holds requests back."""
+    if load.budget_tokens is None and load.running < load.max_running and load.rate_limited is None:
         return None
     return ServerLine(
         running=load.running,
         max_running=load.max_running,
         tokens=load.tokens_used,
         budget_remaining=load.budget_remaining,
+        rate_limited=load.rate_limited,
     )
 
 
@@ -353,9 +358,10 @@ def status_text(answer: StatusAnswer) -> str:
             if server.budget_remaining is None
             else f", {server.budget_remaining} left in the server's budget"
         )
+        limited = "" if server.rate_limited is None else f"; {server.rate_limited}"
         lines.append(
             f"server: {server.running} of {server.max_running} agent slots taken "
-            f"(FANOUT_MAX_RUNNING); {server.tokens} tokens used by all runs{budget}"
+            f"(FANOUT_MAX_RUNNING); {server.tokens} tokens used by all runs{budget}{limited}"
         )
     lines.append(f"cursor {answer.cursor}" + ("" if answer.changed else " (nothing to do yet)"))
     return "\n".join(lines)

@@ -3,6 +3,8 @@ token budget shared by all runs (each run keeps its own budget and concurrency c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 
 from orchestration.contracts import ServerLoad
@@ -15,6 +17,8 @@ class ServerCaps:
     def __init__(self, max_running: int, budget_tokens: int | None) -> None:
         self.slots = anyio.CapacityLimiter(max_running)
         self.budget_tokens = budget_tokens
+        # what holds the model requests back, if anything (`ModelPool.pacing`)
+        self.pacing: Callable[[], str | None] | None = None
         self._used = 0
         self._reserved = 0
 
@@ -55,4 +59,5 @@ class ServerCaps:
             tokens_used=self._used,
             budget_tokens=self.budget_tokens,
             budget_remaining=remaining,
+            rate_limited=None if self.pacing is None else self.pacing(),
         )

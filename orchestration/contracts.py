@@ -521,6 +521,10 @@ class ServerLoad(_View):
         default=None, description="FANOUT_SERVER_BUDGET_TOKENS, if set: a budget across runs"
     )
     budget_remaining: int | None = None
+    rate_limited: str | None = Field(
+        default=None,
+        description="while the model API's rate limit holds this server's requests back: how",
+    )
 
 
 class StatusResult(_View):

@@ -44,6 +44,17 @@ class ModelPool:
         self._locks: dict[tuple[str, int], anyio.Lock] = {}
         self._gates: dict[str, RateGate] = {}
 
+    def pacing(self) -> str | None:
+        """What status says while the API's rate limit holds requests back; None otherwise."""
+        held = [(name, gate.waiting) for name, gate in self._gates.items() if gate.holding]
+        if not held:
+            return None
+        waiting = ", ".join(f"{n} request{'' if n == 1 else 's'} to {name}" for name, n in held)
+        return (
+            f"the model API's rate limit (429) holds requests back, {waiting} waiting: agents "
+            "go as fast as it allows; more at once would not end sooner"
+        )
+
     def gate(self, name: str) -> RateGate:
         """The pace of the requests to the model `name`, shared by every agent calling it: the
         API's rate limits are the organisation's, per model, whichever instance sends."""

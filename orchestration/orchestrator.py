@@ -90,6 +90,7 @@ class Orchestrator:
         )
         self._registry = AgentRegistry()
         self._caps = ServerCaps(settings.max_running, settings.server_budget_tokens)
+        self._caps.pacing = self._models.pacing
         self._runner = AgentRunner(
             settings,
             self._registry,

@@ -59,6 +59,11 @@ class RateGate:
         """Whether requests leave spaced, or wait out a pause, now."""
         return self._spacing > 0.0 or self._clock() < self._open_at
 
+    @property
+    def holding(self) -> bool:
+        """Whether it holds requests back now: some wait their turn, or a pause runs."""
+        return self.waiting > 0 or self._clock() < self._open_at
+
     async def call(self, send: Callable[[], Awaitable[T]]) -> T:
         """`send()` once its turn comes; a refusal for the rate limit is recorded before it is
         raised (before anyone the caller lets go next can send)."""

@@ -101,6 +101,19 @@ def test_the_answer_is_one_line_per_changed_agent_in_json_and_text() -> None:
     assert [x.agent_id for x in shown] == ["r1-a2"]
 
 
+def test_the_server_line_says_when_the_rate_limit_holds_requests_back() -> None:
+    """Shown only while it holds them back: a fan-out that runs slowly because of the API's
+    rate limit is not helped by more agents, and the orchestrator should know that."""
+    status = _status(_view("r1-a1", AgentStatus.RUNNING))
+    assert answers.status_answer(status).server is None
+    note = "the model API's rate limit (429) holds requests back, 3 requests to m waiting"
+    server = status.server.model_copy(update={"rate_limited": note})
+    answer = answers.status_answer(status.model_copy(update={"server": server}))
+    assert answer.server is not None and answer.server.rate_limited == note
+    assert note in answers.status_text(answer)
+    assert answers.StatusAnswer.model_validate(answers.dump(answer)) == answer
+
+
 def test_runs_with_nothing_left_to_do_are_counted_unless_named() -> None:
     """An answer without run_id must not grow with the server's history: closed runs (every
     agent merged or discarded) are counted unless named, changed after the cursor, or asked

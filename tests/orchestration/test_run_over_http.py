@@ -139,8 +139,15 @@ async def test_agents_that_meet_the_rate_limit_slow_down_together(tmp_path: Path
                     max_concurrency=8,
                 )
             )
+            notes: set[str] = set()  # what status said of the rate limit, polled
             with anyio.fail_after(120):
-                status = await wait_until_final(orch, spawned.run_id)
+                while True:
+                    status = await orch.status(run_id=spawned.run_id)
+                    if status.server.rate_limited:
+                        notes.add(status.server.rate_limited)
+                    if not any(a.status.active for a in status.runs[0].agents):
+                        break
+                    await anyio.sleep(0.05)
     agents = status.runs[0].agents
     assert [a.status for a in agents] == [AgentStatus.SUCCEEDED] * 8, [
         a.status_reason for a in agents
@@ -149,3 +156,6 @@ async def test_agents_that_meet_the_rate_limit_slow_down_together(tmp_path: Path
     refused = [r for r in fake.requests if r.status == 429]
     assert len(answered) == 16
     assert 0 < len(refused) <= 12  # (the first burst meets the limit: 6; the pace then holds)
+    # while it held requests back, status said so (the orchestrator: more agents would not help)
+    assert notes and all("rate limit (429) holds requests back" in n for n in notes)
+    assert any(f"to {settings.model} waiting" in n for n in notes)
