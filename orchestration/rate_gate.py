@@ -3,9 +3,10 @@
 Until the API refuses a request for its rate limit (429), requests leave as they come. A
 refusal stops every agent's next request until the `retry-after` it gave has passed, instead of
 each agent finding the limit on its own, and from then on requests leave one at a time, spaced:
-each refusal of a request sent at the current pace doubles the spacing, each request let through
-shortens it by a tenth, until it is gone. So a fan-out that meets the limit slows to the rate the
-API allows, rather than its agents failing one by one as their retries run out together."""
+half the pause at first; each refusal of a request sent at the current pace widens the spacing
+(by 1/0.7), each request let through narrows it by a tenth, until it is gone. So a fan-out
+that meets the limit slows to the rate the API allows, rather than its agents failing one by
+one as their retries run out together."""
 
 from __future__ import annotations
 
