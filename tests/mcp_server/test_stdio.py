@@ -5,12 +5,23 @@ merge."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from mcp import Client
 
-from fakeapi import FakeAnthropic, FakeRequest, Reply, by_key, finish, text, tool_use
+from fakeapi import (
+    FakeAnthropic,
+    FakeRequest,
+    Reply,
+    RequestRateLimit,
+    by_key,
+    by_turn,
+    finish,
+    text,
+    tool_use,
+)
 from mcp_server.demo import (
     GREET_AGENT,
     GREET_RERUN,
@@ -87,3 +98,34 @@ async def test_spawn_status_merge_conflict_rerun_merge_over_stdio(tmp_path: Path
         assert final["agents"][0]["outcome"] == "merged"
     assert (repo / "src/greet.py").read_text() == GREET_RERUN
     assert fake.requests, "the server's anthropic client reached the fake API"
+
+
+async def test_a_rate_limited_fan_out_over_stdio_slows_down_and_says_why(tmp_path: Path) -> None:
+    """The server's agents against an API that allows 2 requests a second (a bucket of 1), as a
+    client sees it: every agent succeeds, and while the limit holds requests back, get_status's
+    structured answer (what Claude Code's model reads) says so in its `server` line."""
+    repo = make_sample_repo(tmp_path)
+    limit = RequestRateLimit(120, burst=1)
+    fake = FakeAnthropic(
+        by_turn(tool_use("read_file", path="src/greet.py"), finish("read")), rate_limit=limit
+    )
+    tasks: list[dict[str, object]] = [
+        {"name": f"r{i}", "prompt": f"read {i}", "write_scope": []} for i in range(6)
+    ]
+    async with fake.serve(), Client(stdio_params(repo, fake.base_url), mode="legacy") as client:
+        spawn = structured(await client.call_tool("spawn_subagents", {"tasks": tasks}))
+        run_id = str(spawn["run_id"])
+        notes: set[str] = set()
+        with anyio.fail_after(60):
+            while True:  # (polled, as an impatient client would, to see the pace while it holds)
+                status = structured(await client.call_tool("get_status", {"run_id": run_id}))
+                server: dict[str, Any] = status.get("server") or {}
+                if server.get("rate_limited"):
+                    notes.add(str(server["rate_limited"]))
+                if status["runs"][0]["settled"]:
+                    break
+                await anyio.sleep(0.1)
+        agents = status["runs"][0]["agents"]
+    assert [a["status"] for a in agents] == ["succeeded"] * 6, agents
+    assert limit.refused > 0
+    assert notes and all("rate limit (429) holds requests back" in n for n in notes)
