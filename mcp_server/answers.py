@@ -35,9 +35,9 @@ from orchestration.contracts import (
 from orchestration.prompts import SUMMARY_ANSWER_CHARS
 
 LINE_CHARS = 120
+"""The most of an agent's summary an agent's line shows (its first line)."""
 # a merge reason longer than this, shared by several agents, is given whole once
 SHARED_REASON_MIN_CHARS = 40
-"""The most of an agent's summary an agent's line shows (its first line)."""
 FOLLOW_UPS_SHOWN = 10
 FOLLOW_UP_CHARS = 300
 COMMANDS_SHOWN = 10
