@@ -66,11 +66,10 @@ async def call_with_retry(
     same type with the number of attempts in its message. `on_retry(error, delay_s)` is called
     before each wait; `sleep` and `clock` are injectable so tests are instant and can record
     the waits."""
-    attempt = 0  # the attempts that count towards `max_attempts`
+    attempts = 0  # the failed attempts that count towards `max_attempts`
     failures = 0  # every failed attempt: the backoff grows with them
     limited_since: float | None = None
     while True:
-        attempt += 1
         try:
             return await fn()
         except ModelError as error:
@@ -78,6 +77,7 @@ async def call_with_retry(
                 raise
             failures += 1
             if isinstance(error, ModelRateLimited) and policy.rate_limited_max_s > 0:
+                # not counted as an attempt (waiting is what the API asks), up to a time
                 now = clock()
                 limited_since = now if limited_since is None else limited_since
                 if now - limited_since >= policy.rate_limited_max_s:
@@ -87,12 +87,13 @@ async def call_with_retry(
                         "max_concurrency, or raise the organisation's limit)",
                         retry_after_s=error.retry_after_s,
                     ) from error
-                attempt -= 1  # (waiting is what the API asks)
-            elif attempt >= policy.max_attempts:
-                raise type(error)(
-                    f"{error} (gave up after {attempt} attempt{'' if attempt == 1 else 's'})",
-                    retry_after_s=error.retry_after_s,
-                ) from error
+            else:
+                attempts += 1
+                if attempts >= policy.max_attempts:
+                    raise type(error)(
+                        f"{error} (gave up after {attempts} attempt{'' if attempts == 1 else 's'})",
+                        retry_after_s=error.retry_after_s,
+                    ) from error
             delay = policy.delay_s(failures, error, rng)
             if on_retry is not None:
                 on_retry(error, delay)
