@@ -356,16 +356,14 @@ class Merger:
             await ctx.store.wait_for_change(ctx.store.cursor(), 1.0)
         if ended_unstarted(new):
             return
-        try:
-            await self.replace(ctx, old_id, new_id)
-        except Exception:  # a task of the server's: it must not take the server down with it
-            # (the agent keeps its status and is shown so; the next recovery tries again)
-            log.exception("agent %s: discarding %s failed", new_id, old_id)
+        await self.replace(ctx, old_id, new_id)
 
     async def replace(self, ctx: RepoContext, old_id: str, new_id: str) -> None:
         """Discard `old_id`, which its rerun `new_id` replaces now that it has started: its
         workspace removed, then its record; its branch kept. Once: nothing when it is closed
-        already, or its replacement is under way."""
+        already, or its replacement is under way. A failure is logged, not raised: the callers
+        are a rerun's start and the server's own tasks, none of which it may stop; the agent
+        keeps its status, is shown so, and the next recovery tries again."""
         if old_id in self._replacing:
             return
         self._replacing.add(old_id)
@@ -380,6 +378,8 @@ class Merger:
                 f"replaced by {new_id} (rerun_subagent); its branch is kept",
             )
             self._registry.signal_released(old_id)
+        except Exception:
+            log.exception("agent %s: discarding %s failed", new_id, old_id)
         finally:
             self._replacing.discard(old_id)
 

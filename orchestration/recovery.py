@@ -118,7 +118,8 @@ class Recovery:
         """Discard the agents that reruns which started replace, where that was left undone: a
         server that stopped between starting a rerun and discarding the agent it replaces, or a
         discard that failed. Only reruns no server runs any more (a running one's runner does
-        it as it starts), and only with the runner's hook (the orchestrator's merger)."""
+        it as it starts), and only with the runner's hook (the orchestrator's merger, which
+        logs a failure and leaves the agent for the next recovery)."""
         replace = self._runner.replace_rerun
         if replace is None:
             return
@@ -129,10 +130,7 @@ class Recovery:
             old = agents.get(rerun.rerun_of)
             if old is None or old.status.closed or old.status.active:
                 continue
-            try:
-                await replace(ctx, old.agent_id, rerun.agent_id)
-            except Exception:  # (it keeps its status and is shown so; the next recovery tries)
-                log.exception("agent %s: discarding %s failed", rerun.agent_id, old.agent_id)
+            await replace(ctx, old.agent_id, rerun.agent_id)
 
     async def _recover_one(self, ctx: RepoContext, agent: AgentRecord) -> None:
         """An agent of a dead server, claimed: commit what its worktree holds and mark it

@@ -186,7 +186,8 @@ class AgentRunner:
         self._start_soon = start_soon
         self.external = external
         self.executor: Executor = executor or InProcessExecutor()
-        # discards the agent a rerun replaces (old id, new id), as the rerun starts here
+        # discards the agent a rerun replaces (old id, new id), as the rerun starts here; it
+        # logs a failure rather than raise it (`Merger.replace`)
         self.replace_rerun: Callable[[RepoContext, str, str], Awaitable[None]] | None = None
 
     def policy(self, run: RunRecord, agent: AgentRecord) -> PermissionPolicy:
@@ -596,12 +597,9 @@ class AgentRunner:
         )
         if agent.rerun_of is not None and self.replace_rerun is not None:
             # it has started: the agent it replaces goes before it records a turn or runs a
-            # tool, whatever happens to it next
+            # tool, whatever happens to it next (a failure is the hook's to log)
             with anyio.CancelScope(shield=True):
-                try:
-                    await self.replace_rerun(ctx, agent.rerun_of, agent.agent_id)
-                except Exception:  # (the agent it replaces keeps its status, and is shown so)
-                    log.exception("agent %s: discarding %s failed", agent.agent_id, agent.rerun_of)
+                await self.replace_rerun(ctx, agent.rerun_of, agent.agent_id)
         assert runtime.fence is not None
         runtime.audit = audit
         return AgentBus(

@@ -534,7 +534,7 @@ async def test_a_replacement_left_undone_is_finished_when_the_repository_opens(
         raise OSError("stopped before the discard")
 
     model = by_task({"EDIT": [_EDIT_CORE]})
-    monkeypatch.setattr(Merger, "replace", fails)
+    monkeypatch.setattr(Merger, "remove_workspace", fails)
     async with Orchestrator(settings(repo), lambda _name: model) as orch:
         run_id, agent_id = await _conflicted(orch, repo)
         new_id = (await orch.rerun(agent_id)).agent.agent_id
