@@ -578,6 +578,13 @@ def shown_path(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def shown_paths(paths: Sequence[str], limit: int = 5) -> str:
+    """The first `limit` of `paths` as a report may carry them (`shown_path`), and how many
+    more there are."""
+    listed = ", ".join(shown_path(p) for p in paths[:limit])
+    return listed + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
 # What the join step did with one agent (`clean` is a dry run's `merged`). No docstring: it
 # would become a description in the tools' output schemas.
 class MergeOutcome(StrEnum):

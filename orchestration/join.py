@@ -22,7 +22,7 @@ import filelock
 import pygit2
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestration.contracts import DiffStat, MergeOutcome, shown_path
+from orchestration.contracts import DiffStat, MergeOutcome, shown_path, shown_paths
 from orchestration.errors import MergeError, OrchestrationError, RepositoryError
 from orchestration.workspace import (
     GitRepo,
@@ -253,10 +253,8 @@ def _covering_dirs(paths: Sequence[str]) -> list[str]:
 
 
 def _overlap_reason(paths: Sequence[str]) -> str:
-    listed = ", ".join(shown_path(p) for p in paths[:5])
-    shown = listed + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
     return (
-        f"your uncommitted changes to {shown} overlap this agent's changes; "
+        f"your uncommitted changes to {shown_paths(paths)} overlap this agent's changes; "
         "commit or stash them, then merge again"
     )
 

@@ -10,7 +10,7 @@ import anyio
 from orchestration import workspace as ws_mod
 from orchestration.config import Settings
 from orchestration.context import RepoContext
-from orchestration.contracts import SpawnRequest
+from orchestration.contracts import SpawnRequest, shown_paths
 from orchestration.errors import InvalidRequest
 from orchestration.prompts import shared_prefix
 from orchestration.records import scope_requests
@@ -273,14 +273,11 @@ def base_warnings(snap: ws_mod.Snapshot) -> list[str]:
     user's checkout, which the base holds with their conflict markers."""
     if not snap.unmerged:
         return []
-    shown = ", ".join(snap.unmerged[:5]) + (
-        f" and {len(snap.unmerged) - 5} more" if len(snap.unmerged) > 5 else ""
-    )
     return [
         f"your checkout has unresolved conflicts (a merge, rebase or cherry-pick under way) in "
-        f"{shown}: the run's base holds these files as your working tree does, with their "
-        "conflict markers; unless the agents are to resolve them, cancel_subagents, finish or "
-        "abort that in your checkout, and spawn again"
+        f"{shown_paths(snap.unmerged)}: the run's base holds these files as your working tree "
+        "does, with their conflict markers; unless the agents are to resolve them, "
+        "cancel_subagents, finish or abort that in your checkout, and spawn again"
     ]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from orchestration import planner
 from orchestration.contracts import (
     AgentStatus,
     MergeOutcome,
@@ -20,6 +21,7 @@ from orchestration.contracts import (
 )
 from orchestration.model import ModelRequest, ToolResultBlock
 from orchestration.orchestrator import Orchestrator
+from orchestration.workspace.snapshots import Snapshot
 from tests.orchestration.scripts import by_task, git, make_repo
 from tests.orchestration.test_orchestrator import settings, wait_until_final
 
@@ -99,3 +101,20 @@ async def test_a_file_an_agent_names_in_bytes_that_are_not_utf8_lands(
     landed = os.path.join(os.fsencode(repo), b"src", b"app", b"caf\xe9.txt")
     assert await anyio.Path(os.fsdecode(landed)).read_bytes() == b"odd\n"
     git(repo, "fsck", "--strict", "--no-progress")
+
+
+def test_spawn_names_an_unresolved_conflict_whose_name_is_not_utf8_escaped() -> None:
+    """`git status` gives such a name with the surrogates of its bytes; spawn's warning shows
+    it as the other reports do (`\\xNN`), so that the answer is UTF-8 and JSON can carry it."""
+    odd = os.fsdecode(b"caf\xe9.txt")
+    names = [f"f{i}.txt" for i in range(5)]
+    snap = Snapshot(
+        base_commit="b" * 40,
+        head_commit="h" * 40,
+        branch_ref="refs/heads/main",
+        dirty=True,
+        unmerged=[odd, *names],
+    )
+    (warning,) = planner.base_warnings(snap)
+    assert "in caf\\xe9.txt, f0.txt, f1.txt, f2.txt, f3.txt and 1 more: " in warning
+    assert json.loads(json.dumps(warning, ensure_ascii=False).encode("utf-8")) == warning
